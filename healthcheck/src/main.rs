@@ -1,0 +1,2 @@
+//! labvisor-healthcheck
+fn main() {}

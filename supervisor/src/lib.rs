@@ -1,0 +1,1 @@
+//! # labvisor (supervisor and CLI)
