@@ -1,1 +1,580 @@
-//! TODO
+//! The payloads carried on labvisor's topics (see [`crate::topics`] for which goes where).
+//!
+//! State is JSON, readable in MQTT Explorer, and every JSON payload carries `"v": 1`, the
+//! payload version: a consumer that sees a higher version knows the shape changed. Fields are
+//! only ever added within a version; optional fields are left out when empty. Output is plain
+//! UTF-8 text, with its sequence number in MQTT 5 user properties ([`OutputMeta`]).
+//!
+//! Every payload is frozen by a snapshot test (`protocol/tests/payloads.rs`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::name::SutName;
+use crate::topics::{JobId, SupervisorId};
+
+/// The payload version every JSON payload carries as `"v"`.
+pub const VERSION: u32 = 1;
+
+fn v1() -> u32 {
+    VERSION
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// RFC 3339 UTC time with milliseconds, for humans reading payloads.
+pub fn rfc3339(ms: u64) -> String {
+    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// What an agent is doing. The healthcheck treats `crash-loop`, `stalled`, `lost` and `offline`
+/// as unhealthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentState {
+    /// Started, the device process not yet running.
+    Starting,
+    /// Running, no job.
+    Idle,
+    /// Running a job: disruptive actions (recreation) wait.
+    Busy,
+    /// The device process exited and is being restarted after a backoff.
+    Restarting,
+    /// The device process failed quickly too many times in a row.
+    CrashLoop,
+    /// The agent's own loop is alive but output pumping or the child handling is stuck.
+    Stalled,
+    /// Shutting down.
+    Stopping,
+    /// Cleanly stopped (published by the agent itself).
+    Offline,
+    /// Gone without a clean stop (the retained last will).
+    Lost,
+}
+
+impl AgentState {
+    /// Whether Docker should consider an agent in this state healthy.
+    pub fn is_healthy(self) -> bool {
+        matches!(
+            self,
+            AgentState::Starting
+                | AgentState::Idle
+                | AgentState::Busy
+                | AgentState::Restarting
+                | AgentState::Stopping
+        )
+    }
+
+    /// The kebab-case name, as in the JSON and the heartbeat file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AgentState::Starting => "starting",
+            AgentState::Idle => "idle",
+            AgentState::Busy => "busy",
+            AgentState::Restarting => "restarting",
+            AgentState::CrashLoop => "crash-loop",
+            AgentState::Stalled => "stalled",
+            AgentState::Stopping => "stopping",
+            AgentState::Offline => "offline",
+            AgentState::Lost => "lost",
+        }
+    }
+
+    /// Parses the kebab-case name.
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            AgentState::Starting,
+            AgentState::Idle,
+            AgentState::Busy,
+            AgentState::Restarting,
+            AgentState::CrashLoop,
+            AgentState::Stalled,
+            AgentState::Stopping,
+            AgentState::Offline,
+            AgentState::Lost,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+}
+
+/// The device process as the agent sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChildStatus {
+    /// Its pid, while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Whether it is running now.
+    pub alive: bool,
+    /// How many times the agent restarted it.
+    pub restarts: u64,
+    /// How its last run ended (`exit 1`, `signal 9`), if it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
+}
+
+/// `<sut>/agent` (retained) and the heartbeat file: the agent's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    /// Payload version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// The SUT.
+    pub sut: SutName,
+    /// What the agent is doing.
+    pub state: AgentState,
+    /// When this status was made, ms since the epoch.
+    pub time_ms: u64,
+    /// The same time, RFC 3339, for humans.
+    pub time: String,
+    /// Heartbeat sequence number, from 0 at each agent start.
+    pub seq: u64,
+    /// Random id of this agent run: a `lost` with another boot id is about an older run.
+    pub boot_id: String,
+    /// labvisor version of the agent.
+    pub agent_version: String,
+    /// The device process; absent for a job-only agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub child: Option<ChildStatus>,
+    /// The running job, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobId>,
+    /// Jobs waiting in the queue.
+    #[serde(default)]
+    pub queue_len: u64,
+    /// Whether the agent is connected to the broker (always true in a published status).
+    pub broker_connected: bool,
+    /// Output batches dropped or coalesced on the way to MQTT since the agent started.
+    #[serde(default)]
+    pub output_dropped: u64,
+    /// Why the state is what it is, or what is wrong (unreadable `tail` globs, crash-loop cause).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Where a piece of output came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputStream {
+    /// The device process (stdout and stderr).
+    Child,
+    /// A file matched by `tail`.
+    Tail,
+    /// A job.
+    Job,
+    /// The agent itself (restarts, errors).
+    Agent,
+}
+
+impl OutputStream {
+    /// The kebab-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OutputStream::Child => "child",
+            OutputStream::Tail => "tail",
+            OutputStream::Job => "job",
+            OutputStream::Agent => "agent",
+        }
+    }
+}
+
+/// The MQTT 5 user properties of an output batch on `<sut>/output` or `<sut>/jobs/<id>/output`.
+///
+/// The payload itself stays plain text, so MQTT Explorer and `mosquitto_sub` show it as it was
+/// printed. `seq` counts batches per topic from 0 at agent start (`boot` tells runs apart), so
+/// a consumer sees a gap; `dropped` is how many batches the agent dropped before this one on that
+/// topic because the broker was slow or gone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputMeta {
+    /// Batch sequence number on this topic.
+    pub seq: u64,
+    /// Batches dropped so far on this topic.
+    pub dropped: u64,
+    /// The agent run ([`AgentStatus::boot_id`]).
+    pub boot: String,
+}
+
+impl OutputMeta {
+    /// As MQTT 5 user properties.
+    pub fn to_properties(&self) -> Vec<(String, String)> {
+        vec![
+            ("seq".into(), self.seq.to_string()),
+            ("dropped".into(), self.dropped.to_string()),
+            ("boot".into(), self.boot.clone()),
+        ]
+    }
+
+    /// From MQTT 5 user properties; `None` unless `seq` is there.
+    pub fn from_properties(props: &[(String, String)]) -> Option<Self> {
+        let get = |k: &str| props.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        Some(OutputMeta {
+            seq: get("seq")?.parse().ok()?,
+            dropped: get("dropped").and_then(|d| d.parse().ok()).unwrap_or(0),
+            boot: get("boot").unwrap_or_default().to_owned(),
+        })
+    }
+}
+
+/// `<sut>/probe` (retained): the latest result of the optional upstream probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// Payload version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// The SUT.
+    pub sut: SutName,
+    /// What was probed (`tcp://host:port` or `http://...`).
+    pub url: String,
+    /// Whether it answered.
+    pub ok: bool,
+    /// How long it took, ms.
+    pub latency_ms: u64,
+    /// What went wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// When, ms since the epoch.
+    pub time_ms: u64,
+}
+
+/// `<sut>/submit` in its JSON form (plain text is a script). Unknown fields are refused.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSubmit {
+    /// The job id; generated when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<JobId>,
+    /// A script, run by the SUT's job command (`/bin/sh` by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    /// An argv, run directly (exclusive with `script`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    /// Extra environment.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Total time limit ("30m"), capped by the SUT's `[job] timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Silence limit ("5m"), capped by the SUT's `[job] output_timeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_timeout: Option<String>,
+    /// A topic for the acknowledgement, besides `<sut>/submit_status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_to: Option<String>,
+}
+
+/// The outcome of a submission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SubmitResult {
+    /// Durably queued.
+    Accepted,
+    /// The id was seen before; the job runs once.
+    Duplicate,
+    /// Refused; see `reason`.
+    Rejected,
+}
+
+/// `<sut>/submit_status` (retained) and `reply_to`: the acknowledgement of a submission.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubmitAck {
+    /// Payload version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// The SUT.
+    pub sut: SutName,
+    /// Accepted, duplicate or rejected.
+    pub result: SubmitResult,
+    /// The job's id (absent when the payload was too broken to have one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<JobId>,
+    /// 0 = runs next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
+    /// Why it was rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When, ms since the epoch.
+    pub time_ms: u64,
+}
+
+/// Where a job is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Waiting in the queue.
+    Queued,
+    /// Running.
+    Running,
+    /// Exited 0.
+    Passed,
+    /// Exited non-zero or was killed by a signal.
+    Failed,
+    /// Cancelled on request.
+    Cancelled,
+    /// Killed by `timeout` or `output_timeout`.
+    Timeout,
+    /// Was running when the agent died.
+    Lost,
+}
+
+impl JobState {
+    /// Whether the job is over.
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Running)
+    }
+}
+
+/// `<sut>/jobs/<id>` and `<sut>/last_job` (retained): a job's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobStatus {
+    /// Payload version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// The SUT.
+    pub sut: SutName,
+    /// The job.
+    pub id: JobId,
+    /// Where it is.
+    pub state: JobState,
+    /// Exit code, once exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Signal that killed it, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// When it was accepted, ms since the epoch.
+    pub queued_ms: u64,
+    /// When it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_ms: Option<u64>,
+    /// When it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_ms: Option<u64>,
+    /// Run time, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<u64>,
+    /// Bytes of output so far.
+    #[serde(default)]
+    pub output_bytes: u64,
+    /// Why it ended as it did (timeout kind, cancel, lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The outcome of a cancel request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CancelResult {
+    /// The job was queued or running and is cancelled.
+    Cancelled,
+    /// No such job (or no current job).
+    NotFound,
+    /// The job had already ended.
+    AlreadyFinished,
+    /// The request was not understood.
+    Rejected,
+}
+
+/// `<sut>/cancel_status` (retained): the acknowledgement of a cancel request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelAck {
+    /// Payload version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// The SUT.
+    pub sut: SutName,
+    /// What was asked for (an id or `current`).
+    pub request: String,
+    /// The job that was cancelled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<JobId>,
+    /// The outcome.
+    pub result: CancelResult,
+    /// Details.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When, ms since the epoch.
+    pub time_ms: u64,
+}
+
+/// Docker's health of the SUT's container, as the supervisor last saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Health {
+    /// Within the start period, not yet judged.
+    Starting,
+    /// The last probes passed.
+    Healthy,
+    /// `retries` probes in a row failed.
+    Unhealthy,
+    /// No container, or not running.
+    None,
+}
+
+/// `<sut>/supervisor` (retained): the supervisor's view of one SUT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SutView {
+    /// Payload version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// The SUT.
+    pub sut: SutName,
+    /// The supervisor that owns it.
+    pub supervisor: SupervisorId,
+    /// The container's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    /// The image it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Hash of the config it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_hash: Option<String>,
+    /// Docker's health.
+    pub health: Health,
+    /// Restarts made by the supervisor (healing).
+    pub restarts: u64,
+    /// Whether the supervisor gave up restarting for now (restarting too often).
+    #[serde(default)]
+    pub crash_loop: bool,
+    /// An action waiting (for example a recreation deferred while a job runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_action: Option<String>,
+    /// The last error acting on this SUT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Problems of the SUT's file when it is invalid (the container keeps running as it was).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub config_problems: Vec<String>,
+    /// When, ms since the epoch.
+    pub time_ms: u64,
+}
+
+/// A supervisor's life state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SupervisorState {
+    /// Running.
+    Online,
+    /// Cleanly stopped.
+    Offline,
+    /// Gone without a clean stop (the last will).
+    Lost,
+}
+
+/// SUT counts in a [`SupervisorStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SutCounts {
+    /// Valid files in `sut/`.
+    pub desired: u64,
+    /// Containers running.
+    pub running: u64,
+    /// Containers healthy.
+    pub healthy: u64,
+    /// Containers unhealthy.
+    pub unhealthy: u64,
+    /// Invalid files.
+    pub invalid: u64,
+}
+
+/// `labvisor/supervisors/<id>/status` (retained): a supervisor's birth, status and last will.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupervisorStatus {
+    /// Payload version.
+    #[serde(default = "v1")]
+    pub v: u32,
+    /// The supervisor.
+    pub id: SupervisorId,
+    /// Online, offline or lost.
+    pub state: SupervisorState,
+    /// Random id of this supervisor run.
+    pub boot_id: String,
+    /// labvisor version.
+    pub version: String,
+    /// Whether the Docker engine answers.
+    pub docker_reachable: bool,
+    /// SUT counts.
+    #[serde(default)]
+    pub suts: SutCounts,
+    /// When, ms since the epoch.
+    pub time_ms: u64,
+}
+
+/// A random id (16 hex digits) for boot ids and generated job ids' tails.
+pub fn random_id() -> String {
+    format!("{:016x}", fastrand::u64(..))
+}
+
+/// A new job id: time-ordered (ms since the epoch, base 32) then random, like a ULID.
+pub fn new_job_id() -> JobId {
+    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let mut s = String::with_capacity(26);
+    let t = now_ms();
+    for i in (0..10).rev() {
+        s.push(ALPHABET[((t >> (i * 5)) & 31) as usize] as char);
+    }
+    for _ in 0..16 {
+        s.push(ALPHABET[fastrand::usize(..32)] as char);
+    }
+    JobId::new(&s).expect("generated ids use the safe alphabet")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_round_trip_their_names() {
+        for s in [
+            AgentState::Starting,
+            AgentState::CrashLoop,
+            AgentState::Lost,
+            AgentState::Busy,
+        ] {
+            assert_eq!(AgentState::parse(s.as_str()), Some(s));
+            assert_eq!(
+                serde_json::to_string(&s).unwrap(),
+                format!("\"{}\"", s.as_str())
+            );
+        }
+        assert!(!AgentState::CrashLoop.is_healthy());
+        assert!(!AgentState::Stalled.is_healthy());
+        assert!(AgentState::Busy.is_healthy());
+    }
+
+    #[test]
+    fn job_ids_are_sortable_by_time_and_unique() {
+        let a = new_job_id();
+        let b = new_job_id();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 26);
+        // The first 10 characters are the time: never decreasing.
+        assert!(a.as_str()[..10] <= b.as_str()[..10]);
+    }
+
+    #[test]
+    fn output_meta_round_trips() {
+        let m = OutputMeta {
+            seq: 7,
+            dropped: 2,
+            boot: "ab".into(),
+        };
+        assert_eq!(OutputMeta::from_properties(&m.to_properties()), Some(m));
+        assert_eq!(OutputMeta::from_properties(&[]), None);
+    }
+
+    #[test]
+    fn unknown_submit_fields_are_refused() {
+        let e = serde_json::from_str::<JobSubmit>(r#"{"script":"true","sript":"x"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field `sript`"), "{e}");
+    }
+}

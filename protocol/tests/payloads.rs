@@ -1,0 +1,208 @@
+//! Freezes every MQTT payload: a change to a field name, a state spelling or an omission rule
+//! fails here before it reaches a lab's dashboards. Each sample is also parsed back.
+
+use labvisor_protocol::payloads::*;
+use labvisor_protocol::topics::{JobId, SupervisorId};
+use labvisor_protocol::SutName;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+const T: u64 = 1_795_000_000_000;
+
+fn sut() -> SutName {
+    SutName::new("rpi4-01").unwrap()
+}
+
+fn job() -> JobId {
+    JobId::new("01JCZ8Q4X2R7W3M5N6P8T9V0AB").unwrap()
+}
+
+fn round_trip<P: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(p: &P) {
+    let json = serde_json::to_string(p).unwrap();
+    let back: P = serde_json::from_str(&json).unwrap();
+    assert_eq!(&back, p);
+}
+
+fn agent_status(state: AgentState) -> AgentStatus {
+    AgentStatus {
+        v: VERSION,
+        sut: sut(),
+        state,
+        time_ms: T,
+        time: rfc3339(T),
+        seq: 42,
+        boot_id: "9f2c4e1a7b3d5f60".into(),
+        agent_version: "0.1.0".into(),
+        child: Some(ChildStatus {
+            pid: Some(17),
+            alive: true,
+            restarts: 1,
+            last_exit: Some("exit 1".into()),
+        }),
+        job: Some(job()),
+        queue_len: 2,
+        broker_connected: true,
+        output_dropped: 0,
+        detail: None,
+    }
+}
+
+#[test]
+fn agent_status_busy() {
+    let p = agent_status(AgentState::Busy);
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn agent_status_lost_will_minimal() {
+    let p = AgentStatus {
+        child: None,
+        job: None,
+        queue_len: 0,
+        broker_connected: false,
+        ..agent_status(AgentState::Lost)
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn probe_result() {
+    let p = ProbeResult {
+        v: VERSION,
+        sut: sut(),
+        url: "tcp://10.0.0.5:22".into(),
+        ok: false,
+        latency_ms: 3000,
+        error: Some("connect timed out".into()),
+        time_ms: T,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn job_submit_full() {
+    let p = JobSubmit {
+        id: Some(job()),
+        script: Some("echo hi\n".into()),
+        argv: None,
+        env: [("K".to_string(), "V".to_string())].into(),
+        timeout: Some("30m".into()),
+        output_timeout: Some("5m".into()),
+        reply_to: Some("ci/replies/7".into()),
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn submit_acks() {
+    let accepted = SubmitAck {
+        v: VERSION,
+        sut: sut(),
+        result: SubmitResult::Accepted,
+        id: Some(job()),
+        position: Some(0),
+        reason: None,
+        time_ms: T,
+    };
+    let rejected = SubmitAck {
+        result: SubmitResult::Rejected,
+        id: None,
+        position: None,
+        reason: Some("payload is not valid JSON: expected value at line 1 column 2".into()),
+        ..accepted.clone()
+    };
+    round_trip(&accepted);
+    round_trip(&rejected);
+    insta::assert_json_snapshot!("submit_ack_accepted", accepted);
+    insta::assert_json_snapshot!("submit_ack_rejected", rejected);
+}
+
+#[test]
+fn job_status_passed() {
+    let p = JobStatus {
+        v: VERSION,
+        sut: sut(),
+        id: job(),
+        state: JobState::Passed,
+        exit_code: Some(0),
+        signal: None,
+        queued_ms: T,
+        started_ms: Some(T + 5),
+        ended_ms: Some(T + 1005),
+        duration_ms: Some(1000),
+        output_bytes: 3,
+        reason: None,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn cancel_ack() {
+    let p = CancelAck {
+        v: VERSION,
+        sut: sut(),
+        request: "current".into(),
+        id: Some(job()),
+        result: CancelResult::Cancelled,
+        reason: None,
+        time_ms: T,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn sut_view() {
+    let p = SutView {
+        v: VERSION,
+        sut: sut(),
+        supervisor: SupervisorId::new("lab-a").unwrap(),
+        container_id: Some("3f1e".into()),
+        image: Some("labvisor/busybox:local".into()),
+        config_hash: Some("ab12".into()),
+        health: Health::Healthy,
+        restarts: 0,
+        crash_loop: false,
+        pending_action: Some("recreate (waiting for job 01JCZ8Q4X2R7W3M5N6P8T9V0AB)".into()),
+        last_error: None,
+        config_problems: vec!["sut/rpi4-01.toml: image: missing".into()],
+        time_ms: T,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn supervisor_status() {
+    let p = SupervisorStatus {
+        v: VERSION,
+        id: SupervisorId::new("lab-a").unwrap(),
+        state: SupervisorState::Online,
+        boot_id: "00ff".into(),
+        version: "0.1.0".into(),
+        docker_reachable: true,
+        suts: SutCounts {
+            desired: 3,
+            running: 3,
+            healthy: 2,
+            unhealthy: 1,
+            invalid: 1,
+        },
+        time_ms: T,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn older_payloads_without_v_still_parse() {
+    let p: CancelAck =
+        serde_json::from_str(r#"{"sut":"a","request":"x","result":"not-found","time_ms":1}"#)
+            .unwrap();
+    assert_eq!(p.v, VERSION);
+}
