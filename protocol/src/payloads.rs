@@ -214,7 +214,12 @@ impl OutputMeta {
 
     /// From MQTT 5 user properties; `None` unless `seq` is there.
     pub fn from_properties(props: &[(String, String)]) -> Option<Self> {
-        let get = |k: &str| props.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+        let get = |k: &str| {
+            props
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
         Some(OutputMeta {
             seq: get("seq")?.parse().ok()?,
             dropped: get("dropped").and_then(|d| d.parse().ok()).unwrap_or(0),

@@ -53,8 +53,7 @@ impl JobId {
     pub fn new(s: &str) -> Result<Self, TopicError> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if ok {
             Ok(JobId(s.to_owned()))
@@ -336,7 +335,14 @@ mod tests {
     #[test]
     fn parse_rejects_foreign_topics() {
         let t = Topics::new();
-        for bad in ["x", "x/unknown", "X/agent", "x/jobs", "x/jobs/a/b", "x/agent/more"] {
+        for bad in [
+            "x",
+            "x/unknown",
+            "X/agent",
+            "x/jobs",
+            "x/jobs/a/b",
+            "x/agent/more",
+        ] {
             assert_eq!(t.parse(bad), None, "{bad}");
         }
     }

@@ -172,7 +172,10 @@ impl Mosquitto {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("mosquitto did not listen within 10 s: {}", self.log()));
+                return Err(format!(
+                    "mosquitto did not listen within 10 s: {}",
+                    self.log()
+                ));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -211,16 +214,27 @@ impl Mosquitto {
         self.stop();
         let bin = require_program("mosquitto");
         // The port was ours a moment ago; retry briefly in case the kernel still holds it.
-        wait_until("mosquitto to restart on its port", Duration::from_secs(10), || {
-            self.spawn(&bin).ok()
-        });
+        wait_until(
+            "mosquitto to restart on its port",
+            Duration::from_secs(10),
+            || self.spawn(&bin).ok(),
+        );
     }
 
     /// `mosquitto_pub` with the given extra arguments (for example `-q 1 -r`).
     pub fn publish(&self, topic: &str, payload: &str, extra: &[&str]) -> Output {
         let bin = require_program("mosquitto_pub");
         run(Command::new(bin)
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-t", topic, "-m", payload])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-t",
+                topic,
+                "-m",
+                payload,
+            ])
             .args(extra))
     }
 
@@ -247,7 +261,17 @@ impl Subscriber {
         let bin = require_program("mosquitto_sub");
         let id = unique_id("sub");
         let mut child = Command::new(bin)
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-v", "-t", topic, "-i", &id])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-v",
+                "-t",
+                topic,
+                "-i",
+                &id,
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -310,7 +334,11 @@ impl Drop for Subscriber {
 pub fn require_docker() {
     static OK: OnceLock<()> = OnceLock::new();
     OK.get_or_init(|| {
-        let out = run(Command::new(require_program("docker")).args(["version", "--format", "{{.Server.APIVersion}}"]));
+        let out = run(Command::new(require_program("docker")).args([
+            "version",
+            "--format",
+            "{{.Server.APIVersion}}",
+        ]));
         assert!(
             out.status.success(),
             "no Docker engine answers ({}): run tools/test.sh, which starts dockerd",
@@ -361,7 +389,23 @@ impl DockerScope {
         format!("{}-{suffix}", self.run)
     }
 
-    /// Removes everything carrying this scope's label.
+    /// Builds an image from a context directory holding a Dockerfile, labelled with this scope
+    /// (so it is removed with the scope), and returns its tag.
+    pub fn build_image(&self, context: &Path, suffix: &str) -> String {
+        let tag = format!("{}:test", self.name(suffix));
+        docker_ok(&[
+            "build",
+            "-q",
+            "--label",
+            &self.label(),
+            "-t",
+            &tag,
+            &context.display().to_string(),
+        ]);
+        tag
+    }
+
+    /// Removes every container, volume, network and image carrying this scope's label.
     pub fn cleanup(&self) {
         let filter = format!("label={}", self.label());
         let ids = docker(&["ps", "-aq", "--filter", &filter]);
@@ -375,6 +419,10 @@ impl DockerScope {
         let nets = docker(&["network", "ls", "-q", "--filter", &filter]);
         for n in String::from_utf8_lossy(&nets.stdout).split_whitespace() {
             let _ = docker(&["network", "rm", n]);
+        }
+        let images = docker(&["image", "ls", "-q", "--filter", &filter]);
+        for i in String::from_utf8_lossy(&images.stdout).split_whitespace() {
+            let _ = docker(&["image", "rm", "-f", i]);
         }
     }
 }
@@ -402,10 +450,17 @@ pub fn static_bin(name: &str) -> PathBuf {
 pub fn ensure_busybox_image() {
     static DONE: OnceLock<()> = OnceLock::new();
     DONE.get_or_init(|| {
-        if docker(&["image", "inspect", BUSYBOX_IMAGE]).status.success() {
+        if docker(&["image", "inspect", BUSYBOX_IMAGE])
+            .status
+            .success()
+        {
             return;
         }
-        run_ok(Command::new("bash").arg(workspace_root().join("tools/build-images.sh")).arg("busybox"));
+        run_ok(
+            Command::new("bash")
+                .arg(workspace_root().join("tools/build-images.sh"))
+                .arg("busybox"),
+        );
     });
 }
 

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# labvisor's test command: what README.md gives a new user, and what CI runs (.ci/run).
+#
+# On a fresh Debian machine it installs what is missing (mosquitto, mosquitto-clients,
+# busybox-static), makes sure a Docker engine answers (starting dockerd when it is installed but
+# not running), builds the static binaries and the local test image (no registry needed), checks
+# formatting and lints, and runs the whole workspace suite against the real engine and real
+# brokers. Tests that need Docker or mosquitto fail loudly when they are missing; none is skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '== test.sh: %s\n' "$*"; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+# 1. Debian packages.
+missing=()
+[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
+command -v dockerd >/dev/null 2>&1 || command -v docker >/dev/null 2>&1 || missing+=(docker.io)
+if [ ${#missing[@]} -gt 0 ]; then
+    log "installing ${missing[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Debian's package may start a system mosquitto on 1883; the tests never use it (each test runs
+# its own broker on a free port), so it is left alone.
+
+# 2. A Docker engine that answers.
+if ! docker info >/dev/null 2>&1; then
+    if command -v dockerd >/dev/null 2>&1; then
+        log "starting dockerd"
+        as_root sh -c 'nohup dockerd >/var/log/labvisor-dockerd.log 2>&1 &'
+        for _ in $(seq 1 120); do
+            docker info >/dev/null 2>&1 && break
+            sleep 0.5
+        done
+    fi
+    if ! docker info >/dev/null 2>&1; then
+        echo "test.sh: no Docker engine answers and dockerd could not be started" >&2
+        [ -f /var/log/labvisor-dockerd.log ] && tail -20 /var/log/labvisor-dockerd.log >&2
+        exit 1
+    fi
+fi
+log "docker engine $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
+
+# 3. Lints.
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+if cargo tree -i aws-lc-rs >/dev/null 2>&1; then
+    echo "test.sh: aws-lc-rs is in the dependency graph; rustls must use ring only" >&2
+    exit 1
+fi
+
+# 4. Static binaries and the local image.
+log "static binaries"
+tools/build-static.sh --quiet
+log "local images"
+tools/build-images.sh all
+
+# 5. The suite.
+log "cargo test"
+cargo test --workspace --no-fail-fast "$@"
