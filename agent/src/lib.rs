@@ -1,1 +1,3 @@
 //! # labvisor-agent
+pub mod logfile;
+pub mod output;

@@ -1,0 +1,360 @@
+//! Output: from the device process, jobs and tailed files to three sinks.
+//!
+//! ```text
+//!  child pipe ──► pump thread ──► Sinks: container stdout + rotating log file   (complete, raw bytes)
+//!  job pipe   ──► pump thread ──┘   │
+//!  tail files ──► tail thread ──┘   └─► Tap (bounded, try_send) ──► batcher task ──► MqttLink
+//!                                        full? drop + count          50 ms / 16 KiB   (lossy UTF-8,
+//!                                                                                      seq numbers)
+//! ```
+//!
+//! The pump threads do blocking reads of 64 KiB and write straight to stdout and the file, so the
+//! only back-pressure the child can feel is from those two sinks, which must be complete anyway.
+//! MQTT never slows it: the tap's `try_send` drops a chunk when the batcher is behind, and the
+//! link drops the oldest batch when the broker is slow or gone. Both are counted, and a drop at the
+//! tap skips a sequence number, so a consumer sees the gap.
+//!
+//! The sinks also record when a write started: a write blocked for long (disk full, nobody
+//! draining stdout) makes the agent report `stalled`.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use labvisor_protocol::payloads::now_ms;
+use labvisor_protocol::topics::JobId;
+use tokio::sync::mpsc;
+
+use crate::logfile::RotatingFile;
+
+/// Size of one read from a pipe.
+pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Where a chunk of output belongs on MQTT.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// `<sut>/output` only.
+    Sut,
+    /// `<sut>/output` and `<sut>/jobs/<id>/output`.
+    Job(JobId),
+}
+
+/// A chunk of output on its way to MQTT.
+#[derive(Debug, Clone)]
+pub struct Chunk {
+    /// Where it goes.
+    pub target: Target,
+    /// The raw bytes.
+    pub bytes: Bytes,
+}
+
+/// Container stdout and the rotating log file: the complete sinks.
+pub struct Sinks {
+    inner: Mutex<SinkInner>,
+    /// ms since the epoch when the current write started; 0 when no write is under way.
+    write_since_ms: AtomicU64,
+    bytes: AtomicU64,
+}
+
+struct SinkInner {
+    stdout: bool,
+    file: Option<RotatingFile>,
+    file_error: Option<String>,
+}
+
+impl Sinks {
+    /// Sinks writing to stdout (when `stdout`) and to `file`.
+    pub fn new(stdout: bool, file: Option<RotatingFile>) -> Self {
+        Sinks {
+            inner: Mutex::new(SinkInner {
+                stdout,
+                file,
+                file_error: None,
+            }),
+            write_since_ms: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Writes `bytes` to every sink. A failing sink is reported (see [`Sinks::error`]) and the
+    /// others still get the bytes.
+    pub fn write(&self, bytes: &[u8]) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.write_since_ms
+            .store(now_ms().max(1), Ordering::Relaxed);
+        if inner.stdout {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(bytes).and_then(|_| out.flush());
+        }
+        let mut failed = None;
+        if let Some(f) = inner.file.as_mut() {
+            if let Err(e) = f.write_all(bytes) {
+                failed = Some(format!("cannot write {}: {e}", f.path().display()));
+            }
+        }
+        if failed.is_some() {
+            inner.file_error = failed;
+        }
+        self.write_since_ms.store(0, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+    }
+
+    /// How long the write under way has been blocked, if one is.
+    pub fn blocked_for(&self) -> Option<Duration> {
+        match self.write_since_ms.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(Duration::from_millis(now_ms().saturating_sub(t))),
+        }
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The last file error, if the log file cannot be written.
+    pub fn error(&self) -> Option<String> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .file_error
+            .clone()
+    }
+
+    /// Flushes and fsyncs the log file.
+    pub fn sync(&self) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(f) = inner.file.as_mut() {
+            let _ = f.sync();
+        }
+    }
+}
+
+/// The non-blocking hand-off from pump threads to the MQTT batcher.
+#[derive(Clone)]
+pub struct Tap {
+    tx: mpsc::Sender<Chunk>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl Tap {
+    /// A tap and the batcher's receiving end, holding at most `capacity` chunks.
+    pub fn new(capacity: usize) -> (Tap, mpsc::Receiver<Chunk>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Tap {
+                tx,
+                dropped: Arc::new(AtomicU64::new(0)),
+            },
+            rx,
+        )
+    }
+
+    /// Hands `chunk` to the batcher, or drops and counts it if the batcher is behind.
+    pub fn send(&self, chunk: Chunk) {
+        if self.tx.try_send(chunk).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Chunks dropped so far.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Reads `reader` to EOF on the calling thread, writing every chunk to `sinks` and `tap`.
+/// Returns the number of bytes read.
+pub fn pump(mut reader: impl Read, sinks: &Sinks, tap: &Tap, target: Target) -> u64 {
+    let mut buf = vec![0u8; READ_CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return total,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return total,
+        };
+        total += n as u64;
+        sinks.write(&buf[..n]);
+        tap.send(Chunk {
+            target: target.clone(),
+            bytes: Bytes::copy_from_slice(&buf[..n]),
+        });
+    }
+}
+
+/// Turns a byte stream into text batches for MQTT: lossy UTF-8 (a multi-byte character split
+/// across chunks is kept whole), at most `max` bytes each, cut after a newline where possible.
+#[derive(Debug)]
+pub struct Batcher {
+    max: usize,
+    text: String,
+    /// An incomplete UTF-8 sequence at the end of the bytes seen so far.
+    tail: Vec<u8>,
+}
+
+impl Batcher {
+    /// A batcher for batches of at most `max` bytes (at least 16).
+    pub fn new(max: usize) -> Self {
+        Batcher {
+            max: max.max(16),
+            text: String::new(),
+            tail: Vec::new(),
+        }
+    }
+
+    /// Whether text is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.text.is_empty()
+    }
+
+    /// Adds bytes; returns the batches that became full.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        let mut data = std::mem::take(&mut self.tail);
+        data.extend_from_slice(bytes);
+        // Keep an incomplete trailing sequence for the next push.
+        let keep_from = incomplete_tail(&data);
+        self.tail = data.split_off(keep_from);
+        self.text.push_str(&String::from_utf8_lossy(&data));
+        let mut out = Vec::new();
+        while self.text.len() >= self.max {
+            out.push(self.cut());
+        }
+        out
+    }
+
+    fn cut(&mut self) -> String {
+        let mut limit = self.max.min(self.text.len());
+        while !self.text.is_char_boundary(limit) {
+            limit -= 1;
+        }
+        let at = self.text[..limit]
+            .rfind('\n')
+            .map(|p| p + 1)
+            .unwrap_or(limit);
+        let rest = self.text.split_off(at);
+        std::mem::replace(&mut self.text, rest)
+    }
+
+    /// Takes whatever text is waiting (the timer fired). An incomplete trailing character stays.
+    pub fn flush(&mut self) -> Option<String> {
+        if self.text.is_empty() {
+            return None;
+        }
+        let mut out = Vec::new();
+        while self.text.len() > self.max {
+            out.push(self.cut());
+        }
+        debug_assert!(out.is_empty());
+        Some(std::mem::take(&mut self.text))
+    }
+
+    /// Takes everything, including an incomplete trailing character (lossy), at end of stream.
+    pub fn finish(&mut self) -> Option<String> {
+        let tail = std::mem::take(&mut self.tail);
+        self.text.push_str(&String::from_utf8_lossy(&tail));
+        self.flush()
+    }
+}
+
+/// Where an incomplete UTF-8 sequence starts at the end of `data` (`data.len()` if none): a
+/// leading byte followed by fewer continuation bytes than it announces.
+fn incomplete_tail(data: &[u8]) -> usize {
+    let len = data.len();
+    for i in (len.saturating_sub(3)..len).rev() {
+        let b = data[i];
+        if b & 0xC0 == 0x80 {
+            continue; // a continuation byte: look further back
+        }
+        let need = match b {
+            0xC2..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF4 => 4,
+            _ => return len,
+        };
+        return if len - i < need { i } else { len };
+    }
+    len
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_cut_after_newlines_and_respect_the_limit() {
+        let mut b = Batcher::new(16);
+        let out = b.push(b"line one\nline two\nthree");
+        assert_eq!(out, vec!["line one\n".to_string()]);
+        assert_eq!(b.flush().as_deref(), Some("line two\nthree"));
+        assert_eq!(b.flush(), None);
+    }
+
+    #[test]
+    fn a_very_long_line_is_split_at_the_limit() {
+        let mut b = Batcher::new(16);
+        let out = b.push(&[b'x'; 40]);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|s| s.len() == 16));
+        assert_eq!(b.flush().unwrap().len(), 8);
+    }
+
+    #[test]
+    fn split_multibyte_characters_are_kept_whole() {
+        let mut b = Batcher::new(1024);
+        let s = "héllo €".as_bytes();
+        for byte in s {
+            assert!(b.push(&[*byte]).is_empty());
+        }
+        assert_eq!(b.flush().as_deref(), Some("héllo €"));
+    }
+
+    #[test]
+    fn invalid_bytes_become_replacement_characters() {
+        let mut b = Batcher::new(1024);
+        b.push(b"ok \xff\xfe end\n");
+        assert_eq!(b.flush().as_deref(), Some("ok \u{fffd}\u{fffd} end\n"));
+        // An incomplete sequence at the very end is held, then released lossily at finish.
+        b.push(b"x\xe2\x82");
+        assert_eq!(b.flush().as_deref(), Some("x"));
+        assert_eq!(b.finish().as_deref(), Some("\u{fffd}"));
+    }
+
+    #[test]
+    fn multibyte_text_never_exceeds_the_limit() {
+        let mut b = Batcher::new(16);
+        let text = "€".repeat(40);
+        let mut got = String::new();
+        for batch in b.push(text.as_bytes()) {
+            assert!(batch.len() <= 16);
+            got.push_str(&batch);
+        }
+        got.push_str(&b.flush().unwrap_or_default());
+        assert_eq!(got, text);
+    }
+
+    #[test]
+    fn pump_writes_everything_to_the_file_and_drops_on_a_full_tap() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.log");
+        let sinks = Sinks::new(false, Some(RotatingFile::open(&p, 1 << 30, 2).unwrap()));
+        let (tap, mut rx) = Tap::new(2);
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        let n = pump(&data[..], &sinks, &tap, Target::Sut);
+        assert_eq!(n, data.len() as u64);
+        sinks.sync();
+        assert_eq!(std::fs::read(&p).unwrap(), data);
+        assert_eq!(sinks.bytes(), data.len() as u64);
+        // 16 chunks of 64 KiB, a tap of 2: 14 dropped and counted, none blocked the pump.
+        let mut got = 0;
+        while rx.try_recv().is_ok() {
+            got += 1;
+        }
+        assert_eq!(got, 2);
+        assert_eq!(tap.dropped(), 14);
+        assert_eq!(sinks.blocked_for(), None);
+    }
+}
