@@ -1,3 +1,4 @@
 //! # labvisor-agent
+pub mod child;
 pub mod logfile;
 pub mod output;
