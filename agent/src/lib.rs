@@ -2,3 +2,4 @@
 pub mod child;
 pub mod logfile;
 pub mod output;
+pub mod tail;
