@@ -159,6 +159,11 @@ impl Tap {
         }
     }
 
+    /// The shared drop counter (without holding the sending side open).
+    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
+    }
+
     /// Chunks dropped so far.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
