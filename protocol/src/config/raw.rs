@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::{OnChildExit, OnUnhealthy};
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, expecting = "a SUT config table")]
 pub(crate) struct RawConfig {
     pub image: Option<String>,
     pub command: Option<Vec<String>>,
@@ -31,7 +31,7 @@ pub(crate) struct RawConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, expecting = "a mount table { source = \"/abs/host/path\", target = \"/abs/container/path\", read_only = true }")]
 pub(crate) struct RawMount {
     pub source: Option<String>,
     pub target: Option<String>,
@@ -39,7 +39,7 @@ pub(crate) struct RawMount {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, expecting = "a [health] table")]
 pub(crate) struct RawHealth {
     pub heartbeat: Option<RawDuration>,
     pub max_age: Option<RawDuration>,
@@ -50,7 +50,7 @@ pub(crate) struct RawHealth {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, expecting = "a [job] table")]
 pub(crate) struct RawJob {
     pub command: Option<Vec<String>>,
     pub template: Option<String>,
@@ -62,7 +62,7 @@ pub(crate) struct RawJob {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, expecting = "a [restart] table")]
 pub(crate) struct RawRestart {
     pub on_unhealthy: Option<OnUnhealthy>,
     pub backoff_min: Option<RawDuration>,
@@ -72,21 +72,21 @@ pub(crate) struct RawRestart {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, expecting = "a [resources] table")]
 pub(crate) struct RawResources {
     pub memory: Option<RawSize>,
     pub cpus: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, expecting = "a [log] table")]
 pub(crate) struct RawLog {
     pub max_size: Option<RawSize>,
     pub keep: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
+#[serde(default, deny_unknown_fields, expecting = "a [probe] table")]
 pub(crate) struct RawProbe {
     pub url: Option<String>,
     pub interval: Option<RawDuration>,

@@ -431,20 +431,20 @@ fn build(
         true,
     );
     if max_age <= heartbeat {
-        c.add(&kk("health", "max_age"), format!("must be longer than health.heartbeat ({}), or every heartbeat is already stale; {} is", fmt_d(heartbeat), fmt_d(max_age)));
+        c.add(&kk("health", "max_age"), format!("is {}, but must be longer than health.heartbeat ({}), or every heartbeat is already stale", fmt_d(max_age), fmt_d(heartbeat)));
     }
     if timeout >= interval {
         c.add(
             &kk("health", "timeout"),
             format!(
-                "must be shorter than health.interval ({}); {} is not",
-                fmt_d(interval),
-                fmt_d(timeout)
+                "is {}, but must be shorter than health.interval ({})",
+                fmt_d(timeout),
+                fmt_d(interval)
             ),
         );
     }
     if interval > max_age {
-        c.add(&kk("health", "interval"), format!("must be at most health.max_age ({}), so that a stale heartbeat is seen by a probe; {} is longer", fmt_d(max_age), fmt_d(interval)));
+        c.add(&kk("health", "interval"), format!("is {}, but must be at most health.max_age ({}), so that a stale heartbeat is seen by a probe", fmt_d(interval), fmt_d(max_age)));
     }
     let health = Health {
         heartbeat,
@@ -540,9 +540,9 @@ fn build(
         c.add(
             &kk("restart", "backoff_max"),
             format!(
-                "must be at least restart.backoff_min ({}); {} is shorter",
-                fmt_d(backoff_min),
-                fmt_d(backoff_max)
+                "is {}, but must be at least restart.backoff_min ({})",
+                fmt_d(backoff_max),
+                fmt_d(backoff_min)
             ),
         );
     }
@@ -593,9 +593,9 @@ fn build(
             c.add(
                 &kk("probe", "timeout"),
                 format!(
-                    "must be shorter than probe.interval ({}); {} is not",
-                    fmt_d(interval),
-                    fmt_d(timeout)
+                    "is {}, but must be shorter than probe.interval ({})",
+                    fmt_d(timeout),
+                    fmt_d(interval)
                 ),
             );
         }
