@@ -55,7 +55,8 @@
 //! | `probe.interval` | duration | `"60s"` | How often the device is probed. |
 //! | `probe.timeout` | duration | `"10s"` | Probe timeout; shorter than `probe.interval`. |
 //!
-//! Zero durations are refused everywhere except `health.start_period`.
+//! Zero durations are refused everywhere except `health.start_period`; durations longer than 365
+//! days are refused everywhere.
 
 mod locate;
 mod raw;
@@ -89,6 +90,13 @@ pub const MAX_CONFIG_SIZE: u64 = 1024 * 1024;
 
 /// Upper bound of `job.max_payload` (8 MiB).
 pub const MAX_PAYLOAD_LIMIT: u64 = 8 * 1024 * 1024;
+
+/// Longest accepted duration (365 days): keeps every duration far from overflow when the
+/// supervisor hands it to Docker in nanoseconds.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Largest accepted size (`i64::MAX` bytes, Docker's own limit type).
+pub const MAX_SIZE: u64 = i64::MAX as u64;
 
 /// Name of the shared Docker bridge network labvisor creates for its agents and broker.
 pub const LABVISOR_NETWORK: &str = "labvisor";
@@ -312,7 +320,8 @@ impl Health {
     /// unhealthy: the heartbeat goes stale after `max_age`, and Docker needs `retries` failed
     /// probes, `interval` apart: `max_age + interval × retries`.
     pub fn detection_time(&self) -> Duration {
-        self.max_age + self.interval * self.retries.get()
+        self.max_age
+            .saturating_add(self.interval.saturating_mul(self.retries.get()))
     }
 }
 

@@ -31,7 +31,11 @@ pub(crate) struct RawConfig {
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(default, deny_unknown_fields, expecting = "a mount table { source = \"/abs/host/path\", target = \"/abs/container/path\", read_only = true }")]
+#[serde(
+    default,
+    deny_unknown_fields,
+    expecting = "a mount table { source = \"/abs/host/path\", target = \"/abs/container/path\", read_only = true }"
+)]
 pub(crate) struct RawMount {
     pub source: Option<String>,
     pub target: Option<String>,

@@ -45,6 +45,13 @@ impl Checker<'_> {
                 self.add(&key, "must be longer than zero");
                 default
             }
+            Ok(d) if d > MAX_DURATION => {
+                self.add(
+                    &key,
+                    format!("is {}, longer than the 365 days accepted", raw.0.trim()),
+                );
+                default
+            }
             Ok(d) => d,
             Err(e) => {
                 self.add(&key, e);
@@ -78,7 +85,8 @@ impl Checker<'_> {
             self.add(&key, "must be more than zero bytes");
             return None;
         };
-        if let Some(max) = max {
+        let max = max.unwrap_or(MAX_SIZE);
+        {
             if bytes.get() > max {
                 self.add(
                     &key,
