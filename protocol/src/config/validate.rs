@@ -480,14 +480,11 @@ fn build(
             CommandTemplate::default_command()
         }),
     };
-    let file_names: BTreeSet<&str> = raw
-        .files
-        .iter()
-        .map(|f| f.as_str())
-        .chain(files.iter().map(|f| f.name.as_str()))
-        .collect();
-    if let Some(t) = &j.template {
-        if !file_names.contains(t.as_str()) {
+    // The template is compared by normalised path (`./a.yaml` is `a.yaml`).
+    let listed: BTreeSet<String> = raw.files.iter().filter_map(|f| normalise(f)).collect();
+    let template = j.template.as_ref().map(|t| {
+        let name = normalise(t);
+        if !name.as_ref().is_some_and(|n| listed.contains(n)) {
             c.add(
                 &kk("job", "template"),
                 format!(
@@ -495,11 +492,8 @@ fn build(
                 ),
             );
         }
-    }
-    let template = j
-        .template
-        .as_ref()
-        .map(|t| normalise(t).unwrap_or_else(|| t.clone()));
+        name.unwrap_or_else(|| t.clone())
+    });
     let job_timeout = c.duration(
         kk("job", "timeout"),
         j.timeout.as_ref(),
