@@ -643,3 +643,14 @@ proptest! {
         check_outcome(load_str("fuzz.toml", &text, dir.path(), &allow), &text);
     }
 }
+
+#[test]
+fn job_template_matches_files_by_normalised_path() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("job.yaml"), "job_queue: x\n").unwrap();
+    let text = "image = \"x\"\nfiles = [\"./job.yaml\"]\n[job]\ntemplate = \"job.yaml\"\n";
+    let cfg = load_str("t.toml", text, dir.path(), &Allow::default())
+        .unwrap_or_else(|p| panic!("{}", render(&p)));
+    assert_eq!(cfg.job.template.as_deref(), Some("job.yaml"));
+    assert_eq!(cfg.files[0].name, "job.yaml");
+}
