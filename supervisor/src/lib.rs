@@ -1,1 +1,8 @@
 //! # labvisor (supervisor and CLI)
+//!
+//! The library behind the `labvisor` binary.
+//!
+//! - [`check`]: `labvisor check <dir>`, validating SUT files without Docker, and the shared
+//!   `--allow-*` flags ([`check::AllowArgs`]).
+
+pub mod check;

@@ -1,0 +1,656 @@
+//! SUT config loading: the bad-file corpus, allow flags, symlinks, shipped files, hashing and
+//! robustness against arbitrary input.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use labvisor_protocol::config::{
+    is_sut_file, load_file, load_str, scan_dir, Allow, Network, Problem, SutConfig,
+};
+use proptest::prelude::*;
+
+fn manifest_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn corpus_dir() -> PathBuf {
+    manifest_dir().join("tests/corpus/bad")
+}
+
+fn workspace_dir() -> PathBuf {
+    manifest_dir().join("..")
+}
+
+/// One `# expect:` line: `KEY: SUBSTRING`, or `syntax@LINE: SUBSTRING` for a syntax error.
+#[derive(Debug)]
+struct Expect {
+    key: String,
+    line: Option<usize>,
+    substring: String,
+}
+
+fn expectations(path: &Path, text: &str) -> Vec<Expect> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("# expect: ") else {
+            continue;
+        };
+        // Keys may contain quoted parts with dots but never ": ".
+        let (key, substring) = rest
+            .split_once(": ")
+            .unwrap_or_else(|| panic!("{}: malformed expect line {line:?}", path.display()));
+        let (key, line) = match key.strip_prefix("syntax@") {
+            Some(n) => (String::new(), Some(n.parse().expect("line number"))),
+            None => (key.to_owned(), None),
+        };
+        out.push(Expect {
+            key,
+            line,
+            substring: substring.to_owned(),
+        });
+    }
+    assert!(
+        text.starts_with("# expect: "),
+        "{}: the first line must be an expect line",
+        path.display()
+    );
+    out
+}
+
+fn corpus_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(corpus_dir())
+        .expect("corpus dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn render(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p} (line {:?})\n", p.line))
+        .collect()
+}
+
+#[test]
+fn every_bad_file_reports_exactly_its_expected_problems() {
+    let files = corpus_files();
+    assert!(files.len() >= 22, "only {} corpus files", files.len());
+    let mut failures = Vec::new();
+    for path in &files {
+        let text = fs::read_to_string(path).expect("read corpus file");
+        let expects = expectations(path, &text);
+        let problems = match load_file(path, &Allow::default()) {
+            Ok(_) => {
+                failures.push(format!("{}: loaded without problems", path.display()));
+                continue;
+            }
+            Err(p) => p,
+        };
+        for e in &expects {
+            let found = problems.iter().any(|p| {
+                p.key == e.key
+                    && p.message.contains(&e.substring)
+                    && (e.line.is_none() || p.line == e.line)
+                    && p.file == path.display().to_string()
+            });
+            if !found {
+                failures.push(format!(
+                    "{}: expected {e:?}, got:\n{}",
+                    path.display(),
+                    render(&problems)
+                ));
+            }
+        }
+        if problems.len() != expects.len() {
+            failures.push(format!(
+                "{}: expected {} problem(s), got {}:\n{}",
+                path.display(),
+                expects.len(),
+                problems.len(),
+                render(&problems)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn syntax_errors_are_displayed_with_their_line() {
+    let path = corpus_dir().join("syntax-error.toml");
+    let problems = load_file(&path, &Allow::default()).unwrap_err();
+    assert_eq!(problems.len(), 1);
+    let shown = problems[0].to_string();
+    assert!(
+        shown.starts_with(&format!("{}:3: ", path.display())),
+        "{shown}"
+    );
+}
+
+#[test]
+fn serde_problems_carry_their_line() {
+    let problems = load_file(
+        &corpus_dir().join("unknown-health-key.toml"),
+        &Allow::default(),
+    )
+    .unwrap_err();
+    assert_eq!(problems[0].line, Some(4));
+    let problems =
+        load_file(&corpus_dir().join("zero-retries.toml"), &Allow::default()).unwrap_err();
+    assert_eq!(problems[0].line, Some(4));
+}
+
+/// Each allow flag lifts exactly its refusal: the corpus file becomes valid.
+#[test]
+fn allow_flags_permit_what_they_name() {
+    let cases: [(&str, Allow); 4] = [
+        (
+            "privileged.toml",
+            Allow {
+                privileged: true,
+                ..Allow::default()
+            },
+        ),
+        (
+            "host-network.toml",
+            Allow {
+                host_network: true,
+                ..Allow::default()
+            },
+        ),
+        (
+            "host-mount.toml",
+            Allow {
+                host_mounts: true,
+                ..Allow::default()
+            },
+        ),
+        (
+            "devices.toml",
+            Allow {
+                devices: true,
+                ..Allow::default()
+            },
+        ),
+    ];
+    for (file, allow) in cases {
+        let path = corpus_dir().join(file);
+        let cfg = load_file(&path, &allow)
+            .unwrap_or_else(|p| panic!("{file} with {allow:?}:\n{}", render(&p)));
+        match file {
+            "privileged.toml" => assert!(cfg.privileged),
+            "host-network.toml" => assert_eq!(cfg.network, Network::Host),
+            "host-mount.toml" => {
+                assert_eq!(cfg.mounts.len(), 1);
+                assert_eq!(cfg.mounts[0].source, "/srv/lab");
+                assert!(cfg.mounts[0].read_only);
+            }
+            "devices.toml" => assert_eq!(cfg.devices, ["/dev/ttyUSB0"]),
+            _ => unreachable!(),
+        }
+        // A different flag does not help.
+        let wrong = Allow {
+            privileged: !allow.privileged,
+            host_mounts: !allow.host_mounts,
+            host_network: !allow.host_network,
+            devices: !allow.devices,
+        };
+        assert!(load_file(&path, &wrong).is_err(), "{file} with {wrong:?}");
+    }
+    // The shape of a mount is still checked when mounts are allowed.
+    let problems = load_file(
+        &corpus_dir().join("mount-relative.toml"),
+        &Allow {
+            host_mounts: true,
+            ..Allow::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(problems.len(), 1, "{}", render(&problems));
+    assert_eq!(problems[0].key, "mounts[0].source");
+}
+
+#[test]
+fn several_semantic_problems_are_all_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = r#"
+image = "x y"
+files = ["../x", "/etc/passwd", "nope"]
+privileged = true
+network = "none"
+tail = ["relative/*.log"]
+
+[env]
+LABVISOR_X = "1"
+
+[labels]
+"io.labvisor.sut" = "x"
+
+[health]
+heartbeat = "2s"
+max_age = "1s"
+
+[job]
+command = ["sh", "{bad}"]
+template = "t.yaml"
+queue_limit = 0
+
+[restart]
+backoff_min = "1m"
+backoff_max = "1s"
+
+[resources]
+memory = -1
+cpus = 0.0
+"#;
+    let problems = load_str("many.toml", text, dir.path(), &Allow::default()).unwrap_err();
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    let expected = [
+        "image",
+        "files[0]",
+        "files[1]",
+        "files[2]",
+        "privileged",
+        "network",
+        "tail[0]",
+        "env.LABVISOR_X",
+        "labels.\"io.labvisor.sut\"",
+        "health.max_age",
+        "health.interval",
+        "job.command[1]",
+        "job.template",
+        "job.queue_limit",
+        "restart.backoff_max",
+        "resources.memory",
+        "resources.cpus",
+    ];
+    for k in expected {
+        assert!(keys.contains(&k), "missing {k}:\n{}", render(&problems));
+    }
+    assert_eq!(problems.len(), expected.len(), "{}", render(&problems));
+    // Semantic problems know their line too.
+    let memory = problems
+        .iter()
+        .find(|p| p.key == "resources.memory")
+        .unwrap();
+    assert_eq!(memory.line, Some(28));
+    assert!(problems.iter().all(|p| p.file == "many.toml"));
+}
+
+#[test]
+fn a_bad_name_and_bad_contents_are_reported_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let problems =
+        load_str("Bad.toml", "image = \"\"\n", dir.path(), &Allow::default()).unwrap_err();
+    let keys: Vec<&str> = problems.iter().map(|p| p.key.as_str()).collect();
+    assert_eq!(keys, ["name", "image"]);
+}
+
+#[cfg(unix)]
+#[test]
+fn files_may_not_escape_the_sut_dir_through_a_symlink() {
+    use std::os::unix::fs::symlink;
+    let root = tempfile::tempdir().unwrap();
+    let sut = root.path().join("sut");
+    fs::create_dir(&sut).unwrap();
+    fs::write(root.path().join("secret.txt"), "outside").unwrap();
+    fs::create_dir(sut.join("shared")).unwrap();
+    fs::write(sut.join("shared/real.yaml"), "inside").unwrap();
+    symlink(root.path().join("secret.txt"), sut.join("escape.txt")).unwrap();
+    symlink(sut.join("shared/real.yaml"), sut.join("inside.yaml")).unwrap();
+    // A relative link that climbs out and back in stays inside.
+    symlink("../sut/shared/real.yaml", sut.join("roundtrip.yaml")).unwrap();
+
+    let bad = "image = \"x\"\nfiles = [\"escape.txt\"]\n";
+    let problems = load_str("dev.toml", bad, &sut, &Allow::default()).unwrap_err();
+    assert_eq!(problems.len(), 1, "{}", render(&problems));
+    assert_eq!(problems[0].key, "files[0]");
+    assert!(
+        problems[0].message.contains("symlink escape refused"),
+        "{}",
+        problems[0]
+    );
+
+    let good =
+        "image = \"x\"\nfiles = [\"inside.yaml\", \"roundtrip.yaml\", \"./shared/real.yaml\"]\n";
+    let cfg = load_str("dev.toml", good, &sut, &Allow::default())
+        .unwrap_or_else(|p| panic!("{}", render(&p)));
+    let names: Vec<&str> = cfg.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["inside.yaml", "roundtrip.yaml", "shared/real.yaml"]);
+    assert!(cfg.files.iter().all(|f| f.content == b"inside"));
+    assert_eq!(
+        cfg.files[2].container_path(),
+        "/labvisor/sut/shared/real.yaml"
+    );
+}
+
+#[test]
+fn files_larger_than_one_mib_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("big.bin"), vec![0u8; 1024 * 1024 + 1]).unwrap();
+    fs::write(dir.path().join("ok.bin"), vec![0u8; 1024 * 1024]).unwrap();
+    let problems = load_str(
+        "dev.toml",
+        "image = \"x\"\nfiles = [\"big.bin\", \"ok.bin\"]\n",
+        dir.path(),
+        &Allow::default(),
+    )
+    .unwrap_err();
+    assert_eq!(problems.len(), 1, "{}", render(&problems));
+    assert_eq!(problems[0].key, "files[0]");
+    assert!(problems[0].message.contains("larger than"));
+}
+
+#[test]
+fn defaults_are_as_documented() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = load_str("min.toml", "image = \"x\"\n", dir.path(), &Allow::default()).unwrap();
+    let json = serde_json::to_value(&cfg).unwrap();
+    let expected = serde_json::json!({
+        "name": "min",
+        "image": "x",
+        "command": null,
+        "env": {},
+        "files": [],
+        "tail": [],
+        "network": "labvisor",
+        "labels": {},
+        "privileged": false,
+        "devices": [],
+        "mounts": [],
+        "health": {
+            "heartbeat": "5s", "max_age": "30s", "interval": "10s", "timeout": "5s",
+            "retries": 3, "start_period": "30s"
+        },
+        "job": {
+            "command": ["/bin/sh", "{job_file}"], "template": null, "timeout": "4h",
+            "output_timeout": "15m", "queue_limit": 100, "max_payload": 65536,
+            "requeue_lost": false
+        },
+        "restart": {
+            "on_unhealthy": "restart", "backoff_min": "1s", "backoff_max": "5m",
+            "on_child_exit": "restart", "crash_loop_after": 5
+        },
+        "resources": { "memory": null, "cpus": null },
+        "log": { "max_size": 10485760, "keep": 5 },
+        "probe": null
+    });
+    assert_eq!(json, expected);
+    assert_eq!(
+        cfg.health.detection_time(),
+        std::time::Duration::from_secs(60)
+    );
+}
+
+#[test]
+fn sizes_accept_bytes_and_units() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = "image = \"x\"\n[job]\nmax_payload = 1000\n[resources]\nmemory = \"2GiB\"\ncpus = 2\n[log]\nmax_size = \"5MB\"\n";
+    let cfg = load_str("s.toml", text, dir.path(), &Allow::default()).unwrap();
+    assert_eq!(cfg.job.max_payload.get(), 1000);
+    assert_eq!(cfg.resources.memory.map(|m| m.get()), Some(2 << 30));
+    assert_eq!(cfg.resources.cpus, Some(2.0));
+    assert_eq!(cfg.log.max_size.get(), 5_000_000);
+}
+
+fn shipped_files() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for dir in ["sut", "examples/testflinger"] {
+        for e in fs::read_dir(workspace_dir().join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|e| e == "toml") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn every_shipped_sut_file_is_valid() {
+    let files = shipped_files();
+    assert!(files.len() >= 3, "{files:?}");
+    for path in files {
+        assert!(is_sut_file(&path), "{}", path.display());
+        if let Err(p) = load_file(&path, &Allow::default()) {
+            panic!("{}:\n{}", path.display(), render(&p));
+        }
+    }
+    let scan = scan_dir(&workspace_dir().join("sut"), &Allow::default()).unwrap();
+    assert!(scan.invalid.is_empty(), "{:?}", scan.invalid);
+    let names: Vec<&str> = scan.valid.keys().map(|n| n.as_str()).collect();
+    assert_eq!(names, ["demo-01", "demo-02"]);
+}
+
+#[test]
+fn the_testflinger_example_carries_its_triplet() {
+    let path = workspace_dir().join("examples/testflinger/tf-rpi4-01.toml");
+    let cfg = load_file(&path, &Allow::default()).unwrap();
+    let names: Vec<&str> = cfg.files.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "tf-rpi4-01.conf",
+            "tf-rpi4-01.yaml",
+            "tf-rpi4-01_snappy.yaml"
+        ]
+    );
+    assert_eq!(cfg.job.template.as_deref(), Some("tf-rpi4-01.yaml"));
+    assert_eq!(
+        cfg.job.command.args(),
+        ["testflinger-cli", "submit", "--poll", "{job_file}"]
+    );
+}
+
+fn hash_of(dir: &Path, text: &str) -> String {
+    load_str("dev.toml", text, dir, &Allow::default())
+        .unwrap_or_else(|p| panic!("{}", render(&p)))
+        .hash()
+}
+
+#[test]
+fn hash_ignores_comments_and_formatting_but_not_content() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("agent.conf"), "a: 1\n").unwrap();
+    let text = "image = \"x\"\nfiles = [\"agent.conf\"]\n[health]\nretries = 4\n";
+    let h1 = hash_of(dir.path(), text);
+    assert_eq!(h1.len(), 64);
+    assert!(h1.chars().all(|c| c.is_ascii_hexdigit()));
+
+    let commented = "# a comment\nimage   =   \"x\" # the image\n\nfiles = [ \"agent.conf\", ]\n[health] # timings\nretries = 4\n";
+    assert_eq!(hash_of(dir.path(), commented), h1);
+    // Spelling a default explicitly is the same config.
+    let explicit = format!("{text}heartbeat = \"5s\"\n");
+    assert_eq!(hash_of(dir.path(), &explicit), h1);
+
+    fs::write(dir.path().join("agent.conf"), "a: 2\n").unwrap();
+    let h2 = hash_of(dir.path(), text);
+    assert_ne!(h2, h1, "a changed file content must change the hash");
+
+    let h3 = hash_of(
+        dir.path(),
+        "image = \"x\"\nfiles = [\"agent.conf\"]\n[health]\nretries = 5\n",
+    );
+    assert_ne!(h3, h2);
+}
+
+#[test]
+fn scan_skips_editor_files_and_reports_invalid_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::write(d.join("good.toml"), "image = \"x\"\n").unwrap();
+    fs::write(d.join("bad.toml"), "image = 3\n").unwrap();
+    for junk in [
+        ".good.toml.swp",
+        "good.toml~",
+        ".#good.toml",
+        "4913",
+        "notes.txt",
+    ] {
+        fs::write(d.join(junk), "garbage [[[").unwrap();
+    }
+    fs::create_dir(d.join("dir.toml")).unwrap();
+    let scan = scan_dir(d, &Allow::default()).unwrap();
+    assert_eq!(scan.valid.len(), 1);
+    assert!(scan.valid.keys().any(|n| n.as_str() == "good"));
+    assert_eq!(
+        scan.invalid.keys().collect::<Vec<_>>(),
+        [&d.join("bad.toml")]
+    );
+    assert!(scan_dir(&d.join("missing"), &Allow::default()).is_err());
+}
+
+/// Keys, each with a strategy for a plausible (often wrong) value.
+fn value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("\"5s\"".to_owned()),
+        Just("\"0s\"".to_owned()),
+        Just("\"64KiB\"".to_owned()),
+        Just("\"x\"".to_owned()),
+        Just("\"\"".to_owned()),
+        Just("\"host\"".to_owned()),
+        Just("\"../x\"".to_owned()),
+        Just("\"{job_file}\"".to_owned()),
+        Just("true".to_owned()),
+        Just("[]".to_owned()),
+        Just("[\"/bin/sh\", \"{nope}\"]".to_owned()),
+        Just("[\"/dev/ttyUSB0\"]".to_owned()),
+        Just("{ a = \"b\" }".to_owned()),
+        Just("[{ source = \"/a\", target = \"b\" }]".to_owned()),
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<f64>().prop_map(|f| format!("{f:?}")),
+        "[ -~]{0,12}".prop_map(|s| format!("{s:?}")),
+    ]
+}
+
+const TOP: &[&str] = &[
+    "image",
+    "command",
+    "env",
+    "files",
+    "tail",
+    "network",
+    "labels",
+    "privileged",
+    "devices",
+    "mounts",
+    "bogus",
+];
+const TABLES: &[(&str, &[&str])] = &[
+    (
+        "health",
+        &[
+            "heartbeat",
+            "max_age",
+            "interval",
+            "timeout",
+            "retries",
+            "start_period",
+        ],
+    ),
+    (
+        "job",
+        &[
+            "command",
+            "template",
+            "timeout",
+            "output_timeout",
+            "queue_limit",
+            "max_payload",
+            "requeue_lost",
+        ],
+    ),
+    (
+        "restart",
+        &[
+            "on_unhealthy",
+            "backoff_min",
+            "backoff_max",
+            "on_child_exit",
+            "crash_loop_after",
+        ],
+    ),
+    ("resources", &["memory", "cpus"]),
+    ("log", &["max_size", "keep"]),
+    ("probe", &["url", "interval", "timeout"]),
+];
+
+fn document() -> impl Strategy<Value = String> {
+    let top = prop::collection::vec((prop::sample::select(TOP), value()), 0..6);
+    let tables = prop::collection::vec(
+        (0..TABLES.len()).prop_flat_map(|t| {
+            let (name, keys) = TABLES[t];
+            prop::collection::vec((prop::sample::select(keys), value()), 0..5)
+                .prop_map(move |kv| (name, kv))
+        }),
+        0..4,
+    );
+    (top, tables).prop_map(|(top, tables)| {
+        let mut doc = String::new();
+        for (k, v) in top {
+            doc.push_str(&format!("{k} = {v}\n"));
+        }
+        for (name, kv) in tables {
+            doc.push_str(&format!("[{name}]\n"));
+            for (k, v) in kv {
+                doc.push_str(&format!("{k} = {v}\n"));
+            }
+        }
+        doc
+    })
+}
+
+fn check_outcome(result: Result<SutConfig, Vec<Problem>>, text: &str) {
+    match result {
+        Ok(cfg) => {
+            // A valid config's invariants hold.
+            assert!(!cfg.image.is_empty());
+            assert!(cfg.health.max_age > cfg.health.heartbeat);
+            assert!(cfg.health.timeout < cfg.health.interval);
+            assert!(cfg.health.interval <= cfg.health.max_age);
+            assert!(cfg.restart.backoff_max >= cfg.restart.backoff_min);
+            let _ = cfg.hash();
+        }
+        Err(problems) => {
+            assert!(!problems.is_empty());
+            let lines = text.lines().count().max(1);
+            for p in problems {
+                assert!(!p.message.is_empty());
+                if let Some(l) = p.line {
+                    assert!(l >= 1 && l <= lines + 1, "line {l} of {lines}: {p}");
+                }
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn arbitrary_text_never_panics(text in "\\PC{0,200}") {
+        let dir = tempfile::tempdir().unwrap();
+        check_outcome(load_str("fuzz.toml", &text, dir.path(), &Allow::default()), &text);
+    }
+
+    #[test]
+    fn arbitrary_documents_never_panic(text in document(), allow_all in any::<bool>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let allow = if allow_all { Allow::all() } else { Allow::default() };
+        check_outcome(load_str("fuzz.toml", &text, dir.path(), &allow), &text);
+    }
+}
+
+#[test]
+fn job_template_matches_files_by_normalised_path() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("job.yaml"), "job_queue: x\n").unwrap();
+    let text = "image = \"x\"\nfiles = [\"./job.yaml\"]\n[job]\ntemplate = \"job.yaml\"\n";
+    let cfg = load_str("t.toml", text, dir.path(), &Allow::default())
+        .unwrap_or_else(|p| panic!("{}", render(&p)));
+    assert_eq!(cfg.job.template.as_deref(), Some("job.yaml"));
+    assert_eq!(cfg.files[0].name, "job.yaml");
+}

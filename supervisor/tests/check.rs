@@ -1,0 +1,186 @@
+//! `labvisor check`: exit codes, the exact text lines, and the JSON report.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+
+fn labvisor() -> Command {
+    Command::cargo_bin("labvisor").expect("labvisor binary")
+}
+
+fn workspace_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn stdout_of(output: &std::process::Output) -> String {
+    String::from_utf8(output.stdout.clone()).expect("UTF-8 stdout")
+}
+
+/// A sut dir with one valid file and two invalid ones.
+fn bad_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::write(d.join("good.toml"), "image = \"x\"\n").unwrap();
+    fs::write(
+        d.join("bad.toml"),
+        "image = \"\"\nprivileged = true\n[health]\ntimeout = \"10s\"\n",
+    )
+    .unwrap();
+    fs::write(d.join("broken.toml"), "image = \"x\"\n[job\n").unwrap();
+    fs::write(d.join("notes.txt"), "not a SUT file").unwrap();
+    dir
+}
+
+fn file(d: &Path, name: &str) -> String {
+    d.join(name).display().to_string()
+}
+
+#[test]
+fn shipped_sut_dir_is_valid() {
+    let output = labvisor()
+        .arg("check")
+        .arg(workspace_dir().join("sut"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stdout_of(&output));
+    assert_eq!(stdout_of(&output), "2 files checked, 0 invalid\n");
+
+    let output = labvisor()
+        .arg("check")
+        .arg(workspace_dir().join("examples/testflinger"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stdout_of(&output));
+}
+
+#[test]
+fn bad_dir_prints_every_problem_and_exits_1() {
+    let dir = bad_dir();
+    let d = dir.path();
+    let output = labvisor().arg("check").arg(d).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let expected = [
+        format!("{}: image: must not be empty", file(d, "bad.toml")),
+        format!(
+            "{}: privileged: refused: privileged mode makes the container root on the host; \
+             start the supervisor with --allow-privileged to permit it",
+            file(d, "bad.toml")
+        ),
+        format!(
+            "{}: health.timeout: is 10s, but must be shorter than health.interval (10s)",
+            file(d, "bad.toml")
+        ),
+        format!(
+            "{}:2: TOML syntax error: unclosed table, expected `]`",
+            file(d, "broken.toml")
+        ),
+        "3 files checked, 2 invalid".to_owned(),
+    ];
+    let stdout = stdout_of(&output);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, expected, "{stdout}");
+}
+
+#[test]
+fn allow_flag_lifts_its_refusal() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("rig.toml"),
+        "image = \"x\"\nprivileged = true\nnetwork = \"host\"\ndevices = [\"/dev/ttyUSB0\"]\n\
+         [[mounts]]\nsource = \"/srv\"\ntarget = \"/srv\"\n",
+    )
+    .unwrap();
+    let output = labvisor().arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(stdout_of(&output).lines().count(), 5);
+    let output = labvisor()
+        .arg("check")
+        .arg(dir.path())
+        .args([
+            "--allow-privileged",
+            "--allow-host-network",
+            "--allow-devices",
+            "--allow-host-mounts",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stdout_of(&output));
+}
+
+#[test]
+fn json_report_has_the_documented_fields() {
+    let dir = bad_dir();
+    let d = dir.path();
+    let output = labvisor()
+        .arg("check")
+        .arg("--json")
+        .arg(d)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON report");
+    assert_eq!(v["valid"], 1);
+    assert_eq!(v["invalid"], 2);
+    let files = v["files"].as_array().unwrap();
+    let names: Vec<&str> = files.iter().map(|f| f["file"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            file(d, "bad.toml"),
+            file(d, "broken.toml"),
+            file(d, "good.toml")
+        ]
+    );
+
+    let bad = &files[0];
+    assert_eq!(bad["sut"], "bad");
+    assert_eq!(bad["valid"], false);
+    assert!(bad["hash"].is_null());
+    let problems = bad["problems"].as_array().unwrap();
+    assert_eq!(problems.len(), 3);
+    assert_eq!(problems[0]["file"], file(d, "bad.toml"));
+    assert_eq!(problems[0]["key"], "image");
+    assert_eq!(problems[0]["line"], 1);
+    assert_eq!(problems[0]["message"], "must not be empty");
+
+    let broken = &files[1];
+    assert_eq!(broken["problems"][0]["key"], "");
+    assert_eq!(broken["problems"][0]["line"], 2);
+
+    let good = &files[2];
+    assert_eq!(good["sut"], "good");
+    assert_eq!(good["valid"], true);
+    let hash = good["hash"].as_str().unwrap();
+    assert_eq!(hash.len(), 64);
+    assert!(good["problems"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn unreadable_dir_and_usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = labvisor()
+        .arg("check")
+        .arg(dir.path().join("missing"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot read the SUT directory"), "{stderr}");
+
+    let output = labvisor().arg("check").output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let output = labvisor()
+        .args(["check", "--allow-everything", "."])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn empty_dir_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = labvisor().arg("check").arg(dir.path()).output().unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(stdout_of(&output), "0 files checked, 0 invalid\n");
+}
