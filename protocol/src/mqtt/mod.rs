@@ -672,10 +672,8 @@ impl MqttLink {
         }
         self.shared.wake.notify_one();
         let clean = match tokio::time::timeout_at(until, &mut handle).await {
-            Ok(_) => {
-                let inner = self.shared.lock();
-                inner.disconnect_sent && inner.drained()
-            }
+            // The task ended on its own: after DISCONNECT, or disconnected with nothing to send.
+            Ok(_) => self.shared.lock().drained(),
             Err(_) => {
                 handle.abort();
                 let _ = handle.await;
