@@ -500,3 +500,25 @@ async fn invalid_options_and_topics_are_refused() {
         Err(PublishError::InvalidTopic(_))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manual_acks_belong_to_their_connection() {
+    let mut m = Mosquitto::start();
+    let mut o = options(&m);
+    o.manual_acks = true;
+    let (link, mut incoming) = MqttLink::start(o).unwrap();
+    link.subscribe("a/in", QoS::AtLeastOnce).unwrap();
+    wait_state(&link, "connected", |s| s.connected).await;
+    wait_self_subscribed(&link, &mut incoming, "a/in").await;
+    link.publish(Message::event("a/in", "job")).unwrap();
+    let job = recv_payload(&mut incoming, "job").await;
+    assert_eq!(job.qos, QoS::AtLeastOnce);
+    assert_eq!(link.ack(&job), Ok(()));
+
+    m.restart();
+    wait_state(&link, "reconnected", |s| s.connects == 2).await;
+    assert_eq!(
+        link.ack(&job),
+        Err(labvisor_protocol::mqtt::AckError::Stale)
+    );
+}
