@@ -28,7 +28,7 @@ use tracing::{info, warn};
 use crate::child::{self, Backoff, Exit, Running, Spec};
 use crate::logfile::RotatingFile;
 use crate::output::{Batcher, Chunk, Sinks, Tap, Target};
-use crate::tail::{self, Tailer, TailErrors};
+use crate::tail::{self, TailErrors, Tailer};
 
 /// How often output batches go to MQTT at the latest.
 pub const BATCH_EVERY: Duration = Duration::from_millis(50);
@@ -126,15 +126,12 @@ pub async fn run(
         .data_dir
         .join("log")
         .join(format!("{}.log", cfg.name));
-    let file = RotatingFile::open(
-        &log_path,
-        cfg.log.max_size.get(),
-        cfg.log.keep.get(),
-    )
-    .map_err(|source| AgentError::LogFile {
-        path: log_path.clone(),
-        source,
-    })?;
+    let file = RotatingFile::open(&log_path, cfg.log.max_size.get(), cfg.log.keep.get()).map_err(
+        |source| AgentError::LogFile {
+            path: log_path.clone(),
+            source,
+        },
+    )?;
     let sinks = Arc::new(Sinks::new(settings.stdout, Some(file)));
     let (tap, tap_rx) = Tap::new(256);
     if let Some(dir) = settings.heartbeat_file.parent() {
@@ -278,7 +275,15 @@ pub async fn run(
         // every `heartbeat`.
         state = derive_state(&ch, &sinks, stall_after);
         publish_status(
-            &settings, &link, &sinks, &tap, &tail_errors, &ch, &boot_id, seq, state,
+            &settings,
+            &link,
+            &sinks,
+            &tap,
+            &tail_errors,
+            &ch,
+            &boot_id,
+            seq,
+            state,
         );
         seq += 1;
     };
@@ -427,7 +432,12 @@ fn publish_status(
         details.push(e);
     }
     if let Some(errs) = tail_errors {
-        details.extend(errs.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned());
+        details.extend(
+            errs.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .cloned(),
+        );
     }
     let status = AgentStatus {
         state,
@@ -502,7 +512,8 @@ async fn run_batcher(
         };
         b.seq += 1;
         let _ = link.publish(
-            Message::stream(b.topic.clone(), Bytes::from(text)).with_properties(meta.to_properties()),
+            Message::stream(b.topic.clone(), Bytes::from(text))
+                .with_properties(meta.to_properties()),
         );
     };
     loop {
@@ -628,7 +639,9 @@ async fn probe_once(target: &ProbeTarget) -> Result<(), String> {
                 // No certificate store in a scratch image: reachability of the TLS port only.
                 return Ok(());
             }
-            let req = format!("GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: labvisor-agent\r\n\r\n");
+            let req = format!(
+                "GET {path} HTTP/1.0\r\nHost: {host}\r\nUser-Agent: labvisor-agent\r\n\r\n"
+            );
             s.write_all(req.as_bytes())
                 .await
                 .map_err(|e| format!("send: {e}"))?;

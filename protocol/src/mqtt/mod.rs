@@ -311,15 +311,28 @@ impl Inner {
                 return;
             }
             let m = &front.msg;
-            if client
-                .try_publish(
+            let sent = if m.has_properties() {
+                let props = rumqttc::v5::mqttbytes::v5::PublishProperties {
+                    user_properties: m.user_properties.clone(),
+                    correlation_data: m.correlation_data.clone(),
+                    ..Default::default()
+                };
+                client.try_publish_with_properties(
+                    m.topic.clone(),
+                    m.qos.to_rumqttc(),
+                    m.retain,
+                    m.payload.clone(),
+                    props,
+                )
+            } else {
+                client.try_publish(
                     m.topic.clone(),
                     m.qos.to_rumqttc(),
                     m.retain,
                     m.payload.clone(),
                 )
-                .is_err()
-            {
+            };
+            if sent.is_err() {
                 return; // the channel is full; the next event pumps again
             }
             let e = self.outbox.pop_front().expect("front exists");

@@ -53,6 +53,10 @@ pub struct Message {
     pub qos: QoS,
     /// Whether the broker keeps this as the topic's retained message.
     pub retain: bool,
+    /// MQTT 5 user properties (for example output sequence numbers).
+    pub user_properties: Vec<(String, String)>,
+    /// MQTT 5 correlation data, echoed when answering a request's response topic.
+    pub correlation_data: Option<Bytes>,
 }
 
 impl Message {
@@ -68,7 +72,26 @@ impl Message {
             payload: payload.into(),
             qos,
             retain,
+            user_properties: Vec::new(),
+            correlation_data: None,
         }
+    }
+
+    /// The same message with these MQTT 5 user properties.
+    pub fn with_properties(mut self, props: Vec<(String, String)>) -> Self {
+        self.user_properties = props;
+        self
+    }
+
+    /// The same message with this MQTT 5 correlation data.
+    pub fn with_correlation(mut self, data: Option<Bytes>) -> Self {
+        self.correlation_data = data;
+        self
+    }
+
+    /// Whether the message carries MQTT 5 properties.
+    pub fn has_properties(&self) -> bool {
+        !self.user_properties.is_empty() || self.correlation_data.is_some()
     }
 
     /// A state message: QoS 1 and retained (status, last will, "offline").
@@ -88,7 +111,15 @@ impl Message {
 
     /// Size this message is accounted for against the maximum packet size.
     pub fn encoded_size(&self) -> usize {
-        self.topic.len() + self.payload.len() + PUBLISH_OVERHEAD
+        self.topic.len()
+            + self.payload.len()
+            + PUBLISH_OVERHEAD
+            + self
+                .user_properties
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 5)
+                .sum::<usize>()
+            + self.correlation_data.as_ref().map_or(0, |c| c.len() + 3)
     }
 }
 
