@@ -507,7 +507,7 @@ async fn run_batcher(
         }
         let meta = OutputMeta {
             seq: b.seq,
-            dropped: tap_dropped.load(Ordering::Relaxed),
+            dropped: tap_dropped.load(Ordering::Relaxed) + link.state().dropped,
             boot: boot.clone(),
         };
         b.seq += 1;

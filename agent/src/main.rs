@@ -49,6 +49,10 @@ struct Args {
     /// Grace period between TERM and KILL when stopping; keep it under Docker's stop timeout.
     #[arg(long, env = "LABVISOR_GRACE", default_value = "8s", value_parser = humantime_duration)]
     grace: Duration,
+    /// Messages the MQTT link queues while the broker is slow or gone; beyond it the oldest
+    /// output batch is dropped (and counted). Status messages are never dropped.
+    #[arg(long, env = "LABVISOR_MQTT_QUEUE", default_value_t = 1024)]
+    mqtt_queue: usize,
     /// Do not copy output to stdout.
     #[arg(long)]
     no_stdout: bool,
@@ -108,6 +112,7 @@ fn main() -> ExitCode {
                     if args.password.is_some() {
                         o.password = args.password.clone();
                     }
+                    o.queue_capacity = args.mqtt_queue.max(1);
                     if args.ca_file.is_some() {
                         o.ca_file = args.ca_file.clone();
                     }

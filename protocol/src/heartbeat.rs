@@ -19,6 +19,7 @@
 //! max_age_ms=30000
 //! child_pid=17
 //! child_alive=true
+//! child_restarts=0
 //! broker_connected=false
 //! output_dropped=0
 //! job=
@@ -45,7 +46,7 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
     }
     let child = status.child.as_ref();
     format!(
-        "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\n",
+        "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\n",
         status.v,
         status.sut,
         status.state.as_str(),
@@ -55,6 +56,7 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
         max_age.as_millis(),
         child.and_then(|c| c.pid).map(|p| p.to_string()).unwrap_or_default(),
         child.map(|c| c.alive.to_string()).unwrap_or_default(),
+        child.map(|c| c.restarts.to_string()).unwrap_or_default(),
         status.broker_connected,
         status.output_dropped,
         status.job.as_ref().map(|j| j.as_str()).unwrap_or_default(),

@@ -1,0 +1,376 @@
+//! The agent as a plain process, against a real mosquitto: output completeness on all three
+//! sinks, a broker outage mid-stream, heartbeats, restarts, signals and bad input.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{healthcheck, sut_toml, AgentProc, Collector};
+use labvisor_tests::{wait_until, Mosquitto};
+use nix::sys::signal::Signal;
+
+/// What the output test's child prints: many lines, a partial line, invalid UTF-8, a long line.
+fn expected_output() -> Vec<u8> {
+    let mut v = Vec::new();
+    for i in 0..3000 {
+        v.extend_from_slice(format!("line {i} of the device output\n").as_bytes());
+    }
+    v.extend_from_slice(&[b'x'; 40000]);
+    v.push(b'\n');
+    v.extend_from_slice(b"bad bytes \xff\xfe here\n");
+    v.extend_from_slice(b"partial line without newline");
+    v
+}
+
+const OUTPUT_SCRIPT: &str = r#"i=0; while [ $i -lt 3000 ]; do echo "line $i of the device output"; i=$((i+1)); done; head -c 40000 /dev/zero | tr '\0' x; echo; printf 'bad bytes \377\376 here\n'; printf 'partial line without newline'; exec sleep 3600"#;
+
+#[test]
+fn output_reaches_stdout_the_file_and_mqtt_complete_and_in_sequence() {
+    let broker = Mosquitto::start();
+    let sut = "out-1";
+    let mqtt = Collector::start(broker.port(), &[&format!("{sut}/output")]);
+    let agent = AgentProc::start(
+        sut,
+        &sut_toml(Some(OUTPUT_SCRIPT), ""),
+        Some(&broker.url()),
+        &[],
+    );
+    let expected = expected_output();
+    wait_until(
+        "the whole output in the log file",
+        Duration::from_secs(30),
+        || (agent.log() == expected).then_some(()),
+    );
+    wait_until(
+        "the whole output on stdout",
+        Duration::from_secs(10),
+        || (agent.stdout() == expected).then_some(()),
+    );
+    let want = String::from_utf8_lossy(&expected).into_owned();
+    let topic = format!("{sut}/output");
+    let got = wait_until("the whole output on MQTT", Duration::from_secs(10), || {
+        let msgs = mqtt.on(&topic);
+        let text: String = msgs.iter().map(|m| m.text.as_str()).collect();
+        (text == want).then_some(msgs)
+    });
+    // Sequence numbers are contiguous from 0, nothing was dropped, and batches stay small.
+    for (i, m) in got.iter().enumerate() {
+        let meta = m.meta.as_ref().expect("output carries seq properties");
+        assert_eq!(meta.seq, i as u64);
+        assert_eq!(meta.dropped, 0);
+        assert!(m.text.len() <= 16 * 1024, "batch of {} bytes", m.text.len());
+        assert!(!m.retain);
+    }
+    assert!(
+        got.len() > 3,
+        "output was batched into {} messages",
+        got.len()
+    );
+}
+
+#[test]
+fn broker_outage_never_blocks_the_child_and_the_gap_is_visible() {
+    let mut broker = Mosquitto::start();
+    let sut = "outage-1";
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let script = format!(
+        "while [ ! -e {go} ]; do sleep 0.05; done; i=0; while [ $i -lt 20000 ]; do echo \"burst line $i\"; i=$((i+1)); done; echo done-bursting; while true; do echo tick; sleep 0.1; done",
+        go = go.display()
+    );
+    let mqtt = Collector::start(broker.port(), &[&format!("{sut}/output")]);
+    let agent = AgentProc::start(
+        sut,
+        &sut_toml(Some(&script), ""),
+        Some(&broker.url()),
+        &["--mqtt-queue", "8"],
+    );
+    agent.wait_hb("broker_connected", Duration::from_secs(10), |v| v == "true");
+    broker.stop();
+    agent.wait_hb("broker_connected", Duration::from_secs(10), |v| {
+        v == "false"
+    });
+    // With the broker gone, the child bursts 20000 lines: it must finish, and every byte must
+    // reach the file, while the broker is still down.
+    std::fs::write(&go, b"").unwrap();
+    wait_until(
+        "the burst in the log file with the broker down",
+        Duration::from_secs(60),
+        || {
+            String::from_utf8_lossy(&agent.log())
+                .contains("done-bursting")
+                .then_some(())
+        },
+    );
+    let log = String::from_utf8_lossy(&agent.log()).into_owned();
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines[20000], "done-bursting");
+    for (i, l) in lines.iter().take(20000).enumerate() {
+        assert_eq!(*l, format!("burst line {i}"));
+    }
+    broker.restart();
+    agent.wait_hb("broker_connected", Duration::from_secs(15), |v| v == "true");
+    // After the reconnect, MQTT output resumes (the child keeps ticking); the agent's queue of 8
+    // overflowed during the outage, so batches were dropped and the sequence shows it.
+    let topic = format!("{sut}/output");
+    let resumed = mqtt.wait(&topic, Duration::from_secs(15), |m| {
+        m.text.contains("tick") && m.meta.as_ref().is_some_and(|meta| meta.dropped > 0)
+    });
+    assert!(resumed.meta.unwrap().seq > 0);
+    let seqs: Vec<u64> = mqtt
+        .on(&topic)
+        .iter()
+        .filter_map(|m| m.meta.as_ref().map(|m| m.seq))
+        .collect();
+    let contiguous = seqs.windows(2).all(|w| w[1] == w[0] + 1) && seqs.first() == Some(&0);
+    assert!(!contiguous, "a gap must be visible in {seqs:?}");
+    let dropped: u64 = agent.hb("output_dropped").unwrap().parse().unwrap();
+    assert!(dropped > 0, "the drop is counted in the heartbeat");
+}
+
+#[test]
+fn a_frozen_agent_turns_unhealthy_within_max_age() {
+    let agent = AgentProc::start(
+        "frozen-1",
+        &sut_toml(Some("exec sleep 3600"), ""),
+        None,
+        &[],
+    );
+    let hb = agent.path("run/heartbeat");
+    wait_until("healthy", Duration::from_secs(10), || {
+        (healthcheck(&hb).0 == 0).then_some(())
+    });
+    let (_, line) = healthcheck(&hb);
+    assert!(
+        line.starts_with("ok: idle, device process running"),
+        "{line}"
+    );
+    agent.signal(Signal::SIGSTOP);
+    let t0 = Instant::now();
+    let line = wait_until("unhealthy after SIGSTOP", Duration::from_secs(5), || {
+        let (code, line) = healthcheck(&hb);
+        (code == 1).then_some(line)
+    });
+    // max_age is 2s; a heartbeat every 200ms means at most 2.2s from freeze to unhealthy.
+    assert!(
+        t0.elapsed() <= Duration::from_millis(2600),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(line.contains("the agent's loop is hung or dead"), "{line}");
+    agent.signal(Signal::SIGCONT);
+    wait_until("healthy again", Duration::from_secs(5), || {
+        (healthcheck(&hb).0 == 0).then_some(())
+    });
+}
+
+#[test]
+fn a_killed_child_is_restarted_with_backoff_and_counted() {
+    let agent = AgentProc::start(
+        "restart-1",
+        &sut_toml(
+            Some("exec sleep 3600"),
+            "[restart]\nbackoff_min = \"300ms\"\nbackoff_max = \"5s\"\ncrash_loop_after = 3\n",
+        ),
+        None,
+        &[],
+    );
+    let first: i32 = agent
+        .wait_hb("child_pid", Duration::from_secs(10), |v| !v.is_empty())
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(first), Signal::SIGKILL).unwrap();
+    let second: i32 = agent
+        .wait_hb("child_pid", Duration::from_secs(10), |v| {
+            !v.is_empty() && v != first.to_string()
+        })
+        .parse()
+        .unwrap();
+    assert_eq!(agent.hb("child_restarts").as_deref(), Some("1"));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(second), Signal::SIGKILL).unwrap();
+    agent.wait_hb("child_restarts", Duration::from_secs(10), |v| v == "2");
+    let log = String::from_utf8_lossy(&agent.log()).into_owned();
+    assert!(log.contains("device process ended (signal 9)"), "{log}");
+    // The second quick failure waits twice as long as the first.
+    assert!(log.contains("restarting in 0.3s"), "{log}");
+    assert!(log.contains("restarting in 0.6s"), "{log}");
+}
+
+#[test]
+fn a_crash_looping_child_is_reported_and_unhealthy() {
+    let agent = AgentProc::start(
+        "crash-1",
+        &sut_toml(
+            Some("echo boom; exit 7"),
+            "[restart]\nbackoff_min = \"50ms\"\nbackoff_max = \"200ms\"\ncrash_loop_after = 3\n",
+        ),
+        None,
+        &[],
+    );
+    agent.wait_hb("state", Duration::from_secs(10), |v| v == "crash-loop");
+    let detail = agent.hb("detail").unwrap();
+    assert!(
+        detail.contains("failed") && detail.contains("exit 7"),
+        "{detail}"
+    );
+    let (code, line) = healthcheck(&agent.path("run/heartbeat"));
+    assert_eq!(code, 1);
+    assert!(
+        line.starts_with("unhealthy: agent state is crash-loop"),
+        "{line}"
+    );
+}
+
+#[test]
+fn sigterm_stops_the_whole_group_within_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let gc = dir.path().join("gc.pid");
+    let script = format!(
+        "trap '' TERM; sleep 1000 & echo $! > {}; wait; wait",
+        gc.display()
+    );
+    let mut agent = AgentProc::start(
+        "term-1",
+        &sut_toml(Some(&script), ""),
+        None,
+        &["--grace", "500ms"],
+    );
+    let gc_pid: i32 = wait_until("grandchild started", Duration::from_secs(10), || {
+        std::fs::read_to_string(&gc).ok()?.trim().parse().ok()
+    });
+    agent.wait_hb("child_alive", Duration::from_secs(5), |v| v == "true");
+    let t0 = Instant::now();
+    agent.signal(Signal::SIGTERM);
+    let status = agent.wait_exit(Duration::from_secs(5));
+    // The shell ignored TERM: killed after the grace period, exit status 3 says so.
+    assert_eq!(status.code(), Some(3), "{}", agent.stderr());
+    assert!(t0.elapsed() < Duration::from_secs(3));
+    assert!(t0.elapsed() >= Duration::from_millis(500));
+    wait_until("grandchild gone", Duration::from_secs(5), || {
+        let stat = std::fs::read_to_string(format!("/proc/{gc_pid}/stat")).unwrap_or_default();
+        (stat.is_empty() || stat.contains(") Z")).then_some(())
+    });
+    assert_eq!(agent.hb("state").as_deref(), Some("offline"));
+}
+
+#[test]
+fn sigterm_with_a_cooperative_child_exits_zero_and_publishes_offline() {
+    let broker = Mosquitto::start();
+    let sut = "term-2";
+    let mqtt = Collector::start(broker.port(), &[&format!("{sut}/agent")]);
+    let mut agent = AgentProc::start(
+        sut,
+        &sut_toml(Some("exec sleep 3600"), ""),
+        Some(&broker.url()),
+        &[],
+    );
+    let topic = format!("{sut}/agent");
+    mqtt.wait(&topic, Duration::from_secs(10), |m| {
+        m.text.contains("\"state\":\"idle\"")
+    });
+    agent.signal(Signal::SIGTERM);
+    assert_eq!(agent.wait_exit(Duration::from_secs(5)).code(), Some(0));
+    let last = wait_until("offline on MQTT", Duration::from_secs(5), || {
+        mqtt.on(&topic)
+            .last()
+            .cloned()
+            .filter(|m| m.text.contains("offline"))
+    });
+    assert!(last.text.contains("\"state\":\"offline\""), "{}", last.text);
+    // Retained: a late subscriber sees offline, not the will ("lost").
+    let late = broker.subscribe(&topic, &["-C", "1", "-W", "5"]);
+    let line = late.wait_lines(1, Duration::from_secs(6)).remove(0);
+    assert!(line.contains("\"state\":\"offline\""), "{line}");
+}
+
+#[test]
+fn a_killed_agent_leaves_its_retained_will_lost() {
+    let broker = Mosquitto::start();
+    let sut = "will-1";
+    let mqtt = Collector::start(broker.port(), &[&format!("{sut}/agent")]);
+    let mut agent = AgentProc::start(sut, &sut_toml(None, ""), Some(&broker.url()), &[]);
+    let topic = format!("{sut}/agent");
+    mqtt.wait(&topic, Duration::from_secs(10), |m| {
+        m.text.contains("\"state\":\"idle\"")
+    });
+    agent.signal(Signal::SIGKILL);
+    agent.wait_exit(Duration::from_secs(5));
+    let will = mqtt.wait(&topic, Duration::from_secs(10), |m| {
+        m.text.contains("\"state\":\"lost\"")
+    });
+    assert!(will.text.contains("\"sut\":\"will-1\""), "{}", will.text);
+}
+
+#[test]
+fn a_flooding_child_still_gets_fresh_heartbeats() {
+    let broker = Mosquitto::start();
+    let agent = AgentProc::start(
+        "flood-1",
+        &sut_toml(
+            Some("exec yes flooding-the-agent"),
+            "[log]\nmax_size = \"4MiB\"\nkeep = 1\n",
+        ),
+        Some(&broker.url()),
+        &["--no-stdout"],
+    );
+    let hb = agent.path("run/heartbeat");
+    agent.wait_hb("child_alive", Duration::from_secs(10), |v| v == "true");
+    // Over some 15 heartbeats of flooding, each one arrives in time and the check stays healthy.
+    let mut last_seq: u64 = agent.hb("seq").unwrap().parse().unwrap();
+    for _ in 0..5 {
+        let next = wait_until(
+            "heartbeat advances under flood",
+            Duration::from_secs(2),
+            || {
+                let s: u64 = agent.hb("seq")?.parse().ok()?;
+                (s >= last_seq + 3).then_some(s)
+            },
+        );
+        last_seq = next;
+        let (code, line) = healthcheck(&hb);
+        assert_eq!(code, 0, "{line}");
+    }
+    let rotated = std::fs::metadata(agent.path("data/log/flood-1.log.1")).map(|m| m.len());
+    let total = agent.log().len() as u64 + rotated.unwrap_or(0);
+    assert!(
+        total > 1_000_000,
+        "the flood reaches the file ({total} bytes)"
+    );
+}
+
+#[test]
+fn an_invalid_config_exits_2_naming_the_problem() {
+    let mut agent = AgentProc::start("bad-1", "image = \"\"\nbogus = 1\n", None, &[]);
+    let status = agent.wait_exit(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(2));
+    let err = agent.stderr();
+    assert!(err.contains("invalid config"), "{err}");
+    assert!(err.contains("bad-1.toml"), "{err}");
+    assert!(err.contains("bogus"), "{err}");
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_labvisor-agent"))
+        .env_remove("LABVISOR_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no config"));
+}
+
+#[test]
+fn a_bad_tail_glob_is_reported_and_the_agent_keeps_running() {
+    let agent = AgentProc::start(
+        "tail-1",
+        &sut_toml(Some("exec sleep 3600"), "tail = [\"/tmp/[unclosed\"]\n"),
+        None,
+        &[],
+    );
+    let detail = agent.wait_hb("detail", Duration::from_secs(10), |v| {
+        v.contains("invalid pattern")
+    });
+    assert!(detail.contains("/tmp/[unclosed"), "{detail}");
+    let seq: u64 = agent.hb("seq").unwrap().parse().unwrap();
+    agent.wait_hb("seq", Duration::from_secs(5), |v| {
+        v.parse::<u64>().unwrap_or(0) > seq
+    });
+    assert_eq!(healthcheck(&agent.path("run/heartbeat")).0, 0);
+}
