@@ -27,13 +27,15 @@ use tracing::{info, warn};
 
 use crate::child::{self, Backoff, Exit, Running, Spec};
 use crate::logfile::RotatingFile;
-use crate::output::{Batcher, Chunk, Sinks, Tap, Target};
+use crate::output::{Batcher, Chunk, Sinks, Tap, TapReceiver, Target};
 use crate::tail::{self, TailErrors, Tailer};
 
 /// How often output batches go to MQTT at the latest.
 pub const BATCH_EVERY: Duration = Duration::from_millis(50);
 /// Largest output batch.
 pub const BATCH_MAX: usize = 16 * 1024;
+/// Output bytes waiting for the batcher before chunks are dropped.
+pub const TAP_BYTES: usize = 4 * 1024 * 1024;
 
 /// Everything the agent needs to run.
 #[derive(Debug, Clone)]
@@ -133,7 +135,7 @@ pub async fn run(
         },
     )?;
     let sinks = Arc::new(Sinks::new(settings.stdout, Some(file)));
-    let (tap, tap_rx) = Tap::new(256);
+    let (tap, tap_rx) = Tap::new(TAP_BYTES);
     if let Some(dir) = settings.heartbeat_file.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
@@ -317,7 +319,8 @@ pub async fn run(
     if let Some(p) = probe_task {
         p.abort();
     }
-    // The batcher ends when every tap clone is gone; give it the last output, then flush MQTT.
+    // The batcher takes the last output and ends; then MQTT is flushed.
+    tap.close();
     drop(tap);
     let _ = tokio::time::timeout(Duration::from_secs(2), batcher).await;
     sinks.sync();
@@ -480,7 +483,7 @@ struct TopicBatch {
 /// Batches output chunks into MQTT messages: at most [`BATCH_MAX`] bytes, at the latest
 /// [`BATCH_EVERY`] after the first byte, with `seq`/`dropped`/`boot` user properties.
 async fn run_batcher(
-    mut rx: mpsc::Receiver<Chunk>,
+    mut rx: TapReceiver,
     link: Option<MqttLink>,
     topics: Topics,
     sut: labvisor_protocol::SutName,

@@ -3,16 +3,17 @@
 //! ```text
 //!  child pipe ──► pump thread ──► Sinks: container stdout + rotating log file   (complete, raw bytes)
 //!  job pipe   ──► pump thread ──┘   │
-//!  tail files ──► tail thread ──┘   └─► Tap (bounded, try_send) ──► batcher task ──► MqttLink
+//!  tail files ──► tail thread ──┘   └─► Tap (4 MiB, merging)    ──► batcher task ──► MqttLink
 //!                                        full? drop + count          50 ms / 16 KiB   (lossy UTF-8,
 //!                                                                                      seq numbers)
 //! ```
 //!
 //! The pump threads do blocking reads of 64 KiB and write straight to stdout and the file, so the
 //! only back-pressure the child can feel is from those two sinks, which must be complete anyway.
-//! MQTT never slows it: the tap's `try_send` drops a chunk when the batcher is behind, and the
-//! link drops the oldest batch when the broker is slow or gone. Both are counted, and a drop at the
-//! tap skips a sequence number, so a consumer sees the gap.
+//! MQTT never slows it: the tap is a queue bounded in bytes where a writer never waits (small
+//! writes coalesce while the batcher is behind; past the bound a chunk is dropped), and the link
+//! drops the oldest batch when the broker is slow or gone. Both drops are counted, and a drop at
+//! the tap skips a sequence number, so a consumer sees the gap.
 //!
 //! The sinks also record when a write started: a write blocked for long (disk full, nobody
 //! draining stdout) makes the agent report `stalled`.
@@ -25,7 +26,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use labvisor_protocol::payloads::now_ms;
 use labvisor_protocol::topics::JobId;
-use tokio::sync::mpsc;
 
 use crate::logfile::RotatingFile;
 
@@ -132,41 +132,126 @@ impl Sinks {
     }
 }
 
-/// The non-blocking hand-off from pump threads to the MQTT batcher.
+/// The non-blocking hand-off from pump threads to the MQTT batcher: a queue bounded in bytes,
+/// where consecutive chunks for the same target are merged. A writer never waits: when the
+/// batcher is behind, small writes coalesce into one chunk, and only when the queue holds
+/// `capacity` bytes is a chunk dropped (and counted).
 #[derive(Clone)]
 pub struct Tap {
-    tx: mpsc::Sender<Chunk>,
+    inner: Arc<TapInner>,
+}
+
+struct TapInner {
+    queue: Mutex<TapQueue>,
+    notify: tokio::sync::Notify,
     dropped: Arc<AtomicU64>,
+    capacity: usize,
+}
+
+#[derive(Default)]
+struct TapQueue {
+    chunks: std::collections::VecDeque<(Target, bytes::BytesMut)>,
+    bytes: usize,
+    closed: bool,
+}
+
+/// The batcher's end of a [`Tap`].
+pub struct TapReceiver {
+    inner: Arc<TapInner>,
 }
 
 impl Tap {
-    /// A tap and the batcher's receiving end, holding at most `capacity` chunks.
-    pub fn new(capacity: usize) -> (Tap, mpsc::Receiver<Chunk>) {
-        let (tx, rx) = mpsc::channel(capacity);
+    /// A tap holding at most `capacity` bytes, and the batcher's receiving end.
+    pub fn new(capacity: usize) -> (Tap, TapReceiver) {
+        let inner = Arc::new(TapInner {
+            queue: Mutex::new(TapQueue::default()),
+            notify: tokio::sync::Notify::new(),
+            dropped: Arc::new(AtomicU64::new(0)),
+            capacity: capacity.max(1),
+        });
         (
             Tap {
-                tx,
-                dropped: Arc::new(AtomicU64::new(0)),
+                inner: inner.clone(),
             },
-            rx,
+            TapReceiver { inner },
         )
     }
 
-    /// Hands `chunk` to the batcher, or drops and counts it if the batcher is behind.
+    /// Hands `chunk` to the batcher, merging it with the previous one for the same target, or
+    /// drops and counts it if the queue is full.
     pub fn send(&self, chunk: Chunk) {
-        if self.tx.try_send(chunk).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+        let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.closed {
+            return;
         }
+        if q.bytes + chunk.bytes.len() > self.inner.capacity {
+            drop(q);
+            self.inner.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        q.bytes += chunk.bytes.len();
+        match q.chunks.back_mut() {
+            Some((t, buf)) if *t == chunk.target => buf.extend_from_slice(&chunk.bytes),
+            _ => q
+                .chunks
+                .push_back((chunk.target, bytes::BytesMut::from(&chunk.bytes[..]))),
+        }
+        drop(q);
+        self.inner.notify.notify_one();
     }
 
-    /// The shared drop counter (without holding the sending side open).
+    /// No more chunks: the receiver ends once it has taken what is queued.
+    pub fn close(&self) {
+        self.inner
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .closed = true;
+        self.inner.notify.notify_one();
+    }
+
+    /// The shared drop counter.
     pub fn dropped_counter(&self) -> Arc<AtomicU64> {
-        self.dropped.clone()
+        self.inner.dropped.clone()
     }
 
     /// Chunks dropped so far.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.inner.dropped.load(Ordering::Relaxed)
+    }
+}
+
+impl TapReceiver {
+    /// Takes the oldest (merged) chunk without waiting.
+    pub fn try_recv(&mut self) -> Option<Chunk> {
+        let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let (target, buf) = q.chunks.pop_front()?;
+        q.bytes -= buf.len();
+        Some(Chunk {
+            target,
+            bytes: buf.freeze(),
+        })
+    }
+
+    /// Waits for the next (merged) chunk; `None` once the tap is closed and empty.
+    pub async fn recv(&mut self) -> Option<Chunk> {
+        loop {
+            if let Some(c) = self.try_recv() {
+                return Some(c);
+            }
+            if self
+                .inner
+                .queue
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .closed
+            {
+                return None;
+            }
+            // notify_one keeps a permit when nobody waits, so a send between the check above and
+            // this await is not missed.
+            self.inner.notify.notified().await;
+        }
     }
 }
 
@@ -346,19 +431,19 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s.log");
         let sinks = Sinks::new(false, Some(RotatingFile::open(&p, 1 << 30, 2).unwrap()));
-        let (tap, mut rx) = Tap::new(2);
+        let (tap, mut rx) = Tap::new(2 * READ_CHUNK);
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         let n = pump(&data[..], &sinks, &tap, Target::Sut);
         assert_eq!(n, data.len() as u64);
         sinks.sync();
         assert_eq!(std::fs::read(&p).unwrap(), data);
         assert_eq!(sinks.bytes(), data.len() as u64);
-        // 16 chunks of 64 KiB, a tap of 2: 14 dropped and counted, none blocked the pump.
-        let mut got = 0;
-        while rx.try_recv().is_ok() {
-            got += 1;
-        }
-        assert_eq!(got, 2);
+        // A tap of 128 KiB: the first two 64 KiB reads merge into one chunk, the 14 others are
+        // dropped and counted, and none blocked the pump.
+        let merged = rx.try_recv().expect("one merged chunk");
+        assert_eq!(merged.bytes.len(), 2 * READ_CHUNK);
+        assert_eq!(&merged.bytes[..], &data[..2 * READ_CHUNK]);
+        assert!(rx.try_recv().is_none());
         assert_eq!(tap.dropped(), 14);
         assert_eq!(sinks.blocked_for(), None);
     }

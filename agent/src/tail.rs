@@ -208,7 +208,7 @@ mod tests {
             false,
             Some(RotatingFile::open(&d.path().join("out/o.log"), 1 << 20, 2).unwrap()),
         );
-        let (tap, rx) = Tap::new(1024);
+        let (tap, rx) = Tap::new(1 << 20);
         std::mem::forget(rx);
         (d, sinks, tap)
     }
