@@ -24,6 +24,7 @@
 
 pub mod agent;
 pub mod child;
+pub mod jobs;
 pub mod logfile;
 pub mod output;
 pub mod tail;

@@ -21,6 +21,7 @@ pub mod heartbeat;
 pub mod mqtt;
 pub mod name;
 pub mod payloads;
+pub mod submit;
 pub mod topics;
 
 pub use name::{NameError, SutName};

@@ -261,6 +261,37 @@ async fn outage_overflow_keeps_the_newest_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_output_flood_never_evicts_qos1_messages() {
+    let mut m = Mosquitto::start();
+    let mut o = options(&m);
+    o.queue_capacity = 4;
+    let (link, mut incoming) = MqttLink::start(o).unwrap();
+    link.subscribe("p/in", QoS::AtLeastOnce).unwrap();
+    wait_state(&link, "connected", |s| s.connected).await;
+    wait_self_subscribed(&link, &mut incoming, "p/in").await;
+
+    m.stop();
+    wait_state(&link, "disconnected", |s| !s.connected).await;
+    link.publish(Message::event("p/in", "ack-1")).unwrap();
+    for i in 0..20 {
+        link.publish(Message::stream("p/in", format!("out{i}")))
+            .unwrap();
+    }
+    link.publish(Message::event("p/in", "ack-2")).unwrap();
+    let s = link.state();
+    assert_eq!((s.queued, s.dropped), (4, 18), "{s:?}");
+
+    m.restart();
+    wait_state(&link, "reconnected", |s| s.connects == 2).await;
+    let mut got = Vec::new();
+    while got.len() < 4 {
+        got.push(text(&recv(&mut incoming, "queued messages").await));
+    }
+    // Both QoS 1 messages survive; the newest output fills the rest, in order.
+    assert_eq!(got, ["ack-1", "out18", "out19", "ack-2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn in_flight_messages_survive_broker_death() {
     let mut m = Mosquitto::start();
     let (link, mut incoming) = MqttLink::start(options(&m)).unwrap();

@@ -51,8 +51,9 @@
 //! does not wait for the next network event.
 //!
 //! **Overflow policy.** The outbox holds at most `queue_capacity` messages. When a message is
-//! added to a full outbox, the *oldest non-sticky* message is dropped and counted in
-//! [`LinkState::dropped`]. Sticky state messages ([`MqttLink::set_sticky`]) and the final
+//! added to a full outbox, the *oldest non-sticky QoS 0* message is dropped (or, when there is
+//! none, the oldest non-sticky QoS 1 message) and counted in [`LinkState::dropped`]: a flood of
+//! output (QoS 0) never evicts an acknowledgement or a job status (QoS 1). Sticky state messages ([`MqttLink::set_sticky`]) and the final
 //! messages of [`MqttLink::shutdown`] are never dropped (there is at most one sticky message per
 //! topic). Producers of bulk output should split and rate-limit themselves; the heartbeat is
 //! never starved by output because dropping favours the newest messages.
@@ -156,7 +157,7 @@ pub struct LinkState {
     pub connects: u64,
     /// Connection errors (failed attempts and lost connections), each followed by a backoff.
     pub errors: u64,
-    /// Messages dropped by the overflow policy (oldest non-sticky first).
+    /// Messages dropped by the overflow policy (oldest QoS 0 first, then oldest non-sticky).
     pub dropped: u64,
     /// Queued sticky messages replaced by a newer value for the same topic before being sent.
     pub coalesced: u64,
@@ -267,7 +268,14 @@ impl Inner {
     /// Drops the oldest droppable entries until the outbox fits its capacity.
     fn enforce_capacity(&mut self) {
         while self.outbox.len() > self.capacity {
-            match self.outbox.iter().position(|e| e.keep == Keep::No) {
+            // QoS 0 stream messages (output) go first, so a flood of output never evicts an
+            // acknowledgement or a job status (QoS 1).
+            let victim = self
+                .outbox
+                .iter()
+                .position(|e| e.keep == Keep::No && e.msg.qos == QoS::AtMostOnce)
+                .or_else(|| self.outbox.iter().position(|e| e.keep == Keep::No));
+            match victim {
                 Some(i) => {
                     self.outbox.remove(i);
                     self.dropped += 1;

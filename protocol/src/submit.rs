@@ -1,0 +1,269 @@
+//! Parsing what arrives on `<sut>/submit` and `<sut>/cancel`.
+//!
+//! A submission is either plain text (a script, as pasted into MQTT Explorer's raw mode) or a
+//! JSON object ([`JobSubmit`]). The rules, each with its own rejection message:
+//!
+//! - an empty (or all-whitespace) payload is rejected;
+//! - a payload over the SUT's `max_payload` is rejected;
+//! - text starting with `{` is JSON, and is rejected as invalid JSON if it does not parse (it is
+//!   never run as a script);
+//! - unknown fields and wrong types are rejected with serde's message naming the field;
+//! - a JSON job needs exactly one of `script` and `argv`;
+//! - `timeout` and `output_timeout` must be durations (`"30m"`), `env` keys valid names and not
+//!   `LABVISOR_*`, `reply_to` a plain topic (no wildcards, not `$...`);
+//! - non-UTF-8 plain text is rejected.
+
+use std::time::Duration;
+
+use crate::payloads::JobSubmit;
+use crate::topics::JobId;
+
+/// A checked submission, ready to queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Submission {
+    /// The id given by the submitter, if any.
+    pub id: Option<JobId>,
+    /// What to run.
+    pub run: JobRun,
+    /// Extra environment.
+    pub env: std::collections::BTreeMap<String, String>,
+    /// Requested total time limit.
+    pub timeout: Option<Duration>,
+    /// Requested silence limit.
+    pub output_timeout: Option<Duration>,
+    /// Where to send the acknowledgement as well.
+    pub reply_to: Option<String>,
+}
+
+/// What a job runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobRun {
+    /// A script, run by the SUT's `[job] command` template.
+    Script(String),
+    /// An argv, run directly.
+    Argv(Vec<String>),
+}
+
+/// Parses a submission payload; the error is the rejection reason sent back to the submitter.
+pub fn parse_submit(payload: &[u8], max_payload: usize) -> Result<Submission, String> {
+    if payload.len() > max_payload {
+        return Err(format!(
+            "payload is {} bytes, over this SUT's max_payload of {max_payload} bytes",
+            payload.len()
+        ));
+    }
+    if payload.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err("empty payload: send a script as plain text or a JSON job".into());
+    }
+    let Ok(text) = std::str::from_utf8(payload) else {
+        return Err("payload is not UTF-8 text".into());
+    };
+    if !text.trim_start().starts_with('{') {
+        return Ok(Submission {
+            id: None,
+            run: JobRun::Script(text.to_owned()),
+            env: Default::default(),
+            timeout: None,
+            output_timeout: None,
+            reply_to: None,
+        });
+    }
+    let job: JobSubmit = serde_json::from_str(text).map_err(|e| {
+        if e.is_syntax() || e.is_eof() {
+            format!("payload starts with '{{' but is not valid JSON: {e}")
+        } else {
+            format!("invalid JSON job: {e}")
+        }
+    })?;
+    let run = match (job.script, job.argv) {
+        (Some(_), Some(_)) => {
+            return Err("invalid JSON job: give `script` or `argv`, not both".into())
+        }
+        (None, None) => return Err("invalid JSON job: `script` or `argv` is required".into()),
+        (Some(s), None) if s.trim().is_empty() => {
+            return Err("invalid JSON job: `script` is empty".into())
+        }
+        (Some(s), None) => JobRun::Script(s),
+        (None, Some(a)) if a.first().is_none_or(|p| p.is_empty()) => {
+            return Err("invalid JSON job: `argv` needs a program as its first element".into())
+        }
+        (None, Some(a)) => JobRun::Argv(a),
+    };
+    for k in job.env.keys() {
+        let valid = !k.is_empty()
+            && !k.starts_with(|c: char| c.is_ascii_digit())
+            && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !valid {
+            return Err(format!(
+                "invalid JSON job: env key {k:?} is not a valid name"
+            ));
+        }
+        if k.starts_with("LABVISOR_") {
+            return Err(format!(
+                "invalid JSON job: env key {k:?} is reserved (LABVISOR_*)"
+            ));
+        }
+    }
+    let dur = |field: &str, v: Option<String>| -> Result<Option<Duration>, String> {
+        match v {
+            None => Ok(None),
+            Some(s) => match humantime::parse_duration(&s) {
+                Ok(d) if !d.is_zero() => Ok(Some(d)),
+                Ok(_) => Err(format!("invalid JSON job: `{field}` must be more than 0")),
+                Err(e) => Err(format!(
+                    "invalid JSON job: `{field}` {s:?} is not a duration like \"30m\": {e}"
+                )),
+            },
+        }
+    };
+    let timeout = dur("timeout", job.timeout)?;
+    let output_timeout = dur("output_timeout", job.output_timeout)?;
+    if let Some(r) = &job.reply_to {
+        if r.is_empty() || r.contains(['+', '#']) || r.starts_with('$') {
+            return Err(format!(
+                "invalid JSON job: `reply_to` {r:?} must be a plain topic (no wildcards, not $...)"
+            ));
+        }
+    }
+    Ok(Submission {
+        id: job.id,
+        run,
+        env: job.env,
+        timeout,
+        output_timeout,
+        reply_to: job.reply_to,
+    })
+}
+
+/// What a cancel request names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelTarget {
+    /// The running job.
+    Current,
+    /// A job by id.
+    Id(JobId),
+}
+
+/// Parses a cancel payload: a job id, `current`, or `{"id": "..."}`.
+pub fn parse_cancel(payload: &[u8]) -> Result<CancelTarget, String> {
+    let text = std::str::from_utf8(payload)
+        .map_err(|_| "cancel payload is not UTF-8 text".to_string())?
+        .trim();
+    if text.is_empty() {
+        return Err("empty cancel payload: send a job id or `current`".into());
+    }
+    let id = if text.starts_with('{') {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Cancel {
+            id: String,
+        }
+        let c: Cancel =
+            serde_json::from_str(text).map_err(|e| format!("invalid cancel JSON: {e}"))?;
+        c.id
+    } else {
+        text.to_owned()
+    };
+    if id == "current" {
+        return Ok(CancelTarget::Current);
+    }
+    JobId::new(&id)
+        .map(CancelTarget::Id)
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn err(p: &str) -> String {
+        parse_submit(p.as_bytes(), 1000).unwrap_err()
+    }
+
+    #[test]
+    fn plain_text_is_a_script() {
+        let s = parse_submit(b"echo hi\nuname -a\n", 100).unwrap();
+        assert_eq!(s.run, JobRun::Script("echo hi\nuname -a\n".into()));
+        assert_eq!(s.id, None);
+    }
+
+    #[test]
+    fn json_jobs_parse_with_every_field() {
+        let s = parse_submit(
+            br#"{"id":"ci-42","argv":["make","test"],"env":{"K":"v"},"timeout":"30m","output_timeout":"5m","reply_to":"ci/acks"}"#,
+            1000,
+        )
+        .unwrap();
+        assert_eq!(s.id.unwrap().as_str(), "ci-42");
+        assert_eq!(s.run, JobRun::Argv(vec!["make".into(), "test".into()]));
+        assert_eq!(s.timeout, Some(Duration::from_secs(1800)));
+        assert_eq!(s.output_timeout, Some(Duration::from_secs(300)));
+        assert_eq!(s.reply_to.as_deref(), Some("ci/acks"));
+    }
+
+    #[test]
+    fn every_bad_input_has_its_own_message() {
+        assert_eq!(
+            err("   \n"),
+            "empty payload: send a script as plain text or a JSON job"
+        );
+        assert_eq!(
+            parse_submit(&[b'x'; 11], 10).unwrap_err(),
+            "payload is 11 bytes, over this SUT's max_payload of 10 bytes"
+        );
+        assert!(err("{not json").starts_with("payload starts with '{' but is not valid JSON"));
+        assert!(err(r#"{"script":"x","bogus":1}"#).contains("unknown field `bogus`"));
+        assert!(err(r#"{"script":42}"#).contains("invalid type: integer `42`, expected a string"));
+        assert_eq!(
+            err(r#"{"env":{}}"#),
+            "invalid JSON job: `script` or `argv` is required"
+        );
+        assert_eq!(
+            err(r#"{"script":"a","argv":["b"]}"#),
+            "invalid JSON job: give `script` or `argv`, not both"
+        );
+        assert!(err(r#"{"script":"a","timeout":"soon"}"#)
+            .contains("`timeout` \"soon\" is not a duration"));
+        assert!(err(r#"{"script":"a","env":{"LABVISOR_X":"1"}}"#).contains("reserved"));
+        assert!(err(r#"{"script":"a","reply_to":"a/#"}"#).contains("plain topic"));
+        assert!(err(r#"{"id":"a/b","script":"a"}"#).contains("job id"));
+        assert_eq!(
+            parse_submit(b"\xff\xfe", 10).unwrap_err(),
+            "payload is not UTF-8 text"
+        );
+    }
+
+    #[test]
+    fn cancel_payloads() {
+        assert_eq!(parse_cancel(b"current"), Ok(CancelTarget::Current));
+        assert_eq!(
+            parse_cancel(b" job-1\n"),
+            Ok(CancelTarget::Id(JobId::new("job-1").unwrap()))
+        );
+        assert_eq!(
+            parse_cancel(br#"{"id":"job-2"}"#),
+            Ok(CancelTarget::Id(JobId::new("job-2").unwrap()))
+        );
+        assert!(parse_cancel(b"").is_err());
+        assert!(parse_cancel(b"a/b").is_err());
+        assert!(parse_cancel(br#"{"job":"x"}"#)
+            .unwrap_err()
+            .contains("unknown field"));
+    }
+
+    proptest! {
+        #[test]
+        fn no_payload_panics_the_parser(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = parse_submit(&bytes, 200);
+            let _ = parse_cancel(&bytes);
+        }
+
+        #[test]
+        fn json_looking_text_is_never_a_script(s in "\\{[^}]{0,40}") {
+            if let Ok(sub) = parse_submit(s.as_bytes(), 1000) {
+                prop_assert!(!matches!(sub.run, JobRun::Script(ref t) if t == &s));
+            }
+        }
+    }
+}
