@@ -2,7 +2,7 @@
 # labvisor's test command: what README.md gives a new user, and what CI runs (.ci/run).
 #
 # On a fresh Debian machine it installs what is missing (mosquitto, mosquitto-clients,
-# busybox-static), makes sure a Docker engine answers (starting dockerd when it is installed but
+# busybox-static from apt; paho-mqtt from PyPI), makes sure a Docker engine answers (starting dockerd when it is installed but
 # not running), builds the static binaries and the local test image (no registry needed), checks
 # formatting and lints, and runs the whole workspace suite against the real engine and real
 # brokers. Tests that need Docker or mosquitto fail loudly when they are missing; none is skipped.
@@ -25,6 +25,11 @@ if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# paho-mqtt (PyPI): the MQTT 5 client the jobs tests submit with, to use a response topic.
+if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
+    log "installing paho-mqtt"
+    python3 -m pip install -q --disable-pip-version-check 'paho-mqtt>=2,<3'
 fi
 # Debian's package may start a system mosquitto on 1883; the tests never use it (each test runs
 # its own broker on a free port), so it is left alone.

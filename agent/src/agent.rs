@@ -15,12 +15,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use labvisor_protocol::config::{OnChildExit, ProbeTarget, SutConfig};
 use labvisor_protocol::heartbeat;
-use labvisor_protocol::mqtt::{LinkOptions, Message, MqttLink};
+use labvisor_protocol::mqtt::{LinkOptions, Message, MqttLink, QoS};
 use labvisor_protocol::payloads::{
     now_ms, random_id, rfc3339, AgentState, AgentStatus, ChildStatus, OutputMeta, ProbeResult,
     VERSION,
 };
-use labvisor_protocol::topics::Topics;
+use labvisor_protocol::topics::{SutTopic, Topics};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -28,12 +28,16 @@ use tracing::{info, warn};
 use crate::child::{self, Backoff, Exit, Running, Spec};
 use crate::logfile::RotatingFile;
 use crate::output::{Batcher, Chunk, Sinks, Tap, TapReceiver, Target};
+use crate::runner::JobRunner;
 use crate::tail::{self, TailErrors, Tailer};
 
 /// How often output batches go to MQTT at the latest.
 pub const BATCH_EVERY: Duration = Duration::from_millis(50);
 /// Largest output batch.
 pub const BATCH_MAX: usize = 16 * 1024;
+/// How long the broker keeps the agent's session (and the submissions sent to it) while the
+/// agent is gone.
+pub const SESSION_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Output bytes waiting for the batcher before chunks are dropped.
 pub const TAP_BYTES: usize = 4 * 1024 * 1024;
 
@@ -102,6 +106,17 @@ pub enum AgentError {
     /// The broker link could not start.
     #[error("cannot start the MQTT link: {0}")]
     Link(#[from] labvisor_protocol::mqtt::LinkError),
+    /// A subscription was refused by the link.
+    #[error("cannot subscribe: {0}")]
+    Subscribe(#[from] labvisor_protocol::mqtt::PublishError),
+    /// The job journal cannot be opened.
+    #[error("cannot open the job journal in {path}: {source}")]
+    Jobs {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// What the loop knows about the device process.
@@ -141,7 +156,7 @@ pub async fn run(
     }
 
     // The broker link: last will = retained "lost" status.
-    let link = match &settings.broker {
+    let (link, mut incoming) = match &settings.broker {
         Some(opts) => {
             let mut opts = opts.clone();
             let lost = status_payload(&AgentStatus {
@@ -150,11 +165,29 @@ pub async fn run(
                 ..base_status(&settings, &boot_id)
             });
             opts.will = Some(Message::state(settings.topics.agent(&sut), lost));
-            let (link, _incoming) = MqttLink::start(opts)?;
-            Some(link)
+            // Submissions are acknowledged to the broker only once they are on disk, and a
+            // persistent session keeps the ones sent while the agent is down.
+            opts.manual_acks = true;
+            opts.clean_start = false;
+            opts.session_expiry = Some(SESSION_EXPIRY);
+            let (link, incoming) = MqttLink::start(opts)?;
+            link.subscribe(settings.topics.submit(&sut), QoS::AtLeastOnce)?;
+            link.subscribe(settings.topics.cancel(&sut), QoS::AtLeastOnce)?;
+            (Some(link), Some(incoming))
         }
-        None => None,
+        None => (None, None),
     };
+    let mut jobs = JobRunner::open(
+        Arc::new(cfg.clone()),
+        &settings.data_dir,
+        settings.topics.clone(),
+        link.clone(),
+        settings.grace,
+    )
+    .map_err(|source| AgentError::Jobs {
+        path: settings.data_dir.join("jobs"),
+        source,
+    })?;
     let batcher = tokio::spawn(run_batcher(
         tap_rx,
         link.clone(),
@@ -219,9 +252,29 @@ pub async fn run(
     let mut state = AgentState::Starting;
 
     let outcome = loop {
+        jobs.start_next(&sinks, &tap);
         let next_start = ch.next_start;
+        let job_check = jobs.next_check();
         tokio::select! {
             _ = ticker.tick() => {}
+            msg = async { incoming.as_mut().expect("guarded").recv().await }, if incoming.is_some() => {
+                match msg {
+                    Some(r) => match settings.topics.parse(&r.topic) {
+                        Some((_, SutTopic::Submit)) => jobs.on_submit(&r),
+                        Some((_, SutTopic::Cancel)) => jobs.on_cancel(&r),
+                        _ => {
+                            if let Some(l) = &link {
+                                let _ = l.ack(&r);
+                            }
+                        }
+                    },
+                    None => incoming = None,
+                }
+            }
+            exit = jobs.wait() => jobs.on_exit(exit).await,
+            _ = async { tokio::time::sleep_until(job_check.expect("guarded")).await }, if job_check.is_some() => {
+                jobs.check_limits();
+            }
             exit = async { ch.running.as_mut().expect("guarded").wait().await }, if ch.running.is_some() => {
                 let mut run = ch.running.take().expect("guarded");
                 let ran = run.started().elapsed();
@@ -275,7 +328,7 @@ pub async fn run(
         }
         // Every pass through the loop refreshes the status; the ticker guarantees one at least
         // every `heartbeat`.
-        state = derive_state(&ch, &sinks, stall_after);
+        state = derive_state(&ch, &sinks, stall_after, jobs.running().is_some());
         publish_status(
             &settings,
             &link,
@@ -283,6 +336,7 @@ pub async fn run(
             &tap,
             &tail_errors,
             &ch,
+            &jobs,
             &boot_id,
             seq,
             state,
@@ -299,14 +353,26 @@ pub async fn run(
         &tap,
         &tail_errors,
         &ch,
+        &jobs,
         &boot_id,
         seq,
         AgentState::Stopping,
     );
     let mut outcome = outcome;
-    if let Some(mut run) = ch.running.take() {
-        let (exit, killed) = run.stop(settings.grace).await;
-        let _ = run.drain(Duration::from_millis(500)).await;
+    // The device process and a running job stop side by side, within one grace period.
+    let grace = settings.grace;
+    let stop_child = async {
+        match ch.running.take() {
+            Some(mut run) => {
+                let (exit, killed) = run.stop(grace).await;
+                let _ = run.drain(Duration::from_millis(500)).await;
+                Some((exit, killed))
+            }
+            None => None,
+        }
+    };
+    let (stopped, ()) = tokio::join!(stop_child, jobs.stop());
+    if let Some((exit, killed)) = stopped {
         ch.last_exit = Some(exit.describe());
         if killed && outcome == Outcome::Stopped {
             outcome = Outcome::Killed;
@@ -342,9 +408,15 @@ pub async fn run(
     Ok(outcome)
 }
 
-fn derive_state(ch: &ChildState, sinks: &Sinks, stall_after: Duration) -> AgentState {
+fn derive_state(ch: &ChildState, sinks: &Sinks, stall_after: Duration, busy: bool) -> AgentState {
     if sinks.blocked_for().is_some_and(|d| d >= stall_after) {
         return AgentState::Stalled;
+    }
+    if ch.backoff.crash_loop() && ch.running.is_none() {
+        return AgentState::CrashLoop;
+    }
+    if busy {
+        return AgentState::Busy;
     }
     if ch.spec.is_none() {
         return AgentState::Idle;
@@ -412,6 +484,7 @@ fn publish_status(
     tap: &Tap,
     tail_errors: &Option<TailErrors>,
     ch: &ChildState,
+    jobs: &JobRunner,
     boot_id: &str,
     seq: u64,
     state: AgentState,
@@ -446,6 +519,8 @@ fn publish_status(
         state,
         seq,
         child: child_status(ch),
+        job: jobs.running().cloned(),
+        queue_len: jobs.queue_len() as u64,
         broker_connected: link_state.as_ref().is_some_and(|s| s.connected),
         output_dropped: tap.dropped() + link_state.as_ref().map_or(0, |s| s.dropped),
         detail: (!details.is_empty()).then(|| details.join("; ")),

@@ -15,7 +15,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-use crate::output::{pump, Sinks, Tap, Target};
+use crate::output::{pump, Progress, Sinks, Tap, Target};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -33,6 +33,7 @@ pub struct Running {
     child: Child,
     pid: u32,
     started: Instant,
+    progress: Arc<Progress>,
     pump: Option<std::thread::JoinHandle<u64>>,
 }
 
@@ -88,13 +89,20 @@ pub fn spawn(spec: &Spec, sinks: Arc<Sinks>, tap: Tap, target: Target) -> std::i
     // `cmd` holds the parent's copies of the write end: drop it, or the pump never sees EOF.
     drop(cmd);
     let pid = child.id().unwrap_or(0);
+    let progress = Arc::new(Progress::default());
+    progress.last_ms.store(
+        labvisor_protocol::payloads::now_ms(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let p2 = progress.clone();
     let pump = std::thread::Builder::new()
         .name(format!("pump-{pid}"))
-        .spawn(move || pump(reader, &sinks, &tap, target))?;
+        .spawn(move || pump(reader, &sinks, &tap, target, &p2))?;
     Ok(Running {
         child,
         pid,
         started: Instant::now(),
+        progress,
         pump: Some(pump),
     })
 }
@@ -108,6 +116,11 @@ impl Running {
     /// When it started.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// Its output so far.
+    pub fn progress(&self) -> &Progress {
+        &self.progress
     }
 
     /// Waits for it to exit. Cancel-safe.

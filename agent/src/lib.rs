@@ -27,4 +27,5 @@ pub mod child;
 pub mod jobs;
 pub mod logfile;
 pub mod output;
+pub mod runner;
 pub mod tail;

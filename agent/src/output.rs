@@ -255,9 +255,24 @@ impl TapReceiver {
     }
 }
 
+/// How far a pump got: bytes so far and when the last ones arrived (for `output_timeout`).
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Bytes read so far.
+    pub bytes: AtomicU64,
+    /// ms since the epoch of the last read.
+    pub last_ms: AtomicU64,
+}
+
 /// Reads `reader` to EOF on the calling thread, writing every chunk to `sinks` and `tap`.
 /// Returns the number of bytes read.
-pub fn pump(mut reader: impl Read, sinks: &Sinks, tap: &Tap, target: Target) -> u64 {
+pub fn pump(
+    mut reader: impl Read,
+    sinks: &Sinks,
+    tap: &Tap,
+    target: Target,
+    progress: &Progress,
+) -> u64 {
     let mut buf = vec![0u8; READ_CHUNK];
     let mut total = 0u64;
     loop {
@@ -268,6 +283,8 @@ pub fn pump(mut reader: impl Read, sinks: &Sinks, tap: &Tap, target: Target) -> 
             Err(_) => return total,
         };
         total += n as u64;
+        progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        progress.last_ms.store(now_ms(), Ordering::Relaxed);
         sinks.write(&buf[..n]);
         tap.send(Chunk {
             target: target.clone(),
@@ -433,7 +450,7 @@ mod tests {
         let sinks = Sinks::new(false, Some(RotatingFile::open(&p, 1 << 30, 2).unwrap()));
         let (tap, mut rx) = Tap::new(2 * READ_CHUNK);
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        let n = pump(&data[..], &sinks, &tap, Target::Sut);
+        let n = pump(&data[..], &sinks, &tap, Target::Sut, &Progress::default());
         assert_eq!(n, data.len() as u64);
         sinks.sync();
         assert_eq!(std::fs::read(&p).unwrap(), data);

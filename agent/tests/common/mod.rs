@@ -18,6 +18,8 @@ pub struct AgentProc {
     pub dir: tempfile::TempDir,
     pub sut: String,
     stdout: Arc<Mutex<Vec<u8>>>,
+    broker: Option<String>,
+    extra: Vec<String>,
 }
 
 impl AgentProc {
@@ -27,24 +29,49 @@ impl AgentProc {
         std::fs::create_dir_all(dir.path().join("sut")).unwrap();
         let cfg = dir.path().join("sut").join(format!("{name}.toml"));
         std::fs::write(&cfg, toml).unwrap();
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let child = Self::spawn(dir.path(), name, broker, extra, &stdout);
+        AgentProc {
+            child,
+            dir,
+            sut: name.to_owned(),
+            stdout,
+            broker: broker.map(str::to_owned),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    fn spawn(
+        dir: &Path,
+        name: &str,
+        broker: Option<&str>,
+        extra: &[&str],
+        stdout: &Arc<Mutex<Vec<u8>>>,
+    ) -> Child {
+        let cfg = dir.join("sut").join(format!("{name}.toml"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_labvisor-agent"));
         cmd.arg("--config")
             .arg(&cfg)
             .arg("--data-dir")
-            .arg(dir.path().join("data"))
+            .arg(dir.join("data"))
             .arg("--heartbeat-file")
-            .arg(dir.path().join("run/heartbeat"))
+            .arg(dir.join("run/heartbeat"))
             .args(extra)
             .env_remove("LABVISOR_BROKER")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(dir.path().join("stderr")).unwrap());
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.join("stderr"))
+                    .unwrap(),
+            );
         if let Some(b) = broker {
             cmd.arg("--broker").arg(b);
         }
         let mut child = cmd.spawn().expect("start labvisor-agent");
         let mut out = child.stdout.take().unwrap();
-        let stdout = Arc::new(Mutex::new(Vec::new()));
         let s2 = stdout.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 65536];
@@ -55,12 +82,22 @@ impl AgentProc {
                 s2.lock().unwrap().extend_from_slice(&buf[..n]);
             }
         });
-        AgentProc {
-            child,
-            dir,
-            sut: name.to_owned(),
-            stdout,
-        }
+        child
+    }
+
+    /// Kills the agent if it still runs, then starts it again on the same config, volume and
+    /// heartbeat file (a container restart).
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        self.child = Self::spawn(
+            self.dir.path(),
+            &self.sut,
+            self.broker.as_deref(),
+            &extra,
+            &self.stdout,
+        );
     }
 
     pub fn pid(&self) -> i32 {

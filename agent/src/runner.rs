@@ -1,0 +1,550 @@
+//! Jobs over MQTT: acknowledging submissions and cancels, running one job at a time from the
+//! durable queue, and enforcing its time limits.
+//!
+//! A submission is parsed ([`labvisor_protocol::submit`]), then durably queued (journal fsync)
+//! BEFORE the broker gets its PUBACK (the link runs with manual acks) and before the submitter
+//! gets `accepted` on `<sut>/submit_status` (and on `reply_to` / the MQTT 5 response topic). A
+//! duplicate id is acknowledged as `duplicate` and runs once. Bad input is rejected with a reason
+//! and acknowledged too, so it is never redelivered and never stalls the queue.
+//!
+//! A job runs in its own process group and directory (`<data>/jobs/<id>/`), with its output going
+//! to the same sinks as the device process and to `<sut>/jobs/<id>/output`. `timeout` and
+//! `output_timeout` (and cancel) send TERM to the group, then KILL after the grace period,
+//! without blocking the agent's loop.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use labvisor_protocol::config::{JobVars, SutConfig};
+use labvisor_protocol::mqtt::{Message, MqttLink, Received};
+use labvisor_protocol::payloads::{
+    new_job_id, now_ms, CancelAck, CancelResult, JobState, JobStatus, SubmitAck, SubmitResult,
+    VERSION,
+};
+use labvisor_protocol::submit::{parse_cancel, parse_submit, CancelTarget};
+use labvisor_protocol::topics::{JobId, Topics};
+use nix::sys::signal::Signal;
+use tracing::{info, warn};
+
+use crate::child::{self, Exit, Running, Spec};
+use crate::jobs::{JobRecord, Lookup, Store};
+use crate::output::{Sinks, Tap, Target};
+
+/// Job directories kept on the volume (the newest); older ones are removed.
+pub const KEEP_JOB_DIRS: usize = 20;
+
+/// The job that is running.
+pub struct ActiveJob {
+    rec: JobRecord,
+    run: Running,
+    started_ms: u64,
+    deadline: tokio::time::Instant,
+    output_timeout: Duration,
+    /// Set when we decided to end it (timeout, cancel, stop): the final state and why.
+    ending: Option<(JobState, String)>,
+    kill_at: Option<tokio::time::Instant>,
+}
+
+/// Jobs: the store, the running job and how to publish about them.
+pub struct JobRunner {
+    store: Store,
+    active: Option<ActiveJob>,
+    cfg: Arc<SutConfig>,
+    topics: Topics,
+    link: Option<MqttLink>,
+    jobs_dir: PathBuf,
+    grace: Duration,
+}
+
+impl JobRunner {
+    /// Opens the journal in `<data>/jobs/` and publishes what replaying it found (lost jobs).
+    pub fn open(
+        cfg: Arc<SutConfig>,
+        data_dir: &Path,
+        topics: Topics,
+        link: Option<MqttLink>,
+        grace: Duration,
+    ) -> std::io::Result<Self> {
+        let jobs_dir = data_dir.join("jobs");
+        let (store, statuses) = Store::open(&jobs_dir, &cfg.name, cfg.job.requeue_lost, now_ms())?;
+        let r = JobRunner {
+            store,
+            active: None,
+            cfg,
+            topics,
+            link,
+            jobs_dir,
+            grace,
+        };
+        for s in &statuses {
+            warn!(sut = %s.sut, job_id = %s.id, state = ?s.state, "Job was running when the agent died.");
+            r.publish_status(s, true);
+        }
+        Ok(r)
+    }
+
+    /// The running job's id.
+    pub fn running(&self) -> Option<&JobId> {
+        self.active.as_ref().map(|a| &a.rec.id)
+    }
+
+    /// Jobs waiting.
+    pub fn queue_len(&self) -> usize {
+        self.store.queue_len()
+    }
+
+    fn publish(&self, msg: Message) {
+        if let Some(link) = &self.link {
+            if let Err(e) = link.publish(msg) {
+                warn!(error = %e, "Cannot publish.");
+            }
+        }
+    }
+
+    fn publish_status(&self, s: &JobStatus, last: bool) {
+        let json = Bytes::from(serde_json::to_vec(s).expect("serialises"));
+        self.publish(Message::state(self.topics.job(&s.sut, &s.id), json.clone()));
+        if last {
+            if let Some(link) = &self.link {
+                let _ = link.set_sticky(self.topics.last_job(&s.sut), json);
+            }
+        }
+    }
+
+    /// Answers on the acknowledgement topic, on `reply_to`, and on the MQTT 5 response topic.
+    fn reply(&self, retained_topic: String, json: Bytes, r: &Received, reply_to: Option<&str>) {
+        self.publish(Message::state(retained_topic, json.clone()));
+        if let Some(t) = reply_to {
+            self.publish(Message::event(t, json.clone()));
+        }
+        if let Some(t) = &r.response_topic {
+            if Some(t.as_str()) != reply_to {
+                self.publish(
+                    Message::event(t.clone(), json).with_correlation(r.correlation_data.clone()),
+                );
+            }
+        }
+    }
+
+    /// Handles a message on `<sut>/submit`: parse, durably queue, ack, acknowledge.
+    pub fn on_submit(&mut self, r: &Received) {
+        let sut = self.cfg.name.clone();
+        let max = self.cfg.job.max_payload.get() as usize;
+        let mut reply_to = None;
+        let ack = match parse_submit(&r.payload, max) {
+            Err(reason) => self.ack(SubmitResult::Rejected, None, None, Some(reason)),
+            Ok(sub) => {
+                reply_to = sub.reply_to.clone();
+                let id = sub.id.clone().unwrap_or_else(new_job_id);
+                match self.store.lookup(&id) {
+                    Lookup::Queued(p) => {
+                        self.ack(SubmitResult::Duplicate, Some(id), Some(p as u64), None)
+                    }
+                    Lookup::Running => self.ack(SubmitResult::Duplicate, Some(id), Some(0), None),
+                    Lookup::Finished(_) => self.ack(SubmitResult::Duplicate, Some(id), None, None),
+                    Lookup::Unknown
+                        if self.store.queue_len() >= self.cfg.job.queue_limit.get() as usize =>
+                    {
+                        self.ack(
+                            SubmitResult::Rejected,
+                            Some(id),
+                            None,
+                            Some(format!(
+                                "queue is full ({} jobs waiting, queue_limit {})",
+                                self.store.queue_len(),
+                                self.cfg.job.queue_limit
+                            )),
+                        )
+                    }
+                    Lookup::Unknown => {
+                        let rec = JobRecord::new(
+                            id.clone(),
+                            &sub,
+                            self.cfg.job.timeout,
+                            self.cfg.job.output_timeout,
+                            now_ms(),
+                        );
+                        match self.store.accept(rec.clone()) {
+                            Ok(pos) => {
+                                info!(sut = %sut, job_id = %id, position = pos, "Job accepted.");
+                                self.publish_status(&self.store.queued_status(&rec), false);
+                                self.ack(SubmitResult::Accepted, Some(id), Some(pos as u64), None)
+                            }
+                            Err(e) => self.ack(
+                                SubmitResult::Rejected,
+                                Some(id),
+                                None,
+                                Some(format!("cannot store the job on the volume: {e}")),
+                            ),
+                        }
+                    }
+                }
+            }
+        };
+        // The job is on disk (or refused): now the broker may forget the message.
+        if let Some(link) = &self.link {
+            let _ = link.ack(r);
+        }
+        if ack.result == SubmitResult::Rejected {
+            warn!(sut = %sut, reason = ack.reason.as_deref().unwrap_or(""), "Submission rejected.");
+        }
+        let json = Bytes::from(serde_json::to_vec(&ack).expect("serialises"));
+        self.reply(
+            self.topics.submit_status(&sut),
+            json,
+            r,
+            reply_to.as_deref(),
+        );
+    }
+
+    fn ack(
+        &self,
+        result: SubmitResult,
+        id: Option<JobId>,
+        position: Option<u64>,
+        reason: Option<String>,
+    ) -> SubmitAck {
+        SubmitAck {
+            v: VERSION,
+            sut: self.cfg.name.clone(),
+            result,
+            id,
+            position,
+            reason,
+            time_ms: now_ms(),
+        }
+    }
+
+    /// Handles a message on `<sut>/cancel`.
+    pub fn on_cancel(&mut self, r: &Received) {
+        let request = String::from_utf8_lossy(&r.payload).trim().to_owned();
+        let (result, id, reason) = match parse_cancel(&r.payload) {
+            Err(reason) => (CancelResult::Rejected, None, Some(reason)),
+            Ok(CancelTarget::Current) => match self.running().cloned() {
+                Some(id) => {
+                    self.end_active(JobState::Cancelled, "cancelled on request".into());
+                    (CancelResult::Cancelled, Some(id), None)
+                }
+                None => (
+                    CancelResult::NotFound,
+                    None,
+                    Some("no job is running".into()),
+                ),
+            },
+            Ok(CancelTarget::Id(id)) => match self.store.lookup(&id) {
+                Lookup::Running => {
+                    self.end_active(JobState::Cancelled, "cancelled on request".into());
+                    (CancelResult::Cancelled, Some(id), None)
+                }
+                Lookup::Queued(_) => {
+                    let rec = self.store.queued(&id).cloned().expect("queued");
+                    let mut st = self.store.queued_status(&rec);
+                    st.state = JobState::Cancelled;
+                    st.ended_ms = Some(now_ms());
+                    st.reason = Some("cancelled on request before it started".into());
+                    match self.store.finish(st.clone()) {
+                        Ok(()) => {
+                            self.publish_status(&st, false);
+                            (CancelResult::Cancelled, Some(id), None)
+                        }
+                        Err(e) => (
+                            CancelResult::Rejected,
+                            Some(id),
+                            Some(format!("cannot record the cancel: {e}")),
+                        ),
+                    }
+                }
+                Lookup::Finished(s) => (
+                    CancelResult::AlreadyFinished,
+                    Some(id),
+                    Some(format!("the job already ended: {:?}", s.state).to_lowercase()),
+                ),
+                Lookup::Unknown => (
+                    CancelResult::NotFound,
+                    Some(id.clone()),
+                    Some(format!("no job {id}")),
+                ),
+            },
+        };
+        if let Some(link) = &self.link {
+            let _ = link.ack(r);
+        }
+        let ack = CancelAck {
+            v: VERSION,
+            sut: self.cfg.name.clone(),
+            request,
+            id,
+            result,
+            reason,
+            time_ms: now_ms(),
+        };
+        let json = Bytes::from(serde_json::to_vec(&ack).expect("serialises"));
+        self.reply(self.topics.cancel_status(&self.cfg.name), json, r, None);
+    }
+
+    /// Ends the running job: TERM to its group now, KILL after the grace period.
+    fn end_active(&mut self, state: JobState, reason: String) {
+        let grace = self.grace;
+        if let Some(a) = self.active.as_mut() {
+            if a.ending.is_none() {
+                a.ending = Some((state, reason));
+                a.run.signal(Signal::SIGTERM);
+                a.kill_at = Some(tokio::time::Instant::now() + grace);
+            }
+        }
+    }
+
+    /// Starts the next queued job if none runs.
+    pub fn start_next(&mut self, sinks: &Arc<Sinks>, tap: &Tap) {
+        if self.active.is_some() {
+            return;
+        }
+        let rec = match self.store.start_next(now_ms()) {
+            Ok(Some(rec)) => rec,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, "Cannot record the job start.");
+                return;
+            }
+        };
+        let started_ms = now_ms();
+        match self.spawn(&rec, sinks, tap) {
+            Ok(run) => {
+                info!(sut = %self.cfg.name, job_id = %rec.id, pid = run.pid(), "Job started.");
+                let st = JobStatus {
+                    state: JobState::Running,
+                    started_ms: Some(started_ms),
+                    ..self.store.queued_status(&rec)
+                };
+                self.publish_status(&st, true);
+                self.active = Some(ActiveJob {
+                    deadline: tokio::time::Instant::now() + Duration::from_millis(rec.timeout_ms),
+                    output_timeout: Duration::from_millis(rec.output_timeout_ms),
+                    rec,
+                    run,
+                    started_ms,
+                    ending: None,
+                    kill_at: None,
+                });
+            }
+            Err(e) => {
+                let st = JobStatus {
+                    state: JobState::Failed,
+                    started_ms: Some(started_ms),
+                    ended_ms: Some(now_ms()),
+                    duration_ms: Some(0),
+                    reason: Some(format!("cannot start the job: {e}")),
+                    ..self.store.queued_status(&rec)
+                };
+                self.finish(st);
+            }
+        }
+    }
+
+    fn spawn(&self, rec: &JobRecord, sinks: &Arc<Sinks>, tap: &Tap) -> std::io::Result<Running> {
+        let dir = self.jobs_dir.join(rec.id.as_str());
+        std::fs::create_dir_all(&dir)?;
+        let argv = match (&rec.argv, &rec.script) {
+            (Some(argv), _) => argv.clone(),
+            (None, script) => {
+                let script = script.clone().unwrap_or_default();
+                let template = self.cfg.job.template.as_ref().and_then(|t| {
+                    self.cfg.files.iter().find(|f| {
+                        f.name == *t
+                            || f.name.trim_start_matches("./") == t.trim_start_matches("./")
+                    })
+                });
+                let (name, content) = match template {
+                    Some(f) => (
+                        "job.yaml",
+                        crate::jobs::merge_template(&String::from_utf8_lossy(&f.content), &script),
+                    ),
+                    None => ("job.sh", script),
+                };
+                let file = dir.join(name);
+                std::fs::write(&file, content)?;
+                let file_s = file.display().to_string();
+                let dir_s = dir.display().to_string();
+                self.cfg.job.command.render(&JobVars {
+                    job_file: &file_s,
+                    job_dir: &dir_s,
+                    job_id: rec.id.as_str(),
+                    sut: self.cfg.name.as_str(),
+                })
+            }
+        };
+        let mut env = self.cfg.env.clone();
+        env.extend(rec.env.clone());
+        env.insert("LABVISOR_JOB_ID".into(), rec.id.to_string());
+        env.insert("LABVISOR_SUT".into(), self.cfg.name.to_string());
+        env.insert("LABVISOR_JOB_DIR".into(), dir.display().to_string());
+        let spec = Spec {
+            argv,
+            env,
+            cwd: Some(dir),
+        };
+        child::spawn(
+            &spec,
+            sinks.clone(),
+            tap.clone(),
+            Target::Job(rec.id.clone()),
+        )
+    }
+
+    /// When the job's limits need looking at next (None when no job runs).
+    pub fn next_check(&self) -> Option<tokio::time::Instant> {
+        let a = self.active.as_ref()?;
+        if let Some(k) = a.kill_at {
+            return Some(k);
+        }
+        if a.ending.is_some() {
+            return None;
+        }
+        let last = a.run.progress().last_ms.load(Ordering::Relaxed);
+        let silent = Duration::from_millis(now_ms().saturating_sub(last));
+        let silence_at = tokio::time::Instant::now() + a.output_timeout.saturating_sub(silent);
+        Some(a.deadline.min(silence_at))
+    }
+
+    /// Enforces the running job's limits (call when [`JobRunner::next_check`] is due).
+    pub fn check_limits(&mut self) {
+        let now = tokio::time::Instant::now();
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        if let Some(k) = a.kill_at {
+            if now >= k {
+                a.run.signal(Signal::SIGKILL);
+                a.kill_at = None;
+            }
+            return;
+        }
+        if a.ending.is_some() {
+            return;
+        }
+        let last = a.run.progress().last_ms.load(Ordering::Relaxed);
+        let silent = Duration::from_millis(now_ms().saturating_sub(last));
+        if now >= a.deadline {
+            let t = Duration::from_millis(a.rec.timeout_ms);
+            self.end_active(
+                JobState::Timeout,
+                format!("timeout: ran longer than {}", humantime::format_duration(t)),
+            );
+        } else if silent >= a.output_timeout {
+            let t = a.output_timeout;
+            self.end_active(
+                JobState::Timeout,
+                format!(
+                    "output_timeout: no output for {}",
+                    humantime::format_duration(t)
+                ),
+            );
+        }
+    }
+
+    /// Waits for the running job to exit. Cancel-safe; pends forever when none runs.
+    pub async fn wait(&mut self) -> Exit {
+        match self.active.as_mut() {
+            Some(a) => a.run.wait().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Records the end of the running job after it exited with `exit`.
+    pub async fn on_exit(&mut self, exit: Exit) {
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
+        let _ = a.run.drain(Duration::from_millis(500)).await;
+        a.run.signal(Signal::SIGKILL); // whatever is left of its group
+        let ended = now_ms();
+        let (state, reason) = match (a.ending.take(), exit) {
+            (Some((state, reason)), _) => (state, Some(reason)),
+            (None, Exit::Code(0)) => (JobState::Passed, None),
+            (None, Exit::Code(c)) => (JobState::Failed, Some(format!("exit {c}"))),
+            (None, Exit::Signal(s)) => (JobState::Failed, Some(format!("killed by signal {s}"))),
+        };
+        let st = JobStatus {
+            state,
+            exit_code: match exit {
+                Exit::Code(c) => Some(c),
+                Exit::Signal(_) => None,
+            },
+            signal: match exit {
+                Exit::Signal(s) => Some(s),
+                Exit::Code(_) => None,
+            },
+            started_ms: Some(a.started_ms),
+            ended_ms: Some(ended),
+            duration_ms: Some(ended.saturating_sub(a.started_ms)),
+            output_bytes: a.run.progress().bytes.load(Ordering::Relaxed),
+            reason,
+            ..self.store.queued_status(&a.rec)
+        };
+        info!(sut = %st.sut, job_id = %st.id, state = ?st.state, "Job ended.");
+        self.finish(st);
+    }
+
+    fn finish(&mut self, st: JobStatus) {
+        if let Err(e) = self.store.finish(st.clone()) {
+            warn!(error = %e, job_id = %st.id, "Cannot record the job's end.");
+        }
+        self.publish_status(&st, true);
+        self.prune_dirs();
+    }
+
+    /// Stops the running job because the agent stops: it is reported lost (and requeued when
+    /// `requeue_lost`), like a job interrupted by a crash.
+    pub async fn stop(&mut self) {
+        let Some(mut a) = self.active.take() else {
+            return;
+        };
+        let _ = a.run.stop(self.grace).await;
+        let _ = a.run.drain(Duration::from_millis(500)).await;
+        let ended = now_ms();
+        let lost = JobStatus {
+            state: JobState::Lost,
+            started_ms: Some(a.started_ms),
+            ended_ms: Some(ended),
+            duration_ms: Some(ended.saturating_sub(a.started_ms)),
+            output_bytes: a.run.progress().bytes.load(Ordering::Relaxed),
+            reason: Some("the agent was stopped while the job was running".into()),
+            ..self.store.queued_status(&a.rec)
+        };
+        match self
+            .store
+            .finish_lost(lost, self.cfg.job.requeue_lost, ended)
+        {
+            Ok(statuses) => {
+                for s in statuses {
+                    self.publish_status(&s, true);
+                }
+            }
+            Err(e) => warn!(error = %e, "Cannot record the interrupted job."),
+        }
+    }
+
+    fn prune_dirs(&self) {
+        let Ok(rd) = std::fs::read_dir(&self.jobs_dir) else {
+            return;
+        };
+        let mut dirs: Vec<(std::time::SystemTime, PathBuf)> = rd
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+            .collect();
+        if dirs.len() <= KEEP_JOB_DIRS {
+            return;
+        }
+        dirs.sort();
+        let running = self.running().map(|id| self.jobs_dir.join(id.as_str()));
+        for (_, d) in dirs.iter().take(dirs.len() - KEEP_JOB_DIRS) {
+            if Some(d) != running.as_ref() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+}

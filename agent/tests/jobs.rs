@@ -1,0 +1,455 @@
+//! Jobs over MQTT against a real mosquitto, submitted with real clients (`mosquitto_pub`, and
+//! paho-mqtt for the MQTT 5 response topic): acknowledgements, order, durability across an agent
+//! kill, duplicates, cancel, timeouts and every bad input.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{sut_toml, AgentProc, Collector, Seen};
+use labvisor_tests::{wait_until, Mosquitto};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn json(s: &Seen) -> Value {
+    serde_json::from_str(&s.text).unwrap_or(Value::Null)
+}
+
+fn submit(broker: &Mosquitto, sut: &str, payload: &str) {
+    let out = broker.publish(&format!("{sut}/submit"), payload, &["-q", "1"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+struct Lab {
+    broker: Mosquitto,
+    mqtt: Collector,
+    agent: AgentProc,
+    sut: String,
+}
+
+impl Lab {
+    fn new(sut: &str, extra: &str) -> Lab {
+        let broker = Mosquitto::start();
+        let mqtt = Collector::start(broker.port(), &[&format!("{sut}/#")]);
+        let agent = AgentProc::start(
+            sut,
+            &sut_toml(None, extra),
+            Some(&broker.url()),
+            &["--grace", "500ms"],
+        );
+        let lab = Lab {
+            broker,
+            mqtt,
+            agent,
+            sut: sut.to_owned(),
+        };
+        lab.wait_idle();
+        lab
+    }
+
+    fn t(&self, leaf: &str) -> String {
+        format!("{}/{leaf}", self.sut)
+    }
+
+    fn wait_idle(&self) {
+        self.mqtt.wait(&self.t("agent"), LIMIT, |m| {
+            json(m)["state"] == "idle" && json(m)["broker_connected"] == true
+        });
+    }
+
+    /// The acknowledgement (on submit_status) whose JSON satisfies `pred`.
+    fn ack(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        json(
+            &self
+                .mqtt
+                .wait(&self.t("submit_status"), LIMIT, |m| pred(&json(m))),
+        )
+    }
+
+    fn accepted_id(&self, n: usize) -> String {
+        let acks: Vec<Value> = wait_until(&format!("{n} acknowledgements"), LIMIT, || {
+            let a: Vec<Value> = self
+                .mqtt
+                .on(&self.t("submit_status"))
+                .iter()
+                .map(json)
+                .collect();
+            (a.len() >= n).then_some(a)
+        });
+        assert_eq!(acks[n - 1]["result"], "accepted", "{}", acks[n - 1]);
+        acks[n - 1]["id"].as_str().unwrap().to_owned()
+    }
+
+    /// Waits for job `id` to reach a final state and returns its status.
+    fn final_status(&self, id: &str) -> Value {
+        json(&self.mqtt.wait(&self.t(&format!("jobs/{id}")), LIMIT, |m| {
+            matches!(
+                json(m)["state"].as_str(),
+                Some("passed" | "failed" | "cancelled" | "timeout" | "lost")
+            )
+        }))
+    }
+}
+
+#[test]
+fn a_plain_text_job_from_mosquitto_pub_runs_with_output_and_last_job() {
+    let lab = Lab::new("job-plain", "");
+    submit(
+        &lab.broker,
+        &lab.sut,
+        "echo hello from the job\necho \"id=$LABVISOR_JOB_ID sut=$LABVISOR_SUT\"\nexit 3\n",
+    );
+    let id = lab.accepted_id(1);
+    let st = lab.final_status(&id);
+    assert_eq!(st["state"], "failed");
+    assert_eq!(st["exit_code"], 3);
+    assert!(st["output_bytes"].as_u64().unwrap() > 20);
+    let out = lab
+        .mqtt
+        .wait(&lab.t(&format!("jobs/{id}/output")), LIMIT, |m| {
+            m.text.contains("sut=job-plain")
+        });
+    assert!(out.text.contains(&format!("id={id}")), "{}", out.text);
+    lab.mqtt.wait(&lab.t("output"), LIMIT, |m| {
+        m.text.contains("hello from the job")
+    });
+    // last_job is retained: a late subscriber sees the final status.
+    let late = lab
+        .broker
+        .subscribe(&lab.t("last_job"), &["-C", "1", "-W", "5"]);
+    let line = late.wait_lines(1, Duration::from_secs(6)).remove(0);
+    assert!(
+        line.contains(&id) && line.contains("\"state\":\"failed\""),
+        "{line}"
+    );
+    assert!(String::from_utf8_lossy(&lab.agent.log()).contains("hello from the job"));
+}
+
+#[test]
+fn fifty_jobs_in_a_burst_all_run_once_in_order() {
+    let lab = Lab::new("job-burst", "[job]\nqueue_limit = 100\n");
+    let lines: String = (0..50)
+        .map(|i| format!("{{\"id\":\"burst-{i:02}\",\"script\":\"echo ran burst-{i:02}\"}}\n"))
+        .collect();
+    // One client, 50 QoS 1 messages back to back (-l: one message per stdin line).
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &lab.broker.port().to_string(),
+            "-q",
+            "1",
+            "-l",
+            "-t",
+            &lab.t("submit"),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(lines.as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    for i in 0..50 {
+        assert_eq!(
+            lab.final_status(&format!("burst-{i:02}"))["state"],
+            "passed"
+        );
+    }
+    let log = String::from_utf8_lossy(&lab.agent.log()).into_owned();
+    let ran: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("ran burst-"))
+        .collect();
+    let want: Vec<String> = (0..50).map(|i| format!("ran burst-{i:02}")).collect();
+    assert_eq!(ran, want, "every job ran once, in submission order");
+}
+
+#[test]
+fn an_agent_killed_with_queued_jobs_runs_them_after_restart_and_reports_the_lost_one() {
+    let mut lab = Lab::new("job-crash", "[job]\nqueue_limit = 20\n");
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"long","script":"echo started long; sleep 60"}"#,
+    );
+    for i in 0..10 {
+        submit(
+            &lab.broker,
+            &lab.sut,
+            &format!(r#"{{"id":"after-{i}","script":"echo ran after-{i}"}}"#),
+        );
+    }
+    lab.ack(|a| a["id"] == "after-9" && a["result"] == "accepted");
+    lab.mqtt.wait(&lab.t("jobs/long"), LIMIT, |m| {
+        json(m)["state"] == "running"
+    });
+    lab.agent.signal(Signal::SIGKILL);
+    lab.agent.wait_exit(Duration::from_secs(5));
+    // Restart on the same volume and the same broker, as Docker restarts the container.
+    lab.agent.restart();
+    let lost = lab.final_status("long");
+    assert_eq!(lost["state"], "lost");
+    assert!(
+        lost["reason"].as_str().unwrap().contains("agent died"),
+        "{lost}"
+    );
+    for i in 0..10 {
+        assert_eq!(lab.final_status(&format!("after-{i}"))["state"], "passed");
+    }
+    let log = String::from_utf8_lossy(&lab.agent.log()).into_owned();
+    let ran: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("ran after-"))
+        .collect();
+    let want: Vec<String> = (0..10).map(|i| format!("ran after-{i}")).collect();
+    assert_eq!(ran, want, "each queued job ran once, in order");
+}
+
+#[test]
+fn a_duplicate_id_is_acknowledged_and_runs_once() {
+    let lab = Lab::new("job-dup", "");
+    let job = r#"{"id":"same-1","script":"echo ran same-1"}"#;
+    submit(&lab.broker, &lab.sut, job);
+    lab.ack(|a| a["id"] == "same-1" && a["result"] == "accepted");
+    submit(&lab.broker, &lab.sut, job);
+    lab.ack(|a| a["id"] == "same-1" && a["result"] == "duplicate");
+    assert_eq!(lab.final_status("same-1")["state"], "passed");
+    // A marker job proves the queue moved on, then the log shows one run only.
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"marker","script":"echo marker"}"#,
+    );
+    lab.final_status("marker");
+    let log = String::from_utf8_lossy(&lab.agent.log()).into_owned();
+    assert_eq!(log.lines().filter(|l| *l == "ran same-1").count(), 1);
+}
+
+#[test]
+fn cancel_works_for_a_queued_and_a_running_job() {
+    let lab = Lab::new("job-cancel", "");
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"runner","script":"echo running; sleep 60"}"#,
+    );
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"waiter","script":"echo must not run"}"#,
+    );
+    lab.ack(|a| a["id"] == "waiter" && a["result"] == "accepted" && a["position"] == 1);
+    lab.mqtt.wait(&lab.t("jobs/runner"), LIMIT, |m| {
+        json(m)["state"] == "running"
+    });
+    lab.mqtt.wait(&lab.t("agent"), LIMIT, |m| {
+        json(m)["state"] == "busy" && json(m)["job"] == "runner"
+    });
+
+    lab.broker.publish(&lab.t("cancel"), "waiter", &["-q", "1"]);
+    let st = lab.final_status("waiter");
+    assert_eq!(st["state"], "cancelled");
+    lab.mqtt.wait(&lab.t("cancel_status"), LIMIT, |m| {
+        json(m)["id"] == "waiter" && json(m)["result"] == "cancelled"
+    });
+
+    lab.broker
+        .publish(&lab.t("cancel"), "current", &["-q", "1"]);
+    let st = lab.final_status("runner");
+    assert_eq!(st["state"], "cancelled");
+    assert_eq!(st["signal"], 15, "TERM ended it: {st}");
+    lab.mqtt.wait(&lab.t("cancel_status"), LIMIT, |m| {
+        json(m)["id"] == "runner" && json(m)["result"] == "cancelled"
+    });
+
+    lab.broker.publish(&lab.t("cancel"), "runner", &["-q", "1"]);
+    lab.mqtt.wait(&lab.t("cancel_status"), LIMIT, |m| {
+        json(m)["result"] == "already-finished"
+    });
+    lab.broker
+        .publish(&lab.t("cancel"), "nosuchjob", &["-q", "1"]);
+    let nf = lab.mqtt.wait(&lab.t("cancel_status"), LIMIT, |m| {
+        json(m)["result"] == "not-found"
+    });
+    assert_eq!(json(&nf)["reason"], "no job nosuchjob");
+    assert!(!String::from_utf8_lossy(&lab.agent.log()).contains("must not run"));
+    lab.wait_idle();
+}
+
+#[test]
+fn timeout_and_output_timeout_stop_the_job() {
+    let lab = Lab::new("job-timeouts", "");
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"slow","script":"while true; do echo still here; sleep 0.1; done","timeout":"1s"}"#,
+    );
+    let st = lab.final_status("slow");
+    assert_eq!(st["state"], "timeout");
+    assert!(
+        st["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("timeout: ran longer than 1s"),
+        "{st}"
+    );
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"quiet","script":"echo one line; sleep 60","output_timeout":"1s"}"#,
+    );
+    let st = lab.final_status("quiet");
+    assert_eq!(st["state"], "timeout");
+    assert!(
+        st["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("output_timeout: no output for 1s"),
+        "{st}"
+    );
+    // A job that ignores TERM is killed after the grace period.
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"stubborn","script":"trap '' TERM; echo x; while true; do sleep 0.1; done","timeout":"1s"}"#,
+    );
+    let st = lab.final_status("stubborn");
+    assert_eq!(
+        (st["state"].as_str(), st["signal"].as_i64()),
+        (Some("timeout"), Some(9)),
+        "{st}"
+    );
+}
+
+#[test]
+fn every_bad_input_gets_its_own_rejection_and_the_agent_keeps_going() {
+    let lab = Lab::new(
+        "job-bad",
+        "[job]\nqueue_limit = 1\nmax_payload = \"100B\"\n",
+    );
+    let cases: &[(&str, &str)] = &[
+        ("", "empty payload"),
+        (&"x".repeat(101), "over this SUT's max_payload of 100 bytes"),
+        ("{not json", "payload starts with '{' but is not valid JSON"),
+        (
+            r#"{"script":"true","colour":"red"}"#,
+            "unknown field `colour`",
+        ),
+        (r#"{"script":["true"]}"#, "invalid type"),
+    ];
+    for (i, (payload, reason)) in cases.iter().enumerate() {
+        submit(&lab.broker, &lab.sut, payload);
+        let a = wait_until(&format!("rejection {i}"), LIMIT, || {
+            let acks: Vec<Value> = lab
+                .mqtt
+                .on(&lab.t("submit_status"))
+                .iter()
+                .map(json)
+                .collect();
+            acks.get(i).cloned()
+        });
+        assert_eq!(a["result"], "rejected", "{payload}: {a}");
+        assert!(
+            a["reason"].as_str().unwrap().contains(reason),
+            "{payload}: {a}"
+        );
+    }
+    // A full queue: one job runs, one waits (queue_limit 1), the third is refused.
+    submit(&lab.broker, &lab.sut, r#"{"id":"q1","script":"sleep 60"}"#);
+    lab.mqtt
+        .wait(&lab.t("jobs/q1"), LIMIT, |m| json(m)["state"] == "running");
+    submit(&lab.broker, &lab.sut, r#"{"id":"q2","script":"true"}"#);
+    submit(&lab.broker, &lab.sut, r#"{"id":"q3","script":"true"}"#);
+    let full = lab.ack(|a| a["id"] == "q3");
+    assert_eq!(full["result"], "rejected");
+    assert!(
+        full["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("queue is full"),
+        "{full}"
+    );
+    lab.broker.publish(&lab.t("cancel"), "", &["-q", "1"]);
+    lab.mqtt.wait(&lab.t("cancel_status"), LIMIT, |m| {
+        json(m)["result"] == "rejected"
+    });
+    // Still alive and working: cancel the sleeper, q2 runs.
+    lab.broker.publish(&lab.t("cancel"), "q1", &["-q", "1"]);
+    assert_eq!(lab.final_status("q2")["state"], "passed");
+}
+
+#[test]
+fn a_job_sent_while_the_agent_is_down_runs_when_it_comes_back() {
+    let mut lab = Lab::new("job-offline", "");
+    lab.agent.signal(Signal::SIGTERM);
+    assert_eq!(lab.agent.wait_exit(Duration::from_secs(5)).code(), Some(0));
+    lab.mqtt
+        .wait(&lab.t("agent"), LIMIT, |m| json(m)["state"] == "offline");
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"while-down","script":"echo ran while-down"}"#,
+    );
+    lab.agent.restart();
+    assert_eq!(lab.final_status("while-down")["state"], "passed");
+}
+
+#[test]
+fn the_mqtt5_response_topic_gets_the_acknowledgement() {
+    let lab = Lab::new("job-v5", "");
+    let script = format!(
+        r#"
+import sys, time, json
+try:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.packettypes import PacketTypes
+except ImportError:
+    sys.exit("paho-mqtt is not installed: run tools/test.sh, which installs it")
+got = []
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v5-test", protocol=mqtt.MQTTv5)
+c.on_message = lambda cl, u, m: got.append((m.payload.decode(), m.properties.CorrelationData))
+c.connect("127.0.0.1", {port})
+c.subscribe("replies/v5-test", qos=1)
+c.loop_start()
+time.sleep(0.5)
+p = Properties(PacketTypes.PUBLISH)
+p.ResponseTopic = "replies/v5-test"
+p.CorrelationData = b"corr-7"
+c.publish("job-v5/submit", "echo via paho", qos=1, properties=p)
+deadline = time.time() + 15
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+c.loop_stop()
+if not got:
+    sys.exit("no acknowledgement on the response topic")
+payload, corr = got[0]
+print(json.dumps({{"ack": json.loads(payload), "corr": corr.decode()}}))
+"#,
+        port = lab.broker.port()
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ack"]["result"], "accepted", "{v}");
+    assert_eq!(v["corr"], "corr-7");
+    let id = v["ack"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(lab.final_status(&id)["state"], "passed");
+}
