@@ -133,9 +133,16 @@ impl JobRunner {
     pub fn on_submit(&mut self, r: &Received) {
         let sut = self.cfg.name.clone();
         let max = self.cfg.job.max_payload.get() as usize;
-        let mut reply_to = None;
+        let reply_to;
         let ack = match parse_submit(&r.payload, max) {
-            Err(reason) => self.ack(SubmitResult::Rejected, None, None, Some(reason)),
+            Err(reason) => {
+                // Name the job (and answer its reply_to) whenever the payload says which it is.
+                let v: Option<serde_json::Value> = serde_json::from_slice(&r.payload).ok();
+                let field = |k: &str| v.as_ref()?.get(k)?.as_str().map(str::to_owned);
+                let id = field("id").and_then(|i| JobId::new(&i).ok());
+                reply_to = field("reply_to").filter(|t| !t.is_empty() && !t.contains(['+', '#']));
+                self.ack(SubmitResult::Rejected, id, None, Some(reason))
+            }
             Ok(sub) => {
                 reply_to = sub.reply_to.clone();
                 let id = sub.id.clone().unwrap_or_else(new_job_id);

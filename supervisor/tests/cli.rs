@@ -1,0 +1,233 @@
+//! The `labvisor` client commands against a real mosquitto and a real agent process: submit
+//! (with --wait and --follow), jobs, cancel, status, and their failures.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use assert_cmd::cargo::CommandCargoExt;
+use labvisor_tests::{free_port, static_bin, wait_until, Mosquitto};
+
+struct Agent {
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent(broker: &Mosquitto, sut: &str, extra: &str) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join(format!("{sut}.toml"));
+    std::fs::write(
+        &cfg,
+        format!("image = \"labvisor/busybox:local\"\n{extra}\n[health]\nheartbeat = \"200ms\"\nmax_age = \"2s\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n"),
+    )
+    .unwrap();
+    let child = Command::new(static_bin("labvisor-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--heartbeat-file")
+        .arg(dir.path().join("hb"))
+        .arg("--broker")
+        .arg(broker.url())
+        .arg("--grace")
+        .arg("300ms")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Ready once its retained status says idle.
+    let sub = broker.subscribe(&format!("{sut}/agent"), &[]);
+    sub.wait_for("agent idle", Duration::from_secs(15), |l| {
+        l.contains("\"state\":\"idle\"")
+    });
+    Agent { child, _dir: dir }
+}
+
+fn labvisor(broker: &Mosquitto, args: &[&str]) -> std::process::Output {
+    Command::cargo_bin("labvisor")
+        .unwrap()
+        .args(args)
+        .env("LABVISOR_BROKER", broker.url())
+        .env_remove("LABVISOR_TOPIC_PREFIX")
+        .output()
+        .unwrap()
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn submit_wait_exits_with_the_jobs_code_and_follow_streams_output() {
+    let broker = Mosquitto::start();
+    let _a = agent(&broker, "cli-1", "");
+    let o = labvisor(
+        &broker,
+        &[
+            "submit",
+            "cli-1",
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            "echo hi; exit 5",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(5), "{}", stderr(&o));
+    let id = stdout(&o).lines().next().unwrap().to_owned();
+    assert_eq!(id.len(), 26, "a generated id: {id}");
+
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(script.path(), "echo line one\necho line two\n").unwrap();
+    let o = labvisor(
+        &broker,
+        &[
+            "submit",
+            "cli-1",
+            "--follow",
+            "--id",
+            "follow-1",
+            "--script",
+            script.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "follow-1\nline one\nline two\n");
+
+    let o = labvisor(&broker, &["jobs", "cli-1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with("ID"), "{out}");
+    assert!(
+        out.contains(&id) && out.contains("failed") && out.contains("follow-1"),
+        "{out}"
+    );
+    assert!(out.contains("2 jobs"), "{out}");
+    let o = labvisor(&broker, &["jobs", "cli-1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn cancel_the_current_job_and_see_it_in_status() {
+    let broker = Mosquitto::start();
+    let _a = agent(&broker, "cli-2", "");
+    let o = labvisor(
+        &broker,
+        &["submit", "cli-2", "--id", "sleeper", "--", "sleep", "60"],
+    );
+    assert_eq!(stdout(&o), "sleeper\n", "{}", stderr(&o));
+    let sub = broker.subscribe("cli-2/agent", &[]);
+    sub.wait_for("busy", Duration::from_secs(10), |l| {
+        l.contains("\"state\":\"busy\"")
+    });
+
+    let o = labvisor(&broker, &["status"]);
+    let out = stdout(&o);
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("cli-2"))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("busy") && line.contains("sleeper"), "{line}");
+    let o = labvisor(&broker, &["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["suts"][0]["sut"], "cli-2");
+    assert_eq!(v["suts"][0]["job"], "sleeper");
+
+    let o = labvisor(&broker, &["cancel", "cli-2", "current"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "sleeper: cancelled\n");
+    let o = labvisor(&broker, &["cancel", "cli-2", "nope"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(stdout(&o), "nope: not-found (no job nope)\n");
+}
+
+#[test]
+fn rejections_and_unreachable_parties_have_their_own_exit_codes() {
+    let broker = Mosquitto::start();
+    let _a = agent(&broker, "cli-3", "");
+    let o = labvisor(
+        &broker,
+        &["submit", "cli-3", "--timeout", "soon", "--", "true"],
+    );
+    assert_eq!(o.status.code(), Some(3));
+    assert!(
+        stderr(&o).contains("rejected the job: invalid JSON job: `timeout` \"soon\""),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = labvisor(
+        &broker,
+        &["submit", "no-such-sut", "--ack-timeout", "1s", "--", "true"],
+    );
+    assert_eq!(o.status.code(), Some(4));
+    assert!(
+        stderr(&o).contains("no acknowledgement from no-such-sut within 1s"),
+        "{}",
+        stderr(&o)
+    );
+
+    let dead = format!("mqtt://127.0.0.1:{}", free_port());
+    let o = Command::cargo_bin("labvisor")
+        .unwrap()
+        .args(["status", "--broker", &dead])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4));
+    assert!(
+        stderr(&o).contains("cannot reach the broker at"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = labvisor(&broker, &["submit", "Bad/Name", "--", "true"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn logs_follow_prints_live_output() {
+    let broker = Mosquitto::start();
+    let _a = agent(&broker, "cli-4", "command = [\"/bin/sh\", \"-c\", \"i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done\"]");
+    let mut child = Command::cargo_bin("labvisor")
+        .unwrap()
+        .args(["logs", "cli-4", "-f"])
+        .env("LABVISOR_BROKER", broker.url())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s2.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    wait_until("three ticks followed", Duration::from_secs(15), || {
+        (seen.lock().unwrap().matches("tick ").count() >= 3).then_some(())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let o = labvisor(&broker, &["logs", "cli-4"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("use -f"));
+}
