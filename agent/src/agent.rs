@@ -251,6 +251,14 @@ pub async fn run(
     let stall_after = cfg.health.max_age / 2;
     let mut state = AgentState::Starting;
 
+    let reporter = Reporter {
+        settings: &settings,
+        link: &link,
+        sinks: &sinks,
+        tap: &tap,
+        tail_errors: &tail_errors,
+        boot_id: &boot_id,
+    };
     let outcome = loop {
         jobs.start_next(&sinks, &tap);
         let next_start = ch.next_start;
@@ -329,35 +337,13 @@ pub async fn run(
         // Every pass through the loop refreshes the status; the ticker guarantees one at least
         // every `heartbeat`.
         state = derive_state(&ch, &sinks, stall_after, jobs.running().is_some());
-        publish_status(
-            &settings,
-            &link,
-            &sinks,
-            &tap,
-            &tail_errors,
-            &ch,
-            &jobs,
-            &boot_id,
-            seq,
-            state,
-        );
+        publish_status(&reporter, &ch, &jobs, seq, state);
         seq += 1;
     };
 
     // Stop: the status says so first, then the device process gets TERM, grace, KILL.
     let _ = state;
-    publish_status(
-        &settings,
-        &link,
-        &sinks,
-        &tap,
-        &tail_errors,
-        &ch,
-        &jobs,
-        &boot_id,
-        seq,
-        AgentState::Stopping,
-    );
+    publish_status(&reporter, &ch, &jobs, seq, AgentState::Stopping);
     let mut outcome = outcome;
     // The device process and a running job stop side by side, within one grace period.
     let grace = settings.grace;
@@ -476,19 +462,32 @@ fn status_payload(st: &AgentStatus) -> Bytes {
     Bytes::from(serde_json::to_vec(st).expect("status serialises"))
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every status report reads besides the child and the jobs.
+struct Reporter<'a> {
+    settings: &'a Settings,
+    link: &'a Option<MqttLink>,
+    sinks: &'a Sinks,
+    tap: &'a Tap,
+    tail_errors: &'a Option<TailErrors>,
+    boot_id: &'a str,
+}
+
+/// Writes the heartbeat file and publishes the same status on `<sut>/agent`.
 fn publish_status(
-    settings: &Settings,
-    link: &Option<MqttLink>,
-    sinks: &Sinks,
-    tap: &Tap,
-    tail_errors: &Option<TailErrors>,
+    r: &Reporter<'_>,
     ch: &ChildState,
     jobs: &JobRunner,
-    boot_id: &str,
     seq: u64,
     state: AgentState,
 ) {
+    let Reporter {
+        settings,
+        link,
+        sinks,
+        tap,
+        tail_errors,
+        boot_id,
+    } = *r;
     let link_state = link.as_ref().map(|l| l.state());
     let mut details = Vec::new();
     if let Some(d) = &ch.crash_detail {

@@ -448,12 +448,7 @@ pub async fn logs(
     let mut s = Session::connect(args, |t| vec![topic_of(t)]).await?;
     let mut last_seq: Option<u64> = None;
     while let Some(r) = s.next(None).await {
-        let props = r
-            .publish
-            .properties
-            .as_ref()
-            .map(|p| p.user_properties.clone())
-            .unwrap_or_default();
+        let props = r.user_properties();
         if let Some(meta) = OutputMeta::from_properties(&props) {
             if let Some(prev) = last_seq {
                 if meta.seq > prev + 1 {

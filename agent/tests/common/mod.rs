@@ -222,12 +222,7 @@ impl Collector {
             link.subscribe(probe2.clone(), QoS::AtLeastOnce).unwrap();
             let _ = link.publish(labvisor_protocol::mqtt::Message::event(probe2, "probe"));
             while let Some(r) = rx.recv().await {
-                let props = r
-                    .publish
-                    .properties
-                    .as_ref()
-                    .map(|p| p.user_properties.clone())
-                    .unwrap_or_default();
+                let props = r.user_properties();
                 s2.lock().unwrap().push(Seen {
                     topic: r.topic.clone(),
                     text: String::from_utf8_lossy(&r.payload).into_owned(),

@@ -192,6 +192,17 @@ pub struct Received {
     epoch: u64,
 }
 
+impl Received {
+    /// The MQTT 5 user properties of the message (empty when it had none).
+    pub fn user_properties(&self) -> Vec<(String, String)> {
+        self.publish
+            .properties
+            .as_ref()
+            .map(|p| p.user_properties.clone())
+            .unwrap_or_default()
+    }
+}
+
 /// Receiver of incoming publishes; see "Incoming" in the module documentation.
 pub type Incoming = mpsc::Receiver<Received>;
 
