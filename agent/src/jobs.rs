@@ -330,7 +330,8 @@ impl Store {
     }
 
     /// Records a final status (of the running job, or of a queued job that was cancelled).
-    pub fn finish(&mut self, status: JobStatus) -> io::Result<()> {
+    /// Returns the job that fell out of the history, whose retained status can be cleared.
+    pub fn finish(&mut self, status: JobStatus) -> io::Result<Option<JobId>> {
         self.append(&Entry::Finished {
             status: status.clone(),
         })?;
@@ -343,10 +344,13 @@ impl Store {
         }
         self.queue.retain(|j| j.id != status.id);
         self.history.push_back(status);
-        if self.history.len() > HISTORY {
-            self.history.pop_front();
-        }
-        self.maybe_compact()
+        let evicted = if self.history.len() > HISTORY {
+            self.history.pop_front().map(|s| s.id)
+        } else {
+            None
+        };
+        self.maybe_compact()?;
+        Ok(evicted)
     }
 
     /// The queued job `id`, if it is queued.
@@ -497,7 +501,8 @@ mod tests {
             let j = s.start_next(i as u64).unwrap().unwrap();
             let mut st = s.queued_status(&j);
             st.state = JobState::Passed;
-            s.finish(st).unwrap();
+            let evicted = s.finish(st).unwrap();
+            assert_eq!(evicted.is_some(), i >= HISTORY, "job {i}");
         }
         s.accept(job("waiting")).unwrap();
         drop(s);

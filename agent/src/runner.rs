@@ -253,7 +253,8 @@ impl JobRunner {
                     st.ended_ms = Some(now_ms());
                     st.reason = Some("cancelled on request before it started".into());
                     match self.store.finish(st.clone()) {
-                        Ok(()) => {
+                        Ok(evicted) => {
+                            self.clear_status(evicted);
                             self.publish_status(&st, false);
                             (CancelResult::Cancelled, Some(id), None)
                         }
@@ -495,9 +496,21 @@ impl JobRunner {
         self.finish(st);
     }
 
+    /// Clears the retained status of a job that fell out of the history, so the broker does not
+    /// keep every job's status forever.
+    fn clear_status(&self, evicted: Option<JobId>) {
+        if let Some(id) = evicted {
+            self.publish(Message::state(
+                self.topics.job(&self.cfg.name, &id),
+                Bytes::new(),
+            ));
+        }
+    }
+
     fn finish(&mut self, st: JobStatus) {
-        if let Err(e) = self.store.finish(st.clone()) {
-            warn!(error = %e, job_id = %st.id, "Cannot record the job's end.");
+        match self.store.finish(st.clone()) {
+            Ok(evicted) => self.clear_status(evicted),
+            Err(e) => warn!(error = %e, job_id = %st.id, "Cannot record the job's end."),
         }
         self.publish_status(&st, true);
         self.prune_dirs();
