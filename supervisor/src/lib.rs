@@ -7,4 +7,6 @@
 //! - [`plan`]: the pure reconcile plan (desired SUT files vs. actual containers → actions).
 
 pub mod check;
+pub mod docker;
 pub mod plan;
+pub mod spec;
