@@ -5,8 +5,12 @@
 //! - [`check`]: `labvisor check <dir>`, validating SUT files without Docker, and the shared
 //!   `--allow-*` flags ([`check::AllowArgs`]).
 //! - [`plan`]: the pure reconcile plan (desired SUT files vs. actual containers → actions).
+//! - [`spec`]: what an agent container looks like (create request, labels, injected files).
+//! - [`docker`]: the [`docker::ContainerRuntime`] trait, its bollard implementation and a fake.
+//! - [`supervise`]: `labvisor supervise`, the reconcile loop (watching, healing, status).
 
 pub mod check;
 pub mod docker;
 pub mod plan;
 pub mod spec;
+pub mod supervise;
