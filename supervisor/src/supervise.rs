@@ -514,7 +514,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
             return;
         }
         let tx = self.fs_tx.clone();
-        let handler = move |_res: notify::Result<notify::Event>| {
+        let handler = move |res: notify::Result<notify::Event>| {
+            // Reading the files (our own scans) produces access events: not a change.
+            if let Ok(ev) = &res {
+                if matches!(ev.kind, notify::EventKind::Access(_)) {
+                    return;
+                }
+            }
             let _ = tx.try_send(());
         };
         let watcher: notify::Result<Box<dyn Watcher + Send>> = if self.exec.settings.poll {
