@@ -242,10 +242,7 @@ impl DockerRuntime {
             )
             .await?;
         self.docker
-            .start_container(
-                id,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
+            .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
             .await?;
         Ok(())
     }
@@ -306,10 +303,7 @@ impl ContainerRuntime for DockerRuntime {
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         self.docker
-            .start_container(
-                id,
-                None::<bollard::query_parameters::StartContainerOptions>,
-            )
+            .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
             .await?;
         Ok(())
     }
@@ -368,9 +362,16 @@ impl ContainerRuntime for DockerRuntime {
         );
         filters.insert(
             "event",
-            ["die", "start", "health_status", "destroy", "pause", "unpause"]
-                .map(String::from)
-                .to_vec(),
+            [
+                "die",
+                "start",
+                "health_status",
+                "destroy",
+                "pause",
+                "unpause",
+            ]
+            .map(String::from)
+            .to_vec(),
         );
         let opts = EventsOptionsBuilder::default().filters(&filters).build();
         Box::pin(self.docker.events(Some(opts)).map(|r| {
@@ -600,7 +601,10 @@ mod tests {
 
     #[test]
     fn health_suffixes() {
-        assert_eq!(health_from_status("Up 2 minutes (healthy)"), Health::Healthy);
+        assert_eq!(
+            health_from_status("Up 2 minutes (healthy)"),
+            Health::Healthy
+        );
         assert_eq!(
             health_from_status("Up 2 minutes (unhealthy)"),
             Health::Unhealthy

@@ -112,7 +112,10 @@ fn find_bin(flag: Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
         return Ok(p);
     }
     let mut candidates = Vec::new();
-    if let Some(dir) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
         candidates.push(dir.join(name));
         candidates.push(dir.join("../x86_64-unknown-linux-gnu/release").join(name));
     }
@@ -120,7 +123,9 @@ fn find_bin(flag: Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
     candidates
         .into_iter()
         .find(|p| p.is_file())
-        .with_context(|| format!("cannot find {name}: pass its path, or build it with `cargo static`"))
+        .with_context(|| {
+            format!("cannot find {name}: pass its path, or build it with `cargo static`")
+        })
 }
 
 fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
@@ -150,7 +155,8 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     let agent_broker = match args.agent_broker.as_deref() {
         Some("none") => None,
         Some(url) => {
-            LinkOptions::from_url(url, "check").with_context(|| format!("--agent-broker {url:?}"))?;
+            LinkOptions::from_url(url, "check")
+                .with_context(|| format!("--agent-broker {url:?}"))?;
             Some(url.to_owned())
         }
         None => args.broker.clone(),
@@ -196,7 +202,10 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
 /// Resolves on the first SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

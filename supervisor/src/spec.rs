@@ -30,8 +30,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bollard::models::{
-    ContainerCreateBody, DeviceMapping, HealthConfig, HostConfig, Mount, MountType,
-    RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, DeviceMapping, HealthConfig, HostConfig, Mount, MountType, RestartPolicy,
+    RestartPolicyNameEnum,
 };
 use bytes::Bytes;
 use labvisor_protocol::config::{Network, SutConfig, CONTAINER_FILES_DIR};
@@ -92,7 +92,11 @@ impl SpecContext {
 
     /// The name of the shared labvisor bridge network.
     pub fn network_name(&self) -> String {
-        format!("{}{}", self.name_prefix, labvisor_protocol::config::LABVISOR_NETWORK)
+        format!(
+            "{}{}",
+            self.name_prefix,
+            labvisor_protocol::config::LABVISOR_NETWORK
+        )
     }
 
     /// Labels of every object this supervisor creates (managed-by, supervisor, extra labels).
@@ -138,7 +142,9 @@ pub struct ContainerSpec {
 }
 
 fn nanos(d: std::time::Duration) -> i64 {
-    i64::try_from(d.as_nanos()).unwrap_or(i64::MAX).max(1_000_000)
+    i64::try_from(d.as_nanos())
+        .unwrap_or(i64::MAX)
+        .max(1_000_000)
 }
 
 /// Builds the container of `cfg`, whose SUT file holds `file_bytes`, with hash `hash`.
@@ -394,7 +400,8 @@ mod tests {
 
     #[test]
     fn spec_follows_the_contract() {
-        let text = "image = \"img\"\n[env]\nA = \"1\"\n[health]\ninterval = \"2s\"\ntimeout = \"1s\"\n";
+        let text =
+            "image = \"img\"\n[env]\nA = \"1\"\n[health]\ninterval = \"2s\"\ntimeout = \"1s\"\n";
         let dir = tempfile::tempdir().unwrap();
         let cfg = load_str("dut1.toml", text, dir.path(), &Allow::default()).unwrap();
         let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();

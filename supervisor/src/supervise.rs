@@ -67,8 +67,8 @@ use tracing::{debug, error, info, warn};
 use crate::docker::{ContainerRuntime, RuntimeError};
 use crate::plan::{plan, Action, Actual, Busy, Desired, RecreateReason};
 use crate::spec::{
-    container_spec, SpecContext, SpecError, LABEL_CONFIG_HASH, LABEL_MANAGED_BY,
-    LABEL_SUPERVISOR, LABEL_SUT, MANAGED_BY,
+    container_spec, SpecContext, SpecError, LABEL_CONFIG_HASH, LABEL_MANAGED_BY, LABEL_SUPERVISOR,
+    LABEL_SUT, MANAGED_BY,
 };
 
 /// Trailing debounce of file events.
@@ -483,8 +483,8 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 if let Action::Remove { sut_gone: true, .. } = done.action {
                     // The SUT is gone: clear its retained view.
                     if let Some(link) = &self.link {
-                        let _ = link
-                            .set_sticky(self.exec.settings.topics.supervisor(&done.sut), "");
+                        let _ =
+                            link.set_sticky(self.exec.settings.topics.supervisor(&done.sut), "");
                     }
                     self.suts.remove(&done.sut);
                 }
@@ -705,9 +705,9 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 }
                 _ => None,
             };
-            let primary = actual
-                .iter()
-                .find(|a| a.owned && &a.sut == sut && desired.get(sut).is_none_or(|d| d.name == a.name));
+            let primary = actual.iter().find(|a| {
+                a.owned && &a.sut == sut && desired.get(sut).is_none_or(|d| d.name == a.name)
+            });
             match primary.map(|a| a.health) {
                 Some(Health::Healthy) => {
                     let since = *st.heal.healthy_since.get_or_insert(now);

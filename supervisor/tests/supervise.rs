@@ -25,10 +25,10 @@ struct Sup {
 
 impl Sup {
     fn start(scope: &DockerScope, dir: &Path, broker: Option<&str>, extra: &[&str]) -> Sup {
-        let log = dir
-            .parent()
-            .expect("sut dir has a parent")
-            .join(format!("supervisor-{}.log", labvisor_tests::unique_id("log")));
+        let log = dir.parent().expect("sut dir has a parent").join(format!(
+            "supervisor-{}.log",
+            labvisor_tests::unique_id("log")
+        ));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_labvisor"));
         cmd.arg("supervise")
             .arg("--sut-dir")
@@ -172,7 +172,10 @@ fn add_edit_delete_files() {
         "a"
     );
     assert_eq!(
-        inspect(&a1, "{{.HostConfig.Init}} {{.HostConfig.RestartPolicy.Name}}"),
+        inspect(
+            &a1,
+            "{{.HostConfig.Init}} {{.HostConfig.RestartPolicy.Name}}"
+        ),
         "true unless-stopped"
     );
     assert_eq!(
@@ -180,7 +183,10 @@ fn add_edit_delete_files() {
         sut_file("1").trim_end()
     );
     let mounts = inspect(&a1, "{{range .Mounts}}{{.Type}}:{{.Name}} {{end}}");
-    assert_eq!(mounts.trim(), format!("volume:{}", scope.name("labvisor-a")));
+    assert_eq!(
+        mounts.trim(),
+        format!("volume:{}", scope.name("labvisor-a"))
+    );
 
     // Edited: recreated (new id); the other SUT is untouched.
     write(&dir, "a.toml", &sut_file("2"));
@@ -188,13 +194,21 @@ fn add_edit_delete_files() {
         let (id, status) = ps(&scope).remove(&scope.name("a"))?;
         (id != a1 && status.starts_with("Up")).then_some(id)
     });
-    assert_eq!(ps(&scope)[&scope.name("b")].0, b1, "b must keep its container");
+    assert_eq!(
+        ps(&scope)[&scope.name("b")].0,
+        b1,
+        "b must keep its container"
+    );
     write(&dir, "b.toml", &sut_file("2"));
     wait_until("b recreated", T, || {
         let (id, _) = ps(&scope).remove(&scope.name("b"))?;
         (id != b1).then_some(())
     });
-    assert_eq!(ps(&scope)[&scope.name("a")].0, a2, "a must keep its container");
+    assert_eq!(
+        ps(&scope)[&scope.name("a")].0,
+        a2,
+        "a must keep its container"
+    );
 
     // Deleted: removed, the volume is kept.
     std::fs::remove_file(dir.join("a.toml")).unwrap();
@@ -235,15 +249,20 @@ fn invalid_file_and_foreign_container_are_left_alone() {
 
     // The conflict is reported, the foreign container untouched.
     let v = wait_until("c reports a conflict", T, || {
-        views(&sub, "c")
-            .into_iter()
-            .find(|v| v.last_error.as_deref().is_some_and(|e| e.contains("conflict")))
+        views(&sub, "c").into_iter().find(|v| {
+            v.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("conflict"))
+        })
     });
     assert_eq!(v.container_id, None);
     let (id, status) = ps(&scope).remove(&scope.name("c")).unwrap();
     assert_eq!(id, foreign);
     assert!(status.starts_with("Up"), "{status}");
-    assert_eq!(inspect(&foreign, "{{.RestartCount}} {{.State.Running}}"), "0 true");
+    assert_eq!(
+        inspect(&foreign, "{{.RestartCount}} {{.State.Running}}"),
+        "0 true"
+    );
 
     // An invalid file keeps its container as it is, and its problems are published.
     write(&dir, "a.toml", "image = \"\"\n");
@@ -334,7 +353,10 @@ fn hung_agent_is_restarted() {
     let pid = top
         .lines()
         .filter_map(|l| l.trim().split_once(' '))
-        .find(|(_, args)| args.trim_start().starts_with("/labvisor/bin/labvisor-agent"))
+        .find(|(_, args)| {
+            args.trim_start()
+                .starts_with("/labvisor/bin/labvisor-agent")
+        })
         .map(|(pid, _)| pid)
         .unwrap_or_else(|| panic!("no agent in {top}"))
         .to_owned();
@@ -343,7 +365,11 @@ fn hung_agent_is_restarted() {
         (inspect(&id, "{{.State.StartedAt}}") != started).then_some(())
     });
     wait_healthy(&scope, "h", T);
-    assert_eq!(ps(&scope)[&scope.name("h")].0, id, "restarted, not recreated");
+    assert_eq!(
+        ps(&scope)[&scope.name("h")].0,
+        id,
+        "restarted, not recreated"
+    );
     wait_until("restarts published", T, || {
         views(&sub, "h").into_iter().find(|v| v.restarts >= 1)
     });
@@ -364,7 +390,10 @@ fn thirty_suts_cold_start() {
         let ps = ps(&scope);
         (names
             .iter()
-            .filter(|n| ps.get(&scope.name(n)).is_some_and(|(_, s)| s.starts_with("Up")))
+            .filter(|n| {
+                ps.get(&scope.name(n))
+                    .is_some_and(|(_, s)| s.starts_with("Up"))
+            })
             .count()
             == 30)
             .then_some(())
@@ -430,7 +459,11 @@ fn busy_agent_defers_recreation() {
             .find(|v| v.pending_action.is_some())
     });
     assert!(v.pending_action.unwrap().starts_with("recreate"));
-    assert_eq!(ps(&scope)[&scope.name("j")].0, id, "not recreated while busy");
+    assert_eq!(
+        ps(&scope)[&scope.name("j")].0,
+        id,
+        "not recreated while busy"
+    );
 
     broker.publish("j/agent", &status(AgentState::Idle), &["-q", "1", "-r"]);
     wait_until("recreated once idle", T, || {

@@ -438,7 +438,13 @@ impl Drop for DockerScope {
 pub fn static_bin(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .map(|t| if t.is_absolute() { t } else { workspace_root().join(t) })
+        .map(|t| {
+            if t.is_absolute() {
+                t
+            } else {
+                workspace_root().join(t)
+            }
+        })
         .unwrap_or_else(|| workspace_root().join("target"));
     let p = target.join("x86_64-unknown-linux-gnu/release").join(name);
     assert!(
