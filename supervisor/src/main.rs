@@ -161,6 +161,14 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         }
         None => args.broker.clone(),
     };
+    if let Some(url) = &agent_broker {
+        let host = LinkOptions::from_url(url, "check")
+            .map(|o| o.host)
+            .unwrap_or_default();
+        if host == "localhost" || host.starts_with("127.") || host == "::1" {
+            tracing::warn!(broker = %url, "Agents on a bridge network cannot reach a loopback broker: pass --agent-broker with the bridge gateway's address (or a routable name), or use network = \"host\".");
+        }
+    }
     if !args.sut_dir.is_dir() {
         bail!("--sut-dir {} is not a directory", args.sut_dir.display());
     }

@@ -37,6 +37,23 @@
 //! incomplete) is recreated. Unowned containers are never touched; one holding a wanted name
 //! is reported as a conflict.
 //!
+//! # How agents reach the broker
+//!
+//! The supervisor connects to `--broker`; agents get `--agent-broker` (default: the same URL;
+//! `none` runs them without MQTT) as `LABVISOR_BROKER`, because the broker's address as seen
+//! from a container is often not the supervisor's:
+//!
+//! - **Bridge network** (the default `labvisor` network, or a named one): a broker bound to
+//!   `127.0.0.1` on the host is unreachable from containers. Either make mosquitto listen on
+//!   the bridge gateway (`docker network inspect labvisor` → `Gateway`, e.g.
+//!   `listener 1883 172.20.0.1`) and pass `--agent-broker mqtt://172.20.0.1:1883`, or run the
+//!   broker as a container on the same network and pass `--agent-broker mqtt://mosquitto:1883`
+//!   (Docker's DNS resolves container names on user-defined networks).
+//! - **Host network** (`network = "host"`, needs `--allow-host-network`): the agent shares the
+//!   host's stack, so `mqtt://127.0.0.1:1883` works as it does for the supervisor.
+//!
+//! A loopback `--agent-broker` logs a warning at startup.
+//!
 //! **Faults.** Docker unreachable: the pass is retried with backoff, the status says
 //! `docker_reachable: false`. An unreadable SUT directory changes nothing. Broker down:
 //! reconciling goes on; retained status is republished on reconnect ([`MqttLink`] sticky

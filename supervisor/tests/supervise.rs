@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use labvisor_protocol::payloads::{AgentState, AgentStatus, SupervisorStatus, SutView};
+use labvisor_protocol::payloads::{
+    AgentState, AgentStatus, SupervisorState, SupervisorStatus, SutView,
+};
 use labvisor_protocol::SutName;
 use labvisor_tests::{
     docker, docker_ok, ensure_busybox_image, static_bin, wait_until, DockerScope, Mosquitto,
@@ -322,7 +324,7 @@ fn sigkilled_supervisor_adopts_its_containers() {
     };
     let first_boot = statuses(&sub)[0].boot_id.clone();
 
-    let _sup2 = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
+    let mut sup2 = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
     let d = wait_healthy(&scope, "d", T);
     assert_ne!(d, half, "the half-made container is replaced");
     wait_until("the new supervisor online with 4 healthy", T, || {
@@ -335,6 +337,22 @@ fn sigkilled_supervisor_adopts_its_containers() {
     for (s, id) in ["a", "b", "c"].iter().zip(&before) {
         assert_eq!(&now[&scope.name(s)].0, id, "{s} adopted, not recreated");
     }
+
+    // SIGTERM: offline status, agents keep running.
+    labvisor_tests::run_ok(Command::new("kill").args(["-TERM", &sup2.child.id().to_string()]));
+    let exit = sup2.child.wait().unwrap();
+    assert!(exit.success(), "{exit}\n{}", sup2.log());
+    wait_until("offline status", T, || {
+        statuses(&sub)
+            .into_iter()
+            .find(|s| s.state == SupervisorState::Offline)
+    });
+    let after = ps(&scope);
+    assert_eq!(after.len(), 4);
+    assert!(
+        after.values().all(|(_, st)| st.starts_with("Up")),
+        "{after:?}"
+    );
 }
 
 #[test]
