@@ -6,6 +6,14 @@
 //!   `--allow-*` flags ([`check::AllowArgs`]).
 //! - [`client`]: `labvisor status`, `logs -f`, `submit`, `jobs` and `cancel`, built from the
 //!   retained MQTT topics.
+//! - [`plan`]: the pure reconcile plan (desired SUT files vs. actual containers → actions).
+//! - [`spec`]: what an agent container looks like (create request, labels, injected files).
+//! - [`docker`]: the [`docker::ContainerRuntime`] trait, its bollard implementation and a fake.
+//! - [`supervise`]: `labvisor supervise`, the reconcile loop (watching, healing, status).
 
 pub mod check;
 pub mod client;
+pub mod docker;
+pub mod plan;
+pub mod spec;
+pub mod supervise;

@@ -2,12 +2,21 @@
 //!
 //! Thin command line over `labvisor_supervisor`.
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use labvisor_protocol::mqtt::LinkOptions;
+use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_supervisor::check::{self, AllowArgs};
 use labvisor_supervisor::client::{self, BrokerArgs, ClientError, SubmitArgs};
+use labvisor_supervisor::docker::DockerRuntime;
+use labvisor_supervisor::spec::SpecContext;
+use labvisor_supervisor::supervise::{self, Settings};
 
 /// labvisor: one agent container per device under test, from one TOML file per device.
 #[derive(Debug, Parser)]
@@ -75,6 +84,199 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+    /// Keep one agent container per valid SUT file, live, through the Docker API.
+    Supervise(Box<SuperviseArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct SuperviseArgs {
+    /// The SUT directory (one `<name>.toml` per device), watched for changes.
+    #[arg(long, env = "LABVISOR_SUT_DIR")]
+    sut_dir: PathBuf,
+    /// The supervisor's MQTT broker (`mqtt://host:1883`). Without it: no status, no busy
+    /// detection, reconciling only.
+    #[arg(long, env = "LABVISOR_BROKER")]
+    broker: Option<String>,
+    /// The broker URL as agents see it from their containers, or `none` (agents run without
+    /// MQTT). Default: `--broker`. On the labvisor bridge network, use the bridge gateway's
+    /// address (the broker must listen there); with `network = "host"`, loopback works.
+    #[arg(long, env = "LABVISOR_AGENT_BROKER")]
+    agent_broker: Option<String>,
+    /// This supervisor's id: owner label of its containers and its status topic.
+    #[arg(long, env = "LABVISOR_ID", default_value = "labvisor")]
+    id: String,
+    /// Prefix of container, volume and network names.
+    #[arg(long, env = "LABVISOR_NAME_PREFIX", default_value = "")]
+    name_prefix: String,
+    /// Global MQTT topic prefix (also given to agents).
+    #[arg(long, env = "LABVISOR_TOPIC_PREFIX")]
+    topic_prefix: Option<String>,
+    /// MQTT user name (also given to agents).
+    #[arg(long, env = "LABVISOR_MQTT_USERNAME")]
+    mqtt_username: Option<String>,
+    /// MQTT password (also given to agents).
+    #[arg(long, env = "LABVISOR_MQTT_PASSWORD", hide_env_values = true)]
+    mqtt_password: Option<String>,
+    /// Poll the directory (NFS, FUSE, 9p and other mounts without inotify).
+    #[arg(long)]
+    poll: bool,
+    /// Longest wait for a busy agent's job before recreating or removing its container anyway.
+    #[arg(long, default_value = "4h", value_parser = duration)]
+    busy_wait: Duration,
+    /// Period of the full resync.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    resync: Duration,
+    /// Grace period of stop and restart before the container is killed (longer than the
+    /// agent's own grace, 8 s).
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    stop_timeout: Duration,
+    /// Container actions running at once.
+    #[arg(long, default_value_t = 6)]
+    parallelism: usize,
+    /// Remove a SUT's volume with its container when its file is deleted.
+    #[arg(long)]
+    purge_volumes: bool,
+    /// A label `KEY=VALUE` put on every container, volume and network created (repeatable).
+    #[arg(long = "extra-label", value_parser = key_value)]
+    extra_labels: Vec<(String, String)>,
+    /// The static agent binary. Default: `labvisor-agent` next to this executable, then in
+    /// `target/x86_64-unknown-linux-gnu/release/`.
+    #[arg(long, env = "LABVISOR_AGENT_BIN")]
+    agent_bin: Option<PathBuf>,
+    /// The static healthcheck binary (same defaults, `labvisor-healthcheck`).
+    #[arg(long, env = "LABVISOR_HEALTHCHECK_BIN")]
+    healthcheck_bin: Option<PathBuf>,
+    #[command(flatten)]
+    allow: AllowArgs,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
+}
+
+/// Finds a static binary: the flag, next to this executable, then the static build's output.
+fn find_bin(flag: Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
+    if let Some(p) = flag {
+        return Ok(p);
+    }
+    let mut candidates = Vec::new();
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+    {
+        candidates.push(dir.join(name));
+        candidates.push(dir.join("../x86_64-unknown-linux-gnu/release").join(name));
+    }
+    candidates.push(Path::new("target/x86_64-unknown-linux-gnu/release").join(name));
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!("cannot find {name}: pass its path, or build it with `cargo static`")
+        })
+}
+
+fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
+    let id = SupervisorId::new(&args.id).with_context(|| format!("--id {:?}", args.id))?;
+    let topics = Topics::with_prefix(args.topic_prefix.as_deref())?;
+    let agent_bin = find_bin(args.agent_bin, "labvisor-agent")?;
+    let healthcheck_bin = find_bin(args.healthcheck_bin, "labvisor-healthcheck")?;
+    let read = |p: &Path| {
+        std::fs::read(p)
+            .map(bytes::Bytes::from)
+            .with_context(|| format!("cannot read {}", p.display()))
+    };
+    let mqtt = match &args.broker {
+        Some(url) => {
+            let mut o = LinkOptions::from_url(url, format!("labvisor-supervisor-{id}"))
+                .with_context(|| format!("--broker {url:?}"))?;
+            if args.mqtt_username.is_some() {
+                o.username = args.mqtt_username.clone();
+            }
+            if args.mqtt_password.is_some() {
+                o.password = args.mqtt_password.clone();
+            }
+            Some(o)
+        }
+        None => None,
+    };
+    let agent_broker = match args.agent_broker.as_deref() {
+        Some("none") => None,
+        Some(url) => {
+            LinkOptions::from_url(url, "check")
+                .with_context(|| format!("--agent-broker {url:?}"))?;
+            Some(url.to_owned())
+        }
+        None => args.broker.clone(),
+    };
+    if let Some(url) = &agent_broker {
+        let host = LinkOptions::from_url(url, "check")
+            .map(|o| o.host)
+            .unwrap_or_default();
+        if host == "localhost" || host.starts_with("127.") || host == "::1" {
+            tracing::warn!(broker = %url, "Agents on a bridge network cannot reach a loopback broker: pass --agent-broker with the bridge gateway's address (or a routable name), or use network = \"host\".");
+        }
+    }
+    if !args.sut_dir.is_dir() {
+        bail!("--sut-dir {} is not a directory", args.sut_dir.display());
+    }
+    let extra_labels: BTreeMap<String, String> = args.extra_labels.into_iter().collect();
+    let settings = Settings {
+        sut_dir: args.sut_dir,
+        allow: args.allow.allow(),
+        spec: SpecContext {
+            supervisor: id.clone(),
+            name_prefix: args.name_prefix,
+            extra_labels,
+            agent_broker,
+            topic_prefix: args.topic_prefix,
+            mqtt_username: args.mqtt_username,
+            mqtt_password: args.mqtt_password,
+            agent_bin: read(&agent_bin)?,
+            healthcheck_bin: read(&healthcheck_bin)?,
+        },
+        topics,
+        mqtt,
+        busy_wait: args.busy_wait,
+        resync: args.resync,
+        stop_timeout: args.stop_timeout,
+        parallelism: args.parallelism,
+        purge_volumes: args.purge_volumes,
+        poll: args.poll,
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let runtime = Arc::new(DockerRuntime::connect(id.as_str()).await?);
+        supervise::run(settings, runtime, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => std::future::pending().await,
+    }
 }
 
 /// Runs a client command on a small runtime, mapping errors to exit statuses.
@@ -155,6 +357,24 @@ fn main() -> ExitCode {
         } => client_main("cancel", || async move {
             client::cancel(&broker, &sut, &id, json, timeout, &mut stdout.lock()).await
         }),
+        Command::Supervise(args) => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_env("LABVISOR_LOG")
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            match supervise(*args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("labvisor supervise: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Check(args) => {
             let mut out = stdout.lock();
             match check::run(&args.dir, args.json, &args.allow.allow(), &mut out) {

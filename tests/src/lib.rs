@@ -433,11 +433,20 @@ impl Drop for DockerScope {
     }
 }
 
-/// Path of a static binary built by `cargo static` (`tools/test.sh` builds them first).
+/// Path of a static binary built by `cargo static` (`tools/test.sh` builds them first), under
+/// `$CARGO_TARGET_DIR` when set, else the workspace's `target/`.
 pub fn static_bin(name: &str) -> PathBuf {
-    let p = workspace_root()
-        .join("target/x86_64-unknown-linux-gnu/release")
-        .join(name);
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|t| {
+            if t.is_absolute() {
+                t
+            } else {
+                workspace_root().join(t)
+            }
+        })
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let p = target.join("x86_64-unknown-linux-gnu/release").join(name);
     assert!(
         p.is_file(),
         "{} is missing: run `cargo static` (tools/test.sh does)",

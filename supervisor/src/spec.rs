@@ -1,0 +1,443 @@
+//! What an agent container looks like: the Docker create request and the files copied into it.
+//!
+//! Pure functions of a validated [`SutConfig`], its file's bytes and the supervisor's settings
+//! ([`SpecContext`]); the [`crate::docker`] runtime carries them out.
+//!
+//! # The container contract
+//!
+//! - Name `[--name-prefix]<sut>`, hostname `<sut>` (not with `network = "host"`), the SUT's image.
+//! - Entrypoint `/labvisor/bin/labvisor-agent`, no cmd. Healthcheck in exec form
+//!   `["CMD", "/labvisor/bin/labvisor-healthcheck"]` with the `[health]` timings, in
+//!   nanoseconds as the Docker API wants them.
+//! - Before start, one tar archive is uploaded to `/` through Docker's archive API (no bind
+//!   mount of single files, and no host path: this works with any image and when the supervisor
+//!   itself runs in a container): the static agent and healthcheck binaries in `/labvisor/bin/`
+//!   (0755), the SUT file as `/labvisor/sut/<sut>.toml`, each of its `files` as
+//!   `/labvisor/sut/<name>`, and an empty `/labvisor/run/` for the heartbeat.
+//! - Environment: `LABVISOR_CONFIG`, `LABVISOR_BROKER` (unless agents run without a broker),
+//!   `LABVISOR_TOPIC_PREFIX`, `LABVISOR_MQTT_USERNAME`/`PASSWORD` when set, then the SUT's `env`.
+//! - Init on, restart policy unless-stopped, memory and CPU limits from `[resources]`, the named
+//!   volume `[--name-prefix]labvisor-<sut>` at `/labvisor/data` (logs, job queue; it survives
+//!   recreation), privileged/devices/mounts from the (already policy-checked) config. The
+//!   Docker socket is never mounted.
+//! - Network: the shared bridge `[--name-prefix]labvisor` (created when missing), a named
+//!   network, or `host`.
+//! - Labels on the container, the volume and the network: `io.labvisor.managed-by=labvisor`,
+//!   `io.labvisor.supervisor=<id>`, `io.labvisor.sut=<sut>` (not on the network),
+//!   `io.labvisor.config-hash=<hash>` (container only), the `--extra-label`s, and on the
+//!   container the SUT's own `labels`.
+
+use std::collections::{BTreeMap, HashMap};
+
+use bollard::models::{
+    ContainerCreateBody, DeviceMapping, HealthConfig, HostConfig, Mount, MountType, RestartPolicy,
+    RestartPolicyNameEnum,
+};
+use bytes::Bytes;
+use labvisor_protocol::config::{Network, SutConfig, CONTAINER_FILES_DIR};
+use labvisor_protocol::topics::SupervisorId;
+use labvisor_protocol::SutName;
+
+/// Label: who manages the object (`labvisor`).
+pub const LABEL_MANAGED_BY: &str = "io.labvisor.managed-by";
+/// Label: the owning supervisor's id.
+pub const LABEL_SUPERVISOR: &str = "io.labvisor.supervisor";
+/// Label: the SUT's name.
+pub const LABEL_SUT: &str = "io.labvisor.sut";
+/// Label: the config hash the container was created from.
+pub const LABEL_CONFIG_HASH: &str = "io.labvisor.config-hash";
+/// Value of [`LABEL_MANAGED_BY`].
+pub const MANAGED_BY: &str = "labvisor";
+
+/// Where the agent binary is put in the container.
+pub const AGENT_PATH: &str = "/labvisor/bin/labvisor-agent";
+/// Where the healthcheck binary is put in the container.
+pub const HEALTHCHECK_PATH: &str = "/labvisor/bin/labvisor-healthcheck";
+/// Mount point of the SUT's volume.
+pub const DATA_DIR: &str = "/labvisor/data";
+
+/// The supervisor's settings that shape every container.
+#[derive(Debug, Clone)]
+pub struct SpecContext {
+    /// The supervisor's id (label and status topic).
+    pub supervisor: SupervisorId,
+    /// Prefix of container, volume and network names.
+    pub name_prefix: String,
+    /// Labels put on everything created (`--extra-label`).
+    pub extra_labels: BTreeMap<String, String>,
+    /// The broker URL given to agents; `None`: agents run without MQTT.
+    pub agent_broker: Option<String>,
+    /// The global topic prefix.
+    pub topic_prefix: Option<String>,
+    /// MQTT user name given to agents.
+    pub mqtt_username: Option<String>,
+    /// MQTT password given to agents.
+    pub mqtt_password: Option<String>,
+    /// The static agent binary.
+    pub agent_bin: Bytes,
+    /// The static healthcheck binary.
+    pub healthcheck_bin: Bytes,
+}
+
+impl SpecContext {
+    /// The container name of `sut`.
+    pub fn container_name(&self, sut: &SutName) -> String {
+        format!("{}{sut}", self.name_prefix)
+    }
+
+    /// The volume name of `sut`.
+    pub fn volume_name(&self, sut: &SutName) -> String {
+        format!("{}labvisor-{sut}", self.name_prefix)
+    }
+
+    /// The name of the shared labvisor bridge network.
+    pub fn network_name(&self) -> String {
+        format!(
+            "{}{}",
+            self.name_prefix,
+            labvisor_protocol::config::LABVISOR_NETWORK
+        )
+    }
+
+    /// Labels of every object this supervisor creates (managed-by, supervisor, extra labels).
+    pub fn base_labels(&self) -> HashMap<String, String> {
+        let mut l: HashMap<String, String> = self
+            .extra_labels
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        l.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
+        l.insert(LABEL_SUPERVISOR.into(), self.supervisor.to_string());
+        l
+    }
+}
+
+/// A Docker object to make sure of before creating the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    /// Its name.
+    pub name: String,
+    /// Its labels, when labvisor creates it.
+    pub labels: HashMap<String, String>,
+}
+
+/// Everything needed to create one agent container.
+#[derive(Debug, Clone)]
+pub struct ContainerSpec {
+    /// The SUT.
+    pub sut: SutName,
+    /// The container name.
+    pub name: String,
+    /// The config hash (also in the labels).
+    pub hash: String,
+    /// The create request.
+    pub body: ContainerCreateBody,
+    /// The SUT's volume, created when missing.
+    pub volume: Named,
+    /// The labvisor bridge network, created when missing (`None` for host or a named network).
+    pub network: Option<Named>,
+    /// The tar archive uploaded to `/` before start, as chunks (the binaries are shared, not
+    /// copied).
+    pub archive: Vec<Bytes>,
+}
+
+fn nanos(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_nanos())
+        .unwrap_or(i64::MAX)
+        .max(1_000_000)
+}
+
+/// Builds the container of `cfg`, whose SUT file holds `file_bytes`, with hash `hash`.
+pub fn container_spec(
+    cfg: &SutConfig,
+    file_bytes: &[u8],
+    hash: &str,
+    ctx: &SpecContext,
+) -> Result<ContainerSpec, SpecError> {
+    let sut = &cfg.name;
+    let name = ctx.container_name(sut);
+    let config_path = format!("{CONTAINER_FILES_DIR}/{sut}.toml");
+
+    let mut env = vec![format!("LABVISOR_CONFIG={config_path}")];
+    if let Some(b) = &ctx.agent_broker {
+        env.push(format!("LABVISOR_BROKER={b}"));
+    }
+    if let Some(p) = ctx.topic_prefix.as_deref().filter(|p| !p.is_empty()) {
+        env.push(format!("LABVISOR_TOPIC_PREFIX={p}"));
+    }
+    if let Some(u) = &ctx.mqtt_username {
+        env.push(format!("LABVISOR_MQTT_USERNAME={u}"));
+    }
+    if let Some(p) = &ctx.mqtt_password {
+        env.push(format!("LABVISOR_MQTT_PASSWORD={p}"));
+    }
+    env.extend(cfg.env.iter().map(|(k, v)| format!("{k}={v}")));
+
+    let mut labels: HashMap<String, String> = cfg
+        .labels
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    labels.extend(ctx.base_labels());
+    labels.insert(LABEL_SUT.into(), sut.to_string());
+    labels.insert(LABEL_CONFIG_HASH.into(), hash.to_owned());
+
+    let mut volume_labels = ctx.base_labels();
+    volume_labels.insert(LABEL_SUT.into(), sut.to_string());
+    let volume = Named {
+        name: ctx.volume_name(sut),
+        labels: volume_labels,
+    };
+
+    let mut mounts = vec![Mount {
+        target: Some(DATA_DIR.into()),
+        source: Some(volume.name.clone()),
+        typ: Some(MountType::VOLUME),
+        read_only: Some(false),
+        ..Default::default()
+    }];
+    mounts.extend(cfg.mounts.iter().map(|m| Mount {
+        target: Some(m.target.clone()),
+        source: Some(m.source.clone()),
+        typ: Some(MountType::BIND),
+        read_only: Some(m.read_only),
+        ..Default::default()
+    }));
+
+    let (network_mode, network) = match &cfg.network {
+        Network::Labvisor => {
+            let n = ctx.network_name();
+            (
+                n.clone(),
+                Some(Named {
+                    name: n,
+                    labels: ctx.base_labels(),
+                }),
+            )
+        }
+        Network::Host => ("host".to_owned(), None),
+        Network::Named(n) => (n.clone(), None),
+    };
+
+    let h = &cfg.health;
+    let host_config = HostConfig {
+        init: Some(true),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+            maximum_retry_count: None,
+        }),
+        memory: cfg
+            .resources
+            .memory
+            .map(|m| i64::try_from(m.get()).unwrap_or(i64::MAX)),
+        nano_cpus: cfg.resources.cpus.map(|c| (c * 1e9) as i64),
+        mounts: Some(mounts),
+        network_mode: Some(network_mode),
+        privileged: Some(cfg.privileged),
+        devices: (!cfg.devices.is_empty()).then(|| {
+            cfg.devices
+                .iter()
+                .map(|d| DeviceMapping {
+                    path_on_host: Some(d.clone()),
+                    path_in_container: Some(d.clone()),
+                    cgroup_permissions: Some("rwm".into()),
+                })
+                .collect()
+        }),
+        ..Default::default()
+    };
+
+    let body = ContainerCreateBody {
+        hostname: (cfg.network != Network::Host).then(|| sut.to_string()),
+        image: Some(cfg.image.clone()),
+        entrypoint: Some(vec![AGENT_PATH.into()]),
+        cmd: Some(vec![]),
+        env: Some(env),
+        labels: Some(labels),
+        healthcheck: Some(HealthConfig {
+            test: Some(vec!["CMD".into(), HEALTHCHECK_PATH.into()]),
+            interval: Some(nanos(h.interval)),
+            timeout: Some(nanos(h.timeout)),
+            retries: Some(i64::from(h.retries.get())),
+            start_period: Some(if h.start_period.is_zero() {
+                0
+            } else {
+                nanos(h.start_period)
+            }),
+            start_interval: None,
+        }),
+        host_config: Some(host_config),
+        ..Default::default()
+    };
+
+    let mut files: Vec<(String, u32, Bytes)> = vec![
+        (AGENT_PATH.into(), 0o755, ctx.agent_bin.clone()),
+        (HEALTHCHECK_PATH.into(), 0o755, ctx.healthcheck_bin.clone()),
+        (config_path, 0o644, Bytes::copy_from_slice(file_bytes)),
+    ];
+    files.extend(cfg.files.iter().map(|f| {
+        (
+            f.container_path(),
+            0o644,
+            Bytes::copy_from_slice(&f.content),
+        )
+    }));
+
+    Ok(ContainerSpec {
+        sut: sut.clone(),
+        name,
+        hash: hash.to_owned(),
+        body,
+        volume,
+        network,
+        archive: archive(&files, &["/labvisor/run"])?,
+    })
+}
+
+/// A tar archive (as chunks) holding `files` (absolute path, mode, contents), every parent
+/// directory (0755) and the empty directories `dirs` (0777). Paths are stored relative to `/`.
+pub fn archive(files: &[(String, u32, Bytes)], dirs: &[&str]) -> Result<Vec<Bytes>, SpecError> {
+    let mut all_dirs: Vec<(String, u32)> = Vec::new();
+    let mut add_dir = |d: &str, mode: u32| {
+        if !all_dirs.iter().any(|(x, _)| x == d) {
+            all_dirs.push((d.to_owned(), mode));
+        }
+    };
+    for (path, _, _) in files {
+        let rel = path.trim_start_matches('/');
+        let mut acc = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for p in &parts[..parts.len() - 1] {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(p);
+            add_dir(&acc, 0o755);
+        }
+    }
+    for d in dirs {
+        let rel = d.trim_start_matches('/');
+        let mut acc = String::new();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for (i, p) in parts.iter().enumerate() {
+            if !acc.is_empty() {
+                acc.push('/');
+            }
+            acc.push_str(p);
+            add_dir(&acc, if i + 1 == parts.len() { 0o777 } else { 0o755 });
+        }
+    }
+    let mut chunks = Vec::new();
+    for (d, mode) in &all_dirs {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Directory);
+        set_path(&mut h, &format!("{d}/"))?;
+        h.set_mode(*mode);
+        h.set_size(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        chunks.push(Bytes::copy_from_slice(h.as_bytes()));
+    }
+    for (path, mode, content) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::Regular);
+        set_path(&mut h, path.trim_start_matches('/'))?;
+        h.set_mode(*mode);
+        h.set_size(content.len() as u64);
+        h.set_mtime(0);
+        h.set_cksum();
+        chunks.push(Bytes::copy_from_slice(h.as_bytes()));
+        chunks.push(content.clone());
+        let pad = (512 - content.len() % 512) % 512;
+        if pad > 0 {
+            chunks.push(Bytes::from(vec![0u8; pad]));
+        }
+    }
+    chunks.push(Bytes::from(vec![0u8; 1024]));
+    Ok(chunks)
+}
+
+fn set_path(h: &mut tar::Header, path: &str) -> Result<(), SpecError> {
+    // ustar splits paths up to 255 bytes into prefix and name.
+    h.set_path(path).map_err(|e| SpecError::Path {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// Why a container spec cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// A file path does not fit a tar header.
+    #[error("cannot put {path:?} into the container archive: {reason}")]
+    Path {
+        /// The path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use labvisor_protocol::config::{load_str, Allow};
+    use std::io::Read;
+
+    fn ctx() -> SpecContext {
+        SpecContext {
+            supervisor: SupervisorId::new("lab").unwrap(),
+            name_prefix: "t-".into(),
+            extra_labels: BTreeMap::from([("x".into(), "y".into())]),
+            agent_broker: Some("mqtt://10.0.0.1:1883".into()),
+            topic_prefix: None,
+            mqtt_username: None,
+            mqtt_password: None,
+            agent_bin: Bytes::from_static(b"AGENT"),
+            healthcheck_bin: Bytes::from_static(b"HC"),
+        }
+    }
+
+    #[test]
+    fn spec_follows_the_contract() {
+        let text =
+            "image = \"img\"\n[env]\nA = \"1\"\n[health]\ninterval = \"2s\"\ntimeout = \"1s\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = load_str("dut1.toml", text, dir.path(), &Allow::default()).unwrap();
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();
+        assert_eq!(s.name, "t-dut1");
+        assert_eq!(s.volume.name, "t-labvisor-dut1");
+        assert_eq!(s.network.as_ref().unwrap().name, "t-labvisor");
+        let b = &s.body;
+        assert_eq!(b.entrypoint.as_deref(), Some(&[AGENT_PATH.to_owned()][..]));
+        let env = b.env.as_ref().unwrap();
+        assert!(env.contains(&"LABVISOR_CONFIG=/labvisor/sut/dut1.toml".to_owned()));
+        assert!(env.contains(&"LABVISOR_BROKER=mqtt://10.0.0.1:1883".to_owned()));
+        assert!(env.contains(&"A=1".to_owned()));
+        let hc = b.healthcheck.as_ref().unwrap();
+        assert_eq!(hc.interval, Some(2_000_000_000));
+        assert_eq!(hc.timeout, Some(1_000_000_000));
+        let labels = b.labels.as_ref().unwrap();
+        assert_eq!(labels[LABEL_SUT], "dut1");
+        assert_eq!(labels[LABEL_SUPERVISOR], "lab");
+        assert_eq!(labels["x"], "y");
+        let hcfg = b.host_config.as_ref().unwrap();
+        assert_eq!(hcfg.init, Some(true));
+        assert_eq!(hcfg.network_mode.as_deref(), Some("t-labvisor"));
+
+        let bytes: Vec<u8> = s.archive.iter().flat_map(|c| c.iter().copied()).collect();
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let mut seen = BTreeMap::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let p = e.path().unwrap().display().to_string();
+            let mode = e.header().mode().unwrap();
+            let mut content = String::new();
+            e.read_to_string(&mut content).unwrap();
+            seen.insert(p, (mode, content));
+        }
+        assert_eq!(seen["labvisor/bin/labvisor-agent"], (0o755, "AGENT".into()));
+        assert_eq!(seen["labvisor/sut/dut1.toml"].1, text);
+        assert!(seen.contains_key("labvisor/run/"));
+    }
+}

@@ -1,0 +1,169 @@
+//! The reconcile loop in-process, against the in-memory [`FakeRuntime`] (no Docker, no broker).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use labvisor_protocol::config::Allow;
+use labvisor_protocol::payloads::Health;
+use labvisor_protocol::topics::{SupervisorId, Topics};
+use labvisor_supervisor::docker::{FakeCall, FakeRuntime};
+use labvisor_supervisor::spec::SpecContext;
+use labvisor_supervisor::supervise::{self, Settings};
+use tokio::sync::oneshot;
+
+const SUT: &str = "image = \"img\"\n[restart]\nbackoff_min = \"1s\"\nbackoff_max = \"2s\"\n";
+
+fn settings(dir: &Path) -> Settings {
+    Settings {
+        sut_dir: dir.to_owned(),
+        allow: Allow::default(),
+        spec: SpecContext {
+            supervisor: SupervisorId::new("fake").unwrap(),
+            name_prefix: "p-".into(),
+            extra_labels: BTreeMap::new(),
+            agent_broker: None,
+            topic_prefix: None,
+            mqtt_username: None,
+            mqtt_password: None,
+            agent_bin: Bytes::from_static(b"agent"),
+            healthcheck_bin: Bytes::from_static(b"hc"),
+        },
+        topics: Topics::new(),
+        mqtt: None,
+        busy_wait: Duration::from_secs(3600),
+        resync: Duration::from_secs(30),
+        stop_timeout: Duration::from_secs(1),
+        parallelism: 6,
+        purge_volumes: false,
+        poll: false,
+    }
+}
+
+struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    fn start(dir: &Path, rt: &FakeRuntime) -> Running {
+        let (tx, rx) = oneshot::channel();
+        let s = settings(dir);
+        let rt = Arc::new(rt.clone());
+        let task = tokio::spawn(async move {
+            supervise::run(s, rt, async {
+                let _ = rx.await;
+            })
+            .await
+            .unwrap();
+        });
+        Running {
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+}
+
+async fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn has(rt: &FakeRuntime, name: &str) -> bool {
+    rt.containers().iter().any(|c| c.name == name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_sut_does_not_block_the_others_and_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    for s in ["a", "b", "c"] {
+        std::fs::write(dir.path().join(format!("{s}.toml")), SUT).unwrap();
+    }
+    let rt = FakeRuntime::new();
+    rt.fail_create("p-b", true);
+    let sup = Running::start(dir.path(), &rt);
+    until("a and c created", || has(&rt, "p-a") && has(&rt, "p-c")).await;
+    until("b retried", || {
+        rt.calls()
+            .iter()
+            .filter(|c| **c == FakeCall::Create("p-b".into()))
+            .count()
+            >= 2
+    })
+    .await;
+    assert!(!has(&rt, "p-b"));
+    rt.fail_create("p-b", false);
+    until("b created after its backoff", || has(&rt, "p-b")).await;
+    sup.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_adopts_and_heals_and_survives_docker_outage() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), SUT).unwrap();
+    let rt = FakeRuntime::new();
+    let sup = Running::start(dir.path(), &rt);
+    until("a created", || has(&rt, "p-a")).await;
+    sup.stop().await;
+    let id = rt.containers()[0].id.clone();
+
+    // Docker down at start: the supervisor keeps running and reconciles once it is back.
+    rt.set_down(true);
+    let sup = Running::start(dir.path(), &rt);
+    std::fs::write(dir.path().join("b.toml"), SUT).unwrap();
+    // An outage window (not synchronisation): passes fail and back off meanwhile.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    rt.set_down(false);
+    until("b created after the outage", || has(&rt, "p-b")).await;
+    // a was adopted: never created again.
+    let creates: Vec<_> = rt
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, FakeCall::Create(_)))
+        .collect();
+    assert_eq!(
+        creates,
+        vec![
+            FakeCall::Create("p-a".into()),
+            FakeCall::Create("p-b".into())
+        ]
+    );
+    assert!(rt.containers().iter().any(|c| c.id == id));
+
+    // Unhealthy: restarted; a config change: recreated; a deleted file: removed, volume kept.
+    rt.update(&id, |c| c.health = Health::Unhealthy);
+    std::fs::write(
+        dir.path().join("b.toml"),
+        format!("{SUT}[env]\nX = \"1\"\n"),
+    )
+    .unwrap();
+    until("a restarted", || {
+        rt.calls().contains(&FakeCall::Restart(id.clone()))
+    })
+    .await;
+    until("b recreated", || {
+        rt.calls()
+            .iter()
+            .filter(|c| **c == FakeCall::Create("p-b".into()))
+            .count()
+            == 2
+    })
+    .await;
+    std::fs::remove_file(dir.path().join("a.toml")).unwrap();
+    until("a removed", || !has(&rt, "p-a")).await;
+    assert!(rt.volumes().contains(&"p-labvisor-a".to_owned()));
+    sup.stop().await;
+}

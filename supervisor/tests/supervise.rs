@@ -1,0 +1,497 @@
+//! `labvisor supervise` against a real Docker engine and a real mosquitto.
+//!
+//! Every test runs its own supervisor process with a unique `--id`, `--name-prefix` and
+//! `--extra-label` (its [`DockerScope`]), so tests never see each other's containers and
+//! everything is removed by label when the scope drops. Agents run without a broker
+//! (`--agent-broker none`): they still write heartbeats, so Docker's health checks pass.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use labvisor_protocol::payloads::{
+    AgentState, AgentStatus, SupervisorState, SupervisorStatus, SutView,
+};
+use labvisor_protocol::SutName;
+use labvisor_tests::{
+    docker, docker_ok, ensure_busybox_image, static_bin, wait_until, DockerScope, Mosquitto,
+    Subscriber, BUSYBOX_IMAGE,
+};
+
+/// A running `labvisor supervise`, killed on drop.
+struct Sup {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Sup {
+    fn start(scope: &DockerScope, dir: &Path, broker: Option<&str>, extra: &[&str]) -> Sup {
+        let log = dir.parent().expect("sut dir has a parent").join(format!(
+            "supervisor-{}.log",
+            labvisor_tests::unique_id("log")
+        ));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_labvisor"));
+        cmd.arg("supervise")
+            .arg("--sut-dir")
+            .arg(dir)
+            .args(["--id", scope.run_id()])
+            .args(["--name-prefix", &scope.name("")])
+            .args(["--extra-label", &scope.label()])
+            .args(["--agent-broker", "none"])
+            .args(["--stop-timeout", "2s"])
+            .arg("--agent-bin")
+            .arg(static_bin("labvisor-agent"))
+            .arg("--healthcheck-bin")
+            .arg(static_bin("labvisor-healthcheck"))
+            .args(extra)
+            .env("LABVISOR_LOG", "info,labvisor_supervisor=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        if let Some(b) = broker {
+            cmd.args(["--broker", b]);
+        }
+        let child = cmd.spawn().expect("spawn labvisor supervise");
+        Sup { child, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Sup {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("--- supervisor log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A SUT file with fast health timings; `marker` changes its hash.
+fn sut_file(marker: &str) -> String {
+    format!(
+        r#"image = "{BUSYBOX_IMAGE}"
+command = ["/bin/sh", "-c", "while true; do sleep 5; done"]
+[env]
+MARKER = "{marker}"
+[health]
+heartbeat = "1s"
+max_age = "3s"
+interval = "2s"
+timeout = "1s"
+retries = 1
+start_period = "0s"
+[restart]
+backoff_min = "1s"
+backoff_max = "4s"
+"#
+    )
+}
+
+/// Writes like an editor: a hidden temporary file renamed over the target.
+fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// The scope's containers: name → (id, status).
+fn ps(scope: &DockerScope) -> BTreeMap<String, (String, String)> {
+    docker_ok(&[
+        "ps",
+        "-a",
+        "--no-trunc",
+        "--filter",
+        &format!("label={}", scope.label()),
+        "--format",
+        "{{.Names}}\t{{.ID}}\t{{.Status}}",
+    ])
+    .lines()
+    .filter_map(|l| {
+        let mut it = l.split('\t');
+        Some((
+            it.next()?.to_owned(),
+            (it.next()?.to_owned(), it.next()?.to_owned()),
+        ))
+    })
+    .collect()
+}
+
+/// Waits until the SUT's container runs and is healthy; returns its id.
+fn wait_healthy(scope: &DockerScope, sut: &str, limit: Duration) -> String {
+    let name = scope.name(sut);
+    wait_until(&format!("{name} running and healthy"), limit, || {
+        let (id, status) = ps(scope).remove(&name)?;
+        status.ends_with("(healthy)").then_some(id)
+    })
+}
+
+fn inspect(id: &str, format: &str) -> String {
+    docker_ok(&["inspect", "--format", format, id])
+}
+
+/// The latest retained view of `sut` as seen by `sub` (subscribed to `+/supervisor`).
+fn views(sub: &Subscriber, sut: &str) -> Vec<SutView> {
+    let prefix = format!("{sut}/supervisor ");
+    sub.lines()
+        .iter()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|p| serde_json::from_str(p).ok())
+        .collect()
+}
+
+fn tmp_sut_dir() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("sut");
+    std::fs::create_dir(&d).unwrap();
+    (t, d)
+}
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn add_edit_delete_files() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("files");
+    let (_t, dir) = tmp_sut_dir();
+    write(&dir, "a.toml", &sut_file("1"));
+    write(&dir, "b.toml", &sut_file("1"));
+    let _sup = Sup::start(&scope, &dir, None, &[]);
+
+    // Added: running and healthy, with the contract's labels, files and volume.
+    let a1 = wait_healthy(&scope, "a", T);
+    let b1 = wait_healthy(&scope, "b", T);
+    assert_eq!(
+        inspect(&a1, "{{index .Config.Labels \"io.labvisor.sut\"}}"),
+        "a"
+    );
+    assert_eq!(
+        inspect(
+            &a1,
+            "{{.HostConfig.Init}} {{.HostConfig.RestartPolicy.Name}}"
+        ),
+        "true unless-stopped"
+    );
+    assert_eq!(
+        docker_ok(&["exec", &a1, "cat", "/labvisor/sut/a.toml"]),
+        sut_file("1").trim_end()
+    );
+    let mounts = inspect(&a1, "{{range .Mounts}}{{.Type}}:{{.Name}} {{end}}");
+    assert_eq!(
+        mounts.trim(),
+        format!("volume:{}", scope.name("labvisor-a"))
+    );
+
+    // Edited: recreated (new id); the other SUT is untouched.
+    write(&dir, "a.toml", &sut_file("2"));
+    let a2 = wait_until("a recreated", T, || {
+        let (id, status) = ps(&scope).remove(&scope.name("a"))?;
+        (id != a1 && status.starts_with("Up")).then_some(id)
+    });
+    assert_eq!(
+        ps(&scope)[&scope.name("b")].0,
+        b1,
+        "b must keep its container"
+    );
+    write(&dir, "b.toml", &sut_file("2"));
+    wait_until("b recreated", T, || {
+        let (id, _) = ps(&scope).remove(&scope.name("b"))?;
+        (id != b1).then_some(())
+    });
+    assert_eq!(
+        ps(&scope)[&scope.name("a")].0,
+        a2,
+        "a must keep its container"
+    );
+
+    // Deleted: removed, the volume is kept.
+    std::fs::remove_file(dir.join("a.toml")).unwrap();
+    wait_until("a removed", T, || {
+        (!ps(&scope).contains_key(&scope.name("a"))).then_some(())
+    });
+    assert!(docker(&["volume", "inspect", &scope.name("labvisor-a")])
+        .status
+        .success());
+    assert!(ps(&scope).contains_key(&scope.name("b")));
+}
+
+#[test]
+fn invalid_file_and_foreign_container_are_left_alone() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("invalid");
+    let broker = Mosquitto::start();
+    let sub = broker.subscribe("+/supervisor", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    // A foreign container (only the test's cleanup label) holds c's name.
+    let foreign = docker_ok(&[
+        "run",
+        "-d",
+        "--pull",
+        "never",
+        "--name",
+        &scope.name("c"),
+        "--label",
+        &scope.label(),
+        BUSYBOX_IMAGE,
+        "sleep",
+        "300",
+    ]);
+    write(&dir, "a.toml", &sut_file("1"));
+    write(&dir, "c.toml", &sut_file("1"));
+    let _sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
+    let a1 = wait_healthy(&scope, "a", T);
+
+    // The conflict is reported, the foreign container untouched.
+    let v = wait_until("c reports a conflict", T, || {
+        views(&sub, "c").into_iter().find(|v| {
+            v.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("conflict"))
+        })
+    });
+    assert_eq!(v.container_id, None);
+    let (id, status) = ps(&scope).remove(&scope.name("c")).unwrap();
+    assert_eq!(id, foreign);
+    assert!(status.starts_with("Up"), "{status}");
+    assert_eq!(
+        inspect(&foreign, "{{.RestartCount}} {{.State.Running}}"),
+        "0 true"
+    );
+
+    // An invalid file keeps its container as it is, and its problems are published.
+    write(&dir, "a.toml", "image = \"\"\n");
+    let v = wait_until("a's problems published", T, || {
+        views(&sub, "a")
+            .into_iter()
+            .find(|v| !v.config_problems.is_empty())
+    });
+    assert!(v.config_problems[0].contains("image"), "{v:?}");
+    assert_eq!(v.container_id.as_deref(), Some(a1.as_str()));
+    assert_eq!(ps(&scope)[&scope.name("a")].0, a1);
+    assert_eq!(inspect(&a1, "{{.State.Running}}"), "true");
+}
+
+#[test]
+fn sigkilled_supervisor_adopts_its_containers() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("adopt");
+    let broker = Mosquitto::start();
+    let status_topic = format!("labvisor/supervisors/{}/status", scope.run_id());
+    let sub = broker.subscribe(&status_topic, &[]);
+    let (_t, dir) = tmp_sut_dir();
+    for s in ["a", "b", "c"] {
+        write(&dir, &format!("{s}.toml"), &sut_file("1"));
+    }
+    let mut sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
+    let before: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .map(|s| wait_healthy(&scope, s, T))
+        .collect();
+    sup.kill();
+    // A container of SUT d left `created` (as by a supervisor killed mid-create).
+    write(&dir, "d.toml", &sut_file("1"));
+    let half = docker_ok(&[
+        "create",
+        "--name",
+        &scope.name("d"),
+        "--label",
+        &scope.label(),
+        "--label",
+        "io.labvisor.managed-by=labvisor",
+        "--label",
+        &format!("io.labvisor.supervisor={}", scope.run_id()),
+        "--label",
+        "io.labvisor.sut=d",
+        "--label",
+        "io.labvisor.config-hash=unknown",
+        BUSYBOX_IMAGE,
+        "true",
+    ]);
+    let statuses = |sub: &Subscriber| -> Vec<SupervisorStatus> {
+        sub.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{status_topic} ")))
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect()
+    };
+    let first_boot = statuses(&sub)[0].boot_id.clone();
+
+    let mut sup2 = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
+    let d = wait_healthy(&scope, "d", T);
+    assert_ne!(d, half, "the half-made container is replaced");
+    wait_until("the new supervisor online with 4 healthy", T, || {
+        statuses(&sub)
+            .into_iter()
+            .find(|s| s.boot_id != first_boot && s.suts.healthy == 4)
+    });
+    let now = ps(&scope);
+    assert_eq!(now.len(), 4, "no duplicates: {now:?}");
+    for (s, id) in ["a", "b", "c"].iter().zip(&before) {
+        assert_eq!(&now[&scope.name(s)].0, id, "{s} adopted, not recreated");
+    }
+
+    // SIGTERM: offline status, agents keep running.
+    labvisor_tests::run_ok(Command::new("kill").args(["-TERM", &sup2.child.id().to_string()]));
+    let exit = sup2.child.wait().unwrap();
+    assert!(exit.success(), "{exit}\n{}", sup2.log());
+    wait_until("offline status", T, || {
+        statuses(&sub)
+            .into_iter()
+            .find(|s| s.state == SupervisorState::Offline)
+    });
+    let after = ps(&scope);
+    assert_eq!(after.len(), 4);
+    assert!(
+        after.values().all(|(_, st)| st.starts_with("Up")),
+        "{after:?}"
+    );
+}
+
+#[test]
+fn hung_agent_is_restarted() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("hung");
+    let broker = Mosquitto::start();
+    let sub = broker.subscribe("+/supervisor", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    write(&dir, "h.toml", &sut_file("1"));
+    let _sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
+    let id = wait_healthy(&scope, "h", T);
+    let started = inspect(&id, "{{.State.StartedAt}}");
+    // SIGSTOP the agent from the host (PID 1 is docker-init).
+    let top = docker_ok(&["top", &id, "-eo", "pid,args"]);
+    let pid = top
+        .lines()
+        .filter_map(|l| l.trim().split_once(' '))
+        .find(|(_, args)| {
+            args.trim_start()
+                .starts_with("/labvisor/bin/labvisor-agent")
+        })
+        .map(|(pid, _)| pid)
+        .unwrap_or_else(|| panic!("no agent in {top}"))
+        .to_owned();
+    labvisor_tests::run_ok(Command::new("kill").args(["-STOP", &pid]));
+    wait_until("the hung agent restarted", Duration::from_secs(40), || {
+        (inspect(&id, "{{.State.StartedAt}}") != started).then_some(())
+    });
+    wait_healthy(&scope, "h", T);
+    assert_eq!(
+        ps(&scope)[&scope.name("h")].0,
+        id,
+        "restarted, not recreated"
+    );
+    wait_until("restarts published", T, || {
+        views(&sub, "h").into_iter().find(|v| v.restarts >= 1)
+    });
+}
+
+#[test]
+fn thirty_suts_cold_start() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("cold");
+    let (_t, dir) = tmp_sut_dir();
+    let names: Vec<String> = (0..30).map(|i| format!("s{i:02}")).collect();
+    for n in &names {
+        write(&dir, &format!("{n}.toml"), &sut_file("1"));
+    }
+    let t0 = Instant::now();
+    let _sup = Sup::start(&scope, &dir, None, &[]);
+    wait_until("30 containers running", Duration::from_secs(90), || {
+        let ps = ps(&scope);
+        (names
+            .iter()
+            .filter(|n| {
+                ps.get(&scope.name(n))
+                    .is_some_and(|(_, s)| s.starts_with("Up"))
+            })
+            .count()
+            == 30)
+            .then_some(())
+    });
+    let running = t0.elapsed();
+    wait_until("30 containers healthy", Duration::from_secs(90), || {
+        let ps = ps(&scope);
+        (names
+            .iter()
+            .filter(|n| {
+                ps.get(&scope.name(n))
+                    .is_some_and(|(_, s)| s.ends_with("(healthy)"))
+            })
+            .count()
+            == 30)
+            .then_some(())
+    });
+    eprintln!(
+        "cold start of 30 SUTs: all running after {running:?}, all healthy after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(ps(&scope).len(), 30);
+}
+
+#[test]
+fn busy_agent_defers_recreation() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("busy");
+    let broker = Mosquitto::start();
+    let sub = broker.subscribe("+/supervisor", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    write(&dir, "j.toml", &sut_file("1"));
+
+    let status = |state: AgentState| {
+        serde_json::to_string(&AgentStatus {
+            v: 1,
+            sut: SutName::new("j").unwrap(),
+            state,
+            time_ms: 0,
+            time: String::new(),
+            seq: 0,
+            boot_id: "test".into(),
+            agent_version: "test".into(),
+            child: None,
+            job: None,
+            queue_len: 0,
+            broker_connected: true,
+            output_dropped: 0,
+            detail: None,
+        })
+        .unwrap()
+    };
+    // Retained before the supervisor starts, so it knows the agent is busy before any edit
+    // (creation itself is never deferred).
+    let out = broker.publish("j/agent", &status(AgentState::Busy), &["-q", "1", "-r"]);
+    assert!(out.status.success());
+    let _sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
+    let id = wait_healthy(&scope, "j", T);
+    write(&dir, "j.toml", &sut_file("2"));
+    let v = wait_until("recreation deferred", T, || {
+        views(&sub, "j")
+            .into_iter()
+            .find(|v| v.pending_action.is_some())
+    });
+    assert!(v.pending_action.unwrap().starts_with("recreate"));
+    assert_eq!(
+        ps(&scope)[&scope.name("j")].0,
+        id,
+        "not recreated while busy"
+    );
+
+    broker.publish("j/agent", &status(AgentState::Idle), &["-q", "1", "-r"]);
+    wait_until("recreated once idle", T, || {
+        let (new, _) = ps(&scope).remove(&scope.name("j"))?;
+        (new != id).then_some(())
+    });
+    wait_until("pending action cleared", T, || {
+        views(&sub, "j")
+            .last()
+            .filter(|v| v.pending_action.is_none() && v.container_id.as_deref() != Some(&id))
+            .map(|_| ())
+    });
+}
