@@ -219,6 +219,29 @@ impl DockerRuntime {
         Ok(())
     }
 
+    /// Makes sure of the network `net` and returns its IPv4 gateway: the host's address on that
+    /// bridge, where agents on it reach services of the host (the managed broker).
+    pub async fn network_gateway(
+        &self,
+        net: &Named,
+    ) -> Result<Option<std::net::IpAddr>, RuntimeError> {
+        self.ensure_network(net).await?;
+        let n = self
+            .docker
+            .inspect_network(
+                &net.name,
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await?;
+        Ok(n.ipam
+            .and_then(|i| i.config)
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c.gateway)
+            .filter_map(|g| g.parse::<std::net::IpAddr>().ok())
+            .find(|ip| ip.is_ipv4()))
+    }
+
     async fn ensure_volume(&self, vol: &Named) -> Result<(), RuntimeError> {
         // Creating an existing volume returns it unchanged.
         self.docker

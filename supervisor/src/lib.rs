@@ -2,6 +2,7 @@
 //!
 //! The library behind the `labvisor` binary.
 //!
+//! - [`broker`]: the managed mosquitto `supervise` runs when no `--broker` is given.
 //! - [`check`]: `labvisor check <dir>`, validating SUT files without Docker, and the shared
 //!   `--allow-*` flags ([`check::AllowArgs`]).
 //! - [`client`]: `labvisor status`, `logs -f`, `submit`, `jobs` and `cancel`, built from the
@@ -11,6 +12,7 @@
 //! - [`docker`]: the [`docker::ContainerRuntime`] trait, its bollard implementation and a fake.
 //! - [`supervise`]: `labvisor supervise`, the reconcile loop (watching, healing, status).
 
+pub mod broker;
 pub mod check;
 pub mod client;
 pub mod docker;

@@ -12,10 +12,11 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use labvisor_protocol::mqtt::LinkOptions;
 use labvisor_protocol::topics::{SupervisorId, Topics};
+use labvisor_supervisor::broker::{self, ManagedBroker};
 use labvisor_supervisor::check::{self, AllowArgs};
 use labvisor_supervisor::client::{self, BrokerArgs, ClientError, SubmitArgs};
 use labvisor_supervisor::docker::DockerRuntime;
-use labvisor_supervisor::spec::SpecContext;
+use labvisor_supervisor::spec::{self, Named, SpecContext};
 use labvisor_supervisor::supervise::{self, Settings};
 
 /// labvisor: one agent container per device under test, from one TOML file per device.
@@ -93,10 +94,17 @@ struct SuperviseArgs {
     /// The SUT directory (one `<name>.toml` per device), watched for changes.
     #[arg(long, env = "LABVISOR_SUT_DIR")]
     sut_dir: PathBuf,
-    /// The supervisor's MQTT broker (`mqtt://host:1883`). Without it: no status, no busy
-    /// detection, reconciling only.
+    /// The MQTT broker (`mqtt://host:1883`). Without it (and without --agent-broker),
+    /// labvisor runs a managed mosquitto: anonymous on 127.0.0.1 for local tools, and with a
+    /// password on the labvisor network's gateway for the agents. `none`: no MQTT at all.
     #[arg(long, env = "LABVISOR_BROKER")]
     broker: Option<String>,
+    /// Port of the managed broker.
+    #[arg(long, env = "LABVISOR_BROKER_PORT", default_value_t = 1883)]
+    broker_port: u16,
+    /// Where the managed broker keeps its config, password and persistence.
+    #[arg(long, env = "LABVISOR_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// The broker URL as agents see it from their containers, or `none` (agents run without
     /// MQTT). Default: `--broker`. On the labvisor bridge network, use the bridge gateway's
     /// address (the broker must listen there); with `network = "host"`, loopback works.
@@ -175,12 +183,19 @@ fn find_bin(flag: Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
         candidates.push(dir.join("../x86_64-unknown-linux-gnu/release").join(name));
     }
     candidates.push(Path::new("target/x86_64-unknown-linux-gnu/release").join(name));
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!("cannot find {name}: pass its path, or build it with `cargo static`")
-        })
+    // A dynamically linked build (target/release) would not run inside a busybox or scratch
+    // image: only a static one will do.
+    let found: Vec<PathBuf> = candidates.into_iter().filter(|p| p.is_file()).collect();
+    if let Some(p) = found.iter().find(|p| spec::is_static_elf(p)) {
+        return Ok(p.clone());
+    }
+    match found.first() {
+        Some(p) => bail!(
+            "{} is dynamically linked and would not run in the agents' images: build the static one with `cargo static` (tools/build-static.sh) or pass its path",
+            p.display()
+        ),
+        None => bail!("cannot find {name}: pass its path, or build it with `cargo static`"),
+    }
 }
 
 fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
@@ -193,7 +208,9 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             .map(bytes::Bytes::from)
             .with_context(|| format!("cannot read {}", p.display()))
     };
-    let mqtt = match &args.broker {
+    let managed = args.broker.is_none() && args.agent_broker.is_none();
+    let broker = args.broker.clone().filter(|b| b != "none");
+    let mqtt = match &broker {
         Some(url) => {
             let mut o = LinkOptions::from_url(url, format!("labvisor-supervisor-{id}"))
                 .with_context(|| format!("--broker {url:?}"))?;
@@ -214,7 +231,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("--agent-broker {url:?}"))?;
             Some(url.to_owned())
         }
-        None => args.broker.clone(),
+        None => broker.clone(),
     };
     if let Some(url) = &agent_broker {
         let host = LinkOptions::from_url(url, "check")
@@ -255,9 +272,34 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let state_dir = args.state_dir.unwrap_or_else(broker::default_state_dir);
+    let broker_port = args.broker_port;
+    let mut settings = settings;
     rt.block_on(async move {
         let runtime = Arc::new(DockerRuntime::connect(id.as_str()).await?);
+        let managed_broker = if managed {
+            let net = Named {
+                name: settings.spec.network_name(),
+                labels: settings.spec.base_labels(),
+            };
+            let gateway = runtime
+                .network_gateway(&net)
+                .await
+                .with_context(|| format!("the managed broker listens on the gateway of the {} network, which cannot be created or inspected", net.name))?
+                .with_context(|| format!("the {} network has no IPv4 gateway", net.name))?;
+            let b = ManagedBroker::start(&state_dir, broker_port, gateway)?;
+            tracing::info!(broker = %b.local_url, agents = %b.agent_url, state_dir = %b.dir().display(),
+                "Managed mosquitto running. Try `labvisor status` or `mosquitto_sub -h 127.0.0.1 -p {broker_port} -t '#' -v`.");
+            settings.mqtt = Some(LinkOptions::from_url(&b.local_url, format!("labvisor-supervisor-{id}"))?);
+            settings.spec.agent_broker = Some(b.agent_url.clone());
+            settings.spec.mqtt_username = Some(broker::AGENT_USER.to_owned());
+            settings.spec.mqtt_password = Some(b.agent_password.clone());
+            Some(b)
+        } else {
+            None
+        };
         supervise::run(settings, runtime, shutdown_signal()).await?;
+        drop(managed_broker);
         anyhow::Ok(())
     })
 }

@@ -36,7 +36,7 @@
 //! | `health.retries` | integer ≥ 1 | `3` | Failed probes before Docker marks the container unhealthy. A hung agent is detected after at most `max_age + interval × retries` (see [`Health::detection_time`]). |
 //! | `health.start_period` | duration | `"30s"` | Grace period after start during which failed probes do not count (may be `"0s"`). |
 //! | `job.command` | array of strings | `["/bin/sh", "{job_file}"]` | argv template run for each job. Placeholders: `{job_file}`, `{job_dir}`, `{job_id}`, `{sut}`; `{{` and `}}` are literal braces; any other `{name}` is an error. |
-//! | `job.template` | string | *none* | A job template file (e.g. a testflinger job YAML) offered to clients; must be one of `files`. |
+//! | `job.template` | string | *none* | A job template file (e.g. a testflinger job YAML), one of `files`. A submitted script is merged into a copy of it as `test_data.test_cmds`, and that copy is the job's `{job_file}`. |
 //! | `job.timeout` | duration | `"4h"` | A job running longer is stopped. |
 //! | `job.output_timeout` | duration | `"15m"` | A job silent for longer is stopped. |
 //! | `job.queue_limit` | integer ≥ 1 | `100` | Jobs waiting in the agent's queue; more are rejected. |

@@ -1,0 +1,251 @@
+//! The managed broker: what `labvisor supervise` runs when no `--broker` is given.
+//!
+//! It is a mosquitto child process (Debian's `mosquitto` package), not an in-process broker. The
+//! in-process candidate, rumqttd 0.20, serves MQTT 3.1.1 and 5 on separate ports, keeps retained
+//! messages and sessions in memory only, and cannot be shut down; labvisor's agents rely on MQTT 5
+//! (user properties on output, response topics, persistent sessions for job submission) and on
+//! retained state surviving a broker restart. mosquitto does all of that on one port, with on-disk
+//! persistence, and is what a production lab runs anyway (see `mosquitto/`).
+//!
+//! Two listeners, one port:
+//!
+//! - `127.0.0.1:<port>`, anonymous: the supervisor itself, and `labvisor status`,
+//!   `mosquitto_sub`, `mosquitto_pub` or MQTT Explorer on this machine;
+//! - `<bridge gateway>:<port>`, password-protected: the agents, which reach the host through the
+//!   gateway of the labvisor bridge network. They get the credentials in their environment. Any
+//!   other container reaching that address cannot connect without them.
+//!
+//! The password, the config, and the broker's persistence live in the state directory (default
+//! `~/.local/state/labvisor/broker`), so a restarted supervisor reuses them and adopted agents keep
+//! connecting.
+
+use std::io::Write;
+use std::net::{IpAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The agents' username on the managed broker.
+pub const AGENT_USER: &str = "labvisor-agent";
+
+/// Why the managed broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// mosquitto is not installed.
+    #[error("no --broker given and mosquitto is not installed: install it (apt-get install mosquitto) or pass --broker mqtt://host:port")]
+    NotInstalled,
+    /// The port is taken.
+    #[error("port {port} on 127.0.0.1 is taken (another broker?): pass --broker mqtt://127.0.0.1:{port} to use the broker listening there, or --broker-port to pick another port")]
+    PortTaken {
+        /// The port.
+        port: u16,
+    },
+    /// The state directory or a file in it cannot be written.
+    #[error("cannot prepare {path}: {source}")]
+    State {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// mosquitto failed.
+    #[error("mosquitto did not start: {0}")]
+    Start(String),
+}
+
+/// A running managed mosquitto; killed on drop.
+pub struct ManagedBroker {
+    child: Child,
+    /// What the supervisor (and local tools) connect to.
+    pub local_url: String,
+    /// What the agents connect to.
+    pub agent_url: String,
+    /// The agents' password.
+    pub agent_password: String,
+    dir: PathBuf,
+}
+
+impl ManagedBroker {
+    /// Starts mosquitto on `port`, listening on loopback and on `gateway`, with its files in
+    /// `state_dir`.
+    pub fn start(state_dir: &Path, port: u16, gateway: IpAddr) -> Result<Self, BrokerError> {
+        let bin = [
+            "/usr/sbin/mosquitto",
+            "/usr/local/sbin/mosquitto",
+            "/usr/bin/mosquitto",
+        ]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or(BrokerError::NotInstalled)?;
+        let passwd_bin = [
+            "/usr/bin/mosquitto_passwd",
+            "/usr/local/bin/mosquitto_passwd",
+        ]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+        .ok_or(BrokerError::NotInstalled)?;
+        if TcpListener::bind(("127.0.0.1", port)).is_err() {
+            return Err(BrokerError::PortTaken { port });
+        }
+        let state = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| BrokerError::State { path, source }
+        };
+        std::fs::create_dir_all(state_dir).map_err(state(state_dir))?;
+        let secret = state_dir.join("agent-password");
+        let agent_password = match std::fs::read_to_string(&secret) {
+            Ok(p) if p.trim().len() >= 16 => p.trim().to_owned(),
+            _ => {
+                let p = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+                write_private(&secret, p.as_bytes()).map_err(state(&secret))?;
+                p
+            }
+        };
+        let passwd = state_dir.join("passwd");
+        write_private(&passwd, b"").map_err(state(&passwd))?;
+        let out = Command::new(passwd_bin)
+            .args(["-b"])
+            .arg(&passwd)
+            .args([AGENT_USER, &agent_password])
+            .output()
+            .map_err(|e| BrokerError::Start(format!("mosquitto_passwd: {e}")))?;
+        if !out.status.success() {
+            return Err(BrokerError::Start(format!(
+                "mosquitto_passwd: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        let acl = state_dir.join("acl");
+        write_private(
+            &acl,
+            format!("user {AGENT_USER}\ntopic readwrite #\n").as_bytes(),
+        )
+        .map_err(state(&acl))?;
+        let conf = state_dir.join("mosquitto.conf");
+        let text = format!(
+            "# Written by labvisor supervise (managed broker); rewritten at every start.\n\
+             per_listener_settings true\n\
+             persistence true\n\
+             persistence_location {dir}/\n\
+             log_dest stderr\n\
+             log_type error\n\
+             log_type warning\n\
+             max_packet_size 1048576\n\
+             \n\
+             listener {port} 127.0.0.1\n\
+             allow_anonymous true\n\
+             \n\
+             listener {port} {gateway}\n\
+             allow_anonymous false\n\
+             password_file {passwd}\n\
+             acl_file {acl}\n",
+            dir = state_dir.display(),
+            passwd = passwd.display(),
+            acl = acl.display(),
+        );
+        write_private(&conf, text.as_bytes()).map_err(state(&conf))?;
+        let log =
+            std::fs::File::create(state_dir.join("mosquitto.log")).map_err(state(state_dir))?;
+        hand_to_broker_user(state_dir).map_err(state(state_dir))?;
+        let mut child = Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| BrokerError::Start(e.to_string()))?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log =
+                    std::fs::read_to_string(state_dir.join("mosquitto.log")).unwrap_or_default();
+                return Err(BrokerError::Start(format!(
+                    "exited with {status}: {}",
+                    log.trim()
+                )));
+            }
+            let up = |ip: IpAddr| std::net::TcpStream::connect((ip, port)).is_ok();
+            if up(IpAddr::from([127, 0, 0, 1])) && up(gateway) {
+                break;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return Err(BrokerError::Start(format!(
+                    "not listening on 127.0.0.1:{port} and {gateway}:{port} within 10 s"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(ManagedBroker {
+            child,
+            local_url: format!("mqtt://127.0.0.1:{port}"),
+            agent_url: format!("mqtt://{gateway}:{port}"),
+            agent_password,
+            dir: state_dir.to_path_buf(),
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for ManagedBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)
+}
+
+/// The default state directory: `$XDG_STATE_HOME/labvisor/broker`, else
+/// `~/.local/state/labvisor/broker`, else `/var/lib/labvisor/broker`.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
+        return PathBuf::from(x).join("labvisor/broker");
+    }
+    if let Some(h) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h).join(".local/state/labvisor/broker");
+    }
+    PathBuf::from("/var/lib/labvisor/broker")
+}
+
+/// Started as root, mosquitto drops to its own user (`mosquitto`) before reading the password
+/// file and writing its persistence: the state directory and its files must then be that user's.
+/// (The broker is not kept running as root.)
+fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if !is_root {
+        return Ok(());
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let Some((uid, gid)) = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&"mosquitto") && f.len() > 3)
+            .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+            .flatten()
+    }) else {
+        return Ok(()); // no such user: mosquitto stays root and can read everything
+    };
+    std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+    for e in std::fs::read_dir(dir)? {
+        std::os::unix::fs::chown(e?.path(), Some(uid), Some(gid))?;
+    }
+    Ok(())
+}
