@@ -20,6 +20,9 @@ struct Cli {
 enum Command {
     /// Validate every SUT file in a directory (exit 0: all valid, 1: some invalid, 2: error).
     Check(CheckArgs),
+    /// Convert a testflinger-docker SUT directory (`<sut>.conf`, `<sut>.yaml`,
+    /// `<sut>_snappy.yaml`) into SUT files (exit 0: all imported, 1: some failed, 2: error).
+    Import(labvisor_supervisor::import::ImportArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -36,6 +39,7 @@ struct CheckArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Import(args) => labvisor_supervisor::import::main(args),
         Command::Check(args) => {
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
