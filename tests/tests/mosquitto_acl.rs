@@ -115,7 +115,10 @@ fn start_broker() -> Broker {
     }
     let out = run_ok(&mut cmd);
     for (_, p) in [SUPERVISOR, SUBMIT, READER, AGENT_A, AGENT_B] {
-        assert!(!out.contains(p), "passwd.sh printed a given password: {out}");
+        assert!(
+            !out.contains(p),
+            "passwd.sh printed a given password: {out}"
+        );
     }
     let mode = std::fs::metadata(&passwd).unwrap().permissions();
     assert_eq!(
@@ -177,15 +180,9 @@ impl Broker {
             &format!("{}'s subscription to {topics:?} to work", user.0),
             LIMIT,
             || {
+                // Each try publishes a fresh copy: the first may precede the subscription.
                 self.publish(prober, probe_topic, &probe);
-                sub.lines()
-                    .iter()
-                    .any(|l| *l == expected)
-                    .then_some(())
-                    .or_else(|| {
-                        std::thread::sleep(Duration::from_millis(100));
-                        None
-                    })
+                sub.lines().contains(&expected).then_some(())
             },
         );
         sub
@@ -193,16 +190,13 @@ impl Broker {
 
     /// Asserts that `refused` (a publish already acknowledged by the broker) never reached
     /// `sub`, after the control publish (`who`, `topic`, payload) did.
-    fn assert_dropped(
-        &self,
-        sub: &Subscriber,
-        refused: &str,
-        control: (User, &str),
-    ) {
+    fn assert_dropped(&self, sub: &Subscriber, refused: &str, control: (User, &str)) {
         let payload = unique_id("control");
         self.publish(control.0, control.1, &payload);
         let expected = format!("{} {payload}", control.1);
-        sub.wait_for(&format!("control message {expected}"), LIMIT, |l| l == expected);
+        sub.wait_for(&format!("control message {expected}"), LIMIT, |l| {
+            l == expected
+        });
         let lines = sub.lines();
         assert!(
             !lines.iter().any(|l| l.ends_with(refused)),
@@ -221,7 +215,16 @@ fn anonymous_and_unknown_clients_are_refused() {
         vec!["-u", "nobody.here", "-P", "pw-reader"],
     ] {
         let out = run(Command::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port, "-t", "rpi4-01/submit", "-m", "x"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-t",
+                "rpi4-01/submit",
+                "-m",
+                "x",
+            ])
             .args(&extra));
         assert!(
             !out.status.success(),
@@ -298,7 +301,9 @@ fn submitter_submits_and_cancels_but_cannot_forge_agent_topics() {
         let payload = unique_id("job");
         b.publish(SUBMIT, topic, &payload);
         let expected = format!("{topic} {payload}");
-        agent.wait_for(&format!("{expected} at the agent"), LIMIT, |l| l == expected);
+        agent.wait_for(&format!("{expected} at the agent"), LIMIT, |l| {
+            l == expected
+        });
         all.wait_for(&expected, LIMIT, |l| l == expected);
     }
     for topic in [
