@@ -11,11 +11,13 @@
 //! - [`spec`]: what an agent container looks like (create request, labels, injected files).
 //! - [`docker`]: the [`docker::ContainerRuntime`] trait, its bollard implementation and a fake.
 //! - [`supervise`]: `labvisor supervise`, the reconcile loop (watching, healing, status).
+//! - [`import`]: `labvisor import <dir>`, converting testflinger-docker triplets to SUT files.
 
 pub mod broker;
 pub mod check;
 pub mod client;
 pub mod docker;
+pub mod import;
 pub mod plan;
 pub mod spec;
 pub mod supervise;

@@ -87,6 +87,9 @@ enum Command {
     },
     /// Keep one agent container per valid SUT file, live, through the Docker API.
     Supervise(Box<SuperviseArgs>),
+    /// Convert a testflinger-docker SUT directory (`<sut>.conf`, `<sut>.yaml`,
+    /// `<sut>_snappy.yaml`) into SUT files (exit 0: all imported, 1: some failed, 2: error).
+    Import(labvisor_supervisor::import::ImportArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -417,6 +420,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Import(args) => labvisor_supervisor::import::main(args),
         Command::Check(args) => {
             let mut out = stdout.lock();
             match check::run(&args.dir, args.json, &args.allow.allow(), &mut out) {

@@ -378,6 +378,26 @@ pub enum SpecError {
     },
 }
 
+/// Whether `path` is an ELF executable without an interpreter (`PT_INTERP`): a static binary
+/// that runs in any image.
+pub fn is_static_elf(path: &std::path::Path) -> bool {
+    let Ok(b) = std::fs::read(path) else {
+        return false;
+    };
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
+        return false; // not a 64-bit ELF
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().expect("8 bytes")) as usize;
+    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
+    (0..phnum).all(|i| {
+        let o = phoff + i * phentsize;
+        // PT_INTERP = 3: a dynamic binary names its loader.
+        b.get(o..o + 4)
+            .is_some_and(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")) != 3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,24 +460,4 @@ mod tests {
         assert_eq!(seen["labvisor/sut/dut1.toml"].1, text);
         assert!(seen.contains_key("labvisor/run/"));
     }
-}
-
-/// Whether `path` is an ELF executable without an interpreter (`PT_INTERP`): a static binary
-/// that runs in any image.
-pub fn is_static_elf(path: &std::path::Path) -> bool {
-    let Ok(b) = std::fs::read(path) else {
-        return false;
-    };
-    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
-        return false; // not a 64-bit ELF
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(b[0x20..0x28].try_into().expect("8 bytes")) as usize;
-    let (phentsize, phnum) = (u16_at(0x36), u16_at(0x38));
-    (0..phnum).all(|i| {
-        let o = phoff + i * phentsize;
-        // PT_INTERP = 3: a dynamic binary names its loader.
-        b.get(o..o + 4)
-            .is_some_and(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")) != 3)
-    })
 }

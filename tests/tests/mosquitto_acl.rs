@@ -1,0 +1,319 @@
+//! The shipped broker config (`mosquitto/mosquitto.conf`, `mosquitto/acl`) and password script
+//! (`mosquitto/passwd.sh`), proven against a real mosquitto.
+//!
+//! The broker runs the shipped config with only its `listener`, `persistence_location`,
+//! `password_file` and `acl_file` lines pointed at this test's files; the ACL is the shipped file
+//! itself. Refused publishes are silently dropped by mosquitto (MQTT 3.1.1 has no way to say
+//! no), so every "never arrives" check is followed by a positive control message on the same
+//! path that must arrive: once it is seen, the refused one had its chance. No sleeps.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use labvisor_tests::{run, run_ok, unique_id, wait_until, workspace_root, Mosquitto, Subscriber};
+
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// A user and its password.
+type User = (&'static str, &'static str);
+
+/// Users of every role, with known passwords: `(user, password)`.
+const SUPERVISOR: User = ("labvisor.supervisor", "pw-supervisor");
+const SUBMIT: User = ("labvisor.submit", "pw-submit");
+const READER: User = ("labvisor.reader", "pw-reader");
+const AGENT_A: User = ("rpi4-01", "pw-rpi4-01");
+const AGENT_B: User = ("rpi4-02", "pw-rpi4-02");
+
+/// A broker running the shipped config, and the files it was given.
+struct Broker {
+    mosquitto: Mosquitto,
+    _files: tempfile::TempDir,
+}
+
+/// The shipped `mosquitto.conf` with only the four machine-specific lines rewritten. The
+/// listener line is dropped: the test kit puts `listener <free port> 127.0.0.1` first.
+fn adapted_config(files: &Path) -> String {
+    let shipped = std::fs::read_to_string(workspace_root().join("mosquitto/mosquitto.conf"))
+        .expect("read mosquitto/mosquitto.conf");
+    let acl = workspace_root().join("mosquitto/acl");
+    let mut seen = [0usize; 4];
+    let mut out = String::new();
+    for line in shipped.lines() {
+        let key = line.split_whitespace().next().unwrap_or("");
+        let replaced = match key {
+            "listener" => {
+                seen[0] += 1;
+                Some(String::new())
+            }
+            "persistence_location" => {
+                seen[1] += 1;
+                Some(format!("persistence_location {}/data/", files.display()))
+            }
+            "password_file" => {
+                seen[2] += 1;
+                Some(format!("password_file {}/passwd", files.display()))
+            }
+            "acl_file" => {
+                seen[3] += 1;
+                Some(format!("acl_file {}", acl.display()))
+            }
+            _ => None,
+        };
+        out.push_str(replaced.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    assert_eq!(
+        seen,
+        [1, 1, 1, 1],
+        "mosquitto.conf must have exactly one listener, persistence_location, password_file and acl_file line"
+    );
+    for must in [
+        "allow_anonymous false",
+        "persistence true",
+        "per_listener_settings false",
+    ] {
+        assert!(
+            shipped.lines().any(|l| l.trim() == must),
+            "mosquitto.conf lacks `{must}`"
+        );
+    }
+    out
+}
+
+fn passwd_sh() -> PathBuf {
+    workspace_root().join("mosquitto/passwd.sh")
+}
+
+fn start_broker() -> Broker {
+    let files = tempfile::Builder::new()
+        .prefix("labvisor-acl-")
+        .tempdir()
+        .expect("tempdir");
+    // mosquitto started as root drops to the `mosquitto` user: let it write its database.
+    let data = files.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    set_mode(&data, 0o777);
+    set_mode(files.path(), 0o755);
+    let passwd = files.path().join("passwd");
+    let users: Vec<String> = [SUPERVISOR, SUBMIT, READER, AGENT_A, AGENT_B]
+        .iter()
+        .map(|(u, p)| format!("{u}:{p}"))
+        .collect();
+    let mut cmd = Command::new("bash");
+    cmd.arg(passwd_sh())
+        .arg("--file")
+        .arg(&passwd)
+        .arg("--secrets")
+        .arg(files.path().join("secrets"))
+        .args(&users);
+    // mosquitto started as root reads the password file as the `mosquitto` user it drops to.
+    if run_ok(Command::new("id").arg("-u")).trim() == "0"
+        && run(Command::new("id").arg("mosquitto")).status.success()
+    {
+        cmd.args(["--owner", "mosquitto"]);
+    }
+    let out = run_ok(&mut cmd);
+    for (_, p) in [SUPERVISOR, SUBMIT, READER, AGENT_A, AGENT_B] {
+        assert!(
+            !out.contains(p),
+            "passwd.sh printed a given password: {out}"
+        );
+    }
+    let mode = std::fs::metadata(&passwd).unwrap().permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600,
+        "the password file must be 0600"
+    );
+    let mosquitto = Mosquitto::start_with(&adapted_config(files.path()));
+    Broker {
+        mosquitto,
+        _files: files,
+    }
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+fn creds(user: User) -> [&'static str; 4] {
+    ["-u", user.0, "-P", user.1]
+}
+
+impl Broker {
+    /// Publishes at QoS 1 as `user`: mosquitto_pub returns once the broker acknowledged it,
+    /// which it also does for a publish it refused.
+    fn publish(&self, user: User, topic: &str, payload: &str) {
+        let mut args = creds(user).to_vec();
+        args.extend(["-q", "1"]);
+        let out = self.mosquitto.publish(topic, payload, &args);
+        assert!(
+            out.status.success(),
+            "{} could not publish to {topic}: {}{}",
+            user.0,
+            String::from_utf8_lossy(&out.stderr),
+            self.mosquitto.log()
+        );
+    }
+
+    /// Subscribes as `user` to `topics` (QoS 1) and returns once the subscription provably
+    /// works: a probe published by `prober` on `probe_topic` (which the subscription must
+    /// match) has arrived.
+    fn subscribe(
+        &self,
+        user: User,
+        topics: &[&str],
+        prober: User,
+        probe_topic: &str,
+    ) -> Subscriber {
+        let mut args = creds(user).to_vec();
+        args.extend(["-q", "1"]);
+        for t in &topics[1..] {
+            args.extend(["-t", t]);
+        }
+        let sub = self.mosquitto.subscribe(topics[0], &args);
+        let probe = unique_id("probe");
+        let expected = format!("{probe_topic} {probe}");
+        wait_until(
+            &format!("{}'s subscription to {topics:?} to work", user.0),
+            LIMIT,
+            || {
+                // Each try publishes a fresh copy: the first may precede the subscription.
+                self.publish(prober, probe_topic, &probe);
+                sub.lines().contains(&expected).then_some(())
+            },
+        );
+        sub
+    }
+
+    /// Asserts that `refused` (a publish already acknowledged by the broker) never reached
+    /// `sub`, after the control publish (`who`, `topic`, payload) did.
+    fn assert_dropped(&self, sub: &Subscriber, refused: &str, control: (User, &str)) {
+        let payload = unique_id("control");
+        self.publish(control.0, control.1, &payload);
+        let expected = format!("{} {payload}", control.1);
+        sub.wait_for(&format!("control message {expected}"), LIMIT, |l| {
+            l == expected
+        });
+        let lines = sub.lines();
+        assert!(
+            !lines.iter().any(|l| l.ends_with(refused)),
+            "a refused publish ({refused}) was delivered: {lines:?}"
+        );
+    }
+}
+
+#[test]
+fn anonymous_and_unknown_clients_are_refused() {
+    let b = start_broker();
+    let port = b.mosquitto.port().to_string();
+    for extra in [
+        vec![],
+        vec!["-u", "rpi4-01", "-P", "wrong"],
+        vec!["-u", "nobody.here", "-P", "pw-reader"],
+    ] {
+        let out = run(Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-t",
+                "rpi4-01/submit",
+                "-m",
+                "x",
+            ])
+            .args(&extra));
+        assert!(
+            !out.status.success(),
+            "mosquitto_pub {extra:?} was accepted"
+        );
+        let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+        assert!(err.contains("not authori"), "{extra:?}: {err}");
+    }
+    // A valid user gets in: the refusals above were about credentials, not the broker.
+    b.publish(READER, "labvisor/ping", "x");
+}
+
+#[test]
+fn agent_writes_and_reads_only_its_own_sut() {
+    let b = start_broker();
+    let all = b.subscribe(SUPERVISOR, &["#"], SUPERVISOR, "labvisor/sync");
+
+    // Its own topics: they arrive.
+    for topic in ["rpi4-01/agent", "rpi4-01/output", "rpi4-01/jobs/j1/output"] {
+        let payload = unique_id("own");
+        b.publish(AGENT_A, topic, &payload);
+        let expected = format!("{topic} {payload}");
+        all.wait_for(&expected, LIMIT, |l| l == expected);
+    }
+
+    // Another SUT's topics and the supervisor's: dropped.
+    for topic in [
+        "rpi4-02/agent",
+        "rpi4-02/output",
+        "rpi4-02/submit",
+        "labvisor/supervisors/labvisor/status",
+    ] {
+        let forged = unique_id("forged");
+        b.publish(AGENT_A, topic, &forged);
+        b.assert_dropped(&all, &forged, (AGENT_A, "rpi4-01/output"));
+    }
+
+    // Reading: the agent gets its own submissions but not another SUT's.
+    let agent = b.subscribe(
+        AGENT_A,
+        &["rpi4-01/#", "rpi4-02/#"],
+        SUPERVISOR,
+        "rpi4-01/sync",
+    );
+    let secret = unique_id("other-sut-job");
+    b.publish(SUBMIT, "rpi4-02/submit", &secret);
+    b.assert_dropped(&agent, &secret, (SUBMIT, "rpi4-01/submit"));
+}
+
+#[test]
+fn reader_reads_but_cannot_submit() {
+    let b = start_broker();
+    let all = b.subscribe(SUPERVISOR, &["#"], SUPERVISOR, "labvisor/sync");
+    let reader = b.subscribe(READER, &["#"], AGENT_A, "rpi4-01/agent");
+
+    for topic in ["rpi4-01/submit", "rpi4-01/cancel", "rpi4-01/agent"] {
+        let refused = unique_id("reader");
+        b.publish(READER, topic, &refused);
+        b.assert_dropped(&all, &refused, (AGENT_A, "rpi4-01/output"));
+    }
+    // Reading everything works: the controls above reached the reader too.
+    reader.wait_for("the agent's output at the reader", LIMIT, |l| {
+        l.starts_with("rpi4-01/output control-")
+    });
+}
+
+#[test]
+fn submitter_submits_and_cancels_but_cannot_forge_agent_topics() {
+    let b = start_broker();
+    let all = b.subscribe(SUPERVISOR, &["#"], SUPERVISOR, "labvisor/sync");
+    let agent = b.subscribe(AGENT_A, &["rpi4-01/#"], AGENT_A, "rpi4-01/sync");
+
+    for topic in ["rpi4-01/submit", "rpi4-01/cancel"] {
+        let payload = unique_id("job");
+        b.publish(SUBMIT, topic, &payload);
+        let expected = format!("{topic} {payload}");
+        agent.wait_for(&format!("{expected} at the agent"), LIMIT, |l| {
+            l == expected
+        });
+        all.wait_for(&expected, LIMIT, |l| l == expected);
+    }
+    for topic in [
+        "rpi4-01/agent",
+        "rpi4-01/submit_status",
+        "rpi4-01/last_job",
+        "rpi4-01/jobs/j1",
+    ] {
+        let forged = unique_id("forged");
+        b.publish(SUBMIT, topic, &forged);
+        b.assert_dropped(&all, &forged, (SUBMIT, "rpi4-02/submit"));
+    }
+}

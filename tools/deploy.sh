@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Deploys labvisor's stack (docker-compose.yml) on this host.
+#
+#   tools/deploy.sh [--portainer] [--no-build]
+#
+# 1. Makes sure a Docker Compose CLI is there (tools/ensure-compose.sh).
+# 2. Builds the local images offline: labvisor/busybox:local (the demo SUTs' image) and
+#    labvisor/supervisor:local (FROM scratch with the static binaries). --no-build skips this.
+# 3. Creates the broker's users with mosquitto/passwd.sh (role users and one per sut/*.toml;
+#    existing users are kept) and gives the password file to the image's mosquitto user.
+# 4. `up -d` as compose project `labvisor`, with the supervisor's MQTT password from
+#    mosquitto/secrets/labvisor.supervisor. --portainer adds Portainer (profile portainer).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+portainer=0
+build=1
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --portainer) portainer=1; shift ;;
+        --no-build) build=0; shift ;;
+        -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "deploy.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+read -r -a compose <<< "$(tools/ensure-compose.sh)"
+
+if [ "$build" = 1 ]; then
+    tools/build-images.sh busybox
+    tools/build-supervisor-image.sh
+fi
+
+owner=()
+if [ "$(id -u)" = 0 ]; then
+    owner=(--owner 1883:1883)  # the eclipse-mosquitto image's user
+else
+    echo "deploy.sh: not root: chown mosquitto/passwd to 1883:1883 yourself if mosquitto cannot read it" >&2
+fi
+mosquitto/passwd.sh ${owner[@]+"${owner[@]}"}
+
+secret=mosquitto/secrets/labvisor.supervisor
+if [ ! -s "$secret" ]; then
+    echo "deploy.sh: $secret is missing: run mosquitto/passwd.sh --regenerate labvisor.supervisor" >&2
+    exit 1
+fi
+LABVISOR_MQTT_PASSWORD="$(cat "$secret")"
+export LABVISOR_MQTT_PASSWORD
+
+profiles=()
+[ "$portainer" = 0 ] || profiles=(--profile portainer)
+"${compose[@]}" -p labvisor ${profiles[@]+"${profiles[@]}"} up -d
+"${compose[@]}" -p labvisor ps
