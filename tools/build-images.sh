@@ -3,7 +3,9 @@
 #
 #   tools/build-images.sh busybox   labvisor/busybox:local: a `docker import` of a rootfs made from
 #                                   Debian's busybox-static (the demo SUTs' and the tests' image)
-#   tools/build-images.sh all       everything above
+#   tools/build-images.sh supervisor labvisor/supervisor:local: FROM scratch with the three static
+#                                   binaries (tools/build-supervisor-image.sh), for docker-compose.yml
+#   tools/build-images.sh all       busybox (the supervisor image is built by tools/deploy.sh)
 #
 # Idempotent: an image that already exists is kept unless FORCE=1.
 set -euo pipefail
@@ -43,6 +45,7 @@ build_busybox() {
 
 case "$what" in
     busybox) build_busybox ;;
+    supervisor) exec tools/build-supervisor-image.sh ;;
     all) build_busybox ;;
-    *) echo "usage: $0 [busybox|all]" >&2; exit 2 ;;
+    *) echo "usage: $0 [busybox|supervisor|all]" >&2; exit 2 ;;
 esac

@@ -9,48 +9,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-log() { printf '== test.sh: %s\n' "$*"; }
+. tools/lib.sh
 
-as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
-}
-
-# 1. Debian packages.
-missing=()
-[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
-command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
-dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
-command -v dockerd >/dev/null 2>&1 || command -v docker >/dev/null 2>&1 || missing+=(docker.io)
-if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]}"
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+# 1. Debian packages, PyPI's paho-mqtt, Docker Compose.
+ensure_packages
 # paho-mqtt (PyPI): the MQTT 5 client the jobs tests submit with, to use a response topic.
 if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
     log "installing paho-mqtt"
     python3 -m pip install -q --disable-pip-version-check 'paho-mqtt>=2,<3'
 fi
+# The compose test validates docker-compose.yml with the compose CLI.
+log "compose: $(tools/ensure-compose.sh)"
 # Debian's package may start a system mosquitto on 1883; the tests never use it (each test runs
 # its own broker on a free port), so it is left alone.
 
 # 2. A Docker engine that answers.
-if ! docker info >/dev/null 2>&1; then
-    if command -v dockerd >/dev/null 2>&1; then
-        log "starting dockerd"
-        as_root sh -c 'nohup dockerd >/var/log/labvisor-dockerd.log 2>&1 &'
-        for _ in $(seq 1 120); do
-            docker info >/dev/null 2>&1 && break
-            sleep 0.5
-        done
-    fi
-    if ! docker info >/dev/null 2>&1; then
-        echo "test.sh: no Docker engine answers and dockerd could not be started" >&2
-        [ -f /var/log/labvisor-dockerd.log ] && tail -20 /var/log/labvisor-dockerd.log >&2
-        exit 1
-    fi
-fi
-log "docker engine $(docker version --format '{{.Server.Version}} (API {{.Server.APIVersion}})')"
+ensure_docker
 
 # 3. Lints.
 log "cargo fmt --check"

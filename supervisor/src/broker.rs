@@ -86,6 +86,8 @@ impl ManagedBroker {
         .map(PathBuf::from)
         .find(|p| p.is_file())
         .ok_or(BrokerError::NotInstalled)?;
+        // A supervisor killed with SIGKILL leaves its mosquitto behind: stop that one first.
+        stop_leftover(state_dir);
         if TcpListener::bind(("127.0.0.1", port)).is_err() {
             return Err(BrokerError::PortTaken { port });
         }
@@ -157,6 +159,8 @@ impl ManagedBroker {
             .stderr(log)
             .spawn()
             .map_err(|e| BrokerError::Start(e.to_string()))?;
+        let pid_file = state_dir.join("mosquitto.pid");
+        let _ = std::fs::write(&pid_file, child.id().to_string());
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -198,6 +202,33 @@ impl Drop for ManagedBroker {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.dir.join("mosquitto.pid"));
+    }
+}
+
+/// Stops a mosquitto left running on this state directory's config by a supervisor that was
+/// killed (its pid is in `mosquitto.pid` and its command line names our config).
+fn stop_leftover(state_dir: &Path) {
+    let Ok(pid) = std::fs::read_to_string(state_dir.join("mosquitto.pid")) else {
+        return;
+    };
+    let Ok(pid) = pid.trim().parse::<i32>() else {
+        return;
+    };
+    let conf = state_dir.join("mosquitto.conf").display().to_string();
+    let ours = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(&conf))
+        .unwrap_or(false);
+    if !ours {
+        return;
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
