@@ -105,6 +105,11 @@ struct SuperviseArgs {
     /// Port of the managed broker.
     #[arg(long, env = "LABVISOR_BROKER_PORT", default_value_t = 1883)]
     broker_port: u16,
+    /// A directory of per-SUT MQTT passwords (`<dir>/<sut>`, as `mosquitto/passwd.sh` writes
+    /// them in mosquitto/secrets/): each agent logs in as its own SUT, which the shipped ACL
+    /// confines to `<sut>/#`. Without it, agents get --mqtt-username/--mqtt-password.
+    #[arg(long, env = "LABVISOR_AGENT_CREDENTIALS")]
+    agent_credentials: Option<PathBuf>,
     /// Where the managed broker keeps its config, password and persistence.
     #[arg(long, env = "LABVISOR_STATE_DIR")]
     state_dir: Option<PathBuf>,
@@ -259,6 +264,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             topic_prefix: args.topic_prefix,
             mqtt_username: args.mqtt_username,
             mqtt_password: args.mqtt_password,
+            agent_credentials: args.agent_credentials,
             agent_bin: read(&agent_bin)?,
             healthcheck_bin: read(&healthcheck_bin)?,
         },

@@ -73,6 +73,10 @@ pub struct SpecContext {
     pub mqtt_username: Option<String>,
     /// MQTT password given to agents.
     pub mqtt_password: Option<String>,
+    /// A directory of per-SUT passwords (`<dir>/<sut>`, as `mosquitto/passwd.sh` writes them):
+    /// each agent then logs in as its own SUT, which the shipped ACL confines to `<sut>/#`.
+    /// Takes precedence over `mqtt_username`/`mqtt_password`.
+    pub agent_credentials: Option<std::path::PathBuf>,
     /// The static agent binary.
     pub agent_bin: Bytes,
     /// The static healthcheck binary.
@@ -165,11 +169,28 @@ pub fn container_spec(
     if let Some(p) = ctx.topic_prefix.as_deref().filter(|p| !p.is_empty()) {
         env.push(format!("LABVISOR_TOPIC_PREFIX={p}"));
     }
-    if let Some(u) = &ctx.mqtt_username {
-        env.push(format!("LABVISOR_MQTT_USERNAME={u}"));
-    }
-    if let Some(p) = &ctx.mqtt_password {
-        env.push(format!("LABVISOR_MQTT_PASSWORD={p}"));
+    match &ctx.agent_credentials {
+        Some(dir) => {
+            let file = dir.join(sut.as_str());
+            let password = std::fs::read_to_string(&file)
+                .ok()
+                .map(|p| p.trim().to_owned())
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| SpecError::Credentials {
+                    sut: sut.to_string(),
+                    file: file.display().to_string(),
+                })?;
+            env.push(format!("LABVISOR_MQTT_USERNAME={sut}"));
+            env.push(format!("LABVISOR_MQTT_PASSWORD={password}"));
+        }
+        None => {
+            if let Some(u) = &ctx.mqtt_username {
+                env.push(format!("LABVISOR_MQTT_USERNAME={u}"));
+            }
+            if let Some(p) = &ctx.mqtt_password {
+                env.push(format!("LABVISOR_MQTT_PASSWORD={p}"));
+            }
+        }
     }
     env.extend(cfg.env.iter().map(|(k, v)| format!("{k}={v}")));
 
@@ -376,6 +397,14 @@ pub enum SpecError {
         /// Why.
         reason: String,
     },
+    /// `--agent-credentials` has no password for this SUT.
+    #[error("no MQTT password for {sut} in {file}: create it with `mosquitto/passwd.sh {sut}` (and reload the broker)")]
+    Credentials {
+        /// The SUT.
+        sut: String,
+        /// The file looked for.
+        file: String,
+    },
 }
 
 /// Whether `path` is an ELF executable without an interpreter (`PT_INTERP`): a static binary
@@ -413,9 +442,44 @@ mod tests {
             topic_prefix: None,
             mqtt_username: None,
             mqtt_password: None,
+            agent_credentials: None,
             agent_bin: Bytes::from_static(b"AGENT"),
             healthcheck_bin: Bytes::from_static(b"HC"),
         }
+    }
+
+    #[test]
+    fn per_sut_credentials_confine_each_agent_to_its_own_login() {
+        let text = "image = \"img\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let secrets = tempfile::tempdir().unwrap();
+        std::fs::write(secrets.path().join("dut1"), "s3cret\n").unwrap();
+        let mut c = ctx();
+        c.mqtt_username = Some("labvisor.supervisor".into());
+        c.mqtt_password = Some("root-ish".into());
+        c.agent_credentials = Some(secrets.path().to_path_buf());
+        let cfg = load_str("dut1.toml", text, dir.path(), &Allow::default()).unwrap();
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &c).unwrap();
+        let env = s.body.env.clone().unwrap();
+        assert!(
+            env.contains(&"LABVISOR_MQTT_USERNAME=dut1".to_owned()),
+            "{env:?}"
+        );
+        assert!(
+            env.contains(&"LABVISOR_MQTT_PASSWORD=s3cret".to_owned()),
+            "{env:?}"
+        );
+        assert!(
+            !env.iter().any(|e| e.contains("root-ish")),
+            "the supervisor's password never reaches an agent"
+        );
+        let cfg2 = load_str("dut2.toml", text, dir.path(), &Allow::default()).unwrap();
+        let e = container_spec(&cfg2, text.as_bytes(), &cfg2.hash(), &c).unwrap_err();
+        assert!(
+            e.to_string().starts_with("no MQTT password for dut2 in "),
+            "{e}"
+        );
+        assert!(e.to_string().contains("mosquitto/passwd.sh dut2"), "{e}");
     }
 
     #[test]

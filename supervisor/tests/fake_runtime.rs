@@ -28,6 +28,7 @@ fn settings(dir: &Path) -> Settings {
             topic_prefix: None,
             mqtt_username: None,
             mqtt_password: None,
+            agent_credentials: None,
             agent_bin: Bytes::from_static(b"agent"),
             healthcheck_bin: Bytes::from_static(b"hc"),
         },
