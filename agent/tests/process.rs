@@ -374,3 +374,54 @@ fn a_bad_tail_glob_is_reported_and_the_agent_keeps_running() {
     });
     assert_eq!(healthcheck(&agent.path("run/heartbeat")).0, 0);
 }
+
+#[test]
+fn the_upstream_probe_reports_reachable_and_unreachable_targets() {
+    let broker = Mosquitto::start();
+    // A tiny HTTP server on a free loopback port that answers 200 once.
+    let http = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let http_port = http.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        for mut s in http.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let closed = labvisor_tests::free_port();
+    let cases = [
+        (
+            "probe-tcp",
+            format!("tcp://127.0.0.1:{}", broker.port()),
+            true,
+        ),
+        (
+            "probe-http",
+            format!("http://127.0.0.1:{http_port}/status"),
+            true,
+        ),
+        ("probe-down", format!("tcp://127.0.0.1:{closed}"), false),
+    ];
+    let mqtt = Collector::start(broker.port(), &["+/probe"]);
+    let _agents: Vec<AgentProc> = cases
+        .iter()
+        .map(|(sut, url, _)| {
+            let extra =
+                format!("[probe]\nurl = \"{url}\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n");
+            AgentProc::start(sut, &sut_toml(None, &extra), Some(&broker.url()), &[])
+        })
+        .collect();
+    for (sut, url, ok) in &cases {
+        let m = mqtt.wait(&format!("{sut}/probe"), Duration::from_secs(15), |_| true);
+        let v: serde_json::Value = serde_json::from_str(&m.text).unwrap();
+        assert_eq!(v["url"], url.as_str());
+        assert_eq!(v["ok"], *ok, "{sut}: {v}");
+        if !ok {
+            assert!(v["error"].as_str().unwrap().contains("connect"), "{v}");
+        }
+        // Retained: a late subscriber gets the latest result at once.
+        let late = broker.subscribe(&format!("{sut}/probe"), &["-C", "1", "-W", "5"]);
+        assert!(late.wait_lines(1, Duration::from_secs(6))[0].contains(url.as_str()));
+    }
+}
