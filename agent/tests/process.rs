@@ -425,3 +425,32 @@ fn the_upstream_probe_reports_reachable_and_unreachable_targets() {
         assert!(late.wait_lines(1, Duration::from_secs(6))[0].contains(url.as_str()));
     }
 }
+
+#[test]
+fn sigusr1_and_sighup_reach_the_device_process_group() {
+    let script = "trap 'echo got usr1' USR1; trap 'echo got hup' HUP; echo ready; while true; do sleep 0.1; done";
+    let agent = AgentProc::start("usr1-1", &sut_toml(Some(script), ""), None, &[]);
+    wait_until("the child is ready", Duration::from_secs(10), || {
+        String::from_utf8_lossy(&agent.log())
+            .contains("ready")
+            .then_some(())
+    });
+    agent.signal(Signal::SIGUSR1);
+    wait_until("USR1 forwarded", Duration::from_secs(5), || {
+        String::from_utf8_lossy(&agent.log())
+            .contains("got usr1")
+            .then_some(())
+    });
+    agent.signal(Signal::SIGHUP);
+    wait_until("HUP forwarded", Duration::from_secs(5), || {
+        String::from_utf8_lossy(&agent.log())
+            .contains("got hup")
+            .then_some(())
+    });
+    // The agent itself is unaffected: still alive, still beating.
+    let seq: u64 = agent.hb("seq").unwrap().parse().unwrap();
+    agent.wait_hb("seq", Duration::from_secs(5), |v| {
+        v.parse::<u64>().unwrap_or(0) > seq
+    });
+    assert_eq!(agent.hb("child_restarts").as_deref(), Some("0"));
+}
