@@ -271,9 +271,9 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         given => {
             let a = given.unwrap_or(labvisor_supervisor::metrics::DEFAULT_LISTEN);
             Some(labvisor_supervisor::metrics::Listen {
-                addr: a.parse().with_context(|| {
-                    format!("--metrics-listen {a:?}: expected IP:PORT or none")
-                })?,
+                addr: a
+                    .parse()
+                    .with_context(|| format!("--metrics-listen {a:?}: expected IP:PORT or none"))?,
                 required: given.is_some(),
             })
         }

@@ -353,7 +353,10 @@ impl Metrics {
 
     /// Every SUT the supervisor knows after a pass, with its container's health and whether it
     /// runs. Series of SUTs not listed are removed.
-    pub fn observe_suts<'a>(&mut self, suts: impl IntoIterator<Item = (&'a SutName, Health, bool)>) {
+    pub fn observe_suts<'a>(
+        &mut self,
+        suts: impl IntoIterator<Item = (&'a SutName, Health, bool)>,
+    ) {
         let mut known = BTreeSet::new();
         for (sut, health, up) in suts {
             let name = sut.to_string();
@@ -587,7 +590,10 @@ pub fn probe(url: &str, timeout: Duration) -> Result<String, ProbeError> {
     )
     .map_err(io)?;
     let mut answer = Vec::new();
-    stream.take(64 * 1024).read_to_end(&mut answer).map_err(io)?;
+    stream
+        .take(64 * 1024)
+        .read_to_end(&mut answer)
+        .map_err(io)?;
     let answer = String::from_utf8_lossy(&answer);
     let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
     let status = head.lines().next().unwrap_or_default().trim();
@@ -735,7 +741,10 @@ mod tests {
             "# TYPE labvisor_restarts counter",
             "# EOF",
         ] {
-            assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
         }
         assert_eq!(m.shared().health(), Ok(()));
     }
@@ -756,7 +765,10 @@ mod tests {
             r#"labvisor_child_restarts{sut="a"} 2"#,
             r#"labvisor_jobs_total{sut="a",outcome="lost"} 1"#,
         ] {
-            assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
         }
         m.observe_agent(&a, Some(&agent("a", 0, 9, 2)));
         assert_eq!(
@@ -773,15 +785,9 @@ mod tests {
     #[test]
     fn healthz_needs_a_recent_pass_and_docker() {
         let m = Metrics::new(Duration::from_secs(30));
-        assert_eq!(
-            m.shared().health(),
-            Err("no reconcile pass yet".to_owned())
-        );
+        assert_eq!(m.shared().health(), Err("no reconcile pass yet".to_owned()));
         m.on_pass(false);
-        assert_eq!(
-            m.shared().health(),
-            Err("docker is unreachable".to_owned())
-        );
+        assert_eq!(m.shared().health(), Err("docker is unreachable".to_owned()));
         let m = Metrics::new(Duration::ZERO);
         m.on_pass(true);
         std::thread::sleep(Duration::from_millis(2));

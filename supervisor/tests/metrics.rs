@@ -15,8 +15,7 @@ use labvisor_protocol::topics::JobId;
 use labvisor_protocol::SutName;
 use labvisor_supervisor::metrics::{probe, ProbeError};
 use labvisor_tests::{
-    ensure_busybox_image, free_port, static_bin, wait_until, DockerScope, Mosquitto,
-    BUSYBOX_IMAGE,
+    ensure_busybox_image, free_port, static_bin, wait_until, DockerScope, Mosquitto, BUSYBOX_IMAGE,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -74,7 +73,7 @@ command = ["/bin/sh", "-c", "while true; do sleep 5; done"]
 [health]
 heartbeat = "1s"
 max_age = "3s"
-interval = "1s"
+interval = "2s"
 timeout = "1s"
 retries = 1
 start_period = "0s"
@@ -196,7 +195,10 @@ fn metrics_and_healthz_follow_the_supervisor() {
         "labvisor_docker_reachable 1",
         "# EOF",
     ] {
-        assert!(text.lines().any(|l| l == line), "{line:?} missing in\n{text}");
+        assert!(
+            text.lines().any(|l| l == line),
+            "{line:?} missing in\n{text}"
+        );
     }
 
     // Jobs: the same finished job published again and again (until the supervisor's
@@ -265,9 +267,7 @@ fn metrics_and_healthz_follow_the_supervisor() {
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    let status = wait_until("the supervisor exits", T, || {
-        sup.child.try_wait().unwrap()
-    });
+    let status = wait_until("the supervisor exits", T, || sup.child.try_wait().unwrap());
     assert!(status.success(), "{status:?}");
     let out = healthz_cli(&format!("{base}/healthz"));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
