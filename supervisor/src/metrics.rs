@@ -662,13 +662,17 @@ mod tests {
         }
     }
 
-    /// The exposition's sample lines starting with `name`.
+    /// The exposition's sample lines starting with `name`, sorted (a family's series come in
+    /// hash order).
     fn samples(m: &Metrics, name: &str) -> Vec<String> {
-        m.encode()
+        let mut v: Vec<String> = m
+            .encode()
             .lines()
             .filter(|l| l.starts_with(name) && !l.starts_with('#'))
             .map(str::to_owned)
-            .collect()
+            .collect();
+        v.sort();
+        v
     }
 
     #[test]
