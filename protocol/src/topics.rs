@@ -253,6 +253,10 @@ impl Topics {
     pub fn agents_filter(&self) -> String {
         format!("{}+/agent", self.prefix)
     }
+    /// `+/last_job`: filter for every SUT's last finished job.
+    pub fn last_jobs_filter(&self) -> String {
+        format!("{}+/last_job", self.prefix)
+    }
     /// `+/supervisor`: filter for every SUT's supervisor view.
     pub fn sut_views_filter(&self) -> String {
         format!("{}+/supervisor", self.prefix)

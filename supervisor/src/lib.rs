@@ -11,6 +11,7 @@
 //! - [`spec`]: what an agent container looks like (create request, labels, injected files).
 //! - [`docker`]: the [`docker::ContainerRuntime`] trait, its bollard implementation and a fake.
 //! - [`supervise`]: `labvisor supervise`, the reconcile loop (watching, healing, status).
+//! - [`metrics`]: its Prometheus metrics, `/metrics` and `/healthz`, and `labvisor healthz`.
 //! - [`import`]: `labvisor import <dir>`, converting testflinger-docker triplets to SUT files.
 
 pub mod broker;
@@ -18,6 +19,7 @@ pub mod check;
 pub mod client;
 pub mod docker;
 pub mod import;
+pub mod metrics;
 pub mod plan;
 pub mod spec;
 pub mod supervise;

@@ -87,6 +87,16 @@ enum Command {
     },
     /// Keep one agent container per valid SUT file, live, through the Docker API.
     Supervise(Box<SuperviseArgs>),
+    /// Probe a supervisor's /healthz (exit 0: healthy, 1: not, or no answer): the healthcheck
+    /// of the FROM-scratch supervisor image.
+    Healthz {
+        /// The URL (plain http).
+        #[arg(long, env = "LABVISOR_HEALTHZ_URL", default_value = labvisor_supervisor::metrics::DEFAULT_HEALTHZ_URL)]
+        url: String,
+        /// Connect and answer timeout.
+        #[arg(long, default_value = "5s", value_parser = duration)]
+        timeout: Duration,
+    },
     /// Convert a testflinger-docker SUT directory (`<sut>.conf`, `<sut>.yaml`,
     /// `<sut>_snappy.yaml`) into SUT files (exit 0: all imported, 1: some failed, 2: error).
     Import(labvisor_supervisor::import::ImportArgs),
@@ -162,6 +172,10 @@ struct SuperviseArgs {
     /// The static healthcheck binary (same defaults, `labvisor-healthcheck`).
     #[arg(long, env = "LABVISOR_HEALTHCHECK_BIN")]
     healthcheck_bin: Option<PathBuf>,
+    /// Where to serve Prometheus `/metrics` and `/healthz` (`IP:PORT`; `0.0.0.0:9464` in a
+    /// container), or `none`. Default: 127.0.0.1:9464, skipped with a warning when taken.
+    #[arg(long, env = "LABVISOR_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     #[command(flatten)]
     allow: AllowArgs,
 }
@@ -252,6 +266,18 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     if !args.sut_dir.is_dir() {
         bail!("--sut-dir {} is not a directory", args.sut_dir.display());
     }
+    let metrics_listen = match args.metrics_listen.as_deref() {
+        Some("none") => None,
+        given => {
+            let a = given.unwrap_or(labvisor_supervisor::metrics::DEFAULT_LISTEN);
+            Some(labvisor_supervisor::metrics::Listen {
+                addr: a
+                    .parse()
+                    .with_context(|| format!("--metrics-listen {a:?}: expected IP:PORT or none"))?,
+                required: given.is_some(),
+            })
+        }
+    };
     let extra_labels: BTreeMap<String, String> = args.extra_labels.into_iter().collect();
     let settings = Settings {
         sut_dir: args.sut_dir,
@@ -276,6 +302,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         parallelism: args.parallelism,
         purge_volumes: args.purge_volumes,
         poll: args.poll,
+        metrics_listen,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -427,6 +454,18 @@ fn main() -> ExitCode {
             }
         }
         Command::Import(args) => labvisor_supervisor::import::main(args),
+        Command::Healthz { url, timeout } => {
+            match labvisor_supervisor::metrics::probe(&url, timeout) {
+                Ok(body) => {
+                    println!("{body}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("labvisor healthz: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Check(args) => {
             let mut out = stdout.lock();
             match check::run(&args.dir, args.json, &args.allow.allow(), &mut out) {

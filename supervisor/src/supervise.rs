@@ -54,6 +54,10 @@
 //!
 //! A loopback `--agent-broker` logs a warning at startup.
 //!
+//! **Metrics.** With `metrics_listen`, [`crate::metrics`] serves `/metrics` and `/healthz`
+//! there until shutdown; the loop feeds it through a few hooks (`self.metrics.on_*`,
+//! `observe_*`). For job outcomes the supervisor also subscribes to `+/last_job`.
+//!
 //! **Faults.** Docker unreachable: the pass is retried with backoff, the status says
 //! `docker_reachable: false`. An unreadable SUT directory changes nothing. Broker down:
 //! reconciling goes on; retained status is republished on reconnect ([`MqttLink`] sticky
@@ -71,7 +75,8 @@ use futures_util::StreamExt;
 use labvisor_protocol::config::{self, scan_dir, Allow, OnUnhealthy, Scan, SutConfig};
 use labvisor_protocol::mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS};
 use labvisor_protocol::payloads::{
-    self, AgentState, AgentStatus, Health, SupervisorState, SupervisorStatus, SutCounts, SutView,
+    self, AgentState, AgentStatus, Health, JobStatus, SupervisorState, SupervisorStatus, SutCounts,
+    SutView,
 };
 use labvisor_protocol::topics::{SutTopic, Topics};
 use labvisor_protocol::SutName;
@@ -82,6 +87,7 @@ use tokio::time::{sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
 use crate::docker::{ContainerRuntime, RuntimeError};
+use crate::metrics::Metrics;
 use crate::plan::{plan, Action, Actual, Busy, Desired, RecreateReason};
 use crate::spec::{
     container_spec, SpecContext, SpecError, LABEL_CONFIG_HASH, LABEL_MANAGED_BY, LABEL_SUPERVISOR,
@@ -124,6 +130,8 @@ pub struct Settings {
     pub purge_volumes: bool,
     /// Poll the directory instead of inotify.
     pub poll: bool,
+    /// Where `/metrics` and `/healthz` are served; `None`: not at all.
+    pub metrics_listen: Option<crate::metrics::Listen>,
 }
 
 /// A fatal error: the supervisor cannot start.
@@ -135,6 +143,14 @@ pub enum SuperviseError {
     /// A topic could not be subscribed.
     #[error("cannot subscribe: {0}")]
     Subscribe(#[from] labvisor_protocol::mqtt::PublishError),
+    /// The metrics address cannot be bound.
+    #[error("cannot serve metrics on {addr}: {error} (pass another --metrics-listen, or none)")]
+    MetricsListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        error: std::io::Error,
+    },
 }
 
 /// Why one action failed (the SUT is retried with backoff).
@@ -282,6 +298,7 @@ struct Supervisor<R> {
     pass_due: Option<Instant>,
     /// Earliest retry or healing deadline.
     wake_at: Option<Instant>,
+    metrics: Metrics,
 }
 
 /// Runs the supervisor until `shutdown` resolves. Leaves the agents running.
@@ -291,6 +308,38 @@ pub async fn run<R: ContainerRuntime>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SuperviseError> {
     let boot_id = payloads::random_id();
+    let metrics = Metrics::new(settings.resync);
+    let listener = match settings.metrics_listen {
+        Some(listen) => match tokio::net::TcpListener::bind(listen.addr).await {
+            Ok(l) => Some(l),
+            Err(error) if listen.required => {
+                return Err(SuperviseError::MetricsListen {
+                    addr: listen.addr,
+                    error,
+                })
+            }
+            Err(error) => {
+                warn!(listen = %listen.addr, error = %error, "Cannot serve /metrics and /healthz; going on without them (see --metrics-listen).");
+                None
+            }
+        },
+        None => None,
+    };
+    let metrics_server = match listener {
+        Some(listener) => {
+            if let Ok(addr) = listener.local_addr() {
+                info!(listen = %addr, "Serving /metrics and /healthz.");
+            }
+            let stop = tokio_util::sync::CancellationToken::new();
+            let server = tokio::spawn(crate::metrics::serve(
+                listener,
+                metrics.shared(),
+                stop.clone().cancelled_owned(),
+            ));
+            Some((stop, server))
+        }
+        None => None,
+    };
     let status_topic = settings.topics.supervisor_status(&settings.spec.supervisor);
     let (link, mut incoming): (Option<MqttLink>, Option<Incoming>) = match &settings.mqtt {
         Some(opts) => {
@@ -305,6 +354,7 @@ pub async fn run<R: ContainerRuntime>(
             opts.will = Some(Message::state(status_topic.clone(), lost));
             let (link, incoming) = MqttLink::start(opts)?;
             link.subscribe(settings.topics.agents_filter(), QoS::AtLeastOnce)?;
+            link.subscribe(settings.topics.last_jobs_filter(), QoS::AtLeastOnce)?;
             (Some(link), Some(incoming))
         }
         None => (None, None),
@@ -330,6 +380,7 @@ pub async fn run<R: ContainerRuntime>(
         fs_tx,
         pass_due: Some(Instant::now()),
         wake_at: None,
+        metrics,
     };
     info!(dir = %sup.exec.settings.sut_dir.display(), supervisor = %sup.exec.settings.spec.supervisor, "Supervising.");
     let mut fs_due: Option<Instant> = None;
@@ -349,7 +400,7 @@ pub async fn run<R: ContainerRuntime>(
             Some(()) = docker_rx.recv() => sup.due_in(EVENT_DELAY),
             Some(done) = done_rx.recv() => sup.finished(done),
             Some(msg) = async { match incoming.as_mut() { Some(i) => i.recv().await, None => std::future::pending().await } } => {
-                sup.agent_message(&msg.topic, &msg.payload);
+                sup.message(&msg.topic, &msg.payload, msg.retain);
             }
             Some(_) = sup.tasks.join_next(), if !sup.tasks.is_empty() => {}
             () = sleep_until(deadline) => {
@@ -369,12 +420,17 @@ pub async fn run<R: ContainerRuntime>(
                 if sup.pass_due.is_some_and(|d| d <= now) {
                     sup.pass_due = None;
                     sup.pass().await;
+                    sup.metrics.on_pass(sup.docker_reachable);
                 }
             }
         }
     }
     info!("Shutting down; agents keep running.");
     events.abort();
+    if let Some((stop, server)) = metrics_server {
+        stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    }
     let grace = sup.exec.settings.stop_timeout + Duration::from_secs(5);
     let _ = tokio::time::timeout(grace, async {
         while sup.tasks.join_next().await.is_some() {}
@@ -463,13 +519,22 @@ impl<R: ContainerRuntime> Supervisor<R> {
         self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
     }
 
-    fn agent_message(&mut self, topic: &str, payload: &[u8]) {
-        let Some((sut, SutTopic::Agent)) = self.exec.settings.topics.parse(topic) else {
-            return;
-        };
-        let state = serde_json::from_slice::<AgentStatus>(payload)
-            .ok()
-            .map(|s| s.state);
+    fn message(&mut self, topic: &str, payload: &[u8], retained: bool) {
+        match self.exec.settings.topics.parse(topic) {
+            Some((sut, SutTopic::Agent)) => self.agent_message(sut, payload),
+            Some((sut, SutTopic::LastJob)) => {
+                if let Ok(job) = serde_json::from_slice::<JobStatus>(payload) {
+                    self.metrics.observe_job(&sut, &job, retained);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn agent_message(&mut self, sut: SutName, payload: &[u8]) {
+        let status = serde_json::from_slice::<AgentStatus>(payload).ok();
+        self.metrics.observe_agent(&sut, status.as_ref());
+        let state = status.map(|s| s.state);
         let before = self.agents.get(&sut).copied();
         match state {
             Some(s) => self.agents.insert(sut.clone(), s),
@@ -489,6 +554,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
         st.in_flight = false;
         match done.result {
             Ok(()) => {
+                self.metrics.on_action(&done.action);
                 st.failures = 0;
                 st.retry_at = None;
                 st.last_error = None;
@@ -507,6 +573,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 }
             }
             Err(error) => {
+                self.metrics.on_error(&done.sut);
                 st.failures += 1;
                 let delay = backoff(st.failures, RETRY_MIN, RETRY_MAX);
                 st.retry_at = Some(now + delay);
@@ -689,7 +756,10 @@ impl<R: ContainerRuntime> Supervisor<R> {
         for sut in &known {
             let st = self.suts.entry(sut.clone()).or_default();
             match deferred.get(sut) {
-                Some(Action::Defer { action, .. }) => {
+                Some(defer @ Action::Defer { action, .. }) => {
+                    if st.deferred_since.is_none() {
+                        self.metrics.on_action(defer);
+                    }
                     let since = *st.deferred_since.get_or_insert(now);
                     let wait = settings.busy_wait.saturating_sub(now.duration_since(since));
                     st.pending = Some(format!(
@@ -804,6 +874,27 @@ impl<R: ContainerRuntime> Supervisor<R> {
             });
         }
         self.publish(&scan, &actual, &desired);
+        self.observe_metrics(&actual, &desired);
+    }
+
+    /// Per-SUT health and the SUT counts, after a full pass.
+    fn observe_metrics(&mut self, actual: &[Actual], desired: &BTreeMap<SutName, Desired>) {
+        let primary = |sut: &SutName| {
+            actual.iter().find(|a| {
+                a.owned && &a.sut == sut && desired.get(sut).is_none_or(|d| d.name == a.name)
+            })
+        };
+        self.metrics.observe_suts(self.suts.keys().map(|sut| {
+            let p = primary(sut);
+            (
+                sut,
+                p.map_or(Health::None, |a| a.health),
+                p.is_some_and(|a| a.state == crate::plan::RunState::Running),
+            )
+        }));
+        if let Some(status) = &self.published_status {
+            self.metrics.observe_counts(&status.suts);
+        }
     }
 
     fn publish(&mut self, scan: &Scan, actual: &[Actual], desired: &BTreeMap<SutName, Desired>) {

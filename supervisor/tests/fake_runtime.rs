@@ -40,6 +40,7 @@ fn settings(dir: &Path) -> Settings {
         parallelism: 6,
         purge_volumes: false,
         poll: false,
+        metrics_listen: None,
     }
 }
 

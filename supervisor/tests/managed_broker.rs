@@ -20,6 +20,7 @@ fn supervise(scope: &DockerScope, sut_dir: &Path, state: &Path, port: u16, log: 
         .args(["--name-prefix", &scope.name("")])
         .args(["--extra-label", &scope.label()])
         .args(["--broker-port", &port.to_string()])
+        .args(["--metrics-listen", "none"])
         .arg("--state-dir")
         .arg(state)
         .arg("--agent-bin")

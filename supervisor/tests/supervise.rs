@@ -40,6 +40,7 @@ impl Sup {
             .args(["--extra-label", &scope.label()])
             .args(["--agent-broker", "none"])
             .args(["--stop-timeout", "2s"])
+            .args(["--metrics-listen", "none"])
             .arg("--agent-bin")
             .arg(static_bin("labvisor-agent"))
             .arg("--healthcheck-bin")

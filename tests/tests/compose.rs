@@ -222,12 +222,19 @@ fn supervisor_gets_the_socket_the_sut_dir_and_credentials() {
     for (flag, value) in [
         ("--sut-dir", "/labvisor/sut-dir"),
         ("--broker", "mqtt://mosquitto:1883"),
+        // Reachable from the healthcheck and the network, not only the container's loopback.
+        ("--metrics-listen", "0.0.0.0:9464"),
     ] {
         assert!(
             pairs.contains(&(flag.to_owned(), value.to_owned())),
             "{flag} {value} not in {cmd:?}"
         );
     }
+    // The FROM-scratch image probes its own /healthz with the static binary.
+    assert_eq!(
+        strings(&svc["healthcheck"]["test"]),
+        ["CMD", "/labvisor/bin/labvisor", "healthz"]
+    );
     assert_eq!(
         svc["environment"]["LABVISOR_MQTT_USERNAME"].as_str(),
         Some("labvisor.supervisor")
