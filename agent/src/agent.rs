@@ -632,7 +632,7 @@ async fn run_batcher(
                 let now = tokio::time::Instant::now();
                 for b in batches.iter_mut() {
                     if b.due.is_some_and(|d| d <= now) {
-                        if let Some(text) = b.batcher.flush() {
+                        for text in b.batcher.flush() {
                             publish(b, text, false);
                         }
                         b.due = None;
@@ -642,7 +642,7 @@ async fn run_batcher(
         }
     }
     for b in batches.iter_mut() {
-        if let Some(text) = b.batcher.finish() {
+        for text in b.batcher.finish() {
             publish(b, text, false);
         }
     }

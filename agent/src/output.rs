@@ -326,44 +326,54 @@ impl Batcher {
         let keep_from = incomplete_tail(&data);
         self.tail = data.split_off(keep_from);
         self.text.push_str(&String::from_utf8_lossy(&data));
+        self.take(false)
+    }
+
+    /// The end of the batch that starts at `start`: at most `max` bytes, after the last newline
+    /// in them if there is one, on a character boundary; the whole rest if it fits.
+    fn boundary(&self, start: usize) -> usize {
+        if self.text.len() - start <= self.max {
+            return self.text.len();
+        }
+        let mut limit = start + self.max;
+        while !self.text.is_char_boundary(limit) {
+            limit -= 1;
+        }
+        self.text[start..limit]
+            .rfind('\n')
+            .map(|p| start + p + 1)
+            .unwrap_or(limit)
+    }
+
+    /// Cuts right-sized batches by offset and drains the buffer once: linear in the text, and
+    /// no batch keeps the capacity of a large backlog alive. With `all`, the rest goes too;
+    /// without, only full batches.
+    fn take(&mut self, all: bool) -> Vec<String> {
         let mut out = Vec::new();
-        while self.text.len() >= self.max {
-            out.push(self.cut());
+        let mut start = 0;
+        while self.text.len() - start >= self.max || (all && start < self.text.len()) {
+            let end = self.boundary(start);
+            out.push(self.text[start..end].to_owned());
+            start = end;
+        }
+        self.text.drain(..start);
+        if self.text.capacity() > self.max * 8 {
+            self.text.shrink_to(self.max * 2);
         }
         out
     }
 
-    fn cut(&mut self) -> String {
-        let mut limit = self.max.min(self.text.len());
-        while !self.text.is_char_boundary(limit) {
-            limit -= 1;
-        }
-        let at = self.text[..limit]
-            .rfind('\n')
-            .map(|p| p + 1)
-            .unwrap_or(limit);
-        let rest = self.text.split_off(at);
-        std::mem::replace(&mut self.text, rest)
-    }
-
-    /// Takes whatever text is waiting (the timer fired). An incomplete trailing character stays.
-    pub fn flush(&mut self) -> Option<String> {
-        if self.text.is_empty() {
-            return None;
-        }
-        let mut out = Vec::new();
-        while self.text.len() > self.max {
-            out.push(self.cut());
-        }
-        debug_assert!(out.is_empty());
-        Some(std::mem::take(&mut self.text))
+    /// Takes whatever text is waiting (the timer fired), as batches of at most `max` bytes. An
+    /// incomplete trailing character stays for the next push.
+    pub fn flush(&mut self) -> Vec<String> {
+        self.take(true)
     }
 
     /// Takes everything, including an incomplete trailing character (lossy), at end of stream.
-    pub fn finish(&mut self) -> Option<String> {
+    pub fn finish(&mut self) -> Vec<String> {
         let tail = std::mem::take(&mut self.tail);
         self.text.push_str(&String::from_utf8_lossy(&tail));
-        self.flush()
+        self.take(true)
     }
 }
 
@@ -396,8 +406,8 @@ mod tests {
         let mut b = Batcher::new(16);
         let out = b.push(b"line one\nline two\nthree");
         assert_eq!(out, vec!["line one\n".to_string()]);
-        assert_eq!(b.flush().as_deref(), Some("line two\nthree"));
-        assert_eq!(b.flush(), None);
+        assert_eq!(b.flush(), ["line two\nthree"]);
+        assert!(b.flush().is_empty());
     }
 
     #[test]
@@ -406,7 +416,7 @@ mod tests {
         let out = b.push(&[b'x'; 40]);
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|s| s.len() == 16));
-        assert_eq!(b.flush().unwrap().len(), 8);
+        assert_eq!(b.flush().concat().len(), 8);
     }
 
     #[test]
@@ -416,18 +426,18 @@ mod tests {
         for byte in s {
             assert!(b.push(&[*byte]).is_empty());
         }
-        assert_eq!(b.flush().as_deref(), Some("héllo €"));
+        assert_eq!(b.flush(), ["héllo €"]);
     }
 
     #[test]
     fn invalid_bytes_become_replacement_characters() {
         let mut b = Batcher::new(1024);
         b.push(b"ok \xff\xfe end\n");
-        assert_eq!(b.flush().as_deref(), Some("ok \u{fffd}\u{fffd} end\n"));
+        assert_eq!(b.flush(), ["ok \u{fffd}\u{fffd} end\n"]);
         // An incomplete sequence at the very end is held, then released lossily at finish.
         b.push(b"x\xe2\x82");
-        assert_eq!(b.flush().as_deref(), Some("x"));
-        assert_eq!(b.finish().as_deref(), Some("\u{fffd}"));
+        assert_eq!(b.flush(), ["x"]);
+        assert_eq!(b.finish(), ["\u{fffd}"]);
     }
 
     #[test]
@@ -439,8 +449,39 @@ mod tests {
             assert!(batch.len() <= 16);
             got.push_str(&batch);
         }
-        got.push_str(&b.flush().unwrap_or_default());
+        got.push_str(&b.flush().concat());
         assert_eq!(got, text);
+    }
+
+    #[test]
+    fn a_large_backlog_is_cut_into_right_sized_batches_in_one_pass() {
+        let mut b = Batcher::new(16 * 1024);
+        let line = "a line of output that is about sixty bytes long, give or take\n";
+        let text = line.repeat(4 * 1024 * 1024 / line.len());
+        let batches = b.push(text.as_bytes());
+        assert!(batches.len() > 200);
+        for batch in &batches {
+            assert!(batch.len() <= 16 * 1024 && batch.ends_with('\n'));
+            assert!(
+                batch.capacity() <= 16 * 1024,
+                "a batch keeps only its own bytes"
+            );
+        }
+        let rest = b.flush();
+        assert_eq!(batches.concat() + &rest.concat(), text);
+        assert!(
+            b.text.capacity() <= 2 * 16 * 1024,
+            "the backlog's buffer is released"
+        );
+    }
+
+    #[test]
+    fn finish_never_loses_text_over_the_limit() {
+        let mut b = Batcher::new(16);
+        b.push(b"0123456789abcde\xe2\x82");
+        let out = b.finish();
+        assert_eq!(out.concat(), "0123456789abcde\u{fffd}");
+        assert!(out.iter().all(|s| s.len() <= 16), "{out:?}");
     }
 
     #[test]

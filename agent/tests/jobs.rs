@@ -194,6 +194,7 @@ fn an_agent_killed_with_queued_jobs_runs_them_after_restart_and_reports_the_lost
     });
     lab.agent.signal(Signal::SIGKILL);
     lab.agent.wait_exit(Duration::from_secs(5));
+    lab.agent.kill_orphans();
     // Restart on the same volume and the same broker, as Docker restarts the container.
     lab.agent.restart();
     let lost = lab.final_status("long");

@@ -153,6 +153,25 @@ impl AgentProc {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
     }
 
+    /// Kills the process groups of jobs and device processes still running from this agent's
+    /// directory: what an agent killed with SIGKILL leaves behind (in a container, Docker would
+    /// kill them with it).
+    pub fn kill_orphans(&self) {
+        let dir = self.dir.path().display().to_string();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if pid != self.pid() && String::from_utf8_lossy(&cmd).contains(&dir) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+
     /// Waits for the agent to exit.
     pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
         wait_until("the agent to exit", limit, || {
@@ -162,13 +181,28 @@ impl AgentProc {
 }
 
 impl Drop for AgentProc {
+    /// Stops the agent the way Docker does (TERM: it stops its device process and job groups),
+    /// and only if that fails kills it and the device process's group, so no test leaves
+    /// processes behind.
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.pid()),
-            nix::sys::signal::Signal::SIGCONT,
-        );
+        use nix::sys::signal::{kill, killpg, Signal};
+        use nix::unistd::Pid;
+        let pid = Pid::from_raw(self.pid());
+        let child_group = self.hb("child_pid").and_then(|p| p.parse::<i32>().ok());
+        let _ = kill(pid, Signal::SIGCONT);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(g) = child_group {
+            let _ = killpg(Pid::from_raw(g), Signal::SIGKILL);
+        }
     }
 }
 
