@@ -185,6 +185,8 @@ struct Done {
 struct Exec<R> {
     runtime: Arc<R>,
     settings: Settings,
+    /// Where image build lines are published (`<sut>/build`).
+    link: Option<MqttLink>,
 }
 
 fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
@@ -220,6 +222,14 @@ impl<R: ContainerRuntime> Exec<R> {
 
     async fn create(&self, sut: &SutName) -> Result<String, ActionError> {
         let (cfg, bytes) = self.load(sut).await?;
+        crate::image::ensure(
+            &*self.runtime,
+            &cfg,
+            &self.settings.spec,
+            &self.settings.topics,
+            self.link.as_ref(),
+        )
+        .await?;
         let spec = container_spec(&cfg, &bytes, &cfg.hash(), &self.settings.spec)?;
         Ok(self.runtime.create(&spec).await?)
     }
@@ -316,7 +326,11 @@ pub async fn run<R: ContainerRuntime>(
 
     let mut sup = Supervisor {
         semaphore: Arc::new(Semaphore::new(settings.parallelism.max(1))),
-        exec: Arc::new(Exec { runtime, settings }),
+        exec: Arc::new(Exec {
+            runtime,
+            settings,
+            link: link.clone(),
+        }),
         link,
         tasks: JoinSet::new(),
         done_tx,

@@ -54,10 +54,14 @@
 //! | `probe.url` | string | *required in `[probe]`* | Optional reachability probe of the device: `tcp://host:port` or `http(s)://…`. |
 //! | `probe.interval` | duration | `"60s"` | How often the device is probed. |
 //! | `probe.timeout` | duration | `"10s"` | Probe timeout; shorter than `probe.interval`. |
+//! | `build.context` | string | *required in `[build]`* | Optional image build: a directory next to the SUT file (relative, no `..`, inside the sut directory after resolving symlinks, not the sut directory itself). With `[build]`, `image` is the tag the supervisor builds (classic builder) and runs; it rebuilds when the context, `dockerfile` or `args` change. The config hash covers every file of the context (paths, permission bits, contents; symlinks as links), at most 64 MiB in all. |
+//! | `build.dockerfile` | string | `"Dockerfile"` | The Dockerfile, relative to `build.context` (no `..`); must be a regular file inside the context. |
+//! | `build.args` | table of strings | `{}` | Build args (`--build-arg KEY=VALUE`). Keys non-empty, without `=`. |
 //!
 //! Zero durations are refused everywhere except `health.start_period`; durations longer than 365
 //! days are refused everywhere.
 
+mod build;
 mod locate;
 mod raw;
 mod template;
@@ -76,6 +80,10 @@ use sha2::{Digest, Sha256};
 use crate::name::SutName;
 use units::ser_duration;
 
+pub use build::{
+    build_hash, context_hash, read_context, ContextEntry, EntryKind, MAX_CONTEXT_ENTRIES,
+    MAX_CONTEXT_SIZE,
+};
 pub use template::{CommandTemplate, JobVars, TemplateError, JOB_PLACEHOLDERS};
 
 /// Where the `files` of a SUT appear inside its container: `files = ["a.yaml"]` becomes
@@ -196,6 +204,10 @@ pub struct SutConfig {
     pub log: LogSettings,
     /// Optional reachability probe of the device.
     pub probe: Option<Probe>,
+    /// Optional image build (`[build]`); `image` is then the tag it produces. Left out of the
+    /// serialisation (and so of the hash) when absent, so configs without it keep their hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build: Option<Build>,
 }
 
 impl SutConfig {
@@ -412,6 +424,31 @@ pub struct Probe {
     /// Timeout of one probe (< `interval`).
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
+}
+
+/// The `[build]` section: how the SUT's image is built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Build {
+    /// The context directory, normalised, relative to the sut directory.
+    pub context: String,
+    /// The Dockerfile, normalised, relative to the context.
+    pub dockerfile: String,
+    /// Build args.
+    pub args: BTreeMap<String, String>,
+    /// [`context_hash`] of the context when the config was loaded.
+    pub context_hash: String,
+    /// The context directory, resolved (absolute, symlinks resolved); not part of the hash, so
+    /// moving the whole sut directory rebuilds nothing.
+    #[serde(skip)]
+    pub context_dir: PathBuf,
+}
+
+impl Build {
+    /// The build hash ([`build_hash`]) of this build as loaded: the image label that says the
+    /// image is up to date.
+    pub fn hash(&self) -> String {
+        build_hash(&self.context_hash, &self.dockerfile, &self.args)
+    }
 }
 
 /// What a [`Probe`] connects to.
