@@ -292,6 +292,8 @@ struct Supervisor<R> {
     pass_due: Option<Instant>,
     /// Earliest retry or healing deadline.
     wake_at: Option<Instant>,
+    /// Build contexts (`[build]`) watched recursively with the directory's watcher.
+    contexts: BTreeSet<PathBuf>,
 }
 
 /// Runs the supervisor until `shutdown` resolves. Leaves the agents running.
@@ -344,6 +346,7 @@ pub async fn run<R: ContainerRuntime>(
         fs_tx,
         pass_due: Some(Instant::now()),
         wake_at: None,
+        contexts: BTreeSet::new(),
     };
     info!(dir = %sup.exec.settings.sut_dir.display(), supervisor = %sup.exec.settings.spec.supervisor, "Supervising.");
     let mut fs_due: Option<Instant> = None;
@@ -541,6 +544,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             }
         }
         self.watch = None;
+        self.contexts.clear();
         if ino.is_none() {
             return;
         }
@@ -579,6 +583,38 @@ impl<R: ContainerRuntime> Supervisor<R> {
         }
     }
 
+    /// Watches the build contexts of valid SUTs recursively (they live in subdirectories the
+    /// directory watch does not see), so a changed context rebuilds without waiting for the
+    /// resync.
+    fn watch_contexts(&mut self, scan: &Scan) {
+        let Some((w, _)) = &mut self.watch else {
+            return;
+        };
+        let wanted: BTreeSet<PathBuf> = scan
+            .valid
+            .values()
+            .filter_map(|c| c.build.as_ref().map(|b| b.context_dir.clone()))
+            .collect();
+        for gone in self.contexts.difference(&wanted) {
+            let _ = w.unwatch(gone);
+        }
+        self.contexts.retain(|c| wanted.contains(c));
+        for dir in wanted {
+            if self.contexts.contains(&dir) {
+                continue;
+            }
+            match w.watch(&dir, notify::RecursiveMode::Recursive) {
+                Ok(()) => {
+                    debug!(dir = %dir.display(), "Watching a build context.");
+                    self.contexts.insert(dir);
+                }
+                Err(error) => {
+                    warn!(dir = %dir.display(), error = %error, "Cannot watch a build context; relying on the periodic resync.");
+                }
+            }
+        }
+    }
+
     async fn pass(&mut self) {
         let now = Instant::now();
         self.ensure_watch();
@@ -598,6 +634,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 return;
             }
         };
+        self.watch_contexts(&scan);
         let list = match self.exec.runtime.list().await {
             Ok(l) => {
                 if !self.docker_reachable {

@@ -486,6 +486,17 @@ impl Serialize for ProbeTarget {
 /// Loads and validates the SUT file at `path`; its sut directory is the file's parent.
 /// Problems name the file as `path` is displayed.
 pub fn load_file(path: &Path, allow: &Allow) -> Result<SutConfig, Vec<Problem>> {
+    load_path(path, allow, true)
+}
+
+/// Loads the SUT file at `path` as it is delivered into the agent's container: like
+/// [`load_file`], except that `[build]` is only parsed (its context stays on the supervisor's
+/// side and is not in the container), and the result's `build` is `None`.
+pub fn load_delivered_file(path: &Path, allow: &Allow) -> Result<SutConfig, Vec<Problem>> {
+    load_path(path, allow, false)
+}
+
+fn load_path(path: &Path, allow: &Allow, check_build: bool) -> Result<SutConfig, Vec<Problem>> {
     let display = path.display().to_string();
     let problem = |message: String| {
         vec![Problem {
@@ -516,7 +527,7 @@ pub fn load_file(path: &Path, allow: &Allow) -> Result<SutConfig, Vec<Problem>> 
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    validate::load(&display, &stem, &text, sut_dir, allow)
+    validate::load(&display, &stem, &text, sut_dir, allow, check_build)
 }
 
 /// Validates `text` as the SUT file `file_name` (e.g. `rpi4-01.toml`, whose stem is the SUT name)
@@ -531,7 +542,7 @@ pub fn load_str(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    validate::load(file_name, &stem, text, sut_dir, allow)
+    validate::load(file_name, &stem, text, sut_dir, allow, true)
 }
 
 /// Reads at most `limit` bytes; `None` if the file is larger.

@@ -126,6 +126,7 @@ pub(crate) fn load(
     text: &str,
     sut_dir: &Path,
     allow: &Allow,
+    check_build: bool,
 ) -> Result<SutConfig, Vec<Problem>> {
     let (doc, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
@@ -182,7 +183,7 @@ pub(crate) fn load(
         }
     };
 
-    let config = build(&mut c, name, raw, sut_dir, allow);
+    let config = build(&mut c, name, raw, sut_dir, allow, check_build);
     match config {
         Some(cfg) if c.problems.is_empty() => Ok(cfg),
         _ => Err(c.problems),
@@ -219,6 +220,7 @@ fn build(
     raw: RawConfig,
     sut_dir: &Path,
     allow: &Allow,
+    check_build: bool,
 ) -> Option<SutConfig> {
     // image
     let image = match raw.image {
@@ -625,7 +627,11 @@ fn build(
     });
 
     // build
-    let build = raw.build.as_ref().and_then(|b| check_build(c, b, sut_dir));
+    let build = raw
+        .build
+        .as_ref()
+        .filter(|_| check_build)
+        .and_then(|b| self::check_build(c, b, sut_dir));
 
     Some(SutConfig {
         name: name?,
@@ -825,7 +831,11 @@ fn check_build(c: &mut Checker<'_>, raw: &RawBuild, sut_dir: &Path) -> Option<Bu
         return None;
     };
     let sut_dir_itself = format!("{context:?} is the sut directory itself; use a subdirectory, or every SUT file would be part of the build");
-    if !context.is_empty() && Path::new(context).components().all(|p| p == Component::CurDir) {
+    if !context.is_empty()
+        && Path::new(context)
+            .components()
+            .all(|p| p == Component::CurDir)
+    {
         c.add(&key, sut_dir_itself);
         return None;
     }
