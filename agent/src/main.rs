@@ -77,8 +77,9 @@ fn main() -> ExitCode {
         eprintln!("labvisor-agent: no config: pass --config FILE or set LABVISOR_CONFIG");
         return ExitCode::from(2);
     };
-    // The supervisor already enforced its allow flags; the agent runs what it was given.
-    let config = match config::load_file(&config_path, &Allow::all()) {
+    // The supervisor already enforced its allow flags (and built the image); the agent runs
+    // what it was given.
+    let config = match config::load_delivered_file(&config_path, &Allow::all()) {
         Ok(c) => c,
         Err(problems) => {
             eprintln!("labvisor-agent: invalid config {}:", config_path.display());

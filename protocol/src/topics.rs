@@ -19,6 +19,7 @@
 //! | `<sut>/jobs/<id>` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON |
 //! | `<sut>/jobs/<id>/output` | agent → all | 0 | no | plain text, as `<sut>/output` |
 //! | `<sut>/last_job` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON of the latest job |
+//! | `<sut>/build` | supervisor → all | 0 | no | plain UTF-8 text: one line of the SUT's image build (`[build]`), as the engine streams it |
 //! | `<sut>/supervisor` | supervisor → all | 1 | yes | [`SutView`](crate::payloads::SutView) JSON: the supervisor's view of that SUT |
 //! | `labvisor/supervisors/<id>/status` | supervisor → all | 1 | yes | [`SupervisorStatus`](crate::payloads::SupervisorStatus) JSON: birth, last will `lost`, counts |
 //!
@@ -144,6 +145,8 @@ pub enum SutTopic {
     LastJob,
     /// `<sut>/supervisor`
     Supervisor,
+    /// `<sut>/build`
+    Build,
     /// `<sut>/jobs/<id>`
     Job(JobId),
     /// `<sut>/jobs/<id>/output`
@@ -229,6 +232,10 @@ impl Topics {
     pub fn supervisor(&self, sut: &SutName) -> String {
         self.sut(sut, "supervisor")
     }
+    /// `<sut>/build`: the progress lines of the SUT's image build.
+    pub fn build(&self, sut: &SutName) -> String {
+        self.sut(sut, "build")
+    }
     /// `<sut>/jobs/<id>`: one job's status.
     pub fn job(&self, sut: &SutName, id: &JobId) -> String {
         format!("{}{}/jobs/{}", self.prefix, sut, id)
@@ -277,6 +284,7 @@ impl Topics {
             ("cancel_status", None, ..) => SutTopic::CancelStatus,
             ("last_job", None, ..) => SutTopic::LastJob,
             ("supervisor", None, ..) => SutTopic::Supervisor,
+            ("build", None, ..) => SutTopic::Build,
             ("jobs", Some(id), None, _) => SutTopic::Job(JobId::new(id).ok()?),
             ("jobs", Some(id), Some("output"), None) => SutTopic::JobOutput(JobId::new(id).ok()?),
             _ => return None,
@@ -303,6 +311,8 @@ mod tests {
         assert_eq!(t.submit(&s), "rpi4-01/submit");
         assert_eq!(t.submit_status(&s), "rpi4-01/submit_status");
         assert_eq!(t.last_job(&s), "rpi4-01/last_job");
+        assert_eq!(t.build(&s), "rpi4-01/build");
+        assert_eq!(t.parse("rpi4-01/build"), Some((s.clone(), SutTopic::Build)));
         let id = JobId::new("01J9Z").unwrap();
         assert_eq!(t.job(&s, &id), "rpi4-01/jobs/01J9Z");
         assert_eq!(t.job_output(&s, &id), "rpi4-01/jobs/01J9Z/output");

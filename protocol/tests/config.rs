@@ -654,3 +654,75 @@ fn job_template_matches_files_by_normalised_path() {
     assert_eq!(cfg.job.template.as_deref(), Some("job.yaml"));
     assert_eq!(cfg.files[0].name, "job.yaml");
 }
+
+fn build_dir() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let sut = t.path().join("sut");
+    fs::create_dir_all(sut.join("img")).unwrap();
+    fs::write(sut.join("img/Dockerfile"), "FROM scratch\nCOPY a /a\n").unwrap();
+    fs::write(sut.join("img/a"), "1").unwrap();
+    (t, sut)
+}
+
+#[test]
+fn build_context_is_hashed_into_the_config_hash() {
+    let (_t, sut) = build_dir();
+    let text = "image = \"x:built\"\n[build]\ncontext = \"./img/\"\nargs = { A = \"1\" }\n";
+    let load = || load_str("a.toml", text, &sut, &Allow::default()).unwrap();
+    let c1 = load();
+    let b = c1.build.as_ref().unwrap();
+    assert_eq!(b.context, "img");
+    assert_eq!(b.dockerfile, "Dockerfile");
+    assert_eq!(b.context_dir, sut.join("img").canonicalize().unwrap());
+    assert_eq!(load().hash(), c1.hash(), "stable");
+    fs::write(sut.join("img/a"), "2").unwrap();
+    let c2 = load();
+    assert_ne!(c2.hash(), c1.hash(), "a context file changed");
+    assert_ne!(c2.build.as_ref().unwrap().hash(), b.hash());
+    fs::write(sut.join("img/new"), "").unwrap();
+    assert_ne!(load().hash(), c2.hash(), "a file was added");
+    // Configs without [build] keep the hash they had before [build] existed.
+    let plain = load_str("a.toml", "image = \"x\"\n", &sut, &Allow::default()).unwrap();
+    assert!(!serde_json::to_string(&plain).unwrap().contains("build"));
+}
+
+#[test]
+fn build_context_and_dockerfile_symlink_escapes_are_refused() {
+    let (t, sut) = build_dir();
+    let outside = t.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("Dockerfile"), "FROM scratch\n").unwrap();
+    std::os::unix::fs::symlink(&outside, sut.join("escape")).unwrap();
+    let p = load_str(
+        "a.toml",
+        "image = \"x\"\n[build]\ncontext = \"escape\"\n",
+        &sut,
+        &Allow::default(),
+    )
+    .unwrap_err();
+    assert_eq!(p.len(), 1);
+    assert_eq!(p[0].key, "build.context");
+    assert!(p[0].message.contains("symlink escape refused"), "{p:?}");
+
+    std::os::unix::fs::symlink(outside.join("Dockerfile"), sut.join("img/Outside")).unwrap();
+    let p = load_str(
+        "a.toml",
+        "image = \"x\"\n[build]\ncontext = \"img\"\ndockerfile = \"Outside\"\n",
+        &sut,
+        &Allow::default(),
+    )
+    .unwrap_err();
+    assert_eq!(p[0].key, "build.dockerfile");
+    assert!(p[0].message.contains("outside the build context"), "{p:?}");
+
+    // The agent's view: [build] parsed but not checked (the context is not in the container).
+    fs::write(
+        sut.join("b.toml"),
+        "image = \"x\"\n[build]\ncontext = \"gone\"\n",
+    )
+    .unwrap();
+    assert!(load_file(&sut.join("b.toml"), &Allow::default()).is_err());
+    let c = labvisor_protocol::config::load_delivered_file(&sut.join("b.toml"), &Allow::default())
+        .unwrap();
+    assert!(c.build.is_none());
+}

@@ -16,8 +16,9 @@ use std::time::Duration;
 use bollard::errors::Error as BollardError;
 use bollard::models::{ContainerSummaryStateEnum, NetworkCreateRequest, VolumeCreateRequest};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveVolumeOptionsBuilder, RestartContainerOptionsBuilder,
+    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    EventsOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptionsBuilder, RemoveVolumeOptionsBuilder, RestartContainerOptionsBuilder,
     StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
@@ -26,7 +27,10 @@ use labvisor_protocol::payloads::Health;
 use tracing::{debug, warn};
 
 use crate::plan::RunState;
-use crate::spec::{ContainerSpec, Named, LABEL_MANAGED_BY, LABEL_SUPERVISOR, MANAGED_BY};
+use crate::spec::{
+    ContainerSpec, ImageSpec, Named, LABEL_BUILD_HASH, LABEL_MANAGED_BY, LABEL_SUPERVISOR,
+    MANAGED_BY,
+};
 
 /// A failed runtime operation.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -48,6 +52,22 @@ pub enum RuntimeError {
     /// The engine could not be reached.
     #[error("docker unreachable: {0}")]
     Unreachable(String),
+    /// The image is absent and the pull failed (no registry, unknown image, ...).
+    #[error("image {image} is not present locally and could not be pulled: {reason}; build it locally (docker build -t {image} ...) or add a [build] section to the SUT file")]
+    ImageUnavailable {
+        /// The image reference.
+        image: String,
+        /// Why the pull failed, as the engine said.
+        reason: String,
+    },
+    /// Building the SUT's image (`[build]`) failed.
+    #[error("building image {image} failed: {message}")]
+    BuildFailed {
+        /// The tag being built.
+        image: String,
+        /// The engine's error and the last lines of the build output.
+        message: String,
+    },
 }
 
 impl From<BollardError> for RuntimeError {
@@ -99,6 +119,23 @@ pub struct RuntimeEvent {
     pub sut: Option<String>,
 }
 
+/// What [`ContainerRuntime::ensure_image`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageOutcome {
+    /// The image was present (and, with `[build]`, carried the wanted build hash).
+    Present,
+    /// The image was pulled.
+    Pulled,
+    /// The image was built; its id.
+    Built(String),
+}
+
+/// Receives the progress lines of a build or pull, one line at a time, without line ends.
+pub type Progress = dyn Fn(&str) + Send + Sync;
+
+/// Lines of build output kept for the error message of a failed build.
+const BUILD_ERROR_TAIL: usize = 12;
+
 /// A stream of runtime events; it ends (or yields an error) when the engine goes away.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<RuntimeEvent, RuntimeError>> + Send>>;
 
@@ -114,6 +151,15 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         &self,
         spec: &ContainerSpec,
     ) -> impl Future<Output = Result<String, RuntimeError>> + Send;
+    /// Makes sure the image of `spec` is present: used as is when it is there; with `[build]`,
+    /// built when absent or when its build-hash label differs; otherwise pulled when absent
+    /// ([`RuntimeError::ImageUnavailable`] when that fails). Build and pull output goes to
+    /// `progress` as it streams.
+    fn ensure_image(
+        &self,
+        spec: &ImageSpec,
+        progress: &Progress,
+    ) -> impl Future<Output = Result<ImageOutcome, RuntimeError>> + Send;
     /// Starts a stopped container.
     fn start(&self, id: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Stops a container (TERM, then KILL after `timeout`).
@@ -271,6 +317,257 @@ impl DockerRuntime {
     }
 }
 
+impl DockerRuntime {
+    /// The image's build-hash and managed-by labels and its id; `None` when it is absent.
+    async fn image_state(&self, image: &str) -> Result<Option<ImageState>, RuntimeError> {
+        match self.docker.inspect_image(image).await {
+            Ok(i) => {
+                let labels = i.config.and_then(|c| c.labels).unwrap_or_default();
+                Ok(Some(ImageState {
+                    id: i.id.unwrap_or_default(),
+                    build_hash: labels.get(LABEL_BUILD_HASH).cloned(),
+                    managed: labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY),
+                }))
+            }
+            Err(e) => match RuntimeError::from(e) {
+                RuntimeError::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn pull(&self, image: &str, progress: &Progress) -> Result<(), RuntimeError> {
+        let (repo, tag) = split_reference(image);
+        let opts = CreateImageOptionsBuilder::default()
+            .from_image(repo)
+            .tag(tag)
+            .build();
+        let unavailable = |reason: String| RuntimeError::ImageUnavailable {
+            image: image.to_owned(),
+            reason,
+        };
+        let mut stream = self.docker.create_image(Some(opts), None, None);
+        let mut last = String::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(message) = info.error_detail.and_then(|d| d.message) {
+                        return Err(unavailable(message));
+                    }
+                    if let Some(status) = info.status {
+                        let line = match info.id {
+                            Some(id) => format!("{id}: {status}"),
+                            None => status,
+                        };
+                        // Download progress repeats the same status many times.
+                        if line != last {
+                            progress(&line);
+                            last = line;
+                        }
+                    }
+                }
+                Err(BollardError::DockerResponseServerError { message, .. }) => {
+                    return Err(unavailable(message))
+                }
+                Err(BollardError::DockerStreamError { error }) => return Err(unavailable(error)),
+                Err(other) => {
+                    return Err(match RuntimeError::from(other) {
+                        RuntimeError::Unreachable(m) => RuntimeError::Unreachable(m),
+                        e => unavailable(e.to_string()),
+                    })
+                }
+            }
+        }
+        match self.image_state(image).await? {
+            Some(_) => Ok(()),
+            None => Err(unavailable(
+                "the pull ended without error, but the image is still missing".into(),
+            )),
+        }
+    }
+
+    async fn build(
+        &self,
+        image: &str,
+        build: &crate::spec::BuildSpec,
+        old: Option<ImageState>,
+        progress: &Progress,
+    ) -> Result<ImageOutcome, RuntimeError> {
+        let failed = |message: String| RuntimeError::BuildFailed {
+            image: image.to_owned(),
+            message,
+        };
+        // Read and pack the context as it is now; the label says what was actually sent.
+        let dir = build.context_dir.clone();
+        let (context_hash, tar) = tokio::task::spawn_blocking(move || {
+            let entries = labvisor_protocol::config::read_context(
+                &dir,
+                labvisor_protocol::config::MAX_CONTEXT_SIZE,
+            )
+            .map_err(|e| format!("the build context {} {e}", dir.display()))?;
+            let tar = context_tar(&entries)?;
+            Ok::<_, String>((labvisor_protocol::config::context_hash(&entries), tar))
+        })
+        .await
+        .map_err(|e| failed(format!("reading the build context panicked: {e}")))?
+        .map_err(failed)?;
+        let hash =
+            labvisor_protocol::config::build_hash(&context_hash, &build.dockerfile, &build.args);
+        if old.as_ref().and_then(|o| o.build_hash.as_deref()) == Some(hash.as_str()) {
+            return Ok(ImageOutcome::Present);
+        }
+        let mut labels = build.labels.clone();
+        labels.insert(LABEL_BUILD_HASH.into(), hash.clone());
+        let args: HashMap<String, String> = build
+            .args
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let opts = BuildImageOptionsBuilder::default()
+            .dockerfile(&build.dockerfile)
+            .t(image)
+            .rm(true)
+            .forcerm(true)
+            .buildargs(&args)
+            .labels(&labels)
+            .build();
+        let mut stream = self
+            .docker
+            .build_image(opts, None, Some(bollard::body_full(tar.into())));
+        let mut tail: std::collections::VecDeque<String> = Default::default();
+        let mut built_id: Option<String> = None;
+        let with_tail = |message: &str, tail: &std::collections::VecDeque<String>| {
+            if tail.is_empty() {
+                message.trim().to_owned()
+            } else {
+                let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
+                format!("{}; last output: {}", message.trim(), lines.join(" | "))
+            }
+        };
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    for text in [info.stream, info.status].into_iter().flatten() {
+                        for line in text.lines() {
+                            let line = line.trim_end();
+                            if line.is_empty() {
+                                continue;
+                            }
+                            progress(line);
+                            if tail.len() == BUILD_ERROR_TAIL {
+                                tail.pop_front();
+                            }
+                            tail.push_back(line.to_owned());
+                        }
+                    }
+                    if let Some(id) = info.aux.and_then(|a| a.id) {
+                        built_id = Some(id);
+                    }
+                    if let Some(message) = info.error_detail.and_then(|d| d.message) {
+                        return Err(failed(with_tail(&message, &tail)));
+                    }
+                }
+                Err(BollardError::DockerStreamError { error }) => {
+                    return Err(failed(with_tail(&error, &tail)))
+                }
+                Err(BollardError::DockerResponseServerError { message, .. }) => {
+                    return Err(failed(with_tail(&message, &tail)))
+                }
+                // bollard#560: a spurious framing error after the last message.
+                Err(e) if built_id.is_some() && e.to_string().contains("bytes remaining") => {
+                    debug!(image, error = %e, "Ignoring a framing error after the build finished.");
+                    break;
+                }
+                Err(other) => {
+                    return Err(match RuntimeError::from(other) {
+                        RuntimeError::Unreachable(m) => RuntimeError::Unreachable(m),
+                        e => failed(with_tail(&e.to_string(), &tail)),
+                    })
+                }
+            }
+        }
+        let new = self.image_state(image).await?;
+        let new = match new {
+            Some(n) if n.build_hash.as_deref() == Some(hash.as_str()) => n,
+            _ => {
+                return Err(failed(with_tail(
+                    "the build ended without error, but the tagged image does not carry the new build hash",
+                    &tail,
+                )))
+            }
+        };
+        // The superseded image of an earlier build is now untagged: remove it (this fails,
+        // harmlessly, while a container still uses it).
+        if let Some(old) = old.filter(|o| o.managed && o.id != new.id && !o.id.is_empty()) {
+            let opts = RemoveImageOptionsBuilder::default().force(false).build();
+            match self.docker.remove_image(&old.id, Some(opts), None).await {
+                Ok(_) => debug!(image, old = %old.id, "Removed the superseded image."),
+                Err(error) => {
+                    debug!(image, old = %old.id, error = %error, "Kept the superseded image.")
+                }
+            }
+        }
+        Ok(ImageOutcome::Built(new.id))
+    }
+}
+
+/// What [`DockerRuntime`] needs to know about a local image.
+#[derive(Debug, Clone)]
+struct ImageState {
+    id: String,
+    build_hash: Option<String>,
+    managed: bool,
+}
+
+/// `repo[:tag]` or `repo@digest` → (repo, tag or digest); the tag defaults to `latest`. A `:`
+/// before the last `/` belongs to a registry's port.
+pub fn split_reference(r: &str) -> (&str, &str) {
+    if let Some((repo, digest)) = r.split_once('@') {
+        return (repo, digest);
+    }
+    let name_start = r.rfind('/').map_or(0, |i| i + 1);
+    match r[name_start..].rfind(':') {
+        Some(i) => (&r[..name_start + i], &r[name_start + i + 1..]),
+        None => (r, "latest"),
+    }
+}
+
+/// The build context as the tar archive the engine expects (GNU headers, so long paths work).
+pub fn context_tar(entries: &[labvisor_protocol::config::ContextEntry]) -> Result<Vec<u8>, String> {
+    use labvisor_protocol::config::EntryKind;
+    let mut b = tar::Builder::new(Vec::new());
+    let err = |p: &str, e: std::io::Error| format!("cannot pack {p:?} into the build context: {e}");
+    for e in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(e.mode);
+        h.set_mtime(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        match &e.kind {
+            EntryKind::Dir => {
+                h.set_entry_type(tar::EntryType::Directory);
+                h.set_size(0);
+                b.append_data(&mut h, format!("{}/", e.path), std::io::empty())
+                    .map_err(|x| err(&e.path, x))?;
+            }
+            EntryKind::File(content) => {
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_size(content.len() as u64);
+                b.append_data(&mut h, &e.path, &content[..])
+                    .map_err(|x| err(&e.path, x))?;
+            }
+            EntryKind::Symlink(target) => {
+                h.set_entry_type(tar::EntryType::Symlink);
+                h.set_mode(0o777);
+                h.set_size(0);
+                b.append_link(&mut h, &e.path, target)
+                    .map_err(|x| err(&e.path, x))?;
+            }
+        }
+    }
+    b.into_inner().map_err(|x| err("", x))
+}
+
 fn secs(d: Duration) -> i32 {
     i32::try_from(d.as_secs()).unwrap_or(i32::MAX)
 }
@@ -322,6 +619,25 @@ impl ContainerRuntime for DockerRuntime {
             return Err(e);
         }
         Ok(id)
+    }
+
+    async fn ensure_image(
+        &self,
+        spec: &ImageSpec,
+        progress: &Progress,
+    ) -> Result<ImageOutcome, RuntimeError> {
+        let current = self.image_state(&spec.image).await?;
+        match &spec.build {
+            None if current.is_some() => Ok(ImageOutcome::Present),
+            None => {
+                self.pull(&spec.image, progress).await?;
+                Ok(ImageOutcome::Pulled)
+            }
+            Some(b) if current.as_ref().and_then(|c| c.build_hash.as_deref()) == Some(&b.hash) => {
+                Ok(ImageOutcome::Present)
+            }
+            Some(b) => self.build(&spec.image, b, current, progress).await,
+        }
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
@@ -430,6 +746,10 @@ pub enum FakeCall {
     Restart(String),
     /// `remove_volume` of a name.
     RemoveVolume(String),
+    /// A build of an image (`ensure_image` with `[build]` and a stale or absent image).
+    Build(String),
+    /// A pull of an absent image.
+    Pull(String),
 }
 
 #[derive(Debug, Default)]
@@ -438,6 +758,10 @@ struct FakeState {
     volumes: Vec<String>,
     calls: Vec<FakeCall>,
     fail_create: Vec<String>,
+    absent: Vec<String>,
+    unpullable: Vec<String>,
+    built: BTreeMap<String, String>,
+    fail_build: Vec<String>,
     down: bool,
     next_id: u64,
 }
@@ -496,6 +820,42 @@ impl FakeRuntime {
                 s.fail_create.push(name.to_owned());
             }
         });
+    }
+
+    /// Makes `image` absent locally (or present again). Images are present unless made absent
+    /// here; images with `[build]` are absent until built.
+    pub fn set_absent(&self, image: &str, absent: bool) {
+        self.with(|s| {
+            s.absent.retain(|n| n != image);
+            if absent {
+                s.absent.push(image.to_owned());
+            }
+        });
+    }
+
+    /// Makes the pull of `image` fail as if no registry were reachable (or succeed again).
+    pub fn fail_pull(&self, image: &str, fail: bool) {
+        self.with(|s| {
+            s.unpullable.retain(|n| n != image);
+            if fail {
+                s.unpullable.push(image.to_owned());
+            }
+        });
+    }
+
+    /// Makes builds of `image` fail (or succeed again).
+    pub fn fail_build(&self, image: &str, fail: bool) {
+        self.with(|s| {
+            s.fail_build.retain(|n| n != image);
+            if fail {
+                s.fail_build.push(image.to_owned());
+            }
+        });
+    }
+
+    /// The build hash each built image carries.
+    pub fn built(&self) -> BTreeMap<String, String> {
+        self.with(|s| s.built.clone())
     }
 
     /// Makes the engine unreachable (or reachable again).
@@ -565,6 +925,49 @@ impl ContainerRuntime for FakeRuntime {
         })
     }
 
+    async fn ensure_image(
+        &self,
+        spec: &ImageSpec,
+        progress: &Progress,
+    ) -> Result<ImageOutcome, RuntimeError> {
+        self.up()?;
+        let image = spec.image.clone();
+        let Some(b) = &spec.build else {
+            let (absent, unpullable) =
+                self.with(|s| (s.absent.contains(&image), s.unpullable.contains(&image)));
+            if !absent {
+                return Ok(ImageOutcome::Present);
+            }
+            self.with(|s| s.calls.push(FakeCall::Pull(image.clone())));
+            if unpullable {
+                return Err(RuntimeError::ImageUnavailable {
+                    image,
+                    reason: "fake registry unreachable".into(),
+                });
+            }
+            progress(&format!("fake pull of {image}"));
+            self.set_absent(&image, false);
+            return Ok(ImageOutcome::Pulled);
+        };
+        if self.with(|s| s.built.get(&image) == Some(&b.hash)) {
+            return Ok(ImageOutcome::Present);
+        }
+        self.with(|s| s.calls.push(FakeCall::Build(image.clone())));
+        progress(&format!("Step 1/1 : fake build of {image}"));
+        if self.with(|s| s.fail_build.contains(&image)) {
+            return Err(RuntimeError::BuildFailed {
+                image,
+                message: "fake build failure".into(),
+            });
+        }
+        let n = self.with(|s| {
+            s.built.insert(image.clone(), b.hash.clone());
+            s.next_id += 1;
+            s.next_id
+        });
+        Ok(ImageOutcome::Built(format!("sha256:fakeimage{n:04}")))
+    }
+
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
         self.up()?;
         self.exists(id)?;
@@ -621,6 +1024,77 @@ impl ContainerRuntime for FakeRuntime {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_references_split_into_repo_and_tag() {
+        assert_eq!(split_reference("busybox"), ("busybox", "latest"));
+        assert_eq!(
+            split_reference("labvisor/busybox:local"),
+            ("labvisor/busybox", "local")
+        );
+        assert_eq!(
+            split_reference("no-such-registry.invalid/nothing:1"),
+            ("no-such-registry.invalid/nothing", "1")
+        );
+        assert_eq!(
+            split_reference("localhost:5000/x/y"),
+            ("localhost:5000/x/y", "latest")
+        );
+        assert_eq!(
+            split_reference("localhost:5000/y:2"),
+            ("localhost:5000/y", "2")
+        );
+        assert_eq!(split_reference("a/b@sha256:abc"), ("a/b", "sha256:abc"));
+    }
+
+    #[test]
+    fn context_tar_holds_dirs_files_and_links() {
+        use labvisor_protocol::config::{ContextEntry, EntryKind};
+        let long = format!("d/{}", "x".repeat(200));
+        let entries = vec![
+            ContextEntry {
+                path: "Dockerfile".into(),
+                mode: 0o644,
+                kind: EntryKind::File(b"FROM scratch".to_vec()),
+            },
+            ContextEntry {
+                path: "d".into(),
+                mode: 0o755,
+                kind: EntryKind::Dir,
+            },
+            ContextEntry {
+                path: long.clone(),
+                mode: 0o755,
+                kind: EntryKind::File(b"#!".to_vec()),
+            },
+            ContextEntry {
+                path: "l".into(),
+                mode: 0,
+                kind: EntryKind::Symlink("/etc/passwd".into()),
+            },
+        ];
+        let tar = context_tar(&entries).unwrap();
+        let mut ar = tar::Archive::new(&tar[..]);
+        let mut seen = Vec::new();
+        for e in ar.entries().unwrap() {
+            let mut e = e.unwrap();
+            let path = e.path().unwrap().display().to_string();
+            let kind = e.header().entry_type();
+            let mode = e.header().mode().unwrap();
+            let link = e.link_name().unwrap().map(|l| l.display().to_string());
+            let mut content = String::new();
+            std::io::Read::read_to_string(&mut e, &mut content).unwrap();
+            seen.push((path, kind, mode, link, content));
+        }
+        assert_eq!(seen.len(), 4);
+        assert_eq!(seen[0].0, "Dockerfile");
+        assert_eq!(seen[0].4, "FROM scratch");
+        assert_eq!(seen[1].1, tar::EntryType::Directory);
+        assert_eq!(seen[2].0, long);
+        assert_eq!(seen[2].2, 0o755);
+        assert_eq!(seen[3].1, tar::EntryType::Symlink);
+        assert_eq!(seen[3].3.as_deref(), Some("/etc/passwd"));
+    }
 
     #[test]
     fn health_suffixes() {

@@ -10,6 +10,8 @@
 //! - [`plan`]: the pure reconcile plan (desired SUT files vs. actual containers → actions).
 //! - [`spec`]: what an agent container looks like (create request, labels, injected files).
 //! - [`docker`]: the [`docker::ContainerRuntime`] trait, its bollard implementation and a fake.
+//! - [`image`]: the SUT's image before create: used when present, else pulled or built
+//!   (`[build]`), with progress on the log and `<sut>/build`.
 //! - [`supervise`]: `labvisor supervise`, the reconcile loop (watching, healing, status).
 //! - [`metrics`]: its Prometheus metrics, `/metrics` and `/healthz`, and `labvisor healthz`.
 //! - [`import`]: `labvisor import <dir>`, converting testflinger-docker triplets to SUT files.
@@ -18,6 +20,7 @@ pub mod broker;
 pub mod check;
 pub mod client;
 pub mod docker;
+pub mod image;
 pub mod import;
 pub mod metrics;
 pub mod plan;

@@ -26,6 +26,10 @@
 //!   `io.labvisor.supervisor=<id>`, `io.labvisor.sut=<sut>` (not on the network),
 //!   `io.labvisor.config-hash=<hash>` (container only), the `--extra-label`s, and on the
 //!   container the SUT's own `labels`.
+//! - Image ([`ImageSpec`], made sure of before create): used as is when present locally, else
+//!   pulled. With `[build]`, built (classic builder) when absent or when its
+//!   `io.labvisor.build-hash` label differs from the config's build hash; a built image is
+//!   labelled managed-by, supervisor, SUT, build hash and the `--extra-label`s.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -46,6 +50,9 @@ pub const LABEL_SUPERVISOR: &str = "io.labvisor.supervisor";
 pub const LABEL_SUT: &str = "io.labvisor.sut";
 /// Label: the config hash the container was created from.
 pub const LABEL_CONFIG_HASH: &str = "io.labvisor.config-hash";
+/// Label of a built image: the build hash ([`labvisor_protocol::config::build_hash`]) it was
+/// built from.
+pub const LABEL_BUILD_HASH: &str = "io.labvisor.build-hash";
 /// Value of [`LABEL_MANAGED_BY`].
 pub const MANAGED_BY: &str = "labvisor";
 
@@ -143,6 +150,53 @@ pub struct ContainerSpec {
     /// The tar archive uploaded to `/` before start, as chunks (the binaries are shared, not
     /// copied).
     pub archive: Vec<Bytes>,
+}
+
+/// The image a SUT's container needs, and how to get it when it is absent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSpec {
+    /// The SUT.
+    pub sut: SutName,
+    /// The image reference (with `[build]`: the tag the build produces).
+    pub image: String,
+    /// How to build it; `None`: pull it when absent.
+    pub build: Option<BuildSpec>,
+}
+
+/// How to build a SUT's image (from its `[build]` section).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildSpec {
+    /// The context directory (resolved).
+    pub context_dir: std::path::PathBuf,
+    /// The Dockerfile, relative to the context.
+    pub dockerfile: String,
+    /// Build args.
+    pub args: BTreeMap<String, String>,
+    /// The build hash the image must carry in [`LABEL_BUILD_HASH`] (as loaded; the runtime
+    /// recomputes it from the context it actually sends).
+    pub hash: String,
+    /// Labels of the built image: managed-by, supervisor, SUT, the `--extra-label`s (the build
+    /// hash is added by the runtime).
+    pub labels: HashMap<String, String>,
+}
+
+/// The image of `cfg`.
+pub fn image_spec(cfg: &SutConfig, ctx: &SpecContext) -> ImageSpec {
+    ImageSpec {
+        sut: cfg.name.clone(),
+        image: cfg.image.clone(),
+        build: cfg.build.as_ref().map(|b| {
+            let mut labels = ctx.base_labels();
+            labels.insert(LABEL_SUT.into(), cfg.name.to_string());
+            BuildSpec {
+                context_dir: b.context_dir.clone(),
+                dockerfile: b.dockerfile.clone(),
+                args: b.args.clone(),
+                hash: b.hash(),
+                labels,
+            }
+        }),
+    }
 }
 
 fn nanos(d: std::time::Duration) -> i64 {

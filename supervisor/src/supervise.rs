@@ -201,6 +201,8 @@ struct Done {
 struct Exec<R> {
     runtime: Arc<R>,
     settings: Settings,
+    /// Where image build lines are published (`<sut>/build`).
+    link: Option<MqttLink>,
 }
 
 fn backoff(failures: u32, min: Duration, max: Duration) -> Duration {
@@ -236,6 +238,14 @@ impl<R: ContainerRuntime> Exec<R> {
 
     async fn create(&self, sut: &SutName) -> Result<String, ActionError> {
         let (cfg, bytes) = self.load(sut).await?;
+        crate::image::ensure(
+            &*self.runtime,
+            &cfg,
+            &self.settings.spec,
+            &self.settings.topics,
+            self.link.as_ref(),
+        )
+        .await?;
         let spec = container_spec(&cfg, &bytes, &cfg.hash(), &self.settings.spec)?;
         Ok(self.runtime.create(&spec).await?)
     }
@@ -299,6 +309,8 @@ struct Supervisor<R> {
     /// Earliest retry or healing deadline.
     wake_at: Option<Instant>,
     metrics: Metrics,
+    /// Build contexts (`[build]`) watched recursively with the directory's watcher.
+    contexts: BTreeSet<PathBuf>,
 }
 
 /// Runs the supervisor until `shutdown` resolves. Leaves the agents running.
@@ -366,7 +378,11 @@ pub async fn run<R: ContainerRuntime>(
 
     let mut sup = Supervisor {
         semaphore: Arc::new(Semaphore::new(settings.parallelism.max(1))),
-        exec: Arc::new(Exec { runtime, settings }),
+        exec: Arc::new(Exec {
+            runtime,
+            settings,
+            link: link.clone(),
+        }),
         link,
         tasks: JoinSet::new(),
         done_tx,
@@ -381,6 +397,7 @@ pub async fn run<R: ContainerRuntime>(
         pass_due: Some(Instant::now()),
         wake_at: None,
         metrics,
+        contexts: BTreeSet::new(),
     };
     info!(dir = %sup.exec.settings.sut_dir.display(), supervisor = %sup.exec.settings.spec.supervisor, "Supervising.");
     let mut fs_due: Option<Instant> = None;
@@ -594,6 +611,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             }
         }
         self.watch = None;
+        self.contexts.clear();
         if ino.is_none() {
             return;
         }
@@ -632,6 +650,38 @@ impl<R: ContainerRuntime> Supervisor<R> {
         }
     }
 
+    /// Watches the build contexts of valid SUTs recursively (they live in subdirectories the
+    /// directory watch does not see), so a changed context rebuilds without waiting for the
+    /// resync.
+    fn watch_contexts(&mut self, scan: &Scan) {
+        let Some((w, _)) = &mut self.watch else {
+            return;
+        };
+        let wanted: BTreeSet<PathBuf> = scan
+            .valid
+            .values()
+            .filter_map(|c| c.build.as_ref().map(|b| b.context_dir.clone()))
+            .collect();
+        for gone in self.contexts.difference(&wanted) {
+            let _ = w.unwatch(gone);
+        }
+        self.contexts.retain(|c| wanted.contains(c));
+        for dir in wanted {
+            if self.contexts.contains(&dir) {
+                continue;
+            }
+            match w.watch(&dir, notify::RecursiveMode::Recursive) {
+                Ok(()) => {
+                    debug!(dir = %dir.display(), "Watching a build context.");
+                    self.contexts.insert(dir);
+                }
+                Err(error) => {
+                    warn!(dir = %dir.display(), error = %error, "Cannot watch a build context; relying on the periodic resync.");
+                }
+            }
+        }
+    }
+
     async fn pass(&mut self) {
         let now = Instant::now();
         self.ensure_watch();
@@ -651,6 +701,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 return;
             }
         };
+        self.watch_contexts(&scan);
         let list = match self.exec.runtime.list().await {
             Ok(l) => {
                 if !self.docker_reachable {

@@ -54,10 +54,14 @@
 //! | `probe.url` | string | *required in `[probe]`* | Optional reachability probe of the device: `tcp://host:port` or `http(s)://…`. |
 //! | `probe.interval` | duration | `"60s"` | How often the device is probed. |
 //! | `probe.timeout` | duration | `"10s"` | Probe timeout; shorter than `probe.interval`. |
+//! | `build.context` | string | *required in `[build]`* | Optional image build: a directory next to the SUT file (relative, no `..`, inside the sut directory after resolving symlinks, not the sut directory itself). With `[build]`, `image` is the tag the supervisor builds (classic builder) and runs; it rebuilds when the context, `dockerfile` or `args` change. The config hash covers every file of the context (paths, permission bits, contents; symlinks as links), at most 64 MiB in all. |
+//! | `build.dockerfile` | string | `"Dockerfile"` | The Dockerfile, relative to `build.context` (no `..`); must be a regular file inside the context. |
+//! | `build.args` | table of strings | `{}` | Build args (`--build-arg KEY=VALUE`). Keys non-empty, without `=`. |
 //!
 //! Zero durations are refused everywhere except `health.start_period`; durations longer than 365
 //! days are refused everywhere.
 
+mod build;
 mod locate;
 mod raw;
 mod template;
@@ -76,6 +80,10 @@ use sha2::{Digest, Sha256};
 use crate::name::SutName;
 use units::ser_duration;
 
+pub use build::{
+    build_hash, context_hash, read_context, ContextEntry, EntryKind, MAX_CONTEXT_ENTRIES,
+    MAX_CONTEXT_SIZE,
+};
 pub use template::{CommandTemplate, JobVars, TemplateError, JOB_PLACEHOLDERS};
 
 /// Where the `files` of a SUT appear inside its container: `files = ["a.yaml"]` becomes
@@ -196,6 +204,10 @@ pub struct SutConfig {
     pub log: LogSettings,
     /// Optional reachability probe of the device.
     pub probe: Option<Probe>,
+    /// Optional image build (`[build]`); `image` is then the tag it produces. Left out of the
+    /// serialisation (and so of the hash) when absent, so configs without it keep their hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build: Option<Build>,
 }
 
 impl SutConfig {
@@ -414,6 +426,31 @@ pub struct Probe {
     pub timeout: Duration,
 }
 
+/// The `[build]` section: how the SUT's image is built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Build {
+    /// The context directory, normalised, relative to the sut directory.
+    pub context: String,
+    /// The Dockerfile, normalised, relative to the context.
+    pub dockerfile: String,
+    /// Build args.
+    pub args: BTreeMap<String, String>,
+    /// [`context_hash`] of the context when the config was loaded.
+    pub context_hash: String,
+    /// The context directory, resolved (absolute, symlinks resolved); not part of the hash, so
+    /// moving the whole sut directory rebuilds nothing.
+    #[serde(skip)]
+    pub context_dir: PathBuf,
+}
+
+impl Build {
+    /// The build hash ([`build_hash`]) of this build as loaded: the image label that says the
+    /// image is up to date.
+    pub fn hash(&self) -> String {
+        build_hash(&self.context_hash, &self.dockerfile, &self.args)
+    }
+}
+
 /// What a [`Probe`] connects to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeTarget {
@@ -449,6 +486,17 @@ impl Serialize for ProbeTarget {
 /// Loads and validates the SUT file at `path`; its sut directory is the file's parent.
 /// Problems name the file as `path` is displayed.
 pub fn load_file(path: &Path, allow: &Allow) -> Result<SutConfig, Vec<Problem>> {
+    load_path(path, allow, true)
+}
+
+/// Loads the SUT file at `path` as it is delivered into the agent's container: like
+/// [`load_file`], except that `[build]` is only parsed (its context stays on the supervisor's
+/// side and is not in the container), and the result's `build` is `None`.
+pub fn load_delivered_file(path: &Path, allow: &Allow) -> Result<SutConfig, Vec<Problem>> {
+    load_path(path, allow, false)
+}
+
+fn load_path(path: &Path, allow: &Allow, check_build: bool) -> Result<SutConfig, Vec<Problem>> {
     let display = path.display().to_string();
     let problem = |message: String| {
         vec![Problem {
@@ -479,7 +527,7 @@ pub fn load_file(path: &Path, allow: &Allow) -> Result<SutConfig, Vec<Problem>> 
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
     };
-    validate::load(&display, &stem, &text, sut_dir, allow)
+    validate::load(&display, &stem, &text, sut_dir, allow, check_build)
 }
 
 /// Validates `text` as the SUT file `file_name` (e.g. `rpi4-01.toml`, whose stem is the SUT name)
@@ -494,7 +542,7 @@ pub fn load_str(
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    validate::load(file_name, &stem, text, sut_dir, allow)
+    validate::load(file_name, &stem, text, sut_dir, allow, true)
 }
 
 /// Reads at most `limit` bytes; `None` if the file is larger.

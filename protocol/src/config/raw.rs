@@ -28,6 +28,15 @@ pub(crate) struct RawConfig {
     pub resources: RawResources,
     pub log: RawLog,
     pub probe: Option<RawProbe>,
+    pub build: Option<RawBuild>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [build] table")]
+pub(crate) struct RawBuild {
+    pub context: Option<String>,
+    pub dockerfile: Option<String>,
+    pub args: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

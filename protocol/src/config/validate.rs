@@ -8,7 +8,7 @@ use std::time::Duration;
 use toml::de::DeTable;
 
 use super::locate::{line_of, path_at, span_of, KeyPath};
-use super::raw::{RawConfig, RawDuration, RawSize};
+use super::raw::{RawBuild, RawConfig, RawDuration, RawSize};
 use super::units::{parse_duration, parse_size};
 use super::*;
 
@@ -126,6 +126,7 @@ pub(crate) fn load(
     text: &str,
     sut_dir: &Path,
     allow: &Allow,
+    check_build: bool,
 ) -> Result<SutConfig, Vec<Problem>> {
     let (doc, syntax) = DeTable::parse_recoverable(text);
     if !syntax.is_empty() {
@@ -182,7 +183,7 @@ pub(crate) fn load(
         }
     };
 
-    let config = build(&mut c, name, raw, sut_dir, allow);
+    let config = build(&mut c, name, raw, sut_dir, allow, check_build);
     match config {
         Some(cfg) if c.problems.is_empty() => Ok(cfg),
         _ => Err(c.problems),
@@ -219,6 +220,7 @@ fn build(
     raw: RawConfig,
     sut_dir: &Path,
     allow: &Allow,
+    check_build: bool,
 ) -> Option<SutConfig> {
     // image
     let image = match raw.image {
@@ -624,6 +626,13 @@ fn build(
         })
     });
 
+    // build
+    let build = raw
+        .build
+        .as_ref()
+        .filter(|_| check_build)
+        .and_then(|b| self::check_build(c, b, sut_dir));
+
     Some(SutConfig {
         name: name?,
         image,
@@ -642,6 +651,7 @@ fn build(
         resources,
         log,
         probe,
+        build,
     })
 }
 
@@ -706,68 +716,24 @@ fn check_files(c: &mut Checker<'_>, raw: &[String], sut_dir: &Path) -> Vec<SutFi
     let mut seen = BTreeMap::new();
     for (i, f) in raw.iter().enumerate() {
         let key = k("files").index(i);
-        if f.is_empty() {
-            c.add(&key, "must not be empty");
-            continue;
-        }
-        if f.contains('\0') {
-            c.add(&key, "must not contain a NUL character");
-            continue;
-        }
-        let path = Path::new(f);
-        if path.has_root() || path.is_absolute() {
-            c.add(
-                &key,
-                format!("{f:?} is an absolute path; files must be relative to the sut directory"),
-            );
-            continue;
-        }
-        if path.components().any(|comp| comp == Component::ParentDir) {
-            c.add(
-                &key,
-                format!(
-                    "{f:?} contains a `..` component; files must stay inside the sut directory"
-                ),
-            );
-            continue;
-        }
-        let Some(name) = normalise(f) else {
-            c.add(&key, format!("{f:?} does not name a file"));
-            continue;
+        let name = match lexical(f, "files", "the sut directory") {
+            Ok(n) => n,
+            Err(e) => {
+                c.add(&key, e);
+                continue;
+            }
         };
         if let Some(first) = seen.insert(name.clone(), i) {
             c.add(&key, format!("{f:?} is already listed as files[{first}]"));
             continue;
         }
-        let joined = canon_dir.join(&name);
-        let resolved = match joined.canonicalize() {
+        let resolved = match resolve_inside(f, &name, &canon_dir, sut_dir, "the sut directory") {
             Ok(p) => p,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                c.add(
-                    &key,
-                    format!(
-                        "{f:?} does not exist in the sut directory {}",
-                        sut_dir.display()
-                    ),
-                );
-                continue;
-            }
             Err(e) => {
-                c.add(&key, format!("cannot resolve {f:?}: {e}"));
+                c.add(&key, e);
                 continue;
             }
         };
-        if !resolved.starts_with(&canon_dir) {
-            c.add(
-                &key,
-                format!(
-                    "{f:?} resolves to {}, outside the sut directory {} (symlink escape refused)",
-                    resolved.display(),
-                    canon_dir.display()
-                ),
-            );
-            continue;
-        }
         match std::fs::metadata(&resolved) {
             Ok(m) if !m.is_file() => {
                 c.add(&key, format!("{f:?} is not a regular file"));
@@ -789,4 +755,165 @@ fn check_files(c: &mut Checker<'_>, raw: &[String], sut_dir: &Path) -> Vec<SutFi
         }
     }
     out
+}
+
+/// The lexical path rules of `files` and `[build]`: not empty, no NUL, relative, no `..`;
+/// returns the normalised path. `what` names the setting, `inside` where it must stay.
+fn lexical(f: &str, what: &str, inside: &str) -> Result<String, String> {
+    if f.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if f.contains('\0') {
+        return Err("must not contain a NUL character".into());
+    }
+    let path = Path::new(f);
+    if path.has_root() || path.is_absolute() {
+        return Err(format!(
+            "{f:?} is an absolute path; {what} must be relative to {inside}"
+        ));
+    }
+    if path.components().any(|comp| comp == Component::ParentDir) {
+        return Err(format!(
+            "{f:?} contains a `..` component; {what} must stay inside {inside}"
+        ));
+    }
+    normalise(f).ok_or_else(|| format!("{f:?} does not name a file"))
+}
+
+/// Resolves `name` (normalised from `f`) below the canonical `base` (shown as `shown`, named
+/// `inside`), following symlinks, and refuses anything that ends up outside it.
+fn resolve_inside(
+    f: &str,
+    name: &str,
+    base: &Path,
+    shown: &Path,
+    inside: &str,
+) -> Result<std::path::PathBuf, String> {
+    let resolved = match base.join(name).canonicalize() {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!(
+                "{f:?} does not exist in {inside} {}",
+                shown.display()
+            ))
+        }
+        Err(e) => return Err(format!("cannot resolve {f:?}: {e}")),
+    };
+    if !resolved.starts_with(base) {
+        return Err(format!(
+            "{f:?} resolves to {}, outside {inside} {} (symlink escape refused)",
+            resolved.display(),
+            base.display()
+        ));
+    }
+    Ok(resolved)
+}
+
+fn check_build(c: &mut Checker<'_>, raw: &RawBuild, sut_dir: &Path) -> Option<Build> {
+    let key = kk("build", "context");
+    for (k2, v) in &raw.args {
+        let path = kk("build", "args").key(k2);
+        if k2.is_empty() || k2.contains('=') || k2.contains('\0') {
+            c.add(
+                &path,
+                format!("{k2:?} is not a build arg name (non-empty, no `=`)"),
+            );
+        }
+        if v.contains('\0') {
+            c.add(&path, "the value must not contain a NUL character");
+        }
+    }
+    let Some(context) = raw.context.as_deref() else {
+        c.add(
+            &key,
+            "missing: give the build context, a directory next to the SUT file, e.g. context = \"images/rpi4\"",
+        );
+        return None;
+    };
+    let sut_dir_itself = format!("{context:?} is the sut directory itself; use a subdirectory, or every SUT file would be part of the build");
+    if !context.is_empty()
+        && Path::new(context)
+            .components()
+            .all(|p| p == Component::CurDir)
+    {
+        c.add(&key, sut_dir_itself);
+        return None;
+    }
+    let name = match lexical(context, "the build context", "the sut directory") {
+        Ok(n) => n,
+        Err(e) => {
+            c.add(&key, e);
+            return None;
+        }
+    };
+    let canon_dir = match sut_dir.canonicalize() {
+        Ok(d) => d,
+        Err(e) => {
+            c.add(
+                &key,
+                format!(
+                    "cannot resolve the sut directory {}: {e}",
+                    sut_dir.display()
+                ),
+            );
+            return None;
+        }
+    };
+    let context_dir = match resolve_inside(context, &name, &canon_dir, sut_dir, "the sut directory")
+    {
+        Ok(p) => p,
+        Err(e) => {
+            c.add(&key, e);
+            return None;
+        }
+    };
+    if context_dir == canon_dir {
+        c.add(&key, sut_dir_itself);
+        return None;
+    }
+    if !context_dir.is_dir() {
+        c.add(&key, format!("{context:?} is not a directory"));
+        return None;
+    }
+    let dkey = kk("build", "dockerfile");
+    let raw_df = raw.dockerfile.as_deref().unwrap_or("Dockerfile");
+    let dockerfile = match lexical(raw_df, "the Dockerfile", "the build context") {
+        Ok(n) => n,
+        Err(e) => {
+            c.add(&dkey, e);
+            return None;
+        }
+    };
+    let df_shown = Path::new(sut_dir).join(&name);
+    match resolve_inside(
+        raw_df,
+        &dockerfile,
+        &context_dir,
+        &df_shown,
+        "the build context",
+    ) {
+        Ok(p) if !p.is_file() => {
+            c.add(&dkey, format!("{raw_df:?} is not a regular file"));
+            return None;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            c.add(&dkey, e);
+            return None;
+        }
+    }
+    let entries = match read_context(&context_dir, MAX_CONTEXT_SIZE) {
+        Ok(e) => e,
+        Err(e) => {
+            c.add(&key, format!("the build context {context:?} {e}"));
+            return None;
+        }
+    };
+    Some(Build {
+        context: name,
+        dockerfile,
+        args: raw.args.clone(),
+        context_hash: context_hash(&entries),
+        context_dir,
+    })
 }

@@ -1,0 +1,367 @@
+//! Images against a real Docker engine: `[build]` builds (and rebuilds on a context change)
+//! with progress on the log and `<sut>/build`; an absent image that cannot be pulled (there is
+//! no registry here) and a failing build are clear, retried errors that leave the other SUTs
+//! alone.
+//!
+//! Each test runs its own supervisor with a unique `--id`, `--name-prefix` and
+//! `--extra-label` (its [`DockerScope`]); built images carry the extra label, so the scope
+//! removes them with the containers, volumes and networks.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use labvisor_protocol::payloads::SutView;
+use labvisor_tests::{
+    docker_ok, ensure_busybox_image, static_bin, wait_until, DockerScope, Mosquitto, Subscriber,
+    BUSYBOX_IMAGE,
+};
+
+/// A running `labvisor supervise`, killed on drop.
+struct Sup {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Sup {
+    fn start(scope: &DockerScope, dir: &Path, broker: &str) -> Sup {
+        let log = dir.parent().expect("sut dir has a parent").join(format!(
+            "supervisor-{}.log",
+            labvisor_tests::unique_id("log")
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_labvisor"))
+            .arg("supervise")
+            .arg("--sut-dir")
+            .arg(dir)
+            .args(["--id", scope.run_id()])
+            .args(["--name-prefix", &scope.name("")])
+            .args(["--extra-label", &scope.label()])
+            .args(["--agent-broker", "none"])
+            .args(["--broker", broker])
+            .args(["--stop-timeout", "2s"])
+            .arg("--agent-bin")
+            .arg(static_bin("labvisor-agent"))
+            .arg("--healthcheck-bin")
+            .arg(static_bin("labvisor-healthcheck"))
+            .env("LABVISOR_LOG", "info,labvisor_supervisor=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn labvisor supervise");
+        Sup { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Sup {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- supervisor log ---\n{}", self.log());
+        }
+    }
+}
+
+/// A SUT file for `image` with fast health timings and `extra` appended.
+fn sut_file(image: &str, extra: &str) -> String {
+    format!(
+        r#"image = "{image}"
+command = ["/bin/sh", "-c", "while true; do sleep 5; done"]
+[health]
+heartbeat = "1s"
+max_age = "3s"
+interval = "2s"
+timeout = "1s"
+retries = 1
+start_period = "0s"
+{extra}"#
+    )
+}
+
+/// Writes like an editor: a hidden temporary file renamed over the target.
+fn write(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join(name)).unwrap();
+}
+
+/// The scope's containers: name → (id, status).
+fn ps(scope: &DockerScope) -> BTreeMap<String, (String, String)> {
+    docker_ok(&[
+        "ps",
+        "-a",
+        "--no-trunc",
+        "--filter",
+        &format!("label={}", scope.label()),
+        "--format",
+        "{{.Names}}\t{{.ID}}\t{{.Status}}",
+    ])
+    .lines()
+    .filter_map(|l| {
+        let mut it = l.split('\t');
+        Some((
+            it.next()?.to_owned(),
+            (it.next()?.to_owned(), it.next()?.to_owned()),
+        ))
+    })
+    .collect()
+}
+
+/// Waits until the SUT's container runs and is healthy; returns its id.
+fn wait_healthy(scope: &DockerScope, sut: &str, limit: Duration) -> String {
+    let name = scope.name(sut);
+    wait_until(&format!("{name} running and healthy"), limit, || {
+        let (id, status) = ps(scope).remove(&name)?;
+        status.ends_with("(healthy)").then_some(id)
+    })
+}
+
+/// The views of `sut` seen by `sub` (subscribed to `+/supervisor`).
+fn views(sub: &Subscriber, sut: &str) -> Vec<SutView> {
+    let prefix = format!("{sut}/supervisor ");
+    sub.lines()
+        .iter()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|p| serde_json::from_str(p).ok())
+        .collect()
+}
+
+/// Waits for a view of `sut` whose `last_error` contains every one of `parts`.
+fn wait_error(sub: &Subscriber, sut: &str, parts: &[&str]) -> String {
+    wait_until(&format!("{sut}'s last_error with {parts:?}"), T, || {
+        views(sub, sut)
+            .into_iter()
+            .filter_map(|v| v.last_error)
+            .find(|e| parts.iter().all(|p| e.contains(p)))
+    })
+}
+
+/// Scope-labelled images: ids.
+fn scope_images(scope: &DockerScope) -> Vec<String> {
+    docker_ok(&[
+        "image",
+        "ls",
+        "-q",
+        "--no-trunc",
+        "--filter",
+        &format!("label={}", scope.label()),
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+fn tmp_sut_dir() -> (tempfile::TempDir, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let d = t.path().join("sut");
+    std::fs::create_dir(&d).unwrap();
+    (t, d)
+}
+
+/// Failed actions for `sut` in the supervisor log (each is retried with backoff).
+fn failures(sup: &Sup, sut: &str) -> usize {
+    sup.log()
+        .lines()
+        .filter(|l| l.contains("Action failed; will retry.") && l.contains(&format!("sut={sut}")))
+        .count()
+}
+
+const T: Duration = Duration::from_secs(60);
+
+#[test]
+fn build_section_builds_streams_progress_and_rebuilds_on_context_change() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("build");
+    let broker = Mosquitto::start();
+    let build_sub = broker.subscribe("+/build", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    let ctx = dir.join("img-a");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {BUSYBOX_IMAGE}\nARG FLAVOUR\nCOPY marker.txt /marker.txt\nRUN echo \"built-$FLAVOUR\" > /built && echo build-step-output-line\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(ctx.join("marker.txt"), "v1\n").unwrap();
+    let image = format!("{}:a", scope.name("img"));
+    write(
+        &dir,
+        "a.toml",
+        &sut_file(
+            &image,
+            "[build]\ncontext = \"img-a\"\nargs = { FLAVOUR = \"tasty\" }\n",
+        ),
+    );
+    let sup = Sup::start(&scope, &dir, &broker.url());
+
+    // Built, then run from the built image.
+    let a1 = wait_healthy(&scope, "a", T);
+    assert_eq!(docker_ok(&["exec", &a1, "cat", "/marker.txt"]), "v1");
+    assert_eq!(docker_ok(&["exec", &a1, "cat", "/built"]), "built-tasty");
+    assert_eq!(
+        docker_ok(&["inspect", "--format", "{{.Config.Image}}", &a1]),
+        image
+    );
+    let labels = |img: &str, key: &str| {
+        docker_ok(&[
+            "image",
+            "inspect",
+            "--format",
+            &format!("{{{{index .Config.Labels \"{key}\"}}}}"),
+            img,
+        ])
+    };
+    assert_eq!(labels(&image, "io.labvisor.managed-by"), "labvisor");
+    assert_eq!(labels(&image, "io.labvisor.sut"), "a");
+    assert_eq!(labels(&image, "io.labvisor.build-hash").len(), 64);
+    assert_eq!(
+        labels(&image, labvisor_tests::TEST_LABEL),
+        scope.run_id(),
+        "built images carry the --extra-label"
+    );
+    let hash1 = labels(&image, "io.labvisor.build-hash");
+
+    // Progress: on <sut>/build and in the log, with the sut field.
+    build_sub.wait_for("the FROM step on a/build", T, |l| {
+        l.starts_with("a/build ") && l.contains(&format!(": FROM {BUSYBOX_IMAGE}"))
+    });
+    build_sub.wait_for("the RUN step's output on a/build", T, |l| {
+        l == "a/build build-step-output-line"
+    });
+    let log = sup.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("build-step-output-line") && l.contains("sut=a")),
+        "build output in the supervisor log:\n{log}"
+    );
+    assert_eq!(scope_images(&scope).len(), 1);
+
+    // A context change: rebuilt (new build hash) and recreated (new container id).
+    std::fs::write(ctx.join("marker.txt"), "v2\n").unwrap();
+    let a2 = wait_until("a recreated from the rebuilt image", T, || {
+        let (id, status) = ps(&scope).remove(&scope.name("a"))?;
+        (id != a1 && status.starts_with("Up")).then_some(id)
+    });
+    assert_eq!(docker_ok(&["exec", &a2, "cat", "/marker.txt"]), "v2");
+    let hash2 = labels(&image, "io.labvisor.build-hash");
+    assert_ne!(hash1, hash2);
+    // The superseded image was removed: still one image of this scope.
+    assert_eq!(scope_images(&scope).len(), 1);
+
+    // Unchanged context: a supervisor restart adopts, no rebuild, same container.
+    drop(sup);
+    let builds_before = build_sub.lines().len();
+    let sup = Sup::start(&scope, &dir, &broker.url());
+    wait_until("the restarted supervisor to take up a", T, || {
+        sup.log().contains("Supervising.").then_some(())
+    });
+    let b = {
+        write(&dir, "b.toml", &sut_file(BUSYBOX_IMAGE, ""));
+        wait_healthy(&scope, "b", T)
+    };
+    assert!(!b.is_empty());
+    assert_eq!(ps(&scope)[&scope.name("a")].0, a2, "a was left alone");
+    assert_eq!(build_sub.lines().len(), builds_before, "no rebuild");
+}
+
+#[test]
+fn an_absent_image_that_cannot_be_pulled_is_a_clear_error_and_others_run() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("pull");
+    let broker = Mosquitto::start();
+    let sub = broker.subscribe("+/supervisor", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    write(
+        &dir,
+        "a.toml",
+        &sut_file("no-such-registry.invalid/nothing:1", ""),
+    );
+    write(&dir, "b.toml", &sut_file(BUSYBOX_IMAGE, ""));
+    let sup = Sup::start(&scope, &dir, &broker.url());
+
+    wait_healthy(&scope, "b", T);
+    let e = wait_error(
+        &sub,
+        "a",
+        &[
+            "image no-such-registry.invalid/nothing:1 is not present locally and could not be pulled: ",
+            "add a [build] section",
+        ],
+    );
+    assert!(e.contains("no-such-registry.invalid"), "{e}");
+    // Retried with backoff, and still no container.
+    wait_until("a second attempt", T, || {
+        (failures(&sup, "a") >= 2).then_some(())
+    });
+    assert!(!ps(&scope).contains_key(&scope.name("a")));
+    assert!(ps(&scope)[&scope.name("b")].1.ends_with("(healthy)"));
+}
+
+#[test]
+fn a_failing_build_is_a_clear_retried_error_and_others_run() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("badbuild");
+    let broker = Mosquitto::start();
+    let sub = broker.subscribe("+/supervisor", &[]);
+    let build_sub = broker.subscribe("c/build", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    let ctx = dir.join("img-c");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {BUSYBOX_IMAGE}\nRUN echo doomed-step-output && false\n"),
+    )
+    .unwrap();
+    let image = format!("{}:c", scope.name("img"));
+    write(
+        &dir,
+        "c.toml",
+        &sut_file(&image, "[build]\ncontext = \"img-c\"\n"),
+    );
+    write(&dir, "b.toml", &sut_file(BUSYBOX_IMAGE, ""));
+    let sup = Sup::start(&scope, &dir, &broker.url());
+
+    wait_healthy(&scope, "b", T);
+    let e = wait_error(
+        &sub,
+        "c",
+        &[
+            &format!("building image {image} failed: "),
+            "returned a non-zero code: 1",
+            "doomed-step-output",
+        ],
+    );
+    assert!(e.contains("RUN echo doomed-step-output && false"), "{e}");
+    // Retried with backoff: the build ran again.
+    wait_until("a second build attempt", T, || {
+        let steps = build_sub
+            .lines()
+            .iter()
+            .filter(|l| l.contains(": RUN echo doomed-step-output"))
+            .count();
+        (steps >= 2 && failures(&sup, "c") >= 2).then_some(())
+    });
+    assert!(!ps(&scope).contains_key(&scope.name("c")));
+    assert!(ps(&scope)[&scope.name("b")].1.ends_with("(healthy)"));
+    assert!(
+        scope_images(&scope).is_empty(),
+        "no image from a failed build"
+    );
+
+    // Fixed: built and running.
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {BUSYBOX_IMAGE}\nRUN echo fixed > /fixed\n"),
+    )
+    .unwrap();
+    let c = wait_healthy(&scope, "c", T);
+    assert_eq!(docker_ok(&["exec", &c, "cat", "/fixed"]), "fixed");
+}
