@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Builds labvisor-agent and labvisor-healthcheck as fully static binaries (glibc crt-static), so
 # they run inside any image: FROM scratch, busybox, Debian, Ubuntu. Same as `cargo static`.
-# Output: target/x86_64-unknown-linux-gnu/release/{labvisor-agent,labvisor-healthcheck}
+# Output: ${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release/{labvisor-agent,labvisor-healthcheck}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo static "$@"
-out=target/x86_64-unknown-linux-gnu/release
+out=${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release
 for b in labvisor-agent labvisor-healthcheck; do
     case "$(ldd "$out/$b" 2>&1 || true)" in
         *"statically linked"* | *"not a dynamic executable"*) ;;
