@@ -136,10 +136,12 @@ class Ctx:
         return p.returncode
 
     def cleanup(self) -> None:
+        # TERM first: the agent stops its device process's group, the Python baseline its child.
         for p in self.procs:
             if p.poll() is None:
-                p.kill()
-                p.wait()
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            self.stop(p, timeout=5)
         for c in self.containers:
             subprocess.run(["docker", "rm", "-f", "-v", c], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
@@ -247,7 +249,8 @@ def start_agent(ctx: Ctx, d: Path, name: str, body: str, broker: bool = True,
     """Starts labvisor-agent as a plain process on `<d>/sut/<name>.toml`."""
     cfg = write_sut(d, name, body)
     hb = d / "run" / "heartbeat"
-    argv = [ctx.agent, "--config", cfg, "--data-dir", d / "data", "--heartbeat-file", hb]
+    argv = [ctx.agent, "--config", cfg, "--data-dir", d / "data", "--heartbeat-file", hb,
+            "--grace", "2s"]
     if broker:
         argv += ["--broker", ctx.broker]
     env = dict(os.environ, LABVISOR_LOG="warn")
@@ -300,7 +303,17 @@ def bench_output_throughput(ctx: Ctx) -> list[Row]:
             time.sleep(0.002)
         t1 = time.perf_counter()
         cpu = proc_cpu_seconds(p.pid)
-        # Two more heartbeats, so the batcher has drained the tap and the counter is final.
+        # Wait until the agent is idle again (the batcher has drained the tap: its CPU time
+        # stops growing), then for two more heartbeats, so the drop counter is final.
+        prev = [cpu]
+
+        def settled() -> bool:
+            now = proc_cpu_seconds(p.pid)
+            done = now - prev[0] < 0.01
+            prev[0] = now
+            return done
+
+        wait_for("the agent to go idle after the output", 60, settled, every=0.25)
         seq0 = int(read_heartbeat(hb).get("seq", "0") or 0)
         wait_for("two more heartbeats", 15,
                  lambda: int(read_heartbeat(hb).get("seq", "0") or 0) >= seq0 + 2)
@@ -362,9 +375,10 @@ def bench_output_throughput(ctx: Ctx) -> list[Row]:
             f"baseline: {q(direct_argv)}",
         ],
         notes=[
-            f"MQTT batches dropped per run (heartbeat `output_dropped`): {dropped}; broker "
-            f"connected in every run: {all(i['connected'] for i in infos)}; nobody subscribed "
-            f"to `<sut>/output`",
+            f"MQTT output drops per run (heartbeat `output_dropped`: chunks of up to 64 KiB "
+            f"dropped at the tap plus 16 KiB batches dropped by the link; the output makes "
+            f"about {n_bytes // 16384} batches): {dropped}; broker connected in every run: "
+            f"{all(i['connected'] for i in infos)}; nobody subscribed to `<sut>/output`",
             f"agent CPU (user+sys, all threads, not the child) until the file was complete: "
             f"{cpu.fmt('s', 2)}; until MQTT had drained: {cpu_drained.fmt('s', 2)}",
             f"agent peak RSS (VmHWM): {hwm.fmt('MiB', 0)}; RSS once drained: "
@@ -377,7 +391,7 @@ def bench_agent_idle_rss(ctx: Ctx) -> list[Row]:
     """Resident memory of an idle labvisor-agent (device process `sleep`, heartbeats every 2 s,
     broker connected) against bench/paho_heartbeat.py doing the same; both after settling."""
     key = "agent-idle-rss"
-    runs = ctx.n(2, 3)
+    runs = ctx.n(2, 5)
     settle = 5.0
     paho = ctx.root / "bench" / "paho_heartbeat.py"
     pairs = []
@@ -686,14 +700,29 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def shorten(ctx: Ctx, text: str) -> str:
+    """Replaces this run's paths and port with the names the legend explains."""
+    for long, short in ((str(ctx.work), "$SCRATCH"), (str(ctx.bin_dir), "$BIN"),
+                        (str(Path(ctx.python).parent.parent), "$VENV"), (str(ctx.root) + "/", ""),
+                        (f"127.0.0.1:{ctx.port}", "127.0.0.1:$PORT"),
+                        (f"--port {ctx.port}", "--port $PORT"), (ctx.run_id, "$RUN")):
+        text = text.replace(long, short)
+    return text
+
+
+LEGEND = ("In the measured commands, `$BIN` is `<cargo target dir>/x86_64-unknown-linux-gnu/"
+          "release` (the static binaries), `$VENV` the baselines' venv, `$SCRATCH` the run's "
+          "scratch directory, `$PORT` the private broker's port and `$RUN` the run id.")
+
+
 def details(ctx: Ctx, rows: list[Row]) -> str:
     out = []
     for r in rows:
         out.append(f"- **{r.figure}** — reproduce: `{ctx.reproduce(r.key)}`")
         for m in r.measured:
-            out.append(f"  - measured: {m}")
+            out.append(f"  - measured: {shorten(ctx, m)}")
         for n in r.notes:
-            out.append(f"  - {n}")
+            out.append(f"  - {shorten(ctx, n)}")
     return "\n".join(out)
 
 
@@ -718,7 +747,10 @@ def results_section(ctx: Ctx, rows: list[Row], m: dict[str, str], started: str,
             "interleaved in the same run, suffer less than the absolute values")
     if note:
         lines.append(f"- note: {note}")
-    lines += ["", table(rows), "", details(ctx, rows), "", MARK_END]
+    if ctx.quick:
+        lines.append("- quick mode: smaller outputs and fewer runs than `tools/bench.sh`; "
+                     "the full run is the reference")
+    lines += ["", table(rows), "", LEGEND, "", details(ctx, rows), "", MARK_END]
     return "\n".join(lines)
 
 
@@ -749,6 +781,12 @@ def main() -> int:
     a = ap.parse_args()
 
     ctx = Ctx(a)
+
+    def on_term(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load0 = loadavg()
     t0 = time.monotonic()

@@ -27,10 +27,16 @@ run_id="lvb-$(date +%Y%m%d%H%M%S)-$$"
 label="io.labvisor.bench.run=$run_id"
 work=""
 mosquitto_pid=""
+py_pid=""
 
+# shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
     local rc=$?
     trap - EXIT INT TERM
+    if [ -n "$py_pid" ] && kill -0 "$py_pid" 2>/dev/null; then
+        kill -TERM "$py_pid" 2>/dev/null || true
+        wait "$py_pid" 2>/dev/null || true
+    fi
     if [ -n "$mosquitto_pid" ] && kill -0 "$mosquitto_pid" 2>/dev/null; then
         kill "$mosquitto_pid" 2>/dev/null || true
         wait "$mosquitto_pid" 2>/dev/null || true
@@ -109,7 +115,13 @@ if [ -z "$port" ]; then
 fi
 log "mosquitto on 127.0.0.1:$port (pid $mosquitto_pid), run $run_id"
 
-# 5. The figures.
-"$venv/bin/python" bench/run.py \
+# 5. The figures. In the background, so that INT and TERM run the trap at once; the trap hands
+# TERM on to run.py, which stops the agents and baselines it started.
+PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" bench/run.py \
     --root "$root" --bin-dir "$bin_dir" --python "$venv/bin/python" \
-    --broker-port "$port" --run-id "$run_id" --work "$work" "$@"
+    --broker-port "$port" --run-id "$run_id" --work "$work" "$@" &
+py_pid=$!
+rc=0
+wait "$py_pid" || rc=$?
+py_pid=""
+exit "$rc"
