@@ -672,7 +672,8 @@ def machine(ctx: Ctx) -> dict[str, str]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     commit = sh(["git", "-C", str(ctx.root), "rev-parse", "--short", "HEAD"])
-    if sh(["git", "-C", str(ctx.root), "status", "--porcelain", "--untracked-files=no"]):
+    if sh(["git", "-C", str(ctx.root), "status", "--porcelain", "--untracked-files=no", "--",
+           ".", ":!BENCHMARKS.md"]):
         commit += " (with uncommitted changes)"
     return {
         "cpus": f"{os.cpu_count()} ({cpu})",
