@@ -266,7 +266,7 @@ def bench_output_throughput(ctx: Ctx) -> list[Row]:
     same child command writing straight to a file."""
     key = "output-throughput"
     n_bytes = ctx.n(50_000_000, 200_000_000)
-    runs = ctx.n(3, 5)
+    runs = ctx.n(3, 7)
     line = "x" * 99  # `yes` adds the newline: 100-byte lines
     child = f"yes {line} | head -c {n_bytes}"
     d = ctx.work / key
@@ -279,11 +279,11 @@ def bench_output_throughput(ctx: Ctx) -> list[Row]:
             + health_toml("500ms", "10s") + '[log]\nmax_size = "1GiB"\nkeep = 1\n')
     log = d / "data" / "log" / f"{name}.log"
 
-    def through_agent() -> tuple[float, dict]:
+    def through_agent(broker: bool = True) -> tuple[float, dict]:
         shutil.rmtree(d / "data", ignore_errors=True)
         shutil.rmtree(d / "run", ignore_errors=True)
         t0 = time.perf_counter()
-        p, hb, argv = start_agent(ctx, d, name, body)
+        p, hb, argv = start_agent(ctx, d, name, body, broker=broker)
         seen = {}
         polls = 0
         while True:
@@ -346,14 +346,16 @@ def bench_output_throughput(ctx: Ctx) -> list[Row]:
     shutil.rmtree(d / "data", ignore_errors=True)
     direct()
     through_agent()
-    a_rates, b_rates, infos = [], [], []
+    a_rates, b_rates, c_rates, infos = [], [], [], []
     for _ in range(runs):
         dt, info = through_agent()
         a_rates.append(n_bytes / dt / 1e6)
         infos.append(info)
         b_rates.append(n_bytes / direct() / 1e6)
+        # Diagnostic, same interleaving: the agent without a broker (stdout and file only).
+        c_rates.append(n_bytes / through_agent(broker=False)[0] / 1e6)
     shutil.rmtree(d / "data", ignore_errors=True)
-    a, b = Stats(a_rates), Stats(b_rates)
+    a, b, c = Stats(a_rates), Stats(b_rates), Stats(c_rates)
     ratio = a.median / b.median
     dropped = [i["dropped"] for i in infos]
     cpu = Stats([i["cpu"] for i in infos])
@@ -375,6 +377,8 @@ def bench_output_throughput(ctx: Ctx) -> list[Row]:
             f"baseline: {q(direct_argv)}",
         ],
         notes=[
+            f"diagnostic, interleaved in the same runs: the agent without `--broker` (stdout "
+            f"and file sinks only): {c.fmt('MB/s', 0)}, ratio {c.median / b.median:.2f}",
             f"MQTT output drops per run (heartbeat `output_dropped`: chunks of up to 64 KiB "
             f"dropped at the tap plus 16 KiB batches dropped by the link; the output makes "
             f"about {n_bytes // 16384} batches): {dropped}; broker connected in every run: "
