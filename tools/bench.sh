@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# labvisor's benchmark command: every performance figure beside its baseline, measured in the
+# same run, printed as a table and written to the results section of BENCHMARKS.md.
+#
+#   tools/bench.sh            full run (2-core machine: under 15 minutes)
+#   tools/bench.sh --quick    fewer and smaller runs (under 3 minutes once built)
+#   tools/bench.sh --only output-throughput [--only ...]   some figures; BENCHMARKS.md untouched
+#   tools/bench.sh --no-write | --note TEXT                see bench/run.py --help
+#
+# It builds the static agent and healthcheck (tools/build-static.sh) and the local busybox image
+# (tools/build-images.sh), makes a Python venv with paho-mqtt for the baselines under the cargo
+# target directory, starts a private mosquitto on a free loopback port, and runs bench/run.py.
+# On exit, also on failure or Ctrl-C, it stops that mosquitto, removes every Docker container,
+# volume and network labelled io.labvisor.bench.run=<this run's id>, and deletes its scratch
+# directory. Nothing is timed-asserted: the command reports figures, it does not judge them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+log() { printf '== bench.sh: %s\n' "$*" >&2; }
+
+PAHO_VERSION=2.2.0
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+bin_dir=$target_dir/x86_64-unknown-linux-gnu/release
+venv=$target_dir/bench-venv
+run_id="lvb-$(date +%Y%m%d%H%M%S)-$$"
+label="io.labvisor.bench.run=$run_id"
+work=""
+mosquitto_pid=""
+py_pid=""
+
+# shellcheck disable=SC2317  # invoked by the EXIT trap
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if [ -n "$py_pid" ] && kill -0 "$py_pid" 2>/dev/null; then
+        kill -TERM "$py_pid" 2>/dev/null || true
+        wait "$py_pid" 2>/dev/null || true
+    fi
+    if [ -n "$mosquitto_pid" ] && kill -0 "$mosquitto_pid" 2>/dev/null; then
+        kill "$mosquitto_pid" 2>/dev/null || true
+        wait "$mosquitto_pid" 2>/dev/null || true
+    fi
+    if command -v docker >/dev/null 2>&1; then
+        local ids=()
+        mapfile -t ids < <(docker ps -aq --filter "label=$label" 2>/dev/null || true)
+        [ ${#ids[@]} -eq 0 ] || docker rm -f -v "${ids[@]}" >/dev/null 2>&1 || true
+        mapfile -t ids < <(docker volume ls -q --filter "label=$label" 2>/dev/null || true)
+        [ ${#ids[@]} -eq 0 ] || docker volume rm -f "${ids[@]}" >/dev/null 2>&1 || true
+        mapfile -t ids < <(docker network ls -q --filter "label=$label" 2>/dev/null || true)
+        [ ${#ids[@]} -eq 0 ] || docker network rm "${ids[@]}" >/dev/null 2>&1 || true
+    fi
+    if [ -n "$work" ] && [ -d "$work" ]; then
+        rm -rf "$work"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+for a in "$@"; do
+    case "$a" in
+        -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    esac
+done
+
+for p in mosquitto python3 docker /usr/bin/time; do
+    if ! command -v "$p" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$p" ]; then
+        echo "bench.sh: $p is missing: apt-get install mosquitto python3-venv time docker.io" >&2
+        exit 1
+    fi
+done
+docker info >/dev/null 2>&1 || { echo "bench.sh: no Docker engine answers" >&2; exit 1; }
+
+# 1. What is measured: the static binaries, the busybox image.
+log "building the static agent and healthcheck"
+tools/build-static.sh --quiet >&2
+tools/build-images.sh busybox >&2
+
+# 2. The baselines' Python: a venv with a pinned paho-mqtt.
+if ! "$venv/bin/python" -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_VERSION')" 2>/dev/null; then
+    log "preparing $venv with paho-mqtt $PAHO_VERSION"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "paho-mqtt==$PAHO_VERSION"
+fi
+
+# 3. A scratch directory on the same filesystem for every figure (removed on exit).
+work=$(mktemp -d "${TMPDIR:-/tmp}/labvisor-bench.XXXXXX")
+
+# 4. A private mosquitto on a free loopback port, with a generated config.
+mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+port=""
+for _ in 1 2 3 4 5 6 7 8 9 10; do
+    p=$(free_port)
+    printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\nmax_queued_messages 10000\n' "$p" > "$work/mosquitto.conf"
+    "$mosquitto_bin" -c "$work/mosquitto.conf" 2> "$work/mosquitto.log" &
+    mosquitto_pid=$!
+    for _ in $(seq 1 100); do
+        if ! kill -0 "$mosquitto_pid" 2>/dev/null; then break; fi
+        if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then port=$p; break; fi
+        sleep 0.05
+    done
+    [ -n "$port" ] && break
+    kill "$mosquitto_pid" 2>/dev/null || true
+    wait "$mosquitto_pid" 2>/dev/null || true
+    mosquitto_pid=""
+done
+if [ -z "$port" ]; then
+    echo "bench.sh: mosquitto did not start:" >&2
+    cat "$work/mosquitto.log" >&2
+    exit 1
+fi
+log "mosquitto on 127.0.0.1:$port (pid $mosquitto_pid), run $run_id"
+
+# 5. The figures. In the background, so that INT and TERM run the trap at once; the trap hands
+# TERM on to run.py, which stops the agents and baselines it started.
+PYTHONDONTWRITEBYTECODE=1 "$venv/bin/python" bench/run.py \
+    --root "$root" --bin-dir "$bin_dir" --python "$venv/bin/python" \
+    --broker-port "$port" --run-id "$run_id" --work "$work" "$@" &
+py_pid=$!
+rc=0
+wait "$py_pid" || rc=$?
+py_pid=""
+exit "$rc"
