@@ -7,66 +7,14 @@
 //! `--extra-label` (its [`DockerScope`]); built images carry the extra label, so the scope
 //! removes them with the containers, volumes and networks.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use labvisor_protocol::payloads::SutView;
+mod common;
+
+use common::{ps, tmp_sut_dir, views, wait_healthy, write, Sup};
 use labvisor_tests::{
-    docker_ok, ensure_busybox_image, static_bin, wait_until, DockerScope, Mosquitto, Subscriber,
-    BUSYBOX_IMAGE,
+    docker_ok, ensure_busybox_image, wait_until, DockerScope, Mosquitto, Subscriber, BUSYBOX_IMAGE,
 };
-
-/// A running `labvisor supervise`, killed on drop.
-struct Sup {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Sup {
-    fn start(scope: &DockerScope, dir: &Path, broker: &str) -> Sup {
-        let log = dir.parent().expect("sut dir has a parent").join(format!(
-            "supervisor-{}.log",
-            labvisor_tests::unique_id("log")
-        ));
-        let child = Command::new(env!("CARGO_BIN_EXE_labvisor"))
-            .arg("supervise")
-            .arg("--sut-dir")
-            .arg(dir)
-            .args(["--id", scope.run_id()])
-            .args(["--name-prefix", &scope.name("")])
-            .args(["--extra-label", &scope.label()])
-            .args(["--agent-broker", "none"])
-            .args(["--broker", broker])
-            .args(["--stop-timeout", "2s"])
-            .arg("--agent-bin")
-            .arg(static_bin("labvisor-agent"))
-            .arg("--healthcheck-bin")
-            .arg(static_bin("labvisor-healthcheck"))
-            .env("LABVISOR_LOG", "info,labvisor_supervisor=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn labvisor supervise");
-        Sup { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Sup {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("--- supervisor log ---\n{}", self.log());
-        }
-    }
-}
 
 /// A SUT file for `image` with fast health timings and `extra` appended.
 fn sut_file(image: &str, extra: &str) -> String {
@@ -82,54 +30,6 @@ retries = 1
 start_period = "0s"
 {extra}"#
     )
-}
-
-/// Writes like an editor: a hidden temporary file renamed over the target.
-fn write(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
-}
-
-/// The scope's containers: name → (id, status).
-fn ps(scope: &DockerScope) -> BTreeMap<String, (String, String)> {
-    docker_ok(&[
-        "ps",
-        "-a",
-        "--no-trunc",
-        "--filter",
-        &format!("label={}", scope.label()),
-        "--format",
-        "{{.Names}}\t{{.ID}}\t{{.Status}}",
-    ])
-    .lines()
-    .filter_map(|l| {
-        let mut it = l.split('\t');
-        Some((
-            it.next()?.to_owned(),
-            (it.next()?.to_owned(), it.next()?.to_owned()),
-        ))
-    })
-    .collect()
-}
-
-/// Waits until the SUT's container runs and is healthy; returns its id.
-fn wait_healthy(scope: &DockerScope, sut: &str, limit: Duration) -> String {
-    let name = scope.name(sut);
-    wait_until(&format!("{name} running and healthy"), limit, || {
-        let (id, status) = ps(scope).remove(&name)?;
-        status.ends_with("(healthy)").then_some(id)
-    })
-}
-
-/// The views of `sut` seen by `sub` (subscribed to `+/supervisor`).
-fn views(sub: &Subscriber, sut: &str) -> Vec<SutView> {
-    let prefix = format!("{sut}/supervisor ");
-    sub.lines()
-        .iter()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .filter_map(|p| serde_json::from_str(p).ok())
-        .collect()
 }
 
 /// Waits for a view of `sut` whose `last_error` contains every one of `parts`.
@@ -155,13 +55,6 @@ fn scope_images(scope: &DockerScope) -> Vec<String> {
     .lines()
     .map(str::to_owned)
     .collect()
-}
-
-fn tmp_sut_dir() -> (tempfile::TempDir, PathBuf) {
-    let t = tempfile::tempdir().unwrap();
-    let d = t.path().join("sut");
-    std::fs::create_dir(&d).unwrap();
-    (t, d)
 }
 
 /// Failed actions for `sut` in the supervisor log (each is retried with backoff).
@@ -200,7 +93,7 @@ fn build_section_builds_streams_progress_and_rebuilds_on_context_change() {
             "[build]\ncontext = \"img-a\"\nargs = { FLAVOUR = \"tasty\" }\n",
         ),
     );
-    let sup = Sup::start(&scope, &dir, &broker.url());
+    let sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
 
     // Built, then run from the built image.
     let a1 = wait_healthy(&scope, "a", T);
@@ -259,7 +152,7 @@ fn build_section_builds_streams_progress_and_rebuilds_on_context_change() {
     // Unchanged context: a supervisor restart adopts, no rebuild, same container.
     drop(sup);
     let builds_before = build_sub.lines().len();
-    let sup = Sup::start(&scope, &dir, &broker.url());
+    let sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
     wait_until("the restarted supervisor to take up a", T, || {
         sup.log().contains("Supervising.").then_some(())
     });
@@ -285,7 +178,7 @@ fn an_absent_image_that_cannot_be_pulled_is_a_clear_error_and_others_run() {
         &sut_file("no-such-registry.invalid/nothing:1", ""),
     );
     write(&dir, "b.toml", &sut_file(BUSYBOX_IMAGE, ""));
-    let sup = Sup::start(&scope, &dir, &broker.url());
+    let sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
 
     wait_healthy(&scope, "b", T);
     let e = wait_error(
@@ -327,7 +220,7 @@ fn a_failing_build_is_a_clear_retried_error_and_others_run() {
         &sut_file(&image, "[build]\ncontext = \"img-c\"\n"),
     );
     write(&dir, "b.toml", &sut_file(BUSYBOX_IMAGE, ""));
-    let sup = Sup::start(&scope, &dir, &broker.url());
+    let sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
 
     wait_healthy(&scope, "b", T);
     let e = wait_error(

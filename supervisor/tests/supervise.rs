@@ -5,76 +5,18 @@
 //! everything is removed by label when the scope drops. Agents run without a broker
 //! (`--agent-broker none`): they still write heartbeats, so Docker's health checks pass.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use labvisor_protocol::payloads::{
-    AgentState, AgentStatus, SupervisorState, SupervisorStatus, SutView,
-};
+use labvisor_protocol::payloads::{AgentState, AgentStatus, SupervisorState, SupervisorStatus};
 use labvisor_protocol::SutName;
+mod common;
+
+use common::{ps, tmp_sut_dir, views, wait_healthy, write, Sup};
 use labvisor_tests::{
-    docker, docker_ok, ensure_busybox_image, static_bin, wait_until, DockerScope, Mosquitto,
-    Subscriber, BUSYBOX_IMAGE,
+    docker, docker_ok, ensure_busybox_image, wait_until, DockerScope, Mosquitto, Subscriber,
+    BUSYBOX_IMAGE,
 };
-
-/// A running `labvisor supervise`, killed on drop.
-struct Sup {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Sup {
-    fn start(scope: &DockerScope, dir: &Path, broker: Option<&str>, extra: &[&str]) -> Sup {
-        let log = dir.parent().expect("sut dir has a parent").join(format!(
-            "supervisor-{}.log",
-            labvisor_tests::unique_id("log")
-        ));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_labvisor"));
-        cmd.arg("supervise")
-            .arg("--sut-dir")
-            .arg(dir)
-            .args(["--id", scope.run_id()])
-            .args(["--name-prefix", &scope.name("")])
-            .args(["--extra-label", &scope.label()])
-            .args(["--agent-broker", "none"])
-            .args(["--stop-timeout", "2s"])
-            .args(["--metrics-listen", "none"])
-            .arg("--agent-bin")
-            .arg(static_bin("labvisor-agent"))
-            .arg("--healthcheck-bin")
-            .arg(static_bin("labvisor-healthcheck"))
-            .args(extra)
-            .env("LABVISOR_LOG", "info,labvisor_supervisor=debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"));
-        if let Some(b) = broker {
-            cmd.args(["--broker", b]);
-        }
-        let child = cmd.spawn().expect("spawn labvisor supervise");
-        Sup { child, log }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Sup {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            eprintln!("--- supervisor log ---\n{}", self.log());
-        }
-    }
-}
 
 /// A SUT file with fast health timings; `marker` changes its hash.
 fn sut_file(marker: &str) -> String {
@@ -97,63 +39,8 @@ backoff_max = "4s"
     )
 }
 
-/// Writes like an editor: a hidden temporary file renamed over the target.
-fn write(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
-}
-
-/// The scope's containers: name → (id, status).
-fn ps(scope: &DockerScope) -> BTreeMap<String, (String, String)> {
-    docker_ok(&[
-        "ps",
-        "-a",
-        "--no-trunc",
-        "--filter",
-        &format!("label={}", scope.label()),
-        "--format",
-        "{{.Names}}\t{{.ID}}\t{{.Status}}",
-    ])
-    .lines()
-    .filter_map(|l| {
-        let mut it = l.split('\t');
-        Some((
-            it.next()?.to_owned(),
-            (it.next()?.to_owned(), it.next()?.to_owned()),
-        ))
-    })
-    .collect()
-}
-
-/// Waits until the SUT's container runs and is healthy; returns its id.
-fn wait_healthy(scope: &DockerScope, sut: &str, limit: Duration) -> String {
-    let name = scope.name(sut);
-    wait_until(&format!("{name} running and healthy"), limit, || {
-        let (id, status) = ps(scope).remove(&name)?;
-        status.ends_with("(healthy)").then_some(id)
-    })
-}
-
 fn inspect(id: &str, format: &str) -> String {
     docker_ok(&["inspect", "--format", format, id])
-}
-
-/// The latest retained view of `sut` as seen by `sub` (subscribed to `+/supervisor`).
-fn views(sub: &Subscriber, sut: &str) -> Vec<SutView> {
-    let prefix = format!("{sut}/supervisor ");
-    sub.lines()
-        .iter()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .filter_map(|p| serde_json::from_str(p).ok())
-        .collect()
-}
-
-fn tmp_sut_dir() -> (tempfile::TempDir, PathBuf) {
-    let t = tempfile::tempdir().unwrap();
-    let d = t.path().join("sut");
-    std::fs::create_dir(&d).unwrap();
-    (t, d)
 }
 
 const T: Duration = Duration::from_secs(30);
