@@ -7,7 +7,8 @@
 #   tools/bench.sh --only output-throughput [--only ...]   some figures; BENCHMARKS.md untouched
 #   tools/bench.sh --no-write | --note TEXT                see bench/run.py --help
 #
-# It builds the static agent and healthcheck (tools/build-static.sh) and the local busybox image
+# It builds the static supervisor, agent and healthcheck (tools/build-static.sh) and the local
+# busybox image
 # (tools/build-images.sh), makes a Python venv with paho-mqtt for the baselines under the cargo
 # target directory, starts a private mosquitto on a free loopback port, and runs bench/run.py.
 # On exit, also on failure or Ctrl-C, it stops that mosquitto, removes every Docker container,
@@ -74,7 +75,7 @@ done
 docker info >/dev/null 2>&1 || { echo "bench.sh: no Docker engine answers" >&2; exit 1; }
 
 # 1. What is measured: the static binaries, the busybox image.
-log "building the static agent and healthcheck"
+log "building the static supervisor, agent and healthcheck"
 tools/build-static.sh --quiet >&2
 tools/build-images.sh busybox >&2
 
