@@ -9,7 +9,7 @@
 #
 # It builds the static supervisor, agent and healthcheck (tools/build-static.sh) and the local
 # busybox image (tools/build-images.sh), makes a Python venv with paho-mqtt for the baselines
-# under the cargo target directory, starts a private mosquitto on a free loopback port, and runs bench/run.py.
+# under the cargo target dir, starts a private mosquitto on a free port, and runs bench/run.py.
 # On exit, also on failure or Ctrl-C, it stops that mosquitto, removes every Docker container,
 # volume and network labelled io.labvisor.bench.run=<this run's id>, and deletes its scratch
 # directory. Nothing is timed-asserted: the command reports figures, it does not judge them.
