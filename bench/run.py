@@ -971,7 +971,8 @@ def cold_runs(ctx: Ctx, n: int, reps: int, api: bool, healthy: int) -> dict:
         got["cli"].append(cold_cli(ctx, n, tag + "c"))
         if api:
             got["api"].append(cold_api(ctx, n, tag + "a"))
-            got["tar"].append(cold_api(ctx, n, tag + "t", tar=tar))
+            if not ctx.quick or not got["tar"]:  # quick: the diagnostic once
+                got["tar"].append(cold_api(ctx, n, tag + "t", tar=tar))
         if r < healthy:
             s, h = cold_supervisor(ctx, n, tag + "h", interval="2s", healthy=True)
             got["hrun"].append(s)
@@ -1031,7 +1032,7 @@ def bench_scaling_curve(ctx: Ctx) -> list[Row]:
     """Cold start at 10, 50, 100 SUTs (quick: 10, 20) beside the CLI loop at the same sizes."""
     key = "scaling-curve"
     sizes = [10, 20] if ctx.quick else [10, 50, 100]
-    reps = {10: 2, 20: 2} if ctx.quick else {10: 2, 50: 2, 100: 1}
+    reps = {10: 1, 20: 2} if ctx.quick else {10: 2, 50: 2, 100: 1}
     pts = []
     for n in sizes:
         have = len(getattr(ctx, "cold_cache", {}).get(n, {}).get("cli", []))
@@ -1142,9 +1143,9 @@ def bench_hot_add(ctx: Ctx) -> list[Row]:
 
 
 def bench_supervisor_footprint(ctx: Ctx) -> list[Row]:
-    """Supervisor VmRSS and CPU over 20 s idle with 100 SUTs running (quick: 30)."""
+    """Supervisor VmRSS and CPU over 20 s idle with 100 SUTs running (quick: 20)."""
     key = "supervisor-footprint"
-    n = ctx.n(30, 100)
+    n = ctx.n(20, 100)
     window = 20.0
     sup = Supervisor(ctx, ctx.work / key, "fp")
     names = [f"s{i:03d}" for i in range(n)]
