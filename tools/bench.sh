@@ -3,13 +3,13 @@
 # same run, printed as a table and written to the results section of BENCHMARKS.md.
 #
 #   tools/bench.sh            full run (2-core machine: under 15 minutes)
-#   tools/bench.sh --quick    fewer and smaller runs (under 3 minutes once built)
+#   tools/bench.sh --quick    fewer and smaller runs (about 3 minutes once built; 3.3–3.4 on 2 busy cores)
 #   tools/bench.sh --only output-throughput [--only ...]   some figures; BENCHMARKS.md untouched
 #   tools/bench.sh --no-write | --note TEXT                see bench/run.py --help
 #
-# It builds the static agent and healthcheck (tools/build-static.sh) and the local busybox image
-# (tools/build-images.sh), makes a Python venv with paho-mqtt for the baselines under the cargo
-# target directory, starts a private mosquitto on a free loopback port, and runs bench/run.py.
+# It builds the static supervisor, agent and healthcheck (tools/build-static.sh) and the local
+# busybox image (tools/build-images.sh), makes a Python venv with paho-mqtt for the baselines
+# under the cargo target dir, starts a private mosquitto on a free port, and runs bench/run.py.
 # On exit, also on failure or Ctrl-C, it stops that mosquitto, removes every Docker container,
 # volume and network labelled io.labvisor.bench.run=<this run's id>, and deletes its scratch
 # directory. Nothing is timed-asserted: the command reports figures, it does not judge them.
@@ -74,7 +74,7 @@ done
 docker info >/dev/null 2>&1 || { echo "bench.sh: no Docker engine answers" >&2; exit 1; }
 
 # 1. What is measured: the static binaries, the busybox image.
-log "building the static agent and healthcheck"
+log "building the static supervisor, agent and healthcheck"
 tools/build-static.sh --quiet >&2
 tools/build-images.sh busybox >&2
 
