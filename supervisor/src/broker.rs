@@ -135,6 +135,7 @@ impl ManagedBroker {
              log_type error\n\
              log_type warning\n\
              max_packet_size 1048576\n\
+             set_tcp_nodelay true\n\
              \n\
              listener {port} 127.0.0.1\n\
              allow_anonymous true\n\

@@ -746,6 +746,11 @@ fn mqtt_options(o: &LinkOptions) -> Result<MqttOptions, LinkError> {
     }
     let mut m = MqttOptions::new(o.client_id.clone(), o.host.clone(), o.port);
     m.set_keep_alive(o.keep_alive);
+    // Small packets (acks, statuses, job submissions) must not wait for Nagle's algorithm and
+    // the peer's delayed ACK: that alone added ~40 ms to every job dispatch.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    m.set_network_options(net);
     m.set_clean_start(o.clean_start);
     m.set_connection_timeout(o.connect_timeout.as_secs().max(1));
     m.set_max_packet_size(Some(o.max_packet_size as u32));
