@@ -86,7 +86,7 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
-use crate::docker::{ContainerRuntime, RuntimeError};
+use crate::docker::{ContainerRuntime, RuntimeError, RuntimeEvent};
 use crate::metrics::Metrics;
 use crate::plan::{plan, Action, Actual, Busy, Desired, RecreateReason};
 use crate::spec::{
@@ -504,6 +504,7 @@ async fn watch_events<R: ContainerRuntime>(runtime: Arc<R>, tx: mpsc::Sender<()>
     let mut failures = 0u32;
     loop {
         let mut stream = runtime.events();
+        let mut health = HealthSeen::default();
         // Whatever happened while the stream was down is caught by the pass this triggers.
         let _ = tx.try_send(());
         while let Some(item) = stream.next().await {
@@ -511,7 +512,9 @@ async fn watch_events<R: ContainerRuntime>(runtime: Arc<R>, tx: mpsc::Sender<()>
                 Ok(ev) => {
                     failures = 0;
                     debug!(container = %ev.id, sut = ?ev.sut, event = %ev.action, "Docker event.");
-                    let _ = tx.try_send(());
+                    if health.worth_a_pass(&ev) {
+                        let _ = tx.try_send(());
+                    }
                 }
                 Err(error) => {
                     debug!(error = %error, "Docker event stream failed.");
@@ -523,6 +526,23 @@ async fn watch_events<R: ContainerRuntime>(runtime: Arc<R>, tx: mpsc::Sender<()>
         let delay = backoff(failures, RETRY_MIN, DOCKER_RETRY_MAX);
         debug!(delay = ?delay, "Docker event stream ended; reopening.");
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// Engine 20.10 emits `health_status: …` on every probe, not only on changes: with 100 SUTs
+/// that is several events a second, each of which used to trigger a full pass. Only a change of
+/// a container's health (or any other event) is worth a pass.
+#[derive(Debug, Default)]
+struct HealthSeen(std::collections::HashMap<String, String>);
+
+impl HealthSeen {
+    fn worth_a_pass(&mut self, ev: &RuntimeEvent) -> bool {
+        if ev.action.starts_with("health_status") {
+            return self.0.insert(ev.id.clone(), ev.action.clone()).as_deref() != Some(&ev.action);
+        }
+        // die, start, destroy...: the next health report is news again.
+        self.0.remove(&ev.id);
+        true
     }
 }
 
@@ -1034,4 +1054,26 @@ fn stem(p: &Path) -> Option<SutName> {
     p.file_stem()
         .and_then(|s| s.to_str())
         .and_then(|s| SutName::new(s).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_health_changes_and_other_events_wake_the_loop() {
+        let ev = |id: &str, action: &str| RuntimeEvent {
+            id: id.into(),
+            action: action.into(),
+            sut: None,
+        };
+        let mut h = HealthSeen::default();
+        assert!(h.worth_a_pass(&ev("a", "health_status: healthy")));
+        assert!(!h.worth_a_pass(&ev("a", "health_status: healthy")));
+        assert!(h.worth_a_pass(&ev("b", "health_status: healthy")));
+        assert!(h.worth_a_pass(&ev("a", "health_status: unhealthy")));
+        assert!(!h.worth_a_pass(&ev("a", "health_status: unhealthy")));
+        assert!(h.worth_a_pass(&ev("a", "die")));
+        assert!(h.worth_a_pass(&ev("a", "health_status: unhealthy")));
+    }
 }
