@@ -527,9 +527,12 @@ impl MqttLink {
         self.enqueue(msg, Keep::No)
     }
 
-    fn enqueue(&self, msg: Message, keep: Keep) -> Result<(), PublishError> {
+    /// The checks every outgoing message passes before it is queued: a valid topic, a link that
+    /// is not shut down (final messages pass while closing), and the size cap (counted). Returns
+    /// the locked state to queue it in.
+    fn admit(&self, msg: &Message, keep: Keep) -> Result<MutexGuard<'_, Inner>, PublishError> {
         if !options::valid_topic(&msg.topic) {
-            return Err(PublishError::InvalidTopic(msg.topic));
+            return Err(PublishError::InvalidTopic(msg.topic.clone()));
         }
         let mut inner = self.shared.lock();
         if inner.closed || (inner.closing.is_some() && keep != Keep::Final) {
@@ -540,11 +543,16 @@ impl MqttLink {
             inner.refused_oversize += 1;
             self.shared.publish_state(&inner);
             return Err(PublishError::Oversize {
-                topic: msg.topic,
+                topic: msg.topic.clone(),
                 size,
                 max: inner.limit,
             });
         }
+        Ok(inner)
+    }
+
+    fn enqueue(&self, msg: Message, keep: Keep) -> Result<(), PublishError> {
+        let mut inner = self.admit(&msg, keep)?;
         let e = inner.entry(msg, keep);
         inner.outbox.push_back(e);
         inner.enforce_capacity();
@@ -562,23 +570,7 @@ impl MqttLink {
         payload: impl Into<Bytes>,
     ) -> Result<(), PublishError> {
         let msg = Message::state(topic, payload);
-        if !options::valid_topic(&msg.topic) {
-            return Err(PublishError::InvalidTopic(msg.topic));
-        }
-        let mut inner = self.shared.lock();
-        if inner.closed || inner.closing.is_some() {
-            return Err(PublishError::Closed);
-        }
-        let size = msg.encoded_size();
-        if size > inner.limit {
-            inner.refused_oversize += 1;
-            self.shared.publish_state(&inner);
-            return Err(PublishError::Oversize {
-                topic: msg.topic,
-                size,
-                max: inner.limit,
-            });
-        }
+        let mut inner = self.admit(&msg, Keep::Sticky)?;
         match inner.sticky.iter_mut().find(|(t, _)| *t == msg.topic) {
             Some((_, p)) => *p = msg.payload.clone(),
             None => inner.sticky.push((msg.topic.clone(), msg.payload.clone())),
