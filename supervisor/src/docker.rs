@@ -14,12 +14,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerSummaryStateEnum, NetworkCreateRequest, VolumeCreateRequest};
+use bollard::models::{
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, Mount, MountType,
+    NetworkCreateRequest, VolumeCreateRequest,
+};
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    EventsOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
-    RemoveImageOptionsBuilder, RemoveVolumeOptionsBuilder, RestartContainerOptionsBuilder,
-    StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    DownloadFromContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
+    ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    RemoveVolumeOptionsBuilder, RestartContainerOptionsBuilder, StopContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::{Stream, StreamExt};
@@ -28,8 +32,8 @@ use tracing::{debug, warn};
 
 use crate::plan::RunState;
 use crate::spec::{
-    ContainerSpec, ImageSpec, Named, LABEL_BUILD_HASH, LABEL_MANAGED_BY, LABEL_SUPERVISOR,
-    MANAGED_BY,
+    ContainerSpec, ImageSpec, Named, ToolsVolume, LABEL_BUILD_HASH, LABEL_MANAGED_BY, LABEL_ROLE,
+    LABEL_SUPERVISOR, MANAGED_BY, ROLE_TOOLS, TOOLS_DIR, TOOLS_MARKER,
 };
 
 /// A failed runtime operation.
@@ -215,6 +219,9 @@ pub struct DockerRuntime {
     supervisor: String,
     /// Serialises network creation: Engine 20.10 happily creates two networks of one name.
     network_lock: Arc<tokio::sync::Mutex<()>>,
+    /// Tools volumes known to be complete; the lock also serialises their fill, so a cold
+    /// start of many SUTs fills the volume once while the other creates wait.
+    tools_ready: Arc<tokio::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl DockerRuntime {
@@ -234,6 +241,7 @@ impl DockerRuntime {
             docker,
             supervisor: supervisor.to_owned(),
             network_lock: Arc::new(tokio::sync::Mutex::new(())),
+            tools_ready: Arc::default(),
         })
     }
 
@@ -298,6 +306,118 @@ impl DockerRuntime {
             })
             .await?;
         Ok(())
+    }
+
+    /// Makes sure the tools volume exists and holds the binaries: once per volume and process,
+    /// a helper container (never started) mounts it, the marker is read back, and when it is
+    /// missing or holds another hash the archive is uploaded. Then older tools volumes of this
+    /// supervisor are removed where no container uses them any more.
+    async fn ensure_tools(&self, t: &ToolsVolume) -> Result<(), RuntimeError> {
+        let mut ready = self.tools_ready.lock().await;
+        if ready.contains(&t.volume.name) {
+            return Ok(());
+        }
+        self.ensure_volume(&t.volume).await?;
+        // A helper left by a supervisor killed mid-fill.
+        self.remove(&t.helper_name).await?;
+        let body = ContainerCreateBody {
+            image: Some(t.helper_image.clone()),
+            entrypoint: Some(vec![crate::spec::AGENT_PATH.into()]),
+            cmd: Some(vec![]),
+            labels: Some(t.volume.labels.clone()),
+            network_disabled: Some(true),
+            host_config: Some(HostConfig {
+                network_mode: Some("none".into()),
+                mounts: Some(vec![Mount {
+                    target: Some(TOOLS_DIR.into()),
+                    source: Some(t.volume.name.clone()),
+                    typ: Some(MountType::VOLUME),
+                    read_only: Some(false),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptionsBuilder::default()
+            .name(&t.helper_name)
+            .build();
+        let helper = self.docker.create_container(Some(opts), body).await?.id;
+        let filled = self.fill_tools(&helper, t).await;
+        let removed = self.remove(&helper).await;
+        let filled = filled?;
+        removed?;
+        if filled {
+            debug!(volume = %t.volume.name, hash = %t.tools.hash, "Filled the tools volume.");
+        }
+        ready.insert(t.volume.name.clone());
+        drop(ready);
+        self.remove_old_tools(&t.volume.name).await;
+        Ok(())
+    }
+
+    /// Uploads the tools into the helper's volume unless its marker already holds the hash;
+    /// whether it uploaded.
+    async fn fill_tools(&self, helper: &str, t: &ToolsVolume) -> Result<bool, RuntimeError> {
+        let marker = format!("{TOOLS_DIR}/{TOOLS_MARKER}");
+        let opts = DownloadFromContainerOptionsBuilder::default()
+            .path(&marker)
+            .build();
+        let mut tar = Vec::new();
+        let mut stream = self.docker.download_from_container(helper, Some(opts));
+        let mut present = true;
+        while let Some(chunk) = stream.next().await {
+            match chunk.map_err(RuntimeError::from) {
+                Ok(c) => tar.extend_from_slice(&c),
+                Err(RuntimeError::NotFound(_)) => {
+                    present = false;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if present && marker_hash(&tar).as_deref() == Some(t.tools.hash.as_str()) {
+            return Ok(false);
+        }
+        let opts = UploadToContainerOptionsBuilder::default()
+            .path(TOOLS_DIR)
+            .build();
+        self.docker
+            .upload_to_container(
+                helper,
+                Some(opts),
+                bollard::body_stream(futures_util::stream::iter(t.tools.archive.clone())),
+            )
+            .await?;
+        Ok(true)
+    }
+
+    /// Removes this supervisor's tools volumes other than `keep`; the engine refuses those a
+    /// container (of an agent not yet recreated) still uses, and they stay.
+    async fn remove_old_tools(&self, keep: &str) {
+        let mut filters: HashMap<String, Vec<String>> = HashMap::new();
+        filters.insert(
+            "label".into(),
+            vec![
+                format!("{LABEL_MANAGED_BY}={MANAGED_BY}"),
+                format!("{LABEL_SUPERVISOR}={}", self.supervisor),
+                format!("{LABEL_ROLE}={ROLE_TOOLS}"),
+            ],
+        );
+        let opts = ListVolumesOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let Ok(list) = self.docker.list_volumes(Some(opts)).await else {
+            return;
+        };
+        for v in list.volumes.unwrap_or_default() {
+            if v.name != keep {
+                match self.remove_volume(&v.name).await {
+                    Ok(()) => debug!(volume = %v.name, "Removed an old tools volume."),
+                    Err(e) => debug!(volume = %v.name, error = %e, "Old tools volume kept."),
+                }
+            }
+        }
     }
 
     async fn finish(&self, id: &str, spec: &ContainerSpec) -> Result<(), RuntimeError> {
@@ -532,6 +652,16 @@ pub fn split_reference(r: &str) -> (&str, &str) {
     }
 }
 
+/// The hash in a downloaded tools marker (a tar archive of the one file).
+fn marker_hash(tar: &[u8]) -> Option<String> {
+    use std::io::Read;
+    let mut ar = tar::Archive::new(tar);
+    let mut e = ar.entries().ok()?.next()?.ok()?;
+    let mut s = String::new();
+    e.read_to_string(&mut s).ok()?;
+    Some(s.trim().to_owned())
+}
+
 /// The build context as the tar archive the engine expects (GNU headers, so long paths work).
 pub fn context_tar(entries: &[labvisor_protocol::config::ContextEntry]) -> Result<Vec<u8>, String> {
     use labvisor_protocol::config::EntryKind;
@@ -604,6 +734,7 @@ impl ContainerRuntime for DockerRuntime {
             self.ensure_network(net).await?;
         }
         self.ensure_volume(&spec.volume).await?;
+        self.ensure_tools(&spec.tools).await?;
         let opts = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();

@@ -16,7 +16,7 @@ use labvisor_supervisor::broker::{self, ManagedBroker};
 use labvisor_supervisor::check::{self, AllowArgs};
 use labvisor_supervisor::client::{self, BrokerArgs, ClientError, SubmitArgs};
 use labvisor_supervisor::docker::DockerRuntime;
-use labvisor_supervisor::spec::{self, Named, SpecContext};
+use labvisor_supervisor::spec::{self, Named, SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Settings};
 
 /// labvisor: one agent container per device under test, from one TOML file per device.
@@ -291,8 +291,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             mqtt_username: args.mqtt_username,
             mqtt_password: args.mqtt_password,
             agent_credentials: args.agent_credentials,
-            agent_bin: read(&agent_bin)?,
-            healthcheck_bin: read(&healthcheck_bin)?,
+            tools: Tools::new(read(&agent_bin)?, read(&healthcheck_bin)?),
         },
         topics,
         mqtt,

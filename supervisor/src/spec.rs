@@ -9,11 +9,16 @@
 //! - Entrypoint `/labvisor/bin/labvisor-agent`, no cmd. Healthcheck in exec form
 //!   `["CMD", "/labvisor/bin/labvisor-healthcheck"]` with the `[health]` timings, in
 //!   nanoseconds as the Docker API wants them.
-//! - Before start, one tar archive is uploaded to `/` through Docker's archive API (no bind
-//!   mount of single files, and no host path: this works with any image and when the supervisor
-//!   itself runs in a container): the static agent and healthcheck binaries in `/labvisor/bin/`
-//!   (0755), the SUT file as `/labvisor/sut/<sut>.toml`, each of its `files` as
-//!   `/labvisor/sut/<name>`, and an empty `/labvisor/run/` for the heartbeat.
+//! - The static agent and healthcheck binaries come from the tools volume
+//!   `[--name-prefix]labvisor-tools-<id>-<hash>` ([`Tools`]), mounted read-only at
+//!   `/labvisor/bin`. The supervisor fills it once, through Docker's archive API and a helper
+//!   container that is never started, and every agent container shares it: 7 MB are copied
+//!   once per supervisor and binary version, not once per container. The hash is that of the
+//!   binaries, so a new supervisor version gets a new volume; unused old ones are removed.
+//! - Before start, one small tar archive is uploaded to `/` through Docker's archive API (no
+//!   bind mount of single files, and no host path: this works with any image and when the
+//!   supervisor itself runs in a container): the SUT file as `/labvisor/sut/<sut>.toml`, each
+//!   of its `files` as `/labvisor/sut/<name>`, and an empty `/labvisor/run/` for the heartbeat.
 //! - Environment: `LABVISOR_CONFIG`, `LABVISOR_BROKER` (unless agents run without a broker),
 //!   `LABVISOR_TOPIC_PREFIX`, `LABVISOR_MQTT_USERNAME`/`PASSWORD` when set, then the SUT's `env`.
 //! - Init on, restart policy unless-stopped, memory and CPU limits from `[resources]`, the named
@@ -62,6 +67,79 @@ pub const AGENT_PATH: &str = "/labvisor/bin/labvisor-agent";
 pub const HEALTHCHECK_PATH: &str = "/labvisor/bin/labvisor-healthcheck";
 /// Mount point of the SUT's volume.
 pub const DATA_DIR: &str = "/labvisor/data";
+/// Mount point of the tools volume (read-only): the agent and healthcheck binaries.
+pub const TOOLS_DIR: &str = "/labvisor/bin";
+/// The file in the tools volume that holds its hash; written last, so a fill cut short is
+/// detected and redone.
+pub const TOOLS_MARKER: &str = ".labvisor-tools";
+/// Label of the tools volume (and of its helper container): `tools`.
+pub const LABEL_ROLE: &str = "io.labvisor.role";
+/// Value of [`LABEL_ROLE`] on the tools volume and its fill helper.
+pub const ROLE_TOOLS: &str = "tools";
+
+/// The static agent and healthcheck binaries, as the tar archive that fills the tools volume.
+#[derive(Clone)]
+pub struct Tools {
+    /// The first 16 hex digits of the SHA-256 of both binaries.
+    pub hash: String,
+    /// The archive for the volume's root: both binaries (0755), then the marker holding `hash`.
+    pub archive: Vec<Bytes>,
+}
+
+impl Tools {
+    /// The tools of the binaries `agent` and `healthcheck`.
+    pub fn new(agent: Bytes, healthcheck: Bytes) -> Tools {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for b in [&agent, &healthcheck] {
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        }
+        let hash: String = h.finalize()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let files = [
+            (format!("/{}", bin_name(AGENT_PATH)), 0o755, agent),
+            (
+                format!("/{}", bin_name(HEALTHCHECK_PATH)),
+                0o755,
+                healthcheck,
+            ),
+            (
+                format!("/{TOOLS_MARKER}"),
+                0o644,
+                Bytes::from(hash.clone().into_bytes()),
+            ),
+        ];
+        let archive = archive(&files, &[]).expect("short fixed paths fit a tar header");
+        Tools { hash, archive }
+    }
+}
+
+impl std::fmt::Debug for Tools {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tools").field("hash", &self.hash).finish()
+    }
+}
+
+fn bin_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// The tools volume a container needs: made sure of, and filled when its marker is missing,
+/// before the container is created.
+#[derive(Debug, Clone)]
+pub struct ToolsVolume {
+    /// The volume (name and labels).
+    pub volume: Named,
+    /// The binaries.
+    pub tools: Tools,
+    /// The image the fill helper is created from (the SUT's own: it is present by then).
+    pub helper_image: String,
+    /// The fill helper's container name.
+    pub helper_name: String,
+}
 
 /// The supervisor's settings that shape every container.
 #[derive(Debug, Clone)]
@@ -84,10 +162,8 @@ pub struct SpecContext {
     /// each agent then logs in as its own SUT, which the shipped ACL confines to `<sut>/#`.
     /// Takes precedence over `mqtt_username`/`mqtt_password`.
     pub agent_credentials: Option<std::path::PathBuf>,
-    /// The static agent binary.
-    pub agent_bin: Bytes,
-    /// The static healthcheck binary.
-    pub healthcheck_bin: Bytes,
+    /// The static agent and healthcheck binaries.
+    pub tools: Tools,
 }
 
 impl SpecContext {
@@ -107,6 +183,14 @@ impl SpecContext {
             "{}{}",
             self.name_prefix,
             labvisor_protocol::config::LABVISOR_NETWORK
+        )
+    }
+
+    /// The name of the tools volume (per supervisor and binary hash).
+    pub fn tools_volume_name(&self) -> String {
+        format!(
+            "{}labvisor-tools-{}-{}",
+            self.name_prefix, self.supervisor, self.tools.hash
         )
     }
 
@@ -147,8 +231,9 @@ pub struct ContainerSpec {
     pub volume: Named,
     /// The labvisor bridge network, created when missing (`None` for host or a named network).
     pub network: Option<Named>,
-    /// The tar archive uploaded to `/` before start, as chunks (the binaries are shared, not
-    /// copied).
+    /// The tools volume, mounted read-only at [`TOOLS_DIR`].
+    pub tools: ToolsVolume,
+    /// The tar archive uploaded to `/` before start, as chunks: the SUT's own files.
     pub archive: Vec<Bytes>,
 }
 
@@ -264,13 +349,34 @@ pub fn container_spec(
         labels: volume_labels,
     };
 
-    let mut mounts = vec![Mount {
-        target: Some(DATA_DIR.into()),
-        source: Some(volume.name.clone()),
-        typ: Some(MountType::VOLUME),
-        read_only: Some(false),
-        ..Default::default()
-    }];
+    let mut tools_labels = ctx.base_labels();
+    tools_labels.insert(LABEL_ROLE.into(), ROLE_TOOLS.into());
+    let tools = ToolsVolume {
+        volume: Named {
+            name: ctx.tools_volume_name(),
+            labels: tools_labels,
+        },
+        tools: ctx.tools.clone(),
+        helper_image: cfg.image.clone(),
+        helper_name: format!("{}-fill", ctx.tools_volume_name()),
+    };
+
+    let mut mounts = vec![
+        Mount {
+            target: Some(DATA_DIR.into()),
+            source: Some(volume.name.clone()),
+            typ: Some(MountType::VOLUME),
+            read_only: Some(false),
+            ..Default::default()
+        },
+        Mount {
+            target: Some(TOOLS_DIR.into()),
+            source: Some(tools.volume.name.clone()),
+            typ: Some(MountType::VOLUME),
+            read_only: Some(true),
+            ..Default::default()
+        },
+    ];
     mounts.extend(cfg.mounts.iter().map(|m| Mount {
         target: Some(m.target.clone()),
         source: Some(m.source.clone()),
@@ -345,11 +451,8 @@ pub fn container_spec(
         ..Default::default()
     };
 
-    let mut files: Vec<(String, u32, Bytes)> = vec![
-        (AGENT_PATH.into(), 0o755, ctx.agent_bin.clone()),
-        (HEALTHCHECK_PATH.into(), 0o755, ctx.healthcheck_bin.clone()),
-        (config_path, 0o644, Bytes::copy_from_slice(file_bytes)),
-    ];
+    let mut files: Vec<(String, u32, Bytes)> =
+        vec![(config_path, 0o644, Bytes::copy_from_slice(file_bytes))];
     files.extend(cfg.files.iter().map(|f| {
         (
             f.container_path(),
@@ -365,6 +468,7 @@ pub fn container_spec(
         body,
         volume,
         network,
+        tools,
         archive: archive(&files, &["/labvisor/run"])?,
     })
 }
@@ -497,8 +601,7 @@ mod tests {
             mqtt_username: None,
             mqtt_password: None,
             agent_credentials: None,
-            agent_bin: Bytes::from_static(b"AGENT"),
-            healthcheck_bin: Bytes::from_static(b"HC"),
+            tools: Tools::new(Bytes::from_static(b"AGENT"), Bytes::from_static(b"HC")),
         }
     }
 
@@ -563,7 +666,38 @@ mod tests {
         assert_eq!(hcfg.init, Some(true));
         assert_eq!(hcfg.network_mode.as_deref(), Some("t-labvisor"));
 
-        let bytes: Vec<u8> = s.archive.iter().flat_map(|c| c.iter().copied()).collect();
+        let seen = untar(&s.archive);
+        assert!(
+            !seen.keys().any(|p| p.starts_with("labvisor/bin")),
+            "the binaries come from the tools volume: {:?}",
+            seen.keys()
+        );
+        assert_eq!(seen["labvisor/sut/dut1.toml"].1, text);
+        assert!(seen.contains_key("labvisor/run/"));
+
+        let tools_mount = hcfg
+            .mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.target.as_deref() == Some(TOOLS_DIR))
+            .expect("the tools volume is mounted");
+        assert_eq!(tools_mount.read_only, Some(true));
+        assert_eq!(tools_mount.typ, Some(MountType::VOLUME));
+        let vol = &s.tools.volume;
+        assert_eq!(tools_mount.source.as_deref(), Some(vol.name.as_str()));
+        assert_eq!(
+            vol.name,
+            format!("t-labvisor-tools-lab-{}", s.tools.tools.hash)
+        );
+        assert_eq!(vol.labels[LABEL_ROLE], ROLE_TOOLS);
+        assert_eq!(vol.labels[LABEL_SUPERVISOR], "lab");
+        assert_eq!(vol.labels["x"], "y");
+        assert_eq!(s.tools.helper_image, "img");
+    }
+
+    fn untar(chunks: &[Bytes]) -> BTreeMap<String, (u32, String)> {
+        let bytes: Vec<u8> = chunks.iter().flat_map(|c| c.iter().copied()).collect();
         let mut ar = tar::Archive::new(&bytes[..]);
         let mut seen = BTreeMap::new();
         for e in ar.entries().unwrap() {
@@ -574,8 +708,25 @@ mod tests {
             e.read_to_string(&mut content).unwrap();
             seen.insert(p, (mode, content));
         }
-        assert_eq!(seen["labvisor/bin/labvisor-agent"], (0o755, "AGENT".into()));
-        assert_eq!(seen["labvisor/sut/dut1.toml"].1, text);
-        assert!(seen.contains_key("labvisor/run/"));
+        seen
+    }
+
+    #[test]
+    fn tools_archive_holds_both_binaries_then_the_marker() {
+        let t = Tools::new(Bytes::from_static(b"AGENT"), Bytes::from_static(b"HC"));
+        assert_eq!(t.hash.len(), 16);
+        let seen = untar(&t.archive);
+        assert_eq!(seen["labvisor-agent"], (0o755, "AGENT".into()));
+        assert_eq!(seen["labvisor-healthcheck"], (0o755, "HC".into()));
+        assert_eq!(seen[TOOLS_MARKER], (0o644, t.hash.clone()));
+        // The marker is written last: a fill cut short has none.
+        let bytes: Vec<u8> = t.archive.iter().flat_map(|c| c.iter().copied()).collect();
+        let mut ar = tar::Archive::new(&bytes[..]);
+        let last = ar.entries().unwrap().last().unwrap().unwrap();
+        assert_eq!(last.path().unwrap().display().to_string(), TOOLS_MARKER);
+        // The hash follows the contents, and the boundary between the binaries.
+        let other = Tools::new(Bytes::from_static(b"AGENTH"), Bytes::from_static(b"C"));
+        assert_ne!(t.hash, other.hash);
+        assert!(!format!("{t:?}").contains("AGENT"), "Debug shows no bytes");
     }
 }

@@ -10,7 +10,7 @@ use labvisor_protocol::config::Allow;
 use labvisor_protocol::payloads::Health;
 use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_supervisor::docker::{FakeCall, FakeRuntime};
-use labvisor_supervisor::spec::SpecContext;
+use labvisor_supervisor::spec::{SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Settings};
 use tokio::sync::oneshot;
 
@@ -29,8 +29,7 @@ fn settings(dir: &Path) -> Settings {
             mqtt_username: None,
             mqtt_password: None,
             agent_credentials: None,
-            agent_bin: Bytes::from_static(b"agent"),
-            healthcheck_bin: Bytes::from_static(b"hc"),
+            tools: Tools::new(Bytes::from_static(b"agent"), Bytes::from_static(b"hc")),
         },
         topics: Topics::new(),
         mqtt: None,

@@ -72,11 +72,37 @@ fn add_edit_delete_files() {
         docker_ok(&["exec", &a1, "cat", "/labvisor/sut/a.toml"]),
         sut_file("1").trim_end()
     );
-    let mounts = inspect(&a1, "{{range .Mounts}}{{.Type}}:{{.Name}} {{end}}");
+    let mut mounts: Vec<String> = inspect(
+        &a1,
+        "{{range .Mounts}}{{.Type}}:{{.Name}}:{{.Destination}}:{{.RW}} {{end}}",
+    )
+    .split_whitespace()
+    .map(str::to_owned)
+    .collect();
+    mounts.sort();
+    let tools = format!("{}{}-", scope.name("labvisor-tools-"), scope.run_id());
+    assert_eq!(mounts.len(), 2, "{mounts:?}");
     assert_eq!(
-        mounts.trim(),
-        format!("volume:{}", scope.name("labvisor-a"))
+        mounts[0],
+        format!("volume:{}:/labvisor/data:true", scope.name("labvisor-a"))
     );
+    assert!(
+        mounts[1].starts_with(&format!("volume:{tools}"))
+            && mounts[1].ends_with(":/labvisor/bin:false"),
+        "the binaries come from the read-only tools volume: {mounts:?}"
+    );
+    // Both agents share the one tools volume; its fill helper is gone.
+    let b_mounts = inspect(&b1, "{{range .Mounts}}{{.Name}} {{end}}");
+    let tools_name = mounts[1].split(':').nth(1).unwrap();
+    assert!(b_mounts.contains(tools_name), "{b_mounts}");
+    assert!(
+        !docker_ok(&["ps", "-a", "--format", "{{.Names}}"]).contains(&format!("{tools_name}-fill")),
+        "the fill helper is removed"
+    );
+    // The agent cannot write the shared binaries.
+    assert!(!docker(&["exec", &a1, "touch", "/labvisor/bin/x"])
+        .status
+        .success());
 
     // Edited: recreated (new id); the other SUT is untouched.
     write(&dir, "a.toml", &sut_file("2"));
@@ -382,4 +408,70 @@ fn busy_agent_defers_recreation() {
             .filter(|v| v.pending_action.is_none() && v.container_id.as_deref() != Some(&id))
             .map(|_| ())
     });
+}
+
+/// The tools volume: filled once and shared; a fill cut short (no marker) is redone on the next
+/// start; an older tools volume of this supervisor is removed once no container uses it.
+#[test]
+fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("tools");
+    let (_t, dir) = tmp_sut_dir();
+    let old = format!(
+        "{}{}-0000000000000000",
+        scope.name("labvisor-tools-"),
+        scope.run_id()
+    );
+    let label = scope.label();
+    let supervisor_label = format!("io.labvisor.supervisor={}", scope.run_id());
+    docker_ok(&[
+        "volume",
+        "create",
+        "--label",
+        &label,
+        "--label",
+        "io.labvisor.managed-by=labvisor",
+        "--label",
+        &supervisor_label,
+        "--label",
+        "io.labvisor.role=tools",
+        &old,
+    ]);
+    write(&dir, "a.toml", &sut_file("1"));
+    let mut sup = Sup::start(&scope, &dir, None, &[]);
+    let a1 = wait_healthy(&scope, "a", T);
+    let tools = inspect(
+        &a1,
+        "{{range .Mounts}}{{if eq .Destination \"/labvisor/bin\"}}{{.Name}}{{end}}{{end}}",
+    );
+    assert!(tools.starts_with(&scope.name("labvisor-tools-")), "{tools}");
+    wait_until("the old tools volume removed", T, || {
+        (!docker(&["volume", "inspect", &old]).status.success()).then_some(())
+    });
+
+    // Cut the fill short: no container uses the volume, and it lost its marker and the agent.
+    sup.kill();
+    docker_ok(&["rm", "-f", &a1]);
+    let wipe = format!("type=volume,source={tools},target=/t");
+    docker_ok(&[
+        "run",
+        "--rm",
+        "--label",
+        &label,
+        "--mount",
+        &wipe,
+        "--entrypoint",
+        "/bin/rm",
+        BUSYBOX_IMAGE,
+        "/t/.labvisor-tools",
+        "/t/labvisor-agent",
+    ]);
+    let _sup = Sup::start(&scope, &dir, None, &[]);
+    let a2 = wait_healthy(&scope, "a", T);
+    assert_ne!(a1, a2);
+    assert_eq!(
+        docker_ok(&["exec", &a2, "cat", "/labvisor/bin/.labvisor-tools"]),
+        tools.rsplit('-').next().unwrap(),
+        "the marker holds the binaries' hash"
+    );
 }
