@@ -150,7 +150,7 @@ pub async fn run(
         },
     )?;
     let sinks = Arc::new(Sinks::new(settings.stdout, Some(file)));
-    let (tap, tap_rx) = Tap::new(TAP_BYTES);
+    let (tap, tap_rx) = Tap::with_rate(TAP_BYTES, Some(cfg.log.mqtt_rate()));
     if let Some(dir) = settings.heartbeat_file.parent() {
         let _ = std::fs::create_dir_all(dir);
     }

@@ -3,15 +3,19 @@
 //! ```text
 //!  child pipe ──► pump thread ──► Sinks: container stdout + rotating log file   (complete, raw bytes)
 //!  job pipe   ──► pump thread ──┘   │
-//!  tail files ──► tail thread ──┘   └─► Tap (4 MiB, merging)    ──► batcher task ──► MqttLink
-//!                                        full? drop + count          50 ms / 16 KiB   (lossy UTF-8,
-//!                                                                                      seq numbers)
+//!  tail files ──► tail thread ──┘   └─► Tap (4 MiB, merging,    ──► batcher task ──► MqttLink
+//!                                        log.mqtt_rate)              50 ms / 16 KiB   (lossy UTF-8,
+//!                                        full or over rate?                            seq numbers)
+//!                                        drop + count
 //! ```
 //!
 //! The pump threads do blocking reads of 64 KiB and write straight to stdout and the file, so the
 //! only back-pressure the child can feel is from those two sinks, which must be complete anyway.
 //! MQTT never slows it: the tap is a queue bounded in bytes where a writer never waits (small
-//! writes coalesce while the batcher is behind; past the bound a chunk is dropped), and the link
+//! writes coalesce while the batcher is behind; past the bound a chunk is dropped). The tap also
+//! holds a token bucket (`log.mqtt_rate` bytes per second, a burst of one second's worth): a
+//! flood beyond it is dropped right there, before any copy, so it costs neither the agent's CPU
+//! nor the shared broker's, while stdout and the log file still get every byte. The link
 //! drops the oldest batch when the broker is slow or gone. Both drops are counted, and a drop at
 //! the tap skips a sequence number, so a consumer sees the gap.
 //!
@@ -153,6 +157,38 @@ struct TapQueue {
     chunks: std::collections::VecDeque<(Target, bytes::BytesMut)>,
     bytes: usize,
     closed: bool,
+    bucket: Option<Bucket>,
+}
+
+/// A token bucket in bytes: `rate` per second, at most one second's worth saved up. A chunk
+/// passes while the bucket is not in debt, and may take it into debt (so a chunk larger than
+/// the burst still passes, once the bucket is full).
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(rate: u64) -> Bucket {
+        let rate = rate.max(1) as f64;
+        Bucket {
+            rate,
+            tokens: rate,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    fn take(&mut self, n: usize, now: std::time::Instant) -> bool {
+        let dt = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + dt * self.rate).min(self.rate);
+        if self.tokens < 0.0 {
+            return false;
+        }
+        self.tokens -= n as f64;
+        true
+    }
 }
 
 /// The batcher's end of a [`Tap`].
@@ -161,10 +197,20 @@ pub struct TapReceiver {
 }
 
 impl Tap {
-    /// A tap holding at most `capacity` bytes, and the batcher's receiving end.
+    /// A tap holding at most `capacity` bytes, without a rate limit, and the batcher's
+    /// receiving end.
     pub fn new(capacity: usize) -> (Tap, TapReceiver) {
+        Tap::with_rate(capacity, None)
+    }
+
+    /// A tap holding at most `capacity` bytes that passes at most `rate` bytes per second
+    /// (`None`: no limit), and the batcher's receiving end.
+    pub fn with_rate(capacity: usize, rate: Option<u64>) -> (Tap, TapReceiver) {
         let inner = Arc::new(TapInner {
-            queue: Mutex::new(TapQueue::default()),
+            queue: Mutex::new(TapQueue {
+                bucket: rate.map(Bucket::new),
+                ..TapQueue::default()
+            }),
             notify: tokio::sync::Notify::new(),
             dropped: Arc::new(AtomicU64::new(0)),
             capacity: capacity.max(1),
@@ -184,7 +230,12 @@ impl Tap {
         if q.closed {
             return;
         }
-        if q.bytes + chunk.bytes.len() > self.inner.capacity {
+        let over_rate = |q: &mut TapQueue| {
+            q.bucket
+                .as_mut()
+                .is_some_and(|b| !b.take(chunk.bytes.len(), std::time::Instant::now()))
+        };
+        if q.bytes + chunk.bytes.len() > self.inner.capacity || over_rate(&mut q) {
             drop(q);
             self.inner.dropped.fetch_add(1, Ordering::Relaxed);
             return;
@@ -504,5 +555,43 @@ mod tests {
         assert!(rx.try_recv().is_none());
         assert_eq!(tap.dropped(), 14);
         assert_eq!(sinks.blocked_for(), None);
+    }
+
+    #[test]
+    fn bucket_passes_the_rate_with_one_second_of_burst() {
+        let t0 = std::time::Instant::now();
+        let mut b = Bucket::new(1000);
+        b.at = t0;
+        // A full bucket: 1000 bytes of burst, and a chunk may take it into debt.
+        assert!(b.take(600, t0));
+        assert!(b.take(600, t0));
+        assert!(!b.take(1, t0), "in debt: dropped");
+        // 0.3 s later the debt (200) is paid and 100 bytes are back.
+        assert!(b.take(50, t0 + Duration::from_millis(300)));
+        // Idle for a minute: never more than one second's worth.
+        assert!(b.take(1001, t0 + Duration::from_secs(60)));
+        assert!(!b.take(1, t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn a_flood_over_the_rate_is_dropped_at_the_tap_and_the_file_gets_all() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("s.log");
+        let sinks = Sinks::new(false, Some(RotatingFile::open(&p, 1 << 30, 2).unwrap()));
+        // Room for everything, but 100 KiB/s: of 16 MiB written at once, the burst passes.
+        let (tap, mut rx) = Tap::with_rate(64 << 20, Some(100 * 1024));
+        let data = vec![b'x'; 16 << 20];
+        pump(&data[..], &sinks, &tap, Target::Sut, &Progress::default());
+        sinks.sync();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), data.len() as u64);
+        let mut passed = 0;
+        while let Some(c) = rx.try_recv() {
+            passed += c.bytes.len();
+        }
+        assert!(
+            (100 * 1024..=100 * 1024 + 2 * READ_CHUNK).contains(&passed),
+            "about one second's worth passes, not {passed}"
+        );
+        assert!(tap.dropped() >= 200, "{}", tap.dropped());
     }
 }

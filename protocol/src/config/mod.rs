@@ -51,6 +51,7 @@
 //! | `resources.cpus` | float | *none* | CPU limit of the container (e.g. `1.5`); more than 0. |
 //! | `log.max_size` | size | `"10MiB"` | Size at which the per-SUT log file is rotated; more than 0. |
 //! | `log.keep` | integer ≥ 1 | `5` | Rotated log files kept. |
+//! | `log.mqtt_rate` | size | `"1MiB"` | Bytes of output per second published on MQTT (`<sut>/output`, job output), with a burst of one second's worth. Output beyond it is dropped from MQTT only (counted, and seen as a gap in the sequence numbers); stdout and the log file always get all of it. Keeps one flooding device from saturating the shared broker. |
 //! | `probe.url` | string | *required in `[probe]`* | Optional reachability probe of the device: `tcp://host:port` or `http(s)://…`. |
 //! | `probe.interval` | duration | `"60s"` | How often the device is probed. |
 //! | `probe.timeout` | duration | `"10s"` | Probe timeout; shorter than `probe.interval`. |
@@ -411,6 +412,21 @@ pub struct LogSettings {
     pub max_size: NonZeroU64,
     /// Rotated files kept.
     pub keep: NonZeroU32,
+    /// Output bytes per second published on MQTT; `None`: [`LogSettings::DEFAULT_MQTT_RATE`].
+    /// Left out of the serialisation (and so of the hash) when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_rate: Option<NonZeroU64>,
+}
+
+impl LogSettings {
+    /// Default of `log.mqtt_rate`: 1 MiB/s.
+    pub const DEFAULT_MQTT_RATE: u64 = 1 << 20;
+
+    /// Output bytes per second published on MQTT.
+    pub fn mqtt_rate(&self) -> u64 {
+        self.mqtt_rate
+            .map_or(Self::DEFAULT_MQTT_RATE, NonZeroU64::get)
+    }
 }
 
 /// Reachability probe of the device.

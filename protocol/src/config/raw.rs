@@ -96,6 +96,7 @@ pub(crate) struct RawResources {
 pub(crate) struct RawLog {
     pub max_size: Option<RawSize>,
     pub keep: Option<u32>,
+    pub mqtt_rate: Option<RawSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -582,6 +582,7 @@ fn build(
             .size(kk("log", "max_size"), raw.log.max_size.as_ref(), None)
             .unwrap_or(NonZeroU64::new(10 << 20).unwrap_or(NonZeroU64::MIN)),
         keep: c.count(kk("log", "keep"), raw.log.keep, 5),
+        mqtt_rate: c.size(kk("log", "mqtt_rate"), raw.log.mqtt_rate.as_ref(), None),
     };
 
     // probe
