@@ -192,6 +192,12 @@ impl Topics {
         self.prefix.trim_end_matches('/')
     }
 
+    /// The mosquitto ACL pattern that confines an agent, logged in as its SUT's name, to its
+    /// own topics: `[<prefix>/]%u/#` (`%u` is the user name).
+    pub fn agent_acl_pattern(&self) -> String {
+        format!("{}%u/#", self.prefix)
+    }
+
     fn sut(&self, sut: &SutName, leaf: &str) -> String {
         format!("{}{}/{leaf}", self.prefix, sut)
     }

@@ -12,12 +12,18 @@
 //! - `127.0.0.1:<port>`, anonymous: the supervisor itself, and `labvisor status`,
 //!   `mosquitto_sub`, `mosquitto_pub` or MQTT Explorer on this machine;
 //! - `<bridge gateway>:<port>`, password-protected: the agents, which reach the host through the
-//!   gateway of the labvisor bridge network. They get the credentials in their environment. Any
-//!   other container reaching that address cannot connect without them.
+//!   gateway of the labvisor bridge network. Each agent logs in as its own SUT with its own
+//!   random password ([`AgentLogins`]), given in its environment, and the ACL pattern
+//!   `[<prefix>/]%u/#` confines it to its own topics: a job running on one SUT cannot submit
+//!   jobs to another. Any other container reaching that address cannot connect at all.
 //!
-//! The password, the config, and the broker's persistence live in the state directory (default
-//! `~/.local/state/labvisor/broker`), so a restarted supervisor reuses them and adopted agents keep
-//! connecting.
+//! A SUT's login is made when its container is first created (the password file and mosquitto's
+//! password file are updated, then mosquitto reloads them on SIGHUP). The passwords
+//! (`agents/<sut>`, 0600), the config, and the broker's persistence live in the state directory
+//! (default `~/.local/state/labvisor/broker`), so a restarted supervisor reuses them and adopted
+//! agents keep connecting. A state directory from an earlier labvisor, whose agents shared one
+//! login (`labvisor-agent`, password in `agent-password`), keeps that login working for the
+//! containers made then, until they are recreated.
 
 use std::io::Write;
 use std::net::{IpAddr, TcpListener};
@@ -25,8 +31,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The agents' username on the managed broker.
-pub const AGENT_USER: &str = "labvisor-agent";
+/// The shared agent login of earlier labvisor versions, kept only where its password file
+/// (`agent-password`) is already in the state directory.
+pub const LEGACY_AGENT_USER: &str = "labvisor-agent";
+
+/// The directory of per-SUT passwords in the state directory (the `--agent-credentials` layout:
+/// one file per SUT, named after it).
+pub const AGENTS_DIR: &str = "agents";
 
 /// Why the managed broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +62,87 @@ pub enum BrokerError {
     /// mosquitto failed.
     #[error("mosquitto did not start: {0}")]
     Start(String),
+    /// A SUT's login could not be made.
+    #[error("cannot make the broker login of {sut}: {reason}")]
+    Login {
+        /// The SUT.
+        sut: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The per-SUT agent logins of the managed broker: a password file per SUT in
+/// [`AGENTS_DIR`], mirrored into mosquitto's password file.
+#[derive(Debug)]
+pub struct AgentLogins {
+    dir: PathBuf,
+    passwd: PathBuf,
+    passwd_bin: PathBuf,
+    state_dir: PathBuf,
+    legacy: bool,
+    /// mosquitto's pid, signalled to reload; serialises changes too.
+    pid: std::sync::Mutex<Option<u32>>,
+}
+
+impl AgentLogins {
+    /// The directory of per-SUT passwords (what `--agent-credentials` takes).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes sure `sut` has a login: when it has none yet, makes a random password, adds it to
+    /// mosquitto's password file and has mosquitto reload it. Returns whether it was new.
+    pub fn ensure(&self, sut: &labvisor_protocol::SutName) -> Result<bool, BrokerError> {
+        let pid = self.pid.lock().unwrap_or_else(|p| p.into_inner());
+        let file = self.dir.join(sut.as_str());
+        if std::fs::read_to_string(&file).is_ok_and(|p| p.trim().len() >= 16) {
+            return Ok(false);
+        }
+        let err = |reason: String| BrokerError::Login {
+            sut: sut.to_string(),
+            reason,
+        };
+        if self.legacy && sut.as_str() == LEGACY_AGENT_USER {
+            return Err(err(format!(
+                "{LEGACY_AGENT_USER} is the shared agent login of this broker's state directory; \
+                 rename the SUT file"
+            )));
+        }
+        let password = random_password();
+        write_private(&file, password.as_bytes())
+            .map_err(|e| err(format!("{}: {e}", file.display())))?;
+        add_login(&self.passwd_bin, &self.passwd, sut.as_str(), &password).map_err(err)?;
+        hand_to_broker_user(&self.state_dir).map_err(|e| err(e.to_string()))?;
+        if let Some(pid) = *pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGHUP,
+            );
+        }
+        Ok(true)
+    }
+}
+
+fn random_password() -> String {
+    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+/// Adds (or replaces) `user` in mosquitto's password file `passwd`.
+fn add_login(passwd_bin: &Path, passwd: &Path, user: &str, password: &str) -> Result<(), String> {
+    let out = Command::new(passwd_bin)
+        .args(["-b"])
+        .arg(passwd)
+        .args([user, password])
+        .output()
+        .map_err(|e| format!("mosquitto_passwd: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mosquitto_passwd: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
 }
 
 /// A running managed mosquitto; killed on drop.
@@ -60,15 +152,22 @@ pub struct ManagedBroker {
     pub local_url: String,
     /// What the agents connect to.
     pub agent_url: String,
-    /// The agents' password.
-    pub agent_password: String,
+    /// The agents' logins, one per SUT.
+    pub logins: std::sync::Arc<AgentLogins>,
     dir: PathBuf,
 }
 
 impl ManagedBroker {
     /// Starts mosquitto on `port`, listening on loopback and on `gateway`, with its files in
-    /// `state_dir`.
-    pub fn start(state_dir: &Path, port: u16, gateway: IpAddr) -> Result<Self, BrokerError> {
+    /// `state_dir`; agent logins confined by `acl_pattern` ([`Topics::agent_acl_pattern`]).
+    ///
+    /// [`Topics::agent_acl_pattern`]: labvisor_protocol::topics::Topics::agent_acl_pattern
+    pub fn start(
+        state_dir: &Path,
+        port: u16,
+        gateway: IpAddr,
+        acl_pattern: &str,
+    ) -> Result<Self, BrokerError> {
         let bin = [
             "/usr/sbin/mosquitto",
             "/usr/local/sbin/mosquitto",
@@ -96,35 +195,49 @@ impl ManagedBroker {
             move |source| BrokerError::State { path, source }
         };
         std::fs::create_dir_all(state_dir).map_err(state(state_dir))?;
-        let secret = state_dir.join("agent-password");
-        let agent_password = match std::fs::read_to_string(&secret) {
-            Ok(p) if p.trim().len() >= 16 => p.trim().to_owned(),
-            _ => {
-                let p = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-                write_private(&secret, p.as_bytes()).map_err(state(&secret))?;
-                p
-            }
-        };
+        let agents = state_dir.join(AGENTS_DIR);
+        std::fs::create_dir_all(&agents).map_err(state(&agents))?;
+        std::fs::set_permissions(&agents, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(state(&agents))?;
+        // mosquitto's password file is rebuilt from the per-SUT files at every start.
         let passwd = state_dir.join("passwd");
         write_private(&passwd, b"").map_err(state(&passwd))?;
-        let out = Command::new(passwd_bin)
-            .args(["-b"])
-            .arg(&passwd)
-            .args([AGENT_USER, &agent_password])
-            .output()
-            .map_err(|e| BrokerError::Start(format!("mosquitto_passwd: {e}")))?;
-        if !out.status.success() {
-            return Err(BrokerError::Start(format!(
-                "mosquitto_passwd: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+        let mut logins: Vec<(String, String)> = Vec::new();
+        for e in std::fs::read_dir(&agents).map_err(state(&agents))? {
+            let path = e.map_err(state(&agents))?.path();
+            let user = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if labvisor_protocol::SutName::new(user).is_err() {
+                continue;
+            }
+            match std::fs::read_to_string(&path) {
+                Ok(p) if p.trim().len() >= 16 => logins.push((user.to_owned(), p.trim().into())),
+                _ => {}
+            }
+        }
+        let secret = state_dir.join("agent-password");
+        let legacy = match std::fs::read_to_string(&secret) {
+            Ok(p) if p.trim().len() >= 16 => {
+                logins.push((LEGACY_AGENT_USER.to_owned(), p.trim().to_owned()));
+                true
+            }
+            _ => false,
+        };
+        for (user, password) in &logins {
+            add_login(&passwd_bin, &passwd, user, password).map_err(BrokerError::Start)?;
         }
         let acl = state_dir.join("acl");
-        write_private(
-            &acl,
-            format!("user {AGENT_USER}\ntopic readwrite #\n").as_bytes(),
-        )
-        .map_err(state(&acl))?;
+        let mut acl_text = format!(
+            "# Written by labvisor supervise (managed broker); rewritten at every start.\n\
+             # Each agent logs in as its SUT and may use only its own topics.\n\
+             pattern readwrite {acl_pattern}\n"
+        );
+        if legacy {
+            acl_text.push_str(&format!(
+                "# The shared login of agents made by an earlier labvisor.\n\
+                 user {LEGACY_AGENT_USER}\ntopic readwrite #\n"
+            ));
+        }
+        write_private(&acl, acl_text.as_bytes()).map_err(state(&acl))?;
         let conf = state_dir.join("mosquitto.conf");
         let text = format!(
             "# Written by labvisor supervise (managed broker); rewritten at every start.\n\
@@ -184,11 +297,19 @@ impl ManagedBroker {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        let logins = std::sync::Arc::new(AgentLogins {
+            dir: agents,
+            passwd,
+            passwd_bin,
+            state_dir: state_dir.to_path_buf(),
+            legacy,
+            pid: std::sync::Mutex::new(Some(child.id())),
+        });
         Ok(ManagedBroker {
             child,
             local_url: format!("mqtt://127.0.0.1:{port}"),
             agent_url: format!("mqtt://{gateway}:{port}"),
-            agent_password,
+            logins,
             dir: state_dir.to_path_buf(),
         })
     }
@@ -201,6 +322,8 @@ impl ManagedBroker {
 
 impl Drop for ManagedBroker {
     fn drop(&mut self) {
+        // No SIGHUP to a pid that may be reused.
+        *self.logins.pid.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(self.dir.join("mosquitto.pid"));
@@ -277,7 +400,11 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
     };
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
-        std::os::unix::fs::chown(e?.path(), Some(uid), Some(gid))?;
+        let e = e?;
+        // The agents' clear-text passwords are the supervisor's, not the broker's.
+        if e.file_name() != AGENTS_DIR {
+            std::os::unix::fs::chown(e.path(), Some(uid), Some(gid))?;
+        }
     }
     Ok(())
 }

@@ -302,6 +302,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         purge_volumes: args.purge_volumes,
         poll: args.poll,
         metrics_listen,
+        logins: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -322,13 +323,18 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("the managed broker listens on the gateway of the {} network, which cannot be created or inspected", net.name))?
                 .with_context(|| format!("the {} network has no IPv4 gateway", net.name))?;
-            let b = ManagedBroker::start(&state_dir, broker_port, gateway)?;
+            let b = ManagedBroker::start(&state_dir, broker_port, gateway, &settings.topics.agent_acl_pattern())?;
             tracing::info!(broker = %b.local_url, agents = %b.agent_url, state_dir = %b.dir().display(),
                 "Managed mosquitto running. Try `labvisor status` or `mosquitto_sub -h 127.0.0.1 -p {broker_port} -t '#' -v`.");
             settings.mqtt = Some(LinkOptions::from_url(&b.local_url, format!("labvisor-supervisor-{id}"))?);
             settings.spec.agent_broker = Some(b.agent_url.clone());
-            settings.spec.mqtt_username = Some(broker::AGENT_USER.to_owned());
-            settings.spec.mqtt_password = Some(b.agent_password.clone());
+            if settings.spec.agent_credentials.is_some() {
+                tracing::warn!("--agent-credentials is for an external broker; the managed broker makes a login per SUT itself.");
+            }
+            // Each agent logs in as its SUT, with a password made when its container is first
+            // created, and may use only its own topics.
+            settings.spec.agent_credentials = Some(b.logins.dir().to_path_buf());
+            settings.logins = Some(b.logins.clone());
             Some(b)
         } else {
             None

@@ -132,6 +132,9 @@ pub struct Settings {
     pub poll: bool,
     /// Where `/metrics` and `/healthz` are served; `None`: not at all.
     pub metrics_listen: Option<crate::metrics::Listen>,
+    /// The managed broker's per-SUT logins, made before a SUT's container is created (its
+    /// password file is then in `spec.agent_credentials`); `None` with an external broker.
+    pub logins: Option<std::sync::Arc<crate::broker::AgentLogins>>,
 }
 
 /// A fatal error: the supervisor cannot start.
@@ -165,6 +168,9 @@ pub enum ActionError {
     /// The container could not be described.
     #[error(transparent)]
     Spec(#[from] SpecError),
+    /// The SUT's broker login could not be made.
+    #[error(transparent)]
+    Login(#[from] crate::broker::BrokerError),
 }
 
 #[derive(Debug, Default)]
@@ -246,6 +252,12 @@ impl<R: ContainerRuntime> Exec<R> {
             self.link.as_ref(),
         )
         .await?;
+        if let Some(logins) = self.settings.logins.clone() {
+            let sut = sut.clone();
+            tokio::task::spawn_blocking(move || logins.ensure(&sut))
+                .await
+                .map_err(|e| ActionError::File(e.to_string()))??;
+        }
         let spec = container_spec(&cfg, &bytes, &cfg.hash(), &self.settings.spec)?;
         Ok(self.runtime.create(&spec).await?)
     }

@@ -38,6 +38,7 @@ fn settings(dir: &Path) -> Settings {
         stop_timeout: Duration::from_secs(1),
         parallelism: 6,
         purge_volumes: false,
+        logins: None,
         poll: false,
         metrics_listen: None,
     }

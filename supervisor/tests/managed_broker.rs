@@ -1,5 +1,5 @@
 //! `labvisor supervise` without `--broker`: it runs a managed mosquitto, its agents connect
-//! through the labvisor network's gateway with a password, local tools connect anonymously on
+//! through the labvisor network's gateway, each with its own login confined to its topics, local tools connect anonymously on
 //! loopback, anonymous clients on the gateway are refused, and a killed supervisor's broker is
 //! replaced on the next start.
 
@@ -55,11 +55,9 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
     let sut_dir = dir.path().join("sut");
     let state = dir.path().join("state");
     std::fs::create_dir_all(&sut_dir).unwrap();
-    std::fs::write(
-        sut_dir.join("mb-1.toml"),
-        "image = \"labvisor/busybox:local\"\ncommand = [\"/bin/sh\", \"-c\", \"while true; do echo up; sleep 1; done\"]\n[health]\nheartbeat = \"500ms\"\nmax_age = \"3s\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nretries = 2\nstart_period = \"0s\"\n",
-    )
-    .unwrap();
+    let sut_text = "image = \"labvisor/busybox:local\"\ncommand = [\"/bin/sh\", \"-c\", \"while true; do echo up; sleep 1; done\"]\n[health]\nheartbeat = \"500ms\"\nmax_age = \"3s\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nretries = 2\nstart_period = \"0s\"\n";
+    std::fs::write(sut_dir.join("mb-1.toml"), sut_text).unwrap();
+    std::fs::write(sut_dir.join("mb-2.toml"), sut_text).unwrap();
     let port = free_port();
     let log = dir.path().join("supervisor.log");
     let mut sup = supervise(&scope, &sut_dir, &state, port, &log);
@@ -70,29 +68,44 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
         )
     };
 
-    // The agent, inside its container, connects to the broker on the gateway: its retained
+    // Each agent, inside its container, connects to the broker on the gateway: its retained
     // status says so, read by `labvisor status` on loopback (anonymous).
+    let connected = |sut: &str| {
+        let v = status_json(port)?;
+        let row = v["suts"]
+            .as_array()?
+            .iter()
+            .find(|r| r["sut"] == sut)?
+            .clone();
+        (row["state"] == "idle" && row["health"] == "healthy").then_some(row)
+    };
     let row = wait_until(
         &fail("mb-1 idle and connected"),
         Duration::from_secs(60),
-        || {
-            let v = status_json(port)?;
-            let row = v["suts"]
-                .as_array()?
-                .iter()
-                .find(|r| r["sut"] == "mb-1")?
-                .clone();
-            (row["state"] == "idle" && row["health"] == "healthy").then_some(row)
-        },
+        || connected("mb-1"),
     );
     assert_eq!(row["supervisor"], scope.run_id());
+    wait_until(
+        &fail("mb-2 idle and connected"),
+        Duration::from_secs(60),
+        || connected("mb-2"),
+    );
 
-    // The agents' password is private to the state directory.
-    let secret = state.join("agent-password");
-    let mode =
-        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&secret).unwrap().permissions());
-    assert_eq!(mode & 0o077, 0, "agent password file is private");
-    let password = std::fs::read_to_string(&secret).unwrap();
+    // Each agent has its own password, private to the state directory.
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+    };
+    let agents = state.join("agents");
+    assert_eq!(mode(&agents) & 0o077, 0, "the agents' directory is private");
+    assert_eq!(
+        mode(&agents.join("mb-1")) & 0o077,
+        0,
+        "agent password file is private"
+    );
+    let password = std::fs::read_to_string(agents.join("mb-1")).unwrap();
+    let password2 = std::fs::read_to_string(agents.join("mb-2")).unwrap();
+    assert_ne!(password, password2);
+    assert!(!state.join("agent-password").exists(), "no shared login");
 
     // On the gateway, an anonymous client is refused and the agents' credentials work.
     let net = scope.name("labvisor");
@@ -103,15 +116,17 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
         "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
         &net,
     ]);
-    let sub = |extra: &[&str]| {
+    let sub = |topic: &str, extra: &[&str]| {
         Command::new("mosquitto_sub")
             .args([
                 "-h",
                 &gateway,
                 "-p",
                 &port.to_string(),
+                "-V",
+                "5",
                 "-t",
-                "mb-1/agent",
+                topic,
                 "-C",
                 "1",
                 "-W",
@@ -121,16 +136,24 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
             .output()
             .unwrap()
     };
-    let anon = sub(&[]);
+    let anon = sub("mb-1/agent", &[]);
     assert!(
         !anon.status.success(),
         "anonymous on the gateway must be refused"
     );
-    let agent = sub(&["-u", "labvisor-agent", "-P", password.trim()]);
+    let mb1 = ["-u", "mb-1", "-P", password.trim()];
+    let own = sub("mb-1/agent", &mb1);
     assert!(
-        agent.status.success(),
+        own.status.success(),
         "{}",
-        String::from_utf8_lossy(&agent.stderr)
+        String::from_utf8_lossy(&own.stderr)
+    );
+    // mb-2's retained status is there (mb-2 is connected), but mb-1 may not read it.
+    let other = sub("mb-2/agent", &mb1);
+    assert!(
+        !other.status.success() && other.stdout.is_empty(),
+        "mb-1 must not read mb-2's topics: {}",
+        String::from_utf8_lossy(&other.stdout)
     );
 
     // SIGKILL the supervisor: its broker is orphaned; the next supervisor stops it and starts
@@ -159,7 +182,16 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
     let id_after = docker_ok(&["ps", "-q", "--filter", &format!("label={}", scope.label())]);
     assert_eq!(
         id_before, id_after,
-        "the agent container was adopted, not recreated"
+        "the agent containers were adopted, not recreated"
+    );
+
+    // A SUT added while the broker runs gets its login (mosquitto reloads its password file)
+    // and its agent connects.
+    std::fs::write(sut_dir.join("mb-3.toml"), sut_text).unwrap();
+    wait_until(
+        &fail("mb-3 idle and connected"),
+        Duration::from_secs(60),
+        || connected("mb-3"),
     );
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(sup2.id() as i32),
