@@ -3,7 +3,7 @@
 # same run, printed as a table and written to the results section of BENCHMARKS.md.
 #
 #   tools/bench.sh            full run (2-core machine: under 15 minutes)
-#   tools/bench.sh --quick    fewer and smaller runs (about 3 minutes once built; 3.3–3.4 on 2 busy cores)
+#   tools/bench.sh --quick    fewer and smaller runs (under 3 minutes once built)
 #   tools/bench.sh --only output-throughput [--only ...]   some figures; BENCHMARKS.md untouched
 #   tools/bench.sh --no-write | --note TEXT                see bench/run.py --help
 #
