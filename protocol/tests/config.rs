@@ -726,3 +726,24 @@ fn build_context_and_dockerfile_symlink_escapes_are_refused() {
         .unwrap();
     assert!(c.build.is_none());
 }
+
+/// README.md's config reference is the schema's own table (the `//!` doc of
+/// `labvisor_protocol::config`), row for row: a key added to the schema is documented for users.
+#[test]
+fn readme_config_reference_matches_the_schema_doc() {
+    let schema = std::fs::read_to_string(manifest_dir().join("src/config/mod.rs")).unwrap();
+    let readme = std::fs::read_to_string(workspace_dir().join("README.md")).unwrap();
+    let rows: Vec<&str> = schema
+        .lines()
+        .filter_map(|l| l.strip_prefix("//! "))
+        .filter(|l| l.starts_with("| `"))
+        .collect();
+    assert!(rows.len() > 30, "the schema doc has its table");
+    let readme_rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `")).collect();
+    let missing: Vec<&&str> = rows.iter().filter(|r| !readme_rows.contains(r)).collect();
+    assert!(
+        missing.is_empty(),
+        "README.md lacks or differs in these config reference rows (copy them from protocol/src/config/mod.rs):\n{}",
+        missing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n")
+    );
+}

@@ -55,7 +55,7 @@
 //! | `probe.url` | string | *required in `[probe]`* | Optional reachability probe of the device: `tcp://host:port` or `http(s)://…`. |
 //! | `probe.interval` | duration | `"60s"` | How often the device is probed. |
 //! | `probe.timeout` | duration | `"10s"` | Probe timeout; shorter than `probe.interval`. |
-//! | `build.context` | string | *required in `[build]`* | Optional image build: a directory next to the SUT file (relative, no `..`, inside the sut directory after resolving symlinks, not the sut directory itself). With `[build]`, `image` is the tag the supervisor builds (classic builder) and runs; it rebuilds when the context, `dockerfile` or `args` change. The config hash covers every file of the context (paths, permission bits, contents; symlinks as links), at most 64 MiB in all. |
+//! | `build.context` | string | *required in `[build]`* | Optional image build: a directory next to the SUT file (relative, no `..`, inside the sut directory after resolving symlinks, not the sut directory itself). With `[build]`, `image` is the tag the supervisor builds (classic builder) and runs; it rebuilds when the context, `dockerfile` or `args` change. The config hash covers every file of the context (paths, permission bits, contents; symlinks as links), at most 64 MiB in all. Without `[build]`, an absent image is pulled. |
 //! | `build.dockerfile` | string | `"Dockerfile"` | The Dockerfile, relative to `build.context` (no `..`); must be a regular file inside the context. |
 //! | `build.args` | table of strings | `{}` | Build args (`--build-arg KEY=VALUE`). Keys non-empty, without `=`. |
 //!
