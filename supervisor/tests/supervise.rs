@@ -3,12 +3,16 @@
 //! Every test runs its own supervisor process with a unique `--id`, `--name-prefix` and
 //! `--extra-label` (its [`DockerScope`]), so tests never see each other's containers and
 //! everything is removed by label when the scope drops. Agents run without a broker
-//! (`--agent-broker none`): they still write heartbeats, so Docker's health checks pass.
+//! (`--agent-broker none`): they still write heartbeats, so Docker's health checks pass. The
+//! `--busy-wait` test is the exception: its agent runs a real job, over a mosquitto that also
+//! listens on the network's gateway.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use labvisor_protocol::payloads::{AgentState, AgentStatus, SupervisorState, SupervisorStatus};
+use labvisor_protocol::payloads::{
+    AgentState, AgentStatus, Health, JobState, JobStatus, SupervisorState, SupervisorStatus,
+};
 use labvisor_protocol::SutName;
 mod common;
 
@@ -406,6 +410,232 @@ fn busy_agent_defers_recreation() {
         views(&sub, "j")
             .last()
             .filter(|v| v.pending_action.is_none() && v.container_id.as_deref() != Some(&id))
+            .map(|_| ())
+    });
+}
+
+/// Runs the rest of its command line in a new user namespace (mapped to the caller, so Docker's
+/// socket and the files are reached as before) whose inotify instance limit is 0: there
+/// `inotify_init` fails, so the supervisor's directory watch can only be `--poll`'s.
+const NO_INOTIFY: &[&str] = &[
+    "unshare",
+    "--user",
+    "--map-root-user",
+    "sh",
+    "-c",
+    "echo 0 > /proc/sys/user/max_inotify_instances && exec \"$@\"",
+    "no-inotify",
+];
+
+/// Waits until the supervisor's view of `sut` shows the container `id` healthy: the pass that
+/// followed the container's last Docker event is over, so only the directory watch (or the
+/// resync) can start another one.
+fn wait_settled(sub: &Subscriber, sut: &str, id: &str) {
+    wait_until(&format!("{sut}'s view healthy on {id}"), T, || {
+        views(sub, sut)
+            .last()
+            .filter(|v| v.container_id.as_deref() == Some(id) && v.health == Health::Healthy)
+            .map(|_| ())
+    });
+}
+
+/// `--poll` (NFS and other mounts where inotify never fires): with inotify unavailable and the
+/// periodic resync an hour away, an added, an edited and a deleted file are still acted on.
+#[test]
+fn poll_mode_sees_changes_without_inotify() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("poll");
+    let broker = Mosquitto::start();
+    let sub = broker.subscribe("+/supervisor", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    let no_resync = ["--resync", "1h"];
+
+    // The premise: in that namespace, the inotify watch cannot even start.
+    let control = Sup::start_wrapped(NO_INOTIFY, &scope, &dir, None, &no_resync);
+    wait_until("the inotify watch refused without --poll", T, || {
+        control
+            .log()
+            .contains("Cannot watch the SUT directory")
+            .then_some(())
+    });
+    drop(control);
+
+    // A SUT present from the start (created by the first pass) shows the supervisor is up.
+    write(&dir, "base.toml", &sut_file("1"));
+    let _sup = Sup::start_wrapped(
+        NO_INOTIFY,
+        &scope,
+        &dir,
+        Some(&broker.url()),
+        &["--poll", no_resync[0], no_resync[1]],
+    );
+    let base = wait_healthy(&scope, "base", T);
+    wait_settled(&sub, "base", &base);
+
+    // Added: created and running.
+    write(&dir, "a.toml", &sut_file("1"));
+    let a1 = wait_healthy(&scope, "a", T);
+    wait_settled(&sub, "a", &a1);
+
+    // Edited: recreated (new id).
+    write(&dir, "a.toml", &sut_file("2"));
+    let a2 = wait_until("a recreated", T, || {
+        let (id, status) = ps(&scope).remove(&scope.name("a"))?;
+        (id != a1 && status.ends_with("(healthy)")).then_some(id)
+    });
+    assert_eq!(
+        inspect(&a2, "{{range .Config.Env}}{{println .}}{{end}}")
+            .lines()
+            .find(|l| l.starts_with("MARKER=")),
+        Some("MARKER=2")
+    );
+    wait_settled(&sub, "a", &a2);
+
+    // Deleted: removed.
+    std::fs::remove_file(dir.join("a.toml")).unwrap();
+    wait_until("a removed", T, || {
+        (!ps(&scope).contains_key(&scope.name("a"))).then_some(())
+    });
+    assert_eq!(
+        ps(&scope)[&scope.name("base")].0,
+        base,
+        "base must keep its container"
+    );
+}
+
+/// `--busy-wait`: an agent running a long job defers its recreation, visibly, but only that
+/// long; then the container is recreated anyway and the interrupted job is reported `lost`.
+/// The agent is real and reaches a real mosquitto on the network's gateway.
+#[test]
+fn busy_wait_expiry_recreates_anyway_and_the_job_is_lost() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("busywait");
+    // The supervisor's network, made first so that the broker can listen on its gateway.
+    let net = scope.name("labvisor");
+    docker_ok(&[
+        "network",
+        "create",
+        "--label",
+        &scope.label(),
+        "--label",
+        "io.labvisor.managed-by=labvisor",
+        "--label",
+        &format!("io.labvisor.supervisor={}", scope.run_id()),
+        &net,
+    ]);
+    let gateway = docker_ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+        &net,
+    ]);
+    let broker = Mosquitto::start_with(&format!(
+        "allow_anonymous true\npersistence false\nlistener {{port}} {gateway}\n"
+    ));
+    let sub = broker.subscribe("j/#", &[]);
+    let agent_statuses = || -> Vec<AgentStatus> {
+        sub.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("j/agent "))
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect()
+    };
+    let job_states = || -> Vec<JobStatus> {
+        sub.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("j/jobs/long "))
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect()
+    };
+    let (_t, dir) = tmp_sut_dir();
+    write(&dir, "j.toml", &sut_file("1"));
+    let busy_wait = Duration::from_secs(5);
+    let agent_broker = format!("mqtt://{gateway}:{}", broker.port());
+    let _sup = Sup::start(
+        &scope,
+        &dir,
+        Some(&broker.url()),
+        // No periodic resync: the supervisor's own wake-up at the end of the wait must act.
+        &[
+            "--agent-broker",
+            &agent_broker,
+            "--busy-wait",
+            &format!("{}s", busy_wait.as_secs()),
+            "--resync",
+            "1h",
+        ],
+    );
+    let id = wait_healthy(&scope, "j", T);
+    wait_until("the agent idle on the broker", T, || {
+        agent_statuses()
+            .into_iter()
+            .find(|s| s.state == AgentState::Idle)
+    });
+
+    // A job far longer than the busy wait.
+    let out = broker.publish(
+        "j/submit",
+        r#"{"id": "long", "script": "sleep 600"}"#,
+        &["-q", "1"],
+    );
+    assert!(out.status.success());
+    let busy = wait_until("the agent busy with the job", T, || {
+        agent_statuses().into_iter().find(|s| {
+            s.state == AgentState::Busy && s.job.as_ref().is_some_and(|j| j.as_str() == "long")
+        })
+    });
+
+    // Edited while busy: the recreation waits, and says for how long at most.
+    let edited = Instant::now();
+    write(&dir, "j.toml", &sut_file("2"));
+    let v = wait_until("recreation deferred", T, || {
+        views(&sub, "j")
+            .into_iter()
+            .find(|v| v.pending_action.is_some())
+    });
+    let pending = v.pending_action.unwrap();
+    assert!(
+        pending.starts_with("recreate (waiting for the running job, at most "),
+        "{pending}"
+    );
+    assert_eq!(v.container_id.as_deref(), Some(id.as_str()));
+
+    // The wait runs out while the job still runs: recreated anyway, not before.
+    let new = wait_until(
+        "recreated once the busy wait ran out",
+        busy_wait + T,
+        || {
+            let (new, status) = ps(&scope).remove(&scope.name("j"))?;
+            (new != id && status.starts_with("Up")).then_some(new)
+        },
+    );
+    let waited = edited.elapsed();
+    assert!(
+        waited >= busy_wait,
+        "recreated {waited:?} after the edit, before the busy wait of {busy_wait:?}"
+    );
+
+    // The interrupted job is reported lost, having run at least the busy wait; the new agent
+    // is idle and the deferral is over.
+    let lost = wait_until("the job reported lost", T, || {
+        job_states().into_iter().find(|s| s.state.is_final())
+    });
+    assert_eq!(lost.state, JobState::Lost, "{lost:?}");
+    assert!(
+        lost.duration_ms
+            .is_some_and(|d| d >= busy_wait.as_millis() as u64),
+        "{lost:?}"
+    );
+    wait_until("the new agent idle", T, || {
+        agent_statuses()
+            .into_iter()
+            .find(|s| s.boot_id != busy.boot_id && s.state == AgentState::Idle)
+    });
+    wait_until("pending action cleared", T, || {
+        views(&sub, "j")
+            .last()
+            .filter(|v| v.pending_action.is_none() && v.container_id.as_deref() == Some(&new))
             .map(|_| ())
     });
 }

@@ -119,7 +119,8 @@ impl Mosquitto {
     }
 
     /// Starts a broker with `extra` appended to a generated config that has only a listener.
-    /// `extra` may use `{dir}` for the broker's private temporary directory.
+    /// `extra` may use `{dir}` for the broker's private temporary directory and `{port}` for the
+    /// broker's port (for another listener on the same port, on another address).
     pub fn start_with(extra: &str) -> Self {
         let bin = require_program("mosquitto");
         let dir = tempfile::Builder::new()
@@ -139,7 +140,9 @@ impl Mosquitto {
             let text = format!(
                 "listener {} 127.0.0.1\nlog_dest stderr\n{}\n",
                 m.port,
-                extra.replace("{dir}", &m.dir.path().display().to_string())
+                extra
+                    .replace("{dir}", &m.dir.path().display().to_string())
+                    .replace("{port}", &m.port.to_string())
             );
             std::fs::write(&m.conf, text).expect("write mosquitto.conf");
             match m.spawn(&bin) {

@@ -18,19 +18,42 @@ pub struct Sup {
 }
 
 impl Sup {
+    /// Starts `labvisor supervise` on `dir` with `--broker broker` (if given) and `extra`
+    /// arguments. Agents run without MQTT (`--agent-broker none`) unless `extra` has
+    /// `--agent-broker`.
     pub fn start(scope: &DockerScope, dir: &Path, broker: Option<&str>, extra: &[&str]) -> Sup {
+        Sup::start_wrapped(&[], scope, dir, broker, extra)
+    }
+
+    /// Like [`Sup::start`], but through `wrapper`: a program and its arguments, to which the
+    /// supervisor's command line is appended, and which must `exec` it (so that the child's pid
+    /// is the supervisor's).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        scope: &DockerScope,
+        dir: &Path,
+        broker: Option<&str>,
+        extra: &[&str],
+    ) -> Sup {
         let log = dir.parent().expect("sut dir has a parent").join(format!(
             "supervisor-{}.log",
             labvisor_tests::unique_id("log")
         ));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_labvisor"));
+        let labvisor = env!("CARGO_BIN_EXE_labvisor");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(labvisor);
+                c
+            }
+            None => Command::new(labvisor),
+        };
         cmd.arg("supervise")
             .arg("--sut-dir")
             .arg(dir)
             .args(["--id", scope.run_id()])
             .args(["--name-prefix", &scope.name("")])
             .args(["--extra-label", &scope.label()])
-            .args(["--agent-broker", "none"])
             .args(["--stop-timeout", "2s"])
             .args(["--metrics-listen", "none"])
             .arg("--agent-bin")
@@ -42,6 +65,9 @@ impl Sup {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
+        if !extra.contains(&"--agent-broker") {
+            cmd.args(["--agent-broker", "none"]);
+        }
         if let Some(b) = broker {
             cmd.args(["--broker", b]);
         }
