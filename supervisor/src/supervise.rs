@@ -315,6 +315,8 @@ struct Supervisor<R> {
     published_status: Option<SupervisorStatus>,
     boot_id: String,
     watch: Option<(Box<dyn Watcher + Send>, Option<u64>)>,
+    /// The last attempt to watch the directory failed (and was logged).
+    watch_failed: bool,
     fs_tx: mpsc::Sender<()>,
     /// When the next pass is due.
     pass_due: Option<Instant>,
@@ -405,6 +407,7 @@ pub async fn run<R: ContainerRuntime>(
         published_status: None,
         boot_id,
         watch: None,
+        watch_failed: false,
         fs_tx,
         pass_due: Some(Instant::now()),
         wake_at: None,
@@ -675,9 +678,17 @@ impl<R: ContainerRuntime> Supervisor<R> {
             Ok(w) => {
                 debug!(dir = %dir.display(), "Watching the SUT directory.");
                 self.watch = Some((w, ino));
+                self.watch_failed = false;
             }
             Err(error) => {
-                warn!(dir = %dir.display(), error = %error, "Cannot watch the SUT directory; relying on the periodic resync.");
+                // Retried on every pass; said once until it works again.
+                if !self.watch_failed {
+                    warn!(dir = %dir.display(), error = %error, resync = ?self.exec.settings.resync,
+                        "Cannot watch the SUT directory (inotify limit reached? see /proc/sys/fs/inotify/max_user_instances); relying on the periodic resync. --poll watches without inotify.");
+                } else {
+                    debug!(dir = %dir.display(), error = %error, "Still cannot watch the SUT directory.");
+                }
+                self.watch_failed = true;
             }
         }
     }
