@@ -222,6 +222,15 @@ pub struct DockerRuntime {
     /// Tools volumes known to be complete; the lock also serialises their fill, so a cold
     /// start of many SUTs fills the volume once while the other creates wait.
     tools_ready: Arc<tokio::sync::Mutex<std::collections::HashSet<String>>>,
+    /// Networks and (pulled, not built) images seen present: no inspect per container. A
+    /// failed create forgets them, so one removed behind our back is made again on the retry.
+    known: Arc<Mutex<Known>>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    networks: std::collections::HashSet<String>,
+    images: std::collections::HashSet<String>,
 }
 
 impl DockerRuntime {
@@ -242,11 +251,27 @@ impl DockerRuntime {
             supervisor: supervisor.to_owned(),
             network_lock: Arc::new(tokio::sync::Mutex::new(())),
             tools_ready: Arc::default(),
+            known: Arc::default(),
         })
     }
 
+    fn known(&self) -> std::sync::MutexGuard<'_, Known> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     async fn ensure_network(&self, net: &Named) -> Result<(), RuntimeError> {
+        if self.known().networks.contains(&net.name) {
+            return Ok(());
+        }
         let _guard = self.network_lock.lock().await;
+        let found = self.ensure_network_locked(net).await;
+        if found.is_ok() {
+            self.known().networks.insert(net.name.clone());
+        }
+        found
+    }
+
+    async fn ensure_network_locked(&self, net: &Named) -> Result<(), RuntimeError> {
         match self
             .docker
             .inspect_network(
@@ -733,20 +758,28 @@ impl ContainerRuntime for DockerRuntime {
         if let Some(net) = &spec.network {
             self.ensure_network(net).await?;
         }
-        self.ensure_volume(&spec.volume).await?;
         self.ensure_tools(&spec.tools).await?;
         let opts = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
-        let id = self
+        let id = match self
             .docker
             .create_container(Some(opts), spec.body.clone())
-            .await?
-            .id;
+            .await
+        {
+            Ok(r) => r.id,
+            Err(e) => {
+                // The image (or network) may have gone: look again on the retry.
+                *self.known() = Known::default();
+                return Err(e.into());
+            }
+        };
         if let Err(e) = self.finish(&id, spec).await {
             // Never leave a half-made container; if this fails too, the next pass sees it
             // `created` and recreates it.
             let _ = self.remove(&id).await;
+            // The engine checks the network only at start.
+            *self.known() = Known::default();
             return Err(e);
         }
         Ok(id)
@@ -757,9 +790,15 @@ impl ContainerRuntime for DockerRuntime {
         spec: &ImageSpec,
         progress: &Progress,
     ) -> Result<ImageOutcome, RuntimeError> {
+        if spec.build.is_none() && self.known().images.contains(&spec.image) {
+            return Ok(ImageOutcome::Present);
+        }
         let current = self.image_state(&spec.image).await?;
         match &spec.build {
-            None if current.is_some() => Ok(ImageOutcome::Present),
+            None if current.is_some() => {
+                self.known().images.insert(spec.image.clone());
+                Ok(ImageOutcome::Present)
+            }
             None => {
                 self.pull(&spec.image, progress).await?;
                 Ok(ImageOutcome::Pulled)

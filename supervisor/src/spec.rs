@@ -39,8 +39,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bollard::models::{
-    ContainerCreateBody, DeviceMapping, HealthConfig, HostConfig, Mount, MountType, RestartPolicy,
-    RestartPolicyNameEnum,
+    ContainerCreateBody, DeviceMapping, HealthConfig, HostConfig, Mount, MountType,
+    MountVolumeOptions, RestartPolicy, RestartPolicyNameEnum,
 };
 use bytes::Bytes;
 use labvisor_protocol::config::{Network, SutConfig, CONTAINER_FILES_DIR};
@@ -227,7 +227,7 @@ pub struct ContainerSpec {
     pub hash: String,
     /// The create request.
     pub body: ContainerCreateBody,
-    /// The SUT's volume, created when missing.
+    /// The SUT's volume, created (labelled) by the engine with the container when missing.
     pub volume: Named,
     /// The labvisor bridge network, created when missing (`None` for host or a named network).
     pub network: Option<Named>,
@@ -367,6 +367,12 @@ pub fn container_spec(
             source: Some(volume.name.clone()),
             typ: Some(MountType::VOLUME),
             read_only: Some(false),
+            // The engine creates a missing volume with these labels as part of the create: no
+            // separate call per container.
+            volume_options: Some(MountVolumeOptions {
+                labels: Some(volume.labels.clone()),
+                ..Default::default()
+            }),
             ..Default::default()
         },
         Mount {

@@ -705,3 +705,28 @@ fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
         "the marker holds the binaries' hash"
     );
 }
+
+/// The supervisor remembers the networks and images it has seen, so it does not inspect them
+/// for every container; one removed behind its back is made again on the retry.
+#[test]
+fn a_network_removed_behind_its_back_is_made_again() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("netgone");
+    let (_t, dir) = tmp_sut_dir();
+    write(&dir, "a.toml", &sut_file("1"));
+    let _sup = Sup::start(&scope, &dir, None, &[]);
+    wait_healthy(&scope, "a", T);
+    std::fs::remove_file(dir.join("a.toml")).unwrap();
+    wait_until("a removed", T, || {
+        (!ps(&scope).contains_key(&scope.name("a"))).then_some(())
+    });
+    let net = scope.name("labvisor");
+    docker_ok(&["network", "rm", &net]);
+    write(&dir, "b.toml", &sut_file("1"));
+    let b = wait_healthy(&scope, "b", Duration::from_secs(60));
+    assert_eq!(
+        inspect(&b, "{{.HostConfig.NetworkMode}}"),
+        net,
+        "b runs on the labvisor network, made again"
+    );
+}
