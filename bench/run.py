@@ -750,13 +750,44 @@ class DockerEvents:
                 self.p.wait()
 
 
-SLEEPER = ["--entrypoint", "/bin/sh", BUSYBOX_IMAGE, "-c", "exec sleep 3600"]
+# The baselines' containers run what the supervisor's run: the static agent (job-only, no broker)
+# with the same healthcheck, from a tools volume and a config volume the harness fills once per
+# run, before any timing ([`baseline_volumes`]). So the loops create and start the same container
+# as the supervisor, minus what the supervisor does per container (the SUT-file upload).
+BASELINE: dict[str, str] = {}
+BASELINE_SUT = "sut.toml"
+
+
+def baseline_volumes(ctx: Ctx) -> None:
+    """Fills `<run>-bl-tools` (the static agent and healthcheck) and `<run>-bl-sut` (a job-only
+    SUT file as the supervisor's SUTs have) once per run, labelled with the run label."""
+    if BASELINE:
+        return
+    tools, sut = f"{ctx.run_id}-bl-tools", f"{ctx.run_id}-bl-sut"
+    for v in (tools, sut):
+        subprocess.run(["docker", "volume", "create", "--label", ctx.label, v], check=True,
+                       stdout=subprocess.DEVNULL)
+    body = f'image = "{BUSYBOX_IMAGE}"\n{sut_health("30s")}'
+    subprocess.run(["docker", "run", "--rm", "-i", "--label", ctx.label, "--network", "none",
+                    "-v", f"{tools}:/t", "-v", f"{sut}:/s", "-v", f"{ctx.bin_dir}:/b:ro",
+                    "--entrypoint", "/bin/sh", BUSYBOX_IMAGE, "-c",
+                    f"cp /b/labvisor-agent /b/labvisor-healthcheck /t/ && cat > /s/{BASELINE_SUT}"],
+                   input=body.encode(), check=True, stdout=subprocess.DEVNULL)
+    got = subprocess.run(["docker", "run", "--rm", "--label", ctx.label, "--network", "none",
+                          "-v", f"{sut}:/s:ro", "-v", f"{tools}:/t:ro", "--entrypoint", "/bin/sh",
+                          BUSYBOX_IMAGE, "-c", f"test -x /t/labvisor-agent && cat /s/{BASELINE_SUT}"],
+                         capture_output=True, check=True).stdout.decode()
+    if got != body:
+        raise RuntimeError(f"the baseline's SUT file did not arrive intact: {got!r}")
+    BASELINE.update(tools=tools, sut=sut)
 
 
 def sleeper_argv(verb: str, name: str, host: str, labels: list[str], net: str) -> list[str]:
     """`docker run -d` / `docker create` of the baseline container: the supervisor's settings
     (init, restart unless-stopped, a labelled named volume at /labvisor/data, a labelled bridge
-    network, hostname, labels) with a sleeping busybox shell instead of the agent."""
+    network, hostname, labels, the agent as entrypoint with the same exec-form healthcheck, the
+    binaries from a read-only tools volume) with the SUT file from a shared read-only volume
+    instead of an upload per container."""
     argv = ["docker", verb] + (["-d"] if verb == "run" else [])
     argv += ["--name", name, "--hostname", host, "--init", "--restart", "unless-stopped",
              "--network", net]
@@ -764,10 +795,21 @@ def sleeper_argv(verb: str, name: str, host: str, labels: list[str], net: str) -
     for lab in labels:
         argv += ["--label", lab]
         vol += f",volume-label={lab}"
-    return argv + ["--mount", vol] + SLEEPER
+    return argv + [
+        "--mount", vol,
+        "--mount", f"type=volume,source={BASELINE.get('tools', '$RUN-bl-tools')},"
+                   "target=/labvisor/bin,readonly",
+        "--mount", f"type=volume,source={BASELINE.get('sut', '$RUN-bl-sut')},"
+                   "target=/labvisor/sut,readonly",
+        "--env", f"LABVISOR_CONFIG=/labvisor/sut/{BASELINE_SUT}",
+        "--health-cmd", "/labvisor/bin/labvisor-healthcheck", "--health-interval", "30s",
+        "--health-timeout", "1s", "--health-retries", "1",
+        "--entrypoint", "/labvisor/bin/labvisor-agent", BUSYBOX_IMAGE]
 
 
-def api_body(host: str, labels: list[str], net: str, name: str) -> dict:
+def sleeper_body(host: str, labels: list[str], net: str, name: str) -> dict:
+    """The minimal loop's first version: the same settings with `sleep` as the entrypoint and no
+    healthcheck (a diagnostic: what running the agent costs the engine)."""
     lab = dict(x.split("=", 1) for x in labels)
     return {
         "Image": BUSYBOX_IMAGE, "Hostname": host, "Entrypoint": ["/bin/sh"],
@@ -778,6 +820,25 @@ def api_body(host: str, labels: list[str], net: str, name: str) -> dict:
                         "VolumeOptions": {"Labels": lab}}],
         },
     }
+
+
+def api_body(host: str, labels: list[str], net: str, name: str) -> dict:
+    """The baseline container on the Engine API, as [`sleeper_argv`] (healthcheck in exec form,
+    as the supervisor sets it)."""
+    body = sleeper_body(host, labels, net, name)
+    body.update({
+        "Entrypoint": ["/labvisor/bin/labvisor-agent"], "Cmd": [],
+        "Env": [f"LABVISOR_CONFIG=/labvisor/sut/{BASELINE_SUT}"],
+        "Healthcheck": {"Test": ["CMD", "/labvisor/bin/labvisor-healthcheck"],
+                        "Interval": 30_000_000_000, "Timeout": 1_000_000_000, "Retries": 1},
+    })
+    body["HostConfig"]["Mounts"] += [
+        {"Type": "volume", "Source": BASELINE["tools"], "Target": "/labvisor/bin",
+         "ReadOnly": True},
+        {"Type": "volume", "Source": BASELINE["sut"], "Target": "/labvisor/sut",
+         "ReadOnly": True},
+    ]
+    return body
 
 
 def make_network(name: str, labels: list[str]) -> None:
@@ -873,6 +934,7 @@ def wait_for_events(ev: DockerEvents, action: str, names: set[str], limit: float
 
 def cold_cli(ctx: Ctx, n: int, tag: str) -> float:
     """A sequential `docker run -d` loop (network created first), until all n have started."""
+    baseline_volumes(ctx)
     trial = f"{LABEL_KEY.rsplit('.', 1)[0]}.trial={ctx.run_id}-{tag}"
     labels = [ctx.label, trial]
     prefix = f"{ctx.run_id}-{tag}-"
@@ -895,26 +957,30 @@ def cold_cli(ctx: Ctx, n: int, tag: str) -> float:
 
 
 def agent_tar(ctx: Ctx) -> bytes:
-    """What the supervisor uploads before each start: a SUT file in /labvisor/sut/ and an
-    empty /labvisor/run/ (the binaries come from the shared tools volume, filled once)."""
+    """What the supervisor uploads before each start: a SUT file and an empty /labvisor/run/
+    (the binaries come from the shared tools volume, filled once). The baseline has its SUT
+    file on a read-only volume at /labvisor/sut, so this one goes to /labvisor/upload/."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as t:
-        for d in ("labvisor", "labvisor/sut", "labvisor/run"):
+        for d in ("labvisor", "labvisor/upload", "labvisor/run"):
             ti = tarfile.TarInfo(d)
             ti.type, ti.mode = tarfile.DIRTYPE, 0o755
             t.addfile(ti)
         data = f'image = "{BUSYBOX_IMAGE}"\n{sut_health("30s")}'.encode()
-        ti = tarfile.TarInfo("labvisor/sut/sut.toml")
+        ti = tarfile.TarInfo("labvisor/upload/sut.toml")
         ti.size, ti.mode = len(data), 0o644
         t.addfile(ti, io.BytesIO(data))
     return buf.getvalue()
 
 
 def cold_api(ctx: Ctx, n: int, tag: str, parallelism: int = 6,
-             tar: Optional[bytes] = None) -> float:
+             tar: Optional[bytes] = None, sleeper: bool = False) -> float:
     """The minimal loop: Engine API create + start over the unix socket (http.client), at most
     `parallelism` at a time (network created first, volumes created by the mounts). With
-    `tar`, also the supervisor's archive upload between create and start (a diagnostic)."""
+    `tar`, also the supervisor's archive upload between create and start; with `sleeper`, the
+    containers run `sleep` without a healthcheck (both diagnostics)."""
+    baseline_volumes(ctx)
+    make_body = sleeper_body if sleeper else api_body
     trial = f"{LABEL_KEY.rsplit('.', 1)[0]}.trial={ctx.run_id}-{tag}"
     labels = [ctx.label, trial]
     prefix = f"{ctx.run_id}-{tag}-"
@@ -923,7 +989,7 @@ def cold_api(ctx: Ctx, n: int, tag: str, parallelism: int = 6,
     def one(i: int) -> None:
         name = f"{prefix}s{i:03d}"
         st, body = api.call("POST", f"/containers/create?name={name}",
-                            api_body(f"s{i:03d}", labels, prefix + "net", name))
+                            make_body(f"s{i:03d}", labels, prefix + "net", name))
         if st != 201:
             raise RuntimeError(f"create {name}: {st} {body[:200]!r}")
         cid = json.loads(body)["Id"]
@@ -959,8 +1025,9 @@ CLI_MEASURED = ("CLI loop: `docker network create`, then for each SUT `{cmd}`, o
 API_MEASURED = ("minimal loop (Python, Engine API v1.41 over /var/run/docker.sock with "
                 "http.client, 6 threads as the supervisor's `--parallelism` default): "
                 "`POST /containers/create` (same spec as the CLI loop: init, restart "
-                "unless-stopped, labelled volume mount, network, hostname, labels) then "
-                "`POST /containers/<id>/start`; network created first")
+                "unless-stopped, labelled volume mount, network, hostname, labels, the agent "
+                "as entrypoint with its exec-form healthcheck, tools and SUT-file volumes "
+                "read-only) then `POST /containers/<id>/start`; network created first")
 TIMING = ("timed from just before the first command until the last container's `start` event "
           "(the daemon's own timestamp, from `docker events`); every container, volume and "
           "network of a repetition is removed before the next")
@@ -968,8 +1035,8 @@ TIMING = ("timed from just before the first command until the last container's `
 
 def cold_runs(ctx: Ctx, n: int, reps: int, api: bool, healthy: int) -> dict:
     """Interleaved repetitions of supervisor / CLI loop / (API loops), cached per size. The
-    supervisor's SUTs probe health every 30 s, so no probe runs during the start (the baselines
-    have no health check); in the first `healthy` repetitions, one more supervisor run with
+    supervisor's SUTs and the baselines' containers probe health every 30 s, so no probe runs
+    during the start; in the first `healthy` repetitions, one more supervisor run with
     2 s probes is timed until all are healthy."""
     cache = getattr(ctx, "cold_cache", None)
     if cache is None:
@@ -1002,9 +1069,12 @@ def bench_cold_start(ctx: Ctx) -> list[Row]:
     interval = "2s"
     got = cold_runs(ctx, n, reps, api=True, healthy=ctx.n(1, reps))
     s, c, a, h, t, hr = (Stats(got[k]) for k in ("sup", "cli", "api", "healthy", "tar", "hrun"))
-    # Is 6 the engine's limit? The API loop once more at 2 and 12 threads (full runs only).
-    sweep = {} if ctx.quick else {p: cold_api(ctx, n, f"c{n}p{p}", parallelism=p)
-                                  for p in (2, 12)}
+    # Full runs only, once each after the interleaved ones: is 6 the engine's limit (the API
+    # loop at 12 threads), and what does running the agent cost the engine (the API loop with
+    # `sleep` and no healthcheck, as the baselines were first measured)?
+    sweep = {} if ctx.quick else {
+        "12": cold_api(ctx, n, f"c{n}p12", parallelism=12),
+        "sleep": cold_api(ctx, n, f"c{n}sl", sleeper=True)}
     tar_mb = len(agent_tar(ctx)) / 1e6
     rc, ra = s.median / c.median, s.median / a.median
     cmd = q(sleeper_argv("run", "$RUN-<trial>-sNNN", "sNNN", [ctx.label, "io.labvisor.bench."
@@ -1022,21 +1092,25 @@ def bench_cold_start(ctx: Ctx) -> list[Row]:
                       CLI_MEASURED.format(cmd=cmd), API_MEASURED, TIMING],
             notes=[f"per SUT: labvisor {s.median / n * 1000:.0f} ms, CLI loop "
                    f"{c.median / n * 1000:.0f} ms, API loop {a.median / n * 1000:.0f} ms",
-                   "the supervisor does more per container than the baselines: it also "
-                   "makes sure of the volume, uploads the SUT file through the archive API "
-                   "before the start, and its containers run the agent, not `sleep`; the "
-                   "static agent and healthcheck binaries (7 MB) are not uploaded per "
-                   "container but put once into a shared read-only tools volume",
+                   "the baselines create and start the same container as the supervisor "
+                   "(image, settings, agent, healthcheck, tools volume); the supervisor also "
+                   "uploads each SUT's own file through the archive API before the start, "
+                   "where the baselines share one prepared read-only volume; the static agent "
+                   "and healthcheck binaries (7 MB) are put once into a shared read-only tools "
+                   "volume by both",
                    f"diagnostic, interleaved in the same runs: the API loop with the same "
                    f"archive upload between create and start (`PUT /containers/<id>/archive"
                    f"?path=/`, a {tar_mb * 1000:.0f} kB tar of a SUT file): "
                    f"{t.fmt('s', 2)}; labvisor / that loop: {s.median / t.median:.2f}"]
-            + ([f"diagnostic: the API loop at 2 and 12 threads (one run each, after the "
-                f"interleaved ones): {sweep[2]:.2f} s and {sweep[12]:.2f} s, that is "
-                f"{sweep[2] / c.median:.2f} and {sweep[12] / c.median:.2f} of the CLI loop; "
+            + ([f"diagnostic: the API loop at 12 threads (one run, after the interleaved "
+                f"ones): {sweep['12']:.2f} s, {sweep['12'] / c.median:.2f} of the CLI loop; "
                 f"more parallelism does not make the engine faster on 2 cores (dockerd, "
                 f"containerd and runc share them), so the engine's own limit, not the "
-                f"supervisor, decides the ratio to the CLI loop"] if sweep else [])),
+                f"supervisor, decides the ratio to the CLI loop",
+                f"diagnostic: the API loop with `sleep` as entrypoint and no healthcheck (one "
+                f"run): {sweep['sleep']:.2f} s, {sweep['sleep'] / c.median:.2f} of the CLI "
+                f"loop; labvisor / that loop: {s.median / sweep['sleep']:.2f} ({n} agents "
+                f"starting compete with the engine for the 2 cores)"] if sweep else [])),
         Row(key=key, figure=f"cold start of {n} SUTs, until all healthy",
             value=h.fmt("s", 2), baseline="none (Docker's first probe waits one interval)",
             ratio="-", target="-", verdict="-",
@@ -1094,6 +1168,7 @@ def bench_hot_add(ctx: Ctx) -> list[Row]:
     has started; against `docker create` + `docker start` of the same spec, interleaved."""
     key = "hot-add"
     trials = ctx.n(6, 20)
+    baseline_volumes(ctx)
     sup = Supervisor(ctx, ctx.work / key, "hot")
     sup.write(["base"], sut_health("30s"))
     body = f'image = "{BUSYBOX_IMAGE}"\n{sut_health("30s")}'
