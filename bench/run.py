@@ -1235,7 +1235,7 @@ def bench_hot_add(ctx: Ctx) -> list[Row]:
                   "earlier trials stay up (idle) until the end"],
         notes=[f"the two baseline CLI commands themselves: {sc.fmt('ms', 0, 1000)}",
                "includes the supervisor's 150 ms trailing debounce, its full rescan, and the "
-               "archive upload of the agent and healthcheck binaries before the start"],
+               "archive upload of the SUT file before the start (the binaries come from the tools volume)"],
     )]
 
 
