@@ -128,18 +128,18 @@ fn retained_status(broker: &Mosquitto, ca: &Path, sut: &str) -> Option<String> {
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// An agent for `sut` on `mqtts://` to `broker`, trusting the CA in `ca`.
+fn start_agent(broker: &Mosquitto, sut: &str, ca: &Path) -> AgentProc {
+    let url = format!("mqtts://127.0.0.1:{}", broker.port());
+    AgentProc::start(sut, TOML, Some(&url), &["--ca-file", ca.to_str().unwrap()])
+}
+
 #[test]
 fn agent_connects_over_tls_with_the_given_ca() {
     let pki = Pki::new();
     let broker = pki.broker();
-    let url = format!("mqtts://127.0.0.1:{}", broker.port());
     let ca = pki.path("ca.crt");
-    let agent = AgentProc::start(
-        "tls-ok",
-        TOML,
-        Some(&url),
-        &["--ca-file", ca.to_str().unwrap()],
-    );
+    let agent = start_agent(&broker, "tls-ok", &ca);
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while heartbeat(&agent, "broker_connected").as_deref() != Some("true") {
         assert!(
@@ -162,14 +162,7 @@ fn agent_connects_over_tls_with_the_given_ca() {
 fn agent_refuses_a_broker_its_ca_did_not_sign_and_keeps_running() {
     let pki = Pki::new();
     let broker = pki.broker();
-    let url = format!("mqtts://127.0.0.1:{}", broker.port());
-    let other = pki.path("other-ca.crt");
-    let agent = AgentProc::start(
-        "tls-bad",
-        TOML,
-        Some(&url),
-        &["--ca-file", other.to_str().unwrap()],
-    );
+    let agent = start_agent(&broker, "tls-bad", &pki.path("other-ca.crt"));
     // The refusal is logged with its cause.
     let stderr = wait_until(
         "a certificate error in the agent's log",

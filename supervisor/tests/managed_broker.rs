@@ -8,7 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use labvisor_tests::{
-    docker_ok, ensure_busybox_image, free_port, static_bin, wait_until, DockerScope,
+    docker_ok, ensure_busybox_image, free_port, network_gateway, static_bin, wait_until,
+    DockerScope,
 };
 
 fn supervise(scope: &DockerScope, sut_dir: &Path, state: &Path, port: u16, log: &Path) -> Child {
@@ -109,13 +110,7 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
 
     // On the gateway, an anonymous client is refused and the agents' credentials work.
     let net = scope.name("labvisor");
-    let gateway = docker_ok(&[
-        "network",
-        "inspect",
-        "-f",
-        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
-        &net,
-    ]);
+    let gateway = network_gateway(&net);
     let sub = |topic: &str, extra: &[&str]| {
         Command::new("mosquitto_sub")
             .args([

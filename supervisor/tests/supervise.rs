@@ -18,8 +18,8 @@ mod common;
 
 use common::{ps, tmp_sut_dir, views, wait_healthy, write, Sup};
 use labvisor_tests::{
-    docker, docker_ok, ensure_busybox_image, wait_until, DockerScope, Mosquitto, Subscriber,
-    BUSYBOX_IMAGE,
+    docker, docker_ok, ensure_busybox_image, network_gateway, wait_until, DockerScope, Mosquitto,
+    Subscriber, BUSYBOX_IMAGE,
 };
 
 /// A SUT file with fast health timings; `marker` changes its hash.
@@ -523,13 +523,7 @@ fn busy_wait_expiry_recreates_anyway_and_the_job_is_lost() {
         &format!("io.labvisor.supervisor={}", scope.run_id()),
         &net,
     ]);
-    let gateway = docker_ok(&[
-        "network",
-        "inspect",
-        "-f",
-        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
-        &net,
-    ]);
+    let gateway = network_gateway(&net);
     let broker = Mosquitto::start_with(&format!(
         "allow_anonymous true\npersistence false\nlistener {{port}} {gateway}\n"
     ));

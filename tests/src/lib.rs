@@ -362,6 +362,17 @@ pub fn docker_ok(args: &[&str]) -> String {
     run_ok(Command::new("docker").args(args)).trim().to_owned()
 }
 
+/// The IPv4 gateway of the Docker network `name`: the host's address on that bridge.
+pub fn network_gateway(name: &str) -> String {
+    docker_ok(&[
+        "network",
+        "inspect",
+        "-f",
+        "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+        name,
+    ])
+}
+
 /// A unique label and name prefix for one test's Docker objects. On drop, every container,
 /// volume and network carrying the label is removed, also when the test failed.
 pub struct DockerScope {
