@@ -209,13 +209,15 @@ fn rejections_and_unreachable_parties_have_their_own_exit_codes() {
 fn logs_follow_prints_live_output() {
     let broker = Mosquitto::start();
     let _a = agent(&broker, "cli-4", "command = [\"/bin/sh\", \"-c\", \"i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done\"]");
-    let mut child = Command::cargo_bin("labvisor")
-        .unwrap()
-        .args(["logs", "cli-4", "-f"])
-        .env("LABVISOR_BROKER", broker.url())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = labvisor_tests::KillOnDrop(
+        Command::cargo_bin("labvisor")
+            .unwrap()
+            .args(["logs", "cli-4", "-f"])
+            .env("LABVISOR_BROKER", broker.url())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let mut out = child.stdout.take().unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let s2 = seen.clone();

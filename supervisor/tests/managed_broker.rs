@@ -4,16 +4,23 @@
 //! replaced on the next start.
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use labvisor_tests::{
     docker_ok, ensure_busybox_image, free_port, network_gateway, static_bin, wait_until,
-    DockerScope,
+    DockerScope, KillOnDrop,
 };
 
-fn supervise(scope: &DockerScope, sut_dir: &Path, state: &Path, port: u16, log: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_labvisor"))
+/// A supervisor process, killed (with its managed broker) if the test fails.
+fn supervise(
+    scope: &DockerScope,
+    sut_dir: &Path,
+    state: &Path,
+    port: u16,
+    log: &Path,
+) -> KillOnDrop {
+    let child = Command::new(env!("CARGO_BIN_EXE_labvisor"))
         .arg("supervise")
         .arg("--sut-dir")
         .arg(sut_dir)
@@ -32,7 +39,8 @@ fn supervise(scope: &DockerScope, sut_dir: &Path, state: &Path, port: u16, log: 
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
         .spawn()
-        .unwrap()
+        .unwrap();
+    KillOnDrop(child)
 }
 
 fn status_json(port: u16) -> Option<serde_json::Value> {

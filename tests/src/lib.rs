@@ -362,6 +362,39 @@ pub fn docker_ok(args: &[&str]) -> String {
     run_ok(Command::new("docker").args(args)).trim().to_owned()
 }
 
+/// A child process that is stopped (and reaped) when dropped, also when the test panics:
+/// SIGTERM first, so it can stop what it started (a supervisor its managed broker), then
+/// SIGKILL after 10 s.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while matches!(self.0.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The IPv4 gateway of the Docker network `name`: the host's address on that bridge.
 pub fn network_gateway(name: &str) -> String {
     docker_ok(&[
