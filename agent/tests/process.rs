@@ -454,3 +454,28 @@ fn sigusr1_and_sighup_reach_the_device_process_group() {
     });
     assert_eq!(agent.hb("child_restarts").as_deref(), Some("0"));
 }
+
+/// `log.mqtt_rate` reaches the agent's tap: a burst far above the rate is dropped from MQTT
+/// (counted in the heartbeat) while the log file gets every byte.
+#[test]
+fn output_above_mqtt_rate_is_dropped_from_mqtt_only() {
+    let broker = Mosquitto::start();
+    let agent = AgentProc::start(
+        "rate-1",
+        &sut_toml(
+            Some("head -c 3000000 /dev/zero | tr '\\0' x; exec sleep 3600"),
+            "[log]\nmax_size = \"64MiB\"\nkeep = 1\nmqtt_rate = \"64KiB\"\n",
+        ),
+        Some(&broker.url()),
+        &["--no-stdout"],
+    );
+    wait_until("all 3 MB in the log file", Duration::from_secs(20), || {
+        (agent.log().len() == 3_000_000).then_some(())
+    });
+    agent.wait_hb("broker_connected", Duration::from_secs(10), |v| v == "true");
+    let dropped = agent.wait_hb("output_dropped", Duration::from_secs(10), |v| {
+        v.parse::<u64>().is_ok_and(|n| n > 0)
+    });
+    // 3 MB at 64 KiB/s with a 64 KiB burst: nearly every 64 KiB read is over the rate.
+    assert!(dropped.parse::<u64>().unwrap() >= 10, "dropped {dropped}");
+}
