@@ -11,26 +11,10 @@ use std::time::Duration;
 
 mod common;
 
-use common::{ps, tmp_sut_dir, views, wait_healthy, write, Sup};
+use common::{fast_sut, ps, tmp_sut_dir, views, wait_healthy, write, Sup};
 use labvisor_tests::{
     docker_ok, ensure_busybox_image, wait_until, DockerScope, Mosquitto, Subscriber, BUSYBOX_IMAGE,
 };
-
-/// A SUT file for `image` with fast health timings and `extra` appended.
-fn sut_file(image: &str, extra: &str) -> String {
-    format!(
-        r#"image = "{image}"
-command = ["/bin/sh", "-c", "while true; do sleep 5; done"]
-[health]
-heartbeat = "1s"
-max_age = "3s"
-interval = "2s"
-timeout = "1s"
-retries = 1
-start_period = "0s"
-{extra}"#
-    )
-}
 
 /// Waits for a view of `sut` whose `last_error` contains every one of `parts`.
 fn wait_error(sub: &Subscriber, sut: &str, parts: &[&str]) -> String {
@@ -88,7 +72,7 @@ fn build_section_builds_streams_progress_and_rebuilds_on_context_change() {
     write(
         &dir,
         "a.toml",
-        &sut_file(
+        &fast_sut(
             &image,
             "[build]\ncontext = \"img-a\"\nargs = { FLAVOUR = \"tasty\" }\n",
         ),
@@ -157,7 +141,7 @@ fn build_section_builds_streams_progress_and_rebuilds_on_context_change() {
         sup.log().contains("Supervising.").then_some(())
     });
     let b = {
-        write(&dir, "b.toml", &sut_file(BUSYBOX_IMAGE, ""));
+        write(&dir, "b.toml", &fast_sut(BUSYBOX_IMAGE, ""));
         wait_healthy(&scope, "b", T)
     };
     assert!(!b.is_empty());
@@ -175,9 +159,9 @@ fn an_absent_image_that_cannot_be_pulled_is_a_clear_error_and_others_run() {
     write(
         &dir,
         "a.toml",
-        &sut_file("no-such-registry.invalid/nothing:1", ""),
+        &fast_sut("no-such-registry.invalid/nothing:1", ""),
     );
-    write(&dir, "b.toml", &sut_file(BUSYBOX_IMAGE, ""));
+    write(&dir, "b.toml", &fast_sut(BUSYBOX_IMAGE, ""));
     let sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
 
     wait_healthy(&scope, "b", T);
@@ -217,9 +201,9 @@ fn a_failing_build_is_a_clear_retried_error_and_others_run() {
     write(
         &dir,
         "c.toml",
-        &sut_file(&image, "[build]\ncontext = \"img-c\"\n"),
+        &fast_sut(&image, "[build]\ncontext = \"img-c\"\n"),
     );
-    write(&dir, "b.toml", &sut_file(BUSYBOX_IMAGE, ""));
+    write(&dir, "b.toml", &fast_sut(BUSYBOX_IMAGE, ""));
     let sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
 
     wait_healthy(&scope, "b", T);

@@ -6,6 +6,8 @@
 //! The agents run without a broker (`--agent-broker none`), so the test itself publishes the
 //! `<sut>/agent` and `<sut>/last_job` payloads the supervisor reads.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -63,22 +65,6 @@ fn supervise(scope: &DockerScope, dir: &Path, broker: &str, listen: &str) -> Sup
         .spawn()
         .unwrap();
     Sup { child, log }
-}
-
-/// A SUT file with fast health timings.
-fn sut_file() -> String {
-    format!(
-        r#"image = "{BUSYBOX_IMAGE}"
-command = ["/bin/sh", "-c", "while true; do sleep 5; done"]
-[health]
-heartbeat = "1s"
-max_age = "3s"
-interval = "2s"
-timeout = "1s"
-retries = 1
-start_period = "0s"
-"#
-    )
 }
 
 fn agent_status(sut: &str) -> String {
@@ -155,7 +141,7 @@ fn metrics_and_healthz_follow_the_supervisor() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("sut");
     std::fs::create_dir(&dir).unwrap();
-    std::fs::write(dir.join("a.toml"), sut_file()).unwrap();
+    std::fs::write(dir.join("a.toml"), common::fast_sut(BUSYBOX_IMAGE, "")).unwrap();
     // Retained before the supervisor starts: the agent's figures, and a job that ended before
     // the supervisor watched (the baseline, never counted).
     let ok = |o: std::process::Output| assert!(o.status.success(), "{o:?}");

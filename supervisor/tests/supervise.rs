@@ -16,7 +16,7 @@ use labvisor_protocol::payloads::{
 use labvisor_protocol::SutName;
 mod common;
 
-use common::{ps, tmp_sut_dir, views, wait_healthy, write, Sup};
+use common::{fast_sut, ps, tmp_sut_dir, views, wait_healthy, write, Sup};
 use labvisor_tests::{
     docker, docker_ok, ensure_busybox_image, network_gateway, wait_until, DockerScope, Mosquitto,
     Subscriber, BUSYBOX_IMAGE,
@@ -24,23 +24,10 @@ use labvisor_tests::{
 
 /// A SUT file with fast health timings; `marker` changes its hash.
 fn sut_file(marker: &str) -> String {
-    format!(
-        r#"image = "{BUSYBOX_IMAGE}"
-command = ["/bin/sh", "-c", "while true; do sleep 5; done"]
-[env]
-MARKER = "{marker}"
-[health]
-heartbeat = "1s"
-max_age = "3s"
-interval = "2s"
-timeout = "1s"
-retries = 1
-start_period = "0s"
-[restart]
-backoff_min = "1s"
-backoff_max = "4s"
-"#
-    )
+    let extra = format!(
+        "[env]\nMARKER = \"{marker}\"\n[restart]\nbackoff_min = \"1s\"\nbackoff_max = \"4s\"\n"
+    );
+    fast_sut(BUSYBOX_IMAGE, &extra)
 }
 
 fn inspect(id: &str, format: &str) -> String {

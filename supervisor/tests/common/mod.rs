@@ -94,6 +94,23 @@ impl Drop for Sup {
     }
 }
 
+/// A SUT file for `image` running a sleeping shell, with fast health timings (probe every 2 s,
+/// unhealthy after one failure) and `extra` appended (more tables).
+pub fn fast_sut(image: &str, extra: &str) -> String {
+    format!(
+        r#"image = "{image}"
+command = ["/bin/sh", "-c", "while true; do sleep 5; done"]
+[health]
+heartbeat = "1s"
+max_age = "3s"
+interval = "2s"
+timeout = "1s"
+retries = 1
+start_period = "0s"
+{extra}"#
+    )
+}
+
 /// Writes like an editor: a hidden temporary file renamed over the target.
 pub fn write(dir: &Path, name: &str, text: &str) {
     let tmp = dir.join(format!(".{name}.tmp"));
