@@ -247,7 +247,8 @@ def verdict(ok: bool) -> str:
 
 
 def q(argv: list) -> str:
-    return " ".join(shlex.quote(str(a)) for a in argv)
+    """`argv` as a shell command; an argument holding a `"$(...)"` substitution stays as is."""
+    return " ".join(str(a) if '"$(' in str(a) else shlex.quote(str(a)) for a in argv)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,43 +752,45 @@ class DockerEvents:
 
 
 # The baselines' containers run what the supervisor's run: the static agent (job-only, no broker)
-# with the same healthcheck, from a tools volume and a config volume the harness fills once per
-# run, before any timing ([`baseline_volumes`]). So the loops create and start the same container
-# as the supervisor, minus what the supervisor does per container (the SUT-file upload).
+# with the same healthcheck, from a tools volume the harness fills once per run, before any
+# timing ([`baseline_volumes`]); the SUT file inline in the environment and the heartbeat on a
+# tmpfs, as the supervisor does for a SUT without `files`. So the loops create and start the
+# same container as the supervisor.
 BASELINE: dict[str, str] = {}
 BASELINE_SUT = "sut.toml"
+RUN_TMPFS = ("/labvisor/run", "mode=1777,size=1m")
 
 
 def baseline_volumes(ctx: Ctx) -> None:
-    """Fills `<run>-bl-tools` (the static agent and healthcheck) and `<run>-bl-sut` (a job-only
-    SUT file as the supervisor's SUTs have) once per run, labelled with the run label."""
+    """Fills `<run>-bl-tools` (the static agent and healthcheck) once per run, labelled with
+    the run label."""
     if BASELINE:
         return
-    tools, sut = f"{ctx.run_id}-bl-tools", f"{ctx.run_id}-bl-sut"
-    for v in (tools, sut):
-        subprocess.run(["docker", "volume", "create", "--label", ctx.label, v], check=True,
-                       stdout=subprocess.DEVNULL)
-    body = f'image = "{BUSYBOX_IMAGE}"\n{sut_health("30s")}'
-    subprocess.run(["docker", "run", "--rm", "-i", "--label", ctx.label, "--network", "none",
-                    "-v", f"{tools}:/t", "-v", f"{sut}:/s", "-v", f"{ctx.bin_dir}:/b:ro",
+    tools = f"{ctx.run_id}-bl-tools"
+    subprocess.run(["docker", "volume", "create", "--label", ctx.label, tools], check=True,
+                   stdout=subprocess.DEVNULL)
+    subprocess.run(["docker", "run", "--rm", "--label", ctx.label, "--network", "none",
+                    "-v", f"{tools}:/t", "-v", f"{ctx.bin_dir}:/b:ro",
                     "--entrypoint", "/bin/sh", BUSYBOX_IMAGE, "-c",
-                    f"cp /b/labvisor-agent /b/labvisor-healthcheck /t/ && cat > /s/{BASELINE_SUT}"],
-                   input=body.encode(), check=True, stdout=subprocess.DEVNULL)
-    got = subprocess.run(["docker", "run", "--rm", "--label", ctx.label, "--network", "none",
-                          "-v", f"{sut}:/s:ro", "-v", f"{tools}:/t:ro", "--entrypoint", "/bin/sh",
-                          BUSYBOX_IMAGE, "-c", f"test -x /t/labvisor-agent && cat /s/{BASELINE_SUT}"],
-                         capture_output=True, check=True).stdout.decode()
-    if got != body:
-        raise RuntimeError(f"the baseline's SUT file did not arrive intact: {got!r}")
-    BASELINE.update(tools=tools, sut=sut)
+                    "cp /b/labvisor-agent /b/labvisor-healthcheck /t/ && "
+                    "test -x /t/labvisor-agent"],
+                   check=True, stdout=subprocess.DEVNULL)
+    BASELINE.update(tools=tools)
 
 
-def sleeper_argv(verb: str, name: str, host: str, labels: list[str], net: str) -> list[str]:
+def baseline_env(shown: bool = False) -> list[str]:
+    """The baseline agent's environment: where its SUT file would be, and its contents."""
+    toml = '"$(cat sut.toml)"' if shown else f'image = "{BUSYBOX_IMAGE}"\n{sut_health("30s")}'
+    return [f"LABVISOR_CONFIG=/labvisor/sut/{BASELINE_SUT}", f"LABVISOR_CONFIG_TOML={toml}"]
+
+
+def sleeper_argv(verb: str, name: str, host: str, labels: list[str], net: str,
+                 shown: bool = False) -> list[str]:
     """`docker run -d` / `docker create` of the baseline container: the supervisor's settings
     (init, restart unless-stopped, a labelled named volume at /labvisor/data, a labelled bridge
     network, hostname, labels, the agent as entrypoint with the same exec-form healthcheck, the
-    binaries from a read-only tools volume) with the SUT file from a shared read-only volume
-    instead of an upload per container."""
+    binaries from a read-only tools volume, the SUT file inline, a tmpfs for the heartbeat).
+    `shown`: as documented (the SUT file as `$(cat sut.toml)`)."""
     argv = ["docker", verb] + (["-d"] if verb == "run" else [])
     argv += ["--name", name, "--hostname", host, "--init", "--restart", "unless-stopped",
              "--network", net]
@@ -795,13 +798,13 @@ def sleeper_argv(verb: str, name: str, host: str, labels: list[str], net: str) -
     for lab in labels:
         argv += ["--label", lab]
         vol += f",volume-label={lab}"
+    for e in baseline_env(shown):
+        argv += ["--env", e]
     return argv + [
         "--mount", vol,
         "--mount", f"type=volume,source={BASELINE.get('tools', '$RUN-bl-tools')},"
                    "target=/labvisor/bin,readonly",
-        "--mount", f"type=volume,source={BASELINE.get('sut', '$RUN-bl-sut')},"
-                   "target=/labvisor/sut,readonly",
-        "--env", f"LABVISOR_CONFIG=/labvisor/sut/{BASELINE_SUT}",
+        "--tmpfs", ":".join(RUN_TMPFS),
         "--health-cmd", "/labvisor/bin/labvisor-healthcheck", "--health-interval", "30s",
         "--health-timeout", "1s", "--health-retries", "1",
         "--entrypoint", "/labvisor/bin/labvisor-agent", BUSYBOX_IMAGE]
@@ -828,16 +831,15 @@ def api_body(host: str, labels: list[str], net: str, name: str) -> dict:
     body = sleeper_body(host, labels, net, name)
     body.update({
         "Entrypoint": ["/labvisor/bin/labvisor-agent"], "Cmd": [],
-        "Env": [f"LABVISOR_CONFIG=/labvisor/sut/{BASELINE_SUT}"],
+        "Env": baseline_env(),
         "Healthcheck": {"Test": ["CMD", "/labvisor/bin/labvisor-healthcheck"],
                         "Interval": 30_000_000_000, "Timeout": 1_000_000_000, "Retries": 1},
     })
     body["HostConfig"]["Mounts"] += [
         {"Type": "volume", "Source": BASELINE["tools"], "Target": "/labvisor/bin",
          "ReadOnly": True},
-        {"Type": "volume", "Source": BASELINE["sut"], "Target": "/labvisor/sut",
-         "ReadOnly": True},
     ]
+    body["HostConfig"]["Tmpfs"] = dict([RUN_TMPFS])
     return body
 
 
@@ -957,19 +959,20 @@ def cold_cli(ctx: Ctx, n: int, tag: str) -> float:
 
 
 def agent_tar(ctx: Ctx) -> bytes:
-    """What the supervisor uploads before each start: a SUT file and an empty /labvisor/run/
-    (the binaries come from the shared tools volume, filled once). The baseline has its SUT
-    file on a read-only volume at /labvisor/sut, so this one goes to /labvisor/upload/."""
+    """What the supervisor uploads before the start of a SUT with `files` (a SUT without them
+    gets its file inline and nothing is uploaded): the SUT file and a listed file. It goes to
+    /labvisor/upload/, beside the baseline's own inline config."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as t:
-        for d in ("labvisor", "labvisor/upload", "labvisor/run"):
+        for d in ("labvisor", "labvisor/upload"):
             ti = tarfile.TarInfo(d)
             ti.type, ti.mode = tarfile.DIRTYPE, 0o755
             t.addfile(ti)
-        data = f'image = "{BUSYBOX_IMAGE}"\n{sut_health("30s")}'.encode()
-        ti = tarfile.TarInfo("labvisor/upload/sut.toml")
-        ti.size, ti.mode = len(data), 0o644
-        t.addfile(ti, io.BytesIO(data))
+        sut = f'image = "{BUSYBOX_IMAGE}"\nfiles = ["sut.yaml"]\n{sut_health("30s")}'
+        for name, data in (("sut.toml", sut.encode()), ("sut.yaml", b"device_ip: 10.0.0.1\n")):
+            ti = tarfile.TarInfo(f"labvisor/upload/{name}")
+            ti.size, ti.mode = len(data), 0o644
+            t.addfile(ti, io.BytesIO(data))
     return buf.getvalue()
 
 
@@ -977,7 +980,7 @@ def cold_api(ctx: Ctx, n: int, tag: str, parallelism: int = 6,
              tar: Optional[bytes] = None, sleeper: bool = False) -> float:
     """The minimal loop: Engine API create + start over the unix socket (http.client), at most
     `parallelism` at a time (network created first, volumes created by the mounts). With
-    `tar`, also the supervisor's archive upload between create and start; with `sleeper`, the
+    `tar`, also the archive upload the supervisor makes for a SUT with `files`; with `sleeper`, the
     containers run `sleep` without a healthcheck (both diagnostics)."""
     baseline_volumes(ctx)
     make_body = sleeper_body if sleeper else api_body
@@ -1026,8 +1029,8 @@ API_MEASURED = ("minimal loop (Python, Engine API v1.41 over /var/run/docker.soc
                 "http.client, 6 threads as the supervisor's `--parallelism` default): "
                 "`POST /containers/create` (same spec as the CLI loop: init, restart "
                 "unless-stopped, labelled volume mount, network, hostname, labels, the agent "
-                "as entrypoint with its exec-form healthcheck, tools and SUT-file volumes "
-                "read-only) then `POST /containers/<id>/start`; network created first")
+                "as entrypoint with its exec-form healthcheck, the tools volume read-only, the SUT "
+                "file inline in the environment, a tmpfs for the heartbeat) then `POST /containers/<id>/start`; network created first")
 TIMING = ("timed from just before the first command until the last container's `start` event "
           "(the daemon's own timestamp, from `docker events`); every container, volume and "
           "network of a repetition is removed before the next")
@@ -1079,7 +1082,7 @@ def bench_cold_start(ctx: Ctx) -> list[Row]:
     rc, ra = s.median / c.median, s.median / a.median
     cmd = q(sleeper_argv("run", "$RUN-<trial>-sNNN", "sNNN", [ctx.label, "io.labvisor.bench."
                                                               "trial=$RUN-<trial>"],
-                         "$RUN-<trial>-net"))
+                         "$RUN-<trial>-net", shown=True))
     return [
         Row(key=key, figure=f"cold start of {n} SUTs, until all running",
             value=s.fmt("s", 2),
@@ -1093,15 +1096,15 @@ def bench_cold_start(ctx: Ctx) -> list[Row]:
             notes=[f"per SUT: labvisor {s.median / n * 1000:.0f} ms, CLI loop "
                    f"{c.median / n * 1000:.0f} ms, API loop {a.median / n * 1000:.0f} ms",
                    "the baselines create and start the same container as the supervisor "
-                   "(image, settings, agent, healthcheck, tools volume); the supervisor also "
-                   "uploads each SUT's own file through the archive API before the start, "
-                   "where the baselines share one prepared read-only volume; the static agent "
-                   "and healthcheck binaries (7 MB) are put once into a shared read-only tools "
-                   "volume by both",
-                   f"diagnostic, interleaved in the same runs: the API loop with the same "
-                   f"archive upload between create and start (`PUT /containers/<id>/archive"
-                   f"?path=/`, a {tar_mb * 1000:.0f} kB tar of a SUT file): "
-                   f"{t.fmt('s', 2)}; labvisor / that loop: {s.median / t.median:.2f}"]
+                   "(image, settings, agent, healthcheck, tools volume, the SUT file inline in "
+                   "the environment, the heartbeat tmpfs); nothing is uploaded per container "
+                   "by either (the static agent and healthcheck binaries, 7 MB, are put once "
+                   "into a shared read-only tools volume by both)",
+                   f"diagnostic, interleaved in the same runs: the API loop plus the archive "
+                   f"upload the supervisor makes between create and start for a SUT with "
+                   f"`files` (`PUT /containers/<id>/archive?path=/`, a "
+                   f"{tar_mb * 1000:.0f} kB tar of a SUT file and one listed file): "
+                   f"{t.fmt('s', 2)}, {t.median / a.median:.2f} of the bare API loop"]
             + ([f"diagnostic: the API loop at 12 threads (one run, after the interleaved "
                 f"ones): {sweep['12']:.2f} s, {sweep['12'] / c.median:.2f} of the CLI loop; "
                 f"more parallelism does not make the engine faster on 2 cores (dockerd, "
@@ -1215,7 +1218,8 @@ def bench_hot_add(ctx: Ctx) -> list[Row]:
     p90a, p90b = sa.pct(90), sb.pct(90)
     over = sa.median - sb.median
     cmd = q(sleeper_argv("create", "$RUN-hot-rawNN", "hNN", [ctx.label, "io.labvisor.bench."
-                                                             "trial=$RUN-hot"], "$RUN-hot-rawnet"))
+                                                             "trial=$RUN-hot"], "$RUN-hot-rawnet",
+                         shown=True))
     return [Row(
         key=key, figure="hot add, file renamed in to container started (p50; p90)",
         value=f"{sa.median * 1000:.0f} ms; p90 {p90a * 1000:.0f} ms (n={sa.n})",
@@ -1234,8 +1238,9 @@ def bench_hot_add(ctx: Ctx) -> list[Row]:
                   f"interleaved, {trials} pairs after one warm-up pair; the containers of "
                   "earlier trials stay up (idle) until the end"],
         notes=[f"the two baseline CLI commands themselves: {sc.fmt('ms', 0, 1000)}",
-               "includes the supervisor's 150 ms trailing debounce, its full rescan, and the "
-               "archive upload of the SUT file before the start (the binaries come from the tools volume)"],
+               "includes the supervisor's 150 ms trailing debounce and its full rescan; like "
+               "the baseline, the SUT file goes inline in the environment and the binaries "
+               "come from the tools volume"],
     )]
 
 

@@ -24,6 +24,10 @@ struct Args {
     /// The SUT's config file (`<sut>.toml`); its `files` sit beside it.
     #[arg(long, env = "LABVISOR_CONFIG")]
     config: Option<PathBuf>,
+    /// The SUT file's contents, when the supervisor passes them inline instead of copying the
+    /// file in (SUTs without `files`). `--config` still names it (its stem is the SUT name).
+    #[arg(long, env = "LABVISOR_CONFIG_TOML", hide_env_values = true)]
+    config_toml: Option<String>,
     /// MQTT broker URL (`mqtt://host:1883`, `mqtts://host:8883`). Without it the agent runs
     /// without MQTT: output still reaches stdout and the log file.
     #[arg(long, env = "LABVISOR_BROKER")]
@@ -79,10 +83,22 @@ fn main() -> ExitCode {
     };
     // The supervisor already enforced its allow flags (and built the image); the agent runs
     // what it was given.
-    let config = match config::load_delivered_file(&config_path, &Allow::all()) {
+    let loaded = match &args.config_toml {
+        Some(text) => config::load_delivered_str(&config_path, text, &Allow::all()),
+        None => config::load_delivered_file(&config_path, &Allow::all()),
+    };
+    let config = match loaded {
         Ok(c) => c,
         Err(problems) => {
-            eprintln!("labvisor-agent: invalid config {}:", config_path.display());
+            let inline = if args.config_toml.is_some() {
+                " (inline, from LABVISOR_CONFIG_TOML)"
+            } else {
+                ""
+            };
+            eprintln!(
+                "labvisor-agent: invalid config {}{inline}:",
+                config_path.display()
+            );
             for p in problems {
                 eprintln!("  {p}");
             }

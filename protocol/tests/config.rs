@@ -725,6 +725,25 @@ fn build_context_and_dockerfile_symlink_escapes_are_refused() {
     let c = labvisor_protocol::config::load_delivered_file(&sut.join("b.toml"), &Allow::default())
         .unwrap();
     assert!(c.build.is_none());
+
+    // The same, inline (the supervisor's LABVISOR_CONFIG_TOML): no file at that path; the name
+    // comes from the path's stem, and problems name the path.
+    let inline = sut.join("inline-1.toml");
+    let c = labvisor_protocol::config::load_delivered_str(
+        &inline,
+        "image = \"x\"\n[build]\ncontext = \"gone\"\n",
+        &Allow::default(),
+    )
+    .unwrap();
+    assert_eq!(c.name.as_str(), "inline-1");
+    assert!(c.build.is_none());
+    let p = labvisor_protocol::config::load_delivered_str(&inline, "imag = 1\n", &Allow::default())
+        .unwrap_err();
+    assert!(
+        p.iter().all(|p| p.file == inline.display().to_string()),
+        "{p:?}"
+    );
+    assert!(p.iter().any(|p| p.key == "imag"), "{p:?}");
 }
 
 /// README.md's config reference is the schema's own table (the `//!` doc of

@@ -446,15 +446,16 @@ impl DockerRuntime {
     }
 
     async fn finish(&self, id: &str, spec: &ContainerSpec) -> Result<(), RuntimeError> {
-        let opts = UploadToContainerOptionsBuilder::default().path("/").build();
-        let chunks = spec.archive.clone();
-        self.docker
-            .upload_to_container(
-                id,
-                Some(opts),
-                bollard::body_stream(futures_util::stream::iter(chunks)),
-            )
-            .await?;
+        if let Some(chunks) = spec.archive.clone() {
+            let opts = UploadToContainerOptionsBuilder::default().path("/").build();
+            self.docker
+                .upload_to_container(
+                    id,
+                    Some(opts),
+                    bollard::body_stream(futures_util::stream::iter(chunks)),
+                )
+                .await?;
+        }
         self.docker
             .start_container(id, None::<bollard::query_parameters::StartContainerOptions>)
             .await?;

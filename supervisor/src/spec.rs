@@ -15,11 +15,18 @@
 //!   container that is never started, and every agent container shares it: 7 MB are copied
 //!   once per supervisor and binary version, not once per container. The hash is that of the
 //!   binaries, so a new supervisor version gets a new volume; unused old ones are removed.
-//! - Before start, one small tar archive is uploaded to `/` through Docker's archive API (no
-//!   bind mount of single files, and no host path: this works with any image and when the
-//!   supervisor itself runs in a container): the SUT file as `/labvisor/sut/<sut>.toml`, each
-//!   of its `files` as `/labvisor/sut/<name>`, and an empty `/labvisor/run/` for the heartbeat.
-//! - Environment: `LABVISOR_CONFIG`, `LABVISOR_BROKER` (unless agents run without a broker),
+//! - The SUT file reaches the agent without a bind mount of single files and without a host
+//!   path, so this works with any image and when the supervisor itself runs in a container:
+//!   - a SUT without `files` whose file is at most [`MAX_INLINE_CONFIG`] bytes: its contents
+//!     in `LABVISOR_CONFIG_TOML`, and nothing is uploaded (on Engine 20.10 an upload costs
+//!     about as much as a start);
+//!   - otherwise, before start, one small tar archive is uploaded to `/` through Docker's
+//!     archive API: the SUT file as `/labvisor/sut/<sut>.toml` and each of its `files` as
+//!     `/labvisor/sut/<name>`.
+//! - A tmpfs at `/labvisor/run` (mode 1777, so any image user can write it) for the heartbeat:
+//!   it starts empty at every start, so a heartbeat from before a restart is never read.
+//! - Environment: `LABVISOR_CONFIG` (where the SUT file is, or would be: its stem is the SUT
+//!   name), `LABVISOR_CONFIG_TOML` when inline, `LABVISOR_BROKER` (unless agents run without a broker),
 //!   `LABVISOR_TOPIC_PREFIX`, `LABVISOR_MQTT_USERNAME`/`PASSWORD` when set, then the SUT's `env`.
 //! - Init on, restart policy unless-stopped, memory and CPU limits from `[resources]`, the named
 //!   volume `[--name-prefix]labvisor-<sut>` at `/labvisor/data` (logs, job queue; it survives
@@ -67,6 +74,14 @@ pub const AGENT_PATH: &str = "/labvisor/bin/labvisor-agent";
 pub const HEALTHCHECK_PATH: &str = "/labvisor/bin/labvisor-healthcheck";
 /// Mount point of the SUT's volume.
 pub const DATA_DIR: &str = "/labvisor/data";
+/// Mount point of the per-container tmpfs that holds the heartbeat file.
+pub const RUN_DIR: &str = "/labvisor/run";
+/// Options of the [`RUN_DIR`] tmpfs: writable by any image user, small (the heartbeat is a few
+/// hundred bytes).
+pub const RUN_TMPFS_OPTIONS: &str = "mode=1777,size=1m";
+/// Largest SUT file passed inline in `LABVISOR_CONFIG_TOML`; a larger one is uploaded (Linux
+/// caps one environment string at 128 KiB).
+pub const MAX_INLINE_CONFIG: usize = 64 * 1024;
 /// Mount point of the tools volume (read-only): the agent and healthcheck binaries.
 pub const TOOLS_DIR: &str = "/labvisor/bin";
 /// The file in the tools volume that holds its hash; written last, so a fill cut short is
@@ -112,7 +127,7 @@ impl Tools {
                 Bytes::from(hash.clone().into_bytes()),
             ),
         ];
-        let archive = archive(&files, &[]).expect("short fixed paths fit a tar header");
+        let archive = archive(&files).expect("short fixed paths fit a tar header");
         Tools { hash, archive }
     }
 }
@@ -233,8 +248,9 @@ pub struct ContainerSpec {
     pub network: Option<Named>,
     /// The tools volume, mounted read-only at [`TOOLS_DIR`].
     pub tools: ToolsVolume,
-    /// The tar archive uploaded to `/` before start, as chunks: the SUT's own files.
-    pub archive: Vec<Bytes>,
+    /// The tar archive uploaded to `/` before start, as chunks: the SUT file and its `files`;
+    /// `None` when the SUT file is passed inline and there is nothing to upload.
+    pub archive: Option<Vec<Bytes>>,
 }
 
 /// The image a SUT's container needs, and how to get it when it is absent.
@@ -301,7 +317,15 @@ pub fn container_spec(
     let name = ctx.container_name(sut);
     let config_path = format!("{CONTAINER_FILES_DIR}/{sut}.toml");
 
+    let inline = cfg.files.is_empty() && file_bytes.len() <= MAX_INLINE_CONFIG;
     let mut env = vec![format!("LABVISOR_CONFIG={config_path}")];
+    if inline {
+        // Validated as UTF-8 when it was loaded.
+        env.push(format!(
+            "LABVISOR_CONFIG_TOML={}",
+            String::from_utf8_lossy(file_bytes)
+        ));
+    }
     if let Some(b) = &ctx.agent_broker {
         env.push(format!("LABVISOR_BROKER={b}"));
     }
@@ -419,6 +443,10 @@ pub fn container_spec(
             .map(|m| i64::try_from(m.get()).unwrap_or(i64::MAX)),
         nano_cpus: cfg.resources.cpus.map(|c| (c * 1e9) as i64),
         mounts: Some(mounts),
+        tmpfs: Some(HashMap::from([(
+            RUN_DIR.to_owned(),
+            RUN_TMPFS_OPTIONS.to_owned(),
+        )])),
         network_mode: Some(network_mode),
         privileged: Some(cfg.privileged),
         devices: (!cfg.devices.is_empty()).then(|| {
@@ -457,15 +485,20 @@ pub fn container_spec(
         ..Default::default()
     };
 
-    let mut files: Vec<(String, u32, Bytes)> =
-        vec![(config_path, 0o644, Bytes::copy_from_slice(file_bytes))];
-    files.extend(cfg.files.iter().map(|f| {
-        (
-            f.container_path(),
-            0o644,
-            Bytes::copy_from_slice(&f.content),
-        )
-    }));
+    let archive = if inline {
+        None
+    } else {
+        let mut files: Vec<(String, u32, Bytes)> =
+            vec![(config_path, 0o644, Bytes::copy_from_slice(file_bytes))];
+        files.extend(cfg.files.iter().map(|f| {
+            (
+                f.container_path(),
+                0o644,
+                Bytes::copy_from_slice(&f.content),
+            )
+        }));
+        Some(archive(&files)?)
+    };
 
     Ok(ContainerSpec {
         sut: sut.clone(),
@@ -475,19 +508,14 @@ pub fn container_spec(
         volume,
         network,
         tools,
-        archive: archive(&files, &["/labvisor/run"])?,
+        archive,
     })
 }
 
-/// A tar archive (as chunks) holding `files` (absolute path, mode, contents), every parent
-/// directory (0755) and the empty directories `dirs` (0777). Paths are stored relative to `/`.
-pub fn archive(files: &[(String, u32, Bytes)], dirs: &[&str]) -> Result<Vec<Bytes>, SpecError> {
-    let mut all_dirs: Vec<(String, u32)> = Vec::new();
-    let mut add_dir = |d: &str, mode: u32| {
-        if !all_dirs.iter().any(|(x, _)| x == d) {
-            all_dirs.push((d.to_owned(), mode));
-        }
-    };
+/// A tar archive (as chunks) holding `files` (absolute path, mode, contents) and every parent
+/// directory (0755). Paths are stored relative to `/`.
+pub fn archive(files: &[(String, u32, Bytes)]) -> Result<Vec<Bytes>, SpecError> {
+    let mut all_dirs: Vec<String> = Vec::new();
     for (path, _, _) in files {
         let rel = path.trim_start_matches('/');
         let mut acc = String::new();
@@ -497,27 +525,17 @@ pub fn archive(files: &[(String, u32, Bytes)], dirs: &[&str]) -> Result<Vec<Byte
                 acc.push('/');
             }
             acc.push_str(p);
-            add_dir(&acc, 0o755);
-        }
-    }
-    for d in dirs {
-        let rel = d.trim_start_matches('/');
-        let mut acc = String::new();
-        let parts: Vec<&str> = rel.split('/').collect();
-        for (i, p) in parts.iter().enumerate() {
-            if !acc.is_empty() {
-                acc.push('/');
+            if !all_dirs.contains(&acc) {
+                all_dirs.push(acc.clone());
             }
-            acc.push_str(p);
-            add_dir(&acc, if i + 1 == parts.len() { 0o777 } else { 0o755 });
         }
     }
     let mut chunks = Vec::new();
-    for (d, mode) in &all_dirs {
+    for d in &all_dirs {
         let mut h = tar::Header::new_ustar();
         h.set_entry_type(tar::EntryType::Directory);
         set_path(&mut h, &format!("{d}/"))?;
-        h.set_mode(*mode);
+        h.set_mode(0o755);
         h.set_size(0);
         h.set_mtime(0);
         h.set_cksum();
@@ -646,6 +664,41 @@ mod tests {
     }
 
     #[test]
+    fn a_sut_with_files_or_a_large_file_is_uploaded_not_inlined() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), "k: v\n").unwrap();
+        let text = "image = \"img\"\nfiles = [\"a.yaml\"]\n";
+        let cfg = load_str("dut1.toml", text, dir.path(), &Allow::default()).unwrap();
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();
+        let env = s.body.env.as_ref().unwrap();
+        assert!(!env.iter().any(|e| e.starts_with("LABVISOR_CONFIG_TOML=")));
+        assert!(env.contains(&"LABVISOR_CONFIG=/labvisor/sut/dut1.toml".to_owned()));
+        let seen = untar(s.archive.as_ref().expect("uploaded"));
+        assert_eq!(seen["labvisor/sut/dut1.toml"].1, text);
+        assert_eq!(seen["labvisor/sut/a.yaml"].1, "k: v\n");
+        assert!(
+            !seen.keys().any(|p| p.starts_with("labvisor/bin")),
+            "the binaries come from the tools volume: {:?}",
+            seen.keys()
+        );
+
+        // Just over the inline limit: uploaded; at the limit: inline.
+        for (len, inline) in [(MAX_INLINE_CONFIG + 1, false), (MAX_INLINE_CONFIG, true)] {
+            let head = "image = \"img\"\n#";
+            let text = format!("{head}{}\n", "x".repeat(len - head.len() - 1));
+            assert_eq!(text.len(), len);
+            let cfg = load_str("dut1.toml", &text, dir.path(), &Allow::default()).unwrap();
+            let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();
+            assert_eq!(s.archive.is_none(), inline, "{len} bytes");
+            let env = s.body.env.as_ref().unwrap();
+            assert_eq!(
+                env.iter().any(|e| e.starts_with("LABVISOR_CONFIG_TOML=")),
+                inline
+            );
+        }
+    }
+
+    #[test]
     fn spec_follows_the_contract() {
         let text =
             "image = \"img\"\n[env]\nA = \"1\"\n[health]\ninterval = \"2s\"\ntimeout = \"1s\"\n";
@@ -672,14 +725,15 @@ mod tests {
         assert_eq!(hcfg.init, Some(true));
         assert_eq!(hcfg.network_mode.as_deref(), Some("t-labvisor"));
 
-        let seen = untar(&s.archive);
-        assert!(
-            !seen.keys().any(|p| p.starts_with("labvisor/bin")),
-            "the binaries come from the tools volume: {:?}",
-            seen.keys()
+        // No `files`: the SUT file goes inline, nothing is uploaded.
+        assert!(s.archive.is_none());
+        assert!(env.contains(&format!("LABVISOR_CONFIG_TOML={text}")));
+        assert_eq!(
+            hcfg.tmpfs.as_ref().unwrap()[RUN_DIR],
+            RUN_TMPFS_OPTIONS,
+            "the heartbeat's directory"
         );
-        assert_eq!(seen["labvisor/sut/dut1.toml"].1, text);
-        assert!(seen.contains_key("labvisor/run/"));
+        assert!(labvisor_protocol::heartbeat::DEFAULT_PATH.starts_with(&format!("{RUN_DIR}/")));
 
         let tools_mount = hcfg
             .mounts

@@ -242,3 +242,65 @@ fn a_failing_build_is_a_clear_retried_error_and_others_run() {
     let c = wait_healthy(&scope, "c", T);
     assert_eq!(docker_ok(&["exec", &c, "cat", "/fixed"]), "fixed");
 }
+
+/// An image whose `USER` is not root (and which owns `/labvisor/data`, as the README asks):
+/// the agent runs as that user, writes its heartbeat on the `/labvisor/run` tmpfs and its log
+/// on the volume, and is healthy; with the SUT file inline and, after an edit that adds
+/// `files`, uploaded.
+#[test]
+fn an_image_with_a_non_root_user_runs_a_healthy_agent() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("nonroot");
+    let (_t, dir) = tmp_sut_dir();
+    let ctx = dir.join("img-u");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {BUSYBOX_IMAGE}\nRUN mkdir -p /labvisor/data && chown 4242:4242 /labvisor/data\nUSER 4242:4242\n"
+        ),
+    )
+    .unwrap();
+    let image = format!("{}:u", scope.name("img"));
+    let body = |files: &str| fast_sut(&image, &format!("[build]\ncontext = \"img-u\"\n{files}"));
+    write(&dir, "u.toml", &body(""));
+    let _sup = Sup::start(&scope, &dir, None, &[]);
+
+    let check = |id: &str| {
+        assert_eq!(docker_ok(&["exec", id, "id", "-u"]), "4242");
+        assert_eq!(
+            docker_ok(&[
+                "exec",
+                id,
+                "stat",
+                "-c",
+                "%u",
+                "/labvisor/run/heartbeat",
+                "/labvisor/data/log/u.log"
+            ]),
+            "4242\n4242"
+        );
+    };
+    let u1 = wait_healthy(&scope, "u", T);
+    check(&u1);
+    assert!(
+        docker_ok(&["exec", &u1, "sh", "-c", "echo \"$LABVISOR_CONFIG_TOML\""]).contains("img-u")
+    );
+
+    // `files` at the top level (before the tables): now uploaded, root-owned but readable.
+    write(&dir, "u.yaml", "k: v\n");
+    write(
+        &dir,
+        "u.toml",
+        &body("").replacen("[health]", "files = [\"u.yaml\"]\n[health]", 1),
+    );
+    let u2 = wait_until("u recreated and healthy", T, || {
+        let (id, status) = ps(&scope).remove(&scope.name("u"))?;
+        (id != u1 && status.ends_with("(healthy)")).then_some(id)
+    });
+    check(&u2);
+    assert_eq!(
+        docker_ok(&["exec", &u2, "cat", "/labvisor/sut/u.yaml"]),
+        "k: v"
+    );
+}

@@ -30,6 +30,15 @@ fn sut_file(marker: &str) -> String {
     fast_sut(BUSYBOX_IMAGE, &extra)
 }
 
+/// [`sut_file`] with `files = ["<sut>.yaml"]`: delivered by an upload, not inline.
+fn sut_file_with_files(sut: &str, marker: &str) -> String {
+    sut_file(marker).replacen(
+        "[health]",
+        &format!("files = [\"{sut}.yaml\"]\n[health]"),
+        1,
+    )
+}
+
 fn inspect(id: &str, format: &str) -> String {
     docker_ok(&["inspect", "--format", format, id])
 }
@@ -42,7 +51,8 @@ fn add_edit_delete_files() {
     let scope = DockerScope::new("files");
     let (_t, dir) = tmp_sut_dir();
     write(&dir, "a.toml", &sut_file("1"));
-    write(&dir, "b.toml", &sut_file("1"));
+    write(&dir, "b.yaml", "k: 1\n");
+    write(&dir, "b.toml", &sut_file_with_files("b", "1"));
     let _sup = Sup::start(&scope, &dir, None, &[]);
 
     // Added: running and healthy, with the contract's labels, files and volume.
@@ -59,10 +69,45 @@ fn add_edit_delete_files() {
         ),
         "true unless-stopped"
     );
+    // a has no `files`: its SUT file comes inline in the environment, nothing is uploaded.
     assert_eq!(
-        docker_ok(&["exec", &a1, "cat", "/labvisor/sut/a.toml"]),
+        docker_ok(&["exec", &a1, "sh", "-c", "echo \"$LABVISOR_CONFIG_TOML\""]),
         sut_file("1").trim_end()
     );
+    assert!(!docker(&["exec", &a1, "test", "-e", "/labvisor/sut"])
+        .status
+        .success());
+    // b has: its SUT file and its files are uploaded.
+    assert_eq!(
+        docker_ok(&["exec", &b1, "cat", "/labvisor/sut/b.toml"]),
+        sut_file_with_files("b", "1").trim_end()
+    );
+    assert_eq!(
+        docker_ok(&["exec", &b1, "cat", "/labvisor/sut/b.yaml"]),
+        "k: 1"
+    );
+    assert!(docker(&[
+        "exec",
+        &b1,
+        "sh",
+        "-c",
+        "test -z \"${LABVISOR_CONFIG_TOML+set}\""
+    ])
+    .status
+    .success());
+    // The heartbeat lives on a tmpfs that any image user can write.
+    for id in [&a1, &b1] {
+        assert_eq!(
+            docker_ok(&[
+                "exec",
+                id,
+                "sh",
+                "-c",
+                "stat -c %a /labvisor/run; grep ' /labvisor/run ' /proc/mounts | cut -d' ' -f3"
+            ]),
+            "1777\ntmpfs"
+        );
+    }
     let mut mounts: Vec<String> = inspect(
         &a1,
         "{{range .Mounts}}{{.Type}}:{{.Name}}:{{.Destination}}:{{.RW}} {{end}}",
@@ -106,11 +151,16 @@ fn add_edit_delete_files() {
         b1,
         "b must keep its container"
     );
-    write(&dir, "b.toml", &sut_file("2"));
-    wait_until("b recreated", T, || {
-        let (id, _) = ps(&scope).remove(&scope.name("b"))?;
-        (id != b1).then_some(())
+    // Only b's listed file changes: that changes b's hash too.
+    write(&dir, "b.yaml", "k: 2\n");
+    let b2 = wait_until("b recreated", T, || {
+        let (id, status) = ps(&scope).remove(&scope.name("b"))?;
+        (id != b1 && status.starts_with("Up")).then_some(id)
     });
+    assert_eq!(
+        docker_ok(&["exec", &b2, "cat", "/labvisor/sut/b.yaml"]),
+        "k: 2"
+    );
     assert_eq!(
         ps(&scope)[&scope.name("a")].0,
         a2,

@@ -512,6 +512,50 @@ pub fn load_delivered_file(path: &Path, allow: &Allow) -> Result<SutConfig, Vec<
     load_path(path, allow, false)
 }
 
+/// Validates `text` as the SUT file delivered at `path` in the agent's container, when its
+/// contents came inline (the supervisor's `LABVISOR_CONFIG_TOML`) rather than as a file: the
+/// name is `path`'s stem, `files` are looked up beside `path`, and `[build]` is handled as in
+/// [`load_delivered_file`]. Problems name `path` as displayed.
+pub fn load_delivered_str(
+    path: &Path,
+    text: &str,
+    allow: &Allow,
+) -> Result<SutConfig, Vec<Problem>> {
+    if text.len() as u64 > MAX_CONFIG_SIZE {
+        return Err(vec![Problem {
+            file: path.display().to_string(),
+            key: String::new(),
+            line: None,
+            message: format!("the file is larger than {MAX_CONFIG_SIZE} bytes"),
+        }]);
+    }
+    load_text(path, text, allow, false)
+}
+
+fn load_text(
+    path: &Path,
+    text: &str,
+    allow: &Allow,
+    check_build: bool,
+) -> Result<SutConfig, Vec<Problem>> {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sut_dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    validate::load(
+        &path.display().to_string(),
+        &stem,
+        text,
+        sut_dir,
+        allow,
+        check_build,
+    )
+}
+
 fn load_path(path: &Path, allow: &Allow, check_build: bool) -> Result<SutConfig, Vec<Problem>> {
     let display = path.display().to_string();
     let problem = |message: String| {
@@ -535,15 +579,7 @@ fn load_path(path: &Path, allow: &Allow, check_build: bool) -> Result<SutConfig,
         Ok(t) => t,
         Err(e) => return Err(problem(format!("the file is not UTF-8: {e}"))),
     };
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let sut_dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    validate::load(&display, &stem, &text, sut_dir, allow, check_build)
+    load_text(path, &text, allow, check_build)
 }
 
 /// Validates `text` as the SUT file `file_name` (e.g. `rpi4-01.toml`, whose stem is the SUT name)
