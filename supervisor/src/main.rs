@@ -143,9 +143,12 @@ struct SuperviseArgs {
     /// MQTT password (also given to agents).
     #[arg(long, env = "LABVISOR_MQTT_PASSWORD", hide_env_values = true)]
     mqtt_password: Option<String>,
-    /// Poll the directory (NFS, FUSE, 9p and other mounts without inotify).
-    #[arg(long)]
-    poll: bool,
+    /// Poll the directory instead of watching it with inotify (NFS, FUSE, 9p and other mounts
+    /// where inotify never fires): `--poll` every second, `--poll=5s` every 5 s (at least
+    /// 100ms). Each poll reads the SUT files to compare their contents.
+    #[arg(long, value_name = "INTERVAL", num_args = 0..=1, require_equals = true,
+          default_missing_value = "1s", value_parser = poll_interval)]
+    poll: Option<Duration>,
     /// Longest wait for a busy agent's job before recreating or removing its container anyway.
     #[arg(long, default_value = "4h", value_parser = duration)]
     busy_wait: Duration,
@@ -182,6 +185,14 @@ struct SuperviseArgs {
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+fn poll_interval(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s:?} is shorter than 100ms"));
+    }
+    Ok(d)
 }
 
 fn key_value(s: &str) -> Result<(String, String), String> {

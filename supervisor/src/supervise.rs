@@ -128,8 +128,8 @@ pub struct Settings {
     pub parallelism: usize,
     /// Remove a SUT's volume with its container when its file is deleted.
     pub purge_volumes: bool,
-    /// Poll the directory instead of inotify.
-    pub poll: bool,
+    /// Poll the directory at this interval instead of watching it with inotify.
+    pub poll: Option<Duration>,
     /// Where `/metrics` and `/healthz` are served; `None`: not at all.
     pub metrics_listen: Option<crate::metrics::Listen>,
     /// The managed broker's per-SUT logins, made before a SUT's container is created (its
@@ -660,17 +660,18 @@ impl<R: ContainerRuntime> Supervisor<R> {
             }
             let _ = tx.try_send(());
         };
-        let watcher: notify::Result<Box<dyn Watcher + Send>> = if self.exec.settings.poll {
-            notify::PollWatcher::new(
-                handler,
-                notify::Config::default()
-                    .with_poll_interval(Duration::from_secs(1))
-                    .with_compare_contents(true),
-            )
-            .map(|w| Box::new(w) as Box<dyn Watcher + Send>)
-        } else {
-            notify::recommended_watcher(handler).map(|w| Box::new(w) as Box<dyn Watcher + Send>)
-        };
+        let watcher: notify::Result<Box<dyn Watcher + Send>> =
+            if let Some(every) = self.exec.settings.poll {
+                notify::PollWatcher::new(
+                    handler,
+                    notify::Config::default()
+                        .with_poll_interval(every)
+                        .with_compare_contents(true),
+                )
+                .map(|w| Box::new(w) as Box<dyn Watcher + Send>)
+            } else {
+                notify::recommended_watcher(handler).map(|w| Box::new(w) as Box<dyn Watcher + Send>)
+            };
         match watcher.and_then(|mut w| {
             w.watch(&dir, notify::RecursiveMode::NonRecursive)
                 .map(|()| w)

@@ -242,3 +242,23 @@ fn logs_follow_prints_live_output() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("use -f"));
 }
+
+/// `--poll` takes an optional interval, with a floor: a busy loop over NFS is refused at once.
+#[test]
+fn supervise_refuses_a_poll_interval_under_100ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::cargo_bin("labvisor")
+        .unwrap()
+        .arg("supervise")
+        .arg("--sut-dir")
+        .arg(dir.path())
+        .arg("--poll=10ms")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("--poll") && stderr(&o).contains("\"10ms\" is shorter than 100ms"),
+        "{}",
+        stderr(&o)
+    );
+}

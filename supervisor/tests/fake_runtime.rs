@@ -39,7 +39,7 @@ fn settings(dir: &Path) -> Settings {
         parallelism: 6,
         purge_volumes: false,
         logins: None,
-        poll: false,
+        poll: None,
         metrics_listen: None,
     }
 }

@@ -310,19 +310,9 @@ fn sigkilled_supervisor_adopts_its_containers() {
     );
 }
 
-#[test]
-fn hung_agent_is_restarted() {
-    ensure_busybox_image();
-    let scope = DockerScope::new("hung");
-    let broker = Mosquitto::start();
-    let sub = broker.subscribe("+/supervisor", &[]);
-    let (_t, dir) = tmp_sut_dir();
-    write(&dir, "h.toml", &sut_file("1"));
-    let _sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
-    let id = wait_healthy(&scope, "h", T);
-    let started = inspect(&id, "{{.State.StartedAt}}");
-    // SIGSTOP the agent from the host (PID 1 is docker-init).
-    let top = docker_ok(&["top", &id, "-eo", "pid,args"]);
+/// SIGSTOPs the agent of container `id` from the host (PID 1 is docker-init): it hangs.
+fn stop_agent(id: &str) {
+    let top = docker_ok(&["top", id, "-eo", "pid,args"]);
     let pid = top
         .lines()
         .filter_map(|l| l.trim().split_once(' '))
@@ -334,6 +324,90 @@ fn hung_agent_is_restarted() {
         .unwrap_or_else(|| panic!("no agent in {top}"))
         .to_owned();
     labvisor_tests::run_ok(Command::new("kill").args(["-STOP", &pid]));
+}
+
+/// The engine goes away behind a proxy (every connection closed, the event stream too) and
+/// comes back: the supervisor keeps running and says so in its status, a SUT added meanwhile is
+/// created once the engine is back, the running agent is adopted as it was, and the event stream
+/// is open again: with `--resync 1h`, only a `health_status` event can get a hung agent
+/// restarted.
+#[test]
+fn docker_unreachable_then_back_is_reported_and_reconciled() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("dockerdown");
+    let broker = Mosquitto::start();
+    let status_topic = format!("labvisor/supervisors/{}/status", scope.run_id());
+    let sub = broker.subscribe(&status_topic, &[]);
+    let statuses = || -> Vec<SupervisorStatus> {
+        sub.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix(&format!("{status_topic} ")))
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect()
+    };
+    let proxy = labvisor_tests::DockerProxy::start();
+    let (_t, dir) = tmp_sut_dir();
+    write(&dir, "a.toml", &sut_file("1"));
+    let docker_host = format!("DOCKER_HOST={}", proxy.url());
+    let mut sup = Sup::start_wrapped(
+        &["env", &docker_host],
+        &scope,
+        &dir,
+        Some(&broker.url()),
+        &["--resync", "1h"],
+    );
+    let a1 = wait_healthy(&scope, "a", T);
+    let seen = statuses().len();
+
+    proxy.cut();
+    wait_until("status: docker unreachable", T, || {
+        statuses()[seen..]
+            .iter()
+            .find(|s| !s.docker_reachable)
+            .cloned()
+    });
+    write(&dir, "b.toml", &sut_file("1"));
+    wait_until("b seen while docker is unreachable", T, || {
+        statuses()
+            .pop()
+            .filter(|s| !s.docker_reachable && s.suts.desired == 2)
+    });
+    assert!(
+        sup.child.try_wait().unwrap().is_none(),
+        "the supervisor keeps running"
+    );
+    assert!(!ps(&scope).contains_key(&scope.name("b")));
+
+    proxy.restore();
+    wait_healthy(&scope, "b", Duration::from_secs(60));
+    wait_until("status: docker reachable, 2 healthy", T, || {
+        statuses()
+            .pop()
+            .filter(|s| s.docker_reachable && s.suts.healthy == 2)
+    });
+    assert_eq!(ps(&scope)[&scope.name("a")].0, a1, "a adopted as it was");
+    assert!(sup.log().contains("Docker is reachable again."));
+
+    let started = inspect(&a1, "{{.State.StartedAt}}");
+    stop_agent(&a1);
+    wait_until("the hung agent restarted", Duration::from_secs(40), || {
+        (inspect(&a1, "{{.State.StartedAt}}") != started).then_some(())
+    });
+    sup.kill();
+}
+
+#[test]
+fn hung_agent_is_restarted() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("hung");
+    let broker = Mosquitto::start();
+    let sub = broker.subscribe("+/supervisor", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    write(&dir, "h.toml", &sut_file("1"));
+    let _sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
+    let id = wait_healthy(&scope, "h", T);
+    let started = inspect(&id, "{{.State.StartedAt}}");
+    stop_agent(&id);
     wait_until("the hung agent restarted", Duration::from_secs(40), || {
         (inspect(&id, "{{.State.StartedAt}}") != started).then_some(())
     });

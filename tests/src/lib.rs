@@ -7,6 +7,8 @@
 //!   config, killed on drop. Tests never hard-code a port.
 //! - [`DockerScope`]: a unique run label and name prefix for every container, volume and network a
 //!   test creates; on drop (also when the test panics) everything carrying the label is removed.
+//! - [`DockerProxy`]: the engine's socket behind a proxy a test can cut and restore, for "Docker
+//!   is unreachable" without stopping the engine under other tests.
 //! - [`wait_until`]: wait for a condition with a deadline, never a bare sleep.
 //! - [`static_bin`] and [`ensure_busybox_image`]: the static agent/healthcheck binaries and the
 //!   local busybox image, built by `tools/test.sh` (no registry is needed).
@@ -392,6 +394,106 @@ impl Drop for KillOnDrop {
         }
         let _ = self.0.kill();
         let _ = self.0.wait();
+    }
+}
+
+/// A unix-socket proxy in front of the Docker engine's socket, which a test can cut (every
+/// open connection closed, new ones closed at once) and restore: "the daemon is unreachable,
+/// then back", seen through `DOCKER_HOST=`[`DockerProxy::url`], without stopping the engine under
+/// the other tests' containers. Stopped on drop.
+pub struct DockerProxy {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::os::unix::net::UnixStream>>>,
+}
+
+impl DockerProxy {
+    /// Listens on a fresh socket and forwards each connection to `/var/run/docker.sock`.
+    pub fn start() -> Self {
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::AtomicBool;
+        use std::sync::{Arc, Mutex};
+        require_docker();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("docker.sock");
+        let listener = UnixListener::bind(&path).expect("bind the proxy socket");
+        let up = Arc::new(AtomicBool::new(true));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<UnixStream>>> = Arc::default();
+        let (up2, stop2, conns2) = (up.clone(), stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if !up2.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(engine) = UnixStream::connect("/var/run/docker.sock") else {
+                    continue;
+                };
+                let pipe = |mut from: UnixStream, mut to: UnixStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                };
+                let mut held = conns2.lock().unwrap_or_else(|p| p.into_inner());
+                for s in [&client, &engine] {
+                    if let Ok(c) = s.try_clone() {
+                        held.push(c);
+                    }
+                }
+                if let (Ok(c), Ok(e)) = (client.try_clone(), engine.try_clone()) {
+                    pipe(c, engine);
+                    pipe(e, client);
+                }
+            }
+        });
+        DockerProxy {
+            _dir: dir,
+            path,
+            up,
+            stop,
+            conns,
+        }
+    }
+
+    /// `unix://…`, for `DOCKER_HOST`.
+    pub fn url(&self) -> String {
+        format!("unix://{}", self.path.display())
+    }
+
+    /// The engine becomes unreachable: open connections (the event stream too) are closed,
+    /// new ones are closed at once.
+    pub fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        self.close_all();
+    }
+
+    /// The engine is reachable again.
+    pub fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+
+    fn close_all(&self) {
+        let mut held = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        for s in held.drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Drop for DockerProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.close_all();
+        // Wakes the accept loop so that it sees `stop`.
+        let _ = std::os::unix::net::UnixStream::connect(&self.path);
     }
 }
 
