@@ -20,7 +20,11 @@
 //!
 //! ## Usage
 //!
-//! `labvisor-healthcheck [--file PATH] [--max-age DURATION]`
+//! `labvisor-healthcheck [--file PATH] [--max-age DURATION] [--state]`
+//!
+//! `--state` prints, for a fresh heartbeat in a healthy state, `state=<state>` (e.g.
+//! `state=busy`) instead of the human line: the supervisor runs it with `docker exec` before
+//! recreating or removing a container, to learn whether a job runs without asking the broker.
 //!
 //! `--file` defaults to `$LABVISOR_HEARTBEAT_FILE`, then `/labvisor/run/heartbeat`.
 //! `--max-age` (`30s`, `1500ms`, `2m`) defaults to the `max_age_ms` the agent wrote.
@@ -43,6 +47,7 @@ enum Verdict {
 struct Args {
     file: String,
     max_age: Option<Duration>,
+    state: bool,
 }
 
 fn parse_duration(s: &str) -> Option<Duration> {
@@ -62,8 +67,10 @@ fn parse_duration(s: &str) -> Option<Duration> {
 fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut file = std::env::var("LABVISOR_HEARTBEAT_FILE").unwrap_or_else(|_| DEFAULT_FILE.into());
     let mut max_age = None;
+    let mut state = false;
     while let Some(a) = argv.next() {
         match a.as_str() {
+            "--state" => state = true,
             "--file" => file = argv.next().ok_or("--file needs a path")?,
             "--max-age" => {
                 let v = argv.next().ok_or("--max-age needs a duration")?;
@@ -73,12 +80,19 @@ fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
                 );
             }
             "-h" | "--help" => {
-                return Err("usage: labvisor-healthcheck [--file PATH] [--max-age DURATION]".into())
+                return Err(
+                    "usage: labvisor-healthcheck [--file PATH] [--max-age DURATION] [--state]"
+                        .into(),
+                )
             }
             other => return Err(format!("unknown argument {other:?}")),
         }
     }
-    Ok(Args { file, max_age })
+    Ok(Args {
+        file,
+        max_age,
+        state,
+    })
 }
 
 fn fmt_secs(ms: u64) -> String {
@@ -161,8 +175,15 @@ fn main() -> ExitCode {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
+    let mut state = None;
     let verdict = match std::fs::read_to_string(&args.file) {
-        Ok(text) => judge(&text, now_ms, args.max_age, &args.file),
+        Ok(text) => {
+            state = text
+                .lines()
+                .find_map(|l| l.strip_prefix("state="))
+                .map(str::to_owned);
+            judge(&text, now_ms, args.max_age, &args.file)
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Verdict::Unhealthy(format!(
             "no heartbeat file at {}: the agent has not started or cannot write it",
             args.file
@@ -171,7 +192,10 @@ fn main() -> ExitCode {
     };
     match verdict {
         Verdict::Healthy(line) => {
-            println!("{line}");
+            match state.filter(|_| args.state) {
+                Some(state) => println!("state={state}"),
+                None => println!("{line}"),
+            }
             ExitCode::SUCCESS
         }
         Verdict::Unhealthy(line) => {
@@ -306,6 +330,12 @@ mod tests {
         assert_eq!(
             (a.file.as_str(), a.max_age),
             ("/f", Some(Duration::from_secs(9)))
+        );
+        assert!(!a.state);
+        assert!(
+            parse_args(["--state".to_string()].into_iter())
+                .unwrap()
+                .state
         );
         assert!(parse_args(["--bogus".to_string()].into_iter()).is_err());
     }

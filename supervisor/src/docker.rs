@@ -32,8 +32,9 @@ use tracing::{debug, warn};
 
 use crate::plan::RunState;
 use crate::spec::{
-    ContainerSpec, ImageSpec, Named, ToolsVolume, LABEL_BUILD_HASH, LABEL_MANAGED_BY, LABEL_ROLE,
-    LABEL_SUPERVISOR, MANAGED_BY, ROLE_TOOLS, TOOLS_DIR, TOOLS_MARKER,
+    ContainerSpec, ImageSpec, Named, ToolsVolume, HEALTHCHECK_PATH, LABEL_BUILD_HASH,
+    LABEL_MANAGED_BY, LABEL_ROLE, LABEL_SUPERVISOR, MANAGED_BY, ROLE_TOOLS, TOOLS_DIR,
+    TOOLS_MARKER,
 };
 
 /// A failed runtime operation.
@@ -182,6 +183,10 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Removes a named volume.
     fn remove_volume(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Whether the agent in the running container `id` runs a job, asked inside the container
+    /// (`labvisor-healthcheck --state` through exec): the answer of the agent's own heartbeat,
+    /// without the broker. A stale heartbeat (a hung agent) is not busy.
+    fn agent_busy(&self, id: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
     /// Container events of this supervisor's containers.
     fn events(&self) -> EventStream;
 }
@@ -860,6 +865,34 @@ impl ContainerRuntime for DockerRuntime {
         }
     }
 
+    async fn agent_busy(&self, id: &str) -> Result<bool, RuntimeError> {
+        let exec = self
+            .docker
+            .create_exec(
+                id,
+                bollard::exec::CreateExecOptions {
+                    cmd: Some(vec![HEALTHCHECK_PATH, "--state"]),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(false),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut out = String::new();
+        if let bollard::exec::StartExecResults::Attached { mut output, .. } =
+            self.docker.start_exec(&exec.id, None).await?
+        {
+            while let Some(chunk) = output.next().await {
+                out.push_str(&String::from_utf8_lossy(&chunk?.into_bytes()));
+                if out.len() > 4096 {
+                    break;
+                }
+            }
+        }
+        let code = self.docker.inspect_exec(&exec.id).await?.exit_code;
+        Ok(code == Some(0) && out.trim() == "state=busy")
+    }
+
     fn events(&self) -> EventStream {
         let mut filters: HashMap<&str, Vec<String>> = HashMap::new();
         filters.insert("type", vec!["container".into()]);
@@ -921,6 +954,8 @@ pub enum FakeCall {
     Build(String),
     /// A pull of an absent image.
     Pull(String),
+    /// `agent_busy` of an id.
+    AgentBusy(String),
 }
 
 #[derive(Debug, Default)]
@@ -933,6 +968,7 @@ struct FakeState {
     unpullable: Vec<String>,
     built: BTreeMap<String, String>,
     fail_build: Vec<String>,
+    busy: Vec<String>,
     down: bool,
     next_id: u64,
 }
@@ -1027,6 +1063,16 @@ impl FakeRuntime {
     /// The build hash each built image carries.
     pub fn built(&self) -> BTreeMap<String, String> {
         self.with(|s| s.built.clone())
+    }
+
+    /// Makes the agent in container `id` report a running job to `agent_busy` (or none).
+    pub fn set_busy(&self, id: &str, busy: bool) {
+        self.with(|s| {
+            s.busy.retain(|i| i != id);
+            if busy {
+                s.busy.push(id.to_owned());
+            }
+        });
     }
 
     /// Makes the engine unreachable (or reachable again).
@@ -1185,6 +1231,15 @@ impl ContainerRuntime for FakeRuntime {
             s.volumes.retain(|v| v != name);
         });
         Ok(())
+    }
+
+    async fn agent_busy(&self, id: &str) -> Result<bool, RuntimeError> {
+        self.up()?;
+        self.exists(id)?;
+        Ok(self.with(|s| {
+            s.calls.push(FakeCall::AgentBusy(id.to_owned()));
+            s.busy.iter().any(|b| b == id)
+        }))
     }
 
     fn events(&self) -> EventStream {

@@ -117,6 +117,24 @@ impl fmt::Display for Deferred {
     }
 }
 
+impl Action {
+    /// The container whose agent's job this action would disrupt, if the action waits for a
+    /// busy agent: a recreation after a config change, a removal, and either of them deferred.
+    /// (A container that never started runs no job.)
+    pub fn disrupts(&self) -> Option<&str> {
+        match self {
+            Action::Recreate {
+                id,
+                reason: RecreateReason::ConfigChanged,
+                ..
+            }
+            | Action::Remove { id, .. }
+            | Action::Defer { id, .. } => Some(id),
+            _ => None,
+        }
+    }
+}
+
 /// One step of a plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -427,12 +445,33 @@ mod tests {
         // Removal waits too.
         a.busy = Busy::Busy;
         assert!(matches!(
-            plan(&BTreeMap::new(), &[a], &BTreeSet::new())[0],
+            plan(&BTreeMap::new(), std::slice::from_ref(&a), &BTreeSet::new())[0],
             Action::Defer {
                 action: Deferred::Remove,
                 ..
             }
         ));
+        // Every action that waits (or would wait) for a busy agent names its container: the
+        // supervisor asks that agent; the others disrupt no job.
+        a.busy = Busy::Idle;
+        for actions in [
+            plan(&desired, std::slice::from_ref(&a), &BTreeSet::new()),
+            plan(&BTreeMap::new(), std::slice::from_ref(&a), &BTreeSet::new()),
+        ] {
+            assert_eq!(actions[0].disrupts(), Some("id"), "{actions:?}");
+        }
+        a.busy = Busy::Busy;
+        assert_eq!(
+            plan(&desired, std::slice::from_ref(&a), &BTreeSet::new())[0].disrupts(),
+            Some("id")
+        );
+        a.state = RunState::Created;
+        a.hash = Some("new".into());
+        assert_eq!(
+            plan(&desired, &[a], &BTreeSet::new())[0].disrupts(),
+            None,
+            "a container that never started runs no job"
+        );
     }
 
     #[test]

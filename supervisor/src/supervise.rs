@@ -17,7 +17,12 @@
 //! - **Agent status.** The supervisor subscribes to `+/agent` (retained [`AgentStatus`]); an
 //!   agent whose state is `busy` runs a job, and its recreation or removal waits
 //!   ([`Action::Defer`]), at most `--busy-wait`, visible as `pending_action` on
-//!   `<sut>/supervisor`. MQTT is the only busy signal: without a broker, nothing is deferred.
+//!   `<sut>/supervisor`. A change of an agent's busy state triggers a pass. The broker's view
+//!   can be stale or missing (the broker or the agent's link is down, or there is no broker),
+//!   so before a recreation or removal of a running container, and while one waits, the
+//!   supervisor asks the agent itself: `labvisor-healthcheck --state` through a Docker exec,
+//!   which reads the agent's heartbeat. That answer wins; when there is none (exec failed),
+//!   the broker's view decides; a hung agent (stale heartbeat) counts as idle.
 //! - **A periodic resync** (30 s), finished actions, and retry or healing deadlines.
 //!
 //! **Actions** run as tasks, at most `parallelism` at a time (a semaphore), and never two for
@@ -104,6 +109,8 @@ const HEALTHY_WINDOW: Duration = Duration::from_secs(60);
 const RETRY_MIN: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 const DOCKER_RETRY_MAX: Duration = Duration::from_secs(30);
+/// Longest wait for an agent's answer to "do you run a job?" (an exec in its container).
+const ASK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Everything `supervise` needs besides the runtime.
 #[derive(Debug, Clone)]
@@ -514,6 +521,34 @@ fn status_json(
     .expect("status serialises")
 }
 
+/// An agent's answer to "do you run a job?": container id, SUT, yes/no or why it could not tell.
+type Answer = (String, SutName, Result<bool, String>);
+
+/// Asks the agents in the containers `ask` whether they run a job (through the runtime, so it
+/// works while the broker is down), `parallelism` at a time, each within [`ASK_TIMEOUT`].
+async fn ask_agents<R: ContainerRuntime>(
+    runtime: Arc<R>,
+    parallelism: usize,
+    ask: Vec<(String, SutName)>,
+) -> Vec<Answer> {
+    futures_util::stream::iter(ask)
+        .map(|(id, sut)| {
+            let runtime = runtime.clone();
+            async move {
+                let answer = match tokio::time::timeout(ASK_TIMEOUT, runtime.agent_busy(&id)).await
+                {
+                    Ok(Ok(b)) => Ok(b),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {ASK_TIMEOUT:?}")),
+                };
+                (id, sut, answer)
+            }
+        })
+        .buffer_unordered(parallelism.max(1))
+        .collect()
+        .await
+}
+
 /// Forwards Docker events as wake-ups; reopens the stream with backoff when it ends.
 async fn watch_events<R: ContainerRuntime>(runtime: Arc<R>, tx: mpsc::Sender<()>) {
     let mut failures = 0u32;
@@ -726,6 +761,56 @@ impl<R: ContainerRuntime> Supervisor<R> {
         }
     }
 
+    /// The running containers whose agents `actions` would disrupt (or wait for), unless their
+    /// busy wait already ran out: their agents are asked ([`ask_agents`]).
+    fn to_ask(actual: &[Actual], actions: &[Action]) -> Vec<(String, SutName)> {
+        actions
+            .iter()
+            .filter_map(Action::disrupts)
+            .filter_map(|id| {
+                actual
+                    .iter()
+                    .find(|a| {
+                        a.id == id
+                            && a.state == crate::plan::RunState::Running
+                            && a.busy != Busy::Expired
+                    })
+                    .map(|a| (a.id.clone(), a.sut.clone()))
+            })
+            .collect()
+    }
+
+    /// Applies the agents' own answers over the broker's view, which may be stale (the broker
+    /// or the agent's link is down): busy (or expired once the busy wait is over) or idle. An
+    /// agent that could not answer keeps the broker's view; one that answers with a stale
+    /// heartbeat (hung) is idle. Returns whether anything changed.
+    fn apply_answers(&self, actual: &mut [Actual], answers: Vec<Answer>, now: Instant) -> bool {
+        let mut changed = false;
+        for (id, sut, answer) in answers {
+            let busy = match answer {
+                Ok(true) => match self.suts.get(&sut).and_then(|s| s.deferred_since) {
+                    Some(t) if now.duration_since(t) >= self.exec.settings.busy_wait => {
+                        Busy::Expired
+                    }
+                    _ => Busy::Busy,
+                },
+                Ok(false) => Busy::Idle,
+                Err(error) => {
+                    debug!(sut = %sut, container = %id, error = %error, "Could not ask the agent whether it runs a job; going by the broker's view.");
+                    continue;
+                }
+            };
+            if let Some(a) = actual.iter_mut().find(|a| a.id == id) {
+                if a.busy != busy {
+                    debug!(sut = %sut, container = %id, busy = ?busy, broker_view = ?a.busy, "The agent's own answer differs from the broker's view.");
+                    a.busy = busy;
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
     async fn pass(&mut self) {
         let now = Instant::now();
         self.ensure_watch();
@@ -824,7 +909,22 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 busy,
             });
         }
-        let actions = plan(&desired, &actual, &invalid);
+        let mut actions = plan(&desired, &actual, &invalid);
+        // Before disrupting a running agent (or while waiting for it), ask the agent itself,
+        // through Docker, whether a job runs: the broker's view may be stale or missing (the
+        // broker, or the agent's link, is down).
+        let ask = Self::to_ask(&actual, &actions);
+        if !ask.is_empty() {
+            let answers = ask_agents(
+                self.exec.runtime.clone(),
+                self.exec.settings.parallelism,
+                ask,
+            )
+            .await;
+            if self.apply_answers(&mut actual, answers, now) {
+                actions = plan(&desired, &actual, &invalid);
+            }
+        }
 
         // Bookkeeping that is not an action: deferrals, conflicts, healthy windows.
         let deferred: BTreeMap<&SutName, &Action> = actions

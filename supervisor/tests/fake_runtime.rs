@@ -169,3 +169,63 @@ async fn restart_adopts_and_heals_and_survives_docker_outage() {
     assert!(rt.volumes().contains(&"p-labvisor-a".to_owned()));
     sup.stop().await;
 }
+
+/// Without a broker (`mqtt: None`), the supervisor asks the agent itself (through the runtime)
+/// before disrupting it: a busy agent's recreation and removal wait; an idle one is not asked
+/// twice for nothing, and a new SUT's creation never asks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_a_busy_agent_is_asked_and_waited_for() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), SUT).unwrap();
+    let rt = FakeRuntime::new();
+    let sup = Running::start(dir.path(), &rt);
+    until("a created", || has(&rt, "p-a")).await;
+    let id = rt.containers()[0].id.clone();
+    let asked = |rt: &FakeRuntime| {
+        rt.calls()
+            .iter()
+            .filter(|c| **c == FakeCall::AgentBusy(id.clone()))
+            .count()
+    };
+    assert_eq!(asked(&rt), 0, "creation never asks");
+
+    // Busy: the edit is seen and asked about, but a's container stays.
+    rt.set_busy(&id, true);
+    std::fs::write(
+        dir.path().join("a.toml"),
+        format!("{SUT}[env]\nX = \"1\"\n"),
+    )
+    .unwrap();
+    until("the agent asked", || asked(&rt) >= 1).await;
+    assert!(
+        rt.containers().iter().any(|c| c.id == id),
+        "kept while busy"
+    );
+    assert!(!rt.calls().contains(&FakeCall::Stop(id.clone())));
+
+    // The job ends: the next pass (the 30 s resync, or here the next file event) recreates.
+    rt.set_busy(&id, false);
+    std::fs::write(
+        dir.path().join("a.toml"),
+        format!("{SUT}[env]\nX = \"2\"\n"),
+    )
+    .unwrap();
+    until("a recreated", || {
+        has(&rt, "p-a") && !rt.containers().iter().any(|c| c.id == id)
+    })
+    .await;
+
+    // A removal waits the same way.
+    let id2 = rt.containers()[0].id.clone();
+    rt.set_busy(&id2, true);
+    std::fs::remove_file(dir.path().join("a.toml")).unwrap();
+    until("the new agent asked", || {
+        rt.calls().contains(&FakeCall::AgentBusy(id2.clone()))
+    })
+    .await;
+    assert!(has(&rt, "p-a"), "kept while busy");
+    rt.set_busy(&id2, false);
+    std::fs::write(dir.path().join("touch.txt"), "wake").unwrap();
+    until("a removed once idle", || !has(&rt, "p-a")).await;
+    sup.stop().await;
+}

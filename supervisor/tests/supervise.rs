@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use labvisor_protocol::payloads::{
     AgentState, AgentStatus, Health, JobState, JobStatus, SupervisorState, SupervisorStatus,
 };
-use labvisor_protocol::SutName;
 mod common;
 
 use common::{fast_sut, ps, tmp_sut_dir, views, wait_healthy, write, Sup};
@@ -465,40 +464,83 @@ fn thirty_suts_cold_start() {
     assert_eq!(ps(&scope).len(), 30);
 }
 
+/// A broker the agents reach: mosquitto listening on the gateway of the supervisor's network,
+/// which is made first (labelled as the supervisor's own, so the supervisor adopts it). Returns
+/// the broker and the URL to give agents (`--agent-broker`).
+fn gateway_broker(scope: &DockerScope) -> (Mosquitto, String) {
+    let net = scope.name("labvisor");
+    docker_ok(&[
+        "network",
+        "create",
+        "--label",
+        &scope.label(),
+        "--label",
+        "io.labvisor.managed-by=labvisor",
+        "--label",
+        &format!("io.labvisor.supervisor={}", scope.run_id()),
+        &net,
+    ]);
+    let gateway = network_gateway(&net);
+    let broker = Mosquitto::start_with(&format!(
+        "allow_anonymous true\npersistence false\nlistener {{port}} {gateway}\n"
+    ));
+    let url = format!("mqtt://{gateway}:{}", broker.port());
+    (broker, url)
+}
+
+/// A busy agent's recreation waits for its job, visibly; and it still waits when the broker
+/// goes down in the middle, where the supervisor's view of the agent is stale: it asks the
+/// agent itself through Docker, so the container is recreated once the job is over, not
+/// before (the job ends `passed` in the agent's journal, not `lost`), and not only when the
+/// busy wait (an hour here) runs out.
 #[test]
-fn busy_agent_defers_recreation() {
+fn busy_agent_defers_recreation_also_while_the_broker_is_down() {
     ensure_busybox_image();
     let scope = DockerScope::new("busy");
-    let broker = Mosquitto::start();
-    let sub = broker.subscribe("+/supervisor", &[]);
+    let (mut broker, agent_broker) = gateway_broker(&scope);
+    let sub = broker.subscribe("j/#", &[]);
+    let agent_statuses = || -> Vec<AgentStatus> {
+        sub.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("j/agent "))
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect()
+    };
     let (_t, dir) = tmp_sut_dir();
     write(&dir, "j.toml", &sut_file("1"));
-
-    let status = |state: AgentState| {
-        serde_json::to_string(&AgentStatus {
-            v: 1,
-            sut: SutName::new("j").unwrap(),
-            state,
-            time_ms: 0,
-            time: String::new(),
-            seq: 0,
-            boot_id: "test".into(),
-            agent_version: "test".into(),
-            child: None,
-            job: None,
-            queue_len: 0,
-            broker_connected: true,
-            output_dropped: 0,
-            detail: None,
-        })
-        .unwrap()
-    };
-    // Retained before the supervisor starts, so it knows the agent is busy before any edit
-    // (creation itself is never deferred).
-    let out = broker.publish("j/agent", &status(AgentState::Busy), &["-q", "1", "-r"]);
-    assert!(out.status.success());
-    let _sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
+    let _sup = Sup::start(
+        &scope,
+        &dir,
+        Some(&broker.url()),
+        &[
+            "--agent-broker",
+            &agent_broker,
+            "--busy-wait",
+            "1h",
+            "--resync",
+            "2s",
+        ],
+    );
     let id = wait_healthy(&scope, "j", T);
+    wait_until("the agent idle on the broker", T, || {
+        agent_statuses()
+            .into_iter()
+            .find(|s| s.state == AgentState::Idle)
+    });
+    let job = Duration::from_secs(12);
+    let out = broker.publish(
+        "j/submit",
+        &format!(r#"{{"id": "short", "script": "sleep {}"}}"#, job.as_secs()),
+        &["-q", "1"],
+    );
+    assert!(out.status.success());
+    wait_until("the agent busy with the job", T, || {
+        agent_statuses().into_iter().find(|s| {
+            s.state == AgentState::Busy && s.job.as_ref().is_some_and(|j| j.as_str() == "short")
+        })
+    });
+    let busy_seen = Instant::now();
+
     write(&dir, "j.toml", &sut_file("2"));
     let v = wait_until("recreation deferred", T, || {
         views(&sub, "j")
@@ -506,23 +548,26 @@ fn busy_agent_defers_recreation() {
             .find(|v| v.pending_action.is_some())
     });
     assert!(v.pending_action.unwrap().starts_with("recreate"));
-    assert_eq!(
-        ps(&scope)[&scope.name("j")].0,
-        id,
-        "not recreated while busy"
-    );
 
-    broker.publish("j/agent", &status(AgentState::Idle), &["-q", "1", "-r"]);
-    wait_until("recreated once idle", T, || {
-        let (new, _) = ps(&scope).remove(&scope.name("j"))?;
-        (new != id).then_some(())
+    // The broker goes away while the job runs: no more news from the agent over MQTT.
+    broker.stop();
+    let new = wait_until("recreated once the job is over", job + T, || {
+        let (new, status) = ps(&scope).remove(&scope.name("j"))?;
+        (new != id && status.starts_with("Up")).then_some(new)
     });
-    wait_until("pending action cleared", T, || {
-        views(&sub, "j")
-            .last()
-            .filter(|v| v.pending_action.is_none() && v.container_id.as_deref() != Some(&id))
-            .map(|_| ())
-    });
+    assert!(
+        busy_seen.elapsed() >= job - Duration::from_secs(2),
+        "recreated {:?} after the job was seen running, a {job:?} job",
+        busy_seen.elapsed()
+    );
+    let journal = docker_ok(&["exec", &new, "cat", "/labvisor/data/jobs/journal.jsonl"]);
+    let outcome = journal
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["op"] == "finished" && e["status"]["id"] == "short")
+        .map(|e| e["status"]["state"].as_str().unwrap_or_default().to_owned())
+        .collect::<Vec<_>>();
+    assert_eq!(outcome, ["passed"], "{journal}");
 }
 
 /// Runs the rest of its command line in a new user namespace (mapped to the caller, so Docker's
@@ -621,23 +666,7 @@ fn poll_mode_sees_changes_without_inotify() {
 fn busy_wait_expiry_recreates_anyway_and_the_job_is_lost() {
     ensure_busybox_image();
     let scope = DockerScope::new("busywait");
-    // The supervisor's network, made first so that the broker can listen on its gateway.
-    let net = scope.name("labvisor");
-    docker_ok(&[
-        "network",
-        "create",
-        "--label",
-        &scope.label(),
-        "--label",
-        "io.labvisor.managed-by=labvisor",
-        "--label",
-        &format!("io.labvisor.supervisor={}", scope.run_id()),
-        &net,
-    ]);
-    let gateway = network_gateway(&net);
-    let broker = Mosquitto::start_with(&format!(
-        "allow_anonymous true\npersistence false\nlistener {{port}} {gateway}\n"
-    ));
+    let (broker, agent_broker) = gateway_broker(&scope);
     let sub = broker.subscribe("j/#", &[]);
     let agent_statuses = || -> Vec<AgentStatus> {
         sub.lines()
@@ -656,7 +685,6 @@ fn busy_wait_expiry_recreates_anyway_and_the_job_is_lost() {
     let (_t, dir) = tmp_sut_dir();
     write(&dir, "j.toml", &sut_file("1"));
     let busy_wait = Duration::from_secs(5);
-    let agent_broker = format!("mqtt://{gateway}:{}", broker.port());
     let _sup = Sup::start(
         &scope,
         &dir,
