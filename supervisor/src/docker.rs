@@ -65,6 +65,9 @@ pub enum RuntimeError {
         /// Why the pull failed, as the engine said.
         reason: String,
     },
+    /// The agent could not say whether it runs a job.
+    #[error("the agent gave no answer: {0}")]
+    NoAnswer(String),
     /// Building the SUT's image (`[build]`) failed.
     #[error("building image {image} failed: {message}")]
     BuildFailed {
@@ -214,6 +217,21 @@ fn run_state(s: Option<ContainerSummaryStateEnum>) -> RunState {
         Some(ContainerSummaryStateEnum::DEAD) => RunState::Dead,
         Some(ContainerSummaryStateEnum::STOPPING) => RunState::Running,
         _ => RunState::Exited,
+    }
+}
+
+/// Reads `labvisor-healthcheck --state`'s answer: exit 0 with `state=<state>` (busy or not);
+/// exit 1, an unhealthy agent (stale heartbeat: hung or dead), which runs no job worth waiting
+/// for. Anything else, e.g. exit 2 from a healthcheck older than `--state` in a container made
+/// by an earlier supervisor version, cannot tell.
+pub fn busy_from_state_probe(exit_code: Option<i64>, stdout: &str) -> Result<bool, RuntimeError> {
+    let out = stdout.trim();
+    match (exit_code, out.strip_prefix("state=")) {
+        (Some(0), Some(state)) => Ok(state == "busy"),
+        (Some(1), _) => Ok(false),
+        _ => Err(RuntimeError::NoAnswer(format!(
+            "labvisor-healthcheck --state said {out:?} (exit {exit_code:?})"
+        ))),
     }
 }
 
@@ -890,7 +908,7 @@ impl ContainerRuntime for DockerRuntime {
             }
         }
         let code = self.docker.inspect_exec(&exec.id).await?.exit_code;
-        Ok(code == Some(0) && out.trim() == "state=busy")
+        busy_from_state_probe(code, &out)
     }
 
     fn events(&self) -> EventStream {
@@ -1254,6 +1272,18 @@ mod tests {
     #[test]
     fn image_references_split_into_repo_and_tag() {
         assert_eq!(split_reference("busybox"), ("busybox", "latest"));
+    }
+
+    #[test]
+    fn state_probe_answers() {
+        assert!(busy_from_state_probe(Some(0), "state=busy\n").unwrap());
+        assert!(!busy_from_state_probe(Some(0), "state=idle\n").unwrap());
+        // Unhealthy (a stale heartbeat): no job worth waiting for.
+        assert!(!busy_from_state_probe(Some(1), "unhealthy: heartbeat is 40.0s old").unwrap());
+        // A healthcheck older than --state, or no exit code: cannot tell.
+        assert!(busy_from_state_probe(Some(2), "unknown argument \"--state\"").is_err());
+        assert!(busy_from_state_probe(Some(0), "ok: busy, heartbeat 1.0s old").is_err());
+        assert!(busy_from_state_probe(None, "").is_err());
         assert_eq!(
             split_reference("labvisor/busybox:local"),
             ("labvisor/busybox", "local")
