@@ -20,7 +20,9 @@
 //! A SUT's login is made when its container is first created (the password file and mosquitto's
 //! password file are updated, then mosquitto reloads them on SIGHUP). The passwords
 //! (`agents/<sut>`, 0600), the config, and the broker's persistence live in the state directory
-//! (default `~/.local/state/labvisor/broker`), so a restarted supervisor reuses them and adopted
+//! ([`default_state_dir`]: `/var/lib/labvisor/broker` as root, since mosquitto drops to its own
+//! user, which must reach it; else `~/.local/state/labvisor/broker`), so a restarted
+//! supervisor reuses them and adopted
 //! agents keep connecting. A state directory from an earlier labvisor, whose agents shared one
 //! login (`labvisor-agent`, password in `agent-password`), keeps that login working for the
 //! containers made then, until they are recreated.
@@ -367,9 +369,14 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)
 }
 
-/// The default state directory: `$XDG_STATE_HOME/labvisor/broker`, else
-/// `~/.local/state/labvisor/broker`, else `/var/lib/labvisor/broker`.
+/// The default state directory: as root `/var/lib/labvisor/broker` (a root home is not
+/// reachable by the `mosquitto` user the broker drops to); otherwise
+/// `$XDG_STATE_HOME/labvisor/broker`, else `~/.local/state/labvisor/broker`, else
+/// `/var/lib/labvisor/broker`.
 pub fn default_state_dir() -> PathBuf {
+    if is_root() {
+        return PathBuf::from("/var/lib/labvisor/broker");
+    }
     if let Some(x) = std::env::var_os("XDG_STATE_HOME").filter(|x| !x.is_empty()) {
         return PathBuf::from(x).join("labvisor/broker");
     }
@@ -379,14 +386,42 @@ pub fn default_state_dir() -> PathBuf {
     PathBuf::from("/var/lib/labvisor/broker")
 }
 
+fn is_root() -> bool {
+    // /proc/self belongs to the process's effective user.
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// Whether a process of `uid`/`gid` can reach `dir`: every directory above it must let it
+/// through (search permission for its owner, group or others, whichever applies). The error is
+/// the first one that does not.
+fn reachable_by(dir: &Path, uid: u32, gid: u32) -> Result<(), PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    for a in dir.ancestors().skip(1) {
+        let Ok(m) = std::fs::metadata(a) else {
+            return Err(a.to_owned());
+        };
+        let bit = if m.uid() == uid {
+            0o100
+        } else if m.gid() == gid {
+            0o010
+        } else {
+            0o001
+        };
+        if m.mode() & bit == 0 {
+            return Err(a.to_owned());
+        }
+    }
+    Ok(())
+}
+
 /// Started as root, mosquitto drops to its own user (`mosquitto`) before reading the password
 /// file and writing its persistence: the state directory and its files must then be that user's.
 /// (The broker is not kept running as root.)
 fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
-    let is_root = std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false);
-    if !is_root {
+    if !is_root() {
         return Ok(());
     }
     let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
@@ -398,6 +433,14 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
     }) else {
         return Ok(()); // no such user: mosquitto stays root and can read everything
     };
+    if let Err(blocking) = reachable_by(dir, uid, gid) {
+        return Err(std::io::Error::other(format!(
+            "the broker runs as the mosquitto user, which cannot reach {}: {} does not let it \
+             through; pass a --state-dir it can reach, e.g. under /var/lib",
+            dir.display(),
+            blocking.display()
+        )));
+    }
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
@@ -407,4 +450,32 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_closed_directory_above_the_state_dir_is_named() {
+        let top = tempfile::tempdir().unwrap();
+        let state = top.path().join("home/labvisor/broker");
+        std::fs::create_dir_all(&state).unwrap();
+        let home = top.path().join("home");
+        // A user that owns nothing here, so "others" bits apply.
+        let (uid, gid) = (4_000_000, 4_000_000);
+        std::fs::set_permissions(top.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(reachable_by(&state, uid, gid), Ok(()));
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o700)).unwrap();
+        assert_eq!(
+            reachable_by(&state, uid, gid),
+            Err(std::fs::canonicalize(&home).unwrap())
+        );
+        // Its owner may pass.
+        let m = std::fs::metadata(&home).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(reachable_by(&state, m.uid(), 4_000_000), Ok(()));
+    }
 }
