@@ -233,6 +233,16 @@ fn invalid_file_and_foreign_container_are_left_alone() {
     assert_eq!(inspect(&a1, "{{.State.Running}}"), "true");
 }
 
+/// Every supervisor status on `topic` that `sub` has seen, in order.
+fn supervisor_statuses(sub: &Subscriber, topic: &str) -> Vec<SupervisorStatus> {
+    let prefix = format!("{topic} ");
+    sub.lines()
+        .iter()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|p| serde_json::from_str(p).ok())
+        .collect()
+}
+
 #[test]
 fn sigkilled_supervisor_adopts_its_containers() {
     ensure_busybox_image();
@@ -269,13 +279,7 @@ fn sigkilled_supervisor_adopts_its_containers() {
         BUSYBOX_IMAGE,
         "true",
     ]);
-    let statuses = |sub: &Subscriber| -> Vec<SupervisorStatus> {
-        sub.lines()
-            .iter()
-            .filter_map(|l| l.strip_prefix(&format!("{status_topic} ")))
-            .filter_map(|p| serde_json::from_str(p).ok())
-            .collect()
-    };
+    let statuses = |sub: &Subscriber| supervisor_statuses(sub, &status_topic);
     let first_boot = statuses(&sub)[0].boot_id.clone();
 
     let mut sup2 = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
@@ -337,13 +341,7 @@ fn docker_unreachable_then_back_is_reported_and_reconciled() {
     let broker = Mosquitto::start();
     let status_topic = format!("labvisor/supervisors/{}/status", scope.run_id());
     let sub = broker.subscribe(&status_topic, &[]);
-    let statuses = || -> Vec<SupervisorStatus> {
-        sub.lines()
-            .iter()
-            .filter_map(|l| l.strip_prefix(&format!("{status_topic} ")))
-            .filter_map(|p| serde_json::from_str(p).ok())
-            .collect()
-    };
+    let statuses = || supervisor_statuses(&sub, &status_topic);
     let proxy = labvisor_tests::DockerProxy::start();
     let (_t, dir) = tmp_sut_dir();
     write(&dir, "a.toml", &sut_file("1"));
@@ -488,6 +486,112 @@ fn gateway_broker(scope: &DockerScope) -> (Mosquitto, String) {
     (broker, url)
 }
 
+/// One SUT `j` whose real agent runs jobs over a broker on the network's gateway
+/// ([`gateway_broker`]), under a supervisor started with `--busy-wait` and `--resync`; `j/#`
+/// is subscribed. Fields drop in order: the supervisor first, the Docker scope last.
+struct JobSut {
+    _sup: Sup,
+    sub: Subscriber,
+    broker: Mosquitto,
+    dir: std::path::PathBuf,
+    _t: tempfile::TempDir,
+    scope: DockerScope,
+    /// The agent container.
+    id: String,
+}
+
+impl JobSut {
+    /// Starts it and waits until the agent is healthy and idle on the broker.
+    fn start(test: &str, busy_wait: &str, resync: &str) -> JobSut {
+        ensure_busybox_image();
+        let scope = DockerScope::new(test);
+        let (broker, agent_broker) = gateway_broker(&scope);
+        let sub = broker.subscribe("j/#", &[]);
+        let (t, dir) = tmp_sut_dir();
+        write(&dir, "j.toml", &sut_file("1"));
+        let sup = Sup::start(
+            &scope,
+            &dir,
+            Some(&broker.url()),
+            &[
+                "--agent-broker",
+                &agent_broker,
+                "--busy-wait",
+                busy_wait,
+                "--resync",
+                resync,
+            ],
+        );
+        let id = wait_healthy(&scope, "j", T);
+        let j = JobSut {
+            _sup: sup,
+            sub,
+            broker,
+            dir,
+            _t: t,
+            scope,
+            id,
+        };
+        wait_until("the agent idle on the broker", T, || {
+            j.agent_statuses()
+                .into_iter()
+                .find(|s| s.state == AgentState::Idle)
+        });
+        j
+    }
+
+    fn agent_statuses(&self) -> Vec<AgentStatus> {
+        self.sub
+            .lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("j/agent "))
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect()
+    }
+
+    fn job_states(&self, job: &str) -> Vec<JobStatus> {
+        let prefix = format!("j/jobs/{job} ");
+        self.sub
+            .lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|p| serde_json::from_str(p).ok())
+            .collect()
+    }
+
+    /// Submits `script` as job `job` and waits until the agent says it runs it.
+    fn run_job(&self, job: &str, script: &str) -> AgentStatus {
+        let payload = serde_json::json!({"id": job, "script": script}).to_string();
+        let out = self.broker.publish("j/submit", &payload, &["-q", "1"]);
+        assert!(out.status.success());
+        wait_until("the agent busy with the job", T, || {
+            self.agent_statuses().into_iter().find(|s| {
+                s.state == AgentState::Busy && s.job.as_ref().is_some_and(|j| j.as_str() == job)
+            })
+        })
+    }
+
+    /// Edits `j.toml` and waits until its recreation is deferred; returns the pending action.
+    fn edit_and_wait_deferral(&self) -> String {
+        write(&self.dir, "j.toml", &sut_file("2"));
+        let v = wait_until("recreation deferred", T, || {
+            views(&self.sub, "j")
+                .into_iter()
+                .find(|v| v.pending_action.is_some())
+        });
+        assert_eq!(v.container_id.as_deref(), Some(self.id.as_str()));
+        v.pending_action.unwrap()
+    }
+
+    /// Waits, up to `limit`, until `j` runs in a new container; returns its id.
+    fn wait_recreated(&self, what: &str, limit: Duration) -> String {
+        wait_until(what, limit, || {
+            let (new, status) = ps(&self.scope).remove(&self.scope.name("j"))?;
+            (new != self.id && status.starts_with("Up")).then_some(new)
+        })
+    }
+}
+
 /// A busy agent's recreation waits for its job, visibly; and it still waits when the broker
 /// goes down in the middle, where the supervisor's view of the agent is stale: it asks the
 /// agent itself through Docker, so the container is recreated once the job is over, not
@@ -495,66 +599,15 @@ fn gateway_broker(scope: &DockerScope) -> (Mosquitto, String) {
 /// busy wait (an hour here) runs out.
 #[test]
 fn busy_agent_defers_recreation_also_while_the_broker_is_down() {
-    ensure_busybox_image();
-    let scope = DockerScope::new("busy");
-    let (mut broker, agent_broker) = gateway_broker(&scope);
-    let sub = broker.subscribe("j/#", &[]);
-    let agent_statuses = || -> Vec<AgentStatus> {
-        sub.lines()
-            .iter()
-            .filter_map(|l| l.strip_prefix("j/agent "))
-            .filter_map(|p| serde_json::from_str(p).ok())
-            .collect()
-    };
-    let (_t, dir) = tmp_sut_dir();
-    write(&dir, "j.toml", &sut_file("1"));
-    let _sup = Sup::start(
-        &scope,
-        &dir,
-        Some(&broker.url()),
-        &[
-            "--agent-broker",
-            &agent_broker,
-            "--busy-wait",
-            "1h",
-            "--resync",
-            "2s",
-        ],
-    );
-    let id = wait_healthy(&scope, "j", T);
-    wait_until("the agent idle on the broker", T, || {
-        agent_statuses()
-            .into_iter()
-            .find(|s| s.state == AgentState::Idle)
-    });
+    let mut j = JobSut::start("busy", "1h", "2s");
     let job = Duration::from_secs(12);
-    let out = broker.publish(
-        "j/submit",
-        &format!(r#"{{"id": "short", "script": "sleep {}"}}"#, job.as_secs()),
-        &["-q", "1"],
-    );
-    assert!(out.status.success());
-    wait_until("the agent busy with the job", T, || {
-        agent_statuses().into_iter().find(|s| {
-            s.state == AgentState::Busy && s.job.as_ref().is_some_and(|j| j.as_str() == "short")
-        })
-    });
+    j.run_job("short", &format!("sleep {}", job.as_secs()));
     let busy_seen = Instant::now();
-
-    write(&dir, "j.toml", &sut_file("2"));
-    let v = wait_until("recreation deferred", T, || {
-        views(&sub, "j")
-            .into_iter()
-            .find(|v| v.pending_action.is_some())
-    });
-    assert!(v.pending_action.unwrap().starts_with("recreate"));
+    assert!(j.edit_and_wait_deferral().starts_with("recreate"));
 
     // The broker goes away while the job runs: no more news from the agent over MQTT.
-    broker.stop();
-    let new = wait_until("recreated once the job is over", job + T, || {
-        let (new, status) = ps(&scope).remove(&scope.name("j"))?;
-        (new != id && status.starts_with("Up")).then_some(new)
-    });
+    j.broker.stop();
+    let new = j.wait_recreated("recreated once the job is over", job + T);
     assert!(
         busy_seen.elapsed() >= job - Duration::from_secs(2),
         "recreated {:?} after the job was seen running, a {job:?} job",
@@ -664,85 +717,22 @@ fn poll_mode_sees_changes_without_inotify() {
 /// The agent is real and reaches a real mosquitto on the network's gateway.
 #[test]
 fn busy_wait_expiry_recreates_anyway_and_the_job_is_lost() {
-    ensure_busybox_image();
-    let scope = DockerScope::new("busywait");
-    let (broker, agent_broker) = gateway_broker(&scope);
-    let sub = broker.subscribe("j/#", &[]);
-    let agent_statuses = || -> Vec<AgentStatus> {
-        sub.lines()
-            .iter()
-            .filter_map(|l| l.strip_prefix("j/agent "))
-            .filter_map(|p| serde_json::from_str(p).ok())
-            .collect()
-    };
-    let job_states = || -> Vec<JobStatus> {
-        sub.lines()
-            .iter()
-            .filter_map(|l| l.strip_prefix("j/jobs/long "))
-            .filter_map(|p| serde_json::from_str(p).ok())
-            .collect()
-    };
-    let (_t, dir) = tmp_sut_dir();
-    write(&dir, "j.toml", &sut_file("1"));
     let busy_wait = Duration::from_secs(5);
-    let _sup = Sup::start(
-        &scope,
-        &dir,
-        Some(&broker.url()),
-        // No periodic resync: the supervisor's own wake-up at the end of the wait must act.
-        &[
-            "--agent-broker",
-            &agent_broker,
-            "--busy-wait",
-            &format!("{}s", busy_wait.as_secs()),
-            "--resync",
-            "1h",
-        ],
-    );
-    let id = wait_healthy(&scope, "j", T);
-    wait_until("the agent idle on the broker", T, || {
-        agent_statuses()
-            .into_iter()
-            .find(|s| s.state == AgentState::Idle)
-    });
-
+    // No periodic resync: the supervisor's own wake-up at the end of the wait must act.
+    let j = JobSut::start("busywait", &format!("{}s", busy_wait.as_secs()), "1h");
     // A job far longer than the busy wait.
-    let out = broker.publish(
-        "j/submit",
-        r#"{"id": "long", "script": "sleep 600"}"#,
-        &["-q", "1"],
-    );
-    assert!(out.status.success());
-    let busy = wait_until("the agent busy with the job", T, || {
-        agent_statuses().into_iter().find(|s| {
-            s.state == AgentState::Busy && s.job.as_ref().is_some_and(|j| j.as_str() == "long")
-        })
-    });
+    let busy = j.run_job("long", "sleep 600");
 
     // Edited while busy: the recreation waits, and says for how long at most.
     let edited = Instant::now();
-    write(&dir, "j.toml", &sut_file("2"));
-    let v = wait_until("recreation deferred", T, || {
-        views(&sub, "j")
-            .into_iter()
-            .find(|v| v.pending_action.is_some())
-    });
-    let pending = v.pending_action.unwrap();
+    let pending = j.edit_and_wait_deferral();
     assert!(
         pending.starts_with("recreate (waiting for the running job, at most "),
         "{pending}"
     );
-    assert_eq!(v.container_id.as_deref(), Some(id.as_str()));
 
     // The wait runs out while the job still runs: recreated anyway, not before.
-    let new = wait_until(
-        "recreated once the busy wait ran out",
-        busy_wait + T,
-        || {
-            let (new, status) = ps(&scope).remove(&scope.name("j"))?;
-            (new != id && status.starts_with("Up")).then_some(new)
-        },
-    );
+    let new = j.wait_recreated("recreated once the busy wait ran out", busy_wait + T);
     let waited = edited.elapsed();
     assert!(
         waited >= busy_wait,
@@ -752,7 +742,9 @@ fn busy_wait_expiry_recreates_anyway_and_the_job_is_lost() {
     // The interrupted job is reported lost, having run at least the busy wait; the new agent
     // is idle and the deferral is over.
     let lost = wait_until("the job reported lost", T, || {
-        job_states().into_iter().find(|s| s.state.is_final())
+        j.job_states("long")
+            .into_iter()
+            .find(|s| s.state.is_final())
     });
     assert_eq!(lost.state, JobState::Lost, "{lost:?}");
     assert!(
@@ -761,12 +753,12 @@ fn busy_wait_expiry_recreates_anyway_and_the_job_is_lost() {
         "{lost:?}"
     );
     wait_until("the new agent idle", T, || {
-        agent_statuses()
+        j.agent_statuses()
             .into_iter()
             .find(|s| s.boot_id != busy.boot_id && s.state == AgentState::Idle)
     });
     wait_until("pending action cleared", T, || {
-        views(&sub, "j")
+        views(&j.sub, "j")
             .last()
             .filter(|v| v.pending_action.is_none() && v.container_id.as_deref() == Some(&new))
             .map(|_| ())
