@@ -1,7 +1,8 @@
 //! Images against a real Docker engine: `[build]` builds (and rebuilds on a context change)
 //! with progress on the log and `<sut>/build`; an absent image that cannot be pulled (there is
 //! no registry here) and a failing build are clear, retried errors that leave the other SUTs
-//! alone.
+//! alone; an image removed behind the supervisor's back is looked up again; an image with a
+//! non-root `USER` runs a healthy agent.
 //!
 //! Each test runs its own supervisor with a unique `--id`, `--name-prefix` and
 //! `--extra-label` (its [`DockerScope`]); built images carry the extra label, so the scope
@@ -302,5 +303,50 @@ fn an_image_with_a_non_root_user_runs_a_healthy_agent() {
     assert_eq!(
         docker_ok(&["exec", &u2, "cat", "/labvisor/sut/u.yaml"]),
         "k: v"
+    );
+}
+
+/// The supervisor remembers images it saw present (no inspect per container). An image
+/// removed behind its back must be forgotten: the create that fails on it resets what is
+/// remembered, so the retry inspects again and says the image is neither local nor pullable
+/// (not the engine's bare "No such image" on every retry), and the SUT comes back once the
+/// image is there again.
+#[test]
+fn an_image_removed_behind_the_supervisors_back_is_looked_up_again() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("imggone");
+    let broker = Mosquitto::start();
+    let sub = broker.subscribe("+/supervisor", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    let ctx = dir.parent().unwrap().join("img-ctx");
+    std::fs::create_dir(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), format!("FROM {BUSYBOX_IMAGE}\n")).unwrap();
+    let image = scope.build_image(&ctx, "img");
+    let body = |marker: &str| fast_sut(&image, &format!("[env]\nMARKER = \"{marker}\"\n"));
+    write(&dir, "a.toml", &body("1"));
+    let _sup = Sup::start(&scope, &dir, Some(&broker.url()), &[]);
+    let a1 = wait_healthy(&scope, "a", T);
+
+    // Untagged behind the supervisor's back; the running container keeps its image by id.
+    docker_ok(&["rmi", "-f", &image]);
+    write(&dir, "a.toml", &body("2"));
+    let e = wait_error(
+        &sub,
+        "a",
+        &[&format!(
+            "image {image} is not present locally and could not be pulled"
+        )],
+    );
+    assert!(e.contains("add a [build] section"), "{e}");
+
+    // Back: the retry creates the container from it.
+    scope.build_image(&ctx, "img");
+    let a2 = wait_until("a recreated from the image once it is back", T, || {
+        let (id, status) = ps(&scope).remove(&scope.name("a"))?;
+        (id != a1 && status.ends_with("(healthy)")).then_some(id)
+    });
+    assert_eq!(
+        docker_ok(&["inspect", "--format", "{{.Config.Image}}", &a2]),
+        image
     );
 }
