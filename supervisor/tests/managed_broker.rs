@@ -1,7 +1,8 @@
 //! `labvisor supervise` without `--broker`: it runs a managed mosquitto, its agents connect
-//! through the labvisor network's gateway, each with its own login confined to its topics, local tools connect anonymously on
-//! loopback, anonymous clients on the gateway are refused, and a killed supervisor's broker is
-//! replaced on the next start.
+//! through the labvisor network's gateway, each with its own login confined to its topics,
+//! local tools connect anonymously on loopback, anonymous clients on the gateway are refused, a
+//! killed supervisor's broker is replaced on the next start, and an earlier version's shared
+//! agent login keeps working.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -56,6 +57,114 @@ fn status_json(port: u16) -> Option<serde_json::Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// `mosquitto_sub -C 1` of `topic` on the managed broker's gateway listener, with `extra`
+/// arguments (a login): one retained message within 5 s, or a failure.
+fn gateway_sub(gateway: &str, port: u16, topic: &str, extra: &[&str]) -> std::process::Output {
+    Command::new("mosquitto_sub")
+        .args([
+            "-h",
+            gateway,
+            "-p",
+            &port.to_string(),
+            "-V",
+            "5",
+            "-t",
+            topic,
+            "-C",
+            "1",
+            "-W",
+            "5",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// The SUT file of these tests: a device process printing every second, fast health.
+const SUT_TEXT: &str = "image = \"labvisor/busybox:local\"\ncommand = [\"/bin/sh\", \"-c\", \"while true; do echo up; sleep 1; done\"]\n[health]\nheartbeat = \"500ms\"\nmax_age = \"3s\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nretries = 2\nstart_period = \"0s\"\n";
+
+/// A state directory from a first-session labvisor, whose agents shared one login
+/// (`labvisor-agent`, password in `agent-password`): that login keeps working, with its old
+/// access, for the containers made then; a wrong password is refused; new agents still get
+/// their own confined logins.
+#[test]
+fn a_legacy_shared_agent_login_keeps_working() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("legacy");
+    let dir = tempfile::tempdir().unwrap();
+    let sut_dir = dir.path().join("sut");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&sut_dir).unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let legacy = "legacy-shared-password-0123456789";
+    std::fs::write(state.join("agent-password"), format!("{legacy}\n")).unwrap();
+    std::fs::write(sut_dir.join("lg-1.toml"), SUT_TEXT).unwrap();
+    let port = free_port();
+    let log = dir.path().join("supervisor.log");
+    let _sup = supervise(&scope, &sut_dir, &state, port, &log);
+    let fail = |what: &str| -> String {
+        format!(
+            "{what}\n--- supervisor log ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    wait_until(&fail("lg-1 idle"), Duration::from_secs(60), || {
+        let v = status_json(port)?;
+        let row = v["suts"]
+            .as_array()?
+            .iter()
+            .find(|r| r["sut"] == "lg-1")?
+            .clone();
+        (row["state"] == "idle").then_some(())
+    });
+    let gateway = network_gateway(&scope.name("labvisor"));
+    let status_topic = format!("labvisor/supervisors/{}/status", scope.run_id());
+
+    // The shared login reads beyond one SUT's topics (the old ACL), as the old agents did.
+    let out = gateway_sub(
+        &gateway,
+        port,
+        &status_topic,
+        &["-u", "labvisor-agent", "-P", legacy],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let wrong = gateway_sub(
+        &gateway,
+        port,
+        &status_topic,
+        &["-u", "labvisor-agent", "-P", "wrong-password-0123456789"],
+    );
+    assert!(!wrong.status.success(), "a wrong password must be refused");
+
+    // The new agent has its own login, confined to its topics.
+    let own = std::fs::read_to_string(state.join("agents/lg-1")).unwrap();
+    let mine = gateway_sub(
+        &gateway,
+        port,
+        "lg-1/agent",
+        &["-u", "lg-1", "-P", own.trim()],
+    );
+    assert!(
+        mine.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mine.stderr)
+    );
+    let beyond = gateway_sub(
+        &gateway,
+        port,
+        &status_topic,
+        &["-u", "lg-1", "-P", own.trim()],
+    );
+    assert!(
+        !beyond.status.success() && beyond.stdout.is_empty(),
+        "lg-1 must not read the supervisor's topics"
+    );
+}
+
 #[test]
 fn agents_reach_the_managed_broker_and_strangers_do_not() {
     ensure_busybox_image();
@@ -64,7 +173,7 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
     let sut_dir = dir.path().join("sut");
     let state = dir.path().join("state");
     std::fs::create_dir_all(&sut_dir).unwrap();
-    let sut_text = "image = \"labvisor/busybox:local\"\ncommand = [\"/bin/sh\", \"-c\", \"while true; do echo up; sleep 1; done\"]\n[health]\nheartbeat = \"500ms\"\nmax_age = \"3s\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nretries = 2\nstart_period = \"0s\"\n";
+    let sut_text = SUT_TEXT;
     std::fs::write(sut_dir.join("mb-1.toml"), sut_text).unwrap();
     std::fs::write(sut_dir.join("mb-2.toml"), sut_text).unwrap();
     let port = free_port();
@@ -119,26 +228,7 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
     // On the gateway, an anonymous client is refused and the agents' credentials work.
     let net = scope.name("labvisor");
     let gateway = network_gateway(&net);
-    let sub = |topic: &str, extra: &[&str]| {
-        Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                &gateway,
-                "-p",
-                &port.to_string(),
-                "-V",
-                "5",
-                "-t",
-                topic,
-                "-C",
-                "1",
-                "-W",
-                "5",
-            ])
-            .args(extra)
-            .output()
-            .unwrap()
-    };
+    let sub = |topic: &str, extra: &[&str]| gateway_sub(&gateway, port, topic, extra);
     let anon = sub("mb-1/agent", &[]);
     assert!(
         !anon.status.success(),
