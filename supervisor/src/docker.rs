@@ -245,6 +245,9 @@ pub struct DockerRuntime {
     /// Tools volumes known to be complete; the lock also serialises their fill, so a cold
     /// start of many SUTs fills the volume once while the other creates wait.
     tools_ready: Arc<tokio::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The tools volume in use, once made sure of: after a container is removed, older tools
+    /// volumes of this supervisor that no container uses any more are removed.
+    current_tools: Arc<Mutex<Option<String>>>,
     /// Networks and (pulled, not built) images seen present: no inspect per container. A
     /// failed create forgets them, so one removed behind our back is made again on the retry.
     known: Arc<Mutex<Known>>,
@@ -274,6 +277,7 @@ impl DockerRuntime {
             supervisor: supervisor.to_owned(),
             network_lock: Arc::new(tokio::sync::Mutex::new(())),
             tools_ready: Arc::default(),
+            current_tools: Arc::default(),
             known: Arc::default(),
         })
     }
@@ -400,6 +404,7 @@ impl DockerRuntime {
         }
         ready.insert(t.volume.name.clone());
         drop(ready);
+        *self.current_tools.lock().unwrap_or_else(|p| p.into_inner()) = Some(t.volume.name.clone());
         self.remove_old_tools(&t.volume.name).await;
         Ok(())
     }
@@ -856,12 +861,23 @@ impl ContainerRuntime for DockerRuntime {
             .v(false)
             .build();
         match self.docker.remove_container(id, Some(opts)).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             Err(e) => match RuntimeError::from(e) {
-                RuntimeError::NotFound(_) => Ok(()),
-                other => Err(other),
+                RuntimeError::NotFound(_) => {}
+                other => return Err(other),
             },
         }
+        // That may have been the last user of an older tools volume (an agent made by an
+        // earlier supervisor version).
+        let current = self
+            .current_tools
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(keep) = current {
+            self.remove_old_tools(&keep).await;
+        }
+        Ok(())
     }
 
     async fn restart(&self, id: &str, timeout: Duration) -> Result<(), RuntimeError> {

@@ -14,7 +14,8 @@
 //!   `/labvisor/bin`. The supervisor fills it once, through Docker's archive API and a helper
 //!   container that is never started, and every agent container shares it: 7 MB are copied
 //!   once per supervisor and binary version, not once per container. The hash is that of the
-//!   binaries, so a new supervisor version gets a new volume; unused old ones are removed.
+//!   binaries, so a new supervisor version gets a new volume; old ones are removed at start
+//!   when unused, and otherwise as soon as the last container using one is removed.
 //! - The SUT file reaches the agent without a bind mount of single files and without a host
 //!   path, so this works with any image and when the supervisor itself runs in a container:
 //!   - a SUT without `files` whose file is at most [`MAX_INLINE_CONFIG`] bytes: its contents

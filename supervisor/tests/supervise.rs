@@ -821,13 +821,97 @@ fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
         "/t/.labvisor-tools",
         "/t/labvisor-agent",
     ]);
-    let _sup = Sup::start(&scope, &dir, None, &[]);
+
+    // An agent made by an earlier version (an older tools volume, another config hash) is busy
+    // with a job when this supervisor starts: its tools volume stays while it is used, and goes
+    // as soon as that agent is recreated, not only at the next supervisor start. Its
+    // healthcheck is a script that answers `--state` from a file.
+    let old2 = format!(
+        "{}{}-1111111111111111",
+        scope.name("labvisor-tools-"),
+        scope.run_id()
+    );
+    docker_ok(&[
+        "volume",
+        "create",
+        "--label",
+        &label,
+        "--label",
+        "io.labvisor.managed-by=labvisor",
+        "--label",
+        &supervisor_label,
+        "--label",
+        "io.labvisor.role=tools",
+        &old2,
+    ]);
+    let old2_mount = format!("type=volume,source={old2},target=/labvisor/bin");
+    docker_ok(&[
+        "run",
+        "--rm",
+        "--label",
+        &label,
+        "--mount",
+        &old2_mount,
+        "--entrypoint",
+        "/bin/sh",
+        BUSYBOX_IMAGE,
+        "-c",
+        "printf '#!/bin/sh\\necho state=$(cat /tmp/state)\\n' > /labvisor/bin/labvisor-healthcheck && chmod 755 /labvisor/bin/labvisor-healthcheck",
+    ]);
+    let old_b = docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        &scope.name("b"),
+        "--label",
+        &label,
+        "--label",
+        "io.labvisor.managed-by=labvisor",
+        "--label",
+        &supervisor_label,
+        "--label",
+        "io.labvisor.sut=b",
+        "--label",
+        "io.labvisor.config-hash=from-an-earlier-version",
+        "--mount",
+        &old2_mount,
+        "--entrypoint",
+        "/bin/sh",
+        BUSYBOX_IMAGE,
+        "-c",
+        "echo busy > /tmp/state; exec sleep 600",
+    ]);
+    assert_eq!(
+        docker_ok(&[
+            "exec",
+            &old_b,
+            "/labvisor/bin/labvisor-healthcheck",
+            "--state"
+        ]),
+        "state=busy"
+    );
+    write(&dir, "b.toml", &sut_file("1"));
+    let _sup = Sup::start(&scope, &dir, None, &["--resync", "2s"]);
     let a2 = wait_healthy(&scope, "a", T);
     assert_ne!(a1, a2);
     assert_eq!(
         docker_ok(&["exec", &a2, "cat", "/labvisor/bin/.labvisor-tools"]),
         tools.rsplit('-').next().unwrap(),
         "the marker holds the binaries' hash"
+    );
+    // a's create made sure of the tools volume and collected the unused ones: not old2.
+    assert!(docker(&["volume", "inspect", &old2]).status.success());
+    assert_eq!(ps(&scope)[&scope.name("b")].0, old_b, "b waits for its job");
+
+    docker_ok(&["exec", &old_b, "sh", "-c", "echo idle > /tmp/state"]);
+    wait_until("b recreated once idle", T, || {
+        let (id, status) = ps(&scope).remove(&scope.name("b"))?;
+        (id != old_b && status.ends_with("(healthy)")).then_some(())
+    });
+    wait_until(
+        "the older tools volume removed with its last user",
+        T,
+        || (!docker(&["volume", "inspect", &old2]).status.success()).then_some(()),
     );
 }
 
