@@ -596,7 +596,8 @@ impl JobSut {
 /// goes down in the middle, where the supervisor's view of the agent is stale: it asks the
 /// agent itself through Docker, so the container is recreated once the job is over, not
 /// before (the job ends `passed` in the agent's journal, not `lost`), and not only when the
-/// busy wait (an hour here) runs out.
+/// busy wait (an hour here) runs out. Reconciling went on without the broker; once it is back,
+/// the supervisor's view is published again.
 #[test]
 fn busy_agent_defers_recreation_also_while_the_broker_is_down() {
     let mut j = JobSut::start("busy", "1h", "2s");
@@ -621,6 +622,19 @@ fn busy_agent_defers_recreation_also_while_the_broker_is_down() {
         .map(|e| e["status"]["state"].as_str().unwrap_or_default().to_owned())
         .collect::<Vec<_>>();
     assert_eq!(outcome, ["passed"], "{journal}");
+
+    // The broker is back (empty: no persistence): the supervisor publishes its view again,
+    // with the new container and nothing pending, and the new agent connects.
+    j.broker.restart();
+    let after = j.broker.subscribe("j/#", &[]);
+    wait_until("j's view republished after the broker's return", T, || {
+        views(&after, "j")
+            .into_iter()
+            .find(|v| v.container_id.as_deref() == Some(new.as_str()) && v.pending_action.is_none())
+    });
+    after.wait_for("the new agent's status", T, |l| {
+        l.starts_with("j/agent ") && l.contains("\"state\":\"idle\"")
+    });
 }
 
 /// Runs the rest of its command line in a new user namespace (mapped to the caller, so Docker's
