@@ -186,18 +186,12 @@ impl Store {
 
     fn lost_status(&self, job: &JobRecord, started: u64, now_ms: u64, why: &str) -> JobStatus {
         JobStatus {
-            v: VERSION,
-            sut: self.sut.clone(),
-            id: job.id.clone(),
             state: JobState::Lost,
-            exit_code: None,
-            signal: None,
-            queued_ms: job.queued_ms,
             started_ms: Some(started),
             ended_ms: Some(now_ms),
             duration_ms: Some(now_ms.saturating_sub(started)),
-            output_bytes: 0,
             reason: Some(why.to_owned()),
+            ..self.queued_status(job)
         }
     }
 
