@@ -19,9 +19,7 @@ could not be measured at all (the harness failed), and then it leaves BENCHMARKS
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
-import http.client
 import io
 import datetime
 import json
@@ -107,6 +105,7 @@ class Ctx:
         self.agent = self.bin_dir / "labvisor-agent"
         self.healthcheck = self.bin_dir / "labvisor-healthcheck"
         self.supervisor = self.bin_dir / "labvisor"
+        self.bollard_loop = self.bin_dir / "examples" / "bollard_loop"
         self.python = a.python
         self.port = a.broker_port
         self.broker = f"mqtt://127.0.0.1:{a.broker_port}"
@@ -617,39 +616,6 @@ def bench_healthcheck_docker(ctx: Ctx) -> list[Row]:
 # Docker helpers for the supervisor figures
 
 
-class DockerAPI:
-    """The Docker Engine API over the unix socket with http.client: no packages, one connection
-    per thread (the minimal create+start baseline)."""
-
-    class _Conn(http.client.HTTPConnection):
-        def __init__(self, path: str):
-            super().__init__("localhost", timeout=120)
-            self.path = path
-
-        def connect(self):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(120)
-            s.connect(self.path)
-            self.sock = s
-
-    def __init__(self, sock: str = "/var/run/docker.sock", version: str = "v1.41"):
-        self.sock = sock
-        self.version = version
-        self.local = threading.local()
-
-    def call(self, method: str, path: str, body: Optional[dict] = None,
-             tar: Optional[bytes] = None) -> tuple[int, bytes]:
-        c = getattr(self.local, "conn", None)
-        if c is None:
-            c = self.local.conn = DockerAPI._Conn(self.sock)
-        data = json.dumps(body).encode() if body is not None else tar
-        headers = ({"Content-Type": "application/json"} if body is not None else
-                   {"Content-Type": "application/x-tar"} if tar is not None else {})
-        c.request(method, f"/{self.version}{path}", body=data, headers=headers)
-        r = c.getresponse()
-        return r.status, r.read()
-
-
 def docker_purge(label: str, tries: int = 5) -> list[str]:
     """Removes every container (with its anonymous volumes), volume and network labelled so;
     retries, since a network can still hold a removed container's endpoint for a moment.
@@ -978,41 +944,37 @@ def agent_tar(ctx: Ctx) -> bytes:
 
 def cold_api(ctx: Ctx, n: int, tag: str, parallelism: int = 6,
              tar: Optional[bytes] = None, sleeper: bool = False) -> float:
-    """The minimal loop: Engine API create + start over the unix socket (http.client), at most
-    `parallelism` at a time (network created first, volumes created by the mounts). With
-    `tar`, also the archive upload the supervisor makes for a SUT with `files`; with `sleeper`, the
-    containers run `sleep` without a healthcheck (both diagnostics)."""
+    """The minimal loop: `bollard_loop` (supervisor/examples/bollard_loop.rs: bollard, as the
+    supervisor uses it) creating and starting the containers, at most `parallelism` at a time
+    (network created first, volumes created by the mounts). With `tar`, also the archive upload
+    the supervisor makes for a SUT with `files`; with `sleeper`, the containers run `sleep`
+    without a healthcheck (both diagnostics)."""
     baseline_volumes(ctx)
     make_body = sleeper_body if sleeper else api_body
     trial = f"{LABEL_KEY.rsplit('.', 1)[0]}.trial={ctx.run_id}-{tag}"
     labels = [ctx.label, trial]
     prefix = f"{ctx.run_id}-{tag}-"
-    api = DockerAPI()
-
-    def one(i: int) -> None:
-        name = f"{prefix}s{i:03d}"
-        st, body = api.call("POST", f"/containers/create?name={name}",
-                            make_body(f"s{i:03d}", labels, prefix + "net", name))
-        if st != 201:
-            raise RuntimeError(f"create {name}: {st} {body[:200]!r}")
-        cid = json.loads(body)["Id"]
-        if tar is not None:
-            st, body = api.call("PUT", f"/containers/{cid}/archive?path=/", tar=tar)
-            if st != 200:
-                raise RuntimeError(f"archive {name}: {st} {body[:200]!r}")
-        st, body = api.call("POST", f"/containers/{cid}/start")
-        if st not in (204, 304):
-            raise RuntimeError(f"start {name}: {st} {body[:200]!r}")
+    names = [f"{prefix}s{i:03d}" for i in range(n)]
+    jobs = ctx.work / "cold" / f"{tag}.json"
+    jobs.parent.mkdir(parents=True, exist_ok=True)
+    jobs.write_text(json.dumps([
+        {"name": name, "body": make_body(f"s{i:03d}", labels, prefix + "net", name)}
+        for i, name in enumerate(names)]))
+    argv = [str(ctx.bollard_loop), "--jobs", str(jobs), "--parallelism", str(parallelism)]
+    if tar is not None:
+        tar_file = jobs.with_suffix(".tar")
+        tar_file.write_bytes(tar)
+        argv += ["--upload", str(tar_file)]
 
     t0 = time.time_ns()
     ev = DockerEvents(trial, t0)
     try:
         make_network(prefix + "net", labels)
-        with concurrent.futures.ThreadPoolExecutor(parallelism) as pool:
-            list(pool.map(one, range(n)))
-        full = {f"{prefix}s{i:03d}" for i in range(n)}
-        wait_for_events(ev, "start", full, 60)
-        return (max(ev.first("start")[x] for x in full) - t0) / 1e9
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"bollard_loop failed ({r.returncode}): {r.stderr[-2000:]}")
+        wait_for_events(ev, "start", set(names), 60)
+        return (max(ev.first("start")[x] for x in names) - t0) / 1e9
     finally:
         ev.close()
         docker_purge(trial)
@@ -1025,8 +987,9 @@ SUP_MEASURED = ("labvisor: {sup} supervise --sut-dir $SCRATCH/.../sut --id $RUN-
                 "\"labvisor/busybox:local\"`, `[health] interval = \"{interval}\"`)")
 CLI_MEASURED = ("CLI loop: `docker network create`, then for each SUT `{cmd}`, one after the "
                 "other")
-API_MEASURED = ("minimal loop (Python, Engine API v1.41 over /var/run/docker.sock with "
-                "http.client, 6 threads as the supervisor's `--parallelism` default): "
+API_MEASURED = ("minimal loop: $BIN/examples/bollard_loop (supervisor/examples/bollard_loop.rs: "
+                "bollard with a negotiated API version and two tokio workers, as the "
+                "supervisor; 6 at a time, the supervisor's `--parallelism` default): "
                 "`POST /containers/create` (same spec as the CLI loop: init, restart "
                 "unless-stopped, labelled volume mount, network, hostname, labels, the agent "
                 "as entrypoint with its exec-form healthcheck, the tools volume read-only, the SUT "
@@ -1073,7 +1036,7 @@ def bench_cold_start(ctx: Ctx) -> list[Row]:
     got = cold_runs(ctx, n, reps, api=True, healthy=ctx.n(1, reps))
     s, c, a, h, t, hr = (Stats(got[k]) for k in ("sup", "cli", "api", "healthy", "tar", "hrun"))
     # Full runs only, once each after the interleaved ones: is 6 the engine's limit (the API
-    # loop at 12 threads), and what does running the agent cost the engine (the API loop with
+    # loop 12 at a time), and what does running the agent cost the engine (the API loop with
     # `sleep` and no healthcheck, as the baselines were first measured)?
     sweep = {} if ctx.quick else {
         "12": cold_api(ctx, n, f"c{n}p12", parallelism=12),
@@ -1105,7 +1068,7 @@ def bench_cold_start(ctx: Ctx) -> list[Row]:
                    f"`files` (`PUT /containers/<id>/archive?path=/`, a "
                    f"{tar_mb * 1000:.0f} kB tar of a SUT file and one listed file): "
                    f"{t.fmt('s', 2)}, {t.median / a.median:.2f} of the bare API loop"]
-            + ([f"diagnostic: the API loop at 12 threads (one run, after the interleaved "
+            + ([f"diagnostic: the API loop 12 at a time (one run, after the interleaved "
                 f"ones): {sweep['12']:.2f} s, {sweep['12'] / c.median:.2f} of the CLI loop; "
                 f"more parallelism does not make the engine faster on 2 cores (dockerd, "
                 f"containerd and runc share them), so the engine's own limit, not the "

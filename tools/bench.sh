@@ -7,8 +7,9 @@
 #   tools/bench.sh --only output-throughput [--only ...]   some figures; BENCHMARKS.md untouched
 #   tools/bench.sh --no-write | --note TEXT                see bench/run.py --help
 #
-# It builds the static supervisor, agent and healthcheck (tools/build-static.sh) and the local
-# busybox image (tools/build-images.sh), makes a Python venv with paho-mqtt for the baselines
+# It builds the static supervisor, agent and healthcheck (tools/build-static.sh), the cold-start
+# baseline's bollard loop (supervisor/examples/bollard_loop.rs) and the local busybox image
+# (tools/build-images.sh), makes a Python venv with paho-mqtt for the baselines
 # under the cargo target dir, starts a private mosquitto on a free port, and runs bench/run.py.
 # On exit, also on failure or Ctrl-C, it stops that mosquitto, removes every Docker container,
 # volume and network labelled io.labvisor.bench.run=<this run's id>, and deletes its scratch
@@ -76,6 +77,10 @@ docker info >/dev/null 2>&1 || { echo "bench.sh: no Docker engine answers" >&2; 
 # 1. What is measured: the static binaries, the busybox image.
 log "building the static supervisor, agent and healthcheck"
 tools/build-static.sh --quiet >&2
+# The cold-start baseline's minimal bollard loop, built like the static binaries (same target
+# and flags, so the dependencies built for them are reused).
+cargo build --quiet --release --target x86_64-unknown-linux-gnu -p labvisor --example bollard_loop \
+    --config "target.x86_64-unknown-linux-gnu.rustflags=['-C','target-feature=+crt-static']" >&2
 tools/build-images.sh busybox >&2
 
 # 2. The baselines' Python: a venv with a pinned paho-mqtt.
