@@ -787,7 +787,6 @@ impl ContainerRuntime for DockerRuntime {
         if let Some(net) = &spec.network {
             self.ensure_network(net).await?;
         }
-        self.ensure_tools(&spec.tools).await?;
         let opts = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
@@ -803,7 +802,14 @@ impl ContainerRuntime for DockerRuntime {
                 return Err(e.into());
             }
         };
-        if let Err(e) = self.finish(&id, spec).await {
+        // The binaries are needed at start, not at create: the first containers are created
+        // while the tools volume is filled (the create makes the volume, labelled, when it is
+        // the first).
+        let ready = match self.ensure_tools(&spec.tools).await {
+            Ok(()) => self.finish(&id, spec).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = ready {
             // Never leave a half-made container; if this fails too, the next pass sees it
             // `created` and recreates it.
             let _ = self.remove(&id).await;

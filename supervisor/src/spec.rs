@@ -405,6 +405,11 @@ pub fn container_spec(
             source: Some(tools.volume.name.clone()),
             typ: Some(MountType::VOLUME),
             read_only: Some(true),
+            // The container may be created before the volume is filled, and then makes it.
+            volume_options: Some(MountVolumeOptions {
+                labels: Some(tools.volume.labels.clone()),
+                ..Default::default()
+            }),
             ..Default::default()
         },
     ];
@@ -752,6 +757,14 @@ mod tests {
             format!("t-labvisor-tools-lab-{}", s.tools.tools.hash)
         );
         assert_eq!(vol.labels[LABEL_ROLE], ROLE_TOOLS);
+        assert_eq!(
+            tools_mount
+                .volume_options
+                .as_ref()
+                .and_then(|o| o.labels.as_ref()),
+            Some(&vol.labels),
+            "a create that makes the tools volume labels it"
+        );
         assert_eq!(vol.labels[LABEL_SUPERVISOR], "lab");
         assert_eq!(vol.labels["x"], "y");
         assert_eq!(s.tools.helper_image, "img");
