@@ -1069,10 +1069,10 @@ def bench_cold_start(ctx: Ctx) -> list[Row]:
                    f"{tar_mb * 1000:.0f} kB tar of a SUT file and one listed file): "
                    f"{t.fmt('s', 2)}, {t.median / a.median:.2f} of the bare API loop"]
             + ([f"diagnostic: the API loop 12 at a time (one run, after the interleaved "
-                f"ones): {sweep['12']:.2f} s, {sweep['12'] / c.median:.2f} of the CLI loop; "
-                f"more parallelism does not make the engine faster on 2 cores (dockerd, "
-                f"containerd and runc share them), so the engine's own limit, not the "
-                f"supervisor, decides the ratio to the CLI loop",
+                f"ones): {sweep['12']:.2f} s, {sweep['12'] / c.median:.2f} of the CLI loop, "
+                f"{sweep['12'] / a.median:.2f} of the loop 6 at a time (dockerd, containerd "
+                f"and runc share the CPUs: the engine's own limit, not the client, bounds "
+                f"the ratio to the CLI loop)",
                 f"diagnostic: the API loop with `sleep` as entrypoint and no healthcheck (one "
                 f"run): {sweep['sleep']:.2f} s, {sweep['sleep'] / c.median:.2f} of the CLI "
                 f"loop; labvisor / that loop: {s.median / sweep['sleep']:.2f} ({n} agents "
