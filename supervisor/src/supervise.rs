@@ -103,6 +103,10 @@ use crate::spec::{
 pub const DEBOUNCE: Duration = Duration::from_millis(150);
 /// Delay before a pass after a Docker event or an agent status change (coalesces bursts).
 const EVENT_DELAY: Duration = Duration::from_millis(50);
+/// While actions run, passes (each a directory scan and a container list) come at most this
+/// often. A cold start of 50 SUTs would otherwise make one pass per finished action and per
+/// start event, each listing every container on an engine that is busy creating them.
+const BUSY_PASS_INTERVAL: Duration = Duration::from_secs(1);
 /// A container healthy this long resets its restart backoff and crash-loop flag.
 const HEALTHY_WINDOW: Duration = Duration::from_secs(60);
 /// Retry backoff of failed actions and of an unreachable engine.
@@ -423,6 +427,7 @@ pub async fn run<R: ContainerRuntime>(
     };
     info!(dir = %sup.exec.settings.sut_dir.display(), supervisor = %sup.exec.settings.spec.supervisor, "Supervising.");
     let mut fs_due: Option<Instant> = None;
+    let mut last_pass: Option<Instant> = None;
     let mut next_resync = Instant::now() + sup.exec.settings.resync;
     tokio::pin!(shutdown);
     loop {
@@ -457,9 +462,17 @@ pub async fn run<R: ContainerRuntime>(
                     sup.pass_due = Some(now);
                 }
                 if sup.pass_due.is_some_and(|d| d <= now) {
-                    sup.pass_due = None;
-                    sup.pass().await;
-                    sup.metrics.on_pass(sup.docker_reachable);
+                    match last_pass.map(|l| l + BUSY_PASS_INTERVAL) {
+                        Some(next) if !sup.tasks.is_empty() && now < next => {
+                            sup.pass_due = Some(next);
+                        }
+                        _ => {
+                            sup.pass_due = None;
+                            last_pass = Some(now);
+                            sup.pass().await;
+                            sup.metrics.on_pass(sup.docker_reachable);
+                        }
+                    }
                 }
             }
         }
