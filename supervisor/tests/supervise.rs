@@ -786,26 +786,28 @@ fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
     ensure_busybox_image();
     let scope = DockerScope::new("tools");
     let (_t, dir) = tmp_sut_dir();
-    let old = format!(
-        "{}{}-0000000000000000",
-        scope.name("labvisor-tools-"),
-        scope.run_id()
-    );
     let label = scope.label();
     let supervisor_label = format!("io.labvisor.supervisor={}", scope.run_id());
-    docker_ok(&[
-        "volume",
-        "create",
-        "--label",
-        &label,
-        "--label",
-        "io.labvisor.managed-by=labvisor",
-        "--label",
-        &supervisor_label,
-        "--label",
-        "io.labvisor.role=tools",
-        &old,
-    ]);
+    // A tools volume of this supervisor for binaries with another hash, as an earlier version
+    // made it.
+    let older_tools_volume = |hash: &str| {
+        let name = format!("{}{}-{hash}", scope.name("labvisor-tools-"), scope.run_id());
+        docker_ok(&[
+            "volume",
+            "create",
+            "--label",
+            &label,
+            "--label",
+            "io.labvisor.managed-by=labvisor",
+            "--label",
+            &supervisor_label,
+            "--label",
+            "io.labvisor.role=tools",
+            &name,
+        ]);
+        name
+    };
+    let old = older_tools_volume("0000000000000000");
     write(&dir, "a.toml", &sut_file("1"));
     let mut sup = Sup::start(&scope, &dir, None, &[]);
     let a1 = wait_healthy(&scope, "a", T);
@@ -840,24 +842,7 @@ fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
     // with a job when this supervisor starts: its tools volume stays while it is used, and goes
     // as soon as that agent is recreated, not only at the next supervisor start. Its
     // healthcheck is a script that answers `--state` from a file.
-    let old2 = format!(
-        "{}{}-1111111111111111",
-        scope.name("labvisor-tools-"),
-        scope.run_id()
-    );
-    docker_ok(&[
-        "volume",
-        "create",
-        "--label",
-        &label,
-        "--label",
-        "io.labvisor.managed-by=labvisor",
-        "--label",
-        &supervisor_label,
-        "--label",
-        "io.labvisor.role=tools",
-        &old2,
-    ]);
+    let old2 = older_tools_volume("1111111111111111");
     let old2_mount = format!("type=volume,source={old2},target=/labvisor/bin");
     docker_ok(&[
         "run",
