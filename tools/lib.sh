@@ -8,14 +8,15 @@ as_root() {
 }
 
 # Debian packages: mosquitto (the broker), mosquitto-clients (mosquitto_pub/sub), busybox-static
-# (the demo and test image), openssl (the TLS tests make their own CA), and docker.io when no
-# Docker at all is installed.
+# (the demo and test image), openssl (the TLS tests make their own CA), python3-pip (paho-mqtt
+# comes from PyPI: Debian's package is 1.x), and docker.io when no Docker at all is installed.
 ensure_packages() {
     local missing=()
     [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
     command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
     dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
     command -v dockerd >/dev/null 2>&1 || command -v docker >/dev/null 2>&1 || missing+=(docker.io)
     if [ ${#missing[@]} -gt 0 ]; then
         log "installing ${missing[*]}"

@@ -16,7 +16,11 @@ ensure_packages
 # paho-mqtt (PyPI): the MQTT 5 client the jobs tests submit with, to use a response topic.
 if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
     log "installing paho-mqtt"
-    python3 -m pip install -q --disable-pip-version-check 'paho-mqtt>=2,<3'
+    # Debian's own python3 is "externally managed" (PEP 668) and Debian's python3-paho-mqtt is
+    # 1.x: there, the one package goes in with --break-system-packages.
+    python3 -m pip install -q --disable-pip-version-check 'paho-mqtt>=2,<3' ||
+        python3 -m pip install -q --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3'
+    python3 -c 'import paho.mqtt' || { echo "test.sh: paho-mqtt could not be installed for python3" >&2; exit 1; }
 fi
 # The compose test validates docker-compose.yml with the compose CLI.
 log "compose: $(tools/ensure-compose.sh)"
