@@ -793,6 +793,15 @@ impl<R: ContainerRuntime> Supervisor<R> {
             .collect()
     }
 
+    /// A busy agent of `sut`: [`Busy::Busy`], or [`Busy::Expired`] once its deferral has lasted
+    /// `--busy-wait`.
+    fn busy_or_expired(&self, sut: &SutName, now: Instant) -> Busy {
+        match self.suts.get(sut).and_then(|s| s.deferred_since) {
+            Some(t) if now.duration_since(t) >= self.exec.settings.busy_wait => Busy::Expired,
+            _ => Busy::Busy,
+        }
+    }
+
     /// Applies the agents' own answers over the broker's view, which may be stale (the broker
     /// or the agent's link is down): busy (or expired once the busy wait is over) or idle. An
     /// agent that could not answer keeps the broker's view; one that answers with a stale
@@ -801,12 +810,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
         let mut changed = false;
         for (id, sut, answer) in answers {
             let busy = match answer {
-                Ok(true) => match self.suts.get(&sut).and_then(|s| s.deferred_since) {
-                    Some(t) if now.duration_since(t) >= self.exec.settings.busy_wait => {
-                        Busy::Expired
-                    }
-                    _ => Busy::Busy,
-                },
+                Ok(true) => self.busy_or_expired(&sut, now),
                 Ok(false) => Busy::Idle,
                 Err(error) => {
                     debug!(sut = %sut, container = %id, error = %error, "Could not ask the agent whether it runs a job; going by the broker's view.");
@@ -903,11 +907,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 }
             };
             let busy = if self.agents.get(&sut) == Some(&AgentState::Busy) {
-                let since = self.suts.get(&sut).and_then(|s| s.deferred_since);
-                match since {
-                    Some(t) if now.duration_since(t) >= settings.busy_wait => Busy::Expired,
-                    _ => Busy::Busy,
-                }
+                self.busy_or_expired(&sut, now)
             } else {
                 Busy::Idle
             };
