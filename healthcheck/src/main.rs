@@ -40,7 +40,8 @@ const HEALTHY_STATES: &[&str] = &["starting", "idle", "busy", "restarting", "sto
 /// The verdict on one heartbeat file.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
-    Healthy(String),
+    /// The line to print, and the agent's state (for `--state`).
+    Healthy(String, String),
     Unhealthy(String),
 }
 
@@ -157,10 +158,10 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         "false" => ", device process not running",
         _ => "",
     };
-    Verdict::Healthy(format!(
-        "ok: {state}{child}, heartbeat {} old",
-        fmt_secs(age)
-    ))
+    Verdict::Healthy(
+        format!("ok: {state}{child}, heartbeat {} old", fmt_secs(age)),
+        state.to_owned(),
+    )
 }
 
 fn main() -> ExitCode {
@@ -175,15 +176,8 @@ fn main() -> ExitCode {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis() as u64;
-    let mut state = None;
     let verdict = match std::fs::read_to_string(&args.file) {
-        Ok(text) => {
-            state = text
-                .lines()
-                .find_map(|l| l.strip_prefix("state="))
-                .map(str::to_owned);
-            judge(&text, now_ms, args.max_age, &args.file)
-        }
+        Ok(text) => judge(&text, now_ms, args.max_age, &args.file),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Verdict::Unhealthy(format!(
             "no heartbeat file at {}: the agent has not started or cannot write it",
             args.file
@@ -191,10 +185,11 @@ fn main() -> ExitCode {
         Err(e) => Verdict::Unhealthy(format!("cannot read heartbeat file {}: {e}", args.file)),
     };
     match verdict {
-        Verdict::Healthy(line) => {
-            match state.filter(|_| args.state) {
-                Some(state) => println!("state={state}"),
-                None => println!("{line}"),
+        Verdict::Healthy(line, state) => {
+            if args.state {
+                println!("state={state}");
+            } else {
+                println!("{line}");
             }
             ExitCode::SUCCESS
         }
@@ -251,7 +246,10 @@ mod tests {
         );
         assert_eq!(
             v,
-            Verdict::Healthy("ok: idle, device process running, heartbeat 2.0s old".into())
+            Verdict::Healthy(
+                "ok: idle, device process running, heartbeat 2.0s old".into(),
+                "idle".into()
+            )
         );
     }
 

@@ -27,7 +27,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use futures_util::{Stream, StreamExt};
-use labvisor_protocol::payloads::Health;
+use labvisor_protocol::payloads::{AgentState, Health};
 use tracing::{debug, warn};
 
 use crate::plan::RunState;
@@ -227,7 +227,7 @@ fn run_state(s: Option<ContainerSummaryStateEnum>) -> RunState {
 pub fn busy_from_state_probe(exit_code: Option<i64>, stdout: &str) -> Result<bool, RuntimeError> {
     let out = stdout.trim();
     match (exit_code, out.strip_prefix("state=")) {
-        (Some(0), Some(state)) => Ok(state == "busy"),
+        (Some(0), Some(state)) => Ok(state == AgentState::Busy.as_str()),
         (Some(1), _) => Ok(false),
         _ => Err(RuntimeError::NoAnswer(format!(
             "labvisor-healthcheck --state said {out:?} (exit {exit_code:?})"
