@@ -1009,6 +1009,8 @@ struct FakeState {
     built: BTreeMap<String, String>,
     fail_build: Vec<String>,
     busy: Vec<String>,
+    create_delay: BTreeMap<String, Duration>,
+    lists: u64,
     down: bool,
     next_id: u64,
 }
@@ -1105,6 +1107,16 @@ impl FakeRuntime {
         self.with(|s| s.built.clone())
     }
 
+    /// Makes `create` of `name` take `delay`, as an engine under load does.
+    pub fn set_create_delay(&self, name: &str, delay: Duration) {
+        self.with(|s| s.create_delay.insert(name.to_owned(), delay));
+    }
+
+    /// How many times the containers were listed (one per reconcile pass).
+    pub fn lists(&self) -> u64 {
+        self.with(|s| s.lists)
+    }
+
     /// Makes the agent in container `id` report a running job to `agent_busy` (or none).
     pub fn set_busy(&self, id: &str, busy: bool) {
         self.with(|s| {
@@ -1144,11 +1156,15 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn list(&self) -> Result<Vec<ContainerInfo>, RuntimeError> {
         self.up()?;
+        self.with(|s| s.lists += 1);
         Ok(self.containers())
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
         self.up()?;
+        if let Some(d) = self.with(|s| s.create_delay.get(&spec.name).copied()) {
+            tokio::time::sleep(d).await;
+        }
         self.with(|s| {
             s.calls.push(FakeCall::Create(spec.name.clone()));
             if s.fail_create.contains(&spec.name) {

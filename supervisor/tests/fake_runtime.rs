@@ -229,3 +229,35 @@ async fn without_a_broker_a_busy_agent_is_asked_and_waited_for() {
     until("a removed once idle", || !has(&rt, "p-a")).await;
     sup.stop().await;
 }
+
+/// A burst of creations (an engine under load, so they end one after another) does not make a
+/// pass, with its container list, per finished action: while actions run, passes come at most
+/// once a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_creations_makes_few_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = FakeRuntime::new();
+    let names: Vec<String> = (0..12).map(|i| format!("s{i:02}")).collect();
+    for (i, n) in names.iter().enumerate() {
+        std::fs::write(dir.path().join(format!("{n}.toml")), SUT).unwrap();
+        rt.set_create_delay(
+            &format!("p-{n}"),
+            Duration::from_millis(150 * (i as u64 + 1)),
+        );
+    }
+    let started = std::time::Instant::now();
+    let sup = Running::start(dir.path(), &rt);
+    until("all 12 created", || {
+        names.iter().all(|n| has(&rt, &format!("p-{n}")))
+    })
+    .await;
+    let burst = started.elapsed();
+    let lists = rt.lists();
+    // One pass at the start, then at most one a second while creations run.
+    let allowed = 2 + burst.as_secs();
+    assert!(
+        lists <= allowed,
+        "{lists} passes during a {burst:?} burst of 12 creations (at most {allowed})"
+    );
+    sup.stop().await;
+}
