@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use labvisor_protocol::config::MAX_PAYLOAD_LIMIT;
+use labvisor_protocol::mqtt::MAX_PACKET_SIZE;
 use labvisor_tests::{run, run_ok, unique_id, wait_until, workspace_root, Mosquitto, Subscriber};
 
 const LIMIT: Duration = Duration::from_secs(20);
@@ -81,6 +83,22 @@ fn adapted_config(files: &Path) -> String {
     out
 }
 
+/// The value of `key` in the shipped mosquitto.conf (its only line starting with `key `).
+fn shipped_value(key: &str) -> String {
+    let shipped = std::fs::read_to_string(workspace_root().join("mosquitto/mosquitto.conf"))
+        .expect("read mosquitto/mosquitto.conf");
+    let values: Vec<&str> = shipped
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{key} ")))
+        .collect();
+    assert_eq!(
+        values.len(),
+        1,
+        "mosquitto.conf: one `{key}` line: {values:?}"
+    );
+    values[0].trim().to_owned()
+}
+
 fn passwd_sh() -> PathBuf {
     workspace_root().join("mosquitto/passwd.sh")
 }
@@ -143,6 +161,16 @@ fn creds(user: User) -> [&'static str; 4] {
 }
 
 impl Broker {
+    /// Publishes the contents of `file` at QoS 1 as `user` (payloads beyond the argument size
+    /// limit); returns mosquitto_pub's output, success or not.
+    fn publish_file(&self, user: User, topic: &str, file: &Path) -> std::process::Output {
+        run(Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &self.mosquitto.port().to_string()])
+            .args(creds(user))
+            .args(["-q", "1", "-t", topic, "-f"])
+            .arg(file))
+    }
+
     /// Publishes at QoS 1 as `user`: mosquitto_pub returns once the broker acknowledged it,
     /// which it also does for a publish it refused.
     fn publish(&self, user: User, topic: &str, payload: &str) {
@@ -316,4 +344,74 @@ fn submitter_submits_and_cancels_but_cannot_forge_agent_topics() {
         b.publish(SUBMIT, topic, &forged);
         b.assert_dropped(&all, &forged, (SUBMIT, "rpi4-02/submit"));
     }
+}
+
+#[test]
+fn packet_limit_is_the_largest_job_plus_headroom() {
+    assert_eq!(
+        shipped_value("max_packet_size"),
+        MAX_PACKET_SIZE.to_string(),
+        "mosquitto.conf max_packet_size must be labvisor_protocol::mqtt::MAX_PACKET_SIZE"
+    );
+    let autosave: u64 = shipped_value("autosave_interval")
+        .parse()
+        .expect("autosave_interval is a number of seconds");
+    assert!(
+        (1..=300).contains(&autosave),
+        "autosave_interval {autosave}: persist at least every 5 minutes"
+    );
+
+    let b = start_broker();
+    // Payload lengths, not payloads: `topic length` per message.
+    let sub = b.mosquitto.subscribe(
+        "rpi4-01/#",
+        &[
+            "-u",
+            SUPERVISOR.0,
+            "-P",
+            SUPERVISOR.1,
+            "-q",
+            "1",
+            "-F",
+            "%t %l",
+        ],
+    );
+    wait_until("the supervisor's subscription to work", LIMIT, || {
+        b.publish(SUBMIT, "rpi4-01/cancel", "probe");
+        sub.lines()
+            .contains(&"rpi4-01/cancel 5".to_owned())
+            .then_some(())
+    });
+
+    let files = tempfile::tempdir().unwrap();
+    let payload = |name: &str, len: usize| {
+        let p = files.path().join(name);
+        std::fs::write(&p, vec![b'a'; len]).unwrap();
+        p
+    };
+    // The largest job a SUT may accept goes through.
+    let largest = MAX_PAYLOAD_LIMIT as usize;
+    let out = b.publish_file(SUBMIT, "rpi4-01/submit", &payload("largest", largest));
+    assert!(
+        out.status.success(),
+        "an {largest}-byte job was refused: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        b.mosquitto.log()
+    );
+    let expected = format!("rpi4-01/submit {largest}");
+    sub.wait_for(&expected, LIMIT, |l| l == expected);
+
+    // A packet over the limit is refused and its sender disconnected.
+    let out = b.publish_file(SUBMIT, "rpi4-01/submit", &payload("over", MAX_PACKET_SIZE));
+    assert!(
+        !out.status.success(),
+        "a {MAX_PACKET_SIZE}-byte payload was accepted"
+    );
+    wait_until("mosquitto to log the oversize packet", LIMIT, || {
+        b.mosquitto.log().contains("oversize packet").then_some(())
+    });
+    b.publish(SUBMIT, "rpi4-01/cancel", "control");
+    sub.wait_for("the control message", LIMIT, |l| l == "rpi4-01/cancel 7");
+    let over = format!("rpi4-01/submit {MAX_PACKET_SIZE}");
+    assert!(!sub.lines().contains(&over), "{over} was delivered");
 }
