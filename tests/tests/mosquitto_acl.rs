@@ -26,6 +26,9 @@ const SUBMIT: User = ("labvisor.submit", "pw-submit");
 const READER: User = ("labvisor.reader", "pw-reader");
 const AGENT_A: User = ("rpi4-01", "pw-rpi4-01");
 const AGENT_B: User = ("rpi4-02", "pw-rpi4-02");
+/// A login named like the control plane's namespace, as a SUT `labvisor` would get. passwd.sh
+/// refuses it; the test adds it with mosquitto_passwd, as someone could by hand.
+const RESERVED: User = ("labvisor", "pw-labvisor");
 
 /// A broker running the shipped config, and the files it was given.
 struct Broker {
@@ -114,6 +117,12 @@ fn start_broker() -> Broker {
     set_mode(&data, 0o777);
     set_mode(files.path(), 0o755);
     let passwd = files.path().join("passwd");
+    run_ok(
+        Command::new("mosquitto_passwd")
+            .args(["-c", "-b"])
+            .arg(&passwd)
+            .args([RESERVED.0, RESERVED.1]),
+    );
     let users: Vec<String> = [SUPERVISOR, SUBMIT, READER, AGENT_A, AGENT_B]
         .iter()
         .map(|(u, p)| format!("{u}:{p}"))
@@ -278,12 +287,29 @@ fn agent_writes_and_reads_only_its_own_sut() {
         all.wait_for(&expected, LIMIT, |l| l == expected);
     }
 
-    // Another SUT's topics and the supervisor's: dropped.
+    // Its reply space (acks to a submitter's reply_to): they arrive.
+    for topic in [
+        "labvisor/replies/rpi4-01",
+        "labvisor/replies/rpi4-01/ci/acks",
+    ] {
+        let payload = unique_id("reply");
+        b.publish(AGENT_A, topic, &payload);
+        let expected = format!("{topic} {payload}");
+        all.wait_for(&expected, LIMIT, |l| l == expected);
+    }
+
+    // Another SUT's topics, another SUT's reply space and the rest of the control plane:
+    // dropped.
     for topic in [
         "rpi4-02/agent",
         "rpi4-02/output",
         "rpi4-02/submit",
         "labvisor/supervisors/labvisor/status",
+        "labvisor/supervisors/rpi4-01/status",
+        "labvisor/replies/rpi4-02/acks",
+        "labvisor/replies",
+        "labvisor/rpi4-01",
+        "labvisor",
     ] {
         let forged = unique_id("forged");
         b.publish(AGENT_A, topic, &forged);
@@ -303,12 +329,93 @@ fn agent_writes_and_reads_only_its_own_sut() {
 }
 
 #[test]
+fn a_login_named_labvisor_cannot_touch_the_control_plane() {
+    let b = start_broker();
+    let all = b.subscribe(SUPERVISOR, &["#"], SUPERVISOR, "labvisor/sync");
+    // The pattern `%u/#` would give it labvisor/#, and `labvisor/replies/%u/#` a reply space.
+    for topic in [
+        "labvisor/supervisors/labvisor/status",
+        "labvisor/supervisors/other/status",
+        "labvisor/replies/labvisor/acks",
+        "labvisor/replies/rpi4-01/acks",
+        "labvisor/anything",
+        "rpi4-01/submit",
+    ] {
+        let forged = unique_id("forged");
+        b.publish(RESERVED, topic, &forged);
+        b.assert_dropped(&all, &forged, (SUPERVISOR, "labvisor/sync"));
+    }
+}
+
+#[test]
+fn passwd_sh_refuses_the_reserved_name() {
+    let files = tempfile::tempdir().unwrap();
+    let sut = files.path().join("sut");
+    std::fs::create_dir(&sut).unwrap();
+    for name in ["labvisor", "rpi4-09"] {
+        std::fs::write(sut.join(format!("{name}.toml")), "image = \"x\"\n").unwrap();
+    }
+    let passwd = files.path().join("passwd");
+    let secrets = files.path().join("secrets");
+    let base = |cmd: &mut Command| {
+        cmd.arg(passwd_sh())
+            .arg("--file")
+            .arg(&passwd)
+            .arg("--secrets")
+            .arg(&secrets)
+            .arg("--sut-dir")
+            .arg(&sut);
+    };
+
+    // Named explicitly: refused with a reason, exit 1, the other users still made.
+    let mut cmd = Command::new("bash");
+    base(&mut cmd);
+    let out = run(cmd.args(["labvisor", "labvisor:given", "rpi4-08"]));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("labvisor is reserved"), "{err}");
+    // From the SUT directory: skipped with a warning.
+    let mut cmd = Command::new("bash");
+    base(&mut cmd);
+    let out = run(&mut cmd);
+    assert!(out.status.success(), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("labvisor.toml: labvisor is reserved"), "{err}");
+
+    let users: Vec<String> = std::fs::read_to_string(&passwd)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(':').next().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        users,
+        [
+            "rpi4-08",
+            "labvisor.supervisor",
+            "labvisor.submit",
+            "labvisor.reader",
+            "rpi4-09"
+        ]
+    );
+    assert!(!secrets.join("labvisor").exists());
+}
+
+#[test]
 fn reader_reads_but_cannot_submit() {
     let b = start_broker();
     let all = b.subscribe(SUPERVISOR, &["#"], SUPERVISOR, "labvisor/sync");
     let reader = b.subscribe(READER, &["#"], AGENT_A, "rpi4-01/agent");
 
-    for topic in ["rpi4-01/submit", "rpi4-01/cancel", "rpi4-01/agent"] {
+    for topic in [
+        "rpi4-01/submit",
+        "rpi4-01/cancel",
+        "rpi4-01/agent",
+        "labvisor/supervisors/labvisor/status",
+        "labvisor/replies/rpi4-01/acks",
+        // What the agents' patterns would give the login `labvisor.reader`.
+        "labvisor.reader/x",
+        "labvisor/replies/labvisor.reader/x",
+    ] {
         let refused = unique_id("reader");
         b.publish(READER, topic, &refused);
         b.assert_dropped(&all, &refused, (AGENT_A, "rpi4-01/output"));
@@ -339,6 +446,12 @@ fn submitter_submits_and_cancels_but_cannot_forge_agent_topics() {
         "rpi4-01/submit_status",
         "rpi4-01/last_job",
         "rpi4-01/jobs/j1",
+        "rpi4-01/jobs/j1/submit",
+        "labvisor/supervisors/labvisor/status",
+        "labvisor/replies/rpi4-01/acks",
+        // What the agents' patterns would give the login `labvisor.submit`.
+        "labvisor.submit/x",
+        "labvisor/replies/labvisor.submit/x",
     ] {
         let forged = unique_id("forged");
         b.publish(SUBMIT, topic, &forged);
