@@ -186,6 +186,95 @@ fn mosquitto_runs_the_shipped_config_with_persistence() {
     assert!(c["volumes"].get("mosquitto-data").is_some());
 }
 
+/// A service's published ports as (host address, host port, container port), from the short
+/// form (`127.0.0.1:1883:1883/tcp`) or the long form (`host_ip`, `published`, `target`). An
+/// empty host address means every interface.
+fn ports(svc: &Value) -> Vec<(String, String, String)> {
+    let Some(Value::Sequence(ports)) = svc.get("ports") else {
+        return Vec::new();
+    };
+    let text = |v: &Value| match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        _ => String::new(),
+    };
+    ports
+        .iter()
+        .map(|p| match p {
+            Value::String(s) => {
+                let spec = s.split('/').next().unwrap_or_default();
+                let mut parts: Vec<String> = spec.rsplitn(3, ':').map(str::to_owned).collect();
+                parts.resize(3, String::new());
+                (parts[2].clone(), parts[1].clone(), parts[0].clone())
+            }
+            long => (
+                long.get("host_ip").map(text).unwrap_or_default(),
+                long.get("published").map(text).unwrap_or_default(),
+                long.get("target").map(text).unwrap_or_default(),
+            ),
+        })
+        .map(|(ip, host, target)| {
+            let ip = if ip == "0.0.0.0" { String::new() } else { ip };
+            (ip, host, target)
+        })
+        .collect()
+}
+
+#[test]
+fn plain_mqtt_on_loopback_only_and_tls_for_remote_clients() {
+    let c = parsed();
+    let svc = &c["services"]["mosquitto"];
+    let own =
+        |ip: &str, host: &str, target: &str| (ip.to_owned(), host.to_owned(), target.to_owned());
+    assert_eq!(
+        ports(svc),
+        [own("127.0.0.1", "1883", "1883"), own("", "8883", "8883")],
+        "mosquitto: plain MQTT published on 127.0.0.1 only, TLS on every interface"
+    );
+    let conf = std::fs::read_to_string(workspace_root().join("mosquitto/mosquitto.conf")).unwrap();
+    let listeners: Vec<&str> = conf
+        .lines()
+        .filter(|l| l.starts_with("listener "))
+        .collect();
+    assert_eq!(listeners, ["listener 1883", "listener 8883"]);
+    // The TLS files are mounted where the shipped config reads them; the CA's key is not.
+    let certs = mosquitto_conf("certfile");
+    let dir = certs.rsplit_once('/').expect("an absolute certfile").0;
+    for key in ["cafile", "keyfile"] {
+        assert!(
+            mosquitto_conf(key).starts_with(&format!("{dir}/")),
+            "{key} is not in {dir}"
+        );
+    }
+    let src = workspace_root()
+        .join("mosquitto/certs")
+        .display()
+        .to_string();
+    has_mount(svc, "mosquitto", &src, dir, true);
+    assert!(
+        !mounts(svc)
+            .iter()
+            .any(|(s, _, _)| s.contains("mosquitto/ca")),
+        "the CA's directory must not reach the broker: {:?}",
+        mounts(svc)
+    );
+    // Other ports move with the environment, never off loopback for plain MQTT by accident.
+    let c = {
+        let (ok, stdout, stderr) = config(&[
+            ("LABVISOR_MQTT_PASSWORD", SECRET),
+            ("LABVISOR_MQTT_PORT", "21883"),
+            ("LABVISOR_MQTTS_PORT", "28883"),
+        ]);
+        assert!(ok, "{stderr}");
+        serde_yaml_ng::from_str::<Value>(&stdout).unwrap()
+    };
+    assert_eq!(
+        ports(&c["services"]["mosquitto"]),
+        [own("127.0.0.1", "21883", "1883"), own("", "28883", "8883")]
+    );
+    assert!(ports(&c["services"]["labvisor"]).is_empty());
+}
+
 #[test]
 fn supervisor_gets_the_socket_the_sut_dir_and_credentials() {
     let c = parsed();

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use labvisor_protocol::config::MAX_PAYLOAD_LIMIT;
 use labvisor_protocol::mqtt::MAX_PACKET_SIZE;
-use labvisor_tests::{run, run_ok, unique_id, wait_until, workspace_root, Mosquitto, Subscriber};
+use labvisor_tests::{
+    free_port, run, run_ok, unique_id, wait_until, workspace_root, Mosquitto, Subscriber,
+};
 
 const LIMIT: Duration = Duration::from_secs(20);
 
@@ -33,45 +35,64 @@ const RESERVED: User = ("labvisor", "pw-labvisor");
 /// A broker running the shipped config, and the files it was given.
 struct Broker {
     mosquitto: Mosquitto,
-    _files: tempfile::TempDir,
+    /// The port of the shipped TLS listener, on 127.0.0.1.
+    tls_port: u16,
+    /// The CA made by certs.sh, which clients trust.
+    ca: PathBuf,
+    files: tempfile::TempDir,
 }
 
-/// The shipped `mosquitto.conf` with only the four machine-specific lines rewritten. The
-/// listener line is dropped: the test kit puts `listener <free port> 127.0.0.1` first.
-fn adapted_config(files: &Path) -> String {
+/// The shipped `mosquitto.conf` with only its machine-specific lines rewritten: the plain
+/// listener is dropped (the test kit puts `listener <free port> 127.0.0.1` first), the TLS
+/// listener moves to `tls_port` on 127.0.0.1, and the files are this test's.
+fn adapted_config(files: &Path, tls_port: u16) -> String {
     let shipped = std::fs::read_to_string(workspace_root().join("mosquitto/mosquitto.conf"))
         .expect("read mosquitto/mosquitto.conf");
     let acl = workspace_root().join("mosquitto/acl");
-    let mut seen = [0usize; 4];
+    let f = |name: &str| files.join(name).display().to_string();
+    let keys = [
+        "listener 1883",
+        "listener 8883",
+        "persistence_location",
+        "password_file",
+        "acl_file",
+        "cafile",
+        "certfile",
+        "keyfile",
+    ];
+    let mut seen = [0usize; 8];
     let mut out = String::new();
     for line in shipped.lines() {
         let key = line.split_whitespace().next().unwrap_or("");
         let replaced = match key {
-            "listener" => {
-                seen[0] += 1;
-                Some(String::new())
-            }
-            "persistence_location" => {
-                seen[1] += 1;
-                Some(format!("persistence_location {}/data/", files.display()))
-            }
-            "password_file" => {
-                seen[2] += 1;
-                Some(format!("password_file {}/passwd", files.display()))
-            }
-            "acl_file" => {
-                seen[3] += 1;
-                Some(format!("acl_file {}", acl.display()))
-            }
+            "listener" => match line.split_whitespace().nth(1) {
+                Some("1883") => {
+                    seen[0] += 1;
+                    Some(String::new())
+                }
+                Some("8883") => {
+                    seen[1] += 1;
+                    Some(format!("listener {tls_port} 127.0.0.1"))
+                }
+                _ => panic!("mosquitto.conf: unexpected listener `{line}`"),
+            },
+            "persistence_location" => Some(format!("persistence_location {}/", f("data"))),
+            "password_file" => Some(format!("password_file {}", f("passwd"))),
+            "acl_file" => Some(format!("acl_file {}", acl.display())),
+            "cafile" => Some(format!("cafile {}", f("certs/ca.crt"))),
+            "certfile" => Some(format!("certfile {}", f("certs/server.crt"))),
+            "keyfile" => Some(format!("keyfile {}", f("certs/server.key"))),
             _ => None,
         };
+        if let Some(i) = keys[2..].iter().position(|k| *k == key) {
+            seen[i + 2] += 1;
+        }
         out.push_str(replaced.as_deref().unwrap_or(line));
         out.push('\n');
     }
     assert_eq!(
-        seen,
-        [1, 1, 1, 1],
-        "mosquitto.conf must have exactly one listener, persistence_location, password_file and acl_file line"
+        seen, [1; 8],
+        "mosquitto.conf must have exactly one of each of {keys:?}"
     );
     for must in [
         "allow_anonymous false",
@@ -134,11 +155,13 @@ fn start_broker() -> Broker {
         .arg("--secrets")
         .arg(files.path().join("secrets"))
         .args(&users);
-    // mosquitto started as root reads the password file as the `mosquitto` user it drops to.
-    if run_ok(Command::new("id").arg("-u")).trim() == "0"
-        && run(Command::new("id").arg("mosquitto")).status.success()
-    {
-        cmd.args(["--owner", "mosquitto"]);
+    // mosquitto started as root reads the password file and its TLS key as the `mosquitto`
+    // user it drops to.
+    let owner = (run_ok(Command::new("id").arg("-u")).trim() == "0"
+        && run(Command::new("id").arg("mosquitto")).status.success())
+    .then(|| "mosquitto".to_owned());
+    if let Some(o) = &owner {
+        cmd.args(["--owner", o]);
     }
     let out = run_ok(&mut cmd);
     for (_, p) in [SUPERVISOR, SUBMIT, READER, AGENT_A, AGENT_B] {
@@ -153,10 +176,24 @@ fn start_broker() -> Broker {
         0o600,
         "the password file must be 0600"
     );
-    let mosquitto = Mosquitto::start_with(&adapted_config(files.path()));
+    // The TLS listener's certificates, made by the shipped script.
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace_root().join("mosquitto/certs.sh"))
+        .arg("--dir")
+        .arg(files.path().join("certs"))
+        .arg("--ca-dir")
+        .arg(files.path().join("ca"));
+    if let Some(o) = &owner {
+        cmd.args(["--owner", o]);
+    }
+    run_ok(&mut cmd);
+    let tls_port = free_port();
+    let mosquitto = Mosquitto::start_with(&adapted_config(files.path(), tls_port));
     Broker {
         mosquitto,
-        _files: files,
+        tls_port,
+        ca: files.path().join("certs/ca.crt"),
+        files,
     }
 }
 
@@ -178,6 +215,21 @@ impl Broker {
             .args(creds(user))
             .args(["-q", "1", "-t", topic, "-f"])
             .arg(file))
+    }
+
+    /// `mosquitto_pub` at QoS 1 to the TLS listener at `host`, with `args` (credentials, TLS
+    /// options); returns its output, success or not.
+    fn publish_tls(
+        &self,
+        host: &str,
+        args: &[&str],
+        topic: &str,
+        payload: &str,
+    ) -> std::process::Output {
+        run(Command::new("mosquitto_pub")
+            .args(["-h", host, "-p", &self.tls_port.to_string()])
+            .args(args)
+            .args(["-q", "1", "-t", topic, "-m", payload]))
     }
 
     /// Publishes at QoS 1 as `user`: mosquitto_pub returns once the broker acknowledged it,
@@ -527,4 +579,73 @@ fn packet_limit_is_the_largest_job_plus_headroom() {
     sub.wait_for("the control message", LIMIT, |l| l == "rpi4-01/cancel 7");
     let over = format!("rpi4-01/submit {MAX_PACKET_SIZE}");
     assert!(!sub.lines().contains(&over), "{over} was delivered");
+}
+
+#[test]
+fn tls_listener_serves_clients_that_trust_the_generated_ca() {
+    let b = start_broker();
+    let all = b.subscribe(SUPERVISOR, &["#"], SUPERVISOR, "labvisor/sync");
+    let ca = b.ca.display().to_string();
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).to_lowercase();
+
+    // A client that trusts the generated CA, by address and by name: its job arrives.
+    for host in ["127.0.0.1", "localhost"] {
+        let payload = unique_id("tls-job");
+        let mut args = creds(SUBMIT).to_vec();
+        args.extend(["--cafile", &ca]);
+        let out = b.publish_tls(host, &args, "rpi4-01/submit", &payload);
+        assert!(
+            out.status.success(),
+            "TLS publish to {host}: {}{}",
+            stderr(&out),
+            b.mosquitto.log()
+        );
+        let expected = format!("rpi4-01/submit {payload}");
+        all.wait_for(&expected, LIMIT, |l| l == expected);
+    }
+
+    // The same users and ACL as on the plain listener: a reader's job is dropped...
+    let refused = unique_id("tls-reader");
+    let mut args = creds(READER).to_vec();
+    args.extend(["--cafile", &ca]);
+    let out = b.publish_tls("127.0.0.1", &args, "rpi4-01/submit", &refused);
+    assert!(out.status.success(), "{}", stderr(&out));
+    b.assert_dropped(&all, &refused, (SUBMIT, "rpi4-01/submit"));
+    // ...and an anonymous client is refused.
+    let out = b.publish_tls("127.0.0.1", &["--cafile", &ca], "rpi4-01/submit", "anon");
+    assert!(!out.status.success(), "anonymous TLS client accepted");
+    assert!(stderr(&out).contains("not authori"), "{}", stderr(&out));
+
+    // A client that trusts only the system's CAs does not accept the broker.
+    let mut args = creds(SUBMIT).to_vec();
+    args.push("--tls-use-os-certs");
+    let out = b.publish_tls("127.0.0.1", &args, "rpi4-01/submit", "untrusted");
+    assert!(
+        !out.status.success(),
+        "the broker's certificate passed the system CAs"
+    );
+    assert!(stderr(&out).contains("tls error"), "{}", stderr(&out));
+    // Plain MQTT on the TLS port gets nowhere.
+    let out = b.publish_tls("127.0.0.1", &creds(SUBMIT), "rpi4-01/submit", "plain");
+    assert!(!out.status.success(), "plain MQTT accepted on the TLS port");
+
+    // What certs.sh made: the broker's key is private, the CA's key is not beside it.
+    let certs = b.files.path().join("certs");
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&certs.join("server.key")), 0o600);
+    let names: std::collections::BTreeSet<String> = std::fs::read_dir(&certs)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["ca.crt", "server.crt", "server.key"]
+            .map(String::from)
+            .into(),
+        "what mosquitto gets"
+    );
+    assert_eq!(mode(&b.files.path().join("ca/ca.key")), 0o600);
 }
