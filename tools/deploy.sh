@@ -5,7 +5,9 @@
 #
 # 1. Makes sure a Docker Compose CLI is there (tools/ensure-compose.sh).
 # 2. Builds the local images offline: labvisor/busybox:local (the demo SUTs' image) and
-#    labvisor/supervisor:local (FROM scratch with the static binaries). --no-build skips this.
+#    labvisor/supervisor:local (FROM scratch with the static binaries), and, when
+#    eclipse-mosquitto:2 is neither here nor pullable, a stand-in for it from Debian's mosquitto
+#    (tools/build-mosquitto-image.sh). --no-build skips this.
 # 3. Creates the broker's users with mosquitto/passwd.sh (role users and one per sut/*.toml;
 #    existing users are kept) and its TLS certificate with mosquitto/certs.sh (a private CA in
 #    mosquitto/ca/, the broker's files in mosquitto/certs/; existing ones are kept, except that
@@ -26,7 +28,7 @@ while [ $# -gt 0 ]; do
         --portainer) portainer=1; shift ;;
         --no-build) build=0; shift ;;
         --tls-host) tls_hosts+=(--renew --host "$2"); shift 2 ;;
-        -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "deploy.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -36,6 +38,12 @@ read -r -a compose <<< "$(tools/ensure-compose.sh)"
 if [ "$build" = 1 ]; then
     tools/build-images.sh busybox
     tools/build-supervisor-image.sh
+    broker_image="${LABVISOR_MOSQUITTO_IMAGE:-eclipse-mosquitto:2}"
+    if ! docker image inspect "$broker_image" >/dev/null 2>&1 &&
+        ! docker pull -q "$broker_image" >/dev/null 2>&1; then
+        echo "deploy.sh: $broker_image cannot be pulled: building a stand-in from Debian's mosquitto" >&2
+        tools/build-mosquitto-image.sh --tag "$broker_image"
+    fi
 fi
 
 owner=()
