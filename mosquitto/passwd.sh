@@ -10,7 +10,7 @@
 #                (or --regenerate is given).
 # no USER        generates the role users (labvisor.supervisor, labvisor.submit,
 #                labvisor.reader) and one agent user per sut/*.toml (user name = SUT name),
-#                skipping users the file already has.
+#                skipping users the file already has. `labvisor` is reserved and refused.
 #
 # Defaults: --file mosquitto/passwd, --secrets mosquitto/secrets, --sut-dir sut (relative to the
 # repository). A generated password is printed once, as `user: password`, and written to
@@ -38,7 +38,7 @@ while [ $# -gt 0 ]; do
         --sut-dir) sut_dir="$2"; shift 2 ;;
         --regenerate) regenerate=1; shift ;;
         --owner) owner="$2"; shift 2 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         --*) echo "passwd.sh: unknown option $1" >&2; exit 2 ;;
         *) users+=("$1"); shift ;;
     esac
@@ -55,6 +55,10 @@ if [ ${#users[@]} -eq 0 ]; then
     for f in "$sut_dir"/*.toml; do
         name="$(basename "$f" .toml)"
         case "$name" in .*) continue ;; esac
+        if [ "$name" = labvisor ]; then
+            echo "passwd.sh: skipped $f: labvisor is reserved (the control plane's topics), not a SUT" >&2
+            continue
+        fi
         users+=("$name")
     done
 fi
@@ -75,6 +79,12 @@ for entry in "${users[@]}"; do
     user="${entry%%:*}"
     if [ -z "$user" ] || [[ "$user" =~ [[:space:]+#/:] ]]; then
         echo "passwd.sh: invalid user name ${user:-<empty>} (no spaces, '+', '#', '/' or ':')" >&2
+        status=1
+        continue
+    fi
+    if [ "$user" = labvisor ]; then
+        # The acl gives this login nothing: labvisor/... is the control plane, not a SUT's tree.
+        echo "passwd.sh: labvisor is reserved (the control plane's topics, labvisor/...); it is not a user" >&2
         status=1
         continue
     fi

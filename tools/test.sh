@@ -22,7 +22,7 @@ if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
         python3 -m pip install -q --disable-pip-version-check --break-system-packages 'paho-mqtt>=2,<3'
     python3 -c 'import paho.mqtt' || { echo "test.sh: paho-mqtt could not be installed for python3" >&2; exit 1; }
 fi
-# The compose test validates docker-compose.yml with the compose CLI.
+# The compose test checks docker-compose.yml with the compose CLI and brings the stack up.
 log "compose: $(tools/ensure-compose.sh)"
 # Debian's package may start a system mosquitto on 1883; the tests never use it (each test runs
 # its own broker on a free port), so it is left alone.

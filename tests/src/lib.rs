@@ -262,7 +262,9 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    fn start(port: u16, topic: &str, extra: &[&str]) -> Self {
+    /// `mosquitto_sub -v` on `topic` against the broker on `127.0.0.1:port` (one of this kit's,
+    /// or another, such as a container's published port), with `extra` arguments.
+    pub fn start(port: u16, topic: &str, extra: &[&str]) -> Self {
         let bin = require_program("mosquitto_sub");
         let id = unique_id("sub");
         let mut child = Command::new(bin)

@@ -1,13 +1,24 @@
 //! `docker-compose.yml` as Docker Compose reads it (`config`): every service restarts unless
-//! stopped and has a healthcheck, and the mounts are where the shipped configs expect them.
+//! stopped and has a healthcheck, the mounts are where the shipped configs expect them, plain
+//! MQTT is published on loopback only and TLS on every interface. And the stack brought up for
+//! real ([`stack_runs_jobs_through_the_shipped_acl_and_tls`]): a stand-in for
+//! `eclipse-mosquitto:2` built from Debian's mosquitto (`tools/build-mosquitto-image.sh`; no
+//! registry is needed), the supervisor image (`tools/build-supervisor-image.sh`), two SUTs on
+//! `labvisor/busybox:local`, a submitter, a reader and a TLS client.
 //!
 //! Works with the `docker compose` plugin or the standalone `docker-compose` (v1.29 on Debian
 //! 12); `tools/ensure-compose.sh` installs one. A missing Compose CLI is a failure, not a skip.
 
 use std::collections::BTreeSet;
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
-use labvisor_tests::{run, workspace_root};
+use labvisor_protocol::payloads::{AgentStatus, JobState, JobStatus, SubmitAck, SubmitResult};
+use labvisor_tests::{
+    docker, ensure_busybox_image, run, run_ok, static_bin, unique_id, workspace_root, DockerScope,
+    Subscriber,
+};
 use serde_yaml_ng::Value;
 
 const SECRET: &str = "compose-test-secret";
@@ -27,17 +38,44 @@ fn compose() -> Vec<&'static str> {
     panic!("no Docker Compose CLI: run tools/ensure-compose.sh (tools/test.sh does)");
 }
 
+/// What docker-compose.yml reads from the environment (and compose's own variables): a test
+/// sets what it needs and nothing leaks in from the caller's environment.
+const COMPOSE_ENV: [&str; 14] = [
+    "LABVISOR_MQTT_PASSWORD",
+    "LABVISOR_MQTT_PORT",
+    "LABVISOR_MQTT_BIND",
+    "LABVISOR_MQTTS_PORT",
+    "LABVISOR_MOSQUITTO_FILES",
+    "LABVISOR_SUT_DIR",
+    "LABVISOR_ID",
+    "LABVISOR_NAME_PREFIX",
+    "LABVISOR_MOSQUITTO_IMAGE",
+    "LABVISOR_SUPERVISOR_IMAGE",
+    "LABVISOR_LOG",
+    "COMPOSE_PROFILES",
+    "COMPOSE_FILE",
+    "COMPOSE_PROJECT_NAME",
+];
+
+/// `<compose> -f docker-compose.yml -p <project>`, run in the workspace with only `env` from
+/// the variables of [`COMPOSE_ENV`].
+fn compose_cmd(project: &str, env: &[(&str, &str)]) -> Command {
+    let cmd = compose();
+    let mut c = Command::new(cmd[0]);
+    c.args(&cmd[1..])
+        .args(["-f", "docker-compose.yml", "-p", project])
+        .current_dir(workspace_root());
+    for k in COMPOSE_ENV {
+        c.env_remove(k);
+    }
+    c.envs(env.iter().copied());
+    c
+}
+
 /// Runs `<compose> --profile portainer config` with `env`; returns (success, stdout, stderr).
 fn config(env: &[(&str, &str)]) -> (bool, String, String) {
-    let cmd = compose();
-    let out = run(Command::new(cmd[0])
-        .args(&cmd[1..])
-        .args(["-f", "docker-compose.yml", "-p", "labvisor-config-test"])
-        .args(["--profile", "portainer", "config"])
-        .current_dir(workspace_root())
-        .env_remove("LABVISOR_MQTT_PASSWORD")
-        .env_remove("COMPOSE_PROFILES")
-        .envs(env.iter().copied()));
+    let out =
+        run(compose_cmd("labvisor-config-test", env).args(["--profile", "portainer", "config"]));
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -186,6 +224,95 @@ fn mosquitto_runs_the_shipped_config_with_persistence() {
     assert!(c["volumes"].get("mosquitto-data").is_some());
 }
 
+/// A service's published ports as (host address, host port, container port), from the short
+/// form (`127.0.0.1:1883:1883/tcp`) or the long form (`host_ip`, `published`, `target`). An
+/// empty host address means every interface.
+fn ports(svc: &Value) -> Vec<(String, String, String)> {
+    let Some(Value::Sequence(ports)) = svc.get("ports") else {
+        return Vec::new();
+    };
+    let text = |v: &Value| match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        _ => String::new(),
+    };
+    ports
+        .iter()
+        .map(|p| match p {
+            Value::String(s) => {
+                let spec = s.split('/').next().unwrap_or_default();
+                let mut parts: Vec<String> = spec.rsplitn(3, ':').map(str::to_owned).collect();
+                parts.resize(3, String::new());
+                (parts[2].clone(), parts[1].clone(), parts[0].clone())
+            }
+            long => (
+                long.get("host_ip").map(text).unwrap_or_default(),
+                long.get("published").map(text).unwrap_or_default(),
+                long.get("target").map(text).unwrap_or_default(),
+            ),
+        })
+        .map(|(ip, host, target)| {
+            let ip = if ip == "0.0.0.0" { String::new() } else { ip };
+            (ip, host, target)
+        })
+        .collect()
+}
+
+#[test]
+fn plain_mqtt_on_loopback_only_and_tls_for_remote_clients() {
+    let c = parsed();
+    let svc = &c["services"]["mosquitto"];
+    let own =
+        |ip: &str, host: &str, target: &str| (ip.to_owned(), host.to_owned(), target.to_owned());
+    assert_eq!(
+        ports(svc),
+        [own("127.0.0.1", "1883", "1883"), own("", "8883", "8883")],
+        "mosquitto: plain MQTT published on 127.0.0.1 only, TLS on every interface"
+    );
+    let conf = std::fs::read_to_string(workspace_root().join("mosquitto/mosquitto.conf")).unwrap();
+    let listeners: Vec<&str> = conf
+        .lines()
+        .filter(|l| l.starts_with("listener "))
+        .collect();
+    assert_eq!(listeners, ["listener 1883", "listener 8883"]);
+    // The TLS files are mounted where the shipped config reads them; the CA's key is not.
+    let certs = mosquitto_conf("certfile");
+    let dir = certs.rsplit_once('/').expect("an absolute certfile").0;
+    for key in ["cafile", "keyfile"] {
+        assert!(
+            mosquitto_conf(key).starts_with(&format!("{dir}/")),
+            "{key} is not in {dir}"
+        );
+    }
+    let src = workspace_root()
+        .join("mosquitto/certs")
+        .display()
+        .to_string();
+    has_mount(svc, "mosquitto", &src, dir, true);
+    assert!(
+        !mounts(svc)
+            .iter()
+            .any(|(s, _, _)| s.contains("mosquitto/ca")),
+        "the CA's directory must not reach the broker: {:?}",
+        mounts(svc)
+    );
+    // Other ports move with the environment, never off loopback for plain MQTT by accident.
+    let c = {
+        let (ok, stdout, stderr) = config(&[
+            ("LABVISOR_MQTT_PASSWORD", SECRET),
+            ("LABVISOR_MQTT_PORT", "21883"),
+            ("LABVISOR_MQTTS_PORT", "28883"),
+        ]);
+        assert!(ok, "{stderr}");
+        serde_yaml_ng::from_str::<Value>(&stdout).unwrap()
+    };
+    assert_eq!(
+        ports(&c["services"]["mosquitto"]),
+        [own("127.0.0.1", "21883", "1883"), own("", "28883", "8883")]
+    );
+    assert!(ports(&c["services"]["labvisor"]).is_empty());
+}
+
 #[test]
 fn supervisor_gets_the_socket_the_sut_dir_and_credentials() {
     let c = parsed();
@@ -270,4 +397,397 @@ fn config_refuses_to_run_without_the_supervisor_password() {
         "compose config accepted a missing LABVISOR_MQTT_PASSWORD"
     );
     assert!(stderr.contains("tools/deploy.sh"), "{stderr}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stack, up for real
+
+/// A compose project brought up by a test. On drop (also when the test failed) it goes in an
+/// order that leaves nothing behind: the supervisor first (else it recreates its agents), then
+/// the agents' containers and volumes (labelled with the supervisor's unique id), then `down -v`
+/// (the broker, the network, `mosquitto-data`). The images go with the test's [`DockerScope`].
+struct Stack {
+    project: String,
+    env: Vec<(String, String)>,
+    supervisor_id: String,
+}
+
+impl Stack {
+    fn compose(&self, args: &[&str]) -> Output {
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        run(compose_cmd(&self.project, &env).args(args))
+    }
+
+    /// The broker's and the supervisor's logs, for failure messages.
+    fn logs(&self) -> String {
+        let out = self.compose(&["logs", "--no-color", "--tail", "60"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Polls `f` every 50 ms until it returns `Some`; after `limit`, fails naming `what`, with
+    /// the stack's logs.
+    fn wait<T>(&self, what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {limit:?} waiting for {what}\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything labelled with this stack's supervisor id, of one kind (`ps -a`, `volume ls`...).
+    fn owned(&self, list: &[&str]) -> Vec<String> {
+        let filter = format!("label=io.labvisor.supervisor={}", self.supervisor_id);
+        let out = docker(&[list, &["-q", "--filter", &filter]].concat());
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        let _ = self.compose(&["rm", "-s", "-f", "labvisor"]);
+        for id in self.owned(&["ps", "-a"]) {
+            let _ = docker(&["rm", "-f", "-v", &id]);
+        }
+        let _ = self.compose(&["down", "-v", "--remove-orphans", "-t", "5"]);
+        for v in self.owned(&["volume", "ls"]) {
+            let _ = docker(&["volume", "rm", "-f", &v]);
+        }
+        for n in self.owned(&["network", "ls"]) {
+            let _ = docker(&["network", "rm", &n]);
+        }
+    }
+}
+
+/// `bash <script> <args>` from the workspace, which must succeed; returns stdout.
+///
+/// The environment is a shell's: a cargo started from inside `cargo test` would inherit the
+/// test's `CARGO_PKG_*` and `CARGO_MANIFEST_*` variables, which build scripts (ring's) watch, and
+/// build the release binaries again from scratch (minutes) instead of finding them fresh.
+fn script(path: &str, args: &[&str]) -> String {
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace_root().join(path))
+        .args(args)
+        .current_dir(workspace_root());
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
+            cmd.env_remove(&*k);
+        }
+    }
+    cmd.env_remove("LD_LIBRARY_PATH");
+    run_ok(&mut cmd)
+}
+
+fn read_secret(dir: &Path, user: &str) -> String {
+    std::fs::read_to_string(dir.join("secrets").join(user))
+        .unwrap_or_else(|e| panic!("secrets/{user}: {e}"))
+        .trim()
+        .to_owned()
+}
+
+/// A non-loopback IPv4 address of this host (`hostname -I`), where remote clients would come.
+fn host_address() -> String {
+    let out = run_ok(Command::new("hostname").arg("-I"));
+    out.split_whitespace()
+        .filter_map(|a| a.parse::<std::net::Ipv4Addr>().ok())
+        .find(|a| !a.is_loopback())
+        .unwrap_or_else(|| panic!("no non-loopback IPv4 address in `hostname -I`: {out}"))
+        .to_string()
+}
+
+/// The JSON payload of a `mosquitto_sub -v` line on `topic`, if it is one.
+fn payload_on<'a>(line: &'a str, topic: &str) -> Option<&'a str> {
+    line.strip_prefix(topic)?.strip_prefix(' ')
+}
+
+#[test]
+fn stack_runs_jobs_through_the_shipped_acl_and_tls() {
+    let started = Instant::now();
+    ensure_busybox_image();
+    let scope = DockerScope::new("compose");
+    let id = scope.run_id().to_owned();
+
+    // The images: the broker stand-in and the supervisor, under this test's names and label.
+    let mosquitto_image = format!("{}:test", scope.name("mosquitto"));
+    let supervisor_image = format!("{}:test", scope.name("supervisor"));
+    script(
+        "tools/build-mosquitto-image.sh",
+        &["--tag", &mosquitto_image, "--label", &scope.label()],
+    );
+    script(
+        "tools/build-supervisor-image.sh",
+        &["--tag", &supervisor_image, "--label", &scope.label()],
+    );
+    let built = started.elapsed();
+
+    // Two SUTs, their logins, the role users and the certificates, made by the shipped scripts.
+    let files = tempfile::Builder::new()
+        .prefix("labvisor-compose-")
+        .tempdir()
+        .unwrap();
+    let dir = files.path();
+    let sut = dir.join("sut");
+    std::fs::create_dir(&sut).unwrap();
+    for name in ["alpha", "beta"] {
+        std::fs::write(
+            sut.join(format!("{name}.toml")),
+            format!("image = \"{}\"\n", labvisor_tests::BUSYBOX_IMAGE),
+        )
+        .unwrap();
+    }
+    let address = host_address();
+    let root = run_ok(Command::new("id").arg("-u")).trim() == "0";
+    // mosquitto reads its password file and TLS key as the image's user (1883) after dropping
+    // root; without root here, the test's own throwaway files are made readable instead.
+    let owner: &[&str] = if root { &["--owner", "1883:1883"] } else { &[] };
+    let d = |p: &str| dir.join(p).display().to_string();
+    script(
+        "mosquitto/passwd.sh",
+        &[
+            &["--file", &d("passwd"), "--secrets", &d("secrets")],
+            &["--sut-dir", &d("sut")][..],
+            owner,
+        ]
+        .concat(),
+    );
+    script(
+        "mosquitto/certs.sh",
+        &[
+            &[
+                "--dir",
+                &d("certs"),
+                "--ca-dir",
+                &d("ca"),
+                "--host",
+                &address,
+            ][..],
+            owner,
+        ]
+        .concat(),
+    );
+    if !root {
+        for f in ["passwd", "certs/server.key"] {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+    let secret = |user: &str| read_secret(dir, user);
+
+    let plain = labvisor_tests::free_port();
+    let tls = labvisor_tests::free_port();
+    let stack = Stack {
+        project: id.clone(),
+        supervisor_id: id.clone(),
+        env: [
+            ("LABVISOR_MQTT_PASSWORD", secret("labvisor.supervisor")),
+            ("LABVISOR_MQTT_PORT", plain.to_string()),
+            ("LABVISOR_MQTTS_PORT", tls.to_string()),
+            ("LABVISOR_MOSQUITTO_FILES", dir.display().to_string()),
+            ("LABVISOR_SUT_DIR", sut.display().to_string()),
+            ("LABVISOR_ID", id.clone()),
+            ("LABVISOR_NAME_PREFIX", format!("{id}-")),
+            ("LABVISOR_MOSQUITTO_IMAGE", mosquitto_image.clone()),
+            ("LABVISOR_SUPERVISOR_IMAGE", supervisor_image.clone()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect(),
+    };
+    let up = stack.compose(&["up", "-d"]);
+    assert!(
+        up.status.success(),
+        "compose up failed: {}{}",
+        String::from_utf8_lossy(&up.stderr),
+        stack.logs()
+    );
+    let up_at = started.elapsed();
+
+    // A reader on the host's loopback sees both agents come up.
+    let reader = ["-u", "labvisor.reader", "-P", &secret("labvisor.reader")].map(String::from);
+    let reader: Vec<&str> = reader.iter().map(String::as_str).collect();
+    let sub = Subscriber::start(plain, "alpha/#", &[&["-t", "beta/#"][..], &reader].concat());
+    let online = |sut: &str| {
+        sub.lines().iter().any(|l| {
+            payload_on(l, &format!("{sut}/agent"))
+                .and_then(|p| serde_json::from_str::<AgentStatus>(p).ok())
+                .is_some_and(|s| s.broker_connected)
+        })
+    };
+    stack.wait("both agents online", Duration::from_secs(120), || {
+        (online("alpha") && online("beta")).then_some(())
+    });
+    let online_at = started.elapsed();
+    // Each agent logged in as its own SUT, which the shipped ACL confines.
+    let broker_log =
+        String::from_utf8_lossy(&stack.compose(&["logs", "--no-color", "mosquitto"]).stdout)
+            .into_owned();
+    for user in ["alpha", "beta", "labvisor.supervisor"] {
+        assert!(
+            broker_log.contains(&format!("u'{user}')")),
+            "no login as {user} in the broker's log:\n{broker_log}"
+        );
+    }
+
+    // The submitter's job, sent with mosquitto_pub on the host's loopback, runs end to end.
+    let submit = |user: &str, sut: &str, job: &str, script: &str| {
+        let payload = format!(r#"{{"id": "{job}", "script": "{script}"}}"#);
+        run_ok(Command::new("mosquitto_pub").args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &plain.to_string(),
+            "-u",
+            user,
+            "-P",
+            &secret(user),
+            "-q",
+            "1",
+            "-t",
+            &format!("{sut}/submit"),
+            "-m",
+            &payload,
+        ]));
+    };
+    let passed = |sut: &str, job: &str| {
+        let topic = format!("{sut}/jobs/{job}");
+        let what = format!("{topic} passed");
+        stack.wait(&what, Duration::from_secs(60), || {
+            sub.lines().iter().find_map(|l| {
+                payload_on(l, &topic)
+                    .and_then(|p| serde_json::from_str::<JobStatus>(p).ok())
+                    .filter(|s| s.state == JobState::Passed)
+            })
+        })
+    };
+    let job = unique_id("job").replace('-', "_");
+    let marker = unique_id("compose-output");
+    submit("labvisor.submit", "alpha", &job, &format!("echo {marker}"));
+    let ack = stack.wait(
+        "the submitter's job to be accepted",
+        Duration::from_secs(30),
+        || {
+            sub.lines().iter().find_map(|l| {
+                payload_on(l, "alpha/submit_status")
+                    .and_then(|p| serde_json::from_str::<SubmitAck>(p).ok())
+                    .filter(|a| a.id.as_ref().map(|i| i.as_str()) == Some(job.as_str()))
+            })
+        },
+    );
+    assert_eq!(ack.result, SubmitResult::Accepted, "{ack:?}");
+    let status = passed("alpha", &job);
+    assert_eq!(status.exit_code, Some(0));
+    let output_topic = format!("alpha/jobs/{job}/output");
+    stack.wait("the job's output", Duration::from_secs(30), || {
+        sub.lines()
+            .iter()
+            .any(|l| payload_on(l, &output_topic).is_some_and(|p| p.contains(&marker)))
+            .then_some(())
+    });
+
+    // A reader's job never runs: the broker drops it, and a submitter's job sent after it
+    // passes first and alone.
+    let refused = unique_id("reader").replace('-', "_");
+    submit("labvisor.reader", "beta", &refused, "echo reader");
+    let control = unique_id("control").replace('-', "_");
+    submit("labvisor.submit", "beta", &control, "echo control");
+    passed("beta", &control);
+    let leaked: Vec<String> = sub
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains(&refused))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "the reader's job reached the agent: {leaked:?}"
+    );
+
+    // TLS from a non-loopback address of this host, trusting the generated CA: mosquitto_sub
+    // and labvisor's own client (rustls) both get the agents' retained statuses.
+    let ca = dir.join("certs/ca.crt").display().to_string();
+    let out = run(Command::new("mosquitto_sub")
+        .args([
+            "--cafile",
+            &ca,
+            "-h",
+            &address,
+            "-p",
+            &tls.to_string(),
+            "-t",
+            "alpha/agent",
+            "-C",
+            "1",
+            "-W",
+            "20",
+        ])
+        .args(&reader));
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"sut\":\"alpha\""),
+        "TLS subscribe via {address}:{tls}: {out:?}\n{}",
+        stack.logs()
+    );
+    let out = run(Command::new(static_bin("labvisor"))
+        .args([
+            "status",
+            "--json",
+            "--broker",
+            &format!("mqtts://{address}:{tls}"),
+        ])
+        .args([
+            "--ca-file",
+            &ca,
+            "--username",
+            "labvisor.reader",
+            "--password",
+            &secret("labvisor.reader"),
+        ])
+        .env_remove("LABVISOR_BROKER")
+        .env_remove("LABVISOR_TOPIC_PREFIX"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("alpha") && text.contains("beta"),
+        "labvisor status over TLS: {out:?}"
+    );
+    // Plain MQTT from that address: nothing listens.
+    let out = run(Command::new("mosquitto_pub").args([
+        "-h",
+        &address,
+        "-p",
+        &plain.to_string(),
+        "-u",
+        "labvisor.submit",
+        "-P",
+        &secret("labvisor.submit"),
+        "-t",
+        "alpha/cancel",
+        "-m",
+        "current",
+    ]));
+    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(
+        !out.status.success() && err.contains("refused"),
+        "plain MQTT on {address}:{plain}: {out:?}"
+    );
+
+    eprintln!(
+        "compose stack: images built in {built:?}, up in {:?}, agents online after {:?}, all done in {:?}",
+        up_at - built,
+        online_at - up_at,
+        started.elapsed()
+    );
+    drop(stack);
+    drop(scope);
 }

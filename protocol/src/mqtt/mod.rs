@@ -138,6 +138,11 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+/// Largest MQTT packet a labvisor broker must accept: the largest job submission
+/// ([`MAX_PAYLOAD_LIMIT`](crate::config::MAX_PAYLOAD_LIMIT), 8 MiB) plus 64 KiB for the topic,
+/// properties and header. The shipped `mosquitto/mosquitto.conf` sets `max_packet_size` to it.
+pub const MAX_PACKET_SIZE: usize = 8 * 1024 * 1024 + 64 * 1024;
+
 /// Capacity of rumqttc's request channel: small, so that our outbox (with its overflow policy)
 /// holds the backlog, not rumqttc.
 const REQUEST_CHANNEL_CAPACITY: usize = 16;
