@@ -75,7 +75,10 @@ impl Daemon {
             .append(true)
             .open("/var/log/labvisor-dockerd.log")
             .expect("dockerd log");
-        Command::new(&self.argv[0])
+        // dockerd must outlive this test (it is the machine's engine), so it is never waited for;
+        // it runs in its own process group and init reaps it.
+        #[allow(clippy::zombie_processes)]
+        let _dockerd = Command::new(&self.argv[0])
             .args(&self.argv[1..])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
