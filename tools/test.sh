@@ -48,4 +48,13 @@ tools/build-images.sh all
 
 # 5. The suite.
 log "cargo test"
-cargo test --workspace --no-fail-fast "$@"
+status=0
+cargo test --workspace --no-fail-fast "$@" || status=$?
+
+# 6. Chaos that stops the engine itself: alone, after everything else has finished with it.
+# Skipped only when arguments narrow the run to some tests.
+if [ $# -eq 0 ]; then
+    log "chaos: dockerd stopped and started under a live supervisor"
+    cargo test -p labvisor --test chaos_dockerd -- --ignored || status=$?
+fi
+exit "$status"

@@ -50,6 +50,16 @@ impl Daemon {
             .is_ok_and(|s| s.success())
     }
 
+    /// Whether systemd manages the engine (then it is stopped and started through systemctl, so
+    /// that neither its restart policy nor socket activation brings it back behind the test).
+    fn systemd() -> bool {
+        Path::new("/run/systemd/system").exists()
+            && Command::new("systemctl")
+                .args(["is-active", "--quiet", "docker.service"])
+                .status()
+                .is_ok_and(|s| s.success())
+    }
+
     fn running() -> bool {
         Command::new("pgrep")
             .args(["-x", "dockerd"])
@@ -60,7 +70,16 @@ impl Daemon {
 
     /// Stops `pid` with SIGTERM (dockerd stops its containers first) and waits for it to exit.
     fn stop(pid: i32) {
-        labvisor_tests::run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+        if Self::systemd() {
+            // The socket unit would start dockerd again at the supervisor's next request.
+            labvisor_tests::run_ok(Command::new("systemctl").args([
+                "stop",
+                "docker.socket",
+                "docker.service",
+            ]));
+        } else {
+            labvisor_tests::run_ok(Command::new("kill").args(["-TERM", &pid.to_string()]));
+        }
         wait_until("dockerd exited", Duration::from_secs(90), || {
             (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
         });
@@ -70,6 +89,13 @@ impl Daemon {
     /// output appended to /var/log/labvisor-dockerd.log, as `tools/lib.sh` starts it).
     fn start(&self) {
         use std::os::unix::process::CommandExt;
+        if Self::systemd() {
+            labvisor_tests::run_ok(Command::new("systemctl").args(["start", "docker.service"]));
+            wait_until("dockerd answers", Duration::from_secs(90), || {
+                Daemon::answers().then_some(())
+            });
+            return;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
