@@ -1,5 +1,6 @@
 //! `labvisor-agent`: the entrypoint of each SUT's container (see the library docs).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -68,8 +69,11 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Colour only on a terminal: `docker logs` (and any pipe or file) gets plain text.
+    let ansi = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LABVISOR_LOG")
                 .unwrap_or_else(|_| "info".into()),
