@@ -55,7 +55,8 @@ struct Args {
     #[arg(long, env = "LABVISOR_GRACE", default_value = "8s", value_parser = humantime_duration)]
     grace: Duration,
     /// Messages the MQTT link queues while the broker is slow or gone; beyond it the oldest
-    /// output batch is dropped (and counted). Status messages are never dropped.
+    /// output batch is dropped (and counted). Acknowledgements and statuses are never dropped:
+    /// while this many wait, the agent takes no more submissions (the broker holds them).
     #[arg(long, env = "LABVISOR_MQTT_QUEUE", default_value_t = 1024)]
     mqtt_queue: usize,
     /// Do not copy output to stdout.

@@ -109,7 +109,10 @@ impl JobRunner {
         self.publish(Message::state(self.topics.job(&s.sut, &s.id), json.clone()));
         if last {
             if let Some(link) = &self.link {
-                let _ = link.set_sticky(self.topics.last_job(&s.sut), json);
+                // Every final status reaches last_job (readers count jobs there): never coalesced.
+                if let Err(e) = link.publish_sticky(self.topics.last_job(&s.sut), json) {
+                    warn!(error = %e, "Cannot publish.");
+                }
             }
         }
     }

@@ -32,14 +32,16 @@ struct Lab {
 
 impl Lab {
     fn new(sut: &str, extra: &str) -> Lab {
+        Lab::with_args(sut, extra, &[])
+    }
+
+    /// A lab whose agent gets `args` besides `--grace 500ms`.
+    fn with_args(sut: &str, extra: &str, args: &[&str]) -> Lab {
         let broker = Mosquitto::start();
         let mqtt = Collector::start(broker.port(), &[&format!("{sut}/#")]);
-        let agent = AgentProc::start(
-            sut,
-            &sut_toml(None, extra),
-            Some(&broker.url()),
-            &["--grace", "500ms"],
-        );
+        let mut all = vec!["--grace", "500ms"];
+        all.extend_from_slice(args);
+        let agent = AgentProc::start(sut, &sut_toml(None, extra), Some(&broker.url()), &all);
         let lab = Lab {
             broker,
             mqtt,
@@ -453,4 +455,154 @@ print(json.dumps({{"ack": json.loads(payload), "corr": corr.decode()}}))
     assert_eq!(v["corr"], "corr-7");
     let id = v["ack"]["id"].as_str().unwrap().to_owned();
     assert_eq!(lab.final_status(&id)["state"], "passed");
+}
+
+/// Runs a paho-mqtt script (python3) with `{port}` replaced; panics unless it exits 0, and
+/// returns its stdout.
+fn paho(script: &str, port: u16) -> String {
+    let script = format!(
+        "import sys\ntry:\n    import paho.mqtt.client as mqtt\nexcept ImportError:\n    sys.exit('paho-mqtt is not installed: run tools/test.sh, which installs it')\n{}",
+        script.replace("{port}", &port.to_string())
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_thousand_mixed_payloads_at_full_speed_get_a_thousand_answers() {
+    // A small outbox (16) makes the burst overflow it many times over: the agent must stop
+    // taking submissions instead of dropping answers.
+    let lab = Lab::with_args(
+        "job-fuzz",
+        "[job]\nqueue_limit = 1000\n",
+        &["--mqtt-queue", "16"],
+    );
+    let boot = json(&lab.mqtt.on(&lab.t("agent"))[0])["boot_id"].clone();
+    let pid = lab.agent.pid();
+    // 250 each of: random bytes (never UTF-8), UTF-8 text (a script), truncated JSON, valid
+    // JSON jobs; shuffled, published back to back with QoS 1 by one paho client.
+    let sent = paho(
+        r##"
+import random, time
+rnd = random.Random(12)
+payloads = []
+for i in range(250):
+    b = bytearray(rnd.randrange(256) for _ in range(rnd.randrange(1, 200)))
+    b.insert(rnd.randrange(len(b) + 1), 0xFF)
+    payloads.append(bytes(b))
+    text = "".join(chr(rnd.choice([rnd.randrange(0x20, 0x7F), rnd.randrange(0xA0, 0xD7FF)])) for _ in range(rnd.randrange(1, 80)))
+    payloads.append(("# " + text.replace("\n", " ") + "\necho utf8-%d\n" % i).encode())
+    full = '{"id":"trunc-%d","script":"echo trunc-%d"}' % (i, i)
+    payloads.append(full[:rnd.randrange(1, len(full))].encode())
+    payloads.append(('{"id":"job-%d","script":"echo job-%d"}' % (i, i)).encode())
+rnd.shuffle(payloads)
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fuzz-burst")
+c.max_inflight_messages_set(100)
+c.max_queued_messages_set(0)
+c.connect("127.0.0.1", {port})
+c.loop_start()
+infos = [c.publish("job-fuzz/submit", p, qos=1) for p in payloads]
+for info in infos:
+    info.wait_for_publish(60)
+    assert info.is_published()
+c.disconnect()
+c.loop_stop()
+print(len(infos))
+"##,
+        lab.broker.port(),
+    );
+    assert_eq!(sent.trim(), "1000");
+    // A marker sent after the burst: once it has run, every answer for the burst has arrived.
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"marker","script":"echo marker"}"#,
+    );
+    let limit = Duration::from_secs(180);
+    json(&lab.mqtt.wait(&lab.t("jobs/marker"), limit, |m| {
+        json(m)["state"] == "passed"
+    }));
+    let answers: Vec<Value> = lab
+        .mqtt
+        .on(&lab.t("submit_status"))
+        .iter()
+        .map(json)
+        .collect();
+    assert_eq!(
+        answers.len(),
+        1001,
+        "one answer per payload, plus the marker"
+    );
+    let count = |pred: &dyn Fn(&Value) -> bool| answers.iter().filter(|a| pred(a)).count();
+    let reason = |a: &Value, r: &str| {
+        a["result"] == "rejected" && a["reason"].as_str().unwrap_or("").contains(r)
+    };
+    let id = |a: &Value, p: &str| a["id"].as_str().is_some_and(|i| i.starts_with(p));
+    assert_eq!(count(&|a| reason(a, "not UTF-8")), 250, "random bytes");
+    assert_eq!(
+        count(&|a| reason(a, "not valid JSON")),
+        250,
+        "truncated JSON"
+    );
+    assert_eq!(
+        count(&|a| a["result"] == "accepted" && id(a, "job-")),
+        250,
+        "valid jobs"
+    );
+    let utf8 = count(&|a| a["result"] == "accepted" && !id(a, "job-") && !id(a, "marker"));
+    assert_eq!(utf8, 250, "UTF-8 scripts");
+    // Every accepted job ran once: a final status on its own topic and on last_job (what
+    // labvisor_jobs_total counts, once per id), and the log has each valid job's line once.
+    let accepted: std::collections::BTreeSet<String> = answers
+        .iter()
+        .filter(|a| a["result"] == "accepted")
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(accepted.len(), 501);
+    let finals = |topic: &dyn Fn(&str) -> Option<String>| -> std::collections::BTreeSet<String> {
+        lab.mqtt
+            .all()
+            .iter()
+            .filter(|m| {
+                matches!(
+                    json(m)["state"].as_str(),
+                    Some("passed" | "failed" | "timeout" | "cancelled" | "lost")
+                )
+            })
+            .filter_map(|m| topic(&m.topic).map(|_| json(m)["id"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    let prefix = format!("{}/jobs/", lab.sut);
+    let job_topics = finals(&|t| {
+        t.strip_prefix(&prefix)
+            .filter(|r| !r.contains('/'))
+            .map(str::to_owned)
+    });
+    assert_eq!(job_topics, accepted, "a final status for each accepted job");
+    let last_job_topic = lab.t("last_job");
+    let last_jobs = finals(&|t| (t == last_job_topic).then(String::new));
+    assert_eq!(last_jobs, accepted, "each job's final status on last_job");
+    let log = String::from_utf8_lossy(&lab.agent.log()).into_owned();
+    for i in 0..250 {
+        let n = log.lines().filter(|l| *l == format!("job-{i}")).count();
+        assert_eq!(n, 1, "job-{i} ran {n} times");
+    }
+    // No restart: the same process and boot id throughout.
+    assert_eq!(lab.agent.pid(), pid);
+    let statuses = lab.mqtt.on(&lab.t("agent"));
+    assert!(statuses.iter().all(|m| json(m)["boot_id"] == boot));
+    assert!(
+        !lab.agent.stderr().contains("panicked"),
+        "{}",
+        lab.agent.stderr()
+    );
 }

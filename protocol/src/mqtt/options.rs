@@ -1,6 +1,7 @@
 //! Options, messages, errors and the pure helpers (URL parser, backoff) of the MQTT link.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -123,6 +124,28 @@ impl Message {
     }
 }
 
+/// Called with every message the outbox's overflow policy drops (always live output, QoS 0),
+/// under the link's lock: count, never call the link from it. See [`LinkOptions::on_drop`].
+#[derive(Clone)]
+pub struct DropHook(Arc<dyn Fn(&Message) + Send + Sync>);
+
+impl DropHook {
+    /// A hook calling `f`.
+    pub fn new(f: impl Fn(&Message) + Send + Sync + 'static) -> Self {
+        DropHook(Arc::new(f))
+    }
+
+    pub(crate) fn call(&self, msg: &Message) {
+        (self.0)(msg)
+    }
+}
+
+impl std::fmt::Debug for DropHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DropHook")
+    }
+}
+
 /// Everything [`super::MqttLink::start`] needs. Build with [`LinkOptions::new`] or
 /// [`LinkOptions::from_url`], then adjust the public fields.
 #[derive(Debug, Clone)]
@@ -153,6 +176,11 @@ pub struct LinkOptions {
     pub backoff_max: Duration,
     /// Maximum MQTT packet size, both directions. Default 256 KiB.
     pub max_packet_size: usize,
+    /// MQTT 5 receive maximum announced to the broker: it sends at most this many QoS 1
+    /// messages that the link has not acknowledged. With `manual_acks` this bounds what is read
+    /// ahead of the application; keep it at most `incoming_capacity`, so QoS 1 deliveries never
+    /// fill [`super::Incoming`]. Default `None` (the broker's default, 65535).
+    pub receive_maximum: Option<u16>,
     /// Capacity of the outbox, in messages. Default 1024. See the overflow policy in the
     /// module documentation.
     pub queue_capacity: usize,
@@ -167,6 +195,9 @@ pub struct LinkOptions {
     pub session_expiry: Option<Duration>,
     /// Last will, published by the broker when the connection dies without a DISCONNECT.
     pub will: Option<Message>,
+    /// Called for every message the overflow policy drops (live output only), besides the
+    /// count in [`super::LinkState::dropped`].
+    pub on_drop: Option<DropHook>,
 }
 
 impl LinkOptions {
@@ -185,12 +216,14 @@ impl LinkOptions {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             max_packet_size: 256 * 1024,
+            receive_maximum: None,
             queue_capacity: 1024,
             incoming_capacity: 256,
             manual_acks: false,
             clean_start: true,
             session_expiry: None,
             will: None,
+            on_drop: None,
         }
     }
 
