@@ -33,6 +33,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use labvisor_protocol::mqtt::MAX_PACKET_SIZE;
+
 /// The shared agent login of earlier labvisor versions, kept only where its password file
 /// (`agent-password`) is already in the state directory.
 pub const LEGACY_AGENT_USER: &str = "labvisor-agent";
@@ -249,7 +251,7 @@ impl ManagedBroker {
              log_dest stderr\n\
              log_type error\n\
              log_type warning\n\
-             max_packet_size 1048576\n\
+             max_packet_size {MAX_PACKET_SIZE}\n\
              set_tcp_nodelay true\n\
              \n\
              listener {port} 127.0.0.1\n\
