@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use labvisor_protocol::config::{OnChildExit, ProbeTarget, SutConfig};
 use labvisor_protocol::heartbeat;
-use labvisor_protocol::mqtt::{LinkOptions, Message, MqttLink, QoS};
+use labvisor_protocol::mqtt::{LinkOptions, Message, MqttLink, QoS, MAX_PACKET_SIZE};
 use labvisor_protocol::payloads::{
     now_ms, random_id, rfc3339, AgentState, AgentStatus, ChildStatus, OutputMeta, ProbeResult,
     VERSION,
@@ -176,6 +176,10 @@ pub async fn run(
             opts.clean_start = false;
             opts.session_expiry = Some(SESSION_EXPIRY);
             opts.receive_maximum = Some(RECEIVE_MAXIMUM);
+            // Every packet a labvisor broker accepts must reach the agent, which answers it
+            // (a submission over max_payload is rejected with the reason): a smaller maximum
+            // makes an MQTT 5 broker drop larger submissions without a word.
+            opts.max_packet_size = MAX_PACKET_SIZE;
             let (link, incoming) = MqttLink::start(opts)?;
             link.subscribe(settings.topics.submit(&sut), QoS::AtLeastOnce)?;
             link.subscribe(settings.topics.cancel(&sut), QoS::AtLeastOnce)?;

@@ -341,7 +341,10 @@ fn every_bad_input_gets_its_own_rejection_and_the_agent_keeps_going() {
     );
     let cases: &[(&str, &str)] = &[
         ("", "empty payload"),
-        (&"x".repeat(101), "over this SUT's max_payload of 100 bytes"),
+        (
+            &"x".repeat(101),
+            "payload of 101 bytes exceeds max_payload 100",
+        ),
         ("{not json", "payload starts with '{' but is not valid JSON"),
         (
             r#"{"script":"true","colour":"red"}"#,
@@ -605,4 +608,67 @@ print(len(infos))
         "{}",
         lab.agent.stderr()
     );
+}
+
+#[test]
+fn large_submissions_run_up_to_max_payload_and_larger_ones_are_rejected_with_the_reason() {
+    // The broker as shipped: packets up to MAX_PACKET_SIZE (8 MiB + 64 KiB).
+    let max_packet = labvisor_protocol::mqtt::MAX_PACKET_SIZE;
+    let broker = Mosquitto::start_with(&format!(
+        "allow_anonymous true\npersistence false\nmax_packet_size {max_packet}\n"
+    ));
+    let sut = "job-large";
+    let mqtt = Collector::start(broker.port(), &[&format!("{sut}/#")]);
+    let agent = AgentProc::start(
+        sut,
+        &sut_toml(None, "[job]\nmax_payload = \"2MiB\"\n"),
+        Some(&broker.url()),
+        &["--grace", "500ms"],
+    );
+    mqtt.wait(&format!("{sut}/agent"), LIMIT, |m| {
+        json(m)["state"] == "idle" && json(m)["broker_connected"] == true
+    });
+    // Plain-text scripts of exactly these sizes: a long comment line, then an echo.
+    let script = |size: usize, tag: &str| {
+        let tail = format!("\necho ran {tag}\n");
+        format!("#{}{tail}", "x".repeat(size - 1 - tail.len()))
+    };
+    let sizes = [(300_000, "300k"), (1_000_000, "1m"), (3_000_000, "3m")];
+    for (size, tag) in sizes {
+        let (_dir, file) = labvisor_tests::temp_file("job.sh", script(size, tag).as_bytes());
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
+            .args(["-q", "1", "-t", &format!("{sut}/submit"), "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{tag}: {out:?}");
+    }
+    let answers: Vec<Value> = wait_until("3 answers", LIMIT, || {
+        let a: Vec<Value> = mqtt
+            .on(&format!("{sut}/submit_status"))
+            .iter()
+            .map(json)
+            .collect();
+        (a.len() >= 3).then_some(a)
+    });
+    assert_eq!(answers[0]["result"], "accepted", "{}", answers[0]);
+    assert_eq!(answers[1]["result"], "accepted", "{}", answers[1]);
+    assert_eq!(answers[2]["result"], "rejected", "{}", answers[2]);
+    assert_eq!(
+        answers[2]["reason"],
+        "payload of 3000000 bytes exceeds max_payload 2097152"
+    );
+    for a in &answers[..2] {
+        let id = a["id"].as_str().unwrap();
+        let st = json(&mqtt.wait(&format!("{sut}/jobs/{id}"), LIMIT, |m| {
+            json(m)["state"] == "passed"
+        }));
+        assert_eq!(st["state"], "passed");
+    }
+    let log = String::from_utf8_lossy(&agent.log()).into_owned();
+    assert_eq!(log.lines().filter(|l| *l == "ran 300k").count(), 1);
+    assert_eq!(log.lines().filter(|l| *l == "ran 1m").count(), 1);
+    assert!(!log.contains("ran 3m"));
+    assert_eq!(mqtt.on(&format!("{sut}/submit_status")).len(), 3);
 }

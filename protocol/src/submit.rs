@@ -4,7 +4,9 @@
 //! JSON object ([`JobSubmit`]). The rules, each with its own rejection message:
 //!
 //! - an empty (or all-whitespace) payload is rejected;
-//! - a payload over the SUT's `max_payload` is rejected;
+//! - a payload over the SUT's `max_payload` is rejected ("payload of N bytes exceeds max_payload
+//!   M"); the agent's link accepts packets up to [`MAX_PACKET_SIZE`](crate::mqtt::MAX_PACKET_SIZE),
+//!   as the brokers do, so every submission a broker takes reaches this check;
 //! - text starting with `{` is JSON, and is rejected as invalid JSON if it does not parse (it is
 //!   never run as a script);
 //! - unknown fields and wrong types are rejected with serde's message naming the field;
@@ -48,7 +50,7 @@ pub enum JobRun {
 pub fn parse_submit(payload: &[u8], max_payload: usize) -> Result<Submission, String> {
     if payload.len() > max_payload {
         return Err(format!(
-            "payload is {} bytes, over this SUT's max_payload of {max_payload} bytes",
+            "payload of {} bytes exceeds max_payload {max_payload}",
             payload.len()
         ));
     }
@@ -210,7 +212,7 @@ mod tests {
         );
         assert_eq!(
             parse_submit(&[b'x'; 11], 10).unwrap_err(),
-            "payload is 11 bytes, over this SUT's max_payload of 10 bytes"
+            "payload of 11 bytes exceeds max_payload 10"
         );
         assert!(err("{not json").starts_with("payload starts with '{' but is not valid JSON"));
         assert!(err(r#"{"script":"x","bogus":1}"#).contains("unknown field `bogus`"));

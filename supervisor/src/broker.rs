@@ -26,12 +26,22 @@
 //! agents keep connecting. A state directory from an earlier labvisor, whose agents shared one
 //! login (`labvisor-agent`, password in `agent-password`), keeps that login working for the
 //! containers made then, until they are recreated.
+//!
+//! **Persistence.** mosquitto keeps retained messages, persistent sessions and the QoS 1
+//! messages queued for them in `mosquitto.db` in the state directory. It writes it every
+//! [`AUTOSAVE_INTERVAL`] and when it stops on SIGTERM: [`ManagedBroker::stop`] (the supervisor's
+//! shutdown, after its last publication) sends SIGTERM and waits up to [`STOP_GRACE`] before
+//! SIGKILL. mosquitto runs in its own process group, so a Ctrl-C in the supervisor's terminal
+//! does not reach it directly.
 
 use std::io::Write;
 use std::net::{IpAddr, TcpListener};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use labvisor_protocol::mqtt::MAX_PACKET_SIZE;
 
 /// The shared agent login of earlier labvisor versions, kept only where its password file
 /// (`agent-password`) is already in the state directory.
@@ -40,6 +50,15 @@ pub const LEGACY_AGENT_USER: &str = "labvisor-agent";
 /// The directory of per-SUT passwords in the state directory (the `--agent-credentials` layout:
 /// one file per SUT, named after it).
 pub const AGENTS_DIR: &str = "agents";
+
+/// How often mosquitto writes its in-memory state (retained messages, sessions, queued
+/// messages) to `mosquitto.db`: a broker that crashes loses at most what changed in this window.
+/// A clean stop (SIGTERM) writes it in full.
+pub const AUTOSAVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a stop waits for mosquitto to write its persistence file and exit after SIGTERM,
+/// before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Why the managed broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -147,9 +166,10 @@ fn add_login(passwd_bin: &Path, passwd: &Path, user: &str, password: &str) -> Re
     Ok(())
 }
 
-/// A running managed mosquitto; killed on drop.
+/// A running managed mosquitto; stopped (SIGTERM, then SIGKILL after [`STOP_GRACE`]) by
+/// [`ManagedBroker::stop`] or on drop.
 pub struct ManagedBroker {
-    child: Child,
+    child: Option<Child>,
     /// What the supervisor (and local tools) connect to.
     pub local_url: String,
     /// What the agents connect to.
@@ -246,10 +266,12 @@ impl ManagedBroker {
              per_listener_settings true\n\
              persistence true\n\
              persistence_location {dir}/\n\
+             autosave_interval {autosave}\n\
+             autosave_on_changes false\n\
              log_dest stderr\n\
              log_type error\n\
              log_type warning\n\
-             max_packet_size 1048576\n\
+             max_packet_size {MAX_PACKET_SIZE}\n\
              set_tcp_nodelay true\n\
              \n\
              listener {port} 127.0.0.1\n\
@@ -260,6 +282,7 @@ impl ManagedBroker {
              password_file {passwd}\n\
              acl_file {acl}\n",
             dir = state_dir.display(),
+            autosave = AUTOSAVE_INTERVAL.as_secs(),
             passwd = passwd.display(),
             acl = acl.display(),
         );
@@ -270,6 +293,9 @@ impl ManagedBroker {
         let mut child = Command::new(bin)
             .arg("-c")
             .arg(&conf)
+            // Its own process group: a Ctrl-C in the supervisor's terminal reaches the
+            // supervisor only, which then stops the broker itself, after its last publications.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -293,6 +319,7 @@ impl ManagedBroker {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
+                let _ = child.wait();
                 return Err(BrokerError::Start(format!(
                     "not listening on 127.0.0.1:{port} and {gateway}:{port} within 10 s"
                 )));
@@ -308,7 +335,7 @@ impl ManagedBroker {
             pid: std::sync::Mutex::new(Some(child.id())),
         });
         Ok(ManagedBroker {
-            child,
+            child: Some(child),
             local_url: format!("mqtt://127.0.0.1:{port}"),
             agent_url: format!("mqtt://{gateway}:{port}"),
             logins,
@@ -322,13 +349,47 @@ impl ManagedBroker {
     }
 }
 
-impl Drop for ManagedBroker {
-    fn drop(&mut self) {
+impl ManagedBroker {
+    /// Stops mosquitto the way it saves everything: SIGTERM, which makes it write its
+    /// persistence file (retained messages, sessions, queued QoS 1 messages) and exit; SIGKILL
+    /// only if it has not exited within [`STOP_GRACE`]. Blocks until it has been reaped. Does
+    /// nothing the second time.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
         // No SIGHUP to a pid that may be reused.
         *self.logins.pid.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + STOP_GRACE;
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    tracing::error!(grace = ?STOP_GRACE, "The managed broker did not exit after SIGTERM; killing it (what changed since its last autosave is lost).");
+                    let _ = child.kill();
+                    break child.wait().ok();
+                }
+            }
+        };
         let _ = std::fs::remove_file(self.dir.join("mosquitto.pid"));
+        match status {
+            Some(s) if s.success() => {
+                tracing::info!("The managed broker stopped and saved its state.")
+            }
+            Some(s) => tracing::warn!(status = %s, "The managed broker exited uncleanly."),
+            None => {}
+        }
+    }
+}
+
+impl Drop for ManagedBroker {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -352,9 +413,27 @@ fn stop_leftover(state_dir: &Path) {
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGTERM,
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+    let gone = || {
+        // Gone, or a zombie waiting for its (dead) parent's reaper: either way it has exited.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    let deadline = Instant::now() + STOP_GRACE;
+    while !gone() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if !gone() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        while !gone() && Instant::now() < deadline + Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -350,8 +350,12 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         } else {
             None
         };
-        supervise::run(settings, runtime, shutdown_signal()).await?;
-        drop(managed_broker);
+        let result = supervise::run(settings, runtime, shutdown_signal()).await;
+        // After the supervisor's last publications: SIGTERM, so mosquitto saves its state.
+        if let Some(mut b) = managed_broker {
+            let _ = tokio::task::spawn_blocking(move || b.stop()).await;
+        }
+        result?;
         anyhow::Ok(())
     })
 }

@@ -153,6 +153,7 @@ use tracing::{debug, info, warn};
 /// ([`MAX_PAYLOAD_LIMIT`](crate::config::MAX_PAYLOAD_LIMIT), 8 MiB) plus 64 KiB for the topic,
 /// properties and header. The shipped `mosquitto/mosquitto.conf` sets `max_packet_size` to it.
 pub const MAX_PACKET_SIZE: usize = 8 * 1024 * 1024 + 64 * 1024;
+const _: () = assert!(MAX_PACKET_SIZE >= crate::config::MAX_PAYLOAD_LIMIT as usize + 64 * 1024);
 
 /// Capacity of rumqttc's request channel: small, so that our outbox (with its overflow policy)
 /// holds the backlog, not rumqttc.
