@@ -425,11 +425,11 @@ got = []
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v5-test", protocol=mqtt.MQTTv5)
 c.on_message = lambda cl, u, m: got.append((m.payload.decode(), m.properties.CorrelationData))
 c.connect("127.0.0.1", {port})
-c.subscribe("replies/v5-test", qos=1)
+c.subscribe("labvisor/replies/job-v5/v5-test", qos=1)
 c.loop_start()
 time.sleep(0.5)
 p = Properties(PacketTypes.PUBLISH)
-p.ResponseTopic = "replies/v5-test"
+p.ResponseTopic = "labvisor/replies/job-v5/v5-test"
 p.CorrelationData = b"corr-7"
 c.publish("job-v5/submit", "echo via paho", qos=1, properties=p)
 deadline = time.time() + 15
@@ -671,4 +671,150 @@ fn large_submissions_run_up_to_max_payload_and_larger_ones_are_rejected_with_the
     assert_eq!(log.lines().filter(|l| *l == "ran 1m").count(), 1);
     assert!(!log.contains("ran 3m"));
     assert_eq!(mqtt.on(&format!("{sut}/submit_status")).len(), 3);
+}
+
+#[test]
+fn reply_topics_must_lie_in_the_reply_space_under_the_shipped_acl() {
+    // The shipped ACL; every client logs in: the agent as its SUT, the submitter and the
+    // collector with their roles.
+    let sut = "job-reply";
+    let files = tempfile::tempdir().unwrap();
+    let passwd = files.path().join("passwd");
+    for (i, (user, pw)) in [
+        (sut, "pw-agent"),
+        ("labvisor.submit", "pw-submit"),
+        ("labvisor.supervisor", "pw-supervisor"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut cmd = Command::new("mosquitto_passwd");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let out = cmd
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, pw])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // mosquitto started as root reads it as the user it drops to.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&passwd, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let acl = labvisor_tests::workspace_root().join("mosquitto/acl");
+    let broker = Mosquitto::start_with(&format!(
+        "allow_anonymous false\npersistence false\npassword_file {}\nacl_file {}\n",
+        passwd.display(),
+        acl.display()
+    ));
+    let space = format!("labvisor/replies/{sut}");
+    let mqtt = Collector::start_as(
+        broker.port(),
+        &[&format!("{sut}/#"), "labvisor/replies/#", "ci/#"],
+        Some(("labvisor.supervisor", "pw-supervisor")),
+    );
+    let _agent = AgentProc::start(
+        sut,
+        &sut_toml(None, ""),
+        Some(&broker.url()),
+        &[
+            "--grace",
+            "500ms",
+            "--username",
+            sut,
+            "--password",
+            "pw-agent",
+        ],
+    );
+    mqtt.wait(&format!("{sut}/agent"), LIMIT, |m| {
+        json(m)["state"] == "idle" && json(m)["broker_connected"] == true
+    });
+    let submit = |payload: &str| {
+        let out = broker.publish(
+            &format!("{sut}/submit"),
+            payload,
+            &["-q", "1", "-u", "labvisor.submit", "-P", "pw-submit"],
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    // In the reply space: the answer arrives there.
+    submit(&format!(
+        r#"{{"id":"in-space","script":"echo ran in-space","reply_to":"{space}/ci-1"}}"#
+    ));
+    let a = json(&mqtt.wait(&format!("{space}/ci-1"), LIMIT, |_| true));
+    assert_eq!(
+        (a["id"].as_str(), a["result"].as_str()),
+        (Some("in-space"), Some("accepted"))
+    );
+    // Elsewhere: rejected at once on submit_status, naming the allowed space; never run.
+    submit(r#"{"id":"elsewhere","script":"echo ran elsewhere","reply_to":"ci/acks"}"#);
+    let status = format!("{sut}/submit_status");
+    let a = json(&mqtt.wait(&status, LIMIT, |m| json(m)["id"] == "elsewhere"));
+    assert_eq!(a["result"], "rejected", "{a}");
+    assert!(
+        a["reason"].as_str().unwrap().contains(&format!(
+            "\"ci/acks\" is outside this SUT's reply space: answers go to {space}/#"
+        )),
+        "{a}"
+    );
+    // The MQTT 5 response topic, with paho: in the space it answers with the correlation data,
+    // elsewhere the job is rejected.
+    let out = paho(
+        &format!(
+            r#"
+import json, time
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+got = []
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="reply-v5", protocol=mqtt.MQTTv5)
+c.username_pw_set("labvisor.submit", "pw-submit")
+c.on_message = lambda cl, u, m: got.append((m.topic, m.payload.decode(), m.properties.CorrelationData))
+c.connect("127.0.0.1", {{port}})
+c.subscribe("{space}/v5", qos=1)
+c.loop_start()
+time.sleep(0.5)
+for topic, job in [("{space}/v5", "v5-in"), ("ci/v5", "v5-out")]:
+    p = Properties(PacketTypes.PUBLISH)
+    p.ResponseTopic = topic
+    p.CorrelationData = job.encode()
+    c.publish("{sut}/submit", json.dumps({{"id": job, "script": "echo ran " + job}}), qos=1, properties=p).wait_for_publish(10)
+deadline = time.time() + 15
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+c.loop_stop()
+print(json.dumps([[t, json.loads(p), cd.decode()] for t, p, cd in got]))
+"#
+        ),
+        broker.port(),
+    );
+    let got: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got[0][0], format!("{space}/v5"));
+    assert_eq!(got[0][1]["id"], "v5-in");
+    assert_eq!(got[0][1]["result"], "accepted");
+    assert_eq!(got[0][2], "v5-in");
+    let a = json(&mqtt.wait(&status, LIMIT, |m| json(m)["id"] == "v5-out"));
+    assert_eq!(a["result"], "rejected", "{a}");
+    assert!(
+        a["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("the MQTT 5 response topic \"ci/v5\" is outside this SUT's reply space"),
+        "{a}"
+    );
+    // The accepted jobs ran; the rejected ones never did; nothing was answered outside.
+    for id in ["in-space", "v5-in"] {
+        mqtt.wait(&format!("{sut}/jobs/{id}"), LIMIT, |m| {
+            json(m)["state"] == "passed"
+        });
+    }
+    let log = String::from_utf8_lossy(&_agent.log()).into_owned();
+    assert!(
+        !log.contains("ran elsewhere") && !log.contains("ran v5-out"),
+        "{log}"
+    );
+    assert_eq!(mqtt.on(&status).len(), 4);
+    assert!(mqtt.all().iter().all(|m| !m.topic.starts_with("ci/")));
 }

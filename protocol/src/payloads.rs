@@ -271,7 +271,9 @@ pub struct JobSubmit {
     /// Silence limit ("5m"), capped by the SUT's `[job] output_timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_timeout: Option<String>,
-    /// A topic for the acknowledgement, besides `<sut>/submit_status`.
+    /// A topic for the acknowledgement, besides `<sut>/submit_status`: in the SUT's reply space
+    /// `[<prefix>/]labvisor/replies/<sut>/#` (or under `<sut>/`, outside labvisor's own topics);
+    /// any other topic gets the job rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
 }
