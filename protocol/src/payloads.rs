@@ -514,6 +514,22 @@ pub struct SupervisorStatus {
     pub suts: SutCounts,
     /// When, ms since the epoch.
     pub time_ms: u64,
+    /// The managed broker (`labvisor supervise` without `--broker`); absent with an external
+    /// broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_broker: Option<ManagedBrokerStatus>,
+}
+
+/// The managed broker in a [`SupervisorStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagedBrokerStatus {
+    /// Whether mosquitto runs and listens (it is restarted when it dies).
+    pub up: bool,
+    /// How often it was restarted after it died, since the supervisor started.
+    pub restarts: u64,
+    /// How it last died (`signal: 9 (SIGKILL)`, `exit status: 1`), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
 }
 
 /// A random id (16 hex digits) for boot ids and generated job ids' tails.

@@ -411,9 +411,17 @@ pub async fn status(args: &BrokerArgs, json: bool, out: &mut dyn Write) -> Resul
         )?;
     }
     for sup in &sups {
+        let broker = match &sup.managed_broker {
+            Some(b) => format!(
+                ", managed broker {} ({} restarts)",
+                if b.up { "up" } else { "DOWN" },
+                b.restarts
+            ),
+            None => String::new(),
+        };
         writeln!(
             out,
-            "supervisor {}: {}, docker {}, {} SUTs desired, {} running, {} invalid files, seen {} ago",
+            "supervisor {}: {}, docker {}{broker}, {} SUTs desired, {} running, {} invalid files, seen {} ago",
             sup.id,
             serde_json::to_value(sup.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
             if sup.docker_reachable { "reachable" } else { "UNREACHABLE" },

@@ -314,6 +314,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         poll: args.poll,
         metrics_listen,
         logins: None,
+        managed_broker: None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -346,6 +347,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             // created, and may use only its own topics.
             settings.spec.agent_credentials = Some(b.logins.dir().to_path_buf());
             settings.logins = Some(b.logins.clone());
+            settings.managed_broker = Some(b.status.clone());
             Some(b)
         } else {
             None

@@ -80,8 +80,8 @@ use futures_util::StreamExt;
 use labvisor_protocol::config::{self, scan_dir, Allow, OnUnhealthy, Scan, SutConfig};
 use labvisor_protocol::mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS};
 use labvisor_protocol::payloads::{
-    self, AgentState, AgentStatus, Health, JobStatus, SupervisorState, SupervisorStatus, SutCounts,
-    SutView,
+    self, AgentState, AgentStatus, Health, JobStatus, ManagedBrokerStatus, SupervisorState,
+    SupervisorStatus, SutCounts, SutView,
 };
 use labvisor_protocol::topics::{SutTopic, Topics};
 use labvisor_protocol::SutName;
@@ -146,6 +146,9 @@ pub struct Settings {
     /// The managed broker's per-SUT logins, made before a SUT's container is created (its
     /// password file is then in `spec.agent_credentials`); `None` with an external broker.
     pub logins: Option<std::sync::Arc<crate::broker::AgentLogins>>,
+    /// The managed broker's state (it is restarted when it dies), shown in the supervisor's
+    /// status, `/metrics` and `/healthz`; `None` with an external broker.
+    pub managed_broker: Option<tokio::sync::watch::Receiver<ManagedBrokerStatus>>,
 }
 
 /// A fatal error: the supervisor cannot start.
@@ -336,6 +339,8 @@ struct Supervisor<R> {
     metrics: Metrics,
     /// Build contexts (`[build]`) watched recursively with the directory's watcher.
     contexts: BTreeSet<PathBuf>,
+    /// The managed broker's last known state.
+    broker: Option<ManagedBrokerStatus>,
 }
 
 /// Runs the supervisor until `shutdown` resolves. Leaves the agents running.
@@ -345,7 +350,16 @@ pub async fn run<R: ContainerRuntime>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SuperviseError> {
     let boot_id = payloads::random_id();
-    let metrics = Metrics::new(settings.resync);
+    let mut broker_rx = settings.managed_broker.clone();
+    let broker = broker_rx.as_mut().map(|r| r.borrow_and_update().clone());
+    let metrics = match &broker {
+        Some(b) => {
+            let m = Metrics::new(settings.resync).with_managed_broker();
+            m.on_broker(b);
+            m
+        }
+        None => Metrics::new(settings.resync),
+    };
     let listener = match settings.metrics_listen {
         Some(listen) => match tokio::net::TcpListener::bind(listen.addr).await {
             Ok(l) => Some(l),
@@ -387,6 +401,7 @@ pub async fn run<R: ContainerRuntime>(
                 &boot_id,
                 false,
                 SutCounts::default(),
+                broker.clone(),
             );
             opts.will = Some(Message::state(status_topic.clone(), lost));
             let (link, incoming) = MqttLink::start(opts)?;
@@ -424,6 +439,7 @@ pub async fn run<R: ContainerRuntime>(
         wake_at: None,
         metrics,
         contexts: BTreeSet::new(),
+        broker,
     };
     info!(dir = %sup.exec.settings.sut_dir.display(), supervisor = %sup.exec.settings.spec.supervisor, "Supervising.");
     let mut fs_due: Option<Instant> = None;
@@ -442,6 +458,15 @@ pub async fn run<R: ContainerRuntime>(
                 fs_due = Some(Instant::now() + DEBOUNCE);
             }
             Some(()) = docker_rx.recv() => sup.due_in(EVENT_DELAY),
+            Ok(()) = async { match broker_rx.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } } => {
+                if let Some(r) = broker_rx.as_mut() {
+                    let b = r.borrow_and_update().clone();
+                    sup.metrics.on_broker(&b);
+                    sup.broker = Some(b);
+                    // The status says so at once (queued while the broker is down).
+                    sup.due_in(Duration::ZERO);
+                }
+            }
             Some(done) = done_rx.recv() => sup.finished(done),
             Some(msg) = async { match incoming.as_mut() { Some(i) => i.recv().await, None => std::future::pending().await } } => {
                 sup.message(&msg.topic, &msg.payload, msg.retain);
@@ -500,6 +525,7 @@ pub async fn run<R: ContainerRuntime>(
             &sup.boot_id,
             sup.docker_reachable,
             counts,
+            sup.broker.clone(),
         );
         if let Err(error) = link
             .shutdown(
@@ -520,6 +546,7 @@ fn status_json(
     boot_id: &str,
     docker_reachable: bool,
     suts: SutCounts,
+    managed_broker: Option<ManagedBrokerStatus>,
 ) -> Vec<u8> {
     serde_json::to_vec(&SupervisorStatus {
         v: payloads::VERSION,
@@ -530,6 +557,7 @@ fn status_json(
         docker_reachable,
         suts,
         time_ms: payloads::now_ms(),
+        managed_broker,
     })
     .expect("status serialises")
 }
@@ -1138,6 +1166,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             docker_reachable: self.docker_reachable,
             suts: counts,
             time_ms: 0,
+            managed_broker: self.broker.clone(),
         };
         let Some(link) = &self.link else {
             self.published_status = Some(status);

@@ -41,6 +41,7 @@ fn settings(dir: &Path) -> Settings {
         logins: None,
         poll: None,
         metrics_listen: None,
+        managed_broker: None,
     }
 }
 

@@ -23,6 +23,18 @@ fn supervise(
     port: u16,
     log: &Path,
 ) -> KillOnDrop {
+    supervise_with(scope, sut_dir, state, port, log, "none")
+}
+
+/// [`supervise`], serving `/metrics` and `/healthz` on `metrics` (or `none`).
+fn supervise_with(
+    scope: &DockerScope,
+    sut_dir: &Path,
+    state: &Path,
+    port: u16,
+    log: &Path,
+    metrics: &str,
+) -> KillOnDrop {
     let child = Command::new(env!("CARGO_BIN_EXE_labvisor"))
         .arg("supervise")
         .arg("--sut-dir")
@@ -31,7 +43,7 @@ fn supervise(
         .args(["--name-prefix", &scope.name("")])
         .args(["--extra-label", &scope.label()])
         .args(["--broker-port", &port.to_string()])
-        .args(["--metrics-listen", "none"])
+        .args(["--metrics-listen", metrics])
         .arg("--state-dir")
         .arg(state)
         .arg("--agent-bin")
@@ -543,4 +555,190 @@ fn acknowledged_jobs_and_retained_state_survive_supervisor_stops() {
     let end = retained(port, &state).unwrap();
     assert_eq!(jobs(&end), expected, "{end:?}");
     assert_eq!(expected, 8);
+}
+
+/// Whether `pid` is a zombie child of `parent` (exited, never reaped).
+fn zombie_of(pid: i32, parent: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        let Some((_, rest)) = s.rsplit_once(')') else {
+            return false;
+        };
+        let mut f = rest.split_whitespace();
+        f.next() == Some("Z") && f.next() == Some(parent.to_string().as_str())
+    })
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// The value of an unlabelled sample in `/metrics`.
+fn metric(port: u16, name: &str) -> Option<u64> {
+    let (_, body) = http_get(port, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+}
+
+/// `kill -9` of the managed mosquitto: the supervisor logs it (error, with the exit status),
+/// reaps it, and has it listening again within 2 s; `/metrics` counts the restart. A broker
+/// that cannot start again (its config broken for the test) is retried with backoff while
+/// `/healthz` answers 503 with the reason and `labvisor_broker_up` is 0; once it can, it is
+/// back, and an agent's output reaches MQTT again.
+#[test]
+fn a_killed_managed_broker_is_restarted() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("brokerkill");
+    let dir = tempfile::tempdir().unwrap();
+    let sut_dir = dir.path().join("sut");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&sut_dir).unwrap();
+    std::fs::write(sut_dir.join("bk-1.toml"), SUT_TEXT).unwrap();
+    let port = free_port();
+    let mport = free_port();
+    let log = dir.path().join("supervisor.log");
+    let sup = supervise_with(
+        &scope,
+        &sut_dir,
+        &state,
+        port,
+        &log,
+        &format!("127.0.0.1:{mport}"),
+    );
+    let fail = |what: &str| -> String {
+        format!(
+            "{what}\n--- supervisor log ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    wait_until(&fail("bk-1 idle"), Duration::from_secs(60), || {
+        let v = status_json(port, &state)?;
+        let row = v["suts"]
+            .as_array()?
+            .iter()
+            .find(|r| r["sut"] == "bk-1")?
+            .clone();
+        (row["state"] == "idle").then_some(())
+    });
+    wait_until(&fail("healthz ok"), Duration::from_secs(30), || {
+        (http_get(mport, "/healthz")?.0 == 200).then_some(())
+    });
+    assert_eq!(metric(mport, "labvisor_broker_up"), Some(1));
+    assert_eq!(metric(mport, "labvisor_broker_restarts_total"), Some(0));
+    let broker_pid = || -> Option<i32> {
+        std::fs::read_to_string(state.join("mosquitto.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+
+    // 1. kill -9: listening again within 2 s, reaped, logged, counted.
+    let first = broker_pid().unwrap();
+    let killed = std::time::Instant::now();
+    signal(first as u32, nix::sys::signal::Signal::SIGKILL, false);
+    wait_until(
+        &fail("a new broker listens within 2 s"),
+        Duration::from_secs(2),
+        || {
+            (broker_pid()? != first && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+                .then_some(())
+        },
+    );
+    eprintln!("listening again {:?} after the kill", killed.elapsed());
+    wait_until(
+        &fail("the killed broker is reaped"),
+        Duration::from_secs(2),
+        || (!zombie_of(first, sup.id())).then_some(()),
+    );
+    wait_until(
+        &fail("one restart counted"),
+        Duration::from_secs(10),
+        || {
+            (metric(mport, "labvisor_broker_restarts_total")? == 1
+                && metric(mport, "labvisor_broker_up")? == 1)
+                .then_some(())
+        },
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let died: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("The managed broker died"))
+        .collect();
+    assert_eq!(died.len(), 1, "{text}");
+    assert!(
+        died[0].contains("ERROR") && died[0].contains("SIGKILL"),
+        "{}",
+        died[0]
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("The managed broker was restarted"))
+            .count(),
+        1,
+        "{text}"
+    );
+
+    // 2. A broker that cannot start: down, and /healthz and /metrics say so, until it can.
+    let conf = state.join("mosquitto.conf");
+    let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("{good}no_such_option true\n")).unwrap();
+    let second = broker_pid().unwrap();
+    signal(second as u32, nix::sys::signal::Signal::SIGKILL, false);
+    let (code, reason) = wait_until(&fail("healthz 503"), Duration::from_secs(10), || {
+        http_get(mport, "/healthz").filter(|(c, _)| *c == 503)
+    });
+    assert_eq!(code, 503);
+    assert!(reason.contains("managed broker is down"), "{reason}");
+    assert_eq!(metric(mport, "labvisor_broker_up"), Some(0));
+    wait_until(
+        &fail("a failed restart logged"),
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .contains("could not be restarted")
+                .then_some(())
+        },
+    );
+    std::fs::write(&conf, &good).unwrap();
+    wait_until(&fail("up again"), Duration::from_secs(40), || {
+        (http_get(mport, "/healthz")?.0 == 200
+            && metric(mport, "labvisor_broker_up")? == 1
+            && metric(mport, "labvisor_broker_restarts_total")? == 2)
+            .then_some(())
+    });
+    assert!(!zombie_of(second, sup.id()));
+
+    // The agent's output reaches MQTT again, and the supervisor's status tells the story.
+    let auth = local_auth(&state);
+    let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+    let sub = labvisor_tests::Subscriber::start(port, "bk-1/output", &auth);
+    sub.wait_for(
+        &fail("bk-1's output after the restarts"),
+        Duration::from_secs(30),
+        |l| l.starts_with("bk-1/output ") && l.contains("up"),
+    );
+    let v = wait_until(
+        &fail("the supervisor's status"),
+        Duration::from_secs(30),
+        || {
+            let v = status_json(port, &state)?;
+            let s = v["supervisors"].as_array()?.first()?.clone();
+            (s["managed_broker"]["restarts"] == 2).then_some(s)
+        },
+    );
+    assert_eq!(v["managed_broker"]["up"], true, "{v}");
+    assert!(
+        v["managed_broker"]["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("SIGKILL")),
+        "{v}"
+    );
 }
