@@ -512,6 +512,11 @@ pub struct SupervisorStatus {
     pub suts: SutCounts,
     /// When, ms since the epoch.
     pub time_ms: u64,
+    /// Problems of the entries in the SUT directory that name no SUT (a file name that is not a
+    /// valid SUT name, or not UTF-8), one `file: problem` line each. Problems of a file that
+    /// names a SUT are on that SUT's `<sut>/supervisor` view ([`SutView::config_problems`]).
+    #[serde(default)]
+    pub file_problems: Vec<String>,
 }
 
 /// A random id (16 hex digits) for boot ids and generated job ids' tails.

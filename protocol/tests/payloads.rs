@@ -194,6 +194,7 @@ fn supervisor_status() {
             invalid: 1,
         },
         time_ms: T,
+        file_problems: vec!["sut/Bad_Name.toml: name: the file name gives SUT name \"Bad_Name\", which is not valid".into()],
     };
     round_trip(&p);
     insta::assert_json_snapshot!(p);

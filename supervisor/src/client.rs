@@ -422,6 +422,9 @@ pub async fn status(args: &BrokerArgs, json: bool, out: &mut dyn Write) -> Resul
             sup.suts.invalid,
             age(sup.time_ms),
         )?;
+        for p in &sup.file_problems {
+            writeln!(out, "  {p}")?;
+        }
     }
     Ok(())
 }
