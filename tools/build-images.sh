@@ -9,6 +9,9 @@
 #
 # Idempotent: an image that already exists is kept unless FORCE=1.
 set -euo pipefail
+case "${1:-}" in
+    -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 
 what="${1:-all}"

@@ -7,6 +7,9 @@
 # formatting and lints, and runs the whole workspace suite against the real engine and real
 # brokers. Tests that need Docker or mosquitto fail loudly when they are missing; none is skipped.
 set -euo pipefail
+case "${1:-}" in
+    -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 
 . tools/lib.sh

@@ -518,6 +518,11 @@ pub struct SupervisorStatus {
     /// broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed_broker: Option<ManagedBrokerStatus>,
+    /// Problems of the entries in the SUT directory that name no SUT (a file name that is not a
+    /// valid SUT name, or not UTF-8), one `file: problem` line each. Problems of a file that
+    /// names a SUT are on that SUT's `<sut>/supervisor` view ([`SutView::config_problems`]).
+    #[serde(default)]
+    pub file_problems: Vec<String>,
 }
 
 /// The managed broker in a [`SupervisorStatus`].

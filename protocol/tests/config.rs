@@ -492,7 +492,6 @@ fn scan_skips_editor_files_and_reports_invalid_ones() {
     ] {
         fs::write(d.join(junk), "garbage [[[").unwrap();
     }
-    fs::create_dir(d.join("dir.toml")).unwrap();
     let scan = scan_dir(d, &Allow::default()).unwrap();
     assert_eq!(scan.valid.len(), 1);
     assert!(scan.valid.keys().any(|n| n.as_str() == "good"));
@@ -501,6 +500,53 @@ fn scan_skips_editor_files_and_reports_invalid_ones() {
         [&d.join("bad.toml")]
     );
     assert!(scan_dir(&d.join("missing"), &Allow::default()).is_err());
+}
+
+/// Entries named like SUT files that cannot be one are reported, never silently skipped: a bad
+/// name, a directory, a dangling symlink, and a name that is not UTF-8.
+#[test]
+fn scan_reports_what_looks_like_a_sut_file_but_cannot_be_one() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::write(d.join("good.toml"), "image = \"x\"\n").unwrap();
+    fs::write(d.join("Bad_Name.toml"), "image = \"x\"\n").unwrap();
+    fs::create_dir(d.join("dir.toml")).unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere"), d.join("dangling.toml")).unwrap();
+    let latin1 = d.join(std::ffi::OsStr::from_bytes(b"caf\xe9.toml"));
+    fs::write(&latin1, "image = \"x\"\n").unwrap();
+    // Not meant as SUT files at all: still ignored.
+    fs::write(d.join(std::ffi::OsStr::from_bytes(b"caf\xe9.txt")), "x").unwrap();
+    fs::create_dir(d.join("shared")).unwrap();
+
+    let scan = scan_dir(d, &Allow::default()).unwrap();
+    assert_eq!(scan.valid.len(), 1);
+    let mut want = vec![
+        d.join("Bad_Name.toml"),
+        d.join("dangling.toml"),
+        d.join("dir.toml"),
+        latin1.clone(),
+    ];
+    want.sort();
+    assert_eq!(scan.invalid.keys().cloned().collect::<Vec<_>>(), want);
+    let one = |p: &std::path::Path| {
+        let probs = &scan.invalid[p];
+        assert_eq!(probs.len(), 1, "{probs:?}");
+        probs[0].clone()
+    };
+    assert_eq!(one(&d.join("Bad_Name.toml")).key, "name");
+    let dir_problem = one(&d.join("dir.toml"));
+    assert!(
+        dir_problem.message.contains("is a directory"),
+        "{dir_problem}"
+    );
+    assert!(one(&d.join("dangling.toml"))
+        .message
+        .starts_with("cannot read the file"));
+    let name = one(&latin1);
+    assert_eq!(name.key, "name");
+    assert!(name.message.contains("not valid UTF-8"), "{name}");
+    assert_eq!(name.file, latin1.display().to_string());
 }
 
 /// Keys, each with a strategy for a plausible (often wrong) value.

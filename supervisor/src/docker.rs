@@ -348,6 +348,17 @@ impl DockerRuntime {
             .find(|ip| ip.is_ipv4()))
     }
 
+    /// Whether the volume `name` exists.
+    async fn volume_exists(&self, name: &str) -> Result<bool, RuntimeError> {
+        match self.docker.inspect_volume(name).await {
+            Ok(_) => Ok(true),
+            Err(e) => match RuntimeError::from(e) {
+                RuntimeError::NotFound(_) => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
     async fn ensure_volume(&self, vol: &Named) -> Result<(), RuntimeError> {
         // Creating an existing volume returns it unchanged.
         self.docker
@@ -469,6 +480,17 @@ impl DockerRuntime {
                     Ok(()) => debug!(volume = %v.name, "Removed an old tools volume."),
                     Err(e) => debug!(volume = %v.name, error = %e, "Old tools volume kept."),
                 }
+            }
+        }
+    }
+
+    /// Removes the volume a failed create made; if that fails too (still in use by a container
+    /// that could not be removed), it is only logged: the retry uses it again.
+    async fn remove_made_volume(&self, name: &str) {
+        match self.remove_volume(name).await {
+            Ok(()) => debug!(volume = %name, "Removed the volume of the failed create."),
+            Err(e) => {
+                warn!(volume = %name, error = %e, "Cannot remove the volume of the failed create.")
             }
         }
     }
@@ -790,6 +812,10 @@ impl ContainerRuntime for DockerRuntime {
         let opts = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
+        // The create makes the SUT's volume when it is the first: a create that fails removes
+        // the volume it made (a volume that was there before, with its spool, logs and job
+        // state, is kept).
+        let volume_made = !self.volume_exists(&spec.volume.name).await?;
         let id = match self
             .docker
             .create_container(Some(opts), spec.body.clone())
@@ -799,6 +825,9 @@ impl ContainerRuntime for DockerRuntime {
             Err(e) => {
                 // The image (or network) may have gone: look again on the retry.
                 *self.known() = Known::default();
+                if volume_made {
+                    self.remove_made_volume(&spec.volume.name).await;
+                }
                 return Err(e.into());
             }
         };
@@ -813,6 +842,9 @@ impl ContainerRuntime for DockerRuntime {
             // Never leave a half-made container; if this fails too, the next pass sees it
             // `created` and recreates it.
             let _ = self.remove(&id).await;
+            if volume_made {
+                self.remove_made_volume(&spec.volume.name).await;
+            }
             // The engine checks the network only at start.
             *self.known() = Known::default();
             return Err(e);

@@ -3,6 +3,7 @@
 //! Thin command line over `labvisor_supervisor`.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -397,6 +398,9 @@ where
     };
     match rt.block_on(f()) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output is gone (`labvisor jobs x | head`): nothing to say, and
+        // nobody to say it to.
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("labvisor {name}: {e}");
             ExitCode::from(e.exit_code())
@@ -479,7 +483,8 @@ fn main() -> ExitCode {
         Command::Healthz { url, timeout } => {
             match labvisor_supervisor::metrics::probe(&url, timeout) {
                 Ok(body) => {
-                    println!("{body}");
+                    // A closed stdout does not change the answer (println! would panic).
+                    let _ = writeln!(stdout.lock(), "{body}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -493,6 +498,10 @@ fn main() -> ExitCode {
             match check::run(&args.dir, args.json, &args.allow.allow(), &mut out) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
+                // The reader went away (`labvisor check sut | head`): stop quietly.
+                Err(check::CheckError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("labvisor check: {e}");
                     ExitCode::from(2)

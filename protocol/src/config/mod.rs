@@ -637,19 +637,71 @@ impl Scan {
     }
 }
 
-/// Loads every SUT file (see [`is_sut_file`]) directly in `dir`; subdirectories are ignored.
-/// Fails only if the directory cannot be listed.
+/// Whether `path`'s name ends in `.toml` but is not valid UTF-8 (so [`is_sut_file`] refuses it):
+/// meant as a SUT file, but no SUT can be named after it.
+fn is_non_utf8_toml(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(name) = path.file_name() else {
+        return false;
+    };
+    let b = name.as_bytes();
+    name.to_str().is_none() && b.ends_with(b".toml") && !b.starts_with(b".")
+}
+
+/// Loads every SUT file (see [`is_sut_file`]) directly in `dir`. Entries named like a SUT file
+/// that cannot be one are reported in [`Scan::invalid`] too, never silently skipped: a directory
+/// (or anything else that is not a regular file, or a dangling symlink) named `x.toml`, and a
+/// `.toml` name that is not UTF-8. Fails only if the directory cannot be listed.
 pub fn scan_dir(dir: &Path, allow: &Allow) -> std::io::Result<Scan> {
     let mut paths = Vec::new();
+    let mut scan = Scan::default();
+    let problem = |path: &Path, key: &str, message: String| {
+        vec![Problem {
+            file: path.display().to_string(),
+            key: key.to_owned(),
+            line: None,
+            message,
+        }]
+    };
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        // Follows symlinks: a symlinked SUT file is fine, a directory named x.toml is not a file.
-        if is_sut_file(&path) && path.is_file() {
-            paths.push(path);
+        if is_non_utf8_toml(&path) {
+            let p = problem(
+                &path,
+                "name",
+                "the file name is not valid UTF-8, so it gives no SUT name; rename the file \
+                 (SUT names are [a-z0-9][a-z0-9_-]*)"
+                    .into(),
+            );
+            scan.invalid.insert(path, p);
+            continue;
+        }
+        if !is_sut_file(&path) {
+            continue;
+        }
+        // Follows symlinks: a symlinked SUT file is fine.
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => paths.push(path),
+            Ok(m) => {
+                let what = if m.is_dir() {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                };
+                let p = problem(
+                    &path,
+                    "",
+                    format!("is {what}, not a SUT file; rename or remove it"),
+                );
+                scan.invalid.insert(path, p);
+            }
+            Err(e) => {
+                let p = problem(&path, "", format!("cannot read the file: {e}"));
+                scan.invalid.insert(path, p);
+            }
         }
     }
     paths.sort();
-    let mut scan = Scan::default();
     for path in paths {
         match load_file(&path, allow) {
             Ok(cfg) => {
