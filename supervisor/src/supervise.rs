@@ -238,7 +238,8 @@ impl<R: ContainerRuntime> Exec<R> {
         let dir = self.settings.sut_dir.clone();
         let allow = self.settings.allow;
         tokio::task::spawn_blocking(move || {
-            let bytes = std::fs::read(&path).map_err(|e| ActionError::File(e.to_string()))?;
+            let bytes =
+                config::read_sut_file(&path).map_err(|e| ActionError::File(e.to_string()))?;
             let text =
                 String::from_utf8(bytes.clone()).map_err(|e| ActionError::File(e.to_string()))?;
             let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -297,6 +298,8 @@ impl<R: ContainerRuntime> Exec<R> {
                 rt.remove(id).await?;
                 if *sut_gone && self.settings.purge_volumes {
                     rt.remove_volume(&self.settings.spec.volume_name(sut))
+                        .await?;
+                    rt.remove_legacy_volume(&self.settings.spec.legacy_volume(sut))
                         .await?;
                 }
                 info!(sut = %sut, container = %id, action = "remove", "Removed the agent container.");
