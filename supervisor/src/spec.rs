@@ -28,6 +28,7 @@
 //!   it starts empty at every start, so a heartbeat from before a restart is never read.
 //! - Environment: `LABVISOR_CONFIG` (where the SUT file is, or would be: its stem is the SUT
 //!   name), `LABVISOR_CONFIG_TOML` when inline, `LABVISOR_BROKER` (unless agents run without a broker),
+//!   `LABVISOR_MQTT_CA_PEM` (the broker's CA certificate, with `--agent-tls` or `--mqtt-ca`),
 //!   `LABVISOR_TOPIC_PREFIX`, `LABVISOR_MQTT_USERNAME`/`PASSWORD` when set, then the SUT's `env`.
 //! - Init on, restart policy unless-stopped, memory and CPU limits from `[resources]`, the named
 //!   volume `[--name-prefix]labvisor-<sut>` at `/labvisor/data` (logs, job queue; it survives
@@ -180,6 +181,9 @@ pub struct SpecContext {
     pub agent_credentials: Option<std::path::PathBuf>,
     /// The static agent and healthcheck binaries.
     pub tools: Tools,
+    /// The CA certificate (PEM text) agents trust for an `mqtts://` broker: the managed
+    /// broker's own CA under `--agent-tls`, or `--mqtt-ca`'s file.
+    pub agent_ca: Option<String>,
 }
 
 impl SpecContext {
@@ -329,6 +333,9 @@ pub fn container_spec(
     }
     if let Some(b) = &ctx.agent_broker {
         env.push(format!("LABVISOR_BROKER={b}"));
+    }
+    if let (Some(_), Some(ca)) = (&ctx.agent_broker, &ctx.agent_ca) {
+        env.push(format!("LABVISOR_MQTT_CA_PEM={ca}"));
     }
     if let Some(p) = ctx.topic_prefix.as_deref().filter(|p| !p.is_empty()) {
         env.push(format!("LABVISOR_TOPIC_PREFIX={p}"));
@@ -632,7 +639,38 @@ mod tests {
             mqtt_password: None,
             agent_credentials: None,
             tools: Tools::new(Bytes::from_static(b"AGENT"), Bytes::from_static(b"HC")),
+            agent_ca: None,
         }
+    }
+
+    #[test]
+    fn the_brokers_ca_reaches_the_agent_only_with_a_broker() {
+        let text = "image = \"img\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = load_str("dut1.toml", text, dir.path(), &Allow::default()).unwrap();
+        let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let mut c = ctx();
+        c.agent_broker = Some("mqtts://10.0.0.1:1883".into());
+        c.agent_ca = Some(ca.into());
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &c).unwrap();
+        let env = s.body.env.unwrap();
+        let given: Vec<&String> = env
+            .iter()
+            .filter(|e| e.starts_with("LABVISOR_MQTT_CA"))
+            .collect();
+        assert_eq!(given, [&format!("LABVISOR_MQTT_CA_PEM={ca}")]);
+        c.agent_broker = None;
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &c).unwrap();
+        let env = s.body.env.unwrap();
+        assert!(!env.iter().any(|e| e.starts_with("LABVISOR_MQTT_CA")));
+        // Without a CA (plain MQTT), nothing is added: existing containers keep their spec.
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();
+        assert!(!s
+            .body
+            .env
+            .unwrap()
+            .iter()
+            .any(|e| e.starts_with("LABVISOR_MQTT_CA")));
     }
 
     #[test]
