@@ -4,7 +4,8 @@
 //! - `labvisor supervise --agent-tls`: the managed broker's agent listener speaks only TLS, with
 //!   the supervisor's own CA (key private to the state directory) and a server certificate for
 //!   the network's gateway; the agent connects over it and a job runs end to end; a plain MQTT
-//!   connection to that listener is refused, even with the agent's own valid login;
+//!   connection to that listener is refused, even with the agent's own valid login; a restarted
+//!   supervisor keeps the CA, so the agent's container is adopted and reconnects;
 //! - an external `mqtts://` broker (mosquitto with a certificate from a test CA made with
 //!   openssl): agents given that CA with `--mqtt-ca` connect, and a job runs end to end.
 
@@ -137,18 +138,14 @@ fn managed_broker_serves_agents_over_tls_only() {
     std::fs::write(sut_dir.join("tl-1.toml"), SUT_TEXT).unwrap();
     let port = free_port();
     let log = dir.path().join("supervisor.log");
-    let _sup = supervise(
-        &scope,
-        &sut_dir,
-        &log,
-        &[
-            "--agent-tls",
-            "--broker-port",
-            &port.to_string(),
-            "--state-dir",
-            state.to_str().unwrap(),
-        ],
-    );
+    let args = [
+        "--agent-tls",
+        "--broker-port",
+        &port.to_string(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let mut sup = supervise(&scope, &sut_dir, &log, &args);
     let fail = |what: &str| -> String {
         format!(
             "{what}\n--- supervisor log ---\n{}\n--- mosquitto log ---\n{}",
@@ -214,6 +211,46 @@ fn managed_broker_serves_agents_over_tls_only() {
     // Anonymous over TLS is refused too.
     let anon = sub_one(&gateway, port, "tl-1/agent", &cafile);
     assert!(!anon.status.success() && anon.stdout.is_empty());
+
+    // A restarted supervisor keeps the CA and makes a new server certificate: the agent's
+    // container is adopted, not recreated, and reconnects over TLS.
+    let id = docker_ok(&["inspect", "-f", "{{.Id}}", &container]);
+    let server_cert = std::fs::read(state.join("server.crt")).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(sup.wait().unwrap().success(), "{}", fail("a clean stop"));
+    let log2 = dir.path().join("supervisor2.log");
+    let _sup2 = supervise(&scope, &sut_dir, &log2, &args);
+    wait_until(
+        &fail("tl-1 back on the restarted broker with a fresh heartbeat"),
+        T,
+        || {
+            let v: serde_json::Value =
+                serde_json::from_slice(&labvisor(&local, &["status", "--json"]).stdout).ok()?;
+            let online = v["supervisors"]
+                .as_array()?
+                .iter()
+                .any(|s| s["state"] == "online");
+            let row = v["suts"].as_array()?.iter().find(|r| r["sut"] == "tl-1")?;
+            (online && row["state"] == "idle" && row["heartbeat_age_ms"].as_u64()? < 3000)
+                .then_some(())
+        },
+    );
+    assert_eq!(docker_ok(&["inspect", "-f", "{{.Id}}", &container]), id);
+    assert_eq!(
+        std::fs::read_to_string(&ca_file).unwrap(),
+        ca,
+        "the CA is kept"
+    );
+    assert_ne!(
+        std::fs::read(state.join("server.crt")).unwrap(),
+        server_cert,
+        "a new server certificate"
+    );
+    run_job(&local, "tl-1", "tls-job-2");
 }
 
 /// A test CA and a server certificate for `ip` signed by it (openssl), in `dir`.
