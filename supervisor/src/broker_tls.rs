@@ -61,7 +61,8 @@ pub enum TlsError {
     /// The CA in the state directory does not make certificates that verify.
     #[error(
         "the CA in {dir} does not sign a server certificate that verifies for {addr} ({reason}); \
-         remove that directory to make a new CA (the agents are then recreated with it)"
+         remove that directory to make a new CA (the agents' containers are then recreated \
+         with it)"
     )]
     Unusable {
         /// The CA directory.

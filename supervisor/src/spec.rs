@@ -187,6 +187,26 @@ pub struct SpecContext {
 }
 
 impl SpecContext {
+    /// The `io.labvisor.config-hash` of a container made from a SUT file whose hash is
+    /// `file_hash`: that hash itself, or, when the agents are given a broker CA (`--agent-tls`,
+    /// `--mqtt-ca`), a hash of it with the broker URL and the CA. So turning TLS on or off, or a
+    /// new CA, recreates the containers (an adopted agent would otherwise keep a broker URL or a
+    /// CA that no longer works), and a lab without TLS keeps the hashes it had.
+    pub fn container_hash(&self, file_hash: &str) -> String {
+        use sha2::Digest;
+        match (&self.agent_broker, &self.agent_ca) {
+            (Some(url), Some(ca)) => {
+                let mut h = sha2::Sha256::new();
+                for part in [file_hash, url, ca] {
+                    h.update((part.len() as u64).to_le_bytes());
+                    h.update(part.as_bytes());
+                }
+                h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+            }
+            _ => file_hash.to_owned(),
+        }
+    }
+
     /// The container name of `sut`.
     pub fn container_name(&self, sut: &SutName) -> String {
         format!("{}{sut}", self.name_prefix)
@@ -663,7 +683,17 @@ mod tests {
         let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &c).unwrap();
         let env = s.body.env.unwrap();
         assert!(!env.iter().any(|e| e.starts_with("LABVISOR_MQTT_CA")));
-        // Without a CA (plain MQTT), nothing is added: existing containers keep their spec.
+        // The CA and the URL are part of the container's hash, so a change recreates it.
+        c.agent_broker = Some("mqtts://10.0.0.1:1883".into());
+        let with_ca = c.container_hash("h");
+        assert_ne!(with_ca, "h");
+        c.agent_ca = Some(ca.replace("MIIB", "MIIC"));
+        assert_ne!(c.container_hash("h"), with_ca);
+        c.agent_broker = Some("mqtts://10.0.0.2:1883".into());
+        assert_ne!(c.container_hash("h"), with_ca);
+        // Without a CA (plain MQTT), nothing is added: existing containers keep their spec and
+        // their hash.
+        assert_eq!(ctx().container_hash("h"), "h");
         let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();
         assert!(!s
             .body

@@ -5,7 +5,8 @@
 //!   the supervisor's own CA (key private to the state directory) and a server certificate for
 //!   the network's gateway; the agent connects over it and a job runs end to end; a plain MQTT
 //!   connection to that listener is refused, even with the agent's own valid login; a restarted
-//!   supervisor keeps the CA, so the agent's container is adopted and reconnects;
+//!   supervisor keeps the CA, so the agent's container is adopted and reconnects; turning
+//!   `--agent-tls` on for a lab that ran without it recreates the agents' containers;
 //! - an external `mqtts://` broker (mosquitto with a certificate from a test CA made with
 //!   openssl): agents given that CA with `--mqtt-ca` connect, and a job runs end to end.
 
@@ -14,8 +15,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use labvisor_tests::{
-    docker_ok, ensure_busybox_image, free_port, network_gateway, run_ok, static_bin, wait_until,
-    DockerScope, KillOnDrop, Mosquitto,
+    docker, docker_ok, ensure_busybox_image, free_port, network_gateway, run_ok, static_bin,
+    wait_until, DockerScope, KillOnDrop, Mosquitto,
 };
 
 const T: Duration = Duration::from_secs(60);
@@ -216,28 +217,13 @@ fn managed_broker_serves_agents_over_tls_only() {
     // container is adopted, not recreated, and reconnects over TLS.
     let id = docker_ok(&["inspect", "-f", "{{.Id}}", &container]);
     let server_cert = std::fs::read(state.join("server.crt")).unwrap();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sup.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(sup.wait().unwrap().success(), "{}", fail("a clean stop"));
+    stop(&mut sup, &fail("a clean stop"));
     let log2 = dir.path().join("supervisor2.log");
     let _sup2 = supervise(&scope, &sut_dir, &log2, &args);
     wait_until(
         &fail("tl-1 back on the restarted broker with a fresh heartbeat"),
         T,
-        || {
-            let v: serde_json::Value =
-                serde_json::from_slice(&labvisor(&local, &["status", "--json"]).stdout).ok()?;
-            let online = v["supervisors"]
-                .as_array()?
-                .iter()
-                .any(|s| s["state"] == "online");
-            let row = v["suts"].as_array()?.iter().find(|r| r["sut"] == "tl-1")?;
-            (online && row["state"] == "idle" && row["heartbeat_age_ms"].as_u64()? < 3000)
-                .then_some(())
-        },
+        || back_online(&local, "tl-1"),
     );
     assert_eq!(docker_ok(&["inspect", "-f", "{{.Id}}", &container]), id);
     assert_eq!(
@@ -251,6 +237,88 @@ fn managed_broker_serves_agents_over_tls_only() {
         "a new server certificate"
     );
     run_job(&local, "tl-1", "tls-job-2");
+}
+
+/// Stops a supervisor with SIGTERM and checks it exits 0 (`what` on failure).
+fn stop(sup: &mut KillOnDrop, what: &str) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(sup.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(sup.wait().unwrap().success(), "{what}");
+}
+
+/// `sut` idle with a heartbeat under 3 s old, under an online supervisor.
+fn back_online(url: &str, sut: &str) -> Option<()> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&labvisor(url, &["status", "--json"]).stdout).ok()?;
+    let online = v["supervisors"]
+        .as_array()?
+        .iter()
+        .any(|s| s["state"] == "online");
+    let row = v["suts"].as_array()?.iter().find(|r| r["sut"] == sut)?;
+    (online && row["state"] == "idle" && row["heartbeat_age_ms"].as_u64()? < 3000).then_some(())
+}
+
+/// A lab that ran without TLS, restarted with `--agent-tls`: the agent's container is
+/// recreated (its broker URL and CA changed), and the new agent connects over TLS.
+#[test]
+fn turning_agent_tls_on_recreates_the_agents() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("tlson");
+    let dir = tempfile::tempdir().unwrap();
+    let sut_dir = dir.path().join("sut");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&sut_dir).unwrap();
+    std::fs::write(sut_dir.join("to-1.toml"), SUT_TEXT).unwrap();
+    let port = free_port();
+    let plain = [
+        "--broker-port",
+        &port.to_string(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let log = dir.path().join("supervisor.log");
+    let log2 = dir.path().join("supervisor2.log");
+    let fail = |what: &str| -> String {
+        format!(
+            "{what}\n--- supervisor log ---\n{}\n--- after the restart ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            std::fs::read_to_string(&log2).unwrap_or_default(),
+        )
+    };
+    let local = format!("mqtt://127.0.0.1:{port}");
+    let mut sup = supervise(&scope, &sut_dir, &log, &plain);
+    wait_until(&fail("to-1 idle and healthy"), T, || {
+        idle_and_healthy(&local, "to-1")
+    });
+    let container = scope.name("to-1");
+    let id = docker_ok(&["inspect", "-f", "{{.Id}}", &container]);
+    assert!(container_env(&container, "LABVISOR_BROKER")
+        .unwrap()
+        .starts_with("mqtt://"));
+    stop(&mut sup, &fail("a clean stop"));
+
+    let _sup2 = supervise(
+        &scope,
+        &sut_dir,
+        &log2,
+        &[&["--agent-tls"], &plain[..]].concat(),
+    );
+    // The retained status from before the restart may still look fresh: wait for a new
+    // container first, then for its agent.
+    wait_until(&fail("to-1 recreated"), T, || {
+        let now = docker(&["inspect", "-f", "{{.Id}}", &container]);
+        (now.status.success() && String::from_utf8_lossy(&now.stdout).trim() != id).then_some(())
+    });
+    wait_until(&fail("to-1 idle over TLS"), T, || {
+        idle_and_healthy(&local, "to-1")
+    });
+    assert!(container_env(&container, "LABVISOR_BROKER")
+        .unwrap()
+        .starts_with("mqtts://"));
+    run_job(&local, "to-1", "tls-on-job-1");
 }
 
 /// A test CA and a server certificate for `ip` signed by it (openssl), in `dir`.
