@@ -42,6 +42,10 @@ struct Args {
     /// CA certificate (PEM) for `mqtts://`.
     #[arg(long, env = "LABVISOR_MQTT_CA")]
     ca_file: Option<PathBuf>,
+    /// CA certificate (PEM text, not a path) for `mqtts://`: how `labvisor supervise` hands
+    /// its agents the CA of their broker. Takes precedence over --ca-file.
+    #[arg(long, env = "LABVISOR_MQTT_CA_PEM", allow_hyphen_values = true)]
+    ca_pem: Option<String>,
     /// Global topic prefix, so two labs can share a broker.
     #[arg(long, env = "LABVISOR_TOPIC_PREFIX")]
     topic_prefix: Option<String>,
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
                     if args.ca_file.is_some() {
                         o.ca_file = args.ca_file.clone();
                     }
+                    o.ca_pem = args.ca_pem.clone();
                     Some(o)
                 }
                 Err(e) => {

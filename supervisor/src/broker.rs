@@ -12,7 +12,8 @@
 //! - `127.0.0.1:<port>`, anonymous: the supervisor itself, and `labvisor status`,
 //!   `mosquitto_sub`, `mosquitto_pub` or MQTT Explorer on this machine;
 //! - `<bridge gateway>:<port>`, password-protected: the agents, which reach the host through the
-//!   gateway of the labvisor bridge network. Each agent logs in as its own SUT with its own
+//!   gateway of the labvisor bridge network (plain MQTT, or with `--agent-tls` only TLS, with
+//!   the supervisor's own CA: [`crate::broker_tls`]). Each agent logs in as its own SUT with its own
 //!   random password ([`AgentLogins`]), given in its environment, and the ACL pattern
 //!   `[<prefix>/]%u/#` confines it to its own topics: a job running on one SUT cannot submit
 //!   jobs to another. Any other container reaching that address cannot connect at all.
@@ -189,11 +190,14 @@ pub struct ManagedBroker {
     /// The agents' logins, one per SUT.
     pub logins: Arc<AgentLogins>,
     dir: PathBuf,
+    /// The CA certificate (PEM) the agents must trust, when their listener speaks TLS.
+    pub agent_ca_pem: Option<String>,
 }
 
 impl ManagedBroker {
     /// Starts mosquitto on `port`, listening on loopback and on `gateway`, with its files in
     /// `state_dir`; agent logins confined by `acl_pattern` ([`Topics::agent_acl_pattern`]).
+    /// With `agent_tls`, the listener on `gateway` speaks only TLS.
     ///
     /// [`Topics::agent_acl_pattern`]: labvisor_protocol::topics::Topics::agent_acl_pattern
     pub fn start(
@@ -201,6 +205,7 @@ impl ManagedBroker {
         port: u16,
         gateway: IpAddr,
         acl_pattern: &str,
+        agent_tls: Option<&crate::broker_tls::AgentTls>,
     ) -> Result<Self, BrokerError> {
         let bin = [
             "/usr/sbin/mosquitto",
@@ -292,11 +297,13 @@ impl ManagedBroker {
              listener {port} {gateway}\n\
              allow_anonymous false\n\
              password_file {passwd}\n\
-             acl_file {acl}\n",
+             acl_file {acl}\n\
+             {tls}",
             dir = state_dir.display(),
             autosave = AUTOSAVE_INTERVAL.as_secs(),
             passwd = passwd.display(),
             acl = acl.display(),
+            tls = agent_tls.map(|t| t.listener_lines()).unwrap_or_default(),
         );
         write_private(&conf, text.as_bytes()).map_err(state(&conf))?;
         let log = state_dir.join("mosquitto.log");
@@ -337,9 +344,13 @@ impl ManagedBroker {
             stop,
             status,
             local_url: format!("mqtt://127.0.0.1:{port}"),
-            agent_url: format!("mqtt://{gateway}:{port}"),
+            agent_url: format!(
+                "{}://{gateway}:{port}",
+                if agent_tls.is_some() { "mqtts" } else { "mqtt" }
+            ),
             logins,
             dir: state_dir.to_path_buf(),
+            agent_ca_pem: agent_tls.map(|t| t.ca_pem.clone()),
         })
     }
 
@@ -688,8 +699,8 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        // The agents' clear-text passwords are the supervisor's, not the broker's.
-        if e.file_name() != AGENTS_DIR {
+        // The agents' clear-text passwords and the CA are the supervisor's, not the broker's.
+        if e.file_name() != AGENTS_DIR && e.file_name() != crate::broker_tls::CA_DIR {
             std::os::unix::fs::chown(e.path(), Some(uid), Some(gid))?;
         }
     }

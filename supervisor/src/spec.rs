@@ -32,6 +32,7 @@
 //!   it starts empty at every start, so a heartbeat from before a restart is never read.
 //! - Environment: `LABVISOR_CONFIG` (where the SUT file is, or would be: its stem is the SUT
 //!   name), `LABVISOR_CONFIG_TOML` when inline, `LABVISOR_BROKER` (unless agents run without a broker),
+//!   `LABVISOR_MQTT_CA_PEM` (the broker's CA certificate, with `--agent-tls` or `--mqtt-ca`),
 //!   `LABVISOR_TOPIC_PREFIX`, `LABVISOR_MQTT_USERNAME`/`PASSWORD` when set, then the SUT's `env`.
 //! - Init on, restart policy unless-stopped, memory and CPU limits from `[resources]`, the named
 //!   volume `[--name-prefix]labvisor.sut.<sut>` at `/labvisor/data` (logs, job queue; it survives
@@ -196,9 +197,32 @@ pub struct SpecContext {
     pub agent_credentials: Option<std::path::PathBuf>,
     /// The static agent and healthcheck binaries.
     pub tools: Tools,
+    /// The CA certificate (PEM text) agents trust for an `mqtts://` broker: the managed
+    /// broker's own CA under `--agent-tls`, or `--mqtt-ca`'s file.
+    pub agent_ca: Option<String>,
 }
 
 impl SpecContext {
+    /// The `io.labvisor.config-hash` of a container made from a SUT file whose hash is
+    /// `file_hash`: that hash itself, or, when the agents are given a broker CA (`--agent-tls`,
+    /// `--mqtt-ca`), a hash of it with the broker URL and the CA. So turning TLS on or off, or a
+    /// new CA, recreates the containers (an adopted agent would otherwise keep a broker URL or a
+    /// CA that no longer works), and a lab without TLS keeps the hashes it had.
+    pub fn container_hash(&self, file_hash: &str) -> String {
+        use sha2::Digest;
+        match (&self.agent_broker, &self.agent_ca) {
+            (Some(url), Some(ca)) => {
+                let mut h = sha2::Sha256::new();
+                for part in [file_hash, url, ca] {
+                    h.update((part.len() as u64).to_le_bytes());
+                    h.update(part.as_bytes());
+                }
+                h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+            }
+            _ => file_hash.to_owned(),
+        }
+    }
+
     /// The container name of `sut`.
     pub fn container_name(&self, sut: &SutName) -> String {
         format!("{}{sut}", self.name_prefix)
@@ -389,6 +413,9 @@ pub fn container_spec(
     }
     if let Some(b) = &ctx.agent_broker {
         env.push(format!("LABVISOR_BROKER={b}"));
+    }
+    if let (Some(_), Some(ca)) = (&ctx.agent_broker, &ctx.agent_ca) {
+        env.push(format!("LABVISOR_MQTT_CA_PEM={ca}"));
     }
     if let Some(p) = ctx.topic_prefix.as_deref().filter(|p| !p.is_empty()) {
         env.push(format!("LABVISOR_TOPIC_PREFIX={p}"));
@@ -709,7 +736,48 @@ mod tests {
             mqtt_password: None,
             agent_credentials: None,
             tools: Tools::new(Bytes::from_static(b"AGENT"), Bytes::from_static(b"HC")),
+            agent_ca: None,
         }
+    }
+
+    #[test]
+    fn the_brokers_ca_reaches_the_agent_only_with_a_broker() {
+        let text = "image = \"img\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = load_str("dut1.toml", text, dir.path(), &Allow::default()).unwrap();
+        let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let mut c = ctx();
+        c.agent_broker = Some("mqtts://10.0.0.1:1883".into());
+        c.agent_ca = Some(ca.into());
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &c).unwrap();
+        let env = s.body.env.unwrap();
+        let given: Vec<&String> = env
+            .iter()
+            .filter(|e| e.starts_with("LABVISOR_MQTT_CA"))
+            .collect();
+        assert_eq!(given, [&format!("LABVISOR_MQTT_CA_PEM={ca}")]);
+        c.agent_broker = None;
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &c).unwrap();
+        let env = s.body.env.unwrap();
+        assert!(!env.iter().any(|e| e.starts_with("LABVISOR_MQTT_CA")));
+        // The CA and the URL are part of the container's hash, so a change recreates it.
+        c.agent_broker = Some("mqtts://10.0.0.1:1883".into());
+        let with_ca = c.container_hash("h");
+        assert_ne!(with_ca, "h");
+        c.agent_ca = Some(ca.replace("MIIB", "MIIC"));
+        assert_ne!(c.container_hash("h"), with_ca);
+        c.agent_broker = Some("mqtts://10.0.0.2:1883".into());
+        assert_ne!(c.container_hash("h"), with_ca);
+        // Without a CA (plain MQTT), nothing is added: existing containers keep their spec and
+        // their hash.
+        assert_eq!(ctx().container_hash("h"), "h");
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();
+        assert!(!s
+            .body
+            .env
+            .unwrap()
+            .iter()
+            .any(|e| e.starts_with("LABVISOR_MQTT_CA")));
     }
 
     #[test]

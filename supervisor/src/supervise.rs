@@ -273,7 +273,8 @@ impl<R: ContainerRuntime> Exec<R> {
                 .await
                 .map_err(|e| ActionError::File(e.to_string()))??;
         }
-        let spec = container_spec(&cfg, &bytes, &cfg.hash(), &self.settings.spec)?;
+        let hash = self.settings.spec.container_hash(&cfg.hash());
+        let spec = container_spec(&cfg, &bytes, &hash, &self.settings.spec)?;
         Ok(self.runtime.create(&spec).await?)
     }
 
@@ -953,7 +954,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 (
                     name.clone(),
                     Desired {
-                        hash: cfg.hash(),
+                        hash: ctx.container_hash(&cfg.hash()),
                         name: ctx.container_name(name),
                         heal: cfg.restart.on_unhealthy == OnUnhealthy::Restart,
                     },

@@ -30,6 +30,7 @@ fn settings(dir: &Path) -> Settings {
             mqtt_password: None,
             agent_credentials: None,
             tools: Tools::new(Bytes::from_static(b"agent"), Bytes::from_static(b"hc")),
+            agent_ca: None,
         },
         topics: Topics::new(),
         mqtt: None,
