@@ -476,17 +476,22 @@ pub enum SupervisorState {
     Lost,
 }
 
-/// SUT counts in a [`SupervisorStatus`].
+/// SUT counts in a [`SupervisorStatus`]. The container counts come from the engine: `null`
+/// (`None`) while it cannot be asked (Docker unreachable, or a lost supervisor's last will),
+/// which means unknown, not zero.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SutCounts {
     /// Valid files in `sut/`.
     pub desired: u64,
-    /// Containers running.
-    pub running: u64,
-    /// Containers healthy.
-    pub healthy: u64,
-    /// Containers unhealthy.
-    pub unhealthy: u64,
+    /// Containers running; `None`: unknown.
+    #[serde(default)]
+    pub running: Option<u64>,
+    /// Containers healthy; `None`: unknown.
+    #[serde(default)]
+    pub healthy: Option<u64>,
+    /// Containers unhealthy; `None`: unknown.
+    #[serde(default)]
+    pub unhealthy: Option<u64>,
     /// Invalid files.
     pub invalid: u64,
 }

@@ -225,7 +225,12 @@ fn parse<T: serde::de::DeserializeOwned>(r: &Received) -> Option<T> {
 }
 
 fn age(ms: u64) -> String {
-    let d = now_ms().saturating_sub(ms) / 1000;
+    age_at(ms, now_ms())
+}
+
+/// How long before `now` the time `ms` was (both ms since the epoch), in its largest unit.
+fn age_at(ms: u64, now: u64) -> String {
+    let d = now.saturating_sub(ms) / 1000;
     match d {
         0..=59 => format!("{d}s"),
         60..=3599 => format!("{}m", d / 60),
@@ -427,22 +432,36 @@ pub async fn status(args: &BrokerArgs, json: bool, out: &mut dyn Write) -> Resul
         )?;
     }
     for sup in &sups {
-        writeln!(
-            out,
-            "supervisor {}: {}, docker {}, {} SUTs desired, {} running, {} invalid files, seen {} ago",
-            sup.id,
-            serde_json::to_value(sup.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-            if sup.docker_reachable { "reachable" } else { "UNREACHABLE" },
-            sup.suts.desired,
-            sup.suts.running,
-            sup.suts.invalid,
-            age(sup.time_ms),
-        )?;
+        writeln!(out, "{}", supervisor_line(sup, now_ms()))?;
         for p in &sup.file_problems {
             writeln!(out, "  {p}")?;
         }
     }
     Ok(())
+}
+
+/// The line `labvisor status` prints for a supervisor's status, as of `now` (ms since the
+/// epoch). Container counts the supervisor could not know (Docker unreachable) say `unknown`.
+pub fn supervisor_line(sup: &SupervisorStatus, now: u64) -> String {
+    let count = |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+    format!(
+        "supervisor {}: {}, docker {}, {} SUTs desired, running {}, healthy {}, {} invalid files, seen {} ago",
+        sup.id,
+        serde_json::to_value(sup.state)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default(),
+        if sup.docker_reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        },
+        sup.suts.desired,
+        count(sup.suts.running),
+        count(sup.suts.healthy),
+        sup.suts.invalid,
+        age_at(sup.time_ms, now),
+    )
 }
 
 fn sut_name(s: &str) -> Result<SutName, ClientError> {
@@ -810,4 +829,55 @@ pub async fn cancel(
         )?;
     }
     Ok(u8::from(ack.result != CancelResult::Cancelled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use labvisor_protocol::payloads::{SupervisorState, SutCounts, VERSION};
+    use labvisor_protocol::topics::SupervisorId;
+
+    fn status(docker_reachable: bool, suts: SutCounts) -> SupervisorStatus {
+        SupervisorStatus {
+            v: VERSION,
+            id: SupervisorId::new("lab").unwrap(),
+            state: SupervisorState::Online,
+            boot_id: "b".into(),
+            version: "0.1.0".into(),
+            docker_reachable,
+            suts,
+            time_ms: 1_000_000,
+            file_problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn supervisor_line_says_unknown_while_docker_is_unreachable() {
+        let up = status(
+            true,
+            SutCounts {
+                desired: 3,
+                running: Some(3),
+                healthy: Some(2),
+                unhealthy: Some(1),
+                invalid: 1,
+            },
+        );
+        assert_eq!(
+            supervisor_line(&up, 1_005_000),
+            "supervisor lab: online, docker reachable, 3 SUTs desired, running 3, healthy 2, 1 invalid files, seen 5s ago"
+        );
+        let down = status(
+            false,
+            SutCounts {
+                desired: 3,
+                invalid: 1,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            supervisor_line(&down, 1_005_000),
+            "supervisor lab: online, docker UNREACHABLE, 3 SUTs desired, running unknown, healthy unknown, 1 invalid files, seen 5s ago"
+        );
+    }
 }

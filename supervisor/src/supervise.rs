@@ -1152,10 +1152,14 @@ impl<R: ContainerRuntime> Supervisor<R> {
 
     fn publish(&mut self, scan: &Scan, actual: &[Actual], desired: &BTreeMap<SutName, Desired>) {
         let settings = &self.exec.settings;
+        // The container counts are unknown (not zero) while the engine cannot be asked.
+        let known = Some(0).filter(|_| self.docker_reachable);
         let mut counts = SutCounts {
             desired: scan.valid.len() as u64,
             invalid: scan.invalid.len() as u64,
-            ..Default::default()
+            running: known,
+            healthy: known,
+            unhealthy: known,
         };
         let problems: BTreeMap<SutName, Vec<String>> = scan
             .invalid
@@ -1173,13 +1177,18 @@ impl<R: ContainerRuntime> Supervisor<R> {
             .flat_map(|(_, probs)| probs.iter().map(|p| p.to_string()))
             .collect();
         for a in actual.iter().filter(|a| a.owned) {
-            if a.state == crate::plan::RunState::Running {
-                counts.running += 1;
+            let count = match a.health {
+                Health::Healthy => &mut counts.healthy,
+                Health::Unhealthy => &mut counts.unhealthy,
+                _ => &mut None,
+            };
+            if let Some(n) = count {
+                *n += 1;
             }
-            match a.health {
-                Health::Healthy => counts.healthy += 1,
-                Health::Unhealthy => counts.unhealthy += 1,
-                _ => {}
+            if a.state == crate::plan::RunState::Running {
+                if let Some(n) = &mut counts.running {
+                    *n += 1;
+                }
             }
         }
         let status = SupervisorStatus {

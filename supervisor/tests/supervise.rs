@@ -288,7 +288,7 @@ fn sigkilled_supervisor_adopts_its_containers() {
     wait_until("the new supervisor online with 4 healthy", T, || {
         statuses(&sub)
             .into_iter()
-            .find(|s| s.boot_id != first_boot && s.suts.healthy == 4)
+            .find(|s| s.boot_id != first_boot && s.suts.healthy == Some(4))
     });
     let now = ps(&scope);
     assert_eq!(now.len(), 4, "no duplicates: {now:?}");
@@ -364,11 +364,34 @@ fn docker_unreachable_then_back_is_reported_and_reconciled() {
             .cloned()
     });
     write(&dir, "b.toml", &sut_file("1"));
-    wait_until("b seen while docker is unreachable", T, || {
+    let down = wait_until("b seen while docker is unreachable", T, || {
         statuses()
             .pop()
             .filter(|s| !s.docker_reachable && s.suts.desired == 2)
     });
+    // What runs is unknown while the engine cannot be asked: not zero.
+    assert_eq!(
+        (down.suts.running, down.suts.healthy, down.suts.unhealthy),
+        (None, None, None),
+        "{down:?}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_labvisor"))
+        .arg("status")
+        .env("LABVISOR_BROKER", broker.url())
+        .env_remove("LABVISOR_TOPIC_PREFIX")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("supervisor {}:", scope.run_id())))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains(
+            "docker UNREACHABLE, 2 SUTs desired, running unknown, healthy unknown, 0 invalid files"
+        ),
+        "{line}"
+    );
     assert!(
         sup.child.try_wait().unwrap().is_none(),
         "the supervisor keeps running"
@@ -380,7 +403,7 @@ fn docker_unreachable_then_back_is_reported_and_reconciled() {
     wait_until("status: docker reachable, 2 healthy", T, || {
         statuses()
             .pop()
-            .filter(|s| s.docker_reachable && s.suts.healthy == 2)
+            .filter(|s| s.docker_reachable && s.suts.healthy == Some(2))
     });
     assert_eq!(ps(&scope)[&scope.name("a")].0, a1, "a adopted as it was");
     assert!(sup.log().contains("Docker is reachable again."));
