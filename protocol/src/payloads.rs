@@ -522,6 +522,11 @@ pub struct SupervisorStatus {
     /// names a SUT are on that SUT's `<sut>/supervisor` view ([`SutView::config_problems`]).
     #[serde(default)]
     pub file_problems: Vec<String>,
+    /// How often an online supervisor republishes this status when nothing changed, ms (0:
+    /// unknown, from a supervisor that publishes changes only). An online status much older
+    /// than that is stale: the supervisor, or its link to the broker, is gone.
+    #[serde(default)]
+    pub refresh_ms: u64,
 }
 
 /// A random id (16 hex digits) for boot ids and generated job ids' tails.

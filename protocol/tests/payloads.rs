@@ -194,6 +194,7 @@ fn supervisor_status() {
             invalid: 1,
         },
         time_ms: T,
+        refresh_ms: 30_000,
         file_problems: vec!["sut/Bad_Name.toml: name: the file name gives SUT name \"Bad_Name\", which is not valid".into()],
     };
     round_trip(&p);
@@ -220,6 +221,7 @@ fn supervisor_status_counts_unknown_while_docker_is_unreachable() {
     .unwrap();
     assert_eq!(old.suts.running, Some(1));
     assert!(old.file_problems.is_empty());
+    assert_eq!(old.refresh_ms, 0);
 }
 
 #[test]

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use labvisor_protocol::mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS, Received};
 use labvisor_protocol::payloads::{
     new_job_id, now_ms, random_id, AgentStatus, CancelAck, CancelResult, JobState, JobStatus,
-    JobSubmit, OutputMeta, SubmitAck, SubmitResult, SupervisorStatus, SutView,
+    JobSubmit, OutputMeta, SubmitAck, SubmitResult, SupervisorState, SupervisorStatus, SutView,
 };
 use labvisor_protocol::topics::{JobId, SutTopic, Topics};
 use labvisor_protocol::SutName;
@@ -440,17 +440,36 @@ pub async fn status(args: &BrokerArgs, json: bool, out: &mut dyn Write) -> Resul
     Ok(())
 }
 
+/// An online supervisor whose status is older than this many of its refresh periods is shown
+/// as stale.
+pub const STALE_AFTER_PERIODS: u64 = 3;
+
 /// The line `labvisor status` prints for a supervisor's status, as of `now` (ms since the
 /// epoch). Container counts the supervisor could not know (Docker unreachable) say `unknown`.
+/// An `online` status older than [`STALE_AFTER_PERIODS`] of the supervisor's refresh period
+/// (`refresh_ms`) says `STALE`: the supervisor or its link to the broker is gone (or this
+/// machine's clock is far off the supervisor's).
 pub fn supervisor_line(sup: &SupervisorStatus, now: u64) -> String {
     let count = |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+    let state = serde_json::to_value(sup.state)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let stale = sup.state == SupervisorState::Online
+        && sup.refresh_ms > 0
+        && now.saturating_sub(sup.time_ms) > STALE_AFTER_PERIODS * sup.refresh_ms;
+    let state = if stale {
+        format!(
+            "STALE (last said {state}; its status comes every {})",
+            age_at(0, sup.refresh_ms)
+        )
+    } else {
+        state
+    };
     format!(
         "supervisor {}: {}, docker {}, {} SUTs desired, running {}, healthy {}, {} invalid files, seen {} ago",
         sup.id,
-        serde_json::to_value(sup.state)
-            .ok()
-            .and_then(|v| v.as_str().map(String::from))
-            .unwrap_or_default(),
+        state,
         if sup.docker_reachable {
             "reachable"
         } else {
@@ -834,7 +853,7 @@ pub async fn cancel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use labvisor_protocol::payloads::{SupervisorState, SutCounts, VERSION};
+    use labvisor_protocol::payloads::{SutCounts, VERSION};
     use labvisor_protocol::topics::SupervisorId;
 
     fn status(docker_reachable: bool, suts: SutCounts) -> SupervisorStatus {
@@ -848,7 +867,26 @@ mod tests {
             suts,
             time_ms: 1_000_000,
             file_problems: Vec::new(),
+            refresh_ms: 30_000,
         }
+    }
+
+    #[test]
+    fn an_online_status_older_than_three_periods_is_stale() {
+        let mut s = status(true, SutCounts::default());
+        let line = |s: &SupervisorStatus, after_ms: u64| supervisor_line(s, s.time_ms + after_ms);
+        assert!(line(&s, 90_000).starts_with("supervisor lab: online, docker"));
+        assert!(line(&s, 90_001).starts_with(
+            "supervisor lab: STALE (last said online; its status comes every 30s), docker"
+        ));
+        assert!(line(&s, 180_000).ends_with("seen 3m ago"));
+        // Offline and lost are final: never stale. An older supervisor (no refresh_ms) is
+        // not judged.
+        s.state = SupervisorState::Offline;
+        assert!(line(&s, 3_600_000).starts_with("supervisor lab: offline, docker"));
+        s.state = SupervisorState::Online;
+        s.refresh_ms = 0;
+        assert!(line(&s, 3_600_000).starts_with("supervisor lab: online, docker"));
     }
 
     #[test]

@@ -146,6 +146,9 @@ pub struct Settings {
     /// The managed broker's per-SUT logins, made before a SUT's container is created (its
     /// password file is then in `spec.agent_credentials`); `None` with an external broker.
     pub logins: Option<std::sync::Arc<crate::broker::AgentLogins>>,
+    /// How often the supervisor status is republished when nothing changed (its `time_ms`
+    /// then tells readers the supervisor is alive).
+    pub status_every: Duration,
 }
 
 /// A fatal error: the supervisor cannot start.
@@ -324,6 +327,8 @@ struct Supervisor<R> {
     docker_reachable: bool,
     docker_failures: u32,
     published_status: Option<SupervisorStatus>,
+    /// When the supervisor status was last sent to the broker.
+    status_sent_at: Option<Instant>,
     boot_id: String,
     watch: Option<(Box<dyn Watcher + Send>, Option<u64>)>,
     /// The last attempt to watch the directory failed (and was logged).
@@ -419,6 +424,7 @@ pub async fn run<R: ContainerRuntime>(
         docker_reachable: true,
         docker_failures: 0,
         published_status: None,
+        status_sent_at: None,
         boot_id,
         watch: None,
         watch_failed: false,
@@ -435,11 +441,17 @@ pub async fn run<R: ContainerRuntime>(
     let mut next_resync = Instant::now() + sup.exec.settings.resync;
     tokio::pin!(shutdown);
     loop {
-        let deadline = [fs_due, sup.pass_due, sup.wake_at, Some(next_resync)]
-            .into_iter()
-            .flatten()
-            .min()
-            .expect("resync is always set");
+        let deadline = [
+            fs_due,
+            sup.pass_due,
+            sup.wake_at,
+            Some(next_resync),
+            sup.status_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("resync is always set");
         tokio::select! {
             () = &mut shutdown => break,
             Some(()) = fs_rx.recv() => {
@@ -464,6 +476,9 @@ pub async fn run<R: ContainerRuntime>(
                 if next_resync <= now {
                     next_resync = now + sup.exec.settings.resync;
                     sup.pass_due = Some(now);
+                }
+                if sup.status_due().is_some_and(|d| d <= now) {
+                    sup.send_status();
                 }
                 if sup.pass_due.is_some_and(|d| d <= now) {
                     match last_pass.map(|l| l + BUSY_PASS_INTERVAL) {
@@ -536,6 +551,7 @@ fn status_json(
         suts,
         time_ms: payloads::now_ms(),
         file_problems: Vec::new(),
+        refresh_ms: 0,
     })
     .expect("status serialises")
 }
@@ -1150,8 +1166,31 @@ impl<R: ContainerRuntime> Supervisor<R> {
         }
     }
 
-    fn publish(&mut self, scan: &Scan, actual: &[Actual], desired: &BTreeMap<SutName, Desired>) {
+    /// When the unchanged supervisor status is due again (every `status_every`).
+    fn status_due(&self) -> Option<Instant> {
+        self.link.as_ref()?;
+        self.status_sent_at
+            .map(|at| at + self.exec.settings.status_every)
+    }
+
+    /// Sends the latest supervisor status, stamped now.
+    fn send_status(&mut self) {
+        let (Some(link), Some(status)) = (&self.link, &self.published_status) else {
+            return;
+        };
         let settings = &self.exec.settings;
+        let mut s = status.clone();
+        s.time_ms = payloads::now_ms();
+        let _ = link.set_sticky(
+            settings.topics.supervisor_status(&settings.spec.supervisor),
+            serde_json::to_vec(&s).expect("status serialises"),
+        );
+        self.status_sent_at = Some(Instant::now());
+    }
+
+    fn publish(&mut self, scan: &Scan, actual: &[Actual], desired: &BTreeMap<SutName, Desired>) {
+        let exec = self.exec.clone();
+        let settings = &exec.settings;
         // The container counts are unknown (not zero) while the engine cannot be asked.
         let known = Some(0).filter(|_| self.docker_reachable);
         let mut counts = SutCounts {
@@ -1201,20 +1240,15 @@ impl<R: ContainerRuntime> Supervisor<R> {
             suts: counts,
             time_ms: 0,
             file_problems,
-        };
-        let Some(link) = &self.link else {
-            self.published_status = Some(status);
-            return;
+            refresh_ms: settings.status_every.as_millis() as u64,
         };
         if self.published_status.as_ref() != Some(&status) {
-            let mut s = status.clone();
-            s.time_ms = payloads::now_ms();
-            let _ = link.set_sticky(
-                settings.topics.supervisor_status(&settings.spec.supervisor),
-                serde_json::to_vec(&s).expect("status serialises"),
-            );
             self.published_status = Some(status);
+            self.send_status();
         }
+        let Some(link) = &self.link else {
+            return;
+        };
         if !self.docker_reachable {
             return;
         }

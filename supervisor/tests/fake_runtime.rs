@@ -41,6 +41,7 @@ fn settings(dir: &Path) -> Settings {
         logins: None,
         poll: None,
         metrics_listen: None,
+        status_every: Duration::from_secs(30),
     }
 }
 

@@ -1080,3 +1080,62 @@ fn directory_problems_are_logged_once_per_change_and_published() {
     );
     assert_eq!(log_lines(&log, &["Invalid SUT file", "sut=a"]), 2, "{log}");
 }
+
+/// The first line of `labvisor status` about supervisor `id`.
+fn status_line(broker: &Mosquitto, id: &str) -> Option<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_labvisor"))
+        .arg("status")
+        .env("LABVISOR_BROKER", broker.url())
+        .env_remove("LABVISOR_TOPIC_PREFIX")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(&format!("supervisor {id}:")))
+        .map(str::to_owned)
+}
+
+/// An idle supervisor (nothing changes, resync an hour away) still republishes its status every
+/// `--status-interval`, identical but for its time; and when it hangs (SIGSTOP), `labvisor
+/// status` calls it stale after three periods, long before the broker gives up on its link.
+#[test]
+fn the_status_is_republished_while_idle_and_a_hung_supervisor_is_stale() {
+    let scope = DockerScope::new("refresh");
+    let broker = Mosquitto::start();
+    let status_topic = format!("labvisor/supervisors/{}/status", scope.run_id());
+    let sub = broker.subscribe(&status_topic, &[]);
+    let (_t, dir) = tmp_sut_dir();
+    let sup = Sup::start(
+        &scope,
+        &dir,
+        Some(&broker.url()),
+        &["--resync", "1h", "--status-interval", "1s"],
+    );
+    let got = wait_until("three statuses", T, || {
+        let s = supervisor_statuses(&sub, &status_topic);
+        (s.len() >= 3).then_some(s)
+    });
+    let first = &got[0];
+    assert_eq!(first.state, SupervisorState::Online);
+    assert_eq!(first.refresh_ms, 1000);
+    for pair in got.windows(2) {
+        let gap = pair[1].time_ms - pair[0].time_ms;
+        assert!(gap >= 900, "republished after {gap} ms: {got:?}");
+        let mut same = pair[1].clone();
+        same.time_ms = pair[0].time_ms;
+        assert_eq!(same, pair[0], "only the time changes");
+    }
+    let line = status_line(&broker, scope.run_id()).unwrap();
+    assert!(line.contains(": online, docker reachable"), "{line}");
+
+    let pid = sup.child.id().to_string();
+    labvisor_tests::run_ok(Command::new("kill").args(["-STOP", &pid]));
+    let stale = wait_until("labvisor status says stale", T, || {
+        status_line(&broker, scope.run_id()).filter(|l| l.contains("STALE"))
+    });
+    labvisor_tests::run_ok(Command::new("kill").args(["-CONT", &pid]));
+    assert!(
+        stale.contains(": STALE (last said online; its status comes every 1s), docker reachable"),
+        "{stale}"
+    );
+}
