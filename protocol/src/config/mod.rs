@@ -46,7 +46,7 @@
 //! | `restart.backoff_min` | duration | `"1s"` | First delay between restarts. |
 //! | `restart.backoff_max` | duration | `"5m"` | Longest delay between restarts; at least `backoff_min`. |
 //! | `restart.on_child_exit` | `"restart"` \| `"exit"` | `"restart"` | What the agent does when the device process (`command`) exits: restart it, or exit (and let the supervisor restart the container). |
-//! | `restart.crash_loop_after` | integer ≥ 1 | `5` | Quick failures in a row before the SUT's state becomes crash-loop. |
+//! | `restart.crash_loop_after` | integer ≥ 1 | `5` | Quick failures in a row before the SUT's state becomes crash-loop. A quick failure is an exit after a run shorter than `backoff_max` (taken as 10 s at least, 60 s at most); the exit after a longer run is not one, and it clears the count. |
 //! | `resources.memory` | size | *none* | Memory limit of the container; more than 0. |
 //! | `resources.cpus` | float | *none* | CPU limit of the container (e.g. `1.5`); more than 0. |
 //! | `log.max_size` | size | `"10MiB"` | Size at which the per-SUT log file is rotated; more than 0. |
