@@ -242,6 +242,21 @@ impl Topics {
     pub fn build(&self, sut: &SutName) -> String {
         self.sut(sut, "build")
     }
+    /// Every retained topic of a SUT with a fixed name (not the `<sut>/jobs/<id>` statuses,
+    /// see [`Topics::jobs_filter`]): what is left to clear when the SUT is removed.
+    pub fn sut_retained(&self, sut: &SutName) -> Vec<String> {
+        [
+            "agent",
+            "probe",
+            "submit_status",
+            "cancel_status",
+            "last_job",
+            "supervisor",
+        ]
+        .into_iter()
+        .map(|leaf| self.sut(sut, leaf))
+        .collect()
+    }
     /// `<sut>/jobs/<id>`: one job's status.
     pub fn job(&self, sut: &SutName, id: &JobId) -> String {
         format!("{}{}/jobs/{}", self.prefix, sut, id)
@@ -326,6 +341,42 @@ mod tests {
             t.supervisor_status(&SupervisorId::new("lab-a").unwrap()),
             "labvisor/supervisors/lab-a/status"
         );
+    }
+
+    #[test]
+    fn a_suts_retained_topics_are_the_tables_retained_rows() {
+        let t = Topics::with_prefix(Some("lab")).unwrap();
+        let s = sut("a");
+        assert_eq!(
+            t.sut_retained(&s),
+            [
+                "lab/a/agent",
+                "lab/a/probe",
+                "lab/a/submit_status",
+                "lab/a/cancel_status",
+                "lab/a/last_job",
+                "lab/a/supervisor"
+            ]
+        );
+        // Every row of the topic table under <sut>/ that is retained, except the per-job
+        // statuses, is in the list.
+        let doc = include_str!("topics.rs");
+        let retained_rows: Vec<&str> = doc
+            .lines()
+            .filter(|l| l.starts_with("//! | `<sut>/") && !l.contains("/jobs/"))
+            .filter(|l| {
+                l.split('|')
+                    .nth(4)
+                    .is_some_and(|c| c.trim().starts_with("yes"))
+            })
+            .filter_map(|l| l.split('`').nth(1))
+            .collect();
+        let listed: Vec<String> = t
+            .sut_retained(&sut("x"))
+            .iter()
+            .map(|t| t.replacen("lab/x/", "<sut>/", 1))
+            .collect();
+        assert_eq!(retained_rows, listed);
     }
 
     #[test]

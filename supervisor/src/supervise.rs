@@ -329,6 +329,9 @@ struct Supervisor<R> {
     published_status: Option<SupervisorStatus>,
     /// When the supervisor status was last sent to the broker.
     status_sent_at: Option<Instant>,
+    /// SUTs removed by this supervisor whose retained topics it cleared: whatever still
+    /// arrives retained for them (a job status, a late last will) is cleared too.
+    gone: BTreeSet<SutName>,
     boot_id: String,
     watch: Option<(Box<dyn Watcher + Send>, Option<u64>)>,
     /// The last attempt to watch the directory failed (and was logged).
@@ -425,6 +428,7 @@ pub async fn run<R: ContainerRuntime>(
         docker_failures: 0,
         published_status: None,
         status_sent_at: None,
+        gone: BTreeSet::new(),
         boot_id,
         watch: None,
         watch_failed: false,
@@ -641,8 +645,44 @@ impl<R: ContainerRuntime> Supervisor<R> {
         self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
     }
 
+    /// Clears every retained topic of the removed SUT `sut` (empty retained payloads): its
+    /// fixed ones ([`Topics::sut_retained`]: agent status, probe, acknowledgements, last job,
+    /// the supervisor's view) now, and its job statuses (`<sut>/jobs/<id>`) as the broker
+    /// delivers them on the subscription made here. So a deleted SUT leaves `labvisor status`
+    /// and `labvisor jobs`.
+    fn clear_retained(&mut self, sut: &SutName) {
+        let Some(link) = &self.link else {
+            return;
+        };
+        let topics = &self.exec.settings.topics;
+        for topic in topics.sut_retained(sut) {
+            // The view is sticky (republished on reconnect): replace it rather than queue a
+            // clear that a reconnect would undo.
+            let _ = if topic == topics.supervisor(sut) {
+                link.set_sticky(topic, "")
+            } else {
+                link.publish(Message::state(topic, bytes::Bytes::new()))
+            };
+        }
+        let _ = link.subscribe(topics.jobs_filter(sut), QoS::AtLeastOnce);
+        info!(sut = %sut, "Cleared the retained topics of the removed SUT.");
+        self.gone.insert(sut.clone());
+    }
+
     fn message(&mut self, topic: &str, payload: &[u8], retained: bool) {
-        match self.exec.settings.topics.parse(topic) {
+        let parsed = self.exec.settings.topics.parse(topic);
+        if let Some((sut, kind)) = &parsed {
+            if self.gone.contains(sut) && !payload.is_empty() {
+                if matches!(kind, SutTopic::Agent | SutTopic::LastJob | SutTopic::Job(_)) {
+                    if let Some(link) = &self.link {
+                        debug!(sut = %sut, topic = %topic, "Clearing a retained topic of a removed SUT.");
+                        let _ = link.publish(Message::state(topic.to_owned(), bytes::Bytes::new()));
+                    }
+                }
+                return;
+            }
+        }
+        match parsed {
             Some((sut, SutTopic::Agent)) => self.agent_message(sut, payload),
             Some((sut, SutTopic::LastJob)) => {
                 if let Ok(job) = serde_json::from_slice::<JobStatus>(payload) {
@@ -686,12 +726,9 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     st.heal.healthy_since = None;
                 }
                 if let Action::Remove { sut_gone: true, .. } = done.action {
-                    // The SUT is gone: clear its retained view.
-                    if let Some(link) = &self.link {
-                        let _ =
-                            link.set_sticky(self.exec.settings.topics.supervisor(&done.sut), "");
-                    }
+                    // The SUT is gone: clear what the broker retains of it.
                     self.suts.remove(&done.sut);
+                    self.clear_retained(&done.sut);
                 }
             }
             Err(error) => {
@@ -1087,11 +1124,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
             .collect();
         for sut in stale {
             if let Some(st) = self.suts.remove(&sut) {
-                if let (Some(link), Some(_)) = (&self.link, st.published) {
-                    let _ = link.set_sticky(settings.topics.supervisor(&sut), "");
+                if st.published.is_some() {
+                    self.clear_retained(&sut);
                 }
             }
         }
+        // A SUT that is back is no longer cleared.
+        self.gone.retain(|sut| !known.contains(sut));
 
         // Spawn what can run now.
         for action in actions.into_iter().filter(Action::mutates) {

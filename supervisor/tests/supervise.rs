@@ -1139,3 +1139,119 @@ fn the_status_is_republished_while_idle_and_a_hung_supervisor_is_stale() {
         "{stale}"
     );
 }
+
+/// What the broker retains under `filter`, read as a new subscriber sees it: everything
+/// delivered before a retained probe on a private topic subscribed after `filter` (mosquitto
+/// sends the retained messages of a subscription's topics in their order).
+fn retained(broker: &Mosquitto, filter: &str) -> Vec<String> {
+    let probe = format!("lvtest/probe/{}", labvisor_tests::unique_id("p"));
+    assert!(broker
+        .publish(&probe, "end", &["-r", "-q", "1"])
+        .status
+        .success());
+    let sub = broker.subscribe(filter, &["-t", &probe]);
+    let got = wait_until("the probe", T, || {
+        let lines = sub.lines();
+        let end = lines.iter().position(|l| l.starts_with(&probe))?;
+        Some(lines[..end].to_vec())
+    });
+    assert!(broker
+        .publish(&probe, "", &["-r", "-q", "1"])
+        .status
+        .success());
+    got
+}
+
+/// A deleted SUT leaves nothing retained on the broker: its agent's `offline` status, its
+/// supervisor view, last job, submit status and every job status are cleared, so `labvisor
+/// status` no longer lists it and `labvisor jobs` says there is no such SUT. Another SUT's
+/// retained topics stay.
+#[test]
+fn a_deleted_sut_leaves_no_retained_topics() {
+    let j = JobSut::start("gone", "1h", "30s");
+    for (topic, payload) in [
+        ("other/agent", r#"{"state":"idle"}"#),
+        ("other/jobs/x1", r#"{"id":"x1"}"#),
+    ] {
+        assert!(j
+            .broker
+            .publish(topic, payload, &["-r", "-q", "1"])
+            .status
+            .success());
+    }
+    for id in ["done-1", "done-2"] {
+        let payload = serde_json::json!({"id": id, "script": "true"}).to_string();
+        assert!(j
+            .broker
+            .publish("j/submit", &payload, &["-q", "1"])
+            .status
+            .success());
+        wait_until(&format!("{id} passed"), T, || {
+            j.job_states(id)
+                .into_iter()
+                .find(|s| s.state == JobState::Passed)
+        });
+    }
+    let before = retained(&j.broker, "j/#");
+    let topics = |lines: &[String]| -> Vec<String> {
+        let mut t: Vec<String> = lines
+            .iter()
+            .filter_map(|l| l.split_once(' ').map(|(t, _)| t.to_owned()))
+            .collect();
+        t.sort();
+        t
+    };
+    assert_eq!(
+        topics(&before),
+        [
+            "j/agent",
+            "j/jobs/done-1",
+            "j/jobs/done-2",
+            "j/last_job",
+            "j/submit_status",
+            "j/supervisor"
+        ],
+        "{before:?}"
+    );
+
+    std::fs::remove_file(j.dir.join("j.toml")).unwrap();
+    wait_until("j's container removed", T, || {
+        (!ps(&j.scope).contains_key(&j.scope.name("j"))).then_some(())
+    });
+    let after = wait_until("nothing of j retained", T, || {
+        let r = retained(&j.broker, "j/#");
+        r.is_empty().then_some(r)
+    });
+    assert_eq!(after, Vec::<String>::new());
+    assert_eq!(
+        topics(&retained(&j.broker, "other/#")),
+        ["other/agent", "other/jobs/x1"],
+        "another SUT's retained topics stay"
+    );
+
+    let labvisor = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_labvisor"))
+            .args(args)
+            .env("LABVISOR_BROKER", j.broker.url())
+            .env_remove("LABVISOR_TOPIC_PREFIX")
+            .output()
+            .unwrap()
+    };
+    let o = labvisor(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let suts: Vec<&str> = v["suts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["sut"].as_str())
+        .collect();
+    // (other's stand-in payload is no full agent status: status lists no SUT at all.)
+    assert_eq!(suts, Vec::<&str>::new(), "{v}");
+    let o = labvisor(&["jobs", "j"]);
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
