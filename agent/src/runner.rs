@@ -150,7 +150,17 @@ impl JobRunner {
         let sut = self.cfg.name.clone();
         let max = self.cfg.job.max_payload.get() as usize;
         let reply_to;
-        let ack = match parse_submit(&r.payload, max) {
+        let parsed = if r.retain {
+            Err(format!(
+                "retained message on {}: a job must be published without the retain flag (a \
+                 retained job would run again at every agent restart); it was not run. Clear it \
+                 with an empty retained message (mosquitto_pub -r -n -t {0})",
+                r.topic
+            ))
+        } else {
+            parse_submit(&r.payload, max)
+        };
+        let ack = match parsed {
             Err(reason) => {
                 // Name the job (and answer its reply_to) whenever the payload says which it is.
                 let v: Option<serde_json::Value> = serde_json::from_slice(&r.payload).ok();
@@ -261,6 +271,11 @@ impl JobRunner {
         let request = String::from_utf8_lossy(&r.payload).trim().to_owned();
         let parsed = match self.bad_reply_topic(r, None) {
             Some(reason) => Err(reason),
+            None if r.retain => Err(format!(
+                "retained message on {}: a cancel must be published without the retain flag (it \
+                 would act again at every agent restart); it was ignored",
+                r.topic
+            )),
             None => parse_cancel(&r.payload),
         };
         let (result, id, reason) = match parsed {
