@@ -876,3 +876,33 @@ fn a_retained_job_never_runs_also_after_a_restart() {
     let answers = lab.mqtt.on(&status);
     assert_eq!(answers.len(), 3, "two rejections and the marker");
 }
+
+#[test]
+fn a_job_lost_with_the_agent_reports_the_bytes_it_printed() {
+    let mut lab = Lab::new("job-lost-bytes", "");
+    // 3 lines of 1000 bytes (999 characters and a newline), then silence.
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"printer","script":"for i in 1 2 3; do printf '%0999d\\n' $i; done; sleep 60"}"#,
+    );
+    lab.mqtt.wait(&lab.t("jobs/printer"), LIMIT, |m| {
+        json(m)["state"] == "running"
+    });
+    // The agent records the count on its volume within 100 ms of the output.
+    let progress = lab.agent.path("data/jobs/running.progress");
+    wait_until("the recorded count", LIMIT, || {
+        let v: Value = serde_json::from_slice(&std::fs::read(&progress).ok()?).ok()?;
+        (v["output_bytes"] == 3000).then_some(())
+    });
+    lab.agent.signal(Signal::SIGKILL);
+    lab.agent.wait_exit(Duration::from_secs(5));
+    lab.agent.kill_orphans();
+    lab.agent.restart();
+    let lost = lab.final_status("printer");
+    assert_eq!(lost["state"], "lost", "{lost}");
+    assert_eq!(lost["output_bytes"], 3000, "{lost}");
+    // The agent's own log agrees: the three lines were printed.
+    let log = String::from_utf8_lossy(&lab.agent.log()).into_owned();
+    assert_eq!(log.lines().filter(|l| l.len() == 999).count(), 3);
+}
