@@ -138,7 +138,7 @@ impl AgentLogins {
                  rename the SUT file"
             )));
         }
-        let password = random_password();
+        let password = random_password().map_err(|e| err(e.to_string()))?;
         write_private(&file, password.as_bytes())
             .map_err(|e| err(format!("{}: {e}", file.display())))?;
         add_login(&self.passwd_bin, &self.passwd, sut.as_str(), &password).map_err(err)?;
@@ -153,8 +153,12 @@ impl AgentLogins {
     }
 }
 
-fn random_password() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+/// A password of 128 bits from the operating system's CSPRNG (getrandom(2)), as 32 hex digits.
+fn random_password() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes)
+        .map_err(|e| std::io::Error::other(format!("getrandom: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Adds (or replaces) `user` in mosquitto's password file `passwd`.
@@ -699,6 +703,18 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn passwords_come_from_the_os_csprng() {
+        let a = random_password().unwrap();
+        let b = random_password().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, b);
+        // No non-cryptographic generator is at hand to make a secret with.
+        let manifest = include_str!("../Cargo.toml");
+        assert!(!manifest.contains("fastrand"), "{manifest}");
+    }
 
     #[test]
     fn a_closed_directory_above_the_state_dir_is_named() {
