@@ -55,6 +55,17 @@ pub use labvisor_protocol::payloads::ManagedBrokerStatus;
 /// (`agent-password`) is already in the state directory.
 pub const LEGACY_AGENT_USER: &str = "labvisor-agent";
 
+/// The login of local tools (`labvisor status`, `logs`, `jobs`, `submit`, `cancel`,
+/// `mosquitto_sub`) on the loopback listener; its password is in [`LOCAL_PASSWORD_FILE`].
+pub const LOCAL_USER: &str = "labvisor.local";
+
+/// The file (0600, the supervisor's user's) in the state directory with [`LOCAL_USER`]'s
+/// password.
+pub const LOCAL_PASSWORD_FILE: &str = "local-password";
+
+/// The supervisor's own login; its password is made at every start and kept in memory only.
+pub const SUPERVISOR_USER: &str = "labvisor.supervisor";
+
 /// The directory of per-SUT passwords in the state directory (the `--agent-credentials` layout:
 /// one file per SUT, named after it).
 pub const AGENTS_DIR: &str = "agents";
@@ -187,6 +198,8 @@ pub struct ManagedBroker {
     pub status: tokio::sync::watch::Receiver<ManagedBrokerStatus>,
     /// What the supervisor (and local tools) connect to.
     pub local_url: String,
+    /// The supervisor's login (user, password) on [`ManagedBroker::local_url`].
+    pub supervisor_login: (String, String),
     /// What the agents connect to.
     pub agent_url: String,
     /// The agents' logins, one per SUT.
@@ -203,7 +216,7 @@ impl ManagedBroker {
         state_dir: &Path,
         port: u16,
         gateway: IpAddr,
-        acl_pattern: &str,
+        topics: &labvisor_protocol::topics::Topics,
     ) -> Result<Self, BrokerError> {
         let bin = [
             "/usr/sbin/mosquitto",
@@ -259,15 +272,27 @@ impl ManagedBroker {
             }
             _ => false,
         };
+        // The local tools' login: its password is kept (tools configured with it go on working).
+        let local = state_dir.join(LOCAL_PASSWORD_FILE);
+        let local_password = match std::fs::read_to_string(&local) {
+            Ok(p) if p.trim().len() >= 16 => p.trim().to_owned(),
+            _ => {
+                let p = random_password().map_err(state(&local))?;
+                write_private(&local, format!("{p}\n").as_bytes()).map_err(state(&local))?;
+                p
+            }
+        };
+        // Only the supervisor's user may read it, whoever made it.
+        std::fs::set_permissions(&local, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(state(&local))?;
+        logins.push((LOCAL_USER.to_owned(), local_password));
+        let supervisor_password = random_password().map_err(state(state_dir))?;
+        logins.push((SUPERVISOR_USER.to_owned(), supervisor_password.clone()));
         for (user, password) in &logins {
             add_login(&passwd_bin, &passwd, user, password).map_err(BrokerError::Start)?;
         }
         let acl = state_dir.join("acl");
-        let mut acl_text = format!(
-            "# Written by labvisor supervise (managed broker); rewritten at every start.\n\
-             # Each agent logs in as its SUT and may use only its own topics.\n\
-             pattern readwrite {acl_pattern}\n"
-        );
+        let mut acl_text = managed_acl(topics);
         if legacy {
             acl_text.push_str(&format!(
                 "# The shared login of agents made by an earlier labvisor.\n\
@@ -290,7 +315,9 @@ impl ManagedBroker {
              set_tcp_nodelay true\n\
              \n\
              listener {port} 127.0.0.1\n\
-             allow_anonymous true\n\
+             allow_anonymous false\n\
+             password_file {passwd}\n\
+             acl_file {acl}\n\
              \n\
              listener {port} {gateway}\n\
              allow_anonymous false\n\
@@ -336,6 +363,7 @@ impl ManagedBroker {
                 .map_err(|e| BrokerError::Start(format!("cannot start its watcher: {e}")))?
         };
         Ok(ManagedBroker {
+            supervisor_login: (SUPERVISOR_USER.to_owned(), supervisor_password),
             watcher: Some(watcher),
             stop,
             status,
@@ -561,6 +589,66 @@ fn watch(
     }
 }
 
+/// The managed broker's ACL (mosquitto `acl_file`): the supervisor may do everything; local
+/// tools read everything and may submit, cancel and publish their end marker; each agent
+/// (logged in as its SUT) reads and writes its own topics and writes its reply space, nothing
+/// else.
+fn managed_acl(topics: &labvisor_protocol::topics::Topics) -> String {
+    let [local_space, local_replies] = topics.login_spaces(LOCAL_USER);
+    let [sup_space, sup_replies] = topics.login_spaces(SUPERVISOR_USER);
+    format!(
+        "# Written by labvisor supervise (managed broker); rewritten at every start.\n\
+         # In each list, deny rules are checked before grants; a user's own block comes before\n\
+         # the patterns, which apply to every user.\n\
+         \n\
+         user {SUPERVISOR_USER}\n\
+         topic readwrite #\n\
+         topic deny {sup_space}\n\
+         topic deny {sup_replies}\n\
+         \n\
+         # Local tools of the supervisor's user (password in {LOCAL_PASSWORD_FILE}, 0600).\n\
+         user {LOCAL_USER}\n\
+         topic read #\n\
+         topic write {submit}\n\
+         topic write {cancel}\n\
+         topic write {probe}\n\
+         topic deny {local_space}\n\
+         topic deny {local_replies}\n\
+         \n\
+         # Each agent logs in as its SUT: its own topics, and its reply space.\n\
+         pattern readwrite {own}\n\
+         pattern write {replies}\n",
+        submit = topics.submit_filter(),
+        cancel = topics.cancel_filter(),
+        probe = topics.cli_probe_filter(),
+        own = topics.agent_acl_pattern(),
+        replies = topics.agent_reply_acl_pattern(),
+    )
+}
+
+/// The local login of the managed broker whose state directory is `state_dir`, when `host:port`
+/// is its loopback listener and this user can read the password file: `(user, password)`.
+pub fn local_login(state_dir: &Path, host: &str, port: u16) -> Option<(String, String)> {
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return None;
+    }
+    // Only to the broker this state directory belongs to, not to whatever else listens here.
+    let conf = std::fs::read_to_string(state_dir.join("mosquitto.conf")).ok()?;
+    let ours = format!("listener {port} 127.0.0.1");
+    if !conf.lines().any(|l| l.trim() == ours) {
+        return None;
+    }
+    let password = std::fs::read_to_string(state_dir.join(LOCAL_PASSWORD_FILE)).ok()?;
+    let password = password.trim();
+    (password.len() >= 16).then(|| (LOCAL_USER.to_owned(), password.to_owned()))
+}
+
 /// Stops a mosquitto left running on this state directory's config by a supervisor that was
 /// killed (its pid is in `mosquitto.pid` and its command line names our config).
 fn stop_leftover(state_dir: &Path) {
@@ -691,8 +779,9 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        // The agents' clear-text passwords are the supervisor's, not the broker's.
-        if e.file_name() != AGENTS_DIR {
+        // The agents' and the local tools' clear-text passwords are the supervisor's user's,
+        // not the broker's.
+        if e.file_name() != AGENTS_DIR && e.file_name() != LOCAL_PASSWORD_FILE {
             std::os::unix::fs::chown(e.path(), Some(uid), Some(gid))?;
         }
     }

@@ -335,10 +335,14 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("the managed broker listens on the gateway of the {} network, which cannot be created or inspected", net.name))?
                 .with_context(|| format!("the {} network has no IPv4 gateway", net.name))?;
-            let b = ManagedBroker::start(&state_dir, broker_port, gateway, &settings.topics.agent_acl_pattern())?;
+            let b = ManagedBroker::start(&state_dir, broker_port, gateway, &settings.topics)?;
             tracing::info!(broker = %b.local_url, agents = %b.agent_url, state_dir = %b.dir().display(),
-                "Managed mosquitto running. Try `labvisor status` or `mosquitto_sub -h 127.0.0.1 -p {broker_port} -t '#' -v`.");
-            settings.mqtt = Some(LinkOptions::from_url(&b.local_url, format!("labvisor-supervisor-{id}"))?);
+                "Managed mosquitto running. Try `labvisor status`, or `mosquitto_sub -h 127.0.0.1 -p {broker_port} -u {} -P \"$(cat {})\" -t '#' -v`.",
+                broker::LOCAL_USER, b.dir().join(broker::LOCAL_PASSWORD_FILE).display());
+            let mut opts = LinkOptions::from_url(&b.local_url, format!("labvisor-supervisor-{id}"))?;
+            opts.username = Some(b.supervisor_login.0.clone());
+            opts.password = Some(b.supervisor_login.1.clone());
+            settings.mqtt = Some(opts);
             settings.spec.agent_broker = Some(b.agent_url.clone());
             if settings.spec.agent_credentials.is_some() {
                 tracing::warn!("--agent-credentials is for an external broker; the managed broker makes a login per SUT itself.");
