@@ -143,6 +143,11 @@ impl AgentLogins {
             sut: sut.to_string(),
             reason,
         };
+        if sut.is_reserved() {
+            return Err(err(format!(
+                "{sut} is reserved for labvisor's control plane and never a SUT's login"
+            )));
+        }
         if self.legacy && sut.as_str() == LEGACY_AGENT_USER {
             return Err(err(format!(
                 "{LEGACY_AGENT_USER} is the shared agent login of this broker's state directory; \
@@ -256,7 +261,7 @@ impl ManagedBroker {
         for e in std::fs::read_dir(&agents).map_err(state(&agents))? {
             let path = e.map_err(state(&agents))?.path();
             let user = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if labvisor_protocol::SutName::new(user).is_err() {
+            if !labvisor_protocol::SutName::new(user).is_ok_and(|n| !n.is_reserved()) {
                 continue;
             }
             match std::fs::read_to_string(&path) {
@@ -592,7 +597,7 @@ fn watch(
 /// The managed broker's ACL (mosquitto `acl_file`): the supervisor may do everything; local
 /// tools read everything and may submit, cancel and publish their end marker; each agent
 /// (logged in as its SUT) reads and writes its own topics and writes its reply space, nothing
-/// else.
+/// else; a login named `labvisor` (never a SUT: the name is reserved) gets nothing.
 fn managed_acl(topics: &labvisor_protocol::topics::Topics) -> String {
     let [local_space, local_replies] = topics.login_spaces(LOCAL_USER);
     let [sup_space, sup_replies] = topics.login_spaces(SUPERVISOR_USER);
@@ -615,12 +620,17 @@ fn managed_acl(topics: &labvisor_protocol::topics::Topics) -> String {
          topic deny {local_space}\n\
          topic deny {local_replies}\n\
          \n\
+         # Never a SUT (the name is reserved): should such a login exist, it gets nothing.\n\
+         user {reserved}\n\
+         topic deny #\n\
+         \n\
          # Each agent logs in as its SUT: its own topics, and its reply space.\n\
          pattern readwrite {own}\n\
          pattern write {replies}\n",
         submit = topics.submit_filter(),
         cancel = topics.cancel_filter(),
         probe = topics.cli_probe_filter(),
+        reserved = labvisor_protocol::name::RESERVED_SUT_NAME,
         own = topics.agent_acl_pattern(),
         replies = topics.agent_reply_acl_pattern(),
     )

@@ -849,3 +849,112 @@ fn the_loopback_listener_needs_the_local_login() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// On the managed broker an agent's login writes its own topics and its reply space
+/// `labvisor/replies/<sut>/#`, and nothing else: not the supervisors' status under
+/// `labvisor/`, not another SUT's `submit`.
+#[test]
+fn an_agent_login_cannot_write_the_control_plane_or_another_sut() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("aclplane");
+    let dir = tempfile::tempdir().unwrap();
+    let sut_dir = dir.path().join("sut");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&sut_dir).unwrap();
+    std::fs::write(sut_dir.join("ac-1.toml"), SUT_TEXT).unwrap();
+    // A SUT named `labvisor` would log in as `labvisor` and get `labvisor/#`: refused.
+    std::fs::write(sut_dir.join("labvisor.toml"), SUT_TEXT).unwrap();
+    let port = free_port();
+    let log = dir.path().join("supervisor.log");
+    let _sup = supervise(&scope, &sut_dir, &state, port, &log);
+    let fail = |what: &str| -> String {
+        format!(
+            "{what}\n--- supervisor log ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    wait_until(
+        &fail("ac-1 idle, labvisor.toml invalid"),
+        Duration::from_secs(60),
+        || {
+            let v = status_json(port, &state)?;
+            let counts = v["supervisors"].as_array()?.first()?["suts"].clone();
+            let idle = v["suts"]
+                .as_array()?
+                .iter()
+                .any(|r| r["sut"] == "ac-1" && r["state"] == "idle");
+            (idle && counts["desired"] == 1 && counts["invalid"] == 1).then_some(())
+        },
+    );
+    assert!(!state.join("agents/labvisor").exists());
+    let reserved = docker_ok(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label={}", scope.label()),
+        "--filter",
+        "label=io.labvisor.sut=labvisor",
+    ]);
+    assert_eq!(reserved, "", "no container for the reserved name");
+    let password = std::fs::read_to_string(state.join("agents/ac-1")).unwrap();
+    let gateway = network_gateway(&scope.name("labvisor"));
+    let auth = local_auth(&state);
+    let mut args: Vec<&str> = auth.iter().map(String::as_str).collect();
+    let targets = [
+        "labvisor/supervisors/x/status",
+        "labvisor/replies/ac-2/x",
+        "ac-2/submit",
+        "labvisor/replies/ac-1/x",
+        "ac-1/x",
+    ];
+    for t in &targets[1..] {
+        args.extend(["-t", t]);
+    }
+    let sub = labvisor_tests::Subscriber::start(port, targets[0], &args);
+    let publish = |topic: &str, payload: &str| {
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                &gateway,
+                "-p",
+                &port.to_string(),
+                "-V",
+                "5",
+                "-q",
+                "1",
+            ])
+            .args(["-u", "ac-1", "-P", password.trim()])
+            .args(["-t", topic, "-m", payload])
+            .output()
+            .unwrap()
+    };
+    // Allowed: its own topic; repeated until the subscriber sees it (then it is subscribed).
+    wait_until("the subscriber is live", Duration::from_secs(20), || {
+        publish("ac-1/x", "ready");
+        sub.lines()
+            .iter()
+            .any(|l| l == "ac-1/x ready")
+            .then_some(())
+    });
+    for t in &targets[..3] {
+        publish(t, "forbidden");
+    }
+    publish("labvisor/replies/ac-1/x", "reply");
+    publish("ac-1/x", "last");
+    sub.wait_for("the last allowed message", Duration::from_secs(10), |l| {
+        l == "ac-1/x last"
+    });
+    let lines = sub.lines();
+    let forbidden: Vec<&String> = lines.iter().filter(|l| l.ends_with(" forbidden")).collect();
+    assert!(forbidden.is_empty(), "{forbidden:?}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| *l == "labvisor/replies/ac-1/x reply")
+            .count(),
+        1,
+        "{lines:?}"
+    );
+    let acl = std::fs::read_to_string(state.join("acl")).unwrap();
+    assert!(acl.contains("user labvisor\ntopic deny #\n"), "{acl}");
+}
