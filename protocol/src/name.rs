@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 /// Longest accepted SUT name (a DNS label, so it also works as a hostname).
 pub const MAX_NAME_LEN: usize = 63;
 
+/// The name no SUT may have: `labvisor/...` is labvisor's control plane (the supervisors'
+/// status, the agents' reply spaces), and a SUT's login gets `<sut>/#` on the broker.
+pub const RESERVED_SUT_NAME: &str = "labvisor";
+
 /// Why a string is not a valid SUT name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
@@ -60,6 +64,12 @@ impl SutName {
     /// The name as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Whether this is [`RESERVED_SUT_NAME`], a well-formed name that no SUT may have (a
+    /// supervisor id may: `--id labvisor` is the default).
+    pub fn is_reserved(&self) -> bool {
+        self.0 == RESERVED_SUT_NAME
     }
 }
 

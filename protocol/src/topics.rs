@@ -199,6 +199,40 @@ impl Topics {
         format!("{}%u/#", self.prefix)
     }
 
+    /// The mosquitto ACL pattern of an agent's reply space: `[<prefix>/]labvisor/replies/%u/#`.
+    pub fn agent_reply_acl_pattern(&self) -> String {
+        format!("{}labvisor/replies/%u/#", self.prefix)
+    }
+
+    /// What the agents' ACL patterns would give a login named `login`: `[<prefix>/]<login>/#`
+    /// and `[<prefix>/]labvisor/replies/<login>/#` (a role login denies both).
+    pub fn login_spaces(&self, login: &str) -> [String; 2] {
+        [
+            format!("{}{login}/#", self.prefix),
+            format!("{}labvisor/replies/{login}/#", self.prefix),
+        ]
+    }
+
+    /// `+/submit`: every SUT's submission topic.
+    pub fn submit_filter(&self) -> String {
+        format!("{}+/submit", self.prefix)
+    }
+
+    /// `+/cancel`: every SUT's cancel topic.
+    pub fn cancel_filter(&self) -> String {
+        format!("{}+/cancel", self.prefix)
+    }
+
+    /// `labvisor/cli/<client>/probe`: a client command's end-of-retained marker.
+    pub fn cli_probe(&self, client: &str) -> String {
+        format!("{}labvisor/cli/{client}/probe", self.prefix)
+    }
+
+    /// `labvisor/cli/+/probe`: every client command's marker topic.
+    pub fn cli_probe_filter(&self) -> String {
+        format!("{}labvisor/cli/+/probe", self.prefix)
+    }
+
     fn sut(&self, sut: &SutName, leaf: &str) -> String {
         format!("{}{}/{leaf}", self.prefix, sut)
     }

@@ -57,6 +57,17 @@ pub use labvisor_protocol::payloads::ManagedBrokerStatus;
 /// (`agent-password`) is already in the state directory.
 pub const LEGACY_AGENT_USER: &str = "labvisor-agent";
 
+/// The login of local tools (`labvisor status`, `logs`, `jobs`, `submit`, `cancel`,
+/// `mosquitto_sub`) on the loopback listener; its password is in [`LOCAL_PASSWORD_FILE`].
+pub const LOCAL_USER: &str = "labvisor.local";
+
+/// The file (0600, the supervisor's user's) in the state directory with [`LOCAL_USER`]'s
+/// password.
+pub const LOCAL_PASSWORD_FILE: &str = "local-password";
+
+/// The supervisor's own login; its password is made at every start and kept in memory only.
+pub const SUPERVISOR_USER: &str = "labvisor.supervisor";
+
 /// The directory of per-SUT passwords in the state directory (the `--agent-credentials` layout:
 /// one file per SUT, named after it).
 pub const AGENTS_DIR: &str = "agents";
@@ -134,13 +145,18 @@ impl AgentLogins {
             sut: sut.to_string(),
             reason,
         };
+        if sut.is_reserved() {
+            return Err(err(format!(
+                "{sut} is reserved for labvisor's control plane and never a SUT's login"
+            )));
+        }
         if self.legacy && sut.as_str() == LEGACY_AGENT_USER {
             return Err(err(format!(
                 "{LEGACY_AGENT_USER} is the shared agent login of this broker's state directory; \
                  rename the SUT file"
             )));
         }
-        let password = random_password();
+        let password = random_password().map_err(|e| err(e.to_string()))?;
         write_private(&file, password.as_bytes())
             .map_err(|e| err(format!("{}: {e}", file.display())))?;
         add_login(&self.passwd_bin, &self.passwd, sut.as_str(), &password).map_err(err)?;
@@ -155,8 +171,12 @@ impl AgentLogins {
     }
 }
 
-fn random_password() -> String {
-    format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+/// A password of 128 bits from the operating system's CSPRNG (getrandom(2)), as 32 hex digits.
+fn random_password() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::getrandom(&mut bytes)
+        .map_err(|e| std::io::Error::other(format!("getrandom: {e}")))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// Adds (or replaces) `user` in mosquitto's password file `passwd`.
@@ -185,6 +205,8 @@ pub struct ManagedBroker {
     pub status: tokio::sync::watch::Receiver<ManagedBrokerStatus>,
     /// What the supervisor (and local tools) connect to.
     pub local_url: String,
+    /// The supervisor's login (user, password) on [`ManagedBroker::local_url`].
+    pub supervisor_login: (String, String),
     /// What the agents connect to.
     pub agent_url: String,
     /// The agents' logins, one per SUT.
@@ -196,7 +218,7 @@ pub struct ManagedBroker {
 
 impl ManagedBroker {
     /// Starts mosquitto on `port`, listening on loopback and on `gateway`, with its files in
-    /// `state_dir`; agent logins confined by `acl_pattern` ([`Topics::agent_acl_pattern`]).
+    /// `state_dir`; agent logins confined by [`Topics::agent_acl_pattern`] and their reply space.
     /// With `agent_tls`, the listener on `gateway` speaks only TLS.
     ///
     /// [`Topics::agent_acl_pattern`]: labvisor_protocol::topics::Topics::agent_acl_pattern
@@ -204,7 +226,7 @@ impl ManagedBroker {
         state_dir: &Path,
         port: u16,
         gateway: IpAddr,
-        acl_pattern: &str,
+        topics: &labvisor_protocol::topics::Topics,
         agent_tls: Option<&crate::broker_tls::AgentTls>,
     ) -> Result<Self, BrokerError> {
         let bin = [
@@ -245,7 +267,7 @@ impl ManagedBroker {
         for e in std::fs::read_dir(&agents).map_err(state(&agents))? {
             let path = e.map_err(state(&agents))?.path();
             let user = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if labvisor_protocol::SutName::new(user).is_err() {
+            if !labvisor_protocol::SutName::new(user).is_ok_and(|n| !n.is_reserved()) {
                 continue;
             }
             match std::fs::read_to_string(&path) {
@@ -261,15 +283,27 @@ impl ManagedBroker {
             }
             _ => false,
         };
+        // The local tools' login: its password is kept (tools configured with it go on working).
+        let local = state_dir.join(LOCAL_PASSWORD_FILE);
+        let local_password = match std::fs::read_to_string(&local) {
+            Ok(p) if p.trim().len() >= 16 => p.trim().to_owned(),
+            _ => {
+                let p = random_password().map_err(state(&local))?;
+                write_private(&local, format!("{p}\n").as_bytes()).map_err(state(&local))?;
+                p
+            }
+        };
+        // Only the supervisor's user may read it, whoever made it.
+        std::fs::set_permissions(&local, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(state(&local))?;
+        logins.push((LOCAL_USER.to_owned(), local_password));
+        let supervisor_password = random_password().map_err(state(state_dir))?;
+        logins.push((SUPERVISOR_USER.to_owned(), supervisor_password.clone()));
         for (user, password) in &logins {
             add_login(&passwd_bin, &passwd, user, password).map_err(BrokerError::Start)?;
         }
         let acl = state_dir.join("acl");
-        let mut acl_text = format!(
-            "# Written by labvisor supervise (managed broker); rewritten at every start.\n\
-             # Each agent logs in as its SUT and may use only its own topics.\n\
-             pattern readwrite {acl_pattern}\n"
-        );
+        let mut acl_text = managed_acl(topics);
         if legacy {
             acl_text.push_str(&format!(
                 "# The shared login of agents made by an earlier labvisor.\n\
@@ -292,7 +326,9 @@ impl ManagedBroker {
              set_tcp_nodelay true\n\
              \n\
              listener {port} 127.0.0.1\n\
-             allow_anonymous true\n\
+             allow_anonymous false\n\
+             password_file {passwd}\n\
+             acl_file {acl}\n\
              \n\
              listener {port} {gateway}\n\
              allow_anonymous false\n\
@@ -340,6 +376,7 @@ impl ManagedBroker {
                 .map_err(|e| BrokerError::Start(format!("cannot start its watcher: {e}")))?
         };
         Ok(ManagedBroker {
+            supervisor_login: (SUPERVISOR_USER.to_owned(), supervisor_password),
             watcher: Some(watcher),
             stop,
             status,
@@ -569,6 +606,71 @@ fn watch(
     }
 }
 
+/// The managed broker's ACL (mosquitto `acl_file`): the supervisor may do everything; local
+/// tools read everything and may submit, cancel and publish their end marker; each agent
+/// (logged in as its SUT) reads and writes its own topics and writes its reply space, nothing
+/// else; a login named `labvisor` (never a SUT: the name is reserved) gets nothing.
+fn managed_acl(topics: &labvisor_protocol::topics::Topics) -> String {
+    let [local_space, local_replies] = topics.login_spaces(LOCAL_USER);
+    let [sup_space, sup_replies] = topics.login_spaces(SUPERVISOR_USER);
+    format!(
+        "# Written by labvisor supervise (managed broker); rewritten at every start.\n\
+         # In each list, deny rules are checked before grants; a user's own block comes before\n\
+         # the patterns, which apply to every user.\n\
+         \n\
+         user {SUPERVISOR_USER}\n\
+         topic readwrite #\n\
+         topic deny {sup_space}\n\
+         topic deny {sup_replies}\n\
+         \n\
+         # Local tools of the supervisor's user (password in {LOCAL_PASSWORD_FILE}, 0600).\n\
+         user {LOCAL_USER}\n\
+         topic read #\n\
+         topic write {submit}\n\
+         topic write {cancel}\n\
+         topic write {probe}\n\
+         topic deny {local_space}\n\
+         topic deny {local_replies}\n\
+         \n\
+         # Never a SUT (the name is reserved): should such a login exist, it gets nothing.\n\
+         user {reserved}\n\
+         topic deny #\n\
+         \n\
+         # Each agent logs in as its SUT: its own topics, and its reply space.\n\
+         pattern readwrite {own}\n\
+         pattern write {replies}\n",
+        submit = topics.submit_filter(),
+        cancel = topics.cancel_filter(),
+        probe = topics.cli_probe_filter(),
+        reserved = labvisor_protocol::name::RESERVED_SUT_NAME,
+        own = topics.agent_acl_pattern(),
+        replies = topics.agent_reply_acl_pattern(),
+    )
+}
+
+/// The local login of the managed broker whose state directory is `state_dir`, when `host:port`
+/// is its loopback listener and this user can read the password file: `(user, password)`.
+pub fn local_login(state_dir: &Path, host: &str, port: u16) -> Option<(String, String)> {
+    let loopback = host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return None;
+    }
+    // Only to the broker this state directory belongs to, not to whatever else listens here.
+    let conf = std::fs::read_to_string(state_dir.join("mosquitto.conf")).ok()?;
+    let ours = format!("listener {port} 127.0.0.1");
+    if !conf.lines().any(|l| l.trim() == ours) {
+        return None;
+    }
+    let password = std::fs::read_to_string(state_dir.join(LOCAL_PASSWORD_FILE)).ok()?;
+    let password = password.trim();
+    (password.len() >= 16).then(|| (LOCAL_USER.to_owned(), password.to_owned()))
+}
+
 /// Stops a mosquitto left running on this state directory's config by a supervisor that was
 /// killed (its pid is in `mosquitto.pid` and its command line names our config).
 fn stop_leftover(state_dir: &Path) {
@@ -699,8 +801,12 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        // The agents' clear-text passwords and the CA are the supervisor's, not the broker's.
-        if e.file_name() != AGENTS_DIR && e.file_name() != crate::broker_tls::CA_DIR {
+        // The agents' and the local tools' clear-text passwords and the CA are the
+        // supervisor's user's, not the broker's.
+        if e.file_name() != AGENTS_DIR
+            && e.file_name() != LOCAL_PASSWORD_FILE
+            && e.file_name() != crate::broker_tls::CA_DIR
+        {
             std::os::unix::fs::chown(e.path(), Some(uid), Some(gid))?;
         }
     }
@@ -711,6 +817,18 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn passwords_come_from_the_os_csprng() {
+        let a = random_password().unwrap();
+        let b = random_password().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()), "{a}");
+        assert_ne!(a, b);
+        // No non-cryptographic generator is at hand to make a secret with.
+        let manifest = include_str!("../Cargo.toml");
+        assert!(!manifest.contains("fastrand"), "{manifest}");
+    }
 
     #[test]
     fn a_closed_directory_above_the_state_dir_is_named() {

@@ -43,6 +43,12 @@ pub struct BrokerArgs {
     /// Global topic prefix of the lab.
     #[arg(long, env = "LABVISOR_TOPIC_PREFIX")]
     pub topic_prefix: Option<String>,
+    /// The state directory of the managed broker (`labvisor supervise --state-dir`). With no
+    /// username or password, a command talking to that broker on this machine logs in with its
+    /// local login (`labvisor.local`, password in `local-password` there), if this user can
+    /// read it.
+    #[arg(long, env = "LABVISOR_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// What a client command can fail with; each maps to an exit status.
@@ -120,6 +126,18 @@ impl Session {
         if args.password.is_some() {
             opts.password = args.password.clone();
         }
+        if opts.username.is_none() && opts.password.is_none() {
+            // The managed broker of this machine: its local login, if this user can read it.
+            let dir = args
+                .state_dir
+                .clone()
+                .unwrap_or_else(crate::broker::default_state_dir);
+            if let Some((user, password)) = crate::broker::local_login(&dir, &opts.host, opts.port)
+            {
+                opts.username = Some(user);
+                opts.password = Some(password);
+            }
+        }
         if args.ca_file.is_some() {
             opts.ca_file = args.ca_file.clone();
         }
@@ -128,14 +146,7 @@ impl Session {
             broker: args.broker.clone(),
             reason: e.to_string(),
         })?;
-        let probe = format!("{}labvisor/cli/{client_id}/probe", {
-            let p = topics.prefix();
-            if p.is_empty() {
-                String::new()
-            } else {
-                format!("{p}/")
-            }
-        });
+        let probe = topics.cli_probe(&client_id);
         for f in filters(&topics) {
             link.subscribe(f, QoS::AtLeastOnce)
                 .map_err(|e| ClientError::Usage(e.to_string()))?;

@@ -383,13 +383,17 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             } else {
                 None
             };
-            let b = ManagedBroker::start(&state_dir, broker_port, gateway, &settings.topics.agent_acl_pattern(), tls.as_ref())?;
+            let b = ManagedBroker::start(&state_dir, broker_port, gateway, &settings.topics, tls.as_ref())?;
             if let Some(t) = &tls {
                 tracing::info!(ca = %t.ca_file.display(), "The agents' listener speaks TLS only, with the managed broker's own CA.");
             }
             tracing::info!(broker = %b.local_url, agents = %b.agent_url, state_dir = %b.dir().display(),
-                "Managed mosquitto running. Try `labvisor status` or `mosquitto_sub -h 127.0.0.1 -p {broker_port} -t '#' -v`.");
-            settings.mqtt = Some(LinkOptions::from_url(&b.local_url, format!("labvisor-supervisor-{id}"))?);
+                "Managed mosquitto running. Try `labvisor status`, or `mosquitto_sub -h 127.0.0.1 -p {broker_port} -u {} -P \"$(cat {})\" -t '#' -v`.",
+                broker::LOCAL_USER, b.dir().join(broker::LOCAL_PASSWORD_FILE).display());
+            let mut opts = LinkOptions::from_url(&b.local_url, format!("labvisor-supervisor-{id}"))?;
+            opts.username = Some(b.supervisor_login.0.clone());
+            opts.password = Some(b.supervisor_login.1.clone());
+            settings.mqtt = Some(opts);
             settings.spec.agent_broker = Some(b.agent_url.clone());
             settings.spec.agent_ca = b.agent_ca_pem.clone();
             if settings.spec.agent_credentials.is_some() {

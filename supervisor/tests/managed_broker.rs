@@ -1,8 +1,9 @@
 //! `labvisor supervise` without `--broker`: it runs a managed mosquitto, its agents connect
 //! through the labvisor network's gateway, each with its own login confined to its topics,
-//! local tools connect anonymously on loopback, anonymous clients on the gateway are refused, a
-//! killed supervisor's broker is replaced on the next start, and an earlier version's shared
-//! agent login keeps working.
+//! local tools connect on loopback with the local login they find in the state directory,
+//! anonymous clients are refused on both listeners, a killed supervisor's broker is replaced on
+//! the next start, an earlier version's shared agent login keeps working, what the broker
+//! acknowledged survives a supervisor stop, and a broker that dies is restarted.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -741,4 +742,219 @@ fn a_killed_managed_broker_is_restarted() {
             .is_some_and(|e| e.contains("SIGKILL")),
         "{v}"
     );
+}
+
+/// The loopback listener of the managed broker refuses anonymous clients: a job published
+/// anonymously never runs; the local login (password in `local-password`, 0600, the
+/// supervisor's user's) is what `labvisor submit` and `status` use with no credentials given.
+#[test]
+fn the_loopback_listener_needs_the_local_login() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("local");
+    let dir = tempfile::tempdir().unwrap();
+    let sut_dir = dir.path().join("sut");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&sut_dir).unwrap();
+    std::fs::write(sut_dir.join("lo-1.toml"), SUT_TEXT).unwrap();
+    let port = free_port();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let log = dir.path().join("supervisor.log");
+    let _sup = supervise(&scope, &sut_dir, &state, port, &log);
+    let fail = |what: &str| -> String {
+        format!(
+            "{what}\n--- supervisor log ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    // `labvisor status` with no credentials: the local login, picked up from the state
+    // directory (LABVISOR_STATE_DIR, as `labvisor supervise --state-dir` got it).
+    wait_until(&fail("lo-1 idle"), Duration::from_secs(60), || {
+        let v = status_json(port, &state)?;
+        let row = v["suts"]
+            .as_array()?
+            .iter()
+            .find(|r| r["sut"] == "lo-1")?
+            .clone();
+        (row["state"] == "idle").then_some(())
+    });
+    // Anonymous: refused at CONNECT, so nothing is published.
+    let job = r#"{"id": "anonymous-1", "script": "echo ran >> /labvisor/data/runs-anonymous-1"}"#;
+    let anon = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(["-t", "lo-1/submit", "-m", job])
+        .output()
+        .unwrap();
+    assert!(
+        !anon.status.success(),
+        "an anonymous publish must be refused"
+    );
+    assert!(
+        String::from_utf8_lossy(&anon.stderr).contains("not authorised"),
+        "{}",
+        String::from_utf8_lossy(&anon.stderr)
+    );
+    // A wrong password too.
+    let wrong = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(["-u", "labvisor.local", "-P", "not-the-password-0123456789"])
+        .args(["-t", "lo-1/submit", "-m", job])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success(), "a wrong password must be refused");
+
+    let file = state.join("local-password");
+    let meta = std::fs::metadata(&file).unwrap();
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // The supervisor's user (this test's), not the broker's.
+    let me = std::fs::metadata("/proc/self").unwrap().uid();
+    assert_eq!(meta.uid(), me);
+    let human = cli(&state, &["status", "--broker", &url]);
+    assert!(
+        human.status.success(),
+        "{}",
+        String::from_utf8_lossy(&human.stderr)
+    );
+    assert!(String::from_utf8_lossy(&human.stdout).contains("lo-1"));
+
+    // `labvisor submit --wait` with no credentials works; the agent handles submissions in
+    // order, so once it is done, the anonymous job would have been seen.
+    let out = cli(
+        &state,
+        &["submit", "lo-1", "--wait", "--broker", &url, "--", "true"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let all = retained(port, &state).unwrap();
+    let jobs: Vec<&String> = all.keys().filter(|t| t.starts_with("lo-1/jobs/")).collect();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert!(!all.contains_key("lo-1/jobs/anonymous-1"));
+    let container = docker_ok(&["ps", "-q", "--filter", &format!("label={}", scope.label())]);
+    let runs =
+        labvisor_tests::docker(&["exec", &container, "cat", "/labvisor/data/runs-anonymous-1"]);
+    assert!(!runs.status.success(), "the anonymous job never ran");
+
+    // Without the state directory (another user's tools), there is no login: refused.
+    let out = Command::new(env!("CARGO_BIN_EXE_labvisor"))
+        .args(["status", "--json", "--broker", &url])
+        .env("LABVISOR_STATE_DIR", dir.path().join("elsewhere"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// On the managed broker an agent's login writes its own topics and its reply space
+/// `labvisor/replies/<sut>/#`, and nothing else: not the supervisors' status under
+/// `labvisor/`, not another SUT's `submit`.
+#[test]
+fn an_agent_login_cannot_write_the_control_plane_or_another_sut() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("aclplane");
+    let dir = tempfile::tempdir().unwrap();
+    let sut_dir = dir.path().join("sut");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&sut_dir).unwrap();
+    std::fs::write(sut_dir.join("ac-1.toml"), SUT_TEXT).unwrap();
+    // A SUT named `labvisor` would log in as `labvisor` and get `labvisor/#`: refused.
+    std::fs::write(sut_dir.join("labvisor.toml"), SUT_TEXT).unwrap();
+    let port = free_port();
+    let log = dir.path().join("supervisor.log");
+    let _sup = supervise(&scope, &sut_dir, &state, port, &log);
+    let fail = |what: &str| -> String {
+        format!(
+            "{what}\n--- supervisor log ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    wait_until(
+        &fail("ac-1 idle, labvisor.toml invalid"),
+        Duration::from_secs(60),
+        || {
+            let v = status_json(port, &state)?;
+            let counts = v["supervisors"].as_array()?.first()?["suts"].clone();
+            let idle = v["suts"]
+                .as_array()?
+                .iter()
+                .any(|r| r["sut"] == "ac-1" && r["state"] == "idle");
+            (idle && counts["desired"] == 1 && counts["invalid"] == 1).then_some(())
+        },
+    );
+    assert!(!state.join("agents/labvisor").exists());
+    let reserved = docker_ok(&[
+        "ps",
+        "-aq",
+        "--filter",
+        &format!("label={}", scope.label()),
+        "--filter",
+        "label=io.labvisor.sut=labvisor",
+    ]);
+    assert_eq!(reserved, "", "no container for the reserved name");
+    let password = std::fs::read_to_string(state.join("agents/ac-1")).unwrap();
+    let gateway = network_gateway(&scope.name("labvisor"));
+    let auth = local_auth(&state);
+    let mut args: Vec<&str> = auth.iter().map(String::as_str).collect();
+    let targets = [
+        "labvisor/supervisors/x/status",
+        "labvisor/replies/ac-2/x",
+        "ac-2/submit",
+        "labvisor/replies/ac-1/x",
+        "ac-1/x",
+    ];
+    for t in &targets[1..] {
+        args.extend(["-t", t]);
+    }
+    let sub = labvisor_tests::Subscriber::start(port, targets[0], &args);
+    let publish = |topic: &str, payload: &str| {
+        Command::new("mosquitto_pub")
+            .args([
+                "-h",
+                &gateway,
+                "-p",
+                &port.to_string(),
+                "-V",
+                "5",
+                "-q",
+                "1",
+            ])
+            .args(["-u", "ac-1", "-P", password.trim()])
+            .args(["-t", topic, "-m", payload])
+            .output()
+            .unwrap()
+    };
+    // Allowed: its own topic; repeated until the subscriber sees it (then it is subscribed).
+    wait_until("the subscriber is live", Duration::from_secs(20), || {
+        publish("ac-1/x", "ready");
+        sub.lines()
+            .iter()
+            .any(|l| l == "ac-1/x ready")
+            .then_some(())
+    });
+    for t in &targets[..3] {
+        publish(t, "forbidden");
+    }
+    publish("labvisor/replies/ac-1/x", "reply");
+    publish("ac-1/x", "last");
+    sub.wait_for("the last allowed message", Duration::from_secs(10), |l| {
+        l == "ac-1/x last"
+    });
+    let lines = sub.lines();
+    let forbidden: Vec<&String> = lines.iter().filter(|l| l.ends_with(" forbidden")).collect();
+    assert!(forbidden.is_empty(), "{forbidden:?}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| *l == "labvisor/replies/ac-1/x reply")
+            .count(),
+        1,
+        "{lines:?}"
+    );
+    let acl = std::fs::read_to_string(state.join("acl")).unwrap();
+    assert!(acl.contains("user labvisor\ntopic deny #\n"), "{acl}");
 }

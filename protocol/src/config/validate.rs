@@ -163,6 +163,17 @@ pub(crate) fn load(
 
     // The name is checked even if the contents do not parse.
     let name = match SutName::new(stem) {
+        Ok(n) if n.is_reserved() => {
+            c.add(
+                &KeyPath::of(&["name"]),
+                format!(
+                    "the file name gives SUT name {stem:?}, which is reserved: labvisor/... is \
+                     the control plane's topic space (supervisor status, reply spaces), which a \
+                     SUT's login would be given; rename the file"
+                ),
+            );
+            None
+        }
         Ok(n) => Some(n),
         Err(e) => {
             c.add(
