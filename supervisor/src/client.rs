@@ -885,6 +885,7 @@ mod tests {
             docker_reachable,
             suts,
             time_ms: 1_000_000,
+            managed_broker: None,
             file_problems: Vec::new(),
             refresh_ms: 30_000,
         }
