@@ -271,7 +271,9 @@ pub struct JobSubmit {
     /// Silence limit ("5m"), capped by the SUT's `[job] output_timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_timeout: Option<String>,
-    /// A topic for the acknowledgement, besides `<sut>/submit_status`.
+    /// A topic for the acknowledgement, besides `<sut>/submit_status`: in the SUT's reply space
+    /// `[<prefix>/]labvisor/replies/<sut>/#` (or under `<sut>/`, outside labvisor's own topics);
+    /// any other topic gets the job rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
 }
@@ -517,6 +519,10 @@ pub struct SupervisorStatus {
     pub suts: SutCounts,
     /// When, ms since the epoch.
     pub time_ms: u64,
+    /// The managed broker (`labvisor supervise` without `--broker`); absent with an external
+    /// broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_broker: Option<ManagedBrokerStatus>,
     /// Problems of the entries in the SUT directory that name no SUT (a file name that is not a
     /// valid SUT name, or not UTF-8), one `file: problem` line each. Problems of a file that
     /// names a SUT are on that SUT's `<sut>/supervisor` view ([`SutView::config_problems`]).
@@ -527,6 +533,18 @@ pub struct SupervisorStatus {
     /// than that is stale: the supervisor, or its link to the broker, is gone.
     #[serde(default)]
     pub refresh_ms: u64,
+}
+
+/// The managed broker in a [`SupervisorStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagedBrokerStatus {
+    /// Whether mosquitto runs and listens (it is restarted when it dies).
+    pub up: bool,
+    /// How often it was restarted after it died, since the supervisor started.
+    pub restarts: u64,
+    /// How it last died (`signal: 9 (SIGKILL)`, `exit status: 1`), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
 }
 
 /// A random id (16 hex digits) for boot ids and generated job ids' tails.

@@ -466,8 +466,16 @@ pub fn supervisor_line(sup: &SupervisorStatus, now: u64) -> String {
     } else {
         state
     };
+    let broker = match &sup.managed_broker {
+        Some(b) => format!(
+            ", managed broker {} ({} restarts)",
+            if b.up { "up" } else { "DOWN" },
+            b.restarts
+        ),
+        None => String::new(),
+    };
     format!(
-        "supervisor {}: {}, docker {}, {} SUTs desired, running {}, healthy {}, {} invalid files, seen {} ago",
+        "supervisor {}: {}, docker {}{broker}, {} SUTs desired, running {}, healthy {}, {} invalid files, seen {} ago",
         sup.id,
         state,
         if sup.docker_reachable {
@@ -866,6 +874,7 @@ mod tests {
             docker_reachable,
             suts,
             time_ms: 1_000_000,
+            managed_broker: None,
             file_problems: Vec::new(),
             refresh_ms: 30_000,
         }
@@ -916,6 +925,18 @@ mod tests {
         assert_eq!(
             supervisor_line(&down, 1_005_000),
             "supervisor lab: online, docker UNREACHABLE, 3 SUTs desired, running unknown, healthy unknown, 1 invalid files, seen 5s ago"
+        );
+        let managed = SupervisorStatus {
+            managed_broker: Some(labvisor_protocol::payloads::ManagedBrokerStatus {
+                up: false,
+                restarts: 2,
+                last_exit: None,
+            }),
+            ..up
+        };
+        assert_eq!(
+            supervisor_line(&managed, 1_005_000),
+            "supervisor lab: online, docker reachable, managed broker DOWN (2 restarts), 3 SUTs desired, running 3, healthy 2, 1 invalid files, seen 5s ago"
         );
     }
 }

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 use labvisor_protocol::mqtt::LinkOptions;
 use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_supervisor::broker::{self, ManagedBroker};
+use labvisor_supervisor::broker_tls::AgentTls;
 use labvisor_supervisor::check::{self, AllowArgs};
 use labvisor_supervisor::client::{self, BrokerArgs, ClientError, SubmitArgs};
 use labvisor_supervisor::docker::DockerRuntime;
@@ -116,6 +117,16 @@ struct SuperviseArgs {
     /// Port of the managed broker.
     #[arg(long, env = "LABVISOR_BROKER_PORT", default_value_t = 1883)]
     broker_port: u16,
+    /// The managed broker's listener for agents (on the labvisor network's gateway, same port)
+    /// speaks only TLS: the supervisor makes its own CA (kept in the state directory, key 0600)
+    /// and a server certificate for the gateway's address, gives the agents the CA and an
+    /// `mqtts://` URL. Plain MQTT then stays on 127.0.0.1 only, for local tools.
+    #[arg(long, env = "LABVISOR_AGENT_TLS")]
+    agent_tls: bool,
+    /// CA certificate (PEM file) of an external `mqtts://` broker: trusted by the supervisor's
+    /// own link and given to the agents (as `LABVISOR_MQTT_CA_PEM`).
+    #[arg(long, env = "LABVISOR_MQTT_CA")]
+    mqtt_ca: Option<PathBuf>,
     /// A directory of per-SUT MQTT passwords (`<dir>/<sut>`, as `mosquitto/passwd.sh` writes
     /// them in mosquitto/secrets/): each agent logs in as its own SUT, which the shipped ACL
     /// confines to `<sut>/#`. Without it, agents get --mqtt-username/--mqtt-password.
@@ -255,6 +266,19 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot read {}", p.display()))
     };
     let managed = args.broker.is_none() && args.agent_broker.is_none();
+    if args.agent_tls && !managed {
+        bail!("--agent-tls is for the managed broker (no --broker, no --agent-broker); for an external broker, give agents an mqtts:// --agent-broker and its CA with --mqtt-ca");
+    }
+    let mqtt_ca = match &args.mqtt_ca {
+        Some(_) if args.agent_tls => {
+            tracing::warn!("--mqtt-ca is ignored under --agent-tls: the managed broker's agents trust its own CA.");
+            None
+        }
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("--mqtt-ca {}", p.display()))?)
+        }
+        None => None,
+    };
     let broker = args.broker.clone().filter(|b| b != "none");
     let mqtt = match &broker {
         Some(url) => {
@@ -265,6 +289,9 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             }
             if args.mqtt_password.is_some() {
                 o.password = args.mqtt_password.clone();
+            }
+            if mqtt_ca.is_some() {
+                o.ca_file = args.mqtt_ca.clone();
             }
             Some(o)
         }
@@ -316,6 +343,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             mqtt_password: args.mqtt_password,
             agent_credentials: args.agent_credentials,
             tools: Tools::new(read(&agent_bin)?, read(&healthcheck_bin)?),
+            agent_ca: mqtt_ca,
         },
         topics,
         mqtt,
@@ -327,6 +355,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         poll: args.poll,
         metrics_listen,
         logins: None,
+        managed_broker: None,
         status_every: args.status_interval,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -335,6 +364,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         .build()?;
     let state_dir = args.state_dir.unwrap_or_else(broker::default_state_dir);
     let broker_port = args.broker_port;
+    let agent_tls = args.agent_tls;
     let mut settings = settings;
     rt.block_on(async move {
         let runtime = Arc::new(DockerRuntime::connect(id.as_str()).await?);
@@ -348,11 +378,20 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("the managed broker listens on the gateway of the {} network, which cannot be created or inspected", net.name))?
                 .with_context(|| format!("the {} network has no IPv4 gateway", net.name))?;
-            let b = ManagedBroker::start(&state_dir, broker_port, gateway, &settings.topics.agent_acl_pattern())?;
+            let tls = if agent_tls {
+                Some(AgentTls::prepare(&state_dir, gateway)?)
+            } else {
+                None
+            };
+            let b = ManagedBroker::start(&state_dir, broker_port, gateway, &settings.topics.agent_acl_pattern(), tls.as_ref())?;
+            if let Some(t) = &tls {
+                tracing::info!(ca = %t.ca_file.display(), "The agents' listener speaks TLS only, with the managed broker's own CA.");
+            }
             tracing::info!(broker = %b.local_url, agents = %b.agent_url, state_dir = %b.dir().display(),
                 "Managed mosquitto running. Try `labvisor status` or `mosquitto_sub -h 127.0.0.1 -p {broker_port} -t '#' -v`.");
             settings.mqtt = Some(LinkOptions::from_url(&b.local_url, format!("labvisor-supervisor-{id}"))?);
             settings.spec.agent_broker = Some(b.agent_url.clone());
+            settings.spec.agent_ca = b.agent_ca_pem.clone();
             if settings.spec.agent_credentials.is_some() {
                 tracing::warn!("--agent-credentials is for an external broker; the managed broker makes a login per SUT itself.");
             }
@@ -360,12 +399,17 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             // created, and may use only its own topics.
             settings.spec.agent_credentials = Some(b.logins.dir().to_path_buf());
             settings.logins = Some(b.logins.clone());
+            settings.managed_broker = Some(b.status.clone());
             Some(b)
         } else {
             None
         };
-        supervise::run(settings, runtime, shutdown_signal()).await?;
-        drop(managed_broker);
+        let result = supervise::run(settings, runtime, shutdown_signal()).await;
+        // After the supervisor's last publications: SIGTERM, so mosquitto saves its state.
+        if let Some(mut b) = managed_broker {
+            let _ = tokio::task::spawn_blocking(move || b.stop()).await;
+        }
+        result?;
         anyhow::Ok(())
     })
 }

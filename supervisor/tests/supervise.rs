@@ -115,11 +115,14 @@ fn add_edit_delete_files() {
     .map(str::to_owned)
     .collect();
     mounts.sort();
-    let tools = format!("{}{}-", scope.name("labvisor-tools-"), scope.run_id());
+    let tools = format!("{}{}.", scope.name("labvisor.tools."), scope.run_id());
     assert_eq!(mounts.len(), 2, "{mounts:?}");
     assert_eq!(
         mounts[0],
-        format!("volume:{}:/labvisor/data:true", scope.name("labvisor-a"))
+        format!(
+            "volume:{}:/labvisor/data:true",
+            scope.name("labvisor.sut.a")
+        )
     );
     assert!(
         mounts[1].starts_with(&format!("volume:{tools}"))
@@ -131,7 +134,7 @@ fn add_edit_delete_files() {
     let tools_name = mounts[1].split(':').nth(1).unwrap();
     assert!(b_mounts.contains(tools_name), "{b_mounts}");
     assert!(
-        !docker_ok(&["ps", "-a", "--format", "{{.Names}}"]).contains(&format!("{tools_name}-fill")),
+        !docker_ok(&["ps", "-a", "--format", "{{.Names}}"]).contains(&format!("{tools_name}.fill")),
         "the fill helper is removed"
     );
     // The agent cannot write the shared binaries.
@@ -171,9 +174,11 @@ fn add_edit_delete_files() {
     wait_until("a removed", T, || {
         (!ps(&scope).contains_key(&scope.name("a"))).then_some(())
     });
-    assert!(docker(&["volume", "inspect", &scope.name("labvisor-a")])
-        .status
-        .success());
+    assert!(
+        docker(&["volume", "inspect", &scope.name("labvisor.sut.a")])
+            .status
+            .success()
+    );
     assert!(ps(&scope).contains_key(&scope.name("b")));
 }
 
@@ -489,7 +494,7 @@ fn thirty_suts_cold_start() {
 /// which is made first (labelled as the supervisor's own, so the supervisor adopts it). Returns
 /// the broker and the URL to give agents (`--agent-broker`).
 fn gateway_broker(scope: &DockerScope) -> (Mosquitto, String) {
-    let net = scope.name("labvisor");
+    let net = scope.name("labvisor.net");
     docker_ok(&[
         "network",
         "create",
@@ -814,7 +819,7 @@ fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
     // A tools volume of this supervisor for binaries with another hash, as an earlier version
     // made it.
     let older_tools_volume = |hash: &str| {
-        let name = format!("{}{}-{hash}", scope.name("labvisor-tools-"), scope.run_id());
+        let name = format!("{}{}.{hash}", scope.name("labvisor.tools."), scope.run_id());
         docker_ok(&[
             "volume",
             "create",
@@ -838,7 +843,7 @@ fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
         &a1,
         "{{range .Mounts}}{{if eq .Destination \"/labvisor/bin\"}}{{.Name}}{{end}}{{end}}",
     );
-    assert!(tools.starts_with(&scope.name("labvisor-tools-")), "{tools}");
+    assert!(tools.starts_with(&scope.name("labvisor.tools.")), "{tools}");
     wait_until("the old tools volume removed", T, || {
         (!docker(&["volume", "inspect", &old]).status.success()).then_some(())
     });
@@ -918,7 +923,7 @@ fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
     assert_ne!(a1, a2);
     assert_eq!(
         docker_ok(&["exec", &a2, "cat", "/labvisor/bin/.labvisor-tools"]),
-        tools.rsplit('-').next().unwrap(),
+        tools.rsplit('.').next().unwrap(),
         "the marker holds the binaries' hash"
     );
     // a's create made sure of the tools volume and collected the unused ones: not old2.
@@ -951,7 +956,7 @@ fn a_network_removed_behind_its_back_is_made_again() {
     wait_until("a removed", T, || {
         (!ps(&scope).contains_key(&scope.name("a"))).then_some(())
     });
-    let net = scope.name("labvisor");
+    let net = scope.name("labvisor.net");
     docker_ok(&["network", "rm", &net]);
     write(&dir, "b.toml", &sut_file("1"));
     let b = wait_healthy(&scope, "b", Duration::from_secs(60));
