@@ -937,5 +937,17 @@ mod tests {
             supervisor_line(&down, 1_005_000),
             "supervisor lab: online, docker UNREACHABLE, 3 SUTs desired, running unknown, healthy unknown, 1 invalid files, seen 5s ago"
         );
+        let managed = SupervisorStatus {
+            managed_broker: Some(labvisor_protocol::payloads::ManagedBrokerStatus {
+                up: false,
+                restarts: 2,
+                last_exit: None,
+            }),
+            ..up
+        };
+        assert_eq!(
+            supervisor_line(&managed, 1_005_000),
+            "supervisor lab: online, docker reachable, managed broker DOWN (2 restarts), 3 SUTs desired, running 3, healthy 2, 1 invalid files, seen 5s ago"
+        );
     }
 }

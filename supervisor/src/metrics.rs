@@ -803,6 +803,38 @@ mod tests {
         assert_eq!(m.shared().health(), Ok(()));
     }
 
+    /// While Docker is unreachable the running count is unknown: no `running` series, rather
+    /// than a stale or zero value; it is back with the next count.
+    #[test]
+    fn an_unknown_running_count_has_no_series() {
+        let m = Metrics::new(Duration::from_secs(30));
+        let running = |m: &Metrics| {
+            m.encode()
+                .lines()
+                .filter(|l| l.starts_with(r#"labvisor_suts{state="running"}"#))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        m.observe_counts(&SutCounts {
+            desired: 2,
+            running: Some(2),
+            ..Default::default()
+        });
+        assert_eq!(running(&m), [r#"labvisor_suts{state="running"} 2"#]);
+        m.observe_counts(&SutCounts {
+            desired: 2,
+            ..Default::default()
+        });
+        assert_eq!(running(&m), Vec::<String>::new());
+        assert!(m.encode().contains(r#"labvisor_suts{state="desired"} 2"#));
+        m.observe_counts(&SutCounts {
+            desired: 2,
+            running: Some(1),
+            ..Default::default()
+        });
+        assert_eq!(running(&m), [r#"labvisor_suts{state="running"} 1"#]);
+    }
+
     #[test]
     fn agent_gauges_follow_the_status_and_a_forgotten_sut_leaves_no_series() {
         let mut m = Metrics::new(Duration::from_secs(30));

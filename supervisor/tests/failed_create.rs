@@ -39,6 +39,10 @@ fn a_failed_create_removes_only_the_volume_it_made() {
     write(&dir, "y.toml", &fast_sut(BUSYBOX_IMAGE, ""));
     let mut sup = Sup::start(&scope, &dir, None, &["--allow-devices"]);
     let y = wait_healthy(&scope, "y", T);
+    assert!(
+        volume_exists(&scope.name("labvisor.sut.y")),
+        "y's volume name"
+    );
     docker_ok(&["exec", &y, "sh", "-c", "echo kept > /labvisor/data/marker"]);
 
     // x is new: its create makes its volume, then fails. y's recreation fails the same way,
@@ -68,11 +72,11 @@ fn a_failed_create_removes_only_the_volume_it_made() {
 
     assert!(ps(&scope).is_empty(), "no container left: {:?}", ps(&scope));
     assert!(
-        !volume_exists(&scope.name("labvisor-x")),
+        !volume_exists(&scope.name("labvisor.sut.x")),
         "x's volume, made by the failed create, is gone"
     );
     assert!(
-        volume_exists(&scope.name("labvisor-y")),
+        volume_exists(&scope.name("labvisor.sut.y")),
         "y's volume is kept"
     );
     let data = docker_ok(&[
@@ -83,7 +87,7 @@ fn a_failed_create_removes_only_the_volume_it_made() {
         "--label",
         &scope.label(),
         "-v",
-        &format!("{}:/d", scope.name("labvisor-y")),
+        &format!("{}:/d", scope.name("labvisor.sut.y")),
         BUSYBOX_IMAGE,
         "cat",
         "/d/marker",

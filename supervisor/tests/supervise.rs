@@ -1228,6 +1228,16 @@ fn a_deleted_sut_leaves_no_retained_topics() {
         r.is_empty().then_some(r)
     });
     assert_eq!(after, Vec::<String>::new());
+    // A retained status that arrives late (as a last will the broker fires after the clear
+    // would) is cleared as well.
+    assert!(j
+        .broker
+        .publish("j/agent", r#"{"state":"lost"}"#, &["-r", "-q", "1"])
+        .status
+        .success());
+    wait_until("the late status cleared", T, || {
+        retained(&j.broker, "j/#").is_empty().then_some(())
+    });
     assert_eq!(
         topics(&retained(&j.broker, "other/#")),
         ["other/agent", "other/jobs/x1"],
