@@ -14,7 +14,7 @@
 //! | `<sut>/probe` | agent → all | 1 | yes | [`ProbeResult`](crate::payloads::ProbeResult) JSON (the upstream probe, the old stack's `c3`) |
 //! | `<sut>/submit` | submitter → agent | 1 | never (a retained job is rejected, never run) | plain text (a shell script) or [`JobSubmit`](crate::payloads::JobSubmit) JSON |
 //! | `<sut>/submit_status` | agent → submitter | 1 | yes (latest) | [`SubmitAck`](crate::payloads::SubmitAck) JSON; also sent to `reply_to` / the MQTT 5 response topic |
-//! | `labvisor/replies/<sut>/...` | agent → submitter | 1 | no | the SUT's reply space ([`Topics::reply_space`]): a submission's `reply_to` / MQTT 5 response topic must lie here (or under `<sut>/`, outside labvisor's own topics), where both shipped ACLs let the agent write |
+//! | `labvisor/replies/<sut>/...` | agent → submitter | 1 | no | the SUT's reply space (`Topics::reply_space`): a submission's `reply_to` / MQTT 5 response topic must lie here (or under `<sut>/`, outside labvisor's own topics), where the shipped ACL lets the agent write |
 //! | `<sut>/cancel` | submitter → agent | 1 | never | a job id, `current`, or `{"id": ...}` |
 //! | `<sut>/cancel_status` | agent → submitter | 1 | yes (latest) | [`CancelAck`](crate::payloads::CancelAck) JSON |
 //! | `<sut>/jobs/<id>` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON |
