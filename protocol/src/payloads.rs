@@ -514,6 +514,27 @@ pub struct SupervisorStatus {
     pub suts: SutCounts,
     /// When, ms since the epoch.
     pub time_ms: u64,
+    /// The managed broker (`labvisor supervise` without `--broker`); absent with an external
+    /// broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub managed_broker: Option<ManagedBrokerStatus>,
+    /// Problems of the entries in the SUT directory that name no SUT (a file name that is not a
+    /// valid SUT name, or not UTF-8), one `file: problem` line each. Problems of a file that
+    /// names a SUT are on that SUT's `<sut>/supervisor` view ([`SutView::config_problems`]).
+    #[serde(default)]
+    pub file_problems: Vec<String>,
+}
+
+/// The managed broker in a [`SupervisorStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagedBrokerStatus {
+    /// Whether mosquitto runs and listens (it is restarted when it dies).
+    pub up: bool,
+    /// How often it was restarted after it died, since the supervisor started.
+    pub restarts: u64,
+    /// How it last died (`signal: 9 (SIGKILL)`, `exit status: 1`), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<String>,
 }
 
 /// A random id (16 hex digits) for boot ids and generated job ids' tails.

@@ -22,7 +22,7 @@
 //! | `<sut>/last_job` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON of the latest job |
 //! | `<sut>/build` | supervisor → all | 0 | no | plain UTF-8 text: one line of the SUT's image build (`[build]`), as the engine streams it |
 //! | `<sut>/supervisor` | supervisor → all | 1 | yes | [`SutView`](crate::payloads::SutView) JSON: the supervisor's view of that SUT |
-//! | `labvisor/supervisors/<id>/status` | supervisor → all | 1 | yes | [`SupervisorStatus`](crate::payloads::SupervisorStatus) JSON: birth, last will `lost`, counts |
+//! | `labvisor/supervisors/<id>/status` | supervisor → all | 1 | yes | [`SupervisorStatus`](crate::payloads::SupervisorStatus) JSON: birth, last will `lost`, counts, problems of directory entries that name no SUT |
 //!
 //! SUT names ([`SutName`]), job ids ([`JobId`]) and supervisor ids ([`SupervisorId`]) are
 //! validated types that cannot contain `/`, `+`, `#` or `$`, so a topic built here always has

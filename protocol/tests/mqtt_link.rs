@@ -579,6 +579,10 @@ async fn invalid_options_and_topics_are_refused() {
     o.tls = true;
     o.ca_file = Some(m.dir().join("missing-ca.pem"));
     assert!(matches!(MqttLink::start(o), Err(LinkError::CaFile { .. })));
+    let mut o = options(&m);
+    o.tls = true;
+    o.ca_pem = Some("no certificate in here\n".into());
+    assert!(matches!(MqttLink::start(o), Err(LinkError::CaPem(_))));
 
     let (link, _incoming) = MqttLink::start(options(&m)).unwrap();
     assert!(matches!(

@@ -194,9 +194,25 @@ fn supervisor_status() {
             invalid: 1,
         },
         time_ms: T,
+        managed_broker: Some(ManagedBrokerStatus {
+            up: false,
+            restarts: 2,
+            last_exit: Some("signal: 9 (SIGKILL)".into()),
+        }),
+        file_problems: vec!["sut/Bad_Name.toml: name: the file name gives SUT name \"Bad_Name\", which is not valid".into()],
     };
     round_trip(&p);
     insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn supervisor_status_without_a_managed_broker_omits_it() {
+    let text = r#"{"v":1,"id":"lab-a","state":"online","boot_id":"00ff","version":"0.1.0","docker_reachable":true,"time_ms":1}"#;
+    let p: SupervisorStatus = serde_json::from_str(text).unwrap();
+    assert_eq!(p.managed_broker, None);
+    assert!(!serde_json::to_string(&p)
+        .unwrap()
+        .contains("managed_broker"));
 }
 
 #[test]

@@ -12,7 +12,8 @@
 //! - `127.0.0.1:<port>`, anonymous: the supervisor itself, and `labvisor status`,
 //!   `mosquitto_sub`, `mosquitto_pub` or MQTT Explorer on this machine;
 //! - `<bridge gateway>:<port>`, password-protected: the agents, which reach the host through the
-//!   gateway of the labvisor bridge network. Each agent logs in as its own SUT with its own
+//!   gateway of the labvisor bridge network (plain MQTT, or with `--agent-tls` only TLS, with
+//!   the supervisor's own CA: [`crate::broker_tls`]). Each agent logs in as its own SUT with its own
 //!   random password ([`AgentLogins`]), given in its environment, and the ACL pattern
 //!   `[<prefix>/]%u/#` confines it to its own topics: a job running on one SUT cannot submit
 //!   jobs to another. Any other container reaching that address cannot connect at all.
@@ -26,14 +27,31 @@
 //! agents keep connecting. A state directory from an earlier labvisor, whose agents shared one
 //! login (`labvisor-agent`, password in `agent-password`), keeps that login working for the
 //! containers made then, until they are recreated.
+//!
+//! **Persistence.** mosquitto keeps retained messages, persistent sessions and the QoS 1
+//! messages queued for them in `mosquitto.db` in the state directory. It writes it every
+//! [`AUTOSAVE_INTERVAL`] and when it stops on SIGTERM: [`ManagedBroker::stop`] (the supervisor's
+//! shutdown, after its last publication) sends SIGTERM and waits up to [`STOP_GRACE`] before
+//! SIGKILL. mosquitto runs in its own process group, so a Ctrl-C in the supervisor's terminal
+//! does not reach it directly.
+//!
+//! **Watching.** A thread ([`watch`]) waits for mosquitto to exit. When it dies without being
+//! asked to, the death is logged (error, with the exit status), the process is reaped, and
+//! mosquitto is started again at once (then after 1 s, doubling up to 30 s, while it keeps
+//! failing); each change is published on [`ManagedBroker::status`], which the supervisor shows in
+//! its status, `/metrics` (`labvisor_broker_up`, `labvisor_broker_restarts_total`) and
+//! `/healthz` (503 while it is down). The agents and the supervisor reconnect by themselves.
 
 use std::io::Write;
 use std::net::{IpAddr, TcpListener};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use labvisor_protocol::mqtt::MAX_PACKET_SIZE;
+pub use labvisor_protocol::payloads::ManagedBrokerStatus;
 
 /// The shared agent login of earlier labvisor versions, kept only where its password file
 /// (`agent-password`) is already in the state directory.
@@ -42,6 +60,15 @@ pub const LEGACY_AGENT_USER: &str = "labvisor-agent";
 /// The directory of per-SUT passwords in the state directory (the `--agent-credentials` layout:
 /// one file per SUT, named after it).
 pub const AGENTS_DIR: &str = "agents";
+
+/// How often mosquitto writes its in-memory state (retained messages, sessions, queued
+/// messages) to `mosquitto.db`: a broker that crashes loses at most what changed in this window.
+/// A clean stop (SIGTERM) writes it in full.
+pub const AUTOSAVE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How long a stop waits for mosquitto to write its persistence file and exit after SIGTERM,
+/// before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Why the managed broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -149,21 +176,28 @@ fn add_login(passwd_bin: &Path, passwd: &Path, user: &str, password: &str) -> Re
     Ok(())
 }
 
-/// A running managed mosquitto; killed on drop.
+/// A running managed mosquitto, watched: when it dies it is restarted (see [`watch`]). Stopped
+/// (SIGTERM, then SIGKILL after [`STOP_GRACE`]) by [`ManagedBroker::stop`] or on drop.
 pub struct ManagedBroker {
-    child: Child,
+    watcher: Option<std::thread::JoinHandle<()>>,
+    stop: Arc<StopFlag>,
+    /// Whether it runs, and how often it was restarted.
+    pub status: tokio::sync::watch::Receiver<ManagedBrokerStatus>,
     /// What the supervisor (and local tools) connect to.
     pub local_url: String,
     /// What the agents connect to.
     pub agent_url: String,
     /// The agents' logins, one per SUT.
-    pub logins: std::sync::Arc<AgentLogins>,
+    pub logins: Arc<AgentLogins>,
     dir: PathBuf,
+    /// The CA certificate (PEM) the agents must trust, when their listener speaks TLS.
+    pub agent_ca_pem: Option<String>,
 }
 
 impl ManagedBroker {
     /// Starts mosquitto on `port`, listening on loopback and on `gateway`, with its files in
     /// `state_dir`; agent logins confined by `acl_pattern` ([`Topics::agent_acl_pattern`]).
+    /// With `agent_tls`, the listener on `gateway` speaks only TLS.
     ///
     /// [`Topics::agent_acl_pattern`]: labvisor_protocol::topics::Topics::agent_acl_pattern
     pub fn start(
@@ -171,6 +205,7 @@ impl ManagedBroker {
         port: u16,
         gateway: IpAddr,
         acl_pattern: &str,
+        agent_tls: Option<&crate::broker_tls::AgentTls>,
     ) -> Result<Self, BrokerError> {
         let bin = [
             "/usr/sbin/mosquitto",
@@ -248,6 +283,8 @@ impl ManagedBroker {
              per_listener_settings true\n\
              persistence true\n\
              persistence_location {dir}/\n\
+             autosave_interval {autosave}\n\
+             autosave_on_changes false\n\
              log_dest stderr\n\
              log_type error\n\
              log_type warning\n\
@@ -260,47 +297,26 @@ impl ManagedBroker {
              listener {port} {gateway}\n\
              allow_anonymous false\n\
              password_file {passwd}\n\
-             acl_file {acl}\n",
+             acl_file {acl}\n\
+             {tls}",
             dir = state_dir.display(),
+            autosave = AUTOSAVE_INTERVAL.as_secs(),
             passwd = passwd.display(),
             acl = acl.display(),
+            tls = agent_tls.map(|t| t.listener_lines()).unwrap_or_default(),
         );
         write_private(&conf, text.as_bytes()).map_err(state(&conf))?;
-        let log =
-            std::fs::File::create(state_dir.join("mosquitto.log")).map_err(state(state_dir))?;
+        let log = state_dir.join("mosquitto.log");
+        std::fs::File::create(&log).map_err(state(&log))?;
         hand_to_broker_user(state_dir).map_err(state(state_dir))?;
-        let mut child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| BrokerError::Start(e.to_string()))?;
-        let pid_file = state_dir.join("mosquitto.pid");
-        let _ = std::fs::write(&pid_file, child.id().to_string());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let log =
-                    std::fs::read_to_string(state_dir.join("mosquitto.log")).unwrap_or_default();
-                return Err(BrokerError::Start(format!(
-                    "exited with {status}: {}",
-                    log.trim()
-                )));
-            }
-            let up = |ip: IpAddr| std::net::TcpStream::connect((ip, port)).is_ok();
-            if up(IpAddr::from([127, 0, 0, 1])) && up(gateway) {
-                break;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                return Err(BrokerError::Start(format!(
-                    "not listening on 127.0.0.1:{port} and {gateway}:{port} within 10 s"
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let launch = Launch {
+            bin,
+            conf,
+            dir: state_dir.to_path_buf(),
+            port,
+            gateway,
+        };
+        let child = launch.run(&|| false).map_err(BrokerError::Start)?;
         let logins = std::sync::Arc::new(AgentLogins {
             dir: agents,
             passwd,
@@ -309,12 +325,32 @@ impl ManagedBroker {
             legacy,
             pid: std::sync::Mutex::new(Some(child.id())),
         });
+        let stop = Arc::new(StopFlag::default());
+        let (status_tx, status) = tokio::sync::watch::channel(ManagedBrokerStatus {
+            up: true,
+            restarts: 0,
+            last_exit: None,
+        });
+        let watcher = {
+            let logins = logins.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("managed-broker".into())
+                .spawn(move || watch(child, launch, logins, stop, status_tx))
+                .map_err(|e| BrokerError::Start(format!("cannot start its watcher: {e}")))?
+        };
         Ok(ManagedBroker {
-            child,
+            watcher: Some(watcher),
+            stop,
+            status,
             local_url: format!("mqtt://127.0.0.1:{port}"),
-            agent_url: format!("mqtt://{gateway}:{port}"),
+            agent_url: format!(
+                "{}://{gateway}:{port}",
+                if agent_tls.is_some() { "mqtts" } else { "mqtt" }
+            ),
             logins,
             dir: state_dir.to_path_buf(),
+            agent_ca_pem: agent_tls.map(|t| t.ca_pem.clone()),
         })
     }
 
@@ -324,13 +360,212 @@ impl ManagedBroker {
     }
 }
 
+impl ManagedBroker {
+    /// Stops mosquitto the way it saves everything: SIGTERM, which makes it write its
+    /// persistence file (retained messages, sessions, queued QoS 1 messages) and exit; SIGKILL
+    /// only if it has not exited within [`STOP_GRACE`]. Stops the watcher first, so it is not
+    /// restarted, and blocks until it has been reaped. Does nothing the second time.
+    pub fn stop(&mut self) {
+        let Some(watcher) = self.watcher.take() else {
+            return;
+        };
+        self.stop.set();
+        // Under the lock, the watcher either already knows about the stop or has published
+        // the pid of a mosquitto it has not reaped yet.
+        if let Some(pid) = *self.logins.pid.lock().unwrap_or_else(|p| p.into_inner()) {
+            signal(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while !watcher.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !watcher.is_finished() {
+            if let Some(pid) = *self.logins.pid.lock().unwrap_or_else(|p| p.into_inner()) {
+                tracing::error!(grace = ?STOP_GRACE, "The managed broker did not exit after SIGTERM; killing it (what changed since its last autosave is lost).");
+                signal(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        let _ = watcher.join();
+        let _ = std::fs::remove_file(self.dir.join("mosquitto.pid"));
+    }
+}
+
 impl Drop for ManagedBroker {
     fn drop(&mut self) {
-        // No SIGHUP to a pid that may be reused.
-        *self.logins.pid.lock().unwrap_or_else(|p| p.into_inner()) = None;
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(self.dir.join("mosquitto.pid"));
+        self.stop();
+    }
+}
+
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+/// Set once, when the broker is to stop; wakes the watcher's backoff sleep.
+#[derive(Debug, Default)]
+struct StopFlag {
+    set: std::sync::Mutex<bool>,
+    cond: std::sync::Condvar,
+}
+
+impl StopFlag {
+    fn set(&self) {
+        *self.set.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cond.notify_all();
+    }
+
+    fn is_set(&self) -> bool {
+        *self.set.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sleeps `d` unless the flag is or gets set; whether it is.
+    fn wait(&self, d: Duration) -> bool {
+        let g = self.set.lock().unwrap_or_else(|p| p.into_inner());
+        let (g, _) = self
+            .cond
+            .wait_timeout_while(g, d, |set| !*set)
+            .unwrap_or_else(|p| p.into_inner());
+        *g
+    }
+}
+
+/// How to run mosquitto, and when it counts as up.
+struct Launch {
+    bin: PathBuf,
+    conf: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    gateway: IpAddr,
+}
+
+impl Launch {
+    /// Starts mosquitto and waits (at most 10 s, or until `stop()` says so) until it listens on
+    /// both addresses. Its stderr goes to `mosquitto.log` (appended), and its pid to
+    /// `mosquitto.pid`.
+    fn run(&self, stop: &dyn Fn() -> bool) -> Result<Child, String> {
+        let log_path = self.dir.join("mosquitto.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("{}: {e}", log_path.display()))?;
+        let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
+        let mut child = Command::new(&self.bin)
+            .arg("-c")
+            .arg(&self.conf)
+            // Its own process group: a Ctrl-C in the supervisor's terminal reaches the
+            // supervisor only, which then stops the broker itself, after its last publications.
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let _ = std::fs::write(self.dir.join("mosquitto.pid"), child.id().to_string());
+        let port = self.port;
+        let gateway = self.gateway;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read(&log_path).unwrap_or_default();
+                let new = log.get(log_len as usize..).unwrap_or_default();
+                return Err(format!(
+                    "exited with {status}: {}",
+                    String::from_utf8_lossy(new).trim()
+                ));
+            }
+            let up = |ip: IpAddr| std::net::TcpStream::connect((ip, port)).is_ok();
+            if up(IpAddr::from([127, 0, 0, 1])) && up(gateway) {
+                return Ok(child);
+            }
+            if stop() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "not listening on 127.0.0.1:{port} and {gateway}:{port} within 10 s"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// First restart at once, then doubling from 1 s up to this.
+const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The managed broker's watcher (a thread): waits for mosquitto to exit; unless it was told
+/// to stop, logs the death (error, with the exit status), reaps it and starts it again (at
+/// once, then with backoff while it keeps failing), publishing each change on `status`.
+fn watch(
+    mut child: Child,
+    launch: Launch,
+    logins: Arc<AgentLogins>,
+    stop: Arc<StopFlag>,
+    status: tokio::sync::watch::Sender<ManagedBrokerStatus>,
+) {
+    use nix::sys::wait::{waitid, Id, WaitPidFlag};
+    loop {
+        let pid = child.id();
+        // Wait without reaping: until the pid is cleared below, it cannot be reused, so a
+        // SIGHUP or SIGTERM sent under the lock reaches this mosquitto or a zombie of it.
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT;
+        let id = || Id::Pid(nix::unistd::Pid::from_raw(pid as i32));
+        while let Err(nix::errno::Errno::EINTR) = waitid(id(), flags) {}
+        let exit = {
+            let mut p = logins.pid.lock().unwrap_or_else(|p| p.into_inner());
+            *p = None;
+            child.wait()
+        };
+        let exit = match exit {
+            Ok(s) => s.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        };
+        if stop.is_set() {
+            tracing::info!(status = %exit, "The managed broker stopped.");
+            return;
+        }
+        tracing::error!(pid, status = %exit, "The managed broker died; restarting it (agents and the supervisor reconnect by themselves).");
+        status.send_modify(|s| {
+            s.up = false;
+            s.last_exit = Some(exit.clone());
+        });
+        let mut failures = 0u32;
+        child = loop {
+            let delay = if failures == 0 {
+                Duration::ZERO
+            } else {
+                RESTART_BACKOFF_MAX.min(Duration::from_secs(1) * (1u32 << (failures - 1).min(5)))
+            };
+            if stop.wait(delay) {
+                return;
+            }
+            match launch.run(&|| stop.is_set()) {
+                Ok(c) => break c,
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(error = %e, attempt = failures, "The managed broker could not be restarted; retrying.");
+                }
+            }
+        };
+        {
+            let mut p = logins.pid.lock().unwrap_or_else(|p| p.into_inner());
+            if stop.is_set() {
+                // Stopped while it was starting: nobody else knows its pid.
+                drop(p);
+                signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+                let _ = child.wait();
+                return;
+            }
+            *p = Some(child.id());
+        }
+        status.send_modify(|s| {
+            s.up = true;
+            s.restarts += 1;
+        });
+        tracing::warn!(
+            pid = child.id(),
+            restarts = status.borrow().restarts,
+            "The managed broker was restarted and listens again."
+        );
     }
 }
 
@@ -354,9 +589,27 @@ fn stop_leftover(state_dir: &Path) {
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGTERM,
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+    let gone = || {
+        // Gone, or a zombie waiting for its (dead) parent's reaper: either way it has exited.
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                s.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    };
+    let deadline = Instant::now() + STOP_GRACE;
+    while !gone() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
+    }
+    if !gone() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        while !gone() && Instant::now() < deadline + Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -446,8 +699,8 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        // The agents' clear-text passwords are the supervisor's, not the broker's.
-        if e.file_name() != AGENTS_DIR {
+        // The agents' clear-text passwords and the CA are the supervisor's, not the broker's.
+        if e.file_name() != AGENTS_DIR && e.file_name() != crate::broker_tls::CA_DIR {
             std::os::unix::fs::chown(e.path(), Some(uid), Some(gid))?;
         }
     }

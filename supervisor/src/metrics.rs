@@ -34,10 +34,12 @@
 //! | `labvisor_docker_reachable` | gauge | | 1 when the last pass could list the containers |
 //! | `labvisor_suts` | gauge | `state` | SUTs by `desired` (valid files), `running` (containers running), `invalid` (files) |
 //! | `labvisor_last_pass_timestamp_seconds` | gauge | | Unix time of the last reconcile pass |
+//! | `labvisor_broker_up` | gauge | | managed broker only: 1 while mosquitto runs and listens, 0 while it is down (being restarted) |
+//! | `labvisor_broker_restarts_total` | counter | | managed broker only: restarts of mosquitto after it died |
 //!
 //! `/metrics` answers in the OpenMetrics text format. `/healthz` answers `200 ok` when a pass
-//! ran within twice the resync period and Docker was reachable then, else `503` and the reason
-//! on one line.
+//! ran within twice the resync period and Docker was reachable then, and the managed broker (if
+//! any) is up, else `503` and the reason on one line.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -52,7 +54,9 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use labvisor_protocol::payloads::{AgentStatus, Health, JobState, JobStatus, SutCounts};
+use labvisor_protocol::payloads::{
+    AgentStatus, Health, JobState, JobStatus, ManagedBrokerStatus, SutCounts,
+};
 use labvisor_protocol::topics::JobId;
 use labvisor_protocol::SutName;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -124,6 +128,8 @@ pub struct Shared {
     /// When the last pass ended, ms since `started`; `u64::MAX`: none yet.
     last_pass_ms: AtomicU64,
     docker_reachable: AtomicBool,
+    /// The managed broker is down (being restarted).
+    broker_down: AtomicBool,
     started: Instant,
     /// A pass older than this makes `/healthz` fail.
     stale_after: Duration,
@@ -158,6 +164,9 @@ impl Shared {
         if !self.docker_reachable.load(Ordering::Relaxed) {
             return Err("docker is unreachable".to_owned());
         }
+        if self.broker_down.load(Ordering::Relaxed) {
+            return Err("the managed broker is down (being restarted)".to_owned());
+        }
         Ok(())
     }
 }
@@ -191,6 +200,8 @@ pub struct Metrics {
     /// The last status of each agent (also of SUTs not known yet).
     agents: BTreeMap<SutName, AgentStatus>,
     seen_jobs: BTreeMap<SutName, SeenJobs>,
+    broker_up: Gauge,
+    broker_restarts: Counter,
 }
 
 impl Metrics {
@@ -275,6 +286,7 @@ impl Metrics {
                 registry,
                 last_pass_ms: AtomicU64::new(u64::MAX),
                 docker_reachable: AtomicBool::new(false),
+                broker_down: AtomicBool::new(false),
                 started: Instant::now(),
                 stale_after: resync.saturating_mul(2),
             }),
@@ -293,6 +305,36 @@ impl Metrics {
             known: BTreeSet::new(),
             agents: BTreeMap::new(),
             seen_jobs: BTreeMap::new(),
+            broker_up: Gauge::default(),
+            broker_restarts: Counter::default(),
+        }
+    }
+
+    /// Adds the managed broker's series (`labvisor_broker_up`, `labvisor_broker_restarts_total`),
+    /// fed by [`Metrics::on_broker`]. Call it before [`Metrics::shared`].
+    pub fn with_managed_broker(mut self) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.registry.register(
+                "labvisor_broker_up",
+                "1 while the managed broker runs and listens, 0 while it is down",
+                self.broker_up.clone(),
+            );
+            shared.registry.register(
+                "labvisor_broker_restarts",
+                "Restarts of the managed broker after it died",
+                self.broker_restarts.clone(),
+            );
+        }
+        self
+    }
+
+    /// The managed broker's state changed.
+    pub fn on_broker(&self, b: &ManagedBrokerStatus) {
+        self.shared.broker_down.store(!b.up, Ordering::Relaxed);
+        self.broker_up.set(b.up.into());
+        let counted = self.broker_restarts.get();
+        if b.restarts > counted {
+            self.broker_restarts.inc_by(b.restarts - counted);
         }
     }
 
@@ -796,6 +838,35 @@ mod tests {
         m.on_pass(true);
         std::thread::sleep(Duration::from_millis(2));
         assert!(m.shared().health().unwrap_err().contains("ago"));
+    }
+
+    #[test]
+    fn a_managed_broker_down_fails_healthz_and_shows_in_metrics() {
+        let plain = Metrics::new(Duration::from_secs(30));
+        assert!(!plain.encode().contains("labvisor_broker"));
+        let m = Metrics::new(Duration::from_secs(30)).with_managed_broker();
+        m.on_pass(true);
+        let b = |up, restarts| ManagedBrokerStatus {
+            up,
+            restarts,
+            last_exit: None,
+        };
+        m.on_broker(&b(true, 0));
+        assert_eq!(m.shared().health(), Ok(()));
+        assert_eq!(samples(&m, "labvisor_broker_up"), ["labvisor_broker_up 1"]);
+        m.on_broker(&b(false, 0));
+        assert_eq!(
+            m.shared().health(),
+            Err("the managed broker is down (being restarted)".to_owned())
+        );
+        assert_eq!(samples(&m, "labvisor_broker_up"), ["labvisor_broker_up 0"]);
+        m.on_broker(&b(true, 1));
+        m.on_broker(&b(true, 1));
+        assert_eq!(m.shared().health(), Ok(()));
+        assert_eq!(
+            samples(&m, "labvisor_broker_restarts_total"),
+            ["labvisor_broker_restarts_total 1"]
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ fn the_managed_broker_carries_an_eight_mebibyte_submission() {
     let port = free_port();
     // A second loopback address stands in for the labvisor network's gateway.
     let gateway: IpAddr = "127.0.0.2".parse().unwrap();
-    let broker = ManagedBroker::start(&state.path().join("broker"), port, gateway, "%u/#")
+    let broker = ManagedBroker::start(&state.path().join("broker"), port, gateway, "%u/#", None)
         .expect("start the managed broker");
     // The largest max_payload; retained, so the subscriber gets it whenever it subscribes.
     let size = 8 * 1024 * 1024;

@@ -4,9 +4,11 @@
 //! killed supervisor's broker is replaced on the next start, and an earlier version's shared
 //! agent login keeps working.
 
+use std::collections::BTreeMap;
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use labvisor_tests::{
     docker_ok, ensure_busybox_image, free_port, network_gateway, static_bin, wait_until,
@@ -21,6 +23,18 @@ fn supervise(
     port: u16,
     log: &Path,
 ) -> KillOnDrop {
+    supervise_with(scope, sut_dir, state, port, log, "none")
+}
+
+/// [`supervise`], serving `/metrics` and `/healthz` on `metrics` (or `none`).
+fn supervise_with(
+    scope: &DockerScope,
+    sut_dir: &Path,
+    state: &Path,
+    port: u16,
+    log: &Path,
+    metrics: &str,
+) -> KillOnDrop {
     let child = Command::new(env!("CARGO_BIN_EXE_labvisor"))
         .arg("supervise")
         .arg("--sut-dir")
@@ -29,7 +43,7 @@ fn supervise(
         .args(["--name-prefix", &scope.name("")])
         .args(["--extra-label", &scope.label()])
         .args(["--broker-port", &port.to_string()])
-        .args(["--metrics-listen", "none"])
+        .args(["--metrics-listen", metrics])
         .arg("--state-dir")
         .arg(state)
         .arg("--agent-bin")
@@ -39,21 +53,85 @@ fn supervise(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).unwrap())
+        // Its own process group, as a shell gives a foreground job: a Ctrl-C is sent to it.
+        .process_group(0)
         .spawn()
         .unwrap();
     KillOnDrop(child)
 }
 
-fn status_json(port: u16) -> Option<serde_json::Value> {
-    let out = Command::new(env!("CARGO_BIN_EXE_labvisor"))
-        .args([
+/// The local tools' login of the managed broker in `state`, as `mosquitto_pub`/`_sub`
+/// arguments (none when the state directory has no such file).
+fn local_auth(state: &Path) -> Vec<String> {
+    match std::fs::read_to_string(state.join("local-password")) {
+        Ok(p) => vec![
+            "-u".into(),
+            "labvisor.local".into(),
+            "-P".into(),
+            p.trim().to_owned(),
+        ],
+        Err(_) => Vec::new(),
+    }
+}
+
+/// `labvisor <args>` as a local tool of the supervisor whose state directory is `state`.
+fn cli(state: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_labvisor"))
+        .args(args)
+        .env("LABVISOR_STATE_DIR", state)
+        .output()
+        .unwrap()
+}
+
+/// Every retained message on the managed broker (`topic` → payload), read as a local tool:
+/// `mosquitto_sub --retained-only` ends at the first live message, a probe published once it is
+/// subscribed (the broker sends the retained messages of a subscription before anything
+/// published after it).
+fn retained(port: u16, state: &Path) -> Option<BTreeMap<String, String>> {
+    let auth = local_auth(state);
+    let probe = format!("labvisor/cli/{}/probe", labvisor_tests::unique_id("probe"));
+    let mut sub = KillOnDrop(
+        Command::new("mosquitto_sub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-v"])
+            .args(["--retained-only", "-t", "#", "-t", &probe])
+            .args(&auth)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while matches!(sub.try_wait(), Ok(None)) {
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
+        let _ = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-t", &probe, "-m", "end"])
+            .args(&auth)
+            .output();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut out = String::new();
+    std::io::Read::read_to_string(sub.stdout.as_mut()?, &mut out).ok()?;
+    let map: BTreeMap<String, String> = out
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(t, p)| (t.to_owned(), p.to_owned()))
+        .collect();
+    (!map.is_empty()).then_some(map)
+}
+
+fn status_json(port: u16, state: &Path) -> Option<serde_json::Value> {
+    let out = cli(
+        state,
+        &[
             "status",
             "--json",
             "--broker",
             &format!("mqtt://127.0.0.1:{port}"),
-        ])
-        .output()
-        .ok()?;
+        ],
+    );
     serde_json::from_slice(&out.stdout).ok()
 }
 
@@ -109,7 +187,7 @@ fn a_legacy_shared_agent_login_keeps_working() {
         )
     };
     wait_until(&fail("lg-1 idle"), Duration::from_secs(60), || {
-        let v = status_json(port)?;
+        let v = status_json(port, &state)?;
         let row = v["suts"]
             .as_array()?
             .iter()
@@ -117,7 +195,7 @@ fn a_legacy_shared_agent_login_keeps_working() {
             .clone();
         (row["state"] == "idle").then_some(())
     });
-    let gateway = network_gateway(&scope.name("labvisor"));
+    let gateway = network_gateway(&scope.name("labvisor.net"));
     let status_topic = format!("labvisor/supervisors/{}/status", scope.run_id());
 
     // The shared login reads beyond one SUT's topics (the old ACL), as the old agents did.
@@ -189,7 +267,7 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
     // Each agent, inside its container, connects to the broker on the gateway: its retained
     // status says so, read by `labvisor status` on loopback (anonymous).
     let connected = |sut: &str| {
-        let v = status_json(port)?;
+        let v = status_json(port, &state)?;
         let row = v["suts"]
             .as_array()?
             .iter()
@@ -226,7 +304,7 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
     assert!(!state.join("agent-password").exists(), "no shared login");
 
     // On the gateway, an anonymous client is refused and the agents' credentials work.
-    let net = scope.name("labvisor");
+    let net = scope.name("labvisor.net");
     let gateway = network_gateway(&net);
     let sub = |topic: &str, extra: &[&str]| gateway_sub(&gateway, port, topic, extra);
     let anon = sub("mb-1/agent", &[]);
@@ -260,7 +338,7 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
         "mb-1 reported again after the supervisor restart",
         Duration::from_secs(60),
         || {
-            let v = status_json(port)?;
+            let v = status_json(port, &state)?;
             let sups = v["supervisors"].as_array()?;
             let online = sups.iter().any(|s| s["state"] == "online");
             let row = v["suts"]
@@ -301,5 +379,366 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
                 .is_err()
                 .then_some(())
         },
+    );
+}
+
+/// Sends `sig` to a process, or to its process group with `group`.
+fn signal(pid: u32, sig: nix::sys::signal::Signal, group: bool) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    if group {
+        nix::sys::signal::killpg(pid, sig).unwrap();
+    } else {
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+}
+
+/// Whether process `pid` has exited (gone, or a zombie waiting to be reaped).
+fn exited(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+/// A QoS 1 job the broker acknowledged (PUBACK) while its agent was paused runs exactly once
+/// after the supervisor, and with it the managed broker, was stopped with SIGTERM, with SIGINT
+/// (to its process group, as Ctrl-C does), or SIGKILLed together with its mosquitto (a crash)
+/// once an autosave had passed; and every retained job status, `last_job` and status survives.
+#[test]
+fn acknowledged_jobs_and_retained_state_survive_supervisor_stops() {
+    use nix::sys::signal::Signal;
+    ensure_busybox_image();
+    let scope = DockerScope::new("persist");
+    let dir = tempfile::tempdir().unwrap();
+    let sut_dir = dir.path().join("sut");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&sut_dir).unwrap();
+    std::fs::write(sut_dir.join("ps-1.toml"), SUT_TEXT).unwrap();
+    let port = free_port();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let mut n = 0;
+    let mut log = dir.path().join("supervisor0.log");
+    let mut sup = supervise(&scope, &sut_dir, &state, port, &log);
+    let fail = |what: &str, log: &Path| -> String {
+        format!(
+            "{what}\n--- supervisor log ---\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    };
+    wait_until(&fail("ps-1 idle", &log), Duration::from_secs(60), || {
+        let v = status_json(port, &state)?;
+        let row = v["suts"]
+            .as_array()?
+            .iter()
+            .find(|r| r["sut"] == "ps-1")?
+            .clone();
+        (row["state"] == "idle").then_some(())
+    });
+    let container = docker_ok(&["ps", "-q", "--filter", &format!("label={}", scope.label())]);
+    assert_eq!(container.lines().count(), 1, "{container}");
+    // A history: two jobs run through the CLI.
+    let submit_and_wait = || {
+        let out = cli(
+            &state,
+            &["submit", "ps-1", "--wait", "--broker", &url, "--", "true"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    submit_and_wait();
+    submit_and_wait();
+    let jobs = |m: &BTreeMap<String, String>| {
+        m.keys()
+            .filter(|t| t.starts_with("ps-1/jobs/") && !t.ends_with("/output"))
+            .count()
+    };
+    let mut expected = 2;
+    let before = wait_until("the retained messages", Duration::from_secs(20), || {
+        retained(port, &state).filter(|m| jobs(m) == expected)
+    });
+    assert!(before.contains_key("ps-1/last_job"), "{before:?}");
+    assert!(before.contains_key("ps-1/agent"), "{before:?}");
+
+    for how in ["sigterm", "sigint", "sigkill"] {
+        docker_ok(&["pause", &container]);
+        let id = format!("persist-{how}");
+        let job = serde_json::json!({
+            "id": id,
+            "script": format!("echo ran >> /labvisor/data/runs-{id}"),
+        })
+        .to_string();
+        let published = SystemTime::now();
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+            .args(["-t", "ps-1/submit", "-m", &job])
+            .args(local_auth(&state))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "the broker acknowledges the job: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        match how {
+            "sigterm" => signal(sup.id(), Signal::SIGTERM, false),
+            "sigint" => signal(sup.id(), Signal::SIGINT, true),
+            _ => {
+                // A crash of both: only what mosquitto's autosave wrote survives.
+                let db = state.join("mosquitto.db");
+                wait_until(
+                    "an autosave after the publication",
+                    Duration::from_secs(30),
+                    || {
+                        let m = std::fs::metadata(&db).ok()?.modified().ok()?;
+                        (m > published).then_some(())
+                    },
+                );
+                let broker: i32 = std::fs::read_to_string(state.join("mosquitto.pid"))
+                    .unwrap()
+                    .trim()
+                    .parse()
+                    .unwrap();
+                signal(sup.id(), Signal::SIGKILL, false);
+                signal(broker as u32, Signal::SIGKILL, false);
+                wait_until("mosquitto killed", Duration::from_secs(10), || {
+                    exited(broker).then_some(())
+                });
+            }
+        }
+        let status = sup.wait().unwrap();
+        if how != "sigkill" {
+            assert!(status.success(), "{how}: {status}\n{}", fail("", &log));
+            assert!(
+                std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+                "{how}: the managed broker stopped with the supervisor"
+            );
+        }
+        n += 1;
+        log = dir.path().join(format!("supervisor{n}.log"));
+        sup = supervise(&scope, &sut_dir, &state, port, &log);
+        // Before the agent runs again: everything retained is still there.
+        let after = wait_until(
+            &fail(&format!("{how}: the retained messages"), &log),
+            Duration::from_secs(30),
+            || retained(port, &state).filter(|m| m.contains_key("ps-1/agent")),
+        );
+        assert_eq!(jobs(&after), expected, "{how}: {after:?}");
+        assert!(after.contains_key("ps-1/last_job"), "{how}: {after:?}");
+        assert!(after.contains_key("ps-1/supervisor"), "{how}: {after:?}");
+        docker_ok(&["unpause", &container]);
+        let topic = format!("ps-1/jobs/{id}");
+        wait_until(
+            &fail(&format!("{how}: the job passed"), &log),
+            Duration::from_secs(60),
+            || {
+                let m = retained(port, &state)?;
+                let v: serde_json::Value = serde_json::from_str(m.get(&topic)?).ok()?;
+                (v["state"] == "passed").then_some(())
+            },
+        );
+        // Whatever the broker still had for the agent was delivered before this job's.
+        submit_and_wait();
+        expected += 2;
+        let runs = docker_ok(&[
+            "exec",
+            &container,
+            "cat",
+            &format!("/labvisor/data/runs-{id}"),
+        ]);
+        assert_eq!(runs.lines().count(), 1, "{how}: the job ran exactly once");
+    }
+    let end = retained(port, &state).unwrap();
+    assert_eq!(jobs(&end), expected, "{end:?}");
+    assert_eq!(expected, 8);
+}
+
+/// Whether `pid` is a zombie child of `parent` (exited, never reaped).
+fn zombie_of(pid: i32, parent: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        let Some((_, rest)) = s.rsplit_once(')') else {
+            return false;
+        };
+        let mut f = rest.split_whitespace();
+        f.next() == Some("Z") && f.next() == Some(parent.to_string().as_str())
+    })
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text.split_once("\r\n\r\n")?.1.to_owned()))
+}
+
+/// The value of an unlabelled sample in `/metrics`.
+fn metric(port: u16, name: &str) -> Option<u64> {
+    let (_, body) = http_get(port, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
+}
+
+/// `kill -9` of the managed mosquitto: the supervisor logs it (error, with the exit status),
+/// reaps it, and has it listening again within 2 s; `/metrics` counts the restart. A broker
+/// that cannot start again (its config broken for the test) is retried with backoff while
+/// `/healthz` answers 503 with the reason and `labvisor_broker_up` is 0; once it can, it is
+/// back, and an agent's output reaches MQTT again.
+#[test]
+fn a_killed_managed_broker_is_restarted() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("brokerkill");
+    let dir = tempfile::tempdir().unwrap();
+    let sut_dir = dir.path().join("sut");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&sut_dir).unwrap();
+    std::fs::write(sut_dir.join("bk-1.toml"), SUT_TEXT).unwrap();
+    let port = free_port();
+    let mport = free_port();
+    let log = dir.path().join("supervisor.log");
+    let sup = supervise_with(
+        &scope,
+        &sut_dir,
+        &state,
+        port,
+        &log,
+        &format!("127.0.0.1:{mport}"),
+    );
+    let fail = |what: &str| -> String {
+        format!(
+            "{what}\n--- supervisor log ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    wait_until(&fail("bk-1 idle"), Duration::from_secs(60), || {
+        let v = status_json(port, &state)?;
+        let row = v["suts"]
+            .as_array()?
+            .iter()
+            .find(|r| r["sut"] == "bk-1")?
+            .clone();
+        (row["state"] == "idle").then_some(())
+    });
+    wait_until(&fail("healthz ok"), Duration::from_secs(30), || {
+        (http_get(mport, "/healthz")?.0 == 200).then_some(())
+    });
+    assert_eq!(metric(mport, "labvisor_broker_up"), Some(1));
+    assert_eq!(metric(mport, "labvisor_broker_restarts_total"), Some(0));
+    let broker_pid = || -> Option<i32> {
+        std::fs::read_to_string(state.join("mosquitto.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+
+    // 1. kill -9: listening again within 2 s, reaped, logged, counted.
+    let first = broker_pid().unwrap();
+    let killed = std::time::Instant::now();
+    signal(first as u32, nix::sys::signal::Signal::SIGKILL, false);
+    wait_until(
+        &fail("a new broker listens within 2 s"),
+        Duration::from_secs(2),
+        || {
+            (broker_pid()? != first && std::net::TcpStream::connect(("127.0.0.1", port)).is_ok())
+                .then_some(())
+        },
+    );
+    eprintln!("listening again {:?} after the kill", killed.elapsed());
+    wait_until(
+        &fail("the killed broker is reaped"),
+        Duration::from_secs(2),
+        || (!zombie_of(first, sup.id())).then_some(()),
+    );
+    wait_until(
+        &fail("one restart counted"),
+        Duration::from_secs(10),
+        || {
+            (metric(mport, "labvisor_broker_restarts_total")? == 1
+                && metric(mport, "labvisor_broker_up")? == 1)
+                .then_some(())
+        },
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    let died: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("The managed broker died"))
+        .collect();
+    assert_eq!(died.len(), 1, "{text}");
+    assert!(
+        died[0].contains("ERROR") && died[0].contains("SIGKILL"),
+        "{}",
+        died[0]
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.contains("The managed broker was restarted"))
+            .count(),
+        1,
+        "{text}"
+    );
+
+    // 2. A broker that cannot start: down, and /healthz and /metrics say so, until it can.
+    let conf = state.join("mosquitto.conf");
+    let good = std::fs::read_to_string(&conf).unwrap();
+    std::fs::write(&conf, format!("{good}no_such_option true\n")).unwrap();
+    let second = broker_pid().unwrap();
+    signal(second as u32, nix::sys::signal::Signal::SIGKILL, false);
+    let (code, reason) = wait_until(&fail("healthz 503"), Duration::from_secs(10), || {
+        http_get(mport, "/healthz").filter(|(c, _)| *c == 503)
+    });
+    assert_eq!(code, 503);
+    assert!(reason.contains("managed broker is down"), "{reason}");
+    assert_eq!(metric(mport, "labvisor_broker_up"), Some(0));
+    wait_until(
+        &fail("a failed restart logged"),
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(&log)
+                .ok()?
+                .contains("could not be restarted")
+                .then_some(())
+        },
+    );
+    std::fs::write(&conf, &good).unwrap();
+    wait_until(&fail("up again"), Duration::from_secs(40), || {
+        (http_get(mport, "/healthz")?.0 == 200
+            && metric(mport, "labvisor_broker_up")? == 1
+            && metric(mport, "labvisor_broker_restarts_total")? == 2)
+            .then_some(())
+    });
+    assert!(!zombie_of(second, sup.id()));
+
+    // The agent's output reaches MQTT again, and the supervisor's status tells the story.
+    let auth = local_auth(&state);
+    let auth: Vec<&str> = auth.iter().map(String::as_str).collect();
+    let sub = labvisor_tests::Subscriber::start(port, "bk-1/output", &auth);
+    sub.wait_for(
+        &fail("bk-1's output after the restarts"),
+        Duration::from_secs(30),
+        |l| l.starts_with("bk-1/output ") && l.contains("up"),
+    );
+    let v = wait_until(
+        &fail("the supervisor's status"),
+        Duration::from_secs(30),
+        || {
+            let v = status_json(port, &state)?;
+            let s = v["supervisors"].as_array()?.first()?.clone();
+            (s["managed_broker"]["restarts"] == 2).then_some(s)
+        },
+    );
+    assert_eq!(v["managed_broker"]["up"], true, "{v}");
+    assert!(
+        v["managed_broker"]["last_exit"]
+            .as_str()
+            .is_some_and(|e| e.contains("SIGKILL")),
+        "{v}"
     );
 }

@@ -882,9 +882,12 @@ fn mqtt_options(o: &LinkOptions) -> Result<MqttOptions, LinkError> {
         ));
     }
     if o.tls {
-        let path = o.ca_file.clone().unwrap_or_else(|| SYSTEM_CA_BUNDLE.into());
+        let config = match &o.ca_pem {
+            Some(pem) => tls_config_pem(pem.as_bytes())?,
+            None => tls_config(&o.ca_file.clone().unwrap_or_else(|| SYSTEM_CA_BUNDLE.into()))?,
+        };
         m.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls_config(&path)?),
+            Arc::new(config),
         )));
     }
     Ok(m)
@@ -899,22 +902,45 @@ pub fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, LinkError> {
         path: ca_file.to_owned(),
         reason,
     };
+    let certs = CertificateDer::pem_file_iter(ca_file).map_err(|e| err(e.to_string()))?;
+    client_config(certs.map(|c| c.map_err(|e| e.to_string()))).map_err(|e| match e {
+        ConfigError::Ca(reason) => err(reason),
+        ConfigError::Tls(reason) => LinkError::Tls(reason),
+    })
+}
+
+/// Like [`tls_config`], with the CA certificate(s) given as PEM text.
+pub fn tls_config_pem(pem: &[u8]) -> Result<rustls::ClientConfig, LinkError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let certs = CertificateDer::pem_slice_iter(pem).map(|c| c.map_err(|e| e.to_string()));
+    client_config(certs).map_err(|e| match e {
+        ConfigError::Ca(reason) => LinkError::CaPem(reason),
+        ConfigError::Tls(reason) => LinkError::Tls(reason),
+    })
+}
+
+enum ConfigError {
+    Ca(String),
+    Tls(String),
+}
+
+fn client_config<'a>(
+    certs: impl Iterator<Item = Result<rustls_pki_types::CertificateDer<'a>, String>>,
+) -> Result<rustls::ClientConfig, ConfigError> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| err(e.to_string()))? {
-        let cert = cert.map_err(|e| err(e.to_string()))?;
-        roots.add(cert).map_err(|e| err(e.to_string()))?;
+    for cert in certs {
+        roots
+            .add(cert.map_err(ConfigError::Ca)?)
+            .map_err(|e| ConfigError::Ca(e.to_string()))?;
     }
     if roots.is_empty() {
-        return Err(err("no certificate found".into()));
+        return Err(ConfigError::Ca("no certificate found".into()));
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| LinkError::Tls(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(config)
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::Tls(e.to_string()))
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// What the loop does after an event.

@@ -159,6 +159,9 @@ pub struct LinkOptions {
     /// PEM file with the CA certificate(s) to trust for TLS. Without it, TLS uses
     /// `/etc/ssl/certs/ca-certificates.crt` when present.
     pub ca_file: Option<PathBuf>,
+    /// The CA certificate(s) to trust for TLS as PEM text (what `labvisor supervise` gives its
+    /// agents in `LABVISOR_MQTT_CA_PEM`); takes precedence over `ca_file`.
+    pub ca_pem: Option<String>,
     /// MQTT client id; required and stable (agents use `labvisor-agent-<sut>`).
     pub client_id: String,
     /// User name for broker authentication.
@@ -208,6 +211,7 @@ impl LinkOptions {
             port,
             tls: false,
             ca_file: None,
+            ca_pem: None,
             client_id: client_id.into(),
             username: None,
             password: None,
@@ -426,6 +430,10 @@ pub enum LinkError {
         /// What went wrong.
         reason: String,
     },
+    /// The CA certificates given as PEM text ([`LinkOptions::ca_pem`]) hold no certificate or
+    /// a malformed one.
+    #[error("cannot load the TLS CA certificates given as PEM: {0}")]
+    CaPem(String),
     /// The TLS configuration cannot be built.
     #[error("cannot configure TLS: {0}")]
     Tls(String),
