@@ -15,6 +15,12 @@
 # volume and network labelled io.labvisor.bench.run=<this run's id>, and deletes its scratch
 # directory. Nothing is timed-asserted: the command reports figures, it does not judge them.
 set -euo pipefail
+for a in "$@"; do
+    case "$a" in
+        -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+    esac
+done
+
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
@@ -59,12 +65,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
-
-for a in "$@"; do
-    case "$a" in
-        -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    esac
-done
 
 for p in mosquitto python3 docker /usr/bin/time; do
     if ! command -v "$p" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$p" ]; then

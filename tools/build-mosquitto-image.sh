@@ -25,7 +25,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --tag) tag="$2"; shift 2 ;;
         --label) changes+=(--change "LABEL $2"); shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "build-mosquitto-image: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done

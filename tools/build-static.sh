@@ -3,6 +3,9 @@
 # they run inside any image: FROM scratch, busybox, Debian, Ubuntu. Same as `cargo static`.
 # Output: ${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release/{labvisor-agent,labvisor-healthcheck}
 set -euo pipefail
+case "${1:-}" in
+    -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 cargo static "$@"
 out=${CARGO_TARGET_DIR:-target}/x86_64-unknown-linux-gnu/release

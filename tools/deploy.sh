@@ -28,7 +28,7 @@ while [ $# -gt 0 ]; do
         --portainer) portainer=1; shift ;;
         --no-build) build=0; shift ;;
         --tls-host) tls_hosts+=(--renew --host "$2"); shift 2 ;;
-        -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "deploy.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -5,6 +5,9 @@
 #
 #   compose=$(tools/ensure-compose.sh)
 set -euo pipefail
+case "${1:-}" in
+    -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+esac
 
 found() {
     if docker compose version >/dev/null 2>&1; then echo "docker compose"; return 0; fi

@@ -16,6 +16,9 @@ ensure_packages() {
     command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
     dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    # Debian's Python 3 and OpenSSH client: the testflinger-style test image (build-images.sh).
+    [ -x /usr/bin/python3 ] || missing+=(python3)
+    [ -x /usr/bin/ssh ] || missing+=(openssh-client)
     python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
     command -v dockerd >/dev/null 2>&1 || command -v docker >/dev/null 2>&1 || missing+=(docker.io)
     if [ ${#missing[@]} -gt 0 ]; then

@@ -24,7 +24,7 @@ while [ $# -gt 0 ]; do
             supervisor="$2"; shift 2 ;;
         --volumes) volumes=1; shift ;;
         --yes) yes=1; shift ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "nuke.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --volumes) nuke_args+=(--volumes); shift ;;
         --portainer) deploy_args+=(--portainer); shift ;;
-        -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         *) echo "reroll.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done

@@ -7,6 +7,9 @@
 # (for example --broker mqtt://host:1883 to use a broker you run, or --broker-port 11883).
 # Ctrl-C stops the supervisor; the agent containers keep running (tools/nuke.sh removes them).
 set -euo pipefail
+case "${1:-}" in
+    -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 . tools/lib.sh
 

@@ -2,11 +2,14 @@
 # labvisor's test command: what README.md gives a new user, and what CI runs (.ci/run).
 #
 # On a fresh Debian machine it installs what is missing (mosquitto, mosquitto-clients,
-# busybox-static, openssl from apt; paho-mqtt from PyPI), makes sure a Docker engine answers (starting dockerd when it is installed but
-# not running), builds the static binaries and the local test image (no registry needed), checks
+# busybox-static, openssl, python3, openssh-client from apt; paho-mqtt from PyPI), makes sure a Docker engine answers (starting dockerd when it is installed but
+# not running), builds the static binaries and the local test images (no registry needed), checks
 # formatting and lints, and runs the whole workspace suite against the real engine and real
 # brokers. Tests that need Docker or mosquitto fail loudly when they are missing; none is skipped.
 set -euo pipefail
+case "${1:-}" in
+    -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+esac
 cd "$(dirname "$0")/.."
 
 . tools/lib.sh

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use labvisor_protocol::config::{OnChildExit, ProbeTarget, SutConfig};
 use labvisor_protocol::heartbeat;
-use labvisor_protocol::mqtt::{LinkOptions, Message, MqttLink, QoS};
+use labvisor_protocol::mqtt::{LinkOptions, Message, MqttLink, QoS, MAX_PACKET_SIZE};
 use labvisor_protocol::payloads::{
     now_ms, random_id, rfc3339, AgentState, AgentStatus, ChildStatus, OutputMeta, ProbeResult,
     VERSION,
@@ -40,6 +40,11 @@ pub const BATCH_MAX: usize = 16 * 1024;
 pub const SESSION_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Output bytes waiting for the batcher before chunks are dropped.
 pub const TAP_BYTES: usize = 4 * 1024 * 1024;
+/// MQTT 5 receive maximum of the agent's connection: submissions and cancels the broker sends
+/// before the agent has answered (and acknowledged) the earlier ones. The broker holds the rest;
+/// the agent stops taking them while its outbox of answers is full (see the link's
+/// "Back-pressure").
+pub const RECEIVE_MAXIMUM: u16 = 16;
 
 /// Everything the agent needs to run.
 #[derive(Debug, Clone)]
@@ -170,6 +175,11 @@ pub async fn run(
             opts.manual_acks = true;
             opts.clean_start = false;
             opts.session_expiry = Some(SESSION_EXPIRY);
+            opts.receive_maximum = Some(RECEIVE_MAXIMUM);
+            // Every packet a labvisor broker accepts must reach the agent, which answers it
+            // (a submission over max_payload is rejected with the reason): a smaller maximum
+            // makes an MQTT 5 broker drop larger submissions without a word.
+            opts.max_packet_size = MAX_PACKET_SIZE;
             let (link, incoming) = MqttLink::start(opts)?;
             link.subscribe(settings.topics.submit(&sut), QoS::AtLeastOnce)?;
             link.subscribe(settings.topics.cancel(&sut), QoS::AtLeastOnce)?;
@@ -259,13 +269,22 @@ pub async fn run(
         tail_errors: &tail_errors,
         boot_id: &boot_id,
     };
+    // Back-pressure: while the outbox of answers is full, submissions stay with the broker.
+    let mut room_rx = link.as_ref().map(|l| l.watch_room());
     let outcome = loop {
         jobs.start_next(&sinks, &tap);
         let next_start = ch.next_start;
         let job_check = jobs.next_check();
+        let room = room_rx.as_mut().is_none_or(|r| *r.borrow_and_update());
         tokio::select! {
             _ = ticker.tick() => {}
-            msg = async { incoming.as_mut().expect("guarded").recv().await }, if incoming.is_some() => {
+            changed = async { room_rx.as_mut().expect("guarded").changed().await }, if !room && room_rx.is_some() => {
+                if changed.is_err() {
+                    room_rx = None;
+                }
+                continue;
+            }
+            msg = async { incoming.as_mut().expect("guarded").recv().await }, if incoming.is_some() && room => {
                 match msg {
                     Some(r) => match settings.topics.parse(&r.topic) {
                         Some((_, SutTopic::Submit)) => jobs.on_submit(&r),

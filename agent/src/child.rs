@@ -199,14 +199,17 @@ impl Backoff {
         }
     }
 
-    /// Records an exit after `ran` and returns the delay before the next start.
+    /// Records an exit after `ran` and returns the delay before the next start. An exit after a
+    /// long run (at least `quick`) is not a quick failure: it clears the count, and the next
+    /// start comes after the shortest delay.
     pub fn on_exit(&mut self, ran: Duration) -> Duration {
         if ran >= self.quick {
             self.quick_failures = 0;
+            return self.min;
         }
         self.quick_failures = self.quick_failures.saturating_add(1);
-        let exp = self.quick_failures.saturating_sub(1).min(30);
-        self.min.saturating_mul(1u32 << exp.min(20)).min(self.max)
+        let exp = self.quick_failures.saturating_sub(1).min(20);
+        self.min.saturating_mul(1u32 << exp).min(self.max)
     }
 
     /// Whether the process is crash-looping.
@@ -262,6 +265,41 @@ mod tests {
         assert!(b.crash_loop());
         assert_eq!(b.on_exit(Duration::from_secs(3600)), Duration::from_secs(1));
         assert!(!b.crash_loop());
+    }
+
+    /// The exit that ends a long healthy run is not a quick failure: it counts nothing, so it
+    /// can neither start a crash loop on its own nor bring one closer.
+    #[test]
+    fn an_exit_after_a_long_run_is_not_a_quick_failure() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8), 1);
+        assert_eq!(b.quick, Duration::from_secs(10));
+        assert_eq!(b.on_exit(Duration::from_secs(339)), Duration::from_secs(1));
+        assert_eq!(b.quick_failures(), 0);
+        assert!(
+            !b.crash_loop(),
+            "one long run then an exit is no crash loop"
+        );
+        // Exactly at the threshold counts as long; just under it as quick.
+        assert_eq!(b.on_exit(b.quick), Duration::from_secs(1));
+        assert_eq!(b.quick_failures(), 0);
+        let under = b.quick - Duration::from_millis(1);
+        assert_eq!(b.on_exit(under), Duration::from_secs(1));
+        assert_eq!(b.quick_failures(), 1);
+        assert!(b.crash_loop());
+
+        // With crash_loop_after = 3: two quick failures, a long run, two quick failures: no
+        // crash loop (the count restarted at the long run), and the delays restarted too.
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8), 3);
+        let quick = Duration::from_millis(100);
+        let delays: Vec<u64> = [quick, quick, Duration::from_secs(339), quick, quick]
+            .into_iter()
+            .map(|ran| b.on_exit(ran).as_secs())
+            .collect();
+        assert_eq!(delays, [1, 2, 1, 1, 2]);
+        assert_eq!(b.quick_failures(), 2);
+        assert!(!b.crash_loop());
+        assert_eq!(b.on_exit(quick), Duration::from_secs(4));
+        assert!(b.crash_loop());
     }
 
     fn sinks(dir: &std::path::Path) -> Arc<Sinks> {

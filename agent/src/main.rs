@@ -1,5 +1,6 @@
 //! `labvisor-agent`: the entrypoint of each SUT's container (see the library docs).
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -41,6 +42,10 @@ struct Args {
     /// CA certificate (PEM) for `mqtts://`.
     #[arg(long, env = "LABVISOR_MQTT_CA")]
     ca_file: Option<PathBuf>,
+    /// CA certificate (PEM text, not a path) for `mqtts://`: how `labvisor supervise` hands
+    /// its agents the CA of their broker. Takes precedence over --ca-file.
+    #[arg(long, env = "LABVISOR_MQTT_CA_PEM", allow_hyphen_values = true)]
+    ca_pem: Option<String>,
     /// Global topic prefix, so two labs can share a broker.
     #[arg(long, env = "LABVISOR_TOPIC_PREFIX")]
     topic_prefix: Option<String>,
@@ -54,7 +59,8 @@ struct Args {
     #[arg(long, env = "LABVISOR_GRACE", default_value = "8s", value_parser = humantime_duration)]
     grace: Duration,
     /// Messages the MQTT link queues while the broker is slow or gone; beyond it the oldest
-    /// output batch is dropped (and counted). Status messages are never dropped.
+    /// output batch is dropped (and counted). Acknowledgements and statuses are never dropped:
+    /// while this many wait, the agent takes no more submissions (the broker holds them).
     #[arg(long, env = "LABVISOR_MQTT_QUEUE", default_value_t = 1024)]
     mqtt_queue: usize,
     /// Do not copy output to stdout.
@@ -68,8 +74,11 @@ fn humantime_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Colour only on a terminal: `docker logs` (and any pipe or file) gets plain text.
+    let ansi = std::io::stdout().is_terminal() && std::io::stderr().is_terminal();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LABVISOR_LOG")
                 .unwrap_or_else(|_| "info".into()),
@@ -133,6 +142,7 @@ fn main() -> ExitCode {
                     if args.ca_file.is_some() {
                         o.ca_file = args.ca_file.clone();
                     }
+                    o.ca_pem = args.ca_pem.clone();
                     Some(o)
                 }
                 Err(e) => {

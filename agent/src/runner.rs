@@ -24,7 +24,7 @@ use labvisor_protocol::payloads::{
     new_job_id, now_ms, CancelAck, CancelResult, JobState, JobStatus, SubmitAck, SubmitResult,
     VERSION,
 };
-use labvisor_protocol::submit::{parse_cancel, parse_submit, CancelTarget};
+use labvisor_protocol::submit::{check_reply_topic, parse_cancel, parse_submit, CancelTarget};
 use labvisor_protocol::topics::{JobId, Topics};
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
@@ -109,18 +109,34 @@ impl JobRunner {
         self.publish(Message::state(self.topics.job(&s.sut, &s.id), json.clone()));
         if last {
             if let Some(link) = &self.link {
-                let _ = link.set_sticky(self.topics.last_job(&s.sut), json);
+                // Every final status reaches last_job (readers count jobs there): never coalesced.
+                if let Err(e) = link.publish_sticky(self.topics.last_job(&s.sut), json) {
+                    warn!(error = %e, "Cannot publish.");
+                }
             }
         }
     }
 
-    /// Answers on the acknowledgement topic, on `reply_to`, and on the MQTT 5 response topic.
+    /// Why a request's reply topics cannot be answered (`reply_to`, then the MQTT 5 response
+    /// topic), if one of them is outside the SUT's reply space.
+    fn bad_reply_topic(&self, r: &Received, reply_to: Option<&str>) -> Option<String> {
+        let check = |what: &str, t: Option<&str>| {
+            t.and_then(|t| check_reply_topic(&self.topics, &self.cfg.name, what, t).err())
+        };
+        check("`reply_to`", reply_to)
+            .or_else(|| check("the MQTT 5 response topic", r.response_topic.as_deref()))
+    }
+
+    /// Answers on the acknowledgement topic, and on `reply_to` and the MQTT 5 response topic
+    /// where they are allowed ([`Topics::is_allowed_reply`]).
     fn reply(&self, retained_topic: String, json: Bytes, r: &Received, reply_to: Option<&str>) {
         self.publish(Message::state(retained_topic, json.clone()));
+        let allowed = |t: &str| self.topics.is_allowed_reply(&self.cfg.name, t);
+        let reply_to = reply_to.filter(|t| allowed(t));
         if let Some(t) = reply_to {
             self.publish(Message::event(t, json.clone()));
         }
-        if let Some(t) = &r.response_topic {
+        if let Some(t) = r.response_topic.as_ref().filter(|t| allowed(t)) {
             if Some(t.as_str()) != reply_to {
                 self.publish(
                     Message::event(t.clone(), json).with_correlation(r.correlation_data.clone()),
@@ -146,46 +162,61 @@ impl JobRunner {
             Ok(sub) => {
                 reply_to = sub.reply_to.clone();
                 let id = sub.id.clone().unwrap_or_else(new_job_id);
-                match self.store.lookup(&id) {
-                    Lookup::Queued(p) => {
-                        self.ack(SubmitResult::Duplicate, Some(id), Some(p as u64), None)
-                    }
-                    Lookup::Running => self.ack(SubmitResult::Duplicate, Some(id), Some(0), None),
-                    Lookup::Finished(_) => self.ack(SubmitResult::Duplicate, Some(id), None, None),
-                    Lookup::Unknown
-                        if self.store.queue_len() >= self.cfg.job.queue_limit.get() as usize =>
-                    {
-                        self.ack(
-                            SubmitResult::Rejected,
-                            Some(id),
-                            None,
-                            Some(format!(
-                                "queue is full ({} jobs waiting, queue_limit {})",
-                                self.store.queue_len(),
-                                self.cfg.job.queue_limit
-                            )),
-                        )
-                    }
-                    Lookup::Unknown => {
-                        let rec = JobRecord::new(
-                            id.clone(),
-                            &sub,
-                            self.cfg.job.timeout,
-                            self.cfg.job.output_timeout,
-                            now_ms(),
-                        );
-                        match self.store.accept(rec.clone()) {
-                            Ok(pos) => {
-                                info!(sut = %sut, job_id = %id, position = pos, "Job accepted.");
-                                self.publish_status(&self.store.queued_status(&rec), false);
-                                self.ack(SubmitResult::Accepted, Some(id), Some(pos as u64), None)
-                            }
-                            Err(e) => self.ack(
+                if let Some(reason) = self.bad_reply_topic(r, reply_to.as_deref()) {
+                    // Rejected at once: nobody would hear how the job went.
+                    self.ack(SubmitResult::Rejected, sub.id.clone(), None, Some(reason))
+                } else {
+                    match self.store.lookup(&id) {
+                        Lookup::Queued(p) => {
+                            self.ack(SubmitResult::Duplicate, Some(id), Some(p as u64), None)
+                        }
+                        Lookup::Running => {
+                            self.ack(SubmitResult::Duplicate, Some(id), Some(0), None)
+                        }
+                        Lookup::Finished(_) => {
+                            self.ack(SubmitResult::Duplicate, Some(id), None, None)
+                        }
+                        Lookup::Unknown
+                            if self.store.queue_len()
+                                >= self.cfg.job.queue_limit.get() as usize =>
+                        {
+                            self.ack(
                                 SubmitResult::Rejected,
                                 Some(id),
                                 None,
-                                Some(format!("cannot store the job on the volume: {e}")),
-                            ),
+                                Some(format!(
+                                    "queue is full ({} jobs waiting, queue_limit {})",
+                                    self.store.queue_len(),
+                                    self.cfg.job.queue_limit
+                                )),
+                            )
+                        }
+                        Lookup::Unknown => {
+                            let rec = JobRecord::new(
+                                id.clone(),
+                                &sub,
+                                self.cfg.job.timeout,
+                                self.cfg.job.output_timeout,
+                                now_ms(),
+                            );
+                            match self.store.accept(rec.clone()) {
+                                Ok(pos) => {
+                                    info!(sut = %sut, job_id = %id, position = pos, "Job accepted.");
+                                    self.publish_status(&self.store.queued_status(&rec), false);
+                                    self.ack(
+                                        SubmitResult::Accepted,
+                                        Some(id),
+                                        Some(pos as u64),
+                                        None,
+                                    )
+                                }
+                                Err(e) => self.ack(
+                                    SubmitResult::Rejected,
+                                    Some(id),
+                                    None,
+                                    Some(format!("cannot store the job on the volume: {e}")),
+                                ),
+                            }
                         }
                     }
                 }
@@ -228,7 +259,11 @@ impl JobRunner {
     /// Handles a message on `<sut>/cancel`.
     pub fn on_cancel(&mut self, r: &Received) {
         let request = String::from_utf8_lossy(&r.payload).trim().to_owned();
-        let (result, id, reason) = match parse_cancel(&r.payload) {
+        let parsed = match self.bad_reply_topic(r, None) {
+            Some(reason) => Err(reason),
+            None => parse_cancel(&r.payload),
+        };
+        let (result, id, reason) = match parsed {
             Err(reason) => (CancelResult::Rejected, None, Some(reason)),
             Ok(CancelTarget::Current) => match self.running().cloned() {
                 Some(id) => {

@@ -32,14 +32,16 @@ struct Lab {
 
 impl Lab {
     fn new(sut: &str, extra: &str) -> Lab {
+        Lab::with_args(sut, extra, &[])
+    }
+
+    /// A lab whose agent gets `args` besides `--grace 500ms`.
+    fn with_args(sut: &str, extra: &str, args: &[&str]) -> Lab {
         let broker = Mosquitto::start();
         let mqtt = Collector::start(broker.port(), &[&format!("{sut}/#")]);
-        let agent = AgentProc::start(
-            sut,
-            &sut_toml(None, extra),
-            Some(&broker.url()),
-            &["--grace", "500ms"],
-        );
+        let mut all = vec!["--grace", "500ms"];
+        all.extend_from_slice(args);
+        let agent = AgentProc::start(sut, &sut_toml(None, extra), Some(&broker.url()), &all);
         let lab = Lab {
             broker,
             mqtt,
@@ -339,7 +341,10 @@ fn every_bad_input_gets_its_own_rejection_and_the_agent_keeps_going() {
     );
     let cases: &[(&str, &str)] = &[
         ("", "empty payload"),
-        (&"x".repeat(101), "over this SUT's max_payload of 100 bytes"),
+        (
+            &"x".repeat(101),
+            "payload of 101 bytes exceeds max_payload 100",
+        ),
         ("{not json", "payload starts with '{' but is not valid JSON"),
         (
             r#"{"script":"true","colour":"red"}"#,
@@ -420,11 +425,11 @@ got = []
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="v5-test", protocol=mqtt.MQTTv5)
 c.on_message = lambda cl, u, m: got.append((m.payload.decode(), m.properties.CorrelationData))
 c.connect("127.0.0.1", {port})
-c.subscribe("replies/v5-test", qos=1)
+c.subscribe("labvisor/replies/job-v5/v5-test", qos=1)
 c.loop_start()
 time.sleep(0.5)
 p = Properties(PacketTypes.PUBLISH)
-p.ResponseTopic = "replies/v5-test"
+p.ResponseTopic = "labvisor/replies/job-v5/v5-test"
 p.CorrelationData = b"corr-7"
 c.publish("job-v5/submit", "echo via paho", qos=1, properties=p)
 deadline = time.time() + 15
@@ -453,4 +458,363 @@ print(json.dumps({{"ack": json.loads(payload), "corr": corr.decode()}}))
     assert_eq!(v["corr"], "corr-7");
     let id = v["ack"]["id"].as_str().unwrap().to_owned();
     assert_eq!(lab.final_status(&id)["state"], "passed");
+}
+
+/// Runs a paho-mqtt script (python3) with `{port}` replaced; panics unless it exits 0, and
+/// returns its stdout.
+fn paho(script: &str, port: u16) -> String {
+    let script = format!(
+        "import sys\ntry:\n    import paho.mqtt.client as mqtt\nexcept ImportError:\n    sys.exit('paho-mqtt is not installed: run tools/test.sh, which installs it')\n{}",
+        script.replace("{port}", &port.to_string())
+    );
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn a_thousand_mixed_payloads_at_full_speed_get_a_thousand_answers() {
+    // A small outbox (16) makes the burst overflow it many times over: the agent must stop
+    // taking submissions instead of dropping answers.
+    let lab = Lab::with_args(
+        "job-fuzz",
+        "[job]\nqueue_limit = 1000\n",
+        &["--mqtt-queue", "16"],
+    );
+    let boot = json(&lab.mqtt.on(&lab.t("agent"))[0])["boot_id"].clone();
+    let pid = lab.agent.pid();
+    // 250 each of: random bytes (never UTF-8), UTF-8 text (a script), truncated JSON, valid
+    // JSON jobs; shuffled, published back to back with QoS 1 by one paho client.
+    let sent = paho(
+        r##"
+import random, time
+rnd = random.Random(12)
+payloads = []
+for i in range(250):
+    b = bytearray(rnd.randrange(256) for _ in range(rnd.randrange(1, 200)))
+    b.insert(rnd.randrange(len(b) + 1), 0xFF)
+    payloads.append(bytes(b))
+    text = "".join(chr(rnd.choice([rnd.randrange(0x20, 0x7F), rnd.randrange(0xA0, 0xD7FF)])) for _ in range(rnd.randrange(1, 80)))
+    payloads.append(("# " + text.replace("\n", " ") + "\necho utf8-%d\n" % i).encode())
+    full = '{"id":"trunc-%d","script":"echo trunc-%d"}' % (i, i)
+    payloads.append(full[:rnd.randrange(1, len(full))].encode())
+    payloads.append(('{"id":"job-%d","script":"echo job-%d"}' % (i, i)).encode())
+rnd.shuffle(payloads)
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="fuzz-burst")
+c.max_inflight_messages_set(100)
+c.max_queued_messages_set(0)
+c.connect("127.0.0.1", {port})
+c.loop_start()
+infos = [c.publish("job-fuzz/submit", p, qos=1) for p in payloads]
+for info in infos:
+    info.wait_for_publish(60)
+    assert info.is_published()
+c.disconnect()
+c.loop_stop()
+print(len(infos))
+"##,
+        lab.broker.port(),
+    );
+    assert_eq!(sent.trim(), "1000");
+    // A marker sent after the burst: once it has run, every answer for the burst has arrived.
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"marker","script":"echo marker"}"#,
+    );
+    let limit = Duration::from_secs(180);
+    json(&lab.mqtt.wait(&lab.t("jobs/marker"), limit, |m| {
+        json(m)["state"] == "passed"
+    }));
+    let answers: Vec<Value> = lab
+        .mqtt
+        .on(&lab.t("submit_status"))
+        .iter()
+        .map(json)
+        .collect();
+    assert_eq!(
+        answers.len(),
+        1001,
+        "one answer per payload, plus the marker"
+    );
+    let count = |pred: &dyn Fn(&Value) -> bool| answers.iter().filter(|a| pred(a)).count();
+    let reason = |a: &Value, r: &str| {
+        a["result"] == "rejected" && a["reason"].as_str().unwrap_or("").contains(r)
+    };
+    let id = |a: &Value, p: &str| a["id"].as_str().is_some_and(|i| i.starts_with(p));
+    assert_eq!(count(&|a| reason(a, "not UTF-8")), 250, "random bytes");
+    assert_eq!(
+        count(&|a| reason(a, "not valid JSON")),
+        250,
+        "truncated JSON"
+    );
+    assert_eq!(
+        count(&|a| a["result"] == "accepted" && id(a, "job-")),
+        250,
+        "valid jobs"
+    );
+    let utf8 = count(&|a| a["result"] == "accepted" && !id(a, "job-") && !id(a, "marker"));
+    assert_eq!(utf8, 250, "UTF-8 scripts");
+    // Every accepted job ran once: a final status on its own topic and on last_job (what
+    // labvisor_jobs_total counts, once per id), and the log has each valid job's line once.
+    let accepted: std::collections::BTreeSet<String> = answers
+        .iter()
+        .filter(|a| a["result"] == "accepted")
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(accepted.len(), 501);
+    let finals = |topic: &dyn Fn(&str) -> Option<String>| -> std::collections::BTreeSet<String> {
+        lab.mqtt
+            .all()
+            .iter()
+            .filter(|m| {
+                matches!(
+                    json(m)["state"].as_str(),
+                    Some("passed" | "failed" | "timeout" | "cancelled" | "lost")
+                )
+            })
+            .filter_map(|m| topic(&m.topic).map(|_| json(m)["id"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    let prefix = format!("{}/jobs/", lab.sut);
+    let job_topics = finals(&|t| {
+        t.strip_prefix(&prefix)
+            .filter(|r| !r.contains('/'))
+            .map(str::to_owned)
+    });
+    assert_eq!(job_topics, accepted, "a final status for each accepted job");
+    let last_job_topic = lab.t("last_job");
+    let last_jobs = finals(&|t| (t == last_job_topic).then(String::new));
+    assert_eq!(last_jobs, accepted, "each job's final status on last_job");
+    let log = String::from_utf8_lossy(&lab.agent.log()).into_owned();
+    for i in 0..250 {
+        let n = log.lines().filter(|l| *l == format!("job-{i}")).count();
+        assert_eq!(n, 1, "job-{i} ran {n} times");
+    }
+    // No restart: the same process and boot id throughout.
+    assert_eq!(lab.agent.pid(), pid);
+    let statuses = lab.mqtt.on(&lab.t("agent"));
+    assert!(statuses.iter().all(|m| json(m)["boot_id"] == boot));
+    assert!(
+        !lab.agent.stderr().contains("panicked"),
+        "{}",
+        lab.agent.stderr()
+    );
+}
+
+#[test]
+fn large_submissions_run_up_to_max_payload_and_larger_ones_are_rejected_with_the_reason() {
+    // The broker as shipped: packets up to MAX_PACKET_SIZE (8 MiB + 64 KiB).
+    let max_packet = labvisor_protocol::mqtt::MAX_PACKET_SIZE;
+    let broker = Mosquitto::start_with(&format!(
+        "allow_anonymous true\npersistence false\nmax_packet_size {max_packet}\n"
+    ));
+    let sut = "job-large";
+    let mqtt = Collector::start(broker.port(), &[&format!("{sut}/#")]);
+    let agent = AgentProc::start(
+        sut,
+        &sut_toml(None, "[job]\nmax_payload = \"2MiB\"\n"),
+        Some(&broker.url()),
+        &["--grace", "500ms"],
+    );
+    mqtt.wait(&format!("{sut}/agent"), LIMIT, |m| {
+        json(m)["state"] == "idle" && json(m)["broker_connected"] == true
+    });
+    // Plain-text scripts of exactly these sizes: a long comment line, then an echo.
+    let script = |size: usize, tag: &str| {
+        let tail = format!("\necho ran {tag}\n");
+        format!("#{}{tail}", "x".repeat(size - 1 - tail.len()))
+    };
+    let sizes = [(300_000, "300k"), (1_000_000, "1m"), (3_000_000, "3m")];
+    for (size, tag) in sizes {
+        let (_dir, file) = labvisor_tests::temp_file("job.sh", script(size, tag).as_bytes());
+        let out = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
+            .args(["-q", "1", "-t", &format!("{sut}/submit"), "-f"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{tag}: {out:?}");
+    }
+    let answers: Vec<Value> = wait_until("3 answers", LIMIT, || {
+        let a: Vec<Value> = mqtt
+            .on(&format!("{sut}/submit_status"))
+            .iter()
+            .map(json)
+            .collect();
+        (a.len() >= 3).then_some(a)
+    });
+    assert_eq!(answers[0]["result"], "accepted", "{}", answers[0]);
+    assert_eq!(answers[1]["result"], "accepted", "{}", answers[1]);
+    assert_eq!(answers[2]["result"], "rejected", "{}", answers[2]);
+    assert_eq!(
+        answers[2]["reason"],
+        "payload of 3000000 bytes exceeds max_payload 2097152"
+    );
+    for a in &answers[..2] {
+        let id = a["id"].as_str().unwrap();
+        let st = json(&mqtt.wait(&format!("{sut}/jobs/{id}"), LIMIT, |m| {
+            json(m)["state"] == "passed"
+        }));
+        assert_eq!(st["state"], "passed");
+    }
+    let log = String::from_utf8_lossy(&agent.log()).into_owned();
+    assert_eq!(log.lines().filter(|l| *l == "ran 300k").count(), 1);
+    assert_eq!(log.lines().filter(|l| *l == "ran 1m").count(), 1);
+    assert!(!log.contains("ran 3m"));
+    assert_eq!(mqtt.on(&format!("{sut}/submit_status")).len(), 3);
+}
+
+#[test]
+fn reply_topics_must_lie_in_the_reply_space_under_the_shipped_acl() {
+    // The shipped ACL; every client logs in: the agent as its SUT, the submitter and the
+    // collector with their roles.
+    let sut = "job-reply";
+    let files = tempfile::tempdir().unwrap();
+    let passwd = files.path().join("passwd");
+    for (i, (user, pw)) in [
+        (sut, "pw-agent"),
+        ("labvisor.submit", "pw-submit"),
+        ("labvisor.supervisor", "pw-supervisor"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let mut cmd = Command::new("mosquitto_passwd");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let out = cmd
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, pw])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // mosquitto started as root reads it as the user it drops to.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(files.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&passwd, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let acl = labvisor_tests::workspace_root().join("mosquitto/acl");
+    let broker = Mosquitto::start_with(&format!(
+        "allow_anonymous false\npersistence false\npassword_file {}\nacl_file {}\n",
+        passwd.display(),
+        acl.display()
+    ));
+    let space = format!("labvisor/replies/{sut}");
+    let mqtt = Collector::start_as(
+        broker.port(),
+        &[&format!("{sut}/#"), "labvisor/replies/#", "ci/#"],
+        Some(("labvisor.supervisor", "pw-supervisor")),
+    );
+    let _agent = AgentProc::start(
+        sut,
+        &sut_toml(None, ""),
+        Some(&broker.url()),
+        &[
+            "--grace",
+            "500ms",
+            "--username",
+            sut,
+            "--password",
+            "pw-agent",
+        ],
+    );
+    mqtt.wait(&format!("{sut}/agent"), LIMIT, |m| {
+        json(m)["state"] == "idle" && json(m)["broker_connected"] == true
+    });
+    let submit = |payload: &str| {
+        let out = broker.publish(
+            &format!("{sut}/submit"),
+            payload,
+            &["-q", "1", "-u", "labvisor.submit", "-P", "pw-submit"],
+        );
+        assert!(out.status.success(), "{out:?}");
+    };
+    // In the reply space: the answer arrives there.
+    submit(&format!(
+        r#"{{"id":"in-space","script":"echo ran in-space","reply_to":"{space}/ci-1"}}"#
+    ));
+    let a = json(&mqtt.wait(&format!("{space}/ci-1"), LIMIT, |_| true));
+    assert_eq!(
+        (a["id"].as_str(), a["result"].as_str()),
+        (Some("in-space"), Some("accepted"))
+    );
+    // Elsewhere: rejected at once on submit_status, naming the allowed space; never run.
+    submit(r#"{"id":"elsewhere","script":"echo ran elsewhere","reply_to":"ci/acks"}"#);
+    let status = format!("{sut}/submit_status");
+    let a = json(&mqtt.wait(&status, LIMIT, |m| json(m)["id"] == "elsewhere"));
+    assert_eq!(a["result"], "rejected", "{a}");
+    assert!(
+        a["reason"].as_str().unwrap().contains(&format!(
+            "\"ci/acks\" is outside this SUT's reply space: answers go to {space}/#"
+        )),
+        "{a}"
+    );
+    // The MQTT 5 response topic, with paho: in the space it answers with the correlation data,
+    // elsewhere the job is rejected.
+    let out = paho(
+        &format!(
+            r#"
+import json, time
+from paho.mqtt.properties import Properties
+from paho.mqtt.packettypes import PacketTypes
+got = []
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="reply-v5", protocol=mqtt.MQTTv5)
+c.username_pw_set("labvisor.submit", "pw-submit")
+c.on_message = lambda cl, u, m: got.append((m.topic, m.payload.decode(), m.properties.CorrelationData))
+c.connect("127.0.0.1", {{port}})
+c.subscribe("{space}/v5", qos=1)
+c.loop_start()
+time.sleep(0.5)
+for topic, job in [("{space}/v5", "v5-in"), ("ci/v5", "v5-out")]:
+    p = Properties(PacketTypes.PUBLISH)
+    p.ResponseTopic = topic
+    p.CorrelationData = job.encode()
+    c.publish("{sut}/submit", json.dumps({{"id": job, "script": "echo ran " + job}}), qos=1, properties=p).wait_for_publish(10)
+deadline = time.time() + 15
+while not got and time.time() < deadline:
+    time.sleep(0.05)
+c.loop_stop()
+print(json.dumps([[t, json.loads(p), cd.decode()] for t, p, cd in got]))
+"#
+        ),
+        broker.port(),
+    );
+    let got: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(got[0][0], format!("{space}/v5"));
+    assert_eq!(got[0][1]["id"], "v5-in");
+    assert_eq!(got[0][1]["result"], "accepted");
+    assert_eq!(got[0][2], "v5-in");
+    let a = json(&mqtt.wait(&status, LIMIT, |m| json(m)["id"] == "v5-out"));
+    assert_eq!(a["result"], "rejected", "{a}");
+    assert!(
+        a["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("the MQTT 5 response topic \"ci/v5\" is outside this SUT's reply space"),
+        "{a}"
+    );
+    // The accepted jobs ran; the rejected ones never did; nothing was answered outside.
+    for id in ["in-space", "v5-in"] {
+        mqtt.wait(&format!("{sut}/jobs/{id}"), LIMIT, |m| {
+            json(m)["state"] == "passed"
+        });
+    }
+    let log = String::from_utf8_lossy(&_agent.log()).into_owned();
+    assert!(
+        !log.contains("ran elsewhere") && !log.contains("ran v5-out"),
+        "{log}"
+    );
+    assert_eq!(mqtt.on(&status).len(), 4);
+    assert!(mqtt.all().iter().all(|m| !m.topic.starts_with("ci/")));
 }

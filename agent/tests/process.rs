@@ -356,6 +356,45 @@ fn an_invalid_config_exits_2_naming_the_problem() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no config"));
 }
 
+/// The agent's own log lines carry no ANSI escape codes when stdout and stderr are pipes (as
+/// under `docker logs`).
+#[test]
+fn log_lines_are_plain_text_on_a_pipe() {
+    // Nothing listens on this port: the agent logs its failed connections.
+    let broker = format!("mqtt://127.0.0.1:{}", labvisor_tests::free_port());
+    let agent = AgentProc::start(
+        "plain-1",
+        &sut_toml(Some("echo device says hi; exec sleep 3600"), ""),
+        Some(&broker),
+        &[],
+    );
+    wait_until(
+        "a failed connection logged",
+        Duration::from_secs(10),
+        || {
+            agent
+                .stderr()
+                .contains("MQTT connection failed")
+                .then_some(())
+        },
+    );
+    wait_until(
+        "the device output on stdout",
+        Duration::from_secs(10),
+        || {
+            String::from_utf8_lossy(&agent.stdout())
+                .contains("device says hi")
+                .then_some(())
+        },
+    );
+    let err = agent.stderr();
+    assert!(
+        !err.contains('\x1b'),
+        "escape codes in the agent's log: {err:?}"
+    );
+    assert!(!agent.stdout().contains(&0x1b), "escape codes on stdout");
+}
+
 #[test]
 fn a_bad_tail_glob_is_reported_and_the_agent_keeps_running() {
     let agent = AgentProc::start(

@@ -2,6 +2,8 @@
 //! certificate is signed by a CA made for the test (openssl): with that CA given
 //! (`--ca-file`), the agent connects and publishes its retained status; with another CA it
 //! refuses the broker, says why in its log, and keeps running: output still reaches the log file.
+//! The CA may also be given as PEM text (`--ca-pem`, `LABVISOR_MQTT_CA_PEM`), as the supervisor
+//! gives it to its agents.
 
 mod common;
 
@@ -156,6 +158,35 @@ fn agent_connects_over_tls_with_the_given_ca() {
         || retained_status(&broker, &ca, "tls-ok"),
     );
     assert!(status.contains("\"sut\":\"tls-ok\""), "{status}");
+}
+
+/// The CA given as PEM text (`--ca-pem`, what the supervisor puts in `LABVISOR_MQTT_CA_PEM`)
+/// is the one trusted, also over a `--ca-file` of another CA.
+#[test]
+fn agent_connects_over_tls_with_the_ca_given_as_pem_text() {
+    let pki = Pki::new();
+    let broker = pki.broker();
+    let ca = pki.path("ca.crt");
+    let pem = std::fs::read_to_string(&ca).unwrap();
+    let url = format!("mqtts://127.0.0.1:{}", broker.port());
+    let other = pki.path("other-ca.crt");
+    let agent = AgentProc::start(
+        "tls-pem",
+        TOML,
+        Some(&url),
+        &["--ca-pem", &pem, "--ca-file", other.to_str().unwrap()],
+    );
+    let status = wait_until(
+        "the retained status of the agent given its CA as PEM, read over TLS",
+        Duration::from_secs(20),
+        || retained_status(&broker, &ca, "tls-pem"),
+    );
+    assert!(status.contains("\"sut\":\"tls-pem\""), "{status}");
+    wait_until(
+        "broker_connected=true in the heartbeat",
+        Duration::from_secs(20),
+        || (heartbeat(&agent, "broker_connected").as_deref() == Some("true")).then_some(()),
+    );
 }
 
 #[test]

@@ -271,7 +271,9 @@ pub struct JobSubmit {
     /// Silence limit ("5m"), capped by the SUT's `[job] output_timeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_timeout: Option<String>,
-    /// A topic for the acknowledgement, besides `<sut>/submit_status`.
+    /// A topic for the acknowledgement, besides `<sut>/submit_status`: in the SUT's reply space
+    /// `[<prefix>/]labvisor/replies/<sut>/#` (or under `<sut>/`, outside labvisor's own topics);
+    /// any other topic gets the job rejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
 }
@@ -516,6 +518,11 @@ pub struct SupervisorStatus {
     /// broker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub managed_broker: Option<ManagedBrokerStatus>,
+    /// Problems of the entries in the SUT directory that name no SUT (a file name that is not a
+    /// valid SUT name, or not UTF-8), one `file: problem` line each. Problems of a file that
+    /// names a SUT are on that SUT's `<sut>/supervisor` view ([`SutView::config_problems`]).
+    #[serde(default)]
+    pub file_problems: Vec<String>,
 }
 
 /// The managed broker in a [`SupervisorStatus`].

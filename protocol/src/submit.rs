@@ -4,19 +4,24 @@
 //! JSON object ([`JobSubmit`]). The rules, each with its own rejection message:
 //!
 //! - an empty (or all-whitespace) payload is rejected;
-//! - a payload over the SUT's `max_payload` is rejected;
+//! - a payload over the SUT's `max_payload` is rejected ("payload of N bytes exceeds max_payload
+//!   M"); the agent's link accepts packets up to [`MAX_PACKET_SIZE`](crate::mqtt::MAX_PACKET_SIZE),
+//!   as the brokers do, so every submission a broker takes reaches this check;
 //! - text starting with `{` is JSON, and is rejected as invalid JSON if it does not parse (it is
 //!   never run as a script);
 //! - unknown fields and wrong types are rejected with serde's message naming the field;
 //! - a JSON job needs exactly one of `script` and `argv`;
 //! - `timeout` and `output_timeout` must be durations (`"30m"`), `env` keys valid names and not
 //!   `LABVISOR_*`, `reply_to` a plain topic (no wildcards, not `$...`);
-//! - non-UTF-8 plain text is rejected.
+//! - non-UTF-8 plain text is rejected;
+//! - the agent then rejects a `reply_to` or MQTT 5 response topic outside the SUT's reply space
+//!   ([`check_reply_topic`]): the ACL would stop its answer there.
 
 use std::time::Duration;
 
+use crate::name::SutName;
 use crate::payloads::JobSubmit;
-use crate::topics::JobId;
+use crate::topics::{JobId, Topics};
 
 /// A checked submission, ready to queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +53,7 @@ pub enum JobRun {
 pub fn parse_submit(payload: &[u8], max_payload: usize) -> Result<Submission, String> {
     if payload.len() > max_payload {
         return Err(format!(
-            "payload is {} bytes, over this SUT's max_payload of {max_payload} bytes",
+            "payload of {} bytes exceeds max_payload {max_payload}",
             payload.len()
         ));
     }
@@ -135,6 +140,29 @@ pub fn parse_submit(payload: &[u8], max_payload: usize) -> Result<Submission, St
     })
 }
 
+/// Checks a reply topic, `what` being `` `reply_to` `` or `the MQTT 5 response topic`: it must
+/// lie in the SUT's reply space ([`Topics::reply_space`]) or under `<sut>/` outside labvisor's
+/// own topics ([`Topics::is_allowed_reply`]). The error is the rejection reason.
+pub fn check_reply_topic(
+    topics: &Topics,
+    sut: &SutName,
+    what: &str,
+    topic: &str,
+) -> Result<(), String> {
+    if topics.is_allowed_reply(sut, topic) {
+        return Ok(());
+    }
+    let prefix = match topics.prefix() {
+        "" => String::new(),
+        p => format!("{p}/"),
+    };
+    Err(format!(
+        "{what} {topic:?} is outside this SUT's reply space: answers go to {} (or to a topic of \
+         your own under {prefix}{sut}/), where the broker lets the agent publish",
+        topics.reply_space(sut)
+    ))
+}
+
 /// What a cancel request names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelTarget {
@@ -210,7 +238,7 @@ mod tests {
         );
         assert_eq!(
             parse_submit(&[b'x'; 11], 10).unwrap_err(),
-            "payload is 11 bytes, over this SUT's max_payload of 10 bytes"
+            "payload of 11 bytes exceeds max_payload 10"
         );
         assert!(err("{not json").starts_with("payload starts with '{' but is not valid JSON"));
         assert!(err(r#"{"script":"x","bogus":1}"#).contains("unknown field `bogus`"));
@@ -232,6 +260,26 @@ mod tests {
             parse_submit(b"\xff\xfe", 10).unwrap_err(),
             "payload is not UTF-8 text"
         );
+    }
+
+    #[test]
+    fn reply_topics_outside_the_reply_space_name_it() {
+        let t = Topics::new();
+        let s = SutName::new("dut1").unwrap();
+        assert_eq!(
+            check_reply_topic(&t, &s, "`reply_to`", "labvisor/replies/dut1/ci"),
+            Ok(())
+        );
+        assert_eq!(
+            check_reply_topic(&t, &s, "`reply_to`", "ci/acks").unwrap_err(),
+            "`reply_to` \"ci/acks\" is outside this SUT's reply space: answers go to \
+             labvisor/replies/dut1/# (or to a topic of your own under dut1/), where the broker \
+             lets the agent publish"
+        );
+        let t = Topics::with_prefix(Some("lab")).unwrap();
+        assert!(check_reply_topic(&t, &s, "x", "dut1/acks")
+            .unwrap_err()
+            .contains("lab/labvisor/replies/dut1/# (or to a topic of your own under lab/dut1/)"));
     }
 
     #[test]

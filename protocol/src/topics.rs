@@ -14,6 +14,7 @@
 //! | `<sut>/probe` | agent → all | 1 | yes | [`ProbeResult`](crate::payloads::ProbeResult) JSON (the upstream probe, the old stack's `c3`) |
 //! | `<sut>/submit` | submitter → agent | 1 | never | plain text (a shell script) or [`JobSubmit`](crate::payloads::JobSubmit) JSON |
 //! | `<sut>/submit_status` | agent → submitter | 1 | yes (latest) | [`SubmitAck`](crate::payloads::SubmitAck) JSON; also sent to `reply_to` / the MQTT 5 response topic |
+//! | `labvisor/replies/<sut>/...` | agent → submitter | 1 | no | the SUT's reply space (`Topics::reply_space`): a submission's `reply_to` / MQTT 5 response topic must lie here (or under `<sut>/`, outside labvisor's own topics), where both shipped ACLs let the agent write |
 //! | `<sut>/cancel` | submitter → agent | 1 | never | a job id, `current`, or `{"id": ...}` |
 //! | `<sut>/cancel_status` | agent → submitter | 1 | yes (latest) | [`CancelAck`](crate::payloads::CancelAck) JSON |
 //! | `<sut>/jobs/<id>` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON |
@@ -21,7 +22,7 @@
 //! | `<sut>/last_job` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON of the latest job |
 //! | `<sut>/build` | supervisor → all | 0 | no | plain UTF-8 text: one line of the SUT's image build (`[build]`), as the engine streams it |
 //! | `<sut>/supervisor` | supervisor → all | 1 | yes | [`SutView`](crate::payloads::SutView) JSON: the supervisor's view of that SUT |
-//! | `labvisor/supervisors/<id>/status` | supervisor → all | 1 | yes | [`SupervisorStatus`](crate::payloads::SupervisorStatus) JSON: birth, last will `lost`, counts |
+//! | `labvisor/supervisors/<id>/status` | supervisor → all | 1 | yes | [`SupervisorStatus`](crate::payloads::SupervisorStatus) JSON: birth, last will `lost`, counts, problems of directory entries that name no SUT |
 //!
 //! SUT names ([`SutName`]), job ids ([`JobId`]) and supervisor ids ([`SupervisorId`]) are
 //! validated types that cannot contain `/`, `+`, `#` or `$`, so a topic built here always has
@@ -296,6 +297,44 @@ impl Topics {
     pub fn supervisor_status_filter(&self) -> String {
         format!("{}labvisor/supervisors/+/status", self.prefix)
     }
+    /// The mosquitto ACL pattern that lets an agent, logged in as its SUT, write its reply space:
+    /// `[<prefix>/]labvisor/replies/%u/#` (as in the shipped `mosquitto/acl`).
+    pub fn reply_acl_pattern(&self) -> String {
+        format!("{}labvisor/replies/%u/#", self.prefix)
+    }
+
+    /// `[<prefix>/]labvisor/replies/<sut>/#`: the SUT's reply space, where a submitter's
+    /// `reply_to` or MQTT 5 response topic must lie (the shipped ACL lets the agent, logged in
+    /// as its SUT, write there and nowhere else outside `<sut>/`).
+    pub fn reply_space(&self, sut: &SutName) -> String {
+        format!("{}labvisor/replies/{}/#", self.prefix, sut)
+    }
+    /// Whether `topic` (a topic name) lies in [`Topics::reply_space`] of `sut`.
+    pub fn is_reply_topic(&self, sut: &SutName, topic: &str) -> bool {
+        let root = format!("{}labvisor/replies/{}", self.prefix, sut);
+        let plain = !topic.contains(['+', '#', '\0']);
+        plain
+            && topic
+                .strip_prefix(&root)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }
+    /// Whether an agent may answer on `topic`: in its [reply space](Topics::reply_space), or
+    /// under `<sut>/` but not one of labvisor's own topics there (an answer on `<sut>/submit`
+    /// would be taken for a job, one on `<sut>/agent` for a status).
+    pub fn is_allowed_reply(&self, sut: &SutName, topic: &str) -> bool {
+        if self.is_reply_topic(sut, topic) {
+            return true;
+        }
+        let own = format!("{}{}/", self.prefix, sut);
+        !topic.contains(['+', '#', '\0'])
+            && topic.strip_prefix(&own).is_some_and(|rest| {
+                !rest.is_empty()
+                    && !rest.split('/').any(str::is_empty)
+                    && !rest.starts_with("jobs/")
+                    && rest != "jobs"
+            })
+            && self.parse(topic).is_none()
+    }
     /// `+/agent`: filter for every agent's status.
     pub fn agents_filter(&self) -> String {
         format!("{}+/agent", self.prefix)
@@ -384,6 +423,46 @@ mod tests {
         for j in ["", "a/b", "a+", "#", &"x".repeat(65), "a.b"] {
             assert!(JobId::new(j).is_err(), "{j}");
         }
+    }
+
+    #[test]
+    fn replies_go_to_the_reply_space_or_unclaimed_topics_under_the_sut() {
+        let s = sut("rpi4-01");
+        for t in [
+            Topics::new(),
+            Topics::with_prefix(Some("site/lab1")).unwrap(),
+        ] {
+            let p = t.prefix.clone();
+            assert_eq!(t.reply_space(&s), format!("{p}labvisor/replies/rpi4-01/#"));
+            assert_eq!(t.reply_acl_pattern(), format!("{p}labvisor/replies/%u/#"));
+            for ok in ["labvisor/replies/rpi4-01", "labvisor/replies/rpi4-01/ci/42"] {
+                assert!(t.is_reply_topic(&s, &format!("{p}{ok}")), "{p}{ok}");
+                assert!(t.is_allowed_reply(&s, &format!("{p}{ok}")), "{p}{ok}");
+            }
+            assert!(t.is_allowed_reply(&s, &format!("{p}rpi4-01/acks")));
+            for bad in [
+                "ci/acks",
+                "labvisor/replies/rpi4-02/x",
+                "labvisor/replies/rpi4-011/x",
+                "labvisor/replies/rpi4-01/+",
+                "labvisor/supervisors/a/status",
+                "rpi4-01",
+                "rpi4-01/",
+                "rpi4-01/submit",
+                "rpi4-01/agent",
+                "rpi4-01/last_job",
+                "rpi4-01/jobs/x",
+                "rpi4-01/jobs/x/output",
+                "rpi4-01/jobs/x/y",
+                "rpi4-01/a//b",
+                "rpi4-02/acks",
+            ] {
+                assert!(!t.is_allowed_reply(&s, &format!("{p}{bad}")), "{p}{bad}");
+            }
+        }
+        // Without the prefix, a prefixed lab's reply space is foreign.
+        let t = Topics::with_prefix(Some("lab")).unwrap();
+        assert!(!t.is_allowed_reply(&s, "labvisor/replies/rpi4-01/x"));
     }
 
     #[test]

@@ -145,7 +145,28 @@ fn serde_problems_carry_their_line() {
 /// Each allow flag lifts exactly its refusal: the corpus file becomes valid.
 #[test]
 fn allow_flags_permit_what_they_name() {
-    let cases: [(&str, Allow); 4] = [
+    let cases: [(&str, Allow); 7] = [
+        (
+            "network-named.toml",
+            Allow {
+                network: true,
+                ..Allow::default()
+            },
+        ),
+        (
+            "cap-add.toml",
+            Allow {
+                caps: true,
+                ..Allow::default()
+            },
+        ),
+        (
+            "new-privileges.toml",
+            Allow {
+                new_privileges: true,
+                ..Allow::default()
+            },
+        ),
         (
             "privileged.toml",
             Allow {
@@ -188,6 +209,11 @@ fn allow_flags_permit_what_they_name() {
                 assert!(cfg.mounts[0].read_only);
             }
             "devices.toml" => assert_eq!(cfg.devices, ["/dev/ttyUSB0"]),
+            "network-named.toml" => {
+                assert_eq!(cfg.network, Network::Named("other-net".into()))
+            }
+            "cap-add.toml" => assert_eq!(cfg.cap_add, ["NET_RAW", "SYS_PTRACE"]),
+            "new-privileges.toml" => assert!(!cfg.no_new_privileges),
             _ => unreachable!(),
         }
         // A different flag does not help.
@@ -196,6 +222,9 @@ fn allow_flags_permit_what_they_name() {
             host_mounts: !allow.host_mounts,
             host_network: !allow.host_network,
             devices: !allow.devices,
+            network: !allow.network,
+            caps: !allow.caps,
+            new_privileges: !allow.new_privileges,
         };
         assert!(load_file(&path, &wrong).is_err(), "{file} with {wrong:?}");
     }
@@ -288,6 +317,57 @@ fn a_bad_name_and_bad_contents_are_reported_together() {
     assert_eq!(keys, ["name", "image"]);
 }
 
+/// A root supervisor must not read a SUT file that links out of its directory (to
+/// /etc/shadow, say) and publish its parse errors: refused before a byte is read. A link to a
+/// file inside the directory still works.
+#[cfg(unix)]
+#[test]
+fn sut_files_may_not_be_symlinks_out_of_the_sut_dir() {
+    use std::os::unix::fs::symlink;
+    let root = tempfile::tempdir().unwrap();
+    let sut = root.path().join("sut");
+    fs::create_dir(&sut).unwrap();
+    // Outside: a "secret" whose parse errors would tell its line count and contents.
+    let secret = root.path().join("shadow");
+    fs::write(&secret, "root:$6$salt$hash:19000:0:99999:7:::\nuser:x:1\n").unwrap();
+    symlink(&secret, sut.join("x.toml")).unwrap();
+    symlink("../shadow", sut.join("rel.toml")).unwrap();
+    fs::create_dir(sut.join("real")).unwrap();
+    fs::write(sut.join("real/good.toml"), "image = \"x\"\n").unwrap();
+    symlink("real/good.toml", sut.join("good.toml")).unwrap();
+
+    let scan = scan_dir(&sut, &Allow::default()).unwrap();
+    assert_eq!(
+        scan.valid.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
+        ["good"],
+        "a link inside the directory is fine"
+    );
+    assert_eq!(scan.invalid.len(), 2, "{:?}", scan.invalid);
+    for (path, problems) in &scan.invalid {
+        assert_eq!(problems.len(), 1, "{}", render(problems));
+        let p = &problems[0];
+        assert_eq!((p.key.as_str(), p.line), ("", None), "{p}");
+        assert!(
+            p.message.starts_with("refused: the file resolves to ")
+                && p.message.contains("outside the sut directory"),
+            "{}: {p}",
+            path.display()
+        );
+        assert!(
+            !p.message.contains("root:") && !p.message.contains("syntax"),
+            "{p}"
+        );
+    }
+    let p = load_file(&sut.join("x.toml"), &Allow::default()).unwrap_err();
+    assert!(p[0].message.starts_with("refused: "), "{}", p[0]);
+    // The reader itself, used by the supervisor right before a create.
+    let e = labvisor_protocol::config::read_sut_file(&sut.join("rel.toml")).unwrap_err();
+    assert!(
+        matches!(e, labvisor_protocol::config::ReadError::Outside { .. }),
+        "{e}"
+    );
+}
+
 #[cfg(unix)]
 #[test]
 fn files_may_not_escape_the_sut_dir_through_a_symlink() {
@@ -358,6 +438,8 @@ fn defaults_are_as_documented() {
         "network": "labvisor",
         "labels": {},
         "privileged": false,
+        "cap_add": [],
+        "no_new_privileges": true,
         "devices": [],
         "mounts": [],
         "health": {
@@ -373,7 +455,7 @@ fn defaults_are_as_documented() {
             "on_unhealthy": "restart", "backoff_min": "1s", "backoff_max": "5m",
             "on_child_exit": "restart", "crash_loop_after": 5
         },
-        "resources": { "memory": null, "cpus": null },
+        "resources": { "memory": null, "cpus": null, "pids": 4096 },
         "log": { "max_size": 10485760, "keep": 5 },
         "probe": null
     });
@@ -492,7 +574,6 @@ fn scan_skips_editor_files_and_reports_invalid_ones() {
     ] {
         fs::write(d.join(junk), "garbage [[[").unwrap();
     }
-    fs::create_dir(d.join("dir.toml")).unwrap();
     let scan = scan_dir(d, &Allow::default()).unwrap();
     assert_eq!(scan.valid.len(), 1);
     assert!(scan.valid.keys().any(|n| n.as_str() == "good"));
@@ -501,6 +582,53 @@ fn scan_skips_editor_files_and_reports_invalid_ones() {
         [&d.join("bad.toml")]
     );
     assert!(scan_dir(&d.join("missing"), &Allow::default()).is_err());
+}
+
+/// Entries named like SUT files that cannot be one are reported, never silently skipped: a bad
+/// name, a directory, a dangling symlink, and a name that is not UTF-8.
+#[test]
+fn scan_reports_what_looks_like_a_sut_file_but_cannot_be_one() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::write(d.join("good.toml"), "image = \"x\"\n").unwrap();
+    fs::write(d.join("Bad_Name.toml"), "image = \"x\"\n").unwrap();
+    fs::create_dir(d.join("dir.toml")).unwrap();
+    std::os::unix::fs::symlink(d.join("nowhere"), d.join("dangling.toml")).unwrap();
+    let latin1 = d.join(std::ffi::OsStr::from_bytes(b"caf\xe9.toml"));
+    fs::write(&latin1, "image = \"x\"\n").unwrap();
+    // Not meant as SUT files at all: still ignored.
+    fs::write(d.join(std::ffi::OsStr::from_bytes(b"caf\xe9.txt")), "x").unwrap();
+    fs::create_dir(d.join("shared")).unwrap();
+
+    let scan = scan_dir(d, &Allow::default()).unwrap();
+    assert_eq!(scan.valid.len(), 1);
+    let mut want = vec![
+        d.join("Bad_Name.toml"),
+        d.join("dangling.toml"),
+        d.join("dir.toml"),
+        latin1.clone(),
+    ];
+    want.sort();
+    assert_eq!(scan.invalid.keys().cloned().collect::<Vec<_>>(), want);
+    let one = |p: &std::path::Path| {
+        let probs = &scan.invalid[p];
+        assert_eq!(probs.len(), 1, "{probs:?}");
+        probs[0].clone()
+    };
+    assert_eq!(one(&d.join("Bad_Name.toml")).key, "name");
+    let dir_problem = one(&d.join("dir.toml"));
+    assert!(
+        dir_problem.message.contains("is a directory"),
+        "{dir_problem}"
+    );
+    assert!(one(&d.join("dangling.toml"))
+        .message
+        .starts_with("cannot read the file"));
+    let name = one(&latin1);
+    assert_eq!(name.key, "name");
+    assert!(name.message.contains("not valid UTF-8"), "{name}");
+    assert_eq!(name.file, latin1.display().to_string());
 }
 
 /// Keys, each with a strategy for a plausible (often wrong) value.

@@ -225,10 +225,19 @@ async fn broker_restart_reconnects_with_backoff_resubscribes_and_republishes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn outage_overflow_keeps_the_newest_messages() {
+async fn outage_overflow_keeps_the_newest_output() {
     let mut m = Mosquitto::start();
     let mut o = options(&m);
     o.queue_capacity = 10;
+    let hooked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let h2 = hooked.clone();
+    o.on_drop = Some(labvisor_protocol::mqtt::DropHook::new(
+        move |m: &Message| {
+            h2.lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&m.payload).into_owned())
+        },
+    ));
     let (link, mut incoming) = MqttLink::start(o).unwrap();
     link.subscribe("c/in", QoS::AtLeastOnce).unwrap();
     wait_state(&link, "connected", |s| s.connected).await;
@@ -237,11 +246,17 @@ async fn outage_overflow_keeps_the_newest_messages() {
     m.stop();
     wait_state(&link, "disconnected", |s| !s.connected).await;
     for i in 0..50 {
-        link.publish(Message::event("c/in", format!("q{i:02}")))
+        link.publish(Message::stream("c/in", format!("q{i:02}")))
             .unwrap();
     }
     let s = link.state();
     assert_eq!((s.queued, s.dropped), (10, 40), "{s:?}");
+    let want: Vec<String> = (0..40).map(|i| format!("q{i:02}")).collect();
+    assert_eq!(
+        *hooked.lock().unwrap(),
+        want,
+        "on_drop saw each dropped message"
+    );
 
     m.restart();
     wait_state(&link, "reconnected", |s| s.connects == 2).await;
@@ -289,6 +304,50 @@ async fn an_output_flood_never_evicts_qos1_messages() {
     }
     // Both QoS 1 messages survive; the newest output fills the rest, in order.
     assert_eq!(got, ["ack-1", "out18", "out19", "ack-2"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_qos1_backlog_past_capacity_is_kept_whole_and_closes_the_intake() {
+    let mut m = Mosquitto::start();
+    let mut o = options(&m);
+    o.queue_capacity = 4;
+    let (link, mut incoming) = MqttLink::start(o).unwrap();
+    link.subscribe("b/in", QoS::AtLeastOnce).unwrap();
+    wait_state(&link, "connected", |s| s.connected).await;
+    wait_self_subscribed(&link, &mut incoming, "b/in").await;
+    let mut room = link.watch_room();
+    assert!(*room.borrow_and_update());
+
+    m.stop();
+    wait_state(&link, "disconnected", |s| !s.connected).await;
+    for i in 0..30 {
+        link.publish(Message::event("b/in", format!("ack{i:02}")))
+            .unwrap();
+    }
+    let s = link.state();
+    assert_eq!(
+        (s.queued, s.reliable_queued, s.dropped),
+        (30, 30, 0),
+        "{s:?}"
+    );
+    assert!(!link.has_room());
+    assert!(room.has_changed().unwrap(), "the room watch saw it close");
+
+    m.restart();
+    let mut got = Vec::new();
+    while got.len() < 30 {
+        got.push(text(&recv(&mut incoming, "the backlog").await));
+    }
+    let want: Vec<String> = (0..30).map(|i| format!("ack{i:02}")).collect();
+    assert_eq!(got, want, "every QoS 1 message, in order");
+    tokio::time::timeout(LIMIT, async {
+        while !*room.borrow_and_update() {
+            room.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("the room opens again once the backlog is sent");
+    assert_eq!(link.state().dropped, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -520,6 +579,10 @@ async fn invalid_options_and_topics_are_refused() {
     o.tls = true;
     o.ca_file = Some(m.dir().join("missing-ca.pem"));
     assert!(matches!(MqttLink::start(o), Err(LinkError::CaFile { .. })));
+    let mut o = options(&m);
+    o.tls = true;
+    o.ca_pem = Some("no certificate in here\n".into());
+    assert!(matches!(MqttLink::start(o), Err(LinkError::CaPem(_))));
 
     let (link, _incoming) = MqttLink::start(options(&m)).unwrap();
     assert!(matches!(

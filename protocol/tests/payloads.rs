@@ -199,6 +199,7 @@ fn supervisor_status() {
             restarts: 2,
             last_exit: Some("signal: 9 (SIGKILL)".into()),
         }),
+        file_problems: vec!["sut/Bad_Name.toml: name: the file name gives SUT name \"Bad_Name\", which is not valid".into()],
     };
     round_trip(&p);
     insta::assert_json_snapshot!(p);

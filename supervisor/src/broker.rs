@@ -9,13 +9,17 @@
 //!
 //! Two listeners, one port:
 //!
-//! - `127.0.0.1:<port>`, anonymous: the supervisor itself, and `labvisor status`,
-//!   `mosquitto_sub`, `mosquitto_pub` or MQTT Explorer on this machine;
+//! - `127.0.0.1:<port>`, password-protected: the supervisor itself ([`SUPERVISOR_USER`], a
+//!   password made at every start, kept in memory), and local tools run by the supervisor's
+//!   user ([`LOCAL_USER`], password in [`LOCAL_PASSWORD_FILE`], 0600): `labvisor status`,
+//!   `mosquitto_sub`, `mosquitto_pub` or MQTT Explorer on this machine. The CLI finds that login
+//!   itself ([`local_login`]). No anonymous client gets in;
 //! - `<bridge gateway>:<port>`, password-protected: the agents, which reach the host through the
-//!   gateway of the labvisor bridge network. Each agent logs in as its own SUT with its own
-//!   random password ([`AgentLogins`]), given in its environment, and the ACL pattern
-//!   `[<prefix>/]%u/#` confines it to its own topics: a job running on one SUT cannot submit
-//!   jobs to another. Any other container reaching that address cannot connect at all.
+//!   gateway of the labvisor bridge network (plain MQTT, or with `--agent-tls` only TLS, with
+//!   the supervisor's own CA: [`crate::broker_tls`]). Each agent logs in as its own SUT with its own
+//!   random password ([`AgentLogins`]), given in its environment, and the ACL
+//!   ([`managed_acl`]) confines it to its own topics `[<prefix>/]<sut>/#` and writes to its reply
+//!   space `labvisor/replies/<sut>/#`: a job running on one SUT cannot submit jobs to another. Any other container reaching that address cannot connect at all.
 //!
 //! A SUT's login is made when its container is first created (the password file and mosquitto's
 //! password file are updated, then mosquitto reloads them on SIGHUP). The passwords
@@ -49,6 +53,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use labvisor_protocol::mqtt::MAX_PACKET_SIZE;
 pub use labvisor_protocol::payloads::ManagedBrokerStatus;
 
 /// The shared agent login of earlier labvisor versions, kept only where its password file
@@ -210,18 +215,20 @@ pub struct ManagedBroker {
     /// The agents' logins, one per SUT.
     pub logins: Arc<AgentLogins>,
     dir: PathBuf,
+    /// The CA certificate (PEM) the agents must trust, when their listener speaks TLS.
+    pub agent_ca_pem: Option<String>,
 }
 
 impl ManagedBroker {
     /// Starts mosquitto on `port`, listening on loopback and on `gateway`, with its files in
-    /// `state_dir`; agent logins confined by `acl_pattern` ([`Topics::agent_acl_pattern`]).
-    ///
-    /// [`Topics::agent_acl_pattern`]: labvisor_protocol::topics::Topics::agent_acl_pattern
+    /// `state_dir`; logins and their ACL as [`managed_acl`] says (built from `topics`). With
+    /// `agent_tls`, the listener on `gateway` speaks only TLS.
     pub fn start(
         state_dir: &Path,
         port: u16,
         gateway: IpAddr,
         topics: &labvisor_protocol::topics::Topics,
+        agent_tls: Option<&crate::broker_tls::AgentTls>,
     ) -> Result<Self, BrokerError> {
         let bin = [
             "/usr/sbin/mosquitto",
@@ -316,7 +323,7 @@ impl ManagedBroker {
              log_dest stderr\n\
              log_type error\n\
              log_type warning\n\
-             max_packet_size 1048576\n\
+             max_packet_size {MAX_PACKET_SIZE}\n\
              set_tcp_nodelay true\n\
              \n\
              listener {port} 127.0.0.1\n\
@@ -327,11 +334,13 @@ impl ManagedBroker {
              listener {port} {gateway}\n\
              allow_anonymous false\n\
              password_file {passwd}\n\
-             acl_file {acl}\n",
+             acl_file {acl}\n\
+             {tls}",
             dir = state_dir.display(),
             autosave = AUTOSAVE_INTERVAL.as_secs(),
             passwd = passwd.display(),
             acl = acl.display(),
+            tls = agent_tls.map(|t| t.listener_lines()).unwrap_or_default(),
         );
         write_private(&conf, text.as_bytes()).map_err(state(&conf))?;
         let log = state_dir.join("mosquitto.log");
@@ -373,9 +382,13 @@ impl ManagedBroker {
             stop,
             status,
             local_url: format!("mqtt://127.0.0.1:{port}"),
-            agent_url: format!("mqtt://{gateway}:{port}"),
+            agent_url: format!(
+                "{}://{gateway}:{port}",
+                if agent_tls.is_some() { "mqtts" } else { "mqtt" }
+            ),
             logins,
             dir: state_dir.to_path_buf(),
+            agent_ca_pem: agent_tls.map(|t| t.ca_pem.clone()),
         })
     }
 
@@ -789,9 +802,10 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        // The agents' and the local tools' clear-text passwords are the supervisor's user's,
-        // not the broker's.
-        if e.file_name() != AGENTS_DIR && e.file_name() != LOCAL_PASSWORD_FILE {
+        // The agents' and the local tools' clear-text passwords and the CA are the supervisor's
+        // user's, not the broker's.
+        let name = e.file_name();
+        if name != AGENTS_DIR && name != LOCAL_PASSWORD_FILE && name != crate::broker_tls::CA_DIR {
             std::os::unix::fs::chown(e.path(), Some(uid), Some(gid))?;
         }
     }

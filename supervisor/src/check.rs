@@ -27,6 +27,15 @@ pub struct AllowArgs {
     /// Accept `devices` (host device nodes).
     #[arg(long)]
     pub allow_devices: bool,
+    /// Accept `network = "<name>"` for a Docker network that is not labvisor's own.
+    #[arg(long)]
+    pub allow_network: bool,
+    /// Accept `cap_add` (capabilities beyond the agents' default set, e.g. NET_RAW).
+    #[arg(long)]
+    pub allow_caps: bool,
+    /// Accept `no_new_privileges = false`.
+    #[arg(long)]
+    pub allow_new_privileges: bool,
 }
 
 impl AllowArgs {
@@ -37,6 +46,9 @@ impl AllowArgs {
             host_mounts: self.allow_host_mounts,
             host_network: self.allow_host_network,
             devices: self.allow_devices,
+            network: self.allow_network,
+            caps: self.allow_caps,
+            new_privileges: self.allow_new_privileges,
         }
     }
 }

@@ -68,19 +68,35 @@ pub enum ClientError {
     /// No answer from the agent.
     #[error("{0}")]
     NoAnswer(String),
+    /// Nothing on the broker knows the SUT.
+    #[error("no SUT named {sut} on {broker}: no agent status, supervisor view or job of it is retained there (see `labvisor status`; is --topic-prefix right?)")]
+    UnknownSut {
+        /// The SUT asked for.
+        sut: String,
+        /// The broker URL.
+        broker: String,
+    },
     /// Writing the output failed.
     #[error("cannot write output: {0}")]
     Io(#[from] std::io::Error),
 }
 
 impl ClientError {
-    /// The exit status for this error: 2 usage, 4 broker or agent unreachable, 1 other.
+    /// The exit status for this error: 2 usage, 4 broker or agent unreachable, 5 no such SUT,
+    /// 1 other.
     pub fn exit_code(&self) -> u8 {
         match self {
             ClientError::Usage(_) => 2,
             ClientError::Broker { .. } | ClientError::NoAnswer(_) => 4,
+            ClientError::UnknownSut { .. } => 5,
             ClientError::Io(_) => 1,
         }
+    }
+
+    /// Whether the output's reader went away (`labvisor jobs x | head`): the command stops
+    /// quietly, as if it had finished.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, ClientError::Io(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
     }
 }
 
@@ -366,7 +382,7 @@ pub async fn status(args: &BrokerArgs, json: bool, out: &mut dyn Write) -> Resul
             &mut *out,
             &serde_json::json!({ "suts": rows, "supervisors": sups }),
         )
-        .map_err(std::io::Error::other)?;
+        .map_err(std::io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }
@@ -441,6 +457,9 @@ pub async fn status(args: &BrokerArgs, json: bool, out: &mut dyn Write) -> Resul
             sup.suts.invalid,
             age(sup.time_ms),
         )?;
+        for p in &sup.file_problems {
+            writeln!(out, "  {p}")?;
+        }
     }
     Ok(())
 }
@@ -619,7 +638,7 @@ pub async fn submit(
     if ack.result == SubmitResult::Rejected {
         s.close().await;
         if sa.json {
-            serde_json::to_writer(&mut *out, &ack).map_err(std::io::Error::other)?;
+            serde_json::to_writer(&mut *out, &ack).map_err(std::io::Error::from)?;
             writeln!(out)?;
         }
         eprintln!(
@@ -629,7 +648,7 @@ pub async fn submit(
         return Ok(3);
     }
     if sa.json {
-        serde_json::to_writer(&mut *out, &ack).map_err(std::io::Error::other)?;
+        serde_json::to_writer(&mut *out, &ack).map_err(std::io::Error::from)?;
         writeln!(out)?;
     } else {
         writeln!(out, "{id}")?;
@@ -666,7 +685,7 @@ pub async fn submit(
     s.close().await;
     let st = fin.expect("the loop only ends after the final status");
     if sa.json {
-        serde_json::to_writer(&mut *out, &st).map_err(std::io::Error::other)?;
+        serde_json::to_writer(&mut *out, &st).map_err(std::io::Error::from)?;
         writeln!(out)?;
     } else if st.state != JobState::Passed {
         eprintln!(
@@ -684,7 +703,9 @@ pub async fn submit(
     Ok(job_exit_code(&st))
 }
 
-/// `labvisor jobs <sut>`: the SUT's recent jobs from their retained statuses.
+/// `labvisor jobs <sut>`: the SUT's recent jobs from their retained statuses. A SUT that the
+/// broker knows nothing of (no retained agent status, supervisor view or job) is an error
+/// ([`ClientError::UnknownSut`]), not an empty list.
 pub async fn jobs(
     args: &BrokerArgs,
     sut: &str,
@@ -692,13 +713,34 @@ pub async fn jobs(
     out: &mut dyn Write,
 ) -> Result<(), ClientError> {
     let sut = sut_name(sut)?;
-    let mut s = Session::connect(args, |t| vec![t.jobs_filter(&sut)]).await?;
+    let mut s = Session::connect(args, |t| {
+        vec![t.jobs_filter(&sut), t.agent(&sut), t.supervisor(&sut)]
+    })
+    .await?;
     let got = s.settle().await;
+    let topics = s.topics.clone();
     s.close().await;
-    let mut jobs: Vec<JobStatus> = got.iter().filter_map(parse).collect();
+    let mut known = false;
+    let mut jobs: Vec<JobStatus> = Vec::new();
+    for r in got.iter().filter(|r| !r.payload.is_empty()) {
+        match topics.parse(&r.topic) {
+            Some((_, SutTopic::Job(_))) => {
+                known = true;
+                jobs.extend(parse::<JobStatus>(r));
+            }
+            Some((_, SutTopic::Agent | SutTopic::Supervisor)) => known = true,
+            _ => {}
+        }
+    }
+    if !known {
+        return Err(ClientError::UnknownSut {
+            sut: sut.to_string(),
+            broker: args.broker.clone(),
+        });
+    }
     jobs.sort_by_key(|j| (j.queued_ms, j.id.clone()));
     if json {
-        serde_json::to_writer_pretty(&mut *out, &jobs).map_err(std::io::Error::other)?;
+        serde_json::to_writer_pretty(&mut *out, &jobs).map_err(std::io::Error::from)?;
         writeln!(out)?;
         return Ok(());
     }
@@ -766,7 +808,7 @@ pub async fn cancel(
     };
     s.close().await;
     if json {
-        serde_json::to_writer(&mut *out, &ack).map_err(std::io::Error::other)?;
+        serde_json::to_writer(&mut *out, &ack).map_err(std::io::Error::from)?;
         writeln!(out)?;
     } else {
         writeln!(

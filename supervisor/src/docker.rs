@@ -21,9 +21,9 @@ use bollard::models::{
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
     DownloadFromContainerOptionsBuilder, EventsOptionsBuilder, ListContainersOptionsBuilder,
-    ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
-    RemoveVolumeOptionsBuilder, RestartContainerOptionsBuilder, StopContainerOptionsBuilder,
-    UploadToContainerOptionsBuilder,
+    ListNetworksOptionsBuilder, ListVolumesOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptionsBuilder, RemoveVolumeOptionsBuilder, RestartContainerOptionsBuilder,
+    StopContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::{Stream, StreamExt};
@@ -32,9 +32,9 @@ use tracing::{debug, warn};
 
 use crate::plan::RunState;
 use crate::spec::{
-    ContainerSpec, ImageSpec, Named, ToolsVolume, HEALTHCHECK_PATH, LABEL_BUILD_HASH,
-    LABEL_MANAGED_BY, LABEL_ROLE, LABEL_SUPERVISOR, MANAGED_BY, ROLE_TOOLS, TOOLS_DIR,
-    TOOLS_MARKER,
+    ContainerSpec, ImageSpec, Named, ToolsVolume, HEALTHCHECK_PATH, ICC_OPTION, LABEL_BUILD_HASH,
+    LABEL_MANAGED_BY, LABEL_ROLE, LABEL_SUPERVISOR, MANAGED_BY, NETWORK_OPTIONS, ROLE_TOOLS,
+    TOOLS_DIR, TOOLS_MARKER,
 };
 
 /// A failed runtime operation.
@@ -186,6 +186,15 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Removes a named volume.
     fn remove_volume(&self, name: &str) -> impl Future<Output = Result<(), RuntimeError>> + Send;
+    /// Removes `sut`'s volume of the old naming ([`crate::spec::SpecContext::legacy_volume`])
+    /// when it exists and carries its labels; anything else of that name is left alone.
+    fn remove_legacy_volume(
+        &self,
+        legacy: &Named,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send {
+        let _ = legacy;
+        async { Ok(()) }
+    }
     /// Whether the agent in the running container `id` runs a job, asked inside the container
     /// (`labvisor-healthcheck --state` through exec): the answer of the agent's own heartbeat,
     /// without the broker. A stale heartbeat (a hung agent) is not busy.
@@ -248,10 +257,19 @@ pub struct DockerRuntime {
     /// The tools volume in use, once made sure of: after a container is removed, older tools
     /// volumes of this supervisor that no container uses any more are removed.
     current_tools: Arc<Mutex<Option<String>>>,
+    /// labvisor's own network, once made sure of: older networks of this supervisor are
+    /// removed when no container uses them any more.
+    current_network: Arc<Mutex<Option<String>>>,
+    /// This supervisor's SUT volumes (name → labels), listed at the first create, to find
+    /// those of the old naming.
+    legacy_volumes: Arc<tokio::sync::Mutex<Option<VolumeLabels>>>,
     /// Networks and (pulled, not built) images seen present: no inspect per container. A
     /// failed create forgets them, so one removed behind our back is made again on the retry.
     known: Arc<Mutex<Known>>,
 }
+
+/// Volume names and their labels.
+type VolumeLabels = HashMap<String, HashMap<String, String>>;
 
 #[derive(Debug, Default)]
 struct Known {
@@ -278,8 +296,48 @@ impl DockerRuntime {
             network_lock: Arc::new(tokio::sync::Mutex::new(())),
             tools_ready: Arc::default(),
             current_tools: Arc::default(),
+            current_network: Arc::default(),
+            legacy_volumes: Arc::default(),
             known: Arc::default(),
         })
+    }
+
+    /// Whether the SUT volume of the old naming exists and carries the labels that make it
+    /// this supervisor's volume of this SUT (and no role: the old tools volume's name was a
+    /// possible SUT volume name). The volumes are listed once per process: labvisor never makes
+    /// a volume of the old naming again.
+    async fn legacy_volume_is_ours(&self, legacy: &Named) -> Result<bool, RuntimeError> {
+        let mut cache = self.legacy_volumes.lock().await;
+        if cache.is_none() {
+            let mut filters: HashMap<String, Vec<String>> = HashMap::new();
+            filters.insert(
+                "label".into(),
+                vec![
+                    format!("{LABEL_MANAGED_BY}={MANAGED_BY}"),
+                    format!("{LABEL_SUPERVISOR}={}", self.supervisor),
+                    crate::spec::LABEL_SUT.to_owned(),
+                ],
+            );
+            let opts = ListVolumesOptionsBuilder::default()
+                .filters(&filters)
+                .build();
+            let list = self.docker.list_volumes(Some(opts)).await?;
+            *cache = Some(
+                list.volumes
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|v| (v.name, v.labels))
+                    .collect(),
+            );
+        }
+        let volumes = cache.as_ref().expect("filled above");
+        Ok(volumes.get(&legacy.name).is_some_and(|labels| {
+            !labels.contains_key(LABEL_ROLE)
+                && legacy
+                    .labels
+                    .iter()
+                    .all(|(k, want)| labels.get(k) == Some(want))
+        }))
     }
 
     fn known(&self) -> std::sync::MutexGuard<'_, Known> {
@@ -307,7 +365,14 @@ impl DockerRuntime {
             )
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(n) => {
+                let icc = n.options.as_ref().and_then(|o| o.get(ICC_OPTION));
+                if icc.map(String::as_str) != Some("false") {
+                    warn!(network = %net.name, "The network exists with traffic between its containers allowed (it was not made by labvisor, e.g. by docker-compose with the broker on it): agents on it can reach each other.");
+                }
+                self.set_current_network(&net.name);
+                return Ok(());
+            }
             Err(e) => match RuntimeError::from(e) {
                 RuntimeError::NotFound(_) => {}
                 other => return Err(other),
@@ -319,10 +384,67 @@ impl DockerRuntime {
                 name: net.name.clone(),
                 driver: Some("bridge".into()),
                 labels: Some(net.labels.clone()),
+                options: Some(
+                    NETWORK_OPTIONS
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                        .collect(),
+                ),
                 ..Default::default()
             })
             .await?;
+        self.set_current_network(&net.name);
         Ok(())
+    }
+
+    fn set_current_network(&self, name: &str) {
+        let first = self
+            .current_network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(name.to_owned())
+            .is_none();
+        if first {
+            let rt = self.clone();
+            tokio::spawn(async move { rt.remove_old_networks().await });
+        }
+    }
+
+    /// Removes this supervisor's networks other than the one in use (the bridge of earlier
+    /// versions, with traffic between containers allowed); the engine refuses those a
+    /// container (an agent not yet recreated) still uses, and they stay until it is gone.
+    async fn remove_old_networks(&self) {
+        let Some(keep) = self
+            .current_network
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return;
+        };
+        let mut filters: HashMap<String, Vec<String>> = HashMap::new();
+        filters.insert(
+            "label".into(),
+            vec![
+                format!("{LABEL_MANAGED_BY}={MANAGED_BY}"),
+                format!("{LABEL_SUPERVISOR}={}", self.supervisor),
+            ],
+        );
+        let opts = ListNetworksOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let Ok(list) = self.docker.list_networks(Some(opts)).await else {
+            return;
+        };
+        for n in list {
+            let Some(name) = n.name.filter(|name| *name != keep) else {
+                continue;
+            };
+            match self.docker.remove_network(&name).await {
+                Ok(()) => debug!(network = %name, "Removed an old network."),
+                Err(e) => debug!(network = %name, error = %e, "Old network kept."),
+            }
+        }
     }
 
     /// Makes sure of the network `net` and returns its IPv4 gateway: the host's address on that
@@ -346,6 +468,17 @@ impl DockerRuntime {
             .filter_map(|c| c.gateway)
             .filter_map(|g| g.parse::<std::net::IpAddr>().ok())
             .find(|ip| ip.is_ipv4()))
+    }
+
+    /// Whether the volume `name` exists.
+    async fn volume_exists(&self, name: &str) -> Result<bool, RuntimeError> {
+        match self.docker.inspect_volume(name).await {
+            Ok(_) => Ok(true),
+            Err(e) => match RuntimeError::from(e) {
+                RuntimeError::NotFound(_) => Ok(false),
+                other => Err(other),
+            },
+        }
     }
 
     async fn ensure_volume(&self, vol: &Named) -> Result<(), RuntimeError> {
@@ -469,6 +602,17 @@ impl DockerRuntime {
                     Ok(()) => debug!(volume = %v.name, "Removed an old tools volume."),
                     Err(e) => debug!(volume = %v.name, error = %e, "Old tools volume kept."),
                 }
+            }
+        }
+    }
+
+    /// Removes the volume a failed create made; if that fails too (still in use by a container
+    /// that could not be removed), it is only logged: the retry uses it again.
+    async fn remove_made_volume(&self, name: &str) {
+        match self.remove_volume(name).await {
+            Ok(()) => debug!(volume = %name, "Removed the volume of the failed create."),
+            Err(e) => {
+                warn!(volume = %name, error = %e, "Cannot remove the volume of the failed create.")
             }
         }
     }
@@ -706,6 +850,18 @@ pub fn split_reference(r: &str) -> (&str, &str) {
     }
 }
 
+/// Mounts the volume `to` where `body` mounts the volume `from` (as is: an existing volume is
+/// not relabelled).
+fn use_volume(body: &mut ContainerCreateBody, from: &str, to: &str) {
+    let mounts = body.host_config.as_mut().and_then(|h| h.mounts.as_mut());
+    for m in mounts.into_iter().flatten() {
+        if m.typ == Some(MountType::VOLUME) && m.source.as_deref() == Some(from) {
+            m.source = Some(to.to_owned());
+            m.volume_options = None;
+        }
+    }
+}
+
 /// The hash in a downloaded tools marker (a tar archive of the one file).
 fn marker_hash(tar: &[u8]) -> Option<String> {
     use std::io::Read;
@@ -787,18 +943,27 @@ impl ContainerRuntime for DockerRuntime {
         if let Some(net) = &spec.network {
             self.ensure_network(net).await?;
         }
+        let mut body = spec.body.clone();
+        let mut volume = spec.volume.name.as_str();
+        if self.legacy_volume_is_ours(&spec.legacy_volume).await? {
+            use_volume(&mut body, &spec.volume.name, &spec.legacy_volume.name);
+            volume = spec.legacy_volume.name.as_str();
+        }
         let opts = CreateContainerOptionsBuilder::default()
             .name(&spec.name)
             .build();
-        let id = match self
-            .docker
-            .create_container(Some(opts), spec.body.clone())
-            .await
-        {
+        // The create makes the SUT's volume when it is the first: a create that fails removes
+        // the volume it made (a volume that was there before, with its spool, logs and job
+        // state, is kept).
+        let volume_made = !self.volume_exists(volume).await?;
+        let id = match self.docker.create_container(Some(opts), body).await {
             Ok(r) => r.id,
             Err(e) => {
                 // The image (or network) may have gone: look again on the retry.
                 *self.known() = Known::default();
+                if volume_made {
+                    self.remove_made_volume(volume).await;
+                }
                 return Err(e.into());
             }
         };
@@ -813,6 +978,9 @@ impl ContainerRuntime for DockerRuntime {
             // Never leave a half-made container; if this fails too, the next pass sees it
             // `created` and recreates it.
             let _ = self.remove(&id).await;
+            if volume_made {
+                self.remove_made_volume(volume).await;
+            }
             // The engine checks the network only at start.
             *self.known() = Known::default();
             return Err(e);
@@ -883,6 +1051,7 @@ impl ContainerRuntime for DockerRuntime {
         if let Some(keep) = current {
             self.remove_old_tools(&keep).await;
         }
+        self.remove_old_networks().await;
         Ok(())
     }
 
@@ -903,6 +1072,16 @@ impl ContainerRuntime for DockerRuntime {
                 other => Err(other),
             },
         }
+    }
+
+    async fn remove_legacy_volume(&self, legacy: &Named) -> Result<(), RuntimeError> {
+        if self.legacy_volume_is_ours(legacy).await? {
+            self.remove_volume(&legacy.name).await?;
+            if let Some(v) = self.legacy_volumes.lock().await.as_mut() {
+                v.remove(&legacy.name);
+            }
+        }
+        Ok(())
     }
 
     async fn agent_busy(&self, id: &str) -> Result<bool, RuntimeError> {

@@ -3,6 +3,7 @@
 //! Thin command line over `labvisor_supervisor`.
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 use labvisor_protocol::mqtt::LinkOptions;
 use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_supervisor::broker::{self, ManagedBroker};
+use labvisor_supervisor::broker_tls::AgentTls;
 use labvisor_supervisor::check::{self, AllowArgs};
 use labvisor_supervisor::client::{self, BrokerArgs, ClientError, SubmitArgs};
 use labvisor_supervisor::docker::DockerRuntime;
@@ -115,6 +117,16 @@ struct SuperviseArgs {
     /// Port of the managed broker.
     #[arg(long, env = "LABVISOR_BROKER_PORT", default_value_t = 1883)]
     broker_port: u16,
+    /// The managed broker's listener for agents (on the labvisor network's gateway, same port)
+    /// speaks only TLS: the supervisor makes its own CA (kept in the state directory, key 0600)
+    /// and a server certificate for the gateway's address, gives the agents the CA and an
+    /// `mqtts://` URL. Plain MQTT then stays on 127.0.0.1 only, for local tools.
+    #[arg(long, env = "LABVISOR_AGENT_TLS")]
+    agent_tls: bool,
+    /// CA certificate (PEM file) of an external `mqtts://` broker: trusted by the supervisor's
+    /// own link and given to the agents (as `LABVISOR_MQTT_CA_PEM`).
+    #[arg(long, env = "LABVISOR_MQTT_CA")]
+    mqtt_ca: Option<PathBuf>,
     /// A directory of per-SUT MQTT passwords (`<dir>/<sut>`, as `mosquitto/passwd.sh` writes
     /// them in mosquitto/secrets/): each agent logs in as its own SUT, which the shipped ACL
     /// confines to `<sut>/#`. Without it, agents get --mqtt-username/--mqtt-password.
@@ -242,6 +254,19 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot read {}", p.display()))
     };
     let managed = args.broker.is_none() && args.agent_broker.is_none();
+    if args.agent_tls && !managed {
+        bail!("--agent-tls is for the managed broker (no --broker, no --agent-broker); for an external broker, give agents an mqtts:// --agent-broker and its CA with --mqtt-ca");
+    }
+    let mqtt_ca = match &args.mqtt_ca {
+        Some(_) if args.agent_tls => {
+            tracing::warn!("--mqtt-ca is ignored under --agent-tls: the managed broker's agents trust its own CA.");
+            None
+        }
+        Some(p) => {
+            Some(std::fs::read_to_string(p).with_context(|| format!("--mqtt-ca {}", p.display()))?)
+        }
+        None => None,
+    };
     let broker = args.broker.clone().filter(|b| b != "none");
     let mqtt = match &broker {
         Some(url) => {
@@ -252,6 +277,9 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             }
             if args.mqtt_password.is_some() {
                 o.password = args.mqtt_password.clone();
+            }
+            if mqtt_ca.is_some() {
+                o.ca_file = args.mqtt_ca.clone();
             }
             Some(o)
         }
@@ -303,6 +331,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             mqtt_password: args.mqtt_password,
             agent_credentials: args.agent_credentials,
             tools: Tools::new(read(&agent_bin)?, read(&healthcheck_bin)?),
+            agent_ca: mqtt_ca,
         },
         topics,
         mqtt,
@@ -322,6 +351,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         .build()?;
     let state_dir = args.state_dir.unwrap_or_else(broker::default_state_dir);
     let broker_port = args.broker_port;
+    let agent_tls = args.agent_tls;
     let mut settings = settings;
     rt.block_on(async move {
         let runtime = Arc::new(DockerRuntime::connect(id.as_str()).await?);
@@ -335,7 +365,15 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("the managed broker listens on the gateway of the {} network, which cannot be created or inspected", net.name))?
                 .with_context(|| format!("the {} network has no IPv4 gateway", net.name))?;
-            let b = ManagedBroker::start(&state_dir, broker_port, gateway, &settings.topics)?;
+            let tls = if agent_tls {
+                Some(AgentTls::prepare(&state_dir, gateway)?)
+            } else {
+                None
+            };
+            let b = ManagedBroker::start(&state_dir, broker_port, gateway, &settings.topics, tls.as_ref())?;
+            if let Some(t) = &tls {
+                tracing::info!(ca = %t.ca_file.display(), "The agents' listener speaks TLS only, with the managed broker's own CA.");
+            }
             tracing::info!(broker = %b.local_url, agents = %b.agent_url, state_dir = %b.dir().display(),
                 "Managed mosquitto running. Try `labvisor status`, or `mosquitto_sub -h 127.0.0.1 -p {broker_port} -u {} -P \"$(cat {})\" -t '#' -v`.",
                 broker::LOCAL_USER, b.dir().join(broker::LOCAL_PASSWORD_FILE).display());
@@ -344,6 +382,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             opts.password = Some(b.supervisor_login.1.clone());
             settings.mqtt = Some(opts);
             settings.spec.agent_broker = Some(b.agent_url.clone());
+            settings.spec.agent_ca = b.agent_ca_pem.clone();
             if settings.spec.agent_credentials.is_some() {
                 tracing::warn!("--agent-credentials is for an external broker; the managed broker makes a login per SUT itself.");
             }
@@ -401,6 +440,9 @@ where
     };
     match rt.block_on(f()) {
         Ok(code) => ExitCode::from(code),
+        // The reader of our output is gone (`labvisor jobs x | head`): nothing to say, and
+        // nobody to say it to.
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("labvisor {name}: {e}");
             ExitCode::from(e.exit_code())
@@ -483,7 +525,8 @@ fn main() -> ExitCode {
         Command::Healthz { url, timeout } => {
             match labvisor_supervisor::metrics::probe(&url, timeout) {
                 Ok(body) => {
-                    println!("{body}");
+                    // A closed stdout does not change the answer (println! would panic).
+                    let _ = writeln!(stdout.lock(), "{body}");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -497,6 +540,10 @@ fn main() -> ExitCode {
             match check::run(&args.dir, args.json, &args.allow.allow(), &mut out) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
+                // The reader went away (`labvisor check sut | head`): stop quietly.
+                Err(check::CheckError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("labvisor check: {e}");
                     ExitCode::from(2)

@@ -29,7 +29,8 @@ use labvisor_protocol::SutName;
 /// What the supervisor wants for one valid SUT file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
-    /// The config hash ([`labvisor_protocol::config::SutConfig::hash`]).
+    /// The config hash ([`labvisor_protocol::config::SutConfig::hash`], through
+    /// [`crate::spec::SpecContext::container_hash`]).
     pub hash: String,
     /// The container name (`[--name-prefix]<sut>`).
     pub name: String,

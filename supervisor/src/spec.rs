@@ -9,8 +9,12 @@
 //! - Entrypoint `/labvisor/bin/labvisor-agent`, no cmd. Healthcheck in exec form
 //!   `["CMD", "/labvisor/bin/labvisor-healthcheck"]` with the `[health]` timings, in
 //!   nanoseconds as the Docker API wants them.
+//! - Names: every Docker object labvisor names, other than an agent container, is
+//!   `[--name-prefix]labvisor.<kind>.…`. A SUT name has no `.`, so no SUT can produce the name
+//!   of another kind of object (its volume is `labvisor.sut.<sut>`, the tools volume
+//!   `labvisor.tools.<id>.<hash>`, its fill helper `labvisor.tools.<id>.<hash>.fill`).
 //! - The static agent and healthcheck binaries come from the tools volume
-//!   `[--name-prefix]labvisor-tools-<id>-<hash>` ([`Tools`]), mounted read-only at
+//!   `[--name-prefix]labvisor.tools.<id>.<hash>` ([`Tools`]), mounted read-only at
 //!   `/labvisor/bin`. The supervisor fills it once, through Docker's archive API and a helper
 //!   container that is never started, and every agent container shares it: 7 MB are copied
 //!   once per supervisor and binary version, not once per container. The hash is that of the
@@ -28,13 +32,18 @@
 //!   it starts empty at every start, so a heartbeat from before a restart is never read.
 //! - Environment: `LABVISOR_CONFIG` (where the SUT file is, or would be: its stem is the SUT
 //!   name), `LABVISOR_CONFIG_TOML` when inline, `LABVISOR_BROKER` (unless agents run without a broker),
+//!   `LABVISOR_MQTT_CA_PEM` (the broker's CA certificate, with `--agent-tls` or `--mqtt-ca`),
 //!   `LABVISOR_TOPIC_PREFIX`, `LABVISOR_MQTT_USERNAME`/`PASSWORD` when set, then the SUT's `env`.
 //! - Init on, restart policy unless-stopped, memory and CPU limits from `[resources]`, the named
-//!   volume `[--name-prefix]labvisor-<sut>` at `/labvisor/data` (logs, job queue; it survives
-//!   recreation), privileged/devices/mounts from the (already policy-checked) config. The
+//!   volume `[--name-prefix]labvisor.sut.<sut>` at `/labvisor/data` (logs, job queue; it survives
+//!   recreation; a volume of the old naming `[--name-prefix]labvisor-<sut>` is used instead
+//!   when it carries this supervisor's and this SUT's labels), privileged/devices/mounts from the (already policy-checked) config. The
 //!   Docker socket is never mounted.
-//! - Network: the shared bridge `[--name-prefix]labvisor` (created when missing), a named
-//!   network, or `host`.
+//! - Posture: every capability dropped but [`labvisor_protocol::config::DEFAULT_CAPABILITIES`]
+//!   (plus the SUT's `cap_add`; none of this for a privileged container), `no-new-privileges`
+//!   (unless the SUT turns it off), a pids limit (`resources.pids`), the image's own user.
+//! - Network: labvisor's own bridge `[--name-prefix]labvisor.net` (created when missing, with
+//!   inter-container traffic off), a named network, or `host`.
 //! - Labels on the container, the volume and the network: `io.labvisor.managed-by=labvisor`,
 //!   `io.labvisor.supervisor=<id>`, `io.labvisor.sut=<sut>` (not on the network),
 //!   `io.labvisor.config-hash=<hash>` (container only), the `--extra-label`s, and on the
@@ -92,6 +101,14 @@ pub const TOOLS_MARKER: &str = ".labvisor-tools";
 pub const LABEL_ROLE: &str = "io.labvisor.role";
 /// Value of [`LABEL_ROLE`] on the tools volume and its fill helper.
 pub const ROLE_TOOLS: &str = "tools";
+
+/// Docker's bridge option for inter-container traffic.
+pub const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
+/// Driver options of labvisor's own network: no traffic between its containers (each agent
+/// reaches the host, where the managed broker listens, and the outside, but no other agent).
+pub const NETWORK_OPTIONS: &[(&str, &str)] = &[(ICC_OPTION, "false")];
+/// The `security_opt` of every agent container unless its SUT turns it off.
+pub const NO_NEW_PRIVILEGES: &str = "no-new-privileges:true";
 
 /// The static agent and healthcheck binaries, as the tar archive that fills the tools volume.
 #[derive(Clone)]
@@ -180,21 +197,75 @@ pub struct SpecContext {
     pub agent_credentials: Option<std::path::PathBuf>,
     /// The static agent and healthcheck binaries.
     pub tools: Tools,
+    /// The CA certificate (PEM text) agents trust for an `mqtts://` broker: the managed
+    /// broker's own CA under `--agent-tls`, or `--mqtt-ca`'s file.
+    pub agent_ca: Option<String>,
 }
 
 impl SpecContext {
+    /// The `io.labvisor.config-hash` of a container made from a SUT file whose hash is
+    /// `file_hash`: that hash itself, or, when the agents are given a broker CA (`--agent-tls`,
+    /// `--mqtt-ca`), a hash of it with the broker URL and the CA. So turning TLS on or off, or a
+    /// new CA, recreates the containers (an adopted agent would otherwise keep a broker URL or a
+    /// CA that no longer works), and a lab without TLS keeps the hashes it had.
+    pub fn container_hash(&self, file_hash: &str) -> String {
+        use sha2::Digest;
+        match (&self.agent_broker, &self.agent_ca) {
+            (Some(url), Some(ca)) => {
+                let mut h = sha2::Sha256::new();
+                for part in [file_hash, url, ca] {
+                    h.update((part.len() as u64).to_le_bytes());
+                    h.update(part.as_bytes());
+                }
+                h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+            }
+            _ => file_hash.to_owned(),
+        }
+    }
+
     /// The container name of `sut`.
     pub fn container_name(&self, sut: &SutName) -> String {
         format!("{}{sut}", self.name_prefix)
     }
 
-    /// The volume name of `sut`.
+    /// The volume name of `sut`: `[--name-prefix]labvisor.sut.<sut>`.
+    ///
+    /// Every name labvisor makes besides an agent container's is `labvisor.<kind>.…`: a SUT
+    /// name cannot hold a `.`, so no SUT can produce another kind's name (the tools volume's,
+    /// a helper container's), and no two kinds share a prefix.
     pub fn volume_name(&self, sut: &SutName) -> String {
+        format!("{}labvisor.sut.{sut}", self.name_prefix)
+    }
+
+    /// The volume name of `sut` before names had kinds (`[--name-prefix]labvisor-<sut>`). Such a
+    /// volume keeps being used, but only when its labels say it is this supervisor's volume of
+    /// exactly this SUT ([`ContainerSpec::legacy_volume`]): the name alone could be another
+    /// kind's (SUT `tools-<id>-<hash>` named the old tools volume).
+    pub fn legacy_volume_name(&self, sut: &SutName) -> String {
         format!("{}labvisor-{sut}", self.name_prefix)
     }
 
-    /// The name of the shared labvisor bridge network.
+    /// The SUT volume of the old naming, with the labels it must carry to be `sut`'s.
+    pub fn legacy_volume(&self, sut: &SutName) -> Named {
+        Named {
+            name: self.legacy_volume_name(sut),
+            labels: HashMap::from([
+                (LABEL_MANAGED_BY.to_owned(), MANAGED_BY.to_owned()),
+                (LABEL_SUPERVISOR.to_owned(), self.supervisor.to_string()),
+                (LABEL_SUT.to_owned(), sut.to_string()),
+            ]),
+        }
+    }
+
+    /// The name of labvisor's own bridge network: `[--name-prefix]labvisor.net`, created with
+    /// inter-container traffic off ([`NETWORK_OPTIONS`]).
     pub fn network_name(&self) -> String {
+        format!("{}labvisor.net", self.name_prefix)
+    }
+
+    /// The bridge network of earlier versions (`[--name-prefix]labvisor`), made with
+    /// inter-container traffic on: removed once no container uses it.
+    pub fn legacy_network_name(&self) -> String {
         format!(
             "{}{}",
             self.name_prefix,
@@ -202,12 +273,20 @@ impl SpecContext {
         )
     }
 
-    /// The name of the tools volume (per supervisor and binary hash).
+    /// The name of the tools volume (per supervisor and binary hash):
+    /// `[--name-prefix]labvisor.tools.<id>.<hash>`.
     pub fn tools_volume_name(&self) -> String {
         format!(
-            "{}labvisor-tools-{}-{}",
+            "{}labvisor.tools.{}.{}",
             self.name_prefix, self.supervisor, self.tools.hash
         )
+    }
+
+    /// The name of the tools volume's fill helper container:
+    /// `[--name-prefix]labvisor.tools.<id>.<hash>.fill` (an agent container, named after its
+    /// SUT, can never have it).
+    pub fn tools_helper_name(&self) -> String {
+        format!("{}.fill", self.tools_volume_name())
     }
 
     /// Labels of every object this supervisor creates (managed-by, supervisor, extra labels).
@@ -245,6 +324,11 @@ pub struct ContainerSpec {
     pub body: ContainerCreateBody,
     /// The SUT's volume, created (labelled) by the engine with the container when missing.
     pub volume: Named,
+    /// The SUT's volume under its name from before names had kinds
+    /// ([`SpecContext::legacy_volume_name`]), with the labels it must carry to be used instead
+    /// of [`ContainerSpec::volume`]: it is used only when it exists with exactly these values of
+    /// these labels and no [`LABEL_ROLE`].
+    pub legacy_volume: Named,
     /// The labvisor bridge network, created when missing (`None` for host or a named network).
     pub network: Option<Named>,
     /// The tools volume, mounted read-only at [`TOOLS_DIR`].
@@ -330,6 +414,9 @@ pub fn container_spec(
     if let Some(b) = &ctx.agent_broker {
         env.push(format!("LABVISOR_BROKER={b}"));
     }
+    if let (Some(_), Some(ca)) = (&ctx.agent_broker, &ctx.agent_ca) {
+        env.push(format!("LABVISOR_MQTT_CA_PEM={ca}"));
+    }
     if let Some(p) = ctx.topic_prefix.as_deref().filter(|p| !p.is_empty()) {
         env.push(format!("LABVISOR_TOPIC_PREFIX={p}"));
     }
@@ -374,6 +461,8 @@ pub fn container_spec(
         labels: volume_labels,
     };
 
+    let legacy_volume = ctx.legacy_volume(sut);
+
     let mut tools_labels = ctx.base_labels();
     tools_labels.insert(LABEL_ROLE.into(), ROLE_TOOLS.into());
     let tools = ToolsVolume {
@@ -383,7 +472,7 @@ pub fn container_spec(
         },
         tools: ctx.tools.clone(),
         helper_image: cfg.image.clone(),
-        helper_name: format!("{}-fill", ctx.tools_volume_name()),
+        helper_name: ctx.tools_helper_name(),
     };
 
     let mut mounts = vec![
@@ -455,6 +544,20 @@ pub fn container_spec(
         )])),
         network_mode: Some(network_mode),
         privileged: Some(cfg.privileged),
+        // Every capability but the agents' default set is dropped; a privileged container has
+        // them all anyway.
+        cap_drop: (!cfg.privileged).then(|| vec!["ALL".to_owned()]),
+        cap_add: (!cfg.privileged).then(|| {
+            labvisor_protocol::config::DEFAULT_CAPABILITIES
+                .iter()
+                .map(|c| (*c).to_owned())
+                .chain(cfg.cap_add.iter().cloned())
+                .collect()
+        }),
+        security_opt: cfg
+            .no_new_privileges
+            .then(|| vec![NO_NEW_PRIVILEGES.to_owned()]),
+        pids_limit: Some(i64::from(cfg.resources.pids)),
         devices: (!cfg.devices.is_empty()).then(|| {
             cfg.devices
                 .iter()
@@ -512,6 +615,7 @@ pub fn container_spec(
         hash: hash.to_owned(),
         body,
         volume,
+        legacy_volume,
         network,
         tools,
         archive,
@@ -632,7 +736,48 @@ mod tests {
             mqtt_password: None,
             agent_credentials: None,
             tools: Tools::new(Bytes::from_static(b"AGENT"), Bytes::from_static(b"HC")),
+            agent_ca: None,
         }
+    }
+
+    #[test]
+    fn the_brokers_ca_reaches_the_agent_only_with_a_broker() {
+        let text = "image = \"img\"\n";
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = load_str("dut1.toml", text, dir.path(), &Allow::default()).unwrap();
+        let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        let mut c = ctx();
+        c.agent_broker = Some("mqtts://10.0.0.1:1883".into());
+        c.agent_ca = Some(ca.into());
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &c).unwrap();
+        let env = s.body.env.unwrap();
+        let given: Vec<&String> = env
+            .iter()
+            .filter(|e| e.starts_with("LABVISOR_MQTT_CA"))
+            .collect();
+        assert_eq!(given, [&format!("LABVISOR_MQTT_CA_PEM={ca}")]);
+        c.agent_broker = None;
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &c).unwrap();
+        let env = s.body.env.unwrap();
+        assert!(!env.iter().any(|e| e.starts_with("LABVISOR_MQTT_CA")));
+        // The CA and the URL are part of the container's hash, so a change recreates it.
+        c.agent_broker = Some("mqtts://10.0.0.1:1883".into());
+        let with_ca = c.container_hash("h");
+        assert_ne!(with_ca, "h");
+        c.agent_ca = Some(ca.replace("MIIB", "MIIC"));
+        assert_ne!(c.container_hash("h"), with_ca);
+        c.agent_broker = Some("mqtts://10.0.0.2:1883".into());
+        assert_ne!(c.container_hash("h"), with_ca);
+        // Without a CA (plain MQTT), nothing is added: existing containers keep their spec and
+        // their hash.
+        assert_eq!(ctx().container_hash("h"), "h");
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();
+        assert!(!s
+            .body
+            .env
+            .unwrap()
+            .iter()
+            .any(|e| e.starts_with("LABVISOR_MQTT_CA")));
     }
 
     #[test]
@@ -712,8 +857,11 @@ mod tests {
         let cfg = load_str("dut1.toml", text, dir.path(), &Allow::default()).unwrap();
         let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();
         assert_eq!(s.name, "t-dut1");
-        assert_eq!(s.volume.name, "t-labvisor-dut1");
-        assert_eq!(s.network.as_ref().unwrap().name, "t-labvisor");
+        assert_eq!(s.volume.name, "t-labvisor.sut.dut1");
+        assert_eq!(s.legacy_volume.name, "t-labvisor-dut1");
+        assert_eq!(s.legacy_volume.labels[LABEL_SUT], "dut1");
+        assert_eq!(s.legacy_volume.labels[LABEL_SUPERVISOR], "lab");
+        assert_eq!(s.network.as_ref().unwrap().name, "t-labvisor.net");
         let b = &s.body;
         assert_eq!(b.entrypoint.as_deref(), Some(&[AGENT_PATH.to_owned()][..]));
         let env = b.env.as_ref().unwrap();
@@ -729,7 +877,18 @@ mod tests {
         assert_eq!(labels["x"], "y");
         let hcfg = b.host_config.as_ref().unwrap();
         assert_eq!(hcfg.init, Some(true));
-        assert_eq!(hcfg.network_mode.as_deref(), Some("t-labvisor"));
+        assert_eq!(hcfg.network_mode.as_deref(), Some("t-labvisor.net"));
+        // The posture.
+        assert_eq!(hcfg.cap_drop.as_deref(), Some(&["ALL".to_owned()][..]));
+        let caps = hcfg.cap_add.clone().unwrap();
+        assert!(!caps.contains(&"NET_RAW".to_owned()), "{caps:?}");
+        assert_eq!(caps.len(), 8, "{caps:?}");
+        assert_eq!(
+            hcfg.security_opt.as_deref(),
+            Some(&[NO_NEW_PRIVILEGES.to_owned()][..])
+        );
+        assert_eq!(hcfg.pids_limit, Some(4096));
+        assert_eq!(b.user, None, "the image's own user");
 
         // No `files`: the SUT file goes inline, nothing is uploaded.
         assert!(s.archive.is_none());
@@ -754,7 +913,7 @@ mod tests {
         assert_eq!(tools_mount.source.as_deref(), Some(vol.name.as_str()));
         assert_eq!(
             vol.name,
-            format!("t-labvisor-tools-lab-{}", s.tools.tools.hash)
+            format!("t-labvisor.tools.lab.{}", s.tools.tools.hash)
         );
         assert_eq!(vol.labels[LABEL_ROLE], ROLE_TOOLS);
         assert_eq!(
@@ -768,6 +927,59 @@ mod tests {
         assert_eq!(vol.labels[LABEL_SUPERVISOR], "lab");
         assert_eq!(vol.labels["x"], "y");
         assert_eq!(s.tools.helper_image, "img");
+        assert_eq!(s.tools.helper_name, format!("{}.fill", vol.name));
+    }
+
+    #[test]
+    fn relaxations_reach_the_container() {
+        let text = "image = \"img\"\ncap_add = [\"CAP_NET_RAW\"]\nno_new_privileges = false\n[resources]\npids = 100\n";
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = load_str("dut1.toml", text, dir.path(), &Allow::all()).unwrap();
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();
+        let h = s.body.host_config.unwrap();
+        let caps = h.cap_add.unwrap();
+        assert_eq!(caps.len(), 9, "{caps:?}");
+        assert_eq!(caps.last().map(String::as_str), Some("NET_RAW"));
+        assert_eq!(h.security_opt, None);
+        assert_eq!(h.pids_limit, Some(100));
+        let text = "image = \"img\"\nprivileged = true\n";
+        let cfg = load_str("dut1.toml", text, dir.path(), &Allow::all()).unwrap();
+        let s = container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap();
+        let h = s.body.host_config.unwrap();
+        assert_eq!((h.cap_drop, h.cap_add), (None, None));
+    }
+
+    #[test]
+    fn no_sut_name_produces_another_kinds_name() {
+        // The attack: a SUT named like the tools volume (minus the prefix) got that volume.
+        let c = ctx();
+        let tools = c.tools_volume_name();
+        let helper = c.tools_helper_name();
+        let candidates = [
+            tools.trim_start_matches("t-").to_owned(),
+            tools.trim_start_matches("t-labvisor.").to_owned(),
+            tools.trim_start_matches("t-labvisor.sut.").to_owned(),
+            format!("tools-lab-{}", c.tools.hash),
+            format!("labvisor-tools-lab-{}-fill", c.tools.hash),
+        ];
+        for name in candidates {
+            let Ok(sut) = SutName::new(&name) else {
+                continue; // not even a SUT name
+            };
+            for made in [c.volume_name(&sut), c.container_name(&sut)] {
+                assert_ne!(made, tools, "{name}");
+                assert_ne!(made, helper, "{name}");
+            }
+        }
+        // By construction: every SUT-derived name has no '.' after the prefix but the kind's.
+        let sut = SutName::new("tools-lab-0123456789abcdef").unwrap();
+        assert_eq!(
+            c.volume_name(&sut),
+            "t-labvisor.sut.tools-lab-0123456789abcdef"
+        );
+        assert!(!c.container_name(&sut)["t-".len()..].contains('.'));
+        assert!(c.volume_name(&sut).starts_with("t-labvisor.sut."));
+        assert!(tools.starts_with("t-labvisor.tools."));
     }
 
     fn untar(chunks: &[Bytes]) -> BTreeMap<String, (u32, String)> {

@@ -238,7 +238,8 @@ impl<R: ContainerRuntime> Exec<R> {
         let dir = self.settings.sut_dir.clone();
         let allow = self.settings.allow;
         tokio::task::spawn_blocking(move || {
-            let bytes = std::fs::read(&path).map_err(|e| ActionError::File(e.to_string()))?;
+            let bytes =
+                config::read_sut_file(&path).map_err(|e| ActionError::File(e.to_string()))?;
             let text =
                 String::from_utf8(bytes.clone()).map_err(|e| ActionError::File(e.to_string()))?;
             let name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -272,7 +273,8 @@ impl<R: ContainerRuntime> Exec<R> {
                 .await
                 .map_err(|e| ActionError::File(e.to_string()))??;
         }
-        let spec = container_spec(&cfg, &bytes, &cfg.hash(), &self.settings.spec)?;
+        let hash = self.settings.spec.container_hash(&cfg.hash());
+        let spec = container_spec(&cfg, &bytes, &hash, &self.settings.spec)?;
         Ok(self.runtime.create(&spec).await?)
     }
 
@@ -297,6 +299,8 @@ impl<R: ContainerRuntime> Exec<R> {
                 rt.remove(id).await?;
                 if *sut_gone && self.settings.purge_volumes {
                     rt.remove_volume(&self.settings.spec.volume_name(sut))
+                        .await?;
+                    rt.remove_legacy_volume(&self.settings.spec.legacy_volume(sut))
                         .await?;
                 }
                 info!(sut = %sut, container = %id, action = "remove", "Removed the agent container.");
@@ -341,6 +345,9 @@ struct Supervisor<R> {
     contexts: BTreeSet<PathBuf>,
     /// The managed broker's last known state.
     broker: Option<ManagedBrokerStatus>,
+    /// The problems of each invalid entry of the SUT directory, as last logged: each is logged
+    /// once when it appears or changes, not on every pass.
+    logged_problems: BTreeMap<PathBuf, Vec<String>>,
 }
 
 /// Runs the supervisor until `shutdown` resolves. Leaves the agents running.
@@ -440,6 +447,7 @@ pub async fn run<R: ContainerRuntime>(
         metrics,
         contexts: BTreeSet::new(),
         broker,
+        logged_problems: BTreeMap::new(),
     };
     info!(dir = %sup.exec.settings.sut_dir.display(), supervisor = %sup.exec.settings.spec.supervisor, "Supervising.");
     let mut fs_due: Option<Instant> = None;
@@ -496,6 +504,7 @@ pub async fn run<R: ContainerRuntime>(
                             last_pass = Some(now);
                             sup.pass().await;
                             sup.metrics.on_pass(sup.docker_reachable);
+                            debug!(docker_reachable = sup.docker_reachable, "Reconcile pass done.");
                         }
                     }
                 }
@@ -558,6 +567,7 @@ fn status_json(
         suts,
         time_ms: payloads::now_ms(),
         managed_broker,
+        file_problems: Vec::new(),
     })
     .expect("status serialises")
 }
@@ -802,6 +812,44 @@ impl<R: ContainerRuntime> Supervisor<R> {
         }
     }
 
+    /// Logs the problems of the directory's invalid entries once per change: a new or changed
+    /// set of problems (one line each), and an entry that is fixed or gone.
+    fn log_problems(&mut self, scan: &Scan) {
+        for (path, problems) in &scan.invalid {
+            let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            if self.logged_problems.get(path) == Some(&lines) {
+                continue;
+            }
+            let sut = stem(path);
+            for line in &lines {
+                match &sut {
+                    Some(sut) => {
+                        warn!(sut = %sut, problem = %line, "Invalid SUT file; its container, if any, is left as it is.")
+                    }
+                    None => {
+                        warn!(problem = %line, "An entry of the SUT directory names no SUT; ignored.")
+                    }
+                }
+            }
+            self.logged_problems.insert(path.clone(), lines);
+        }
+        let fixed: Vec<PathBuf> = self
+            .logged_problems
+            .keys()
+            .filter(|p| !scan.invalid.contains_key(*p))
+            .cloned()
+            .collect();
+        for path in fixed {
+            self.logged_problems.remove(&path);
+            let valid = stem(&path).is_some_and(|s| scan.valid.contains_key(&s));
+            if valid {
+                info!(file = %path.display(), "The SUT file is valid again.");
+            } else {
+                info!(file = %path.display(), "The invalid entry of the SUT directory is gone.");
+            }
+        }
+    }
+
     /// The running containers whose agents `actions` would disrupt (or wait for), unless their
     /// busy wait already ran out: their agents are asked ([`ask_agents`]).
     fn to_ask(actual: &[Actual], actions: &[Action]) -> Vec<(String, SutName)> {
@@ -876,6 +924,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             }
         };
         self.watch_contexts(&scan);
+        self.log_problems(&scan);
         let list = match self.exec.runtime.list().await {
             Ok(l) => {
                 if !self.docker_reachable {
@@ -905,7 +954,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 (
                     name.clone(),
                     Desired {
-                        hash: cfg.hash(),
+                        hash: ctx.container_hash(&cfg.hash()),
                         name: ctx.container_name(name),
                         heal: cfg.restart.on_unhealthy == OnUnhealthy::Restart,
                     },
@@ -1147,6 +1196,14 @@ impl<R: ContainerRuntime> Supervisor<R> {
                 Some((stem(p)?, probs.iter().map(|p| p.to_string()).collect()))
             })
             .collect();
+        // Entries that name no SUT have no `<sut>/supervisor` view: their problems go on the
+        // supervisor's status.
+        let file_problems: Vec<String> = scan
+            .invalid
+            .iter()
+            .filter(|(p, _)| stem(p).is_none())
+            .flat_map(|(_, probs)| probs.iter().map(|p| p.to_string()))
+            .collect();
         for a in actual.iter().filter(|a| a.owned) {
             if a.state == crate::plan::RunState::Running {
                 counts.running += 1;
@@ -1167,6 +1224,7 @@ impl<R: ContainerRuntime> Supervisor<R> {
             suts: counts,
             time_ms: 0,
             managed_broker: self.broker.clone(),
+            file_problems,
         };
         let Some(link) = &self.link else {
             self.published_status = Some(status);

@@ -207,3 +207,91 @@ fn the_reserved_sut_name_is_refused_naming_the_file() {
     ];
     assert_eq!(lines, expected, "{stdout}");
 }
+
+/// Values that cannot be meant are refused, each with its reason naming file and key; another
+/// Docker network, capabilities and new privileges need their flags.
+#[test]
+fn lower_bounds_and_posture_relaxations_are_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let files = [
+        (
+            "heartbeat.toml",
+            "image = \"x\"\n[health]\nheartbeat = \"1ms\"\n",
+        ),
+        (
+            "interval.toml",
+            "image = \"x\"\n[health]\ninterval = \"2ms\"\ntimeout = \"1ms\"\n",
+        ),
+        ("cpus.toml", "image = \"x\"\n[resources]\ncpus = 1e-10\n"),
+        (
+            "memory.toml",
+            "image = \"x\"\n[resources]\nmemory = \"4MiB\"\n",
+        ),
+        ("pids.toml", "image = \"x\"\n[resources]\npids = 8\n"),
+        (
+            "net.toml",
+            "image = \"x\"\nnetwork = \"another-supervisors-net\"\n",
+        ),
+        ("caps.toml", "image = \"x\"\ncap_add = [\"NET_RAW\"]\n"),
+        ("nnp.toml", "image = \"x\"\nno_new_privileges = false\n"),
+    ];
+    for (name, text) in files {
+        fs::write(d.join(name), text).unwrap();
+    }
+    let output = labvisor().arg("check").arg(d).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let expected = [
+        format!("{}: cap_add: refused: adding capabilities gives jobs powers the default posture takes away (NET_RAW: sniffing and spoofing other containers' traffic); start the supervisor with --allow-caps to permit it", file(d, "caps.toml")),
+        format!("{}: resources.cpus: is 0.0000000001, less than the 0.01 CPUs accepted: Docker would treat it as no limit at all", file(d, "cpus.toml")),
+        format!("{}: health.heartbeat: is 1ms, shorter than the 100ms accepted: each beat writes the heartbeat file and publishes the agent's status on the broker", file(d, "heartbeat.toml")),
+        format!("{}: health.interval: is 2ms, shorter than the 1s accepted: each Docker health probe is an exec into the container, work for dockerd", file(d, "interval.toml")),
+        format!("{}: resources.memory: is 4194304 bytes, less than the 6291456 bytes (6 MiB) accepted: Docker refuses a smaller limit, and an agent cannot run in it", file(d, "memory.toml")),
+        format!("{}: network: refused: the Docker network \"another-supervisors-net\" is not labvisor's own (\"labvisor\"): the agent would reach whatever else is on it; start the supervisor with --allow-network to permit it", file(d, "net.toml")),
+        format!("{}: no_new_privileges: refused: turning no-new-privileges off lets a job's process gain privileges through setuid and file-capability binaries; start the supervisor with --allow-new-privileges to permit it", file(d, "nnp.toml")),
+        format!("{}: resources.pids: is 8; give from 16 (the agent, a shell and a job need that many) to 65536 processes", file(d, "pids.toml")),
+        "8 files checked, 8 invalid".to_owned(),
+    ];
+    let stdout = stdout_of(&output);
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), expected, "{stdout}");
+
+    // The flags lift the three refusals, not the bounds.
+    let output = labvisor()
+        .arg("check")
+        .arg(d)
+        .args(["--allow-network", "--allow-caps", "--allow-new-privileges"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stdout_of(&output).ends_with("8 files checked, 5 invalid\n"),
+        "{}",
+        stdout_of(&output)
+    );
+}
+
+/// A SUT file that is a symlink out of the directory (to /etc/shadow, say) is refused before
+/// it is read; nothing of its contents is printed.
+#[cfg(unix)]
+#[test]
+fn a_sut_file_linking_out_of_the_directory_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let d = root.path().join("sut");
+    fs::create_dir(&d).unwrap();
+    let secret = root.path().join("shadow");
+    fs::write(&secret, "root:$6$secret:19000::::::\n").unwrap();
+    std::os::unix::fs::symlink(&secret, d.join("x.toml")).unwrap();
+    let output = labvisor().arg("check").arg(&d).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let resolved = secret.canonicalize().unwrap();
+    let dir = d.canonicalize().unwrap();
+    assert_eq!(
+        stdout_of(&output),
+        format!(
+            "{}: refused: the file resolves to {}, outside the sut directory {} (a SUT file may be a symlink only to a file inside it)\n1 file checked, 1 invalid\n",
+            file(&d, "x.toml"),
+            resolved.display(),
+            dir.display()
+        )
+    );
+}

@@ -262,3 +262,64 @@ fn supervise_refuses_a_poll_interval_under_100ms() {
         stderr(&o)
     );
 }
+
+/// Runs `labvisor args` with its stdout a pipe whose reader is already gone (as under
+/// `| head` once head has its lines).
+fn labvisor_into_closed_pipe(broker: &Mosquitto, args: &[&str]) -> std::process::Output {
+    let mut child = Command::cargo_bin("labvisor")
+        .unwrap()
+        .args(args)
+        .env("LABVISOR_BROKER", broker.url())
+        .env_remove("LABVISOR_TOPIC_PREFIX")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The command writes only once the broker answered: its reader is gone by then.
+    drop(child.stdout.take());
+    child.wait_with_output().unwrap()
+}
+
+/// `labvisor jobs` of a SUT the broker knows nothing of is an error naming it (exit 5), while
+/// a known SUT without jobs says `0 jobs`; and output into a pipe whose reader is gone ends
+/// quietly with status 0 (`labvisor jobs x | head`), for `jobs`, `status` and `check`.
+#[test]
+fn jobs_of_an_unknown_sut_fail_and_a_closed_pipe_ends_quietly() {
+    let broker = Mosquitto::start();
+    let _a = agent(&broker, "cli-5", "");
+    let o = labvisor(&broker, &["jobs", "cli-5"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).ends_with("\n0 jobs\n"), "{}", stdout(&o));
+
+    for args in [&["jobs", "nosuch"][..], &["jobs", "nosuch", "--json"]] {
+        let o = labvisor(&broker, args);
+        assert_eq!(o.status.code(), Some(5), "{args:?}: {}", stderr(&o));
+        assert_eq!(stdout(&o), "", "{args:?}");
+        assert_eq!(
+            stderr(&o).lines().collect::<Vec<_>>(),
+            [format!(
+                "labvisor jobs: no SUT named nosuch on {}: no agent status, supervisor view or job of it is retained there (see `labvisor status`; is --topic-prefix right?)",
+                broker.url()
+            )],
+            "{args:?}"
+        );
+    }
+
+    let o = labvisor(&broker, &["submit", "cli-5", "--wait", "--", "true"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    for args in [
+        &["jobs", "cli-5"][..],
+        &["jobs", "cli-5", "--json"],
+        &["status"],
+        &["status", "--json"],
+    ] {
+        let o = labvisor_into_closed_pipe(&broker, args);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), "", "{args:?}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.toml"), "image = \"x\"\n").unwrap();
+    let o = labvisor_into_closed_pipe(&broker, &["check", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stderr(&o), "");
+}

@@ -30,6 +30,7 @@ fn settings(dir: &Path) -> Settings {
             mqtt_password: None,
             agent_credentials: None,
             tools: Tools::new(Bytes::from_static(b"agent"), Bytes::from_static(b"hc")),
+            agent_ca: None,
         },
         topics: Topics::new(),
         mqtt: None,
@@ -167,7 +168,7 @@ async fn restart_adopts_and_heals_and_survives_docker_outage() {
     .await;
     std::fs::remove_file(dir.path().join("a.toml")).unwrap();
     until("a removed", || !has(&rt, "p-a")).await;
-    assert!(rt.volumes().contains(&"p-labvisor-a".to_owned()));
+    assert!(rt.volumes().contains(&"p-labvisor.sut.a".to_owned()));
     sup.stop().await;
 }
 

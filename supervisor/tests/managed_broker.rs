@@ -196,7 +196,7 @@ fn a_legacy_shared_agent_login_keeps_working() {
             .clone();
         (row["state"] == "idle").then_some(())
     });
-    let gateway = network_gateway(&scope.name("labvisor"));
+    let gateway = network_gateway(&scope.name("labvisor.net"));
     let status_topic = format!("labvisor/supervisors/{}/status", scope.run_id());
 
     // The shared login reads beyond one SUT's topics (the old ACL), as the old agents did.
@@ -305,7 +305,7 @@ fn agents_reach_the_managed_broker_and_strangers_do_not() {
     assert!(!state.join("agent-password").exists(), "no shared login");
 
     // On the gateway, an anonymous client is refused and the agents' credentials work.
-    let net = scope.name("labvisor");
+    let net = scope.name("labvisor.net");
     let gateway = network_gateway(&net);
     let sub = |topic: &str, extra: &[&str]| gateway_sub(&gateway, port, topic, extra);
     let anon = sub("mb-1/agent", &[]);
@@ -917,7 +917,7 @@ fn an_agent_login_cannot_write_the_control_plane_or_another_sut() {
     ]);
     assert_eq!(reserved, "", "no container for the reserved name");
     let password = std::fs::read_to_string(state.join("agents/ac-1")).unwrap();
-    let gateway = network_gateway(&scope.name("labvisor"));
+    let gateway = network_gateway(&scope.name("labvisor.net"));
     let auth = local_auth(&state);
     let mut args: Vec<&str> = auth.iter().map(String::as_str).collect();
     let targets = [

@@ -115,11 +115,14 @@ fn add_edit_delete_files() {
     .map(str::to_owned)
     .collect();
     mounts.sort();
-    let tools = format!("{}{}-", scope.name("labvisor-tools-"), scope.run_id());
+    let tools = format!("{}{}.", scope.name("labvisor.tools."), scope.run_id());
     assert_eq!(mounts.len(), 2, "{mounts:?}");
     assert_eq!(
         mounts[0],
-        format!("volume:{}:/labvisor/data:true", scope.name("labvisor-a"))
+        format!(
+            "volume:{}:/labvisor/data:true",
+            scope.name("labvisor.sut.a")
+        )
     );
     assert!(
         mounts[1].starts_with(&format!("volume:{tools}"))
@@ -131,7 +134,7 @@ fn add_edit_delete_files() {
     let tools_name = mounts[1].split(':').nth(1).unwrap();
     assert!(b_mounts.contains(tools_name), "{b_mounts}");
     assert!(
-        !docker_ok(&["ps", "-a", "--format", "{{.Names}}"]).contains(&format!("{tools_name}-fill")),
+        !docker_ok(&["ps", "-a", "--format", "{{.Names}}"]).contains(&format!("{tools_name}.fill")),
         "the fill helper is removed"
     );
     // The agent cannot write the shared binaries.
@@ -171,9 +174,11 @@ fn add_edit_delete_files() {
     wait_until("a removed", T, || {
         (!ps(&scope).contains_key(&scope.name("a"))).then_some(())
     });
-    assert!(docker(&["volume", "inspect", &scope.name("labvisor-a")])
-        .status
-        .success());
+    assert!(
+        docker(&["volume", "inspect", &scope.name("labvisor.sut.a")])
+            .status
+            .success()
+    );
     assert!(ps(&scope).contains_key(&scope.name("b")));
 }
 
@@ -466,7 +471,7 @@ fn thirty_suts_cold_start() {
 /// which is made first (labelled as the supervisor's own, so the supervisor adopts it). Returns
 /// the broker and the URL to give agents (`--agent-broker`).
 fn gateway_broker(scope: &DockerScope) -> (Mosquitto, String) {
-    let net = scope.name("labvisor");
+    let net = scope.name("labvisor.net");
     docker_ok(&[
         "network",
         "create",
@@ -791,7 +796,7 @@ fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
     // A tools volume of this supervisor for binaries with another hash, as an earlier version
     // made it.
     let older_tools_volume = |hash: &str| {
-        let name = format!("{}{}-{hash}", scope.name("labvisor-tools-"), scope.run_id());
+        let name = format!("{}{}.{hash}", scope.name("labvisor.tools."), scope.run_id());
         docker_ok(&[
             "volume",
             "create",
@@ -815,7 +820,7 @@ fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
         &a1,
         "{{range .Mounts}}{{if eq .Destination \"/labvisor/bin\"}}{{.Name}}{{end}}{{end}}",
     );
-    assert!(tools.starts_with(&scope.name("labvisor-tools-")), "{tools}");
+    assert!(tools.starts_with(&scope.name("labvisor.tools.")), "{tools}");
     wait_until("the old tools volume removed", T, || {
         (!docker(&["volume", "inspect", &old]).status.success()).then_some(())
     });
@@ -895,7 +900,7 @@ fn tools_volume_is_refilled_when_incomplete_and_old_ones_go() {
     assert_ne!(a1, a2);
     assert_eq!(
         docker_ok(&["exec", &a2, "cat", "/labvisor/bin/.labvisor-tools"]),
-        tools.rsplit('-').next().unwrap(),
+        tools.rsplit('.').next().unwrap(),
         "the marker holds the binaries' hash"
     );
     // a's create made sure of the tools volume and collected the unused ones: not old2.
@@ -928,7 +933,7 @@ fn a_network_removed_behind_its_back_is_made_again() {
     wait_until("a removed", T, || {
         (!ps(&scope).contains_key(&scope.name("a"))).then_some(())
     });
-    let net = scope.name("labvisor");
+    let net = scope.name("labvisor.net");
     docker_ok(&["network", "rm", &net]);
     write(&dir, "b.toml", &sut_file("1"));
     let b = wait_healthy(&scope, "b", Duration::from_secs(60));
@@ -937,4 +942,123 @@ fn a_network_removed_behind_its_back_is_made_again() {
         net,
         "b runs on the labvisor network, made again"
     );
+}
+
+/// Lines of `log` that contain every one of `parts`.
+fn log_lines(log: &str, parts: &[&str]) -> usize {
+    log.lines()
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .count()
+}
+
+/// Waits until `sup` has logged `n` more reconcile passes than `before`; returns the count.
+fn wait_passes(sup: &Sup, before: usize, n: usize) -> usize {
+    wait_until(&format!("{n} more passes"), T, || {
+        let now = log_lines(&sup.log(), &["Reconcile pass done."]);
+        (now >= before + n).then_some(now)
+    })
+}
+
+/// Entries of the SUT directory that are no SUT file, and a SUT file that turns invalid, are
+/// logged once per change (not on every pass: `--resync 1s` makes a pass a second); the ones
+/// that name no SUT (a bad name, a name that is not UTF-8) are on the supervisor's status and
+/// shown by `labvisor status`; a directory named `x.toml` is on x's view.
+#[test]
+fn directory_problems_are_logged_once_per_change_and_published() {
+    use std::os::unix::ffi::OsStrExt;
+    ensure_busybox_image();
+    let scope = DockerScope::new("problems");
+    let broker = Mosquitto::start();
+    let status_topic = format!("labvisor/supervisors/{}/status", scope.run_id());
+    let sub = broker.subscribe(&status_topic, &[]);
+    let views_sub = broker.subscribe("+/supervisor", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    write(&dir, "a.toml", &sut_file("1"));
+    write(&dir, "Bad_Name.toml", &sut_file("1"));
+    std::fs::create_dir(dir.join("x.toml")).unwrap();
+    let latin1 = dir.join(std::ffi::OsStr::from_bytes(b"caf\xe9.toml"));
+    std::fs::write(&latin1, sut_file("1")).unwrap();
+    let sup = Sup::start(&scope, &dir, Some(&broker.url()), &["--resync", "1s"]);
+    wait_healthy(&scope, "a", T);
+
+    let st = wait_until("the status with the file problems", T, || {
+        supervisor_statuses(&sub, &status_topic)
+            .pop()
+            .filter(|s| s.file_problems.len() == 2)
+    });
+    assert_eq!(st.suts.invalid, 3, "{st:?}");
+    assert!(
+        st.file_problems[0].contains("Bad_Name.toml: name: "),
+        "{:?}",
+        st.file_problems
+    );
+    assert!(
+        st.file_problems[1].contains("caf\u{fffd}.toml: name: the file name is not valid UTF-8"),
+        "{:?}",
+        st.file_problems
+    );
+    let x = wait_until("x's view", T, || views(&views_sub, "x").pop());
+    assert_eq!(x.config_problems.len(), 1, "{x:?}");
+    assert!(x.config_problems[0].contains("is a directory"), "{x:?}");
+
+    // `labvisor status` shows them under the supervisor's line.
+    let out = Command::new(env!("CARGO_BIN_EXE_labvisor"))
+        .arg("status")
+        .env("LABVISOR_BROKER", broker.url())
+        .env_remove("LABVISOR_TOPIC_PREFIX")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let shown: Vec<&str> = text.lines().filter(|l| l.starts_with("  ")).collect();
+    assert_eq!(shown.len(), 2, "{text}");
+    assert!(shown[0].contains("Bad_Name.toml: name: "), "{text}");
+    assert!(shown[1].contains("not valid UTF-8"), "{text}");
+
+    // Each problem logged once, however many passes follow.
+    let passes = wait_passes(&sup, log_lines(&sup.log(), &["Reconcile pass done."]), 3);
+    let log = sup.log();
+    assert_eq!(
+        log_lines(&log, &["names no SUT", "Bad_Name.toml"]),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log_lines(&log, &["names no SUT", "not valid UTF-8"]),
+        1,
+        "{log}"
+    );
+    assert_eq!(
+        log_lines(&log, &["Invalid SUT file", "sut=x", "is a directory"]),
+        1,
+        "{log}"
+    );
+
+    // A SUT file that turns invalid: logged once; changed problems: logged again; fixed: said.
+    write(&dir, "a.toml", "image = \"\"\n");
+    let passes = wait_passes(&sup, passes, 3);
+    assert_eq!(
+        log_lines(&sup.log(), &["Invalid SUT file", "sut=a"]),
+        1,
+        "{}",
+        sup.log()
+    );
+    write(&dir, "a.toml", "image = 3\n");
+    let passes = wait_passes(&sup, passes, 3);
+    let log = sup.log();
+    assert_eq!(log_lines(&log, &["Invalid SUT file", "sut=a"]), 2, "{log}");
+    assert_eq!(
+        log_lines(&log, &["Invalid SUT file", "sut=a", "image"]),
+        2,
+        "{log}"
+    );
+    write(&dir, "a.toml", &sut_file("1"));
+    wait_passes(&sup, passes, 3);
+    let log = sup.log();
+    assert_eq!(
+        log_lines(&log, &["The SUT file is valid again.", "a.toml"]),
+        1,
+        "{log}"
+    );
+    assert_eq!(log_lines(&log, &["Invalid SUT file", "sut=a"]), 2, "{log}");
 }

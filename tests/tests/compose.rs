@@ -377,7 +377,11 @@ fn supervisor_gets_the_socket_the_sut_dir_and_credentials() {
             "{s} is not on the labvisor network"
         );
     }
-    assert_eq!(c["networks"]["labvisor"]["name"].as_str(), Some("labvisor"));
+    assert_eq!(
+        c["networks"]["labvisor"]["name"].as_str(),
+        Some("labvisor.net"),
+        "the network the supervisor puts its agents on"
+    );
 
     let portainer = &c["services"]["portainer"];
     has_mount(

@@ -236,6 +236,13 @@ pub struct Collector {
 
 impl Collector {
     pub fn start(port: u16, filters: &[&str]) -> Self {
+        Self::start_as(port, filters, None)
+    }
+
+    /// As [`Collector::start`], logged in as `login` (user, password); the user must be allowed
+    /// to write `labvisor-test/#` (the collector's probe).
+    pub fn start_as(port: u16, filters: &[&str], login: Option<(&str, &str)>) -> Self {
+        let login = login.map(|(u, p)| (u.to_owned(), p.to_owned()));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -249,6 +256,10 @@ impl Collector {
         rt.spawn(async move {
             let mut opts = LinkOptions::new(unique_id("collector"), "127.0.0.1", port);
             opts.backoff_max = Duration::from_millis(500);
+            if let Some((u, p)) = login {
+                opts.username = Some(u);
+                opts.password = Some(p);
+            }
             let (link, mut rx) = MqttLink::start(opts).unwrap();
             for f in &filters {
                 link.subscribe(f.clone(), QoS::AtLeastOnce).unwrap();

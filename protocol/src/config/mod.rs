@@ -8,8 +8,9 @@
 //! (a TOML syntax error is printed as `file:LINE: message`). When serde itself fails (syntax,
 //! unknown key, wrong type) only that one problem can be reported.
 //!
-//! Settings that hand the container power over the host (`privileged`, `devices`, `mounts`,
-//! `network = "host"`) are refused unless the supervisor was started with the matching
+//! Settings that hand the container power over the host or over other containers
+//! (`privileged`, `devices`, `mounts`, `network = "host"` or another Docker network, `cap_add`,
+//! `no_new_privileges = false`) are refused unless the supervisor was started with the matching
 //! `--allow-*` flag (see [`Allow`]).
 //!
 //! Durations are strings parsed by `humantime` (`"10s"`, `"4h"`, `"1m 30s"`). Sizes are an integer
@@ -25,14 +26,16 @@
 //! | `env` | table of strings | `{}` | Environment of the container. Keys match `[A-Za-z_][A-Za-z0-9_]*`; keys starting `LABVISOR_` are reserved. |
 //! | `files` | array of strings | `[]` | Files next to the SUT file, delivered into the container under `/labvisor/sut/<path>`. Relative paths, no `..`, must exist, must be regular files inside the sut directory after resolving symlinks, at most 1 MiB each. Read when the config is loaded; the config hash covers their contents. |
 //! | `tail` | array of strings | `[]` | Absolute glob patterns inside the container whose files the agent follows and publishes as job output, e.g. `/tmp/testflinger/run/*/*.log`. |
-//! | `network` | string | `"labvisor"` | Docker network: `labvisor` (the shared labvisor bridge, reaches the broker), `host` (needs `--allow-host-network`), or the name of an existing Docker network (`[A-Za-z0-9][A-Za-z0-9_.-]*`). `none` and `container:…` are refused: the agent needs the broker. |
+//! | `network` | string | `"labvisor"` | Docker network: `labvisor` (labvisor's own bridge, `[--name-prefix]labvisor.net`, with inter-container traffic off: an agent reaches the broker and the outside, not other agents), `host` (needs `--allow-host-network`), or the name of another existing Docker network (`[A-Za-z0-9][A-Za-z0-9_.-]*`, needs `--allow-network`). `none` and `container:…` are refused: the agent needs the broker. |
 //! | `labels` | table of strings | `{}` | Extra Docker labels. Keys starting `io.labvisor.` are reserved. |
 //! | `privileged` | bool | `false` | Run the container privileged. Needs `--allow-privileged`. |
+//! | `cap_add` | array of strings | `[]` | Linux capabilities added to the agents' default set (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, KILL, NET_BIND_SERVICE, SETGID, SETUID; every other one is dropped), e.g. `["NET_RAW"]`; `CAP_` optional. Needs `--allow-caps`. |
+//! | `no_new_privileges` | bool | `true` | Docker's `no-new-privileges`: no process in the container gains privileges through setuid or file-capability binaries. `false` needs `--allow-new-privileges`. |
 //! | `devices` | array of strings | `[]` | Host devices (absolute paths under `/dev/`, e.g. `/dev/ttyUSB0`) passed into the container at the same path. Needs `--allow-devices`. |
 //! | `mounts` | array of tables | `[]` | Host bind mounts `{ source = "/abs/host/path", target = "/abs/container/path", read_only = true }`; `source` and `target` absolute, `read_only` defaults to `true`. Needs `--allow-host-mounts`. |
-//! | `health.heartbeat` | duration | `"5s"` | How often the agent writes its heartbeat file. |
+//! | `health.heartbeat` | duration | `"5s"` | How often the agent writes its heartbeat file; at least `100ms`. |
 //! | `health.max_age` | duration | `"30s"` | A heartbeat older than this is unhealthy. Must be longer than `heartbeat`. |
-//! | `health.interval` | duration | `"10s"` | Docker health-check interval. At most `max_age`, so a stale heartbeat is seen by at least one probe. |
+//! | `health.interval` | duration | `"10s"` | Docker health-check interval; at least `1s`. At most `max_age`, so a stale heartbeat is seen by at least one probe. |
 //! | `health.timeout` | duration | `"5s"` | Docker health-check timeout. Shorter than `interval`. |
 //! | `health.retries` | integer ≥ 1 | `3` | Failed probes before Docker marks the container unhealthy. A hung agent is detected after at most `max_age + interval × retries` (see [`Health::detection_time`]). |
 //! | `health.start_period` | duration | `"30s"` | Grace period after start during which failed probes do not count (may be `"0s"`). |
@@ -47,14 +50,15 @@
 //! | `restart.backoff_min` | duration | `"1s"` | First delay between restarts. |
 //! | `restart.backoff_max` | duration | `"5m"` | Longest delay between restarts; at least `backoff_min`. |
 //! | `restart.on_child_exit` | `"restart"` \| `"exit"` | `"restart"` | What the agent does when the device process (`command`) exits: restart it, or exit (and let the supervisor restart the container). |
-//! | `restart.crash_loop_after` | integer ≥ 1 | `5` | Quick failures in a row before the SUT's state becomes crash-loop. |
-//! | `resources.memory` | size | *none* | Memory limit of the container; more than 0. |
-//! | `resources.cpus` | float | *none* | CPU limit of the container (e.g. `1.5`); more than 0. |
+//! | `restart.crash_loop_after` | integer ≥ 1 | `5` | Quick failures in a row before the SUT's state becomes crash-loop. A quick failure is an exit after a run shorter than `backoff_max` (taken as 10 s at least, 60 s at most); the exit after a longer run is not one, and it clears the count. |
+//! | `resources.memory` | size | *none* | Memory limit of the container; at least 6 MiB (Docker's minimum). |
+//! | `resources.cpus` | float | *none* | CPU limit of the container (e.g. `1.5`); at least `0.01`. |
+//! | `resources.pids` | integer | `4096` | Most processes and threads in the container (a fork bomb stops there); from 16 to 65536. |
 //! | `log.max_size` | size | `"10MiB"` | Size at which the per-SUT log file is rotated; more than 0. |
 //! | `log.keep` | integer ≥ 1 | `5` | Rotated log files kept. |
 //! | `log.mqtt_rate` | size | `"1MiB"` | Bytes of output per second published on MQTT (`<sut>/output`, job output), with a burst of one second's worth. Output beyond it is dropped from MQTT only (counted, and seen as a gap in the sequence numbers); stdout and the log file always get all of it. Keeps one flooding device from saturating the shared broker. |
 //! | `probe.url` | string | *required in `[probe]`* | Optional reachability probe of the device: `tcp://host:port` or `http(s)://…`. |
-//! | `probe.interval` | duration | `"60s"` | How often the device is probed. |
+//! | `probe.interval` | duration | `"60s"` | How often the device is probed; at least `1s`. |
 //! | `probe.timeout` | duration | `"10s"` | Probe timeout; shorter than `probe.interval`. |
 //! | `build.context` | string | *required in `[build]`* | Optional image build: a directory next to the SUT file (relative, no `..`, inside the sut directory after resolving symlinks, not the sut directory itself). With `[build]`, `image` is the tag the supervisor builds (classic builder) and runs; it rebuilds when the context, `dockerfile` or `args` change. The config hash covers every file of the context (paths, permission bits, contents; symlinks as links), at most 64 MiB in all. Without `[build]`, an absent image is pulled. |
 //! | `build.dockerfile` | string | `"Dockerfile"` | The Dockerfile, relative to `build.context` (no `..`); must be a regular file inside the context. |
@@ -128,6 +132,12 @@ pub struct Allow {
     pub host_network: bool,
     /// Accept `devices` (`--allow-devices`).
     pub devices: bool,
+    /// Accept `network = "<any other Docker network>"` (`--allow-network`).
+    pub network: bool,
+    /// Accept `cap_add` (`--allow-caps`).
+    pub caps: bool,
+    /// Accept `no_new_privileges = false` (`--allow-new-privileges`).
+    pub new_privileges: bool,
 }
 
 impl Allow {
@@ -138,9 +148,88 @@ impl Allow {
             host_mounts: true,
             host_network: true,
             devices: true,
+            network: true,
+            caps: true,
+            new_privileges: true,
         }
     }
 }
+
+/// Linux capabilities `cap_add` may name (without the `CAP_` prefix).
+pub const CAPABILITIES: &[&str] = &[
+    "AUDIT_CONTROL",
+    "AUDIT_READ",
+    "AUDIT_WRITE",
+    "BLOCK_SUSPEND",
+    "BPF",
+    "CHECKPOINT_RESTORE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "DAC_READ_SEARCH",
+    "FOWNER",
+    "FSETID",
+    "IPC_LOCK",
+    "IPC_OWNER",
+    "KILL",
+    "LEASE",
+    "LINUX_IMMUTABLE",
+    "MAC_ADMIN",
+    "MAC_OVERRIDE",
+    "MKNOD",
+    "NET_ADMIN",
+    "NET_BIND_SERVICE",
+    "NET_BROADCAST",
+    "NET_RAW",
+    "PERFMON",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYSLOG",
+    "SYS_ADMIN",
+    "SYS_BOOT",
+    "SYS_CHROOT",
+    "SYS_MODULE",
+    "SYS_NICE",
+    "SYS_PACCT",
+    "SYS_PTRACE",
+    "SYS_RAWIO",
+    "SYS_RESOURCE",
+    "SYS_TIME",
+    "SYS_TTY_CONFIG",
+    "WAKE_ALARM",
+];
+
+/// The capabilities every agent container keeps (all others are dropped): what a device agent
+/// running as root needs to manage its own files and processes (Python, an ssh client, a TCP
+/// serial console need nothing more). `NET_RAW` (raw and packet sockets: sniffing, ARP
+/// spoofing), `MKNOD`, `SETFCAP`, `SETPCAP`, `SYS_CHROOT` and `AUDIT_WRITE`, which Docker grants
+/// by default, are not kept; `cap_add` gives them back per SUT with `--allow-caps`.
+pub const DEFAULT_CAPABILITIES: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "NET_BIND_SERVICE",
+    "SETGID",
+    "SETUID",
+];
+
+/// Default `resources.pids`: the most processes (and threads) a container may hold.
+pub const DEFAULT_PIDS: u32 = 4096;
+/// Smallest accepted `resources.pids`.
+pub const MIN_PIDS: u32 = 16;
+/// Largest accepted `resources.pids`.
+pub const MAX_PIDS: u32 = 65536;
+/// Smallest accepted `resources.memory` (Docker's own minimum on Engine 20.10 is 6 MiB).
+pub const MIN_MEMORY: u64 = 6 * 1024 * 1024;
+/// Smallest accepted `resources.cpus`.
+pub const MIN_CPUS: f64 = 0.01;
+/// Shortest accepted `health.heartbeat` (each beat writes the heartbeat file and may publish).
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
+/// Shortest accepted `health.interval` and `probe.interval` (each Docker probe is an exec).
+pub const MIN_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// One thing wrong with a SUT file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -190,6 +279,10 @@ pub struct SutConfig {
     pub labels: BTreeMap<String, String>,
     /// Privileged container (only if allowed).
     pub privileged: bool,
+    /// Capabilities added to [`DEFAULT_CAPABILITIES`] (only if allowed), without `CAP_`.
+    pub cap_add: Vec<String>,
+    /// `no-new-privileges` (on unless allowed off).
+    pub no_new_privileges: bool,
     /// Host device paths passed through (only if allowed).
     pub devices: Vec<String>,
     /// Host bind mounts (only if allowed).
@@ -402,8 +495,10 @@ pub struct RestartSettings {
 pub struct Resources {
     /// Memory limit in bytes.
     pub memory: Option<NonZeroU64>,
-    /// CPU limit (finite, > 0).
+    /// CPU limit (finite, ≥ [`MIN_CPUS`]).
     pub cpus: Option<f64>,
+    /// Most processes and threads ([`MIN_PIDS`]..=[`MAX_PIDS`]).
+    pub pids: u32,
 }
 
 /// Rotation of the per-SUT log file.
@@ -567,20 +662,82 @@ fn load_path(path: &Path, allow: &Allow, check_build: bool) -> Result<SutConfig,
             message,
         }]
     };
-    let bytes = match read_limited(path, MAX_CONFIG_SIZE) {
-        Ok(Some(b)) => b,
-        Ok(None) => {
-            return Err(problem(format!(
-                "the file is larger than {MAX_CONFIG_SIZE} bytes"
-            )))
-        }
-        Err(e) => return Err(problem(format!("cannot read the file: {e}"))),
+    let bytes = match read_sut_file(path) {
+        Ok(b) => b,
+        Err(e) => return Err(problem(e.to_string())),
     };
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => return Err(problem(format!("the file is not UTF-8: {e}"))),
     };
     load_text(path, &text, allow, check_build)
+}
+
+/// Why a SUT file could not be read ([`read_sut_file`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The file resolves (through symlinks) to a place outside its directory.
+    #[error("refused: the file resolves to {resolved}, outside the sut directory {dir} (a SUT file may be a symlink only to a file inside it)")]
+    Outside {
+        /// Where it resolves to.
+        resolved: String,
+        /// The sut directory, resolved.
+        dir: String,
+    },
+    /// Not a regular file.
+    #[error("refused: not a regular file")]
+    NotAFile,
+    /// Larger than [`MAX_CONFIG_SIZE`].
+    #[error("the file is larger than {MAX_CONFIG_SIZE} bytes")]
+    TooLarge,
+    /// Any other I/O error.
+    #[error("cannot read the file: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads the SUT file at `path` (at most [`MAX_CONFIG_SIZE`] bytes), refusing, before reading a
+/// byte, a file that is not a regular file inside `path`'s own directory after symlinks are
+/// resolved: a supervisor running as root must not read (and report parse errors of) a
+/// `sut/x.toml` that links to `/etc/shadow`. The place is checked again on the opened file, so
+/// a swap between check and open is caught too.
+pub fn read_sut_file(path: &Path) -> Result<Vec<u8>, ReadError> {
+    use std::io::Read;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir = dir.canonicalize()?;
+    let inside = |resolved: &Path| -> Result<(), ReadError> {
+        if resolved.starts_with(&dir) {
+            Ok(())
+        } else {
+            Err(ReadError::Outside {
+                resolved: resolved.display().to_string(),
+                dir: dir.display().to_string(),
+            })
+        }
+    };
+    let resolved = path.canonicalize()?;
+    inside(&resolved)?;
+    if !std::fs::metadata(&resolved)?.is_file() {
+        return Err(ReadError::NotAFile);
+    }
+    let file = std::fs::File::open(&resolved)?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let opened = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+        inside(&opened)?;
+    }
+    if !file.metadata()?.is_file() {
+        return Err(ReadError::NotAFile);
+    }
+    let mut buf = Vec::new();
+    file.take(MAX_CONFIG_SIZE + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > MAX_CONFIG_SIZE {
+        return Err(ReadError::TooLarge);
+    }
+    Ok(buf)
 }
 
 /// Validates `text` as the SUT file `file_name` (e.g. `rpi4-01.toml`, whose stem is the SUT name)
@@ -638,19 +795,72 @@ impl Scan {
     }
 }
 
-/// Loads every SUT file (see [`is_sut_file`]) directly in `dir`; subdirectories are ignored.
-/// Fails only if the directory cannot be listed.
+/// Whether `path`'s name ends in `.toml` but is not valid UTF-8 (so [`is_sut_file`] refuses it):
+/// meant as a SUT file, but no SUT can be named after it.
+fn is_non_utf8_toml(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Some(name) = path.file_name() else {
+        return false;
+    };
+    let b = name.as_bytes();
+    name.to_str().is_none() && b.ends_with(b".toml") && !b.starts_with(b".")
+}
+
+/// Loads every SUT file (see [`is_sut_file`]) directly in `dir`. Entries named like a SUT file
+/// that cannot be one are reported in [`Scan::invalid`] too, never silently skipped: a directory
+/// (or anything else that is not a regular file, or a dangling symlink) named `x.toml`, and a
+/// `.toml` name that is not UTF-8. Fails only if the directory cannot be listed.
 pub fn scan_dir(dir: &Path, allow: &Allow) -> std::io::Result<Scan> {
     let mut paths = Vec::new();
+    let mut scan = Scan::default();
+    let problem = |path: &Path, key: &str, message: String| {
+        vec![Problem {
+            file: path.display().to_string(),
+            key: key.to_owned(),
+            line: None,
+            message,
+        }]
+    };
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        // Follows symlinks: a symlinked SUT file is fine, a directory named x.toml is not a file.
-        if is_sut_file(&path) && path.is_file() {
-            paths.push(path);
+        if is_non_utf8_toml(&path) {
+            let p = problem(
+                &path,
+                "name",
+                "the file name is not valid UTF-8, so it gives no SUT name; rename the file \
+                 (SUT names are [a-z0-9][a-z0-9_-]*)"
+                    .into(),
+            );
+            scan.invalid.insert(path, p);
+            continue;
+        }
+        if !is_sut_file(&path) {
+            continue;
+        }
+        // Follows symlinks: a symlink to a file is checked (and refused when it leads out of
+        // the directory) when it is read.
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => paths.push(path),
+            Ok(m) => {
+                let what = if m.is_dir() {
+                    "a directory"
+                } else {
+                    "not a regular file"
+                };
+                let p = problem(
+                    &path,
+                    "",
+                    format!("is {what}, not a SUT file; rename or remove it"),
+                );
+                scan.invalid.insert(path, p);
+            }
+            Err(e) => {
+                let p = problem(&path, "", format!("cannot read the file: {e}"));
+                scan.invalid.insert(path, p);
+            }
         }
     }
     paths.sort();
-    let mut scan = Scan::default();
     for path in paths {
         match load_file(&path, allow) {
             Ok(cfg) => {

@@ -20,6 +20,8 @@ pub(crate) struct RawConfig {
     pub network: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub privileged: bool,
+    pub cap_add: Vec<String>,
+    pub no_new_privileges: Option<bool>,
     pub devices: Vec<String>,
     pub mounts: Vec<RawMount>,
     pub health: RawHealth,
@@ -89,6 +91,7 @@ pub(crate) struct RawRestart {
 pub(crate) struct RawResources {
     pub memory: Option<RawSize>,
     pub cpus: Option<f64>,
+    pub pids: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

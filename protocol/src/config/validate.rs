@@ -60,6 +60,20 @@ impl Checker<'_> {
         }
     }
 
+    /// A duration that must be at least `min` (when it was given and parsed); `why` says why.
+    fn at_least(&mut self, key: KeyPath, given: bool, d: Duration, min: Duration, why: &str) {
+        if given && !d.is_zero() && d < min {
+            self.add(
+                &key,
+                format!(
+                    "is {}, shorter than the {} accepted: {why}",
+                    fmt_d(d),
+                    fmt_d(min)
+                ),
+            );
+        }
+    }
+
     /// A size in bytes, more than zero and at most `max` when given.
     fn size(
         &mut self,
@@ -328,7 +342,19 @@ fn build(
             c.add(&k("network"), format!("refused: {n:?} joins another container's network stack, which labvisor does not manage; use \"labvisor\" or a named network"));
             Network::Labvisor
         }
-        Some(n) if is_network_name(n) => Network::Named(n.to_owned()),
+        Some(n) if is_network_name(n) => {
+            if !allow.network {
+                c.add(
+                    &k("network"),
+                    refusal(
+                        &format!("the Docker network {n:?}"),
+                        "is not labvisor's own (\"labvisor\"): the agent would reach whatever else is on it",
+                        "allow-network",
+                    ),
+                );
+            }
+            Network::Named(n.to_owned())
+        }
         Some(n) => {
             c.add(
                 &k("network"),
@@ -361,6 +387,46 @@ fn build(
                 "privileged mode",
                 "makes the container root on the host",
                 "allow-privileged",
+            ),
+        );
+    }
+    let mut cap_add: Vec<String> = Vec::new();
+    if !raw.cap_add.is_empty() && !allow.caps {
+        c.add(
+            &k("cap_add"),
+            refusal(
+                "adding capabilities",
+                "gives jobs powers the default posture takes away (NET_RAW: sniffing and spoofing other containers' traffic)",
+                "allow-caps",
+            ),
+        );
+    }
+    for (i, cap) in raw.cap_add.iter().enumerate() {
+        let name = cap.strip_prefix("CAP_").unwrap_or(cap);
+        if !CAPABILITIES.contains(&name) {
+            c.add(
+                &k("cap_add").index(i),
+                format!("{cap:?} is not a Linux capability name (e.g. \"NET_RAW\", upper case, CAP_ optional)"),
+            );
+        } else if DEFAULT_CAPABILITIES.contains(&name) {
+            c.add(
+                &k("cap_add").index(i),
+                format!("{cap:?} is kept by default; leave it out"),
+            );
+        } else if cap_add.iter().any(|c| c == name) {
+            c.add(&k("cap_add").index(i), format!("{cap:?} is listed twice"));
+        } else {
+            cap_add.push(name.to_owned());
+        }
+    }
+    let no_new_privileges = raw.no_new_privileges.unwrap_or(true);
+    if !no_new_privileges && !allow.new_privileges {
+        c.add(
+            &k("no_new_privileges"),
+            refusal(
+                "turning no-new-privileges off",
+                "lets a job's process gain privileges through setuid and file-capability binaries",
+                "allow-new-privileges",
             ),
         );
     }
@@ -450,6 +516,20 @@ fn build(
         h.start_period.as_ref(),
         secs(30),
         true,
+    );
+    c.at_least(
+        kk("health", "heartbeat"),
+        h.heartbeat.is_some(),
+        heartbeat,
+        MIN_HEARTBEAT,
+        "each beat writes the heartbeat file and publishes the agent's status on the broker",
+    );
+    c.at_least(
+        kk("health", "interval"),
+        h.interval.is_some(),
+        interval,
+        MIN_PROBE_INTERVAL,
+        "each Docker health probe is an exec into the container, work for dockerd",
     );
     if max_age <= heartbeat {
         c.add(&kk("health", "max_age"), format!("is {}, but must be longer than health.heartbeat ({}), or every heartbeat is already stale", fmt_d(max_age), fmt_d(heartbeat)));
@@ -575,6 +655,14 @@ fn build(
         raw.resources.memory.as_ref(),
         None,
     );
+    if let Some(m) = memory.filter(|m| m.get() < MIN_MEMORY) {
+        c.add(
+            &kk("resources", "memory"),
+            format!(
+                "is {m} bytes, less than the {MIN_MEMORY} bytes (6 MiB) accepted: Docker refuses a smaller limit, and an agent cannot run in it"
+            ),
+        );
+    }
     let cpus = match raw.resources.cpus {
         Some(n) if !(n.is_finite() && n > 0.0) => {
             c.add(
@@ -583,9 +671,27 @@ fn build(
             );
             None
         }
+        Some(n) if n < MIN_CPUS => {
+            c.add(
+                &kk("resources", "cpus"),
+                format!("is {n}, less than the {MIN_CPUS} CPUs accepted: Docker would treat it as no limit at all"),
+            );
+            None
+        }
         other => other,
     };
-    let resources = Resources { memory, cpus };
+    let pids = match raw.resources.pids {
+        None => DEFAULT_PIDS,
+        Some(n) if n < i64::from(MIN_PIDS) || n > i64::from(MAX_PIDS) => {
+            c.add(
+                &kk("resources", "pids"),
+                format!("is {n}; give from {MIN_PIDS} (the agent, a shell and a job need that many) to {MAX_PIDS} processes"),
+            );
+            DEFAULT_PIDS
+        }
+        Some(n) => u32::try_from(n).unwrap_or(DEFAULT_PIDS),
+    };
+    let resources = Resources { memory, cpus, pids };
 
     // log
     let log = LogSettings {
@@ -603,6 +709,13 @@ fn build(
             p.interval.as_ref(),
             secs(60),
             false,
+        );
+        c.at_least(
+            kk("probe", "interval"),
+            p.interval.is_some(),
+            interval,
+            MIN_PROBE_INTERVAL,
+            "each probe opens a connection to the device",
         );
         let timeout = c.duration(kk("probe", "timeout"), p.timeout.as_ref(), secs(10), false);
         if timeout >= interval {
@@ -655,6 +768,8 @@ fn build(
         network,
         labels: raw.labels,
         privileged: raw.privileged,
+        cap_add,
+        no_new_privileges,
         devices: raw.devices,
         mounts,
         health,

@@ -50,13 +50,24 @@
 //! right away, under the same lock, when the link is connected (the fast path), so a new message
 //! does not wait for the next network event.
 //!
-//! **Overflow policy.** The outbox holds at most `queue_capacity` messages. When a message is
-//! added to a full outbox, the *oldest non-sticky QoS 0* message is dropped (or, when there is
-//! none, the oldest non-sticky QoS 1 message) and counted in [`LinkState::dropped`]: a flood of
-//! output (QoS 0) never evicts an acknowledgement or a job status (QoS 1). Sticky state messages ([`MqttLink::set_sticky`]) and the final
-//! messages of [`MqttLink::shutdown`] are never dropped (there is at most one sticky message per
-//! topic). Producers of bulk output should split and rate-limit themselves; the heartbeat is
-//! never starved by output because dropping favours the newest messages.
+//! **Overflow policy.** Only live output is ever dropped. When the outbox holds more than
+//! `queue_capacity` messages, the *oldest QoS 0* message is dropped, counted in
+//! [`LinkState::dropped`] and handed to [`LinkOptions::on_drop`]. QoS 1 messages (acknowledgements,
+//! job statuses), sticky state messages ([`MqttLink::set_sticky`], at most one queued per topic),
+//! [`MqttLink::publish_sticky`] values and the final messages of [`MqttLink::shutdown`] are never
+//! dropped: with no QoS 0 message left to drop the outbox grows past its capacity instead.
+//! Producers of bulk output should split and rate-limit themselves; the heartbeat is never starved
+//! by output because dropping favours the newest messages.
+//!
+//! **Back-pressure.** What bounds the QoS 1 backlog is the application: [`MqttLink::has_room`]
+//! is false while `queue_capacity` or more QoS 1 messages wait in the outbox, and an application
+//! whose QoS 1 messages answer incoming work (the agent answers every submission) stops taking
+//! from [`Incoming`] until it is true again ([`MqttLink::watch_room`] says when). With manual acks
+//! and `receive_maximum` (MQTT 5; the broker sends at most that many unacknowledged QoS 1
+//! messages), the broker then holds every further message: nothing is read that cannot be
+//! answered. While the incoming channel is full and the task waits for the application,
+//! `has_room` is true regardless: the task cannot move the outbox until the application takes a
+//! message, so waiting for room would deadlock.
 //!
 //! **ConnAck.** On every ConnAck the task (1) resets the backoff, (2) takes the effective
 //! maximum packet size as the smaller of ours and the broker's, (3) re-issues every subscription
@@ -118,8 +129,8 @@
 mod options;
 
 pub use options::{
-    backoff_delay, AckError, LinkError, LinkOptions, Message, PublishError, QoS, UrlError,
-    BACKOFF_JITTER, DEFAULT_PORT, DEFAULT_TLS_PORT, PUBLISH_OVERHEAD,
+    backoff_delay, AckError, DropHook, LinkError, LinkOptions, Message, PublishError, QoS,
+    UrlError, BACKOFF_JITTER, DEFAULT_PORT, DEFAULT_TLS_PORT, PUBLISH_OVERHEAD,
 };
 /// rumqttc's MQTT 5 PUBLISH packet, as carried by [`Received::publish`].
 pub use rumqttc::v5::mqttbytes::v5::Publish;
@@ -142,6 +153,7 @@ use tracing::{debug, info, warn};
 /// ([`MAX_PAYLOAD_LIMIT`](crate::config::MAX_PAYLOAD_LIMIT), 8 MiB) plus 64 KiB for the topic,
 /// properties and header. The shipped `mosquitto/mosquitto.conf` sets `max_packet_size` to it.
 pub const MAX_PACKET_SIZE: usize = 8 * 1024 * 1024 + 64 * 1024;
+const _: () = assert!(MAX_PACKET_SIZE >= crate::config::MAX_PAYLOAD_LIMIT as usize + 64 * 1024);
 
 /// Capacity of rumqttc's request channel: small, so that our outbox (with its overflow policy)
 /// holds the backlog, not rumqttc.
@@ -162,7 +174,7 @@ pub struct LinkState {
     pub connects: u64,
     /// Connection errors (failed attempts and lost connections), each followed by a backoff.
     pub errors: u64,
-    /// Messages dropped by the overflow policy (oldest QoS 0 first, then oldest non-sticky).
+    /// Live output (QoS 0) messages dropped by the overflow policy; nothing else is dropped.
     pub dropped: u64,
     /// Queued sticky messages replaced by a newer value for the same topic before being sent.
     pub coalesced: u64,
@@ -174,6 +186,8 @@ pub struct LinkState {
     pub in_flight: usize,
     /// The last connection error, kept after reconnecting.
     pub last_error: Option<String>,
+    /// QoS 1 messages waiting in the outbox (see "Back-pressure" in the module documentation).
+    pub reliable_queued: usize,
 }
 
 /// An incoming publish on a subscribed topic.
@@ -220,6 +234,8 @@ enum Keep {
     Sticky,
     /// A final message of `shutdown`.
     Final,
+    /// A value of [`MqttLink::publish_sticky`]: sent in order like an event, never coalesced.
+    Each,
 }
 
 #[derive(Debug, Clone)]
@@ -260,9 +276,55 @@ struct Inner {
     coalesced: u64,
     refused_oversize: u64,
     last_error: Option<String>,
+    /// The polling task waits for room in the incoming channel.
+    delivery_blocked: bool,
+    on_drop: Option<DropHook>,
 }
 
 impl Inner {
+    fn new(capacity: usize, limit: usize, on_drop: Option<DropHook>) -> Self {
+        Inner {
+            outbox: VecDeque::new(),
+            capacity,
+            next_seq: 0,
+            sticky: Vec::new(),
+            subscriptions: Vec::new(),
+            subs_to_send: VecDeque::new(),
+            acks: VecDeque::new(),
+            handed: VecDeque::new(),
+            inflight: HashMap::new(),
+            collided: None,
+            window: 1,
+            connected: false,
+            epoch: 0,
+            limit,
+            closing: None,
+            disconnect_sent: false,
+            closed: false,
+            connects: 0,
+            errors: 0,
+            dropped: 0,
+            coalesced: 0,
+            refused_oversize: 0,
+            last_error: None,
+            delivery_blocked: false,
+            on_drop,
+        }
+    }
+
+    /// QoS 1 messages waiting in the outbox (sticky state messages excepted: at most one each).
+    fn reliable_queued(&self) -> usize {
+        self.outbox
+            .iter()
+            .filter(|e| e.msg.qos == QoS::AtLeastOnce && e.keep != Keep::Sticky)
+            .count()
+    }
+
+    /// Whether the application may take more incoming work (see "Back-pressure").
+    fn has_room(&self) -> bool {
+        self.delivery_blocked || self.reliable_queued() < self.capacity
+    }
+
     fn qos1_out(&self) -> usize {
         self.handed
             .iter()
@@ -281,22 +343,19 @@ impl Inner {
         }
     }
 
-    /// Drops the oldest droppable entries until the outbox fits its capacity.
+    /// Drops the oldest live output (QoS 0) until the outbox fits its capacity, or none is
+    /// left: acknowledgements and statuses (QoS 1) are never dropped.
     fn enforce_capacity(&mut self) {
         while self.outbox.len() > self.capacity {
-            // QoS 0 stream messages (output) go first, so a flood of output never evicts an
-            // acknowledgement or a job status (QoS 1).
             let victim = self
                 .outbox
                 .iter()
-                .position(|e| e.keep == Keep::No && e.msg.qos == QoS::AtMostOnce)
-                .or_else(|| self.outbox.iter().position(|e| e.keep == Keep::No));
-            match victim {
-                Some(i) => {
-                    self.outbox.remove(i);
-                    self.dropped += 1;
-                }
-                None => break,
+                .position(|e| e.keep == Keep::No && e.msg.qos == QoS::AtMostOnce);
+            let Some(i) = victim else { break };
+            let e = self.outbox.remove(i).expect("position is valid");
+            self.dropped += 1;
+            if let Some(hook) = &self.on_drop {
+                hook.call(&e.msg);
             }
         }
     }
@@ -399,6 +458,7 @@ impl Inner {
                 + self.inflight.len()
                 + usize::from(self.collided.is_some()),
             last_error: self.last_error.clone(),
+            reliable_queued: self.reliable_queued(),
         }
     }
 }
@@ -406,6 +466,8 @@ impl Inner {
 struct Shared {
     inner: Mutex<Inner>,
     state_tx: watch::Sender<LinkState>,
+    /// [`Inner::has_room`], changed only when it flips.
+    room_tx: watch::Sender<bool>,
     client: AsyncClient,
     /// Wakes the polling task while it is not connected (shutdown requested).
     wake: Notify,
@@ -422,6 +484,9 @@ impl Shared {
     }
 
     fn publish_state(&self, inner: &Inner) {
+        let room = inner.has_room();
+        self.room_tx
+            .send_if_modified(|r| std::mem::replace(r, room) != room);
         let new = inner.snapshot();
         self.state_tx.send_if_modified(|s| {
             if *s == new {
@@ -465,35 +530,17 @@ impl MqttLink {
     pub fn start(opts: LinkOptions) -> Result<(MqttLink, Incoming), LinkError> {
         let mqtt = mqtt_options(&opts)?;
         let (client, eventloop) = AsyncClient::new(mqtt, REQUEST_CHANNEL_CAPACITY);
-        let inner = Inner {
-            outbox: VecDeque::new(),
-            capacity: opts.queue_capacity,
-            next_seq: 0,
-            sticky: Vec::new(),
-            subscriptions: Vec::new(),
-            subs_to_send: VecDeque::new(),
-            acks: VecDeque::new(),
-            handed: VecDeque::new(),
-            inflight: HashMap::new(),
-            collided: None,
-            window: 1,
-            connected: false,
-            epoch: 0,
-            limit: opts.max_packet_size,
-            closing: None,
-            disconnect_sent: false,
-            closed: false,
-            connects: 0,
-            errors: 0,
-            dropped: 0,
-            coalesced: 0,
-            refused_oversize: 0,
-            last_error: None,
-        };
+        let inner = Inner::new(
+            opts.queue_capacity,
+            opts.max_packet_size,
+            opts.on_drop.clone(),
+        );
         let (state_tx, _) = watch::channel(inner.snapshot());
+        let (room_tx, _) = watch::channel(inner.has_room());
         let shared = Arc::new(Shared {
             inner: Mutex::new(inner),
             state_tx,
+            room_tx,
             client,
             wake: Notify::new(),
             task: Mutex::new(None),
@@ -527,7 +574,8 @@ impl MqttLink {
     ///
     /// `Ok` means "queued", not "delivered". Refuses invalid topics, messages over the
     /// maximum packet size (counted in [`LinkState::refused_oversize`]) and publishing after
-    /// shutdown. When the outbox is full the oldest non-sticky message is dropped.
+    /// shutdown. When the outbox is full the oldest QoS 0 message is dropped; QoS 1 messages
+    /// never are (see "Back-pressure" in the module documentation).
     pub fn publish(&self, msg: Message) -> Result<(), PublishError> {
         self.enqueue(msg, Keep::No)
     }
@@ -594,6 +642,40 @@ impl MqttLink {
         }
         self.shared.publish_state(&inner);
         Ok(())
+    }
+
+    /// Publishes a retained QoS 1 state of which every value matters (each job's final status on
+    /// `<sut>/last_job`, counted by readers): queued in order like an event, never dropped and
+    /// never coalesced, unlike [`MqttLink::set_sticky`]. Its latest value is republished after
+    /// every reconnect like a sticky one (unless values of the topic are still queued: the last
+    /// of them is the latest).
+    pub fn publish_sticky(
+        &self,
+        topic: impl Into<String>,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), PublishError> {
+        let msg = Message::state(topic, payload);
+        let mut inner = self.admit(&msg, Keep::Each)?;
+        match inner.sticky.iter_mut().find(|(t, _)| *t == msg.topic) {
+            Some((_, p)) => *p = msg.payload.clone(),
+            None => inner.sticky.push((msg.topic.clone(), msg.payload.clone())),
+        }
+        let e = inner.entry(msg, Keep::Each);
+        inner.outbox.push_back(e);
+        inner.pump(&self.shared.client);
+        self.shared.publish_state(&inner);
+        Ok(())
+    }
+
+    /// Whether the application should take more incoming work: false while `queue_capacity` or
+    /// more QoS 1 messages wait in the outbox (see "Back-pressure" in the module documentation).
+    pub fn has_room(&self) -> bool {
+        *self.shared.room_tx.borrow()
+    }
+
+    /// A receiver of [`MqttLink::has_room`] that sees each change.
+    pub fn watch_room(&self) -> watch::Receiver<bool> {
+        self.shared.room_tx.subscribe()
     }
 
     /// Subscribes to `filter` now (when connected) and again after every reconnect. Incoming
@@ -753,6 +835,12 @@ fn mqtt_options(o: &LinkOptions) -> Result<MqttOptions, LinkError> {
     m.set_max_packet_size(Some(o.max_packet_size as u32));
     m.set_manual_acks(o.manual_acks);
     m.set_outgoing_inflight_upper_limit(INFLIGHT_UPPER_LIMIT);
+    if let Some(max) = o.receive_maximum {
+        if max == 0 || max as usize > o.incoming_capacity {
+            return bad("receive_maximum must be between 1 and incoming_capacity");
+        }
+        m.set_receive_maximum(Some(max));
+    }
     if let Some(exp) = o.session_expiry {
         m.set_session_expiry_interval(Some(exp.as_secs().min(u32::MAX as u64) as u32));
     }
@@ -772,9 +860,12 @@ fn mqtt_options(o: &LinkOptions) -> Result<MqttOptions, LinkError> {
         ));
     }
     if o.tls {
-        let path = o.ca_file.clone().unwrap_or_else(|| SYSTEM_CA_BUNDLE.into());
+        let config = match &o.ca_pem {
+            Some(pem) => tls_config_pem(pem.as_bytes())?,
+            None => tls_config(&o.ca_file.clone().unwrap_or_else(|| SYSTEM_CA_BUNDLE.into()))?,
+        };
         m.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls_config(&path)?),
+            Arc::new(config),
         )));
     }
     Ok(m)
@@ -789,22 +880,45 @@ pub fn tls_config(ca_file: &Path) -> Result<rustls::ClientConfig, LinkError> {
         path: ca_file.to_owned(),
         reason,
     };
+    let certs = CertificateDer::pem_file_iter(ca_file).map_err(|e| err(e.to_string()))?;
+    client_config(certs.map(|c| c.map_err(|e| e.to_string()))).map_err(|e| match e {
+        ConfigError::Ca(reason) => err(reason),
+        ConfigError::Tls(reason) => LinkError::Tls(reason),
+    })
+}
+
+/// Like [`tls_config`], with the CA certificate(s) given as PEM text.
+pub fn tls_config_pem(pem: &[u8]) -> Result<rustls::ClientConfig, LinkError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let certs = CertificateDer::pem_slice_iter(pem).map(|c| c.map_err(|e| e.to_string()));
+    client_config(certs).map_err(|e| match e {
+        ConfigError::Ca(reason) => LinkError::CaPem(reason),
+        ConfigError::Tls(reason) => LinkError::Tls(reason),
+    })
+}
+
+enum ConfigError {
+    Ca(String),
+    Tls(String),
+}
+
+fn client_config<'a>(
+    certs: impl Iterator<Item = Result<rustls_pki_types::CertificateDer<'a>, String>>,
+) -> Result<rustls::ClientConfig, ConfigError> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca_file).map_err(|e| err(e.to_string()))? {
-        let cert = cert.map_err(|e| err(e.to_string()))?;
-        roots.add(cert).map_err(|e| err(e.to_string()))?;
+    for cert in certs {
+        roots
+            .add(cert.map_err(ConfigError::Ca)?)
+            .map_err(|e| ConfigError::Ca(e.to_string()))?;
     }
     if roots.is_empty() {
-        return Err(err("no certificate found".into()));
+        return Err(ConfigError::Ca("no certificate found".into()));
     }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| LinkError::Tls(e.to_string()))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(config)
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ConfigError::Tls(e.to_string()))
+        .map(|b| b.with_root_certificates(roots).with_no_client_auth())
 }
 
 /// What the loop does after an event.
@@ -934,6 +1048,10 @@ impl Task {
                 inner.outbox.retain(|e| e.keep != Keep::Sticky);
                 let sticky = inner.sticky.clone();
                 for (topic, payload) in sticky.into_iter().rev() {
+                    let queued = |e: &Entry| e.keep == Keep::Each && e.msg.topic == topic;
+                    if inner.outbox.iter().any(queued) {
+                        continue; // the last queued value is the latest, and goes out in order
+                    }
                     let e = inner.entry(Message::state(topic, payload), Keep::Sticky);
                     inner.outbox.push_front(e);
                 }
@@ -1020,10 +1138,19 @@ impl Task {
             warn!(client_id = %self.shared.client_id,
                 "The incoming channel is full; the link waits for the application to drain it.");
         }
-        tokio::select! {
+        self.set_delivery_blocked(true);
+        let flow = tokio::select! {
             _ = self.incoming.send(received) => Flow::Continue,
             _ = self.alive.changed() => Flow::Stop,
-        }
+        };
+        self.set_delivery_blocked(false);
+        flow
+    }
+
+    fn set_delivery_blocked(&self, blocked: bool) {
+        let mut inner = self.shared.lock();
+        inner.delivery_blocked = blocked;
+        self.shared.publish_state(&inner);
     }
 
     /// After a `poll()` error: handles the events rumqttc buffered, drains `pending`, and
@@ -1109,5 +1236,94 @@ impl Task {
         }
         self.shared.publish_state(&inner);
         Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The outbox policy, without a broker.
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    fn push(inner: &mut Inner, msg: Message) {
+        let e = inner.entry(msg, Keep::No);
+        inner.outbox.push_back(e);
+        inner.enforce_capacity();
+    }
+
+    #[test]
+    fn a_burst_of_acks_past_capacity_drops_only_output_and_closes_the_intake() {
+        let count = Arc::new(AtomicU64::new(0));
+        let c2 = count.clone();
+        let hook = DropHook::new(move |m: &Message| {
+            assert_eq!(m.qos, QoS::AtMostOnce, "only output is dropped");
+            c2.fetch_add(1, Ordering::Relaxed);
+        });
+        let mut inner = Inner::new(8, 1 << 20, Some(hook));
+        assert!(inner.has_room());
+        // 1000 submissions answered while nothing drains: an ack each, and output in between.
+        for i in 0..1000 {
+            push(
+                &mut inner,
+                Message::event("s/submit_status", format!("ack {i}")),
+            );
+            push(&mut inner, Message::stream("s/output", format!("line {i}")));
+            if i == 6 {
+                assert!(inner.has_room(), "7 acks wait, capacity 8");
+            }
+            if i == 7 {
+                assert!(!inner.has_room(), "8 acks wait: take no more submissions");
+            }
+        }
+        let acks: Vec<String> = inner
+            .outbox
+            .iter()
+            .filter(|e| e.msg.qos == QoS::AtLeastOnce)
+            .map(|e| String::from_utf8_lossy(&e.msg.payload).into_owned())
+            .collect();
+        let want: Vec<String> = (0..1000).map(|i| format!("ack {i}")).collect();
+        assert_eq!(acks, want, "every ack kept, in order");
+        assert_eq!(inner.outbox.len(), 1000, "no output left: only acks");
+        assert_eq!(inner.dropped, 1000);
+        assert_eq!(count.load(Ordering::Relaxed), 1000, "on_drop saw each drop");
+        let s = inner.snapshot();
+        assert_eq!((s.reliable_queued, s.queued, s.dropped), (1000, 1000, 1000));
+        assert!(!inner.has_room());
+        // The task blocked on a full incoming channel opens the intake (no deadlock) ...
+        inner.delivery_blocked = true;
+        assert!(inner.has_room());
+        inner.delivery_blocked = false;
+        // ... and so does the backlog draining below the capacity.
+        inner.outbox.drain(..993);
+        assert!(inner.has_room());
+    }
+
+    #[test]
+    fn output_under_capacity_is_kept_and_the_oldest_goes_first() {
+        let mut inner = Inner::new(3, 1 << 20, None);
+        for i in 0..5 {
+            push(&mut inner, Message::stream("s/output", format!("{i}")));
+        }
+        let left: Vec<&[u8]> = inner.outbox.iter().map(|e| &e.msg.payload[..]).collect();
+        assert_eq!(left, [&b"2"[..], b"3", b"4"]);
+        assert_eq!(inner.dropped, 2);
+        assert!(inner.has_room(), "output never closes the intake");
+    }
+
+    #[test]
+    fn sticky_states_do_not_count_against_the_intake_but_each_values_do() {
+        let mut inner = Inner::new(2, 1 << 20, None);
+        for _ in 0..3 {
+            let e = inner.entry(Message::state("s/agent", "x"), Keep::Sticky);
+            inner.outbox.push_back(e);
+        }
+        assert!(inner.has_room());
+        for _ in 0..2 {
+            let e = inner.entry(Message::state("s/last_job", "y"), Keep::Each);
+            inner.outbox.push_back(e);
+        }
+        assert!(!inner.has_room());
+        inner.enforce_capacity();
+        assert_eq!(inner.outbox.len(), 5, "nothing but output is dropped");
     }
 }

@@ -1,6 +1,7 @@
 //! Options, messages, errors and the pure helpers (URL parser, backoff) of the MQTT link.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -123,6 +124,28 @@ impl Message {
     }
 }
 
+/// Called with every message the outbox's overflow policy drops (always live output, QoS 0),
+/// under the link's lock: count, never call the link from it. See [`LinkOptions::on_drop`].
+#[derive(Clone)]
+pub struct DropHook(Arc<dyn Fn(&Message) + Send + Sync>);
+
+impl DropHook {
+    /// A hook calling `f`.
+    pub fn new(f: impl Fn(&Message) + Send + Sync + 'static) -> Self {
+        DropHook(Arc::new(f))
+    }
+
+    pub(crate) fn call(&self, msg: &Message) {
+        (self.0)(msg)
+    }
+}
+
+impl std::fmt::Debug for DropHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DropHook")
+    }
+}
+
 /// Everything [`super::MqttLink::start`] needs. Build with [`LinkOptions::new`] or
 /// [`LinkOptions::from_url`], then adjust the public fields.
 #[derive(Debug, Clone)]
@@ -136,6 +159,9 @@ pub struct LinkOptions {
     /// PEM file with the CA certificate(s) to trust for TLS. Without it, TLS uses
     /// `/etc/ssl/certs/ca-certificates.crt` when present.
     pub ca_file: Option<PathBuf>,
+    /// The CA certificate(s) to trust for TLS as PEM text (what `labvisor supervise` gives its
+    /// agents in `LABVISOR_MQTT_CA_PEM`); takes precedence over `ca_file`.
+    pub ca_pem: Option<String>,
     /// MQTT client id; required and stable (agents use `labvisor-agent-<sut>`).
     pub client_id: String,
     /// User name for broker authentication.
@@ -153,6 +179,11 @@ pub struct LinkOptions {
     pub backoff_max: Duration,
     /// Maximum MQTT packet size, both directions. Default 256 KiB.
     pub max_packet_size: usize,
+    /// MQTT 5 receive maximum announced to the broker: it sends at most this many QoS 1
+    /// messages that the link has not acknowledged. With `manual_acks` this bounds what is read
+    /// ahead of the application; keep it at most `incoming_capacity`, so QoS 1 deliveries never
+    /// fill [`super::Incoming`]. Default `None` (the broker's default, 65535).
+    pub receive_maximum: Option<u16>,
     /// Capacity of the outbox, in messages. Default 1024. See the overflow policy in the
     /// module documentation.
     pub queue_capacity: usize,
@@ -167,6 +198,9 @@ pub struct LinkOptions {
     pub session_expiry: Option<Duration>,
     /// Last will, published by the broker when the connection dies without a DISCONNECT.
     pub will: Option<Message>,
+    /// Called for every message the overflow policy drops (live output only), besides the
+    /// count in [`super::LinkState::dropped`].
+    pub on_drop: Option<DropHook>,
 }
 
 impl LinkOptions {
@@ -177,6 +211,7 @@ impl LinkOptions {
             port,
             tls: false,
             ca_file: None,
+            ca_pem: None,
             client_id: client_id.into(),
             username: None,
             password: None,
@@ -185,12 +220,14 @@ impl LinkOptions {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             max_packet_size: 256 * 1024,
+            receive_maximum: None,
             queue_capacity: 1024,
             incoming_capacity: 256,
             manual_acks: false,
             clean_start: true,
             session_expiry: None,
             will: None,
+            on_drop: None,
         }
     }
 
@@ -393,6 +430,10 @@ pub enum LinkError {
         /// What went wrong.
         reason: String,
     },
+    /// The CA certificates given as PEM text ([`LinkOptions::ca_pem`]) hold no certificate or
+    /// a malformed one.
+    #[error("cannot load the TLS CA certificates given as PEM: {0}")]
+    CaPem(String),
     /// The TLS configuration cannot be built.
     #[error("cannot configure TLS: {0}")]
     Tls(String),
