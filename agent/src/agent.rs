@@ -181,8 +181,10 @@ pub async fn run(
             // makes an MQTT 5 broker drop larger submissions without a word.
             opts.max_packet_size = MAX_PACKET_SIZE;
             let (link, incoming) = MqttLink::start(opts)?;
-            link.subscribe(settings.topics.submit(&sut), QoS::AtLeastOnce)?;
-            link.subscribe(settings.topics.cancel(&sut), QoS::AtLeastOnce)?;
+            // Retain-as-published: a job or cancel published retained is seen as such, and
+            // refused (it would run again at every restart), also when the agent was online.
+            link.subscribe_as_published(settings.topics.submit(&sut), QoS::AtLeastOnce)?;
+            link.subscribe_as_published(settings.topics.cancel(&sut), QoS::AtLeastOnce)?;
             (Some(link), Some(incoming))
         }
         None => (None, None),

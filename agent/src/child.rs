@@ -123,6 +123,11 @@ impl Running {
         &self.progress
     }
 
+    /// Its output so far, as a handle that outlives `self`.
+    pub fn progress_handle(&self) -> Arc<Progress> {
+        self.progress.clone()
+    }
+
     /// Waits for it to exit. Cancel-safe.
     pub async fn wait(&mut self) -> Exit {
         match self.child.wait().await {

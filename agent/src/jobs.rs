@@ -6,6 +6,11 @@
 //! again in order, and a job that was running when the agent died is marked `lost` (or requeued
 //! at the front when `requeue_lost` is set). Nothing is silently forgotten.
 //!
+//! The running job's output byte count is also kept on the volume, in [`PROGRESS_FILE`],
+//! rewritten (not fsynced: it survives the agent's death, not a power cut) at most every
+//! [`PROGRESS_EVERY`] while the count changes, so a job found running at replay is reported
+//! `lost` with the bytes it had printed by then.
+//!
 //! The journal is compacted (rewritten to a temporary file, fsynced, renamed) when it grows past
 //! [`COMPACT_AFTER`] lines, keeping the queue, the running job and the latest [`HISTORY`]
 //! finished jobs, whose ids also serve to recognise duplicates.
@@ -25,6 +30,37 @@ use serde::{Deserialize, Serialize};
 pub const COMPACT_AFTER: usize = 4096;
 /// Finished jobs remembered (for duplicates, `labvisor jobs` and status).
 pub const HISTORY: usize = 500;
+/// The running job's output byte count, in the jobs directory.
+pub const PROGRESS_FILE: &str = "running.progress";
+/// How often the running job's output byte count is recorded (when it changed).
+pub const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// The running job's output so far, as recorded in [`PROGRESS_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobProgress {
+    /// The job.
+    pub id: JobId,
+    /// Output bytes it printed so far.
+    pub output_bytes: u64,
+}
+
+/// Records `progress` in `dir`'s [`PROGRESS_FILE`] (written aside, then renamed: a reader sees
+/// the old or the new count, never a torn one).
+pub fn record_progress(dir: &Path, progress: &JobProgress) -> io::Result<()> {
+    let tmp = dir.join(format!("{PROGRESS_FILE}.tmp"));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(progress).map_err(io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, dir.join(PROGRESS_FILE))
+}
+
+/// The output bytes recorded for job `id`, if the record is its own.
+fn recorded_bytes(dir: &Path, id: &JobId) -> Option<u64> {
+    let text = std::fs::read(dir.join(PROGRESS_FILE)).ok()?;
+    let p: JobProgress = serde_json::from_slice(&text).ok()?;
+    (p.id == *id).then_some(p.output_bytes)
+}
 
 /// An accepted job as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -172,12 +208,13 @@ impl Store {
         };
         let mut statuses = Vec::new();
         if let Some((job, started)) = store.running.clone() {
-            let lost = store.lost_status(
+            let mut lost = store.lost_status(
                 &job,
                 started,
                 now_ms,
                 "the agent died while the job was running",
             );
+            lost.output_bytes = recorded_bytes(dir, &job.id).unwrap_or(0);
             statuses.extend(store.finish_lost(lost, requeue_lost, now_ms)?);
         }
         store.maybe_compact()?;
@@ -467,6 +504,32 @@ mod tests {
         drop(s);
         let (_, lost) = Store::open(d.path(), &sut(), false, 40).unwrap();
         assert!(lost.is_empty());
+    }
+
+    #[test]
+    fn a_lost_job_carries_its_recorded_output_bytes() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Store::open(d.path(), &sut(), false, 0).unwrap();
+            s.accept(job("printer")).unwrap();
+            s.start_next(1).unwrap();
+            let p = |n| JobProgress {
+                id: JobId::new("printer").unwrap(),
+                output_bytes: n,
+            };
+            record_progress(d.path(), &p(10)).unwrap();
+            record_progress(d.path(), &p(4242)).unwrap();
+            // The agent dies here.
+        }
+        let (mut s, lost) = Store::open(d.path(), &sut(), false, 2).unwrap();
+        assert_eq!(lost[0].state, JobState::Lost);
+        assert_eq!(lost[0].output_bytes, 4242);
+        // A record of another job is not this one's.
+        s.accept(job("silent")).unwrap();
+        s.start_next(3).unwrap();
+        drop(s);
+        let (_, lost) = Store::open(d.path(), &sut(), false, 4).unwrap();
+        assert_eq!((lost[0].id.as_str(), lost[0].output_bytes), ("silent", 0));
     }
 
     #[test]

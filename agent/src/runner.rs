@@ -30,7 +30,7 @@ use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
 use crate::child::{self, Exit, Running, Spec};
-use crate::jobs::{JobRecord, Lookup, Store};
+use crate::jobs::{record_progress, JobProgress, JobRecord, Lookup, Store, PROGRESS_EVERY};
 use crate::output::{Sinks, Tap, Target};
 
 /// Job directories kept on the volume (the newest); older ones are removed.
@@ -46,6 +46,35 @@ pub struct ActiveJob {
     /// Set when we decided to end it (timeout, cancel, stop): the final state and why.
     ending: Option<(JobState, String)>,
     kill_at: Option<tokio::time::Instant>,
+    /// Records its output byte count on the volume (see [`crate::jobs::PROGRESS_FILE`]).
+    recorder: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ActiveJob {
+    fn drop(&mut self) {
+        self.recorder.abort();
+    }
+}
+
+/// Writes the job's output byte count to the volume every [`PROGRESS_EVERY`] while it changes,
+/// so that a job the agent dies under is reported `lost` with the bytes it printed.
+async fn record_output(dir: PathBuf, id: JobId, progress: Arc<crate::output::Progress>) {
+    let mut ticker = tokio::time::interval(PROGRESS_EVERY);
+    let mut recorded = None;
+    loop {
+        ticker.tick().await;
+        let output_bytes = progress.bytes.load(Ordering::Relaxed);
+        if recorded != Some(output_bytes) {
+            let p = JobProgress {
+                id: id.clone(),
+                output_bytes,
+            };
+            if let Err(e) = record_progress(&dir, &p) {
+                warn!(job_id = %id, error = %e, "Cannot record the job's output byte count.");
+            }
+            recorded = Some(output_bytes);
+        }
+    }
 }
 
 /// Jobs: the store, the running job and how to publish about them.
@@ -150,7 +179,17 @@ impl JobRunner {
         let sut = self.cfg.name.clone();
         let max = self.cfg.job.max_payload.get() as usize;
         let reply_to;
-        let ack = match parse_submit(&r.payload, max) {
+        let parsed = if r.retain {
+            Err(format!(
+                "retained message on {}: a job must be published without the retain flag (a \
+                 retained job would run again at every agent restart); it was not run. Clear it \
+                 with an empty retained message (mosquitto_pub -r -n -t {0})",
+                r.topic
+            ))
+        } else {
+            parse_submit(&r.payload, max)
+        };
+        let ack = match parsed {
             Err(reason) => {
                 // Name the job (and answer its reply_to) whenever the payload says which it is.
                 let v: Option<serde_json::Value> = serde_json::from_slice(&r.payload).ok();
@@ -261,6 +300,11 @@ impl JobRunner {
         let request = String::from_utf8_lossy(&r.payload).trim().to_owned();
         let parsed = match self.bad_reply_topic(r, None) {
             Some(reason) => Err(reason),
+            None if r.retain => Err(format!(
+                "retained message on {}: a cancel must be published without the retain flag (it \
+                 would act again at every agent restart); it was ignored",
+                r.topic
+            )),
             None => parse_cancel(&r.payload),
         };
         let (result, id, reason) = match parsed {
@@ -363,7 +407,13 @@ impl JobRunner {
                     ..self.store.queued_status(&rec)
                 };
                 self.publish_status(&st, true);
+                let recorder = tokio::spawn(record_output(
+                    self.jobs_dir.clone(),
+                    rec.id.clone(),
+                    run.progress_handle(),
+                ));
                 self.active = Some(ActiveJob {
+                    recorder,
                     deadline: tokio::time::Instant::now() + Duration::from_millis(rec.timeout_ms),
                     output_timeout: Duration::from_millis(rec.output_timeout_ms),
                     rec,

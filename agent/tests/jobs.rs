@@ -818,3 +818,91 @@ print(json.dumps([[t, json.loads(p), cd.decode()] for t, p, cd in got]))
     assert_eq!(mqtt.on(&status).len(), 4);
     assert!(mqtt.all().iter().all(|m| !m.topic.starts_with("ci/")));
 }
+
+#[test]
+fn a_retained_job_never_runs_also_after_a_restart() {
+    let mut lab = Lab::new("job-retained", "");
+    let status = lab.t("submit_status");
+    let retained = |a: &Value| {
+        a["result"] == "rejected"
+            && a["id"] == "kept"
+            && a["reason"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("retained message on job-retained/submit: a job must be published without the retain flag")
+    };
+    // Published retained while the agent is online ...
+    let out = lab.broker.publish(
+        &lab.t("submit"),
+        r#"{"id":"kept","script":"echo ran kept"}"#,
+        &["-q", "1", "-r"],
+    );
+    assert!(out.status.success(), "{out:?}");
+    lab.mqtt.wait(&status, LIMIT, |m| retained(&json(m)));
+    // ... and delivered again, as retained, when the agent comes back.
+    lab.agent.signal(Signal::SIGTERM);
+    assert_eq!(lab.agent.wait_exit(Duration::from_secs(5)).code(), Some(0));
+    lab.agent.restart();
+    wait_until("a second rejection", LIMIT, || {
+        let n = lab
+            .mqtt
+            .on(&status)
+            .iter()
+            .filter(|m| retained(&json(m)))
+            .count();
+        (n == 2).then_some(())
+    });
+    // A retained cancel is ignored too.
+    let out = lab
+        .broker
+        .publish(&lab.t("cancel"), "current", &["-q", "1", "-r"]);
+    assert!(out.status.success(), "{out:?}");
+    lab.mqtt.wait(&lab.t("cancel_status"), LIMIT, |m| {
+        json(m)["result"] == "rejected"
+            && json(m)["reason"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("retained message on job-retained/cancel")
+    });
+    // A marker job runs; the retained one never did.
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"marker","script":"echo marker"}"#,
+    );
+    assert_eq!(lab.final_status("marker")["state"], "passed");
+    assert!(!String::from_utf8_lossy(&lab.agent.log()).contains("ran kept"));
+    assert!(lab.mqtt.on(&lab.t("jobs/kept")).is_empty());
+    let answers = lab.mqtt.on(&status);
+    assert_eq!(answers.len(), 3, "two rejections and the marker");
+}
+
+#[test]
+fn a_job_lost_with_the_agent_reports_the_bytes_it_printed() {
+    let mut lab = Lab::new("job-lost-bytes", "");
+    // 3 lines of 1000 bytes (999 characters and a newline), then silence.
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"printer","script":"for i in 1 2 3; do printf '%0999d\\n' $i; done; sleep 60"}"#,
+    );
+    lab.mqtt.wait(&lab.t("jobs/printer"), LIMIT, |m| {
+        json(m)["state"] == "running"
+    });
+    // The agent records the count on its volume within 100 ms of the output.
+    let progress = lab.agent.path("data/jobs/running.progress");
+    wait_until("the recorded count", LIMIT, || {
+        let v: Value = serde_json::from_slice(&std::fs::read(&progress).ok()?).ok()?;
+        (v["output_bytes"] == 3000).then_some(())
+    });
+    lab.agent.signal(Signal::SIGKILL);
+    lab.agent.wait_exit(Duration::from_secs(5));
+    lab.agent.kill_orphans();
+    lab.agent.restart();
+    let lost = lab.final_status("printer");
+    assert_eq!(lost["state"], "lost", "{lost}");
+    assert_eq!(lost["output_bytes"], 3000, "{lost}");
+    // The agent's own log agrees: the three lines were printed.
+    let log = String::from_utf8_lossy(&lab.agent.log()).into_owned();
+    assert_eq!(log.lines().filter(|l| l.len() == 999).count(), 3);
+}

@@ -478,17 +478,22 @@ pub enum SupervisorState {
     Lost,
 }
 
-/// SUT counts in a [`SupervisorStatus`].
+/// SUT counts in a [`SupervisorStatus`]. The container counts come from the engine: `null`
+/// (`None`) while it cannot be asked (Docker unreachable, or a lost supervisor's last will),
+/// which means unknown, not zero.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SutCounts {
     /// Valid files in `sut/`.
     pub desired: u64,
-    /// Containers running.
-    pub running: u64,
-    /// Containers healthy.
-    pub healthy: u64,
-    /// Containers unhealthy.
-    pub unhealthy: u64,
+    /// Containers running; `None`: unknown.
+    #[serde(default)]
+    pub running: Option<u64>,
+    /// Containers healthy; `None`: unknown.
+    #[serde(default)]
+    pub healthy: Option<u64>,
+    /// Containers unhealthy; `None`: unknown.
+    #[serde(default)]
+    pub unhealthy: Option<u64>,
     /// Invalid files.
     pub invalid: u64,
 }
@@ -523,6 +528,11 @@ pub struct SupervisorStatus {
     /// names a SUT are on that SUT's `<sut>/supervisor` view ([`SutView::config_problems`]).
     #[serde(default)]
     pub file_problems: Vec<String>,
+    /// How often an online supervisor republishes this status when nothing changed, ms (0:
+    /// unknown, from a supervisor that publishes changes only). An online status much older
+    /// than that is stale: the supervisor, or its link to the broker, is gone.
+    #[serde(default)]
+    pub refresh_ms: u64,
 }
 
 /// The managed broker in a [`SupervisorStatus`].

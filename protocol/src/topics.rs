@@ -12,7 +12,7 @@
 //! | `<sut>/agent` | agent → all | 1 | yes | [`AgentStatus`](crate::payloads::AgentStatus) JSON: birth on every connect, every heartbeat, last will `lost`, `offline` on a clean stop |
 //! | `<sut>/output` | agent → all | 0 | no | plain UTF-8 text (lossy), batched; MQTT 5 user properties `seq`, `dropped`, `boot` ([`OutputMeta`](crate::payloads::OutputMeta)) |
 //! | `<sut>/probe` | agent → all | 1 | yes | [`ProbeResult`](crate::payloads::ProbeResult) JSON (the upstream probe, the old stack's `c3`) |
-//! | `<sut>/submit` | submitter → agent | 1 | never | plain text (a shell script) or [`JobSubmit`](crate::payloads::JobSubmit) JSON |
+//! | `<sut>/submit` | submitter → agent | 1 | never (a retained job is rejected, never run) | plain text (a shell script) or [`JobSubmit`](crate::payloads::JobSubmit) JSON |
 //! | `<sut>/submit_status` | agent → submitter | 1 | yes (latest) | [`SubmitAck`](crate::payloads::SubmitAck) JSON; also sent to `reply_to` / the MQTT 5 response topic |
 //! | `labvisor/replies/<sut>/...` | agent → submitter | 1 | no | the SUT's reply space (`Topics::reply_space`): a submission's `reply_to` / MQTT 5 response topic must lie here (or under `<sut>/`, outside labvisor's own topics), where both shipped ACLs let the agent write |
 //! | `<sut>/cancel` | submitter → agent | 1 | never | a job id, `current`, or `{"id": ...}` |
@@ -22,7 +22,7 @@
 //! | `<sut>/last_job` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON of the latest job |
 //! | `<sut>/build` | supervisor → all | 0 | no | plain UTF-8 text: one line of the SUT's image build (`[build]`), as the engine streams it |
 //! | `<sut>/supervisor` | supervisor → all | 1 | yes | [`SutView`](crate::payloads::SutView) JSON: the supervisor's view of that SUT |
-//! | `labvisor/supervisors/<id>/status` | supervisor → all | 1 | yes | [`SupervisorStatus`](crate::payloads::SupervisorStatus) JSON: birth, last will `lost`, counts, problems of directory entries that name no SUT |
+//! | `labvisor/supervisors/<id>/status` | supervisor → all | 1 | yes | [`SupervisorStatus`](crate::payloads::SupervisorStatus) JSON: birth, last will `lost`, counts, problems of directory entries that name no SUT; republished every `refresh_ms` when unchanged |
 //!
 //! SUT names ([`SutName`]), job ids ([`JobId`]) and supervisor ids ([`SupervisorId`]) are
 //! validated types that cannot contain `/`, `+`, `#` or `$`, so a topic built here always has
@@ -277,6 +277,21 @@ impl Topics {
     pub fn build(&self, sut: &SutName) -> String {
         self.sut(sut, "build")
     }
+    /// Every retained topic of a SUT with a fixed name (not the `<sut>/jobs/<id>` statuses,
+    /// see [`Topics::jobs_filter`]): what is left to clear when the SUT is removed.
+    pub fn sut_retained(&self, sut: &SutName) -> Vec<String> {
+        [
+            "agent",
+            "probe",
+            "submit_status",
+            "cancel_status",
+            "last_job",
+            "supervisor",
+        ]
+        .into_iter()
+        .map(|leaf| self.sut(sut, leaf))
+        .collect()
+    }
     /// `<sut>/jobs/<id>`: one job's status.
     pub fn job(&self, sut: &SutName, id: &JobId) -> String {
         format!("{}{}/jobs/{}", self.prefix, sut, id)
@@ -399,6 +414,42 @@ mod tests {
             t.supervisor_status(&SupervisorId::new("lab-a").unwrap()),
             "labvisor/supervisors/lab-a/status"
         );
+    }
+
+    #[test]
+    fn a_suts_retained_topics_are_the_tables_retained_rows() {
+        let t = Topics::with_prefix(Some("lab")).unwrap();
+        let s = sut("a");
+        assert_eq!(
+            t.sut_retained(&s),
+            [
+                "lab/a/agent",
+                "lab/a/probe",
+                "lab/a/submit_status",
+                "lab/a/cancel_status",
+                "lab/a/last_job",
+                "lab/a/supervisor"
+            ]
+        );
+        // Every row of the topic table under <sut>/ that is retained, except the per-job
+        // statuses, is in the list.
+        let doc = include_str!("topics.rs");
+        let retained_rows: Vec<&str> = doc
+            .lines()
+            .filter(|l| l.starts_with("//! | `<sut>/") && !l.contains("/jobs/"))
+            .filter(|l| {
+                l.split('|')
+                    .nth(4)
+                    .is_some_and(|c| c.trim().starts_with("yes"))
+            })
+            .filter_map(|l| l.split('`').nth(1))
+            .collect();
+        let listed: Vec<String> = t
+            .sut_retained(&sut("x"))
+            .iter()
+            .map(|t| t.replacen("lab/x/", "<sut>/", 1))
+            .collect();
+        assert_eq!(retained_rows, listed);
     }
 
     #[test]

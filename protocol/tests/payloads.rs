@@ -188,9 +188,9 @@ fn supervisor_status() {
         docker_reachable: true,
         suts: SutCounts {
             desired: 3,
-            running: 3,
-            healthy: 2,
-            unhealthy: 1,
+            running: Some(3),
+            healthy: Some(2),
+            unhealthy: Some(1),
             invalid: 1,
         },
         time_ms: T,
@@ -199,10 +199,34 @@ fn supervisor_status() {
             restarts: 2,
             last_exit: Some("signal: 9 (SIGKILL)".into()),
         }),
+        refresh_ms: 30_000,
         file_problems: vec!["sut/Bad_Name.toml: name: the file name gives SUT name \"Bad_Name\", which is not valid".into()],
     };
     round_trip(&p);
     insta::assert_json_snapshot!(p);
+}
+
+/// While the engine cannot be asked, the container counts are unknown (`null`), not zero; a
+/// status from an older supervisor (numbers, no newer fields) still parses.
+#[test]
+fn supervisor_status_counts_unknown_while_docker_is_unreachable() {
+    let counts = SutCounts {
+        desired: 2,
+        invalid: 0,
+        ..Default::default()
+    };
+    assert_eq!(
+        serde_json::to_value(&counts).unwrap(),
+        serde_json::json!({"desired": 2, "running": null, "healthy": null, "unhealthy": null, "invalid": 0})
+    );
+    let old: SupervisorStatus = serde_json::from_str(
+        r#"{"id":"a","state":"online","boot_id":"1","version":"0.1.0","docker_reachable":true,
+            "suts":{"desired":1,"running":1,"healthy":1,"unhealthy":0,"invalid":0},"time_ms":1}"#,
+    )
+    .unwrap();
+    assert_eq!(old.suts.running, Some(1));
+    assert!(old.file_problems.is_empty());
+    assert_eq!(old.refresh_ms, 0);
 }
 
 #[test]

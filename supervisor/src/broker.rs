@@ -221,8 +221,10 @@ pub struct ManagedBroker {
 
 impl ManagedBroker {
     /// Starts mosquitto on `port`, listening on loopback and on `gateway`, with its files in
-    /// `state_dir`; logins and their ACL as [`managed_acl`] says (built from `topics`). With
-    /// `agent_tls`, the listener on `gateway` speaks only TLS.
+    /// `state_dir`; agent logins confined by [`Topics::agent_acl_pattern`] and their reply space.
+    /// With `agent_tls`, the listener on `gateway` speaks only TLS.
+    ///
+    /// [`Topics::agent_acl_pattern`]: labvisor_protocol::topics::Topics::agent_acl_pattern
     pub fn start(
         state_dir: &Path,
         port: u16,
@@ -802,10 +804,12 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        // The agents' and the local tools' clear-text passwords and the CA are the supervisor's
-        // user's, not the broker's.
-        let name = e.file_name();
-        if name != AGENTS_DIR && name != LOCAL_PASSWORD_FILE && name != crate::broker_tls::CA_DIR {
+        // The agents' and the local tools' clear-text passwords and the CA are the
+        // supervisor's user's, not the broker's.
+        if e.file_name() != AGENTS_DIR
+            && e.file_name() != LOCAL_PASSWORD_FILE
+            && e.file_name() != crate::broker_tls::CA_DIR
+        {
             std::os::unix::fs::chown(e.path(), Some(uid), Some(gid))?;
         }
     }

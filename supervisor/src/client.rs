@@ -19,7 +19,7 @@ use bytes::Bytes;
 use labvisor_protocol::mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS, Received};
 use labvisor_protocol::payloads::{
     new_job_id, now_ms, random_id, AgentStatus, CancelAck, CancelResult, JobState, JobStatus,
-    JobSubmit, OutputMeta, SubmitAck, SubmitResult, SupervisorStatus, SutView,
+    JobSubmit, OutputMeta, SubmitAck, SubmitResult, SupervisorState, SupervisorStatus, SutView,
 };
 use labvisor_protocol::topics::{JobId, SutTopic, Topics};
 use labvisor_protocol::SutName;
@@ -236,7 +236,12 @@ fn parse<T: serde::de::DeserializeOwned>(r: &Received) -> Option<T> {
 }
 
 fn age(ms: u64) -> String {
-    let d = now_ms().saturating_sub(ms) / 1000;
+    age_at(ms, now_ms())
+}
+
+/// How long before `now` the time `ms` was (both ms since the epoch), in its largest unit.
+fn age_at(ms: u64, now: u64) -> String {
+    let d = now.saturating_sub(ms) / 1000;
     match d {
         0..=59 => format!("{d}s"),
         60..=3599 => format!("{}m", d / 60),
@@ -438,30 +443,63 @@ pub async fn status(args: &BrokerArgs, json: bool, out: &mut dyn Write) -> Resul
         )?;
     }
     for sup in &sups {
-        let broker = match &sup.managed_broker {
-            Some(b) => format!(
-                ", managed broker {} ({} restarts)",
-                if b.up { "up" } else { "DOWN" },
-                b.restarts
-            ),
-            None => String::new(),
-        };
-        writeln!(
-            out,
-            "supervisor {}: {}, docker {}{broker}, {} SUTs desired, {} running, {} invalid files, seen {} ago",
-            sup.id,
-            serde_json::to_value(sup.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
-            if sup.docker_reachable { "reachable" } else { "UNREACHABLE" },
-            sup.suts.desired,
-            sup.suts.running,
-            sup.suts.invalid,
-            age(sup.time_ms),
-        )?;
+        writeln!(out, "{}", supervisor_line(sup, now_ms()))?;
         for p in &sup.file_problems {
             writeln!(out, "  {p}")?;
         }
     }
     Ok(())
+}
+
+/// An online supervisor whose status is older than this many of its refresh periods is shown
+/// as stale.
+pub const STALE_AFTER_PERIODS: u64 = 3;
+
+/// The line `labvisor status` prints for a supervisor's status, as of `now` (ms since the
+/// epoch). Container counts the supervisor could not know (Docker unreachable) say `unknown`.
+/// An `online` status older than [`STALE_AFTER_PERIODS`] of the supervisor's refresh period
+/// (`refresh_ms`) says `STALE`: the supervisor or its link to the broker is gone (or this
+/// machine's clock is far off the supervisor's).
+pub fn supervisor_line(sup: &SupervisorStatus, now: u64) -> String {
+    let count = |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
+    let state = serde_json::to_value(sup.state)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default();
+    let stale = sup.state == SupervisorState::Online
+        && sup.refresh_ms > 0
+        && now.saturating_sub(sup.time_ms) > STALE_AFTER_PERIODS * sup.refresh_ms;
+    let state = if stale {
+        format!(
+            "STALE (last said {state}; its status comes every {})",
+            age_at(0, sup.refresh_ms)
+        )
+    } else {
+        state
+    };
+    let broker = match &sup.managed_broker {
+        Some(b) => format!(
+            ", managed broker {} ({} restarts)",
+            if b.up { "up" } else { "DOWN" },
+            b.restarts
+        ),
+        None => String::new(),
+    };
+    format!(
+        "supervisor {}: {}, docker {}{broker}, {} SUTs desired, running {}, healthy {}, {} invalid files, seen {} ago",
+        sup.id,
+        state,
+        if sup.docker_reachable {
+            "reachable"
+        } else {
+            "UNREACHABLE"
+        },
+        sup.suts.desired,
+        count(sup.suts.running),
+        count(sup.suts.healthy),
+        sup.suts.invalid,
+        age_at(sup.time_ms, now),
+    )
 }
 
 fn sut_name(s: &str) -> Result<SutName, ClientError> {
@@ -829,4 +867,75 @@ pub async fn cancel(
         )?;
     }
     Ok(u8::from(ack.result != CancelResult::Cancelled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use labvisor_protocol::payloads::{SutCounts, VERSION};
+    use labvisor_protocol::topics::SupervisorId;
+
+    fn status(docker_reachable: bool, suts: SutCounts) -> SupervisorStatus {
+        SupervisorStatus {
+            v: VERSION,
+            id: SupervisorId::new("lab").unwrap(),
+            state: SupervisorState::Online,
+            boot_id: "b".into(),
+            version: "0.1.0".into(),
+            docker_reachable,
+            suts,
+            time_ms: 1_000_000,
+            managed_broker: None,
+            file_problems: Vec::new(),
+            refresh_ms: 30_000,
+        }
+    }
+
+    #[test]
+    fn an_online_status_older_than_three_periods_is_stale() {
+        let mut s = status(true, SutCounts::default());
+        let line = |s: &SupervisorStatus, after_ms: u64| supervisor_line(s, s.time_ms + after_ms);
+        assert!(line(&s, 90_000).starts_with("supervisor lab: online, docker"));
+        assert!(line(&s, 90_001).starts_with(
+            "supervisor lab: STALE (last said online; its status comes every 30s), docker"
+        ));
+        assert!(line(&s, 180_000).ends_with("seen 3m ago"));
+        // Offline and lost are final: never stale. An older supervisor (no refresh_ms) is
+        // not judged.
+        s.state = SupervisorState::Offline;
+        assert!(line(&s, 3_600_000).starts_with("supervisor lab: offline, docker"));
+        s.state = SupervisorState::Online;
+        s.refresh_ms = 0;
+        assert!(line(&s, 3_600_000).starts_with("supervisor lab: online, docker"));
+    }
+
+    #[test]
+    fn supervisor_line_says_unknown_while_docker_is_unreachable() {
+        let up = status(
+            true,
+            SutCounts {
+                desired: 3,
+                running: Some(3),
+                healthy: Some(2),
+                unhealthy: Some(1),
+                invalid: 1,
+            },
+        );
+        assert_eq!(
+            supervisor_line(&up, 1_005_000),
+            "supervisor lab: online, docker reachable, 3 SUTs desired, running 3, healthy 2, 1 invalid files, seen 5s ago"
+        );
+        let down = status(
+            false,
+            SutCounts {
+                desired: 3,
+                invalid: 1,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            supervisor_line(&down, 1_005_000),
+            "supervisor lab: online, docker UNREACHABLE, 3 SUTs desired, running unknown, healthy unknown, 1 invalid files, seen 5s ago"
+        );
+    }
 }

@@ -167,6 +167,10 @@ struct SuperviseArgs {
     /// Period of the full resync.
     #[arg(long, default_value = "30s", value_parser = duration)]
     resync: Duration,
+    /// How often the supervisor's status is republished when nothing changed, so that
+    /// `labvisor status` can tell a live supervisor from a gone one (at least 1s).
+    #[arg(long, default_value = "30s", value_parser = status_interval)]
+    status_interval: Duration,
     /// Grace period of stop and restart before the container is killed (longer than the
     /// agent's own grace, 8 s).
     #[arg(long, default_value = "10s", value_parser = duration)]
@@ -203,6 +207,14 @@ fn poll_interval(s: &str) -> Result<Duration, String> {
     let d = duration(s)?;
     if d < Duration::from_millis(100) {
         return Err(format!("{s:?} is shorter than 100ms"));
+    }
+    Ok(d)
+}
+
+fn status_interval(s: &str) -> Result<Duration, String> {
+    let d = duration(s)?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?} is shorter than 1s"));
     }
     Ok(d)
 }
@@ -344,6 +356,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         metrics_listen,
         logins: None,
         managed_broker: None,
+        status_every: args.status_interval,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

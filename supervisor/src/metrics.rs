@@ -32,7 +32,7 @@
 //! | `labvisor_reconcile_actions_total` | counter | `action` | container actions done: `create`, `recreate`, `remove`, `start`, `restart`; `defer` each time a change starts waiting for a busy agent |
 //! | `labvisor_reconcile_errors_total` | counter | `sut` | failed container actions (each is retried with backoff) |
 //! | `labvisor_docker_reachable` | gauge | | 1 when the last pass could list the containers |
-//! | `labvisor_suts` | gauge | `state` | SUTs by `desired` (valid files), `running` (containers running), `invalid` (files) |
+//! | `labvisor_suts` | gauge | `state` | SUTs by `desired` (valid files), `running` (containers running; no series while Docker is unreachable), `invalid` (files) |
 //! | `labvisor_last_pass_timestamp_seconds` | gauge | | Unix time of the last reconcile pass |
 //! | `labvisor_broker_up` | gauge | | managed broker only: 1 while mosquitto runs and listens, 0 while it is down (being restarted) |
 //! | `labvisor_broker_restarts_total` | counter | | managed broker only: restarts of mosquitto after it died |
@@ -382,14 +382,22 @@ impl Metrics {
         self.last_pass.set(now.as_secs() as i64);
     }
 
-    /// The SUT counts of a full pass.
+    /// The SUT counts of a pass. An unknown count (Docker unreachable) removes its series
+    /// rather than report a stale or zero value.
     pub fn observe_counts(&self, counts: &SutCounts) {
         for (state, n) in [
-            ("desired", counts.desired),
+            ("desired", Some(counts.desired)),
             ("running", counts.running),
-            ("invalid", counts.invalid),
+            ("invalid", Some(counts.invalid)),
         ] {
-            self.suts.get_or_create(&StateLabel { state }).set(n as i64);
+            match n {
+                Some(n) => {
+                    self.suts.get_or_create(&StateLabel { state }).set(n as i64);
+                }
+                None => {
+                    self.suts.remove(&StateLabel { state });
+                }
+            }
         }
     }
 
@@ -769,7 +777,7 @@ mod tests {
         m.on_pass(true);
         m.observe_counts(&SutCounts {
             desired: 1,
-            running: 1,
+            running: Some(1),
             ..Default::default()
         });
         let text = m.encode();

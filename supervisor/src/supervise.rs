@@ -149,6 +149,9 @@ pub struct Settings {
     /// The managed broker's state (it is restarted when it dies), shown in the supervisor's
     /// status, `/metrics` and `/healthz`; `None` with an external broker.
     pub managed_broker: Option<tokio::sync::watch::Receiver<ManagedBrokerStatus>>,
+    /// How often the supervisor status is republished when nothing changed (its `time_ms`
+    /// then tells readers the supervisor is alive).
+    pub status_every: Duration,
 }
 
 /// A fatal error: the supervisor cannot start.
@@ -331,6 +334,11 @@ struct Supervisor<R> {
     docker_reachable: bool,
     docker_failures: u32,
     published_status: Option<SupervisorStatus>,
+    /// When the supervisor status was last sent to the broker.
+    status_sent_at: Option<Instant>,
+    /// SUTs removed by this supervisor whose retained topics it cleared: whatever still
+    /// arrives retained for them (a job status, a late last will) is cleared too.
+    gone: BTreeSet<SutName>,
     boot_id: String,
     watch: Option<(Box<dyn Watcher + Send>, Option<u64>)>,
     /// The last attempt to watch the directory failed (and was logged).
@@ -438,6 +446,8 @@ pub async fn run<R: ContainerRuntime>(
         docker_reachable: true,
         docker_failures: 0,
         published_status: None,
+        status_sent_at: None,
+        gone: BTreeSet::new(),
         boot_id,
         watch: None,
         watch_failed: false,
@@ -455,11 +465,17 @@ pub async fn run<R: ContainerRuntime>(
     let mut next_resync = Instant::now() + sup.exec.settings.resync;
     tokio::pin!(shutdown);
     loop {
-        let deadline = [fs_due, sup.pass_due, sup.wake_at, Some(next_resync)]
-            .into_iter()
-            .flatten()
-            .min()
-            .expect("resync is always set");
+        let deadline = [
+            fs_due,
+            sup.pass_due,
+            sup.wake_at,
+            Some(next_resync),
+            sup.status_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("resync is always set");
         tokio::select! {
             () = &mut shutdown => break,
             Some(()) = fs_rx.recv() => {
@@ -493,6 +509,9 @@ pub async fn run<R: ContainerRuntime>(
                 if next_resync <= now {
                     next_resync = now + sup.exec.settings.resync;
                     sup.pass_due = Some(now);
+                }
+                if sup.status_due().is_some_and(|d| d <= now) {
+                    sup.send_status();
                 }
                 if sup.pass_due.is_some_and(|d| d <= now) {
                     match last_pass.map(|l| l + BUSY_PASS_INTERVAL) {
@@ -568,6 +587,7 @@ fn status_json(
         time_ms: payloads::now_ms(),
         managed_broker,
         file_problems: Vec::new(),
+        refresh_ms: 0,
     })
     .expect("status serialises")
 }
@@ -657,8 +677,44 @@ impl<R: ContainerRuntime> Supervisor<R> {
         self.wake_at = Some(self.wake_at.map_or(at, |w| w.min(at)));
     }
 
+    /// Clears every retained topic of the removed SUT `sut` (empty retained payloads): its
+    /// fixed ones ([`Topics::sut_retained`]: agent status, probe, acknowledgements, last job,
+    /// the supervisor's view) now, and its job statuses (`<sut>/jobs/<id>`) as the broker
+    /// delivers them on the subscription made here. So a deleted SUT leaves `labvisor status`
+    /// and `labvisor jobs`.
+    fn clear_retained(&mut self, sut: &SutName) {
+        let Some(link) = &self.link else {
+            return;
+        };
+        let topics = &self.exec.settings.topics;
+        for topic in topics.sut_retained(sut) {
+            // The view is sticky (republished on reconnect): replace it rather than queue a
+            // clear that a reconnect would undo.
+            let _ = if topic == topics.supervisor(sut) {
+                link.set_sticky(topic, "")
+            } else {
+                link.publish(Message::state(topic, bytes::Bytes::new()))
+            };
+        }
+        let _ = link.subscribe(topics.jobs_filter(sut), QoS::AtLeastOnce);
+        info!(sut = %sut, "Cleared the retained topics of the removed SUT.");
+        self.gone.insert(sut.clone());
+    }
+
     fn message(&mut self, topic: &str, payload: &[u8], retained: bool) {
-        match self.exec.settings.topics.parse(topic) {
+        let parsed = self.exec.settings.topics.parse(topic);
+        if let Some((sut, kind)) = &parsed {
+            if self.gone.contains(sut) && !payload.is_empty() {
+                if matches!(kind, SutTopic::Agent | SutTopic::LastJob | SutTopic::Job(_)) {
+                    if let Some(link) = &self.link {
+                        debug!(sut = %sut, topic = %topic, "Clearing a retained topic of a removed SUT.");
+                        let _ = link.publish(Message::state(topic.to_owned(), bytes::Bytes::new()));
+                    }
+                }
+                return;
+            }
+        }
+        match parsed {
             Some((sut, SutTopic::Agent)) => self.agent_message(sut, payload),
             Some((sut, SutTopic::LastJob)) => {
                 if let Ok(job) = serde_json::from_slice::<JobStatus>(payload) {
@@ -702,12 +758,9 @@ impl<R: ContainerRuntime> Supervisor<R> {
                     st.heal.healthy_since = None;
                 }
                 if let Action::Remove { sut_gone: true, .. } = done.action {
-                    // The SUT is gone: clear its retained view.
-                    if let Some(link) = &self.link {
-                        let _ =
-                            link.set_sticky(self.exec.settings.topics.supervisor(&done.sut), "");
-                    }
+                    // The SUT is gone: clear what the broker retains of it.
                     self.suts.remove(&done.sut);
+                    self.clear_retained(&done.sut);
                 }
             }
             Err(error) => {
@@ -1103,11 +1156,13 @@ impl<R: ContainerRuntime> Supervisor<R> {
             .collect();
         for sut in stale {
             if let Some(st) = self.suts.remove(&sut) {
-                if let (Some(link), Some(_)) = (&self.link, st.published) {
-                    let _ = link.set_sticky(settings.topics.supervisor(&sut), "");
+                if st.published.is_some() {
+                    self.clear_retained(&sut);
                 }
             }
         }
+        // A SUT that is back is no longer cleared.
+        self.gone.retain(|sut| !known.contains(sut));
 
         // Spawn what can run now.
         for action in actions.into_iter().filter(Action::mutates) {
@@ -1182,12 +1237,39 @@ impl<R: ContainerRuntime> Supervisor<R> {
         }
     }
 
-    fn publish(&mut self, scan: &Scan, actual: &[Actual], desired: &BTreeMap<SutName, Desired>) {
+    /// When the unchanged supervisor status is due again (every `status_every`).
+    fn status_due(&self) -> Option<Instant> {
+        self.link.as_ref()?;
+        self.status_sent_at
+            .map(|at| at + self.exec.settings.status_every)
+    }
+
+    /// Sends the latest supervisor status, stamped now.
+    fn send_status(&mut self) {
+        let (Some(link), Some(status)) = (&self.link, &self.published_status) else {
+            return;
+        };
         let settings = &self.exec.settings;
+        let mut s = status.clone();
+        s.time_ms = payloads::now_ms();
+        let _ = link.set_sticky(
+            settings.topics.supervisor_status(&settings.spec.supervisor),
+            serde_json::to_vec(&s).expect("status serialises"),
+        );
+        self.status_sent_at = Some(Instant::now());
+    }
+
+    fn publish(&mut self, scan: &Scan, actual: &[Actual], desired: &BTreeMap<SutName, Desired>) {
+        let exec = self.exec.clone();
+        let settings = &exec.settings;
+        // The container counts are unknown (not zero) while the engine cannot be asked.
+        let known = Some(0).filter(|_| self.docker_reachable);
         let mut counts = SutCounts {
             desired: scan.valid.len() as u64,
             invalid: scan.invalid.len() as u64,
-            ..Default::default()
+            running: known,
+            healthy: known,
+            unhealthy: known,
         };
         let problems: BTreeMap<SutName, Vec<String>> = scan
             .invalid
@@ -1205,13 +1287,18 @@ impl<R: ContainerRuntime> Supervisor<R> {
             .flat_map(|(_, probs)| probs.iter().map(|p| p.to_string()))
             .collect();
         for a in actual.iter().filter(|a| a.owned) {
-            if a.state == crate::plan::RunState::Running {
-                counts.running += 1;
+            let count = match a.health {
+                Health::Healthy => &mut counts.healthy,
+                Health::Unhealthy => &mut counts.unhealthy,
+                _ => &mut None,
+            };
+            if let Some(n) = count {
+                *n += 1;
             }
-            match a.health {
-                Health::Healthy => counts.healthy += 1,
-                Health::Unhealthy => counts.unhealthy += 1,
-                _ => {}
+            if a.state == crate::plan::RunState::Running {
+                if let Some(n) = &mut counts.running {
+                    *n += 1;
+                }
             }
         }
         let status = SupervisorStatus {
@@ -1225,20 +1312,15 @@ impl<R: ContainerRuntime> Supervisor<R> {
             time_ms: 0,
             managed_broker: self.broker.clone(),
             file_problems,
-        };
-        let Some(link) = &self.link else {
-            self.published_status = Some(status);
-            return;
+            refresh_ms: settings.status_every.as_millis() as u64,
         };
         if self.published_status.as_ref() != Some(&status) {
-            let mut s = status.clone();
-            s.time_ms = payloads::now_ms();
-            let _ = link.set_sticky(
-                settings.topics.supervisor_status(&settings.spec.supervisor),
-                serde_json::to_vec(&s).expect("status serialises"),
-            );
             self.published_status = Some(status);
+            self.send_status();
         }
+        let Some(link) = &self.link else {
+            return;
+        };
         if !self.docker_reachable {
             return;
         }

@@ -198,8 +198,10 @@ fn docker_daemon_restart_is_reconciled_within_10s() {
         };
         let ids: Vec<Option<String>> = ["a", "b", "c", "d"].map(running).into();
         let status = statuses(&sub, &topic).pop()?;
-        (ids.iter().all(Option::is_some) && status.docker_reachable && status.suts.running == 4)
-            .then(|| (back.elapsed(), ids))
+        (ids.iter().all(Option::is_some)
+            && status.docker_reachable
+            && status.suts.running == Some(4))
+        .then(|| (back.elapsed(), ids))
     });
     let (elapsed, ids) = reconciled;
     assert!(

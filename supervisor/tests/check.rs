@@ -185,29 +185,6 @@ fn empty_dir_is_valid() {
     assert_eq!(stdout_of(&output), "0 files checked, 0 invalid\n");
 }
 
-/// `labvisor/...` is the control plane: a SUT named `labvisor` would get it as its own space.
-#[test]
-fn the_reserved_sut_name_is_refused_naming_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    fs::write(d.join("labvisor.toml"), "image = \"x\"\n").unwrap();
-    fs::write(d.join("labvisor-1.toml"), "image = \"x\"\n").unwrap();
-    let output = labvisor().arg("check").arg(d).output().unwrap();
-    assert_eq!(output.status.code(), Some(1));
-    let stdout = stdout_of(&output);
-    let lines: Vec<&str> = stdout.lines().collect();
-    let expected = [
-        format!(
-            "{}: name: the file name gives SUT name \"labvisor\", which is reserved: \
-             labvisor/... is the control plane's topic space (supervisor status, reply spaces), \
-             which a SUT's login would be given; rename the file",
-            file(d, "labvisor.toml")
-        ),
-        "2 files checked, 1 invalid".to_owned(),
-    ];
-    assert_eq!(lines, expected, "{stdout}");
-}
-
 /// Values that cannot be meant are refused, each with its reason naming file and key; another
 /// Docker network, capabilities and new privileges need their flags.
 #[test]
@@ -294,4 +271,27 @@ fn a_sut_file_linking_out_of_the_directory_is_refused() {
             dir.display()
         )
     );
+}
+
+/// `labvisor/...` is the control plane: a SUT named `labvisor` would get it as its own space.
+#[test]
+fn the_reserved_sut_name_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::write(d.join("labvisor.toml"), "image = \"x\"\n").unwrap();
+    fs::write(d.join("labvisor-1.toml"), "image = \"x\"\n").unwrap();
+    let output = labvisor().arg("check").arg(d).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stdout = stdout_of(&output);
+    let lines: Vec<&str> = stdout.lines().collect();
+    let expected = [
+        format!(
+            "{}: name: the file name gives SUT name \"labvisor\", which is reserved: \
+             labvisor/... is the control plane's topic space (supervisor status, reply spaces), \
+             which a SUT's login would be given; rename the file",
+            file(d, "labvisor.toml")
+        ),
+        "2 files checked, 1 invalid".to_owned(),
+    ];
+    assert_eq!(lines, expected, "{stdout}");
 }

@@ -323,3 +323,68 @@ fn jobs_of_an_unknown_sut_fail_and_a_closed_pipe_ends_quietly() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stderr(&o), "");
 }
+
+/// `labvisor supervise` with its log going into a pipe (as under systemd, `docker logs` or
+/// `| tee`) writes plain text: no ANSI colour codes, also on WARN lines.
+#[test]
+fn supervise_logs_into_a_pipe_without_colour_codes() {
+    use std::io::Read;
+    let scope = labvisor_tests::DockerScope::new("nocolour");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("Bad_Name.toml"), "image = \"x\"\n").unwrap();
+    let mut child = labvisor_tests::KillOnDrop(
+        Command::cargo_bin("labvisor")
+            .unwrap()
+            .arg("supervise")
+            .arg("--sut-dir")
+            .arg(dir.path())
+            .args(["--broker", "none", "--metrics-listen", "none"])
+            .args(["--id", scope.run_id(), "--name-prefix", &scope.name("")])
+            .args(["--extra-label", &scope.label()])
+            .arg("--agent-bin")
+            .arg(static_bin("labvisor-agent"))
+            .arg("--healthcheck-bin")
+            .arg(static_bin("labvisor-healthcheck"))
+            .env("LABVISOR_LOG", "info")
+            .env_remove("NO_COLOR")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut err = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l2 = log.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = err.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            l2.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    wait_until("the bad name logged", Duration::from_secs(30), || {
+        String::from_utf8_lossy(&log.lock().unwrap())
+            .contains("names no SUT")
+            .then_some(())
+    });
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(child.wait().unwrap().success());
+    reader.join().unwrap();
+    let mut out = Vec::new();
+    child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
+    let log = log.lock().unwrap().clone();
+    let text = String::from_utf8_lossy(&log);
+    assert_eq!(out, b"", "the log goes to stderr");
+    assert!(!log.contains(&0x1b), "ANSI escape in the log:\n{text:?}");
+    let levels: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(levels, ["INFO", "WARN", "INFO"], "{text}");
+}

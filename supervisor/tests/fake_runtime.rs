@@ -43,6 +43,7 @@ fn settings(dir: &Path) -> Settings {
         poll: None,
         metrics_listen: None,
         managed_broker: None,
+        status_every: Duration::from_secs(30),
     }
 }
 

@@ -293,7 +293,7 @@ fn sigkilled_supervisor_adopts_its_containers() {
     wait_until("the new supervisor online with 4 healthy", T, || {
         statuses(&sub)
             .into_iter()
-            .find(|s| s.boot_id != first_boot && s.suts.healthy == 4)
+            .find(|s| s.boot_id != first_boot && s.suts.healthy == Some(4))
     });
     let now = ps(&scope);
     assert_eq!(now.len(), 4, "no duplicates: {now:?}");
@@ -369,11 +369,34 @@ fn docker_unreachable_then_back_is_reported_and_reconciled() {
             .cloned()
     });
     write(&dir, "b.toml", &sut_file("1"));
-    wait_until("b seen while docker is unreachable", T, || {
+    let down = wait_until("b seen while docker is unreachable", T, || {
         statuses()
             .pop()
             .filter(|s| !s.docker_reachable && s.suts.desired == 2)
     });
+    // What runs is unknown while the engine cannot be asked: not zero.
+    assert_eq!(
+        (down.suts.running, down.suts.healthy, down.suts.unhealthy),
+        (None, None, None),
+        "{down:?}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_labvisor"))
+        .arg("status")
+        .env("LABVISOR_BROKER", broker.url())
+        .env_remove("LABVISOR_TOPIC_PREFIX")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("supervisor {}:", scope.run_id())))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains(
+            "docker UNREACHABLE, 2 SUTs desired, running unknown, healthy unknown, 0 invalid files"
+        ),
+        "{line}"
+    );
     assert!(
         sup.child.try_wait().unwrap().is_none(),
         "the supervisor keeps running"
@@ -385,7 +408,7 @@ fn docker_unreachable_then_back_is_reported_and_reconciled() {
     wait_until("status: docker reachable, 2 healthy", T, || {
         statuses()
             .pop()
-            .filter(|s| s.docker_reachable && s.suts.healthy == 2)
+            .filter(|s| s.docker_reachable && s.suts.healthy == Some(2))
     });
     assert_eq!(ps(&scope)[&scope.name("a")].0, a1, "a adopted as it was");
     assert!(sup.log().contains("Docker is reachable again."));
@@ -1061,4 +1084,179 @@ fn directory_problems_are_logged_once_per_change_and_published() {
         "{log}"
     );
     assert_eq!(log_lines(&log, &["Invalid SUT file", "sut=a"]), 2, "{log}");
+}
+
+/// The first line of `labvisor status` about supervisor `id`.
+fn status_line(broker: &Mosquitto, id: &str) -> Option<String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_labvisor"))
+        .arg("status")
+        .env("LABVISOR_BROKER", broker.url())
+        .env_remove("LABVISOR_TOPIC_PREFIX")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(&format!("supervisor {id}:")))
+        .map(str::to_owned)
+}
+
+/// An idle supervisor (nothing changes, resync an hour away) still republishes its status every
+/// `--status-interval`, identical but for its time; and when it hangs (SIGSTOP), `labvisor
+/// status` calls it stale after three periods, long before the broker gives up on its link.
+#[test]
+fn the_status_is_republished_while_idle_and_a_hung_supervisor_is_stale() {
+    let scope = DockerScope::new("refresh");
+    let broker = Mosquitto::start();
+    let status_topic = format!("labvisor/supervisors/{}/status", scope.run_id());
+    let sub = broker.subscribe(&status_topic, &[]);
+    let (_t, dir) = tmp_sut_dir();
+    let sup = Sup::start(
+        &scope,
+        &dir,
+        Some(&broker.url()),
+        &["--resync", "1h", "--status-interval", "1s"],
+    );
+    let got = wait_until("three statuses", T, || {
+        let s = supervisor_statuses(&sub, &status_topic);
+        (s.len() >= 3).then_some(s)
+    });
+    let first = &got[0];
+    assert_eq!(first.state, SupervisorState::Online);
+    assert_eq!(first.refresh_ms, 1000);
+    for pair in got.windows(2) {
+        let gap = pair[1].time_ms - pair[0].time_ms;
+        assert!(gap >= 900, "republished after {gap} ms: {got:?}");
+        let mut same = pair[1].clone();
+        same.time_ms = pair[0].time_ms;
+        assert_eq!(same, pair[0], "only the time changes");
+    }
+    let line = status_line(&broker, scope.run_id()).unwrap();
+    assert!(line.contains(": online, docker reachable"), "{line}");
+
+    let pid = sup.child.id().to_string();
+    labvisor_tests::run_ok(Command::new("kill").args(["-STOP", &pid]));
+    let stale = wait_until("labvisor status says stale", T, || {
+        status_line(&broker, scope.run_id()).filter(|l| l.contains("STALE"))
+    });
+    labvisor_tests::run_ok(Command::new("kill").args(["-CONT", &pid]));
+    assert!(
+        stale.contains(": STALE (last said online; its status comes every 1s), docker reachable"),
+        "{stale}"
+    );
+}
+
+/// What the broker retains under `filter`, read as a new subscriber sees it: everything
+/// delivered before a retained probe on a private topic subscribed after `filter` (mosquitto
+/// sends the retained messages of a subscription's topics in their order).
+fn retained(broker: &Mosquitto, filter: &str) -> Vec<String> {
+    let probe = format!("lvtest/probe/{}", labvisor_tests::unique_id("p"));
+    assert!(broker
+        .publish(&probe, "end", &["-r", "-q", "1"])
+        .status
+        .success());
+    let sub = broker.subscribe(filter, &["-t", &probe]);
+    let got = wait_until("the probe", T, || {
+        let lines = sub.lines();
+        let end = lines.iter().position(|l| l.starts_with(&probe))?;
+        Some(lines[..end].to_vec())
+    });
+    assert!(broker
+        .publish(&probe, "", &["-r", "-q", "1"])
+        .status
+        .success());
+    got
+}
+
+/// A deleted SUT leaves nothing retained on the broker: its agent's `offline` status, its
+/// supervisor view, last job, submit status and every job status are cleared, so `labvisor
+/// status` no longer lists it and `labvisor jobs` says there is no such SUT. Another SUT's
+/// retained topics stay.
+#[test]
+fn a_deleted_sut_leaves_no_retained_topics() {
+    let j = JobSut::start("gone", "1h", "30s");
+    for (topic, payload) in [
+        ("other/agent", r#"{"state":"idle"}"#),
+        ("other/jobs/x1", r#"{"id":"x1"}"#),
+    ] {
+        assert!(j
+            .broker
+            .publish(topic, payload, &["-r", "-q", "1"])
+            .status
+            .success());
+    }
+    for id in ["done-1", "done-2"] {
+        let payload = serde_json::json!({"id": id, "script": "true"}).to_string();
+        assert!(j
+            .broker
+            .publish("j/submit", &payload, &["-q", "1"])
+            .status
+            .success());
+        wait_until(&format!("{id} passed"), T, || {
+            j.job_states(id)
+                .into_iter()
+                .find(|s| s.state == JobState::Passed)
+        });
+    }
+    let before = retained(&j.broker, "j/#");
+    let topics = |lines: &[String]| -> Vec<String> {
+        let mut t: Vec<String> = lines
+            .iter()
+            .filter_map(|l| l.split_once(' ').map(|(t, _)| t.to_owned()))
+            .collect();
+        t.sort();
+        t
+    };
+    assert_eq!(
+        topics(&before),
+        [
+            "j/agent",
+            "j/jobs/done-1",
+            "j/jobs/done-2",
+            "j/last_job",
+            "j/submit_status",
+            "j/supervisor"
+        ],
+        "{before:?}"
+    );
+
+    std::fs::remove_file(j.dir.join("j.toml")).unwrap();
+    wait_until("j's container removed", T, || {
+        (!ps(&j.scope).contains_key(&j.scope.name("j"))).then_some(())
+    });
+    let after = wait_until("nothing of j retained", T, || {
+        let r = retained(&j.broker, "j/#");
+        r.is_empty().then_some(r)
+    });
+    assert_eq!(after, Vec::<String>::new());
+    assert_eq!(
+        topics(&retained(&j.broker, "other/#")),
+        ["other/agent", "other/jobs/x1"],
+        "another SUT's retained topics stay"
+    );
+
+    let labvisor = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_labvisor"))
+            .args(args)
+            .env("LABVISOR_BROKER", j.broker.url())
+            .env_remove("LABVISOR_TOPIC_PREFIX")
+            .output()
+            .unwrap()
+    };
+    let o = labvisor(&["status", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let suts: Vec<&str> = v["suts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s["sut"].as_str())
+        .collect();
+    // (other's stand-in payload is no full agent status: status lists no SUT at all.)
+    assert_eq!(suts, Vec::<&str>::new(), "{v}");
+    let o = labvisor(&["jobs", "j"]);
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

@@ -252,8 +252,9 @@ struct Inner {
     next_seq: u64,
     /// Latest payload per sticky topic, in first-set order.
     sticky: Vec<(String, Bytes)>,
-    subscriptions: Vec<(String, QoS)>,
-    subs_to_send: VecDeque<(String, QoS)>,
+    /// Filter, QoS, retain-as-published.
+    subscriptions: Vec<(String, QoS, bool)>,
+    subs_to_send: VecDeque<(String, QoS, bool)>,
     acks: VecDeque<Publish>,
     /// Handed to rumqttc's channel, not yet seen written (FIFO, matches `Outgoing::Publish`).
     handed: VecDeque<Entry>,
@@ -371,11 +372,10 @@ impl Inner {
             }
             self.acks.pop_front();
         }
-        while let Some((filter, qos)) = self.subs_to_send.front() {
-            if client
-                .try_subscribe(filter.clone(), qos.to_rumqttc())
-                .is_err()
-            {
+        while let Some((filter, qos, as_published)) = self.subs_to_send.front() {
+            let mut f = rumqttc::v5::mqttbytes::v5::Filter::new(filter.clone(), qos.to_rumqttc());
+            f.preserve_retain = *as_published;
+            if client.try_subscribe_many(std::iter::once(f)).is_err() {
                 return;
             }
             self.subs_to_send.pop_front();
@@ -680,8 +680,28 @@ impl MqttLink {
 
     /// Subscribes to `filter` now (when connected) and again after every reconnect. Incoming
     /// publishes arrive on [`Incoming`]. Subscribing twice to the same filter updates its QoS.
+    /// [`Received::retain`] is true only for retained messages sent because of the subscription.
     pub fn subscribe(&self, filter: impl Into<String>, qos: QoS) -> Result<(), PublishError> {
-        let filter = filter.into();
+        self.subscribe_with(filter.into(), qos, false)
+    }
+
+    /// As [`MqttLink::subscribe`], with the MQTT 5 option retain-as-published:
+    /// [`Received::retain`] is also true for a message its sender published retained while the
+    /// subscription was live (the agent refuses retained jobs).
+    pub fn subscribe_as_published(
+        &self,
+        filter: impl Into<String>,
+        qos: QoS,
+    ) -> Result<(), PublishError> {
+        self.subscribe_with(filter.into(), qos, true)
+    }
+
+    fn subscribe_with(
+        &self,
+        filter: String,
+        qos: QoS,
+        as_published: bool,
+    ) -> Result<(), PublishError> {
         if !rumqttc::v5::mqttbytes::valid_filter(&filter) || filter.contains('\0') {
             return Err(PublishError::InvalidTopic(filter));
         }
@@ -689,12 +709,14 @@ impl MqttLink {
         if inner.closed || inner.closing.is_some() {
             return Err(PublishError::Closed);
         }
-        match inner.subscriptions.iter_mut().find(|(f, _)| *f == filter) {
-            Some((_, q)) => *q = qos,
-            None => inner.subscriptions.push((filter.clone(), qos)),
+        match inner.subscriptions.iter_mut().find(|(f, ..)| *f == filter) {
+            Some((_, q, p)) => (*q, *p) = (qos, as_published),
+            None => inner
+                .subscriptions
+                .push((filter.clone(), qos, as_published)),
         }
         if inner.connected {
-            inner.subs_to_send.push_back((filter, qos));
+            inner.subs_to_send.push_back((filter, qos, as_published));
             inner.pump(&self.shared.client);
         }
         Ok(())
