@@ -18,7 +18,7 @@
 //!   gateway of the labvisor bridge network (plain MQTT, or with `--agent-tls` only TLS, with
 //!   the supervisor's own CA: [`crate::broker_tls`]). Each agent logs in as its own SUT with its own
 //!   random password ([`AgentLogins`]), given in its environment, and the ACL
-//!   ([`managed_acl`]) confines it to its own topics `[<prefix>/]<sut>/#` and writes to its reply
+//!   (`managed_acl`) confines it to its own topics `[<prefix>/]<sut>/#` and writes to its reply
 //!   space `labvisor/replies/<sut>/#`: a job running on one SUT cannot submit jobs to another. Any other container reaching that address cannot connect at all.
 //!
 //! A SUT's login is made when its container is first created (the password file and mosquitto's
@@ -38,7 +38,7 @@
 //! SIGKILL. mosquitto runs in its own process group, so a Ctrl-C in the supervisor's terminal
 //! does not reach it directly.
 //!
-//! **Watching.** A thread ([`watch`]) waits for mosquitto to exit. When it dies without being
+//! **Watching.** A thread (`watch`) waits for mosquitto to exit. When it dies without being
 //! asked to, the death is logged (error, with the exit status), the process is reaped, and
 //! mosquitto is started again at once (then after 1 s, doubling up to 30 s, while it keeps
 //! failing); each change is published on [`ManagedBroker::status`], which the supervisor shows in
@@ -199,7 +199,7 @@ fn add_login(passwd_bin: &Path, passwd: &Path, user: &str, password: &str) -> Re
     Ok(())
 }
 
-/// A running managed mosquitto, watched: when it dies it is restarted (see [`watch`]). Stopped
+/// A running managed mosquitto, watched: when it dies it is restarted (see the module docs). Stopped
 /// (SIGTERM, then SIGKILL after [`STOP_GRACE`]) by [`ManagedBroker::stop`] or on drop.
 pub struct ManagedBroker {
     watcher: Option<std::thread::JoinHandle<()>>,
