@@ -480,7 +480,10 @@ mod tests {
         ] {
             let p = t.prefix.clone();
             assert_eq!(t.reply_space(&s), format!("{p}labvisor/replies/rpi4-01/#"));
-            assert_eq!(t.agent_reply_acl_pattern(), format!("{p}labvisor/replies/%u/#"));
+            assert_eq!(
+                t.agent_reply_acl_pattern(),
+                format!("{p}labvisor/replies/%u/#")
+            );
             for ok in ["labvisor/replies/rpi4-01", "labvisor/replies/rpi4-01/ci/42"] {
                 assert!(t.is_reply_topic(&s, &format!("{p}{ok}")), "{p}{ok}");
                 assert!(t.is_allowed_reply(&s, &format!("{p}{ok}")), "{p}{ok}");

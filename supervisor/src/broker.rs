@@ -18,7 +18,7 @@
 //!   gateway of the labvisor bridge network (plain MQTT, or with `--agent-tls` only TLS, with
 //!   the supervisor's own CA: [`crate::broker_tls`]). Each agent logs in as its own SUT with its own
 //!   random password ([`AgentLogins`]), given in its environment, and the ACL
-//!   ([`managed_acl`]) confines it to its own topics `[<prefix>/]<sut>/#` and writes to its reply
+//!   (`managed_acl`) confines it to its own topics `[<prefix>/]<sut>/#` and writes to its reply
 //!   space `labvisor/replies/<sut>/#`: a job running on one SUT cannot submit jobs to another. Any other container reaching that address cannot connect at all.
 //!
 //! A SUT's login is made when its container is first created (the password file and mosquitto's
@@ -38,7 +38,7 @@
 //! SIGKILL. mosquitto runs in its own process group, so a Ctrl-C in the supervisor's terminal
 //! does not reach it directly.
 //!
-//! **Watching.** A thread ([`watch`]) waits for mosquitto to exit. When it dies without being
+//! **Watching.** A thread (`watch`) waits for mosquitto to exit. When it dies without being
 //! asked to, the death is logged (error, with the exit status), the process is reaped, and
 //! mosquitto is started again at once (then after 1 s, doubling up to 30 s, while it keeps
 //! failing); each change is published on [`ManagedBroker::status`], which the supervisor shows in
@@ -199,7 +199,7 @@ fn add_login(passwd_bin: &Path, passwd: &Path, user: &str, password: &str) -> Re
     Ok(())
 }
 
-/// A running managed mosquitto, watched: when it dies it is restarted (see [`watch`]). Stopped
+/// A running managed mosquitto, watched: when it dies it is restarted (see the module docs). Stopped
 /// (SIGTERM, then SIGKILL after [`STOP_GRACE`]) by [`ManagedBroker::stop`] or on drop.
 pub struct ManagedBroker {
     watcher: Option<std::thread::JoinHandle<()>>,
@@ -221,8 +221,10 @@ pub struct ManagedBroker {
 
 impl ManagedBroker {
     /// Starts mosquitto on `port`, listening on loopback and on `gateway`, with its files in
-    /// `state_dir`; logins and their ACL as [`managed_acl`] says (built from `topics`). With
-    /// `agent_tls`, the listener on `gateway` speaks only TLS.
+    /// `state_dir`; agent logins confined by [`Topics::agent_acl_pattern`] and their reply space.
+    /// With `agent_tls`, the listener on `gateway` speaks only TLS.
+    ///
+    /// [`Topics::agent_acl_pattern`]: labvisor_protocol::topics::Topics::agent_acl_pattern
     pub fn start(
         state_dir: &Path,
         port: u16,
@@ -802,10 +804,12 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        // The agents' and the local tools' clear-text passwords and the CA are the supervisor's
-        // user's, not the broker's.
-        let name = e.file_name();
-        if name != AGENTS_DIR && name != LOCAL_PASSWORD_FILE && name != crate::broker_tls::CA_DIR {
+        // The agents' and the local tools' clear-text passwords and the CA are the
+        // supervisor's user's, not the broker's.
+        if e.file_name() != AGENTS_DIR
+            && e.file_name() != LOCAL_PASSWORD_FILE
+            && e.file_name() != crate::broker_tls::CA_DIR
+        {
             std::os::unix::fs::chown(e.path(), Some(uid), Some(gid))?;
         }
     }
