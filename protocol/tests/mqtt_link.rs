@@ -230,6 +230,10 @@ async fn outage_overflow_keeps_the_newest_messages() {
     let mut o = options(&m);
     o.queue_capacity = 10;
     let (link, mut incoming) = MqttLink::start(o).unwrap();
+    // The producer is told of every message dropped, so it can count what it lost.
+    let evicted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let e2 = evicted.clone();
+    link.on_evict(move |m: &Message| e2.lock().unwrap().push(text_of(&m.payload)));
     link.subscribe("c/in", QoS::AtLeastOnce).unwrap();
     wait_state(&link, "connected", |s| s.connected).await;
     wait_self_subscribed(&link, &mut incoming, "c/in").await;
@@ -242,6 +246,8 @@ async fn outage_overflow_keeps_the_newest_messages() {
     }
     let s = link.state();
     assert_eq!((s.queued, s.dropped), (10, 40), "{s:?}");
+    let want: Vec<String> = (0..40).map(|i| format!("q{i:02}")).collect();
+    assert_eq!(*evicted.lock().unwrap(), want);
 
     m.restart();
     wait_state(&link, "reconnected", |s| s.connects == 2).await;
@@ -552,4 +558,8 @@ async fn manual_acks_belong_to_their_connection() {
         link.ack(&job),
         Err(labvisor_protocol::mqtt::AckError::Stale)
     );
+}
+
+fn text_of(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
 }

@@ -260,7 +260,12 @@ struct Inner {
     coalesced: u64,
     refused_oversize: u64,
     last_error: Option<String>,
+    /// Told of every message the overflow policy drops.
+    on_evict: Option<EvictHook>,
 }
+
+/// See [`MqttLink::on_evict`].
+type EvictHook = Arc<dyn Fn(&Message) + Send + Sync>;
 
 impl Inner {
     fn qos1_out(&self) -> usize {
@@ -293,7 +298,11 @@ impl Inner {
                 .or_else(|| self.outbox.iter().position(|e| e.keep == Keep::No));
             match victim {
                 Some(i) => {
-                    self.outbox.remove(i);
+                    if let Some(e) = self.outbox.remove(i) {
+                        if let Some(hook) = &self.on_evict {
+                            hook(&e.msg);
+                        }
+                    }
                     self.dropped += 1;
                 }
                 None => break,
@@ -489,6 +498,7 @@ impl MqttLink {
             coalesced: 0,
             refused_oversize: 0,
             last_error: None,
+            on_evict: None,
         };
         let (state_tx, _) = watch::channel(inner.snapshot());
         let shared = Arc::new(Shared {
@@ -635,6 +645,13 @@ impl MqttLink {
         inner.acks.push_back(received.publish.clone());
         inner.pump(&self.shared.client);
         Ok(())
+    }
+
+    /// Calls `hook` with every message the overflow policy drops from the outbox (so a producer
+    /// can count what it lost). It runs under the link's lock: keep it short, and never call the
+    /// link from it.
+    pub fn on_evict(&self, hook: impl Fn(&Message) + Send + Sync + 'static) {
+        self.shared.lock().on_evict = Some(Arc::new(hook));
     }
 
     /// Largest payload that fits one message on `topic` under the effective maximum packet

@@ -1,0 +1,223 @@
+//! Output on MQTT, against a real mosquitto and the real agent, with exact books: a job prints
+//! lines `L<n> <checksum>`; the log file must hold every one, in order; on `<sut>/output` and
+//! `<sut>/jobs/<id>/output` every line must be received whole and in order, or counted in
+//! `dropped` with a `seq` jump where it was lost, so that received + dropped is every line.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{sut_toml, AgentProc, Collector, Seen};
+use labvisor_tests::{wait_until, Mosquitto};
+use serde_json::Value;
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn ck(i: u64) -> u64 {
+    i * 7919 % 1_000_003
+}
+
+/// A shell command printing `L<n> <checksum>` for n in `from..to`. awk writes in 4 KiB blocks,
+/// so its writes end mid-line.
+fn awk(from: u64, to: u64) -> String {
+    format!(
+        "awk 'BEGIN {{ for (i = {from}; i < {to}; i++) printf \"L%d %d\\n\", i, (i * 7919) % 1000003 }}'"
+    )
+}
+
+fn json(s: &Seen) -> Value {
+    serde_json::from_str(&s.text).unwrap_or(Value::Null)
+}
+
+/// The log file's lines, checked to be exactly `L0 ..` to `L<total-1> ..` in order.
+fn check_log(agent: &AgentProc, total: u64) {
+    let log = String::from_utf8(agent.log()).expect("the log is the job's ASCII");
+    let lines: Vec<&str> = log.lines().collect();
+    assert_eq!(lines.len() as u64, total, "lines in the log file");
+    for (i, l) in lines.iter().enumerate() {
+        let i = i as u64;
+        assert_eq!(*l, format!("L{i} {}", ck(i)), "log line {i}");
+    }
+}
+
+/// The messages of one output topic, one per `seq` (QoS 1 resends collapsed: they must be
+/// identical).
+fn unique(msgs: &[Seen]) -> (BTreeMap<u64, Seen>, usize) {
+    let mut by_seq: BTreeMap<u64, Seen> = BTreeMap::new();
+    let mut dups = 0;
+    let boot = msgs
+        .first()
+        .and_then(|m| m.meta.as_ref())
+        .map(|m| m.boot.clone());
+    for m in msgs {
+        let meta = m.meta.as_ref().expect("output carries seq/dropped/boot");
+        assert_eq!(Some(&meta.boot), boot.as_ref(), "one agent run");
+        match by_seq.get(&meta.seq) {
+            Some(prev) => {
+                assert_eq!(
+                    prev.text, m.text,
+                    "seq {} delivered twice, differently",
+                    meta.seq
+                );
+                dups += 1;
+            }
+            None => {
+                by_seq.insert(meta.seq, m.clone());
+            }
+        }
+    }
+    (by_seq, dups)
+}
+
+/// Received lines plus the last `dropped`: the lines accounted for so far.
+fn accounted(msgs: &[Seen]) -> u64 {
+    let (by_seq, _) = unique(msgs);
+    let lines: u64 = by_seq.values().map(|m| m.text.lines().count() as u64).sum();
+    lines
+        + by_seq
+            .values()
+            .last()
+            .map_or(0, |m| m.meta.as_ref().unwrap().dropped)
+}
+
+/// What one topic's books say.
+#[derive(Debug, Default)]
+struct Books {
+    messages: usize,
+    received: u64,
+    dropped: u64,
+    jumps: u64,
+    duplicates: usize,
+    loss_reports: usize,
+}
+
+/// Checks one topic's messages against lines `0..total`: in `seq` order, a `seq` jump exactly
+/// where `dropped` grows, every line whole (`L<n> <checksum>`) and following on from the last
+/// one plus the lines dropped in between, and received + dropped == total.
+fn books(msgs: &[Seen], total: u64) -> Books {
+    let (by_seq, duplicates) = unique(msgs);
+    let mut b = Books {
+        duplicates,
+        ..Books::default()
+    };
+    let mut next_line = 0u64;
+    let mut prev: Option<(u64, u64)> = None;
+    for (seq, m) in &by_seq {
+        let meta = m.meta.as_ref().unwrap();
+        let (expect_seq, prev_dropped) = prev.map_or((0, 0), |(s, d)| (s + 1, d));
+        assert!(
+            meta.dropped >= prev_dropped,
+            "dropped went down at seq {seq}"
+        );
+        let lost = meta.dropped - prev_dropped;
+        if lost > 0 {
+            assert!(
+                *seq > expect_seq,
+                "{lost} lines lost before seq {seq} without a jump"
+            );
+            b.jumps += 1;
+        } else {
+            assert_eq!(
+                *seq, expect_seq,
+                "a seq jump without a loss (or a message missing)"
+            );
+        }
+        next_line += lost;
+        assert!(
+            m.text.is_empty() || m.text.ends_with('\n'),
+            "a batch ends mid-line"
+        );
+        if m.text.is_empty() {
+            b.loss_reports += 1;
+        }
+        for line in m.text.lines() {
+            assert_eq!(
+                line,
+                format!("L{next_line} {}", ck(next_line)),
+                "a spliced or misplaced line at seq {seq}"
+            );
+            next_line += 1;
+            b.received += 1;
+        }
+        prev = Some((*seq, meta.dropped));
+        b.dropped = meta.dropped;
+    }
+    b.messages = by_seq.len();
+    assert_eq!(next_line, total, "received + dropped");
+    assert_eq!(b.received + b.dropped, total);
+    b
+}
+
+fn submit(broker: &Mosquitto, sut: &str, script: &str) {
+    let out = broker.publish(&format!("{sut}/submit"), script, &["-q", "1"]);
+    assert!(out.status.success(), "{out:?}");
+}
+
+/// Waits for the job's acceptance and returns its id.
+fn accepted(mqtt: &Collector, sut: &str) -> String {
+    let ack = mqtt.wait(&format!("{sut}/submit_status"), LIMIT, |m| {
+        json(m)["result"] == "accepted"
+    });
+    json(&ack)["id"].as_str().unwrap().to_owned()
+}
+
+fn wait_final(mqtt: &Collector, sut: &str, id: &str) -> Value {
+    json(&mqtt.wait(&format!("{sut}/jobs/{id}"), LIMIT, |m| {
+        matches!(
+            json(m)["state"].as_str(),
+            Some("passed" | "failed" | "cancelled" | "timeout" | "lost")
+        )
+    }))
+}
+
+fn wait_idle(mqtt: &Collector, sut: &str) {
+    mqtt.wait(&format!("{sut}/agent"), LIMIT, |m| {
+        json(m)["state"] == "idle" && json(m)["broker_connected"] == true
+    });
+}
+
+/// Waits until `topic`'s books account for `total` lines.
+fn wait_accounted(mqtt: &Collector, topic: &str, total: u64) -> Vec<Seen> {
+    wait_until(
+        &format!("{total} lines accounted for on {topic}"),
+        LIMIT,
+        || {
+            let msgs = mqtt.on(topic);
+            (accounted(&msgs) == total).then_some(msgs)
+        },
+    )
+}
+
+#[test]
+fn two_hundred_thousand_fast_lines_are_all_in_the_file_and_accounted_for_on_mqtt() {
+    const TOTAL: u64 = 200_000;
+    let broker = Mosquitto::start();
+    let sut = "flood-1";
+    let mqtt = Collector::start(broker.port(), &[&format!("{sut}/#")]);
+    // The default log.mqtt_rate (1 MiB/s): the 2.6 MB burst is far above it.
+    let agent = AgentProc::start(
+        sut,
+        &sut_toml(None, "[log]\nmax_size = \"64MiB\"\nkeep = 1\n"),
+        Some(&broker.url()),
+        &["--no-stdout"],
+    );
+    wait_idle(&mqtt, sut);
+    submit(&broker, sut, &awk(0, TOTAL));
+    let id = accepted(&mqtt, sut);
+    assert_eq!(wait_final(&mqtt, sut, &id)["state"], "passed");
+    check_log(&agent, TOTAL);
+    for topic in [format!("{sut}/jobs/{id}/output"), format!("{sut}/output")] {
+        let msgs = wait_accounted(&mqtt, &topic, TOTAL);
+        let b = books(&msgs, TOTAL);
+        eprintln!("figures {topic}: {TOTAL} lines, {b:?}");
+        assert!(b.dropped > 0 && b.jumps > 0, "{b:?}");
+        assert_eq!(b.duplicates, 0, "no resends without a fault");
+    }
+    // The heartbeat counts the lines lost on <sut>/output.
+    let dropped = agent.wait_hb("output_dropped", LIMIT, |v| v != "0");
+    assert_eq!(
+        dropped.parse::<u64>().unwrap(),
+        books(&mqtt.on(&format!("{sut}/output")), TOTAL).dropped
+    );
+}
