@@ -498,4 +498,42 @@ mod tests {
             "{errs:?}"
         );
     }
+
+    /// How long a short-lived file exists: far below the rescan period.
+    const LIFE: Duration = Duration::from_millis(5);
+
+    #[test]
+    fn files_that_live_for_a_few_ms_are_read() {
+        let (d, sinks, _rx) = setup();
+        let run = d.path().join("run");
+        std::fs::create_dir_all(run.join("job1")).unwrap();
+        let sinks = Arc::new(sinks);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut t = Tailer::new(vec![format!("{}/*/*.log", run.display())]);
+        t.poll_once(&sinks);
+        t.watch().unwrap();
+        let (s2, st2) = (sinks.clone(), stop.clone());
+        let h = std::thread::spawn(move || {
+            while !st2.load(Ordering::Relaxed) {
+                if t.wait_events(&s2, POLL) {
+                    t.poll_once(&s2);
+                }
+            }
+            t.poll_once(&s2);
+        });
+        for f in 0..40 {
+            let p = run.join(format!("job1/p{f}.log"));
+            std::fs::write(&p, format!("file {f} line 1\nfile {f} line 2\n")).unwrap();
+            std::thread::sleep(LIFE);
+            std::fs::remove_file(&p).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap();
+        let s = log(d.path(), &sinks);
+        let missing: Vec<usize> = (0..40)
+            .filter(|f| !s.contains(&format!("file {f} line 2\n")))
+            .collect();
+        assert!(missing.is_empty(), "missed {missing:?}");
+    }
 }

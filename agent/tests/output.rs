@@ -2,6 +2,7 @@
 //! lines `L<n> <checksum>`; the log file must hold every one, in order; on `<sut>/output` and
 //! `<sut>/jobs/<id>/output` every line must be received whole and in order, or counted in
 //! `dropped` with a `seq` jump where it was lost, so that received + dropped is every line.
+//! Lines of short-lived followed files interleave with the device's as whole lines.
 
 mod common;
 
@@ -220,4 +221,146 @@ fn two_hundred_thousand_fast_lines_are_all_in_the_file_and_accounted_for_on_mqtt
         dropped.parse::<u64>().unwrap(),
         books(&mqtt.on(&format!("{sut}/output")), TOTAL).dropped
     );
+}
+
+/// testflinger writes a phase log and deletes it right after: files that live for 5 ms are
+/// followed all the same (inotify opens them as they appear), and their lines and the device's,
+/// both written in pieces, interleave in the log file and on MQTT as whole lines, with a header
+/// at every switch.
+#[test]
+fn short_lived_followed_files_are_captured_and_interleave_whole_lines_with_headers() {
+    const DEVICE: u64 = 10_000;
+    const FILES: usize = 40;
+    const FILE_LINES: usize = 20;
+    let broker = Mosquitto::start();
+    let sut = "tail-1";
+    let run = tempfile::tempdir().unwrap();
+    let job = run.path().join("job1");
+    std::fs::create_dir_all(&job).unwrap();
+    let mqtt = Collector::start(broker.port(), &[&format!("{sut}/output")]);
+    let go = run.path().join("go");
+    // The device prints each line in two writes, paced so that it runs while the files come
+    // and go.
+    let device = format!(
+        "while [ ! -e {go} ]; do sleep 0.01; done; i=0; while [ $i -lt {DEVICE} ]; do printf \"D$i \"; printf \"end\\n\"; i=$((i+1)); [ $((i % 50)) -eq 0 ] && sleep 0.01; done; echo device-done; exec sleep 3600",
+        go = go.display()
+    );
+    let agent = AgentProc::start(
+        sut,
+        &sut_toml(
+            Some(&device),
+            &format!(
+                "tail = [\"{}/*/*.log\"]\n[log]\nmax_size = \"64MiB\"\nkeep = 1\nmqtt_rate = \"256MiB\"\n",
+                run.path().display()
+            ),
+        ),
+        Some(&broker.url()),
+        &["--no-stdout"],
+    );
+    agent.wait_hb("broker_connected", LIMIT, |v| v == "true");
+    // A first file, kept until it shows in the log: the tail is running.
+    let probe = job.join("probe.log");
+    std::fs::write(&probe, "probe line\n").unwrap();
+    wait_until("the probe file followed", LIMIT, || {
+        String::from_utf8_lossy(&agent.log())
+            .contains("probe line\n")
+            .then_some(())
+    });
+    std::fs::remove_file(&probe).unwrap();
+    std::fs::write(&go, b"").unwrap();
+    for f in 0..FILES {
+        use std::io::Write;
+        let p = job.join(format!("phase{f}.log"));
+        let mut file = std::fs::File::create(&p).unwrap();
+        for k in 0..FILE_LINES {
+            file.write_all(format!("F{f}.{k} ").as_bytes()).unwrap();
+            file.write_all(b"file line\n").unwrap();
+        }
+        drop(file);
+        std::thread::sleep(Duration::from_millis(5)); // the file's whole life: a few ms
+        std::fs::remove_file(&p).unwrap();
+    }
+    wait_until("the device output complete", LIMIT, || {
+        String::from_utf8_lossy(&agent.log())
+            .contains("device-done\n")
+            .then_some(())
+    });
+    let log = String::from_utf8(agent.log()).unwrap();
+    // Every line whole and where it belongs: device lines only under the output header (or
+    // before any header), a file's lines only under its own header; each source in order and
+    // complete.
+    let mut context: Option<String> = None;
+    let mut next_d = 0u64;
+    let mut next_f = vec![0usize; FILES];
+    let mut headers = 0;
+    let mut switches = 0;
+    let mut last_kind: Option<String> = None;
+    for line in log.lines() {
+        if let Some(h) = line
+            .strip_prefix("==> ")
+            .and_then(|l| l.strip_suffix(" <=="))
+        {
+            context = (h != "(output)").then(|| h.to_owned());
+            headers += 1;
+            continue;
+        }
+        if line == "probe line" {
+            continue;
+        }
+        let kind = match line.strip_prefix('F') {
+            Some(rest) => {
+                let (f, rest) = rest.split_once('.').expect("F<f>.<k>");
+                let f: usize = f.parse().unwrap();
+                let (k, tail) = rest.split_once(' ').unwrap();
+                assert_eq!(tail, "file line", "a spliced line: {line:?}");
+                assert_eq!(k.parse::<usize>().unwrap(), next_f[f], "{line:?}");
+                next_f[f] += 1;
+                let path = job.join(format!("phase{f}.log")).display().to_string();
+                assert_eq!(
+                    context.as_deref(),
+                    Some(path.as_str()),
+                    "{line:?} under {context:?}"
+                );
+                path
+            }
+            None if line == "device-done" => "device".to_owned(),
+            None => {
+                assert_eq!(
+                    line,
+                    format!("D{next_d} end"),
+                    "a spliced or missing device line"
+                );
+                assert_eq!(context, None, "{line:?} under {context:?}");
+                next_d += 1;
+                "device".to_owned()
+            }
+        };
+        if last_kind.as_ref().is_some_and(|k| *k != kind) {
+            switches += 1;
+        }
+        last_kind = Some(kind);
+    }
+    assert_eq!(next_d, DEVICE);
+    assert_eq!(
+        next_f,
+        vec![FILE_LINES; FILES],
+        "every short-lived file, complete; the agent said: {}",
+        agent
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("tail") || l.contains("followed"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!("figures tail: {FILES} files of {FILE_LINES} lines, {DEVICE} device lines, {switches} switches, {headers} headers");
+    // MQTT carries the same text (nothing was dropped: the rate is high, the backlog small).
+    let topic = format!("{sut}/output");
+    wait_until("the same text on MQTT", LIMIT, || {
+        let text: String = mqtt.on(&topic).iter().map(|m| m.text.as_str()).collect();
+        (text == log).then_some(())
+    });
+    assert!(mqtt
+        .on(&topic)
+        .iter()
+        .all(|m| m.meta.as_ref().unwrap().dropped == 0));
 }
