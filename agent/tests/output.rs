@@ -2,15 +2,18 @@
 //! lines `L<n> <checksum>`; the log file must hold every one, in order; on `<sut>/output` and
 //! `<sut>/jobs/<id>/output` every line must be received whole and in order, or counted in
 //! `dropped` with a `seq` jump where it was lost, so that received + dropped is every line.
-//! Lines of short-lived followed files interleave with the device's as whole lines.
+//! Then the same across faults (the chaos suite): the broker SIGKILLed and restarted on its port,
+//! and the broker stopped (SIGSTOP) for 30 s, mid-job.
 
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
 
 use common::{sut_toml, AgentProc, Collector, Seen};
 use labvisor_tests::{wait_until, Mosquitto};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -40,6 +43,11 @@ fn check_log(agent: &AgentProc, total: u64) {
         let i = i as u64;
         assert_eq!(*l, format!("L{i} {}", ck(i)), "log line {i}");
     }
+}
+
+fn log_has(agent: &AgentProc, n: u64) -> bool {
+    let want = format!("\nL{n} {}\n", ck(n));
+    String::from_utf8_lossy(&agent.log()).contains(&want)
 }
 
 /// The messages of one output topic, one per `seq` (QoS 1 resends collapsed: they must be
@@ -221,6 +229,130 @@ fn two_hundred_thousand_fast_lines_are_all_in_the_file_and_accounted_for_on_mqtt
         dropped.parse::<u64>().unwrap(),
         books(&mqtt.on(&format!("{sut}/output")), TOTAL).dropped
     );
+}
+
+/// How the broker fails mid-job.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    /// SIGKILL, then a restart on the same port (with its persistence file).
+    Kill,
+    /// SIGSTOP for 30 s, then SIGCONT.
+    Stop,
+}
+
+/// A job in three phases: 10000 lines with the broker up, 150000 (2.3 MB, more than the
+/// backlog the agent keeps) while the broker is down or stopped, 10000 after it is back. The
+/// test moves the job from phase to phase with flag files.
+fn chaos(fault: Fault) {
+    const A: u64 = 10_000;
+    const B: u64 = 150_000;
+    const TOTAL: u64 = A + B + 10_000;
+    // Persistence, so a killed and restarted broker still has the collector's session and
+    // queues what the agent publishes before the collector is back. (`user root`: a broker
+    // started as root keeps the rights to its private directory; ignored otherwise.)
+    let mut broker = Mosquitto::start_with(
+        "allow_anonymous true\nuser root\npersistence true\npersistence_location {dir}/\nautosave_interval 1\nmax_queued_messages 100000\n",
+    );
+    let sut = match fault {
+        Fault::Kill => "chaos-kill",
+        Fault::Stop => "chaos-stop",
+    };
+    let flags = tempfile::tempdir().unwrap();
+    let flag = |name: &str| flags.path().join(name).display().to_string();
+    let mqtt = Collector::start_persistent(broker.port(), &[&format!("{sut}/#")]);
+    let subscribed = SystemTime::now();
+    // A high rate: the losses come from the outage, not from log.mqtt_rate.
+    let agent = AgentProc::start(
+        sut,
+        &sut_toml(
+            None,
+            "[log]\nmax_size = \"64MiB\"\nkeep = 1\nmqtt_rate = \"256MiB\"\n",
+        ),
+        Some(&broker.url()),
+        &["--no-stdout"],
+    );
+    wait_idle(&mqtt, sut);
+    let wait_flag = |f: &str| format!("while [ ! -e {f} ]; do sleep 0.02; done");
+    let script = format!(
+        "{}; {}; {}; {}; {}",
+        awk(0, A),
+        wait_flag(&flag("outage")),
+        awk(A, A + B),
+        wait_flag(&flag("back")),
+        awk(A + B, TOTAL)
+    );
+    submit(&broker, sut, &script);
+    let id = accepted(&mqtt, sut);
+    let job_topic = format!("{sut}/jobs/{id}/output");
+    let out_topic = format!("{sut}/output");
+    // Phase A, complete on both topics, nothing dropped.
+    for t in [&job_topic, &out_topic] {
+        let msgs = wait_accounted(&mqtt, t, A);
+        assert_eq!(books(&msgs, A).dropped, 0);
+    }
+    let db = Path::new(broker.dir()).join("mosquitto.db");
+    wait_until("the broker saved its sessions", LIMIT, || {
+        let m = std::fs::metadata(&db).ok()?.modified().ok()?;
+        (m > subscribed).then_some(())
+    });
+    let statuses_before = mqtt.on(&format!("{sut}/agent")).len();
+
+    // The fault, and phase B while it lasts.
+    let stopped_at = Instant::now();
+    match fault {
+        Fault::Kill => {
+            broker.stop();
+            agent.wait_hb("broker_connected", LIMIT, |v| v == "false");
+        }
+        Fault::Stop => {
+            let pid = nix::unistd::Pid::from_raw(broker.pid().unwrap() as i32);
+            nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+        }
+    }
+    std::fs::write(flag("outage"), b"").unwrap();
+    wait_until("phase B in the log file", LIMIT, || {
+        log_has(&agent, A + B - 1).then_some(())
+    });
+    match fault {
+        Fault::Kill => broker.restart(),
+        Fault::Stop => {
+            // The stall lasts 30 s (the scenario, not a synchronisation).
+            let rest = Duration::from_secs(30).saturating_sub(stopped_at.elapsed());
+            std::thread::sleep(rest);
+            let pid = nix::unistd::Pid::from_raw(broker.pid().unwrap() as i32);
+            nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+        }
+    }
+    // Both the agent and the collector are back once a new status reaches the collector.
+    wait_until("a status after the broker is back", LIMIT, || {
+        (mqtt.on(&format!("{sut}/agent")).len() > statuses_before).then_some(())
+    });
+    std::fs::write(flag("back"), b"").unwrap();
+    let fin = wait_final(&mqtt, sut, &id);
+    assert_eq!(fin["state"], "passed", "{fin}");
+    check_log(&agent, TOTAL);
+    for t in [&job_topic, &out_topic] {
+        let msgs = wait_accounted(&mqtt, t, TOTAL);
+        let b = books(&msgs, TOTAL);
+        eprintln!("figures {fault:?} {t}: {TOTAL} lines, {b:?}");
+        assert!(
+            b.dropped > 0 && b.jumps > 0,
+            "the outage shows as a gap: {b:?}"
+        );
+        // The lines after the outage arrived.
+        let last = msgs.iter().map(|m| m.text.as_str()).collect::<String>();
+        assert!(last.contains(&format!("L{} {}\n", TOTAL - 1, ck(TOTAL - 1))));
+    }
+}
+
+#[test]
+fn broker_killed_mid_job_output_resumes_with_a_counted_gap_and_the_file_complete() {
+    chaos(Fault::Kill);
+}
+
+#[test]
+fn broker_stopped_30s_mid_job_output_resumes_with_a_counted_gap_and_the_file_complete() {
+    chaos(Fault::Stop);
 }
 
 /// testflinger writes a phase log and deletes it right after: files that live for 5 ms are

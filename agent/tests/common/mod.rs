@@ -236,6 +236,16 @@ pub struct Collector {
 
 impl Collector {
     pub fn start(port: u16, filters: &[&str]) -> Self {
+        Self::start_with(port, filters, false)
+    }
+
+    /// A collector with a persistent session (clean start off, a session expiry), so that a
+    /// broker with persistence keeps its subscriptions and queues its messages across a restart.
+    pub fn start_persistent(port: u16, filters: &[&str]) -> Self {
+        Self::start_with(port, filters, true)
+    }
+
+    fn start_with(port: u16, filters: &[&str], persistent: bool) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -249,6 +259,11 @@ impl Collector {
         rt.spawn(async move {
             let mut opts = LinkOptions::new(unique_id("collector"), "127.0.0.1", port);
             opts.backoff_max = Duration::from_millis(500);
+            if persistent {
+                opts.clean_start = false;
+                opts.session_expiry = Some(Duration::from_secs(3600));
+                opts.keep_alive = Duration::from_secs(120);
+            }
             let (link, mut rx) = MqttLink::start(opts).unwrap();
             for f in &filters {
                 link.subscribe(f.clone(), QoS::AtLeastOnce).unwrap();
