@@ -500,7 +500,7 @@ mod tests {
     }
 
     /// How long a short-lived file exists: far below the rescan period.
-    const LIFE: Duration = Duration::from_millis(5);
+    const LIFE: Duration = Duration::from_millis(10);
 
     #[test]
     fn files_that_live_for_a_few_ms_are_read() {
