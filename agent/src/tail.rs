@@ -169,9 +169,11 @@ impl Tailer {
                             let _ = tx.send(Seen::Opened(p.clone(), f));
                         }
                         Ok(_) => {}
-                        Err(e) => {
-                            tracing::debug!(path = %p.display(), error = %e, kind = ?ev.kind, "A followed file went before it could be opened.")
+                        Err(e) if matches!(ev.kind, EventKind::Create(_)) => {
+                            tracing::warn!(path = %p.display(), error = %e,
+                                "A file to follow was gone before the agent could open it; its content is lost.");
                         }
+                        Err(_) => {}
                     }
                 }
             }
