@@ -599,8 +599,16 @@ print(len(infos))
         let n = log.lines().filter(|l| *l == format!("job-{i}")).count();
         assert_eq!(n, 1, "job-{i} ran {n} times");
     }
-    // No restart: the same process and boot id throughout.
+    // No restart: the same process and boot id throughout; its memory stayed bounded.
     assert_eq!(lab.agent.pid(), pid);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    eprintln!("agent peak resident memory: {peak_kib} KiB");
+    assert!(peak_kib < 64 * 1024, "peak resident memory {peak_kib} KiB");
     let statuses = lab.mqtt.on(&lab.t("agent"));
     assert!(statuses.iter().all(|m| json(m)["boot_id"] == boot));
     assert!(

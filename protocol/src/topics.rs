@@ -312,11 +312,6 @@ impl Topics {
     pub fn supervisor_status_filter(&self) -> String {
         format!("{}labvisor/supervisors/+/status", self.prefix)
     }
-    /// The mosquitto ACL pattern that lets an agent, logged in as its SUT, write its reply space:
-    /// `[<prefix>/]labvisor/replies/%u/#` (as in the shipped `mosquitto/acl`).
-    pub fn reply_acl_pattern(&self) -> String {
-        format!("{}labvisor/replies/%u/#", self.prefix)
-    }
 
     /// `[<prefix>/]labvisor/replies/<sut>/#`: the SUT's reply space, where a submitter's
     /// `reply_to` or MQTT 5 response topic must lie (the shipped ACL lets the agent, logged in
@@ -485,7 +480,10 @@ mod tests {
         ] {
             let p = t.prefix.clone();
             assert_eq!(t.reply_space(&s), format!("{p}labvisor/replies/rpi4-01/#"));
-            assert_eq!(t.reply_acl_pattern(), format!("{p}labvisor/replies/%u/#"));
+            assert_eq!(
+                t.agent_reply_acl_pattern(),
+                format!("{p}labvisor/replies/%u/#")
+            );
             for ok in ["labvisor/replies/rpi4-01", "labvisor/replies/rpi4-01/ci/42"] {
                 assert!(t.is_reply_topic(&s, &format!("{p}{ok}")), "{p}{ok}");
                 assert!(t.is_allowed_reply(&s, &format!("{p}{ok}")), "{p}{ok}");

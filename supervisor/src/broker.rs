@@ -9,14 +9,17 @@
 //!
 //! Two listeners, one port:
 //!
-//! - `127.0.0.1:<port>`, anonymous: the supervisor itself, and `labvisor status`,
-//!   `mosquitto_sub`, `mosquitto_pub` or MQTT Explorer on this machine;
+//! - `127.0.0.1:<port>`, password-protected: the supervisor itself ([`SUPERVISOR_USER`], a
+//!   password made at every start, kept in memory), and local tools run by the supervisor's
+//!   user ([`LOCAL_USER`], password in [`LOCAL_PASSWORD_FILE`], 0600): `labvisor status`,
+//!   `mosquitto_sub`, `mosquitto_pub` or MQTT Explorer on this machine. The CLI finds that login
+//!   itself ([`local_login`]). No anonymous client gets in;
 //! - `<bridge gateway>:<port>`, password-protected: the agents, which reach the host through the
 //!   gateway of the labvisor bridge network (plain MQTT, or with `--agent-tls` only TLS, with
 //!   the supervisor's own CA: [`crate::broker_tls`]). Each agent logs in as its own SUT with its own
-//!   random password ([`AgentLogins`]), given in its environment, and the ACL pattern
-//!   `[<prefix>/]%u/#` confines it to its own topics: a job running on one SUT cannot submit
-//!   jobs to another. Any other container reaching that address cannot connect at all.
+//!   random password ([`AgentLogins`]), given in its environment, and the ACL
+//!   ([`managed_acl`]) confines it to its own topics `[<prefix>/]<sut>/#` and writes to its reply
+//!   space `labvisor/replies/<sut>/#`: a job running on one SUT cannot submit jobs to another. Any other container reaching that address cannot connect at all.
 //!
 //! A SUT's login is made when its container is first created (the password file and mosquitto's
 //! password file are updated, then mosquitto reloads them on SIGHUP). The passwords
@@ -218,10 +221,8 @@ pub struct ManagedBroker {
 
 impl ManagedBroker {
     /// Starts mosquitto on `port`, listening on loopback and on `gateway`, with its files in
-    /// `state_dir`; agent logins confined by [`Topics::agent_acl_pattern`] and their reply space.
-    /// With `agent_tls`, the listener on `gateway` speaks only TLS.
-    ///
-    /// [`Topics::agent_acl_pattern`]: labvisor_protocol::topics::Topics::agent_acl_pattern
+    /// `state_dir`; logins and their ACL as [`managed_acl`] says (built from `topics`). With
+    /// `agent_tls`, the listener on `gateway` speaks only TLS.
     pub fn start(
         state_dir: &Path,
         port: u16,
@@ -801,12 +802,10 @@ fn hand_to_broker_user(dir: &Path) -> std::io::Result<()> {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
     for e in std::fs::read_dir(dir)? {
         let e = e?;
-        // The agents' and the local tools' clear-text passwords and the CA are the
-        // supervisor's user's, not the broker's.
-        if e.file_name() != AGENTS_DIR
-            && e.file_name() != LOCAL_PASSWORD_FILE
-            && e.file_name() != crate::broker_tls::CA_DIR
-        {
+        // The agents' and the local tools' clear-text passwords and the CA are the supervisor's
+        // user's, not the broker's.
+        let name = e.file_name();
+        if name != AGENTS_DIR && name != LOCAL_PASSWORD_FILE && name != crate::broker_tls::CA_DIR {
             std::os::unix::fs::chown(e.path(), Some(uid), Some(gid))?;
         }
     }

@@ -142,6 +142,9 @@ impl Session {
             opts.ca_file = args.ca_file.clone();
         }
         opts.backoff_max = Duration::from_secs(1);
+        // A submission may be as large as the largest max_payload: the broker and the agent
+        // take it, so must the client.
+        opts.max_packet_size = labvisor_protocol::mqtt::MAX_PACKET_SIZE;
         let (link, incoming) = MqttLink::start(opts).map_err(|e| ClientError::Broker {
             broker: args.broker.clone(),
             reason: e.to_string(),

@@ -48,11 +48,13 @@ fn supervise(scope: &DockerScope, sut_dir: &Path, log: &Path, extra: &[&str]) ->
     KillOnDrop(child)
 }
 
-/// `labvisor <args>` against the broker at `url` (plain, loopback).
-fn labvisor(url: &str, args: &[&str]) -> Output {
+/// `labvisor <args>` against the broker at `url` (plain, loopback), as a local tool of the
+/// managed broker whose state directory is `state` (its local login).
+fn labvisor(url: &str, state: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_labvisor"))
         .args(args)
         .env("LABVISOR_BROKER", url)
+        .env("LABVISOR_STATE_DIR", state)
         .env_remove("LABVISOR_TOPIC_PREFIX")
         .env_remove("LABVISOR_MQTT_CA")
         .output()
@@ -60,8 +62,8 @@ fn labvisor(url: &str, args: &[&str]) -> Output {
 }
 
 /// `sut`'s row in `labvisor status --json`, once it is idle and healthy.
-fn idle_and_healthy(url: &str, sut: &str) -> Option<serde_json::Value> {
-    let out = labvisor(url, &["status", "--json"]);
+fn idle_and_healthy(url: &str, state: &Path, sut: &str) -> Option<serde_json::Value> {
+    let out = labvisor(url, state, &["status", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
     let row = v["suts"]
         .as_array()?
@@ -72,9 +74,10 @@ fn idle_and_healthy(url: &str, sut: &str) -> Option<serde_json::Value> {
 }
 
 /// Submits a two-line job to `sut` with `--follow`: its id and output, and exit status 0.
-fn run_job(url: &str, sut: &str, id: &str) {
+fn run_job(url: &str, state: &Path, sut: &str, id: &str) {
     let o = labvisor(
         url,
+        state,
         &[
             "submit",
             sut,
@@ -97,7 +100,7 @@ fn run_job(url: &str, sut: &str, id: &str) {
         String::from_utf8_lossy(&o.stdout),
         format!("{id}\nover tls\ndone\n")
     );
-    let o = labvisor(url, &["jobs", sut, "--json"]);
+    let o = labvisor(url, state, &["jobs", sut, "--json"]);
     let jobs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let runs: Vec<&serde_json::Value> = jobs
         .as_array()
@@ -156,11 +159,11 @@ fn managed_broker_serves_agents_over_tls_only() {
     };
     let local = format!("mqtt://127.0.0.1:{port}");
     wait_until(&fail("tl-1 idle and healthy"), T, || {
-        idle_and_healthy(&local, "tl-1")
+        idle_and_healthy(&local, &state, "tl-1")
     });
 
     // The agent was pointed at mqtts:// on the gateway and given the managed CA.
-    let gateway = network_gateway(&scope.name("labvisor"));
+    let gateway = network_gateway(&scope.name("labvisor.net"));
     let container = scope.name("tl-1");
     assert_eq!(
         container_env(&container, "LABVISOR_BROKER").as_deref(),
@@ -184,7 +187,7 @@ fn managed_broker_serves_agents_over_tls_only() {
     assert!(!conf.contains("ca.key"), "{conf}");
 
     // A job runs end to end: submitted on loopback, run by the agent connected over TLS.
-    run_job(&local, "tl-1", "tls-job-1");
+    run_job(&local, &state, "tl-1", "tls-job-1");
 
     // On the gateway, the agent's own login over TLS (checking the certificate against the
     // CA and the gateway's address) reads its retained status ...
@@ -223,7 +226,7 @@ fn managed_broker_serves_agents_over_tls_only() {
     wait_until(
         &fail("tl-1 back on the restarted broker with a fresh heartbeat"),
         T,
-        || back_online(&local, "tl-1"),
+        || back_online(&local, &state, "tl-1"),
     );
     assert_eq!(docker_ok(&["inspect", "-f", "{{.Id}}", &container]), id);
     assert_eq!(
@@ -236,7 +239,7 @@ fn managed_broker_serves_agents_over_tls_only() {
         server_cert,
         "a new server certificate"
     );
-    run_job(&local, "tl-1", "tls-job-2");
+    run_job(&local, &state, "tl-1", "tls-job-2");
 }
 
 /// Stops a supervisor with SIGTERM and checks it exits 0 (`what` on failure).
@@ -250,9 +253,9 @@ fn stop(sup: &mut KillOnDrop, what: &str) {
 }
 
 /// `sut` idle with a heartbeat under 3 s old, under an online supervisor.
-fn back_online(url: &str, sut: &str) -> Option<()> {
+fn back_online(url: &str, state: &Path, sut: &str) -> Option<()> {
     let v: serde_json::Value =
-        serde_json::from_slice(&labvisor(url, &["status", "--json"]).stdout).ok()?;
+        serde_json::from_slice(&labvisor(url, state, &["status", "--json"]).stdout).ok()?;
     let online = v["supervisors"]
         .as_array()?
         .iter()
@@ -291,7 +294,7 @@ fn turning_agent_tls_on_recreates_the_agents() {
     let local = format!("mqtt://127.0.0.1:{port}");
     let mut sup = supervise(&scope, &sut_dir, &log, &plain);
     wait_until(&fail("to-1 idle and healthy"), T, || {
-        idle_and_healthy(&local, "to-1")
+        idle_and_healthy(&local, &state, "to-1")
     });
     let container = scope.name("to-1");
     let id = docker_ok(&["inspect", "-f", "{{.Id}}", &container]);
@@ -313,12 +316,12 @@ fn turning_agent_tls_on_recreates_the_agents() {
         (now.status.success() && String::from_utf8_lossy(&now.stdout).trim() != id).then_some(())
     });
     wait_until(&fail("to-1 idle over TLS"), T, || {
-        idle_and_healthy(&local, "to-1")
+        idle_and_healthy(&local, &state, "to-1")
     });
     assert!(container_env(&container, "LABVISOR_BROKER")
         .unwrap()
         .starts_with("mqtts://"));
-    run_job(&local, "to-1", "tls-on-job-1");
+    run_job(&local, &state, "to-1", "tls-on-job-1");
 }
 
 /// A test CA and a server certificate for `ip` signed by it (openssl), in `dir`.
@@ -396,7 +399,7 @@ fn agents_reach_an_external_mqtts_broker_with_the_given_ca() {
     let scope = DockerScope::new("exttls");
     // The supervisor's network, made first (labelled as its own, so it is adopted), so that
     // the broker can listen on its gateway.
-    let net = scope.name("labvisor");
+    let net = scope.name("labvisor.net");
     docker_ok(&[
         "network",
         "create",
@@ -446,7 +449,7 @@ fn agents_reach_an_external_mqtts_broker_with_the_given_ca() {
         )
     };
     wait_until(&fail("tx-1 idle and healthy"), T, || {
-        idle_and_healthy(&broker.url(), "tx-1")
+        idle_and_healthy(&broker.url(), dir.path(), "tx-1")
     });
     let container = scope.name("tx-1");
     assert_eq!(
@@ -457,7 +460,7 @@ fn agents_reach_an_external_mqtts_broker_with_the_given_ca() {
         container_env(&container, "LABVISOR_MQTT_CA_PEM").as_deref(),
         Some(std::fs::read_to_string(&ca).unwrap().as_str())
     );
-    run_job(&broker.url(), "tx-1", "ext-tls-job-1");
+    run_job(&broker.url(), dir.path(), "tx-1", "ext-tls-job-1");
     // The gateway listener is TLS only: plain MQTT there is refused.
     let plain = sub_one(&gateway, tls_port, "tx-1/agent", &[]);
     assert!(!plain.status.success() && plain.stdout.is_empty());

@@ -35,6 +35,7 @@ fn the_managed_broker_carries_an_eight_mebibyte_submission() {
         .args(login)
         .args(["-r", "-t", "big/submit", "-f"])
         .arg(&file)
+        .args(login)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -42,6 +43,7 @@ fn the_managed_broker_carries_an_eight_mebibyte_submission() {
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
         .args(login)
         .args(["-t", "big/submit", "-C", "1", "-W", "20", "-v"])
+        .args(login)
         .output()
         .unwrap();
     assert!(got.status.success(), "{got:?}");

@@ -23,7 +23,7 @@ fn a_thousand_mixed_payloads_get_a_thousand_answers_and_the_metric_agrees() {
     ensure_busybox_image();
     let scope = DockerScope::new("burst");
     // The supervisor's network, made first so the broker can listen on its gateway.
-    let net = scope.name("labvisor");
+    let net = scope.name("labvisor.net");
     docker_ok(&[
         "network",
         "create",

@@ -403,6 +403,10 @@ fn exited(pid: i32) -> bool {
         .unwrap_or(true)
 }
 
+/// [`SUT_TEXT`] with the supervisor's healing off: an agent paused on purpose, or slowed down
+/// by a loaded machine, is never restarted under the test.
+const CALM_SUT_TEXT: &str = "image = \"labvisor/busybox:local\"\ncommand = [\"/bin/sh\", \"-c\", \"while true; do echo up; sleep 1; done\"]\n[health]\nheartbeat = \"500ms\"\nmax_age = \"3s\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nretries = 2\nstart_period = \"0s\"\n[restart]\non_unhealthy = \"none\"\n";
+
 /// A QoS 1 job the broker acknowledged (PUBACK) while its agent was paused runs exactly once
 /// after the supervisor, and with it the managed broker, was stopped with SIGTERM, with SIGINT
 /// (to its process group, as Ctrl-C does), or SIGKILLed together with its mosquitto (a crash)
@@ -416,7 +420,7 @@ fn acknowledged_jobs_and_retained_state_survive_supervisor_stops() {
     let sut_dir = dir.path().join("sut");
     let state = dir.path().join("state");
     std::fs::create_dir_all(&sut_dir).unwrap();
-    std::fs::write(sut_dir.join("ps-1.toml"), SUT_TEXT).unwrap();
+    std::fs::write(sut_dir.join("ps-1.toml"), CALM_SUT_TEXT).unwrap();
     let port = free_port();
     let url = format!("mqtt://127.0.0.1:{port}");
     let mut n = 0;
@@ -440,7 +444,7 @@ fn acknowledged_jobs_and_retained_state_survive_supervisor_stops() {
     let container = docker_ok(&["ps", "-q", "--filter", &format!("label={}", scope.label())]);
     assert_eq!(container.lines().count(), 1, "{container}");
     // A history: two jobs run through the CLI.
-    let submit_and_wait = || {
+    let submit_and_wait = |log: &Path| {
         let out = cli(
             &state,
             &["submit", "ps-1", "--wait", "--broker", &url, "--", "true"],
@@ -448,11 +452,11 @@ fn acknowledged_jobs_and_retained_state_survive_supervisor_stops() {
         assert!(
             out.status.success(),
             "{}",
-            String::from_utf8_lossy(&out.stderr)
+            fail(&String::from_utf8_lossy(&out.stderr), log)
         );
     };
-    submit_and_wait();
-    submit_and_wait();
+    submit_and_wait(&log);
+    submit_and_wait(&log);
     let jobs = |m: &BTreeMap<String, String>| {
         m.keys()
             .filter(|t| t.starts_with("ps-1/jobs/") && !t.ends_with("/output"))
@@ -533,17 +537,33 @@ fn acknowledged_jobs_and_retained_state_survive_supervisor_stops() {
         assert!(after.contains_key("ps-1/supervisor"), "{how}: {after:?}");
         docker_ok(&["unpause", &container]);
         let topic = format!("ps-1/jobs/{id}");
-        wait_until(
-            &fail(&format!("{how}: the job passed"), &log),
-            Duration::from_secs(60),
-            || {
-                let m = retained(port, &state)?;
-                let v: serde_json::Value = serde_json::from_str(m.get(&topic)?).ok()?;
-                (v["state"] == "passed").then_some(())
-            },
-        );
+        let seen = std::cell::RefCell::new(None);
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        loop {
+            let m = retained(port, &state);
+            let passed = m
+                .as_ref()
+                .and_then(|m| m.get(&topic))
+                .and_then(|j| serde_json::from_str::<serde_json::Value>(j).ok())
+                .is_some_and(|v| v["state"] == "passed");
+            if passed {
+                break;
+            }
+            *seen.borrow_mut() = m;
+            if std::time::Instant::now() > deadline {
+                let agent = labvisor_tests::docker(&["logs", "--tail", "60", &container]);
+                panic!(
+                    "{}\n--- retained ---\n{:#?}\n--- agent ---\n{}{}",
+                    fail(&format!("{how}: the job passed"), &log),
+                    seen.borrow(),
+                    String::from_utf8_lossy(&agent.stdout),
+                    String::from_utf8_lossy(&agent.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
         // Whatever the broker still had for the agent was delivered before this job's.
-        submit_and_wait();
+        submit_and_wait(&log);
         expected += 2;
         let runs = docker_ok(&[
             "exec",
@@ -897,7 +917,7 @@ fn an_agent_login_cannot_write_the_control_plane_or_another_sut() {
     ]);
     assert_eq!(reserved, "", "no container for the reserved name");
     let password = std::fs::read_to_string(state.join("agents/ac-1")).unwrap();
-    let gateway = network_gateway(&scope.name("labvisor"));
+    let gateway = network_gateway(&scope.name("labvisor.net"));
     let auth = local_auth(&state);
     let mut args: Vec<&str> = auth.iter().map(String::as_str).collect();
     let targets = [

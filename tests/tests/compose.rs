@@ -4,7 +4,9 @@
 //! real ([`stack_runs_jobs_through_the_shipped_acl_and_tls`]): a stand-in for
 //! `eclipse-mosquitto:2` built from Debian's mosquitto (`tools/build-mosquitto-image.sh`; no
 //! registry is needed), the supervisor image (`tools/build-supervisor-image.sh`), two SUTs on
-//! `labvisor/busybox:local`, a submitter, a reader and a TLS client.
+//! `labvisor/busybox:local`, a submitter, a reader and a TLS client. The agents and the
+//! supervisor log in on the broker's TLS listener only (its log says on which port each login
+//! came), with the CA of `mosquitto/certs.sh`.
 //!
 //! Works with the `docker compose` plugin or the standalone `docker-compose` (v1.29 on Debian
 //! 12); `tools/ensure-compose.sh` installs one. A missing Compose CLI is a failure, not a skip.
@@ -348,7 +350,10 @@ fn supervisor_gets_the_socket_the_sut_dir_and_credentials() {
         .collect();
     for (flag, value) in [
         ("--sut-dir", "/labvisor/sut-dir"),
-        ("--broker", "mqtt://mosquitto:1883"),
+        // The supervisor and the agents use the TLS listener, trusting the broker's CA.
+        ("--broker", "mqtts://mosquitto:8883"),
+        ("--agent-broker", "mqtts://mosquitto:8883"),
+        ("--mqtt-ca", "/labvisor/mqtt-ca.crt"),
         // Reachable from the healthcheck and the network, not only the container's loopback.
         ("--metrics-listen", "0.0.0.0:9464"),
     ] {
@@ -357,6 +362,21 @@ fn supervisor_gets_the_socket_the_sut_dir_and_credentials() {
             "{flag} {value} not in {cmd:?}"
         );
     }
+    // The CA's certificate is the only TLS file the supervisor gets: not the server's key, not
+    // the CA's directory.
+    let certs = workspace_root().join("mosquitto/certs");
+    has_mount(
+        svc,
+        "labvisor",
+        &certs.join("ca.crt").display().to_string(),
+        "/labvisor/mqtt-ca.crt",
+        true,
+    );
+    let tls_mounts: Vec<_> = mounts(svc)
+        .into_iter()
+        .filter(|(s, _, _)| s.contains("mosquitto/certs") || s.contains("mosquitto/ca"))
+        .collect();
+    assert_eq!(tls_mounts.len(), 1, "{tls_mounts:?}");
     // The FROM-scratch image probes its own /healthz with the static binary.
     assert_eq!(
         strings(&svc["healthcheck"]["test"]),
@@ -513,6 +533,50 @@ fn host_address() -> String {
         .to_string()
 }
 
+/// Every login in a mosquitto 2.0 log as (user, listener port): the port from the
+/// `New connection from ADDR on port PORT.` line of the login's client address, the user from
+/// its `New client connected from ADDR as ID (..., u'USER').` line.
+fn logins_by_port(log: &str) -> Vec<(String, String)> {
+    let mut port_of = std::collections::HashMap::new();
+    let mut logins = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split_once("New connection from ").map(|(_, r)| r) {
+            if let Some((addr, port)) = rest.split_once(" on port ") {
+                port_of.insert(addr.to_owned(), port.trim_end_matches('.').to_owned());
+            }
+        } else if let Some(rest) = line
+            .split_once("New client connected from ")
+            .map(|(_, r)| r)
+        {
+            let addr = rest.split(' ').next().unwrap_or_default();
+            let user = rest
+                .rsplit_once("u'")
+                .and_then(|(_, u)| u.strip_suffix("').").or_else(|| u.strip_suffix("')")))
+                .unwrap_or_default();
+            let port = port_of.get(addr).cloned().unwrap_or_default();
+            logins.push((user.to_owned(), port));
+        }
+    }
+    logins
+}
+
+#[test]
+fn logins_are_matched_to_their_listener() {
+    let log = "\
+mosquitto_1  | 2026-12-02T01:00:00: New connection from 172.30.0.3:41000 on port 8883.
+mosquitto_1  | 2026-12-02T01:00:00: New connection from 127.0.0.1:50000 on port 1883.
+mosquitto_1  | 2026-12-02T01:00:00: Client <unknown> disconnected, not authorised.
+mosquitto_1  | 2026-12-02T01:00:01: New client connected from 172.30.0.3:41000 as agent-alpha (p2, c0, k30, u'alpha').
+mosquitto_1  | 2026-12-02T01:00:02: New connection from 172.30.0.4:42000 on port 1883.
+mosquitto_1  | 2026-12-02T01:00:02: New client connected from 172.30.0.4:42000 as agent-beta (p2, c0, k30, u'beta').
+";
+    let own = |u: &str, p: &str| (u.to_owned(), p.to_owned());
+    assert_eq!(
+        logins_by_port(log),
+        [own("alpha", "8883"), own("beta", "1883")]
+    );
+}
+
 /// The JSON payload of a `mosquitto_sub -v` line on `topic`, if it is one.
 fn payload_on<'a>(line: &'a str, topic: &str) -> Option<&'a str> {
     line.strip_prefix(topic)?.strip_prefix(' ')
@@ -639,11 +703,38 @@ fn stack_runs_jobs_through_the_shipped_acl_and_tls() {
     let broker_log =
         String::from_utf8_lossy(&stack.compose(&["logs", "--no-color", "mosquitto"]).stdout)
             .into_owned();
+    // Each of them logged in on the TLS listener (8883) and never on the plain one (1883): no
+    // password crossed the shared network in plain text.
+    let logins = logins_by_port(&broker_log);
     for user in ["alpha", "beta", "labvisor.supervisor"] {
-        assert!(
-            broker_log.contains(&format!("u'{user}')")),
-            "no login as {user} in the broker's log:\n{broker_log}"
+        let ports: BTreeSet<&str> = logins
+            .iter()
+            .filter(|(u, _)| u == user)
+            .map(|(_, p)| p.as_str())
+            .collect();
+        assert_eq!(
+            ports,
+            BTreeSet::from(["8883"]),
+            "the listeners {user} logged in on, from the broker's log:\n{broker_log}"
         );
+    }
+    // The agents were given the TLS URL and the CA that certs.sh made, nothing else.
+    let ca_pem = std::fs::read_to_string(dir.join("certs/ca.crt")).unwrap();
+    for name in ["alpha", "beta"] {
+        let container = format!("{id}-{name}");
+        let out = docker(&["inspect", "--format", "{{json .Config.Env}}", &container]);
+        assert!(out.status.success(), "docker inspect {container}: {out:?}");
+        let env: Vec<String> = serde_json::from_slice(&out.stdout).unwrap();
+        let broker: Vec<&str> = env
+            .iter()
+            .filter_map(|e| e.strip_prefix("LABVISOR_BROKER="))
+            .collect();
+        assert_eq!(broker, ["mqtts://mosquitto:8883"], "{container}");
+        let ca: Vec<&str> = env
+            .iter()
+            .filter_map(|e| e.strip_prefix("LABVISOR_MQTT_CA_PEM="))
+            .collect();
+        assert_eq!(ca, [ca_pem.as_str()], "{container}");
     }
 
     // The submitter's job, sent with mosquitto_pub on the host's loopback, runs end to end.
