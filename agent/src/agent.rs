@@ -17,8 +17,7 @@ use labvisor_protocol::config::{OnChildExit, ProbeTarget, SutConfig};
 use labvisor_protocol::heartbeat;
 use labvisor_protocol::mqtt::{LinkOptions, Message, MqttLink, QoS, MAX_PACKET_SIZE};
 use labvisor_protocol::payloads::{
-    now_ms, random_id, rfc3339, AgentState, AgentStatus, ChildStatus, OutputMeta, ProbeResult,
-    VERSION,
+    now_ms, random_id, rfc3339, AgentState, AgentStatus, ChildStatus, ProbeResult, VERSION,
 };
 use labvisor_protocol::topics::{SutTopic, Topics};
 use nix::sys::signal::Signal;
@@ -27,14 +26,11 @@ use tracing::{info, warn};
 
 use crate::child::{self, Backoff, Exit, Running, Spec};
 use crate::logfile::RotatingFile;
-use crate::output::{Batcher, Chunk, Sinks, Tap, TapReceiver, Target};
+use crate::output::{self, Sinks, Source, Tap};
+use crate::publish;
 use crate::runner::JobRunner;
 use crate::tail::{self, TailErrors, Tailer};
 
-/// How often output batches go to MQTT at the latest.
-pub const BATCH_EVERY: Duration = Duration::from_millis(50);
-/// Largest output batch.
-pub const BATCH_MAX: usize = 16 * 1024;
 /// How long the broker keeps the agent's session (and the submissions sent to it) while the
 /// agent is gone.
 pub const SESSION_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -154,13 +150,14 @@ pub async fn run(
             source,
         },
     )?;
-    let sinks = Arc::new(Sinks::new(settings.stdout, Some(file)));
     let (tap, tap_rx) = Tap::with_rate(TAP_BYTES, Some(cfg.log.mqtt_rate()));
+    let sinks = Arc::new(Sinks::new(settings.stdout, Some(file), tap.clone()));
     if let Some(dir) = settings.heartbeat_file.parent() {
         let _ = std::fs::create_dir_all(dir);
     }
 
     // The broker link: last will = retained "lost" status.
+    let drops = Arc::new(publish::Drops::default());
     let (link, mut incoming) = match &settings.broker {
         Some(opts) => {
             let mut opts = opts.clone();
@@ -180,6 +177,8 @@ pub async fn run(
             // (a submission over max_payload is rejected with the reason): a smaller maximum
             // makes an MQTT 5 broker drop larger submissions without a word.
             opts.max_packet_size = MAX_PACKET_SIZE;
+            // Only output is ever dropped; the batcher counts its lines.
+            opts.on_drop = Some(drops.hook());
             let (link, incoming) = MqttLink::start(opts)?;
             // Retain-as-published: a job or cancel published retained is seen as such, and
             // refused (it would run again at every restart), also when the agent was online.
@@ -200,13 +199,15 @@ pub async fn run(
         path: settings.data_dir.join("jobs"),
         source,
     })?;
-    let batcher = tokio::spawn(run_batcher(
+    let batcher = tokio::spawn(publish::run(
         tap_rx,
         link.clone(),
+        settings.broker.as_ref().map_or(1, |o| o.queue_capacity),
         settings.topics.clone(),
         sut.clone(),
         boot_id.clone(),
         tap.dropped_counter(),
+        drops,
     ));
 
     // Tail thread and probe task.
@@ -217,8 +218,9 @@ pub async fn run(
     } else {
         let t = Tailer::new(cfg.tail.clone());
         tail_errors = Some(t.errors());
-        tail::spawn(t, sinks.clone(), tap.clone(), tail_stop.clone()).ok()
+        tail::spawn(t, sinks.clone(), tail_stop.clone()).ok()
     };
+    let idle_flusher = output::spawn_idle_flusher(sinks.clone(), tail_stop.clone()).ok();
     let probe_task = match (&cfg.probe, &link) {
         (Some(p), Some(link)) => Some(tokio::spawn(run_probe(
             p.url.clone(),
@@ -274,7 +276,7 @@ pub async fn run(
     // Back-pressure: while the outbox of answers is full, submissions stay with the broker.
     let mut room_rx = link.as_ref().map(|l| l.watch_room());
     let outcome = loop {
-        jobs.start_next(&sinks, &tap);
+        jobs.start_next(&sinks);
         let next_start = ch.next_start;
         let job_check = jobs.next_check();
         let room = room_rx.as_mut().is_none_or(|r| *r.borrow_and_update());
@@ -311,19 +313,19 @@ pub async fn run(
                 let _ = run.drain(Duration::from_millis(500)).await;
                 ch.last_exit = Some(exit.describe());
                 if cfg.restart.on_child_exit == OnChildExit::Exit {
-                    agent_line(&sinks, &tap, &format!("device process ended ({}) after {:.1}s; on_child_exit = \"exit\": the agent exits", exit.describe(), ran.as_secs_f64()));
+                    agent_line(&sinks, &format!("device process ended ({}) after {:.1}s; on_child_exit = \"exit\": the agent exits", exit.describe(), ran.as_secs_f64()));
                     break Outcome::ChildExited(exit);
                 }
                 let delay = ch.backoff.on_exit(ran);
                 ch.crash_detail = ch.backoff.crash_loop().then(|| format!(
                     "device process failed {} times in a row, last {}", ch.backoff.quick_failures(), exit.describe()));
-                agent_line(&sinks, &tap, &format!("device process ended ({}) after {:.1}s; restarting in {:.1}s", exit.describe(), ran.as_secs_f64(), delay.as_secs_f64()));
+                agent_line(&sinks, &format!("device process ended ({}) after {:.1}s; restarting in {:.1}s", exit.describe(), ran.as_secs_f64(), delay.as_secs_f64()));
                 ch.next_start = Some(tokio::time::Instant::now() + delay);
             }
             _ = async { tokio::time::sleep_until(next_start.expect("guarded")).await }, if next_start.is_some() && ch.running.is_none() => {
                 ch.next_start = None;
                 let spec = ch.spec.as_ref().expect("only scheduled with a command");
-                match child::spawn(spec, sinks.clone(), tap.clone(), Target::Sut) {
+                match child::spawn(spec, sinks.clone(), Source::Device) {
                     Ok(run) => {
                         if ch.last_exit.is_some() {
                             ch.restarts += 1;
@@ -335,7 +337,7 @@ pub async fn run(
                         let delay = ch.backoff.on_exit(Duration::ZERO);
                         ch.last_exit = Some(format!("cannot start {:?}: {e}", spec.argv[0]));
                         ch.crash_detail = ch.backoff.crash_loop().then(|| ch.last_exit.clone().unwrap_or_default());
-                        agent_line(&sinks, &tap, &format!("cannot start the device process {:?}: {e}; retrying in {:.1}s", spec.argv, delay.as_secs_f64()));
+                        agent_line(&sinks, &format!("cannot start the device process {:?}: {e}; retrying in {:.1}s", spec.argv, delay.as_secs_f64()));
                         ch.next_start = Some(tokio::time::Instant::now() + delay);
                     }
                 }
@@ -389,6 +391,11 @@ pub async fn run(
     if let Some(t) = tail_thread {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
+    if let Some(t) = idle_flusher {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    // Whatever a source still holds (an incomplete last line) goes out before the end.
+    sinks.flush_idle(Duration::ZERO);
     if let Some(p) = probe_task {
         p.abort();
     }
@@ -542,7 +549,7 @@ fn publish_status(
         job: jobs.running().cloned(),
         queue_len: jobs.queue_len() as u64,
         broker_connected: link_state.as_ref().is_some_and(|s| s.connected),
-        output_dropped: tap.dropped() + link_state.as_ref().map_or(0, |s| s.dropped),
+        output_dropped: tap.dropped(),
         detail: (!details.is_empty()).then(|| details.join("; ")),
         ..base_status(settings, boot_id)
     };
@@ -558,115 +565,9 @@ fn publish_status(
 }
 
 /// Writes a line from the agent itself into the output (file, stdout, MQTT).
-fn agent_line(sinks: &Sinks, tap: &Tap, text: &str) {
+fn agent_line(sinks: &Sinks, text: &str) {
     let line = format!("[labvisor-agent] {text}\n");
-    sinks.write(line.as_bytes());
-    tap.send(Chunk {
-        target: Target::Sut,
-        bytes: Bytes::from(line),
-    });
-}
-
-/// One output topic's batching state.
-struct TopicBatch {
-    topic: String,
-    batcher: Batcher,
-    seq: u64,
-    due: Option<tokio::time::Instant>,
-}
-
-/// Batches output chunks into MQTT messages: at most [`BATCH_MAX`] bytes, at the latest
-/// [`BATCH_EVERY`] after the first byte, with `seq`/`dropped`/`boot` user properties.
-async fn run_batcher(
-    mut rx: TapReceiver,
-    link: Option<MqttLink>,
-    topics: Topics,
-    sut: labvisor_protocol::SutName,
-    boot: String,
-    tap_dropped: Arc<std::sync::atomic::AtomicU64>,
-) {
-    let Some(link) = link else {
-        // No broker: drain and forget (stdout and the file already have everything).
-        while rx.recv().await.is_some() {}
-        return;
-    };
-    let out_topic = topics.output(&sut);
-    let max = BATCH_MAX.min(link.max_payload(&out_topic));
-    let mut batches: Vec<TopicBatch> = vec![TopicBatch {
-        topic: out_topic,
-        batcher: Batcher::new(max),
-        seq: 0,
-        due: None,
-    }];
-    let mut tap_dropped_seen = 0;
-    let publish = |b: &mut TopicBatch, text: String, extra_gap: bool| {
-        if extra_gap {
-            b.seq += 1; // chunks were dropped before reaching us: leave a hole in the sequence
-        }
-        let meta = OutputMeta {
-            seq: b.seq,
-            dropped: tap_dropped.load(Ordering::Relaxed) + link.state().dropped,
-            boot: boot.clone(),
-        };
-        b.seq += 1;
-        let _ = link.publish(
-            Message::stream(b.topic.clone(), Bytes::from(text))
-                .with_properties(meta.to_properties()),
-        );
-    };
-    loop {
-        let due = batches.iter().filter_map(|b| b.due).min();
-        tokio::select! {
-            chunk = rx.recv() => {
-                let Some(chunk) = chunk else { break };
-                let dropped_now = tap_dropped.load(Ordering::Relaxed);
-                let gap = dropped_now > tap_dropped_seen;
-                tap_dropped_seen = dropped_now;
-                let mut targets = vec![0usize];
-                if let Target::Job(id) = &chunk.target {
-                    let topic = topics.job_output(&sut, id);
-                    let idx = match batches.iter().position(|b| b.topic == topic) {
-                        Some(i) => i,
-                        None => {
-                            batches.push(TopicBatch { topic, batcher: Batcher::new(max), seq: 0, due: None });
-                            batches.len() - 1
-                        }
-                    };
-                    targets.push(idx);
-                }
-                for (n, i) in targets.into_iter().enumerate() {
-                    let b = &mut batches[i];
-                    let full = b.batcher.push(&chunk.bytes);
-                    let mut first = n == 0 && gap;
-                    for text in full {
-                        publish(b, text, first);
-                        first = false;
-                    }
-                    if b.batcher.is_empty() {
-                        b.due = None;
-                    } else if b.due.is_none() {
-                        b.due = Some(tokio::time::Instant::now() + BATCH_EVERY);
-                    }
-                }
-            }
-            _ = async { tokio::time::sleep_until(due.expect("guarded")).await }, if due.is_some() => {
-                let now = tokio::time::Instant::now();
-                for b in batches.iter_mut() {
-                    if b.due.is_some_and(|d| d <= now) {
-                        for text in b.batcher.flush() {
-                            publish(b, text, false);
-                        }
-                        b.due = None;
-                    }
-                }
-            }
-        }
-    }
-    for b in batches.iter_mut() {
-        for text in b.batcher.finish() {
-            publish(b, text, false);
-        }
-    }
+    sinks.write(&Source::Agent, line.as_bytes());
 }
 
 /// The optional upstream probe (the old stack's `c3` check): a TCP connect or an HTTP GET every

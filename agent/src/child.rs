@@ -15,7 +15,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::process::{Child, Command};
 
-use crate::output::{pump, Progress, Sinks, Tap, Target};
+use crate::output::{pump, Progress, Sinks, Source};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -65,8 +65,8 @@ impl Exit {
     }
 }
 
-/// Starts `spec` in a new process group, pumping its output to `sinks` and `tap` as `target`.
-pub fn spawn(spec: &Spec, sinks: Arc<Sinks>, tap: Tap, target: Target) -> std::io::Result<Running> {
+/// Starts `spec` in a new process group, pumping its output to `sinks` as `source`.
+pub fn spawn(spec: &Spec, sinks: Arc<Sinks>, source: Source) -> std::io::Result<Running> {
     let Some((prog, args)) = spec.argv.split_first() else {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -97,7 +97,7 @@ pub fn spawn(spec: &Spec, sinks: Arc<Sinks>, tap: Tap, target: Target) -> std::i
     let p2 = progress.clone();
     let pump = std::thread::Builder::new()
         .name(format!("pump-{pid}"))
-        .spawn(move || pump(reader, &sinks, &tap, target, &p2))?;
+        .spawn(move || pump(reader, &sinks, &source, &p2))?;
     Ok(Running {
         child,
         pid,
@@ -311,6 +311,7 @@ mod tests {
         Arc::new(Sinks::new(
             false,
             Some(RotatingFile::open(&dir.join("o.log"), 1 << 20, 2).unwrap()),
+            crate::output::Tap::new(8).0,
         ))
     }
 
@@ -326,12 +327,10 @@ mod tests {
     async fn stdout_and_stderr_reach_the_file_in_order() {
         let d = tempfile::tempdir().unwrap();
         let s = sinks(d.path());
-        let (tap, _rx) = Tap::new(8);
         let mut r = spawn(
             &sh("echo out; echo err >&2; echo out2; exit 3"),
             s.clone(),
-            tap,
-            Target::Sut,
+            Source::Device,
         )
         .unwrap();
         assert_eq!(r.wait().await, Exit::Code(3));
@@ -347,14 +346,13 @@ mod tests {
     async fn stop_kills_the_whole_group_after_the_grace_period() {
         let d = tempfile::tempdir().unwrap();
         let s = sinks(d.path());
-        let (tap, _rx) = Tap::new(8);
         // The shell ignores TERM and has a grandchild; both must be gone after stop.
         let pidfile = d.path().join("gc.pid");
         let script = format!(
             "trap '' TERM; sleep 1000 & echo $! > {}; echo ready; wait",
             pidfile.display()
         );
-        let mut r = spawn(&sh(&script), s.clone(), tap, Target::Sut).unwrap();
+        let mut r = spawn(&sh(&script), s.clone(), Source::Device).unwrap();
         let gc: i32 =
             labvisor_wait(|| std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()).await;
         let t0 = Instant::now();

@@ -27,5 +27,6 @@ pub mod child;
 pub mod jobs;
 pub mod logfile;
 pub mod output;
+pub mod publish;
 pub mod runner;
 pub mod tail;

@@ -1,33 +1,51 @@
-//! Output: from the device process, jobs and tailed files to three sinks.
+//! Output: from the device process, jobs, tailed files and the agent itself to three sinks.
 //!
 //! ```text
-//!  child pipe ──► pump thread ──► Sinks: container stdout + rotating log file   (complete, raw bytes)
-//!  job pipe   ──► pump thread ──┘   │
-//!  tail files ──► tail thread ──┘   └─► Tap (4 MiB, merging,    ──► batcher task ──► MqttLink
-//!                                        log.mqtt_rate)              50 ms / 16 KiB   (lossy UTF-8,
-//!                                        full or over rate?                            seq numbers)
-//!                                        drop + count
+//!  device pipe ─► pump thread ─┐                 ┌─► container stdout + rotating log file
+//!  job pipe    ─► pump thread ─┼─► Sinks (mux) ──┤   (complete: every byte, whole lines)
+//!  tail files  ─► tail thread ─┤   whole lines,  │
+//!  agent lines ────────────────┘   headers       └─► Tap (4 MiB, log.mqtt_rate) ─► batcher ─► MqttLink
+//!                                                    full or over rate: lines       (publish.rs)
+//!                                                    dropped, counted, in order
 //! ```
 //!
-//! The pump threads do blocking reads of 64 KiB and write straight to stdout and the file, so the
-//! only back-pressure the child can feel is from those two sinks, which must be complete anyway.
-//! MQTT never slows it: the tap is a queue bounded in bytes where a writer never waits (small
-//! writes coalesce while the batcher is behind; past the bound a chunk is dropped). The tap also
-//! holds a token bucket (`log.mqtt_rate` bytes per second, a burst of one second's worth): a
-//! flood beyond it is dropped right there, before any copy, so it costs neither the agent's CPU
-//! nor the shared broker's, while stdout and the log file still get every byte. The link
-//! drops the oldest batch when the broker is slow or gone. Both drops are counted, and a drop at
-//! the tap skips a sequence number, so a consumer sees the gap.
+//! **Whole lines.** Several sources share the sinks, and a pipe read or a file read ends
+//! anywhere, so the mux keeps each source's incomplete last line until its newline arrives: the
+//! log file, stdout and MQTT only ever get whole lines from one source at a time, never one
+//! source's half line spliced into another's. A line that waits longer than [`PARTIAL_IDLE`]
+//! (a prompt) or grows past [`HOLD_MAX`] is written anyway and stays *open*: that source's next
+//! bytes continue it, and if another source writes first, a newline closes it. So the file holds
+//! every byte each source printed, in order, plus at most a newline where an open line was
+//! interrupted.
+//!
+//! **Headers.** When the output switches to a followed file, a `==> path <==` line marks it (as
+//! `tail -f` does); when it switches back to the device's own output (device process, jobs, the
+//! agent's lines), [`OUTPUT_HEADER`] marks that. The same headers go to stdout, the file and
+//! `<sut>/output`.
+//!
+//! **MQTT lines.** The tap gets whole lines of (lossy) UTF-8 text, each at most [`LINE_MAX`]
+//! bytes: a longer line, or a line that had to be written before its end, is cut into pieces
+//! that end with [`SPLIT_MARKER`]. A chunk goes to `<sut>/output` and, for a job's lines, to
+//! `<sut>/jobs/<id>/output` as well.
+//!
+//! **Drops.** The tap is a queue bounded in bytes where a writer never waits (consecutive chunks
+//! for the same target merge while the batcher is behind), with a token bucket of
+//! `log.mqtt_rate` bytes per second (a burst of one second's worth). A chunk over either limit is
+//! dropped whole (so only whole lines are dropped) and replaced in the queue by a record of how
+//! many lines were lost at that point, so the batcher can show the loss as a `seq` jump exactly
+//! where it happened. The pump threads write straight to stdout and the file, so the only
+//! back-pressure a child can feel is from those two sinks, which must be complete anyway.
 //!
 //! The sinks also record when a write started: a write blocked for long (disk full, nobody
 //! draining stdout) makes the agent report `stalled`.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use labvisor_protocol::payloads::now_ms;
 use labvisor_protocol::topics::JobId;
 
@@ -35,6 +53,53 @@ use crate::logfile::RotatingFile;
 
 /// Size of one read from a pipe.
 pub const READ_CHUNK: usize = 64 * 1024;
+
+/// Largest line piece handed to MQTT, in bytes, newline and marker included (the batch size).
+pub const LINE_MAX: usize = 16 * 1024;
+
+/// An incomplete line held longer than this is written anyway (and left open).
+pub const PARTIAL_IDLE: Duration = Duration::from_millis(200);
+
+/// An incomplete line longer than this is written anyway (and left open).
+pub const HOLD_MAX: usize = READ_CHUNK;
+
+/// Ends a piece of a line on MQTT whose rest follows in the next piece: a line longer than
+/// [`LINE_MAX`], or a line written before its end (after [`PARTIAL_IDLE`]).
+pub const SPLIT_MARKER: &str = " [labvisor: line continues]";
+
+/// The header that marks the switch from a followed file back to the device's own output.
+pub const OUTPUT_HEADER: &str = "==> (output) <==";
+
+/// Where output comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// The device process.
+    Device,
+    /// The agent's own lines (`[labvisor-agent] ...`).
+    Agent,
+    /// A job's process group.
+    Job(JobId),
+    /// A file followed through a `tail` glob.
+    File(PathBuf),
+}
+
+impl Source {
+    /// Where its lines go on MQTT.
+    pub fn target(&self) -> Target {
+        match self {
+            Source::Job(id) => Target::Job(id.clone()),
+            _ => Target::Sut,
+        }
+    }
+
+    /// The followed file, if it is one (headers mark the switches between files and the rest).
+    fn file(&self) -> Option<&Path> {
+        match self {
+            Source::File(p) => Some(p),
+            _ => None,
+        }
+    }
+}
 
 /// Where a chunk of output belongs on MQTT.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -45,18 +110,82 @@ pub enum Target {
     Job(JobId),
 }
 
-/// A chunk of output on its way to MQTT.
-#[derive(Debug, Clone)]
+/// Whole lines of text on their way to MQTT.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Chunk {
-    /// Where it goes.
+    /// Where they go.
     pub target: Target,
-    /// The raw bytes.
-    pub bytes: Bytes,
+    /// Whole lines, each ending with a newline, each at most [`LINE_MAX`] bytes.
+    pub text: String,
+    /// How many lines.
+    pub lines: u64,
 }
 
-/// Container stdout and the rotating log file: the complete sinks.
+/// The header line for output from `file` (`None`: the device's own output).
+fn header(file: Option<&Path>) -> String {
+    match file {
+        Some(p) => format!("==> {} <==\n", p.display()),
+        None => format!("{OUTPUT_HEADER}\n"),
+    }
+}
+
+/// Appends `line` (lossy UTF-8, without its newline) to `out` as MQTT lines of at most
+/// [`LINE_MAX`] bytes: pieces but the last end with [`SPLIT_MARKER`], and so does the last when
+/// `continued`. Returns the number of lines appended.
+pub fn push_line(out: &mut String, line: &str, continued: bool) -> u64 {
+    let room = LINE_MAX - SPLIT_MARKER.len() - 1;
+    let mut rest = line;
+    let mut n = 0;
+    while rest.len() > LINE_MAX - 1 || (continued && rest.len() > room) {
+        let mut cut = room;
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        out.push_str(&rest[..cut]);
+        out.push_str(SPLIT_MARKER);
+        out.push('\n');
+        rest = &rest[cut..];
+        n += 1;
+    }
+    if !rest.is_empty() || !continued || n == 0 {
+        out.push_str(rest);
+        if continued {
+            out.push_str(SPLIT_MARKER);
+        }
+        out.push('\n');
+        n += 1;
+    }
+    n
+}
+
+/// One source's bytes that were not written yet.
+#[derive(Default)]
+struct Held {
+    /// Not yet written to stdout and the file (an incomplete line).
+    sink: Vec<u8>,
+    /// Not yet handed to the tap (an incomplete line).
+    tap: Vec<u8>,
+    /// When its last bytes arrived.
+    at: Option<Instant>,
+}
+
+/// The mux: what each source still holds and what the sinks last saw.
+#[derive(Default)]
+struct Mux {
+    held: HashMap<Source, Held>,
+    /// The source whose line is open (written without its newline yet) in stdout and the file.
+    open: Option<Source>,
+    /// The followed file the sinks' output last came from (`None`: the device's own output).
+    sink_file: Option<PathBuf>,
+    /// The same for the tap.
+    tap_file: Option<PathBuf>,
+}
+
+/// Container stdout, the rotating log file and the MQTT tap, fed whole lines by a mux.
 pub struct Sinks {
+    mux: Mutex<Mux>,
     inner: Mutex<SinkInner>,
+    tap: Tap,
     /// ms since the epoch when the current write started; 0 when no write is under way.
     write_since_ms: AtomicU64,
     bytes: AtomicU64,
@@ -69,22 +198,164 @@ struct SinkInner {
 }
 
 impl Sinks {
-    /// Sinks writing to stdout (when `stdout`) and to `file`.
-    pub fn new(stdout: bool, file: Option<RotatingFile>) -> Self {
+    /// Sinks writing to stdout (when `stdout`), to `file`, and to MQTT through `tap`.
+    pub fn new(stdout: bool, file: Option<RotatingFile>, tap: Tap) -> Self {
         Sinks {
+            mux: Mutex::new(Mux::default()),
             inner: Mutex::new(SinkInner {
                 stdout,
                 file,
                 file_error: None,
             }),
+            tap,
             write_since_ms: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
         }
     }
 
-    /// Writes `bytes` to every sink. A failing sink is reported (see [`Sinks::error`]) and the
-    /// others still get the bytes.
-    pub fn write(&self, bytes: &[u8]) {
+    /// The MQTT tap.
+    pub fn tap(&self) -> &Tap {
+        &self.tap
+    }
+
+    /// Takes `data` from `source`: its whole lines go to every sink now, an incomplete last line
+    /// waits for its end (see the module documentation).
+    pub fn write(&self, source: &Source, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let mut mux = self.mux.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let mut chunks = Vec::new();
+        let m = &mut *mux;
+        let held = m.held.entry(source.clone()).or_default();
+        held.at = Some(Instant::now());
+        // stdout and the file
+        if m.open.as_ref() == Some(source) {
+            out.extend_from_slice(data);
+            if data.ends_with(b"\n") {
+                m.open = None;
+            }
+        } else {
+            held.sink.extend_from_slice(data);
+            let cut = if held.sink.len() > HOLD_MAX {
+                Some(held.sink.len())
+            } else {
+                held.sink.iter().rposition(|b| *b == b'\n').map(|p| p + 1)
+            };
+            if let Some(cut) = cut {
+                let bytes: Vec<u8> = held.sink.drain(..cut).collect();
+                release_sink(m, source, &bytes, &mut out);
+            }
+        }
+        // MQTT
+        let held = m.held.get_mut(source).expect("inserted above");
+        held.tap.extend_from_slice(data);
+        let mut text = String::new();
+        let mut lines = 0;
+        if let Some(p) = held.tap.iter().rposition(|b| *b == b'\n') {
+            let complete: Vec<u8> = held.tap.drain(..=p).collect();
+            for line in complete.split_inclusive(|b| *b == b'\n') {
+                let line = String::from_utf8_lossy(&line[..line.len() - 1]);
+                lines += push_line(&mut text, &line, false);
+            }
+        }
+        if held.tap.len() >= LINE_MAX {
+            // A line longer than a piece: its full pieces go now, the rest waits.
+            let keep = incomplete_tail(&held.tap);
+            let part: Vec<u8> = held.tap.drain(..keep).collect();
+            let part = String::from_utf8_lossy(&part);
+            let mut rest: &str = &part;
+            let room = LINE_MAX - SPLIT_MARKER.len() - 1;
+            while rest.len() >= LINE_MAX - 1 {
+                let mut cut = room;
+                while !rest.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                lines += push_line(&mut text, &rest[..cut], true);
+                rest = &rest[cut..];
+            }
+            held.tap.splice(..0, rest.bytes());
+        }
+        tap_lines(m, source, text, lines, &mut chunks);
+        self.emit(mux, &out, chunks);
+    }
+
+    /// Writes what each source has held for at least `idle`: an incomplete line goes to stdout
+    /// and the file as it is (left open), and to MQTT as a piece ending with [`SPLIT_MARKER`].
+    pub fn flush_idle(&self, idle: Duration) {
+        let mut mux = self.mux.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let m = &mut *mux;
+        let due: Vec<Source> = m
+            .held
+            .iter()
+            .filter(|(_, h)| {
+                (!h.sink.is_empty() || !h.tap.is_empty())
+                    && h.at.is_some_and(|t| now.duration_since(t) >= idle)
+            })
+            .map(|(s, _)| s.clone())
+            .collect();
+        let mut out = Vec::new();
+        let mut chunks = Vec::new();
+        for source in due {
+            self.release_all(m, &source, true, &mut out, &mut chunks);
+        }
+        self.emit(mux, &out, chunks);
+    }
+
+    /// `source` ended (EOF): what it held is written, and a job's MQTT stream is closed.
+    pub fn end(&self, source: &Source) {
+        let mut mux = self.mux.lock().unwrap_or_else(|p| p.into_inner());
+        let m = &mut *mux;
+        let mut out = Vec::new();
+        let mut chunks = Vec::new();
+        self.release_all(m, source, false, &mut out, &mut chunks);
+        m.held.remove(source);
+        self.emit(mux, &out, chunks);
+        if let Source::Job(id) = source {
+            self.tap.end(Target::Job(id.clone()));
+        }
+    }
+
+    fn release_all(
+        &self,
+        m: &mut Mux,
+        source: &Source,
+        continued: bool,
+        out: &mut Vec<u8>,
+        chunks: &mut Vec<Chunk>,
+    ) {
+        let Some(held) = m.held.get_mut(source) else {
+            return;
+        };
+        let sink = std::mem::take(&mut held.sink);
+        let tap = std::mem::take(&mut held.tap);
+        if !sink.is_empty() {
+            release_sink(m, source, &sink, out);
+        }
+        if !tap.is_empty() {
+            let mut text = String::new();
+            let lines = push_line(&mut text, &String::from_utf8_lossy(&tap), continued);
+            tap_lines(m, source, text, lines, chunks);
+        }
+    }
+
+    /// Writes `out` to stdout and the file and hands `chunks` to the tap, in the mux's order,
+    /// then lets the mux go.
+    fn emit(&self, mux: std::sync::MutexGuard<'_, Mux>, out: &[u8], chunks: Vec<Chunk>) {
+        if !out.is_empty() {
+            self.write_raw(out);
+        }
+        for c in chunks {
+            self.tap.send(c);
+        }
+        drop(mux);
+    }
+
+    /// Writes `bytes` to stdout and the file as they are. A failing sink is reported (see
+    /// [`Sinks::error`]) and the others still get the bytes.
+    fn write_raw(&self, bytes: &[u8]) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         self.write_since_ms
             .store(now_ms().max(1), Ordering::Relaxed);
@@ -113,7 +384,7 @@ impl Sinks {
         }
     }
 
-    /// Bytes written so far.
+    /// Bytes written to stdout and the file so far (headers included).
     pub fn bytes(&self) -> u64 {
         self.bytes.load(Ordering::Relaxed)
     }
@@ -136,10 +407,50 @@ impl Sinks {
     }
 }
 
-/// The non-blocking hand-off from pump threads to the MQTT batcher: a queue bounded in bytes,
+/// Appends `bytes` of `source` to `out` (for stdout and the file): closes another source's open
+/// line first, adds a header when the output switches between a file and the rest, and leaves
+/// the line open when `bytes` does not end with a newline.
+fn release_sink(m: &mut Mux, source: &Source, bytes: &[u8], out: &mut Vec<u8>) {
+    if m.open.as_ref().is_some_and(|o| o != source) {
+        out.push(b'\n');
+        m.open = None;
+    }
+    if m.open.is_none() && m.sink_file.as_deref() != source.file() {
+        out.extend_from_slice(header(source.file()).as_bytes());
+        m.sink_file = source.file().map(Path::to_path_buf);
+    }
+    out.extend_from_slice(bytes);
+    if !bytes.ends_with(b"\n") {
+        m.open = Some(source.clone());
+    }
+}
+
+/// Queues `text` (`lines` whole lines of `source`) for the tap, after a header when the output
+/// switches between a file and the rest.
+fn tap_lines(m: &mut Mux, source: &Source, text: String, lines: u64, chunks: &mut Vec<Chunk>) {
+    if lines == 0 {
+        return;
+    }
+    if m.tap_file.as_deref() != source.file() {
+        chunks.push(Chunk {
+            target: Target::Sut,
+            text: header(source.file()),
+            lines: 1,
+        });
+        m.tap_file = source.file().map(Path::to_path_buf);
+    }
+    chunks.push(Chunk {
+        target: source.target(),
+        text,
+        lines,
+    });
+}
+
+/// The non-blocking hand-off from the mux to the MQTT batcher: a queue bounded in bytes,
 /// where consecutive chunks for the same target are merged. A writer never waits: when the
 /// batcher is behind, small writes coalesce into one chunk, and only when the queue holds
-/// `capacity` bytes is a chunk dropped (and counted).
+/// `capacity` bytes, or the output runs over the rate, is a chunk dropped, leaving a record of
+/// its lines in its place.
 #[derive(Clone)]
 pub struct Tap {
     inner: Arc<TapInner>,
@@ -148,13 +459,30 @@ pub struct Tap {
 struct TapInner {
     queue: Mutex<TapQueue>,
     notify: tokio::sync::Notify,
+    /// Lines lost on `<sut>/output` (at the tap, and by the batcher).
     dropped: Arc<AtomicU64>,
     capacity: usize,
 }
 
+/// What the batcher takes from the tap, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TapItem {
+    /// Whole lines.
+    Lines(Chunk),
+    /// Lines dropped at this point (the queue was full, or the output over the rate).
+    Lost {
+        /// Where they would have gone.
+        target: Target,
+        /// How many.
+        lines: u64,
+    },
+    /// A job's output ended.
+    End(Target),
+}
+
 #[derive(Default)]
 struct TapQueue {
-    chunks: std::collections::VecDeque<(Target, bytes::BytesMut)>,
+    items: std::collections::VecDeque<TapItem>,
     bytes: usize,
     closed: bool,
     bucket: Option<Bucket>,
@@ -166,7 +494,7 @@ struct TapQueue {
 struct Bucket {
     rate: f64,
     tokens: f64,
-    at: std::time::Instant,
+    at: Instant,
 }
 
 impl Bucket {
@@ -175,11 +503,11 @@ impl Bucket {
         Bucket {
             rate,
             tokens: rate,
-            at: std::time::Instant::now(),
+            at: Instant::now(),
         }
     }
 
-    fn take(&mut self, n: usize, now: std::time::Instant) -> bool {
+    fn take(&mut self, n: usize, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = now;
         self.tokens = (self.tokens + dt * self.rate).min(self.rate);
@@ -224,29 +552,51 @@ impl Tap {
     }
 
     /// Hands `chunk` to the batcher, merging it with the previous one for the same target, or
-    /// drops and counts it if the queue is full.
+    /// drops it (recording its lines in its place) if the queue is full or the output is over
+    /// the rate.
     pub fn send(&self, chunk: Chunk) {
+        let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.closed || chunk.lines == 0 {
+            return;
+        }
+        let len = chunk.text.len();
+        let over_rate = |q: &mut TapQueue| {
+            q.bucket
+                .as_mut()
+                .is_some_and(|b| !b.take(len, Instant::now()))
+        };
+        if q.bytes + len > self.inner.capacity || over_rate(&mut q) {
+            self.inner.dropped.fetch_add(chunk.lines, Ordering::Relaxed);
+            match q.items.back_mut() {
+                Some(TapItem::Lost { target, lines }) if *target == chunk.target => {
+                    *lines += chunk.lines
+                }
+                _ => q.items.push_back(TapItem::Lost {
+                    target: chunk.target,
+                    lines: chunk.lines,
+                }),
+            }
+        } else {
+            q.bytes += len;
+            match q.items.back_mut() {
+                Some(TapItem::Lines(c)) if c.target == chunk.target => {
+                    c.text.push_str(&chunk.text);
+                    c.lines += chunk.lines;
+                }
+                _ => q.items.push_back(TapItem::Lines(chunk)),
+            }
+        }
+        drop(q);
+        self.inner.notify.notify_one();
+    }
+
+    /// `target`'s output ended (never dropped).
+    pub fn end(&self, target: Target) {
         let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
         if q.closed {
             return;
         }
-        let over_rate = |q: &mut TapQueue| {
-            q.bucket
-                .as_mut()
-                .is_some_and(|b| !b.take(chunk.bytes.len(), std::time::Instant::now()))
-        };
-        if q.bytes + chunk.bytes.len() > self.inner.capacity || over_rate(&mut q) {
-            drop(q);
-            self.inner.dropped.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        q.bytes += chunk.bytes.len();
-        match q.chunks.back_mut() {
-            Some((t, buf)) if *t == chunk.target => buf.extend_from_slice(&chunk.bytes),
-            _ => q
-                .chunks
-                .push_back((chunk.target, bytes::BytesMut::from(&chunk.bytes[..]))),
-        }
+        q.items.push_back(TapItem::End(target));
         drop(q);
         self.inner.notify.notify_one();
     }
@@ -261,31 +611,30 @@ impl Tap {
         self.inner.notify.notify_one();
     }
 
-    /// The shared drop counter.
+    /// The shared counter of lines lost on `<sut>/output`.
     pub fn dropped_counter(&self) -> Arc<AtomicU64> {
         self.inner.dropped.clone()
     }
 
-    /// Chunks dropped so far.
+    /// Lines lost on `<sut>/output` so far (at the tap, and by the batcher).
     pub fn dropped(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
     }
 }
 
 impl TapReceiver {
-    /// Takes the oldest (merged) chunk without waiting.
-    pub fn try_recv(&mut self) -> Option<Chunk> {
+    /// Takes the oldest item without waiting.
+    pub fn try_recv(&mut self) -> Option<TapItem> {
         let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
-        let (target, buf) = q.chunks.pop_front()?;
-        q.bytes -= buf.len();
-        Some(Chunk {
-            target,
-            bytes: buf.freeze(),
-        })
+        let item = q.items.pop_front()?;
+        if let TapItem::Lines(c) = &item {
+            q.bytes -= c.text.len();
+        }
+        Some(item)
     }
 
-    /// Waits for the next (merged) chunk; `None` once the tap is closed and empty.
-    pub async fn recv(&mut self) -> Option<Chunk> {
+    /// Waits for the next item; `None` once the tap is closed and empty.
+    pub async fn recv(&mut self) -> Option<TapItem> {
         loop {
             if let Some(c) = self.try_recv() {
                 return Some(c);
@@ -315,117 +664,40 @@ pub struct Progress {
     pub last_ms: AtomicU64,
 }
 
-/// Reads `reader` to EOF on the calling thread, writing every chunk to `sinks` and `tap`.
-/// Returns the number of bytes read.
-pub fn pump(
-    mut reader: impl Read,
-    sinks: &Sinks,
-    tap: &Tap,
-    target: Target,
-    progress: &Progress,
-) -> u64 {
+/// Reads `reader` to EOF on the calling thread, writing every chunk to `sinks` as `source`, and
+/// ends `source` at EOF. Returns the number of bytes read.
+pub fn pump(mut reader: impl Read, sinks: &Sinks, source: &Source, progress: &Progress) -> u64 {
     let mut buf = vec![0u8; READ_CHUNK];
     let mut total = 0u64;
     loop {
         let n = match reader.read(&mut buf) {
-            Ok(0) => return total,
+            Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return total,
+            Err(_) => break,
         };
         total += n as u64;
         progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
         progress.last_ms.store(now_ms(), Ordering::Relaxed);
-        sinks.write(&buf[..n]);
-        tap.send(Chunk {
-            target: target.clone(),
-            bytes: Bytes::copy_from_slice(&buf[..n]),
-        });
+        sinks.write(source, &buf[..n]);
     }
+    sinks.end(source);
+    total
 }
 
-/// Turns a byte stream into text batches for MQTT: lossy UTF-8 (a multi-byte character split
-/// across chunks is kept whole), at most `max` bytes each, cut after a newline where possible.
-#[derive(Debug)]
-pub struct Batcher {
-    max: usize,
-    text: String,
-    /// An incomplete UTF-8 sequence at the end of the bytes seen so far.
-    tail: Vec<u8>,
-}
-
-impl Batcher {
-    /// A batcher for batches of at most `max` bytes (at least 16).
-    pub fn new(max: usize) -> Self {
-        Batcher {
-            max: max.max(16),
-            text: String::new(),
-            tail: Vec::new(),
-        }
-    }
-
-    /// Whether text is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.text.is_empty()
-    }
-
-    /// Adds bytes; returns the batches that became full.
-    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
-        let mut data = std::mem::take(&mut self.tail);
-        data.extend_from_slice(bytes);
-        // Keep an incomplete trailing sequence for the next push.
-        let keep_from = incomplete_tail(&data);
-        self.tail = data.split_off(keep_from);
-        self.text.push_str(&String::from_utf8_lossy(&data));
-        self.take(false)
-    }
-
-    /// The end of the batch that starts at `start`: at most `max` bytes, after the last newline
-    /// in them if there is one, on a character boundary; the whole rest if it fits.
-    fn boundary(&self, start: usize) -> usize {
-        if self.text.len() - start <= self.max {
-            return self.text.len();
-        }
-        let mut limit = start + self.max;
-        while !self.text.is_char_boundary(limit) {
-            limit -= 1;
-        }
-        self.text[start..limit]
-            .rfind('\n')
-            .map(|p| start + p + 1)
-            .unwrap_or(limit)
-    }
-
-    /// Cuts right-sized batches by offset and drains the buffer once: linear in the text, and
-    /// no batch keeps the capacity of a large backlog alive. With `all`, the rest goes too;
-    /// without, only full batches.
-    fn take(&mut self, all: bool) -> Vec<String> {
-        let mut out = Vec::new();
-        let mut start = 0;
-        while self.text.len() - start >= self.max || (all && start < self.text.len()) {
-            let end = self.boundary(start);
-            out.push(self.text[start..end].to_owned());
-            start = end;
-        }
-        self.text.drain(..start);
-        if self.text.capacity() > self.max * 8 {
-            self.text.shrink_to(self.max * 2);
-        }
-        out
-    }
-
-    /// Takes whatever text is waiting (the timer fired), as batches of at most `max` bytes. An
-    /// incomplete trailing character stays for the next push.
-    pub fn flush(&mut self) -> Vec<String> {
-        self.take(true)
-    }
-
-    /// Takes everything, including an incomplete trailing character (lossy), at end of stream.
-    pub fn finish(&mut self) -> Vec<String> {
-        let tail = std::mem::take(&mut self.tail);
-        self.text.push_str(&String::from_utf8_lossy(&tail));
-        self.take(true)
-    }
+/// Runs [`Sinks::flush_idle`] every `PARTIAL_IDLE / 2` on its own thread until `stop` is set.
+pub fn spawn_idle_flusher(
+    sinks: Arc<Sinks>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("output-idle".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(PARTIAL_IDLE / 2);
+                sinks.flush_idle(PARTIAL_IDLE);
+            }
+        })
 }
 
 /// Where an incomplete UTF-8 sequence starts at the end of `data` (`data.len()` if none): a
@@ -452,114 +724,157 @@ fn incomplete_tail(data: &[u8]) -> usize {
 mod tests {
     use super::*;
 
-    #[test]
-    fn batches_cut_after_newlines_and_respect_the_limit() {
-        let mut b = Batcher::new(16);
-        let out = b.push(b"line one\nline two\nthree");
-        assert_eq!(out, vec!["line one\n".to_string()]);
-        assert_eq!(b.flush(), ["line two\nthree"]);
-        assert!(b.flush().is_empty());
+    fn sinks(d: &Path, cap: usize) -> (Sinks, TapReceiver) {
+        let (tap, rx) = Tap::new(cap);
+        let file = RotatingFile::open(&d.join("s.log"), 1 << 30, 2).unwrap();
+        (Sinks::new(false, Some(file), tap), rx)
     }
 
-    #[test]
-    fn a_very_long_line_is_split_at_the_limit() {
-        let mut b = Batcher::new(16);
-        let out = b.push(&[b'x'; 40]);
-        assert_eq!(out.len(), 2);
-        assert!(out.iter().all(|s| s.len() == 16));
-        assert_eq!(b.flush().concat().len(), 8);
+    fn file(d: &Path, s: &Sinks) -> String {
+        s.sync();
+        std::fs::read_to_string(d.join("s.log")).unwrap()
     }
 
-    #[test]
-    fn split_multibyte_characters_are_kept_whole() {
-        let mut b = Batcher::new(1024);
-        let s = "héllo €".as_bytes();
-        for byte in s {
-            assert!(b.push(&[*byte]).is_empty());
+    /// Everything the tap holds, as (target, text) and lost lines.
+    fn drain(rx: &mut TapReceiver) -> (String, String, u64) {
+        let (mut sut, mut job, mut lost) = (String::new(), String::new(), 0);
+        while let Some(item) = rx.try_recv() {
+            match item {
+                TapItem::Lines(c) => {
+                    assert!(c.text.ends_with('\n'));
+                    assert_eq!(c.lines, c.text.matches('\n').count() as u64);
+                    sut.push_str(&c.text);
+                    if let Target::Job(_) = c.target {
+                        job.push_str(&c.text);
+                    }
+                }
+                TapItem::Lost { lines, .. } => lost += lines,
+                TapItem::End(_) => {}
+            }
         }
-        assert_eq!(b.flush(), ["héllo €"]);
+        (sut, job, lost)
+    }
+
+    fn job() -> Source {
+        Source::Job(JobId::new("j1").unwrap())
     }
 
     #[test]
-    fn invalid_bytes_become_replacement_characters() {
-        let mut b = Batcher::new(1024);
-        b.push(b"ok \xff\xfe end\n");
-        assert_eq!(b.flush(), ["ok \u{fffd}\u{fffd} end\n"]);
-        // An incomplete sequence at the very end is held, then released lossily at finish.
-        b.push(b"x\xe2\x82");
-        assert_eq!(b.flush(), ["x"]);
-        assert_eq!(b.finish(), ["\u{fffd}"]);
+    fn sources_interleave_whole_lines_only() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, mut rx) = sinks(d.path(), 1 << 20);
+        s.write(&Source::Device, b"dev one\ndev tw");
+        s.write(&job(), b"job o");
+        s.write(&Source::Agent, b"[labvisor-agent] hello\n");
+        s.write(&job(), b"ne\njob two\n");
+        s.write(&Source::Device, b"o\n");
+        assert_eq!(
+            file(d.path(), &s),
+            "dev one\n[labvisor-agent] hello\njob one\njob two\ndev two\n"
+        );
+        let (sut, job, lost) = drain(&mut rx);
+        assert_eq!(
+            sut,
+            "dev one\n[labvisor-agent] hello\njob one\njob two\ndev two\n"
+        );
+        assert_eq!(job, "job one\njob two\n");
+        assert_eq!(lost, 0);
     }
 
     #[test]
-    fn multibyte_text_never_exceeds_the_limit() {
-        let mut b = Batcher::new(16);
-        let text = "€".repeat(40);
-        let mut got = String::new();
-        for batch in b.push(text.as_bytes()) {
-            assert!(batch.len() <= 16);
-            got.push_str(&batch);
-        }
-        got.push_str(&b.flush().concat());
-        assert_eq!(got, text);
-    }
-
-    #[test]
-    fn a_large_backlog_is_cut_into_right_sized_batches_in_one_pass() {
-        let mut b = Batcher::new(16 * 1024);
-        let line = "a line of output that is about sixty bytes long, give or take\n";
-        let text = line.repeat(4 * 1024 * 1024 / line.len());
-        let batches = b.push(text.as_bytes());
-        assert!(batches.len() > 200);
-        for batch in &batches {
-            assert!(batch.len() <= 16 * 1024 && batch.ends_with('\n'));
-            assert!(
-                batch.capacity() <= 16 * 1024,
-                "a batch keeps only its own bytes"
-            );
-        }
-        let rest = b.flush();
-        assert_eq!(batches.concat() + &rest.concat(), text);
-        assert!(
-            b.text.capacity() <= 2 * 16 * 1024,
-            "the backlog's buffer is released"
+    fn an_idle_partial_line_is_written_open_and_closed_by_another_source() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, mut rx) = sinks(d.path(), 1 << 20);
+        s.write(&Source::Device, b"login: ");
+        s.flush_idle(Duration::ZERO);
+        assert_eq!(file(d.path(), &s), "login: ");
+        // The same source continues its open line as it is.
+        s.write(&Source::Device, b"root");
+        assert_eq!(file(d.path(), &s), "login: root");
+        // Another source's line starts on a line of its own.
+        s.write(&Source::Agent, b"[labvisor-agent] x\n");
+        s.write(&Source::Device, b"\nPassword: ");
+        s.end(&Source::Device);
+        assert_eq!(
+            file(d.path(), &s),
+            "login: root\n[labvisor-agent] x\n\nPassword: "
+        );
+        let (sut, _, _) = drain(&mut rx);
+        let m = SPLIT_MARKER;
+        assert_eq!(
+            sut,
+            format!("login: {m}\n[labvisor-agent] x\nroot\nPassword: \n")
         );
     }
 
     #[test]
-    fn finish_never_loses_text_over_the_limit() {
-        let mut b = Batcher::new(16);
-        b.push(b"0123456789abcde\xe2\x82");
-        let out = b.finish();
-        assert_eq!(out.concat(), "0123456789abcde\u{fffd}");
-        assert!(out.iter().all(|s| s.len() <= 16), "{out:?}");
+    fn a_switch_to_a_file_and_back_gets_a_header_everywhere() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, mut rx) = sinks(d.path(), 1 << 20);
+        let f = Source::File("/run/x/setup.log".into());
+        s.write(&Source::Device, b"d1\n");
+        s.write(&f, b"f1\nf");
+        s.write(&Source::Device, b"d2\n");
+        s.write(&f, b"2\n");
+        let want = "d1\n==> /run/x/setup.log <==\nf1\n==> (output) <==\nd2\n==> /run/x/setup.log <==\nf2\n";
+        assert_eq!(file(d.path(), &s), want);
+        assert_eq!(drain(&mut rx).0, want);
     }
 
     #[test]
-    fn pump_writes_everything_to_the_file_and_drops_on_a_full_tap() {
+    fn a_long_line_is_complete_in_the_file_and_split_with_a_marker_on_mqtt() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("s.log");
-        let sinks = Sinks::new(false, Some(RotatingFile::open(&p, 1 << 30, 2).unwrap()));
-        let (tap, mut rx) = Tap::new(2 * READ_CHUNK);
-        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
-        let n = pump(&data[..], &sinks, &tap, Target::Sut, &Progress::default());
+        let (s, mut rx) = sinks(d.path(), 1 << 20);
+        let long = "é".repeat(20_000); // 40000 bytes
+        s.write(&Source::Device, long.as_bytes());
+        s.write(&Source::Device, b"\nshort\n");
+        assert_eq!(file(d.path(), &s), format!("{long}\nshort\n"));
+        let (sut, _, _) = drain(&mut rx);
+        let lines: Vec<&str> = sut.lines().collect();
+        assert_eq!(
+            lines.len(),
+            4,
+            "{:?}",
+            lines.iter().map(|l| l.len()).collect::<Vec<_>>()
+        );
+        let mut joined = String::new();
+        for l in &lines[..2] {
+            assert!(l.len() < LINE_MAX);
+            joined.push_str(l.strip_suffix(SPLIT_MARKER).expect("marked"));
+        }
+        joined.push_str(lines[2]);
+        assert_eq!(joined, long);
+        assert_eq!(lines[3], "short");
+    }
+
+    #[test]
+    fn pump_writes_everything_to_the_file_and_a_full_tap_drops_whole_lines_counted() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, mut rx) = sinks(d.path(), 2 * READ_CHUNK);
+        let mut data = Vec::new();
+        for i in 0..100_000 {
+            data.extend_from_slice(format!("L{i} {}\n", i * 7 % 1000).as_bytes());
+        }
+        let n = pump(&data[..], &s, &Source::Device, &Progress::default());
         assert_eq!(n, data.len() as u64);
-        sinks.sync();
-        assert_eq!(std::fs::read(&p).unwrap(), data);
-        assert_eq!(sinks.bytes(), data.len() as u64);
-        // A tap of 128 KiB: the first two 64 KiB reads merge into one chunk, the 14 others are
-        // dropped and counted, and none blocked the pump.
-        let merged = rx.try_recv().expect("one merged chunk");
-        assert_eq!(merged.bytes.len(), 2 * READ_CHUNK);
-        assert_eq!(&merged.bytes[..], &data[..2 * READ_CHUNK]);
-        assert!(rx.try_recv().is_none());
-        assert_eq!(tap.dropped(), 14);
-        assert_eq!(sinks.blocked_for(), None);
+        assert_eq!(file(d.path(), &s).as_bytes(), &data[..]);
+        assert_eq!(s.bytes(), data.len() as u64);
+        // Nothing drained the tap: what it kept and what it dropped add up to every line, and
+        // what it kept are whole lines, the first ones, in order.
+        let (sut, _, lost) = drain(&mut rx);
+        let kept = sut.lines().count() as u64;
+        assert!(kept > 0 && lost > 0);
+        assert_eq!(kept + lost, 100_000);
+        for (i, l) in sut.lines().enumerate() {
+            assert_eq!(l, format!("L{i} {}", i * 7 % 1000));
+        }
+        assert_eq!(s.tap().dropped(), lost);
+        assert_eq!(s.blocked_for(), None);
     }
 
     #[test]
     fn bucket_passes_the_rate_with_one_second_of_burst() {
-        let t0 = std::time::Instant::now();
+        let t0 = Instant::now();
         let mut b = Bucket::new(1000);
         b.at = t0;
         // A full bucket: 1000 bytes of burst, and a chunk may take it into debt.
@@ -576,22 +891,26 @@ mod tests {
     #[test]
     fn a_flood_over_the_rate_is_dropped_at_the_tap_and_the_file_gets_all() {
         let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("s.log");
-        let sinks = Sinks::new(false, Some(RotatingFile::open(&p, 1 << 30, 2).unwrap()));
-        // Room for everything, but 100 KiB/s: of 16 MiB written at once, the burst passes.
         let (tap, mut rx) = Tap::with_rate(64 << 20, Some(100 * 1024));
-        let data = vec![b'x'; 16 << 20];
-        pump(&data[..], &sinks, &tap, Target::Sut, &Progress::default());
-        sinks.sync();
-        assert_eq!(std::fs::metadata(&p).unwrap().len(), data.len() as u64);
-        let mut passed = 0;
-        while let Some(c) = rx.try_recv() {
-            passed += c.bytes.len();
-        }
-        assert!(
-            (100 * 1024..=100 * 1024 + 2 * READ_CHUNK).contains(&passed),
-            "about one second's worth passes, not {passed}"
+        let p = d.path().join("s.log");
+        let s = Sinks::new(
+            false,
+            Some(RotatingFile::open(&p, 1 << 30, 2).unwrap()),
+            tap,
         );
-        assert!(tap.dropped() >= 200, "{}", tap.dropped());
+        let line = format!("{}\n", "x".repeat(99));
+        let data = line.repeat(160_000); // 16 MB
+        let t0 = Instant::now();
+        pump(data.as_bytes(), &s, &Source::Device, &Progress::default());
+        let refill = (t0.elapsed().as_secs_f64() * 100.0 * 1024.0) as usize;
+        s.sync();
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), data.len() as u64);
+        let (sut, _, lost) = drain(&mut rx);
+        assert!(
+            (100 * 1024..=100 * 1024 + refill + 2 * READ_CHUNK).contains(&sut.len()),
+            "one second's worth passes (and what the rate refilled meanwhile), not {}",
+            sut.len()
+        );
+        assert_eq!(sut.lines().count() as u64 + lost, 160_000);
     }
 }

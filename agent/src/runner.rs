@@ -31,7 +31,7 @@ use tracing::{info, warn};
 
 use crate::child::{self, Exit, Running, Spec};
 use crate::jobs::{record_progress, JobProgress, JobRecord, Lookup, Store, PROGRESS_EVERY};
-use crate::output::{Sinks, Tap, Target};
+use crate::output::{Sinks, Source};
 
 /// Job directories kept on the volume (the newest); older ones are removed.
 pub const KEEP_JOB_DIRS: usize = 20;
@@ -385,7 +385,7 @@ impl JobRunner {
     }
 
     /// Starts the next queued job if none runs.
-    pub fn start_next(&mut self, sinks: &Arc<Sinks>, tap: &Tap) {
+    pub fn start_next(&mut self, sinks: &Arc<Sinks>) {
         if self.active.is_some() {
             return;
         }
@@ -398,7 +398,7 @@ impl JobRunner {
             }
         };
         let started_ms = now_ms();
-        match self.spawn(&rec, sinks, tap) {
+        match self.spawn(&rec, sinks) {
             Ok(run) => {
                 info!(sut = %self.cfg.name, job_id = %rec.id, pid = run.pid(), "Job started.");
                 let st = JobStatus {
@@ -437,7 +437,7 @@ impl JobRunner {
         }
     }
 
-    fn spawn(&self, rec: &JobRecord, sinks: &Arc<Sinks>, tap: &Tap) -> std::io::Result<Running> {
+    fn spawn(&self, rec: &JobRecord, sinks: &Arc<Sinks>) -> std::io::Result<Running> {
         let dir = self.jobs_dir.join(rec.id.as_str());
         std::fs::create_dir_all(&dir)?;
         let argv = match (&rec.argv, &rec.script) {
@@ -479,12 +479,7 @@ impl JobRunner {
             env,
             cwd: Some(dir),
         };
-        child::spawn(
-            &spec,
-            sinks.clone(),
-            tap.clone(),
-            Target::Job(rec.id.clone()),
-        )
+        child::spawn(&spec, sinks.clone(), Source::Job(rec.id.clone()))
     }
 
     /// When the job's limits need looking at next (None when no job runs).

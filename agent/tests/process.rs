@@ -46,13 +46,26 @@ fn output_reaches_stdout_the_file_and_mqtt_complete_and_in_sequence() {
         Duration::from_secs(10),
         || (agent.stdout() == expected).then_some(()),
     );
-    let want = String::from_utf8_lossy(&expected).into_owned();
+    // On MQTT: whole lines; the 40000-byte line in pieces that end with the split marker, and
+    // the partial line, written after waiting for its end, ends with it too.
+    let marker = labvisor_agent::output::SPLIT_MARKER;
+    let mut want = String::new();
+    for i in 0..3000 {
+        want.push_str(&format!("line {i} of the device output\n"));
+    }
+    let piece = labvisor_agent::output::LINE_MAX - marker.len() - 1;
+    want.push_str(&format!("{}{marker}\n", "x".repeat(piece)).repeat(2));
+    want.push_str(&format!("{}\n", "x".repeat(40000 - 2 * piece)));
+    want.push_str("bad bytes \u{fffd}\u{fffd} here\n");
+    want.push_str(&format!("partial line without newline{marker}\n"));
     let topic = format!("{sut}/output");
     let got = wait_until("the whole output on MQTT", Duration::from_secs(10), || {
         let msgs = mqtt.on(&topic);
         let text: String = msgs.iter().map(|m| m.text.as_str()).collect();
         (text == want).then_some(msgs)
     });
+    // Every batch ends at a line boundary.
+    assert!(got.iter().all(|m| m.text.ends_with('\n')));
     // Sequence numbers are contiguous from 0, nothing was dropped, and batches stay small.
     for (i, m) in got.iter().enumerate() {
         let meta = m.meta.as_ref().expect("output carries seq properties");
@@ -74,8 +87,9 @@ fn broker_outage_never_blocks_the_child_and_the_gap_is_visible() {
     let sut = "outage-1";
     let dir = tempfile::tempdir().unwrap();
     let go = dir.path().join("go");
+    // 200000 lines (3.3 MB): more than the rate lets through and the backlog the agent keeps.
     let script = format!(
-        "while [ ! -e {go} ]; do sleep 0.05; done; i=0; while [ $i -lt 20000 ]; do echo \"burst line $i\"; i=$((i+1)); done; echo done-bursting; while true; do echo tick; sleep 0.1; done",
+        "while [ ! -e {go} ]; do sleep 0.05; done; awk 'BEGIN {{ for (i = 0; i < 200000; i++) print \"burst line \" i }}'; echo done-bursting; while true; do echo tick; sleep 0.1; done",
         go = go.display()
     );
     let mqtt = Collector::start(broker.port(), &[&format!("{sut}/output")]);
@@ -90,7 +104,7 @@ fn broker_outage_never_blocks_the_child_and_the_gap_is_visible() {
     agent.wait_hb("broker_connected", Duration::from_secs(10), |v| {
         v == "false"
     });
-    // With the broker gone, the child bursts 20000 lines: it must finish, and every byte must
+    // With the broker gone, the child bursts 200000 lines: it must finish, and every byte must
     // reach the file, while the broker is still down.
     std::fs::write(&go, b"").unwrap();
     wait_until(
@@ -104,14 +118,15 @@ fn broker_outage_never_blocks_the_child_and_the_gap_is_visible() {
     );
     let log = String::from_utf8_lossy(&agent.log()).into_owned();
     let lines: Vec<&str> = log.lines().collect();
-    assert_eq!(lines[20000], "done-bursting");
-    for (i, l) in lines.iter().take(20000).enumerate() {
+    assert_eq!(lines[200000], "done-bursting");
+    for (i, l) in lines.iter().take(200000).enumerate() {
         assert_eq!(*l, format!("burst line {i}"));
     }
     broker.restart();
     agent.wait_hb("broker_connected", Duration::from_secs(15), |v| v == "true");
-    // After the reconnect, MQTT output resumes (the child keeps ticking); the agent's queue of 8
-    // overflowed during the outage, so batches were dropped and the sequence shows it.
+    // After the reconnect, MQTT output resumes (the child keeps ticking); the burst was more
+    // than the rate and the backlog kept during the outage, so lines were dropped and the
+    // sequence shows it.
     let topic = format!("{sut}/output");
     let resumed = mqtt.wait(&topic, Duration::from_secs(15), |m| {
         m.text.contains("tick") && m.meta.as_ref().is_some_and(|meta| meta.dropped > 0)

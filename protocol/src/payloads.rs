@@ -152,7 +152,8 @@ pub struct AgentStatus {
     pub queue_len: u64,
     /// Whether the agent is connected to the broker (always true in a published status).
     pub broker_connected: bool,
-    /// Output batches dropped or coalesced on the way to MQTT since the agent started.
+    /// Lines of output lost on the way to `<sut>/output` since the agent started (at the rate
+    /// cap, when the queues were full, or while the broker was slow or gone).
     #[serde(default)]
     pub output_dropped: u64,
     /// Why the state is what it is, or what is wrong (unreadable `tail` globs, crash-loop cause).
@@ -194,9 +195,10 @@ impl OutputStream {
 /// topic because the broker was slow or gone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutputMeta {
-    /// Batch sequence number on this topic.
+    /// Message sequence number on this topic, from 0 for each agent run; it jumps where output
+    /// was lost.
     pub seq: u64,
-    /// Batches dropped so far on this topic.
+    /// Lines lost on this topic so far in this agent run, before this message.
     pub dropped: u64,
     /// The agent run ([`AgentStatus::boot_id`]).
     pub boot: String,

@@ -10,7 +10,7 @@
 //! | topic | direction | QoS | retained | payload |
 //! |---|---|---|---|---|
 //! | `<sut>/agent` | agent → all | 1 | yes | [`AgentStatus`](crate::payloads::AgentStatus) JSON: birth on every connect, every heartbeat, last will `lost`, `offline` on a clean stop |
-//! | `<sut>/output` | agent → all | 0 | no | plain UTF-8 text (lossy), batched; MQTT 5 user properties `seq`, `dropped`, `boot` ([`OutputMeta`](crate::payloads::OutputMeta)) |
+//! | `<sut>/output` | agent → all | 1 | no | plain UTF-8 text (lossy), batched; MQTT 5 user properties `seq`, `dropped`, `boot` ([`OutputMeta`](crate::payloads::OutputMeta)) |
 //! | `<sut>/probe` | agent → all | 1 | yes | [`ProbeResult`](crate::payloads::ProbeResult) JSON (the upstream probe, the old stack's `c3`) |
 //! | `<sut>/submit` | submitter → agent | 1 | never (a retained job is rejected, never run) | plain text (a shell script) or [`JobSubmit`](crate::payloads::JobSubmit) JSON |
 //! | `<sut>/submit_status` | agent → submitter | 1 | yes (latest) | [`SubmitAck`](crate::payloads::SubmitAck) JSON; also sent to `reply_to` / the MQTT 5 response topic |
@@ -18,7 +18,7 @@
 //! | `<sut>/cancel` | submitter → agent | 1 | never | a job id, `current`, or `{"id": ...}` |
 //! | `<sut>/cancel_status` | agent → submitter | 1 | yes (latest) | [`CancelAck`](crate::payloads::CancelAck) JSON |
 //! | `<sut>/jobs/<id>` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON |
-//! | `<sut>/jobs/<id>/output` | agent → all | 0 | no | plain text, as `<sut>/output` |
+//! | `<sut>/jobs/<id>/output` | agent → all | 1 | no | plain text, as `<sut>/output` (the job's lines only) |
 //! | `<sut>/last_job` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON of the latest job |
 //! | `<sut>/build` | supervisor → all | 0 | no | plain UTF-8 text: one line of the SUT's image build (`[build]`), as the engine streams it |
 //! | `<sut>/supervisor` | supervisor → all | 1 | yes | [`SutView`](crate::payloads::SutView) JSON: the supervisor's view of that SUT |

@@ -525,25 +525,49 @@ pub async fn logs(
         None => t.output(&sut),
     };
     let mut s = Session::connect(args, |t| vec![topic_of(t)]).await?;
-    let mut last_seq: Option<u64> = None;
+    let mut last: Option<OutputMeta> = None;
     while let Some(r) = s.next(None).await {
         let props = r.user_properties();
         if let Some(meta) = OutputMeta::from_properties(&props) {
-            if let Some(prev) = last_seq {
-                if meta.seq > prev + 1 {
-                    eprintln!(
-                        "[labvisor: {} output batches missing here ({} dropped by the agent so far)]",
-                        meta.seq - prev - 1,
-                        meta.dropped
-                    );
-                }
+            let (show, note) = output_step(last.as_ref(), &meta);
+            if let Some(note) = note {
+                eprintln!("{note}");
             }
-            last_seq = Some(meta.seq);
+            if !show {
+                continue;
+            }
+            last = Some(meta);
         }
         out.write_all(&r.payload)?;
         out.flush()?;
     }
     Ok(())
+}
+
+/// What `labvisor logs` does with an output message after `last`: whether to print it (a QoS 1
+/// resend of a message already printed is not), and a note about output lost before it.
+fn output_step(last: Option<&OutputMeta>, meta: &OutputMeta) -> (bool, Option<String>) {
+    let Some(prev) = last.filter(|p| p.boot == meta.boot) else {
+        return (true, None);
+    };
+    if meta.seq <= prev.seq {
+        return (false, None);
+    }
+    let lost = meta.dropped.saturating_sub(prev.dropped);
+    let note = if lost > 0 {
+        Some(format!(
+            "[labvisor: {lost} lines lost here ({} lost by the agent so far)]",
+            meta.dropped
+        ))
+    } else if meta.seq > prev.seq + 1 {
+        Some(format!(
+            "[labvisor: {} messages missing here (lost between the broker and this client)]",
+            meta.seq - prev.seq - 1
+        ))
+    } else {
+        None
+    };
+    (true, note)
 }
 
 /// `labvisor submit` options.
@@ -894,6 +918,14 @@ mod tests {
         }
     }
 
+    fn meta(seq: u64, dropped: u64, boot: &str) -> OutputMeta {
+        OutputMeta {
+            seq,
+            dropped,
+            boot: boot.into(),
+        }
+    }
+
     #[test]
     fn an_online_status_older_than_three_periods_is_stale() {
         let mut s = status(true, SutCounts::default());
@@ -952,5 +984,26 @@ mod tests {
             supervisor_line(&managed, 1_005_000),
             "supervisor lab: online, docker reachable, managed broker DOWN (2 restarts), 3 SUTs desired, running 3, healthy 2, 1 invalid files, seen 5s ago"
         );
+    }
+
+    #[test]
+    fn logs_notes_lost_lines_and_skips_resends() {
+        let a = meta(4, 10, "b1");
+        assert_eq!(output_step(None, &a), (true, None));
+        assert_eq!(output_step(Some(&a), &meta(5, 10, "b1")), (true, None));
+        // A resend (QoS 1) of what was printed.
+        assert_eq!(output_step(Some(&a), &meta(4, 10, "b1")), (false, None));
+        // A loss at the agent: the seq jumps and dropped says how many lines.
+        let (show, note) = output_step(Some(&a), &meta(6, 25, "b1"));
+        assert!(show);
+        assert_eq!(
+            note.unwrap(),
+            "[labvisor: 15 lines lost here (25 lost by the agent so far)]"
+        );
+        // A jump without a loss at the agent.
+        let (_, note) = output_step(Some(&a), &meta(7, 10, "b1"));
+        assert!(note.unwrap().contains("2 messages missing"));
+        // A new agent run starts over.
+        assert_eq!(output_step(Some(&a), &meta(0, 0, "b2")), (true, None));
     }
 }

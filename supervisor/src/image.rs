@@ -39,7 +39,7 @@ pub async fn ensure<R: ContainerRuntime>(
         info!(sut = %sut, image = %image, "image: {line}");
         if let Some(link) = &link {
             // Best effort: a line that cannot be queued is only lost from the topic.
-            let _ = link.publish(Message::stream(topic.clone(), line.to_owned()));
+            let _ = link.publish_output(Message::stream(topic.clone(), line.to_owned()));
         }
     };
     let outcome = runtime.ensure_image(&spec, &progress).await?;

@@ -28,7 +28,7 @@
 //! | `labvisor_child_restarts` | gauge | `sut` | restarts of the device process by the agent, from its status (resets with the agent) |
 //! | `labvisor_jobs_total` | counter | `sut`, `outcome` | finished jobs: `passed`, `failed`, `cancelled`, `timeout`, `lost` (each job id once) |
 //! | `labvisor_queue_length` | gauge | `sut` | jobs waiting in the agent's queue |
-//! | `labvisor_output_dropped` | gauge | `sut` | output batches the agent dropped or coalesced since it started |
+//! | `labvisor_output_dropped` | gauge | `sut` | lines of output the agent lost on the way to `<sut>/output` since it started |
 //! | `labvisor_reconcile_actions_total` | counter | `action` | container actions done: `create`, `recreate`, `remove`, `start`, `restart`; `defer` each time a change starts waiting for a busy agent |
 //! | `labvisor_reconcile_errors_total` | counter | `sut` | failed container actions (each is retried with backoff) |
 //! | `labvisor_docker_reachable` | gauge | | 1 when the last pass could list the containers |
@@ -253,7 +253,7 @@ impl Metrics {
         );
         registry.register(
             "labvisor_output_dropped",
-            "Output batches the agent dropped or coalesced since it started",
+            "Lines of output the agent lost on the way to <sut>/output since it started",
             output_dropped.clone(),
         );
         registry.register(

@@ -214,6 +214,11 @@ impl Mosquitto {
         }
     }
 
+    /// The broker's process id (for `kill -STOP`), while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Starts the broker again on the same port with the same config.
     pub fn restart(&mut self) {
         self.stop();

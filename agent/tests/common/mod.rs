@@ -236,12 +236,27 @@ pub struct Collector {
 
 impl Collector {
     pub fn start(port: u16, filters: &[&str]) -> Self {
-        Self::start_as(port, filters, None)
+        Self::start_with(port, filters, None, false)
     }
 
     /// As [`Collector::start`], logged in as `login` (user, password); the user must be allowed
     /// to write `labvisor-test/#` (the collector's probe).
     pub fn start_as(port: u16, filters: &[&str], login: Option<(&str, &str)>) -> Self {
+        Self::start_with(port, filters, login, false)
+    }
+
+    /// A collector with a persistent session (clean start off, a session expiry), so that a
+    /// broker with persistence keeps its subscriptions and queues its messages across a restart.
+    pub fn start_persistent(port: u16, filters: &[&str]) -> Self {
+        Self::start_with(port, filters, None, true)
+    }
+
+    fn start_with(
+        port: u16,
+        filters: &[&str],
+        login: Option<(&str, &str)>,
+        persistent: bool,
+    ) -> Self {
         let login = login.map(|(u, p)| (u.to_owned(), p.to_owned()));
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -259,6 +274,11 @@ impl Collector {
             if let Some((u, p)) = login {
                 opts.username = Some(u);
                 opts.password = Some(p);
+            }
+            if persistent {
+                opts.clean_start = false;
+                opts.session_expiry = Some(Duration::from_secs(3600));
+                opts.keep_alive = Duration::from_secs(120);
             }
             let (link, mut rx) = MqttLink::start(opts).unwrap();
             for f in &filters {

@@ -50,17 +50,21 @@
 //! right away, under the same lock, when the link is connected (the fast path), so a new message
 //! does not wait for the next network event.
 //!
-//! **Overflow policy.** Only live output is ever dropped. When the outbox holds more than
-//! `queue_capacity` messages, the *oldest QoS 0* message is dropped, counted in
-//! [`LinkState::dropped`] and handed to [`LinkOptions::on_drop`]. QoS 1 messages (acknowledgements,
-//! job statuses), sticky state messages ([`MqttLink::set_sticky`], at most one queued per topic),
+//! **Overflow policy.** Only live output is ever dropped, and output is marked as such by its
+//! producer: [`MqttLink::publish_output`] (QoS 0 or 1) rather than [`MqttLink::publish`]. When the
+//! outbox holds more than `queue_capacity` messages, the *oldest output* message is dropped,
+//! counted in [`LinkState::dropped`] and handed to [`LinkOptions::on_drop`] (once per message).
+//! Everything else (acknowledgements, job statuses, heartbeats: anything given to `publish`),
+//! sticky state messages ([`MqttLink::set_sticky`], at most one queued per topic),
 //! [`MqttLink::publish_sticky`] values and the final messages of [`MqttLink::shutdown`] are never
-//! dropped: with no QoS 0 message left to drop the outbox grows past its capacity instead.
-//! Producers of bulk output should split and rate-limit themselves; the heartbeat is never starved
-//! by output because dropping favours the newest messages.
+//! dropped: with no output left to drop the outbox grows past its capacity instead. Producers of
+//! bulk output should split and rate-limit themselves; the heartbeat is never starved by output
+//! because it is never dropped and dropping favours the newest output.
 //!
-//! **Back-pressure.** What bounds the QoS 1 backlog is the application: [`MqttLink::has_room`]
-//! is false while `queue_capacity` or more QoS 1 messages wait in the outbox, and an application
+//! **Back-pressure.** What bounds the backlog of answers is the application:
+//! [`MqttLink::has_room`] is false while `queue_capacity` or more QoS 1 messages other than output
+//! and sticky states wait in the outbox (output never counts: it cannot close the intake), and an
+//! application
 //! whose QoS 1 messages answer incoming work (the agent answers every submission) stops taking
 //! from [`Incoming`] until it is true again ([`MqttLink::watch_room`] says when). With manual acks
 //! and `receive_maximum` (MQTT 5; the broker sends at most that many unacknowledged QoS 1
@@ -174,7 +178,8 @@ pub struct LinkState {
     pub connects: u64,
     /// Connection errors (failed attempts and lost connections), each followed by a backoff.
     pub errors: u64,
-    /// Live output (QoS 0) messages dropped by the overflow policy; nothing else is dropped.
+    /// Output messages ([`MqttLink::publish_output`]) dropped by the overflow policy; nothing
+    /// else is dropped.
     pub dropped: u64,
     /// Queued sticky messages replaced by a newer value for the same topic before being sent.
     pub coalesced: u64,
@@ -186,7 +191,8 @@ pub struct LinkState {
     pub in_flight: usize,
     /// The last connection error, kept after reconnecting.
     pub last_error: Option<String>,
-    /// QoS 1 messages waiting in the outbox (see "Back-pressure" in the module documentation).
+    /// QoS 1 messages other than output and sticky states waiting in the outbox (see
+    /// "Back-pressure" in the module documentation).
     pub reliable_queued: usize,
 }
 
@@ -230,6 +236,8 @@ pub type Incoming = mpsc::Receiver<Received>;
 enum Keep {
     /// An ordinary message.
     No,
+    /// Live output ([`MqttLink::publish_output`]): the only kind the overflow policy drops.
+    Output,
     /// The current value of a sticky topic.
     Sticky,
     /// A final message of `shutdown`.
@@ -313,11 +321,14 @@ impl Inner {
         }
     }
 
-    /// QoS 1 messages waiting in the outbox (sticky state messages excepted: at most one each).
+    /// QoS 1 messages waiting in the outbox that are never dropped: output is excepted (it is
+    /// dropped instead), and so are sticky state messages (at most one each).
     fn reliable_queued(&self) -> usize {
         self.outbox
             .iter()
-            .filter(|e| e.msg.qos == QoS::AtLeastOnce && e.keep != Keep::Sticky)
+            .filter(|e| {
+                e.msg.qos == QoS::AtLeastOnce && !matches!(e.keep, Keep::Sticky | Keep::Output)
+            })
             .count()
     }
 
@@ -344,14 +355,11 @@ impl Inner {
         }
     }
 
-    /// Drops the oldest live output (QoS 0) until the outbox fits its capacity, or none is
-    /// left: acknowledgements and statuses (QoS 1) are never dropped.
+    /// Drops the oldest live output ([`Keep::Output`], whatever its QoS) until the outbox fits its
+    /// capacity, or none is left: nothing else (acknowledgements, statuses) is ever dropped.
     fn enforce_capacity(&mut self) {
         while self.outbox.len() > self.capacity {
-            let victim = self
-                .outbox
-                .iter()
-                .position(|e| e.keep == Keep::No && e.msg.qos == QoS::AtMostOnce);
+            let victim = self.outbox.iter().position(|e| e.keep == Keep::Output);
             let Some(i) = victim else { break };
             let e = self.outbox.remove(i).expect("position is valid");
             self.dropped += 1;
@@ -574,10 +582,18 @@ impl MqttLink {
     ///
     /// `Ok` means "queued", not "delivered". Refuses invalid topics, messages over the
     /// maximum packet size (counted in [`LinkState::refused_oversize`]) and publishing after
-    /// shutdown. When the outbox is full the oldest QoS 0 message is dropped; QoS 1 messages
-    /// never are (see "Back-pressure" in the module documentation).
+    /// shutdown. It is never dropped: only [`MqttLink::publish_output`] messages are (see
+    /// "Overflow policy" and "Back-pressure" in the module documentation).
     pub fn publish(&self, msg: Message) -> Result<(), PublishError> {
         self.enqueue(msg, Keep::No)
+    }
+
+    /// Queues live output like [`MqttLink::publish`] (any QoS), except that it is the only kind
+    /// of message the overflow policy drops (oldest first, counted in [`LinkState::dropped`] and
+    /// handed to [`LinkOptions::on_drop`]), and that it never counts against
+    /// [`MqttLink::has_room`]: output cannot close the intake nor push out an answer.
+    pub fn publish_output(&self, msg: Message) -> Result<(), PublishError> {
+        self.enqueue(msg, Keep::Output)
     }
 
     /// The checks every outgoing message passes before it is queued: a valid topic, a link that
@@ -668,7 +684,8 @@ impl MqttLink {
     }
 
     /// Whether the application should take more incoming work: false while `queue_capacity` or
-    /// more QoS 1 messages wait in the outbox (see "Back-pressure" in the module documentation).
+    /// more QoS 1 messages other than output wait in the outbox (see "Back-pressure" in the
+    /// module documentation).
     pub fn has_room(&self) -> bool {
         *self.shared.room_tx.borrow()
     }
@@ -1267,8 +1284,8 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU64, Ordering};
 
-    fn push(inner: &mut Inner, msg: Message) {
-        let e = inner.entry(msg, Keep::No);
+    fn push(inner: &mut Inner, msg: Message, keep: Keep) {
+        let e = inner.entry(msg, keep);
         inner.outbox.push_back(e);
         inner.enforce_capacity();
     }
@@ -1278,7 +1295,7 @@ mod tests {
         let count = Arc::new(AtomicU64::new(0));
         let c2 = count.clone();
         let hook = DropHook::new(move |m: &Message| {
-            assert_eq!(m.qos, QoS::AtMostOnce, "only output is dropped");
+            assert_eq!(m.topic, "s/output", "only output is dropped");
             c2.fetch_add(1, Ordering::Relaxed);
         });
         let mut inner = Inner::new(8, 1 << 20, Some(hook));
@@ -1288,8 +1305,14 @@ mod tests {
             push(
                 &mut inner,
                 Message::event("s/submit_status", format!("ack {i}")),
+                Keep::No,
             );
-            push(&mut inner, Message::stream("s/output", format!("line {i}")));
+            // Output is QoS 1 as well: marked as output, it is dropped and never counted.
+            push(
+                &mut inner,
+                Message::event("s/output", format!("line {i}")),
+                Keep::Output,
+            );
             if i == 6 {
                 assert!(inner.has_room(), "7 acks wait, capacity 8");
             }
@@ -1300,7 +1323,7 @@ mod tests {
         let acks: Vec<String> = inner
             .outbox
             .iter()
-            .filter(|e| e.msg.qos == QoS::AtLeastOnce)
+            .filter(|e| e.keep == Keep::No)
             .map(|e| String::from_utf8_lossy(&e.msg.payload).into_owned())
             .collect();
         let want: Vec<String> = (0..1000).map(|i| format!("ack {i}")).collect();
@@ -1324,12 +1347,33 @@ mod tests {
     fn output_under_capacity_is_kept_and_the_oldest_goes_first() {
         let mut inner = Inner::new(3, 1 << 20, None);
         for i in 0..5 {
-            push(&mut inner, Message::stream("s/output", format!("{i}")));
+            push(
+                &mut inner,
+                Message::stream("s/output", format!("{i}")),
+                Keep::Output,
+            );
         }
         let left: Vec<&[u8]> = inner.outbox.iter().map(|e| &e.msg.payload[..]).collect();
         assert_eq!(left, [&b"2"[..], b"3", b"4"]);
         assert_eq!(inner.dropped, 2);
         assert!(inner.has_room(), "output never closes the intake");
+        // A QoS 0 message that is not output (a heartbeat) is never dropped: output goes.
+        for i in 0..3 {
+            push(
+                &mut inner,
+                Message::stream("s/heartbeat", format!("h{i}")),
+                Keep::No,
+            );
+        }
+        let left: Vec<&[u8]> = inner.outbox.iter().map(|e| &e.msg.payload[..]).collect();
+        assert_eq!(left, [&b"h0"[..], b"h1", b"h2"]);
+        push(&mut inner, Message::stream("s/heartbeat", "h3"), Keep::No);
+        assert_eq!(
+            inner.outbox.len(),
+            4,
+            "no output left to drop: the outbox grows"
+        );
+        assert_eq!(inner.dropped, 5);
     }
 
     #[test]

@@ -124,7 +124,8 @@ impl Message {
     }
 }
 
-/// Called with every message the outbox's overflow policy drops (always live output, QoS 0),
+/// Called with every message the outbox's overflow policy drops (always live output, see
+/// [`super::MqttLink::publish_output`]),
 /// under the link's lock: count, never call the link from it. See [`LinkOptions::on_drop`].
 #[derive(Clone)]
 pub struct DropHook(Arc<dyn Fn(&Message) + Send + Sync>);
