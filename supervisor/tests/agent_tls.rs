@@ -10,10 +10,13 @@
 //! - an external `mqtts://` broker (mosquitto with a certificate from a test CA made with
 //!   openssl): agents given that CA with `--mqtt-ca` connect, and a job runs end to end.
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use common::own_network;
 use labvisor_tests::{
     docker, docker_ok, ensure_busybox_image, free_port, network_gateway, run_ok, static_bin,
     wait_until, DockerScope, KillOnDrop, Mosquitto,
@@ -399,18 +402,7 @@ fn agents_reach_an_external_mqtts_broker_with_the_given_ca() {
     let scope = DockerScope::new("exttls");
     // The supervisor's network, made first (labelled as its own, so it is adopted), so that
     // the broker can listen on its gateway.
-    let net = scope.name("labvisor.net");
-    docker_ok(&[
-        "network",
-        "create",
-        "--label",
-        &scope.label(),
-        "--label",
-        "io.labvisor.managed-by=labvisor",
-        "--label",
-        &format!("io.labvisor.supervisor={}", scope.run_id()),
-        &net,
-    ]);
+    let net = own_network(&scope, "labvisor.net");
     let gateway = network_gateway(&net);
     let pki = tempfile::tempdir().unwrap();
     test_pki(pki.path(), &gateway);

@@ -8,7 +8,7 @@ mod common;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{tmp_sut_dir, wait_healthy, write, Sup};
+use common::{own_network, tmp_sut_dir, wait_healthy, write, Sup};
 use labvisor_supervisor::metrics::probe;
 use labvisor_tests::{
     docker_ok, ensure_busybox_image, free_port, network_gateway, static_bin, wait_until,
@@ -23,18 +23,7 @@ fn a_thousand_mixed_payloads_get_a_thousand_answers_and_the_metric_agrees() {
     ensure_busybox_image();
     let scope = DockerScope::new("burst");
     // The supervisor's network, made first so the broker can listen on its gateway.
-    let net = scope.name("labvisor.net");
-    docker_ok(&[
-        "network",
-        "create",
-        "--label",
-        &scope.label(),
-        "--label",
-        "io.labvisor.managed-by=labvisor",
-        "--label",
-        &format!("io.labvisor.supervisor={}", scope.run_id()),
-        &net,
-    ]);
+    let net = own_network(&scope, "labvisor.net");
     let gateway = network_gateway(&net);
     let broker = Mosquitto::start_with(&format!(
         "allow_anonymous true\npersistence false\nlistener {{port}} {gateway}\n"

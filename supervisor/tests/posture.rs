@@ -11,7 +11,7 @@ use std::time::Duration;
 
 mod common;
 
-use common::{fast_sut, ps, tmp_sut_dir, views, wait_healthy, write, Sup};
+use common::{fast_sut, own_network, ps, tmp_sut_dir, views, wait_healthy, write, Sup};
 use labvisor_tests::{
     docker, docker_ok, ensure_busybox_image, free_port, network_gateway, static_bin, wait_until,
     DockerScope, KillOnDrop, Mosquitto, BUSYBOX_IMAGE,
@@ -214,18 +214,7 @@ fn a_job_cannot_open_raw_sockets_or_reach_another_agent() {
     let state = t.path().join("state");
     std::fs::create_dir(&state).unwrap();
     // The bridge an earlier version made: labelled as this supervisor's, ICC on.
-    let old_net = scope.name("labvisor");
-    docker_ok(&[
-        "network",
-        "create",
-        "--label",
-        &scope.label(),
-        "--label",
-        "io.labvisor.managed-by=labvisor",
-        "--label",
-        &format!("io.labvisor.supervisor={}", scope.run_id()),
-        &old_net,
-    ]);
+    let old_net = own_network(&scope, "labvisor");
     write(&dir, "a.toml", &fast_sut(BUSYBOX_IMAGE, ""));
     write(
         &dir,

@@ -15,7 +15,7 @@ use labvisor_protocol::payloads::{
 };
 mod common;
 
-use common::{fast_sut, ps, tmp_sut_dir, views, wait_healthy, write, Sup};
+use common::{fast_sut, own_network, ps, tmp_sut_dir, views, wait_healthy, write, Sup};
 use labvisor_tests::{
     docker, docker_ok, ensure_busybox_image, network_gateway, wait_until, DockerScope, Mosquitto,
     Subscriber, BUSYBOX_IMAGE,
@@ -494,18 +494,7 @@ fn thirty_suts_cold_start() {
 /// which is made first (labelled as the supervisor's own, so the supervisor adopts it). Returns
 /// the broker and the URL to give agents (`--agent-broker`).
 fn gateway_broker(scope: &DockerScope) -> (Mosquitto, String) {
-    let net = scope.name("labvisor.net");
-    docker_ok(&[
-        "network",
-        "create",
-        "--label",
-        &scope.label(),
-        "--label",
-        "io.labvisor.managed-by=labvisor",
-        "--label",
-        &format!("io.labvisor.supervisor={}", scope.run_id()),
-        &net,
-    ]);
+    let net = own_network(scope, "labvisor.net");
     let gateway = network_gateway(&net);
     let broker = Mosquitto::start_with(&format!(
         "allow_anonymous true\npersistence false\nlistener {{port}} {gateway}\n"

@@ -112,6 +112,24 @@ start_period = "0s"
 }
 
 /// Writes like an editor: a hidden temporary file renamed over the target.
+/// Makes the bridge `name` (scoped) labelled as the scope's supervisor's own, so the supervisor
+/// adopts it; made before the supervisor when a broker must listen on its gateway.
+pub fn own_network(scope: &DockerScope, name: &str) -> String {
+    let net = scope.name(name);
+    docker_ok(&[
+        "network",
+        "create",
+        "--label",
+        &scope.label(),
+        "--label",
+        "io.labvisor.managed-by=labvisor",
+        "--label",
+        &format!("io.labvisor.supervisor={}", scope.run_id()),
+        &net,
+    ]);
+    net
+}
+
 pub fn write(dir: &Path, name: &str, text: &str) {
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, text).unwrap();
