@@ -230,35 +230,73 @@ impl Sinks {
         let m = &mut *mux;
         let held = m.held.entry(source.clone()).or_default();
         held.at = Some(Instant::now());
-        // stdout and the file
+        // stdout and the file: `out` (headers, a closing newline, held bytes) then `direct`, a
+        // slice of `data` written as it is. Held bytes never contain a newline.
+        let mut direct: &[u8] = &[];
         if m.open.as_ref() == Some(source) {
-            out.extend_from_slice(data);
+            direct = data;
             if data.ends_with(b"\n") {
                 m.open = None;
             }
         } else {
-            held.sink.extend_from_slice(data);
-            let cut = if held.sink.len() > HOLD_MAX {
-                Some(held.sink.len())
+            let cut = if held.sink.len() + data.len() > HOLD_MAX {
+                Some(data.len())
             } else {
-                held.sink.iter().rposition(|b| *b == b'\n').map(|p| p + 1)
+                memchr::memrchr(b'\n', data).map(|p| p + 1)
             };
-            if let Some(cut) = cut {
-                let bytes: Vec<u8> = held.sink.drain(..cut).collect();
-                release_sink(m, source, &bytes, &mut out);
+            match cut {
+                Some(cut) => {
+                    let held_bytes = std::mem::take(&mut held.sink);
+                    held.sink.extend_from_slice(&data[cut..]);
+                    direct = &data[..cut];
+                    sink_prefix(m, source, &mut out);
+                    out.extend_from_slice(&held_bytes);
+                    if !direct.ends_with(b"\n") {
+                        m.open = Some(source.clone());
+                    }
+                }
+                None => held.sink.extend_from_slice(data),
             }
         }
-        // MQTT
+        // MQTT: held bytes never contain a newline, so the complete lines are the held bytes
+        // and `data` up to its last newline.
         let held = m.held.get_mut(source).expect("inserted above");
-        held.tap.extend_from_slice(data);
+        let last_nl = memchr::memrchr(b'\n', data);
         let mut text = String::new();
         let mut lines = 0;
-        if let Some(p) = held.tap.iter().rposition(|b| *b == b'\n') {
-            let complete: Vec<u8> = held.tap.drain(..=p).collect();
-            for line in complete.split_inclusive(|b| *b == b'\n') {
-                let line = String::from_utf8_lossy(&line[..line.len() - 1]);
-                lines += push_line(&mut text, &line, false);
+        let mut handled = false;
+        if let Some(p) = last_nl {
+            let complete = &data[..=p];
+            let raw_len = held.tap.len() + complete.len();
+            // Dropped anyway (over the rate, or the queue full even for the raw bytes): count
+            // the lines without building their text. Only without a header to send first.
+            if m.tap_file.as_deref() == source.file() {
+                let head = std::mem::take(&mut held.tap);
+                let tail = data[p + 1..].to_vec();
+                handled = self
+                    .tap
+                    .drop_if_over(source.target(), raw_len, || count_lines(&head, complete));
+                if handled {
+                    held.tap = tail;
+                } else {
+                    held.tap = head;
+                }
             }
+            if !handled {
+                let mut rest = complete;
+                if !held.tap.is_empty() {
+                    let f = memchr::memchr(b'\n', complete).expect("complete ends with a newline");
+                    held.tap.extend_from_slice(&complete[..f]);
+                    let line = String::from_utf8_lossy(&held.tap);
+                    lines += push_line(&mut text, &line, false);
+                    held.tap.clear();
+                    rest = &complete[f + 1..];
+                }
+                lines += push_lines(&mut text, rest);
+                held.tap.extend_from_slice(&data[p + 1..]);
+            }
+        } else {
+            held.tap.extend_from_slice(data);
         }
         if held.tap.len() >= LINE_MAX {
             // A line longer than a piece: its full pieces go now, the rest waits.
@@ -267,18 +305,28 @@ impl Sinks {
             let part = String::from_utf8_lossy(&part);
             let mut rest: &str = &part;
             let room = LINE_MAX - SPLIT_MARKER.len() - 1;
+            let mut long = String::new();
+            let mut n = 0;
             while rest.len() >= LINE_MAX - 1 {
                 let mut cut = room;
                 while !rest.is_char_boundary(cut) {
                     cut -= 1;
                 }
-                lines += push_line(&mut text, &rest[..cut], true);
+                n += push_line(&mut long, &rest[..cut], true);
                 rest = &rest[cut..];
             }
             held.tap.splice(..0, rest.bytes());
+            if handled {
+                tap_lines(m, source, long, n, &mut chunks);
+            } else {
+                text.push_str(&long);
+                lines += n;
+            }
         }
-        tap_lines(m, source, text, lines, &mut chunks);
-        self.emit(mux, &out, chunks);
+        if !handled {
+            tap_lines(m, source, text, lines, &mut chunks);
+        }
+        self.emit(mux, &out, direct, chunks);
     }
 
     /// Writes what each source has held for at least `idle`: an incomplete line goes to stdout
@@ -301,7 +349,7 @@ impl Sinks {
         for source in due {
             self.release_all(m, &source, true, &mut out, &mut chunks);
         }
-        self.emit(mux, &out, chunks);
+        self.emit(mux, &out, &[], chunks);
     }
 
     /// `source` ended (EOF): what it held is written, and a job's MQTT stream is closed.
@@ -312,7 +360,7 @@ impl Sinks {
         let mut chunks = Vec::new();
         self.release_all(m, source, false, &mut out, &mut chunks);
         m.held.remove(source);
-        self.emit(mux, &out, chunks);
+        self.emit(mux, &out, &[], chunks);
         if let Source::Job(id) = source {
             self.tap.end(Target::Job(id.clone()));
         }
@@ -343,9 +391,15 @@ impl Sinks {
 
     /// Writes `out` to stdout and the file and hands `chunks` to the tap, in the mux's order,
     /// then lets the mux go.
-    fn emit(&self, mux: std::sync::MutexGuard<'_, Mux>, out: &[u8], chunks: Vec<Chunk>) {
-        if !out.is_empty() {
-            self.write_raw(out);
+    fn emit(
+        &self,
+        mux: std::sync::MutexGuard<'_, Mux>,
+        out: &[u8],
+        direct: &[u8],
+        chunks: Vec<Chunk>,
+    ) {
+        if !out.is_empty() || !direct.is_empty() {
+            self.write_raw(out, direct);
         }
         for c in chunks {
             self.tap.send(c);
@@ -355,17 +409,20 @@ impl Sinks {
 
     /// Writes `bytes` to stdout and the file as they are. A failing sink is reported (see
     /// [`Sinks::error`]) and the others still get the bytes.
-    fn write_raw(&self, bytes: &[u8]) {
+    fn write_raw(&self, bytes: &[u8], more: &[u8]) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         self.write_since_ms
             .store(now_ms().max(1), Ordering::Relaxed);
         if inner.stdout {
             let mut out = std::io::stdout().lock();
-            let _ = out.write_all(bytes).and_then(|_| out.flush());
+            let _ = out
+                .write_all(bytes)
+                .and_then(|_| out.write_all(more))
+                .and_then(|_| out.flush());
         }
         let mut failed = None;
         if let Some(f) = inner.file.as_mut() {
-            if let Err(e) = f.write_all(bytes) {
+            if let Err(e) = f.write_all(bytes).and_then(|_| f.write_all(more)) {
                 failed = Some(format!("cannot write {}: {e}", f.path().display()));
             }
         }
@@ -373,7 +430,8 @@ impl Sinks {
             inner.file_error = failed;
         }
         self.write_since_ms.store(0, Ordering::Relaxed);
-        self.bytes.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.bytes
+            .fetch_add((bytes.len() + more.len()) as u64, Ordering::Relaxed);
     }
 
     /// How long the write under way has been blocked, if one is.
@@ -411,6 +469,16 @@ impl Sinks {
 /// line first, adds a header when the output switches between a file and the rest, and leaves
 /// the line open when `bytes` does not end with a newline.
 fn release_sink(m: &mut Mux, source: &Source, bytes: &[u8], out: &mut Vec<u8>) {
+    sink_prefix(m, source, out);
+    out.extend_from_slice(bytes);
+    if !bytes.ends_with(b"\n") {
+        m.open = Some(source.clone());
+    }
+}
+
+/// What goes before bytes of `source` in stdout and the file: a newline closing another
+/// source's open line, and a header when the output switches between a file and the rest.
+fn sink_prefix(m: &mut Mux, source: &Source, out: &mut Vec<u8>) {
     if m.open.as_ref().is_some_and(|o| o != source) {
         out.push(b'\n');
         m.open = None;
@@ -419,10 +487,67 @@ fn release_sink(m: &mut Mux, source: &Source, bytes: &[u8], out: &mut Vec<u8>) {
         out.extend_from_slice(header(source.file()).as_bytes());
         m.sink_file = source.file().map(Path::to_path_buf);
     }
-    out.extend_from_slice(bytes);
-    if !bytes.ends_with(b"\n") {
-        m.open = Some(source.clone());
+}
+
+/// Appends the newline-terminated lines of `bytes` to `out` as [`push_line`] does, line by
+/// line, and returns how many MQTT lines that made. Valid UTF-8 without a line of
+/// [`LINE_MAX`] bytes or more goes in as it is.
+fn push_lines(out: &mut String, bytes: &[u8]) -> u64 {
+    if bytes.is_empty() {
+        return 0;
     }
+    if let Ok(s) = std::str::from_utf8(bytes) {
+        let mut n = 0;
+        let mut start = 0;
+        let mut short = true;
+        for p in memchr::memchr_iter(b'\n', bytes) {
+            if p - start > LINE_MAX - 1 {
+                short = false;
+                break;
+            }
+            start = p + 1;
+            n += 1;
+        }
+        if short {
+            out.push_str(s);
+            return n;
+        }
+    }
+    let mut n = 0;
+    for line in bytes.split_inclusive(|b| *b == b'\n') {
+        let line = String::from_utf8_lossy(&line[..line.len() - 1]);
+        n += push_line(out, &line, false);
+    }
+    n
+}
+
+/// How many MQTT lines [`push_line`] makes of the newline-terminated lines of `head` followed
+/// by `rest` (`head` holds no newline), without building their text when it need not.
+fn count_lines(head: &[u8], rest: &[u8]) -> u64 {
+    let one = |line: &[u8]| -> u64 {
+        // Lossy UTF-8 is at most three times as long as the bytes.
+        if line.len() * 3 < LINE_MAX || (line.len() < LINE_MAX && std::str::from_utf8(line).is_ok())
+        {
+            1
+        } else {
+            push_line(&mut String::new(), &String::from_utf8_lossy(line), false)
+        }
+    };
+    let mut n = 0;
+    let mut start = 0;
+    let mut first = true;
+    for p in memchr::memchr_iter(b'\n', rest) {
+        if first && !head.is_empty() {
+            let mut line = head.to_vec();
+            line.extend_from_slice(&rest[..p]);
+            n += one(&line);
+        } else {
+            n += one(&rest[start..p]);
+        }
+        first = false;
+        start = p + 1;
+    }
+    n
 }
 
 /// Queues `text` (`lines` whole lines of `source`) for the tap, after a header when the output
@@ -507,11 +632,16 @@ impl Bucket {
         }
     }
 
-    fn take(&mut self, n: usize, now: Instant) -> bool {
+    /// Refills the bucket up to `now`; true when it is in debt (a chunk would not pass).
+    fn in_debt(&mut self, now: Instant) -> bool {
         let dt = now.saturating_duration_since(self.at).as_secs_f64();
         self.at = now;
         self.tokens = (self.tokens + dt * self.rate).min(self.rate);
-        if self.tokens < 0.0 {
+        self.tokens < 0.0
+    }
+
+    fn take(&mut self, n: usize, now: Instant) -> bool {
+        if self.in_debt(now) {
             return false;
         }
         self.tokens -= n as f64;
@@ -566,16 +696,7 @@ impl Tap {
                 .is_some_and(|b| !b.take(len, Instant::now()))
         };
         if q.bytes + len > self.inner.capacity || over_rate(&mut q) {
-            self.inner.dropped.fetch_add(chunk.lines, Ordering::Relaxed);
-            match q.items.back_mut() {
-                Some(TapItem::Lost { target, lines }) if *target == chunk.target => {
-                    *lines += chunk.lines
-                }
-                _ => q.items.push_back(TapItem::Lost {
-                    target: chunk.target,
-                    lines: chunk.lines,
-                }),
-            }
+            self.record_lost(&mut q, chunk.target, chunk.lines);
         } else {
             q.bytes += len;
             match q.items.back_mut() {
@@ -588,6 +709,44 @@ impl Tap {
         }
         drop(q);
         self.inner.notify.notify_one();
+    }
+
+    /// Drops `lines()` lines for `target` (recording them as lost) when a chunk of at least
+    /// `min_len` bytes would be dropped by [`Tap::send`] now: the queue is full even for it, or
+    /// the output is over the rate. True when the chunk need not be built (also when closed).
+    pub fn drop_if_over(
+        &self,
+        target: Target,
+        min_len: usize,
+        lines: impl FnOnce() -> u64,
+    ) -> bool {
+        let mut q = self.inner.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.closed {
+            return true;
+        }
+        let over = q.bytes + min_len > self.inner.capacity
+            || q.bucket.as_mut().is_some_and(|b| b.in_debt(Instant::now()));
+        if !over {
+            return false;
+        }
+        let lines = lines();
+        if lines > 0 {
+            self.record_lost(&mut q, target, lines);
+            drop(q);
+            self.inner.notify.notify_one();
+        }
+        true
+    }
+
+    fn record_lost(&self, q: &mut TapQueue, target: Target, lines: u64) {
+        self.inner.dropped.fetch_add(lines, Ordering::Relaxed);
+        match q.items.back_mut() {
+            Some(TapItem::Lost {
+                target: t,
+                lines: l,
+            }) if *t == target => *l += lines,
+            _ => q.items.push_back(TapItem::Lost { target, lines }),
+        }
     }
 
     /// `target`'s output ended (never dropped).
@@ -912,5 +1071,38 @@ mod tests {
             sut.len()
         );
         assert_eq!(sut.lines().count() as u64 + lost, 160_000);
+    }
+
+    #[test]
+    fn lines_dropped_over_the_rate_are_counted_as_the_tap_would_have_made_them() {
+        // Short lines, a line held across writes, lines longer than LINE_MAX (split on MQTT),
+        // invalid UTF-8 that grows when made lossy, all in uneven writes.
+        let mut data = Vec::new();
+        for i in 0..300u32 {
+            data.extend_from_slice(format!("line {i}\n").as_bytes());
+            if i % 50 == 7 {
+                data.extend(std::iter::repeat_n(b'y', LINE_MAX * 2 + 13));
+                data.push(b'\n');
+            }
+            if i % 60 == 3 {
+                data.extend(std::iter::repeat_n(0xFFu8, LINE_MAX / 2));
+                data.extend_from_slice("é\n".as_bytes());
+            }
+        }
+        let run = |rate: Option<u64>| {
+            let (tap, mut rx) = Tap::with_rate(64 << 20, rate);
+            let s = Sinks::new(false, None, tap);
+            for piece in data.chunks(7919) {
+                s.write(&Source::Device, piece);
+            }
+            s.end(&Source::Device);
+            let (sut, _, lost) = drain(&mut rx);
+            (sut.lines().count() as u64, lost)
+        };
+        let (all, none_lost) = run(None);
+        assert_eq!(none_lost, 0);
+        let (passed, lost) = run(Some(1));
+        assert!(lost > 0 && passed < all, "{passed} passed, {lost} lost");
+        assert_eq!(passed + lost, all);
     }
 }
