@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::AgentProc;
-use labvisor_tests::{run_ok, wait_until, Mosquitto};
+use labvisor_tests::{test_pki, wait_until, Mosquitto};
 
 /// A test CA, a server certificate for 127.0.0.1 signed by it, and an unrelated CA.
 struct Pki {
@@ -22,70 +22,11 @@ struct Pki {
 impl Pki {
     fn new() -> Pki {
         let dir = tempfile::tempdir().unwrap();
-        let d = dir.path();
-        let ossl = |args: &[&str]| {
-            run_ok(Command::new("openssl").current_dir(d).args(args));
-        };
-        let ec = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        for ca in ["ca", "other-ca"] {
-            let (key, crt, subj) = (
-                format!("{ca}.key"),
-                format!("{ca}.crt"),
-                format!("/CN=labvisor test {ca}"),
-            );
-            let mut a = vec!["req", "-x509"];
-            a.extend(ec);
-            a.extend(["-keyout", &key, "-out", &crt, "-days", "2", "-subj", &subj]);
-            ossl(&a);
-        }
-        let mut a = vec!["req"];
-        a.extend(ec);
-        a.extend([
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ]);
-        ossl(&a);
-        std::fs::write(
-            d.join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-        )
-        .unwrap();
-        ossl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.crt",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ]);
-        // mosquitto started as root drops to its own user before reading the key.
-        for f in ["server.key", "server.crt", "ca.crt"] {
-            std::fs::set_permissions(
-                d.join(f),
-                std::os::unix::fs::PermissionsExt::from_mode(0o644),
-            )
-            .unwrap();
-        }
-        std::fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        test_pki(
+            dir.path(),
+            &["ca", "other-ca"],
+            "IP:127.0.0.1,DNS:localhost",
+        );
         Pki { dir }
     }
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::own_network;
 use labvisor_tests::{
-    docker, docker_ok, ensure_busybox_image, free_port, network_gateway, run_ok, static_bin,
+    docker, docker_ok, ensure_busybox_image, free_port, network_gateway, static_bin, test_pki,
     wait_until, DockerScope, KillOnDrop, Mosquitto,
 };
 
@@ -327,75 +327,6 @@ fn turning_agent_tls_on_recreates_the_agents() {
     run_job(&local, &state, "to-1", "tls-on-job-1");
 }
 
-/// A test CA and a server certificate for `ip` signed by it (openssl), in `dir`.
-fn test_pki(dir: &Path, ip: &str) {
-    let ossl = |args: &[&str]| {
-        run_ok(Command::new("openssl").current_dir(dir).args(args));
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let mut a = vec!["req", "-x509"];
-    a.extend(ec);
-    a.extend([
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=labvisor test external CA",
-    ]);
-    ossl(&a);
-    let mut a = vec!["req"];
-    a.extend(ec);
-    a.extend([
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=external broker",
-    ]);
-    ossl(&a);
-    std::fs::write(
-        dir.join("ext.cnf"),
-        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
-    )
-    .unwrap();
-    ossl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.crt",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.crt",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    // mosquitto started as root drops to its own user before reading the key.
-    for f in ["server.key", "server.crt", "ca.crt"] {
-        std::fs::set_permissions(
-            dir.join(f),
-            std::os::unix::fs::PermissionsExt::from_mode(0o644),
-        )
-        .unwrap();
-    }
-    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-}
-
 #[test]
 fn agents_reach_an_external_mqtts_broker_with_the_given_ca() {
     ensure_busybox_image();
@@ -405,7 +336,7 @@ fn agents_reach_an_external_mqtts_broker_with_the_given_ca() {
     let net = own_network(&scope, "labvisor.net");
     let gateway = network_gateway(&net);
     let pki = tempfile::tempdir().unwrap();
-    test_pki(pki.path(), &gateway);
+    test_pki(pki.path(), &["ca"], &format!("IP:{gateway}"));
     // Plain on loopback (the supervisor and this test), TLS only on the gateway (the agents).
     let tls_port = free_port();
     let broker = Mosquitto::start_with(&format!(
