@@ -123,6 +123,13 @@ fn retained(port: u16, state: &Path) -> Option<BTreeMap<String, String>> {
     (!map.is_empty()).then_some(map)
 }
 
+/// The SUT's state in `labvisor status --json` (run with the local login), if it is listed.
+fn sut_state(port: u16, state: &Path, sut: &str) -> Option<String> {
+    let v = status_json(port, state)?;
+    let row = v["suts"].as_array()?.iter().find(|r| r["sut"] == sut)?;
+    row["state"].as_str().map(String::from)
+}
+
 fn status_json(port: u16, state: &Path) -> Option<serde_json::Value> {
     let out = cli(
         state,
@@ -188,13 +195,7 @@ fn a_legacy_shared_agent_login_keeps_working() {
         )
     };
     wait_until(&fail("lg-1 idle"), Duration::from_secs(60), || {
-        let v = status_json(port, &state)?;
-        let row = v["suts"]
-            .as_array()?
-            .iter()
-            .find(|r| r["sut"] == "lg-1")?
-            .clone();
-        (row["state"] == "idle").then_some(())
+        (sut_state(port, &state, "lg-1")? == "idle").then_some(())
     });
     let gateway = network_gateway(&scope.name("labvisor.net"));
     let status_topic = format!("labvisor/supervisors/{}/status", scope.run_id());
@@ -433,13 +434,7 @@ fn acknowledged_jobs_and_retained_state_survive_supervisor_stops() {
         )
     };
     wait_until(&fail("ps-1 idle", &log), Duration::from_secs(60), || {
-        let v = status_json(port, &state)?;
-        let row = v["suts"]
-            .as_array()?
-            .iter()
-            .find(|r| r["sut"] == "ps-1")?
-            .clone();
-        (row["state"] == "idle").then_some(())
+        (sut_state(port, &state, "ps-1")? == "idle").then_some(())
     });
     let container = docker_ok(&["ps", "-q", "--filter", &format!("label={}", scope.label())]);
     assert_eq!(container.lines().count(), 1, "{container}");
@@ -639,13 +634,7 @@ fn a_killed_managed_broker_is_restarted() {
         )
     };
     wait_until(&fail("bk-1 idle"), Duration::from_secs(60), || {
-        let v = status_json(port, &state)?;
-        let row = v["suts"]
-            .as_array()?
-            .iter()
-            .find(|r| r["sut"] == "bk-1")?
-            .clone();
-        (row["state"] == "idle").then_some(())
+        (sut_state(port, &state, "bk-1")? == "idle").then_some(())
     });
     wait_until(&fail("healthz ok"), Duration::from_secs(30), || {
         (http_get(mport, "/healthz")?.0 == 200).then_some(())
@@ -789,13 +778,7 @@ fn the_loopback_listener_needs_the_local_login() {
     // `labvisor status` with no credentials: the local login, picked up from the state
     // directory (LABVISOR_STATE_DIR, as `labvisor supervise --state-dir` got it).
     wait_until(&fail("lo-1 idle"), Duration::from_secs(60), || {
-        let v = status_json(port, &state)?;
-        let row = v["suts"]
-            .as_array()?
-            .iter()
-            .find(|r| r["sut"] == "lo-1")?
-            .clone();
-        (row["state"] == "idle").then_some(())
+        (sut_state(port, &state, "lo-1")? == "idle").then_some(())
     });
     // Anonymous: refused at CONNECT, so nothing is published.
     let job = r#"{"id": "anonymous-1", "script": "echo ran >> /labvisor/data/runs-anonymous-1"}"#;
