@@ -26,10 +26,11 @@ use tracing::{info, warn};
 
 use crate::child::{self, Backoff, Exit, Running, Spec};
 use crate::logfile::RotatingFile;
-use crate::output::{self, Sinks, Source, Tap};
+use crate::output::{self, Sinks, Source};
 use crate::publish;
 use crate::runner::JobRunner;
 use crate::tail::{self, TailErrors, Tailer};
+use crate::tap::Tap;
 
 /// How long the broker keeps the agent's session (and the submissions sent to it) while the
 /// agent is gone.

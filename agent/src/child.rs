@@ -311,7 +311,7 @@ mod tests {
         Arc::new(Sinks::new(
             false,
             Some(RotatingFile::open(&dir.join("o.log"), 1 << 20, 2).unwrap()),
-            crate::output::Tap::new(8).0,
+            crate::tap::Tap::new(8).0,
         ))
     }
 

@@ -30,3 +30,4 @@ pub mod output;
 pub mod publish;
 pub mod runner;
 pub mod tail;
+pub mod tap;

@@ -1,4 +1,4 @@
-//! Output on MQTT: the batcher between the [`Tap`](crate::output::Tap) and the link.
+//! Output on MQTT: the batcher between the [`Tap`](crate::tap::Tap) and the link.
 //!
 //! Every output topic (`<sut>/output`, and `<sut>/jobs/<id>/output` while a job runs) has a
 //! [`TopicStream`]: the pure part, which cuts whole lines into batches of at most [`BATCH_MAX`]
@@ -31,7 +31,8 @@ use labvisor_protocol::payloads::OutputMeta;
 use labvisor_protocol::topics::Topics;
 use labvisor_protocol::SutName;
 
-use crate::output::{TapItem, TapReceiver, Target};
+use crate::output::Target;
+use crate::tap::{TapItem, TapReceiver};
 
 /// How often output batches go to MQTT at the latest.
 pub const BATCH_EVERY: Duration = Duration::from_millis(50);

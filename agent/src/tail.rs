@@ -417,7 +417,7 @@ pub fn spawn(
 mod tests {
     use super::*;
     use crate::logfile::RotatingFile;
-    use crate::output::{Tap, TapReceiver};
+    use crate::tap::{Tap, TapReceiver};
     use std::io::Write;
 
     fn setup() -> (tempfile::TempDir, Sinks, TapReceiver) {
