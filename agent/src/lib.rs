@@ -24,10 +24,14 @@
 
 pub mod agent;
 pub mod child;
+pub mod device;
 pub mod jobs;
 pub mod logfile;
+pub mod mqtt;
 pub mod output;
+pub mod probe;
 pub mod publish;
 pub mod runner;
+pub mod status;
 pub mod tail;
 pub mod tap;

@@ -218,6 +218,12 @@ impl Sinks {
         &self.tap
     }
 
+    /// Writes a line from the agent itself (`[labvisor-agent] ...`) into the output.
+    pub fn agent_line(&self, text: &str) {
+        let line = format!("[labvisor-agent] {text}\n");
+        self.write(&Source::Agent, line.as_bytes());
+    }
+
     /// Takes `data` from `source`: its whole lines go to every sink now, an incomplete last line
     /// waits for its end (see the module documentation).
     pub fn write(&self, source: &Source, data: &[u8]) {

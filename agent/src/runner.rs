@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use labvisor_protocol::config::{JobVars, SutConfig};
-use labvisor_protocol::mqtt::{Message, MqttLink, Received};
 use labvisor_protocol::payloads::{
     new_job_id, now_ms, CancelAck, CancelResult, JobState, JobStatus, SubmitAck, SubmitResult,
     VERSION,
@@ -31,6 +30,7 @@ use tracing::{info, warn};
 
 use crate::child::{self, Exit, Running, Spec};
 use crate::jobs::{record_progress, JobProgress, JobRecord, Lookup, Store, PROGRESS_EVERY};
+use crate::mqtt::{Message, MqttLink, Received};
 use crate::output::{Sinks, Source};
 
 /// Job directories kept on the volume (the newest); older ones are removed.
