@@ -197,24 +197,8 @@ impl Agent {
             .run(tap_rx),
         );
         let threads = Threads::spawn(cfg, &sinks, &mut reporter);
-        let probe = match (&cfg.probe, &link) {
-            (Some(p), Some(link)) => {
-                let topic = settings.topics.probe(&cfg.name);
-                let task = probe::run(p.clone(), link.clone(), topic, cfg.name.clone());
-                Some(tokio::spawn(task.in_current_span()))
-            }
-            _ => None,
-        };
-        let pid1 = std::process::id() == 1;
-        if pid1 {
-            info!("Running as PID 1: orphaned processes are reaped by the agent.");
-        }
-        let spec = cfg.command.clone().map(|argv| Spec {
-            argv,
-            env: cfg.env.clone(),
-            cwd: None,
-        });
-        let device = Device::spawn(spec, &cfg.restart, sinks.clone(), pid1);
+        let probe = spawn_probe(&settings, link.as_ref());
+        let device = spawn_device(cfg, &sinks);
         Ok(Agent {
             settings,
             sinks,
@@ -324,6 +308,29 @@ impl Agent {
         info!(outcome = ?outcome, "Agent stopped.");
         outcome
     }
+}
+
+/// The upstream probe, when one is configured and there is a broker to report to.
+fn spawn_probe(settings: &Settings, link: Option<&MqttLink>) -> Option<JoinHandle<()>> {
+    let (cfg, link) = (&settings.config, link?);
+    let probe = cfg.probe.clone()?;
+    let topic = settings.topics.probe(&cfg.name);
+    let task = probe::run(probe, link.clone(), topic, cfg.name.clone());
+    Some(tokio::spawn(task.in_current_span()))
+}
+
+/// The device-process actor; as PID 1 it also reaps orphans.
+fn spawn_device(cfg: &SutConfig, sinks: &Arc<Sinks>) -> Device {
+    let pid1 = std::process::id() == 1;
+    if pid1 {
+        info!("Running as PID 1: orphaned processes are reaped by the agent.");
+    }
+    let spec = cfg.command.clone().map(|argv| Spec {
+        argv,
+        env: cfg.env.clone(),
+        cwd: None,
+    });
+    Device::spawn(spec, &cfg.restart, sinks.clone(), pid1)
 }
 
 /// The log file, the tap and the sinks that feed them.

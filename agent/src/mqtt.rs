@@ -6,7 +6,7 @@ use std::time::Duration;
 
 pub use labvisor_protocol::mqtt::{
     DropHook, Incoming, LinkError, LinkOptions, Message, MqttLink, PublishError, QoS, Received,
-    MAX_PACKET_SIZE,
+    UrlError, MAX_PACKET_SIZE,
 };
 use labvisor_protocol::topics::Topics;
 use labvisor_protocol::SutName;
