@@ -440,7 +440,7 @@ impl JobRunner {
     fn spawn(&self, rec: &JobRecord, sinks: &Arc<Sinks>) -> std::io::Result<Running> {
         let dir = self.jobs_dir.join(rec.id.as_str());
         std::fs::create_dir_all(&dir)?;
-        let argv = match (&rec.argv, &rec.script) {
+        let argv = match (&rec.job.argv, &rec.job.script) {
             (Some(argv), _) => argv.clone(),
             (None, script) => {
                 let script = script.clone().unwrap_or_default();
@@ -453,7 +453,8 @@ impl JobRunner {
                 let (name, content) = match template {
                     Some(f) => (
                         "job.yaml",
-                        crate::jobs::merge_template(&String::from_utf8_lossy(&f.content), &script),
+                        crate::jobs::merge_template(&String::from_utf8_lossy(&f.content), &script)
+                            .map_err(std::io::Error::other)?,
                     ),
                     None => ("job.sh", script),
                 };
@@ -470,7 +471,7 @@ impl JobRunner {
             }
         };
         let mut env = self.cfg.env.clone();
-        env.extend(rec.env.clone());
+        env.extend(rec.job.env.clone());
         env.insert("LABVISOR_JOB_ID".into(), rec.id.to_string());
         env.insert("LABVISOR_SUT".into(), self.cfg.name.to_string());
         env.insert("LABVISOR_JOB_DIR".into(), dir.display().to_string());
