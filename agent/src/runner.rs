@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use labvisor_mqtt::{Message, MqttLink, Received};
 use labvisor_protocol::config::{JobVars, SutConfig};
-use labvisor_protocol::mqtt::{Message, MqttLink, Received};
 use labvisor_protocol::payloads::{
     new_job_id, now_ms, CancelAck, CancelResult, JobState, JobStatus, SubmitAck, SubmitResult,
     VERSION,
