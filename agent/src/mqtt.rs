@@ -1,15 +1,16 @@
 //! The agent's one door to the MQTT link: every other module takes the link's types from here,
-//! so where the link lives (today `labvisor_protocol::mqtt`) is named on one line. Also how the
+//! so the link's crate (`labvisor_mqtt`) is named in one `use`. Also how the
 //! agent opens its link: last will, persistent session, manual acks, subscriptions.
 
 use std::time::Duration;
 
-pub use labvisor_protocol::mqtt::{
+pub use labvisor_mqtt::{
     DropHook, Incoming, LinkError, LinkOptions, Message, MqttLink, PublishError, QoS, Received,
-    UrlError, MAX_PACKET_SIZE,
+    UrlError,
 };
 use labvisor_protocol::topics::Topics;
 use labvisor_protocol::SutName;
+pub use labvisor_protocol::MAX_PACKET_SIZE;
 
 /// How long the broker keeps the agent's session (and the submissions sent to it) while the
 /// agent is gone.

@@ -61,16 +61,9 @@ pub enum AgentState {
 }
 
 impl AgentState {
-    /// Whether Docker should consider an agent in this state healthy.
+    /// Whether Docker should consider an agent in this state healthy ([`crate::heartbeat::is_healthy`]).
     pub fn is_healthy(self) -> bool {
-        matches!(
-            self,
-            AgentState::Starting
-                | AgentState::Idle
-                | AgentState::Busy
-                | AgentState::Restarting
-                | AgentState::Stopping
-        )
+        crate::heartbeat::is_healthy(self.as_str())
     }
 
     /// The kebab-case name, as in the JSON and the heartbeat file.

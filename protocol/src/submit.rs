@@ -5,7 +5,7 @@
 //!
 //! - an empty (or all-whitespace) payload is rejected;
 //! - a payload over the SUT's `max_payload` is rejected ("payload of N bytes exceeds max_payload
-//!   M"); the agent's link accepts packets up to [`MAX_PACKET_SIZE`](crate::mqtt::MAX_PACKET_SIZE),
+//!   M"); the agent's link accepts packets up to [`MAX_PACKET_SIZE`](crate::MAX_PACKET_SIZE),
 //!   as the brokers do, so every submission a broker takes reaches this check;
 //! - text starting with `{` is JSON, and is rejected as invalid JSON if it does not parse (it is
 //!   never run as a script);

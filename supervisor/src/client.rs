@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use labvisor_protocol::mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS, Received};
+use labvisor_mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS, Received};
 use labvisor_protocol::payloads::{
     new_job_id, now_ms, random_id, AgentStatus, CancelAck, CancelResult, JobState, JobStatus,
     JobSubmit, OutputMeta, SubmitAck, SubmitResult, SupervisorState, SupervisorStatus, SutView,
@@ -144,7 +144,7 @@ impl Session {
         opts.backoff_max = Duration::from_secs(1);
         // A submission may be as large as the largest max_payload: the broker and the agent
         // take it, so must the client.
-        opts.max_packet_size = labvisor_protocol::mqtt::MAX_PACKET_SIZE;
+        opts.max_packet_size = labvisor_protocol::MAX_PACKET_SIZE;
         let (link, incoming) = MqttLink::start(opts).map_err(|e| ClientError::Broker {
             broker: args.broker.clone(),
             reason: e.to_string(),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use labvisor_protocol::mqtt::LinkOptions;
+use labvisor_mqtt::LinkOptions;
 use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_supervisor::broker::{self, ManagedBroker};
 use labvisor_supervisor::broker_tls::AgentTls;

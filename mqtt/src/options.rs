@@ -43,7 +43,7 @@ impl QoS {
     }
 }
 
-/// One outgoing MQTT message. The link is topic-agnostic: topics are built by [`crate::topics`].
+/// One outgoing MQTT message. The link is topic-agnostic: topics are built by `labvisor_protocol::topics`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
     /// Topic name (no wildcards).

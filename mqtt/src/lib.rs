@@ -9,7 +9,7 @@
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use labvisor_protocol::mqtt::{LinkOptions, Message, MqttLink, QoS};
+//! use labvisor_mqtt::{LinkOptions, Message, MqttLink, QoS};
 //! use std::time::Duration;
 //!
 //! let mut opts = LinkOptions::from_url("mqtt://127.0.0.1:1883", "labvisor-agent-dut1")?;
@@ -152,12 +152,6 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
-
-/// Largest MQTT packet a labvisor broker must accept: the largest job submission
-/// ([`MAX_PAYLOAD_LIMIT`](crate::config::MAX_PAYLOAD_LIMIT), 8 MiB) plus 64 KiB for the topic,
-/// properties and header. The shipped `mosquitto/mosquitto.conf` sets `max_packet_size` to it.
-pub const MAX_PACKET_SIZE: usize = 8 * 1024 * 1024 + 64 * 1024;
-const _: () = assert!(MAX_PACKET_SIZE >= crate::config::MAX_PAYLOAD_LIMIT as usize + 64 * 1024);
 
 /// Capacity of rumqttc's request channel: small, so that our outbox (with its overflow policy)
 /// holds the backlog, not rumqttc.
