@@ -55,8 +55,8 @@ use crate::tap::Tap;
 mod lines;
 mod pump;
 
-pub use lines::push_line;
 use lines::{count_lines, long_pieces, push_lines};
+pub use lines::{push_line, push_line_within};
 pub use pump::{pump, spawn_idle_flusher, Progress};
 
 /// Size of one read from a pipe.

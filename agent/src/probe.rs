@@ -10,7 +10,6 @@
 //!
 //! Each probe, connect included, must finish within `timeout`.
 
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -99,20 +98,19 @@ impl Prober {
                     reason: reason.to_owned(),
                 };
                 let mut parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
-                let host = parsed.host().ok_or_else(|| bad("no host"))?.to_owned();
+                let host = parsed.host_str().ok_or_else(|| bad("no host"))?.to_owned();
                 let port = parsed
                     .port_or_known_default()
                     .ok_or_else(|| bad("no port"))?;
                 if parsed.scheme() == "https" {
                     // No certificate store in a scratch image: reachability of the TLS port only.
-                    return match host {
-                        url::Host::Domain(d) => connect(&d, port).await,
-                        url::Host::Ipv4(a) => connect_ip(a.into(), port).await,
-                        url::Host::Ipv6(a) => connect_ip(a.into(), port).await,
-                    };
+                    return connect(&host, port).await;
                 }
                 parsed.set_fragment(None);
-                let uri: hyper::Uri = parsed.as_str().parse().map_err(|e| bad(&format!("{e}")))?;
+                let uri: hyper::Uri = parsed
+                    .as_str()
+                    .parse()
+                    .map_err(|e: hyper::http::uri::InvalidUri| bad(&e.to_string()))?;
                 let req = hyper::Request::get(uri)
                     .header(hyper::header::USER_AGENT, "labvisor-agent")
                     .body(Empty::new())
@@ -128,6 +126,7 @@ impl Prober {
     }
 }
 
+/// Opens (and closes) a TCP connection; `host` may be an IPv6 address in brackets.
 async fn connect(host: &str, port: u16) -> Result<(), ProbeError> {
     let addr = host.trim_matches(['[', ']']);
     tokio::net::TcpStream::connect((addr, port))
@@ -135,17 +134,6 @@ async fn connect(host: &str, port: u16) -> Result<(), ProbeError> {
         .map(drop)
         .map_err(|source| ProbeError::Connect {
             host: host.to_owned(),
-            port,
-            source,
-        })
-}
-
-async fn connect_ip(ip: IpAddr, port: u16) -> Result<(), ProbeError> {
-    tokio::net::TcpStream::connect((ip, port))
-        .await
-        .map(drop)
-        .map_err(|source| ProbeError::Connect {
-            host: ip.to_string(),
             port,
             source,
         })

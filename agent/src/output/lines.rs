@@ -7,11 +7,16 @@ use super::{LINE_MAX, SPLIT_MARKER};
 /// [`LINE_MAX`] bytes: pieces but the last end with [`SPLIT_MARKER`], and so does the last when
 /// `continued`. Returns the number of lines appended.
 pub fn push_line(out: &mut String, line: &str, continued: bool) -> u64 {
-    let room = LINE_MAX - SPLIT_MARKER.len() - 1;
+    push_line_within(out, line, continued, LINE_MAX)
+}
+
+/// [`push_line`] with lines of at most `max` bytes (a batch smaller than [`LINE_MAX`]).
+pub fn push_line_within(out: &mut String, line: &str, continued: bool, max: usize) -> u64 {
+    let room = max.saturating_sub(SPLIT_MARKER.len() + 1).max(4);
     let mut rest = line;
     let mut n = 0;
-    while rest.len() > LINE_MAX - 1 || (continued && rest.len() > room) {
-        let mut cut = room;
+    while rest.len() > max.saturating_sub(1) || (continued && rest.len() > room) {
+        let mut cut = room.min(rest.len());
         while !rest.is_char_boundary(cut) {
             cut -= 1;
         }

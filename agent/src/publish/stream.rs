@@ -76,7 +76,7 @@ impl TopicStream {
             } else {
                 let mut pieces = String::new();
                 let body = line.strip_suffix('\n').unwrap_or(line);
-                push_pieces(&mut pieces, body, self.max);
+                crate::output::push_line_within(&mut pieces, body, false, self.max);
                 for piece in pieces.split_inclusive('\n') {
                     self.add_line(piece);
                 }
@@ -217,25 +217,6 @@ impl TopicStream {
     pub fn has_text(&self) -> bool {
         !self.text.is_empty()
     }
-}
-
-/// Splits `line` (without its newline) into pieces of at most `max` bytes with the split marker.
-fn push_pieces(out: &mut String, line: &str, max: usize) {
-    let marker = crate::output::SPLIT_MARKER;
-    let room = max.saturating_sub(marker.len() + 1).max(4);
-    let mut rest = line;
-    while rest.len() + 1 > max {
-        let mut cut = room.min(rest.len());
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.push_str(&rest[..cut]);
-        out.push_str(marker);
-        out.push('\n');
-        rest = &rest[cut..];
-    }
-    out.push_str(rest);
-    out.push('\n');
 }
 
 #[cfg(test)]
