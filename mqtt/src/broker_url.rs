@@ -106,3 +106,91 @@ fn decode(s: &str) -> Result<String, UrlError> {
         .map(|c| c.into_owned())
         .map_err(|_| UrlError::InvalidEscape)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LinkOptions;
+
+    #[test]
+    fn url_plain_with_default_port() {
+        let p = parse_url("mqtt://broker.lab").unwrap();
+        assert_eq!(
+            p,
+            ParsedUrl {
+                tls: false,
+                host: "broker.lab".into(),
+                port: 1883,
+                username: None,
+                password: None
+            }
+        );
+    }
+
+    #[test]
+    fn url_tls_with_credentials_and_port() {
+        let p = parse_url("mqtts://agent:s%3Acr%40t@10.0.0.1:9883/").unwrap();
+        assert!(p.tls);
+        assert_eq!(p.host, "10.0.0.1");
+        assert_eq!(p.port, 9883);
+        assert_eq!(p.username.as_deref(), Some("agent"));
+        assert_eq!(p.password.as_deref(), Some("s:cr@t"));
+        assert_eq!(parse_url("mqtts://h").unwrap().port, 8883);
+    }
+
+    #[test]
+    fn url_ipv6_and_user_only() {
+        let p = parse_url("mqtt://user@[::1]:1884").unwrap();
+        assert_eq!(p.host, "::1");
+        assert_eq!(p.port, 1884);
+        assert_eq!(p.username.as_deref(), Some("user"));
+        assert_eq!(p.password, None);
+        assert_eq!(parse_url("mqtt://[fe80::2]").unwrap().port, 1883);
+        let o = LinkOptions::from_url("mqtt://[::1]:1884", "c").unwrap();
+        assert_eq!(o.broker(), "[::1]:1884");
+        assert_eq!(o.client_id, "c");
+    }
+
+    #[test]
+    fn url_errors() {
+        use UrlError::*;
+        assert!(matches!(parse_url("broker:1883"), Err(MissingScheme(_))));
+        assert!(matches!(parse_url("http://h"), Err(UnsupportedScheme(s)) if s == "http"));
+        assert!(matches!(parse_url("mqtt://"), Err(MissingHost(_))));
+        assert!(matches!(parse_url("mqtt://:1883"), Err(MissingHost(_))));
+        assert!(matches!(parse_url("mqtt://h:0"), Err(InvalidPort(_))));
+        assert!(matches!(parse_url("mqtt://h:70000"), Err(InvalidPort(_))));
+        assert!(matches!(parse_url("mqtt://h:x"), Err(InvalidPort(_))));
+        assert!(matches!(
+            parse_url("mqtt://h/topic"),
+            Err(UnexpectedSuffix(_))
+        ));
+        assert!(matches!(
+            parse_url("mqtt://h?client_id=x"),
+            Err(UnexpectedSuffix(_))
+        ));
+        assert!(matches!(parse_url("mqtt://u:%zz@h"), Err(InvalidEscape)));
+        assert!(matches!(parse_url("mqtt://[::1"), Err(UnclosedBracket(_))));
+        assert!(matches!(parse_url("mqtt://[::1]x"), Err(InvalidPort(_))));
+        // Errors read as sentences naming the culprit.
+        let e = parse_url("http://h").unwrap_err().to_string();
+        assert!(e.contains("\"http\"") && e.contains("mqtts://"), "{e}");
+    }
+
+    #[test]
+    fn url_edge_cases_keep_their_meaning() {
+        use UrlError::*;
+        assert!(matches!(parse_url("mqtt://h:"), Err(InvalidPort(_))));
+        assert!(matches!(parse_url("mqtt://[::1]:"), Err(InvalidPort(_))));
+        assert!(matches!(parse_url("mqtt://h?"), Err(UnexpectedSuffix(s)) if s == "?"));
+        assert!(matches!(parse_url("mqtt://h#f"), Err(UnexpectedSuffix(s)) if s == "#f"));
+        assert!(matches!(parse_url("mqtt://a b"), Err(Invalid { .. })));
+        let p = parse_url("MQTT://User:p@ss@Host.lab:01883").unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("Host.lab", 1883));
+        assert_eq!(p.username.as_deref(), Some("User"));
+        assert_eq!(p.password.as_deref(), Some("p@ss"));
+        let p = parse_url("tcp://:secret@h").unwrap();
+        assert_eq!((p.username, p.password.as_deref()), (None, Some("secret")));
+        assert!(parse_url("ssl://h").unwrap().tls);
+    }
+}

@@ -86,7 +86,7 @@ pub enum LinkError {
         /// What went wrong.
         reason: String,
     },
-    /// The CA certificates given as PEM text ([`LinkOptions::ca_pem`]) hold no certificate or
+    /// The CA certificates given as PEM text ([`LinkOptions::ca_pem`](crate::LinkOptions::ca_pem)) hold no certificate or
     /// a malformed one.
     #[error("cannot load the TLS CA certificates given as PEM: {0}")]
     CaPem(String),
