@@ -151,6 +151,7 @@ impl JobRunner {
     fn bad_reply_topic(&self, r: &Received, reply_to: Option<&str>) -> Option<String> {
         let check = |what: &str, t: Option<&str>| {
             t.and_then(|t| check_reply_topic(&self.topics, &self.cfg.name, what, t).err())
+                .map(|e| e.to_string())
         };
         check("`reply_to`", reply_to)
             .or_else(|| check("the MQTT 5 response topic", r.response_topic.as_deref()))
@@ -187,7 +188,7 @@ impl JobRunner {
                 r.topic
             ))
         } else {
-            parse_submit(&r.payload, max)
+            parse_submit(&r.payload, max).map_err(|e| e.to_string())
         };
         let ack = match parsed {
             Err(reason) => {
@@ -305,7 +306,7 @@ impl JobRunner {
                  would act again at every agent restart); it was ignored",
                 r.topic
             )),
-            None => parse_cancel(&r.payload),
+            None => parse_cancel(&r.payload).map_err(|e| e.to_string()),
         };
         let (result, id, reason) = match parsed {
             Err(reason) => (CancelResult::Rejected, None, Some(reason)),
