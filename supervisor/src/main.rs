@@ -17,7 +17,7 @@ use labvisor_supervisor::broker::{self, ManagedBroker};
 use labvisor_supervisor::broker_tls::AgentTls;
 use labvisor_supervisor::check::{self, AllowArgs};
 use labvisor_supervisor::client::{self, BrokerArgs, ClientError, SubmitArgs};
-use labvisor_supervisor::docker::DockerRuntime;
+use labvisor_supervisor::runtime::DockerRuntime;
 use labvisor_supervisor::spec::{self, Named, SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Settings};
 
