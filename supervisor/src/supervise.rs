@@ -91,9 +91,9 @@ use tokio::task::JoinSet;
 use tokio::time::{sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
-use crate::docker::{ContainerRuntime, RuntimeError, RuntimeEvent};
 use crate::metrics::Metrics;
 use crate::plan::{plan, Action, Actual, Busy, Desired, RecreateReason};
+use crate::runtime::{ContainerRuntime, RuntimeError, RuntimeEvent};
 use crate::spec::{
     container_spec, SpecContext, SpecError, LABEL_CONFIG_HASH, LABEL_MANAGED_BY, LABEL_SUPERVISOR,
     LABEL_SUT, MANAGED_BY,

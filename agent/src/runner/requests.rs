@@ -22,6 +22,7 @@ impl JobRunner {
     fn bad_reply_topic(&self, r: &Received, reply_to: Option<&str>) -> Option<String> {
         let check = |what: &str, t: Option<&str>| {
             t.and_then(|t| check_reply_topic(&self.topics, &self.cfg.name, what, t).err())
+                .map(|e| e.to_string())
         };
         check("`reply_to`", reply_to)
             .or_else(|| check("the MQTT 5 response topic", r.response_topic.as_deref()))
@@ -74,6 +75,7 @@ impl JobRunner {
             ))
         } else {
             parse_submit(&r.payload, self.cfg.job.max_payload.get() as usize)
+                .map_err(|e| e.to_string())
         };
         let sub = match parsed {
             Ok(sub) => sub,
@@ -159,7 +161,7 @@ impl JobRunner {
                  would act again at every agent restart); it was ignored",
                 r.topic
             )),
-            None => parse_cancel(&r.payload),
+            None => parse_cancel(&r.payload).map_err(|e| e.to_string()),
         };
         let (result, id, reason) = match parsed {
             Err(reason) => (CancelResult::Rejected, None, Some(reason)),
