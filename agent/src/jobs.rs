@@ -20,7 +20,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 
-use labvisor_protocol::payloads::{JobState, JobStatus, JobSubmit, VERSION};
+use labvisor_protocol::payloads::{JobState, JobStatus, JobSubmit};
 use labvisor_protocol::submit::{JobRun, Submission};
 use labvisor_protocol::topics::JobId;
 use labvisor_protocol::SutName;
@@ -223,14 +223,9 @@ impl Store {
     }
 
     fn lost_status(&self, job: &JobRecord, started: u64, now_ms: u64, why: &str) -> JobStatus {
-        JobStatus {
-            state: JobState::Lost,
-            started_ms: Some(started),
-            ended_ms: Some(now_ms),
-            duration_ms: Some(now_ms.saturating_sub(started)),
-            reason: Some(why.to_owned()),
-            ..self.queued_status(job)
-        }
+        self.queued_status(job)
+            .finished(JobState::Lost, started, now_ms)
+            .with_reason(why.to_owned())
     }
 
     /// Finishes the running job as lost; requeues it at the front when asked. Returns the
@@ -392,20 +387,7 @@ impl Store {
 
     /// The `queued` status of a job.
     pub fn queued_status(&self, job: &JobRecord) -> JobStatus {
-        JobStatus {
-            v: VERSION,
-            sut: self.sut.clone(),
-            id: job.id.clone(),
-            state: JobState::Queued,
-            exit_code: None,
-            signal: None,
-            queued_ms: job.queued_ms,
-            started_ms: None,
-            ended_ms: None,
-            duration_ms: None,
-            output_bytes: 0,
-            reason: None,
-        }
+        JobStatus::accepted(self.sut.clone(), job.id.clone(), job.queued_ms)
     }
 
     /// The recent finished jobs, oldest first.

@@ -177,11 +177,7 @@ impl JobRunner {
         match self.spawn(&rec, sinks) {
             Ok(run) => {
                 info!(parent: &span, pid = run.pid(), "Job started.");
-                let st = JobStatus {
-                    state: JobState::Running,
-                    started_ms: Some(started_ms),
-                    ..self.store.queued_status(&rec)
-                };
+                let st = self.store.queued_status(&rec).started(started_ms);
                 self.publish_status(&st, true);
                 let recorder = tokio::spawn(
                     record_output(self.jobs_dir.clone(), rec.id.clone(), run.progress_handle())
@@ -332,23 +328,17 @@ impl JobRunner {
             (None, Exit::Code(c)) => (JobState::Failed, Some(format!("exit {c}"))),
             (None, Exit::Signal(s)) => (JobState::Failed, Some(format!("killed by signal {s}"))),
         };
-        let st = JobStatus {
-            state,
-            exit_code: match exit {
-                Exit::Code(c) => Some(c),
-                Exit::Signal(_) => None,
-            },
-            signal: match exit {
-                Exit::Signal(s) => Some(s),
-                Exit::Code(_) => None,
-            },
-            started_ms: Some(a.started_ms),
-            ended_ms: Some(ended),
-            duration_ms: Some(ended.saturating_sub(a.started_ms)),
-            output_bytes: a.run.progress().bytes.load(Ordering::Relaxed),
-            reason,
-            ..self.store.queued_status(&a.rec)
+        let (code, signal) = match exit {
+            Exit::Code(c) => (Some(c), None),
+            Exit::Signal(s) => (None, Some(s)),
         };
+        let st = self
+            .store
+            .queued_status(&a.rec)
+            .finished(state, a.started_ms, ended)
+            .with_exit(code, signal)
+            .with_output_bytes(a.run.progress().bytes.load(Ordering::Relaxed))
+            .with_reason(reason);
         info!(parent: &a.span, state = ?st.state, "Job ended.");
         self.finish(st, &a.span);
     }
@@ -382,15 +372,12 @@ impl JobRunner {
         let _ = a.run.stop(self.grace).await;
         let _ = a.run.drain(Duration::from_millis(500)).await;
         let ended = now_ms();
-        let lost = JobStatus {
-            state: JobState::Lost,
-            started_ms: Some(a.started_ms),
-            ended_ms: Some(ended),
-            duration_ms: Some(ended.saturating_sub(a.started_ms)),
-            output_bytes: a.run.progress().bytes.load(Ordering::Relaxed),
-            reason: Some("the agent was stopped while the job was running".into()),
-            ..self.store.queued_status(&a.rec)
-        };
+        let lost = self
+            .store
+            .queued_status(&a.rec)
+            .finished(JobState::Lost, a.started_ms, ended)
+            .with_output_bytes(a.run.progress().bytes.load(Ordering::Relaxed))
+            .with_reason("the agent was stopped while the job was running".to_owned());
         match self
             .store
             .finish_lost(lost, self.cfg.job.requeue_lost, ended)

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use labvisor_protocol::heartbeat;
-use labvisor_protocol::payloads::{now_ms, rfc3339, AgentState, AgentStatus, ChildStatus, VERSION};
+use labvisor_protocol::payloads::{now_ms, AgentState, AgentStatus, ChildStatus};
 use labvisor_protocol::topics::Topics;
 use labvisor_protocol::SutName;
 use tracing::warn;
@@ -72,23 +72,8 @@ impl Reporter {
     }
 
     fn base(&self) -> AgentStatus {
-        let t = now_ms();
-        AgentStatus {
-            v: VERSION,
-            sut: self.sut.clone(),
-            state: AgentState::Starting,
-            time_ms: t,
-            time: rfc3339(t),
-            seq: 0,
-            boot_id: self.boot_id.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-            child: None,
-            job: None,
-            queue_len: 0,
-            broker_connected: false,
-            output_dropped: 0,
-            detail: None,
-        }
+        let version = env!("CARGO_PKG_VERSION");
+        AgentStatus::new(self.sut.clone(), &self.boot_id, version, now_ms())
     }
 
     /// The link's last will: the retained `lost` status.
