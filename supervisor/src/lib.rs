@@ -10,7 +10,8 @@
 //!   [`cli::check::AllowArgs`]) and `import` (testflinger-docker triplets to SUT files).
 //! - [`plan`]: the pure reconcile plan (desired SUT files vs. actual containers → actions).
 //! - [`spec`]: what an agent container looks like (create request, labels, injected files).
-//! - [`docker`]: the [`docker::ContainerRuntime`] trait, its bollard implementation and a fake.
+//! - [`runtime`]: the [`runtime::ContainerRuntime`] trait, its local-Docker implementation and
+//!   (for tests, `fake-runtime` feature) an in-memory fake.
 //! - [`image`]: the SUT's image before create: used when present, else pulled or built
 //!   (`[build]`), with progress on the log and `<sut>/build`.
 //! - [`supervise`]: `labvisor supervise`, the reconcile loop (watching, healing, status).
@@ -19,9 +20,9 @@
 pub mod broker;
 pub mod broker_tls;
 pub mod cli;
-pub mod docker;
 pub mod image;
 pub mod metrics;
 pub mod plan;
+pub mod runtime;
 pub mod spec;
 pub mod supervise;

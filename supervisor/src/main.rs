@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use labvisor_protocol::mqtt::LinkOptions;
+use labvisor_mqtt::LinkOptions;
 use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_supervisor::broker::{self, ManagedBroker};
 use labvisor_supervisor::broker_tls::AgentTls;
 use labvisor_supervisor::cli::check::{self, AllowArgs};
 use labvisor_supervisor::cli::submit::SubmitArgs;
 use labvisor_supervisor::cli::{self, healthz, import, BrokerArgs};
-use labvisor_supervisor::docker::DockerRuntime;
+use labvisor_supervisor::runtime::DockerRuntime;
 use labvisor_supervisor::metrics::{self, Listen};
 use labvisor_supervisor::spec::{self, Named, SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Settings};

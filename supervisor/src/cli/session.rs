@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use labvisor_protocol::mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS, Received};
+use labvisor_mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS, Received};
 use labvisor_protocol::payloads::random_id;
 use labvisor_protocol::topics::Topics;
 
@@ -70,7 +70,7 @@ impl BrokerArgs {
         opts.backoff_max = Duration::from_secs(1);
         // A submission may be as large as the largest max_payload: the broker and the agent
         // take it, so must the client.
-        opts.max_packet_size = labvisor_protocol::mqtt::MAX_PACKET_SIZE;
+        opts.max_packet_size = labvisor_protocol::MAX_PACKET_SIZE;
         Ok(opts)
     }
 

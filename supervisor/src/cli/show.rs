@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use labvisor_protocol::mqtt::Received;
+use labvisor_mqtt::Received;
 use labvisor_protocol::payloads::now_ms;
 use labvisor_protocol::topics::JobId;
 use labvisor_protocol::SutName;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use labvisor_protocol::mqtt::Received;
+use labvisor_mqtt::Received;
 use labvisor_protocol::payloads::{
     now_ms, AgentStatus, SupervisorState, SupervisorStatus, SutView,
 };
