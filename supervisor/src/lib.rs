@@ -3,7 +3,6 @@
 //! The library behind the `labvisor` binary.
 //!
 //! - [`broker`]: the managed mosquitto `supervise` runs when no `--broker` is given.
-//! - [`broker_tls`]: its agent listener's own CA and server certificate (`--agent-tls`).
 //! - [`check`]: `labvisor check <dir>`, validating SUT files without Docker, and the shared
 //!   `--allow-*` flags ([`check::AllowArgs`]).
 //! - [`client`]: `labvisor status`, `logs -f`, `submit`, `jobs` and `cancel`, built from the
@@ -18,7 +17,6 @@
 //! - [`import`]: `labvisor import <dir>`, converting testflinger-docker triplets to SUT files.
 
 pub mod broker;
-pub mod broker_tls;
 pub mod check;
 pub mod client;
 pub mod docker;

@@ -18,11 +18,11 @@
 //!
 //! The plain listener stays on loopback only, for the supervisor and local tools.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::state::write_private;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -220,26 +220,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError {
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), TlsError> {
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
-        .map_err(io(path))
+    super::state::set_mode(path, mode).map_err(io(path))
 }
 
-/// Writes `bytes` to `path` through a temporary file renamed over it, created with `mode`.
+/// Writes `bytes` to `path`, replaced whole, created with `mode` ([`write_private`]).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    write_private(path, bytes, mode).map_err(io(path))
 }
 
 #[cfg(test)]
