@@ -121,9 +121,10 @@ pub enum BrokerError {
         /// Why.
         source: std::io::Error,
     },
-    /// mosquitto failed.
+    /// mosquitto failed. (Not a `#[source]`: the message already says it, and `{:#}` would
+    /// say it twice.)
     #[error("mosquitto did not start: {0}")]
-    Start(#[source] MosquittoError),
+    Start(MosquittoError),
     /// A SUT's login could not be made.
     #[error("cannot make the broker login of {sut}: {reason}")]
     Login {

@@ -69,8 +69,8 @@ pub enum TlsError {
         dir: PathBuf,
         /// The listener's address.
         addr: IpAddr,
-        /// What the verification said.
-        reason: String,
+        /// What the verification said (in the message, so not a `#[source]`).
+        reason: VerifyError,
     },
 }
 
@@ -183,25 +183,36 @@ fn load_or_make_ca(dir: &Path) -> Result<(KeyPair, String), TlsError> {
     Ok((key, pem))
 }
 
+/// Why a server certificate does not verify against the CA ([`verify`]).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The CA certificate is not PEM.
+    #[error(transparent)]
+    Pem(#[from] rustls_pki_types::pem::Error),
+    /// The CA certificate, or the server certificate against it, is refused.
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    /// No verifier can be made from the CA.
+    #[error(transparent)]
+    Verifier(#[from] rustls::client::VerifierBuilderError),
+}
+
 /// Verifies `cert` for `addr` against the CA in `ca_pem`, as an agent would.
 fn verify(
     ca_pem: &str,
     cert: &rustls_pki_types::CertificateDer<'_>,
     addr: IpAddr,
-) -> Result<(), String> {
+) -> Result<(), VerifyError> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        roots.add(c?)?;
     }
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         Arc::new(rustls::crypto::ring::default_provider()),
     )
-    .build()
-    .map_err(|e| e.to_string())?;
+    .build()?;
     rustls::client::danger::ServerCertVerifier::verify_server_cert(
         verifier.as_ref(),
         cert,
@@ -209,9 +220,8 @@ fn verify(
         &rustls_pki_types::ServerName::IpAddress(addr.into()),
         &[],
         rustls_pki_types::UnixTime::now(),
-    )
-    .map(|_| ())
-    .map_err(|e| e.to_string())
+    )?;
+    Ok(())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError {
@@ -263,7 +273,9 @@ mod tests {
         let server2 = std::fs::read_to_string(&second.cert_file).unwrap();
         assert_ne!(server2.as_bytes(), &server1[..]);
         verify(&second.ca_pem, &pem_der(&server2), b).unwrap();
-        let wrong = verify(&second.ca_pem, &pem_der(&server2), a).unwrap_err();
+        let wrong = verify(&second.ca_pem, &pem_der(&server2), a)
+            .unwrap_err()
+            .to_string();
         assert!(wrong.contains("not valid for name"), "{wrong}");
     }
 
