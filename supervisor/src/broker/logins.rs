@@ -9,7 +9,7 @@ use super::state::{hand_to_broker_user, write_private};
 use super::{BrokerError, MosquittoError, LEGACY_AGENT_USER};
 
 /// The per-SUT agent logins of the managed broker: a password file per SUT in
-/// [`AGENTS_DIR`], mirrored into mosquitto's password file.
+/// [`AGENTS_DIR`](super::AGENTS_DIR), mirrored into mosquitto's password file.
 #[derive(Debug)]
 pub struct AgentLogins {
     dir: PathBuf,

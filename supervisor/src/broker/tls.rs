@@ -183,7 +183,7 @@ fn load_or_make_ca(dir: &Path) -> Result<(KeyPair, String), TlsError> {
     Ok((key, pem))
 }
 
-/// Why a server certificate does not verify against the CA ([`verify`]).
+/// Why a server certificate does not verify against the CA (see [`TlsError::Unusable`]).
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     /// The CA certificate is not PEM.
