@@ -419,6 +419,8 @@ mod tests {
         assert_eq!(done.ended_ms, Some(40));
         assert_eq!(done.reason.as_deref(), Some("exit 2"));
         assert_eq!(done.queued_ms, queued.queued_ms);
+        let sample = queued.clone().with_state(JobState::Passed);
+        assert_eq!((sample.state, sample.ended_ms), (JobState::Passed, None));
     }
 
     #[test]

@@ -178,6 +178,12 @@ impl JobStatus {
         }
     }
 
+    /// In `state`, nothing else changed: for samples (tests, fixtures) that need a job in a
+    /// given state without its times.
+    pub fn with_state(self, state: JobState) -> Self {
+        Self { state, ..self }
+    }
+
     /// With how the process ended: its exit code, or the signal that killed it.
     pub fn with_exit(self, exit_code: Option<i32>, signal: Option<i32>) -> Self {
         Self {
