@@ -3,7 +3,6 @@
 //! The library behind the `labvisor` binary.
 //!
 //! - [`broker`]: the managed mosquitto `supervise` runs when no `--broker` is given.
-//! - [`broker_tls`]: its agent listener's own CA and server certificate (`--agent-tls`).
 //! - [`cli`]: every command but `supervise`, one file each: `status`, `logs -f`, `submit`,
 //!   `jobs` and `cancel` (built from the retained MQTT topics), `healthz` (an HTTP probe),
 //!   `check` (SUT files without Docker, and the shared `--allow-*` flags,
@@ -18,7 +17,6 @@
 //! - [`metrics`]: its Prometheus metrics, and the server of `/metrics` and `/healthz`.
 
 pub mod broker;
-pub mod broker_tls;
 pub mod cli;
 pub mod image;
 pub mod metrics;
