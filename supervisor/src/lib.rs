@@ -11,9 +11,9 @@
 //! - [`plan`]: the pure reconcile plan (desired SUT files vs. actual containers → actions).
 //! - [`spec`]: what an agent container looks like (create request, labels, injected files).
 //! - [`runtime`]: the [`runtime::ContainerRuntime`] trait, its local-Docker implementation and
-//!   (for tests, `fake-runtime` feature) an in-memory fake.
-//! - [`image`]: the SUT's image before create: used when present, else pulled or built
-//!   (`[build]`), with progress on the log and `<sut>/build`.
+//!   (for tests, `fake-runtime` feature) an in-memory fake; [`runtime::image`] makes sure of a
+//!   SUT's image before create (present, pulled or built), with progress on the log and
+//!   `<sut>/build`.
 //! - [`supervise`]: `labvisor supervise`, the reconcile loop (watching, healing, status).
 //! - [`metrics`]: its Prometheus metrics, `/metrics` and `/healthz`, and `labvisor healthz`.
 //! - [`import`]: `labvisor import <dir>`, converting testflinger-docker triplets to SUT files.
@@ -22,7 +22,6 @@ pub mod broker;
 pub mod broker_tls;
 pub mod check;
 pub mod client;
-pub mod image;
 pub mod import;
 pub mod metrics;
 pub mod plan;

@@ -2,6 +2,8 @@
 //! behind [`ContainerRuntime`], and the types they exchange.
 //!
 //! - [`docker`]: the implementation on the local Docker Engine (bollard).
+//! - [`image`]: making sure of a SUT's image before create, on any runtime, with the progress
+//!   streamed to the log and `<sut>/build`.
 //! - `fake` (only under `cfg(test)` or the `fake-runtime` feature): an in-memory engine that
 //!   records calls, for tests of the reconcile loop without Docker.
 
@@ -20,6 +22,7 @@ use crate::spec::{ContainerSpec, ImageSpec, Named};
 pub mod docker;
 #[cfg(any(test, feature = "fake-runtime"))]
 pub mod fake;
+pub mod image;
 
 pub use docker::DockerRuntime;
 
