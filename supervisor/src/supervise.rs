@@ -77,8 +77,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use labvisor_mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS};
 use labvisor_protocol::config::{self, scan_dir, Allow, OnUnhealthy, Scan, SutConfig};
-use labvisor_protocol::mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS};
 use labvisor_protocol::payloads::{
     self, AgentState, AgentStatus, Health, JobStatus, ManagedBrokerStatus, SupervisorState,
     SupervisorStatus, SutCounts, SutView,
@@ -159,10 +159,10 @@ pub struct Settings {
 pub enum SuperviseError {
     /// The MQTT link could not be started.
     #[error("cannot start the MQTT link: {0}")]
-    Mqtt(#[from] labvisor_protocol::mqtt::LinkError),
+    Mqtt(#[from] labvisor_mqtt::LinkError),
     /// A topic could not be subscribed.
     #[error("cannot subscribe: {0}")]
-    Subscribe(#[from] labvisor_protocol::mqtt::PublishError),
+    Subscribe(#[from] labvisor_mqtt::PublishError),
     /// The metrics address cannot be bound.
     #[error("cannot serve metrics on {addr}: {error} (pass another --metrics-listen, or none)")]
     MetricsListen {

@@ -13,8 +13,8 @@
 //! SUT's action, so it takes one of the loop's parallel action slots and never holds up the
 //! other SUTs.
 
+use labvisor_mqtt::{Message, MqttLink};
 use labvisor_protocol::config::SutConfig;
-use labvisor_protocol::mqtt::{Message, MqttLink};
 use labvisor_protocol::topics::Topics;
 use tracing::info;
 
