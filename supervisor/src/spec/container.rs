@@ -299,3 +299,75 @@ fn upload(
     }));
     Ok(Some(archive(&files)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use labvisor_protocol::config::{load_str, Allow};
+
+    fn cfg(text: &str) -> SutConfig {
+        let dir = tempfile::tempdir().unwrap();
+        load_str("dut1.toml", text, dir.path(), &Allow::all()).unwrap()
+    }
+
+    #[test]
+    fn healthcheck_timings_are_nanoseconds_of_at_least_a_millisecond() {
+        let mut h = cfg("image = \"img\"\n").health;
+        h.interval = std::time::Duration::from_secs(2);
+        h.timeout = std::time::Duration::from_micros(10);
+        h.start_period = std::time::Duration::ZERO;
+        let c = healthcheck(&h);
+        assert_eq!(c.interval, Some(2_000_000_000));
+        assert_eq!(
+            c.timeout,
+            Some(1_000_000),
+            "clamped to Docker's 1 ms minimum"
+        );
+        assert_eq!(c.start_period, Some(0), "zero stays zero: no start period");
+        assert_eq!(
+            c.test,
+            Some(vec!["CMD".to_owned(), HEALTHCHECK_PATH.to_owned()])
+        );
+    }
+
+    #[test]
+    fn posture_drops_capabilities_unless_privileged_and_maps_devices() {
+        let mut host = HostConfig::default();
+        posture(
+            &cfg("image = \"img\"\ndevices = [\"/dev/null\"]\n"),
+            &mut host,
+        );
+        assert_eq!(host.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(host.security_opt, Some(vec![NO_NEW_PRIVILEGES.to_owned()]));
+        let devices = host.devices.unwrap();
+        assert_eq!(devices[0].path_in_container.as_deref(), Some("/dev/null"));
+        assert_eq!(devices[0].cgroup_permissions.as_deref(), Some("rwm"));
+        let mut host = HostConfig::default();
+        posture(&cfg("image = \"img\"\nprivileged = true\n"), &mut host);
+        assert_eq!((host.privileged, host.cap_drop), (Some(true), None));
+        assert_eq!(host.devices, None);
+    }
+
+    #[test]
+    fn resources_become_engine_limits() {
+        let mut host = HostConfig::default();
+        resources(
+            &cfg("image = \"img\"\n[resources]\ncpus = 1.5\npids = 64\n"),
+            &mut host,
+        );
+        assert_eq!(host.nano_cpus, Some(1_500_000_000));
+        assert_eq!(host.pids_limit, Some(64));
+        assert_eq!(host.memory, None);
+    }
+
+    #[test]
+    fn the_supervisors_labels_win_over_the_suts_own() {
+        let c = cfg("image = \"img\"\n[labels]\nx = \"mine\"\nmine = \"1\"\n");
+        let ctx = super::super::tests::ctx();
+        let l = labels(&c, "h1", &ctx);
+        assert_eq!(l[LABEL_SUT], "dut1");
+        assert_eq!(l[LABEL_CONFIG_HASH], "h1");
+        assert_eq!(l["mine"], "1");
+        assert_eq!(l["x"], "y", "--extra-label wins over the SUT's own");
+    }
+}

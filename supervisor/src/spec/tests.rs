@@ -3,7 +3,7 @@ use bollard::models::MountType;
 use labvisor_protocol::config::{load_str, Allow};
 use std::io::Read;
 
-fn ctx() -> SpecContext {
+pub(super) fn ctx() -> SpecContext {
     SpecContext {
         supervisor: SupervisorId::new("lab").unwrap(),
         name_prefix: "t-".into(),
