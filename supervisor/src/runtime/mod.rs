@@ -12,7 +12,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use bollard::errors::Error as BollardError;
 use futures_util::Stream;
 use labvisor_protocol::payloads::Health;
 
@@ -65,29 +64,6 @@ pub enum RuntimeError {
         /// The engine's error and the last lines of the build output.
         message: String,
     },
-}
-
-impl From<BollardError> for RuntimeError {
-    fn from(e: BollardError) -> Self {
-        match e {
-            BollardError::DockerResponseServerError {
-                status_code: 404,
-                message,
-            } => RuntimeError::NotFound(message),
-            BollardError::DockerResponseServerError {
-                status_code: 409,
-                message,
-            } => RuntimeError::Conflict(message),
-            BollardError::DockerResponseServerError {
-                status_code,
-                message,
-            } => RuntimeError::Api {
-                status: status_code,
-                message,
-            },
-            other => RuntimeError::Unreachable(other.to_string()),
-        }
-    }
 }
 
 /// One container, from the container list.

@@ -3,8 +3,8 @@
 //!
 //! - [`containers`]: the trait's container operations (list, create, start, stop, remove,
 //!   exec of the agent's state probe, events) and the SUT volumes they use;
-//! - [`network`]: labvisor's own bridge network, made when missing, old ones removed;
-//! - [`tools`]: the tools volume holding the static agent and healthcheck binaries;
+//! - `network`: labvisor's own bridge network, made when missing, old ones removed;
+//! - `tools`: the tools volume holding the static agent and healthcheck binaries;
 //! - [`images`]: the SUT's image before create: used when present, else pulled or built.
 //!
 //! Health comes from the container list: on API 1.41 (Debian's Engine 20.10) the list has no
@@ -102,6 +102,31 @@ impl DockerRuntime {
         ];
         labels.extend(extra.iter().map(|l| (*l).to_owned()));
         labels
+    }
+}
+
+/// The engine's answer by HTTP status: 404 is [`RuntimeError::NotFound`], 409
+/// [`RuntimeError::Conflict`]; no answer at all is [`RuntimeError::Unreachable`].
+impl From<BollardError> for RuntimeError {
+    fn from(e: BollardError) -> Self {
+        match e {
+            BollardError::DockerResponseServerError {
+                status_code: 404,
+                message,
+            } => RuntimeError::NotFound(message),
+            BollardError::DockerResponseServerError {
+                status_code: 409,
+                message,
+            } => RuntimeError::Conflict(message),
+            BollardError::DockerResponseServerError {
+                status_code,
+                message,
+            } => RuntimeError::Api {
+                status: status_code,
+                message,
+            },
+            other => RuntimeError::Unreachable(other.to_string()),
+        }
     }
 }
 
