@@ -7,8 +7,8 @@ use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use labvisor_protocol::MAX_PACKET_SIZE;
 use labvisor_protocol::topics::Topics;
+use labvisor_protocol::MAX_PACKET_SIZE;
 
 use super::logins::{add_login, random_password};
 use super::tls::AgentTls;
