@@ -18,7 +18,7 @@ use labvisor_protocol::config::SutConfig;
 use labvisor_protocol::topics::Topics;
 use tracing::info;
 
-use crate::runtime::{ContainerRuntime, ImageOutcome, RuntimeError};
+use super::{ContainerRuntime, ImageOutcome, RuntimeError};
 use crate::spec::{image_spec, SpecContext};
 
 /// Makes sure the image of `cfg` is there (present, pulled or built), streaming progress to
