@@ -78,10 +78,7 @@ impl Reporter {
 
     /// The link's last will: the retained `lost` status.
     pub fn will(&self) -> Message {
-        let lost = AgentStatus {
-            state: AgentState::Lost,
-            ..self.base()
-        };
+        let lost = self.base().with_state(AgentState::Lost);
         Message::state(self.topics.agent(&self.sut), payload(&lost))
     }
 
@@ -135,17 +132,15 @@ impl Reporter {
                     .cloned(),
             );
         }
-        let status = AgentStatus {
-            state,
-            seq: self.seq,
-            child: child_status(dev),
-            job: jobs.running().cloned(),
-            queue_len: jobs.queue_len() as u64,
-            broker_connected: self.link.as_ref().is_some_and(|l| l.state().connected),
-            output_dropped: self.tap.dropped(),
-            detail: (!details.is_empty()).then(|| details.join("; ")),
-            ..self.base()
-        };
+        let status = self
+            .base()
+            .with_state(state)
+            .with_seq(self.seq)
+            .with_child(child_status(dev))
+            .with_jobs(jobs.running().cloned(), jobs.queue_len() as u64)
+            .with_broker_connected(self.link.as_ref().is_some_and(|l| l.state().connected))
+            .with_output_dropped(self.tap.dropped())
+            .with_detail((!details.is_empty()).then(|| details.join("; ")));
         self.seq += 1;
         self.write_heartbeat(&status);
         if let Some(link) = &self.link {
@@ -163,12 +158,11 @@ impl Reporter {
     /// The last status: `offline`, in the heartbeat file and on `<sut>/agent`; then the link
     /// sends what it still holds and disconnects (within 2 s).
     pub async fn offline(self, dev: &device::Status) {
-        let offline = AgentStatus {
-            state: AgentState::Offline,
-            seq: self.seq,
-            child: child_status(dev),
-            ..self.base()
-        };
+        let offline = self
+            .base()
+            .with_state(AgentState::Offline)
+            .with_seq(self.seq)
+            .with_child(child_status(dev));
         let _ = heartbeat::write_atomic(
             &self.heartbeat_file,
             &heartbeat::render(&offline, self.max_age),

@@ -68,45 +68,27 @@ fn supervise(scope: &DockerScope, dir: &Path, broker: &str, listen: &str) -> Sup
 }
 
 fn agent_status(sut: &str) -> String {
-    serde_json::to_string(&AgentStatus {
-        v: 1,
-        sut: SutName::new(sut).unwrap(),
-        state: AgentState::Idle,
-        time_ms: 0,
-        time: String::new(),
-        seq: 0,
-        boot_id: "test".to_owned(),
-        agent_version: "test".to_owned(),
-        child: Some(ChildStatus {
-            pid: None,
-            alive: true,
-            restarts: 4,
-            last_exit: None,
-        }),
-        job: None,
-        queue_len: 2,
-        broker_connected: true,
-        output_dropped: 5,
-        detail: None,
-    })
+    serde_json::to_string(
+        &AgentStatus::new(SutName::new(sut).unwrap(), "test", "test", 0)
+            .with_state(AgentState::Idle)
+            .with_child(Some(ChildStatus {
+                pid: None,
+                alive: true,
+                restarts: 4,
+                last_exit: None,
+            }))
+            .with_jobs(None, 2)
+            .with_broker_connected(true)
+            .with_output_dropped(5),
+    )
     .unwrap()
 }
 
 fn last_job(sut: &str, id: &str, state: JobState) -> String {
-    serde_json::to_string(&JobStatus {
-        v: 1,
-        sut: SutName::new(sut).unwrap(),
-        id: JobId::new(id).unwrap(),
-        state,
-        exit_code: None,
-        signal: None,
-        queued_ms: 0,
-        started_ms: None,
-        ended_ms: None,
-        duration_ms: None,
-        output_bytes: 0,
-        reason: None,
-    })
+    serde_json::to_string(
+        &JobStatus::accepted(SutName::new(sut).unwrap(), JobId::new(id).unwrap(), 0)
+            .with_state(state),
+    )
     .unwrap()
 }
 

@@ -460,44 +460,21 @@ mod tests {
     }
 
     fn job(s: &str, id: &str, state: JobState) -> JobStatus {
-        JobStatus {
-            v: 1,
-            sut: sut(s),
-            id: JobId::new(id).unwrap(),
-            state,
-            exit_code: None,
-            signal: None,
-            queued_ms: 0,
-            started_ms: None,
-            ended_ms: None,
-            duration_ms: None,
-            output_bytes: 0,
-            reason: None,
-        }
+        JobStatus::accepted(sut(s), JobId::new(id).unwrap(), 0).with_state(state)
     }
 
     fn agent(s: &str, queue_len: u64, dropped: u64, child_restarts: u64) -> AgentStatus {
-        AgentStatus {
-            v: 1,
-            sut: sut(s),
-            state: AgentState::Busy,
-            time_ms: 0,
-            time: String::new(),
-            seq: 0,
-            boot_id: "b".to_owned(),
-            agent_version: "0".to_owned(),
-            child: Some(ChildStatus {
+        AgentStatus::new(sut(s), "b", "0", 0)
+            .with_state(AgentState::Busy)
+            .with_child(Some(ChildStatus {
                 pid: None,
                 alive: true,
                 restarts: child_restarts,
                 last_exit: None,
-            }),
-            job: None,
-            queue_len,
-            broker_connected: true,
-            output_dropped: dropped,
-            detail: None,
-        }
+            }))
+            .with_jobs(None, queue_len)
+            .with_broker_connected(true)
+            .with_output_dropped(dropped)
     }
 
     /// The exposition's sample lines starting with `name`, sorted (a family's series come in
