@@ -39,6 +39,7 @@ fn scratch_agent_image(scope: &DockerScope) -> String {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn docker_health_turns_healthy_then_unhealthy_when_the_agent_is_frozen() {
     let scope = DockerScope::new("agent-health");
     let image = scratch_agent_image(&scope);
@@ -141,11 +142,13 @@ fn orphan_is_reaped(init: bool) {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn orphans_are_reaped_with_dockers_init() {
     orphan_is_reaped(true);
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn orphans_are_reaped_by_the_agent_as_pid_1() {
     orphan_is_reaped(false);
 }

@@ -97,6 +97,7 @@ impl Lab {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn a_plain_text_job_from_mosquitto_pub_runs_with_output_and_last_job() {
     let lab = Lab::new("job-plain", "");
     submit(
@@ -131,6 +132,7 @@ fn a_plain_text_job_from_mosquitto_pub_runs_with_output_and_last_job() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn fifty_jobs_in_a_burst_all_run_once_in_order() {
     let lab = Lab::new("job-burst", "[job]\nqueue_limit = 100\n");
     let lines: String = (0..50)
@@ -176,6 +178,7 @@ fn fifty_jobs_in_a_burst_all_run_once_in_order() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn an_agent_killed_with_queued_jobs_runs_them_after_restart_and_reports_the_lost_one() {
     let mut lab = Lab::new("job-crash", "[job]\nqueue_limit = 20\n");
     submit(
@@ -218,6 +221,7 @@ fn an_agent_killed_with_queued_jobs_runs_them_after_restart_and_reports_the_lost
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn a_duplicate_id_is_acknowledged_and_runs_once() {
     let lab = Lab::new("job-dup", "");
     let job = r#"{"id":"same-1","script":"echo ran same-1"}"#;
@@ -238,6 +242,7 @@ fn a_duplicate_id_is_acknowledged_and_runs_once() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn cancel_works_for_a_queued_and_a_running_job() {
     let lab = Lab::new("job-cancel", "");
     submit(
@@ -289,6 +294,7 @@ fn cancel_works_for_a_queued_and_a_running_job() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn timeout_and_output_timeout_stop_the_job() {
     let lab = Lab::new("job-timeouts", "");
     submit(
@@ -334,6 +340,7 @@ fn timeout_and_output_timeout_stop_the_job() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn every_bad_input_gets_its_own_rejection_and_the_agent_keeps_going() {
     let lab = Lab::new(
         "job-bad",
@@ -394,6 +401,7 @@ fn every_bad_input_gets_its_own_rejection_and_the_agent_keeps_going() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn a_job_sent_while_the_agent_is_down_runs_when_it_comes_back() {
     let mut lab = Lab::new("job-offline", "");
     lab.agent.signal(Signal::SIGTERM);
@@ -410,6 +418,7 @@ fn a_job_sent_while_the_agent_is_down_runs_when_it_comes_back() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn the_mqtt5_response_topic_gets_the_acknowledgement() {
     let lab = Lab::new("job-v5", "");
     let script = format!(
@@ -481,6 +490,7 @@ fn paho(script: &str, port: u16) -> String {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn a_thousand_mixed_payloads_at_full_speed_get_a_thousand_answers() {
     // A small outbox (16) makes the burst overflow it many times over: the agent must stop
     // taking submissions instead of dropping answers.
@@ -619,6 +629,7 @@ print(len(infos))
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn large_submissions_run_up_to_max_payload_and_larger_ones_are_rejected_with_the_reason() {
     // The broker as shipped: packets up to MAX_PACKET_SIZE (8 MiB + 64 KiB).
     let max_packet = labvisor_protocol::MAX_PACKET_SIZE;
@@ -682,6 +693,7 @@ fn large_submissions_run_up_to_max_payload_and_larger_ones_are_rejected_with_the
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn reply_topics_must_lie_in_the_reply_space_under_the_shipped_acl() {
     // The shipped ACL; every client logs in: the agent as its SUT, the submitter and the
     // collector with their roles.
@@ -828,6 +840,7 @@ print(json.dumps([[t, json.loads(p), cd.decode()] for t, p, cd in got]))
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn a_retained_job_never_runs_also_after_a_restart() {
     let mut lab = Lab::new("job-retained", "");
     let status = lab.t("submit_status");
@@ -886,6 +899,7 @@ fn a_retained_job_never_runs_also_after_a_restart() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn a_job_lost_with_the_agent_reports_the_bytes_it_printed() {
     let mut lab = Lab::new("job-lost-bytes", "");
     // 3 lines of 1000 bytes (999 characters and a newline), then silence.

@@ -78,6 +78,7 @@ fn start_agent(broker: &Mosquitto, sut: &str, ca: &Path) -> AgentProc {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn agent_connects_over_tls_with_the_given_ca() {
     let pki = Pki::new();
     let broker = pki.broker();
@@ -104,6 +105,7 @@ fn agent_connects_over_tls_with_the_given_ca() {
 /// The CA given as PEM text (`--ca-pem`, what the supervisor puts in `LABVISOR_MQTT_CA_PEM`)
 /// is the one trusted, also over a `--ca-file` of another CA.
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn agent_connects_over_tls_with_the_ca_given_as_pem_text() {
     let pki = Pki::new();
     let broker = pki.broker();
@@ -131,6 +133,7 @@ fn agent_connects_over_tls_with_the_ca_given_as_pem_text() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn agent_refuses_a_broker_its_ca_did_not_sign_and_keeps_running() {
     let pki = Pki::new();
     let broker = pki.broker();

@@ -111,6 +111,7 @@ fn signal(pid: u32, sig: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn round_trip_with_external_clients() {
     let m = Mosquitto::start();
     let (link, mut incoming) = MqttLink::start(options(&m)).unwrap();
@@ -167,6 +168,7 @@ async fn round_trip_with_external_clients() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn broker_restart_reconnects_with_backoff_resubscribes_and_republishes() {
     let mut m = Mosquitto::start();
     let mut o = options(&m);
@@ -225,6 +227,7 @@ async fn broker_restart_reconnects_with_backoff_resubscribes_and_republishes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn outage_overflow_keeps_the_newest_output() {
     let mut m = Mosquitto::start();
     let mut o = options(&m);
@@ -272,6 +275,7 @@ async fn outage_overflow_keeps_the_newest_output() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn an_output_flood_never_evicts_qos1_messages() {
     let mut m = Mosquitto::start();
     let mut o = options(&m);
@@ -310,6 +314,7 @@ async fn an_output_flood_never_evicts_qos1_messages() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn a_qos1_backlog_past_capacity_is_kept_whole_and_closes_the_intake() {
     let mut m = Mosquitto::start();
     let mut o = options(&m);
@@ -354,6 +359,7 @@ async fn a_qos1_backlog_past_capacity_is_kept_whole_and_closes_the_intake() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn in_flight_messages_survive_broker_death() {
     let mut m = Mosquitto::start();
     let (link, mut incoming) = MqttLink::start(options(&m)).unwrap();
@@ -393,6 +399,7 @@ async fn in_flight_messages_survive_broker_death() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn oversize_is_refused_and_the_connection_survives() {
     let m = Mosquitto::start();
     let mut o = options(&m);
@@ -430,6 +437,7 @@ async fn oversize_is_refused_and_the_connection_survives() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn broker_packet_limit_lowers_the_cap() {
     let m =
         Mosquitto::start_with("allow_anonymous true\npersistence false\nmax_packet_size 2000\n");
@@ -452,6 +460,7 @@ async fn broker_packet_limit_lowers_the_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn last_will_is_published_when_the_link_dies() {
     let m = Mosquitto::start();
     let mut o = options(&m);
@@ -470,6 +479,7 @@ async fn last_will_is_published_when_the_link_dies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn shutdown_leaves_the_final_state_not_the_will() {
     let m = Mosquitto::start();
     let mut o = options(&m);
@@ -524,6 +534,7 @@ async fn shutdown_leaves_the_final_state_not_the_will() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn shutdown_with_the_broker_down_returns_by_its_deadline() {
     let mut m = Mosquitto::start();
     let (link, _incoming) = MqttLink::start(options(&m)).unwrap();
@@ -549,6 +560,7 @@ async fn shutdown_with_the_broker_down_returns_by_its_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn shutdown_with_the_broker_down_and_nothing_to_send_returns_at_once() {
     let mut m = Mosquitto::start();
     let mut o = options(&m);
@@ -570,6 +582,7 @@ async fn shutdown_with_the_broker_down_and_nothing_to_send_returns_at_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn invalid_options_and_topics_are_refused() {
     let m = Mosquitto::start();
     let mut o = options(&m);
@@ -599,6 +612,7 @@ async fn invalid_options_and_topics_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 async fn manual_acks_belong_to_their_connection() {
     let mut m = Mosquitto::start();
     let mut o = options(&m);

@@ -135,6 +135,7 @@ fn sub_one(host: &str, port: u16, topic: &str, extra: &[&str]) -> Output {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn managed_broker_serves_agents_over_tls_only() {
     ensure_busybox_image();
     let scope = DockerScope::new("agenttls");
@@ -270,6 +271,7 @@ fn back_online(url: &str, state: &Path, sut: &str) -> Option<()> {
 /// A lab that ran without TLS, restarted with `--agent-tls`: the agent's container is
 /// recreated (its broker URL and CA changed), and the new agent connects over TLS.
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn turning_agent_tls_on_recreates_the_agents() {
     ensure_busybox_image();
     let scope = DockerScope::new("tlson");
@@ -328,6 +330,7 @@ fn turning_agent_tls_on_recreates_the_agents() {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn agents_reach_an_external_mqtts_broker_with_the_given_ca() {
     ensure_busybox_image();
     let scope = DockerScope::new("exttls");

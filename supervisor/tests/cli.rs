@@ -78,6 +78,7 @@ fn stderr(o: &std::process::Output) -> String {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn submit_wait_exits_with_the_jobs_code_and_follow_streams_output() {
     let broker = Mosquitto::start();
     let _a = agent(&broker, "cli-1", "");
@@ -129,6 +130,7 @@ fn submit_wait_exits_with_the_jobs_code_and_follow_streams_output() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn cancel_the_current_job_and_see_it_in_status() {
     let broker = Mosquitto::start();
     let _a = agent(&broker, "cli-2", "");
@@ -163,6 +165,7 @@ fn cancel_the_current_job_and_see_it_in_status() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn rejections_and_unreachable_parties_have_their_own_exit_codes() {
     let broker = Mosquitto::start();
     let _a = agent(&broker, "cli-3", "");
@@ -206,6 +209,7 @@ fn rejections_and_unreachable_parties_have_their_own_exit_codes() {
 }
 
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn logs_follow_prints_live_output() {
     let broker = Mosquitto::start();
     let _a = agent(&broker, "cli-4", "command = [\"/bin/sh\", \"-c\", \"i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done\"]");
@@ -284,6 +288,7 @@ fn labvisor_into_closed_pipe(broker: &Mosquitto, args: &[&str]) -> std::process:
 /// a known SUT without jobs says `0 jobs`; and output into a pipe whose reader is gone ends
 /// quietly with status 0 (`labvisor jobs x | head`), for `jobs`, `status` and `check`.
 #[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn jobs_of_an_unknown_sut_fail_and_a_closed_pipe_ends_quietly() {
     let broker = Mosquitto::start();
     let _a = agent(&broker, "cli-5", "");
@@ -327,6 +332,7 @@ fn jobs_of_an_unknown_sut_fail_and_a_closed_pipe_ends_quietly() {
 /// `labvisor supervise` with its log going into a pipe (as under systemd, `docker logs` or
 /// `| tee`) writes plain text: no ANSI colour codes, also on WARN lines.
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn supervise_logs_into_a_pipe_without_colour_codes() {
     use std::io::Read;
     let scope = labvisor_tests::DockerScope::new("nocolour");

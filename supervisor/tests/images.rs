@@ -53,6 +53,7 @@ fn failures(sup: &Sup, sut: &str) -> usize {
 const T: Duration = Duration::from_secs(60);
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn build_section_builds_streams_progress_and_rebuilds_on_context_change() {
     ensure_busybox_image();
     let scope = DockerScope::new("build");
@@ -151,6 +152,7 @@ fn build_section_builds_streams_progress_and_rebuilds_on_context_change() {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn an_absent_image_that_cannot_be_pulled_is_a_clear_error_and_others_run() {
     ensure_busybox_image();
     let scope = DockerScope::new("pull");
@@ -184,6 +186,7 @@ fn an_absent_image_that_cannot_be_pulled_is_a_clear_error_and_others_run() {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn a_failing_build_is_a_clear_retried_error_and_others_run() {
     ensure_busybox_image();
     let scope = DockerScope::new("badbuild");
@@ -249,6 +252,7 @@ fn a_failing_build_is_a_clear_retried_error_and_others_run() {
 /// on the volume, and is healthy; with the SUT file inline and, after an edit that adds
 /// `files`, uploaded.
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn an_image_with_a_non_root_user_runs_a_healthy_agent() {
     ensure_busybox_image();
     let scope = DockerScope::new("nonroot");
@@ -312,6 +316,7 @@ fn an_image_with_a_non_root_user_runs_a_healthy_agent() {
 /// (not the engine's bare "No such image" on every retry), and the SUT comes back once the
 /// image is there again.
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn an_image_removed_behind_the_supervisors_back_is_looked_up_again() {
     ensure_busybox_image();
     let scope = DockerScope::new("imggone");

@@ -174,6 +174,7 @@ const SUT_TEXT: &str = "image = \"labvisor/busybox:local\"\ncommand = [\"/bin/sh
 /// access, for the containers made then; a wrong password is refused; new agents still get
 /// their own confined logins.
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn a_legacy_shared_agent_login_keeps_working() {
     ensure_busybox_image();
     let scope = DockerScope::new("legacy");
@@ -246,6 +247,7 @@ fn a_legacy_shared_agent_login_keeps_working() {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn agents_reach_the_managed_broker_and_strangers_do_not() {
     ensure_busybox_image();
     let scope = DockerScope::new("managed");
@@ -413,6 +415,7 @@ const CALM_SUT_TEXT: &str = "image = \"labvisor/busybox:local\"\ncommand = [\"/b
 /// (to its process group, as Ctrl-C does), or SIGKILLed together with its mosquitto (a crash)
 /// once an autosave had passed; and every retained job status, `last_job` and status survives.
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn acknowledged_jobs_and_retained_state_survive_supervisor_stops() {
     use nix::sys::signal::Signal;
     ensure_busybox_image();
@@ -608,6 +611,7 @@ fn metric(port: u16, name: &str) -> Option<u64> {
 /// `/healthz` answers 503 with the reason and `labvisor_broker_up` is 0; once it can, it is
 /// back, and an agent's output reaches MQTT again.
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn a_killed_managed_broker_is_restarted() {
     ensure_busybox_image();
     let scope = DockerScope::new("brokerkill");
@@ -757,6 +761,7 @@ fn a_killed_managed_broker_is_restarted() {
 /// anonymously never runs; the local login (password in `local-password`, 0600, the
 /// supervisor's user's) is what `labvisor submit` and `status` use with no credentials given.
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn the_loopback_listener_needs_the_local_login() {
     ensure_busybox_image();
     let scope = DockerScope::new("local");
@@ -857,6 +862,7 @@ fn the_loopback_listener_needs_the_local_login() {
 /// `labvisor/replies/<sut>/#`, and nothing else: not the supervisors' status under
 /// `labvisor/`, not another SUT's `submit`.
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn an_agent_login_cannot_write_the_control_plane_or_another_sut() {
     ensure_busybox_image();
     let scope = DockerScope::new("aclplane");

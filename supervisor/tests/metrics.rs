@@ -116,6 +116,7 @@ fn healthz_cli(url: &str) -> std::process::Output {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn metrics_and_healthz_follow_the_supervisor() {
     ensure_busybox_image();
     let scope = DockerScope::new("metrics");

@@ -583,6 +583,7 @@ fn payload_on<'a>(line: &'a str, topic: &str) -> Option<&'a str> {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn stack_runs_jobs_through_the_shipped_acl_and_tls() {
     let started = Instant::now();
     ensure_busybox_image();

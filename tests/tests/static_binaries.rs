@@ -21,6 +21,7 @@ fn scratch_image(scope: &DockerScope) -> String {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn static_agent_runs_in_a_from_scratch_image() {
     let scope = DockerScope::new("static");
     let image = scratch_image(&scope);
@@ -41,6 +42,7 @@ fn static_agent_runs_in_a_from_scratch_image() {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn static_healthcheck_runs_in_scratch_and_busybox_and_reports_why() {
     let scope = DockerScope::new("static-hc");
     let scratch = scratch_image(&scope);

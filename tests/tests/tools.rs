@@ -49,6 +49,7 @@ fn labels<'a>(scope_label: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
 }
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn nuke_removes_only_the_given_supervisors_labelled_objects() {
     ensure_busybox_image();
     let scope = DockerScope::new("nuke");
