@@ -13,13 +13,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use labvisor_mqtt::{LinkOptions, Message, MqttLink, QoS};
 use labvisor_protocol::config::{OnChildExit, ProbeTarget, SutConfig};
 use labvisor_protocol::heartbeat;
-use labvisor_protocol::mqtt::{LinkOptions, Message, MqttLink, QoS, MAX_PACKET_SIZE};
 use labvisor_protocol::payloads::{
     now_ms, random_id, rfc3339, AgentState, AgentStatus, ChildStatus, ProbeResult, VERSION,
 };
 use labvisor_protocol::topics::{SutTopic, Topics};
+use labvisor_protocol::MAX_PACKET_SIZE;
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -107,10 +108,10 @@ pub enum AgentError {
     },
     /// The broker link could not start.
     #[error("cannot start the MQTT link: {0}")]
-    Link(#[from] labvisor_protocol::mqtt::LinkError),
+    Link(#[from] labvisor_mqtt::LinkError),
     /// A subscription was refused by the link.
     #[error("cannot subscribe: {0}")]
-    Subscribe(#[from] labvisor_protocol::mqtt::PublishError),
+    Subscribe(#[from] labvisor_mqtt::PublishError),
     /// The job journal cannot be opened.
     #[error("cannot open the job journal in {path}: {source}")]
     Jobs {

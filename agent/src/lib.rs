@@ -17,7 +17,7 @@
 //! - Heartbeat: every `heartbeat` interval the same loop writes the heartbeat file (atomically)
 //!   and publishes the same status, retained, on `<sut>/agent`. A hung loop means a stale
 //!   heartbeat; a blocked output write means `stalled`. `labvisor-healthcheck` reads the file.
-//! - MQTT goes through `labvisor_protocol::mqtt::MqttLink`: the broker being down never blocks
+//! - MQTT goes through `labvisor_mqtt::MqttLink`: the broker being down never blocks
 //!   the device process or the loop. The retained last will says `lost`; a clean stop publishes
 //!   `offline`.
 //! - As PID 1 (a container without Docker's init) the agent reaps orphaned grandchildren.

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 use labvisor_agent::agent::{self, Control, Settings};
+use labvisor_mqtt::LinkOptions;
 use labvisor_protocol::config::{self, Allow};
-use labvisor_protocol::mqtt::LinkOptions;
 use labvisor_protocol::topics::Topics;
 use nix::sys::signal::Signal;
 use tokio::signal::unix::{signal, SignalKind};

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use labvisor_protocol::mqtt::{DropHook, Message, MqttLink};
+use labvisor_mqtt::{DropHook, Message, MqttLink};
 use labvisor_protocol::payloads::OutputMeta;
 use labvisor_protocol::topics::Topics;
 use labvisor_protocol::SutName;

@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use labvisor_mqtt::{Message, MqttLink, Received};
 use labvisor_protocol::config::{JobVars, SutConfig};
-use labvisor_protocol::mqtt::{Message, MqttLink, Received};
 use labvisor_protocol::payloads::{
     new_job_id, now_ms, CancelAck, CancelResult, JobState, JobStatus, SubmitAck, SubmitResult,
     VERSION,
@@ -151,6 +151,7 @@ impl JobRunner {
     fn bad_reply_topic(&self, r: &Received, reply_to: Option<&str>) -> Option<String> {
         let check = |what: &str, t: Option<&str>| {
             t.and_then(|t| check_reply_topic(&self.topics, &self.cfg.name, what, t).err())
+                .map(|e| e.to_string())
         };
         check("`reply_to`", reply_to)
             .or_else(|| check("the MQTT 5 response topic", r.response_topic.as_deref()))
@@ -187,7 +188,7 @@ impl JobRunner {
                 r.topic
             ))
         } else {
-            parse_submit(&r.payload, max)
+            parse_submit(&r.payload, max).map_err(|e| e.to_string())
         };
         let ack = match parsed {
             Err(reason) => {
@@ -305,7 +306,7 @@ impl JobRunner {
                  would act again at every agent restart); it was ignored",
                 r.topic
             )),
-            None => parse_cancel(&r.payload),
+            None => parse_cancel(&r.payload).map_err(|e| e.to_string()),
         };
         let (result, id, reason) = match parsed {
             Err(reason) => (CancelResult::Rejected, None, Some(reason)),

@@ -621,7 +621,7 @@ print(len(infos))
 #[test]
 fn large_submissions_run_up_to_max_payload_and_larger_ones_are_rejected_with_the_reason() {
     // The broker as shipped: packets up to MAX_PACKET_SIZE (8 MiB + 64 KiB).
-    let max_packet = labvisor_protocol::mqtt::MAX_PACKET_SIZE;
+    let max_packet = labvisor_protocol::MAX_PACKET_SIZE;
     let broker = Mosquitto::start_with(&format!(
         "allow_anonymous true\npersistence false\nmax_packet_size {max_packet}\n"
     ));

@@ -7,8 +7,9 @@
 //!
 //! ## Theory of operation
 //!
-//! The agent's main loop writes a heartbeat file every `heartbeat` interval (see
-//! `labvisor_protocol::heartbeat`). This program reads it and exits:
+//! The agent's main loop writes a heartbeat file every `heartbeat` interval (format and
+//! healthy-state rule: the std-only crate `labvisor-heartbeat`, its only dependency). This program
+//! reads it and exits:
 //!
 //! - `0` when the heartbeat is fresh (age at most `max_age`) and the state is healthy;
 //! - `1` otherwise, printing one line with the reason, which Docker keeps in the container's
@@ -29,13 +30,13 @@
 //! `--file` defaults to `$LABVISOR_HEARTBEAT_FILE`, then `/labvisor/run/heartbeat`.
 //! `--max-age` (`30s`, `1500ms`, `2m`) defaults to the `max_age_ms` the agent wrote.
 
+use std::fmt;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-const DEFAULT_FILE: &str = "/labvisor/run/heartbeat";
+use labvisor_heartbeat::{is_healthy, Reading, DEFAULT_PATH};
 
-/// States in which the agent is healthy; anything else (crash-loop, stalled, offline, lost) is not.
-const HEALTHY_STATES: &[&str] = &["starting", "idle", "busy", "restarting", "stopping"];
+const USAGE: &str = "usage: labvisor-healthcheck [--file PATH] [--max-age DURATION] [--state]";
 
 /// The verdict on one heartbeat file.
 #[derive(Debug, PartialEq, Eq)]
@@ -45,6 +46,7 @@ enum Verdict {
     Unhealthy(String),
 }
 
+#[derive(Debug)]
 struct Args {
     file: String,
     max_age: Option<Duration>,
@@ -65,28 +67,50 @@ fn parse_duration(s: &str) -> Option<Duration> {
     })
 }
 
-fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
-    let mut file = std::env::var("LABVISOR_HEARTBEAT_FILE").unwrap_or_else(|_| DEFAULT_FILE.into());
+/// Why the command line was refused (printed as is, exit code 2). A hand-written `Display`,
+/// not thiserror: the healthcheck's dependency graph stays std only.
+#[derive(Debug, PartialEq, Eq)]
+enum ArgError {
+    /// `--file` without a path.
+    NoFile,
+    /// `--max-age` without a value.
+    NoMaxAge,
+    /// `--max-age` with something that is not a duration.
+    BadMaxAge(String),
+    /// `-h` or `--help`: the usage line.
+    Help,
+    /// An argument this program does not know.
+    Unknown(String),
+}
+
+impl fmt::Display for ArgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ArgError::NoFile => f.write_str("--file needs a path"),
+            ArgError::NoMaxAge => f.write_str("--max-age needs a duration"),
+            ArgError::BadMaxAge(v) => write!(f, "--max-age {v:?} is not a duration like 30s"),
+            ArgError::Help => f.write_str(USAGE),
+            ArgError::Unknown(a) => write!(f, "unknown argument {a:?}"),
+        }
+    }
+}
+
+impl std::error::Error for ArgError {}
+
+fn parse_args(mut argv: impl Iterator<Item = String>) -> Result<Args, ArgError> {
+    let mut file = std::env::var("LABVISOR_HEARTBEAT_FILE").unwrap_or_else(|_| DEFAULT_PATH.into());
     let mut max_age = None;
     let mut state = false;
     while let Some(a) = argv.next() {
         match a.as_str() {
             "--state" => state = true,
-            "--file" => file = argv.next().ok_or("--file needs a path")?,
+            "--file" => file = argv.next().ok_or(ArgError::NoFile)?,
             "--max-age" => {
-                let v = argv.next().ok_or("--max-age needs a duration")?;
-                max_age = Some(
-                    parse_duration(&v)
-                        .ok_or_else(|| format!("--max-age {v:?} is not a duration like 30s"))?,
-                );
+                let v = argv.next().ok_or(ArgError::NoMaxAge)?;
+                max_age = Some(parse_duration(&v).ok_or(ArgError::BadMaxAge(v))?);
             }
-            "-h" | "--help" => {
-                return Err(
-                    "usage: labvisor-healthcheck [--file PATH] [--max-age DURATION] [--state]"
-                        .into(),
-                )
-            }
-            other => return Err(format!("unknown argument {other:?}")),
+            "-h" | "--help" => return Err(ArgError::Help),
+            other => return Err(ArgError::Unknown(other.to_owned())),
         }
     }
     Ok(Args {
@@ -102,24 +126,13 @@ fn fmt_secs(ms: u64) -> String {
 
 /// Judges a heartbeat file's text at time `now_ms`.
 fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verdict {
-    let mut time_ms = None;
-    let mut state = None;
-    let mut file_max_age = None;
-    let mut detail = "";
-    let mut child_alive = "";
-    for line in text.lines() {
-        let Some((k, v)) = line.split_once('=') else {
-            continue;
-        };
-        match k {
-            "time_ms" => time_ms = v.parse::<u64>().ok(),
-            "state" => state = Some(v),
-            "max_age_ms" => file_max_age = v.parse::<u64>().ok().map(Duration::from_millis),
-            "detail" => detail = v,
-            "child_alive" => child_alive = v,
-            _ => {}
-        }
-    }
+    let Reading {
+        time_ms,
+        state,
+        max_age: file_max_age,
+        detail,
+        child_alive,
+    } = Reading::read(text);
     let (Some(time_ms), Some(state)) = (time_ms, state) else {
         return Verdict::Unhealthy(format!(
             "heartbeat file {file} is corrupt: no time_ms or state"
@@ -145,7 +158,7 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
             fmt_secs(max_ms)
         ));
     }
-    if !HEALTHY_STATES.contains(&state) {
+    if !is_healthy(state) {
         let why = if detail.is_empty() {
             String::new()
         } else {
@@ -203,47 +216,45 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use labvisor_protocol::heartbeat;
-    use labvisor_protocol::payloads::{AgentState, AgentStatus, ChildStatus};
-    use labvisor_protocol::SutName;
+    use labvisor_heartbeat::{Child, Heartbeat};
 
     const NOW: u64 = 1_795_000_000_000;
 
-    fn status(state: AgentState, time_ms: u64) -> AgentStatus {
-        AgentStatus {
+    /// A heartbeat as the agent writes it (`labvisor_protocol::heartbeat::render` fills the same
+    /// struct from its status), `max_age` 30 s.
+    fn status(state: &'static str, time_ms: u64) -> Heartbeat<'static> {
+        Heartbeat {
             v: 1,
-            sut: SutName::new("x").unwrap(),
+            sut: "x",
             state,
             time_ms,
-            time: String::new(),
             seq: 1,
-            boot_id: "b".into(),
-            agent_version: "0".into(),
-            child: Some(ChildStatus {
+            boot_id: "b",
+            max_age: Duration::from_secs(30),
+            child: Some(Child {
                 pid: Some(3),
                 alive: true,
                 restarts: 0,
-                last_exit: None,
             }),
-            job: None,
-            queue_len: 0,
             broker_connected: false,
             output_dropped: 0,
-            detail: Some("exited 5 times in 20s".into()),
+            job: "",
+            detail: "exited 5 times in 20s",
         }
     }
 
     /// The agent's renderer and this parser agree: the healthcheck reads what the agent writes.
-    fn judge_status(st: &AgentStatus, max_age: Duration) -> Verdict {
-        judge(&heartbeat::render(st, max_age), NOW, None, "hb")
+    fn judge_status(hb: &Heartbeat, max_age: Duration) -> Verdict {
+        let hb = Heartbeat {
+            max_age,
+            ..hb.clone()
+        };
+        judge(&hb.render(), NOW, None, "hb")
     }
 
     #[test]
     fn fresh_idle_heartbeat_is_healthy_even_without_broker() {
-        let v = judge_status(
-            &status(AgentState::Idle, NOW - 2_000),
-            Duration::from_secs(30),
-        );
+        let v = judge_status(&status("idle", NOW - 2_000), Duration::from_secs(30));
         assert_eq!(
             v,
             Verdict::Healthy(
@@ -255,10 +266,7 @@ mod tests {
 
     #[test]
     fn stale_heartbeat_is_unhealthy_with_its_age() {
-        let v = judge_status(
-            &status(AgentState::Busy, NOW - 31_000),
-            Duration::from_secs(30),
-        );
+        let v = judge_status(&status("busy", NOW - 31_000), Duration::from_secs(30));
         assert_eq!(
             v,
             Verdict::Unhealthy(
@@ -270,11 +278,8 @@ mod tests {
 
     #[test]
     fn crash_loop_and_stalled_are_unhealthy_with_detail() {
-        for (st, word) in [
-            (AgentState::CrashLoop, "crash-loop"),
-            (AgentState::Stalled, "stalled"),
-        ] {
-            let v = judge_status(&status(st, NOW), Duration::from_secs(30));
+        for word in ["crash-loop", "stalled"] {
+            let v = judge_status(&status(word, NOW), Duration::from_secs(30));
             assert_eq!(
                 v,
                 Verdict::Unhealthy(format!("agent state is {word}: exited 5 times in 20s"))
@@ -284,10 +289,7 @@ mod tests {
 
     #[test]
     fn max_age_flag_overrides_the_file() {
-        let text = heartbeat::render(
-            &status(AgentState::Idle, NOW - 5_000),
-            Duration::from_secs(30),
-        );
+        let text = status("idle", NOW - 5_000).render();
         assert!(matches!(
             judge(&text, NOW, Some(Duration::from_secs(4)), "hb"),
             Verdict::Unhealthy(_)
@@ -304,10 +306,7 @@ mod tests {
             judge("time_ms=1\nstate=idle\n", NOW, None, "/hb"),
             Verdict::Unhealthy(m) if m.contains("no max_age_ms")
         ));
-        let future = heartbeat::render(
-            &status(AgentState::Idle, NOW + 60_000),
-            Duration::from_secs(30),
-        );
+        let future = status("idle", NOW + 60_000).render();
         assert!(
             matches!(judge(&future, NOW, None, "hb"), Verdict::Unhealthy(m) if m.contains("future"))
         );
@@ -335,6 +334,20 @@ mod tests {
                 .unwrap()
                 .state
         );
-        assert!(parse_args(["--bogus".to_string()].into_iter()).is_err());
+        assert_eq!(
+            parse_args(["--bogus".to_string()].into_iter()).err(),
+            Some(ArgError::Unknown("--bogus".into()))
+        );
+        let err = parse_args(["--max-age", "soon"].map(String::from).into_iter()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--max-age \"soon\" is not a duration like 30s"
+        );
+        assert_eq!(
+            parse_args(["--help".to_string()].into_iter())
+                .err()
+                .map(|e| e.to_string()),
+            Some(USAGE.to_owned())
+        );
     }
 }

@@ -61,16 +61,9 @@ pub enum AgentState {
 }
 
 impl AgentState {
-    /// Whether Docker should consider an agent in this state healthy.
+    /// Whether Docker should consider an agent in this state healthy ([`crate::heartbeat::is_healthy`]).
     pub fn is_healthy(self) -> bool {
-        matches!(
-            self,
-            AgentState::Starting
-                | AgentState::Idle
-                | AgentState::Busy
-                | AgentState::Restarting
-                | AgentState::Stopping
-        )
+        crate::heartbeat::is_healthy(self.as_str())
     }
 
     /// The kebab-case name, as in the JSON and the heartbeat file.
@@ -159,6 +152,81 @@ pub struct AgentStatus {
     /// Why the state is what it is, or what is wrong (unreadable `tail` globs, crash-loop cause).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+impl AgentStatus {
+    /// The status an agent run (`boot_id`, labvisor version `agent_version`) starts from at
+    /// `time_ms`: `starting`, heartbeat 0, no device process or job, not connected. The `with_*`
+    /// methods fill in the rest, e.g.
+    /// `AgentStatus::new(sut, boot, version, now_ms()).with_state(AgentState::Idle)`.
+    pub fn new(
+        sut: SutName,
+        boot_id: impl Into<String>,
+        agent_version: impl Into<String>,
+        time_ms: u64,
+    ) -> Self {
+        Self {
+            v: VERSION,
+            sut,
+            state: AgentState::Starting,
+            time_ms,
+            time: rfc3339(time_ms),
+            seq: 0,
+            boot_id: boot_id.into(),
+            agent_version: agent_version.into(),
+            child: None,
+            job: None,
+            queue_len: 0,
+            broker_connected: false,
+            output_dropped: 0,
+            detail: None,
+        }
+    }
+
+    /// With `state`.
+    pub fn with_state(self, state: AgentState) -> Self {
+        Self { state, ..self }
+    }
+
+    /// With heartbeat sequence number `seq`.
+    pub fn with_seq(self, seq: u64) -> Self {
+        Self { seq, ..self }
+    }
+
+    /// With the device process's status (`None` for a job-only agent).
+    pub fn with_child(self, child: Option<ChildStatus>) -> Self {
+        Self { child, ..self }
+    }
+
+    /// With the running job and the number of jobs waiting.
+    pub fn with_jobs(self, job: Option<JobId>, queue_len: u64) -> Self {
+        Self {
+            job,
+            queue_len,
+            ..self
+        }
+    }
+
+    /// Connected to the broker or not.
+    pub fn with_broker_connected(self, broker_connected: bool) -> Self {
+        Self {
+            broker_connected,
+            ..self
+        }
+    }
+
+    /// With the count of output lines lost on the way to MQTT.
+    pub fn with_output_dropped(self, output_dropped: u64) -> Self {
+        Self {
+            output_dropped,
+            ..self
+        }
+    }
+
+    /// With the detail that explains the state.
+    pub fn with_detail(self, detail: Option<String>) -> Self {
+        Self { detail, ..self }
+    }
 }
 
 /// Where a piece of output came from.
@@ -377,6 +445,73 @@ pub struct JobStatus {
     /// Why it ended as it did (timeout kind, cancel, lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+impl JobStatus {
+    /// A job accepted into the queue at `queued_ms`: `queued`, nothing else known yet. The
+    /// other states follow from it: [`JobStatus::started`], [`JobStatus::finished`].
+    pub fn accepted(sut: SutName, id: JobId, queued_ms: u64) -> Self {
+        Self {
+            v: VERSION,
+            sut,
+            id,
+            state: JobState::Queued,
+            exit_code: None,
+            signal: None,
+            queued_ms,
+            started_ms: None,
+            ended_ms: None,
+            duration_ms: None,
+            output_bytes: 0,
+            reason: None,
+        }
+    }
+
+    /// The job running since `started_ms`.
+    pub fn started(self, started_ms: u64) -> Self {
+        Self {
+            state: JobState::Running,
+            started_ms: Some(started_ms),
+            ..self
+        }
+    }
+
+    /// The job ended in `state` (passed, failed, lost, …) at `ended_ms`, having started at
+    /// `started_ms`; the duration is the difference.
+    pub fn finished(self, state: JobState, started_ms: u64, ended_ms: u64) -> Self {
+        Self {
+            state,
+            started_ms: Some(started_ms),
+            ended_ms: Some(ended_ms),
+            duration_ms: Some(ended_ms.saturating_sub(started_ms)),
+            ..self
+        }
+    }
+
+    /// With how the process ended: its exit code, or the signal that killed it.
+    pub fn with_exit(self, exit_code: Option<i32>, signal: Option<i32>) -> Self {
+        Self {
+            exit_code,
+            signal,
+            ..self
+        }
+    }
+
+    /// With the bytes of output so far.
+    pub fn with_output_bytes(self, output_bytes: u64) -> Self {
+        Self {
+            output_bytes,
+            ..self
+        }
+    }
+
+    /// With the reason it ended as it did (`None` for none).
+    pub fn with_reason(self, reason: impl Into<Option<String>>) -> Self {
+        Self {
+            reason: reason.into(),
+            ..self
+        }
+    }
 }
 
 /// The outcome of a cancel request.
@@ -610,6 +745,40 @@ mod tests {
         };
         assert_eq!(OutputMeta::from_properties(&m.to_properties()), Some(m));
         assert_eq!(OutputMeta::from_properties(&[]), None);
+    }
+
+    #[test]
+    fn job_status_builders_fill_what_each_state_needs() {
+        let sut = SutName::new("dut").unwrap();
+        let id = JobId::new("j1").unwrap();
+        let queued = JobStatus::accepted(sut, id, 10);
+        assert_eq!(queued.state, JobState::Queued);
+        let running = queued.clone().started(15);
+        assert_eq!(
+            (running.state, running.started_ms),
+            (JobState::Running, Some(15))
+        );
+        let done = running
+            .finished(JobState::Failed, 15, 40)
+            .with_exit(Some(2), None)
+            .with_output_bytes(7)
+            .with_reason("exit 2".to_owned());
+        assert_eq!(done.duration_ms, Some(25));
+        assert_eq!(done.ended_ms, Some(40));
+        assert_eq!(done.reason.as_deref(), Some("exit 2"));
+        assert_eq!(done.queued_ms, queued.queued_ms);
+    }
+
+    #[test]
+    fn agent_status_starts_starting_and_takes_the_rest() {
+        let st = AgentStatus::new(SutName::new("dut").unwrap(), "b", "1.0", 0)
+            .with_state(AgentState::Idle)
+            .with_seq(3)
+            .with_jobs(None, 2)
+            .with_broker_connected(true);
+        assert_eq!(st.time, "1970-01-01T00:00:00.000Z");
+        assert_eq!((st.state, st.seq, st.queue_len), (AgentState::Idle, 3, 2));
+        assert!(st.broker_connected && st.child.is_none() && st.detail.is_none());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //!
 //! - an empty (or all-whitespace) payload is rejected;
 //! - a payload over the SUT's `max_payload` is rejected ("payload of N bytes exceeds max_payload
-//!   M"); the agent's link accepts packets up to [`MAX_PACKET_SIZE`](crate::mqtt::MAX_PACKET_SIZE),
+//!   M"); the agent's link accepts packets up to [`MAX_PACKET_SIZE`](crate::MAX_PACKET_SIZE),
 //!   as the brokers do, so every submission a broker takes reaches this check;
 //! - text starting with `{` is JSON, and is rejected as invalid JSON if it does not parse (it is
 //!   never run as a script);
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::name::SutName;
 use crate::payloads::JobSubmit;
-use crate::topics::{JobId, Topics};
+use crate::topics::{JobId, TopicError, Topics};
 
 /// A checked submission, ready to queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,19 +49,86 @@ pub enum JobRun {
     Argv(Vec<String>),
 }
 
+/// Why a submission is rejected; the message is the reason sent back to the submitter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// Over the SUT's `max_payload`.
+    #[error("payload of {len} bytes exceeds max_payload {max}")]
+    TooLarge {
+        /// Size of the payload.
+        len: usize,
+        /// The SUT's limit.
+        max: usize,
+    },
+    /// Empty or all whitespace.
+    #[error("empty payload: send a script as plain text or a JSON job")]
+    Empty,
+    /// Not UTF-8.
+    #[error("payload is not UTF-8 text")]
+    NotUtf8,
+    /// Starts with `{` but does not parse as JSON.
+    #[error("payload starts with '{{' but is not valid JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not a valid job.
+    #[error("invalid JSON job: {0}")]
+    InvalidJob(#[from] JobError),
+}
+
+/// What is wrong with a JSON job ([`SubmitError::InvalidJob`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// Unknown field or wrong type: serde's message, which names the field.
+    #[error("{0}")]
+    Schema(String),
+    /// Both `script` and `argv`.
+    #[error("give `script` or `argv`, not both")]
+    Both,
+    /// Neither `script` nor `argv`.
+    #[error("`script` or `argv` is required")]
+    Neither,
+    /// An empty script.
+    #[error("`script` is empty")]
+    EmptyScript,
+    /// An argv without a program.
+    #[error("`argv` needs a program as its first element")]
+    NoProgram,
+    /// An `env` key that is not a variable name.
+    #[error("env key {0:?} is not a valid name")]
+    EnvName(String),
+    /// An `env` key labvisor sets itself.
+    #[error("env key {0:?} is reserved (LABVISOR_*)")]
+    EnvReserved(String),
+    /// A zero `timeout` or `output_timeout`.
+    #[error("`{0}` must be more than 0")]
+    ZeroDuration(&'static str),
+    /// A `timeout` or `output_timeout` that is not a duration.
+    #[error("`{field}` {value:?} is not a duration like \"30m\": {reason}")]
+    Duration {
+        /// Which field.
+        field: &'static str,
+        /// As written.
+        value: String,
+        /// humantime's reason.
+        reason: String,
+    },
+    /// A `reply_to` with wildcards or a `$` topic.
+    #[error("`reply_to` {0:?} must be a plain topic (no wildcards, not $...)")]
+    ReplyTo(String),
+}
+
 /// Parses a submission payload; the error is the rejection reason sent back to the submitter.
-pub fn parse_submit(payload: &[u8], max_payload: usize) -> Result<Submission, String> {
+pub fn parse_submit(payload: &[u8], max_payload: usize) -> Result<Submission, SubmitError> {
     if payload.len() > max_payload {
-        return Err(format!(
-            "payload of {} bytes exceeds max_payload {max_payload}",
-            payload.len()
-        ));
+        return Err(SubmitError::TooLarge {
+            len: payload.len(),
+            max: max_payload,
+        });
     }
     if payload.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err("empty payload: send a script as plain text or a JSON job".into());
+        return Err(SubmitError::Empty);
     }
     let Ok(text) = std::str::from_utf8(payload) else {
-        return Err("payload is not UTF-8 text".into());
+        return Err(SubmitError::NotUtf8);
     };
     if !text.trim_start().starts_with('{') {
         return Ok(Submission {
@@ -75,22 +142,23 @@ pub fn parse_submit(payload: &[u8], max_payload: usize) -> Result<Submission, St
     }
     let job: JobSubmit = serde_json::from_str(text).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
-            format!("payload starts with '{{' but is not valid JSON: {e}")
+            SubmitError::NotJson(e.to_string())
         } else {
-            format!("invalid JSON job: {e}")
+            JobError::Schema(e.to_string()).into()
         }
     })?;
+    Ok(check_job(job)?)
+}
+
+/// Checks a JSON job as serde read it.
+fn check_job(job: JobSubmit) -> Result<Submission, JobError> {
     let run = match (job.script, job.argv) {
-        (Some(_), Some(_)) => {
-            return Err("invalid JSON job: give `script` or `argv`, not both".into())
-        }
-        (None, None) => return Err("invalid JSON job: `script` or `argv` is required".into()),
-        (Some(s), None) if s.trim().is_empty() => {
-            return Err("invalid JSON job: `script` is empty".into())
-        }
+        (Some(_), Some(_)) => return Err(JobError::Both),
+        (None, None) => return Err(JobError::Neither),
+        (Some(s), None) if s.trim().is_empty() => return Err(JobError::EmptyScript),
         (Some(s), None) => JobRun::Script(s),
         (None, Some(a)) if a.first().is_none_or(|p| p.is_empty()) => {
-            return Err("invalid JSON job: `argv` needs a program as its first element".into())
+            return Err(JobError::NoProgram)
         }
         (None, Some(a)) => JobRun::Argv(a),
     };
@@ -99,35 +167,17 @@ pub fn parse_submit(payload: &[u8], max_payload: usize) -> Result<Submission, St
             && !k.starts_with(|c: char| c.is_ascii_digit())
             && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !valid {
-            return Err(format!(
-                "invalid JSON job: env key {k:?} is not a valid name"
-            ));
+            return Err(JobError::EnvName(k.clone()));
         }
         if k.starts_with("LABVISOR_") {
-            return Err(format!(
-                "invalid JSON job: env key {k:?} is reserved (LABVISOR_*)"
-            ));
+            return Err(JobError::EnvReserved(k.clone()));
         }
     }
-    let dur = |field: &str, v: Option<String>| -> Result<Option<Duration>, String> {
-        match v {
-            None => Ok(None),
-            Some(s) => match humantime::parse_duration(&s) {
-                Ok(d) if !d.is_zero() => Ok(Some(d)),
-                Ok(_) => Err(format!("invalid JSON job: `{field}` must be more than 0")),
-                Err(e) => Err(format!(
-                    "invalid JSON job: `{field}` {s:?} is not a duration like \"30m\": {e}"
-                )),
-            },
-        }
-    };
-    let timeout = dur("timeout", job.timeout)?;
-    let output_timeout = dur("output_timeout", job.output_timeout)?;
+    let timeout = job_duration("timeout", job.timeout)?;
+    let output_timeout = job_duration("output_timeout", job.output_timeout)?;
     if let Some(r) = &job.reply_to {
         if r.is_empty() || r.contains(['+', '#']) || r.starts_with('$') {
-            return Err(format!(
-                "invalid JSON job: `reply_to` {r:?} must be a plain topic (no wildcards, not $...)"
-            ));
+            return Err(JobError::ReplyTo(r.clone()));
         }
     }
     Ok(Submission {
@@ -140,6 +190,40 @@ pub fn parse_submit(payload: &[u8], max_payload: usize) -> Result<Submission, St
     })
 }
 
+/// A job's `timeout` or `output_timeout`: a duration more than zero, when given.
+fn job_duration(field: &'static str, v: Option<String>) -> Result<Option<Duration>, JobError> {
+    let Some(s) = v else { return Ok(None) };
+    match humantime::parse_duration(&s) {
+        Ok(d) if !d.is_zero() => Ok(Some(d)),
+        Ok(_) => Err(JobError::ZeroDuration(field)),
+        Err(e) => Err(JobError::Duration {
+            field,
+            value: s,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// A reply topic outside the SUT's reply space ([`check_reply_topic`]); the message is the
+/// rejection reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{what} {topic:?} is outside this SUT's reply space: answers go to {reply_space} (or to a \
+     topic of your own under {prefix}{sut}/), where the broker lets the agent publish"
+)]
+pub struct ReplyTopicError {
+    /// `` `reply_to` `` or `the MQTT 5 response topic`.
+    pub what: String,
+    /// The topic.
+    pub topic: String,
+    /// The SUT's reply space.
+    pub reply_space: String,
+    /// The topic prefix with its `/`, or empty.
+    pub prefix: String,
+    /// The SUT.
+    pub sut: SutName,
+}
+
 /// Checks a reply topic, `what` being `` `reply_to` `` or `the MQTT 5 response topic`: it must
 /// lie in the SUT's reply space ([`Topics::reply_space`]) or under `<sut>/` outside labvisor's
 /// own topics ([`Topics::is_allowed_reply`]). The error is the rejection reason.
@@ -148,7 +232,7 @@ pub fn check_reply_topic(
     sut: &SutName,
     what: &str,
     topic: &str,
-) -> Result<(), String> {
+) -> Result<(), ReplyTopicError> {
     if topics.is_allowed_reply(sut, topic) {
         return Ok(());
     }
@@ -156,11 +240,13 @@ pub fn check_reply_topic(
         "" => String::new(),
         p => format!("{p}/"),
     };
-    Err(format!(
-        "{what} {topic:?} is outside this SUT's reply space: answers go to {} (or to a topic of \
-         your own under {prefix}{sut}/), where the broker lets the agent publish",
-        topics.reply_space(sut)
-    ))
+    Err(ReplyTopicError {
+        what: what.to_owned(),
+        topic: topic.to_owned(),
+        reply_space: topics.reply_space(sut),
+        prefix,
+        sut: sut.clone(),
+    })
 }
 
 /// What a cancel request names.
@@ -172,13 +258,30 @@ pub enum CancelTarget {
     Id(JobId),
 }
 
+/// Why a cancel request is rejected; the message is the reason sent back.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelError {
+    /// Not UTF-8.
+    #[error("cancel payload is not UTF-8 text")]
+    NotUtf8,
+    /// Empty or all whitespace.
+    #[error("empty cancel payload: send a job id or `current`")]
+    Empty,
+    /// `{...}` that is not `{"id": "..."}`.
+    #[error("invalid cancel JSON: {0}")]
+    Json(String),
+    /// Not a valid job id.
+    #[error(transparent)]
+    Id(#[from] TopicError),
+}
+
 /// Parses a cancel payload: a job id, `current`, or `{"id": "..."}`.
-pub fn parse_cancel(payload: &[u8]) -> Result<CancelTarget, String> {
+pub fn parse_cancel(payload: &[u8]) -> Result<CancelTarget, CancelError> {
     let text = std::str::from_utf8(payload)
-        .map_err(|_| "cancel payload is not UTF-8 text".to_string())?
+        .map_err(|_| CancelError::NotUtf8)?
         .trim();
     if text.is_empty() {
-        return Err("empty cancel payload: send a job id or `current`".into());
+        return Err(CancelError::Empty);
     }
     let id = if text.starts_with('{') {
         #[derive(serde::Deserialize)]
@@ -186,8 +289,7 @@ pub fn parse_cancel(payload: &[u8]) -> Result<CancelTarget, String> {
         struct Cancel {
             id: String,
         }
-        let c: Cancel =
-            serde_json::from_str(text).map_err(|e| format!("invalid cancel JSON: {e}"))?;
+        let c: Cancel = serde_json::from_str(text).map_err(|e| CancelError::Json(e.to_string()))?;
         c.id
     } else {
         text.to_owned()
@@ -195,9 +297,7 @@ pub fn parse_cancel(payload: &[u8]) -> Result<CancelTarget, String> {
     if id == "current" {
         return Ok(CancelTarget::Current);
     }
-    JobId::new(&id)
-        .map(CancelTarget::Id)
-        .map_err(|e| e.to_string())
+    Ok(JobId::new(&id).map(CancelTarget::Id)?)
 }
 
 #[cfg(test)]
@@ -206,7 +306,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn err(p: &str) -> String {
-        parse_submit(p.as_bytes(), 1000).unwrap_err()
+        parse_submit(p.as_bytes(), 1000).unwrap_err().to_string()
     }
 
     #[test]
@@ -237,7 +337,7 @@ mod tests {
             "empty payload: send a script as plain text or a JSON job"
         );
         assert_eq!(
-            parse_submit(&[b'x'; 11], 10).unwrap_err(),
+            parse_submit(&[b'x'; 11], 10).unwrap_err().to_string(),
             "payload of 11 bytes exceeds max_payload 10"
         );
         assert!(err("{not json").starts_with("payload starts with '{' but is not valid JSON"));
@@ -257,7 +357,7 @@ mod tests {
         assert!(err(r#"{"script":"a","reply_to":"a/#"}"#).contains("plain topic"));
         assert!(err(r#"{"id":"a/b","script":"a"}"#).contains("job id"));
         assert_eq!(
-            parse_submit(b"\xff\xfe", 10).unwrap_err(),
+            parse_submit(b"\xff\xfe", 10).unwrap_err().to_string(),
             "payload is not UTF-8 text"
         );
     }
@@ -271,7 +371,9 @@ mod tests {
             Ok(())
         );
         assert_eq!(
-            check_reply_topic(&t, &s, "`reply_to`", "ci/acks").unwrap_err(),
+            check_reply_topic(&t, &s, "`reply_to`", "ci/acks")
+                .unwrap_err()
+                .to_string(),
             "`reply_to` \"ci/acks\" is outside this SUT's reply space: answers go to \
              labvisor/replies/dut1/# (or to a topic of your own under dut1/), where the broker \
              lets the agent publish"
@@ -279,6 +381,7 @@ mod tests {
         let t = Topics::with_prefix(Some("lab")).unwrap();
         assert!(check_reply_topic(&t, &s, "x", "dut1/acks")
             .unwrap_err()
+            .to_string()
             .contains("lab/labvisor/replies/dut1/# (or to a topic of your own under lab/dut1/)"));
     }
 
@@ -297,6 +400,7 @@ mod tests {
         assert!(parse_cancel(b"a/b").is_err());
         assert!(parse_cancel(br#"{"job":"x"}"#)
             .unwrap_err()
+            .to_string()
             .contains("unknown field"));
     }
 

@@ -24,27 +24,17 @@ fn round_trip<P: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(p: 
 }
 
 fn agent_status(state: AgentState) -> AgentStatus {
-    AgentStatus {
-        v: VERSION,
-        sut: sut(),
-        state,
-        time_ms: T,
-        time: rfc3339(T),
-        seq: 42,
-        boot_id: "9f2c4e1a7b3d5f60".into(),
-        agent_version: "0.1.0".into(),
-        child: Some(ChildStatus {
+    AgentStatus::new(sut(), "9f2c4e1a7b3d5f60", "0.1.0", T)
+        .with_state(state)
+        .with_seq(42)
+        .with_child(Some(ChildStatus {
             pid: Some(17),
             alive: true,
             restarts: 1,
             last_exit: Some("exit 1".into()),
-        }),
-        job: Some(job()),
-        queue_len: 2,
-        broker_connected: true,
-        output_dropped: 0,
-        detail: None,
-    }
+        }))
+        .with_jobs(Some(job()), 2)
+        .with_broker_connected(true)
 }
 
 #[test]
@@ -56,13 +46,10 @@ fn agent_status_busy() {
 
 #[test]
 fn agent_status_lost_will_minimal() {
-    let p = AgentStatus {
-        child: None,
-        job: None,
-        queue_len: 0,
-        broker_connected: false,
-        ..agent_status(AgentState::Lost)
-    };
+    let p = agent_status(AgentState::Lost)
+        .with_child(None)
+        .with_jobs(None, 0)
+        .with_broker_connected(false);
     round_trip(&p);
     insta::assert_json_snapshot!(p);
 }
@@ -123,20 +110,10 @@ fn submit_acks() {
 
 #[test]
 fn job_status_passed() {
-    let p = JobStatus {
-        v: VERSION,
-        sut: sut(),
-        id: job(),
-        state: JobState::Passed,
-        exit_code: Some(0),
-        signal: None,
-        queued_ms: T,
-        started_ms: Some(T + 5),
-        ended_ms: Some(T + 1005),
-        duration_ms: Some(1000),
-        output_bytes: 3,
-        reason: None,
-    };
+    let p = JobStatus::accepted(sut(), job(), T)
+        .finished(JobState::Passed, T + 5, T + 1005)
+        .with_exit(Some(0), None)
+        .with_output_bytes(3);
     round_trip(&p);
     insta::assert_json_snapshot!(p);
 }

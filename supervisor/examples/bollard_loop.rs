@@ -13,12 +13,15 @@
 //! Exits 0 when every container was created and started; else prints the first error and
 //! exits 1.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::{CreateContainerOptionsBuilder, UploadToContainerOptionsBuilder};
 use bollard::Docker;
 use bytes::Bytes;
+use clap::Parser;
 use futures_util::StreamExt;
 
 #[derive(serde::Deserialize)]
@@ -27,42 +30,28 @@ struct Job {
     body: ContainerCreateBody,
 }
 
+/// Creates and starts containers through bollard, and nothing else.
+#[derive(Parser)]
 struct Args {
-    jobs: String,
-    parallelism: usize,
-    upload: Option<String>,
+    /// A JSON array of `{"name": "...", "body": {...}}`.
+    #[arg(long)]
+    jobs: PathBuf,
+    /// Containers created and started at once.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u16).range(1..))]
+    parallelism: u16,
+    /// A tar archive put to `/` between create and start.
+    #[arg(long)]
+    upload: Option<PathBuf>,
 }
 
-fn args() -> Result<Args, String> {
-    let mut a = Args {
-        jobs: String::new(),
-        parallelism: 6,
-        upload: None,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(k) = it.next() {
-        let mut v = || it.next().ok_or(format!("{k} needs a value"));
-        match k.as_str() {
-            "--jobs" => a.jobs = v()?,
-            "--parallelism" => a.parallelism = v()?.parse().map_err(|e| format!("{e}"))?,
-            "--upload" => a.upload = Some(v()?),
-            _ => return Err(format!("unknown argument {k:?}")),
-        }
-    }
-    if a.jobs.is_empty() || a.parallelism == 0 {
-        return Err("usage: bollard_loop --jobs FILE [--parallelism N] [--upload TAR]".into());
-    }
-    Ok(a)
-}
-
-async fn one(docker: &Docker, job: Job, tar: Option<Bytes>) -> Result<(), String> {
+async fn one(docker: &Docker, job: Job, tar: Option<Bytes>) -> anyhow::Result<()> {
     let opts = CreateContainerOptionsBuilder::default()
         .name(&job.name)
         .build();
     let id = docker
         .create_container(Some(opts), job.body)
         .await
-        .map_err(|e| format!("create {}: {e}", job.name))?
+        .with_context(|| format!("create {}", job.name))?
         .id;
     if let Some(tar) = tar {
         let opts = UploadToContainerOptionsBuilder::default().path("/").build();
@@ -73,7 +62,7 @@ async fn one(docker: &Docker, job: Job, tar: Option<Bytes>) -> Result<(), String
                 bollard::body_stream(futures_util::stream::iter([tar])),
             )
             .await
-            .map_err(|e| format!("upload {}: {e}", job.name))?;
+            .with_context(|| format!("upload {}", job.name))?;
     }
     docker
         .start_container(
@@ -81,39 +70,31 @@ async fn one(docker: &Docker, job: Job, tar: Option<Bytes>) -> Result<(), String
             None::<bollard::query_parameters::StartContainerOptions>,
         )
         .await
-        .map_err(|e| format!("start {}: {e}", job.name))
+        .with_context(|| format!("start {}", job.name))
 }
 
-async fn run(a: Args) -> Result<(), String> {
-    let text = std::fs::read_to_string(&a.jobs).map_err(|e| format!("{}: {e}", a.jobs))?;
-    let jobs: Vec<Job> = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", a.jobs))?;
+async fn run(a: Args) -> anyhow::Result<()> {
+    let file = a.jobs.display();
+    let text = std::fs::read_to_string(&a.jobs).with_context(|| file.to_string())?;
+    let jobs: Vec<Job> = serde_json::from_str(&text).with_context(|| file.to_string())?;
     let tar = match &a.upload {
         Some(p) => Some(Bytes::from(
-            std::fs::read(p).map_err(|e| format!("{p}: {e}"))?,
+            std::fs::read(p).with_context(|| p.display().to_string())?,
         )),
         None => None,
     };
-    let docker = Docker::connect_with_defaults()
-        .map_err(|e| e.to_string())?
-        .negotiate_version()
-        .await
-        .map_err(|e| e.to_string())?;
-    let results: Vec<Result<(), String>> = futures_util::stream::iter(jobs)
+    let docker = Docker::connect_with_defaults()?.negotiate_version().await?;
+    let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(jobs)
         .map(|job| one(&docker, job, tar.clone()))
-        .buffer_unordered(a.parallelism)
+        .buffer_unordered(a.parallelism.into())
         .collect()
         .await;
     results.into_iter().collect()
 }
 
 fn main() -> ExitCode {
-    let a = match args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("bollard_loop: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    // Usage errors exit 2 (clap).
+    let a = Args::parse();
     // The supervisor's runtime: two worker threads.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -123,7 +104,7 @@ fn main() -> ExitCode {
     match rt.block_on(run(a)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("bollard_loop: {e}");
+            eprintln!("bollard_loop: {e:#}");
             ExitCode::from(1)
         }
     }

@@ -53,8 +53,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use labvisor_protocol::mqtt::MAX_PACKET_SIZE;
 pub use labvisor_protocol::payloads::ManagedBrokerStatus;
+use labvisor_protocol::MAX_PACKET_SIZE;
 
 /// The shared agent login of earlier labvisor versions, kept only where its password file
 /// (`agent-password`) is already in the state directory.

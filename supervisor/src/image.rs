@@ -13,12 +13,12 @@
 //! SUT's action, so it takes one of the loop's parallel action slots and never holds up the
 //! other SUTs.
 
+use labvisor_mqtt::{Message, MqttLink};
 use labvisor_protocol::config::SutConfig;
-use labvisor_protocol::mqtt::{Message, MqttLink};
 use labvisor_protocol::topics::Topics;
 use tracing::info;
 
-use crate::docker::{ContainerRuntime, ImageOutcome, RuntimeError};
+use crate::runtime::{ContainerRuntime, ImageOutcome, RuntimeError};
 use crate::spec::{image_spec, SpecContext};
 
 /// Makes sure the image of `cfg` is there (present, pulled or built), streaming progress to

@@ -4,27 +4,25 @@
 //!
 //! - [`broker`]: the managed mosquitto `supervise` runs when no `--broker` is given.
 //! - [`broker_tls`]: its agent listener's own CA and server certificate (`--agent-tls`).
-//! - [`check`]: `labvisor check <dir>`, validating SUT files without Docker, and the shared
-//!   `--allow-*` flags ([`check::AllowArgs`]).
-//! - [`client`]: `labvisor status`, `logs -f`, `submit`, `jobs` and `cancel`, built from the
-//!   retained MQTT topics.
+//! - [`cli`]: every command but `supervise`, one file each: `status`, `logs -f`, `submit`,
+//!   `jobs` and `cancel` (built from the retained MQTT topics), `healthz` (an HTTP probe),
+//!   `check` (SUT files without Docker, and the shared `--allow-*` flags,
+//!   [`cli::check::AllowArgs`]) and `import` (testflinger-docker triplets to SUT files).
 //! - [`plan`]: the pure reconcile plan (desired SUT files vs. actual containers → actions).
 //! - [`spec`]: what an agent container looks like (create request, labels, injected files).
-//! - [`docker`]: the [`docker::ContainerRuntime`] trait, its bollard implementation and a fake.
+//! - [`runtime`]: the [`runtime::ContainerRuntime`] trait, its local-Docker implementation and
+//!   (for tests, `fake-runtime` feature) an in-memory fake.
 //! - [`image`]: the SUT's image before create: used when present, else pulled or built
 //!   (`[build]`), with progress on the log and `<sut>/build`.
 //! - [`supervise`]: `labvisor supervise`, the reconcile loop (watching, healing, status).
-//! - [`metrics`]: its Prometheus metrics, `/metrics` and `/healthz`, and `labvisor healthz`.
-//! - [`import`]: `labvisor import <dir>`, converting testflinger-docker triplets to SUT files.
+//! - [`metrics`]: its Prometheus metrics, and the server of `/metrics` and `/healthz`.
 
 pub mod broker;
 pub mod broker_tls;
-pub mod check;
-pub mod client;
-pub mod docker;
+pub mod cli;
 pub mod image;
-pub mod import;
 pub mod metrics;
 pub mod plan;
+pub mod runtime;
 pub mod spec;
 pub mod supervise;

@@ -1,9 +1,9 @@
 //! # labvisor (supervisor and CLI)
 //!
-//! Thin command line over `labvisor_supervisor`.
+//! Thin command line over `labvisor_supervisor`: the clap definitions, `supervise`'s wiring
+//! (flags to [`Settings`], the managed broker, the runtime), and a dispatch to
+//! `labvisor_supervisor::cli` for every other command.
 
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,13 +11,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use labvisor_protocol::mqtt::LinkOptions;
+use labvisor_mqtt::LinkOptions;
 use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_supervisor::broker::{self, ManagedBroker};
 use labvisor_supervisor::broker_tls::AgentTls;
-use labvisor_supervisor::check::{self, AllowArgs};
-use labvisor_supervisor::client::{self, BrokerArgs, ClientError, SubmitArgs};
-use labvisor_supervisor::docker::DockerRuntime;
+use labvisor_supervisor::cli::check::{self, AllowArgs};
+use labvisor_supervisor::cli::submit::SubmitArgs;
+use labvisor_supervisor::cli::{self, healthz, import, BrokerArgs};
+use labvisor_supervisor::runtime::DockerRuntime;
+use labvisor_supervisor::metrics::{self, Listen};
 use labvisor_supervisor::spec::{self, Named, SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Settings};
 
@@ -32,7 +34,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate every SUT file in a directory (exit 0: all valid, 1: some invalid, 2: error).
-    Check(CheckArgs),
+    Check(check::CheckArgs),
     /// One line per SUT: health, state, current job, restarts, heartbeat age, supervisor.
     Status {
         #[command(flatten)]
@@ -82,8 +84,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// How long to wait for the agent's answer.
-        #[arg(long, default_value = "10s", value_parser = client::parse_duration)]
-        timeout: std::time::Duration,
+        #[arg(long, default_value = "10s")]
+        timeout: humantime::Duration,
         #[command(flatten)]
         broker: BrokerArgs,
     },
@@ -91,17 +93,10 @@ enum Command {
     Supervise(Box<SuperviseArgs>),
     /// Probe a supervisor's /healthz (exit 0: healthy, 1: not, or no answer): the healthcheck
     /// of the FROM-scratch supervisor image.
-    Healthz {
-        /// The URL (plain http).
-        #[arg(long, env = "LABVISOR_HEALTHZ_URL", default_value = labvisor_supervisor::metrics::DEFAULT_HEALTHZ_URL)]
-        url: String,
-        /// Connect and answer timeout.
-        #[arg(long, default_value = "5s", value_parser = duration)]
-        timeout: Duration,
-    },
+    Healthz(healthz::HealthzArgs),
     /// Convert a testflinger-docker SUT directory (`<sut>.conf`, `<sut>.yaml`,
     /// `<sut>_snappy.yaml`) into SUT files (exit 0: all imported, 1: some failed, 2: error).
-    Import(labvisor_supervisor::import::ImportArgs),
+    Import(import::ImportArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -162,19 +157,19 @@ struct SuperviseArgs {
           default_missing_value = "1s", value_parser = poll_interval)]
     poll: Option<Duration>,
     /// Longest wait for a busy agent's job before recreating or removing its container anyway.
-    #[arg(long, default_value = "4h", value_parser = duration)]
-    busy_wait: Duration,
+    #[arg(long, default_value = "4h")]
+    busy_wait: humantime::Duration,
     /// Period of the full resync.
-    #[arg(long, default_value = "30s", value_parser = duration)]
-    resync: Duration,
+    #[arg(long, default_value = "30s")]
+    resync: humantime::Duration,
     /// How often the supervisor's status is republished when nothing changed, so that
     /// `labvisor status` can tell a live supervisor from a gone one (at least 1s).
     #[arg(long, default_value = "30s", value_parser = status_interval)]
     status_interval: Duration,
     /// Grace period of stop and restart before the container is killed (longer than the
     /// agent's own grace, 8 s).
-    #[arg(long, default_value = "10s", value_parser = duration)]
-    stop_timeout: Duration,
+    #[arg(long, default_value = "10s")]
+    stop_timeout: humantime::Duration,
     /// Container actions running at once.
     #[arg(long, default_value_t = 6)]
     parallelism: usize,
@@ -199,30 +194,28 @@ struct SuperviseArgs {
     allow: AllowArgs,
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| e.to_string())
-}
-
-fn poll_interval(s: &str) -> Result<Duration, String> {
-    let d = duration(s)?;
+/// A `--poll` interval: at least 100ms.
+fn poll_interval(s: &str) -> anyhow::Result<Duration> {
+    let d = *s.parse::<humantime::Duration>()?;
     if d < Duration::from_millis(100) {
-        return Err(format!("{s:?} is shorter than 100ms"));
+        bail!("{s:?} is shorter than 100ms");
     }
     Ok(d)
 }
 
-fn status_interval(s: &str) -> Result<Duration, String> {
-    let d = duration(s)?;
+/// A `--status-interval`: at least 1s.
+fn status_interval(s: &str) -> anyhow::Result<Duration> {
+    let d = *s.parse::<humantime::Duration>()?;
     if d < Duration::from_secs(1) {
-        return Err(format!("{s:?} is shorter than 1s"));
+        bail!("{s:?} is shorter than 1s");
     }
     Ok(d)
 }
 
-fn key_value(s: &str) -> Result<(String, String), String> {
+fn key_value(s: &str) -> anyhow::Result<(String, String)> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("{s:?} is not KEY=VALUE")),
+        _ => bail!("{s:?} is not KEY=VALUE"),
     }
 }
 
@@ -257,86 +250,55 @@ fn find_bin(flag: Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
 
 fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     let id = SupervisorId::new(&args.id).with_context(|| format!("--id {:?}", args.id))?;
+    let managed = args.broker.is_none() && args.agent_broker.is_none();
+    if args.agent_tls && !managed {
+        bail!("--agent-tls is for the managed broker (no --broker, no --agent-broker); for an external broker, give agents an mqtts:// --agent-broker and its CA with --mqtt-ca");
+    }
+    if !args.sut_dir.is_dir() {
+        bail!("--sut-dir {} is not a directory", args.sut_dir.display());
+    }
+    let managed = managed.then(|| ManagedArgs {
+        state_dir: args
+            .state_dir
+            .clone()
+            .unwrap_or_else(broker::default_state_dir),
+        port: args.broker_port,
+        agent_tls: args.agent_tls,
+    });
+    let settings = settings(args, &id)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(run_supervisor(settings, id, managed))
+}
+
+/// The flags of `supervise` as the reconcile loop's [`Settings`] (before a managed broker, if
+/// any, fills in its part).
+fn settings(args: SuperviseArgs, id: &SupervisorId) -> anyhow::Result<Settings> {
     let topics = Topics::with_prefix(args.topic_prefix.as_deref())?;
-    let agent_bin = find_bin(args.agent_bin, "labvisor-agent")?;
-    let healthcheck_bin = find_bin(args.healthcheck_bin, "labvisor-healthcheck")?;
+    let agent_bin = find_bin(args.agent_bin.clone(), "labvisor-agent")?;
+    let healthcheck_bin = find_bin(args.healthcheck_bin.clone(), "labvisor-healthcheck")?;
     let read = |p: &Path| {
         std::fs::read(p)
             .map(bytes::Bytes::from)
             .with_context(|| format!("cannot read {}", p.display()))
     };
-    let managed = args.broker.is_none() && args.agent_broker.is_none();
-    if args.agent_tls && !managed {
-        bail!("--agent-tls is for the managed broker (no --broker, no --agent-broker); for an external broker, give agents an mqtts:// --agent-broker and its CA with --mqtt-ca");
-    }
-    let mqtt_ca = match &args.mqtt_ca {
-        Some(_) if args.agent_tls => {
-            tracing::warn!("--mqtt-ca is ignored under --agent-tls: the managed broker's agents trust its own CA.");
-            None
-        }
-        Some(p) => {
-            Some(std::fs::read_to_string(p).with_context(|| format!("--mqtt-ca {}", p.display()))?)
-        }
-        None => None,
-    };
+    let mqtt_ca = mqtt_ca(&args)?;
     let broker = args.broker.clone().filter(|b| b != "none");
     let mqtt = match &broker {
-        Some(url) => {
-            let mut o = LinkOptions::from_url(url, format!("labvisor-supervisor-{id}"))
-                .with_context(|| format!("--broker {url:?}"))?;
-            if args.mqtt_username.is_some() {
-                o.username = args.mqtt_username.clone();
-            }
-            if args.mqtt_password.is_some() {
-                o.password = args.mqtt_password.clone();
-            }
-            if mqtt_ca.is_some() {
-                o.ca_file = args.mqtt_ca.clone();
-            }
-            Some(o)
-        }
+        Some(url) => Some(external_link(&args, url, id, mqtt_ca.is_some())?),
         None => None,
     };
-    let agent_broker = match args.agent_broker.as_deref() {
-        Some("none") => None,
-        Some(url) => {
-            LinkOptions::from_url(url, "check")
-                .with_context(|| format!("--agent-broker {url:?}"))?;
-            Some(url.to_owned())
-        }
-        None => broker.clone(),
-    };
-    if let Some(url) = &agent_broker {
-        let host = LinkOptions::from_url(url, "check")
-            .map(|o| o.host)
-            .unwrap_or_default();
-        if host == "localhost" || host.starts_with("127.") || host == "::1" {
-            tracing::warn!(broker = %url, "Agents on a bridge network cannot reach a loopback broker: pass --agent-broker with the bridge gateway's address (or a routable name), or use network = \"host\".");
-        }
-    }
-    if !args.sut_dir.is_dir() {
-        bail!("--sut-dir {} is not a directory", args.sut_dir.display());
-    }
-    let metrics_listen = match args.metrics_listen.as_deref() {
-        Some("none") => None,
-        given => {
-            let a = given.unwrap_or(labvisor_supervisor::metrics::DEFAULT_LISTEN);
-            Some(labvisor_supervisor::metrics::Listen {
-                addr: a
-                    .parse()
-                    .with_context(|| format!("--metrics-listen {a:?}: expected IP:PORT or none"))?,
-                required: given.is_some(),
-            })
-        }
-    };
-    let extra_labels: BTreeMap<String, String> = args.extra_labels.into_iter().collect();
-    let settings = Settings {
+    let agent_broker = agent_broker(args.agent_broker.as_deref(), broker)?;
+    let metrics_listen = metrics_listen(args.metrics_listen.as_deref())?;
+    Ok(Settings {
         sut_dir: args.sut_dir,
         allow: args.allow.allow(),
         spec: SpecContext {
             supervisor: id.clone(),
             name_prefix: args.name_prefix,
-            extra_labels,
+            extra_labels: args.extra_labels.into_iter().collect(),
             agent_broker,
             topic_prefix: args.topic_prefix,
             mqtt_username: args.mqtt_username,
@@ -347,9 +309,9 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         },
         topics,
         mqtt,
-        busy_wait: args.busy_wait,
-        resync: args.resync,
-        stop_timeout: args.stop_timeout,
+        busy_wait: args.busy_wait.into(),
+        resync: args.resync.into(),
+        stop_timeout: args.stop_timeout.into(),
         parallelism: args.parallelism,
         purge_volumes: args.purge_volumes,
         poll: args.poll,
@@ -357,65 +319,157 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         logins: None,
         managed_broker: None,
         status_every: args.status_interval,
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let state_dir = args.state_dir.unwrap_or_else(broker::default_state_dir);
-    let broker_port = args.broker_port;
-    let agent_tls = args.agent_tls;
-    let mut settings = settings;
-    rt.block_on(async move {
-        let runtime = Arc::new(DockerRuntime::connect(id.as_str()).await?);
-        let managed_broker = if managed {
-            let net = Named {
-                name: settings.spec.network_name(),
-                labels: settings.spec.base_labels(),
-            };
-            let gateway = runtime
-                .network_gateway(&net)
-                .await
-                .with_context(|| format!("the managed broker listens on the gateway of the {} network, which cannot be created or inspected", net.name))?
-                .with_context(|| format!("the {} network has no IPv4 gateway", net.name))?;
-            let tls = if agent_tls {
-                Some(AgentTls::prepare(&state_dir, gateway)?)
-            } else {
-                None
-            };
-            let b = ManagedBroker::start(&state_dir, broker_port, gateway, &settings.topics, tls.as_ref())?;
-            if let Some(t) = &tls {
-                tracing::info!(ca = %t.ca_file.display(), "The agents' listener speaks TLS only, with the managed broker's own CA.");
-            }
-            tracing::info!(broker = %b.local_url, agents = %b.agent_url, state_dir = %b.dir().display(),
-                "Managed mosquitto running. Try `labvisor status`, or `mosquitto_sub -h 127.0.0.1 -p {broker_port} -u {} -P \"$(cat {})\" -t '#' -v`.",
-                broker::LOCAL_USER, b.dir().join(broker::LOCAL_PASSWORD_FILE).display());
-            let mut opts = LinkOptions::from_url(&b.local_url, format!("labvisor-supervisor-{id}"))?;
-            opts.username = Some(b.supervisor_login.0.clone());
-            opts.password = Some(b.supervisor_login.1.clone());
-            settings.mqtt = Some(opts);
-            settings.spec.agent_broker = Some(b.agent_url.clone());
-            settings.spec.agent_ca = b.agent_ca_pem.clone();
-            if settings.spec.agent_credentials.is_some() {
-                tracing::warn!("--agent-credentials is for an external broker; the managed broker makes a login per SUT itself.");
-            }
-            // Each agent logs in as its SUT, with a password made when its container is first
-            // created, and may use only its own topics.
-            settings.spec.agent_credentials = Some(b.logins.dir().to_path_buf());
-            settings.logins = Some(b.logins.clone());
-            settings.managed_broker = Some(b.status.clone());
-            Some(b)
-        } else {
-            None
-        };
-        let result = supervise::run(settings, runtime, shutdown_signal()).await;
-        // After the supervisor's last publications: SIGTERM, so mosquitto saves its state.
-        if let Some(mut b) = managed_broker {
-            let _ = tokio::task::spawn_blocking(move || b.stop()).await;
-        }
-        result?;
-        anyhow::Ok(())
     })
+}
+
+/// `--mqtt-ca`'s PEM, unless the managed broker's own CA replaces it (`--agent-tls`).
+fn mqtt_ca(args: &SuperviseArgs) -> anyhow::Result<Option<String>> {
+    match &args.mqtt_ca {
+        Some(_) if args.agent_tls => {
+            tracing::warn!("--mqtt-ca is ignored under --agent-tls: the managed broker's agents trust its own CA.");
+            Ok(None)
+        }
+        Some(p) => Ok(Some(
+            std::fs::read_to_string(p).with_context(|| format!("--mqtt-ca {}", p.display()))?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// The supervisor's own link to an external broker at `url`.
+fn external_link(
+    args: &SuperviseArgs,
+    url: &str,
+    id: &SupervisorId,
+    with_ca: bool,
+) -> anyhow::Result<LinkOptions> {
+    let mut o = LinkOptions::from_url(url, format!("labvisor-supervisor-{id}"))
+        .with_context(|| format!("--broker {url:?}"))?;
+    if args.mqtt_username.is_some() {
+        o.username = args.mqtt_username.clone();
+    }
+    if args.mqtt_password.is_some() {
+        o.password = args.mqtt_password.clone();
+    }
+    if with_ca {
+        o.ca_file = args.mqtt_ca.clone();
+    }
+    Ok(o)
+}
+
+/// The broker URL given to agents: `--agent-broker` (`none`: no MQTT), else `broker`. Warns
+/// when it is a loopback address, which agents on a bridge network cannot reach.
+fn agent_broker(flag: Option<&str>, broker: Option<String>) -> anyhow::Result<Option<String>> {
+    let agent_broker = match flag {
+        Some("none") => None,
+        Some(url) => {
+            LinkOptions::from_url(url, "check")
+                .with_context(|| format!("--agent-broker {url:?}"))?;
+            Some(url.to_owned())
+        }
+        None => broker,
+    };
+    if let Some(url) = &agent_broker {
+        let host = LinkOptions::from_url(url, "check")
+            .map(|o| o.host)
+            .unwrap_or_default();
+        if host == "localhost" || host.starts_with("127.") || host == "::1" {
+            tracing::warn!(broker = %url, "Agents on a bridge network cannot reach a loopback broker: pass --agent-broker with the bridge gateway's address (or a routable name), or use network = \"host\".");
+        }
+    }
+    Ok(agent_broker)
+}
+
+/// `--metrics-listen`: `none`, an address (required), or the default (skipped when taken).
+fn metrics_listen(flag: Option<&str>) -> anyhow::Result<Option<Listen>> {
+    if flag == Some("none") {
+        return Ok(None);
+    }
+    let a = flag.unwrap_or(metrics::DEFAULT_LISTEN);
+    Ok(Some(Listen {
+        addr: a
+            .parse()
+            .with_context(|| format!("--metrics-listen {a:?}: expected IP:PORT or none"))?,
+        required: flag.is_some(),
+    }))
+}
+
+/// What the managed broker needs from the flags.
+struct ManagedArgs {
+    state_dir: PathBuf,
+    port: u16,
+    agent_tls: bool,
+}
+
+/// Runs the reconcile loop until SIGTERM or SIGINT, with the managed broker if any.
+async fn run_supervisor(
+    mut settings: Settings,
+    id: SupervisorId,
+    managed: Option<ManagedArgs>,
+) -> anyhow::Result<()> {
+    let runtime = Arc::new(DockerRuntime::connect(id.as_str()).await?);
+    let managed_broker = match managed {
+        Some(m) => Some(start_managed_broker(&mut settings, &runtime, &id, &m).await?),
+        None => None,
+    };
+    let result = supervise::run(settings, runtime, shutdown_signal()).await;
+    // After the supervisor's last publications: SIGTERM, so mosquitto saves its state.
+    if let Some(mut b) = managed_broker {
+        let _ = tokio::task::spawn_blocking(move || b.stop()).await;
+    }
+    result?;
+    Ok(())
+}
+
+/// Starts mosquitto on the labvisor network's gateway and points the supervisor and the
+/// agents at it.
+async fn start_managed_broker(
+    settings: &mut Settings,
+    runtime: &DockerRuntime,
+    id: &SupervisorId,
+    m: &ManagedArgs,
+) -> anyhow::Result<ManagedBroker> {
+    let net = Named {
+        name: settings.spec.network_name(),
+        labels: settings.spec.base_labels(),
+    };
+    let gateway = runtime
+        .network_gateway(&net)
+        .await
+        .with_context(|| format!("the managed broker listens on the gateway of the {} network, which cannot be created or inspected", net.name))?
+        .with_context(|| format!("the {} network has no IPv4 gateway", net.name))?;
+    let tls = match m.agent_tls {
+        true => Some(AgentTls::prepare(&m.state_dir, gateway)?),
+        false => None,
+    };
+    let b = ManagedBroker::start(
+        &m.state_dir,
+        m.port,
+        gateway,
+        &settings.topics,
+        tls.as_ref(),
+    )?;
+    if let Some(t) = &tls {
+        tracing::info!(ca = %t.ca_file.display(), "The agents' listener speaks TLS only, with the managed broker's own CA.");
+    }
+    tracing::info!(broker = %b.local_url, agents = %b.agent_url, state_dir = %b.dir().display(),
+        "Managed mosquitto running. Try `labvisor status`, or `mosquitto_sub -h 127.0.0.1 -p {} -u {} -P \"$(cat {})\" -t '#' -v`.",
+        m.port, broker::LOCAL_USER, b.dir().join(broker::LOCAL_PASSWORD_FILE).display());
+    let mut opts = LinkOptions::from_url(&b.local_url, format!("labvisor-supervisor-{id}"))?;
+    opts.username = Some(b.supervisor_login.0.clone());
+    opts.password = Some(b.supervisor_login.1.clone());
+    settings.mqtt = Some(opts);
+    settings.spec.agent_broker = Some(b.agent_url.clone());
+    settings.spec.agent_ca = b.agent_ca_pem.clone();
+    if settings.spec.agent_credentials.is_some() {
+        tracing::warn!("--agent-credentials is for an external broker; the managed broker makes a login per SUT itself.");
+    }
+    // Each agent logs in as its SUT, with a password made when its container is first
+    // created, and may use only its own topics.
+    settings.spec.agent_credentials = Some(b.logins.dir().to_path_buf());
+    settings.logins = Some(b.logins.clone());
+    settings.managed_broker = Some(b.status.clone());
+    Ok(b)
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
@@ -435,51 +489,32 @@ async fn shutdown_signal() {
     }
 }
 
-/// Runs a client command on a small runtime, mapping errors to exit statuses.
-fn client_main<F>(name: &str, f: impl FnOnce() -> F) -> ExitCode
-where
-    F: std::future::Future<Output = Result<u8, ClientError>>,
-{
+/// `labvisor supervise`: logs on stderr (`LABVISOR_LOG`, default `info`), exit 2 on an error.
+fn supervise_main(args: SuperviseArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("LABVISOR_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    match supervise(args) {
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("labvisor {name}: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(f()) {
-        Ok(code) => ExitCode::from(code),
-        // The reader of our output is gone (`labvisor jobs x | head`): nothing to say, and
-        // nobody to say it to.
-        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("labvisor {name}: {e}");
-            ExitCode::from(e.exit_code())
+            eprintln!("labvisor supervise: {e:#}");
+            ExitCode::from(2)
         }
     }
-}
-
-#[derive(Debug, clap::Args)]
-struct CheckArgs {
-    /// The SUT directory (one `<name>.toml` per device).
-    dir: PathBuf,
-    /// Print a JSON report instead of `file: key: problem` lines.
-    #[arg(long)]
-    json: bool,
-    #[command(flatten)]
-    allow: AllowArgs,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = std::io::stdout();
     match cli.command {
-        Command::Status { broker, json } => client_main("status", || async move {
-            client::status(&broker, json, &mut stdout.lock())
+        Command::Status { broker, json } => cli::run_client("status", || async move {
+            cli::status::status(&broker, json, &mut stdout.lock())
                 .await
                 .map(|()| 0)
         }),
@@ -490,20 +525,21 @@ fn main() -> ExitCode {
             broker,
         } => {
             if !follow {
-                eprintln!("labvisor logs: MQTT carries live output only: use -f to follow it; the history is in the SUT's log file (/labvisor/data/log/<sut>.log on its volume)");
+                eprintln!("labvisor logs: {}", cli::logs::FOLLOW_ONLY);
                 return ExitCode::from(2);
             }
-            client_main("logs", || async move {
-                client::logs(&broker, &sut, job.as_deref(), &mut stdout.lock())
+            cli::run_client("logs", || async move {
+                let job = job.as_deref();
+                cli::logs::logs(&broker, &sut, job, &mut stdout.lock())
                     .await
                     .map(|()| 0)
             })
         }
-        Command::Submit { job, broker } => client_main("submit", || async move {
-            client::submit(&broker, &job, &mut stdout.lock()).await
+        Command::Submit { job, broker } => cli::run_client("submit", || async move {
+            cli::submit::submit(&broker, &job, &mut stdout.lock()).await
         }),
-        Command::Jobs { sut, json, broker } => client_main("jobs", || async move {
-            client::jobs(&broker, &sut, json, &mut stdout.lock())
+        Command::Jobs { sut, json, broker } => cli::run_client("jobs", || async move {
+            cli::jobs::jobs(&broker, &sut, json, &mut stdout.lock())
                 .await
                 .map(|()| 0)
         }),
@@ -513,55 +549,12 @@ fn main() -> ExitCode {
             json,
             timeout,
             broker,
-        } => client_main("cancel", || async move {
-            client::cancel(&broker, &sut, &id, json, timeout, &mut stdout.lock()).await
+        } => cli::run_client("cancel", || async move {
+            cli::cancel::cancel(&broker, &sut, &id, json, *timeout, &mut stdout.lock()).await
         }),
-        Command::Supervise(args) => {
-            tracing_subscriber::fmt()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-                .with_env_filter(
-                    tracing_subscriber::EnvFilter::try_from_env("LABVISOR_LOG")
-                        .unwrap_or_else(|_| "info".into()),
-                )
-                .init();
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            match supervise(*args) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("labvisor supervise: {e:#}");
-                    ExitCode::from(2)
-                }
-            }
-        }
-        Command::Import(args) => labvisor_supervisor::import::main(args),
-        Command::Healthz { url, timeout } => {
-            match labvisor_supervisor::metrics::probe(&url, timeout) {
-                Ok(body) => {
-                    // A closed stdout does not change the answer (println! would panic).
-                    let _ = writeln!(stdout.lock(), "{body}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("labvisor healthz: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Command::Check(args) => {
-            let mut out = stdout.lock();
-            match check::run(&args.dir, args.json, &args.allow.allow(), &mut out) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(1),
-                // The reader went away (`labvisor check sut | head`): stop quietly.
-                Err(check::CheckError::Write(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("labvisor check: {e}");
-                    ExitCode::from(2)
-                }
-            }
-        }
+        Command::Supervise(args) => supervise_main(*args),
+        Command::Import(args) => import::main(args),
+        Command::Healthz(args) => healthz::run(&args, &mut stdout.lock()),
+        Command::Check(args) => check::main(&args, &mut stdout.lock()),
     }
 }

@@ -1,7 +1,7 @@
 //! What an agent container looks like: the Docker create request and the files copied into it.
 //!
 //! Pure functions of a validated [`SutConfig`], its file's bytes and the supervisor's settings
-//! ([`SpecContext`]); the [`crate::docker`] runtime carries them out.
+//! ([`SpecContext`]); the [`crate::runtime`] carries them out.
 //!
 //! # The container contract
 //!

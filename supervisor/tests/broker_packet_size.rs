@@ -1,12 +1,12 @@
 //! The managed broker accepts every submission a SUT may take: packets up to
-//! `labvisor_protocol::mqtt::MAX_PACKET_SIZE` (the largest `max_payload`, 8 MiB, plus 64 KiB),
+//! `labvisor_protocol::MAX_PACKET_SIZE` (the largest `max_payload`, 8 MiB, plus 64 KiB),
 //! proven with a real mosquitto started by `ManagedBroker` and real `mosquitto_pub`/`_sub`.
 
 use std::net::IpAddr;
 use std::process::Command;
 
-use labvisor_protocol::mqtt::MAX_PACKET_SIZE;
 use labvisor_protocol::topics::Topics;
+use labvisor_protocol::MAX_PACKET_SIZE;
 use labvisor_supervisor::broker::{ManagedBroker, LOCAL_PASSWORD_FILE, LOCAL_USER};
 use labvisor_tests::{free_port, temp_file};
 

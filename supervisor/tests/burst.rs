@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::{own_network, tmp_sut_dir, wait_healthy, write, Sup};
-use labvisor_supervisor::metrics::probe;
+use labvisor_supervisor::cli::healthz::probe;
 use labvisor_tests::{
     docker_ok, ensure_busybox_image, free_port, network_gateway, static_bin, wait_until,
     DockerScope, Mosquitto, BUSYBOX_IMAGE,

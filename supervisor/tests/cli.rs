@@ -388,3 +388,85 @@ fn supervise_logs_into_a_pipe_without_colour_codes() {
         .collect();
     assert_eq!(levels, ["INFO", "WARN", "INFO"], "{text}");
 }
+
+/// `--status-interval` has a floor of 1s, checked when the flags are read.
+#[test]
+fn supervise_refuses_a_status_interval_under_1s() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = Command::cargo_bin("labvisor")
+        .unwrap()
+        .arg("supervise")
+        .arg("--sut-dir")
+        .arg(dir.path())
+        .args(["--status-interval", "500ms"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("\"500ms\" is shorter than 1s"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+/// Serves one HTTP answer `head` + `body` on a port of its own; returns the base URL.
+fn one_answer(head: &'static str, body: &'static str) -> String {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf);
+        let _ = write!(
+            s,
+            "{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    url
+}
+
+/// `labvisor healthz`: 0 and the body on 200; 1 and the status line and reason otherwise, on
+/// a closed port and on a URL that is not plain http. No broker or Docker needed.
+#[test]
+fn healthz_exit_codes_and_messages() {
+    let healthz = |url: &str| {
+        Command::cargo_bin("labvisor")
+            .unwrap()
+            .args(["healthz", "--url", url, "--timeout", "5s"])
+            .output()
+            .unwrap()
+    };
+    let o = healthz(&format!(
+        "{}/healthz",
+        one_answer("HTTP/1.1 200 OK", "ok\n")
+    ));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "ok\n");
+    let url = format!(
+        "{}/healthz",
+        one_answer(
+            "HTTP/1.1 503 Service Unavailable",
+            "docker is unreachable\n"
+        )
+    );
+    let o = healthz(&url);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stderr(&o),
+        format!(
+            "labvisor healthz: {url}: HTTP/1.1 503 Service Unavailable: docker is unreachable\n"
+        )
+    );
+    let o = healthz(&format!("http://127.0.0.1:{}/healthz", free_port()));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("Connection refused"), "{}", stderr(&o));
+    let o = healthz("https://127.0.0.1/healthz");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("is not an http://host[:port][/path] URL"),
+        "{}",
+        stderr(&o)
+    );
+}

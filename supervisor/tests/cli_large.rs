@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use assert_cmd::cargo::CommandCargoExt;
-use labvisor_protocol::mqtt::MAX_PACKET_SIZE;
+use labvisor_protocol::MAX_PACKET_SIZE;
 use labvisor_tests::{static_bin, Mosquitto};
 
 /// The agent process, stopped with TERM (it stops its job groups), then killed.

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use labvisor_protocol::config::Allow;
 use labvisor_protocol::payloads::Health;
 use labvisor_protocol::topics::{SupervisorId, Topics};
-use labvisor_supervisor::docker::{FakeCall, FakeRuntime};
+use labvisor_supervisor::runtime::fake::{FakeCall, FakeRuntime};
 use labvisor_supervisor::spec::{SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Settings};
 use tokio::sync::oneshot;

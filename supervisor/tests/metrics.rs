@@ -15,7 +15,7 @@ use std::time::Duration;
 use labvisor_protocol::payloads::{AgentState, AgentStatus, ChildStatus, JobState, JobStatus};
 use labvisor_protocol::topics::JobId;
 use labvisor_protocol::SutName;
-use labvisor_supervisor::metrics::{probe, ProbeError};
+use labvisor_supervisor::cli::healthz::{probe, ProbeError};
 use labvisor_tests::{
     ensure_busybox_image, free_port, static_bin, wait_until, DockerScope, Mosquitto, BUSYBOX_IMAGE,
 };

@@ -18,7 +18,7 @@ use labvisor_protocol::config::Allow;
 use labvisor_protocol::payloads::{Health, SutView};
 use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_protocol::SutName;
-use labvisor_supervisor::docker::{FakeCall, FakeRuntime};
+use labvisor_supervisor::runtime::fake::{FakeCall, FakeRuntime};
 use labvisor_supervisor::spec::{SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Hooks, Settings, DEBOUNCE};
 use tokio::sync::{mpsc, oneshot, watch};

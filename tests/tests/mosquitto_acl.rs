@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use labvisor_protocol::config::MAX_PAYLOAD_LIMIT;
-use labvisor_protocol::mqtt::MAX_PACKET_SIZE;
+use labvisor_protocol::MAX_PACKET_SIZE;
 use labvisor_tests::{
     free_port, run, run_ok, unique_id, wait_until, workspace_root, Mosquitto, Subscriber,
 };
@@ -516,7 +516,7 @@ fn packet_limit_is_the_largest_job_plus_headroom() {
     assert_eq!(
         shipped_value("max_packet_size"),
         MAX_PACKET_SIZE.to_string(),
-        "mosquitto.conf max_packet_size must be labvisor_protocol::mqtt::MAX_PACKET_SIZE"
+        "mosquitto.conf max_packet_size must be labvisor_protocol::MAX_PACKET_SIZE"
     );
     let autosave: u64 = shipped_value("autosave_interval")
         .parse()

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use labvisor_protocol::mqtt::{LinkOptions, MqttLink, QoS};
+use labvisor_mqtt::{LinkOptions, MqttLink, QoS};
 use labvisor_protocol::payloads::OutputMeta;
 use labvisor_tests::{unique_id, wait_until};
 
@@ -285,7 +285,7 @@ impl Collector {
                 link.subscribe(f.clone(), QoS::AtLeastOnce).unwrap();
             }
             link.subscribe(probe2.clone(), QoS::AtLeastOnce).unwrap();
-            let _ = link.publish(labvisor_protocol::mqtt::Message::event(probe2, "probe"));
+            let _ = link.publish(labvisor_mqtt::Message::event(probe2, "probe"));
             while let Some(r) = rx.recv().await {
                 let props = r.user_properties();
                 s2.lock().unwrap().push(Seen {

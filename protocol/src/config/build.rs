@@ -47,104 +47,172 @@ pub enum EntryKind {
     Symlink(String),
 }
 
+/// Why a build context cannot be read; the message follows "the build context X".
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    /// A directory cannot be listed.
+    #[error("cannot list {path}: {source}")]
+    List {
+        /// The directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file or its metadata cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A symlink cannot be read.
+    #[error("cannot read the link {path}: {source}")]
+    ReadLink {
+        /// The link.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A name that is not UTF-8.
+    #[error("{0} has a file name that is not UTF-8")]
+    NonUtf8Name(String),
+    /// A symlink target that is not UTF-8.
+    #[error("the link {0} is not UTF-8")]
+    NonUtf8Link(String),
+    /// Too many entries.
+    #[error("has more than {MAX_CONTEXT_ENTRIES} files and directories")]
+    TooManyEntries,
+    /// Too many bytes of file contents.
+    #[error("is larger than {max_bytes} bytes ({} MiB); keep only what the image needs in it", max_bytes / (1024 * 1024))]
+    TooLarge {
+        /// The limit.
+        max_bytes: u64,
+    },
+    /// A socket, FIFO or device.
+    #[error("{0:?} is not a regular file, directory or symlink (sockets, FIFOs and devices cannot be sent to the engine)")]
+    Special(String),
+}
+
 /// Reads the whole context below `dir` (sorted by path), refusing more than `max_bytes` of file
-/// contents or [`MAX_CONTEXT_ENTRIES`] entries. The error says what is wrong, for humans.
-pub fn read_context(dir: &Path, max_bytes: u64) -> Result<Vec<ContextEntry>, String> {
-    let mut out = Vec::new();
-    let mut total = 0u64;
-    walk(dir, "", max_bytes, &mut total, &mut out)?;
+/// contents or [`MAX_CONTEXT_ENTRIES`] entries.
+pub fn read_context(dir: &Path, max_bytes: u64) -> Result<Vec<ContextEntry>, ContextError> {
+    let mut walk = Walk {
+        dir,
+        max_bytes,
+        total: 0,
+        out: Vec::new(),
+    };
+    walk.dir_entries("")?;
+    let mut out = walk.out;
     out.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(out)
 }
 
-fn walk(
-    dir: &Path,
-    rel: &str,
+/// One reading of a context: where it is, the limit, and what was read so far.
+struct Walk<'a> {
+    dir: &'a Path,
     max_bytes: u64,
-    total: &mut u64,
-    out: &mut Vec<ContextEntry>,
-) -> Result<(), String> {
-    let here = if rel.is_empty() {
-        dir.to_path_buf()
-    } else {
-        dir.join(rel)
-    };
-    let entries =
-        std::fs::read_dir(&here).map_err(|e| format!("cannot list {}: {e}", here.display()))?;
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("cannot list {}: {e}", here.display()))?;
-        let name = entry.file_name();
-        let Some(name) = name.to_str() else {
-            return Err(format!(
-                "{} has a file name that is not UTF-8",
-                here.join(&name).display()
-            ));
-        };
-        let path = if rel.is_empty() {
-            name.to_owned()
+    total: u64,
+    out: Vec<ContextEntry>,
+}
+
+impl Walk<'_> {
+    /// Reads the entries of the directory `rel` (relative to the context; `""` for itself).
+    fn dir_entries(&mut self, rel: &str) -> Result<(), ContextError> {
+        let here = if rel.is_empty() {
+            self.dir.to_path_buf()
         } else {
-            format!("{rel}/{name}")
+            self.dir.join(rel)
         };
-        let full = dir.join(&path);
-        let meta = std::fs::symlink_metadata(&full)
-            .map_err(|e| format!("cannot read {}: {e}", full.display()))?;
-        if out.len() >= MAX_CONTEXT_ENTRIES {
-            return Err(format!(
-                "has more than {MAX_CONTEXT_ENTRIES} files and directories"
-            ));
+        let list = |source| ContextError::List {
+            path: here.display().to_string(),
+            source,
+        };
+        for entry in std::fs::read_dir(&here).map_err(list)? {
+            let name = entry.map_err(list)?.file_name();
+            let Some(name) = name.to_str() else {
+                return Err(ContextError::NonUtf8Name(
+                    here.join(&name).display().to_string(),
+                ));
+            };
+            let path = if rel.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{rel}/{name}")
+            };
+            self.entry(path)?;
+        }
+        Ok(())
+    }
+
+    /// Reads one entry (and, for a directory, what is below it).
+    fn entry(&mut self, path: String) -> Result<(), ContextError> {
+        let full = self.dir.join(&path);
+        let meta = std::fs::symlink_metadata(&full).map_err(|source| ContextError::Read {
+            path: full.display().to_string(),
+            source,
+        })?;
+        if self.out.len() >= MAX_CONTEXT_ENTRIES {
+            return Err(ContextError::TooManyEntries);
         }
         let mode = meta.permissions().mode() & 0o7777;
         let ft = meta.file_type();
-        if ft.is_symlink() {
-            let target = std::fs::read_link(&full)
-                .map_err(|e| format!("cannot read the link {}: {e}", full.display()))?;
-            let target = target
-                .to_str()
-                .ok_or_else(|| format!("the link {} is not UTF-8", full.display()))?
-                .to_owned();
-            out.push(ContextEntry {
-                path,
-                mode: 0,
-                kind: EntryKind::Symlink(target),
-            });
+        let (mode, kind) = if ft.is_symlink() {
+            (0, EntryKind::Symlink(link_target(&full)?))
         } else if ft.is_dir() {
-            out.push(ContextEntry {
+            self.out.push(ContextEntry {
                 path: path.clone(),
                 mode,
                 kind: EntryKind::Dir,
             });
-            walk(dir, &path, max_bytes, total, out)?;
+            return self.dir_entries(&path);
         } else if ft.is_file() {
-            *total = total.saturating_add(meta.len());
-            if *total > max_bytes {
-                return Err(format!(
-                    "is larger than {max_bytes} bytes ({} MiB); keep only what the image needs in it",
-                    max_bytes / (1024 * 1024)
-                ));
-            }
-            let content =
-                std::fs::read(&full).map_err(|e| format!("cannot read {}: {e}", full.display()))?;
-            *total = total
-                .saturating_sub(meta.len())
-                .saturating_add(content.len() as u64);
-            if *total > max_bytes {
-                return Err(format!(
-                    "is larger than {max_bytes} bytes ({} MiB); keep only what the image needs in it",
-                    max_bytes / (1024 * 1024)
-                ));
-            }
-            out.push(ContextEntry {
-                path,
-                mode,
-                kind: EntryKind::File(content),
-            });
+            (mode, EntryKind::File(self.file(&full, meta.len())?))
         } else {
-            return Err(format!(
-                "{path:?} is not a regular file, directory or symlink (sockets, FIFOs and devices cannot be sent to the engine)"
-            ));
-        }
+            return Err(ContextError::Special(path));
+        };
+        self.out.push(ContextEntry { path, mode, kind });
+        Ok(())
     }
-    Ok(())
+
+    /// Reads a regular file of `len` bytes (as listed), counting it against the limit before
+    /// and after reading (it may have grown).
+    fn file(&mut self, full: &Path, len: u64) -> Result<Vec<u8>, ContextError> {
+        self.total = self.total.saturating_add(len);
+        self.check_size()?;
+        let content = std::fs::read(full).map_err(|source| ContextError::Read {
+            path: full.display().to_string(),
+            source,
+        })?;
+        self.total = self
+            .total
+            .saturating_sub(len)
+            .saturating_add(content.len() as u64);
+        self.check_size()?;
+        Ok(content)
+    }
+
+    fn check_size(&self) -> Result<(), ContextError> {
+        if self.total > self.max_bytes {
+            return Err(ContextError::TooLarge {
+                max_bytes: self.max_bytes,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The target of the symlink `full`, as UTF-8.
+fn link_target(full: &Path) -> Result<String, ContextError> {
+    let target = std::fs::read_link(full).map_err(|source| ContextError::ReadLink {
+        path: full.display().to_string(),
+        source,
+    })?;
+    target
+        .to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| ContextError::NonUtf8Link(full.display().to_string()))
 }
 
 /// SHA-256 (hex) of a context as [`read_context`] returns it (the order of `entries` does not
@@ -276,7 +344,7 @@ mod tests {
     fn size_cap_is_enforced() {
         let t = tree(&[("a", "12345"), ("b", "67890")]);
         assert!(read_context(t.path(), 10).is_ok());
-        let e = read_context(t.path(), 9).unwrap_err();
+        let e = read_context(t.path(), 9).unwrap_err().to_string();
         assert!(e.contains("is larger than 9 bytes"), "{e}");
     }
 
@@ -285,7 +353,9 @@ mod tests {
         let t = tree(&[("x", "1")]);
         let sock = t.path().join("sock");
         let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
-        let e = read_context(t.path(), MAX_CONTEXT_SIZE).unwrap_err();
+        let e = read_context(t.path(), MAX_CONTEXT_SIZE)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("is not a regular file, directory or symlink"),
             "{e}"

@@ -4,10 +4,25 @@ use std::time::Duration;
 
 use serde::Serializer;
 
+/// Why a duration or size string is refused; the message names the value as written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum UnitError {
+    /// Not a humantime duration.
+    #[error("{input:?} is not a duration ({reason}); write a string like \"10s\", \"15m\" or \"1m 30s\"")]
+    Duration { input: String, reason: String },
+    /// Not an integer with a known unit.
+    #[error("{0:?} is not a size; write a number of bytes or a string like \"64KiB\" (units: B, KB, MB, GB, KiB, MiB, GiB)")]
+    Size(String),
+    /// More bytes than a `u64` holds.
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
 /// Parses a human duration (`"10s"`, `"4h"`, `"1m 30s"`) with `humantime`.
-pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim()).map_err(|e| {
-        format!("{s:?} is not a duration ({e}); write a string like \"10s\", \"15m\" or \"1m 30s\"")
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, UnitError> {
+    humantime::parse_duration(s.trim()).map_err(|e| UnitError::Duration {
+        input: s.to_owned(),
+        reason: e.to_string(),
     })
 }
 
@@ -25,17 +40,12 @@ const UNITS: &[(&str, u64)] = &[
 
 /// Parses a size string: an integer followed by an optional unit (`B`, `KB`, `MB`, `GB`, `KiB`,
 /// `MiB`, `GiB`), e.g. `"64KiB"` or `"10 MiB"`.
-pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, UnitError> {
     let t = s.trim();
     let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (number, unit) = t.split_at(digits);
     let unit = unit.trim();
-    let bad = || {
-        format!(
-            "{s:?} is not a size; write a number of bytes or a string like \"64KiB\" \
-             (units: B, KB, MB, GB, KiB, MiB, GiB)"
-        )
-    };
+    let bad = || UnitError::Size(s.to_owned());
     if number.is_empty() {
         return Err(bad());
     }
@@ -46,7 +56,7 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(bad)?;
     let n: u64 = number.parse().map_err(|_| bad())?;
     n.checked_mul(factor)
-        .ok_or_else(|| format!("{s:?} is too large"))
+        .ok_or_else(|| UnitError::TooLarge(s.to_owned()))
 }
 
 /// Serialises a duration as a humantime string (`"1m 30s"`).
@@ -77,6 +87,9 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("1m 30s"), Ok(Duration::from_secs(90)));
         assert_eq!(parse_duration("4h"), Ok(Duration::from_secs(4 * 3600)));
-        assert!(parse_duration("soon").unwrap_err().contains("\"soon\""));
+        assert!(parse_duration("soon")
+            .unwrap_err()
+            .to_string()
+            .contains("\"soon\""));
     }
 }

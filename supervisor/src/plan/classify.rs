@@ -12,7 +12,7 @@ use labvisor_protocol::config::{OnUnhealthy, Scan};
 use labvisor_protocol::SutName;
 
 use super::{Action, Actual, Busy, Desired, RunState};
-use crate::docker::{ContainerInfo, RuntimeEvent};
+use crate::runtime::{ContainerInfo, RuntimeEvent};
 use crate::spec::MANAGED_BY;
 use crate::spec::{SpecContext, LABEL_CONFIG_HASH, LABEL_MANAGED_BY, LABEL_SUPERVISOR, LABEL_SUT};
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use labvisor_mqtt::MqttLink;
 use labvisor_protocol::config::{self, Scan, SutConfig};
-use labvisor_protocol::mqtt::MqttLink;
 use labvisor_protocol::SutName;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -18,10 +18,10 @@ use tokio::time::Instant;
 use tracing::{debug, field, info, info_span, warn, Instrument, Span};
 
 use super::{ActionError, Settings, ASK_TIMEOUT};
-use crate::docker::ContainerRuntime;
 use crate::plan::classify::Answer;
 use crate::plan::policy::{Gate, SutState};
 use crate::plan::{Action, RecreateReason};
+use crate::runtime::ContainerRuntime;
 use crate::spec::container_spec;
 
 /// The result of a finished action, sent back to the loop.

@@ -91,7 +91,7 @@
 //! [`plan`]: crate::plan::plan
 //! [`AgentStatus`]: labvisor_protocol::payloads::AgentStatus
 //! [`Action::Defer`]: crate::plan::Action::Defer
-//! [`MqttLink`]: labvisor_protocol::mqtt::MqttLink
+//! [`MqttLink`]: labvisor_mqtt::MqttLink
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -99,14 +99,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use labvisor_mqtt::LinkOptions;
 use labvisor_protocol::config::Allow;
-use labvisor_protocol::mqtt::LinkOptions;
 use labvisor_protocol::payloads::{ManagedBrokerStatus, SutView};
 use labvisor_protocol::topics::Topics;
 use labvisor_protocol::SutName;
 use tokio::sync::{mpsc, watch};
 
-use crate::docker::{ContainerRuntime, RuntimeError};
+use crate::runtime::{ContainerRuntime, RuntimeError};
 use crate::spec::{SpecContext, SpecError};
 
 mod executor;
@@ -171,10 +171,10 @@ pub struct Settings {
 pub enum SuperviseError {
     /// The MQTT link could not be started.
     #[error("cannot start the MQTT link: {0}")]
-    Mqtt(#[from] labvisor_protocol::mqtt::LinkError),
+    Mqtt(#[from] labvisor_mqtt::LinkError),
     /// A topic could not be subscribed.
     #[error("cannot subscribe: {0}")]
-    Subscribe(#[from] labvisor_protocol::mqtt::PublishError),
+    Subscribe(#[from] labvisor_mqtt::PublishError),
     /// The metrics address cannot be bound.
     #[error("cannot serve metrics on {addr}: {error} (pass another --metrics-listen, or none)")]
     MetricsListen {

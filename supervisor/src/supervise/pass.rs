@@ -13,10 +13,10 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use super::reconciler::Reconciler;
 use super::status::Seen;
 use super::DOCKER_RETRY_MAX;
-use crate::docker::{ContainerInfo, ContainerRuntime};
 use crate::plan::classify::{self, stem};
 use crate::plan::policy::{Backoff, RETRY_MIN};
 use crate::plan::{plan, primary, Action, Actual, Busy, Desired, RunState};
+use crate::runtime::{ContainerInfo, ContainerRuntime};
 
 /// Whether the engine answers, and the backoff of passes while it does not (1 s doubling to
 /// 30 s).

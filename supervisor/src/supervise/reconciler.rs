@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use labvisor_protocol::mqtt::{Incoming, Received};
+use labvisor_mqtt::{Incoming, Received};
 use labvisor_protocol::payloads::{self, AgentState, AgentStatus, JobStatus, ManagedBrokerStatus};
 use labvisor_protocol::topics::SutTopic;
 use labvisor_protocol::SutName;
@@ -26,10 +26,10 @@ use super::pass::Reach;
 use super::status::{start_link, Publisher};
 use super::watchers::{docker_events, DirWatch};
 use super::{Hooks, Settings, SuperviseError, BUSY_PASS_INTERVAL, DEBOUNCE, EVENT_DELAY};
-use crate::docker::ContainerRuntime;
 use crate::metrics::{self, Metrics};
 use crate::plan::policy::SutState;
 use crate::plan::Action;
+use crate::runtime::ContainerRuntime;
 
 /// The loop's state.
 pub(super) struct Reconciler<R> {

@@ -11,8 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use labvisor_mqtt::{Incoming, Message, MqttLink, QoS};
 use labvisor_protocol::config::Scan;
-use labvisor_protocol::mqtt::{Incoming, Message, MqttLink, QoS};
 use labvisor_protocol::payloads::{
     self, Health, ManagedBrokerStatus, SupervisorState, SupervisorStatus, SutCounts, SutView,
 };

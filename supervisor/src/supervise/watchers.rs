@@ -22,9 +22,9 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::DOCKER_RETRY_MAX;
-use crate::docker::ContainerRuntime;
 use crate::plan::classify::HealthSeen;
 use crate::plan::policy::{Backoff, RETRY_MIN};
+use crate::runtime::ContainerRuntime;
 
 /// The watch on the SUT directory and the build contexts.
 pub(super) struct DirWatch {

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use labvisor_protocol::mqtt::{
+use labvisor_mqtt::{
     Incoming, LinkError, LinkOptions, LinkState, Message, MqttLink, PublishError, QoS, Received,
 };
 use labvisor_tests::{unique_id, wait_until, Mosquitto};
@@ -231,9 +231,9 @@ async fn outage_overflow_keeps_the_newest_output() {
     o.queue_capacity = 10;
     let hooked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let h2 = hooked.clone();
-    o.on_drop = Some(labvisor_protocol::mqtt::DropHook::new(
-        move |m: &Message| h2.lock().unwrap().push(text_of(&m.payload)),
-    ));
+    o.on_drop = Some(labvisor_mqtt::DropHook::new(move |m: &Message| {
+        h2.lock().unwrap().push(text_of(&m.payload))
+    }));
     let (link, mut incoming) = MqttLink::start(o).unwrap();
     link.subscribe("c/in", QoS::AtLeastOnce).unwrap();
     wait_state(&link, "connected", |s| s.connected).await;
@@ -614,10 +614,7 @@ async fn manual_acks_belong_to_their_connection() {
 
     m.restart();
     wait_state(&link, "reconnected", |s| s.connects == 2).await;
-    assert_eq!(
-        link.ack(&job),
-        Err(labvisor_protocol::mqtt::AckError::Stale)
-    );
+    assert_eq!(link.ack(&job), Err(labvisor_mqtt::AckError::Stale));
 }
 
 fn text_of(b: &[u8]) -> String {

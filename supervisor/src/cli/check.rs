@@ -7,6 +7,7 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 
 use labvisor_protocol::config::{scan_dir, Allow, Problem, Scan};
 use serde::Serialize;
@@ -49,6 +50,34 @@ impl AllowArgs {
             network: self.allow_network,
             caps: self.allow_caps,
             new_privileges: self.allow_new_privileges,
+        }
+    }
+}
+
+/// `labvisor check` on the command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    /// The SUT directory (one `<name>.toml` per device).
+    pub dir: PathBuf,
+    /// Print a JSON report instead of `file: key: problem` lines.
+    #[arg(long)]
+    pub json: bool,
+    /// The `--allow-*` flags.
+    #[command(flatten)]
+    pub allow: AllowArgs,
+}
+
+/// Runs `labvisor check` and returns the process exit status: 0 when every file is valid, 1
+/// when one is not, 2 when the directory cannot be read.
+pub fn main(args: &CheckArgs, out: &mut dyn Write) -> ExitCode {
+    match run(&args.dir, args.json, &args.allow.allow(), out) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        // The reader went away (`labvisor check sut | head`): stop quietly.
+        Err(CheckError::Write(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("labvisor check: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -42,18 +42,9 @@
 //! any) is up, else `503` and the reason on one line.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use labvisor_protocol::payloads::{
     AgentStatus, Health, JobState, JobStatus, ManagedBrokerStatus, SutCounts,
 };
@@ -63,25 +54,15 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::plan::Action;
 
-/// The default `--metrics-listen`.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
-/// The default `labvisor healthz --url`.
-pub const DEFAULT_HEALTHZ_URL: &str = "http://127.0.0.1:9464/healthz";
-/// The content type of `/metrics`.
-pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-/// Where `labvisor supervise` serves `/metrics` and `/healthz`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Listen {
-    /// The address.
-    pub addr: std::net::SocketAddr,
-    /// Whether failing to bind it is fatal (it was asked for), or only a warning (the default
-    /// address, which may be taken on a developer's machine).
-    pub required: bool,
-}
+mod health;
+mod server;
+
+pub use health::{Shared, Unhealthy};
+pub use server::{serve, Listen, CONTENT_TYPE, DEFAULT_LISTEN};
 
 /// Job ids remembered per SUT to count each job once.
 const SEEN_JOBS: usize = 64;
@@ -121,56 +102,6 @@ struct StateLabel {
     state: &'static str,
 }
 
-/// What the server reads: the registry and the loop's liveness.
-#[derive(Debug)]
-pub struct Shared {
-    registry: Registry,
-    /// When the last pass ended, ms since `started`; `u64::MAX`: none yet.
-    last_pass_ms: AtomicU64,
-    docker_reachable: AtomicBool,
-    /// The managed broker is down (being restarted).
-    broker_down: AtomicBool,
-    started: Instant,
-    /// A pass older than this makes `/healthz` fail.
-    stale_after: Duration,
-}
-
-impl Shared {
-    /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
-    }
-
-    /// `Ok(())` when the loop is live and Docker reachable, else why not (one line).
-    pub fn health(&self) -> Result<(), String> {
-        let last = self.last_pass_ms.load(Ordering::Relaxed);
-        if last == u64::MAX {
-            return Err("no reconcile pass yet".to_owned());
-        }
-        let age = self
-            .started
-            .elapsed()
-            .saturating_sub(Duration::from_millis(last));
-        if age > self.stale_after {
-            return Err(format!(
-                "the last reconcile pass was {}s ago (limit {}s)",
-                age.as_secs(),
-                self.stale_after.as_secs()
-            ));
-        }
-        if !self.docker_reachable.load(Ordering::Relaxed) {
-            return Err("docker is unreachable".to_owned());
-        }
-        if self.broker_down.load(Ordering::Relaxed) {
-            return Err("the managed broker is down (being restarted)".to_owned());
-        }
-        Ok(())
-    }
-}
-
 /// Job ids already counted for one SUT.
 #[derive(Debug, Default)]
 struct SeenJobs {
@@ -207,101 +138,70 @@ pub struct Metrics {
 impl Metrics {
     /// Empty metrics; `/healthz` fails when no pass ended within `2 × resync`.
     pub fn new(resync: Duration) -> Self {
-        let mut registry = Registry::default();
-        let sut_health = Family::<HealthLabels, Gauge>::default();
-        let sut_up = Family::<SutLabel, Gauge>::default();
-        let restarts = Family::<SutLabel, Counter>::default();
-        let child_restarts = Family::<SutLabel, Gauge>::default();
-        let jobs = Family::<JobLabels, Counter>::default();
-        let queue_length = Family::<SutLabel, Gauge>::default();
-        let output_dropped = Family::<SutLabel, Gauge>::default();
-        let actions = Family::<ActionLabel, Counter>::default();
-        let errors = Family::<SutLabel, Counter>::default();
-        let docker_reachable = Gauge::default();
-        let suts = Family::<StateLabel, Gauge>::default();
-        let last_pass = Gauge::default();
-        registry.register(
-            "labvisor_sut_health",
-            "1 for the SUT's current Docker health, 0 for the others",
-            sut_health.clone(),
-        );
-        registry.register(
-            "labvisor_sut_up",
-            "1 while the SUT's agent container runs",
-            sut_up.clone(),
-        );
+        let mut r = Registry::default();
         // Counters get their `_total` suffix from the encoder.
-        registry.register(
-            "labvisor_restarts",
-            "Healing restarts of an unhealthy agent by the supervisor",
-            restarts.clone(),
-        );
-        registry.register(
-            "labvisor_child_restarts",
-            "Restarts of the device process by the agent, from its status",
-            child_restarts.clone(),
-        );
-        registry.register(
-            "labvisor_jobs",
-            "Finished jobs by outcome, each job id once",
-            jobs.clone(),
-        );
-        registry.register(
-            "labvisor_queue_length",
-            "Jobs waiting in the agent's queue",
-            queue_length.clone(),
-        );
-        registry.register(
-            "labvisor_output_dropped",
-            "Lines of output the agent lost on the way to <sut>/output since it started",
-            output_dropped.clone(),
-        );
-        registry.register(
-            "labvisor_reconcile_actions",
-            "Container actions done by the reconcile loop",
-            actions.clone(),
-        );
-        registry.register(
-            "labvisor_reconcile_errors",
-            "Failed container actions (retried with backoff)",
-            errors.clone(),
-        );
-        registry.register(
-            "labvisor_docker_reachable",
-            "1 when the last pass could list the containers",
-            docker_reachable.clone(),
-        );
-        registry.register(
-            "labvisor_suts",
-            "SUTs by state: desired (valid files), running (containers), invalid (files)",
-            suts.clone(),
-        );
-        registry.register(
-            "labvisor_last_pass_timestamp_seconds",
-            "Unix time of the last reconcile pass",
-            last_pass.clone(),
-        );
         Metrics {
-            shared: Arc::new(Shared {
-                registry,
-                last_pass_ms: AtomicU64::new(u64::MAX),
-                docker_reachable: AtomicBool::new(false),
-                broker_down: AtomicBool::new(false),
-                started: Instant::now(),
-                stale_after: resync.saturating_mul(2),
-            }),
-            sut_health,
-            sut_up,
-            restarts,
-            child_restarts,
-            jobs,
-            queue_length,
-            output_dropped,
-            actions,
-            errors,
-            docker_reachable,
-            suts,
-            last_pass,
+            sut_health: register(
+                &mut r,
+                "labvisor_sut_health",
+                "1 for the SUT's current Docker health, 0 for the others",
+            ),
+            sut_up: register(
+                &mut r,
+                "labvisor_sut_up",
+                "1 while the SUT's agent container runs",
+            ),
+            restarts: register(
+                &mut r,
+                "labvisor_restarts",
+                "Healing restarts of an unhealthy agent by the supervisor",
+            ),
+            child_restarts: register(
+                &mut r,
+                "labvisor_child_restarts",
+                "Restarts of the device process by the agent, from its status",
+            ),
+            jobs: register(
+                &mut r,
+                "labvisor_jobs",
+                "Finished jobs by outcome, each job id once",
+            ),
+            queue_length: register(
+                &mut r,
+                "labvisor_queue_length",
+                "Jobs waiting in the agent's queue",
+            ),
+            output_dropped: register(
+                &mut r,
+                "labvisor_output_dropped",
+                "Lines of output the agent lost on the way to <sut>/output since it started",
+            ),
+            actions: register(
+                &mut r,
+                "labvisor_reconcile_actions",
+                "Container actions done by the reconcile loop",
+            ),
+            errors: register(
+                &mut r,
+                "labvisor_reconcile_errors",
+                "Failed container actions (retried with backoff)",
+            ),
+            docker_reachable: register(
+                &mut r,
+                "labvisor_docker_reachable",
+                "1 when the last pass could list the containers",
+            ),
+            suts: register(
+                &mut r,
+                "labvisor_suts",
+                "SUTs by state: desired (valid files), running (containers), invalid (files)",
+            ),
+            last_pass: register(
+                &mut r,
+                "labvisor_last_pass_timestamp_seconds",
+                "Unix time of the last reconcile pass",
+            ),
+            shared: Arc::new(Shared::new(r, resync.saturating_mul(2))),
             known: BTreeSet::new(),
             agents: BTreeMap::new(),
             seen_jobs: BTreeMap::new(),
@@ -314,12 +214,13 @@ impl Metrics {
     /// fed by [`Metrics::on_broker`]. Call it before [`Metrics::shared`].
     pub fn with_managed_broker(mut self) -> Self {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
-            shared.registry.register(
+            let r = shared.registry_mut();
+            r.register(
                 "labvisor_broker_up",
                 "1 while the managed broker runs and listens, 0 while it is down",
                 self.broker_up.clone(),
             );
-            shared.registry.register(
+            r.register(
                 "labvisor_broker_restarts",
                 "Restarts of the managed broker after it died",
                 self.broker_restarts.clone(),
@@ -330,7 +231,7 @@ impl Metrics {
 
     /// The managed broker's state changed.
     pub fn on_broker(&self, b: &ManagedBrokerStatus) {
-        self.shared.broker_down.store(!b.up, Ordering::Relaxed);
+        self.shared.on_broker(b.up);
         self.broker_up.set(b.up.into());
         let counted = self.broker_restarts.get();
         if b.restarts > counted {
@@ -370,11 +271,7 @@ impl Metrics {
 
     /// A reconcile pass ended.
     pub fn on_pass(&self, docker_reachable: bool) {
-        let s = &self.shared;
-        s.docker_reachable
-            .store(docker_reachable, Ordering::Relaxed);
-        s.last_pass_ms
-            .store(s.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.shared.on_pass(docker_reachable);
         self.docker_reachable.set(docker_reachable.into());
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -528,6 +425,13 @@ impl Metrics {
     }
 }
 
+/// A new metric of type `M`, registered as `name` with `help`.
+fn register<M: Metric + Clone + Default>(r: &mut Registry, name: &str, help: &str) -> M {
+    let m = M::default();
+    r.register(name, help, m.clone());
+    m
+}
+
 fn sut_label(sut: &SutName) -> SutLabel {
     SutLabel {
         sut: sut.to_string(),
@@ -545,126 +449,10 @@ fn outcome(state: JobState) -> Option<&'static str> {
     })
 }
 
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    shared: Arc<Shared>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(healthz_handler))
-        .with_state(shared);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-}
-
-async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], shared.encode())
-}
-
-async fn healthz_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
-    match shared.health() {
-        Ok(()) => (StatusCode::OK, "ok\n".to_owned()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
-    }
-}
-
-/// Why a `labvisor healthz` probe failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ProbeError {
-    /// The URL is not `http://host[:port][/path]`.
-    #[error("{0:?} is not an http://host[:port][/path] URL")]
-    Url(String),
-    /// No connection, or no complete answer.
-    #[error("{url}: {error}")]
-    Io {
-        /// The URL.
-        url: String,
-        /// What failed.
-        error: std::io::Error,
-    },
-    /// The server answered with another status than 200.
-    #[error("{url}: {status}: {body}")]
-    Status {
-        /// The URL.
-        url: String,
-        /// The status line.
-        status: String,
-        /// The body's first line.
-        body: String,
-    },
-}
-
-/// `labvisor healthz`: an HTTP/1.0 GET of `url`; `Ok(body)` when the answer is 200.
-pub fn probe(url: &str, timeout: Duration) -> Result<String, ProbeError> {
-    let bad = || ProbeError::Url(url.to_owned());
-    let rest = url.strip_prefix("http://").ok_or_else(bad)?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() {
-        return Err(bad());
-    }
-    let addr = if authority.rsplit_once(':').is_some_and(|(_, p)| {
-        !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) && !authority.ends_with(']')
-    }) {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    let io = |error: std::io::Error| ProbeError::Io {
-        url: url.to_owned(),
-        error,
-    };
-    let addrs: Vec<_> = addr.to_socket_addrs().map_err(io)?.collect();
-    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address");
-    let mut stream = None;
-    for a in addrs {
-        match TcpStream::connect_timeout(&a, timeout) {
-            Ok(s) => {
-                stream = Some(s);
-                break;
-            }
-            Err(e) => last = e,
-        }
-    }
-    let mut stream = stream.ok_or_else(|| io(last))?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.0\r\nHost: {authority}\r\nUser-Agent: labvisor-healthz\r\n\r\n"
-    )
-    .map_err(io)?;
-    let mut answer = Vec::new();
-    stream
-        .take(64 * 1024)
-        .read_to_end(&mut answer)
-        .map_err(io)?;
-    let answer = String::from_utf8_lossy(&answer);
-    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-    let status = head.lines().next().unwrap_or_default().trim();
-    let body = body.trim().to_owned();
-    match status.split_whitespace().nth(1) {
-        Some("200") if status.starts_with("HTTP/") => Ok(body),
-        _ => Err(ProbeError::Status {
-            url: url.to_owned(),
-            status: if status.is_empty() {
-                "no answer".to_owned()
-            } else {
-                status.to_owned()
-            },
-            body: body.lines().next().unwrap_or_default().to_owned(),
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli::healthz::{get, ProbeError};
     use labvisor_protocol::payloads::{AgentState, ChildStatus};
 
     fn sut(s: &str) -> SutName {
@@ -871,13 +659,13 @@ mod tests {
     #[test]
     fn healthz_needs_a_recent_pass_and_docker() {
         let m = Metrics::new(Duration::from_secs(30));
-        assert_eq!(m.shared().health(), Err("no reconcile pass yet".to_owned()));
+        assert_eq!(m.shared().health(), Err(Unhealthy::NoPass));
         m.on_pass(false);
-        assert_eq!(m.shared().health(), Err("docker is unreachable".to_owned()));
+        assert_eq!(m.shared().health(), Err(Unhealthy::DockerUnreachable));
         let m = Metrics::new(Duration::ZERO);
         m.on_pass(true);
         std::thread::sleep(Duration::from_millis(2));
-        assert!(m.shared().health().unwrap_err().contains("ago"));
+        assert!(m.shared().health().unwrap_err().to_string().contains("ago"));
     }
 
     #[test]
@@ -895,10 +683,7 @@ mod tests {
         assert_eq!(m.shared().health(), Ok(()));
         assert_eq!(samples(&m, "labvisor_broker_up"), ["labvisor_broker_up 1"]);
         m.on_broker(&b(false, 0));
-        assert_eq!(
-            m.shared().health(),
-            Err("the managed broker is down (being restarted)".to_owned())
-        );
+        assert_eq!(m.shared().health(), Err(Unhealthy::BrokerDown));
         assert_eq!(samples(&m, "labvisor_broker_up"), ["labvisor_broker_up 0"]);
         m.on_broker(&b(true, 1));
         m.on_broker(&b(true, 1));
@@ -907,16 +692,6 @@ mod tests {
             samples(&m, "labvisor_broker_restarts_total"),
             ["labvisor_broker_restarts_total 1"]
         );
-    }
-
-    #[test]
-    fn probe_refuses_bad_urls() {
-        for u in ["https://x/healthz", "127.0.0.1:9464", "http:///healthz"] {
-            assert!(
-                matches!(probe(u, Duration::from_secs(1)), Err(ProbeError::Url(_))),
-                "{u}"
-            );
-        }
     }
 
     #[tokio::test]
@@ -930,9 +705,9 @@ mod tests {
         }));
         let get = |path: &'static str| {
             let url = format!("{url}{path}");
-            tokio::task::spawn_blocking(move || probe(&url, Duration::from_secs(5)))
+            async move { get(&url, Duration::from_secs(5)).await }
         };
-        match get("/healthz").await.unwrap() {
+        match get("/healthz").await {
             Err(ProbeError::Status { status, body, .. }) => {
                 assert!(status.contains("503"), "{status}");
                 assert_eq!(body, "no reconcile pass yet");
@@ -940,11 +715,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         m.on_pass(true);
-        assert_eq!(get("/healthz").await.unwrap().unwrap(), "ok");
-        let text = get("/metrics").await.unwrap().unwrap();
+        assert_eq!(get("/healthz").await.unwrap(), "ok");
+        let text = get("/metrics").await.unwrap();
         assert!(text.contains("labvisor_docker_reachable 1"), "{text}");
         assert!(matches!(
-            get("/nothing").await.unwrap(),
+            get("/nothing").await,
             Err(ProbeError::Status { .. })
         ));
         tx.send(()).unwrap();

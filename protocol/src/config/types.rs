@@ -1,0 +1,352 @@
+//! The validated SUT config ([`SutConfig`]) and its sections: what [`super::load_file`] returns.
+//! Every field holds a checked value; the serialisation is what [`SutConfig::hash`] covers.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize, Serializer};
+use sha2::{Digest, Sha256};
+
+use super::units::ser_duration;
+use super::{build_hash, CommandTemplate, CONTAINER_FILES_DIR, LABVISOR_NETWORK};
+use crate::name::SutName;
+
+/// A validated SUT config. Built only by [`load_file`], [`load_str`] and [`scan_dir`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SutConfig {
+    /// The SUT's name: the file stem.
+    pub name: SutName,
+    /// Docker image of the agent container.
+    pub image: String,
+    /// argv of the device's long-running process; `None` for a job-only agent.
+    pub command: Option<Vec<String>>,
+    /// Container environment (no `LABVISOR_*` keys).
+    pub env: BTreeMap<String, String>,
+    /// Files delivered into the container under [`CONTAINER_FILES_DIR`], with their contents.
+    pub files: Vec<SutFile>,
+    /// Absolute globs inside the container whose files are followed as job output.
+    pub tail: Vec<String>,
+    /// The container's network.
+    pub network: Network,
+    /// Extra Docker labels (no `io.labvisor.*` keys).
+    pub labels: BTreeMap<String, String>,
+    /// Privileged container (only if allowed).
+    pub privileged: bool,
+    /// Capabilities added to [`DEFAULT_CAPABILITIES`] (only if allowed), without `CAP_`.
+    pub cap_add: Vec<String>,
+    /// `no-new-privileges` (on unless allowed off).
+    pub no_new_privileges: bool,
+    /// Host device paths passed through (only if allowed).
+    pub devices: Vec<String>,
+    /// Host bind mounts (only if allowed).
+    pub mounts: Vec<Mount>,
+    /// Heartbeat and Docker health-check timings.
+    pub health: Health,
+    /// Job settings.
+    pub job: JobSettings,
+    /// Restart policy.
+    pub restart: RestartSettings,
+    /// Container resource limits.
+    pub resources: Resources,
+    /// Rotation of the per-SUT log file.
+    pub log: LogSettings,
+    /// Optional reachability probe of the device.
+    pub probe: Option<Probe>,
+    /// Optional image build (`[build]`); `image` is then the tag it produces. Left out of the
+    /// serialisation (and so of the hash) when absent, so configs without it keep their hash.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub build: Option<Build>,
+}
+
+impl SutConfig {
+    /// SHA-256 (lower-case hex) of the canonical JSON serialisation of the whole validated config,
+    /// including the contents of `files`. Formatting and comments of the TOML do not matter; any
+    /// effective change does.
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a SutConfig always serialises to JSON");
+        hex(&Sha256::digest(&json))
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A file listed in `files`, read at load time.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SutFile {
+    /// The normalised relative path (`a/b.yaml`), also its path under [`CONTAINER_FILES_DIR`].
+    pub name: String,
+    /// The file's contents.
+    pub content: Vec<u8>,
+}
+
+impl SutFile {
+    /// Where the file appears inside the container.
+    pub fn container_path(&self) -> String {
+        format!("{CONTAINER_FILES_DIR}/{}", self.name)
+    }
+
+    /// SHA-256 (hex) of the contents.
+    pub fn sha256(&self) -> String {
+        hex(&Sha256::digest(&self.content))
+    }
+}
+
+impl fmt::Debug for SutFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SutFile")
+            .field("name", &self.name)
+            .field("size", &self.content.len())
+            .finish()
+    }
+}
+
+impl Serialize for SutFile {
+    /// `{ "name", "size", "sha256" }`: the digest stands for the contents.
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut st = s.serialize_struct("SutFile", 3)?;
+        st.serialize_field("name", &self.name)?;
+        st.serialize_field("size", &self.content.len())?;
+        st.serialize_field("sha256", &self.sha256())?;
+        st.end()
+    }
+}
+
+/// The container's network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Network {
+    /// The shared labvisor bridge network ([`LABVISOR_NETWORK`]).
+    Labvisor,
+    /// The host's network stack (only if allowed).
+    Host,
+    /// Another existing Docker network, by name.
+    Named(String),
+}
+
+impl Network {
+    /// The Docker network name.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Network::Labvisor => LABVISOR_NETWORK,
+            Network::Host => "host",
+            Network::Named(n) => n,
+        }
+    }
+}
+
+impl Serialize for Network {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// A host bind mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Mount {
+    /// Absolute path on the host.
+    pub source: String,
+    /// Absolute path in the container.
+    pub target: String,
+    /// Mounted read-only (the default).
+    pub read_only: bool,
+}
+
+/// Heartbeat and Docker health-check timings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Health {
+    /// How often the agent writes its heartbeat.
+    #[serde(serialize_with = "ser_duration")]
+    pub heartbeat: Duration,
+    /// A heartbeat older than this is unhealthy (> `heartbeat`).
+    #[serde(serialize_with = "ser_duration")]
+    pub max_age: Duration,
+    /// Docker probe interval (≤ `max_age`).
+    #[serde(serialize_with = "ser_duration")]
+    pub interval: Duration,
+    /// Docker probe timeout (< `interval`).
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// Failed probes before unhealthy.
+    pub retries: NonZeroU32,
+    /// Grace period after start.
+    #[serde(serialize_with = "ser_duration")]
+    pub start_period: Duration,
+}
+
+impl Health {
+    /// Worst-case time from the agent's last heartbeat to Docker reporting the container
+    /// unhealthy: the heartbeat goes stale after `max_age`, and Docker needs `retries` failed
+    /// probes, `interval` apart: `max_age + interval × retries`.
+    pub fn detection_time(&self) -> Duration {
+        self.max_age
+            .saturating_add(self.interval.saturating_mul(self.retries.get()))
+    }
+}
+
+/// Job settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobSettings {
+    /// argv template run for each job.
+    pub command: CommandTemplate,
+    /// Name of the job template file (one of `files`).
+    pub template: Option<String>,
+    /// Longest a job may run.
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+    /// Longest a job may stay silent.
+    #[serde(serialize_with = "ser_duration")]
+    pub output_timeout: Duration,
+    /// Jobs that may wait in the queue.
+    pub queue_limit: NonZeroU32,
+    /// Largest accepted job submission in bytes (≤ [`MAX_PAYLOAD_LIMIT`]).
+    pub max_payload: NonZeroU64,
+    /// Requeue a job lost to an agent crash.
+    pub requeue_lost: bool,
+}
+
+/// What the supervisor does with an unhealthy container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnUnhealthy {
+    /// Restart it (with backoff).
+    Restart,
+    /// Only report it.
+    None,
+}
+
+/// What the agent does when the device process exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnChildExit {
+    /// Restart the process (with backoff).
+    Restart,
+    /// Exit the agent; the supervisor restarts the container.
+    Exit,
+}
+
+/// Restart policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RestartSettings {
+    /// What to do with an unhealthy container.
+    pub on_unhealthy: OnUnhealthy,
+    /// First restart delay.
+    #[serde(serialize_with = "ser_duration")]
+    pub backoff_min: Duration,
+    /// Longest restart delay (≥ `backoff_min`).
+    #[serde(serialize_with = "ser_duration")]
+    pub backoff_max: Duration,
+    /// What the agent does when the device process exits.
+    pub on_child_exit: OnChildExit,
+    /// Quick failures in a row before the state is crash-loop.
+    pub crash_loop_after: NonZeroU32,
+}
+
+/// Container resource limits.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Resources {
+    /// Memory limit in bytes.
+    pub memory: Option<NonZeroU64>,
+    /// CPU limit (finite, ≥ [`MIN_CPUS`]).
+    pub cpus: Option<f64>,
+    /// Most processes and threads ([`MIN_PIDS`]..=[`MAX_PIDS`]).
+    pub pids: u32,
+}
+
+/// Rotation of the per-SUT log file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogSettings {
+    /// Rotate at this size in bytes.
+    pub max_size: NonZeroU64,
+    /// Rotated files kept.
+    pub keep: NonZeroU32,
+    /// Output bytes per second published on MQTT; `None`: [`LogSettings::DEFAULT_MQTT_RATE`].
+    /// Left out of the serialisation (and so of the hash) when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_rate: Option<NonZeroU64>,
+}
+
+impl LogSettings {
+    /// Default of `log.mqtt_rate`: 1 MiB/s.
+    pub const DEFAULT_MQTT_RATE: u64 = 1 << 20;
+
+    /// Output bytes per second published on MQTT.
+    pub fn mqtt_rate(&self) -> u64 {
+        self.mqtt_rate
+            .map_or(Self::DEFAULT_MQTT_RATE, NonZeroU64::get)
+    }
+}
+
+/// Reachability probe of the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Probe {
+    /// What to probe.
+    pub url: ProbeTarget,
+    /// How often.
+    #[serde(serialize_with = "ser_duration")]
+    pub interval: Duration,
+    /// Timeout of one probe (< `interval`).
+    #[serde(serialize_with = "ser_duration")]
+    pub timeout: Duration,
+}
+
+/// The `[build]` section: how the SUT's image is built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Build {
+    /// The context directory, normalised, relative to the sut directory.
+    pub context: String,
+    /// The Dockerfile, normalised, relative to the context.
+    pub dockerfile: String,
+    /// Build args.
+    pub args: BTreeMap<String, String>,
+    /// [`context_hash`] of the context when the config was loaded.
+    pub context_hash: String,
+    /// The context directory, resolved (absolute, symlinks resolved); not part of the hash, so
+    /// moving the whole sut directory rebuilds nothing.
+    #[serde(skip)]
+    pub context_dir: PathBuf,
+}
+
+impl Build {
+    /// The build hash ([`build_hash`]) of this build as loaded: the image label that says the
+    /// image is up to date.
+    pub fn hash(&self) -> String {
+        build_hash(&self.context_hash, &self.dockerfile, &self.args)
+    }
+}
+
+/// What a [`Probe`] connects to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeTarget {
+    /// Open a TCP connection (`tcp://host:port`).
+    Tcp {
+        /// Host name or address (IPv6 in brackets).
+        host: String,
+        /// Port, never 0.
+        port: u16,
+    },
+    /// An HTTP(S) GET that must answer (`http://…`, `https://…`).
+    Http {
+        /// The full URL.
+        url: String,
+    },
+}
+
+impl fmt::Display for ProbeTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProbeTarget::Tcp { host, port } => write!(f, "tcp://{host}:{port}"),
+            ProbeTarget::Http { url } => f.write_str(url),
+        }
+    }
+}
+
+impl Serialize for ProbeTarget {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}

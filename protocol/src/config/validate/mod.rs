@@ -1,0 +1,172 @@
+//! From text to a [`SutConfig`]: syntax, serde, then semantic checks that collect every problem.
+//!
+//! [`load`] parses; [`build`] runs one check per section, in the order of the config reference
+//! (so problems come out in that order), each in the module of its concern:
+//!
+//! - [`checker`]: the problem collector and the value checks every section shares;
+//! - [`container`]: `image`, `command`, `env`, `tail`, `network`, `labels`;
+//! - [`posture`]: the host-power settings and their `--allow-*` refusals;
+//! - [`paths`]: paths next to the SUT file and `files`;
+//! - [`sections`]: `[health]`, `[job]`, `[restart]`, `[resources]`, `[log]`;
+//! - [`probe`]: `[probe]` and its URL;
+//! - [`build_section`]: the `[build]` section.
+
+mod build_section;
+mod checker;
+mod container;
+mod paths;
+mod posture;
+mod probe;
+mod sections;
+
+use std::path::Path;
+
+use toml::de::DeTable;
+
+use super::locate::{line_of, path_at, KeyPath};
+use super::raw::RawConfig;
+use super::{Allow, Problem, SutConfig};
+use crate::name::SutName;
+use checker::Checker;
+
+/// Parses and validates one SUT file. `display` names the file in problems, `stem` is the SUT name.
+pub(crate) fn load(
+    display: &str,
+    stem: &str,
+    text: &str,
+    sut_dir: &Path,
+    allow: &Allow,
+    check_build: bool,
+) -> Result<SutConfig, Vec<Problem>> {
+    let (doc, syntax) = DeTable::parse_recoverable(text);
+    if !syntax.is_empty() {
+        return Err(syntax
+            .into_iter()
+            .map(|e| Problem {
+                file: display.to_owned(),
+                key: String::new(),
+                line: Some(e.span().map_or(1, |s| line_of(text, s.start))),
+                message: format!("TOML syntax error: {}", e.message()),
+            })
+            .collect());
+    }
+    let mut c = Checker {
+        file: display,
+        text,
+        doc: doc.get_ref(),
+        problems: Vec::new(),
+    };
+    // The name is checked even if the contents do not parse.
+    let name = sut_name(&mut c, stem);
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            let problem = serde_problem(&c, &e);
+            c.problems.push(problem);
+            return Err(c.problems);
+        }
+    };
+    let config = build(&mut c, name, raw, sut_dir, allow, check_build);
+    match config {
+        Some(cfg) if c.problems.is_empty() => Ok(cfg),
+        _ => Err(c.problems),
+    }
+}
+
+/// The SUT name the file stem gives, if it is a valid one and not reserved.
+fn sut_name(c: &mut Checker<'_>, stem: &str) -> Option<SutName> {
+    match SutName::new(stem) {
+        Ok(n) if n.is_reserved() => {
+            c.add(
+                &KeyPath::of(&["name"]),
+                format!(
+                    "the file name gives SUT name {stem:?}, which is reserved: labvisor/... is \
+                     the control plane's topic space (supervisor status, reply spaces), which a \
+                     SUT's login would be given; rename the file"
+                ),
+            );
+            None
+        }
+        Ok(n) => Some(n),
+        Err(e) => {
+            c.add(
+                &KeyPath::of(&["name"]),
+                format!("the file name gives SUT name {stem:?}, which is not valid: {e}; rename the file"),
+            );
+            None
+        }
+    }
+}
+
+/// The one problem of a file serde cannot read (unknown key, wrong type), at its key.
+fn serde_problem(c: &Checker<'_>, e: &toml::de::Error) -> Problem {
+    let span = e.span();
+    let key = span
+        .as_ref()
+        .and_then(|s| path_at(c.doc, s.start))
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let line = span.map(|s| line_of(c.text, s.start));
+    let mut message = e.message().trim().to_owned();
+    if key.is_empty() {
+        message = format!("invalid config: {message}");
+    }
+    Problem {
+        file: c.file.to_owned(),
+        key,
+        line,
+        message,
+    }
+}
+
+/// Checks every section of `raw`; `None` if the name or a required value is missing.
+fn build(
+    c: &mut Checker<'_>,
+    name: Option<SutName>,
+    mut raw: RawConfig,
+    sut_dir: &Path,
+    allow: &Allow,
+    check_build: bool,
+) -> Option<SutConfig> {
+    let image = container::image(c, raw.image.take());
+    container::command(c, raw.command.as_deref());
+    container::env(c, &raw.env);
+    let files = paths::files(c, &raw.files, sut_dir);
+    container::tail(c, &raw.tail);
+    let network = container::network(c, raw.network.as_deref(), allow);
+    container::labels(c, &raw.labels);
+    let posture = posture::posture(c, &raw, allow);
+    let health = sections::health(c, &raw.health);
+    let job = sections::job(c, &raw.job, &raw.files);
+    let restart = sections::restart(c, &raw.restart);
+    let resources = sections::resources(c, &raw.resources);
+    let log = sections::log(c, &raw.log);
+    let probe = raw.probe.as_ref().and_then(|p| probe::probe(c, p));
+    let build = raw
+        .build
+        .as_ref()
+        .filter(|_| check_build)
+        .and_then(|b| build_section::build(c, b, sut_dir));
+    Some(SutConfig {
+        name: name?,
+        image,
+        command: raw.command,
+        env: raw.env,
+        files,
+        tail: raw.tail,
+        network,
+        labels: raw.labels,
+        privileged: raw.privileged,
+        cap_add: posture.cap_add,
+        no_new_privileges: posture.no_new_privileges,
+        devices: raw.devices,
+        mounts: posture.mounts,
+        health,
+        job,
+        restart,
+        resources,
+        log,
+        probe,
+        build,
+    })
+}

@@ -1,0 +1,174 @@
+//! `[probe]`: the device's reachability probe, and its URL (`tcp://host:port`, `http(s)://…`),
+//! parsed with the `url` crate.
+
+use url::Url;
+
+use super::super::raw::RawProbe;
+use super::super::{Probe, ProbeTarget, MIN_PROBE_INTERVAL};
+use super::checker::{kk, secs, Checker};
+
+/// `[probe]`: `None` when the URL is missing or wrong (the problem is reported).
+pub(super) fn probe(c: &mut Checker<'_>, p: &RawProbe) -> Option<Probe> {
+    let interval = c.duration(
+        kk("probe", "interval"),
+        p.interval.as_ref(),
+        secs(60),
+        false,
+    );
+    c.at_least(
+        kk("probe", "interval"),
+        p.interval.is_some(),
+        interval,
+        MIN_PROBE_INTERVAL,
+        "each probe opens a connection to the device",
+    );
+    let timeout = c.duration(kk("probe", "timeout"), p.timeout.as_ref(), secs(10), false);
+    c.order(
+        kk("probe", "timeout"),
+        timeout >= interval,
+        timeout,
+        "shorter than probe.interval",
+        interval,
+        "",
+    );
+    let url = match p.url.as_deref() {
+        None => {
+            c.add(
+                &kk("probe", "url"),
+                "missing: give tcp://host:port or http://…",
+            );
+            None
+        }
+        Some(u) => match parse_probe_url(u) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                c.add(&kk("probe", "url"), e.to_string());
+                None
+            }
+        },
+    }?;
+    Some(Probe {
+        url,
+        interval,
+        timeout,
+    })
+}
+
+/// Why a `probe.url` is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ProbeUrlError {
+    /// Whitespace or control characters.
+    #[error("{0:?} must not contain whitespace")]
+    Whitespace(String),
+    /// `tcp://` without exactly a host and a port from 1 to 65535.
+    #[error("{0:?} is not tcp://host:port with a port from 1 to 65535")]
+    Tcp(String),
+    /// `http(s)://` without a host.
+    #[error("{0:?} has no host")]
+    NoHost(String),
+    /// Another scheme, or none.
+    #[error("{0:?} must start with tcp://, http:// or https://")]
+    Scheme(String),
+}
+
+/// Parses `probe.url`. `tcp://host:port` must be exactly that (no user, path, query or
+/// fragment); the host is kept as written, an IPv6 address in its brackets. An HTTP(S) URL
+/// needs a host and is kept as written.
+pub(crate) fn parse_probe_url(u: &str) -> Result<ProbeTarget, ProbeUrlError> {
+    if u.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
+        return Err(ProbeUrlError::Whitespace(u.to_owned()));
+    }
+    match u.split_once("://") {
+        Some(("tcp", _)) => tcp_target(u).ok_or_else(|| ProbeUrlError::Tcp(u.to_owned())),
+        // `url` would read `http:///x` as host `x`: the authority must be there as written.
+        Some(("http" | "https", rest)) if rest.is_empty() || rest.starts_with('/') => {
+            Err(ProbeUrlError::NoHost(u.to_owned()))
+        }
+        Some(("http" | "https", _)) => match Url::parse(u) {
+            Ok(parsed) if parsed.host_str().is_some_and(|h| !h.is_empty()) => {
+                Ok(ProbeTarget::Http { url: u.to_owned() })
+            }
+            _ => Err(ProbeUrlError::NoHost(u.to_owned())),
+        },
+        _ => Err(ProbeUrlError::Scheme(u.to_owned())),
+    }
+}
+
+/// `tcp://host:port` as a target; `None` if it is anything more or less.
+fn tcp_target(u: &str) -> Option<ProbeTarget> {
+    let parsed = Url::parse(u).ok()?;
+    let plain = parsed.username().is_empty()
+        && parsed.password().is_none()
+        && parsed.path().is_empty()
+        && parsed.query().is_none()
+        && parsed.fragment().is_none();
+    let host = parsed.host_str().filter(|h| !h.is_empty())?;
+    let port = parsed.port().filter(|p| *p != 0)?;
+    plain.then(|| ProbeTarget::Tcp {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(host: &str, port: u16) -> ProbeTarget {
+        ProbeTarget::Tcp {
+            host: host.into(),
+            port,
+        }
+    }
+
+    #[test]
+    fn accepted_forms() {
+        assert_eq!(parse_probe_url("tcp://dut:22"), Ok(tcp("dut", 22)));
+        assert_eq!(
+            parse_probe_url("tcp://10.0.0.5:22"),
+            Ok(tcp("10.0.0.5", 22))
+        );
+        assert_eq!(parse_probe_url("tcp://[::1]:22"), Ok(tcp("[::1]", 22)));
+        assert_eq!(
+            parse_probe_url("tcp://Dut-01:65535"),
+            Ok(tcp("Dut-01", 65535))
+        );
+        for http in [
+            "http://dut/",
+            "https://dut:8443/health?x=1",
+            "http://10.0.0.5",
+        ] {
+            assert_eq!(
+                parse_probe_url(http),
+                Ok(ProbeTarget::Http { url: http.into() })
+            );
+        }
+    }
+
+    #[test]
+    fn refused_forms_keep_their_messages() {
+        let msg = |u: &str| parse_probe_url(u).unwrap_err().to_string();
+        for bad in [
+            "tcp://rpi:0",
+            "tcp://rpi",
+            "tcp://:22",
+            "tcp://rpi:70000",
+            "tcp://rpi:22/x",
+        ] {
+            assert_eq!(
+                msg(bad),
+                format!("{bad:?} is not tcp://host:port with a port from 1 to 65535")
+            );
+        }
+        assert_eq!(msg("http://"), "\"http://\" has no host");
+        assert_eq!(msg("https:///x"), "\"https:///x\" has no host");
+        assert_eq!(
+            msg("ssh://dut"),
+            "\"ssh://dut\" must start with tcp://, http:// or https://"
+        );
+        assert_eq!(
+            msg("tcp://a b:1"),
+            "\"tcp://a b:1\" must not contain whitespace"
+        );
+    }
+}

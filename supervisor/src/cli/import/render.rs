@@ -1,0 +1,192 @@
+//! The SUT file `labvisor import` writes, built with `toml_edit` (keys in order, with the
+//! comments that explain where each value came from).
+
+use std::collections::BTreeMap;
+
+use labvisor_protocol::config::CONTAINER_FILES_DIR;
+use labvisor_protocol::SutName;
+use toml_edit::{value, Array, DocumentMut, Item, Table};
+
+/// What goes into one SUT file.
+pub(super) struct RenderInput<'a> {
+    pub sut: &'a SutName,
+    pub image: &'a str,
+    /// The triplet: agent config, job template, device-connector config.
+    pub files: [&'a str; 3],
+    pub basedir: &'a str,
+    pub env: &'a BTreeMap<String, String>,
+    pub timeout: Option<String>,
+    pub output_timeout: Option<String>,
+}
+
+/// The SUT file's text.
+pub(super) fn render(r: &RenderInput<'_>) -> String {
+    let [conf, template, snappy] = r.files;
+    let tail = if r.basedir == "/" {
+        "/*/*.log".to_owned()
+    } else {
+        format!("{}/*/*.log", r.basedir)
+    };
+    let mut doc = DocumentMut::new();
+    let header = format!(
+        "# {sut}: imported by `labvisor import` from the testflinger-docker files\n\
+         # {conf}, {template} and {snappy}, copied next to this file.\n\
+         # Check it with `labvisor check <dir>`.\n\n",
+        sut = r.sut
+    );
+    let top = doc.as_table_mut();
+    let image_note =
+        "# An image with testflinger-agent, testflinger-cli and the device connectors.";
+    put(
+        top,
+        "image",
+        value(r.image),
+        &format!("{header}{image_note}"),
+    );
+    let command = array([
+        "testflinger-agent",
+        "-c",
+        &format!("{CONTAINER_FILES_DIR}/{conf}"),
+    ]);
+    let command_note =
+        "\n# The device's long-running process: the testflinger agent, polling for jobs.";
+    put(top, "command", command, command_note);
+    let files_note = format!("\n# Delivered into the container under {CONTAINER_FILES_DIR}/.");
+    put(top, "files", array([conf, template, snappy]), &files_note);
+    let tail_note =
+        "\n# testflinger writes phase output only to <execution_basedir>/<job_id>/<phase>.log.";
+    put(top, "tail", array([tail.as_str()]), tail_note);
+    if !r.env.is_empty() {
+        let mut env = Table::new();
+        env.decor_mut()
+            .set_prefix(format!("\n# From {snappy}'s env.\n"));
+        for (k, v) in r.env {
+            env.insert(k, value(v));
+        }
+        top.insert("env", Item::Table(env));
+    }
+    top.insert("job", Item::Table(job(r, conf, template)));
+    doc.to_string()
+}
+
+/// The `[job]` table.
+fn job(r: &RenderInput<'_>, conf: &str, template: &str) -> Table {
+    let mut job = Table::new();
+    job.decor_mut().set_prefix("\n");
+    let command = array(["testflinger-cli", "submit", "--poll", "{job_file}"]);
+    put(
+        &mut job,
+        "command",
+        command,
+        "# A job is a testflinger job YAML, submitted to the server.",
+    );
+    job.insert("template", value(template));
+    for (key, v, source) in [
+        ("timeout", &r.timeout, "global_timeout"),
+        ("output_timeout", &r.output_timeout, "output_timeout"),
+    ] {
+        if let Some(t) = v {
+            let mut item = value(t);
+            if let Some(v) = item.as_value_mut() {
+                v.decor_mut().set_suffix(format!("  # {source} of {conf}"));
+            }
+            job.insert(key, item);
+        }
+    }
+    job
+}
+
+/// Inserts `key = item` with the comment lines `note` above it.
+fn put(table: &mut Table, key: &str, item: Item, note: &str) {
+    table.insert(key, item);
+    if let Some(mut k) = table.key_mut(key) {
+        k.leaf_decor_mut().set_prefix(format!("{note}\n"));
+    }
+}
+
+fn array<'a>(items: impl IntoIterator<Item = &'a str>) -> Item {
+    value(items.into_iter().collect::<Array>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input<'a>(sut: &'a SutName, env: &'a BTreeMap<String, String>) -> RenderInput<'a> {
+        RenderInput {
+            sut,
+            image: "lab/img:1 \"quoted\" \\ back",
+            files: ["d.conf", "d.yaml", "d_snappy.yaml"],
+            basedir: "/srv/tf",
+            env,
+            timeout: Some("3600s".into()),
+            output_timeout: None,
+        }
+    }
+
+    #[test]
+    fn the_file_keeps_its_order_and_comments() {
+        let sut = SutName::new("d").unwrap();
+        let env = BTreeMap::from([("DEVICE_IP".to_owned(), "10.0.0.1\t\u{1}".to_owned())]);
+        let text = render(&input(&sut, &env));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[..4],
+            [
+                "# d: imported by `labvisor import` from the testflinger-docker files",
+                "# d.conf, d.yaml and d_snappy.yaml, copied next to this file.",
+                "# Check it with `labvisor check <dir>`.",
+                "",
+            ]
+        );
+        let keys: Vec<&str> = lines
+            .iter()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .map(|l| l.split([' ', '=']).next().unwrap())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "image",
+                "command",
+                "files",
+                "tail",
+                "[env]",
+                "DEVICE_IP",
+                "[job]",
+                "command",
+                "template",
+                "timeout"
+            ]
+        );
+        assert!(
+            text.contains("timeout = \"3600s\"  # global_timeout of d.conf\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n# From d_snappy.yaml's env.\n[env]\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\n\n[job]\n# A job is a testflinger job YAML"),
+            "{text}"
+        );
+        // Escaping is toml_edit's: the values come back as they went in.
+        let v: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(v["image"].as_str(), Some("lab/img:1 \"quoted\" \\ back"));
+        assert_eq!(v["env"]["DEVICE_IP"].as_str(), Some("10.0.0.1\t\u{1}"));
+        assert_eq!(v["tail"][0].as_str(), Some("/srv/tf/*/*.log"));
+        assert_eq!(v["job"]["template"].as_str(), Some("d.yaml"));
+    }
+
+    /// A value with a line break may come out as a multi-line string: another form, the same
+    /// value.
+    #[test]
+    fn line_breaks_survive() {
+        let sut = SutName::new("d").unwrap();
+        let env = BTreeMap::from([("X".to_owned(), "a\nb\r\n\"\"\"c".to_owned())]);
+        let text = render(&input(&sut, &env));
+        let v: toml::Table = toml::from_str(&text).unwrap();
+        assert_eq!(v["env"]["X"].as_str(), Some("a\nb\r\n\"\"\"c"), "{text}");
+    }
+}

@@ -1,0 +1,189 @@
+//! The MQTT session of one client command: the broker flags every command shares
+//! ([`BrokerArgs`]), connecting with them, and reading "everything retained" up to the probe
+//! (see the [module docs](super)).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use labvisor_mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS, Received};
+use labvisor_protocol::payloads::random_id;
+use labvisor_protocol::topics::Topics;
+
+use super::ClientError;
+
+/// How long a command waits for the broker's ConnAck.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Broker options shared by every client command (flags with env fallbacks).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// MQTT broker URL.
+    #[arg(long, env = "LABVISOR_BROKER", default_value = "mqtt://127.0.0.1:1883")]
+    pub broker: String,
+    /// MQTT username.
+    #[arg(long, env = "LABVISOR_MQTT_USERNAME")]
+    pub username: Option<String>,
+    /// MQTT password.
+    #[arg(long, env = "LABVISOR_MQTT_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// CA certificate (PEM) for `mqtts://`.
+    #[arg(long, env = "LABVISOR_MQTT_CA")]
+    pub ca_file: Option<PathBuf>,
+    /// Global topic prefix of the lab.
+    #[arg(long, env = "LABVISOR_TOPIC_PREFIX")]
+    pub topic_prefix: Option<String>,
+    /// The state directory of the managed broker (`labvisor supervise --state-dir`). With no
+    /// username or password, a command talking to that broker on this machine logs in with its
+    /// local login (`labvisor.local`, password in `local-password` there), if this user can
+    /// read it.
+    #[arg(long, env = "LABVISOR_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    /// The link options these flags describe, for a client called `client_id`.
+    fn link_options(&self, client_id: &str) -> Result<LinkOptions, ClientError> {
+        let mut opts = LinkOptions::from_url(&self.broker, client_id.to_owned())
+            .map_err(|e| ClientError::Usage(format!("--broker {:?}: {e}", self.broker)))?;
+        if self.username.is_some() {
+            opts.username = self.username.clone();
+        }
+        if self.password.is_some() {
+            opts.password = self.password.clone();
+        }
+        if opts.username.is_none() && opts.password.is_none() {
+            // The managed broker of this machine: its local login, if this user can read it.
+            let dir = self
+                .state_dir
+                .clone()
+                .unwrap_or_else(crate::broker::default_state_dir);
+            if let Some((user, password)) = crate::broker::local_login(&dir, &opts.host, opts.port)
+            {
+                opts.username = Some(user);
+                opts.password = Some(password);
+            }
+        }
+        if self.ca_file.is_some() {
+            opts.ca_file = self.ca_file.clone();
+        }
+        opts.backoff_max = Duration::from_secs(1);
+        // A submission may be as large as the largest max_payload: the broker and the agent
+        // take it, so must the client.
+        opts.max_packet_size = labvisor_protocol::MAX_PACKET_SIZE;
+        Ok(opts)
+    }
+
+    fn unreachable(&self, reason: String) -> ClientError {
+        ClientError::Broker {
+            broker: self.broker.clone(),
+            reason,
+        }
+    }
+}
+
+/// An MQTT session of one client command.
+pub struct Session {
+    link: MqttLink,
+    incoming: Incoming,
+    /// The lab's topics.
+    pub topics: Topics,
+    probe: String,
+}
+
+impl Session {
+    /// Connects and subscribes to `filters`.
+    pub async fn connect(
+        args: &BrokerArgs,
+        filters: impl Fn(&Topics) -> Vec<String>,
+    ) -> Result<Session, ClientError> {
+        let topics = Topics::with_prefix(args.topic_prefix.as_deref())
+            .map_err(|e| ClientError::Usage(e.to_string()))?;
+        let client_id = format!("labvisor-cli-{}", random_id());
+        let opts = args.link_options(&client_id)?;
+        let (link, incoming) =
+            MqttLink::start(opts).map_err(|e| args.unreachable(e.to_string()))?;
+        let probe = topics.cli_probe(&client_id);
+        for f in filters(&topics).into_iter().chain([probe.clone()]) {
+            link.subscribe(f, QoS::AtLeastOnce)
+                .map_err(|e| ClientError::Usage(e.to_string()))?;
+        }
+        if !wait_connected(&link).await {
+            let reason = link
+                .state()
+                .last_error
+                .unwrap_or_else(|| "no connection within 5s".into());
+            return Err(args.unreachable(reason));
+        }
+        let _ = link.publish(Message::event(probe.clone(), "probe"));
+        Ok(Session {
+            link,
+            incoming,
+            topics,
+            probe,
+        })
+    }
+
+    /// Collects what the subscriptions delivered up to now (the retained messages): until the
+    /// probe comes back, or 500 ms of quiet (at most 5 s).
+    pub async fn settle(&mut self) -> Vec<Received> {
+        let mut got = Vec::new();
+        let start = Instant::now();
+        loop {
+            let quiet = Duration::from_millis(500);
+            match tokio::time::timeout(quiet, self.incoming.recv()).await {
+                Ok(Some(r)) if r.topic == self.probe => return got,
+                Ok(Some(r)) => got.push(r),
+                Ok(None) => return got,
+                Err(_) => return got,
+            }
+            if start.elapsed() > Duration::from_secs(5) {
+                return got;
+            }
+        }
+    }
+
+    /// The next message, or `None` at `deadline`.
+    pub async fn next(&mut self, deadline: Option<tokio::time::Instant>) -> Option<Received> {
+        loop {
+            let r = match deadline {
+                Some(d) => tokio::time::timeout_at(d, self.incoming.recv())
+                    .await
+                    .ok()??,
+                None => self.incoming.recv().await?,
+            };
+            if r.topic != self.probe {
+                return Some(r);
+            }
+        }
+    }
+
+    /// Publishes QoS 1.
+    pub fn publish(&self, topic: String, payload: Vec<u8>) -> Result<(), ClientError> {
+        self.link
+            .publish(Message::event(topic, Bytes::from(payload)))
+            .map_err(|e| ClientError::Usage(e.to_string()))
+    }
+
+    /// Delivers what is queued and disconnects.
+    pub async fn close(self) {
+        let _ = self.link.shutdown(Vec::new(), Duration::from_secs(2)).await;
+    }
+}
+
+/// Whether the link connects within [`CONNECT_TIMEOUT`].
+async fn wait_connected(link: &MqttLink) -> bool {
+    let mut watch = link.watch_state();
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            if watch.borrow_and_update().connected {
+                return;
+            }
+            if watch.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    connected.is_ok() && link.state().connected
+}

@@ -1,0 +1,345 @@
+//! An in-memory container engine for tests of the reconcile loop: containers are created
+//! running and healthy, every call is recorded ([`FakeCall`]), and failures (an engine down, a
+//! failed create, pull or build, a busy agent) are set by hand.
+//!
+//! Compiled only for the crate's unit tests and under the `fake-runtime` feature (which the
+//! supervisor's own integration tests enable through a dev-dependency on the crate itself):
+//! it is not in the release binary.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use labvisor_protocol::payloads::Health;
+
+use super::{ContainerInfo, ContainerRuntime, EventStream, ImageOutcome, Progress, RuntimeError};
+use crate::plan::RunState;
+use crate::spec::{ContainerSpec, ImageSpec};
+
+/// A call recorded by [`FakeRuntime`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FakeCall {
+    /// `create` of a container name.
+    Create(String),
+    /// `start` of an id.
+    Start(String),
+    /// `stop` of an id.
+    Stop(String),
+    /// `remove` of an id.
+    Remove(String),
+    /// `restart` of an id.
+    Restart(String),
+    /// `remove_volume` of a name.
+    RemoveVolume(String),
+    /// A build of an image (`ensure_image` with `[build]` and a stale or absent image).
+    Build(String),
+    /// A pull of an absent image.
+    Pull(String),
+    /// `agent_busy` of an id.
+    AgentBusy(String),
+}
+
+#[derive(Debug, Default)]
+struct FakeState {
+    containers: Vec<ContainerInfo>,
+    volumes: Vec<String>,
+    calls: Vec<FakeCall>,
+    fail_create: Vec<String>,
+    absent: Vec<String>,
+    unpullable: Vec<String>,
+    built: BTreeMap<String, String>,
+    fail_build: Vec<String>,
+    busy: Vec<String>,
+    create_delay: BTreeMap<String, Duration>,
+    lists: u64,
+    down: bool,
+    next_id: u64,
+}
+
+/// An in-memory container engine: containers are created running and healthy. Records calls,
+/// can be made unreachable, and can fail the creation of chosen names.
+#[derive(Debug, Clone, Default)]
+pub struct FakeRuntime {
+    state: Arc<Mutex<FakeState>>,
+}
+
+impl FakeRuntime {
+    /// An empty engine.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut FakeState) -> T) -> T {
+        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<FakeCall> {
+        self.with(|s| s.calls.clone())
+    }
+
+    /// The containers now.
+    pub fn containers(&self) -> Vec<ContainerInfo> {
+        self.with(|s| s.containers.clone())
+    }
+
+    /// The volumes now.
+    pub fn volumes(&self) -> Vec<String> {
+        self.with(|s| s.volumes.clone())
+    }
+
+    /// Adds a container as if someone else made it.
+    pub fn insert(&self, c: ContainerInfo) {
+        self.with(|s| s.containers.push(c));
+    }
+
+    /// Changes a container in place.
+    pub fn update(&self, id: &str, f: impl FnOnce(&mut ContainerInfo)) {
+        self.with(|s| {
+            if let Some(c) = s.containers.iter_mut().find(|c| c.id == id) {
+                f(c)
+            }
+        });
+    }
+
+    /// Makes `create` of `name` fail (or succeed again with `false`).
+    pub fn fail_create(&self, name: &str, fail: bool) {
+        self.with(|s| {
+            s.fail_create.retain(|n| n != name);
+            if fail {
+                s.fail_create.push(name.to_owned());
+            }
+        });
+    }
+
+    /// Makes `image` absent locally (or present again). Images are present unless made absent
+    /// here; images with `[build]` are absent until built.
+    pub fn set_absent(&self, image: &str, absent: bool) {
+        self.with(|s| {
+            s.absent.retain(|n| n != image);
+            if absent {
+                s.absent.push(image.to_owned());
+            }
+        });
+    }
+
+    /// Makes the pull of `image` fail as if no registry were reachable (or succeed again).
+    pub fn fail_pull(&self, image: &str, fail: bool) {
+        self.with(|s| {
+            s.unpullable.retain(|n| n != image);
+            if fail {
+                s.unpullable.push(image.to_owned());
+            }
+        });
+    }
+
+    /// Makes builds of `image` fail (or succeed again).
+    pub fn fail_build(&self, image: &str, fail: bool) {
+        self.with(|s| {
+            s.fail_build.retain(|n| n != image);
+            if fail {
+                s.fail_build.push(image.to_owned());
+            }
+        });
+    }
+
+    /// The build hash each built image carries.
+    pub fn built(&self) -> BTreeMap<String, String> {
+        self.with(|s| s.built.clone())
+    }
+
+    /// Makes `create` of `name` take `delay`, as an engine under load does.
+    pub fn set_create_delay(&self, name: &str, delay: Duration) {
+        self.with(|s| s.create_delay.insert(name.to_owned(), delay));
+    }
+
+    /// How many times the containers were listed (one per reconcile pass).
+    pub fn lists(&self) -> u64 {
+        self.with(|s| s.lists)
+    }
+
+    /// Makes the agent in container `id` report a running job to `agent_busy` (or none).
+    pub fn set_busy(&self, id: &str, busy: bool) {
+        self.with(|s| {
+            s.busy.retain(|i| i != id);
+            if busy {
+                s.busy.push(id.to_owned());
+            }
+        });
+    }
+
+    /// Makes the engine unreachable (or reachable again).
+    pub fn set_down(&self, down: bool) {
+        self.with(|s| s.down = down);
+    }
+
+    fn up(&self) -> Result<(), RuntimeError> {
+        if self.with(|s| s.down) {
+            Err(RuntimeError::Unreachable("fake engine is down".into()))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn exists(&self, id: &str) -> Result<(), RuntimeError> {
+        if self.with(|s| s.containers.iter().any(|c| c.id == id)) {
+            Ok(())
+        } else {
+            Err(RuntimeError::NotFound(id.to_owned()))
+        }
+    }
+}
+
+impl ContainerRuntime for FakeRuntime {
+    async fn ping(&self) -> Result<(), RuntimeError> {
+        self.up()
+    }
+
+    async fn list(&self) -> Result<Vec<ContainerInfo>, RuntimeError> {
+        self.up()?;
+        self.with(|s| s.lists += 1);
+        Ok(self.containers())
+    }
+
+    async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        self.up()?;
+        if let Some(d) = self.with(|s| s.create_delay.get(&spec.name).copied()) {
+            tokio::time::sleep(d).await;
+        }
+        self.with(|s| {
+            s.calls.push(FakeCall::Create(spec.name.clone()));
+            if s.fail_create.contains(&spec.name) {
+                return Err(RuntimeError::Api {
+                    status: 500,
+                    message: format!("fake failure creating {}", spec.name),
+                });
+            }
+            if s.containers.iter().any(|c| c.name == spec.name) {
+                return Err(RuntimeError::Conflict(spec.name.clone()));
+            }
+            if !s.volumes.contains(&spec.volume.name) {
+                s.volumes.push(spec.volume.name.clone());
+            }
+            s.next_id += 1;
+            let id = format!("fake{:04}", s.next_id);
+            s.containers.push(ContainerInfo {
+                id: id.clone(),
+                name: spec.name.clone(),
+                labels: spec
+                    .body
+                    .labels
+                    .clone()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .collect(),
+                state: RunState::Running,
+                health: Health::Healthy,
+            });
+            Ok(id)
+        })
+    }
+
+    async fn ensure_image(
+        &self,
+        spec: &ImageSpec,
+        progress: &Progress,
+    ) -> Result<ImageOutcome, RuntimeError> {
+        self.up()?;
+        let image = spec.image.clone();
+        let Some(b) = &spec.build else {
+            let (absent, unpullable) =
+                self.with(|s| (s.absent.contains(&image), s.unpullable.contains(&image)));
+            if !absent {
+                return Ok(ImageOutcome::Present);
+            }
+            self.with(|s| s.calls.push(FakeCall::Pull(image.clone())));
+            if unpullable {
+                return Err(RuntimeError::ImageUnavailable {
+                    image,
+                    reason: "fake registry unreachable".into(),
+                });
+            }
+            progress(&format!("fake pull of {image}"));
+            self.set_absent(&image, false);
+            return Ok(ImageOutcome::Pulled);
+        };
+        if self.with(|s| s.built.get(&image) == Some(&b.hash)) {
+            return Ok(ImageOutcome::Present);
+        }
+        self.with(|s| s.calls.push(FakeCall::Build(image.clone())));
+        progress(&format!("Step 1/1 : fake build of {image}"));
+        if self.with(|s| s.fail_build.contains(&image)) {
+            return Err(RuntimeError::BuildFailed {
+                image,
+                message: "fake build failure".into(),
+            });
+        }
+        let n = self.with(|s| {
+            s.built.insert(image.clone(), b.hash.clone());
+            s.next_id += 1;
+            s.next_id
+        });
+        Ok(ImageOutcome::Built(format!("sha256:fakeimage{n:04}")))
+    }
+
+    async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        self.up()?;
+        self.exists(id)?;
+        self.with(|s| s.calls.push(FakeCall::Start(id.to_owned())));
+        self.update(id, |c| c.state = RunState::Running);
+        Ok(())
+    }
+
+    async fn stop(&self, id: &str, _timeout: Duration) -> Result<(), RuntimeError> {
+        self.up()?;
+        self.exists(id)?;
+        self.with(|s| s.calls.push(FakeCall::Stop(id.to_owned())));
+        self.update(id, |c| {
+            c.state = RunState::Exited;
+            c.health = Health::None;
+        });
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
+        self.up()?;
+        self.with(|s| {
+            s.calls.push(FakeCall::Remove(id.to_owned()));
+            s.containers.retain(|c| c.id != id);
+        });
+        Ok(())
+    }
+
+    async fn restart(&self, id: &str, _timeout: Duration) -> Result<(), RuntimeError> {
+        self.up()?;
+        self.exists(id)?;
+        self.with(|s| s.calls.push(FakeCall::Restart(id.to_owned())));
+        self.update(id, |c| {
+            c.state = RunState::Running;
+            c.health = Health::Starting;
+        });
+        Ok(())
+    }
+
+    async fn remove_volume(&self, name: &str) -> Result<(), RuntimeError> {
+        self.up()?;
+        self.with(|s| {
+            s.calls.push(FakeCall::RemoveVolume(name.to_owned()));
+            s.volumes.retain(|v| v != name);
+        });
+        Ok(())
+    }
+
+    async fn agent_busy(&self, id: &str) -> Result<bool, RuntimeError> {
+        self.up()?;
+        self.exists(id)?;
+        Ok(self.with(|s| {
+            s.calls.push(FakeCall::AgentBusy(id.to_owned()));
+            s.busy.iter().any(|b| b == id)
+        }))
+    }
+
+    fn events(&self) -> EventStream {
+        Box::pin(futures_util::stream::pending())
+    }
+}
