@@ -176,58 +176,6 @@ pub fn signal_group(pgid: u32, sig: Signal) {
     }
 }
 
-/// Restart policy of the device process: capped exponential backoff, and crash-loop after
-/// `crash_loop_after` quick failures in a row.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    /// First delay.
-    pub min: Duration,
-    /// Largest delay.
-    pub max: Duration,
-    /// Quick failures in a row before the state is crash-loop.
-    pub crash_loop_after: u32,
-    /// A run shorter than this is a quick failure; a longer one resets the count.
-    pub quick: Duration,
-    quick_failures: u32,
-}
-
-impl Backoff {
-    /// A policy with no failures yet.
-    pub fn new(min: Duration, max: Duration, crash_loop_after: u32) -> Self {
-        Backoff {
-            min,
-            max: max.max(min),
-            crash_loop_after: crash_loop_after.max(1),
-            // A run that outlived the longest backoff (or 10 s) was not a quick failure.
-            quick: max.clamp(Duration::from_secs(10), Duration::from_secs(60)),
-            quick_failures: 0,
-        }
-    }
-
-    /// Records an exit after `ran` and returns the delay before the next start. An exit after a
-    /// long run (at least `quick`) is not a quick failure: it clears the count, and the next
-    /// start comes after the shortest delay.
-    pub fn on_exit(&mut self, ran: Duration) -> Duration {
-        if ran >= self.quick {
-            self.quick_failures = 0;
-            return self.min;
-        }
-        self.quick_failures = self.quick_failures.saturating_add(1);
-        let exp = self.quick_failures.saturating_sub(1).min(20);
-        self.min.saturating_mul(1u32 << exp).min(self.max)
-    }
-
-    /// Whether the process is crash-looping.
-    pub fn crash_loop(&self) -> bool {
-        self.quick_failures >= self.crash_loop_after
-    }
-
-    /// Quick failures in a row.
-    pub fn quick_failures(&self) -> u32 {
-        self.quick_failures
-    }
-}
-
 /// When the agent is PID 1 (a container without Docker's init), orphaned grandchildren are
 /// re-parented to it and must be reaped, or they stay zombies. Reaps every exited child that is
 /// not one of `ours` (those are waited for by their owners), without disturbing `ours`.
@@ -260,52 +208,6 @@ pub fn reap_orphans(ours: &[u32]) -> usize {
 mod tests {
     use super::*;
     use crate::logfile::RotatingFile;
-
-    #[test]
-    fn backoff_grows_caps_and_resets_after_a_long_run() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8), 3);
-        let quick = Duration::from_millis(100);
-        let delays: Vec<_> = (0..5).map(|_| b.on_exit(quick).as_secs()).collect();
-        assert_eq!(delays, [1, 2, 4, 8, 8]);
-        assert!(b.crash_loop());
-        assert_eq!(b.on_exit(Duration::from_secs(3600)), Duration::from_secs(1));
-        assert!(!b.crash_loop());
-    }
-
-    /// The exit that ends a long healthy run is not a quick failure: it counts nothing, so it
-    /// can neither start a crash loop on its own nor bring one closer.
-    #[test]
-    fn an_exit_after_a_long_run_is_not_a_quick_failure() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8), 1);
-        assert_eq!(b.quick, Duration::from_secs(10));
-        assert_eq!(b.on_exit(Duration::from_secs(339)), Duration::from_secs(1));
-        assert_eq!(b.quick_failures(), 0);
-        assert!(
-            !b.crash_loop(),
-            "one long run then an exit is no crash loop"
-        );
-        // Exactly at the threshold counts as long; just under it as quick.
-        assert_eq!(b.on_exit(b.quick), Duration::from_secs(1));
-        assert_eq!(b.quick_failures(), 0);
-        let under = b.quick - Duration::from_millis(1);
-        assert_eq!(b.on_exit(under), Duration::from_secs(1));
-        assert_eq!(b.quick_failures(), 1);
-        assert!(b.crash_loop());
-
-        // With crash_loop_after = 3: two quick failures, a long run, two quick failures: no
-        // crash loop (the count restarted at the long run), and the delays restarted too.
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8), 3);
-        let quick = Duration::from_millis(100);
-        let delays: Vec<u64> = [quick, quick, Duration::from_secs(339), quick, quick]
-            .into_iter()
-            .map(|ran| b.on_exit(ran).as_secs())
-            .collect();
-        assert_eq!(delays, [1, 2, 1, 1, 2]);
-        assert_eq!(b.quick_failures(), 2);
-        assert!(!b.crash_loop());
-        assert_eq!(b.on_exit(quick), Duration::from_secs(4));
-        assert!(b.crash_loop());
-    }
 
     fn sinks(dir: &std::path::Path) -> Arc<Sinks> {
         Arc::new(Sinks::new(

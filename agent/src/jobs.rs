@@ -15,12 +15,12 @@
 //! [`COMPACT_AFTER`] lines, keeping the queue, the running job and the latest [`HISTORY`]
 //! finished jobs, whose ids also serve to recognise duplicates.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write};
 use std::path::{Path, PathBuf};
 
-use labvisor_protocol::payloads::{JobState, JobStatus, VERSION};
+use labvisor_protocol::payloads::{JobState, JobStatus, JobSubmit};
 use labvisor_protocol::submit::{JobRun, Submission};
 use labvisor_protocol::topics::JobId;
 use labvisor_protocol::SutName;
@@ -62,20 +62,18 @@ fn recorded_bytes(dir: &Path, id: &JobId) -> Option<u64> {
     (p.id == *id).then_some(p.output_bytes)
 }
 
-/// An accepted job as stored.
+/// An accepted job as stored: what was submitted, with the id it runs under and the limits the
+/// SUT's capped. A journal line holds `id`, `script` or `argv`, `env` (the submission's own
+/// fields) and `timeout_ms`, `output_timeout_ms`, `queued_ms`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobRecord {
     /// The job's id.
     pub id: JobId,
-    /// A script, or an argv.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub script: Option<String>,
-    /// An argv.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub argv: Option<Vec<String>>,
-    /// Extra environment.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    /// What to run: `script` or `argv`, and `env`. Its `id` is always `None` (the record's
+    /// [`JobRecord::id`] is the one), and so are its `timeout`, `output_timeout` (capped below)
+    /// and `reply_to` (answered at acceptance).
+    #[serde(flatten)]
+    pub job: JobSubmit,
     /// Total time limit, ms (already capped by the SUT's limit).
     pub timeout_ms: u64,
     /// Silence limit, ms (already capped).
@@ -102,9 +100,12 @@ impl JobRecord {
         };
         JobRecord {
             id,
-            script,
-            argv,
-            env: sub.env.clone(),
+            job: JobSubmit {
+                script,
+                argv,
+                env: sub.env.clone(),
+                ..JobSubmit::default()
+            },
             timeout_ms: cap(sub.timeout, max_timeout),
             output_timeout_ms: cap(sub.output_timeout, max_output_timeout),
             queued_ms: now_ms,
@@ -222,14 +223,9 @@ impl Store {
     }
 
     fn lost_status(&self, job: &JobRecord, started: u64, now_ms: u64, why: &str) -> JobStatus {
-        JobStatus {
-            state: JobState::Lost,
-            started_ms: Some(started),
-            ended_ms: Some(now_ms),
-            duration_ms: Some(now_ms.saturating_sub(started)),
-            reason: Some(why.to_owned()),
-            ..self.queued_status(job)
-        }
+        self.queued_status(job)
+            .finished(JobState::Lost, started, now_ms)
+            .with_reason(why.to_owned())
     }
 
     /// Finishes the running job as lost; requeues it at the front when asked. Returns the
@@ -391,20 +387,7 @@ impl Store {
 
     /// The `queued` status of a job.
     pub fn queued_status(&self, job: &JobRecord) -> JobStatus {
-        JobStatus {
-            v: VERSION,
-            sut: self.sut.clone(),
-            id: job.id.clone(),
-            state: JobState::Queued,
-            exit_code: None,
-            signal: None,
-            queued_ms: job.queued_ms,
-            started_ms: None,
-            ended_ms: None,
-            duration_ms: None,
-            output_bytes: 0,
-            reason: None,
-        }
+        JobStatus::accepted(self.sut.clone(), job.id.clone(), job.queued_ms)
     }
 
     /// The recent finished jobs, oldest first.
@@ -413,32 +396,34 @@ impl Store {
     }
 }
 
-/// Merges a script into a testflinger-style job template (YAML text): the template's top-level
-/// `test_data:` block is replaced by one whose `test_cmds` is the script.
-pub fn merge_template(template: &str, script: &str) -> String {
-    let mut out = String::new();
-    let mut skipping = false;
-    for line in template.lines() {
-        let top_level =
-            !line.starts_with([' ', '\t']) && !line.trim().is_empty() && !line.starts_with('#');
-        if top_level {
-            skipping = line.starts_with("test_data:");
-        }
-        if !skipping {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    if !out.ends_with('\n') && !out.is_empty() {
-        out.push('\n');
-    }
-    out.push_str("test_data:\n  test_cmds: |\n");
-    for l in script.lines() {
-        out.push_str("    ");
-        out.push_str(l);
-        out.push('\n');
-    }
-    out
+/// Why a job template cannot take the script.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// It is not YAML.
+    #[error("the job template is not valid YAML: {0}")]
+    Yaml(#[from] serde_yaml_ng::Error),
+    /// Its top level is not a mapping.
+    #[error("the job template's top level is not a mapping of keys")]
+    NotAMapping,
+}
+
+/// Merges a script into a testflinger-style job template (YAML): the template's top-level
+/// `test_data` is replaced by one whose `test_cmds` is the script, last in the document. The
+/// other keys stay as they are, in their order (comments are not kept).
+pub fn merge_template(template: &str, script: &str) -> Result<String, TemplateError> {
+    use serde_yaml_ng::{Mapping, Value};
+    let mut doc = match serde_yaml_ng::from_str::<Value>(template)? {
+        Value::Null => Mapping::new(),
+        Value::Mapping(m) => m,
+        _ => return Err(TemplateError::NotAMapping),
+    };
+    doc.remove("test_data");
+    // Every line of the script ends with a newline, as a `|` block gives it.
+    let cmds: String = script.lines().flat_map(|l| [l, "\n"]).collect();
+    let mut test_data = Mapping::new();
+    test_data.insert("test_cmds".into(), Value::String(cmds));
+    doc.insert("test_data".into(), Value::Mapping(test_data));
+    Ok(serde_yaml_ng::to_string(&doc)?)
 }
 
 #[cfg(test)]
@@ -476,6 +461,24 @@ mod tests {
             1,
         );
         assert_eq!((j.timeout_ms, j.output_timeout_ms), (60_000, 1_000));
+    }
+
+    /// The journal's format is the same as before the record embedded the submission: older
+    /// journals replay, and older agents read newer ones.
+    #[test]
+    fn a_record_is_one_flat_json_object() {
+        let line = r#"{"id":"a","script":"echo hi","timeout_ms":60000,"output_timeout_ms":30000,"queued_ms":1}"#;
+        assert_eq!(serde_json::to_string(&job("a")).unwrap(), line);
+        assert_eq!(serde_json::from_str::<JobRecord>(line).unwrap(), job("a"));
+        let argv = r#"{"id":"b","argv":["x","y"],"env":{"K":"v"},"timeout_ms":1,"output_timeout_ms":2,"queued_ms":3}"#;
+        let rec: JobRecord = serde_json::from_str(argv).unwrap();
+        assert_eq!(
+            rec.job.argv.as_deref(),
+            Some(&["x".to_owned(), "y".to_owned()][..])
+        );
+        assert_eq!(rec.job.env["K"], "v");
+        assert_eq!(rec.job.id, None);
+        assert_eq!(serde_json::to_string(&rec).unwrap(), argv);
     }
 
     #[test]
@@ -595,10 +598,23 @@ mod tests {
     #[test]
     fn template_merge_replaces_test_data() {
         let t = "job_queue: rpi4\nprovision_data:\n  distro: noble\ntest_data:\n  test_cmds: old\n  attachments: []\nreserve_data:\n  timeout: 60\n";
-        let m = merge_template(t, "echo one\necho two");
+        let m = merge_template(t, "echo one\necho two").unwrap();
         assert_eq!(
             m,
             "job_queue: rpi4\nprovision_data:\n  distro: noble\nreserve_data:\n  timeout: 60\ntest_data:\n  test_cmds: |\n    echo one\n    echo two\n"
         );
+        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&m).unwrap();
+        assert_eq!(value["test_data"]["test_cmds"], "echo one\necho two\n");
+    }
+
+    #[test]
+    fn template_merge_takes_an_empty_template_and_refuses_a_list() {
+        let m = merge_template("# only a comment\n", "true\n").unwrap();
+        assert_eq!(m, "test_data:\n  test_cmds: |\n    true\n");
+        assert!(matches!(
+            merge_template("- a\n- b\n", "true"),
+            Err(TemplateError::NotAMapping)
+        ));
+        assert!(merge_template("a: [\n", "true").is_err());
     }
 }

@@ -40,16 +40,24 @@
 //! draining stdout) makes the agent report `stalled`.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use labvisor_protocol::payloads::now_ms;
 use labvisor_protocol::topics::JobId;
 
 use crate::logfile::RotatingFile;
+use crate::tap::Tap;
+
+mod lines;
+mod pump;
+
+use lines::{count_lines, long_pieces, push_lines};
+pub use lines::{push_line, push_line_within};
+pub use pump::{pump, spawn_idle_flusher, Progress};
 
 /// Size of one read from a pipe.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -129,35 +137,6 @@ fn header(file: Option<&Path>) -> String {
     }
 }
 
-/// Appends `line` (lossy UTF-8, without its newline) to `out` as MQTT lines of at most
-/// [`LINE_MAX`] bytes: pieces but the last end with [`SPLIT_MARKER`], and so does the last when
-/// `continued`. Returns the number of lines appended.
-pub fn push_line(out: &mut String, line: &str, continued: bool) -> u64 {
-    let room = LINE_MAX - SPLIT_MARKER.len() - 1;
-    let mut rest = line;
-    let mut n = 0;
-    while rest.len() > LINE_MAX - 1 || (continued && rest.len() > room) {
-        let mut cut = room;
-        while !rest.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        out.push_str(&rest[..cut]);
-        out.push_str(SPLIT_MARKER);
-        out.push('\n');
-        rest = &rest[cut..];
-        n += 1;
-    }
-    if !rest.is_empty() || !continued || n == 0 {
-        out.push_str(rest);
-        if continued {
-            out.push_str(SPLIT_MARKER);
-        }
-        out.push('\n');
-        n += 1;
-    }
-    n
-}
-
 /// One source's bytes that were not written yet.
 #[derive(Default)]
 struct Held {
@@ -218,6 +197,12 @@ impl Sinks {
         &self.tap
     }
 
+    /// Writes a line from the agent itself (`[labvisor-agent] ...`) into the output.
+    pub fn agent_line(&self, text: &str) {
+        let line = format!("[labvisor-agent] {text}\n");
+        self.write(&Source::Agent, line.as_bytes());
+    }
+
     /// Takes `data` from `source`: its whole lines go to every sink now, an incomplete last line
     /// waits for its end (see the module documentation).
     pub fn write(&self, source: &Source, data: &[u8]) {
@@ -225,42 +210,20 @@ impl Sinks {
             return;
         }
         let mut mux = self.mux.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::new();
-        let mut chunks = Vec::new();
         let m = &mut *mux;
-        let held = m.held.entry(source.clone()).or_default();
-        held.at = Some(Instant::now());
-        // stdout and the file: `out` (headers, a closing newline, held bytes) then `direct`, a
-        // slice of `data` written as it is. Held bytes never contain a newline.
-        let mut direct: &[u8] = &[];
-        if m.open.as_ref() == Some(source) {
-            direct = data;
-            if data.ends_with(b"\n") {
-                m.open = None;
-            }
-        } else {
-            let cut = if held.sink.len() + data.len() > HOLD_MAX {
-                Some(data.len())
-            } else {
-                memchr::memrchr(b'\n', data).map(|p| p + 1)
-            };
-            match cut {
-                Some(cut) => {
-                    let held_bytes = std::mem::take(&mut held.sink);
-                    held.sink.extend_from_slice(&data[cut..]);
-                    direct = &data[..cut];
-                    sink_prefix(m, source, &mut out);
-                    out.extend_from_slice(&held_bytes);
-                    if !direct.ends_with(b"\n") {
-                        m.open = Some(source.clone());
-                    }
-                }
-                None => held.sink.extend_from_slice(data),
-            }
-        }
-        // MQTT: held bytes never contain a newline, so the complete lines are the held bytes
-        // and `data` up to its last newline.
-        let held = m.held.get_mut(source).expect("inserted above");
+        m.held.entry(source.clone()).or_default().at = Some(Instant::now());
+        let mut out = Vec::new();
+        let direct = sink_part(m, source, data, &mut out);
+        let chunks = self.tap_part(m, source, data);
+        self.emit(mux, &out, direct, chunks);
+    }
+
+    /// What of `data` goes to the tap now, as chunks: the held bytes and `data` up to its last
+    /// newline (held bytes never contain a newline), and the full pieces of a line longer than
+    /// [`LINE_MAX`]; the rest is held.
+    fn tap_part(&self, m: &mut Mux, source: &Source, data: &[u8]) -> Vec<Chunk> {
+        let mut chunks = Vec::new();
+        let held = m.held.get_mut(source).expect("inserted by write");
         let last_nl = memchr::memrchr(b'\n', data);
         let mut text = String::new();
         let mut lines = 0;
@@ -276,11 +239,7 @@ impl Sinks {
                 handled = self
                     .tap
                     .drop_if_over(source.target(), raw_len, || count_lines(&head, complete));
-                if handled {
-                    held.tap = tail;
-                } else {
-                    held.tap = head;
-                }
+                held.tap = if handled { tail } else { head };
             }
             if !handled {
                 let mut rest = complete;
@@ -300,22 +259,7 @@ impl Sinks {
         }
         if held.tap.len() >= LINE_MAX {
             // A line longer than a piece: its full pieces go now, the rest waits.
-            let keep = incomplete_tail(&held.tap);
-            let part: Vec<u8> = held.tap.drain(..keep).collect();
-            let part = String::from_utf8_lossy(&part);
-            let mut rest: &str = &part;
-            let room = LINE_MAX - SPLIT_MARKER.len() - 1;
-            let mut long = String::new();
-            let mut n = 0;
-            while rest.len() >= LINE_MAX - 1 {
-                let mut cut = room;
-                while !rest.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                n += push_line(&mut long, &rest[..cut], true);
-                rest = &rest[cut..];
-            }
-            held.tap.splice(..0, rest.bytes());
+            let (long, n) = long_pieces(&mut held.tap);
             if handled {
                 tap_lines(m, source, long, n, &mut chunks);
             } else {
@@ -326,7 +270,7 @@ impl Sinks {
         if !handled {
             tap_lines(m, source, text, lines, &mut chunks);
         }
-        self.emit(mux, &out, direct, chunks);
+        chunks
     }
 
     /// Writes what each source has held for at least `idle`: an incomplete line goes to stdout
@@ -476,6 +420,37 @@ fn release_sink(m: &mut Mux, source: &Source, bytes: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// What of `data` goes to stdout and the file now: `out` gets what comes first (a closing
+/// newline, a header, the held bytes), and the slice of `data` to write as it is is returned.
+/// An incomplete last line is held (see the module documentation).
+fn sink_part<'d>(m: &mut Mux, source: &Source, data: &'d [u8], out: &mut Vec<u8>) -> &'d [u8] {
+    if m.open.as_ref() == Some(source) {
+        if data.ends_with(b"\n") {
+            m.open = None;
+        }
+        return data;
+    }
+    let held = m.held.get_mut(source).expect("inserted by write");
+    let cut = if held.sink.len() + data.len() > HOLD_MAX {
+        Some(data.len())
+    } else {
+        memchr::memrchr(b'\n', data).map(|p| p + 1)
+    };
+    let Some(cut) = cut else {
+        held.sink.extend_from_slice(data);
+        return &[];
+    };
+    let held_bytes = std::mem::take(&mut held.sink);
+    held.sink.extend_from_slice(&data[cut..]);
+    let direct = &data[..cut];
+    sink_prefix(m, source, out);
+    out.extend_from_slice(&held_bytes);
+    if !direct.ends_with(b"\n") {
+        m.open = Some(source.clone());
+    }
+    direct
+}
+
 /// What goes before bytes of `source` in stdout and the file: a newline closing another
 /// source's open line, and a header when the output switches between a file and the rest.
 fn sink_prefix(m: &mut Mux, source: &Source, out: &mut Vec<u8>) {
@@ -487,67 +462,6 @@ fn sink_prefix(m: &mut Mux, source: &Source, out: &mut Vec<u8>) {
         out.extend_from_slice(header(source.file()).as_bytes());
         m.sink_file = source.file().map(Path::to_path_buf);
     }
-}
-
-/// Appends the newline-terminated lines of `bytes` to `out` as [`push_line`] does, line by
-/// line, and returns how many MQTT lines that made. Valid UTF-8 without a line of
-/// [`LINE_MAX`] bytes or more goes in as it is.
-fn push_lines(out: &mut String, bytes: &[u8]) -> u64 {
-    if bytes.is_empty() {
-        return 0;
-    }
-    if let Ok(s) = std::str::from_utf8(bytes) {
-        let mut n = 0;
-        let mut start = 0;
-        let mut short = true;
-        for p in memchr::memchr_iter(b'\n', bytes) {
-            if p - start > LINE_MAX - 1 {
-                short = false;
-                break;
-            }
-            start = p + 1;
-            n += 1;
-        }
-        if short {
-            out.push_str(s);
-            return n;
-        }
-    }
-    let mut n = 0;
-    for line in bytes.split_inclusive(|b| *b == b'\n') {
-        let line = String::from_utf8_lossy(&line[..line.len() - 1]);
-        n += push_line(out, &line, false);
-    }
-    n
-}
-
-/// How many MQTT lines [`push_line`] makes of the newline-terminated lines of `head` followed
-/// by `rest` (`head` holds no newline), without building their text when it need not.
-fn count_lines(head: &[u8], rest: &[u8]) -> u64 {
-    let one = |line: &[u8]| -> u64 {
-        // Lossy UTF-8 is at most three times as long as the bytes.
-        if line.len() * 3 < LINE_MAX || (line.len() < LINE_MAX && std::str::from_utf8(line).is_ok())
-        {
-            1
-        } else {
-            push_line(&mut String::new(), &String::from_utf8_lossy(line), false)
-        }
-    };
-    let mut n = 0;
-    let mut start = 0;
-    let mut first = true;
-    for p in memchr::memchr_iter(b'\n', rest) {
-        if first && !head.is_empty() {
-            let mut line = head.to_vec();
-            line.extend_from_slice(&rest[..p]);
-            n += one(&line);
-        } else {
-            n += one(&rest[start..p]);
-        }
-        first = false;
-        start = p + 1;
-    }
-    n
 }
 
 /// Queues `text` (`lines` whole lines of `source`) for the tap, after a header when the output
@@ -569,73 +483,6 @@ fn tap_lines(m: &mut Mux, source: &Source, text: String, lines: u64, chunks: &mu
         text,
         lines,
     });
-}
-
-use crate::tap::Tap;
-
-/// How far a pump got: bytes so far and when the last ones arrived (for `output_timeout`).
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Bytes read so far.
-    pub bytes: AtomicU64,
-    /// ms since the epoch of the last read.
-    pub last_ms: AtomicU64,
-}
-
-/// Reads `reader` to EOF on the calling thread, writing every chunk to `sinks` as `source`, and
-/// ends `source` at EOF. Returns the number of bytes read.
-pub fn pump(mut reader: impl Read, sinks: &Sinks, source: &Source, progress: &Progress) -> u64 {
-    let mut buf = vec![0u8; READ_CHUNK];
-    let mut total = 0u64;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => break,
-        };
-        total += n as u64;
-        progress.bytes.fetch_add(n as u64, Ordering::Relaxed);
-        progress.last_ms.store(now_ms(), Ordering::Relaxed);
-        sinks.write(source, &buf[..n]);
-    }
-    sinks.end(source);
-    total
-}
-
-/// Runs [`Sinks::flush_idle`] every `PARTIAL_IDLE / 2` on its own thread until `stop` is set.
-pub fn spawn_idle_flusher(
-    sinks: Arc<Sinks>,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("output-idle".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(PARTIAL_IDLE / 2);
-                sinks.flush_idle(PARTIAL_IDLE);
-            }
-        })
-}
-
-/// Where an incomplete UTF-8 sequence starts at the end of `data` (`data.len()` if none): a
-/// leading byte followed by fewer continuation bytes than it announces.
-fn incomplete_tail(data: &[u8]) -> usize {
-    let len = data.len();
-    for i in (len.saturating_sub(3)..len).rev() {
-        let b = data[i];
-        if b & 0xC0 == 0x80 {
-            continue; // a continuation byte: look further back
-        }
-        let need = match b {
-            0xC2..=0xDF => 2,
-            0xE0..=0xEF => 3,
-            0xF0..=0xF4 => 4,
-            _ => return len,
-        };
-        return if len - i < need { i } else { len };
-    }
-    len
 }
 
 #[cfg(test)]

@@ -18,20 +18,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use labvisor_mqtt::{Message, MqttLink, Received};
 use labvisor_protocol::config::{JobVars, SutConfig};
-use labvisor_protocol::payloads::{
-    new_job_id, now_ms, CancelAck, CancelResult, JobState, JobStatus, SubmitAck, SubmitResult,
-    VERSION,
-};
-use labvisor_protocol::submit::{check_reply_topic, parse_cancel, parse_submit, CancelTarget};
+use labvisor_protocol::payloads::{now_ms, JobState, JobStatus};
 use labvisor_protocol::topics::{JobId, Topics};
 use nix::sys::signal::Signal;
-use tracing::{info, warn};
+use tracing::{info, info_span, warn, Instrument, Span};
 
 use crate::child::{self, Exit, Running, Spec};
-use crate::jobs::{record_progress, JobProgress, JobRecord, Lookup, Store, PROGRESS_EVERY};
+use crate::jobs::{record_progress, JobProgress, JobRecord, Store, PROGRESS_EVERY};
+use crate::mqtt::{Message, MqttLink};
 use crate::output::{Sinks, Source};
+
+mod requests;
 
 /// Job directories kept on the volume (the newest); older ones are removed.
 pub const KEEP_JOB_DIRS: usize = 20;
@@ -48,6 +46,8 @@ pub struct ActiveJob {
     kill_at: Option<tokio::time::Instant>,
     /// Records its output byte count on the volume (see [`crate::jobs::PROGRESS_FILE`]).
     recorder: tokio::task::JoinHandle<()>,
+    /// Its span: every event about it goes there (`job{job_id}`).
+    span: Span,
 }
 
 impl Drop for ActiveJob {
@@ -70,7 +70,7 @@ async fn record_output(dir: PathBuf, id: JobId, progress: Arc<crate::output::Pro
                 output_bytes,
             };
             if let Err(e) = record_progress(&dir, &p) {
-                warn!(job_id = %id, error = %e, "Cannot record the job's output byte count.");
+                warn!(error = %e, "Cannot record the job's output byte count.");
             }
             recorded = Some(output_bytes);
         }
@@ -109,7 +109,8 @@ impl JobRunner {
             grace,
         };
         for s in &statuses {
-            warn!(sut = %s.sut, job_id = %s.id, state = ?s.state, "Job was running when the agent died.");
+            let span = info_span!("job", job_id = %s.id);
+            warn!(parent: &span, state = ?s.state, "Job was running when the agent died.");
             r.publish_status(s, true);
         }
         Ok(r)
@@ -146,233 +147,6 @@ impl JobRunner {
         }
     }
 
-    /// Why a request's reply topics cannot be answered (`reply_to`, then the MQTT 5 response
-    /// topic), if one of them is outside the SUT's reply space.
-    fn bad_reply_topic(&self, r: &Received, reply_to: Option<&str>) -> Option<String> {
-        let check = |what: &str, t: Option<&str>| {
-            t.and_then(|t| check_reply_topic(&self.topics, &self.cfg.name, what, t).err())
-                .map(|e| e.to_string())
-        };
-        check("`reply_to`", reply_to)
-            .or_else(|| check("the MQTT 5 response topic", r.response_topic.as_deref()))
-    }
-
-    /// Answers on the acknowledgement topic, and on `reply_to` and the MQTT 5 response topic
-    /// where they are allowed ([`Topics::is_allowed_reply`]).
-    fn reply(&self, retained_topic: String, json: Bytes, r: &Received, reply_to: Option<&str>) {
-        self.publish(Message::state(retained_topic, json.clone()));
-        let allowed = |t: &str| self.topics.is_allowed_reply(&self.cfg.name, t);
-        let reply_to = reply_to.filter(|t| allowed(t));
-        if let Some(t) = reply_to {
-            self.publish(Message::event(t, json.clone()));
-        }
-        if let Some(t) = r.response_topic.as_ref().filter(|t| allowed(t)) {
-            if Some(t.as_str()) != reply_to {
-                self.publish(
-                    Message::event(t.clone(), json).with_correlation(r.correlation_data.clone()),
-                );
-            }
-        }
-    }
-
-    /// Handles a message on `<sut>/submit`: parse, durably queue, ack, acknowledge.
-    pub fn on_submit(&mut self, r: &Received) {
-        let sut = self.cfg.name.clone();
-        let max = self.cfg.job.max_payload.get() as usize;
-        let reply_to;
-        let parsed = if r.retain {
-            Err(format!(
-                "retained message on {}: a job must be published without the retain flag (a \
-                 retained job would run again at every agent restart); it was not run. Clear it \
-                 with an empty retained message (mosquitto_pub -r -n -t {0})",
-                r.topic
-            ))
-        } else {
-            parse_submit(&r.payload, max).map_err(|e| e.to_string())
-        };
-        let ack = match parsed {
-            Err(reason) => {
-                // Name the job (and answer its reply_to) whenever the payload says which it is.
-                let v: Option<serde_json::Value> = serde_json::from_slice(&r.payload).ok();
-                let field = |k: &str| v.as_ref()?.get(k)?.as_str().map(str::to_owned);
-                let id = field("id").and_then(|i| JobId::new(&i).ok());
-                reply_to = field("reply_to").filter(|t| !t.is_empty() && !t.contains(['+', '#']));
-                self.ack(SubmitResult::Rejected, id, None, Some(reason))
-            }
-            Ok(sub) => {
-                reply_to = sub.reply_to.clone();
-                let id = sub.id.clone().unwrap_or_else(new_job_id);
-                if let Some(reason) = self.bad_reply_topic(r, reply_to.as_deref()) {
-                    // Rejected at once: nobody would hear how the job went.
-                    self.ack(SubmitResult::Rejected, sub.id.clone(), None, Some(reason))
-                } else {
-                    match self.store.lookup(&id) {
-                        Lookup::Queued(p) => {
-                            self.ack(SubmitResult::Duplicate, Some(id), Some(p as u64), None)
-                        }
-                        Lookup::Running => {
-                            self.ack(SubmitResult::Duplicate, Some(id), Some(0), None)
-                        }
-                        Lookup::Finished(_) => {
-                            self.ack(SubmitResult::Duplicate, Some(id), None, None)
-                        }
-                        Lookup::Unknown
-                            if self.store.queue_len()
-                                >= self.cfg.job.queue_limit.get() as usize =>
-                        {
-                            self.ack(
-                                SubmitResult::Rejected,
-                                Some(id),
-                                None,
-                                Some(format!(
-                                    "queue is full ({} jobs waiting, queue_limit {})",
-                                    self.store.queue_len(),
-                                    self.cfg.job.queue_limit
-                                )),
-                            )
-                        }
-                        Lookup::Unknown => {
-                            let rec = JobRecord::new(
-                                id.clone(),
-                                &sub,
-                                self.cfg.job.timeout,
-                                self.cfg.job.output_timeout,
-                                now_ms(),
-                            );
-                            match self.store.accept(rec.clone()) {
-                                Ok(pos) => {
-                                    info!(sut = %sut, job_id = %id, position = pos, "Job accepted.");
-                                    self.publish_status(&self.store.queued_status(&rec), false);
-                                    self.ack(
-                                        SubmitResult::Accepted,
-                                        Some(id),
-                                        Some(pos as u64),
-                                        None,
-                                    )
-                                }
-                                Err(e) => self.ack(
-                                    SubmitResult::Rejected,
-                                    Some(id),
-                                    None,
-                                    Some(format!("cannot store the job on the volume: {e}")),
-                                ),
-                            }
-                        }
-                    }
-                }
-            }
-        };
-        // The job is on disk (or refused): now the broker may forget the message.
-        if let Some(link) = &self.link {
-            let _ = link.ack(r);
-        }
-        if ack.result == SubmitResult::Rejected {
-            warn!(sut = %sut, reason = ack.reason.as_deref().unwrap_or(""), "Submission rejected.");
-        }
-        let json = Bytes::from(serde_json::to_vec(&ack).expect("serialises"));
-        self.reply(
-            self.topics.submit_status(&sut),
-            json,
-            r,
-            reply_to.as_deref(),
-        );
-    }
-
-    fn ack(
-        &self,
-        result: SubmitResult,
-        id: Option<JobId>,
-        position: Option<u64>,
-        reason: Option<String>,
-    ) -> SubmitAck {
-        SubmitAck {
-            v: VERSION,
-            sut: self.cfg.name.clone(),
-            result,
-            id,
-            position,
-            reason,
-            time_ms: now_ms(),
-        }
-    }
-
-    /// Handles a message on `<sut>/cancel`.
-    pub fn on_cancel(&mut self, r: &Received) {
-        let request = String::from_utf8_lossy(&r.payload).trim().to_owned();
-        let parsed = match self.bad_reply_topic(r, None) {
-            Some(reason) => Err(reason),
-            None if r.retain => Err(format!(
-                "retained message on {}: a cancel must be published without the retain flag (it \
-                 would act again at every agent restart); it was ignored",
-                r.topic
-            )),
-            None => parse_cancel(&r.payload).map_err(|e| e.to_string()),
-        };
-        let (result, id, reason) = match parsed {
-            Err(reason) => (CancelResult::Rejected, None, Some(reason)),
-            Ok(CancelTarget::Current) => match self.running().cloned() {
-                Some(id) => {
-                    self.end_active(JobState::Cancelled, "cancelled on request".into());
-                    (CancelResult::Cancelled, Some(id), None)
-                }
-                None => (
-                    CancelResult::NotFound,
-                    None,
-                    Some("no job is running".into()),
-                ),
-            },
-            Ok(CancelTarget::Id(id)) => match self.store.lookup(&id) {
-                Lookup::Running => {
-                    self.end_active(JobState::Cancelled, "cancelled on request".into());
-                    (CancelResult::Cancelled, Some(id), None)
-                }
-                Lookup::Queued(_) => {
-                    let rec = self.store.queued(&id).cloned().expect("queued");
-                    let mut st = self.store.queued_status(&rec);
-                    st.state = JobState::Cancelled;
-                    st.ended_ms = Some(now_ms());
-                    st.reason = Some("cancelled on request before it started".into());
-                    match self.store.finish(st.clone()) {
-                        Ok(evicted) => {
-                            self.clear_status(evicted);
-                            self.publish_status(&st, false);
-                            (CancelResult::Cancelled, Some(id), None)
-                        }
-                        Err(e) => (
-                            CancelResult::Rejected,
-                            Some(id),
-                            Some(format!("cannot record the cancel: {e}")),
-                        ),
-                    }
-                }
-                Lookup::Finished(s) => (
-                    CancelResult::AlreadyFinished,
-                    Some(id),
-                    Some(format!("the job already ended: {:?}", s.state).to_lowercase()),
-                ),
-                Lookup::Unknown => (
-                    CancelResult::NotFound,
-                    Some(id.clone()),
-                    Some(format!("no job {id}")),
-                ),
-            },
-        };
-        if let Some(link) = &self.link {
-            let _ = link.ack(r);
-        }
-        let ack = CancelAck {
-            v: VERSION,
-            sut: self.cfg.name.clone(),
-            request,
-            id,
-            result,
-            reason,
-            time_ms: now_ms(),
-        };
-        let json = Bytes::from(serde_json::to_vec(&ack).expect("serialises"));
-        self.reply(self.topics.cancel_status(&self.cfg.name), json, r, None);
-    }
-
     /// Ends the running job: TERM to its group now, KILL after the grace period.
     fn end_active(&mut self, state: JobState, reason: String) {
         let grace = self.grace;
@@ -399,22 +173,19 @@ impl JobRunner {
             }
         };
         let started_ms = now_ms();
+        let span = info_span!("job", job_id = %rec.id);
         match self.spawn(&rec, sinks) {
             Ok(run) => {
-                info!(sut = %self.cfg.name, job_id = %rec.id, pid = run.pid(), "Job started.");
-                let st = JobStatus {
-                    state: JobState::Running,
-                    started_ms: Some(started_ms),
-                    ..self.store.queued_status(&rec)
-                };
+                info!(parent: &span, pid = run.pid(), "Job started.");
+                let st = self.store.queued_status(&rec).started(started_ms);
                 self.publish_status(&st, true);
-                let recorder = tokio::spawn(record_output(
-                    self.jobs_dir.clone(),
-                    rec.id.clone(),
-                    run.progress_handle(),
-                ));
+                let recorder = tokio::spawn(
+                    record_output(self.jobs_dir.clone(), rec.id.clone(), run.progress_handle())
+                        .instrument(span.clone()),
+                );
                 self.active = Some(ActiveJob {
                     recorder,
+                    span,
                     deadline: tokio::time::Instant::now() + Duration::from_millis(rec.timeout_ms),
                     output_timeout: Duration::from_millis(rec.output_timeout_ms),
                     rec,
@@ -433,7 +204,7 @@ impl JobRunner {
                     reason: Some(format!("cannot start the job: {e}")),
                     ..self.store.queued_status(&rec)
                 };
-                self.finish(st);
+                self.finish(st, &span);
             }
         }
     }
@@ -441,7 +212,7 @@ impl JobRunner {
     fn spawn(&self, rec: &JobRecord, sinks: &Arc<Sinks>) -> std::io::Result<Running> {
         let dir = self.jobs_dir.join(rec.id.as_str());
         std::fs::create_dir_all(&dir)?;
-        let argv = match (&rec.argv, &rec.script) {
+        let argv = match (&rec.job.argv, &rec.job.script) {
             (Some(argv), _) => argv.clone(),
             (None, script) => {
                 let script = script.clone().unwrap_or_default();
@@ -454,7 +225,8 @@ impl JobRunner {
                 let (name, content) = match template {
                     Some(f) => (
                         "job.yaml",
-                        crate::jobs::merge_template(&String::from_utf8_lossy(&f.content), &script),
+                        crate::jobs::merge_template(&String::from_utf8_lossy(&f.content), &script)
+                            .map_err(std::io::Error::other)?,
                     ),
                     None => ("job.sh", script),
                 };
@@ -471,7 +243,7 @@ impl JobRunner {
             }
         };
         let mut env = self.cfg.env.clone();
-        env.extend(rec.env.clone());
+        env.extend(rec.job.env.clone());
         env.insert("LABVISOR_JOB_ID".into(), rec.id.to_string());
         env.insert("LABVISOR_SUT".into(), self.cfg.name.to_string());
         env.insert("LABVISOR_JOB_DIR".into(), dir.display().to_string());
@@ -556,25 +328,19 @@ impl JobRunner {
             (None, Exit::Code(c)) => (JobState::Failed, Some(format!("exit {c}"))),
             (None, Exit::Signal(s)) => (JobState::Failed, Some(format!("killed by signal {s}"))),
         };
-        let st = JobStatus {
-            state,
-            exit_code: match exit {
-                Exit::Code(c) => Some(c),
-                Exit::Signal(_) => None,
-            },
-            signal: match exit {
-                Exit::Signal(s) => Some(s),
-                Exit::Code(_) => None,
-            },
-            started_ms: Some(a.started_ms),
-            ended_ms: Some(ended),
-            duration_ms: Some(ended.saturating_sub(a.started_ms)),
-            output_bytes: a.run.progress().bytes.load(Ordering::Relaxed),
-            reason,
-            ..self.store.queued_status(&a.rec)
+        let (code, signal) = match exit {
+            Exit::Code(c) => (Some(c), None),
+            Exit::Signal(s) => (None, Some(s)),
         };
-        info!(sut = %st.sut, job_id = %st.id, state = ?st.state, "Job ended.");
-        self.finish(st);
+        let st = self
+            .store
+            .queued_status(&a.rec)
+            .finished(state, a.started_ms, ended)
+            .with_exit(code, signal)
+            .with_output_bytes(a.run.progress().bytes.load(Ordering::Relaxed))
+            .with_reason(reason);
+        info!(parent: &a.span, state = ?st.state, "Job ended.");
+        self.finish(st, &a.span);
     }
 
     /// Clears the retained status of a job that fell out of the history, so the broker does not
@@ -588,10 +354,10 @@ impl JobRunner {
         }
     }
 
-    fn finish(&mut self, st: JobStatus) {
+    fn finish(&mut self, st: JobStatus, span: &Span) {
         match self.store.finish(st.clone()) {
             Ok(evicted) => self.clear_status(evicted),
-            Err(e) => warn!(error = %e, job_id = %st.id, "Cannot record the job's end."),
+            Err(e) => warn!(parent: span, error = %e, "Cannot record the job's end."),
         }
         self.publish_status(&st, true);
         self.prune_dirs();
@@ -606,15 +372,12 @@ impl JobRunner {
         let _ = a.run.stop(self.grace).await;
         let _ = a.run.drain(Duration::from_millis(500)).await;
         let ended = now_ms();
-        let lost = JobStatus {
-            state: JobState::Lost,
-            started_ms: Some(a.started_ms),
-            ended_ms: Some(ended),
-            duration_ms: Some(ended.saturating_sub(a.started_ms)),
-            output_bytes: a.run.progress().bytes.load(Ordering::Relaxed),
-            reason: Some("the agent was stopped while the job was running".into()),
-            ..self.store.queued_status(&a.rec)
-        };
+        let lost = self
+            .store
+            .queued_status(&a.rec)
+            .finished(JobState::Lost, a.started_ms, ended)
+            .with_output_bytes(a.run.progress().bytes.load(Ordering::Relaxed))
+            .with_reason("the agent was stopped while the job was running".to_owned());
         match self
             .store
             .finish_lost(lost, self.cfg.job.requeue_lost, ended)
@@ -624,7 +387,7 @@ impl JobRunner {
                     self.publish_status(&s, true);
                 }
             }
-            Err(e) => warn!(error = %e, "Cannot record the interrupted job."),
+            Err(e) => warn!(parent: &a.span, error = %e, "Cannot record the interrupted job."),
         }
     }
 

@@ -162,7 +162,7 @@ mod tls;
 pub use broker_url::{DEFAULT_PORT, DEFAULT_TLS_PORT};
 pub use error::{AckError, LinkError, PublishError, UrlError};
 pub use link::MqttLink;
-pub use message::{valid_topic, Incoming, Message, Publish, QoS, Received, PUBLISH_OVERHEAD};
+pub use message::{Incoming, Message, Publish, QoS, Received, PUBLISH_OVERHEAD};
 pub use options::{DropHook, LinkOptions};
 pub use reconnect::BACKOFF_JITTER;
 pub use state::LinkState;

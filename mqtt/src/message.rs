@@ -174,7 +174,7 @@ pub type Incoming = mpsc::Receiver<Received>;
 
 /// Whether rumqttc accepts `topic` as a topic name for publishing: not empty, no wildcard
 /// (`+`, `#`) nor NUL, at most 65535 bytes.
-pub fn valid_topic(topic: &str) -> bool {
+pub(crate) fn valid_topic(topic: &str) -> bool {
     !topic.is_empty() && !topic.contains(['+', '#', '\0']) && topic.len() <= u16::MAX as usize
 }
 

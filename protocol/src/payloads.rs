@@ -6,14 +6,24 @@
 //! UTF-8 text, with its sequence number in MQTT 5 user properties ([`OutputMeta`]).
 //!
 //! Every payload is frozen by a snapshot test (`protocol/tests/payloads.rs`).
+//!
+//! This module holds the version, the agent's own payloads (status, output metadata, probe
+//! result) and the ids; `job` holds the job payloads (submission, acknowledgements, status) with
+//! the [`JobStatus`] constructors, and `supervisor` the supervisor's (per-SUT view, its own
+//! status, the managed broker's). Everything is re-exported here.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::name::SutName;
-use crate::topics::{JobId, SupervisorId};
+use crate::topics::JobId;
+
+mod job;
+mod supervisor;
+
+pub use job::*;
+pub use supervisor::*;
 
 /// The payload version every JSON payload carries as `"v"`.
 pub const VERSION: u32 = 1;
@@ -319,371 +329,6 @@ pub struct ProbeResult {
     pub time_ms: u64,
 }
 
-/// `<sut>/submit` in its JSON form (plain text is a script). Unknown fields are refused.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct JobSubmit {
-    /// The job id; generated when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<JobId>,
-    /// A script, run by the SUT's job command (`/bin/sh` by default).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub script: Option<String>,
-    /// An argv, run directly (exclusive with `script`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub argv: Option<Vec<String>>,
-    /// Extra environment.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
-    /// Total time limit ("30m"), capped by the SUT's `[job] timeout`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<String>,
-    /// Silence limit ("5m"), capped by the SUT's `[job] output_timeout`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub output_timeout: Option<String>,
-    /// A topic for the acknowledgement, besides `<sut>/submit_status`: in the SUT's reply space
-    /// `[<prefix>/]labvisor/replies/<sut>/#` (or under `<sut>/`, outside labvisor's own topics);
-    /// any other topic gets the job rejected.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reply_to: Option<String>,
-}
-
-/// The outcome of a submission.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SubmitResult {
-    /// Durably queued.
-    Accepted,
-    /// The id was seen before; the job runs once.
-    Duplicate,
-    /// Refused; see `reason`.
-    Rejected,
-}
-
-/// `<sut>/submit_status` (retained) and `reply_to`: the acknowledgement of a submission.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SubmitAck {
-    /// Payload version.
-    #[serde(default = "v1")]
-    pub v: u32,
-    /// The SUT.
-    pub sut: SutName,
-    /// Accepted, duplicate or rejected.
-    pub result: SubmitResult,
-    /// The job's id (absent when the payload was too broken to have one).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<JobId>,
-    /// 0 = runs next.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub position: Option<u64>,
-    /// Why it was rejected.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// When, ms since the epoch.
-    pub time_ms: u64,
-}
-
-/// Where a job is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum JobState {
-    /// Waiting in the queue.
-    Queued,
-    /// Running.
-    Running,
-    /// Exited 0.
-    Passed,
-    /// Exited non-zero or was killed by a signal.
-    Failed,
-    /// Cancelled on request.
-    Cancelled,
-    /// Killed by `timeout` or `output_timeout`.
-    Timeout,
-    /// Was running when the agent died.
-    Lost,
-}
-
-impl JobState {
-    /// Whether the job is over.
-    pub fn is_final(self) -> bool {
-        !matches!(self, JobState::Queued | JobState::Running)
-    }
-}
-
-/// `<sut>/jobs/<id>` and `<sut>/last_job` (retained): a job's status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct JobStatus {
-    /// Payload version.
-    #[serde(default = "v1")]
-    pub v: u32,
-    /// The SUT.
-    pub sut: SutName,
-    /// The job.
-    pub id: JobId,
-    /// Where it is.
-    pub state: JobState,
-    /// Exit code, once exited.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_code: Option<i32>,
-    /// Signal that killed it, if any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<i32>,
-    /// When it was accepted, ms since the epoch.
-    pub queued_ms: u64,
-    /// When it started.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub started_ms: Option<u64>,
-    /// When it ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ended_ms: Option<u64>,
-    /// Run time, ms.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub duration_ms: Option<u64>,
-    /// Bytes of output so far.
-    #[serde(default)]
-    pub output_bytes: u64,
-    /// Why it ended as it did (timeout kind, cancel, lost).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-}
-
-impl JobStatus {
-    /// A job accepted into the queue at `queued_ms`: `queued`, nothing else known yet. The
-    /// other states follow from it: [`JobStatus::started`], [`JobStatus::finished`].
-    pub fn accepted(sut: SutName, id: JobId, queued_ms: u64) -> Self {
-        Self {
-            v: VERSION,
-            sut,
-            id,
-            state: JobState::Queued,
-            exit_code: None,
-            signal: None,
-            queued_ms,
-            started_ms: None,
-            ended_ms: None,
-            duration_ms: None,
-            output_bytes: 0,
-            reason: None,
-        }
-    }
-
-    /// The job running since `started_ms`.
-    pub fn started(self, started_ms: u64) -> Self {
-        Self {
-            state: JobState::Running,
-            started_ms: Some(started_ms),
-            ..self
-        }
-    }
-
-    /// The job ended in `state` (passed, failed, lost, …) at `ended_ms`, having started at
-    /// `started_ms`; the duration is the difference.
-    pub fn finished(self, state: JobState, started_ms: u64, ended_ms: u64) -> Self {
-        Self {
-            state,
-            started_ms: Some(started_ms),
-            ended_ms: Some(ended_ms),
-            duration_ms: Some(ended_ms.saturating_sub(started_ms)),
-            ..self
-        }
-    }
-
-    /// With how the process ended: its exit code, or the signal that killed it.
-    pub fn with_exit(self, exit_code: Option<i32>, signal: Option<i32>) -> Self {
-        Self {
-            exit_code,
-            signal,
-            ..self
-        }
-    }
-
-    /// With the bytes of output so far.
-    pub fn with_output_bytes(self, output_bytes: u64) -> Self {
-        Self {
-            output_bytes,
-            ..self
-        }
-    }
-
-    /// With the reason it ended as it did (`None` for none).
-    pub fn with_reason(self, reason: impl Into<Option<String>>) -> Self {
-        Self {
-            reason: reason.into(),
-            ..self
-        }
-    }
-}
-
-/// The outcome of a cancel request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CancelResult {
-    /// The job was queued or running and is cancelled.
-    Cancelled,
-    /// No such job (or no current job).
-    NotFound,
-    /// The job had already ended.
-    AlreadyFinished,
-    /// The request was not understood.
-    Rejected,
-}
-
-/// `<sut>/cancel_status` (retained): the acknowledgement of a cancel request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CancelAck {
-    /// Payload version.
-    #[serde(default = "v1")]
-    pub v: u32,
-    /// The SUT.
-    pub sut: SutName,
-    /// What was asked for (an id or `current`).
-    pub request: String,
-    /// The job that was cancelled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub id: Option<JobId>,
-    /// The outcome.
-    pub result: CancelResult,
-    /// Details.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    /// When, ms since the epoch.
-    pub time_ms: u64,
-}
-
-/// Docker's health of the SUT's container, as the supervisor last saw it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Health {
-    /// Within the start period, not yet judged.
-    Starting,
-    /// The last probes passed.
-    Healthy,
-    /// `retries` probes in a row failed.
-    Unhealthy,
-    /// No container, or not running.
-    None,
-}
-
-/// `<sut>/supervisor` (retained): the supervisor's view of one SUT.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SutView {
-    /// Payload version.
-    #[serde(default = "v1")]
-    pub v: u32,
-    /// The SUT.
-    pub sut: SutName,
-    /// The supervisor that owns it.
-    pub supervisor: SupervisorId,
-    /// The container's id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container_id: Option<String>,
-    /// The image it runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
-    /// Hash of the config it runs.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config_hash: Option<String>,
-    /// Docker's health.
-    pub health: Health,
-    /// Restarts made by the supervisor (healing).
-    pub restarts: u64,
-    /// Whether the supervisor gave up restarting for now (restarting too often).
-    #[serde(default)]
-    pub crash_loop: bool,
-    /// An action waiting (for example a recreation deferred while a job runs).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pending_action: Option<String>,
-    /// The last error acting on this SUT.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
-    /// Problems of the SUT's file when it is invalid (the container keeps running as it was).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub config_problems: Vec<String>,
-    /// When, ms since the epoch.
-    pub time_ms: u64,
-}
-
-/// A supervisor's life state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SupervisorState {
-    /// Running.
-    Online,
-    /// Cleanly stopped.
-    Offline,
-    /// Gone without a clean stop (the last will).
-    Lost,
-}
-
-/// SUT counts in a [`SupervisorStatus`]. The container counts come from the engine: `null`
-/// (`None`) while it cannot be asked (Docker unreachable, or a lost supervisor's last will),
-/// which means unknown, not zero.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SutCounts {
-    /// Valid files in `sut/`.
-    pub desired: u64,
-    /// Containers running; `None`: unknown.
-    #[serde(default)]
-    pub running: Option<u64>,
-    /// Containers healthy; `None`: unknown.
-    #[serde(default)]
-    pub healthy: Option<u64>,
-    /// Containers unhealthy; `None`: unknown.
-    #[serde(default)]
-    pub unhealthy: Option<u64>,
-    /// Invalid files.
-    pub invalid: u64,
-}
-
-/// `labvisor/supervisors/<id>/status` (retained): a supervisor's birth, status and last will.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SupervisorStatus {
-    /// Payload version.
-    #[serde(default = "v1")]
-    pub v: u32,
-    /// The supervisor.
-    pub id: SupervisorId,
-    /// Online, offline or lost.
-    pub state: SupervisorState,
-    /// Random id of this supervisor run.
-    pub boot_id: String,
-    /// labvisor version.
-    pub version: String,
-    /// Whether the Docker engine answers.
-    pub docker_reachable: bool,
-    /// SUT counts.
-    #[serde(default)]
-    pub suts: SutCounts,
-    /// When, ms since the epoch.
-    pub time_ms: u64,
-    /// The managed broker (`labvisor supervise` without `--broker`); absent with an external
-    /// broker.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub managed_broker: Option<ManagedBrokerStatus>,
-    /// Problems of the entries in the SUT directory that name no SUT (a file name that is not a
-    /// valid SUT name, or not UTF-8), one `file: problem` line each. Problems of a file that
-    /// names a SUT are on that SUT's `<sut>/supervisor` view ([`SutView::config_problems`]).
-    #[serde(default)]
-    pub file_problems: Vec<String>,
-    /// How often an online supervisor republishes this status when nothing changed, ms (0:
-    /// unknown, from a supervisor that publishes changes only). An online status much older
-    /// than that is stale: the supervisor, or its link to the broker, is gone.
-    #[serde(default)]
-    pub refresh_ms: u64,
-}
-
-/// The managed broker in a [`SupervisorStatus`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ManagedBrokerStatus {
-    /// Whether mosquitto runs and listens (it is restarted when it dies).
-    pub up: bool,
-    /// How often it was restarted after it died, since the supervisor started.
-    pub restarts: u64,
-    /// How it last died (`signal: 9 (SIGKILL)`, `exit status: 1`), if it did.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_exit: Option<String>,
-}
-
 /// A random id (16 hex digits) for boot ids and generated job ids' tails.
 pub fn random_id() -> String {
     format!("{:016x}", fastrand::u64(..))
@@ -767,6 +412,8 @@ mod tests {
         assert_eq!(done.ended_ms, Some(40));
         assert_eq!(done.reason.as_deref(), Some("exit 2"));
         assert_eq!(done.queued_ms, queued.queued_ms);
+        let sample = queued.clone().with_state(JobState::Passed);
+        assert_eq!((sample.state, sample.ended_ms), (JobState::Passed, None));
     }
 
     #[test]

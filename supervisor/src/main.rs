@@ -13,13 +13,13 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use labvisor_mqtt::LinkOptions;
 use labvisor_protocol::topics::{SupervisorId, Topics};
+use labvisor_supervisor::broker::tls::AgentTls;
 use labvisor_supervisor::broker::{self, ManagedBroker};
-use labvisor_supervisor::broker_tls::AgentTls;
 use labvisor_supervisor::cli::check::{self, AllowArgs};
 use labvisor_supervisor::cli::submit::SubmitArgs;
 use labvisor_supervisor::cli::{self, healthz, import, BrokerArgs};
-use labvisor_supervisor::runtime::DockerRuntime;
 use labvisor_supervisor::metrics::{self, Listen};
+use labvisor_supervisor::runtime::DockerRuntime;
 use labvisor_supervisor::spec::{self, Named, SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Settings};
 
@@ -250,14 +250,7 @@ fn find_bin(flag: Option<PathBuf>, name: &str) -> anyhow::Result<PathBuf> {
 
 fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
     let id = SupervisorId::new(&args.id).with_context(|| format!("--id {:?}", args.id))?;
-    let managed = args.broker.is_none() && args.agent_broker.is_none();
-    if args.agent_tls && !managed {
-        bail!("--agent-tls is for the managed broker (no --broker, no --agent-broker); for an external broker, give agents an mqtts:// --agent-broker and its CA with --mqtt-ca");
-    }
-    if !args.sut_dir.is_dir() {
-        bail!("--sut-dir {} is not a directory", args.sut_dir.display());
-    }
-    let managed = managed.then(|| ManagedArgs {
+    let managed = (args.broker.is_none() && args.agent_broker.is_none()).then(|| ManagedArgs {
         state_dir: args
             .state_dir
             .clone()
@@ -265,7 +258,7 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
         port: args.broker_port,
         agent_tls: args.agent_tls,
     });
-    let settings = settings(args, &id)?;
+    let settings = settings(args, &id, managed.is_some())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -275,10 +268,13 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
 
 /// The flags of `supervise` as the reconcile loop's [`Settings`] (before a managed broker, if
 /// any, fills in its part).
-fn settings(args: SuperviseArgs, id: &SupervisorId) -> anyhow::Result<Settings> {
+fn settings(args: SuperviseArgs, id: &SupervisorId, managed: bool) -> anyhow::Result<Settings> {
     let topics = Topics::with_prefix(args.topic_prefix.as_deref())?;
     let agent_bin = find_bin(args.agent_bin.clone(), "labvisor-agent")?;
     let healthcheck_bin = find_bin(args.healthcheck_bin.clone(), "labvisor-healthcheck")?;
+    if args.agent_tls && !managed {
+        bail!("--agent-tls is for the managed broker (no --broker, no --agent-broker); for an external broker, give agents an mqtts:// --agent-broker and its CA with --mqtt-ca");
+    }
     let read = |p: &Path| {
         std::fs::read(p)
             .map(bytes::Bytes::from)
@@ -291,6 +287,9 @@ fn settings(args: SuperviseArgs, id: &SupervisorId) -> anyhow::Result<Settings> 
         None => None,
     };
     let agent_broker = agent_broker(args.agent_broker.as_deref(), broker)?;
+    if !args.sut_dir.is_dir() {
+        bail!("--sut-dir {} is not a directory", args.sut_dir.display());
+    }
     let metrics_listen = metrics_listen(args.metrics_listen.as_deref())?;
     Ok(Settings {
         sut_dir: args.sut_dir,

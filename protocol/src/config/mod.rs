@@ -1,7 +1,7 @@
 //! The SUT config: one TOML file per device under test in the `sut/` directory.
 //!
 //! The file stem is the SUT's name (`sut/rpi4-01.toml` is SUT `rpi4-01`) and must be a valid
-//! [`SutName`], other than the reserved `labvisor` ([`crate::name::RESERVED_SUT_NAME`]: a SUT's
+//! [`SutName`](crate::SutName), other than the reserved `labvisor` ([`crate::name::RESERVED_SUT_NAME`]: a SUT's
 //! login gets `<sut>/#`, and `labvisor/...` is the control plane). A file is read in two steps: serde reads it into raw structs that deny unknown
 //! keys, then validation turns it into a [`SutConfig`] whose fields hold only checked values.
 //! Validation reports every problem it finds as a [`Problem`], printed as `file: key: message`

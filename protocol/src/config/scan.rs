@@ -56,50 +56,19 @@ fn is_non_utf8_toml(path: &Path) -> bool {
 pub fn scan_dir(dir: &Path, allow: &Allow) -> std::io::Result<Scan> {
     let mut paths = Vec::new();
     let mut scan = Scan::default();
-    let problem = |path: &Path, key: &str, message: String| {
-        vec![Problem {
-            file: path.display().to_string(),
-            key: key.to_owned(),
-            line: None,
-            message,
-        }]
-    };
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if is_non_utf8_toml(&path) {
-            let p = problem(
-                &path,
-                "name",
-                "the file name is not valid UTF-8, so it gives no SUT name; rename the file \
-                 (SUT names are [a-z0-9][a-z0-9_-]*)"
-                    .into(),
-            );
-            scan.invalid.insert(path, p);
-            continue;
-        }
-        if !is_sut_file(&path) {
-            continue;
-        }
-        // Follows symlinks: a symlink to a file is checked (and refused when it leads out of
-        // the directory) when it is read.
-        match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => paths.push(path),
-            Ok(m) => {
-                let what = if m.is_dir() {
-                    "a directory"
-                } else {
-                    "not a regular file"
+        match classify(&path) {
+            Entry::Skipped => {}
+            Entry::SutFile => paths.push(path),
+            Entry::Refused(key, message) => {
+                let problem = Problem {
+                    file: path.display().to_string(),
+                    key: key.to_owned(),
+                    line: None,
+                    message,
                 };
-                let p = problem(
-                    &path,
-                    "",
-                    format!("is {what}, not a SUT file; rename or remove it"),
-                );
-                scan.invalid.insert(path, p);
-            }
-            Err(e) => {
-                let p = problem(&path, "", format!("cannot read the file: {e}"));
-                scan.invalid.insert(path, p);
+                scan.invalid.insert(path, vec![problem]);
             }
         }
     }
@@ -115,6 +84,48 @@ pub fn scan_dir(dir: &Path, allow: &Allow) -> std::io::Result<Scan> {
         }
     }
     Ok(scan)
+}
+
+/// What [`scan_dir`] makes of a directory entry.
+enum Entry {
+    /// Not named like a SUT file (another extension, hidden, an editor's temporary file).
+    Skipped,
+    /// A SUT file to load.
+    SutFile,
+    /// Named like a SUT file but cannot be one: the problem's key and message.
+    Refused(&'static str, String),
+}
+
+/// Sorts the entry at `path` by its name and, for a SUT file's name, by what it is. Follows
+/// symlinks: a symlink to a file is checked (and refused when it leads out of the directory)
+/// when it is read.
+fn classify(path: &Path) -> Entry {
+    if is_non_utf8_toml(path) {
+        return Entry::Refused(
+            "name",
+            "the file name is not valid UTF-8, so it gives no SUT name; rename the file \
+             (SUT names are [a-z0-9][a-z0-9_-]*)"
+                .into(),
+        );
+    }
+    if !is_sut_file(path) {
+        return Entry::Skipped;
+    }
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Entry::SutFile,
+        Ok(m) => {
+            let what = if m.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file"
+            };
+            Entry::Refused(
+                "",
+                format!("is {what}, not a SUT file; rename or remove it"),
+            )
+        }
+        Err(e) => Entry::Refused("", format!("cannot read the file: {e}")),
+    }
 }
 
 #[cfg(test)]

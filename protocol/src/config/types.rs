@@ -14,7 +14,7 @@ use super::units::ser_duration;
 use super::{build_hash, CommandTemplate, CONTAINER_FILES_DIR, LABVISOR_NETWORK};
 use crate::name::SutName;
 
-/// A validated SUT config. Built only by [`load_file`], [`load_str`] and [`scan_dir`].
+/// A validated SUT config. Built only by [`load_file`](super::load_file), [`load_str`](super::load_str) and [`scan_dir`](super::scan_dir).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SutConfig {
     /// The SUT's name: the file stem.
@@ -35,7 +35,7 @@ pub struct SutConfig {
     pub labels: BTreeMap<String, String>,
     /// Privileged container (only if allowed).
     pub privileged: bool,
-    /// Capabilities added to [`DEFAULT_CAPABILITIES`] (only if allowed), without `CAP_`.
+    /// Capabilities added to [`DEFAULT_CAPABILITIES`](super::DEFAULT_CAPABILITIES) (only if allowed), without `CAP_`.
     pub cap_add: Vec<String>,
     /// `no-new-privileges` (on unless allowed off).
     pub no_new_privileges: bool,
@@ -203,7 +203,7 @@ pub struct JobSettings {
     pub output_timeout: Duration,
     /// Jobs that may wait in the queue.
     pub queue_limit: NonZeroU32,
-    /// Largest accepted job submission in bytes (≤ [`MAX_PAYLOAD_LIMIT`]).
+    /// Largest accepted job submission in bytes (≤ [`MAX_PAYLOAD_LIMIT`](super::MAX_PAYLOAD_LIMIT)).
     pub max_payload: NonZeroU64,
     /// Requeue a job lost to an agent crash.
     pub requeue_lost: bool,
@@ -251,9 +251,9 @@ pub struct RestartSettings {
 pub struct Resources {
     /// Memory limit in bytes.
     pub memory: Option<NonZeroU64>,
-    /// CPU limit (finite, ≥ [`MIN_CPUS`]).
+    /// CPU limit (finite, ≥ [`MIN_CPUS`](super::MIN_CPUS)).
     pub cpus: Option<f64>,
-    /// Most processes and threads ([`MIN_PIDS`]..=[`MAX_PIDS`]).
+    /// Most processes and threads ([`MIN_PIDS`](super::MIN_PIDS)..=[`MAX_PIDS`](super::MAX_PIDS)).
     pub pids: u32,
 }
 
@@ -303,7 +303,7 @@ pub struct Build {
     pub dockerfile: String,
     /// Build args.
     pub args: BTreeMap<String, String>,
-    /// [`context_hash`] of the context when the config was loaded.
+    /// [`context_hash`](super::context_hash) of the context when the config was loaded.
     pub context_hash: String,
     /// The context directory, resolved (absolute, symlinks resolved); not part of the hash, so
     /// moving the whole sut directory rebuilds nothing.

@@ -104,43 +104,23 @@ impl FakeRuntime {
 
     /// Makes `create` of `name` fail (or succeed again with `false`).
     pub fn fail_create(&self, name: &str, fail: bool) {
-        self.with(|s| {
-            s.fail_create.retain(|n| n != name);
-            if fail {
-                s.fail_create.push(name.to_owned());
-            }
-        });
+        self.with(|s| set(&mut s.fail_create, name, fail));
     }
 
     /// Makes `image` absent locally (or present again). Images are present unless made absent
     /// here; images with `[build]` are absent until built.
     pub fn set_absent(&self, image: &str, absent: bool) {
-        self.with(|s| {
-            s.absent.retain(|n| n != image);
-            if absent {
-                s.absent.push(image.to_owned());
-            }
-        });
+        self.with(|s| set(&mut s.absent, image, absent));
     }
 
     /// Makes the pull of `image` fail as if no registry were reachable (or succeed again).
     pub fn fail_pull(&self, image: &str, fail: bool) {
-        self.with(|s| {
-            s.unpullable.retain(|n| n != image);
-            if fail {
-                s.unpullable.push(image.to_owned());
-            }
-        });
+        self.with(|s| set(&mut s.unpullable, image, fail));
     }
 
     /// Makes builds of `image` fail (or succeed again).
     pub fn fail_build(&self, image: &str, fail: bool) {
-        self.with(|s| {
-            s.fail_build.retain(|n| n != image);
-            if fail {
-                s.fail_build.push(image.to_owned());
-            }
-        });
+        self.with(|s| set(&mut s.fail_build, image, fail));
     }
 
     /// The build hash each built image carries.
@@ -160,12 +140,7 @@ impl FakeRuntime {
 
     /// Makes the agent in container `id` report a running job to `agent_busy` (or none).
     pub fn set_busy(&self, id: &str, busy: bool) {
-        self.with(|s| {
-            s.busy.retain(|i| i != id);
-            if busy {
-                s.busy.push(id.to_owned());
-            }
-        });
+        self.with(|s| set(&mut s.busy, id, busy));
     }
 
     /// Makes the engine unreachable (or reachable again).
@@ -179,6 +154,20 @@ impl FakeRuntime {
         } else {
             Ok(())
         }
+    }
+
+    /// An operation on the existing container `id`: recorded as `call`, then `f` on it.
+    fn act(
+        &self,
+        id: &str,
+        call: fn(String) -> FakeCall,
+        f: impl FnOnce(&mut ContainerInfo),
+    ) -> Result<(), RuntimeError> {
+        self.up()?;
+        self.exists(id)?;
+        self.with(|s| s.calls.push(call(id.to_owned())));
+        self.update(id, f);
+        Ok(())
     }
 
     fn exists(&self, id: &str) -> Result<(), RuntimeError> {
@@ -283,22 +272,14 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
-        self.up()?;
-        self.exists(id)?;
-        self.with(|s| s.calls.push(FakeCall::Start(id.to_owned())));
-        self.update(id, |c| c.state = RunState::Running);
-        Ok(())
+        self.act(id, FakeCall::Start, |c| c.state = RunState::Running)
     }
 
     async fn stop(&self, id: &str, _timeout: Duration) -> Result<(), RuntimeError> {
-        self.up()?;
-        self.exists(id)?;
-        self.with(|s| s.calls.push(FakeCall::Stop(id.to_owned())));
-        self.update(id, |c| {
+        self.act(id, FakeCall::Stop, |c| {
             c.state = RunState::Exited;
             c.health = Health::None;
-        });
-        Ok(())
+        })
     }
 
     async fn remove(&self, id: &str) -> Result<(), RuntimeError> {
@@ -311,14 +292,10 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn restart(&self, id: &str, _timeout: Duration) -> Result<(), RuntimeError> {
-        self.up()?;
-        self.exists(id)?;
-        self.with(|s| s.calls.push(FakeCall::Restart(id.to_owned())));
-        self.update(id, |c| {
+        self.act(id, FakeCall::Restart, |c| {
             c.state = RunState::Running;
             c.health = Health::Starting;
-        });
-        Ok(())
+        })
     }
 
     async fn remove_volume(&self, name: &str) -> Result<(), RuntimeError> {
@@ -341,5 +318,13 @@ impl ContainerRuntime for FakeRuntime {
 
     fn events(&self) -> EventStream {
         Box::pin(futures_util::stream::pending())
+    }
+}
+
+/// Puts `name` in `list` (once) or takes it out.
+fn set(list: &mut Vec<String>, name: &str, on: bool) {
+    list.retain(|n| n != name);
+    if on {
+        list.push(name.to_owned());
     }
 }

@@ -2,6 +2,8 @@
 //! behind [`ContainerRuntime`], and the types they exchange.
 //!
 //! - [`docker`]: the implementation on the local Docker Engine (bollard).
+//! - [`image`]: making sure of a SUT's image before create, on any runtime, with the progress
+//!   streamed to the log and `<sut>/build`.
 //! - `fake` (only under `cfg(test)` or the `fake-runtime` feature): an in-memory engine that
 //!   records calls, for tests of the reconcile loop without Docker.
 
@@ -10,7 +12,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use bollard::errors::Error as BollardError;
 use futures_util::Stream;
 use labvisor_protocol::payloads::Health;
 
@@ -20,6 +21,7 @@ use crate::spec::{ContainerSpec, ImageSpec, Named};
 pub mod docker;
 #[cfg(any(test, feature = "fake-runtime"))]
 pub mod fake;
+pub mod image;
 
 pub use docker::DockerRuntime;
 
@@ -62,29 +64,6 @@ pub enum RuntimeError {
         /// The engine's error and the last lines of the build output.
         message: String,
     },
-}
-
-impl From<BollardError> for RuntimeError {
-    fn from(e: BollardError) -> Self {
-        match e {
-            BollardError::DockerResponseServerError {
-                status_code: 404,
-                message,
-            } => RuntimeError::NotFound(message),
-            BollardError::DockerResponseServerError {
-                status_code: 409,
-                message,
-            } => RuntimeError::Conflict(message),
-            BollardError::DockerResponseServerError {
-                status_code,
-                message,
-            } => RuntimeError::Api {
-                status: status_code,
-                message,
-            },
-            other => RuntimeError::Unreachable(other.to_string()),
-        }
-    }
 }
 
 /// One container, from the container list.

@@ -231,7 +231,7 @@ impl<R: ContainerRuntime> Exec<R> {
 
     async fn create(&self, sut: &SutName) -> Result<String, ActionError> {
         let (cfg, bytes) = self.load(sut).await?;
-        crate::image::ensure(
+        crate::runtime::image::ensure(
             &*self.runtime,
             &cfg,
             &self.settings.spec,

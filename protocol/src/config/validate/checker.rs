@@ -96,6 +96,18 @@ impl Checker<'_> {
         }
     }
 
+    /// Refuses the host-power setting at `key` unless `allowed`: "refused: WHAT WHY; start the
+    /// supervisor with --FLAG to permit it".
+    pub fn refuse_unless(&mut self, allowed: bool, key: KeyPath, power: Power<'_>) {
+        if !allowed {
+            let Power { what, why, flag } = power;
+            self.add(
+                &key,
+                format!("refused: {what} {why}; start the supervisor with --{flag} to permit it"),
+            );
+        }
+    }
+
     /// A size in bytes, more than zero and at most `max` when given.
     pub fn size(
         &mut self,
@@ -163,7 +175,12 @@ pub(super) fn kk(table: &str, key: &str) -> KeyPath {
     KeyPath::of(&[table, key])
 }
 
-/// The message of a host-power setting refused without its `--allow-*` flag.
-pub(super) fn refusal(what: &str, why: &str, flag: &str) -> String {
-    format!("refused: {what} {why}; start the supervisor with --{flag} to permit it")
+/// A host-power setting and why it is refused without its flag (`--allow-…`).
+pub(super) struct Power<'a> {
+    /// What the setting does, as the message's subject.
+    pub what: &'a str,
+    /// Why that is dangerous.
+    pub why: &'a str,
+    /// The `--allow-*` flag, without the dashes.
+    pub flag: &'a str,
 }

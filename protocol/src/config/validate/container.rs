@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::super::{Allow, Network, LABVISOR_NETWORK, RESERVED_ENV_PREFIX, RESERVED_LABEL_PREFIX};
-use super::checker::{k, refusal, Checker};
+use super::checker::{k, Checker, Power};
 
 /// `image`: required, not empty, no whitespace. Returned as given (empty when missing).
 pub(super) fn image(c: &mut Checker<'_>, raw: Option<String>) -> String {
@@ -84,16 +84,15 @@ pub(super) fn network(c: &mut Checker<'_>, raw: Option<&str>, allow: &Allow) -> 
     match raw {
         None | Some(LABVISOR_NETWORK) => Network::Labvisor,
         Some("host") => {
-            if !allow.host_network {
-                c.add(
-                    &k("network"),
-                    refusal(
-                        "host networking",
-                        "gives the container the host's network stack",
-                        "allow-host-network",
-                    ),
-                );
-            }
+            c.refuse_unless(
+                allow.host_network,
+                k("network"),
+                Power {
+                    what: "host networking",
+                    why: "gives the container the host's network stack",
+                    flag: "allow-host-network",
+                },
+            );
             Network::Host
         }
         Some("none") => {
@@ -105,16 +104,15 @@ pub(super) fn network(c: &mut Checker<'_>, raw: Option<&str>, allow: &Allow) -> 
             Network::Labvisor
         }
         Some(n) if is_network_name(n) => {
-            if !allow.network {
-                c.add(
-                    &k("network"),
-                    refusal(
-                        &format!("the Docker network {n:?}"),
-                        "is not labvisor's own (\"labvisor\"): the agent would reach whatever else is on it",
-                        "allow-network",
-                    ),
-                );
-            }
+            c.refuse_unless(
+                allow.network,
+                k("network"),
+                Power {
+                    what: &format!("the Docker network {n:?}"),
+                    why: "is not labvisor's own (\"labvisor\"): the agent would reach whatever else is on it",
+                    flag: "allow-network",
+                },
+            );
             Network::Named(n.to_owned())
         }
         Some(n) => {

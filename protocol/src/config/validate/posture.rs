@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 
 use super::super::raw::{RawConfig, RawMount};
 use super::super::{Allow, Mount, CAPABILITIES, DEFAULT_CAPABILITIES};
-use super::checker::{k, refusal, Checker};
+use super::checker::{k, Checker, Power};
 
 /// The checked host-power settings.
 pub(super) struct Posture {
@@ -16,28 +16,26 @@ pub(super) struct Posture {
 
 /// Checks every host-power setting of `raw`, in the order of the config reference.
 pub(super) fn posture(c: &mut Checker<'_>, raw: &RawConfig, allow: &Allow) -> Posture {
-    if raw.privileged && !allow.privileged {
-        c.add(
-            &k("privileged"),
-            refusal(
-                "privileged mode",
-                "makes the container root on the host",
-                "allow-privileged",
-            ),
-        );
-    }
+    c.refuse_unless(
+        !raw.privileged || allow.privileged,
+        k("privileged"),
+        Power {
+            what: "privileged mode",
+            why: "makes the container root on the host",
+            flag: "allow-privileged",
+        },
+    );
     let cap_add = cap_add(c, &raw.cap_add, allow);
     let no_new_privileges = raw.no_new_privileges.unwrap_or(true);
-    if !no_new_privileges && !allow.new_privileges {
-        c.add(
-            &k("no_new_privileges"),
-            refusal(
-                "turning no-new-privileges off",
-                "lets a job's process gain privileges through setuid and file-capability binaries",
-                "allow-new-privileges",
-            ),
-        );
-    }
+    c.refuse_unless(
+        no_new_privileges || allow.new_privileges,
+        k("no_new_privileges"),
+        Power {
+            what: "turning no-new-privileges off",
+            why: "lets a job's process gain privileges through setuid and file-capability binaries",
+            flag: "allow-new-privileges",
+        },
+    );
     devices(c, &raw.devices, allow);
     let mounts = mounts(c, &raw.mounts, allow);
     Posture {
@@ -50,16 +48,15 @@ pub(super) fn posture(c: &mut Checker<'_>, raw: &RawConfig, allow: &Allow) -> Po
 /// `cap_add`: known capabilities, not kept by default anyway, each once; without `CAP_`.
 fn cap_add(c: &mut Checker<'_>, raw: &[String], allow: &Allow) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    if !raw.is_empty() && !allow.caps {
-        c.add(
-            &k("cap_add"),
-            refusal(
-                "adding capabilities",
-                "gives jobs powers the default posture takes away (NET_RAW: sniffing and spoofing other containers' traffic)",
-                "allow-caps",
-            ),
-        );
-    }
+    c.refuse_unless(
+        raw.is_empty() || allow.caps,
+        k("cap_add"),
+        Power {
+            what: "adding capabilities",
+            why: "gives jobs powers the default posture takes away (NET_RAW: sniffing and spoofing other containers' traffic)",
+            flag: "allow-caps",
+        },
+    );
     for (i, cap) in raw.iter().enumerate() {
         let name = cap.strip_prefix("CAP_").unwrap_or(cap);
         if !CAPABILITIES.contains(&name) {
@@ -83,16 +80,15 @@ fn cap_add(c: &mut Checker<'_>, raw: &[String], allow: &Allow) -> Vec<String> {
 
 /// `devices`: absolute paths under `/dev/`, each once.
 fn devices(c: &mut Checker<'_>, raw: &[String], allow: &Allow) {
-    if !raw.is_empty() && !allow.devices {
-        c.add(
-            &k("devices"),
-            refusal(
-                "devices",
-                "give the container direct access to host hardware",
-                "allow-devices",
-            ),
-        );
-    }
+    c.refuse_unless(
+        raw.is_empty() || allow.devices,
+        k("devices"),
+        Power {
+            what: "devices",
+            why: "give the container direct access to host hardware",
+            flag: "allow-devices",
+        },
+    );
     let mut seen = BTreeSet::new();
     for (i, d) in raw.iter().enumerate() {
         if !d.starts_with("/dev/") || d.contains("/../") || d.ends_with("/..") {
@@ -110,16 +106,15 @@ fn devices(c: &mut Checker<'_>, raw: &[String], allow: &Allow) {
 
 /// `mounts`: absolute `source` and `target`, never the container's root; read-only by default.
 fn mounts(c: &mut Checker<'_>, raw: &[RawMount], allow: &Allow) -> Vec<Mount> {
-    if !raw.is_empty() && !allow.host_mounts {
-        c.add(
-            &k("mounts"),
-            refusal(
-                "host bind mounts",
-                "expose host files to the container",
-                "allow-host-mounts",
-            ),
-        );
-    }
+    c.refuse_unless(
+        raw.is_empty() || allow.host_mounts,
+        k("mounts"),
+        Power {
+            what: "host bind mounts",
+            why: "expose host files to the container",
+            flag: "allow-host-mounts",
+        },
+    );
     let mut out = Vec::new();
     for (i, m) in raw.iter().enumerate() {
         let base = k("mounts").index(i);

@@ -18,11 +18,11 @@
 //!
 //! The plain listener stays on loopback only, for the supervisor and local tools.
 
-use std::io::Write;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::state::write_private;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
@@ -69,8 +69,8 @@ pub enum TlsError {
         dir: PathBuf,
         /// The listener's address.
         addr: IpAddr,
-        /// What the verification said.
-        reason: String,
+        /// What the verification said (in the message, so not a `#[source]`).
+        reason: VerifyError,
     },
 }
 
@@ -183,25 +183,36 @@ fn load_or_make_ca(dir: &Path) -> Result<(KeyPair, String), TlsError> {
     Ok((key, pem))
 }
 
+/// Why a server certificate does not verify against the CA (see [`TlsError::Unusable`]).
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// The CA certificate is not PEM.
+    #[error(transparent)]
+    Pem(#[from] rustls_pki_types::pem::Error),
+    /// The CA certificate, or the server certificate against it, is refused.
+    #[error(transparent)]
+    Rustls(#[from] rustls::Error),
+    /// No verifier can be made from the CA.
+    #[error(transparent)]
+    Verifier(#[from] rustls::client::VerifierBuilderError),
+}
+
 /// Verifies `cert` for `addr` against the CA in `ca_pem`, as an agent would.
 fn verify(
     ca_pem: &str,
     cert: &rustls_pki_types::CertificateDer<'_>,
     addr: IpAddr,
-) -> Result<(), String> {
+) -> Result<(), VerifyError> {
     use rustls_pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
-        roots
-            .add(c.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+        roots.add(c?)?;
     }
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
         Arc::new(rustls::crypto::ring::default_provider()),
     )
-    .build()
-    .map_err(|e| e.to_string())?;
+    .build()?;
     rustls::client::danger::ServerCertVerifier::verify_server_cert(
         verifier.as_ref(),
         cert,
@@ -209,9 +220,8 @@ fn verify(
         &rustls_pki_types::ServerName::IpAddress(addr.into()),
         &[],
         rustls_pki_types::UnixTime::now(),
-    )
-    .map(|_| ())
-    .map_err(|e| e.to_string())
+    )?;
+    Ok(())
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError {
@@ -220,26 +230,12 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError {
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), TlsError> {
-    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
-        .map_err(io(path))
+    super::state::set_mode(path, mode).map_err(io(path))
 }
 
-/// Writes `bytes` to `path` through a temporary file renamed over it, created with `mode`.
+/// Writes `bytes` to `path`, replaced whole, created with `mode` ([`write_private`]).
 fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), TlsError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .create_new(true)
-        .write(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    write_private(path, bytes, mode).map_err(io(path))
 }
 
 #[cfg(test)]
@@ -277,7 +273,9 @@ mod tests {
         let server2 = std::fs::read_to_string(&second.cert_file).unwrap();
         assert_ne!(server2.as_bytes(), &server1[..]);
         verify(&second.ca_pem, &pem_der(&server2), b).unwrap();
-        let wrong = verify(&second.ca_pem, &pem_der(&server2), a).unwrap_err();
+        let wrong = verify(&second.ca_pem, &pem_der(&server2), a)
+            .unwrap_err()
+            .to_string();
         assert!(wrong.contains("not valid for name"), "{wrong}");
     }
 

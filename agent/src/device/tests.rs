@@ -1,0 +1,179 @@
+use super::*;
+use crate::logfile::RotatingFile;
+use std::collections::BTreeMap;
+
+#[test]
+fn backoff_grows_caps_and_resets_after_a_long_run() {
+    let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8), 3);
+    let quick = Duration::from_millis(100);
+    let delays: Vec<_> = (0..5).map(|_| b.on_exit(quick).as_secs()).collect();
+    assert_eq!(delays, [1, 2, 4, 8, 8]);
+    assert!(b.crash_loop());
+    assert_eq!(b.on_exit(Duration::from_secs(3600)), Duration::from_secs(1));
+    assert!(!b.crash_loop());
+}
+
+/// The exit that ends a long healthy run is not a quick failure: it counts nothing, so it can
+/// neither start a crash loop on its own nor bring one closer.
+#[test]
+fn an_exit_after_a_long_run_is_not_a_quick_failure() {
+    let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8), 1);
+    assert_eq!(b.quick, Duration::from_secs(10));
+    assert_eq!(b.on_exit(Duration::from_secs(339)), Duration::from_secs(1));
+    assert_eq!(b.quick_failures(), 0);
+    assert!(
+        !b.crash_loop(),
+        "one long run then an exit is no crash loop"
+    );
+    // Exactly at the threshold counts as long; just under it as quick.
+    assert_eq!(b.on_exit(b.quick), Duration::from_secs(1));
+    assert_eq!(b.quick_failures(), 0);
+    let under = b.quick - Duration::from_millis(1);
+    assert_eq!(b.on_exit(under), Duration::from_secs(1));
+    assert_eq!(b.quick_failures(), 1);
+    assert!(b.crash_loop());
+
+    // With crash_loop_after = 3: two quick failures, a long run, two quick failures: no crash
+    // loop (the count restarted at the long run), and the delays restarted too.
+    let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(8), 3);
+    let quick = Duration::from_millis(100);
+    let delays: Vec<u64> = [quick, quick, Duration::from_secs(339), quick, quick]
+        .into_iter()
+        .map(|ran| b.on_exit(ran).as_secs())
+        .collect();
+    assert_eq!(delays, [1, 2, 1, 1, 2]);
+    assert_eq!(b.quick_failures(), 2);
+    assert!(!b.crash_loop());
+    assert_eq!(b.on_exit(quick), Duration::from_secs(4));
+    assert!(b.crash_loop());
+}
+
+/// Millisecond delays come out exact (the restart line prints them with one decimal).
+#[test]
+fn sub_second_delays_double_exactly_enough() {
+    let mut b = Backoff::new(Duration::from_millis(300), Duration::from_secs(5), 3);
+    let d: Vec<String> = (0..6)
+        .map(|_| format!("{:.1}", b.on_exit(Duration::ZERO).as_secs_f64()))
+        .collect();
+    assert_eq!(d, ["0.3", "0.6", "1.2", "2.4", "4.8", "5.0"]);
+}
+
+fn sinks(dir: &std::path::Path) -> Arc<Sinks> {
+    Arc::new(Sinks::new(
+        false,
+        Some(RotatingFile::open(&dir.join("o.log"), 1 << 20, 2).unwrap()),
+        crate::tap::Tap::new(8).0,
+    ))
+}
+
+fn restart(on_child_exit: OnChildExit, crash_loop_after: u32) -> RestartSettings {
+    RestartSettings {
+        on_unhealthy: labvisor_protocol::config::OnUnhealthy::None,
+        on_child_exit,
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(80),
+        crash_loop_after: crash_loop_after.try_into().unwrap(),
+    }
+}
+
+fn sh(script: &str) -> Option<Spec> {
+    Some(Spec {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        env: BTreeMap::new(),
+        cwd: None,
+    })
+}
+
+async fn until(rx: &mut watch::Receiver<Status>, f: impl Fn(&Status) -> bool) -> Status {
+    let s = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| f(s)))
+        .await
+        .expect("in time")
+        .expect("task alive");
+    s.clone()
+}
+
+#[tokio::test]
+async fn a_failing_process_is_restarted_until_it_crash_loops() {
+    let d = tempfile::tempdir().unwrap();
+    let dev = Device::spawn(
+        sh("echo boom; exit 7"),
+        &restart(OnChildExit::Restart, 3),
+        sinks(d.path()),
+        false,
+    );
+    let mut rx = dev.watch();
+    let s = until(&mut rx, |s| s.crash_loop).await;
+    assert!(s.is_crash_looping());
+    assert_eq!(s.last_exit.as_deref(), Some("exit 7"));
+    assert!(s.restarts >= 2, "{s:?}");
+    assert!(
+        s.crash_detail
+            .as_deref()
+            .unwrap()
+            .contains("failed 3 times in a row, last exit 7"),
+        "{s:?}"
+    );
+    dev.stop(Duration::from_secs(1)).await;
+    let log = std::fs::read_to_string(d.path().join("o.log")).unwrap();
+    assert!(
+        log.contains("[labvisor-agent] device process ended (exit 7)"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn under_on_child_exit_exit_the_first_exit_ends_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dev = Device::spawn(
+        sh("exit 4"),
+        &restart(OnChildExit::Exit, 3),
+        sinks(d.path()),
+        false,
+    );
+    let s = until(&mut dev.watch(), |s| matches!(s.state, State::Ended(_))).await;
+    assert_eq!(s.state, State::Ended(Exit::Code(4)));
+    assert_eq!(s.restarts, 0);
+    assert_eq!(dev.stop(Duration::from_secs(1)).await, None);
+}
+
+#[tokio::test]
+async fn signals_reach_the_process_and_stop_terms_it() {
+    let d = tempfile::tempdir().unwrap();
+    let dev = Device::spawn(
+        sh("trap 'echo got usr1' USR1; trap 'exit 0' TERM; echo ready; while true; do sleep 0.05; done"),
+        &restart(OnChildExit::Restart, 3),
+        sinks(d.path()),
+        false,
+    );
+    until(&mut dev.watch(), Status::is_running).await;
+    let log = || std::fs::read_to_string(d.path().join("o.log")).unwrap_or_default();
+    let t0 = Instant::now();
+    while !log().contains("ready") {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    dev.signal(Signal::SIGUSR1).await;
+    while !log().contains("got usr1") {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut rx = dev.watch();
+    let (exit, killed) = dev.stop(Duration::from_secs(5)).await.unwrap();
+    assert_eq!((exit, killed), (Exit::Code(0), false));
+    let s = rx.borrow_and_update().clone();
+    assert_eq!(s.state, State::Stopped);
+    assert_eq!(s.last_exit.as_deref(), Some("exit 0"));
+}
+
+#[tokio::test]
+async fn without_a_command_there_is_nothing_to_stop() {
+    let d = tempfile::tempdir().unwrap();
+    let dev = Device::spawn(
+        None,
+        &restart(OnChildExit::Restart, 3),
+        sinks(d.path()),
+        false,
+    );
+    assert_eq!(dev.status().state, State::NoCommand);
+    assert_eq!(dev.stop(Duration::from_secs(1)).await, None);
+}

@@ -1,0 +1,201 @@
+//! The agent's status: what the heartbeat file and the retained `<sut>/agent` message say.
+//!
+//! The agent's loop calls [`Reporter::report`] on every pass (at least every `heartbeat`): it
+//! looks at the device process, the jobs, the output sinks and the broker link, renders one
+//! [`AgentStatus`], writes the heartbeat file (atomically) and publishes the same status. A hung
+//! loop therefore means a stale heartbeat, and a blocked output write means `stalled`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use labvisor_protocol::heartbeat;
+use labvisor_protocol::payloads::{now_ms, AgentState, AgentStatus, ChildStatus};
+use labvisor_protocol::topics::Topics;
+use labvisor_protocol::SutName;
+use tracing::warn;
+
+use crate::device::{self, State};
+use crate::mqtt::{Message, MqttLink};
+use crate::output::Sinks;
+use crate::runner::JobRunner;
+use crate::tail::TailErrors;
+use crate::tap::Tap;
+
+/// Renders, writes and publishes the agent's status.
+pub struct Reporter {
+    sut: SutName,
+    boot_id: String,
+    topics: Topics,
+    heartbeat_file: PathBuf,
+    max_age: Duration,
+    sinks: Arc<Sinks>,
+    tap: Tap,
+    /// The broker link, once it is up (`None` without a broker).
+    pub link: Option<MqttLink>,
+    /// Problems of the `tail` globs, reported in `detail`.
+    pub tail_errors: Option<TailErrors>,
+    seq: u64,
+}
+
+impl Reporter {
+    /// A reporter for `sut` in this agent run (`boot_id`).
+    pub fn new(
+        config: &labvisor_protocol::config::SutConfig,
+        topics: Topics,
+        heartbeat_file: PathBuf,
+        boot_id: String,
+        sinks: Arc<Sinks>,
+        tap: Tap,
+    ) -> Self {
+        if let Some(dir) = heartbeat_file.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        Reporter {
+            sut: config.name.clone(),
+            boot_id,
+            topics,
+            heartbeat_file,
+            max_age: config.health.max_age,
+            sinks,
+            tap,
+            link: None,
+            tail_errors: None,
+            seq: 0,
+        }
+    }
+
+    /// This agent run's id.
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    fn base(&self) -> AgentStatus {
+        let version = env!("CARGO_PKG_VERSION");
+        AgentStatus::new(self.sut.clone(), &self.boot_id, version, now_ms())
+    }
+
+    /// The link's last will: the retained `lost` status.
+    pub fn will(&self) -> Message {
+        let lost = AgentStatus {
+            state: AgentState::Lost,
+            ..self.base()
+        };
+        Message::state(self.topics.agent(&self.sut), payload(&lost))
+    }
+
+    /// The agent's state from the device process, the sinks and whether a job runs.
+    pub fn state(&self, dev: &device::Status, busy: bool) -> AgentState {
+        let stall_after = self.max_age / 2;
+        if self.sinks.blocked_for().is_some_and(|d| d >= stall_after) {
+            return AgentState::Stalled;
+        }
+        if dev.crash_loop && !dev.is_running() {
+            return AgentState::CrashLoop;
+        }
+        if busy {
+            return AgentState::Busy;
+        }
+        match dev.state {
+            State::NoCommand => AgentState::Idle,
+            State::Running { .. } if dev.is_crash_looping() => AgentState::CrashLoop,
+            State::Running { .. } => AgentState::Idle,
+            _ if dev.last_exit.is_some() => AgentState::Restarting,
+            _ => AgentState::Starting,
+        }
+    }
+
+    /// Writes the heartbeat file and publishes the same status on `<sut>/agent`.
+    pub fn report(&mut self, dev: &device::Status, jobs: &JobRunner, state: AgentState) {
+        let mut details = Vec::new();
+        if let Some(d) = dev
+            .crash_detail
+            .as_ref()
+            .filter(|_| state == AgentState::CrashLoop)
+        {
+            details.push(d.clone());
+        }
+        if let Some(b) = self
+            .sinks
+            .blocked_for()
+            .filter(|_| state == AgentState::Stalled)
+        {
+            details.push(format!(
+                "writing output has been blocked for {:.0}s (disk full, or stdout not drained)",
+                b.as_secs_f64()
+            ));
+        }
+        details.extend(self.sinks.error());
+        if let Some(errs) = &self.tail_errors {
+            details.extend(
+                errs.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .cloned(),
+            );
+        }
+        let status = AgentStatus {
+            state,
+            seq: self.seq,
+            child: child_status(dev),
+            job: jobs.running().cloned(),
+            queue_len: jobs.queue_len() as u64,
+            broker_connected: self.link.as_ref().is_some_and(|l| l.state().connected),
+            output_dropped: self.tap.dropped(),
+            detail: (!details.is_empty()).then(|| details.join("; ")),
+            ..self.base()
+        };
+        self.seq += 1;
+        self.write_heartbeat(&status);
+        if let Some(link) = &self.link {
+            let _ = link.set_sticky(self.topics.agent(&self.sut), payload(&status));
+        }
+    }
+
+    fn write_heartbeat(&self, status: &AgentStatus) {
+        let text = heartbeat::render(status, self.max_age);
+        if let Err(e) = heartbeat::write_atomic(&self.heartbeat_file, &text) {
+            warn!(error = %e, "Cannot write the heartbeat file.");
+        }
+    }
+
+    /// The last status: `offline`, in the heartbeat file and on `<sut>/agent`; then the link
+    /// sends what it still holds and disconnects (within 2 s).
+    pub async fn offline(self, dev: &device::Status) {
+        let offline = AgentStatus {
+            state: AgentState::Offline,
+            seq: self.seq,
+            child: child_status(dev),
+            ..self.base()
+        };
+        let _ = heartbeat::write_atomic(
+            &self.heartbeat_file,
+            &heartbeat::render(&offline, self.max_age),
+        );
+        if let Some(link) = self.link {
+            let msg = Message::state(self.topics.agent(&self.sut), payload(&offline));
+            let _ = link.shutdown(vec![msg], Duration::from_secs(2)).await;
+        }
+    }
+}
+
+fn child_status(dev: &device::Status) -> Option<ChildStatus> {
+    if dev.state == State::NoCommand {
+        return None;
+    }
+    let pid = match dev.state {
+        State::Running { pid, .. } => Some(pid),
+        _ => None,
+    };
+    Some(ChildStatus {
+        pid,
+        alive: pid.is_some(),
+        restarts: dev.restarts,
+        last_exit: dev.last_exit.clone(),
+    })
+}
+
+fn payload(st: &AgentStatus) -> Bytes {
+    Bytes::from(serde_json::to_vec(st).expect("status serialises"))
+}
