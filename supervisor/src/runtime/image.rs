@@ -22,7 +22,8 @@ use super::{ContainerRuntime, ImageOutcome, RuntimeError};
 use crate::spec::{image_spec, SpecContext};
 
 /// Makes sure the image of `cfg` is there (present, pulled or built), streaming progress to
-/// the log and, when `link` is given, to `<sut>/build`.
+/// the log and, when `link` is given, to `<sut>/build`. Called in the supervisor's `action`
+/// span, which names the SUT.
 pub async fn ensure<R: ContainerRuntime>(
     runtime: &R,
     cfg: &SutConfig,
@@ -36,7 +37,7 @@ pub async fn ensure<R: ContainerRuntime>(
     let image = spec.image.clone();
     let link = link.cloned();
     let progress = move |line: &str| {
-        info!(sut = %sut, image = %image, "image: {line}");
+        info!(image = %image, "image: {line}");
         if let Some(link) = &link {
             // Best effort: a line that cannot be queued is only lost from the topic.
             let _ = link.publish_output(Message::stream(topic.clone(), line.to_owned()));
@@ -46,10 +47,10 @@ pub async fn ensure<R: ContainerRuntime>(
     match &outcome {
         ImageOutcome::Present => {}
         ImageOutcome::Pulled => {
-            info!(sut = %cfg.name, image = %spec.image, "Pulled the image.")
+            info!(image = %spec.image, "Pulled the image.")
         }
         ImageOutcome::Built(id) => {
-            info!(sut = %cfg.name, image = %spec.image, id = %id, "Built the image.")
+            info!(image = %spec.image, id = %id, "Built the image.")
         }
     }
     Ok(outcome)

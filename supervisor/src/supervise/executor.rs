@@ -1,0 +1,294 @@
+//! The executor: runs the plan's actions as tasks, at most `parallelism` at a time (a
+//! semaphore) and never two for one SUT, each in an `action` span (sut, action, container); a
+//! finished action comes back to the loop as a [`Done`]. Which actions may start (retry and
+//! healing backoff) is decided by [`crate::plan::policy`]. Also asks agents, through the
+//! runtime, whether they run a job.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use labvisor_mqtt::MqttLink;
+use labvisor_protocol::config::{self, Scan, SutConfig};
+use labvisor_protocol::SutName;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::{debug, field, info, info_span, warn, Instrument, Span};
+
+use super::{ActionError, Settings, ASK_TIMEOUT};
+use crate::plan::classify::Answer;
+use crate::plan::policy::{Gate, SutState};
+use crate::plan::{Action, RecreateReason};
+use crate::runtime::ContainerRuntime;
+use crate::spec::container_spec;
+
+/// The result of a finished action, sent back to the loop.
+pub(super) struct Done {
+    /// The SUT.
+    pub sut: SutName,
+    /// What ran.
+    pub action: Action,
+    /// How it went.
+    pub result: Result<(), ActionError>,
+    /// The action's span: the loop logs the outcome in it.
+    pub span: Span,
+}
+
+/// Runs actions as tasks.
+pub(super) struct Executor<R> {
+    exec: Arc<Exec<R>>,
+    semaphore: Arc<Semaphore>,
+    tasks: JoinSet<()>,
+    done_tx: mpsc::UnboundedSender<Done>,
+}
+
+impl<R: ContainerRuntime> Executor<R> {
+    /// An executor whose finished actions go to `done_tx`; `link` receives image build lines.
+    pub fn new(
+        runtime: Arc<R>,
+        settings: Arc<Settings>,
+        link: Option<MqttLink>,
+        done_tx: mpsc::UnboundedSender<Done>,
+    ) -> Self {
+        Self {
+            semaphore: Arc::new(Semaphore::new(settings.parallelism.max(1))),
+            exec: Arc::new(Exec {
+                runtime,
+                settings,
+                link,
+            }),
+            tasks: JoinSet::new(),
+            done_tx,
+        }
+    }
+
+    /// Whether no action runs.
+    pub fn is_idle(&self) -> bool {
+        self.tasks.is_empty()
+    }
+
+    /// Waits for an action task to end (its [`Done`] was sent); pending while none runs.
+    pub async fn join_next(&mut self) {
+        if self.tasks.join_next().await.is_none() {
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Waits at most `grace` for the running actions.
+    pub async fn drain(&mut self, grace: Duration) {
+        let _ = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+    }
+
+    /// Starts the mutating `actions` whose gates are open at `now` (see [`SutState::gate`]);
+    /// returns the earliest instant a gated one may start.
+    pub fn start_due(
+        &mut self,
+        actions: Vec<Action>,
+        suts: &mut BTreeMap<SutName, SutState>,
+        scan: &Scan,
+        now: Instant,
+    ) -> Option<Instant> {
+        let mut wake: Option<Instant> = None;
+        for action in actions.into_iter().filter(Action::mutates) {
+            let sut = action.sut().clone();
+            let st = suts.entry(sut.clone()).or_default();
+            let restart = scan.valid.get(&sut).map(|c| &c.restart);
+            match st.gate(&action, now, restart) {
+                Gate::InFlight => {}
+                Gate::Until(at) => wake = Some(wake.map_or(at, |w| w.min(at))),
+                Gate::Go { crash_loop_began } => {
+                    let span = action_span(&action);
+                    if crash_loop_began {
+                        span.in_scope(|| {
+                            warn!(
+                                restarts = st.heal.restarts + 1,
+                                "The agent keeps turning unhealthy: crash loop."
+                            );
+                        });
+                    }
+                    self.spawn(action, span);
+                }
+            }
+        }
+        wake
+    }
+
+    fn spawn(&mut self, action: Action, span: Span) {
+        let exec = self.exec.clone();
+        let sem = self.semaphore.clone();
+        let tx = self.done_tx.clone();
+        span.in_scope(|| debug!("Starting action."));
+        let task_span = span.clone();
+        self.tasks.spawn(
+            async move {
+                let result = match sem.acquire_owned().await {
+                    Ok(_permit) => exec.execute(&action).await,
+                    Err(_) => Ok(()),
+                };
+                let _ = tx.send(Done {
+                    sut: action.sut().clone(),
+                    action,
+                    result,
+                    span,
+                });
+            }
+            .instrument(task_span),
+        );
+    }
+
+    /// Asks the agents in the containers `ask` whether they run a job (through the runtime, so
+    /// it works while the broker is down), `parallelism` at a time, each within
+    /// [`ASK_TIMEOUT`].
+    pub async fn ask_agents(&self, ask: Vec<(String, SutName)>) -> Vec<Answer> {
+        let runtime = &self.exec.runtime;
+        futures_util::stream::iter(ask)
+            .map(|(id, sut)| {
+                let span = tracing::debug_span!("ask", sut = %sut, container = %id);
+                async move {
+                    let busy = match tokio::time::timeout(ASK_TIMEOUT, runtime.agent_busy(&id))
+                        .await
+                    {
+                        Ok(Ok(b)) => Some(b),
+                        Ok(Err(error)) => {
+                            debug!(error = %error, "Could not ask the agent whether it runs a job; going by the broker's view.");
+                            None
+                        }
+                        Err(_) => {
+                            debug!(timeout = ?ASK_TIMEOUT, "The agent did not say whether it runs a job; going by the broker's view.");
+                            None
+                        }
+                    };
+                    Answer { id, sut, busy }
+                }
+                .instrument(span)
+            })
+            .buffer_unordered(self.exec.settings.parallelism.max(1))
+            .collect()
+            .await
+    }
+}
+
+/// The span of one action: its SUT, kind and the container it acts on (for a creation, filled
+/// in once the container exists).
+fn action_span(action: &Action) -> Span {
+    let span = info_span!(
+        "action",
+        sut = %action.sut(),
+        action = action.kind(),
+        container = field::Empty
+    );
+    match action {
+        Action::Recreate { id, .. }
+        | Action::Remove { id, .. }
+        | Action::Start { id, .. }
+        | Action::Restart { id, .. } => {
+            span.record("container", id.as_str());
+        }
+        Action::Create { .. } | Action::Defer { .. } | Action::Conflict { .. } => {}
+    }
+    span
+}
+
+/// What action tasks share.
+struct Exec<R> {
+    runtime: Arc<R>,
+    settings: Arc<Settings>,
+    /// Where image build lines are published (`<sut>/build`).
+    link: Option<MqttLink>,
+}
+
+impl<R: ContainerRuntime> Exec<R> {
+    /// Re-reads the SUT file right before creating, so the labels carry the hash of exactly what
+    /// is delivered into the container.
+    async fn load(&self, sut: &SutName) -> Result<(SutConfig, Vec<u8>), ActionError> {
+        let path = Scan::path_of(&self.settings.sut_dir, sut);
+        let dir = self.settings.sut_dir.clone();
+        let allow = self.settings.allow;
+        tokio::task::spawn_blocking(move || {
+            let bytes =
+                config::read_sut_file(&path).map_err(|e| ActionError::File(e.to_string()))?;
+            let text =
+                String::from_utf8(bytes.clone()).map_err(|e| ActionError::File(e.to_string()))?;
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let cfg = config::load_str(&name, &text, &dir, &allow).map_err(|p| {
+                ActionError::File(
+                    p.iter()
+                        .map(|p| p.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )
+            })?;
+            Ok((cfg, bytes))
+        })
+        .await
+        .map_err(|e| ActionError::File(e.to_string()))?
+    }
+
+    async fn create(&self, sut: &SutName) -> Result<String, ActionError> {
+        let (cfg, bytes) = self.load(sut).await?;
+        crate::runtime::image::ensure(
+            &*self.runtime,
+            &cfg,
+            &self.settings.spec,
+            &self.settings.topics,
+            self.link.as_ref(),
+        )
+        .await?;
+        if let Some(logins) = self.settings.logins.clone() {
+            let sut = sut.clone();
+            tokio::task::spawn_blocking(move || logins.ensure(&sut))
+                .await
+                .map_err(|e| ActionError::File(e.to_string()))??;
+        }
+        let hash = self.settings.spec.container_hash(&cfg.hash());
+        let spec = container_spec(&cfg, &bytes, &hash, &self.settings.spec)?;
+        Ok(self.runtime.create(&spec).await?)
+    }
+
+    /// Runs `action` (in its span).
+    async fn execute(&self, action: &Action) -> Result<(), ActionError> {
+        let rt = &self.runtime;
+        let t = self.settings.stop_timeout;
+        match action {
+            Action::Create { sut } => {
+                let id = self.create(sut).await?;
+                Span::current().record("container", id.as_str());
+                info!("Created and started the agent container.");
+            }
+            Action::Recreate { sut, id, reason } => {
+                if *reason == RecreateReason::ConfigChanged {
+                    rt.stop(id, t).await?;
+                }
+                rt.remove(id).await?;
+                let new = self.create(sut).await?;
+                info!(new_container = %new, reason = ?reason, "Recreated the agent container.");
+            }
+            Action::Remove { sut, id, sut_gone } => {
+                rt.stop(id, t).await?;
+                rt.remove(id).await?;
+                if *sut_gone && self.settings.purge_volumes {
+                    rt.remove_volume(&self.settings.spec.volume_name(sut))
+                        .await?;
+                    rt.remove_legacy_volume(&self.settings.spec.legacy_volume(sut))
+                        .await?;
+                }
+                info!("Removed the agent container.");
+            }
+            Action::Start { id, .. } => {
+                rt.start(id).await?;
+                info!("Started the stopped agent container.");
+            }
+            Action::Restart { id, .. } => {
+                rt.restart(id, t).await?;
+                warn!("Restarted the unhealthy agent container.");
+            }
+            Action::Defer { .. } | Action::Conflict { .. } => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,321 @@
+//! One reconcile pass, in a `pass` span: scan the directory, list the containers, classify
+//! them, plan (asking agents before a disruption), note what the plan says per SUT (deferrals,
+//! conflicts, health), start the actions whose gates are open, publish the status.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use labvisor_protocol::config::{scan_dir, Scan};
+use labvisor_protocol::payloads::{AgentState, Health};
+use labvisor_protocol::SutName;
+use tokio::time::Instant;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use super::reconciler::Reconciler;
+use super::status::Seen;
+use super::DOCKER_RETRY_MAX;
+use crate::plan::classify::{self, stem};
+use crate::plan::policy::{Backoff, RETRY_MIN};
+use crate::plan::{plan, primary, Action, Actual, Busy, Desired, RunState};
+use crate::runtime::{ContainerInfo, ContainerRuntime};
+
+/// Whether the engine answers, and the backoff of passes while it does not (1 s doubling to
+/// 30 s).
+#[derive(Debug)]
+pub(super) struct Reach {
+    /// The last container list succeeded.
+    pub reachable: bool,
+    backoff: Backoff,
+}
+
+impl Default for Reach {
+    fn default() -> Self {
+        Self {
+            reachable: true,
+            backoff: Backoff::new(RETRY_MIN, DOCKER_RETRY_MAX),
+        }
+    }
+}
+
+/// What one pass works on.
+struct Planned {
+    scan: Scan,
+    desired: BTreeMap<SutName, Desired>,
+    invalid: BTreeSet<SutName>,
+    actual: Vec<Actual>,
+    actions: Vec<Action>,
+}
+
+impl<R: ContainerRuntime> Reconciler<R> {
+    /// One pass, in its span.
+    pub(super) async fn pass(&mut self) {
+        self.passes += 1;
+        let span = info_span!("pass", n = self.passes);
+        async {
+            self.pass_inner().await;
+            self.metrics.on_pass(self.docker.reachable);
+            debug!(
+                docker_reachable = self.docker.reachable,
+                "Reconcile pass done."
+            );
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn pass_inner(&mut self) {
+        let now = Instant::now();
+        self.watch.ensure();
+        let Some(scan) = self.scan(now).await else {
+            return;
+        };
+        self.watch.watch_contexts(&scan);
+        self.log_problems(&scan);
+        let Some(list) = self.list(now).await else {
+            self.publish(&scan, &[], &BTreeMap::new());
+            return;
+        };
+        let p = self.classify_and_plan(scan, list, now).await;
+        let known = self.note_plan(&p, now);
+        self.forget(&known);
+        let wake = self.exec.start_due(p.actions, &mut self.suts, &p.scan, now);
+        if let Some(at) = wake {
+            self.timers.wake_at(at);
+        }
+        self.publish(&p.scan, &p.actual, &p.desired);
+        self.observe_metrics(&p.actual, &p.desired);
+    }
+
+    /// Publishes what the pass saw (see [`super::status`]).
+    fn publish(&mut self, scan: &Scan, actual: &[Actual], desired: &BTreeMap<SutName, Desired>) {
+        let seen = Seen {
+            scan,
+            actual,
+            desired,
+            docker_reachable: self.docker.reachable,
+            broker: self.broker.as_ref(),
+        };
+        self.status.publish(&seen, &mut self.suts);
+    }
+
+    /// Scans the SUT directory; `None` (changing nothing, retried later) when it cannot be read.
+    async fn scan(&mut self, now: Instant) -> Option<Scan> {
+        let dir = self.settings.sut_dir.clone();
+        let allow = self.settings.allow;
+        match tokio::task::spawn_blocking(move || scan_dir(&dir, &allow)).await {
+            Ok(Ok(scan)) => Some(scan),
+            Ok(Err(error)) => {
+                error!(dir = %self.settings.sut_dir.display(), error = %error, "Cannot read the SUT directory; changing nothing.");
+                self.timers.wake_at(now + RETRY_MIN * 5);
+                None
+            }
+            Err(error) => {
+                error!(error = %error, "The directory scan panicked.");
+                None
+            }
+        }
+    }
+
+    /// Lists the containers; `None` while the engine is unreachable (the pass is retried with
+    /// backoff).
+    async fn list(&mut self, now: Instant) -> Option<Vec<ContainerInfo>> {
+        match self.runtime.list().await {
+            Ok(list) => {
+                if !self.docker.reachable {
+                    info!("Docker is reachable again.");
+                }
+                self.docker.reachable = true;
+                self.docker.backoff.reset();
+                Some(list)
+            }
+            Err(error) => {
+                let delay = self.docker.backoff.next_delay();
+                if self.docker.reachable {
+                    error!(error = %error, "Docker is unreachable; retrying with backoff.");
+                }
+                self.docker.reachable = false;
+                self.timers.wake_at(now + delay);
+                None
+            }
+        }
+    }
+
+    /// A SUT's agent as the plan sees it: idle, unless the broker says busy (then busy, or
+    /// expired once the busy wait ran out).
+    fn busy(&self, sut: &SutName, now: Instant, said_busy: bool) -> Busy {
+        if !said_busy {
+            return Busy::Idle;
+        }
+        self.suts.get(sut).map_or(Busy::Busy, |st| {
+            st.deferral.busy(now, self.settings.busy_wait)
+        })
+    }
+
+    /// Classifies the containers and plans. Before disrupting a running agent (or while waiting
+    /// for it), asks the agent itself, through Docker, whether a job runs: the broker's view may
+    /// be stale or missing (the broker, or the agent's link, is down).
+    async fn classify_and_plan(
+        &mut self,
+        scan: Scan,
+        list: Vec<ContainerInfo>,
+        now: Instant,
+    ) -> Planned {
+        let desired = classify::desired(&scan, &self.settings.spec);
+        let invalid = classify::invalid(&scan);
+        let mut actual = classify::classify(list, &self.settings.spec, &desired, |sut| {
+            self.busy(sut, now, self.agents.get(sut) == Some(&AgentState::Busy))
+        });
+        let mut actions = plan(&desired, &actual, &invalid);
+        let ask = classify::to_ask(&actual, &actions);
+        if !ask.is_empty() {
+            let answers = self.exec.ask_agents(ask).await;
+            let changed =
+                classify::apply_answers(&mut actual, answers, |sut| self.busy(sut, now, true));
+            for (id, broker_view) in &changed {
+                debug!(container = %id, broker_view = ?broker_view, "The agent's own answer differs from the broker's view.");
+            }
+            if !changed.is_empty() {
+                actions = plan(&desired, &actual, &invalid);
+            }
+        }
+        Planned {
+            scan,
+            desired,
+            invalid,
+            actual,
+            actions,
+        }
+    }
+
+    /// Bookkeeping that is not an action: deferrals, conflicts, healthy windows. Returns the
+    /// SUTs the pass knows of (a file, or an owned container).
+    fn note_plan(&mut self, p: &Planned, now: Instant) -> BTreeSet<SutName> {
+        let of = |pick: fn(&Action) -> bool| -> BTreeMap<&SutName, &Action> {
+            p.actions
+                .iter()
+                .filter(|a| pick(a))
+                .map(|a| (a.sut(), a))
+                .collect()
+        };
+        let deferred = of(|a| matches!(a, Action::Defer { .. }));
+        let conflicts = of(|a| matches!(a, Action::Conflict { .. }));
+        let acting: BTreeSet<&SutName> = p
+            .actions
+            .iter()
+            .filter(|a| a.mutates())
+            .map(Action::sut)
+            .collect();
+        let known: BTreeSet<SutName> = p
+            .desired
+            .keys()
+            .chain(p.invalid.iter())
+            .chain(p.actual.iter().filter(|a| a.owned).map(|a| &a.sut))
+            .cloned()
+            .collect();
+        let busy_wait = self.settings.busy_wait;
+        for sut in &known {
+            let _span = info_span!("sut", sut = %sut).entered();
+            let st = self.suts.entry(sut.clone()).or_default();
+            match deferred.get(sut) {
+                Some(defer @ Action::Defer { action, .. }) => {
+                    let w = st.deferral.waiting(now, busy_wait, *action);
+                    if w.began {
+                        self.metrics.on_action(defer);
+                    }
+                    st.pending = Some(w.pending);
+                    debug!(action = %action, "Deferred while the agent is busy.");
+                    // Re-plan when the wait runs out.
+                    self.timers.wake_at(w.until);
+                }
+                _ => {
+                    st.deferral.not_waiting(acting.contains(sut));
+                    st.pending = None;
+                }
+            }
+            let conflict = match conflicts.get(sut) {
+                Some(Action::Conflict { id, name, .. }) => Some((id.as_str(), name.as_str())),
+                _ => None,
+            };
+            if st.set_conflict(conflict) {
+                if let Some((id, name)) = conflict {
+                    error!(container = %id, "A container not managed by this supervisor holds the name {name}; leaving it alone.");
+                }
+            }
+            let health = primary(&p.actual, &p.desired, sut).map(|a| a.health);
+            st.heal.observe(health, now);
+        }
+        known
+    }
+
+    /// Forgets SUTs with no file and no container (clearing their retained view); a SUT that
+    /// is back is no longer cleared.
+    fn forget(&mut self, known: &BTreeSet<SutName>) {
+        let stale: Vec<SutName> = self
+            .suts
+            .iter()
+            .filter(|(sut, st)| !known.contains(*sut) && !st.in_flight)
+            .map(|(sut, _)| sut.clone())
+            .collect();
+        for sut in stale {
+            if let Some(st) = self.suts.remove(&sut) {
+                if st.published.is_some() {
+                    let _span = info_span!("sut", sut = %sut).entered();
+                    self.status.clear_retained(&sut);
+                }
+            }
+        }
+        self.status.forget_gone(known);
+    }
+
+    /// Per-SUT health and the SUT counts, after a full pass.
+    fn observe_metrics(&mut self, actual: &[Actual], desired: &BTreeMap<SutName, Desired>) {
+        self.metrics.observe_suts(self.suts.keys().map(|sut| {
+            let p = primary(actual, desired, sut);
+            (
+                sut,
+                p.map_or(Health::None, |a| a.health),
+                p.is_some_and(|a| a.state == RunState::Running),
+            )
+        }));
+        if let Some(status) = self.status.status() {
+            self.metrics.observe_counts(&status.suts);
+        }
+    }
+
+    /// Logs the problems of the directory's invalid entries once per change: a new or changed
+    /// set of problems (one line each), and an entry that is fixed or gone.
+    fn log_problems(&mut self, scan: &Scan) {
+        for (path, problems) in &scan.invalid {
+            let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+            if self.logged_problems.get(path) == Some(&lines) {
+                continue;
+            }
+            let sut = stem(path);
+            for line in &lines {
+                match &sut {
+                    Some(sut) => {
+                        let _span = info_span!("sut", sut = %sut).entered();
+                        warn!(problem = %line, "Invalid SUT file; its container, if any, is left as it is.")
+                    }
+                    None => {
+                        warn!(problem = %line, "An entry of the SUT directory names no SUT; ignored.")
+                    }
+                }
+            }
+            self.logged_problems.insert(path.clone(), lines);
+        }
+        let fixed: Vec<_> = self
+            .logged_problems
+            .keys()
+            .filter(|p| !scan.invalid.contains_key(*p))
+            .cloned()
+            .collect();
+        for path in fixed {
+            self.logged_problems.remove(&path);
+            if stem(&path).is_some_and(|s| scan.valid.contains_key(&s)) {
+                info!(file = %path.display(), "The SUT file is valid again.");
+            } else {
+                info!(file = %path.display(), "The invalid entry of the SUT directory is gone.");
+            }
+        }
+    }
+}

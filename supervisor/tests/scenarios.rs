@@ -1,0 +1,424 @@
+//! The reconcile loop's scenarios on the in-memory fake runtime with paused tokio time: no
+//! Docker, no broker, each test a few milliseconds of real time however long it runs in
+//! virtual time.
+//!
+//! The loop is started with [`supervise::run_with`]: file change notices are fed through
+//! [`Hooks::file_events`] (each [`Sup::write`] writes the file and sends one, as notify would)
+//! and the SUT views come back through [`Hooks::views`] (what `<sut>/supervisor` would say).
+//! The fake's event stream is silent, so where Docker would send a `health_status` event the
+//! test sends a file notice instead ([`Sup::nudge`]): either only wakes the loop.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use labvisor_protocol::config::Allow;
+use labvisor_protocol::payloads::{Health, SutView};
+use labvisor_protocol::topics::{SupervisorId, Topics};
+use labvisor_protocol::SutName;
+use labvisor_supervisor::runtime::fake::{FakeCall, FakeRuntime};
+use labvisor_supervisor::spec::{SpecContext, Tools};
+use labvisor_supervisor::supervise::{self, Hooks, Settings, DEBOUNCE};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+const SUT: &str = "image = \"img\"\n";
+const MS: Duration = Duration::from_millis(1);
+const S: Duration = Duration::from_secs(1);
+/// The virtual time a test may wait for one thing.
+/// How often [`until`] looks (virtual time).
+const STEP: Duration = Duration::from_millis(10);
+const PATIENCE: Duration = Duration::from_secs(600);
+
+fn settings(dir: &Path) -> Settings {
+    Settings {
+        sut_dir: dir.to_owned(),
+        allow: Allow::default(),
+        spec: SpecContext {
+            supervisor: SupervisorId::new("fake").unwrap(),
+            name_prefix: "p-".into(),
+            extra_labels: BTreeMap::new(),
+            agent_broker: None,
+            topic_prefix: None,
+            mqtt_username: None,
+            mqtt_password: None,
+            agent_credentials: None,
+            tools: Tools::new(Bytes::from_static(b"agent"), Bytes::from_static(b"hc")),
+            agent_ca: None,
+        },
+        topics: Topics::new(),
+        mqtt: None,
+        busy_wait: Duration::from_secs(600),
+        resync: Duration::from_secs(30),
+        stop_timeout: S,
+        parallelism: 4,
+        purge_volumes: false,
+        logins: None,
+        poll: None,
+        metrics_listen: None,
+        managed_broker: None,
+        status_every: Duration::from_secs(30),
+    }
+}
+
+/// A supervisor running on a fake engine, in this test's (paused) runtime.
+struct Sup {
+    rt: FakeRuntime,
+    dir: tempfile::TempDir,
+    files: mpsc::Sender<()>,
+    views: watch::Receiver<BTreeMap<SutName, SutView>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sup {
+    /// Writes `files` into a new SUT directory and starts the supervisor on it.
+    fn start(files: &[(&str, &str)]) -> Sup {
+        Self::start_with(files, |_| {})
+    }
+
+    fn start_with(files: &[(&str, &str)], tweak: impl FnOnce(&mut Settings)) -> Sup {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
+        let rt = FakeRuntime::new();
+        let mut s = settings(dir.path());
+        tweak(&mut s);
+        let (files_tx, files_rx) = mpsc::channel(1);
+        let (views_tx, views) = watch::channel(BTreeMap::new());
+        let (stop, stopped) = oneshot::channel();
+        let hooks = Hooks {
+            file_events: Some(files_rx),
+            views: Some(views_tx),
+        };
+        let runtime = Arc::new(rt.clone());
+        let task = tokio::spawn(async move {
+            supervise::run_with(s, runtime, hooks, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Sup {
+            rt,
+            dir,
+            files: files_tx,
+            views,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// Writes a file of the SUT directory, and tells the loop as notify would.
+    fn write(&self, name: &str, text: &str) {
+        std::fs::write(self.dir.path().join(name), text).unwrap();
+        self.nudge();
+    }
+
+    /// Tells the loop that something changed (a file, or in Docker).
+    fn nudge(&self) {
+        let _ = self.files.try_send(());
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap();
+    }
+
+    fn view(&self, sut: &str) -> Option<SutView> {
+        self.views
+            .borrow()
+            .get(&SutName::new(sut).unwrap())
+            .cloned()
+    }
+
+    fn count(&self, call: &FakeCall) -> usize {
+        self.rt.calls().iter().filter(|c| *c == call).count()
+    }
+
+    fn id(&self, name: &str) -> Option<String> {
+        self.rt
+            .containers()
+            .into_iter()
+            .find(|c| c.name == name)
+            .map(|c| c.id)
+    }
+}
+
+/// Waits (in virtual time, 1 ms steps) until `f` holds; returns when it first did.
+async fn until(what: &str, mut f: impl FnMut() -> bool) -> Instant {
+    let deadline = Instant::now() + PATIENCE;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(STEP).await;
+    }
+    Instant::now()
+}
+
+/// Lets the passes that follow a finished action end before the test edits files: a scan
+/// running on a blocking thread could otherwise read a file while the test writes it.
+async fn settle() {
+    idle(S * 2).await;
+}
+
+/// Lets `d` of virtual time pass.
+async fn idle(d: Duration) {
+    tokio::time::sleep(d).await;
+}
+
+/// The agent in `id` hangs again: Docker says unhealthy (and sends an event). Returns when
+/// the loop made its `n`th restart.
+async fn unhealthy_restart(sup: &Sup, id: &str, n: usize) -> Instant {
+    sup.rt.update(id, |c| c.health = Health::Unhealthy);
+    sup.nudge();
+    until("a restart", || {
+        sup.count(&FakeCall::Restart(id.to_owned())) == n
+    })
+    .await
+}
+
+fn near(what: &str, got: Duration, want: Duration) {
+    let slack = 60 * MS;
+    assert!(
+        got + slack >= want && got <= want + slack,
+        "{what}: {got:?}, wanted {want:?}"
+    );
+}
+
+/// A burst of writes to one SUT file (an editor saving, a script rewriting it) makes one
+/// recreation, after the debounce's quiet period, of what the file finally says.
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_file_writes_gives_one_action() {
+    let sup = Sup::start(&[("a.toml", SUT)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let first = sup.id("p-a").unwrap();
+    settle().await;
+
+    let mut last = Instant::now();
+    for i in 0..6 {
+        sup.write("a.toml", &format!("{SUT}[env]\nX = \"{i}\"\n"));
+        last = Instant::now();
+        idle(DEBOUNCE / 2).await;
+    }
+    let stopped = until("the old container stopped", || {
+        sup.count(&FakeCall::Stop(first.clone())) == 1
+    })
+    .await;
+    near("quiet period before the pass", stopped - last, DEBOUNCE);
+    until("recreated", || sup.id("p-a").is_some_and(|id| id != first)).await;
+    idle(S * 5).await;
+    assert_eq!(
+        sup.count(&FakeCall::Create("p-a".into())),
+        2,
+        "{:?}",
+        sup.rt.calls()
+    );
+    assert_eq!(sup.rt.containers().len(), 1);
+    sup.stop().await;
+}
+
+/// A recreation waits for a busy agent (asked through the runtime, there is no broker), shows
+/// as `pending_action`, and goes ahead when `--busy-wait` runs out even though the job still
+/// runs.
+#[tokio::test(start_paused = true)]
+async fn a_busy_agent_defers_the_recreation_until_the_busy_wait_runs_out() {
+    let busy_wait = Duration::from_secs(120);
+    let sup = Sup::start_with(&[("a.toml", SUT)], |s| s.busy_wait = busy_wait);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    settle().await;
+    sup.rt.set_busy(&id, true);
+
+    sup.write("a.toml", &format!("{SUT}[env]\nX = \"1\"\n"));
+    let edited = Instant::now();
+    until("the agent asked", || {
+        sup.count(&FakeCall::AgentBusy(id.clone())) > 0
+    })
+    .await;
+    let pending = until("the pending action on the view", || {
+        sup.view("a").is_some_and(|v| v.pending_action.is_some())
+    })
+    .await;
+    let view = sup.view("a").unwrap();
+    assert_eq!(
+        view.pending_action.as_deref(),
+        Some("recreate (waiting for the running job, at most 2m)"),
+        "{view:?}"
+    );
+    assert_eq!(view.container_id.as_deref(), Some(id.as_str()));
+
+    // Just before the wait runs out (resyncs and more notices in between), still waiting.
+    sup.nudge();
+    idle(busy_wait - S).await;
+    assert_eq!(sup.count(&FakeCall::Stop(id.clone())), 0, "kept while busy");
+
+    let stopped = until("recreated once the wait ran out", || {
+        sup.count(&FakeCall::Stop(id.clone())) == 1
+    })
+    .await;
+    near("the busy wait", stopped - pending, busy_wait);
+    near("the wait began with the pass", pending - edited, DEBOUNCE);
+    until("the new container", || {
+        sup.id("p-a").is_some_and(|new| new != id)
+    })
+    .await;
+    until("no pending action", || {
+        sup.view("a").is_some_and(|v| v.pending_action.is_none())
+    })
+    .await;
+    sup.stop().await;
+}
+
+/// Healing: the first restart of an unhealthy container at once, the next ones after
+/// `backoff_min` doubling to `backoff_max`.
+#[tokio::test(start_paused = true)]
+async fn an_unhealthy_container_is_restarted_with_backoff() {
+    let file = format!(
+        "{SUT}[restart]\nbackoff_min = \"1s\"\nbackoff_max = \"4s\"\ncrash_loop_after = 100\n"
+    );
+    let sup = Sup::start(&[("a.toml", &file)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    settle().await;
+    let mut times = Vec::new();
+    for n in 1..=5 {
+        times.push(unhealthy_restart(&sup, &id, n).await);
+    }
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    for (gap, want) in gaps.iter().zip([1, 2, 4, 4]) {
+        near("the delay between restarts", *gap, S * want);
+    }
+    until("the restarts on the view", || {
+        sup.view("a").is_some_and(|v| v.restarts == 5)
+    })
+    .await;
+    assert!(!sup.view("a").unwrap().crash_loop);
+    assert_eq!(
+        sup.count(&FakeCall::Create("p-a".into())),
+        1,
+        "restarted, not recreated"
+    );
+    sup.stop().await;
+}
+
+/// A crash loop: after `crash_loop_after` restarts without a healthy minute the SUT is flagged
+/// (restarts go on at the longest delay); a healthy minute clears the flag and the backoff.
+#[tokio::test(start_paused = true)]
+async fn a_crash_loop_is_flagged_and_a_healthy_minute_clears_it() {
+    let file = format!(
+        "{SUT}[restart]\nbackoff_min = \"1s\"\nbackoff_max = \"2s\"\ncrash_loop_after = 3\n"
+    );
+    let sup = Sup::start(&[("a.toml", &file)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    settle().await;
+    unhealthy_restart(&sup, &id, 1).await;
+    unhealthy_restart(&sup, &id, 2).await;
+    until("restarts on the view", || {
+        sup.view("a").is_some_and(|v| v.restarts == 2)
+    })
+    .await;
+    assert!(!sup.view("a").unwrap().crash_loop);
+    let third = unhealthy_restart(&sup, &id, 3).await;
+    until("the crash loop on the view", || {
+        sup.view("a").is_some_and(|v| v.crash_loop)
+    })
+    .await;
+    let fourth = unhealthy_restart(&sup, &id, 4).await;
+    near("restarts go on at the longest delay", fourth - third, S * 2);
+
+    // Healthy for a minute (resyncs every 30 s see it): the flag clears.
+    sup.rt.update(&id, |c| c.health = Health::Healthy);
+    sup.nudge();
+    let healthy = Instant::now();
+    idle(Duration::from_secs(59)).await;
+    assert!(sup.view("a").unwrap().crash_loop, "not yet a minute");
+    let cleared = until("the crash loop cleared", || {
+        sup.view("a").is_some_and(|v| !v.crash_loop)
+    })
+    .await;
+    assert!(cleared - healthy >= Duration::from_secs(60));
+    assert_eq!(sup.view("a").unwrap().restarts, 4, "the count stays");
+    // And the backoff: the next restart happens at once.
+    let before = Instant::now();
+    let fifth = unhealthy_restart(&sup, &id, 5).await;
+    assert!(fifth - before < DEBOUNCE + 50 * MS, "{:?}", fifth - before);
+    sup.stop().await;
+}
+
+/// Docker goes away: passes fail and are retried with backoff (1 s doubling), nothing is
+/// touched meanwhile; when it is back the next retry reconciles what changed during the
+/// outage, adopts what was there, and the backoff starts again from 1 s.
+#[tokio::test(start_paused = true)]
+async fn a_docker_outage_backs_off_and_recovers() {
+    let sup = Sup::start(&[("a.toml", SUT)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let a = sup.id("p-a").unwrap();
+    settle().await;
+
+    sup.rt.set_down(true);
+    sup.write("b.toml", SUT);
+    let down = Instant::now();
+    // Failing passes at +0.15 s, then 1, 2, 4, 8 s later (+1.15, +3.15, +7.15, +15.15).
+    idle(S * 10).await;
+    assert!(sup.id("p-b").is_none());
+    sup.rt.set_down(false);
+    let created = until("b created after the outage", || sup.id("p-b").is_some()).await;
+    near(
+        "the retry after the outage",
+        created - down,
+        DEBOUNCE + S * (1 + 2 + 4 + 8),
+    );
+    assert_eq!(sup.id("p-a").as_deref(), Some(a.as_str()), "a adopted");
+    assert_eq!(sup.count(&FakeCall::Create("p-a".into())), 1);
+
+    // A second outage: the backoff starts again from 1 s.
+    idle(S).await;
+    sup.rt.set_down(true);
+    sup.write("c.toml", SUT);
+    let down = Instant::now();
+    idle(DEBOUNCE + 10 * MS).await;
+    sup.rt.set_down(false);
+    let created = until("c created", || sup.id("p-c").is_some()).await;
+    near("the first retry", created - down, DEBOUNCE + S);
+    sup.stop().await;
+}
+
+/// A failed action is retried for its SUT alone with backoff (1 s doubling), the other SUTs
+/// go on, and the error shows on the SUT's view until an attempt succeeds.
+#[tokio::test(start_paused = true)]
+async fn a_failing_sut_is_retried_with_backoff_and_alone() {
+    let sup = Sup::start(&[("a.toml", SUT), ("b.toml", SUT)]);
+    sup.rt.fail_create("p-b", true);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let mut times = Vec::new();
+    for n in 1..=4 {
+        times.push(
+            until("a create of b", || {
+                sup.count(&FakeCall::Create("p-b".into())) == n
+            })
+            .await,
+        );
+    }
+    let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
+    for (gap, want) in gaps.iter().zip([1, 2, 4]) {
+        near("the retry delay", *gap, S * want);
+    }
+    let view = sup.view("b").unwrap();
+    assert!(
+        view.last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("create: ")),
+        "{view:?}"
+    );
+    sup.rt.fail_create("p-b", false);
+    until("b created", || sup.id("p-b").is_some()).await;
+    until("the error cleared", || {
+        sup.view("b").is_some_and(|v| v.last_error.is_none())
+    })
+    .await;
+    sup.stop().await;
+}
