@@ -19,6 +19,7 @@ use serde_json::Value;
 const T: Duration = Duration::from_secs(60);
 
 #[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
 fn a_thousand_mixed_payloads_get_a_thousand_answers_and_the_metric_agrees() {
     ensure_busybox_image();
     let scope = DockerScope::new("burst");
