@@ -501,8 +501,11 @@ mod tests {
         );
     }
 
-    /// How long a short-lived file exists: far below the rescan period.
-    const LIFE: Duration = Duration::from_millis(10);
+    /// How long a short-lived file exists: a fifth of the rescan period, so the periodic rescan
+    /// alone would miss most of them (only the inotify watch reads them all), and still long
+    /// enough for the tailer thread to be scheduled on a loaded machine (10 ms was not, at a load
+    /// of 12 on two cores).
+    const LIFE: Duration = Duration::from_millis(50);
 
     #[test]
     fn files_that_live_for_a_few_ms_are_read() {
@@ -529,13 +532,19 @@ mod tests {
             std::thread::sleep(LIFE);
             std::fs::remove_file(&p).unwrap();
         }
-        std::thread::sleep(Duration::from_millis(300));
+        // Wait (with a deadline) until every file's last line is in the log.
+        let missing = |s: &str| -> Vec<usize> {
+            (0..40)
+                .filter(|f| !s.contains(&format!("file {f} line 2\n")))
+                .collect()
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !missing(&log(d.path(), &sinks)).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         stop.store(true, Ordering::Relaxed);
         h.join().unwrap();
-        let s = log(d.path(), &sinks);
-        let missing: Vec<usize> = (0..40)
-            .filter(|f| !s.contains(&format!("file {f} line 2\n")))
-            .collect();
-        assert!(missing.is_empty(), "missed {missing:?}");
+        let missed = missing(&log(d.path(), &sinks));
+        assert!(missed.is_empty(), "missed {missed:?}");
     }
 }

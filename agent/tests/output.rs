@@ -358,8 +358,9 @@ fn broker_stopped_30s_mid_job_output_resumes_with_a_counted_gap_and_the_file_com
     chaos(Fault::Stop);
 }
 
-/// testflinger writes a phase log and deletes it right after: files that live for 10 ms are
-/// followed all the same (inotify opens them as they appear), and their lines and the device's,
+/// testflinger writes a phase log and deletes it right after: files that live for 50 ms (a fifth
+/// of the 250 ms rescan; 10 ms was shorter than the scheduling delay on a loaded two-core machine)
+/// are followed all the same (inotify opens them as they appear), and their lines and the device's,
 /// both written in pieces, interleave in the log file and on MQTT as whole lines, with a header
 /// at every switch.
 #[test]
@@ -413,7 +414,7 @@ fn short_lived_followed_files_are_captured_and_interleave_whole_lines_with_heade
             file.write_all(b"file line\n").unwrap();
         }
         drop(file);
-        std::thread::sleep(Duration::from_millis(10)); // the file's whole life: 10 ms
+        std::thread::sleep(Duration::from_millis(50)); // the file's whole life: 50 ms
         std::fs::remove_file(&p).unwrap();
     }
     wait_until("the device output complete", LIMIT, || {

@@ -86,18 +86,7 @@ mod tests {
     /// `match` has no wildcard, so a new variant does not compile until it is listed here.
     #[test]
     fn every_agent_state_agrees_with_the_healthy_state_rule() {
-        let all = [
-            AgentState::Starting,
-            AgentState::Idle,
-            AgentState::Busy,
-            AgentState::Restarting,
-            AgentState::CrashLoop,
-            AgentState::Stalled,
-            AgentState::Stopping,
-            AgentState::Offline,
-            AgentState::Lost,
-        ];
-        for st in all {
+        for st in AgentState::ALL {
             let want = match st {
                 AgentState::Starting
                 | AgentState::Idle

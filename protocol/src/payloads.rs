@@ -71,6 +71,19 @@ pub enum AgentState {
 }
 
 impl AgentState {
+    /// Every state, in the order of the enum.
+    pub const ALL: [AgentState; 9] = [
+        AgentState::Starting,
+        AgentState::Idle,
+        AgentState::Busy,
+        AgentState::Restarting,
+        AgentState::CrashLoop,
+        AgentState::Stalled,
+        AgentState::Stopping,
+        AgentState::Offline,
+        AgentState::Lost,
+    ];
+
     /// Whether Docker should consider an agent in this state healthy ([`crate::heartbeat::is_healthy`]).
     pub fn is_healthy(self) -> bool {
         crate::heartbeat::is_healthy(self.as_str())
@@ -93,19 +106,7 @@ impl AgentState {
 
     /// Parses the kebab-case name.
     pub fn parse(s: &str) -> Option<Self> {
-        [
-            AgentState::Starting,
-            AgentState::Idle,
-            AgentState::Busy,
-            AgentState::Restarting,
-            AgentState::CrashLoop,
-            AgentState::Stalled,
-            AgentState::Stopping,
-            AgentState::Offline,
-            AgentState::Lost,
-        ]
-        .into_iter()
-        .find(|st| st.as_str() == s)
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
     }
 }
 
