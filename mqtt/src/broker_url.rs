@@ -3,6 +3,7 @@
 //! hold: no path, query or fragment, a port in 1..=65535, well-formed percent escapes.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use url::{Host, Position, Url};
 
@@ -41,7 +42,7 @@ pub(crate) fn parse_url(text: &str) -> Result<ParsedUrl, UrlError> {
     let url = Url::parse(&unzoned).map_err(|e| refused(text, e))?;
     // `url` reads an empty port (`host:`) as no port; it is a mistake, as it always was here.
     if rest.trim_end_matches('/').ends_with(':') {
-        return Err(UrlError::InvalidPort(text.to_owned()));
+        return Err(bad_port(text));
     }
     let suffix = &url[Position::BeforePath..];
     if !(suffix.is_empty() || suffix == "/") {
@@ -58,7 +59,7 @@ pub(crate) fn parse_url(text: &str) -> Result<ParsedUrl, UrlError> {
     };
     let port = match url.port() {
         None => default_port,
-        Some(0) => return Err(UrlError::InvalidPort(text.to_owned())),
+        Some(0) => return Err(bad_port(text)),
         Some(n) => n,
     };
     let username = Some(decode(url.username())?).filter(|u| !u.is_empty());
@@ -75,11 +76,7 @@ pub(crate) fn parse_url(text: &str) -> Result<ParsedUrl, UrlError> {
 /// `text` without the zone of its bracketed IPv6 host (`%eth0` in `[fe80::1%eth0]`), and that
 /// zone. `url` refuses zones; getaddrinfo, which resolves the host, understands them.
 fn without_zone(text: &str) -> (Cow<'_, str>, Option<&str>) {
-    let start = text.find("://").map_or(0, |i| i + 3);
-    let end = text[start..]
-        .find(['/', '?', '#'])
-        .map_or(text.len(), |i| start + i);
-    let host = text[start..end].rfind('@').map_or(start, |i| start + i + 1);
+    let Range { start: host, end } = host_span(text);
     let bracketed = text[host..end]
         .strip_prefix('[')
         .and_then(|h| h.split_once(']'))
@@ -96,17 +93,42 @@ fn without_zone(text: &str) -> (Cow<'_, str>, Option<&str>) {
     }
 }
 
+/// Where the host and port of `text` are: after `scheme://` and any `user[:password]@`, up to
+/// the path, query or fragment.
+fn host_span(text: &str) -> Range<usize> {
+    let start = text.find("://").map_or(0, |i| i + 3);
+    let end = text[start..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |i| start + i);
+    let host = text[start..end].rfind('@').map_or(start, |i| start + i + 1);
+    host..end
+}
+
+/// [`UrlError::InvalidPort`] with the port as written in `text` (`x` in `mqtt://h:x`): what
+/// follows the last `:`, or the IPv6 host's `]` (less its `:`). Not the whole URL: it may hold
+/// a password.
+fn bad_port(text: &str) -> UrlError {
+    let host_port = &text[host_span(text)];
+    let port = match host_port.strip_prefix('[') {
+        Some(v6) => v6
+            .split_once(']')
+            .map_or("", |(_, after)| after.strip_prefix(':').unwrap_or(after)),
+        None => host_port.rsplit_once(':').map_or("", |(_, port)| port),
+    };
+    UrlError::InvalidPort(port.to_owned())
+}
+
 /// Maps the `url` crate's refusal to ours.
 fn refused(text: &str, e: url::ParseError) -> UrlError {
     use url::ParseError as P;
     match e {
         P::EmptyHost => UrlError::MissingHost(text.to_owned()),
-        P::InvalidPort => UrlError::InvalidPort(text.to_owned()),
+        P::InvalidPort => bad_port(text),
         P::InvalidIpv6Address => match text.split_once(']') {
             None => UrlError::UnclosedBracket(text.to_owned()),
             // `[::1]x`: the address is fine, what follows it is no `:port`.
             Some((_, after)) if !after.is_empty() && !after.starts_with([':', '/']) => {
-                UrlError::InvalidPort(text.to_owned())
+                bad_port(text)
             }
             Some(_) => invalid(text, e),
         },
@@ -222,6 +244,26 @@ mod tests {
         let p = parse_url("tcp://:secret@h").unwrap();
         assert_eq!((p.username, p.password.as_deref()), (None, Some("secret")));
         assert!(parse_url("ssl://h").unwrap().tls);
+    }
+
+    /// A bad port is named as written (not the whole URL, which may hold a password).
+    #[test]
+    fn a_bad_port_is_named_as_written() {
+        let port = |u: &str| match parse_url(u) {
+            Err(UrlError::InvalidPort(p)) => p,
+            other => panic!("{u}: {other:?}"),
+        };
+        assert_eq!(port("mqtt://u:pw@h:x"), "x");
+        assert_eq!(port("mqtt://h:70000/"), "70000");
+        assert_eq!(port("mqtt://h:0"), "0");
+        assert_eq!(port("mqtt://h:"), "");
+        assert_eq!(port("mqtt://[::1]:x"), "x");
+        assert_eq!(port("mqtt://[::1]x"), "x");
+        assert_eq!(port("mqtt://[fe80::1%eth0]:99999"), "99999");
+        assert_eq!(
+            UrlError::InvalidPort("x".into()).to_string(),
+            "broker URL port \"x\" is not a number between 1 and 65535"
+        );
     }
 
     /// A link-local broker with its interface (`[fe80::1%eth0]`): the hand-written parser before
