@@ -18,8 +18,8 @@ use labvisor_supervisor::broker_tls::AgentTls;
 use labvisor_supervisor::cli::check::{self, AllowArgs};
 use labvisor_supervisor::cli::submit::SubmitArgs;
 use labvisor_supervisor::cli::{self, healthz, import, BrokerArgs};
-use labvisor_supervisor::runtime::DockerRuntime;
 use labvisor_supervisor::metrics::{self, Listen};
+use labvisor_supervisor::runtime::DockerRuntime;
 use labvisor_supervisor::spec::{self, Named, SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Settings};
 
