@@ -15,8 +15,8 @@ pub enum UrlError {
     /// The host part is empty.
     #[error("broker URL {0:?} has no host")]
     MissingHost(String),
-    /// The port is not a number in 1..=65535 (holds the URL).
-    #[error("broker URL {0:?} has a port that is not a number between 1 and 65535")]
+    /// The port is not a number in 1..=65535 (holds the port as written).
+    #[error("broker URL port {0:?} is not a number between 1 and 65535")]
     InvalidPort(String),
     /// A path, query or fragment follows the authority.
     #[error("broker URL must not have a path, query or fragment; found {0:?}")]

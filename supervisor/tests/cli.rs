@@ -476,3 +476,19 @@ fn healthz_exit_codes_and_messages() {
         stderr(&o)
     );
 }
+
+/// A `--broker` URL the link refuses is a usage error (exit 2) that names the culprit: for a
+/// bad port, the port as written. No broker needed: nothing is connected.
+#[test]
+fn a_bad_broker_url_is_a_usage_error_naming_the_port() {
+    let o = Command::cargo_bin("labvisor")
+        .unwrap()
+        .args(["status", "--broker", "mqtt://u:pw@h:x"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o),
+        "labvisor status: --broker \"mqtt://u:pw@h:x\": broker URL port \"x\" is not a number between 1 and 65535\n"
+    );
+}
