@@ -106,7 +106,7 @@ mod tests {
             let st = AgentState::parse(name).unwrap_or_else(|| panic!("{name} is no AgentState"));
             assert!(st.is_healthy(), "{name}");
         }
-        let healthy = all.iter().filter(|s| s.is_healthy()).count();
+        let healthy = AgentState::ALL.iter().filter(|s| s.is_healthy()).count();
         assert_eq!(healthy, HEALTHY_STATES.len());
     }
 }
