@@ -19,6 +19,20 @@ cd "$(dirname "$0")/.."
 
 what="${1:-all}"
 
+# busybox_root DIR BUSYBOX: the base of both images in DIR: busybox and its applets in /bin, a
+# world-writable /tmp, /root, /var/log, and root and nobody in /etc/passwd and /etc/group.
+busybox_root() {
+    local root=$1 bb=$2 applet
+    mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/root" "$root/var/log"
+    chmod 1777 "$root/tmp"
+    cp "$bb" "$root/bin/busybox"
+    for applet in $("$bb" --list); do
+        [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
+    done
+    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"
+    printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"
+}
+
 build_busybox() {
     local image=labvisor/busybox:local
     if [ "${FORCE:-0}" != 1 ] && docker image inspect "$image" >/dev/null 2>&1; then
@@ -33,14 +47,7 @@ build_busybox() {
     local root
     root=$(mktemp -d)
     trap 'rm -rf "$root"' RETURN
-    mkdir -p "$root/bin" "$root/etc" "$root/tmp" "$root/root" "$root/var/log"
-    chmod 1777 "$root/tmp"
-    cp "$bb" "$root/bin/busybox"
-    for applet in $("$bb" --list); do
-        [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
-    done
-    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"
-    printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"
+    busybox_root "$root" "$bb"
     tar -C "$root" -c . | docker import \
         --change 'CMD ["/bin/sh"]' \
         --change 'ENV PATH=/bin' \
@@ -71,14 +78,8 @@ build_tf_style() {
     local root
     root=$(mktemp -d)
     trap 'rm -rf "$root"' RETURN
-    mkdir -p "$root/bin" "$root/usr/bin" "$root/usr/lib" "$root/etc" "$root/tmp" "$root/root" "$root/var/log"
-    chmod 1777 "$root/tmp"
-    cp "$bb" "$root/bin/busybox"
-    for applet in $("$bb" --list); do
-        [ "$applet" = busybox ] || ln -s busybox "$root/bin/$applet"
-    done
-    printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"
-    printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"
+    busybox_root "$root" "$bb"
+    mkdir -p "$root/usr/bin" "$root/usr/lib"
     cp "$py" "$root/usr/bin/"
     ln -s "$(basename "$py")" "$root/usr/bin/python3"
     cp "$ssh" "$root/usr/bin/ssh"
