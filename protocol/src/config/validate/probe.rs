@@ -107,8 +107,10 @@ fn tcp_url(u: &str) -> Option<ProbeTarget> {
         && parsed.path().is_empty()
         && parsed.query().is_none()
         && parsed.fragment().is_none();
-    let host = parsed.host_str().filter(|h| !h.is_empty())?;
+    parsed.host_str().filter(|h| !h.is_empty())?;
     let port = parsed.port().filter(|p| *p != 0)?;
+    // As written: `url` percent-encodes a non-ASCII opaque host.
+    let (host, _) = u.strip_prefix("tcp://")?.rsplit_once(':')?;
     plain.then(|| ProbeTarget::Tcp {
         host: host.to_owned(),
         port,
@@ -199,6 +201,13 @@ mod tests {
         ] {
             assert!(parse_probe_url(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_tcp_host_is_kept_as_written_not_percent_encoded() {
+        // The host is part of the config hash: `url`'s percent-encoding of an opaque host
+        // would change it (and recreate the container) for a file accepted before.
+        assert_eq!(parse_probe_url("tcp://gerät:22"), Ok(tcp("gerät", 22)));
     }
 
     #[test]
