@@ -48,9 +48,18 @@ impl AgentLogins {
         self.pid.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// mosquitto's pid, when it runs.
-    pub(super) fn pid(&self) -> Option<u32> {
-        *self.lock_pid()
+    /// Runs `f` with mosquitto's pid, when it runs, under the pid lock; whether it ran. The
+    /// watcher clears the pid under the same lock before it reaps the process, so a signal sent
+    /// in `f` reaches that mosquitto (or its zombie), never a process that reused its pid.
+    pub(super) fn with_pid(&self, f: impl FnOnce(u32)) -> bool {
+        let pid = self.lock_pid();
+        match *pid {
+            Some(pid) => {
+                f(pid);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The directory of per-SUT passwords (what `--agent-credentials` takes).
@@ -126,6 +135,27 @@ pub(super) fn add_login(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mosquitto_is_signalled_under_the_pid_lock() {
+        let logins = AgentLogins::new(
+            PathBuf::new(),
+            PathBuf::new(),
+            PathBuf::new(),
+            PathBuf::new(),
+            false,
+            4242,
+        );
+        let ran = logins.with_pid(|pid| {
+            assert_eq!(pid, 4242);
+            // Were the lock free here, the watcher could reap mosquitto and its pid be reused
+            // before the signal is sent.
+            assert!(logins.pid.try_lock().is_err(), "the pid lock is held");
+        });
+        assert!(ran);
+        *logins.lock_pid() = None;
+        assert!(!logins.with_pid(|_| unreachable!("no mosquitto runs")));
+    }
 
     #[test]
     fn passwords_come_from_the_os_csprng() {

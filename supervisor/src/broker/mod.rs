@@ -273,15 +273,14 @@ impl ManagedBroker {
         self.stop.set();
         // Under the lock, the watcher either already knows about the stop or has published
         // the pid of a mosquitto it has not reaped yet.
-        if let Some(pid) = self.logins.pid() {
-            process::signal(pid, nix::sys::signal::Signal::SIGTERM);
-        }
+        self.logins
+            .with_pid(|pid| process::signal(pid, nix::sys::signal::Signal::SIGTERM));
         process::wait_until(Instant::now() + STOP_GRACE, || watcher.is_finished());
         if !watcher.is_finished() {
-            if let Some(pid) = self.logins.pid() {
+            self.logins.with_pid(|pid| {
                 tracing::error!(grace = ?STOP_GRACE, "The managed broker did not exit after SIGTERM; killing it (what changed since its last autosave is lost).");
                 process::signal(pid, nix::sys::signal::Signal::SIGKILL);
-            }
+            });
         }
         let _ = watcher.join();
         let _ = std::fs::remove_file(self.dir.join("mosquitto.pid"));

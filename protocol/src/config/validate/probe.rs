@@ -72,8 +72,8 @@ pub(crate) enum ProbeUrlError {
 }
 
 /// Parses `probe.url`. `tcp://host:port` must be exactly that (no user, path, query or
-/// fragment); the host is kept as written, an IPv6 address in its brackets. An HTTP(S) URL
-/// needs a host and is kept as written.
+/// fragment); the host is kept as written, an IPv6 address in its brackets (or without them,
+/// or with a zone: [`tcp_ipv6_literal`]). An HTTP(S) URL needs a host and is kept as written.
 pub(crate) fn parse_probe_url(u: &str) -> Result<ProbeTarget, ProbeUrlError> {
     if u.chars().any(|ch| ch.is_whitespace() || ch.is_control()) {
         return Err(ProbeUrlError::Whitespace(u.to_owned()));
@@ -96,15 +96,46 @@ pub(crate) fn parse_probe_url(u: &str) -> Result<ProbeTarget, ProbeUrlError> {
 
 /// `tcp://host:port` as a target; `None` if it is anything more or less.
 fn tcp_target(u: &str) -> Option<ProbeTarget> {
+    tcp_url(u).or_else(|| tcp_ipv6_literal(u))
+}
+
+/// `tcp://host:port` as the `url` crate reads it.
+fn tcp_url(u: &str) -> Option<ProbeTarget> {
     let parsed = Url::parse(u).ok()?;
     let plain = parsed.username().is_empty()
         && parsed.password().is_none()
         && parsed.path().is_empty()
         && parsed.query().is_none()
         && parsed.fragment().is_none();
-    let host = parsed.host_str().filter(|h| !h.is_empty())?;
+    parsed.host_str().filter(|h| !h.is_empty())?;
     let port = parsed.port().filter(|p| *p != 0)?;
+    // As written: `url` percent-encodes a non-ASCII opaque host.
+    let (host, _) = u.strip_prefix("tcp://")?.rsplit_once(':')?;
     plain.then(|| ProbeTarget::Tcp {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// `tcp://` with an IPv6 address the `url` crate refuses but the agent connects to: without
+/// brackets (the last `:` starts the port) or with a zone (`fe80::1%eth0`). Such URLs were
+/// accepted before `url` parsed them; the host is kept as written.
+fn tcp_ipv6_literal(u: &str) -> Option<ProbeTarget> {
+    let (host, port) = u.strip_prefix("tcp://")?.rsplit_once(':')?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    let inner = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let (addr, zone) = inner.split_once('%').unwrap_or((inner, "x"));
+    let zone_ok = !zone.is_empty()
+        && zone
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    (zone_ok && addr.parse::<std::net::Ipv6Addr>().is_ok()).then(|| ProbeTarget::Tcp {
         host: host.to_owned(),
         port,
     })
@@ -143,6 +174,40 @@ mod tests {
                 Ok(ProbeTarget::Http { url: http.into() })
             );
         }
+    }
+
+    #[test]
+    fn ipv6_addresses_the_url_crate_refuses_are_accepted_as_before() {
+        // Unbracketed (the last `:` starts the port) and with a zone: accepted, the host kept
+        // as written, before probe URLs were parsed with `url`.
+        assert_eq!(parse_probe_url("tcp://::1:22"), Ok(tcp("::1", 22)));
+        assert_eq!(
+            parse_probe_url("tcp://2001:db8::5:2222"),
+            Ok(tcp("2001:db8::5", 2222))
+        );
+        assert_eq!(
+            parse_probe_url("tcp://fe80::1%eth0:22"),
+            Ok(tcp("fe80::1%eth0", 22))
+        );
+        assert_eq!(
+            parse_probe_url("tcp://[fe80::1%eth0]:22"),
+            Ok(tcp("[fe80::1%eth0]", 22))
+        );
+        for bad in [
+            "tcp://::1:0",
+            "tcp://::1:x",
+            "tcp://::1:+22",
+            "tcp://fe80::1%:22",
+        ] {
+            assert!(parse_probe_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_tcp_host_is_kept_as_written_not_percent_encoded() {
+        // The host is part of the config hash: `url`'s percent-encoding of an opaque host
+        // would change it (and recreate the container) for a file accepted before.
+        assert_eq!(parse_probe_url("tcp://gerät:22"), Ok(tcp("gerät", 22)));
     }
 
     #[test]
