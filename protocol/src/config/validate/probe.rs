@@ -66,6 +66,9 @@ pub(crate) enum ProbeUrlError {
     /// `http(s)://` without a host.
     #[error("{0:?} has no host")]
     NoHost(String),
+    /// `http(s)://` that the URL parser refuses (a port over 65535, a bad IPv6 address...).
+    #[error("{0:?} is not a valid URL: {1}")]
+    Invalid(String, url::ParseError),
     /// Another scheme, or none.
     #[error("{0:?} must start with tcp://, http:// or https://")]
     Scheme(String),
@@ -88,7 +91,8 @@ pub(crate) fn parse_probe_url(u: &str) -> Result<ProbeTarget, ProbeUrlError> {
             Ok(parsed) if parsed.host_str().is_some_and(|h| !h.is_empty()) => {
                 Ok(ProbeTarget::Http { url: u.to_owned() })
             }
-            _ => Err(ProbeUrlError::NoHost(u.to_owned())),
+            Ok(_) => Err(ProbeUrlError::NoHost(u.to_owned())),
+            Err(e) => Err(ProbeUrlError::Invalid(u.to_owned(), e)),
         },
         _ => Err(ProbeUrlError::Scheme(u.to_owned())),
     }
@@ -234,6 +238,20 @@ mod tests {
         assert_eq!(
             msg("tcp://a b:1"),
             "\"tcp://a b:1\" must not contain whitespace"
+        );
+    }
+
+    /// An HTTP URL the parser refuses says why, not that it has no host.
+    #[test]
+    fn an_invalid_http_url_names_the_parser_s_reason() {
+        let msg = |u: &str| parse_probe_url(u).unwrap_err().to_string();
+        assert_eq!(
+            msg("http://h:99999/"),
+            "\"http://h:99999/\" is not a valid URL: invalid port number"
+        );
+        assert_eq!(
+            msg("http://[zz]/"),
+            "\"http://[zz]/\" is not a valid URL: invalid IPv6 address"
         );
     }
 }
