@@ -247,8 +247,6 @@ impl Agent {
                 changed = async { dev_rx.as_mut().expect("guarded").changed().await }, if dev_rx.is_some() => {
                     if changed.is_err() {
                         dev_rx = None;
-                    } else if let State::Ended(exit) = self.device.status().state {
-                        return Outcome::ChildExited(exit);
                     }
                 }
                 ctl = control.recv() => match ctl {
@@ -262,6 +260,11 @@ impl Agent {
             // Every pass refreshes the status; the ticker guarantees one at least every
             // `heartbeat`.
             let dev = self.device.status();
+            // Checked on every pass, not only when the watch wakes this loop: an exit seen first
+            // by another branch must not be reported as `restarting` before `stopping`.
+            if let State::Ended(exit) = dev.state {
+                return Outcome::ChildExited(exit);
+            }
             let state = self.reporter.state(&dev, self.jobs.running().is_some());
             self.reporter.report(&dev, &self.jobs, state);
         }

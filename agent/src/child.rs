@@ -5,10 +5,10 @@
 //! output sinks. Signals go to the whole group, and a stop is TERM, a grace period, then KILL of
 //! the whole group, so no grandchild survives its parent's stop.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
@@ -65,6 +65,15 @@ impl Exit {
     }
 }
 
+/// The pids of the processes [`spawn`] started and their owners have not waited for yet (the
+/// device process, a job): [`reap_orphans`] leaves them alone. Locked across a spawn and across
+/// a reaping pass, so a child is listed before the reaper can see it exit.
+static OURS: Mutex<BTreeSet<u32>> = Mutex::new(BTreeSet::new());
+
+fn ours() -> MutexGuard<'static, BTreeSet<u32>> {
+    OURS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Starts `spec` in a new process group, pumping its output to `sinks` as `source`.
 pub fn spawn(spec: &Spec, sinks: Arc<Sinks>, source: Source) -> std::io::Result<Running> {
     let Some((prog, args)) = spec.argv.split_first() else {
@@ -85,7 +94,12 @@ pub fn spawn(spec: &Spec, sinks: Arc<Sinks>, source: Source) -> std::io::Result<
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
-    let child = cmd.spawn()?;
+    let child = {
+        let mut ours = ours();
+        let child = cmd.spawn()?;
+        ours.extend(child.id());
+        child
+    };
     // `cmd` holds the parent's copies of the write end: drop it, or the pump never sees EOF.
     drop(cmd);
     let pid = child.id().unwrap_or(0);
@@ -130,10 +144,12 @@ impl Running {
 
     /// Waits for it to exit. Cancel-safe.
     pub async fn wait(&mut self) -> Exit {
-        match self.child.wait().await {
+        let exit = match self.child.wait().await {
             Ok(s) => Exit::from_status(s),
             Err(_) => Exit::Code(-1),
-        }
+        };
+        ours().remove(&self.pid);
+        exit
     }
 
     /// Sends `sig` to the whole process group.
@@ -147,7 +163,10 @@ impl Running {
     pub async fn stop(&mut self, grace: Duration) -> (Exit, bool) {
         self.signal(Signal::SIGTERM);
         let (exit, killed) = match tokio::time::timeout(grace, self.child.wait()).await {
-            Ok(Ok(s)) => (Exit::from_status(s), false),
+            Ok(Ok(s)) => {
+                ours().remove(&self.pid);
+                (Exit::from_status(s), false)
+            }
             _ => {
                 self.signal(Signal::SIGKILL);
                 (self.wait().await, true)
@@ -176,11 +195,20 @@ pub fn signal_group(pgid: u32, sig: Signal) {
     }
 }
 
+impl Drop for Running {
+    fn drop(&mut self) {
+        // Not waited for: tokio reaps it once it exits; nobody needs its status.
+        ours().remove(&self.pid);
+    }
+}
+
 /// When the agent is PID 1 (a container without Docker's init), orphaned grandchildren are
 /// re-parented to it and must be reaped, or they stay zombies. Reaps every exited child that is
-/// not one of `ours` (those are waited for by their owners), without disturbing `ours`.
+/// not one of `ours` nor one [`spawn`] started (those are waited for by their owners: the device
+/// task, the job runner), without disturbing them.
 pub fn reap_orphans(ours: &[u32]) -> usize {
     use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
+    let spawned = self::ours();
     let mut reaped = 0;
     loop {
         // Peek (WNOWAIT) at one exited child.
@@ -192,7 +220,8 @@ pub fn reap_orphans(ours: &[u32]) -> usize {
                 None => return reaped,
             },
         };
-        if ours.contains(&(pid.as_raw() as u32)) {
+        let pid_u32 = pid.as_raw() as u32;
+        if ours.contains(&pid_u32) || spawned.contains(&pid_u32) {
             // Ours is first in line; its owner reaps it, and we look again next time.
             return reaped;
         }
@@ -271,6 +300,24 @@ mod tests {
             (!alive).then_some(())
         })
         .await;
+    }
+
+    /// As PID 1 the agent reaps orphans on every SIGCHLD, in the device task, while jobs run
+    /// beside it: a job's (or the device process's) own exit status is never taken from its
+    /// owner, whatever `ours` the reaper was given.
+    #[tokio::test]
+    async fn the_orphan_reaper_never_takes_a_child_of_ours() {
+        let d = tempfile::tempdir().unwrap();
+        let mut r = spawn(&sh("exit 3"), sinks(d.path()), Source::Device).unwrap();
+        let pid = r.pid();
+        // Exited, not yet waited for: a zombie.
+        labvisor_wait(|| {
+            let st = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            st.contains(") Z").then_some(())
+        })
+        .await;
+        reap_orphans(&[]);
+        assert_eq!(r.wait().await, Exit::Code(3));
     }
 
     async fn labvisor_wait<T>(mut f: impl FnMut() -> Option<T>) -> T {

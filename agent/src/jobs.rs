@@ -417,7 +417,8 @@ pub fn merge_template(template: &str, script: &str) -> Result<String, TemplateEr
         Value::Mapping(m) => m,
         _ => return Err(TemplateError::NotAMapping),
     };
-    doc.remove("test_data");
+    // shift_remove: `remove` would move the last key into its place.
+    doc.shift_remove("test_data");
     // Every line of the script ends with a newline, as a `|` block gives it.
     let cmds: String = script.lines().flat_map(|l| [l, "\n"]).collect();
     let mut test_data = Mapping::new();
@@ -605,6 +606,17 @@ mod tests {
         );
         let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&m).unwrap();
         assert_eq!(value["test_data"]["test_cmds"], "echo one\necho two\n");
+    }
+
+    /// The other keys keep their order wherever `test_data` stood (as the old line edit did).
+    #[test]
+    fn template_merge_keeps_the_order_of_the_other_keys() {
+        let t = "test_data:\n  test_cmds: old\njob_queue: rpi4\nprovision_data:\n  distro: noble\nreserve_data:\n  timeout: 60\n";
+        let m = merge_template(t, "true").unwrap();
+        assert_eq!(
+            m,
+            "job_queue: rpi4\nprovision_data:\n  distro: noble\nreserve_data:\n  timeout: 60\ntest_data:\n  test_cmds: |\n    true\n"
+        );
     }
 
     #[test]
