@@ -228,6 +228,8 @@ class Handler(BaseHTTPRequestHandler):
                 entry["result"]["job_state"] = "cancelled"
                 return self.reply(200)
             if parts[:3] == ["v1", "agents", "data"] and len(parts) == 4:
+                if s.agent_token and self.headers.get("Authorization") != f"Bearer {s.agent_token}":
+                    return self.reply(403, {"message": "Agent not authorized"})
                 s.agents.setdefault(parts[3], {}).update(data)
                 s.queues.update(data.get("queues", []))
                 return self.reply(200)
@@ -356,7 +358,7 @@ class Agent:
             cmd = "\n".join(cmds) if isinstance(cmds, list) else cmds
         self.post(f"/v1/result/{job_id}", {"job_state": phase})
         self.set_state(phase, job_id)
-        log.info("Running %s_command: %s", phase, cmd.splitlines()[0] if cmd else "")
+        log.info("Running %s_command", phase)
         env = dict(os.environ, **{k: v for k, v in self.cfg.items() if isinstance(v, str)})
         logfile = os.path.join(rundir, f"{phase}.log")
         with open(logfile, "ab") as out:
