@@ -259,15 +259,17 @@ class Agent:
         self.cfg, self.token = cfg, token
         address = cfg["server_address"]
         self.server = (address if "://" in address else "http://" + address).rstrip("/")
+        self.in_job = False
         self.proc = None  # the running phase's shell
         self.stop_job = False  # SIGTERM or cancel: skip the remaining phases
         self.restart = False  # SIGUSR1: exit after the current job
 
     def on_sigterm(self, *_):
-        if self.proc is not None:
+        if self.in_job:
             log.info("Received SIGTERM: stopping the running phase command")
             self.stop_job = True
-            self.proc.terminate()  # the shell only, no process group (as the real agent)
+            if self.proc is not None:
+                self.proc.terminate()  # the shell only, no process group (as the real agent)
         elif os.getpid() == 1:
             log.info("Received SIGTERM as PID 1: ignored")
         else:
@@ -320,7 +322,7 @@ class Agent:
         with open(os.path.join(rundir, "testflinger.json"), "w") as f:
             json.dump(job, f)
         log.info("Starting job %s", job_id)
-        self.stop_job = False
+        self.stop_job, self.in_job = False, True
         try:
             for phase in PHASES:
                 if self.stop_job or self.cancelled(job_id) or not self.wanted(phase, job):
@@ -333,6 +335,7 @@ class Agent:
                 self.run_phase(job_id, "cleanup", rundir, job)
             self.post(f"/v1/result/{job_id}", {"job_state": "complete"})
             shutil.rmtree(rundir, ignore_errors=True)
+            self.in_job = False
             log.info("Job %s finished", job_id)
             self.set_state("waiting")
 
@@ -364,6 +367,8 @@ class Agent:
         with open(logfile, "ab") as out:
             self.proc = subprocess.Popen(["sh", "-c", cmd], cwd=rundir, env=env, stdout=out,
                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            if self.stop_job:  # SIGTERM between the phase's start and its command's
+                self.proc.terminate()
             while self.proc.poll() is None:
                 time.sleep(0.2)
                 if phase not in ("provision", "cleanup") and self.cancelled(job_id):
