@@ -141,7 +141,7 @@ def bench(ctx: Ctx) -> list[Row]:
         if b:
             b.close()
         ctx.stop(mosq)
-    return [dispatch_row(n, a.argv, res),
+    return [dispatch_row(n, b.argv, res),
             throughput_row(n_burst, bursts, rates, Stats(run_ms), cpu)]
 
 
