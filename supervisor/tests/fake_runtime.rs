@@ -1,16 +1,11 @@
 //! The reconcile loop in-process, against the in-memory [`FakeRuntime`] (no Docker, no broker).
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use labvisor_protocol::config::Allow;
 use labvisor_protocol::payloads::Health;
-use labvisor_protocol::topics::{SupervisorId, Topics};
-use labvisor_supervisor::runtime::fake::{FakeCall, FakeRuntime};
-use labvisor_supervisor::spec::{SpecContext, Tools};
+use labvisor_supervisor::runtime::fake::{self, FakeCall, FakeRuntime};
 use labvisor_supervisor::supervise::{self, Settings};
 use tokio::sync::oneshot;
 
@@ -18,32 +13,9 @@ const SUT: &str = "image = \"img\"\n[restart]\nbackoff_min = \"1s\"\nbackoff_max
 
 fn settings(dir: &Path) -> Settings {
     Settings {
-        sut_dir: dir.to_owned(),
-        allow: Allow::default(),
-        spec: SpecContext {
-            supervisor: SupervisorId::new("fake").unwrap(),
-            name_prefix: "p-".into(),
-            extra_labels: BTreeMap::new(),
-            agent_broker: None,
-            topic_prefix: None,
-            mqtt_username: None,
-            mqtt_password: None,
-            agent_credentials: None,
-            tools: Tools::new(Bytes::from_static(b"agent"), Bytes::from_static(b"hc")),
-            agent_ca: None,
-        },
-        topics: Topics::new(),
-        mqtt: None,
         busy_wait: Duration::from_secs(3600),
-        resync: Duration::from_secs(30),
-        stop_timeout: Duration::from_secs(1),
         parallelism: 6,
-        purge_volumes: false,
-        logins: None,
-        poll: None,
-        metrics_listen: None,
-        managed_broker: None,
-        status_every: Duration::from_secs(30),
+        ..fake::settings(dir)
     }
 }
 

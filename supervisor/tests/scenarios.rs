@@ -13,13 +13,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use labvisor_protocol::config::Allow;
 use labvisor_protocol::payloads::{Health, SutView};
-use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_protocol::SutName;
-use labvisor_supervisor::runtime::fake::{FakeCall, FakeRuntime};
-use labvisor_supervisor::spec::{SpecContext, Tools};
+use labvisor_supervisor::runtime::fake::{self, FakeCall, FakeRuntime};
 use labvisor_supervisor::supervise::{self, Hooks, Settings, DEBOUNCE};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -33,34 +29,7 @@ const STEP: Duration = Duration::from_millis(10);
 const PATIENCE: Duration = Duration::from_secs(600);
 
 fn settings(dir: &Path) -> Settings {
-    Settings {
-        sut_dir: dir.to_owned(),
-        allow: Allow::default(),
-        spec: SpecContext {
-            supervisor: SupervisorId::new("fake").unwrap(),
-            name_prefix: "p-".into(),
-            extra_labels: BTreeMap::new(),
-            agent_broker: None,
-            topic_prefix: None,
-            mqtt_username: None,
-            mqtt_password: None,
-            agent_credentials: None,
-            tools: Tools::new(Bytes::from_static(b"agent"), Bytes::from_static(b"hc")),
-            agent_ca: None,
-        },
-        topics: Topics::new(),
-        mqtt: None,
-        busy_wait: Duration::from_secs(600),
-        resync: Duration::from_secs(30),
-        stop_timeout: S,
-        parallelism: 4,
-        purge_volumes: false,
-        logins: None,
-        poll: None,
-        metrics_listen: None,
-        managed_broker: None,
-        status_every: Duration::from_secs(30),
-    }
+    fake::settings(dir)
 }
 
 /// A supervisor running on a fake engine, in this test's (paused) runtime.

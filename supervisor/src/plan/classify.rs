@@ -173,21 +173,7 @@ mod tests {
     }
 
     fn ctx() -> SpecContext {
-        SpecContext {
-            supervisor: labvisor_protocol::topics::SupervisorId::new("sup").unwrap(),
-            name_prefix: "p-".into(),
-            extra_labels: BTreeMap::new(),
-            agent_broker: None,
-            topic_prefix: None,
-            mqtt_username: None,
-            mqtt_password: None,
-            agent_credentials: None,
-            tools: crate::spec::Tools::new(
-                bytes::Bytes::from_static(b"agent"),
-                bytes::Bytes::from_static(b"hc"),
-            ),
-            agent_ca: None,
-        }
+        crate::runtime::fake::spec_context()
     }
 
     fn container(id: &str, name: &str, labels: &[(&str, &str)]) -> ContainerInfo {
@@ -209,7 +195,7 @@ mod tests {
             name,
             &[
                 (LABEL_MANAGED_BY, MANAGED_BY),
-                (LABEL_SUPERVISOR, "sup"),
+                (LABEL_SUPERVISOR, "fake"),
                 (LABEL_SUT, s),
                 (LABEL_CONFIG_HASH, "h"),
             ],

@@ -328,3 +328,45 @@ fn set(list: &mut Vec<String>, name: &str, on: bool) {
         list.push(name.to_owned());
     }
 }
+
+/// The container context a supervisor on the fake runtime is tested with: supervisor id `fake`,
+/// name prefix `p-`, no broker, placeholder binaries.
+pub fn spec_context() -> crate::spec::SpecContext {
+    crate::spec::SpecContext {
+        supervisor: labvisor_protocol::topics::SupervisorId::new("fake").expect("a valid id"),
+        name_prefix: "p-".into(),
+        extra_labels: BTreeMap::new(),
+        agent_broker: None,
+        topic_prefix: None,
+        mqtt_username: None,
+        mqtt_password: None,
+        agent_credentials: None,
+        tools: crate::spec::Tools::new(
+            bytes::Bytes::from_static(b"agent"),
+            bytes::Bytes::from_static(b"hc"),
+        ),
+        agent_ca: None,
+    }
+}
+
+/// Settings of a supervisor on the fake runtime watching `sut_dir`: [`spec_context`], no broker,
+/// no metrics, no managed broker; tests override what they exercise.
+pub fn settings(sut_dir: &std::path::Path) -> crate::supervise::Settings {
+    crate::supervise::Settings {
+        sut_dir: sut_dir.to_owned(),
+        allow: labvisor_protocol::config::Allow::default(),
+        spec: spec_context(),
+        topics: labvisor_protocol::topics::Topics::new(),
+        mqtt: None,
+        busy_wait: Duration::from_secs(600),
+        resync: Duration::from_secs(30),
+        stop_timeout: Duration::from_secs(1),
+        parallelism: 4,
+        purge_volumes: false,
+        logins: None,
+        poll: None,
+        metrics_listen: None,
+        managed_broker: None,
+        status_every: Duration::from_secs(30),
+    }
+}
