@@ -250,21 +250,27 @@ fn logs_follow_prints_live_output() {
 /// `--poll` takes an optional interval, with a floor: a busy loop over NFS is refused at once.
 #[test]
 fn supervise_refuses_a_poll_interval_under_100ms() {
+    let err = supervise_refused(&["--poll=10ms"]);
+    assert!(
+        err.contains("--poll") && err.contains("\"10ms\" is shorter than 100ms"),
+        "{err}"
+    );
+}
+
+/// Runs `labvisor supervise` on an empty SUT directory with `flags`, asserts that it refuses to
+/// start (exit status 2) and returns its stderr.
+fn supervise_refused(flags: &[&str]) -> String {
     let dir = tempfile::tempdir().unwrap();
     let o = Command::cargo_bin("labvisor")
         .unwrap()
         .arg("supervise")
         .arg("--sut-dir")
         .arg(dir.path())
-        .arg("--poll=10ms")
+        .args(flags)
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(
-        stderr(&o).contains("--poll") && stderr(&o).contains("\"10ms\" is shorter than 100ms"),
-        "{}",
-        stderr(&o)
-    );
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    stderr(&o)
 }
 
 /// Runs `labvisor args` with its stdout a pipe whose reader is already gone (as under
@@ -398,21 +404,8 @@ fn supervise_logs_into_a_pipe_without_colour_codes() {
 /// `--status-interval` has a floor of 1s, checked when the flags are read.
 #[test]
 fn supervise_refuses_a_status_interval_under_1s() {
-    let dir = tempfile::tempdir().unwrap();
-    let o = Command::cargo_bin("labvisor")
-        .unwrap()
-        .arg("supervise")
-        .arg("--sut-dir")
-        .arg(dir.path())
-        .args(["--status-interval", "500ms"])
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(2));
-    assert!(
-        stderr(&o).contains("\"500ms\" is shorter than 1s"),
-        "{}",
-        stderr(&o)
-    );
+    let err = supervise_refused(&["--status-interval", "500ms"]);
+    assert!(err.contains("\"500ms\" is shorter than 1s"), "{err}");
 }
 
 /// Serves one HTTP answer `head` + `body` on a port of its own; returns the base URL.
