@@ -96,14 +96,14 @@ pub async fn get(url: &str, timeout: Duration) -> Result<String, ProbeError> {
     let answer = tokio::time::timeout(timeout, fetch(uri, timeout))
         .await
         .map_err(|_| io(std::io::ErrorKind::TimedOut.into()))?;
-    let (status, body) = answer.map_err(io)?;
+    let (version, status, body) = answer.map_err(io)?;
     let body = String::from_utf8_lossy(&body).trim().to_owned();
-    if status.starts_with("HTTP/") && status.split_whitespace().nth(1) == Some("200") {
+    if status == hyper::StatusCode::OK {
         return Ok(body);
     }
     Err(ProbeError::Status {
         url: url.to_owned(),
-        status,
+        status: format!("{version:?} {status}"),
         body: body.lines().next().unwrap_or_default().to_owned(),
     })
 }
@@ -122,8 +122,11 @@ fn http_uri(url: &str) -> Result<hyper::Uri, ProbeError> {
     parsed.as_str().parse().map_err(|_| bad())
 }
 
-/// The status line and the first [`MAX_BODY`] bytes of the body of a GET of `uri`.
-async fn fetch(uri: hyper::Uri, timeout: Duration) -> std::io::Result<(String, Vec<u8>)> {
+/// The HTTP version, the status and the first [`MAX_BODY`] bytes of the body of a GET of `uri`.
+async fn fetch(
+    uri: hyper::Uri,
+    timeout: Duration,
+) -> std::io::Result<(hyper::Version, hyper::StatusCode, Vec<u8>)> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(timeout));
     let client = Client::builder(TokioExecutor::new()).build::<_, Empty<Bytes>>(connector);
@@ -132,7 +135,7 @@ async fn fetch(uri: hyper::Uri, timeout: Duration) -> std::io::Result<(String, V
         .body(Empty::new())
         .map_err(std::io::Error::other)?;
     let response = client.request(request).await.map_err(io_error)?;
-    let status = format!("{:?} {}", response.version(), response.status());
+    let (version, status) = (response.version(), response.status());
     let mut body = response.into_body();
     let mut got = Vec::new();
     while got.len() < MAX_BODY {
@@ -144,7 +147,7 @@ async fn fetch(uri: hyper::Uri, timeout: Duration) -> std::io::Result<(String, V
         }
     }
     got.truncate(MAX_BODY);
-    Ok((status, got))
+    Ok((version, status, got))
 }
 
 /// The I/O error under a client error (the message a refused connection had before hyper),
