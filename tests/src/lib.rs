@@ -105,10 +105,12 @@ pub(crate) fn require_program(name: &str) -> PathBuf {
 mod docker;
 mod mosquitto;
 mod pki;
+mod testflinger;
 
 pub use docker::*;
 pub use mosquitto::*;
 pub use pki::test_pki;
+pub use testflinger::*;
 
 /// A child process that is stopped (and reaped) when dropped, also when the test panics:
 /// SIGTERM first, so it can stop what it started (a supervisor its managed broker), then

@@ -415,3 +415,39 @@ fn an_unknown_config_key_makes_the_agent_exit_0_at_once() {
     let err = agent.stderr();
     assert!(err.contains("extra keys not allowed"), "{err}");
 }
+
+/// The lab fixture of the end-to-end tests: the stand-in installed in an agent image reaches the
+/// server on the host by the name `tfserver` (`--add-host tfserver:host-gateway`) and registers
+/// its queue with the token from a file.
+#[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
+fn the_standin_image_reaches_the_server_on_the_host_by_name() {
+    use labvisor_tests::{docker_ok, standin_image, DockerScope, TfServer, STANDIN_TOKEN};
+    let scope = DockerScope::new("tf-image");
+    let server = TfServer::start();
+    let image = standin_image(&scope);
+    let config = format!(
+        "agent_id: a1\\nserver_address: {}\\njob_queues: [\"q-image\"]\\npolling_interval: 1\\n",
+        server.container_url()
+    );
+    let script = format!(
+        "printf '{config}' > /tmp/a.yaml && printf '{STANDIN_TOKEN}' > /tmp/token && \
+         exec testflinger-agent -c /tmp/a.yaml --token-file /tmp/token"
+    );
+    docker_ok(&[
+        "run",
+        "-d",
+        "--init",
+        "--label",
+        &scope.label(),
+        "--name",
+        &scope.name("agent"),
+        "--add-host",
+        "tfserver:host-gateway",
+        &image,
+        "sh",
+        "-c",
+        &script,
+    ]);
+    server.wait_queue("q-image", LIMIT);
+}
