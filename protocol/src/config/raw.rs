@@ -18,6 +18,7 @@ pub(crate) struct RawConfig {
     pub files: Vec<String>,
     pub tail: Vec<String>,
     pub network: Option<String>,
+    pub extra_hosts: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub privileged: bool,
     pub cap_add: Vec<String>,
