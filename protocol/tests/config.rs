@@ -566,7 +566,9 @@ fn extra_hosts_are_hashed_and_absent_ones_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let plain = load_str("a.toml", "image = \"x\"\n", dir.path(), &Allow::default()).unwrap();
     assert!(plain.extra_hosts.is_empty());
-    assert!(!serde_json::to_string(&plain).unwrap().contains("extra_hosts"));
+    assert!(!serde_json::to_string(&plain)
+        .unwrap()
+        .contains("extra_hosts"));
     let h0 = hash_of(dir.path(), "image = \"x\"\n");
     assert_eq!(hash_of(dir.path(), "image = \"x\"\nextra_hosts = []\n"), h0);
     let h1 = hash_of(
@@ -574,7 +576,10 @@ fn extra_hosts_are_hashed_and_absent_ones_change_nothing() {
         "image = \"x\"\nextra_hosts = [\"tfserver:host-gateway\"]\n",
     );
     assert_ne!(h1, h0);
-    let h2 = hash_of(dir.path(), "image = \"x\"\nextra_hosts = [\"tfserver:10.0.0.1\"]\n");
+    let h2 = hash_of(
+        dir.path(),
+        "image = \"x\"\nextra_hosts = [\"tfserver:10.0.0.1\"]\n",
+    );
     assert_ne!(h2, h1, "the address is in the hash");
     let c = load_str(
         "a.toml",

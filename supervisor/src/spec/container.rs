@@ -369,7 +369,9 @@ mod tests {
 
     #[test]
     fn extra_hosts_become_docker_extra_hosts() {
-        let c = cfg("image = \"img\"\nextra_hosts = [\"tfserver:host-gateway\", \"dut:[2001:db8::5]\"]\n");
+        let c = cfg(
+            "image = \"img\"\nextra_hosts = [\"tfserver:host-gateway\", \"dut:[2001:db8::5]\"]\n",
+        );
         assert_eq!(
             extra_hosts(&c),
             Some(vec![

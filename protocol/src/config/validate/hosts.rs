@@ -98,7 +98,10 @@ fn check_host_name(name: &str) -> Result<(), &'static str> {
         if label.len() > MAX_LABEL {
             return Err("a label longer than 63 characters");
         }
-        if !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
             return Err("only letters, digits, hyphens and dots are allowed");
         }
         if label.starts_with('-') || label.ends_with('-') {
@@ -135,8 +138,7 @@ mod tests {
 
     #[test]
     fn refused_forms_name_the_entry_and_why() {
-        let shape =
-            "is not NAME:ADDRESS, e.g. \"tfserver:host-gateway\" or \"dut:10.0.0.5\"";
+        let shape = "is not NAME:ADDRESS, e.g. \"tfserver:host-gateway\" or \"dut:10.0.0.5\"";
         assert_eq!(msg("tfserver"), format!("\"tfserver\" {shape}"));
         assert_eq!(msg(":1.2.3.4"), format!("\":1.2.3.4\" {shape}"));
         assert_eq!(msg("tfserver:"), format!("\"tfserver:\" {shape}"));
@@ -157,7 +159,13 @@ mod tests {
             msg("tfserver:host_gateway"),
             "\"tfserver:host_gateway\": \"host_gateway\" is not an IPv4 or IPv6 address nor \"host-gateway\""
         );
-        for bad in ["a:1.2.3", "a:1.2.3.256", "a:[1.2.3.4]", "a:gerät", "a:fe80::1%eth0"] {
+        for bad in [
+            "a:1.2.3",
+            "a:1.2.3.256",
+            "a:[1.2.3.4]",
+            "a:gerät",
+            "a:fe80::1%eth0",
+        ] {
             assert!(msg(bad).contains("is not an IPv4 or IPv6 address"), "{bad}");
         }
     }
