@@ -739,7 +739,7 @@ const TABLES: &[(&str, &[&str])] = &[
     ),
     ("resources", &["memory", "cpus"]),
     ("log", &["max_size", "keep"]),
-    ("probe", &["url", "interval", "timeout"]),
+    ("probe", &["url", "command", "interval", "timeout"]),
 ];
 
 fn document() -> impl Strategy<Value = String> {

@@ -107,6 +107,7 @@ pub(crate) struct RawLog {
 #[serde(default, deny_unknown_fields, expecting = "a [probe] table")]
 pub(crate) struct RawProbe {
     pub url: Option<String>,
+    pub command: Option<Vec<String>>,
     pub interval: Option<RawDuration>,
     pub timeout: Option<RawDuration>,
 }

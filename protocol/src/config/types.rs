@@ -331,17 +331,32 @@ impl LogSettings {
     }
 }
 
-/// Reachability probe of the device.
+/// The probe of the device (`[probe]`): a reachability check of a URL, or an exec probe.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Probe {
-    /// What to probe.
-    pub url: ProbeTarget,
+    /// What the probe does. Serialised as the key `url` or `command` (flattened), so a URL
+    /// probe keeps the hash it had before exec probes existed.
+    #[serde(flatten)]
+    pub check: ProbeCheck,
     /// How often.
     #[serde(serialize_with = "ser_duration")]
     pub interval: Duration,
     /// Timeout of one probe (< `interval`).
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
+}
+
+/// What a [`Probe`] does: exactly one of `probe.url` and `probe.command`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeCheck {
+    /// `probe.url`: connect or GET; the result is retained on `<sut>/probe` and does not
+    /// change the SUT's health.
+    Url(ProbeTarget),
+    /// `probe.command`: an argv (non-empty, the program non-empty, no NUL) the agent runs
+    /// inside the container; a non-zero exit or a timeout makes the SUT unhealthy, with the
+    /// command's last output lines and exit status as the reason.
+    Command(Vec<String>),
 }
 
 /// The `[build]` section: how the SUT's image is built.
