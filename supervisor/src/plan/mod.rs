@@ -25,6 +25,8 @@
 //! - [`classify`]: what the loop's inputs mean before planning: the desired SUTs of a directory
 //!   scan, which listed containers are whose ([`Actual`]), which agents to ask before a
 //!   disruption, which Docker events are news.
+//! - [`rolling`]: the rolling restart (`labvisor restart`): whose turn it is, its
+//!   recreation behind the busy gate, its progress.
 //! - [`policy`]: what the loop keeps per SUT between passes and the gates on acting: retry
 //!   backoff after a failed action, the healing backoff and crash-loop flag, the busy wait.
 //!   Every backoff is [`policy::Backoff`] (backon's exponential builder).
@@ -37,6 +39,7 @@ use labvisor_protocol::SutName;
 
 pub mod classify;
 pub mod policy;
+pub mod rolling;
 
 /// What the supervisor wants for one valid SUT file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +115,8 @@ pub enum RecreateReason {
     ConfigChanged,
     /// The container was created but never started (possibly incomplete).
     NeverStarted,
+    /// A rolling restart asked for it (`labvisor restart`, see [`rolling`]).
+    Requested,
 }
 
 /// A disruptive action that waits for the agent's job.
@@ -121,6 +126,8 @@ pub enum Deferred {
     Recreate,
     /// A removal.
     Remove,
+    /// A rolling restart's recreation ([`rolling`]).
+    Restart,
 }
 
 impl fmt::Display for Deferred {
@@ -128,6 +135,7 @@ impl fmt::Display for Deferred {
         f.write_str(match self {
             Deferred::Recreate => "recreate",
             Deferred::Remove => "remove",
+            Deferred::Restart => "restart",
         })
     }
 }
@@ -140,7 +148,7 @@ impl Action {
         match self {
             Action::Recreate {
                 id,
-                reason: RecreateReason::ConfigChanged,
+                reason: RecreateReason::ConfigChanged | RecreateReason::Requested,
                 ..
             }
             | Action::Remove { id, .. }

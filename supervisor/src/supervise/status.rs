@@ -82,6 +82,13 @@ pub(super) fn start_link(
     let (link, incoming) = MqttLink::start(opts)?;
     link.subscribe(settings.topics.agents_filter(), QoS::AtLeastOnce)?;
     link.subscribe(settings.topics.last_jobs_filter(), QoS::AtLeastOnce)?;
+    // Lab operations: rolling restart requests to this supervisor.
+    link.subscribe(
+        settings
+            .topics
+            .supervisor_restart(&settings.spec.supervisor),
+        QoS::AtLeastOnce,
+    )?;
     Ok((Some(link), Some(incoming)))
 }
 
@@ -203,6 +210,11 @@ impl Publisher {
             gone: BTreeSet::new(),
             views,
         }
+    }
+
+    /// The broker link (`None` without MQTT).
+    pub fn link(&self) -> Option<&MqttLink> {
+        self.link.as_ref()
     }
 
     /// The supervisor's status as last published.
