@@ -21,6 +21,10 @@ use crate::topics::JobId;
 
 mod job;
 mod supervisor;
+// -- lab operations (helper ops): the rolling restart.
+mod restart;
+pub use restart::*;
+// -- end of lab operations.
 
 pub use job::*;
 pub use supervisor::*;
