@@ -19,6 +19,10 @@
 //! It never talks to the broker: a broker outage must not turn every agent in the lab unhealthy
 //! at once (the old stack's check waited for fresh MQTT messages).
 //!
+//! A SUT put offline or in maintenance (`labvisor offline`) stays healthy (its agent works), but
+//! the line starts with `offline: REASON` (`maintenance: REASON`), so Docker's health log and
+//! Portainer say why it takes no jobs.
+//!
 //! ## Usage
 //!
 //! `labvisor-healthcheck [--file PATH] [--max-age DURATION] [--state]`
@@ -132,6 +136,7 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         max_age: file_max_age,
         detail,
         child_alive,
+        admin,
     } = Reading::read(text);
     let (Some(time_ms), Some(state)) = (time_ms, state) else {
         return Verdict::Unhealthy(format!(
@@ -171,8 +176,13 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         "false" => ", device process not running",
         _ => "",
     };
+    let admin = if admin.is_empty() {
+        String::new()
+    } else {
+        format!("{admin}; ")
+    };
     Verdict::Healthy(
-        format!("ok: {state}{child}, heartbeat {} old", fmt_secs(age)),
+        format!("{admin}ok: {state}{child}, heartbeat {} old", fmt_secs(age)),
         state.to_owned(),
     )
 }
@@ -240,6 +250,7 @@ mod tests {
             output_dropped: 0,
             job: "",
             detail: "exited 5 times in 20s",
+            admin: "",
         }
     }
 
@@ -259,6 +270,22 @@ mod tests {
             v,
             Verdict::Healthy(
                 "ok: idle, device process running, heartbeat 2.0s old".into(),
+                "idle".into()
+            )
+        );
+    }
+
+    #[test]
+    fn an_offline_sut_is_healthy_and_says_why_first() {
+        let hb = Heartbeat {
+            admin: "offline: flaky usb hub",
+            ..status("idle", NOW - 1_000)
+        };
+        assert_eq!(
+            judge_status(&hb, Duration::from_secs(30)),
+            Verdict::Healthy(
+                "offline: flaky usb hub; ok: idle, device process running, heartbeat 1.0s old"
+                    .into(),
                 "idle".into()
             )
         );

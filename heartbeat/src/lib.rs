@@ -35,12 +35,15 @@
 //! output_dropped=0
 //! job=
 //! detail=
+//! admin=
 //! ```
 //!
 //! Values are single lines (newlines become spaces). Unknown keys are ignored by readers
 //! ([`parse`], [`Reading::read`]). The healthcheck decides from `time_ms`, `max_age_ms` and
 //! `state` alone ([`is_healthy`]): it never asks the broker, so a broker outage cannot turn every
-//! agent in the lab unhealthy at once.
+//! agent in the lab unhealthy at once. `admin` (`offline: REASON`, `maintenance: REASON`, empty
+//! while online) does not change the verdict: the healthcheck prints it, so Docker's health log
+//! and Portainer show why a healthy SUT takes no jobs.
 
 use std::io::Write;
 use std::path::Path;
@@ -98,6 +101,9 @@ pub struct Heartbeat<'a> {
     pub job: &'a str,
     /// Human detail (why a crash loop, ...), empty when none.
     pub detail: &'a str,
+    // -- admin (lab operations) --
+    /// The admin state, `offline: REASON` or `maintenance: REASON`; empty while online.
+    pub admin: &'a str,
 }
 
 impl Heartbeat<'_> {
@@ -108,7 +114,7 @@ impl Heartbeat<'_> {
         }
         let child = self.child.as_ref();
         format!(
-            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\n",
+            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nadmin={}\n",
             self.v,
             self.sut,
             self.state,
@@ -123,6 +129,7 @@ impl Heartbeat<'_> {
             self.output_dropped,
             self.job,
             one_line(self.detail),
+            one_line(self.admin),
         )
     }
 }
@@ -149,6 +156,8 @@ pub struct Reading<'a> {
     pub detail: &'a str,
     /// `child_alive`: `true`, `false`, or empty when the agent has no device process.
     pub child_alive: &'a str,
+    /// `admin`: `offline: REASON`, `maintenance: REASON`, or empty while online.
+    pub admin: &'a str,
 }
 
 impl<'a> Reading<'a> {
@@ -162,6 +171,7 @@ impl<'a> Reading<'a> {
                 "max_age_ms" => r.max_age = v.parse::<u64>().ok().map(Duration::from_millis),
                 "detail" => r.detail = v,
                 "child_alive" => r.child_alive = v,
+                "admin" => r.admin = v,
                 _ => {}
             }
         }
@@ -205,6 +215,7 @@ mod tests {
             output_dropped: 3,
             job: "",
             detail: "exited 5 times\nin 10s",
+            admin: "offline: flaky\nusb",
         }
     }
 
@@ -220,7 +231,8 @@ mod tests {
         assert_eq!(get("child_restarts"), Some("5"));
         assert_eq!(get("detail"), Some("exited 5 times in 10s"));
         assert_eq!(get("output_dropped"), Some("3"));
-        assert_eq!(kv.len(), 14, "every field, no more");
+        assert_eq!(get("admin"), Some("offline: flaky usb"));
+        assert_eq!(kv.len(), 15, "every field, no more");
     }
 
     #[test]
@@ -232,6 +244,7 @@ mod tests {
         assert_eq!(r.max_age, Some(Duration::from_secs(30)));
         assert_eq!(r.detail, "exited 5 times in 10s");
         assert_eq!(r.child_alive, "false");
+        assert_eq!(r.admin, "offline: flaky usb");
         let none = Heartbeat {
             child: None,
             ..sample()

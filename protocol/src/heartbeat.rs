@@ -13,6 +13,11 @@ use crate::payloads::AgentStatus;
 
 /// Renders `status` as a heartbeat file, with `max_age` for the healthcheck.
 pub fn render(status: &AgentStatus, max_age: Duration) -> String {
+    let admin = status
+        .admin
+        .as_ref()
+        .and_then(|a| a.summary())
+        .unwrap_or_default();
     Heartbeat {
         v: status.v,
         sut: status.sut.as_str(),
@@ -30,6 +35,7 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
         output_dropped: status.output_dropped,
         job: status.job.as_ref().map(|j| j.as_str()).unwrap_or_default(),
         detail: status.detail.as_deref().unwrap_or_default(),
+        admin: &admin,
     }
     .render()
 }
@@ -61,6 +67,12 @@ mod tests {
             broker_connected: false,
             output_dropped: 3,
             detail: Some("exited 5 times\nin 10s".into()),
+            admin: Some(crate::payloads::AdminState {
+                mode: crate::payloads::AdminMode::Maintenance,
+                reason: Some("reflash".into()),
+                since_ms: 1,
+                by: None,
+            }),
         }
     }
 
@@ -79,6 +91,7 @@ mod tests {
         assert_eq!(get("job"), Some(""));
         assert_eq!(get("detail"), Some("exited 5 times in 10s"));
         assert_eq!(get("output_dropped"), Some("3"));
+        assert_eq!(get("admin"), Some("maintenance: reflash"));
     }
 
     /// The healthy-state rule exists once (`labvisor_heartbeat::is_healthy`); this pins what it

@@ -19,9 +19,11 @@ use serde::{Deserialize, Serialize};
 use crate::name::SutName;
 use crate::topics::JobId;
 
+mod admin;
 mod job;
 mod supervisor;
 
+pub use admin::*;
 pub use job::*;
 pub use supervisor::*;
 
@@ -163,6 +165,11 @@ pub struct AgentStatus {
     /// Why the state is what it is, or what is wrong (unreadable `tail` globs, crash-loop cause).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    // -- admin (lab operations) --
+    /// The SUT's admin state (offline, maintenance, with the reason); absent while it is online
+    /// and was never put offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminState>,
 }
 
 impl AgentStatus {
@@ -191,6 +198,7 @@ impl AgentStatus {
             broker_connected: false,
             output_dropped: 0,
             detail: None,
+            admin: None,
         }
     }
 
@@ -237,6 +245,11 @@ impl AgentStatus {
     /// With the detail that explains the state.
     pub fn with_detail(self, detail: Option<String>) -> Self {
         Self { detail, ..self }
+    }
+
+    /// With the SUT's admin state (`None` while online and never changed).
+    pub fn with_admin(self, admin: Option<AdminState>) -> Self {
+        Self { admin, ..self }
     }
 }
 
