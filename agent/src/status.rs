@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use labvisor_protocol::heartbeat;
-use labvisor_protocol::payloads::{now_ms, AgentState, AgentStatus, ChildStatus};
+use labvisor_protocol::payloads::{now_ms, AdminState, AgentState, AgentStatus, ChildStatus};
 use labvisor_protocol::topics::Topics;
 use labvisor_protocol::SutName;
 use tracing::warn;
@@ -37,6 +37,11 @@ pub struct Reporter {
     /// Problems of the `tail` globs, reported in `detail`.
     pub tail_errors: Option<TailErrors>,
     seq: u64,
+    // -- admin (lab operations) --
+    /// The SUT's admin state, reported as `admin` (set by the loop before each report).
+    pub admin: Option<AdminState>,
+    /// Why the admin state could not be saved, reported in `detail`.
+    pub admin_unsaved: Option<String>,
 }
 
 impl Reporter {
@@ -63,6 +68,8 @@ impl Reporter {
             link: None,
             tail_errors: None,
             seq: 0,
+            admin: None,
+            admin_unsaved: None,
         }
     }
 
@@ -98,6 +105,7 @@ impl Reporter {
             State::NoCommand => AgentState::Idle,
             State::Running { .. } if dev.is_crash_looping() => AgentState::CrashLoop,
             State::Running { .. } => AgentState::Idle,
+            State::Held => AgentState::Idle,
             _ if dev.last_exit.is_some() => AgentState::Restarting,
             _ => AgentState::Starting,
         }
@@ -124,6 +132,7 @@ impl Reporter {
             ));
         }
         details.extend(self.sinks.error());
+        details.extend(self.admin_unsaved.clone());
         if let Some(errs) = &self.tail_errors {
             details.extend(
                 errs.lock()
@@ -140,7 +149,8 @@ impl Reporter {
             .with_jobs(jobs.running().cloned(), jobs.queue_len() as u64)
             .with_broker_connected(self.link.as_ref().is_some_and(|l| l.state().connected))
             .with_output_dropped(self.tap.dropped())
-            .with_detail((!details.is_empty()).then(|| details.join("; ")));
+            .with_detail((!details.is_empty()).then(|| details.join("; ")))
+            .with_admin(self.admin.clone());
         self.seq += 1;
         self.write_heartbeat(&status);
         if let Some(link) = &self.link {
@@ -162,7 +172,8 @@ impl Reporter {
             .base()
             .with_state(AgentState::Offline)
             .with_seq(self.seq)
-            .with_child(child_status(dev));
+            .with_child(child_status(dev))
+            .with_admin(self.admin.clone());
         let _ = heartbeat::write_atomic(
             &self.heartbeat_file,
             &heartbeat::render(&offline, self.max_age),
