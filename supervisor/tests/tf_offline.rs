@@ -347,7 +347,11 @@ fn offline_survives_docker_restart_recreation_and_a_supervisor_restart() {
 
     // The container restarted: a new agent run on the same volume.
     docker_ok(&["restart", "-t", "2", &lab.container("ok-1")]);
-    let restarted = offline_in_new_run(&sub, &[boot.clone()], "offline after docker restart");
+    let restarted = offline_in_new_run(
+        &sub,
+        std::slice::from_ref(&boot),
+        "offline after docker restart",
+    );
 
     // Recreated by a file edit: a new container, the same volume.
     write(&lab.sut_dir(), "ok-1.toml", &sut_text("EDITED = \"1\""));
