@@ -24,8 +24,10 @@
 //! `labvisor-healthcheck [--file PATH] [--max-age DURATION] [--state]`
 //!
 //! `--state` prints, for a fresh heartbeat in a healthy state, `state=<state>` (e.g.
-//! `state=busy`) instead of the human line: the supervisor runs it with `docker exec` before
-//! recreating or removing a container, to learn whether a job runs without asking the broker.
+//! `state=busy`) instead of the human line, and a second line `device_work=<what>` when the
+//! device process is busy with work of its own (`device.busy_glob` matched): the supervisor runs
+//! it with `docker exec` before recreating or removing a container, to learn whether a job runs,
+//! and what it waits for, without asking the broker.
 //!
 //! `--file` defaults to `$LABVISOR_HEARTBEAT_FILE`, then `/labvisor/run/heartbeat`.
 //! `--max-age` (`30s`, `1500ms`, `2m`) defaults to the `max_age_ms` the agent wrote.
@@ -41,7 +43,7 @@ const USAGE: &str = "usage: labvisor-healthcheck [--file PATH] [--max-age DURATI
 /// The verdict on one heartbeat file.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
-    /// The line to print, and the agent's state (for `--state`).
+    /// The line to print, and what `--state` prints (`state=…`, then `device_work=…` if any).
     Healthy(String, String),
     Unhealthy(String),
 }
@@ -132,6 +134,7 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         max_age: file_max_age,
         detail,
         child_alive,
+        device_work,
     } = Reading::read(text);
     let (Some(time_ms), Some(state)) = (time_ms, state) else {
         return Verdict::Unhealthy(format!(
@@ -171,9 +174,17 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         "false" => ", device process not running",
         _ => "",
     };
+    let (work, work_line) = if device_work.is_empty() {
+        (String::new(), String::new())
+    } else {
+        (
+            format!(", device work {device_work}"),
+            format!("\ndevice_work={device_work}"),
+        )
+    };
     Verdict::Healthy(
-        format!("ok: {state}{child}, heartbeat {} old", fmt_secs(age)),
-        state.to_owned(),
+        format!("ok: {state}{child}{work}, heartbeat {} old", fmt_secs(age)),
+        format!("state={state}{work_line}"),
     )
 }
 
@@ -200,7 +211,7 @@ fn main() -> ExitCode {
     match verdict {
         Verdict::Healthy(line, state) => {
             if args.state {
-                println!("state={state}");
+                println!("{state}");
             } else {
                 println!("{line}");
             }
@@ -240,6 +251,7 @@ mod tests {
             output_dropped: 0,
             job: "",
             detail: "exited 5 times in 20s",
+            device_work: "",
         }
     }
 
@@ -259,7 +271,24 @@ mod tests {
             v,
             Verdict::Healthy(
                 "ok: idle, device process running, heartbeat 2.0s old".into(),
-                "idle".into()
+                "state=idle".into()
+            )
+        );
+    }
+
+    /// The device's own work reaches the supervisor through `--state` (a second line) and
+    /// Portainer through the human line.
+    #[test]
+    fn device_work_is_in_the_state_answer_and_the_line() {
+        let hb = Heartbeat {
+            device_work: "/tmp/testflinger/run/j1/testflinger.json",
+            ..status("busy", NOW - 1_000)
+        };
+        assert_eq!(
+            judge_status(&hb, Duration::from_secs(30)),
+            Verdict::Healthy(
+                "ok: busy, device process running, device work /tmp/testflinger/run/j1/testflinger.json, heartbeat 1.0s old".into(),
+                "state=busy\ndevice_work=/tmp/testflinger/run/j1/testflinger.json".into()
             )
         );
     }

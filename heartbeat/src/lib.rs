@@ -35,6 +35,7 @@
 //! output_dropped=0
 //! job=
 //! detail=
+//! device_work=
 //! ```
 //!
 //! Values are single lines (newlines become spaces). Unknown keys are ignored by readers
@@ -98,6 +99,8 @@ pub struct Heartbeat<'a> {
     pub job: &'a str,
     /// Human detail (why a crash loop, ...), empty when none.
     pub detail: &'a str,
+    /// The device process's own work (what `device.busy_glob` matched), empty when none.
+    pub device_work: &'a str,
 }
 
 impl Heartbeat<'_> {
@@ -108,7 +111,7 @@ impl Heartbeat<'_> {
         }
         let child = self.child.as_ref();
         format!(
-            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\n",
+            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\ndevice_work={}\n",
             self.v,
             self.sut,
             self.state,
@@ -123,6 +126,7 @@ impl Heartbeat<'_> {
             self.output_dropped,
             self.job,
             one_line(self.detail),
+            one_line(self.device_work),
         )
     }
 }
@@ -149,6 +153,8 @@ pub struct Reading<'a> {
     pub detail: &'a str,
     /// `child_alive`: `true`, `false`, or empty when the agent has no device process.
     pub child_alive: &'a str,
+    /// `device_work` (empty when absent or none).
+    pub device_work: &'a str,
 }
 
 impl<'a> Reading<'a> {
@@ -162,6 +168,7 @@ impl<'a> Reading<'a> {
                 "max_age_ms" => r.max_age = v.parse::<u64>().ok().map(Duration::from_millis),
                 "detail" => r.detail = v,
                 "child_alive" => r.child_alive = v,
+                "device_work" => r.device_work = v,
                 _ => {}
             }
         }
@@ -205,6 +212,7 @@ mod tests {
             output_dropped: 3,
             job: "",
             detail: "exited 5 times\nin 10s",
+            device_work: "/tmp/testflinger/run/j1/testflinger.json",
         }
     }
 
@@ -220,7 +228,11 @@ mod tests {
         assert_eq!(get("child_restarts"), Some("5"));
         assert_eq!(get("detail"), Some("exited 5 times in 10s"));
         assert_eq!(get("output_dropped"), Some("3"));
-        assert_eq!(kv.len(), 14, "every field, no more");
+        assert_eq!(
+            get("device_work"),
+            Some("/tmp/testflinger/run/j1/testflinger.json")
+        );
+        assert_eq!(kv.len(), 15, "every field, no more");
     }
 
     #[test]
@@ -232,6 +244,7 @@ mod tests {
         assert_eq!(r.max_age, Some(Duration::from_secs(30)));
         assert_eq!(r.detail, "exited 5 times in 10s");
         assert_eq!(r.child_alive, "false");
+        assert_eq!(r.device_work, "/tmp/testflinger/run/j1/testflinger.json");
         let none = Heartbeat {
             child: None,
             ..sample()

@@ -30,6 +30,7 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
         output_dropped: status.output_dropped,
         job: status.job.as_ref().map(|j| j.as_str()).unwrap_or_default(),
         detail: status.detail.as_deref().unwrap_or_default(),
+        device_work: status.device_work.as_deref().unwrap_or_default(),
     }
     .render()
 }
@@ -61,6 +62,7 @@ mod tests {
             broker_connected: false,
             output_dropped: 3,
             detail: Some("exited 5 times\nin 10s".into()),
+            device_work: None,
         }
     }
 

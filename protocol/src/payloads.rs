@@ -163,6 +163,10 @@ pub struct AgentStatus {
     /// Why the state is what it is, or what is wrong (unreadable `tail` globs, crash-loop cause).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The device process's own work, seen through `device.busy_glob`: the matching path, or
+    /// the first one and how many more. Absent when nothing matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_work: Option<String>,
 }
 
 impl AgentStatus {
@@ -191,6 +195,7 @@ impl AgentStatus {
             broker_connected: false,
             output_dropped: 0,
             detail: None,
+            device_work: None,
         }
     }
 
@@ -237,6 +242,14 @@ impl AgentStatus {
     /// With the detail that explains the state.
     pub fn with_detail(self, detail: Option<String>) -> Self {
         Self { detail, ..self }
+    }
+
+    /// With the device's own work (what `device.busy_glob` matched), if any.
+    pub fn with_device_work(self, device_work: Option<String>) -> Self {
+        Self {
+            device_work,
+            ..self
+        }
     }
 }
 

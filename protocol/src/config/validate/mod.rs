@@ -9,11 +9,13 @@
 //! - [`paths`]: paths next to the SUT file and `files`;
 //! - [`sections`]: `[health]`, `[job]`, `[restart]`, `[resources]`, `[log]`;
 //! - [`probe`]: `[probe]` and its URL;
-//! - [`build_section`]: the `[build]` section.
+//! - [`build_section`]: the `[build]` section;
+//! - [`device`]: the `[device]` section (the device's own work).
 
 mod build_section;
 mod checker;
 mod container;
+mod device;
 mod paths;
 mod posture;
 mod probe;
@@ -147,6 +149,7 @@ fn build(
         .as_ref()
         .filter(|_| check_build)
         .and_then(|b| build_section::build(c, b, sut_dir));
+    let device = device::device(c, raw.device.as_ref(), raw.command.is_some());
     Some(SutConfig {
         name: name?,
         image,
@@ -168,5 +171,6 @@ fn build(
         log,
         probe,
         build,
+        device,
     })
 }
