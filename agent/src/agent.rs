@@ -25,6 +25,7 @@ use tracing::{info, info_span, Instrument};
 
 use crate::child::{Exit, Spec};
 use crate::device::{Device, State};
+use crate::device_work::{self, Watch};
 use crate::logfile::RotatingFile;
 use crate::mqtt::{self, ConnectError, Incoming, LinkOptions, MqttLink, Received};
 use crate::output::{self, Sinks};
@@ -142,6 +143,8 @@ struct Agent {
     batcher: JoinHandle<()>,
     threads: Threads,
     probe: Option<JoinHandle<()>>,
+    /// The device's own work and the drain request (`[device]`).
+    device_watch: Option<Watch>,
 }
 
 impl Agent {
@@ -199,6 +202,7 @@ impl Agent {
         let threads = Threads::spawn(cfg, &sinks, &mut reporter);
         let probe = spawn_probe(&settings, link.as_ref());
         let device = spawn_device(cfg, &sinks);
+        let device_watch = Watch::new(&cfg.device, &settings.heartbeat_file);
         Ok(Agent {
             settings,
             sinks,
@@ -211,6 +215,7 @@ impl Agent {
             batcher,
             threads,
             probe,
+            device_watch,
         })
     }
 
@@ -222,6 +227,10 @@ impl Agent {
         // Back-pressure: while the outbox of answers is full, submissions stay with the broker.
         let mut room_rx = self.link.as_ref().map(|l| l.watch_room());
         let mut dev_rx = Some(self.device.watch());
+        let mut work_tick = self
+            .device_watch
+            .is_some()
+            .then(|| tokio::time::interval(device_work::POLL));
         loop {
             self.jobs.start_next(&self.sinks);
             let job_check = self.jobs.next_check();
@@ -249,6 +258,11 @@ impl Agent {
                         dev_rx = None;
                     }
                 }
+                _ = async { work_tick.as_mut().expect("guarded").tick().await }, if work_tick.is_some() => {
+                    if !self.on_device_tick().await {
+                        continue;
+                    }
+                }
                 ctl = control.recv() => match ctl {
                     Some(Control::Forward(sig)) => {
                         self.device.signal(sig).await;
@@ -265,9 +279,33 @@ impl Agent {
             if let State::Ended(exit) = dev.state {
                 return Outcome::ChildExited(exit);
             }
-            let state = self.reporter.state(&dev, self.jobs.running().is_some());
+            let busy = self.jobs.running().is_some() || self.reporter.device_work.is_some();
+            let state = self.reporter.state(&dev, busy);
             self.reporter.report(&dev, &self.jobs, state);
         }
+    }
+
+    /// Looks at the device's own work and the drain request; drains or releases the device
+    /// process as asked. Returns whether anything changed (the status is reported at once).
+    async fn on_device_tick(&mut self) -> bool {
+        let Some(watch) = self.device_watch.as_mut() else {
+            return false;
+        };
+        let t = watch.tick();
+        if let Some(sig) = t.drain {
+            match sig.as_str().parse::<Signal>() {
+                Ok(sig) => self.device.drain(sig).await,
+                Err(e) => self
+                    .sinks
+                    .agent_line(&format!("cannot drain with {sig}: {e}")),
+            }
+        }
+        if t.release {
+            self.device.release().await;
+        }
+        self.reporter.device_work = watch.seen.clone();
+        self.reporter.drain_detail = watch.detail();
+        t.changed
     }
 
     /// A message on a subscribed topic: a submission, a cancel, or nothing of ours.

@@ -3,11 +3,18 @@
 //! controls (signal, stop) and reads a [`Status`] the task publishes after every transition.
 //!
 //! The task's state is a [`State`]: `Pending` (waiting for its first start or a restart),
-//! `Running`, `Ended` (exited under `on_child_exit = "exit"`: the agent stops) or `Stopped`
-//! (after a stop control), or `NoCommand` when the SUT has no device process. A process that
+//! `Running`, `Held` (not running on purpose: drained or held, until released), `Ended` (exited
+//! under `on_child_exit = "exit"`: the agent stops) or `Stopped` (after a stop control), or
+//! `NoCommand` when the SUT has no device process. A process that
 //! exits is restarted after a capped exponential backoff ([`Backoff`], on `backon`); after
 //! `crash_loop_after` quick failures in a row it is crash-looping until a run outlives
 //! [`Backoff::quick`]. As PID 1 the task also reaps orphaned grandchildren, never its own child.
+//!
+//! Beside start and stop, the handle has the controls a lab needs to take the device out of
+//! service without cutting its work: [`Device::signal`] (a signal to its group),
+//! [`Device::drain`] (a signal once, and no restart after the process exits: the device
+//! finishes its current work and takes no more), [`Device::hold`] (stop it now and do not
+//! restart it) and [`Device::release`] (start it again after a drain or a hold).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,6 +108,9 @@ pub enum State {
         /// When it started.
         started: Instant,
     },
+    /// Not running on purpose, after [`Device::drain`] or [`Device::hold`]: not restarted until
+    /// [`Device::release`].
+    Held,
     /// It exited under `on_child_exit = "exit"`: the agent ends.
     Ended(Exit),
     /// Stopped by [`Device::stop`].
@@ -137,6 +147,7 @@ impl Status {
         self.crash_loop
             && match self.state {
                 State::Running { started, .. } => started.elapsed() < self.quick,
+                State::Held => false,
                 _ => true,
             }
     }
@@ -146,6 +157,12 @@ impl Status {
 #[derive(Debug)]
 enum Control {
     Signal(Signal),
+    Drain(Signal),
+    Hold {
+        grace: Duration,
+        reply: oneshot::Sender<Option<(Exit, bool)>>,
+    },
+    Release,
     Stop {
         grace: Duration,
         reply: oneshot::Sender<Option<(Exit, bool)>>,
@@ -201,6 +218,7 @@ impl Device {
             sinks,
             status: status_tx,
             sigchld,
+            held: false,
         };
         let task = tokio::spawn(actor.run(rx).instrument(info_span!("device")));
         Device {
@@ -225,6 +243,35 @@ impl Device {
         let _ = self.control.send(Control::Signal(sig)).await;
     }
 
+    /// Drains the process: sends `sig` to its group once (e.g. testflinger's SIGUSR1, "exit
+    /// after the current job") and does not restart it after it exits; until
+    /// [`Device::release`], its state is then [`State::Held`]. A restart that was only waiting
+    /// for its backoff does not happen. Idempotent while draining: the signal goes once.
+    pub async fn drain(&self, sig: Signal) {
+        let _ = self.control.send(Control::Drain(sig)).await;
+    }
+
+    /// Holds the process: stops it now (TERM to its group, up to `grace`, KILL) and does not
+    /// restart it until [`Device::release`]. Returns how it ended, if it was running.
+    pub async fn hold(&self, grace: Duration) -> Option<(Exit, bool)> {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .control
+            .send(Control::Hold { grace, reply })
+            .await
+            .is_err()
+        {
+            return None;
+        }
+        rx.await.ok().flatten()
+    }
+
+    /// Ends a drain or a hold: a held process starts again at once; one still running after a
+    /// drain signal will be restarted when it exits, as usual.
+    pub async fn release(&self) {
+        let _ = self.control.send(Control::Release).await;
+    }
+
     /// Stops the process (TERM to its group, up to `grace`, KILL) and ends the task. Returns how
     /// the process ended and whether it had to be killed, if it was running.
     pub async fn stop(self, grace: Duration) -> Option<(Exit, bool)> {
@@ -247,6 +294,8 @@ enum Phase {
     Pending(tokio::time::Instant),
     /// Running; its events go to its span.
     Running(Box<Running>, Span),
+    /// Not running on purpose, until released.
+    Held,
     /// Over (exited under `on_child_exit = "exit"`).
     Ended,
 }
@@ -259,6 +308,8 @@ struct Actor {
     sinks: Arc<Sinks>,
     status: watch::Sender<Status>,
     sigchld: Option<tokio::signal::unix::Signal>,
+    /// Drained or held: the process is not restarted when it exits.
+    held: bool,
 }
 
 impl Actor {
@@ -286,6 +337,11 @@ impl Actor {
                             run.signal(sig);
                         }
                     }
+                    Some(Control::Drain(sig)) => self.drain(sig),
+                    Some(Control::Hold { grace, reply }) => {
+                        let _ = reply.send(self.hold(grace).await);
+                    }
+                    Some(Control::Release) => self.release(),
                     Some(Control::Stop { grace, reply }) => {
                         let _ = reply.send(self.stop(grace).await);
                         return;
@@ -337,6 +393,16 @@ impl Actor {
         let _ = run.drain(DRAIN).await;
         debug!(parent: &span, exit = %exit.describe(), "Device process ended.");
         let (what, secs) = (exit.describe(), ran.as_secs_f64());
+        if self.held {
+            // Drained: it finished its work and exited as asked; it stays down until released
+            // (also under on_child_exit = "exit": a new container would start it again).
+            self.sinks.agent_line(&format!(
+                "device process ended ({what}) after {secs:.1}s; drained: not restarted until released"
+            ));
+            self.phase = Phase::Held;
+            self.publish_exit(State::Held, what, None);
+            return;
+        }
         if self.on_exit == OnChildExit::Exit {
             self.sinks.agent_line(&format!("device process ended ({what}) after {secs:.1}s; on_child_exit = \"exit\": the agent exits"));
             self.publish_exit(State::Ended(exit), what, None);
@@ -356,7 +422,7 @@ impl Actor {
     }
 
     fn publish_exit(&self, state: State, last_exit: String, crash_detail: Option<String>) {
-        let crash_loop = self.backoff.crash_loop();
+        let crash_loop = self.backoff.crash_loop() && state != State::Held;
         self.status.send_modify(|s| {
             s.state = state;
             s.last_exit = Some(last_exit);
@@ -365,9 +431,70 @@ impl Actor {
         });
     }
 
-    /// Stops the running process, if any: TERM, `grace`, KILL.
-    async fn stop(&mut self, grace: Duration) -> Option<(Exit, bool)> {
-        let stopped = match std::mem::replace(&mut self.phase, Phase::Ended) {
+    /// A drain: the signal once to a running process, and no restart after it exits; a
+    /// pending restart is called off at once.
+    fn drain(&mut self, sig: Signal) {
+        if self.held {
+            return;
+        }
+        self.held = true;
+        match &self.phase {
+            Phase::Running(run, span) => {
+                info!(parent: span, signal = %sig, "Draining the device process: it is not restarted after it exits.");
+                self.sinks.agent_line(&format!(
+                    "draining the device process: {sig} sent; it is not restarted after it exits"
+                ));
+                run.signal(sig);
+            }
+            Phase::Pending(_) => {
+                self.phase = Phase::Held;
+                self.status.send_modify(|s| {
+                    s.state = State::Held;
+                    s.crash_loop = false;
+                    s.crash_detail = None;
+                });
+            }
+            Phase::Idle | Phase::Held | Phase::Ended => {}
+        }
+    }
+
+    /// A hold: stop the process now, and no restart until released.
+    async fn hold(&mut self, grace: Duration) -> Option<(Exit, bool)> {
+        self.held = true;
+        if matches!(self.phase, Phase::Idle | Phase::Ended) {
+            return None;
+        }
+        let stopped = self.terminate(grace).await;
+        self.phase = Phase::Held;
+        self.sinks
+            .agent_line("device process held: stopped, and not restarted until released");
+        self.status.send_modify(|s| {
+            s.state = State::Held;
+            s.crash_loop = false;
+            s.crash_detail = None;
+            if let Some((exit, _)) = stopped {
+                s.last_exit = Some(exit.describe());
+            }
+        });
+        stopped
+    }
+
+    /// The end of a drain or hold: a held process starts at once.
+    fn release(&mut self) {
+        if !std::mem::take(&mut self.held) {
+            return;
+        }
+        if matches!(self.phase, Phase::Held) {
+            self.sinks
+                .agent_line("device process released: starting it again");
+            self.phase = Phase::Pending(tokio::time::Instant::now());
+            self.status.send_modify(|s| s.state = State::Pending);
+        }
+    }
+
+    /// Stops the running process, if any (TERM, `grace`, KILL), leaving the phase `Ended`.
+    async fn terminate(&mut self, grace: Duration) -> Option<(Exit, bool)> {
+        match std::mem::replace(&mut self.phase, Phase::Ended) {
             Phase::Running(mut run, span) => {
                 let (exit, killed) = run.stop(grace).await;
                 let _ = run.drain(DRAIN).await;
@@ -375,7 +502,12 @@ impl Actor {
                 Some((exit, killed))
             }
             _ => None,
-        };
+        }
+    }
+
+    /// Stops the running process, if any: TERM, `grace`, KILL.
+    async fn stop(&mut self, grace: Duration) -> Option<(Exit, bool)> {
+        let stopped = self.terminate(grace).await;
         self.status.send_modify(|s| {
             s.state = State::Stopped;
             if let Some((exit, _)) = stopped {

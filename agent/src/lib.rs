@@ -30,6 +30,7 @@
 pub mod agent;
 pub mod child;
 pub mod device;
+pub mod device_work;
 pub mod jobs;
 pub mod logfile;
 pub mod mqtt;

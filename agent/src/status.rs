@@ -37,6 +37,12 @@ pub struct Reporter {
     /// Problems of the `tail` globs, reported in `detail`.
     pub tail_errors: Option<TailErrors>,
     seq: u64,
+    // [device] (helper work): the device's own work, as `busy_glob` last matched it
+    // (`device_work`; the state is busy while set), and the detail of a drain in progress.
+    /// What `device.busy_glob` matched at the last look.
+    pub device_work: Option<String>,
+    /// Set while the device process is being drained.
+    pub drain_detail: Option<String>,
 }
 
 impl Reporter {
@@ -63,6 +69,8 @@ impl Reporter {
             link: None,
             tail_errors: None,
             seq: 0,
+            device_work: None,
+            drain_detail: None,
         }
     }
 
@@ -97,7 +105,7 @@ impl Reporter {
         match dev.state {
             State::NoCommand => AgentState::Idle,
             State::Running { .. } if dev.is_crash_looping() => AgentState::CrashLoop,
-            State::Running { .. } => AgentState::Idle,
+            State::Running { .. } | State::Held => AgentState::Idle,
             _ if dev.last_exit.is_some() => AgentState::Restarting,
             _ => AgentState::Starting,
         }
@@ -124,6 +132,7 @@ impl Reporter {
             ));
         }
         details.extend(self.sinks.error());
+        details.extend(self.drain_detail.clone());
         if let Some(errs) = &self.tail_errors {
             details.extend(
                 errs.lock()
@@ -140,7 +149,8 @@ impl Reporter {
             .with_jobs(jobs.running().cloned(), jobs.queue_len() as u64)
             .with_broker_connected(self.link.as_ref().is_some_and(|l| l.state().connected))
             .with_output_dropped(self.tap.dropped())
-            .with_detail((!details.is_empty()).then(|| details.join("; ")));
+            .with_detail((!details.is_empty()).then(|| details.join("; ")))
+            .with_device_work(self.device_work.clone());
         self.seq += 1;
         self.write_heartbeat(&status);
         if let Some(link) = &self.link {

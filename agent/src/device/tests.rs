@@ -177,3 +177,86 @@ async fn without_a_command_there_is_nothing_to_stop() {
     assert_eq!(dev.status().state, State::NoCommand);
     assert_eq!(dev.stop(Duration::from_secs(1)).await, None);
 }
+
+/// Waits until the log file holds `needle`.
+async fn logged(dir: &std::path::Path, needle: &str) {
+    let t0 = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(dir.join("o.log")).unwrap_or_default();
+        if log.contains(needle) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no {needle:?} in {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A drain sends the signal once and lets the process finish (as testflinger's SIGUSR1 does):
+/// after it exits it is held, not restarted, even under `on_child_exit = "exit"`; a second
+/// drain sends nothing; a release starts it again.
+#[tokio::test]
+async fn a_drained_process_finishes_and_stays_down_until_released() {
+    let d = tempfile::tempdir().unwrap();
+    let done = d.path().join("done");
+    let dev = Device::spawn(
+        sh(&format!(
+            "n=0; trap 'n=$((n+1)); echo usr1-$n' USR1; echo run-$$; \
+             while [ ! -e {} ]; do sleep 0.05; done; echo finished",
+            done.display()
+        )),
+        &restart(OnChildExit::Exit, 3),
+        sinks(d.path()),
+        false,
+    );
+    let mut rx = dev.watch();
+    until(&mut rx, Status::is_running).await;
+    logged(d.path(), "run-").await;
+    dev.drain(Signal::SIGUSR1).await;
+    dev.drain(Signal::SIGUSR1).await;
+    logged(d.path(), "usr1-1").await;
+    // Still running: the drain lets it finish its work.
+    assert!(dev.status().is_running());
+    std::fs::write(&done, "").unwrap();
+    let s = until(&mut rx, |s| s.state == State::Held).await;
+    assert_eq!(s.restarts, 0);
+    assert!(!s.crash_loop);
+    let log = std::fs::read_to_string(d.path().join("o.log")).unwrap();
+    assert!(log.contains("finished"), "{log}");
+    assert!(!log.contains("usr1-2"), "the signal goes once: {log}");
+    assert!(
+        log.contains("drained: not restarted until released"),
+        "{log}"
+    );
+    std::fs::remove_file(&done).unwrap();
+    dev.release().await;
+    let s = until(&mut rx, Status::is_running).await;
+    assert_eq!(s.restarts, 1);
+    dev.stop(Duration::from_secs(1)).await;
+}
+
+/// A hold stops the process now and keeps it down; a release starts it again.
+#[tokio::test]
+async fn a_held_process_is_stopped_and_not_restarted_until_released() {
+    let d = tempfile::tempdir().unwrap();
+    let dev = Device::spawn(
+        sh("while true; do sleep 0.05; done"),
+        &restart(OnChildExit::Restart, 3),
+        sinks(d.path()),
+        false,
+    );
+    let mut rx = dev.watch();
+    until(&mut rx, Status::is_running).await;
+    let stopped = dev.hold(Duration::from_secs(5)).await;
+    assert!(matches!(stopped, Some((_, false))), "{stopped:?}");
+    assert_eq!(dev.status().state, State::Held);
+    // Well past the restart backoff (20 ms): still held.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(dev.status().state, State::Held);
+    dev.release().await;
+    let s = until(&mut rx, Status::is_running).await;
+    assert_eq!(s.restarts, 1);
+    dev.stop(Duration::from_secs(1)).await;
+}
