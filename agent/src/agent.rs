@@ -301,7 +301,7 @@ impl Agent {
             }
         }
         if t.release {
-            self.device.release().await;
+            self.device.undrain().await;
         }
         self.reporter.device_work = watch.seen.clone();
         self.reporter.drain_detail = watch.detail();

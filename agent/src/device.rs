@@ -3,18 +3,18 @@
 //! controls (signal, stop) and reads a [`Status`] the task publishes after every transition.
 //!
 //! The task's state is a [`State`]: `Pending` (waiting for its first start or a restart),
-//! `Running`, `Held` (not running on purpose: drained or held, until released), `Ended` (exited
-//! under `on_child_exit = "exit"`: the agent stops) or `Stopped` (after a stop control), or
-//! `NoCommand` when the SUT has no device process. A process that
+//! `Running`, `Ended` (exited under `on_child_exit = "exit"`: the agent stops) or `Stopped`
+//! (after a stop control), or `NoCommand` when the SUT has no device process. A process that
 //! exits is restarted after a capped exponential backoff ([`Backoff`], on `backon`); after
 //! `crash_loop_after` quick failures in a row it is crash-looping until a run outlives
 //! [`Backoff::quick`]. As PID 1 the task also reaps orphaned grandchildren, never its own child.
 //!
 //! Beside start and stop, the handle has the controls a lab needs to take the device out of
 //! service without cutting its work: [`Device::signal`] (a signal to its group),
-//! [`Device::drain`] (a signal once, and no restart after the process exits: the device
-//! finishes its current work and takes no more), [`Device::hold`] (stop it now and do not
-//! restart it) and [`Device::release`] (start it again after a drain or a hold).
+//! [`Device::hold`] and [`Device::release`] (stop it and keep it stopped: maintenance), and
+//! [`Device::drain`] and [`Device::undrain`] (a signal once, e.g. testflinger's SIGUSR1, and no
+//! restart after it exits: the device finishes its current work and takes no more, until the
+//! drain is lifted). A process held for either reason starts again only when neither holds.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -108,13 +108,12 @@ pub enum State {
         /// When it started.
         started: Instant,
     },
-    /// Not running on purpose, after [`Device::drain`] or [`Device::hold`]: not restarted until
-    /// [`Device::release`].
-    Held,
     /// It exited under `on_child_exit = "exit"`: the agent ends.
     Ended(Exit),
     /// Stopped by [`Device::stop`].
     Stopped,
+    /// Stopped and kept stopped by [`Device::hold`] (maintenance) until [`Device::release`].
+    Held,
 }
 
 /// What the task publishes after every transition.
@@ -147,7 +146,6 @@ impl Status {
         self.crash_loop
             && match self.state {
                 State::Running { started, .. } => started.elapsed() < self.quick,
-                State::Held => false,
                 _ => true,
             }
     }
@@ -157,16 +155,16 @@ impl Status {
 #[derive(Debug)]
 enum Control {
     Signal(Signal),
-    Drain(Signal),
-    Hold {
-        grace: Duration,
-        reply: oneshot::Sender<Option<(Exit, bool)>>,
-    },
-    Release,
     Stop {
         grace: Duration,
         reply: oneshot::Sender<Option<(Exit, bool)>>,
     },
+    // -- hold/release (maintenance, helper admin) --
+    Hold(Duration),
+    Release,
+    // -- drain/undrain (the device's own work, helper work) --
+    Drain(Signal),
+    Undrain,
 }
 
 /// The handle to the device-process task.
@@ -185,16 +183,29 @@ impl Device {
         sinks: Arc<Sinks>,
         reap: bool,
     ) -> Device {
+        Device::spawn_held(spec, restart, sinks, reap, false)
+    }
+
+    /// [`Device::spawn`], held from the start when `held` (the SUT is in maintenance): the
+    /// process starts only at [`Device::release`].
+    pub fn spawn_held(
+        spec: Option<Spec>,
+        restart: &RestartSettings,
+        sinks: Arc<Sinks>,
+        reap: bool,
+        held: bool,
+    ) -> Device {
+        let held = held && spec.is_some();
         let backoff = Backoff::new(
             restart.backoff_min,
             restart.backoff_max,
             restart.crash_loop_after.get(),
         );
         let status = Status {
-            state: if spec.is_some() {
-                State::Pending
-            } else {
-                State::NoCommand
+            state: match &spec {
+                Some(_) if held => State::Held,
+                Some(_) => State::Pending,
+                None => State::NoCommand,
             },
             restarts: 0,
             last_exit: None,
@@ -209,6 +220,7 @@ impl Device {
             .flatten();
         let actor = Actor {
             phase: match &spec {
+                Some(_) if held => Phase::Held,
                 Some(_) => Phase::Pending(tokio::time::Instant::now()),
                 None => Phase::Idle,
             },
@@ -218,7 +230,8 @@ impl Device {
             sinks,
             status: status_tx,
             sigchld,
-            held: false,
+            maintenance: held,
+            draining: false,
         };
         let task = tokio::spawn(actor.run(rx).instrument(info_span!("device")));
         Device {
@@ -243,33 +256,31 @@ impl Device {
         let _ = self.control.send(Control::Signal(sig)).await;
     }
 
+    /// Stops the process (TERM to its group, up to `grace`, KILL) and keeps it stopped, without
+    /// restarts, until [`Device::release`]. Returns at once; the status says `Held` once it is.
+    pub async fn hold(&self, grace: Duration) {
+        let _ = self.control.send(Control::Hold(grace)).await;
+    }
+
+    /// Starts a held process again, now. Nothing happens if it is not held.
+    pub async fn release(&self) {
+        let _ = self.control.send(Control::Release).await;
+    }
+
+    // -- drain/undrain (the device's own work, helper work) --
     /// Drains the process: sends `sig` to its group once (e.g. testflinger's SIGUSR1, "exit
-    /// after the current job") and does not restart it after it exits; until
-    /// [`Device::release`], its state is then [`State::Held`]. A restart that was only waiting
-    /// for its backoff does not happen. Idempotent while draining: the signal goes once.
+    /// after the current job") and does not restart it after it exits (also under
+    /// `on_child_exit = "exit"`); its state is then [`State::Held`] until [`Device::undrain`].
+    /// A restart that was only waiting for its backoff does not happen. While draining, a
+    /// second drain sends nothing.
     pub async fn drain(&self, sig: Signal) {
         let _ = self.control.send(Control::Drain(sig)).await;
     }
 
-    /// Holds the process: stops it now (TERM to its group, up to `grace`, KILL) and does not
-    /// restart it until [`Device::release`]. Returns how it ended, if it was running.
-    pub async fn hold(&self, grace: Duration) -> Option<(Exit, bool)> {
-        let (reply, rx) = oneshot::channel();
-        if self
-            .control
-            .send(Control::Hold { grace, reply })
-            .await
-            .is_err()
-        {
-            return None;
-        }
-        rx.await.ok().flatten()
-    }
-
-    /// Ends a drain or a hold: a held process starts again at once; one still running after a
-    /// drain signal will be restarted when it exits, as usual.
-    pub async fn release(&self) {
-        let _ = self.control.send(Control::Release).await;
+    /// Lifts a drain: a process held by it starts again at once (unless held for maintenance);
+    /// one still running after the signal is restarted when it exits, as usual.
+    pub async fn undrain(&self) {
+        let _ = self.control.send(Control::Undrain).await;
     }
 
     /// Stops the process (TERM to its group, up to `grace`, KILL) and ends the task. Returns how
@@ -294,10 +305,10 @@ enum Phase {
     Pending(tokio::time::Instant),
     /// Running; its events go to its span.
     Running(Box<Running>, Span),
-    /// Not running on purpose, until released.
-    Held,
     /// Over (exited under `on_child_exit = "exit"`).
     Ended,
+    /// Held: stopped until released.
+    Held,
 }
 
 struct Actor {
@@ -308,8 +319,10 @@ struct Actor {
     sinks: Arc<Sinks>,
     status: watch::Sender<Status>,
     sigchld: Option<tokio::signal::unix::Signal>,
-    /// Drained or held: the process is not restarted when it exits.
-    held: bool,
+    /// Held for maintenance ([`Device::hold`]).
+    maintenance: bool,
+    /// Drained ([`Device::drain`]): not restarted after it exits.
+    draining: bool,
 }
 
 impl Actor {
@@ -337,11 +350,19 @@ impl Actor {
                             run.signal(sig);
                         }
                     }
-                    Some(Control::Drain(sig)) => self.drain(sig),
-                    Some(Control::Hold { grace, reply }) => {
-                        let _ = reply.send(self.hold(grace).await);
+                    Some(Control::Hold(grace)) => {
+                        self.maintenance = true;
+                        self.hold(grace).await;
                     }
-                    Some(Control::Release) => self.release(),
+                    Some(Control::Release) => {
+                        self.maintenance = false;
+                        self.resume();
+                    }
+                    Some(Control::Drain(sig)) => self.drain(sig),
+                    Some(Control::Undrain) => {
+                        self.draining = false;
+                        self.resume();
+                    }
                     Some(Control::Stop { grace, reply }) => {
                         let _ = reply.send(self.stop(grace).await);
                         return;
@@ -393,14 +414,17 @@ impl Actor {
         let _ = run.drain(DRAIN).await;
         debug!(parent: &span, exit = %exit.describe(), "Device process ended.");
         let (what, secs) = (exit.describe(), ran.as_secs_f64());
-        if self.held {
-            // Drained: it finished its work and exited as asked; it stays down until released
-            // (also under on_child_exit = "exit": a new container would start it again).
+        if self.draining {
+            // It finished its work and exited as asked; it stays down until the drain is
+            // lifted (also under on_child_exit = "exit": a new container would start it again).
             self.sinks.agent_line(&format!(
-                "device process ended ({what}) after {secs:.1}s; drained: not restarted until released"
+                "device process ended ({what}) after {secs:.1}s; drained: not restarted"
             ));
             self.phase = Phase::Held;
-            self.publish_exit(State::Held, what, None);
+            self.status.send_modify(|s| {
+                s.state = State::Held;
+                s.last_exit = Some(what);
+            });
             return;
         }
         if self.on_exit == OnChildExit::Exit {
@@ -422,7 +446,7 @@ impl Actor {
     }
 
     fn publish_exit(&self, state: State, last_exit: String, crash_detail: Option<String>) {
-        let crash_loop = self.backoff.crash_loop() && state != State::Held;
+        let crash_loop = self.backoff.crash_loop();
         self.status.send_modify(|s| {
             s.state = state;
             s.last_exit = Some(last_exit);
@@ -431,13 +455,34 @@ impl Actor {
         });
     }
 
-    /// A drain: the signal once to a running process, and no restart after it exits; a
-    /// pending restart is called off at once.
-    fn drain(&mut self, sig: Signal) {
-        if self.held {
+    /// Holds the process: stops it if it runs (TERM, `grace`, KILL), starts nothing until
+    /// released, and clears the crash-loop count (whatever it was about is being worked on).
+    async fn hold(&mut self, grace: Duration) {
+        if matches!(self.phase, Phase::Idle | Phase::Ended | Phase::Held) {
             return;
         }
-        self.held = true;
+        let stopped = self.stop(grace).await;
+        info!(
+            stopped = stopped.is_some(),
+            "Device process held (maintenance)."
+        );
+        self.phase = Phase::Held;
+        let b = &self.backoff;
+        self.backoff = Backoff::new(b.min, b.max, b.crash_loop_after);
+        self.status.send_modify(|s| {
+            s.state = State::Held;
+            s.crash_loop = false;
+            s.crash_detail = None;
+        });
+    }
+
+    // -- drain/undrain (the device's own work, helper work) --
+    /// A drain: the signal once to a running process, and no restart after it exits; a pending
+    /// restart is called off at once.
+    fn drain(&mut self, sig: Signal) {
+        if std::mem::replace(&mut self.draining, true) {
+            return;
+        }
         match &self.phase {
             Phase::Running(run, span) => {
                 info!(parent: span, signal = %sig, "Draining the device process: it is not restarted after it exits.");
@@ -458,33 +503,9 @@ impl Actor {
         }
     }
 
-    /// A hold: stop the process now, and no restart until released.
-    async fn hold(&mut self, grace: Duration) -> Option<(Exit, bool)> {
-        self.held = true;
-        if matches!(self.phase, Phase::Idle | Phase::Ended) {
-            return None;
-        }
-        let stopped = self.terminate(grace).await;
-        self.phase = Phase::Held;
-        self.sinks
-            .agent_line("device process held: stopped, and not restarted until released");
-        self.status.send_modify(|s| {
-            s.state = State::Held;
-            s.crash_loop = false;
-            s.crash_detail = None;
-            if let Some((exit, _)) = stopped {
-                s.last_exit = Some(exit.describe());
-            }
-        });
-        stopped
-    }
-
-    /// The end of a drain or hold: a held process starts at once.
-    fn release(&mut self) {
-        if !std::mem::take(&mut self.held) {
-            return;
-        }
-        if matches!(self.phase, Phase::Held) {
+    /// A held process starts again once neither maintenance nor a drain holds it.
+    fn resume(&mut self) {
+        if matches!(self.phase, Phase::Held) && !self.maintenance && !self.draining {
             self.sinks
                 .agent_line("device process released: starting it again");
             self.phase = Phase::Pending(tokio::time::Instant::now());
@@ -492,9 +513,9 @@ impl Actor {
         }
     }
 
-    /// Stops the running process, if any (TERM, `grace`, KILL), leaving the phase `Ended`.
-    async fn terminate(&mut self, grace: Duration) -> Option<(Exit, bool)> {
-        match std::mem::replace(&mut self.phase, Phase::Ended) {
+    /// Stops the running process, if any: TERM, `grace`, KILL.
+    async fn stop(&mut self, grace: Duration) -> Option<(Exit, bool)> {
+        let stopped = match std::mem::replace(&mut self.phase, Phase::Ended) {
             Phase::Running(mut run, span) => {
                 let (exit, killed) = run.stop(grace).await;
                 let _ = run.drain(DRAIN).await;
@@ -502,12 +523,7 @@ impl Actor {
                 Some((exit, killed))
             }
             _ => None,
-        }
-    }
-
-    /// Stops the running process, if any: TERM, `grace`, KILL.
-    async fn stop(&mut self, grace: Duration) -> Option<(Exit, bool)> {
-        let stopped = self.terminate(grace).await;
+        };
         self.status.send_modify(|s| {
             s.state = State::Stopped;
             if let Some((exit, _)) = stopped {

@@ -105,7 +105,8 @@ impl Reporter {
         match dev.state {
             State::NoCommand => AgentState::Idle,
             State::Running { .. } if dev.is_crash_looping() => AgentState::CrashLoop,
-            State::Running { .. } | State::Held => AgentState::Idle,
+            State::Running { .. } => AgentState::Idle,
+            State::Held => AgentState::Idle,
             _ if dev.last_exit.is_some() => AgentState::Restarting,
             _ => AgentState::Starting,
         }

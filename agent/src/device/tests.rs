@@ -178,6 +178,52 @@ async fn without_a_command_there_is_nothing_to_stop() {
     assert_eq!(dev.stop(Duration::from_secs(1)).await, None);
 }
 
+// -- hold/release (maintenance, helper admin) --
+
+/// Held: the process is stopped and not restarted (no backoff start comes), and a crash loop
+/// is forgotten; released: it starts again at once. Started held: it starts only when released.
+#[tokio::test]
+async fn a_held_process_stays_stopped_until_released() {
+    let d = tempfile::tempdir().unwrap();
+    let dev = Device::spawn(
+        sh("exit 3"),
+        &restart(OnChildExit::Restart, 2),
+        sinks(d.path()),
+        false,
+    );
+    let mut rx = dev.watch();
+    until(&mut rx, |s| s.crash_loop).await;
+    dev.hold(Duration::from_secs(1)).await;
+    let s = until(&mut rx, |s| s.state == State::Held).await;
+    assert!(!s.crash_loop && s.crash_detail.is_none(), "{s:?}");
+    let restarts = s.restarts;
+    // Far longer than the longest backoff (80 ms): nothing starts.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let s = dev.status();
+    assert_eq!((s.state, s.restarts), (State::Held, restarts));
+    dev.release().await;
+    until(&mut rx, |s| s.restarts > restarts).await;
+    dev.stop(Duration::from_secs(1)).await;
+
+    let dev = Device::spawn_held(
+        sh("echo started; while true; do sleep 0.05; done"),
+        &restart(OnChildExit::Restart, 2),
+        sinks(d.path()),
+        false,
+        true,
+    );
+    assert_eq!(dev.status().state, State::Held);
+    let mut rx = dev.watch();
+    dev.release().await;
+    until(&mut rx, Status::is_running).await;
+    dev.hold(Duration::from_secs(1)).await;
+    let s = until(&mut rx, |s| s.state == State::Held).await;
+    assert!(s.last_exit.is_some(), "{s:?}");
+    assert_eq!(dev.stop(Duration::from_secs(1)).await, None);
+}
+
+// -- drain/undrain (the device's own work, helper work) --
+
 /// Waits until the log file holds `needle`.
 async fn logged(dir: &std::path::Path, needle: &str) {
     let t0 = Instant::now();
@@ -196,7 +242,7 @@ async fn logged(dir: &std::path::Path, needle: &str) {
 
 /// A drain sends the signal once and lets the process finish (as testflinger's SIGUSR1 does):
 /// after it exits it is held, not restarted, even under `on_child_exit = "exit"`; a second
-/// drain sends nothing; a release starts it again.
+/// drain sends nothing; lifting the drain starts it again.
 #[tokio::test]
 async fn a_drained_process_finishes_and_stays_down_until_released() {
     let d = tempfile::tempdir().unwrap();
@@ -226,20 +272,18 @@ async fn a_drained_process_finishes_and_stays_down_until_released() {
     let log = std::fs::read_to_string(d.path().join("o.log")).unwrap();
     assert!(log.contains("finished"), "{log}");
     assert!(!log.contains("usr1-2"), "the signal goes once: {log}");
-    assert!(
-        log.contains("drained: not restarted until released"),
-        "{log}"
-    );
+    assert!(log.contains("drained: not restarted"), "{log}");
     std::fs::remove_file(&done).unwrap();
-    dev.release().await;
+    dev.undrain().await;
     let s = until(&mut rx, Status::is_running).await;
     assert_eq!(s.restarts, 1);
     dev.stop(Duration::from_secs(1)).await;
 }
 
-/// A hold stops the process now and keeps it down; a release starts it again.
+/// Maintenance and a drain hold the process each on their own: lifting one leaves it held by
+/// the other.
 #[tokio::test]
-async fn a_held_process_is_stopped_and_not_restarted_until_released() {
+async fn a_drain_lifted_during_maintenance_does_not_start_the_process() {
     let d = tempfile::tempdir().unwrap();
     let dev = Device::spawn(
         sh("while true; do sleep 0.05; done"),
@@ -249,14 +293,16 @@ async fn a_held_process_is_stopped_and_not_restarted_until_released() {
     );
     let mut rx = dev.watch();
     until(&mut rx, Status::is_running).await;
-    let stopped = dev.hold(Duration::from_secs(5)).await;
-    assert!(matches!(stopped, Some((_, false))), "{stopped:?}");
-    assert_eq!(dev.status().state, State::Held);
-    // Well past the restart backoff (20 ms): still held.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(dev.status().state, State::Held);
+    dev.hold(Duration::from_secs(1)).await;
+    until(&mut rx, |s| s.state == State::Held).await;
+    dev.drain(Signal::SIGUSR1).await;
+    dev.undrain().await;
+    dev.drain(Signal::SIGUSR1).await;
     dev.release().await;
-    let s = until(&mut rx, Status::is_running).await;
-    assert_eq!(s.restarts, 1);
+    // Both controls were handled in order before this status: still held by the drain.
+    let s = dev.status();
+    assert_eq!(s.state, State::Held);
+    dev.undrain().await;
+    until(&mut rx, Status::is_running).await;
     dev.stop(Duration::from_secs(1)).await;
 }
