@@ -268,8 +268,9 @@ impl Device {
     }
 
     // -- drain/undrain (the device's own work, helper work) --
-    /// Drains the process: sends `sig` to its group once (e.g. testflinger's SIGUSR1, "exit
-    /// after the current job") and does not restart it after it exits (also under
+    /// Drains the process: sends `sig` to it once, to the process alone and not its group (e.g.
+    /// testflinger's SIGUSR1, "exit after the current job"; its work, in its group, must not
+    /// get the signal) and does not restart it after it exits (also under
     /// `on_child_exit = "exit"`); its state is then [`State::Held`] until [`Device::undrain`].
     /// A restart that was only waiting for its backoff does not happen. While draining, a
     /// second drain sends nothing.
@@ -489,7 +490,10 @@ impl Actor {
                 self.sinks.agent_line(&format!(
                     "draining the device process: {sig} sent; it is not restarted after it exits"
                 ));
-                run.signal(sig);
+                // To the process alone, not its group: the group holds the device's work too
+                // (testflinger's phase commands), which the signal must not reach (a shell
+                // dies of SIGUSR1).
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.pid() as i32), sig);
             }
             Phase::Pending(_) => {
                 self.phase = Phase::Held;

@@ -250,7 +250,8 @@ async fn a_drained_process_finishes_and_stays_down_until_released() {
     let dev = Device::spawn(
         sh(&format!(
             "n=0; trap 'n=$((n+1)); echo usr1-$n' USR1; echo run-$$; \
-             while [ ! -e {} ]; do sleep 0.05; done; echo finished",
+             sh -c 'while [ ! -e {0} ]; do sleep 0.05; done; echo work-done' & \
+             while [ ! -e {0} ]; do sleep 0.05; done; wait; echo finished",
             done.display()
         )),
         &restart(OnChildExit::Exit, 3),
@@ -271,6 +272,10 @@ async fn a_drained_process_finishes_and_stays_down_until_released() {
     assert!(!s.crash_loop);
     let log = std::fs::read_to_string(d.path().join("o.log")).unwrap();
     assert!(log.contains("finished"), "{log}");
+    assert!(
+        log.contains("work-done"),
+        "the work in its group did not get the signal: {log}"
+    );
     assert!(!log.contains("usr1-2"), "the signal goes once: {log}");
     assert!(log.contains("drained: not restarted"), "{log}");
     std::fs::remove_file(&done).unwrap();
