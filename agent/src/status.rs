@@ -19,6 +19,7 @@ use tracing::warn;
 use crate::device::{self, State};
 use crate::mqtt::{Message, MqttLink};
 use crate::output::Sinks;
+use crate::probe::ProbeFailure;
 use crate::runner::JobRunner;
 use crate::tail::TailErrors;
 use crate::tap::Tap;
@@ -36,6 +37,8 @@ pub struct Reporter {
     pub link: Option<MqttLink>,
     /// Problems of the `tail` globs, reported in `detail`.
     pub tail_errors: Option<TailErrors>,
+    /// The exec probe's failure, reported as `probe_failure` (an exec probe only).
+    pub probe_failure: Option<ProbeFailure>,
     seq: u64,
     // [device] (helper work): the device's own work, as `busy_glob` last matched it
     // (`device_work`; the state is busy while set), and the detail of a drain in progress.
@@ -68,6 +71,7 @@ impl Reporter {
             tap,
             link: None,
             tail_errors: None,
+            probe_failure: None,
             seq: 0,
             device_work: None,
             drain_detail: None,
@@ -151,6 +155,11 @@ impl Reporter {
             .with_broker_connected(self.link.as_ref().is_some_and(|l| l.state().connected))
             .with_output_dropped(self.tap.dropped())
             .with_detail((!details.is_empty()).then(|| details.join("; ")))
+            .with_probe_failure(
+                self.probe_failure
+                    .as_ref()
+                    .and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            )
             .with_device_work(self.device_work.clone());
         self.seq += 1;
         self.write_heartbeat(&status);

@@ -14,7 +14,9 @@
 //! - `0` when the heartbeat is fresh (age at most `max_age`) and the state is healthy;
 //! - `1` otherwise, printing one line with the reason, which Docker keeps in the container's
 //!   health log and Portainer shows: a stale heartbeat (the agent's loop is hung or dead), a
-//!   crash-looping or stalled device process, a missing or corrupt file.
+//!   crash-looping or stalled device process, a missing or corrupt file, or a failing exec
+//!   probe (`probe.command`: the heartbeat's `unhealthy=` key carries its exit status and last
+//!   output lines, so Docker's health log says why the agent does not work).
 //!
 //! It never talks to the broker: a broker outage must not turn every agent in the lab unhealthy
 //! at once (the old stack's check waited for fresh MQTT messages).
@@ -28,6 +30,8 @@
 //! device process is busy with work of its own (`device.busy_glob` matched): the supervisor runs
 //! it with `docker exec` before recreating or removing a container, to learn whether a job runs,
 //! and what it waits for, without asking the broker.
+//! A failing exec probe does not change that answer: the agent's loop is alive and its job
+//! (if any) is real work to wait for.
 //!
 //! `--file` defaults to `$LABVISOR_HEARTBEAT_FILE`, then `/labvisor/run/heartbeat`.
 //! `--max-age` (`30s`, `1500ms`, `2m`) defaults to the `max_age_ms` the agent wrote.
@@ -36,16 +40,19 @@ use std::fmt;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use labvisor_heartbeat::{is_healthy, Reading, DEFAULT_PATH};
+use labvisor_heartbeat::{is_healthy, is_healthy_status, Reading, DEFAULT_PATH};
 
 const USAGE: &str = "usage: labvisor-healthcheck [--file PATH] [--max-age DURATION] [--state]";
 
 /// The verdict on one heartbeat file.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
-    /// The line to print, and what `--state` prints (`state=…`, then `device_work=…` if any).
+    /// The line to print, and the answer to `--state` (`state=…`, then `device_work=…` if any).
     Healthy(String, String),
     Unhealthy(String),
+    /// A fresh heartbeat in a healthy state that reports a reason to be unhealthy (a failing
+    /// exec probe): the reason, and the answer to `--state` (it still answers).
+    Failing(String, String),
 }
 
 #[derive(Debug)]
@@ -134,6 +141,7 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         max_age: file_max_age,
         detail,
         child_alive,
+        unhealthy,
         device_work,
     } = Reading::read(text);
     let (Some(time_ms), Some(state)) = (time_ms, state) else {
@@ -169,22 +177,25 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         };
         return Verdict::Unhealthy(format!("agent state is {state}{why}"));
     }
+    let (work, answer) = if device_work.is_empty() {
+        (String::new(), format!("state={state}"))
+    } else {
+        (
+            format!(", device work {device_work}"),
+            format!("state={state}\ndevice_work={device_work}"),
+        )
+    };
+    if !is_healthy_status(state, unhealthy) {
+        return Verdict::Failing(unhealthy.trim().to_owned(), answer);
+    }
     let child = match child_alive {
         "true" => ", device process running",
         "false" => ", device process not running",
         _ => "",
     };
-    let (work, work_line) = if device_work.is_empty() {
-        (String::new(), String::new())
-    } else {
-        (
-            format!(", device work {device_work}"),
-            format!("\ndevice_work={device_work}"),
-        )
-    };
     Verdict::Healthy(
         format!("ok: {state}{child}{work}, heartbeat {} old", fmt_secs(age)),
-        format!("state={state}{work_line}"),
+        answer,
     )
 }
 
@@ -208,19 +219,17 @@ fn main() -> ExitCode {
         )),
         Err(e) => Verdict::Unhealthy(format!("cannot read heartbeat file {}: {e}", args.file)),
     };
+    let (line, code) = report(verdict, args.state);
+    println!("{line}");
+    ExitCode::from(code)
+}
+
+/// What to print and the exit code for `verdict`; `state_mode` for `--state`.
+fn report(verdict: Verdict, state_mode: bool) -> (String, u8) {
     match verdict {
-        Verdict::Healthy(line, state) => {
-            if args.state {
-                println!("{state}");
-            } else {
-                println!("{line}");
-            }
-            ExitCode::SUCCESS
-        }
-        Verdict::Unhealthy(line) => {
-            println!("unhealthy: {line}");
-            ExitCode::from(1)
-        }
+        Verdict::Healthy(_, answer) | Verdict::Failing(_, answer) if state_mode => (answer, 0),
+        Verdict::Healthy(line, _) => (line, 0),
+        Verdict::Unhealthy(line) | Verdict::Failing(line, _) => (format!("unhealthy: {line}"), 1),
     }
 }
 
@@ -251,6 +260,7 @@ mod tests {
             output_dropped: 0,
             job: "",
             detail: "exited 5 times in 20s",
+            unhealthy: "",
             device_work: "",
         }
     }
@@ -276,23 +286,6 @@ mod tests {
         );
     }
 
-    /// The device's own work reaches the supervisor through `--state` (a second line) and
-    /// Portainer through the human line.
-    #[test]
-    fn device_work_is_in_the_state_answer_and_the_line() {
-        let hb = Heartbeat {
-            device_work: "/tmp/testflinger/run/j1/testflinger.json",
-            ..status("busy", NOW - 1_000)
-        };
-        assert_eq!(
-            judge_status(&hb, Duration::from_secs(30)),
-            Verdict::Healthy(
-                "ok: busy, device process running, device work /tmp/testflinger/run/j1/testflinger.json, heartbeat 1.0s old".into(),
-                "state=busy\ndevice_work=/tmp/testflinger/run/j1/testflinger.json".into()
-            )
-        );
-    }
-
     #[test]
     fn stale_heartbeat_is_unhealthy_with_its_age() {
         let v = judge_status(&status("busy", NOW - 31_000), Duration::from_secs(30));
@@ -303,6 +296,60 @@ mod tests {
                     .into()
             )
         );
+    }
+
+    /// The device's own work reaches the supervisor through `--state` (a second line) and
+    /// Portainer through the human line.
+    #[test]
+    fn device_work_is_in_the_state_answer_and_the_line() {
+        let work = "/tmp/testflinger/run/j1/testflinger.json";
+        let hb = Heartbeat {
+            device_work: work,
+            ..status("busy", NOW - 1_000)
+        };
+        let v = judge_status(&hb, Duration::from_secs(30));
+        assert_eq!(
+            report(v, false).0,
+            format!("ok: busy, device process running, device work {work}, heartbeat 1.0s old")
+        );
+        let v = judge_status(&hb, Duration::from_secs(30));
+        assert_eq!(
+            report(v, true),
+            (format!("state=busy\ndevice_work={work}"), 0)
+        );
+    }
+
+    /// A failing exec probe (the heartbeat's `unhealthy=`) makes a fresh, idle or busy agent
+    /// unhealthy with the probe's reason; `--state` still answers with the state, so the
+    /// supervisor waits for a job of an agent whose probe fails.
+    #[test]
+    fn a_failing_probe_is_unhealthy_with_its_reason_but_state_still_answers() {
+        let reason = "probe failing: exit 1: ERROR: Agent not authorized to request jobs.";
+        for state in ["idle", "busy"] {
+            let hb = Heartbeat {
+                unhealthy: reason,
+                ..status(state, NOW - 1_000)
+            };
+            let v = judge_status(&hb, Duration::from_secs(30));
+            assert_eq!(v, Verdict::Failing(reason.into(), format!("state={state}")));
+            assert_eq!(report(v, false), (format!("unhealthy: {reason}"), 1));
+            let v = judge_status(&hb, Duration::from_secs(30));
+            assert_eq!(report(v, true), (format!("state={state}"), 0));
+        }
+        // A stale heartbeat is that first: the probe's last word may be old.
+        let hb = Heartbeat {
+            unhealthy: reason,
+            ..status("idle", NOW - 31_000)
+        };
+        let v = judge_status(&hb, Duration::from_secs(30));
+        assert!(
+            matches!(&v, Verdict::Unhealthy(l) if l.contains("hung or dead")),
+            "{v:?}"
+        );
+        assert_eq!(report(v, true).1, 1);
+        // Passing again: healthy.
+        let v = judge_status(&status("idle", NOW), Duration::from_secs(30));
+        assert_eq!(report(v, false).1, 0);
     }
 
     #[test]

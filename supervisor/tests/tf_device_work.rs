@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use assert_cmd::cargo::CommandCargoExt;
 use common::{own_network, ps, tmp_sut_dir, views, wait_healthy, write, Sup};
 use labvisor_tests::{
-    docker_logs, docker_ok, host_gateway_ip, network_gateway, standin_image, unique_id,
-    wait_until, DockerScope, Mosquitto, Subscriber, TfServer, STANDIN_TOKEN,
+    docker_logs, docker_ok, host_gateway_ip, network_gateway, standin_image, unique_id, wait_until,
+    DockerScope, Mosquitto, Subscriber, TfServer, STANDIN_TOKEN,
 };
 
 const T: Duration = Duration::from_secs(30);

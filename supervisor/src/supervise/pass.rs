@@ -79,6 +79,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         };
         let p = self.classify_and_plan(scan, list, now).await;
         let known = self.note_plan(&p, now);
+        self.rolling_observe(&p.actual, &p.desired, &p.actions);
         self.drain(&p).await;
         self.forget(&known);
         let wake = self.exec.start_due(p.actions, &mut self.suts, &p.scan, now);
@@ -168,7 +169,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let mut actual = classify::classify(list, &self.settings.spec, &desired, |sut| {
             self.busy(sut, now, self.agents.get(sut) == Some(&AgentState::Busy))
         });
+        self.rolling_choose(&actual, &desired);
         let mut actions = plan(&desired, &actual, &invalid);
+        self.rolling_action(&actual, &desired, &mut actions);
         let mut work = self.device_work.clone();
         let ask = classify::to_ask(&actual, &actions);
         if !ask.is_empty() {
@@ -186,6 +189,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             }
             if !changed.is_empty() {
                 actions = plan(&desired, &actual, &invalid);
+                self.rolling_action(&actual, &desired, &mut actions);
             }
         }
         Planned {
