@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use assert_cmd::cargo::CommandCargoExt;
 use common::{own_network, ps, tmp_sut_dir, views, wait_healthy, write, Sup};
 use labvisor_tests::{
-    docker_logs, docker_ok, host_gateway_ip, network_gateway, standin_image, unique_id, wait_until,
-    DockerScope, Mosquitto, Subscriber, TfServer, STANDIN_TOKEN,
+    docker_logs, docker_ok, network_gateway, standin_image, unique_id, wait_until, DockerScope,
+    Mosquitto, Subscriber, TfServer, STANDIN_HOST, STANDIN_TOKEN,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -57,16 +57,14 @@ impl Lab {
         let sub = broker.subscribe("t/#", &[]);
         let (t, dir) = tmp_sut_dir();
         let queue = unique_id("q");
-        // Until extra_hosts lands the container reaches the server at the bridge gateway.
         write(
             &dir,
             "agent.yaml",
             &format!(
-                "agent_id: {queue}-agent\nserver_address: {}:{}\njob_queues: [{queue}]\n\
+                "agent_id: {queue}-agent\nserver_address: {}\njob_queues: [{queue}]\n\
                  polling_interval: 0.2\nexecution_basedir: /tmp/testflinger/run\n\
                  logging_basedir: /tmp/testflinger/logs\n",
-                host_gateway_ip(),
-                server.port()
+                server.container_url()
             ),
         );
         write(&dir, "token", STANDIN_TOKEN);
@@ -74,6 +72,7 @@ impl Lab {
             r#"image = "{image}"
 command = ["testflinger-agent", "-c", "/labvisor/sut/agent.yaml", "--token-file", "/labvisor/sut/token"]
 files = ["agent.yaml", "token"]
+extra_hosts = ["{STANDIN_HOST}:host-gateway"]
 [health]
 heartbeat = "1s"
 max_age = "5s"
