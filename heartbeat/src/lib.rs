@@ -35,12 +35,13 @@
 //! output_dropped=0
 //! job=
 //! detail=
+//! unhealthy=
 //! admin=
 //! ```
 //!
 //! Values are single lines (newlines become spaces). Unknown keys are ignored by readers
-//! ([`parse`], [`Reading::read`]). The healthcheck decides from `time_ms`, `max_age_ms` and
-//! `state` alone ([`is_healthy`]): it never asks the broker, so a broker outage cannot turn every
+//! ([`parse`], [`Reading::read`]). The healthcheck decides from `time_ms`, `max_age_ms`,
+//! `state` and `unhealthy` alone ([`is_healthy_status`]): it never asks the broker, so a broker outage cannot turn every
 //! agent in the lab unhealthy at once. `admin` (`offline: REASON`, `maintenance: REASON`, empty
 //! while online) does not change the verdict: the healthcheck prints it, so Docker's health log
 //! and Portainer show why a healthy SUT takes no jobs.
@@ -61,6 +62,14 @@ pub const HEALTHY_STATES: &[&str] = &["starting", "idle", "busy", "restarting", 
 /// the healthcheck and by `AgentState::is_healthy`.
 pub fn is_healthy(state: &str) -> bool {
     HEALTHY_STATES.contains(&state)
+}
+
+/// The one healthy rule for a whole status: a healthy state ([`is_healthy`]) and no reason to be
+/// unhealthy (`unhealthy`, the heartbeat's key of that name: a failing exec probe fills it, and
+/// the agent may then be idle or busy, its loop fine, and still not working). Used by the
+/// healthcheck and by `AgentStatus::is_healthy`.
+pub fn is_healthy_status(state: &str, unhealthy: &str) -> bool {
+    is_healthy(state) && unhealthy.trim().is_empty()
 }
 
 /// The device process as the heartbeat file records it.
@@ -104,6 +113,9 @@ pub struct Heartbeat<'a> {
     // -- admin (lab operations) --
     /// The admin state, `offline: REASON` or `maintenance: REASON`; empty while online.
     pub admin: &'a str,
+    /// Why the agent is unhealthy whatever its state (a failing exec probe, with its output),
+    /// empty when nothing is ([`is_healthy_status`]).
+    pub unhealthy: &'a str,
 }
 
 impl Heartbeat<'_> {
@@ -114,7 +126,7 @@ impl Heartbeat<'_> {
         }
         let child = self.child.as_ref();
         format!(
-            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nadmin={}\n",
+            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nunhealthy={}\nadmin={}\n",
             self.v,
             self.sut,
             self.state,
@@ -129,6 +141,7 @@ impl Heartbeat<'_> {
             self.output_dropped,
             self.job,
             one_line(self.detail),
+            one_line(self.unhealthy),
             one_line(self.admin),
         )
     }
@@ -158,6 +171,8 @@ pub struct Reading<'a> {
     pub child_alive: &'a str,
     /// `admin`: `offline: REASON`, `maintenance: REASON`, or empty while online.
     pub admin: &'a str,
+    /// `unhealthy` (empty when absent).
+    pub unhealthy: &'a str,
 }
 
 impl<'a> Reading<'a> {
@@ -172,6 +187,7 @@ impl<'a> Reading<'a> {
                 "detail" => r.detail = v,
                 "child_alive" => r.child_alive = v,
                 "admin" => r.admin = v,
+                "unhealthy" => r.unhealthy = v,
                 _ => {}
             }
         }
@@ -216,6 +232,7 @@ mod tests {
             job: "",
             detail: "exited 5 times\nin 10s",
             admin: "offline: flaky\nusb",
+            unhealthy: "probe failing: exit 1: 403\nForbidden",
         }
     }
 
@@ -232,7 +249,11 @@ mod tests {
         assert_eq!(get("detail"), Some("exited 5 times in 10s"));
         assert_eq!(get("output_dropped"), Some("3"));
         assert_eq!(get("admin"), Some("offline: flaky usb"));
-        assert_eq!(kv.len(), 15, "every field, no more");
+        assert_eq!(
+            get("unhealthy"),
+            Some("probe failing: exit 1: 403 Forbidden")
+        );
+        assert_eq!(kv.len(), 16, "every field, no more");
     }
 
     #[test]
@@ -245,6 +266,7 @@ mod tests {
         assert_eq!(r.detail, "exited 5 times in 10s");
         assert_eq!(r.child_alive, "false");
         assert_eq!(r.admin, "offline: flaky usb");
+        assert_eq!(r.unhealthy, "probe failing: exit 1: 403 Forbidden");
         let none = Heartbeat {
             child: None,
             ..sample()
@@ -262,6 +284,17 @@ mod tests {
         for s in ["crash-loop", "stalled", "offline", "lost", "", "Idle"] {
             assert!(!is_healthy(s), "{s}");
         }
+    }
+
+    #[test]
+    fn a_reason_to_be_unhealthy_overrides_a_healthy_state() {
+        assert!(is_healthy_status("idle", ""));
+        assert!(is_healthy_status("busy", " "));
+        assert!(!is_healthy_status("idle", "probe failing: exit 1"));
+        assert!(!is_healthy_status("busy", "probe failing: timed out"));
+        assert!(!is_healthy_status("crash-loop", ""));
+        // A heartbeat from before the key existed has none: its state decides.
+        assert_eq!(Reading::read("state=idle\n").unhealthy, "");
     }
 
     #[test]

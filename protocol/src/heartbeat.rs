@@ -11,6 +11,16 @@ pub use labvisor_heartbeat::*;
 
 use crate::payloads::AgentStatus;
 
+/// The heartbeat's `unhealthy` value of `status`: why the agent is unhealthy whatever its state
+/// (a failing exec probe), empty when nothing is.
+pub fn unhealthy_of(status: &AgentStatus) -> String {
+    status
+        .probe_failure
+        .as_deref()
+        .map(|r| format!("probe failing: {r}"))
+        .unwrap_or_default()
+}
+
 /// Renders `status` as a heartbeat file, with `max_age` for the healthcheck.
 pub fn render(status: &AgentStatus, max_age: Duration) -> String {
     let admin = status
@@ -18,6 +28,7 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
         .as_ref()
         .and_then(|a| a.summary())
         .unwrap_or_default();
+    let unhealthy = unhealthy_of(status);
     Heartbeat {
         v: status.v,
         sut: status.sut.as_str(),
@@ -36,6 +47,7 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
         job: status.job.as_ref().map(|j| j.as_str()).unwrap_or_default(),
         detail: status.detail.as_deref().unwrap_or_default(),
         admin: &admin,
+        unhealthy: &unhealthy,
     }
     .render()
 }
@@ -73,6 +85,7 @@ mod tests {
                 since_ms: 1,
                 by: None,
             }),
+            probe_failure: None,
         }
     }
 

@@ -22,6 +22,10 @@ use crate::topics::JobId;
 mod admin;
 mod job;
 mod supervisor;
+// -- lab operations (helper ops): the rolling restart.
+mod restart;
+pub use restart::*;
+// -- end of lab operations.
 
 pub use admin::*;
 pub use job::*;
@@ -170,6 +174,13 @@ pub struct AgentStatus {
     /// and was never put offline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminState>,
+    // --- helper probe: the exec probe (issue 15) ---
+    /// Why the exec probe (`probe.command`) fails: its exit status (or timeout) and last output
+    /// lines; absent while it passes or there is none. The agent is then unhealthy
+    /// ([`AgentStatus::is_healthy`]) whatever its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_failure: Option<String>,
+    // --- end helper probe ---
 }
 
 impl AgentStatus {
@@ -199,6 +210,7 @@ impl AgentStatus {
             output_dropped: 0,
             detail: None,
             admin: None,
+            probe_failure: None,
         }
     }
 
@@ -250,6 +262,23 @@ impl AgentStatus {
     /// With the SUT's admin state (`None` while online and never changed).
     pub fn with_admin(self, admin: Option<AdminState>) -> Self {
         Self { admin, ..self }
+    }
+
+    /// With the exec probe's failure (`None`: it passes, or there is none).
+    pub fn with_probe_failure(self, probe_failure: Option<String>) -> Self {
+        Self {
+            probe_failure,
+            ..self
+        }
+    }
+
+    /// Whether Docker should consider this agent healthy (the one rule,
+    /// [`crate::heartbeat::is_healthy_status`]): a healthy state and no failing exec probe.
+    pub fn is_healthy(&self) -> bool {
+        crate::heartbeat::is_healthy_status(
+            self.state.as_str(),
+            &crate::heartbeat::unhealthy_of(self),
+        )
     }
 }
 

@@ -99,6 +99,9 @@ enum Command {
     Online(cli::admin::AdminArgs),
     /// Offline, and the SUT's device process is stopped until `labvisor online`.
     Maintenance(cli::admin::AdminArgs),
+    /// A rolling restart (for upgrades): recreate the SUTs' containers one at a time, each
+    /// when its agent is idle, the next once the new one is healthy.
+    Restart(cli::restart::RestartArgs),
     /// Keep one agent container per valid SUT file, live, through the Docker API.
     Supervise(Box<SuperviseArgs>),
     /// Probe a supervisor's /healthz (exit 0: healthy, 1: not, or no answer): the healthcheck
@@ -564,6 +567,9 @@ fn main() -> ExitCode {
         Command::Offline(a) => admin_main(AdminMode::Offline, a),
         Command::Online(a) => admin_main(AdminMode::Online, a),
         Command::Maintenance(a) => admin_main(AdminMode::Maintenance, a),
+        Command::Restart(args) => cli::run_client("restart", || async move {
+            cli::restart::restart(&args, &mut stdout.lock()).await
+        }),
         Command::Supervise(args) => supervise_main(*args),
         Command::Import(args) => import::main(args),
         Command::Healthz(args) => healthz::run(&args, &mut stdout.lock()),

@@ -8,6 +8,7 @@
 //! | `jobs` | [`jobs`] |
 //! | `cancel` | [`cancel`] |
 //! | `offline`, `online`, `maintenance` | [`admin`] |
+//! | `restart --when-idle` | [`restart`] |
 //! | `healthz` (HTTP) | [`healthz`] |
 //! | `check` (no network) | [`check`] |
 //! | `import` (no network) | [`import`] |
@@ -37,6 +38,7 @@ pub mod healthz;
 pub mod import;
 pub mod jobs;
 pub mod logs;
+pub mod restart;
 pub mod session;
 mod show;
 pub mod status;
