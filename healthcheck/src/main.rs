@@ -143,8 +143,8 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         max_age: file_max_age,
         detail,
         child_alive,
-        admin,
         unhealthy,
+        admin,
     } = Reading::read(text);
     let (Some(time_ms), Some(state)) = (time_ms, state) else {
         return Verdict::Unhealthy(format!(
@@ -261,8 +261,8 @@ mod tests {
             output_dropped: 0,
             job: "",
             detail: "exited 5 times in 20s",
-            admin: "",
             unhealthy: "",
+            admin: "",
         }
     }
 

@@ -41,8 +41,8 @@
 //!
 //! Values are single lines (newlines become spaces). Unknown keys are ignored by readers
 //! ([`parse`], [`Reading::read`]). The healthcheck decides from `time_ms`, `max_age_ms`,
-//! `state` and `unhealthy` alone ([`is_healthy_status`]): it never asks the broker, so a broker outage cannot turn every
-//! agent in the lab unhealthy at once. `admin` (`offline: REASON`, `maintenance: REASON`, empty
+//! `state` and `unhealthy` alone ([`is_healthy_status`]): it never asks the broker, so a broker
+//! outage cannot turn every agent in the lab unhealthy at once. `admin` (`offline: REASON`, `maintenance: REASON`, empty
 //! while online) does not change the verdict: the healthcheck prints it, so Docker's health log
 //! and Portainer show why a healthy SUT takes no jobs.
 
@@ -110,12 +110,12 @@ pub struct Heartbeat<'a> {
     pub job: &'a str,
     /// Human detail (why a crash loop, ...), empty when none.
     pub detail: &'a str,
-    // -- admin (lab operations) --
-    /// The admin state, `offline: REASON` or `maintenance: REASON`; empty while online.
-    pub admin: &'a str,
     /// Why the agent is unhealthy whatever its state (a failing exec probe, with its output),
     /// empty when nothing is ([`is_healthy_status`]).
     pub unhealthy: &'a str,
+    // -- admin (lab operations) --
+    /// The admin state, `offline: REASON` or `maintenance: REASON`; empty while online.
+    pub admin: &'a str,
 }
 
 impl Heartbeat<'_> {
@@ -127,7 +127,7 @@ impl Heartbeat<'_> {
         let child = self.child.as_ref();
         format!(
             "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nunhealthy={}\nadmin={}\n",
-            self.v,
+                        self.v,
             self.sut,
             self.state,
             self.time_ms,
@@ -169,10 +169,10 @@ pub struct Reading<'a> {
     pub detail: &'a str,
     /// `child_alive`: `true`, `false`, or empty when the agent has no device process.
     pub child_alive: &'a str,
-    /// `admin`: `offline: REASON`, `maintenance: REASON`, or empty while online.
-    pub admin: &'a str,
     /// `unhealthy` (empty when absent).
     pub unhealthy: &'a str,
+    /// `admin`: `offline: REASON`, `maintenance: REASON`, or empty while online.
+    pub admin: &'a str,
 }
 
 impl<'a> Reading<'a> {
@@ -186,8 +186,8 @@ impl<'a> Reading<'a> {
                 "max_age_ms" => r.max_age = v.parse::<u64>().ok().map(Duration::from_millis),
                 "detail" => r.detail = v,
                 "child_alive" => r.child_alive = v,
-                "admin" => r.admin = v,
                 "unhealthy" => r.unhealthy = v,
+                "admin" => r.admin = v,
                 _ => {}
             }
         }
@@ -231,8 +231,8 @@ mod tests {
             output_dropped: 3,
             job: "",
             detail: "exited 5 times\nin 10s",
-            admin: "offline: flaky\nusb",
             unhealthy: "probe failing: exit 1: 403\nForbidden",
+            admin: "offline: flaky\nusb",
         }
     }
 
@@ -248,11 +248,11 @@ mod tests {
         assert_eq!(get("child_restarts"), Some("5"));
         assert_eq!(get("detail"), Some("exited 5 times in 10s"));
         assert_eq!(get("output_dropped"), Some("3"));
-        assert_eq!(get("admin"), Some("offline: flaky usb"));
         assert_eq!(
             get("unhealthy"),
             Some("probe failing: exit 1: 403 Forbidden")
         );
+        assert_eq!(get("admin"), Some("offline: flaky usb"));
         assert_eq!(kv.len(), 16, "every field, no more");
     }
 
@@ -265,8 +265,8 @@ mod tests {
         assert_eq!(r.max_age, Some(Duration::from_secs(30)));
         assert_eq!(r.detail, "exited 5 times in 10s");
         assert_eq!(r.child_alive, "false");
-        assert_eq!(r.admin, "offline: flaky usb");
         assert_eq!(r.unhealthy, "probe failing: exit 1: 403 Forbidden");
+        assert_eq!(r.admin, "offline: flaky usb");
         let none = Heartbeat {
             child: None,
             ..sample()

@@ -23,12 +23,12 @@ pub fn unhealthy_of(status: &AgentStatus) -> String {
 
 /// Renders `status` as a heartbeat file, with `max_age` for the healthcheck.
 pub fn render(status: &AgentStatus, max_age: Duration) -> String {
+    let unhealthy = unhealthy_of(status);
     let admin = status
         .admin
         .as_ref()
         .and_then(|a| a.summary())
         .unwrap_or_default();
-    let unhealthy = unhealthy_of(status);
     Heartbeat {
         v: status.v,
         sut: status.sut.as_str(),
@@ -46,8 +46,8 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
         output_dropped: status.output_dropped,
         job: status.job.as_ref().map(|j| j.as_str()).unwrap_or_default(),
         detail: status.detail.as_deref().unwrap_or_default(),
-        admin: &admin,
         unhealthy: &unhealthy,
+        admin: &admin,
     }
     .render()
 }
@@ -79,13 +79,13 @@ mod tests {
             broker_connected: false,
             output_dropped: 3,
             detail: Some("exited 5 times\nin 10s".into()),
+            probe_failure: None,
             admin: Some(crate::payloads::AdminState {
                 mode: crate::payloads::AdminMode::Maintenance,
                 reason: Some("reflash".into()),
                 since_ms: 1,
                 by: None,
             }),
-            probe_failure: None,
         }
     }
 

@@ -169,11 +169,6 @@ pub struct AgentStatus {
     /// Why the state is what it is, or what is wrong (unreadable `tail` globs, crash-loop cause).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
-    // -- admin (lab operations) --
-    /// The SUT's admin state (offline, maintenance, with the reason); absent while it is online
-    /// and was never put offline.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub admin: Option<AdminState>,
     // --- helper probe: the exec probe (issue 15) ---
     /// Why the exec probe (`probe.command`) fails: its exit status (or timeout) and last output
     /// lines; absent while it passes or there is none. The agent is then unhealthy
@@ -181,6 +176,11 @@ pub struct AgentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_failure: Option<String>,
     // --- end helper probe ---
+    // -- admin (lab operations) --
+    /// The SUT's admin state (offline, maintenance, with the reason); absent while it is online
+    /// and was never put offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminState>,
 }
 
 impl AgentStatus {
@@ -209,8 +209,8 @@ impl AgentStatus {
             broker_connected: false,
             output_dropped: 0,
             detail: None,
-            admin: None,
             probe_failure: None,
+            admin: None,
         }
     }
 
@@ -259,11 +259,6 @@ impl AgentStatus {
         Self { detail, ..self }
     }
 
-    /// With the SUT's admin state (`None` while online and never changed).
-    pub fn with_admin(self, admin: Option<AdminState>) -> Self {
-        Self { admin, ..self }
-    }
-
     /// With the exec probe's failure (`None`: it passes, or there is none).
     pub fn with_probe_failure(self, probe_failure: Option<String>) -> Self {
         Self {
@@ -279,6 +274,11 @@ impl AgentStatus {
             self.state.as_str(),
             &crate::heartbeat::unhealthy_of(self),
         )
+    }
+
+    /// With the SUT's admin state (`None` while online and never changed).
+    pub fn with_admin(self, admin: Option<AdminState>) -> Self {
+        Self { admin, ..self }
     }
 }
 

@@ -90,6 +90,9 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+    /// A rolling restart (for upgrades): recreate the SUTs' containers one at a time, each
+    /// when its agent is idle, the next once the new one is healthy.
+    Restart(cli::restart::RestartArgs),
     // -- lab operations (helper admin) --
     /// Put a SUT offline: new jobs are refused with the reason, the running job finishes,
     /// queued jobs wait; it stays offline across restarts until `labvisor online`.
@@ -99,9 +102,6 @@ enum Command {
     Online(cli::admin::AdminArgs),
     /// Offline, and the SUT's device process is stopped until `labvisor online`.
     Maintenance(cli::admin::AdminArgs),
-    /// A rolling restart (for upgrades): recreate the SUTs' containers one at a time, each
-    /// when its agent is idle, the next once the new one is healthy.
-    Restart(cli::restart::RestartArgs),
     /// Keep one agent container per valid SUT file, live, through the Docker API.
     Supervise(Box<SuperviseArgs>),
     /// Probe a supervisor's /healthz (exit 0: healthy, 1: not, or no answer): the healthcheck
@@ -564,12 +564,12 @@ fn main() -> ExitCode {
         } => cli::run_client("cancel", || async move {
             cli::cancel::cancel(&broker, &sut, &id, json, *timeout, &mut stdout.lock()).await
         }),
-        Command::Offline(a) => admin_main(AdminMode::Offline, a),
-        Command::Online(a) => admin_main(AdminMode::Online, a),
-        Command::Maintenance(a) => admin_main(AdminMode::Maintenance, a),
         Command::Restart(args) => cli::run_client("restart", || async move {
             cli::restart::restart(&args, &mut stdout.lock()).await
         }),
+        Command::Offline(a) => admin_main(AdminMode::Offline, a),
+        Command::Online(a) => admin_main(AdminMode::Online, a),
+        Command::Maintenance(a) => admin_main(AdminMode::Maintenance, a),
         Command::Supervise(args) => supervise_main(*args),
         Command::Import(args) => import::main(args),
         Command::Healthz(args) => healthz::run(&args, &mut stdout.lock()),

@@ -180,8 +180,8 @@ fn mosquitto_conf(
 }
 
 /// The managed broker's ACL (mosquitto `acl_file`): the supervisor may do everything; local
-/// tools read everything and may submit, cancel, ask for a rolling restart, send admin commands
-/// (offline, online, maintenance) and publish their end marker; each agent
+/// tools read everything and may submit, cancel, send admin commands (offline, online,
+/// maintenance), ask for a rolling restart and publish their end marker; each agent
 /// (logged in as its SUT) reads and writes its own topics and writes its reply space, nothing
 /// else; a login named `labvisor` (never a SUT: the name is reserved) gets nothing.
 fn managed_acl(topics: &Topics) -> String {

@@ -7,8 +7,8 @@
 //! | `submit` | [`submit`] |
 //! | `jobs` | [`jobs`] |
 //! | `cancel` | [`cancel`] |
-//! | `offline`, `online`, `maintenance` | [`admin`] |
 //! | `restart --when-idle` | [`restart`] |
+//! | `offline`, `online`, `maintenance` | [`admin`] |
 //! | `healthz` (HTTP) | [`healthz`] |
 //! | `check` (no network) | [`check`] |
 //! | `import` (no network) | [`import`] |
