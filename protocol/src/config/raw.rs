@@ -31,6 +31,17 @@ pub(crate) struct RawConfig {
     pub log: RawLog,
     pub probe: Option<RawProbe>,
     pub build: Option<RawBuild>,
+    // [health_check] (helper healthjob)
+    pub health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [health_check] table")]
+pub(crate) struct RawHealthCheck {
+    pub job: Option<String>,
+    pub every: Option<RawDuration>,
+    pub after_jobs: Option<u32>,
+    pub timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

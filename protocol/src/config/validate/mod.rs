@@ -9,11 +9,13 @@
 //! - [`paths`]: paths next to the SUT file and `files`;
 //! - [`sections`]: `[health]`, `[job]`, `[restart]`, `[resources]`, `[log]`;
 //! - [`probe`]: `[probe]` and its URL;
-//! - [`build_section`]: the `[build]` section.
+//! - [`build_section`]: the `[build]` section;
+//! - [`health_check`]: the `[health_check]` section.
 
 mod build_section;
 mod checker;
 mod container;
+mod health_check;
 mod paths;
 mod posture;
 mod probe;
@@ -147,6 +149,15 @@ fn build(
         .as_ref()
         .filter(|_| check_build)
         .and_then(|b| build_section::build(c, b, sut_dir));
+    let health_check = raw.health_check.as_ref().and_then(|h| {
+        let cx = health_check::Context {
+            listed: &raw.files,
+            loaded: &files,
+            job_timeout: job.timeout,
+            max_payload: job.max_payload.get(),
+        };
+        health_check::health_check(c, h, &cx)
+    });
     Some(SutConfig {
         name: name?,
         image,
@@ -168,5 +179,6 @@ fn build(
         log,
         probe,
         build,
+        health_check,
     })
 }
