@@ -25,6 +25,7 @@ use tracing::{info, info_span, Instrument};
 
 use crate::child::{Exit, Spec};
 use crate::device::{Device, State};
+use crate::healthjob::{HealthJobs, NoAdmin};
 use crate::logfile::RotatingFile;
 use crate::mqtt::{self, ConnectError, Incoming, LinkOptions, MqttLink, Received};
 use crate::output::{self, Sinks};
@@ -142,6 +143,8 @@ struct Agent {
     batcher: JoinHandle<()>,
     threads: Threads,
     probe: Option<JoinHandle<()>>,
+    /// The SUT's health-check jobs, if it has `[health_check]` ([`crate::healthjob`]).
+    health: Option<HealthJobs>,
 }
 
 impl Agent {
@@ -199,6 +202,7 @@ impl Agent {
         let threads = Threads::spawn(cfg, &sinks, &mut reporter);
         let probe = spawn_probe(&settings, link.as_ref());
         let device = spawn_device(cfg, &sinks);
+        let health = HealthJobs::new(cfg, &jobs, false);
         Ok(Agent {
             settings,
             sinks,
@@ -211,6 +215,7 @@ impl Agent {
             batcher,
             threads,
             probe,
+            health,
         })
     }
 
@@ -223,8 +228,12 @@ impl Agent {
         let mut room_rx = self.link.as_ref().map(|l| l.watch_room());
         let mut dev_rx = Some(self.device.watch());
         loop {
+            if let Some(h) = self.health.as_mut() {
+                h.tick(&mut self.jobs, &mut NoAdmin);
+            }
             self.jobs.start_next(&self.sinks);
             let job_check = self.jobs.next_check();
+            let health_at = self.health.as_ref().and_then(HealthJobs::wake_at);
             let room = room_rx.as_mut().is_none_or(|r| *r.borrow_and_update());
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -244,6 +253,7 @@ impl Agent {
                 _ = async { tokio::time::sleep_until(job_check.expect("guarded")).await }, if job_check.is_some() => {
                     self.jobs.check_limits();
                 }
+                _ = async { tokio::time::sleep_until(health_at.expect("guarded")).await }, if health_at.is_some() => {}
                 changed = async { dev_rx.as_mut().expect("guarded").changed().await }, if dev_rx.is_some() => {
                     if changed.is_err() {
                         dev_rx = None;

@@ -30,6 +30,7 @@
 pub mod agent;
 pub mod child;
 pub mod device;
+pub mod healthjob;
 pub mod jobs;
 pub mod logfile;
 pub mod mqtt;
