@@ -26,6 +26,8 @@
 //!   stop publishes `offline`. The batcher ([`publish`]) and the upstream probe ([`probe`]) are
 //!   tasks of their own.
 //! - As PID 1 (a container without Docker's init) the agent reaps orphaned grandchildren.
+//! - Health checks ([`healthjob`]): a SUT's `[health_check]` job is queued first when it is due
+//!   (every `every`, after `after_jobs` jobs); when it fails the SUT goes offline.
 
 pub mod agent;
 pub mod child;
