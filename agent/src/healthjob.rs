@@ -11,10 +11,10 @@
 //!   that ends. A health check counts when it was judged: passed, failed or timeout. A cancelled
 //!   or lost one leaves the schedule as it was (when it was due, it is due again at once, as
 //!   LAVA schedules a new one).
-//! - **At agent start** one is due only when none ever ran (no health check in the job history,
-//!   e.g. a new SUT or a `[health_check]` just added) or when the schedule says so (time passed
-//!   while the agent was down counts). A restart alone does not run one, so a restarting agent
-//!   does not spend its device on health checks.
+//! - **At agent start** one is due only when none is in the job history (the latest 500 jobs:
+//!   a new SUT, a `[health_check]` just added, or more jobs than that since the last one) or
+//!   when the schedule says so (time passed while the agent was down counts). A restart alone
+//!   does not run one, so a restarting agent does not spend its device on health checks.
 //! - **Back online**: when the SUT goes from offline (or maintenance) to online, a health check
 //!   runs first, before any queued job (LAVA runs one when a device comes back from
 //!   maintenance); its end starts the schedule again (`every` counts from it, `after_jobs` from
