@@ -250,19 +250,13 @@ impl HealthJobs {
     }
 }
 
-/// Stand-in for the admin state until it lands (helper admin): never offline, and a failed
-/// health check is only logged.
-#[derive(Debug, Default)]
-pub struct NoAdmin;
-
-impl OfflineState for NoAdmin {
+impl OfflineState for crate::admin::Admin {
     fn is_offline(&self) -> bool {
-        false
+        crate::admin::Admin::is_offline(self)
     }
 
-    fn set_offline(&mut self, reason: String, by: &str, _now_ms: u64) -> std::io::Result<()> {
-        warn!(reason = %reason, by, "No admin state to take the SUT offline.");
-        Ok(())
+    fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<()> {
+        crate::admin::Admin::set_offline(self, reason, by, now_ms)
     }
 }
 

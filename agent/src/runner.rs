@@ -88,6 +88,8 @@ pub struct JobRunner {
     grace: Duration,
     /// Final statuses not yet seen by the health checks (kept only when the SUT has one).
     finished: Vec<JobStatus>,
+    /// Why new submissions are rejected (the SUT is offline), if they are (helper admin).
+    refusal: Option<String>,
 }
 
 impl JobRunner {
@@ -110,6 +112,7 @@ impl JobRunner {
             jobs_dir,
             grace,
             finished: Vec::new(),
+            refusal: None,
         };
         for s in &statuses {
             let span = info_span!("job", job_id = %s.id);
@@ -117,6 +120,12 @@ impl JobRunner {
             r.publish_status(s, true);
         }
         Ok(r)
+    }
+
+    /// Rejects new submissions with `reason` (the SUT is offline), or takes them again (`None`).
+    /// Duplicates of accepted jobs are still answered `duplicate`.
+    pub fn refuse_new_jobs(&mut self, reason: Option<String>) {
+        self.refusal = reason;
     }
 
     /// The running job's id.
