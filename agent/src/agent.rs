@@ -27,6 +27,7 @@ use crate::admin::Admin;
 use crate::child::{Exit, Spec};
 use crate::device::{Device, State};
 use crate::device_work::{self, Watch};
+use crate::healthjob::HealthJobs;
 use crate::logfile::RotatingFile;
 use crate::mqtt::{self, ConnectError, Incoming, LinkOptions, MqttLink, Received};
 use crate::output::{self, Sinks};
@@ -148,6 +149,8 @@ struct Agent {
     admin: Admin,
     /// The device's own work and the drain request (`[device]`).
     device_watch: Option<Watch>,
+    /// The SUT's health-check jobs, if it has `[health_check]` ([`crate::healthjob`]).
+    health: Option<HealthJobs>,
 }
 
 impl Agent {
@@ -210,6 +213,7 @@ impl Agent {
         }
         let device = spawn_device(cfg, &sinks, admin.holds_device());
         let device_watch = Watch::new(&cfg.device, &settings.heartbeat_file);
+        let health = HealthJobs::new(cfg, &jobs, admin.is_offline());
         Ok(Agent {
             settings,
             sinks,
@@ -224,6 +228,7 @@ impl Agent {
             probe,
             admin,
             device_watch,
+            health,
         })
     }
 
@@ -240,12 +245,16 @@ impl Agent {
             .is_some()
             .then(|| tokio::time::interval(device_work::POLL));
         loop {
+            if let Some(h) = self.health.as_mut() {
+                h.tick(&mut self.jobs, &mut self.admin);
+            }
             // Offline or in maintenance: new jobs are refused, queued ones wait.
             self.jobs.refuse_new_jobs(self.admin.refusal());
             if self.admin.takes_jobs() {
                 self.jobs.start_next(&self.sinks);
             }
             let job_check = self.jobs.next_check();
+            let health_at = self.health.as_ref().and_then(HealthJobs::wake_at);
             let room = room_rx.as_mut().is_none_or(|r| *r.borrow_and_update());
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -265,6 +274,7 @@ impl Agent {
                 _ = async { tokio::time::sleep_until(job_check.expect("guarded")).await }, if job_check.is_some() => {
                     self.jobs.check_limits();
                 }
+                _ = async { tokio::time::sleep_until(health_at.expect("guarded")).await }, if health_at.is_some() => {}
                 changed = async { dev_rx.as_mut().expect("guarded").changed().await }, if dev_rx.is_some() => {
                     if changed.is_err() {
                         dev_rx = None;

@@ -80,6 +80,10 @@ pub struct JobRecord {
     pub output_timeout_ms: u64,
     /// When it was accepted.
     pub queued_ms: u64,
+    /// A health check the agent queued itself ([`crate::healthjob`]); left out when false, so
+    /// other jobs' lines are as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub health_check: bool,
 }
 
 impl JobRecord {
@@ -109,6 +113,7 @@ impl JobRecord {
             timeout_ms: cap(sub.timeout, max_timeout),
             output_timeout_ms: cap(sub.output_timeout, max_output_timeout),
             queued_ms: now_ms,
+            health_check: false,
         }
     }
 }
@@ -117,10 +122,22 @@ impl JobRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 enum Entry {
-    Accepted { job: JobRecord },
-    Started { id: JobId, ms: u64 },
-    Finished { status: JobStatus },
-    Requeued { id: JobId },
+    Accepted {
+        job: JobRecord,
+        /// Queued first, not last (a health check); an older agent queues it last.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        first: bool,
+    },
+    Started {
+        id: JobId,
+        ms: u64,
+    },
+    Finished {
+        status: JobStatus,
+    },
+    Requeued {
+        id: JobId,
+    },
 }
 
 /// Where a job is.
@@ -172,7 +189,8 @@ impl Store {
                     continue;
                 };
                 match entry {
-                    Entry::Accepted { job } => queue.push_back(job),
+                    Entry::Accepted { job, first: false } => queue.push_back(job),
+                    Entry::Accepted { job, first: true } => queue.push_front(job),
                     Entry::Started { id, ms } => {
                         if let Some(pos) = queue.iter().position(|j| j.id == id) {
                             let job = queue.remove(pos).expect("position is valid");
@@ -283,14 +301,20 @@ impl Store {
             write(&Entry::Finished { status: s.clone() })?;
         }
         if let Some((job, ms)) = &self.running {
-            write(&Entry::Accepted { job: job.clone() })?;
+            write(&Entry::Accepted {
+                job: job.clone(),
+                first: false,
+            })?;
             write(&Entry::Started {
                 id: job.id.clone(),
                 ms: *ms,
             })?;
         }
         for job in &self.queue {
-            write(&Entry::Accepted { job: job.clone() })?;
+            write(&Entry::Accepted {
+                job: job.clone(),
+                first: false,
+            })?;
         }
         f.sync_all()?;
         drop(f);
@@ -334,9 +358,28 @@ impl Store {
 
     /// Durably queues `job` (fsynced before it returns). Returns its position (0 = next).
     pub fn accept(&mut self, job: JobRecord) -> io::Result<usize> {
-        self.append(&Entry::Accepted { job: job.clone() })?;
+        self.append(&Entry::Accepted {
+            job: job.clone(),
+            first: false,
+        })?;
         self.queue.push_back(job);
         Ok(self.queue.len() - 1 + usize::from(self.running.is_some()))
+    }
+
+    /// Durably queues `job` first, before every waiting job (a health check that is due).
+    pub fn accept_first(&mut self, job: JobRecord) -> io::Result<()> {
+        self.append(&Entry::Accepted {
+            job: job.clone(),
+            first: true,
+        })?;
+        self.queue.push_front(job);
+        Ok(())
+    }
+
+    /// Whether a health check is queued or running.
+    pub fn health_check_pending(&self) -> bool {
+        self.queue.iter().any(|j| j.health_check)
+            || self.running.as_ref().is_some_and(|(j, _)| j.health_check)
     }
 
     /// Takes the next job and records that it started.
@@ -388,10 +431,11 @@ impl Store {
     /// The `queued` status of a job.
     pub fn queued_status(&self, job: &JobRecord) -> JobStatus {
         JobStatus::accepted(self.sut.clone(), job.id.clone(), job.queued_ms)
+            .with_health_check(job.health_check)
     }
 
     /// The recent finished jobs, oldest first.
-    pub fn history(&self) -> impl Iterator<Item = &JobStatus> {
+    pub fn history(&self) -> impl DoubleEndedIterator<Item = &JobStatus> {
         self.history.iter()
     }
 }
@@ -551,6 +595,33 @@ mod tests {
             [JobState::Lost, JobState::Queued]
         );
         assert_eq!(s.start_next(3).unwrap().unwrap().id.as_str(), "a");
+    }
+
+    /// A health check queued first stays first across a restart, and its statuses say what it
+    /// is; an older agent's line (no `first`, no `health_check`) replays as before.
+    #[test]
+    fn a_health_check_queued_first_survives_a_reopen() {
+        let d = tempfile::tempdir().unwrap();
+        {
+            let (mut s, _) = Store::open(d.path(), &sut(), false, 0).unwrap();
+            s.accept(job("a")).unwrap();
+            assert!(!s.health_check_pending());
+            let hc = JobRecord {
+                health_check: true,
+                ..job("health-check-1")
+            };
+            s.accept_first(hc).unwrap();
+            assert!(s.health_check_pending());
+        }
+        let text = std::fs::read_to_string(d.path().join("journal.jsonl")).unwrap();
+        assert!(!text.lines().next().unwrap().contains("first"), "{text}");
+        let (mut s, _) = Store::open(d.path(), &sut(), false, 1).unwrap();
+        let first = s.start_next(2).unwrap().unwrap();
+        assert_eq!(first.id.as_str(), "health-check-1");
+        assert!(s.health_check_pending(), "running");
+        let st = s.queued_status(&first);
+        assert!(st.health_check);
+        assert!(!s.queued_status(&job("a")).health_check);
     }
 
     #[test]

@@ -26,6 +26,8 @@
 //!   stop publishes `offline`. The batcher ([`publish`]) and the upstream probe ([`probe`]) are
 //!   tasks of their own.
 //! - As PID 1 (a container without Docker's init) the agent reaps orphaned grandchildren.
+//! - Health checks ([`healthjob`]): a SUT's `[health_check]` job is queued first when it is due
+//!   (every `every`, after `after_jobs` jobs); when it fails the SUT goes offline.
 //! - Lab operations ([`admin`]): a SUT put offline (or in maintenance, which also holds the
 //!   device process) on `<sut>/admin` refuses new jobs with the reason until it is put online;
 //!   the state is kept on the SUT's volume.
@@ -35,6 +37,7 @@ pub mod agent;
 pub mod child;
 pub mod device;
 pub mod device_work;
+pub mod healthjob;
 pub mod jobs;
 pub mod logfile;
 pub mod mqtt;

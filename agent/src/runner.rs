@@ -86,6 +86,8 @@ pub struct JobRunner {
     link: Option<MqttLink>,
     jobs_dir: PathBuf,
     grace: Duration,
+    /// Final statuses not yet seen by the health checks (kept only when the SUT has one).
+    finished: Vec<JobStatus>,
     /// Why new submissions are rejected (the SUT is offline), if they are (helper admin).
     refusal: Option<String>,
 }
@@ -109,6 +111,7 @@ impl JobRunner {
             link,
             jobs_dir,
             grace,
+            finished: Vec::new(),
             refusal: None,
         };
         for s in &statuses {
@@ -370,6 +373,34 @@ impl JobRunner {
         }
         self.publish_status(&st, true);
         self.prune_dirs();
+        if self.cfg.health_check.is_some() {
+            self.finished.push(st);
+        }
+    }
+
+    // Health checks (helper healthjob; [`crate::healthjob`]).
+
+    /// The final statuses since the last call (only kept when the SUT has a health check).
+    pub fn take_finished(&mut self) -> Vec<JobStatus> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// The recent finished jobs, oldest first.
+    pub fn history(&self) -> impl DoubleEndedIterator<Item = &JobStatus> {
+        self.store.history()
+    }
+
+    /// Whether a health check is queued or running.
+    pub fn health_check_pending(&self) -> bool {
+        self.store.health_check_pending()
+    }
+
+    /// Durably queues a health check first, and publishes its `queued` status.
+    pub fn queue_health_check(&mut self, rec: JobRecord) -> std::io::Result<()> {
+        self.store.accept_first(rec.clone())?;
+        info_span!("job", job_id = %rec.id).in_scope(|| info!("Health check queued."));
+        self.publish_status(&self.store.queued_status(&rec), false);
+        Ok(())
     }
 
     /// Stops the running job because the agent stops: it is reported lost (and requeued when

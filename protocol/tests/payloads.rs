@@ -118,6 +118,20 @@ fn job_status_passed() {
     insta::assert_json_snapshot!(p);
 }
 
+/// A health check's status carries `health_check: true` (other jobs leave it out) and an id
+/// that says so.
+#[test]
+fn job_status_health_check_failed() {
+    let id = JobId::new("health-check-01JCZ8Q4X2R7W3M5N6P8T9V0AB").unwrap();
+    let p = JobStatus::accepted(sut(), id, T)
+        .with_health_check(true)
+        .finished(JobState::Failed, T + 5, T + 1005)
+        .with_exit(Some(1), None)
+        .with_reason("exit 1".to_owned());
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
 #[test]
 fn cancel_ack() {
     let p = CancelAck {

@@ -25,8 +25,22 @@ pub struct AgentProc {
 impl AgentProc {
     /// Writes `sut/<name>.toml` with `toml` and starts the agent on it.
     pub fn start(name: &str, toml: &str, broker: Option<&str>, extra: &[&str]) -> Self {
+        Self::start_with_files(name, toml, &[], broker, extra)
+    }
+
+    /// As [`AgentProc::start`], with `files` (name, content) written next to the SUT file.
+    pub fn start_with_files(
+        name: &str,
+        toml: &str,
+        files: &[(&str, &str)],
+        broker: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("sut")).unwrap();
+        for (file, content) in files {
+            std::fs::write(dir.path().join("sut").join(file), content).unwrap();
+        }
         let cfg = dir.path().join("sut").join(format!("{name}.toml"));
         std::fs::write(&cfg, toml).unwrap();
         let stdout = Arc::new(Mutex::new(Vec::new()));

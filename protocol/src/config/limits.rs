@@ -143,3 +143,17 @@ pub const MIN_CPUS: f64 = 0.01;
 pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// Shortest accepted `health.interval` and `probe.interval` (each Docker probe is an exec).
 pub const MIN_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+// [health_check] (helper healthjob)
+/// Shortest accepted `health_check.every`: a health check is a job that takes the device from
+/// the lab's own jobs. Builds with the `short-health-intervals` feature (only the agent's own
+/// tests turn it on, through their dev-dependency) accept 1 s, so a test sees the interval at
+/// work in seconds.
+pub const MIN_HEALTH_EVERY: Duration = if cfg!(feature = "short-health-intervals") {
+    Duration::from_secs(1)
+} else {
+    Duration::from_secs(60)
+};
+/// Largest accepted `health_check.after_jobs`: the agent counts the jobs since the last health
+/// check in the job history its journal keeps (the latest 500 finished jobs).
+pub const MAX_HEALTH_AFTER_JOBS: u32 = 500;

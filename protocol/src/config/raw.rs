@@ -33,6 +33,8 @@ pub(crate) struct RawConfig {
     pub probe: Option<RawProbe>,
     pub build: Option<RawBuild>,
     pub device: Option<RawDevice>,
+    // [health_check] (helper healthjob)
+    pub health_check: Option<RawHealthCheck>,
 }
 
 /// `[device]`: how labvisor learns that the device process is busy with its own work.
@@ -41,6 +43,15 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawDevice {
     pub busy_glob: Vec<String>,
     pub drain_signal: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [health_check] table")]
+pub(crate) struct RawHealthCheck {
+    pub job: Option<String>,
+    pub every: Option<RawDuration>,
+    pub after_jobs: Option<u32>,
+    pub timeout: Option<RawDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -68,6 +68,10 @@ pub struct SutConfig {
     /// keep their hash.
     #[serde(skip_serializing_if = "DeviceSettings::is_empty")]
     pub device: DeviceSettings,
+    /// Optional health-check job (`[health_check]`, helper healthjob). Left out of the
+    /// serialisation (and so of the hash) when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
 }
 
 impl SutConfig {
@@ -530,5 +534,65 @@ impl fmt::Display for DrainSignal {
 impl Serialize for DrainSignal {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
+    }
+}
+
+// [health_check] (helper healthjob)
+/// The `[health_check]` section: a job the agent runs on its own, every `every` and/or after
+/// `after_jobs` jobs; when it fails, the SUT goes offline with its reason. It holds at least one
+/// of the two triggers: [`HealthCheck::new`] refuses neither.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    job: String,
+    #[serde(serialize_with = "ser_opt_duration")]
+    every: Option<Duration>,
+    after_jobs: Option<NonZeroU32>,
+    #[serde(serialize_with = "ser_duration")]
+    timeout: Duration,
+}
+
+impl HealthCheck {
+    /// A health check running the file `job` (one of the SUT's `files`, normalised), limited to
+    /// `timeout`; `None` when neither `every` nor `after_jobs` says when it runs.
+    pub fn new(
+        job: String,
+        every: Option<Duration>,
+        after_jobs: Option<NonZeroU32>,
+        timeout: Duration,
+    ) -> Option<Self> {
+        (every.is_some() || after_jobs.is_some()).then_some(Self {
+            job,
+            every,
+            after_jobs,
+            timeout,
+        })
+    }
+
+    /// The job file: one of the SUT's `files` (normalised name). Its content is the job, as a
+    /// submission would carry it (a script, or a JSON job).
+    pub fn job(&self) -> &str {
+        &self.job
+    }
+
+    /// Runs when this long has passed since the last health check ended.
+    pub fn every(&self) -> Option<Duration> {
+        self.every
+    }
+
+    /// Runs when this many jobs have run since the last health check.
+    pub fn after_jobs(&self) -> Option<NonZeroU32> {
+        self.after_jobs
+    }
+
+    /// The health check's time limit; it ends `timeout` (a failure) beyond it.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+}
+
+fn ser_opt_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => ser_duration(d, s),
+        None => s.serialize_none(),
     }
 }

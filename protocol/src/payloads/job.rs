@@ -135,6 +135,10 @@ pub struct JobStatus {
     /// Why it ended as it did (timeout kind, cancel, lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// A health check the agent ran on its own (`[health_check]`), not a submitted job: when
+    /// it fails, the SUT goes offline. Absent (false) for every other job.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub health_check: bool,
 }
 
 impl JobStatus {
@@ -154,6 +158,7 @@ impl JobStatus {
             duration_ms: None,
             output_bytes: 0,
             reason: None,
+            health_check: false,
         }
     }
 
@@ -197,6 +202,14 @@ impl JobStatus {
     pub fn with_output_bytes(self, output_bytes: u64) -> Self {
         Self {
             output_bytes,
+            ..self
+        }
+    }
+
+    /// Marked as a health check (`true`) or not.
+    pub fn with_health_check(self, health_check: bool) -> Self {
+        Self {
+            health_check,
             ..self
         }
     }

@@ -11,12 +11,14 @@
 //! - [`sections`]: `[health]`, `[job]`, `[restart]`, `[resources]`, `[log]`;
 //! - [`probe`]: `[probe]` and its URL;
 //! - [`build_section`]: the `[build]` section;
-//! - [`device`]: the `[device]` section (the device's own work).
+//! - [`device`]: the `[device]` section (the device's own work);
+//! - [`health_check`]: the `[health_check]` section.
 
 mod build_section;
 mod checker;
 mod container;
 mod device;
+mod health_check;
 mod hosts;
 mod paths;
 mod posture;
@@ -153,6 +155,15 @@ fn build(
         .filter(|_| check_build)
         .and_then(|b| build_section::build(c, b, sut_dir));
     let device = device::device(c, raw.device.as_ref(), raw.command.is_some());
+    let health_check = raw.health_check.as_ref().and_then(|h| {
+        let cx = health_check::Context {
+            listed: &raw.files,
+            loaded: &files,
+            job_timeout: job.timeout,
+            max_payload: job.max_payload.get(),
+        };
+        health_check::health_check(c, h, &cx)
+    });
     Some(SutConfig {
         name: name?,
         image,
@@ -176,5 +187,6 @@ fn build(
         probe,
         build,
         device,
+        health_check,
     })
 }
