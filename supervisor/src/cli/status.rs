@@ -87,6 +87,10 @@ impl Retained {
 fn row(sut: &SutName, a: Option<&AgentStatus>, v: Option<&SutView>) -> StatusRow {
     let mut detail: Vec<String> = Vec::new();
     detail.extend(a.and_then(|a| a.detail.clone()));
+    detail.extend(
+        a.and_then(|a| a.probe_failure.as_ref())
+            .map(|p| format!("probe failing: {p}")),
+    );
     if let Some(v) = v {
         detail.extend(v.config_problems.iter().cloned());
         detail.extend(v.pending_action.iter().map(|p| format!("pending: {p}")));

@@ -16,7 +16,8 @@
 //!   the agent is busy with a job and the busy wait has not run out.
 //! - Owned, same hash, stopped (`exited`, `dead`): [`Action::Start`].
 //! - Owned, same hash, running and unhealthy, healing enabled: [`Action::Restart`] (the caller
-//!   applies the restart backoff).
+//!   applies the restart backoff), unless its agent is unhealthy only because its exec probe
+//!   fails ([`Actual::probe_only`]): then nothing.
 //! - Owned containers of a SUT whose file is gone, and extra owned containers of a SUT (another
 //!   name, e.g. after a `--name-prefix` change): [`Action::Remove`] (or deferred while busy).
 //!
@@ -100,6 +101,10 @@ pub struct Actual {
     pub health: Health,
     /// Whether its agent is busy.
     pub busy: Busy,
+    /// Whether its agent said recently that it is unhealthy only because its exec probe fails
+    /// ([`classify::probe_only`]): healing leaves it alone, since a restart mends no refused or
+    /// unreachable server and would cut the device's own work.
+    pub probe_only: bool,
 }
 
 /// Why a container is recreated.
@@ -370,7 +375,7 @@ fn plan_primary(a: &Actual, want: &Desired) -> Option<Action> {
     }
     match a.state {
         RunState::Exited | RunState::Dead => Some(Action::Start { sut, id }),
-        RunState::Running if want.heal && a.health == Health::Unhealthy => {
+        RunState::Running if want.heal && a.health == Health::Unhealthy && !a.probe_only => {
             Some(Action::Restart { sut, id })
         }
         _ => None,

@@ -41,6 +41,9 @@ pub(super) struct Reconciler<R> {
     pub(super) suts: BTreeMap<SutName, SutState>,
     /// Each agent's state as the broker last said.
     pub(super) agents: BTreeMap<SutName, AgentState>,
+    /// When each agent last said, in a healthy state, that its exec probe fails (helper probe):
+    /// such a container is not healed while that word is recent.
+    pub(super) probe_failing: BTreeMap<SutName, Instant>,
     pub(super) docker: Reach,
     pub(super) timers: Timers,
     pub(super) metrics: Metrics,
@@ -296,6 +299,7 @@ pub(super) async fn run<R: ContainerRuntime>(
         runtime,
         suts: BTreeMap::new(),
         agents: BTreeMap::new(),
+        probe_failing: BTreeMap::new(),
         docker: Reach::default(),
         metrics,
         broker,
@@ -378,6 +382,20 @@ impl<R: ContainerRuntime> Reconciler<R> {
     fn agent_message(&mut self, sut: SutName, payload: &[u8]) {
         let status = serde_json::from_slice::<AgentStatus>(payload).ok();
         self.metrics.observe_agent(&sut, status.as_ref());
+        let failing = status
+            .as_ref()
+            .is_some_and(|s| s.probe_failure.is_some() && s.state.is_healthy());
+        let was_failing = if failing {
+            self.probe_failing
+                .insert(sut.clone(), Instant::now())
+                .is_some()
+        } else {
+            self.probe_failing.remove(&sut).is_some()
+        };
+        if failing != was_failing {
+            debug!(sut = %sut, probe_failing = failing, "Agent's exec probe changed.");
+            self.timers.pass_in(Instant::now(), EVENT_DELAY);
+        }
         let state = status.map(|s| s.state);
         let before = match state {
             Some(s) => self.agents.insert(sut.clone(), s),
