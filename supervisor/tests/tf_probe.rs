@@ -78,7 +78,7 @@ fn an_agent_reaches_the_server_on_the_host_by_name() {
     let sup = Sup::start(&scope, &dir, None, &[]);
     server.wait_queue("q-hosts", LIMIT);
     let name = scope.name("tf-a");
-    let hosts = labvisor_tests::docker_ok(&["inspect", "-f", "{{.HostConfig.ExtraHosts}}", &name]);
+    let hosts = docker_ok(&["inspect", "-f", "{{.HostConfig.ExtraHosts}}", &name]);
     assert_eq!(hosts.trim(), "[tfserver:host-gateway]", "{}", sup.log());
     assert!(ps(&scope).contains_key(&name));
 }

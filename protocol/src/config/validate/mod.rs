@@ -5,11 +5,11 @@
 //!
 //! - [`checker`]: the problem collector and the value checks every section shares;
 //! - [`container`]: `image`, `command`, `env`, `tail`, `network`, `labels`;
-//! - [`hosts`]: `extra_hosts`;
+//! - [`hosts`]: the `extra_hosts` entries;
 //! - [`posture`]: the host-power settings and their `--allow-*` refusals;
 //! - [`paths`]: paths next to the SUT file and `files`;
 //! - [`sections`]: `[health]`, `[job]`, `[restart]`, `[resources]`, `[log]`;
-//! - [`probe`]: `[probe]` and its URL;
+//! - [`probe`]: `[probe]`, its URL or its exec command;
 //! - [`build_section`]: the `[build]` section.
 
 mod build_section;
