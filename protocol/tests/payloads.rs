@@ -148,6 +148,31 @@ fn sut_view() {
         pending_action: Some("recreate (waiting for job 01JCZ8Q4X2R7W3M5N6P8T9V0AB)".into()),
         last_error: None,
         config_problems: vec!["sut/rpi4-01.toml: image: missing".into()],
+        stopped_by_person: None,
+        time_ms: T,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn sut_view_stopped_by_person() {
+    let p = SutView {
+        v: VERSION,
+        sut: sut(),
+        supervisor: SupervisorId::new("lab-a").unwrap(),
+        container_id: Some("3f1e".into()),
+        image: Some("labvisor/busybox:local".into()),
+        config_hash: Some("ab12".into()),
+        health: Health::None,
+        restarts: 0,
+        crash_loop: false,
+        pending_action: None,
+        last_error: None,
+        config_problems: vec![],
+        stopped_by_person: Some(StoppedByPerson {
+            at_ms: Some(T - 60_000),
+        }),
         time_ms: T,
     };
     round_trip(&p);
@@ -222,4 +247,28 @@ fn older_payloads_without_v_still_parse() {
         serde_json::from_str(r#"{"sut":"a","request":"x","result":"not-found","time_ms":1}"#)
             .unwrap();
     assert_eq!(p.v, VERSION);
+}
+
+#[test]
+fn admin_command() {
+    let p = AdminCommand::new(
+        AdminMode::Offline,
+        Some("usb hub flaky, replacing it".into()),
+        Some("alice@lab-host".into()),
+    );
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+    assert_eq!(parse_admin(&serde_json::to_vec(&p).unwrap()), Ok(p));
+}
+
+#[test]
+fn agent_status_admin_maintenance() {
+    let p = agent_status(AgentState::Idle).with_admin(Some(AdminState {
+        mode: AdminMode::Maintenance,
+        reason: Some("reflashing the board".into()),
+        since_ms: T - 60_000,
+        by: Some("alice@lab-host".into()),
+    }));
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
 }

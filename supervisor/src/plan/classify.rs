@@ -91,6 +91,7 @@ pub fn classify(
                 state: c.state,
                 health: c.health,
                 probe_only: false,
+                finished_ms: c.finished_ms,
             })
         })
         .collect()
@@ -198,6 +199,7 @@ mod tests {
                 .collect(),
             state: RunState::Running,
             health: Health::Healthy,
+            finished_ms: None,
         }
     }
 
