@@ -437,6 +437,39 @@ fn a_bad_tail_glob_is_reported_and_the_agent_keeps_running() {
     assert_eq!(healthcheck(&agent.path("run/heartbeat")).0, 0);
 }
 
+/// An exec probe runs without a broker; its failure (exit status and output) makes the agent
+/// unhealthy in the healthcheck while the agent stays idle, and the next passing run clears it.
+#[test]
+#[ignore = "needs the static binaries: tools/test.sh builds them"]
+fn a_failing_exec_probe_makes_the_agent_unhealthy_until_it_passes() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = dir.path().join("refused");
+    std::fs::write(&refused, "").unwrap();
+    let probe = format!(
+        "[probe]\ncommand = [\"/bin/sh\", \"-c\", \"if [ -e {0} ]; then echo 403 refused; exit 2; fi\"]\ninterval = \"1s\"\ntimeout = \"500ms\"\n",
+        refused.display()
+    );
+    let agent = AgentProc::start("exec-probe-1", &sut_toml(None, &probe), None, &[]);
+    let hb = agent.path("run/heartbeat");
+    let line = wait_until(
+        "unhealthy: the probe fails",
+        Duration::from_secs(10),
+        || {
+            let (code, line) = healthcheck(&hb);
+            (code == 1 && line.contains("probe failing")).then_some(line)
+        },
+    );
+    assert_eq!(line, "unhealthy: probe failing: exit 2: 403 refused");
+    assert_eq!(agent.hb("state").as_deref(), Some("idle"));
+    std::fs::remove_file(&refused).unwrap();
+    let line = wait_until("healthy: the probe passes", Duration::from_secs(10), || {
+        let (code, line) = healthcheck(&hb);
+        (code == 0).then_some(line)
+    });
+    assert!(line.starts_with("ok: idle"), "{line}");
+    assert_eq!(agent.hb("unhealthy").as_deref(), Some(""));
+}
+
 #[test]
 #[ignore = "needs mosquitto: tools/test.sh runs it"]
 fn the_upstream_probe_reports_reachable_and_unreachable_targets() {

@@ -408,6 +408,25 @@ pub fn new_job_id() -> JobId {
 mod tests {
     use super::*;
 
+    /// A failing exec probe makes an idle or busy agent unhealthy (the one rule); without one
+    /// the state decides, and the field is absent from the JSON.
+    #[test]
+    fn a_probe_failure_makes_a_status_unhealthy_and_is_left_out_when_none() {
+        let sut = SutName::new("tf-1").unwrap();
+        let idle = AgentStatus::new(sut, "b", "0", 0).with_state(AgentState::Idle);
+        assert!(idle.is_healthy());
+        assert!(!serde_json::to_string(&idle)
+            .unwrap()
+            .contains("probe_failure"));
+        let failing = idle.clone().with_probe_failure(Some("exit 1: 403".into()));
+        assert!(!failing.is_healthy());
+        let json = serde_json::to_string(&failing).unwrap();
+        assert!(json.contains(r#""probe_failure":"exit 1: 403""#), "{json}");
+        let back: AgentStatus = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, failing);
+        assert!(!idle.with_state(AgentState::CrashLoop).is_healthy());
+    }
+
     #[test]
     fn states_round_trip_their_names() {
         for s in [

@@ -595,6 +595,32 @@ fn extra_hosts_are_hashed_and_absent_ones_change_nothing() {
     );
 }
 
+/// A URL probe serialises (and so hashes) exactly as before exec probes existed; an exec probe
+/// is `command`, its argv as given.
+#[test]
+fn a_url_probe_keeps_its_serialisation_and_a_command_probe_is_its_argv() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |t: &str| load_str("a.toml", t, dir.path(), &Allow::default()).unwrap();
+    let c = load("image = \"x\"\n[probe]\nurl = \"tcp://dut:22\"\n");
+    assert_eq!(
+        serde_json::to_string(&c.probe).unwrap(),
+        r#"{"url":"tcp://dut:22","interval":"1m","timeout":"10s"}"#
+    );
+    let c = load("image = \"x\"\n[probe]\ncommand = [\"sh\", \"-c\", \"exit 0\"]\ninterval = \"5s\"\ntimeout = \"2s\"\n");
+    assert_eq!(
+        serde_json::to_string(&c.probe).unwrap(),
+        r#"{"command":["sh","-c","exit 0"],"interval":"5s","timeout":"2s"}"#
+    );
+    assert_eq!(
+        c.probe.unwrap().check,
+        labvisor_protocol::config::ProbeCheck::Command(vec![
+            "sh".into(),
+            "-c".into(),
+            "exit 0".into()
+        ])
+    );
+}
+
 #[test]
 fn scan_skips_editor_files_and_reports_invalid_ones() {
     let dir = tempfile::tempdir().unwrap();

@@ -110,6 +110,10 @@ impl Retained {
 fn row(sut: &SutName, a: Option<&AgentStatus>, v: Option<&SutView>) -> StatusRow {
     let mut detail: Vec<String> = Vec::new();
     detail.extend(a.and_then(|a| a.detail.clone()));
+    detail.extend(
+        a.and_then(|a| a.probe_failure.as_ref())
+            .map(|p| format!("probe failing: {p}")),
+    );
     if let Some(v) = v {
         if let Some(stop) = &v.stopped_by_person {
             detail.push(stopped_by_person(stop.at_ms));

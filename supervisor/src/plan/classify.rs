@@ -7,6 +7,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use labvisor_protocol::config::{OnUnhealthy, Scan};
 use labvisor_protocol::SutName;
@@ -87,10 +90,19 @@ pub fn classify(
                 owned,
                 state: c.state,
                 health: c.health,
+                probe_only: false,
                 finished_ms: c.finished_ms,
             })
         })
         .collect()
+}
+
+/// Whether a SUT's container is unhealthy only because its agent's exec probe fails: its agent
+/// said so (in a healthy state) at `said`, no longer than `max_age` (the SUT's
+/// `health.max_age`) before `now`. An older word may be the last of a hung agent, which healing
+/// must restart; without one (no broker) the container is healed as any other.
+pub fn probe_only(said: Option<Instant>, now: Instant, max_age: Duration) -> bool {
+    said.is_some_and(|t| now.saturating_duration_since(t) <= max_age)
 }
 
 /// The running containers whose agents `actions` would disrupt (or wait for), unless their

@@ -17,7 +17,8 @@
 //! - Owned, same hash, `exited`: **stopped by a person** ([`stopped_by_person`]), left alone
 //!   until someone starts it or its file changes. `dead`: [`Action::Start`].
 //! - Owned, same hash, running and unhealthy, healing enabled: [`Action::Restart`] (the caller
-//!   applies the restart backoff).
+//!   applies the restart backoff), unless its agent is unhealthy only because its exec probe
+//!   fails ([`Actual::probe_only`]): then nothing.
 //! - Owned containers of a SUT whose file is gone, and extra owned containers of a SUT (another
 //!   name, e.g. after a `--name-prefix` change): [`Action::Remove`] (or deferred while busy).
 //!
@@ -104,6 +105,10 @@ pub struct Actual {
     pub health: Health,
     /// Whether its agent is busy.
     pub busy: Busy,
+    /// Whether its agent said recently that it is unhealthy only because its exec probe fails
+    /// ([`classify::probe_only`]): healing leaves it alone, since a restart mends no refused or
+    /// unreachable server and would cut the device's own work.
+    pub probe_only: bool,
     /// When it stopped (Docker's `FinishedAt`, ms since the epoch), for an exited container.
     pub finished_ms: Option<u64>,
 }
@@ -401,7 +406,7 @@ fn plan_primary(a: &Actual, want: &Desired) -> Option<Action> {
     match a.state {
         // `exited`: stopped by a person (see `stopped_by_person`), left so.
         RunState::Dead => Some(Action::Start { sut, id }),
-        RunState::Running if want.heal && a.health == Health::Unhealthy => {
+        RunState::Running if want.heal && a.health == Health::Unhealthy && !a.probe_only => {
             Some(Action::Restart { sut, id })
         }
         _ => None,

@@ -339,6 +339,7 @@ mod tests {
             health: Health::Healthy,
             busy: Busy::Idle,
             finished_ms: None,
+            probe_only: false,
         }
     }
 

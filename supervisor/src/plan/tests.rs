@@ -28,6 +28,7 @@ fn owned(s: &str, id: &str, hash: &str) -> Actual {
         state: RunState::Running,
         health: Health::Healthy,
         busy: Busy::Idle,
+        probe_only: false,
         finished_ms: None,
     }
 }
@@ -175,6 +176,51 @@ fn heals_only_when_enabled_and_starts_dead() {
     assert_eq!(plan(&desired, &[a, b], &BTreeSet::new()).len(), 1);
 }
 
+/// A container unhealthy only because its agent's exec probe fails is not restarted: a restart
+/// mends no refused server and would cut the device's own work. Its config change still
+/// recreates it (waiting for a job as always), and once the agent's word is stale it is healed.
+#[test]
+fn an_unhealthy_container_whose_exec_probe_fails_is_not_healed() {
+    let desired = BTreeMap::from([want("a", "h")]);
+    let mut a = owned("a", "ida", "h");
+    a.health = Health::Unhealthy;
+    a.probe_only = true;
+    assert_eq!(plan(&desired, &[a.clone()], &BTreeSet::new()), vec![]);
+    a.hash = Some("old".into());
+    assert_eq!(
+        plan(&desired, &[a.clone()], &BTreeSet::new()),
+        vec![Action::Recreate {
+            sut: sut("a"),
+            id: "ida".into(),
+            reason: RecreateReason::ConfigChanged
+        }]
+    );
+    a.hash = Some("h".into());
+    a.probe_only = false;
+    assert_eq!(
+        plan(&desired, &[a], &BTreeSet::new()),
+        vec![Action::Restart {
+            sut: sut("a"),
+            id: "ida".into()
+        }]
+    );
+}
+
+#[test]
+fn the_agents_word_on_its_probe_counts_within_max_age() {
+    use tokio::time::{Duration, Instant};
+    let now = Instant::now();
+    let max_age = Duration::from_secs(30);
+    assert!(classify::probe_only(Some(now), now, max_age));
+    assert!(classify::probe_only(Some(now - max_age), now, max_age));
+    assert!(!classify::probe_only(
+        Some(now - max_age - Duration::from_millis(1)),
+        now,
+        max_age
+    ));
+    assert!(!classify::probe_only(None, now, max_age));
+}
+
 #[test]
 fn a_person_s_stop_is_honoured_until_the_file_changes() {
     let desired = BTreeMap::from([want("a", "h")]);
@@ -249,6 +295,7 @@ fn apply(world: &mut Vec<Actual>, desired: &BTreeMap<SutName, Desired>, actions:
                     state: RunState::Running,
                     health: Health::Starting,
                     busy: Busy::Idle,
+                    probe_only: false,
                     finished_ms: None,
                 });
             }
@@ -306,6 +353,7 @@ prop_compose! {
             state,
             health,
             busy,
+            probe_only: false,
             finished_ms: (state == RunState::Exited).then_some(1_000),
         }
     }

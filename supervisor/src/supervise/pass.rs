@@ -169,6 +169,12 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let mut actual = classify::classify(list, &self.settings.spec, &desired, |sut| {
             self.busy(sut, now, self.agents.get(sut) == Some(&AgentState::Busy))
         });
+        for a in &mut actual {
+            let max_age = scan.valid.get(&a.sut).map(|c| c.health.max_age);
+            a.probe_only = max_age.is_some_and(|m| {
+                classify::probe_only(self.probe_failing.get(&a.sut).copied(), now, m)
+            });
+        }
         self.rolling_choose(&actual, &desired);
         let mut actions = plan(&desired, &actual, &invalid);
         self.rolling_action(&actual, &desired, &mut actions);

@@ -43,6 +43,9 @@ pub(super) struct Reconciler<R> {
     pub(super) agents: BTreeMap<SutName, AgentState>,
     /// Each agent's `device_work` as the broker last said (only agents that report some).
     pub(super) device_work: BTreeMap<SutName, String>,
+    /// When each agent last said, in a healthy state, that its exec probe fails (helper probe):
+    /// such a container is not healed while that word is recent.
+    pub(super) probe_failing: BTreeMap<SutName, Instant>,
     pub(super) docker: Reach,
     pub(super) timers: Timers,
     pub(super) metrics: Metrics,
@@ -306,6 +309,7 @@ pub(super) async fn run<R: ContainerRuntime>(
         suts: BTreeMap::new(),
         agents: BTreeMap::new(),
         device_work: BTreeMap::new(),
+        probe_failing: BTreeMap::new(),
         docker: Reach::default(),
         metrics,
         broker,
@@ -405,6 +409,20 @@ impl<R: ContainerRuntime> Reconciler<R> {
         .is_some();
         if had_work != self.device_work.contains_key(&sut) {
             // A deferral may now wait for the device's own work (and drain it), or no longer.
+            self.timers.pass_in(Instant::now(), EVENT_DELAY);
+        }
+        let failing = status
+            .as_ref()
+            .is_some_and(|s| s.probe_failure.is_some() && s.state.is_healthy());
+        let was_failing = if failing {
+            self.probe_failing
+                .insert(sut.clone(), Instant::now())
+                .is_some()
+        } else {
+            self.probe_failing.remove(&sut).is_some()
+        };
+        if failing != was_failing {
+            debug!(sut = %sut, probe_failing = failing, "Agent's exec probe changed.");
             self.timers.pass_in(Instant::now(), EVENT_DELAY);
         }
         let state = status.map(|s| s.state);

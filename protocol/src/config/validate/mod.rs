@@ -9,7 +9,7 @@
 //! - [`posture`]: the host-power settings and their `--allow-*` refusals;
 //! - [`paths`]: paths next to the SUT file and `files`;
 //! - [`sections`]: `[health]`, `[job]`, `[restart]`, `[resources]`, `[log]`;
-//! - [`probe`]: `[probe]` and its URL;
+//! - [`probe`]: `[probe]`, its URL or its exec command;
 //! - [`build_section`]: the `[build]` section;
 //! - [`device`]: the `[device]` section (the device's own work);
 //! - [`health_check`]: the `[health_check]` section.
