@@ -284,3 +284,83 @@ fn a_rolling_restart_waits_for_the_busy_agent() {
         .collect();
     assert_eq!(finals, vec![JobState::Passed]);
 }
+
+/// Without `--when-idle`, `labvisor restart` refuses before it talks to anyone (exit 2).
+#[test]
+fn a_restart_that_would_cut_jobs_is_refused() {
+    let out = Command::cargo_bin("labvisor")
+        .unwrap()
+        .args(["restart", "r1", "--broker", "mqtt://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--when-idle"), "{err}");
+}
+
+/// `labvisor restart --all --when-idle` with no credentials, against the managed broker: the
+/// local tools login may ask for it (the managed ACL), every SUT is recreated, exit 0.
+#[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
+fn the_local_login_restarts_all_through_the_managed_broker() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("ops-all");
+    let t = tempfile::tempdir().unwrap();
+    let (dir, state) = (t.path().join("sut"), t.path().join("state"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for s in ["m1", "m2"] {
+        write(&dir, &format!("{s}.toml"), &sut_file("1"));
+    }
+    let port = labvisor_tests::free_port();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let log = t.path().join("supervisor.log");
+    // The managed broker runs when neither --broker nor --agent-broker is given.
+    let _sup = labvisor_tests::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_labvisor"))
+            .arg("supervise")
+            .arg("--sut-dir")
+            .arg(&dir)
+            .args(["--id", scope.run_id()])
+            .args(["--name-prefix", &scope.name("")])
+            .args(["--extra-label", &scope.label()])
+            .args(["--broker-port", &port.to_string()])
+            .args(["--metrics-listen", "none", "--stop-timeout", "2s"])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--agent-bin")
+            .arg(labvisor_tests::static_bin("labvisor-agent"))
+            .arg("--healthcheck-bin")
+            .arg(labvisor_tests::static_bin("labvisor-healthcheck"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let old = [wait_healthy(&scope, "m1", T), wait_healthy(&scope, "m2", T)];
+    let out = Command::cargo_bin("labvisor")
+        .unwrap()
+        .args(["restart", "--all", "--when-idle", "--broker", &url])
+        .env("LABVISOR_STATE_DIR", &state)
+        .env_remove("LABVISOR_TOPIC_PREFIX")
+        .env_remove("LABVISOR_MQTT_USERNAME")
+        .env_remove("LABVISOR_MQTT_PASSWORD")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}\n--- supervisor log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        stdout.contains("m1: done") && stdout.contains("m2: done"),
+        "{stdout}"
+    );
+    for (i, s) in ["m1", "m2"].iter().enumerate() {
+        let (id, status) = status_of(&scope, s);
+        assert_ne!(id, old[i], "{s} recreated");
+        assert!(status.ends_with("(healthy)"), "{s}: {status}");
+    }
+}
