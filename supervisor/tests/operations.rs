@@ -364,3 +364,76 @@ fn the_local_login_restarts_all_through_the_managed_broker() {
         assert!(status.ends_with("(healthy)"), "{s}: {status}");
     }
 }
+
+/// A supervisor restarted during a rolling restart does not resume it: the new run marks the
+/// progress it finds retained as failed, and `labvisor restart` exits non-zero with why; the
+/// busy SUT keeps its container and its job.
+#[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
+fn a_supervisor_restart_ends_its_rolling_restart_as_failed() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("ops-cut");
+    let (broker, agent_broker) = gateway_broker(&scope);
+    let sub = broker.subscribe("#", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    write(&dir, "b1.toml", &sut_file("1"));
+    let args = ["--agent-broker", agent_broker.as_str(), "--resync", "1s"];
+    let mut sup = Sup::start(&scope, &dir, Some(&broker.url()), &args);
+    let id = wait_healthy(&scope, "b1", T);
+    wait_until("b1 idle on the broker", T, || {
+        payloads::<AgentStatus>(&sub, "b1/agent")
+            .into_iter()
+            .find(|a| a.state == AgentState::Idle)
+    });
+    let job =
+        serde_json::json!({"id": "long", "script": "while [ ! -f /tmp/go ]; do sleep 0.2; done"});
+    assert!(broker
+        .publish("b1/submit", &job.to_string(), &["-q", "1"])
+        .status
+        .success());
+    wait_until("b1 busy", T, || {
+        payloads::<AgentStatus>(&sub, "b1/agent")
+            .into_iter()
+            .find(|a| a.state == AgentState::Busy)
+    });
+    let mut cli = labvisor_tests::KillOnDrop(
+        Command::cargo_bin("labvisor")
+            .unwrap()
+            .args(["restart", "b1", "--when-idle"])
+            .env("LABVISOR_BROKER", broker.url())
+            .env_remove("LABVISOR_TOPIC_PREFIX")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let topic = format!("labvisor/supervisors/{}/restart_status", scope.run_id());
+    wait_until("the restart waits for b1's job", T, || {
+        payloads::<RestartStatus>(&sub, &topic)
+            .into_iter()
+            .find(|r| r.suts[0].step == RestartStep::WaitingIdle)
+    });
+
+    sup.kill();
+    let _sup = Sup::start(&scope, &dir, Some(&broker.url()), &args);
+    let failed = wait_until("the restart marked failed", T, || {
+        payloads::<RestartStatus>(&sub, &topic)
+            .into_iter()
+            .find(|r| r.state == RestartState::Failed)
+    });
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("supervisor restarted"),
+        "{failed:?}"
+    );
+    let code = wait_until("the CLI exits", T, || cli.0.try_wait().unwrap());
+    assert!(!code.success(), "{code:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(cli.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("supervisor"), "{err}");
+    wait_passes(&_sup, 3);
+    assert_eq!(status_of(&scope, "b1").0, id, "b1 keeps its container");
+}
