@@ -26,6 +26,7 @@ use tracing::{info, info_span, Instrument};
 use crate::admin::Admin;
 use crate::child::{Exit, Spec};
 use crate::device::{Device, State};
+use crate::device_work::{self, Watch};
 use crate::logfile::RotatingFile;
 use crate::mqtt::{self, ConnectError, Incoming, LinkOptions, MqttLink, Received};
 use crate::output::{self, Sinks};
@@ -145,6 +146,8 @@ struct Agent {
     probe: Option<JoinHandle<()>>,
     /// Online, offline or maintenance (lab operations; [`crate::admin`]).
     admin: Admin,
+    /// The device's own work and the drain request (`[device]`).
+    device_watch: Option<Watch>,
 }
 
 impl Agent {
@@ -206,6 +209,7 @@ impl Agent {
             sinks.agent_line(&why);
         }
         let device = spawn_device(cfg, &sinks, admin.holds_device());
+        let device_watch = Watch::new(&cfg.device, &settings.heartbeat_file);
         Ok(Agent {
             settings,
             sinks,
@@ -219,6 +223,7 @@ impl Agent {
             threads,
             probe,
             admin,
+            device_watch,
         })
     }
 
@@ -230,6 +235,10 @@ impl Agent {
         // Back-pressure: while the outbox of answers is full, submissions stay with the broker.
         let mut room_rx = self.link.as_ref().map(|l| l.watch_room());
         let mut dev_rx = Some(self.device.watch());
+        let mut work_tick = self
+            .device_watch
+            .is_some()
+            .then(|| tokio::time::interval(device_work::POLL));
         loop {
             // Offline or in maintenance: new jobs are refused, queued ones wait.
             self.jobs.refuse_new_jobs(self.admin.refusal());
@@ -261,6 +270,11 @@ impl Agent {
                         dev_rx = None;
                     }
                 }
+                _ = async { work_tick.as_mut().expect("guarded").tick().await }, if work_tick.is_some() => {
+                    if !self.on_device_tick().await {
+                        continue;
+                    }
+                }
                 ctl = control.recv() => match ctl {
                     Some(Control::Forward(sig)) => {
                         self.device.signal(sig).await;
@@ -279,9 +293,33 @@ impl Agent {
             }
             self.reporter.admin = self.admin.reported();
             self.reporter.admin_unsaved = self.admin.unsaved().map(str::to_owned);
-            let state = self.reporter.state(&dev, self.jobs.running().is_some());
+            let busy = self.jobs.running().is_some() || self.reporter.device_work.is_some();
+            let state = self.reporter.state(&dev, busy);
             self.reporter.report(&dev, &self.jobs, state);
         }
+    }
+
+    /// Looks at the device's own work and the drain request; drains or releases the device
+    /// process as asked. Returns whether anything changed (the status is reported at once).
+    async fn on_device_tick(&mut self) -> bool {
+        let Some(watch) = self.device_watch.as_mut() else {
+            return false;
+        };
+        let t = watch.tick();
+        if let Some(sig) = t.drain {
+            match sig.as_str().parse::<Signal>() {
+                Ok(sig) => self.device.drain(sig).await,
+                Err(e) => self
+                    .sinks
+                    .agent_line(&format!("cannot drain with {sig}: {e}")),
+            }
+        }
+        if t.release {
+            self.device.undrain().await;
+        }
+        self.reporter.device_work = watch.seen.clone();
+        self.reporter.drain_detail = watch.detail();
+        t.changed
     }
 
     /// A message on a subscribed topic: a submission, a cancel, an admin command, or nothing of

@@ -61,6 +61,22 @@ pub struct Args {
     /// Do not copy output to stdout.
     #[arg(long)]
     no_stdout: bool,
+    /// Run one command against the running agent instead of being the agent.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Commands for a running agent (run with `docker exec`).
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Ask the running agent to drain the device process: with `device.drain_signal`, it sends
+    /// that signal once and does not restart the process after it exits. Leaves a request file
+    /// beside the heartbeat file, which the agent looks at every 250 ms.
+    Drain {
+        /// Lift the request instead: the device process is started again.
+        #[arg(long)]
+        lift: bool,
+    },
 }
 
 /// What is wrong with the command line or the config (exit status 2).
@@ -93,6 +109,17 @@ pub enum UsageError {
 }
 
 impl Args {
+    /// Runs a [`Command`]: leaves or lifts the drain request for the agent whose heartbeat
+    /// file is `--heartbeat-file`.
+    pub fn run_command(&self, command: &Command) -> std::io::Result<()> {
+        match command {
+            Command::Drain { lift } => {
+                let path = labvisor_agent::device_work::request_path(&self.heartbeat_file);
+                labvisor_agent::device_work::request(&path, *lift)
+            }
+        }
+    }
+
     /// The agent's settings: the SUT file loaded and validated, the broker's link options.
     pub fn settings(self) -> Result<Settings, UsageError> {
         let config = self.config()?;

@@ -8,6 +8,13 @@
 //! exits is restarted after a capped exponential backoff ([`Backoff`], on `backon`); after
 //! `crash_loop_after` quick failures in a row it is crash-looping until a run outlives
 //! [`Backoff::quick`]. As PID 1 the task also reaps orphaned grandchildren, never its own child.
+//!
+//! Beside start and stop, the handle has the controls a lab needs to take the device out of
+//! service without cutting its work: [`Device::signal`] (a signal to its group),
+//! [`Device::hold`] and [`Device::release`] (stop it and keep it stopped: maintenance), and
+//! [`Device::drain`] and [`Device::undrain`] (a signal once, e.g. testflinger's SIGUSR1, and no
+//! restart after it exits: the device finishes its current work and takes no more, until the
+//! drain is lifted). A process held for either reason starts again only when neither holds.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -155,6 +162,9 @@ enum Control {
     // -- hold/release (maintenance, helper admin) --
     Hold(Duration),
     Release,
+    // -- drain/undrain (the device's own work, helper work) --
+    Drain(Signal),
+    Undrain,
 }
 
 /// The handle to the device-process task.
@@ -220,6 +230,8 @@ impl Device {
             sinks,
             status: status_tx,
             sigchld,
+            maintenance: held,
+            draining: false,
         };
         let task = tokio::spawn(actor.run(rx).instrument(info_span!("device")));
         Device {
@@ -253,6 +265,23 @@ impl Device {
     /// Starts a held process again, now. Nothing happens if it is not held.
     pub async fn release(&self) {
         let _ = self.control.send(Control::Release).await;
+    }
+
+    // -- drain/undrain (the device's own work, helper work) --
+    /// Drains the process: sends `sig` to it once, to the process alone and not its group (e.g.
+    /// testflinger's SIGUSR1, "exit after the current job"; its work, in its group, must not
+    /// get the signal) and does not restart it after it exits (also under
+    /// `on_child_exit = "exit"`); its state is then [`State::Held`] until [`Device::undrain`].
+    /// A restart that was only waiting for its backoff does not happen. While draining, a
+    /// second drain sends nothing.
+    pub async fn drain(&self, sig: Signal) {
+        let _ = self.control.send(Control::Drain(sig)).await;
+    }
+
+    /// Lifts a drain: a process held by it starts again at once (unless held for maintenance);
+    /// one still running after the signal is restarted when it exits, as usual.
+    pub async fn undrain(&self) {
+        let _ = self.control.send(Control::Undrain).await;
     }
 
     /// Stops the process (TERM to its group, up to `grace`, KILL) and ends the task. Returns how
@@ -291,6 +320,10 @@ struct Actor {
     sinks: Arc<Sinks>,
     status: watch::Sender<Status>,
     sigchld: Option<tokio::signal::unix::Signal>,
+    /// Held for maintenance ([`Device::hold`]).
+    maintenance: bool,
+    /// Drained ([`Device::drain`]): not restarted after it exits.
+    draining: bool,
 }
 
 impl Actor {
@@ -318,12 +351,18 @@ impl Actor {
                             run.signal(sig);
                         }
                     }
-                    Some(Control::Hold(grace)) => self.hold(grace).await,
+                    Some(Control::Hold(grace)) => {
+                        self.maintenance = true;
+                        self.hold(grace).await;
+                    }
                     Some(Control::Release) => {
-                        if matches!(self.phase, Phase::Held) {
-                            self.phase = Phase::Pending(tokio::time::Instant::now());
-                            self.status.send_modify(|s| s.state = State::Pending);
-                        }
+                        self.maintenance = false;
+                        self.resume();
+                    }
+                    Some(Control::Drain(sig)) => self.drain(sig),
+                    Some(Control::Undrain) => {
+                        self.draining = false;
+                        self.resume();
                     }
                     Some(Control::Stop { grace, reply }) => {
                         let _ = reply.send(self.stop(grace).await);
@@ -376,6 +415,19 @@ impl Actor {
         let _ = run.drain(DRAIN).await;
         debug!(parent: &span, exit = %exit.describe(), "Device process ended.");
         let (what, secs) = (exit.describe(), ran.as_secs_f64());
+        if self.draining {
+            // It finished its work and exited as asked; it stays down until the drain is
+            // lifted (also under on_child_exit = "exit": a new container would start it again).
+            self.sinks.agent_line(&format!(
+                "device process ended ({what}) after {secs:.1}s; drained: not restarted"
+            ));
+            self.phase = Phase::Held;
+            self.status.send_modify(|s| {
+                s.state = State::Held;
+                s.last_exit = Some(what);
+            });
+            return;
+        }
         if self.on_exit == OnChildExit::Exit {
             self.sinks.agent_line(&format!("device process ended ({what}) after {secs:.1}s; on_child_exit = \"exit\": the agent exits"));
             self.publish_exit(State::Ended(exit), what, None);
@@ -423,6 +475,46 @@ impl Actor {
             s.crash_loop = false;
             s.crash_detail = None;
         });
+    }
+
+    // -- drain/undrain (the device's own work, helper work) --
+    /// A drain: the signal once to a running process, and no restart after it exits; a pending
+    /// restart is called off at once.
+    fn drain(&mut self, sig: Signal) {
+        if std::mem::replace(&mut self.draining, true) {
+            return;
+        }
+        match &self.phase {
+            Phase::Running(run, span) => {
+                info!(parent: span, signal = %sig, "Draining the device process: it is not restarted after it exits.");
+                self.sinks.agent_line(&format!(
+                    "draining the device process: {sig} sent; it is not restarted after it exits"
+                ));
+                // To the process alone, not its group: the group holds the device's work too
+                // (testflinger's phase commands), which the signal must not reach (a shell
+                // dies of SIGUSR1).
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.pid() as i32), sig);
+            }
+            Phase::Pending(_) => {
+                self.phase = Phase::Held;
+                self.status.send_modify(|s| {
+                    s.state = State::Held;
+                    s.crash_loop = false;
+                    s.crash_detail = None;
+                });
+            }
+            Phase::Idle | Phase::Held | Phase::Ended => {}
+        }
+    }
+
+    /// A held process starts again once neither maintenance nor a drain holds it.
+    fn resume(&mut self) {
+        if matches!(self.phase, Phase::Held) && !self.maintenance && !self.draining {
+            self.sinks
+                .agent_line("device process released: starting it again");
+            self.phase = Phase::Pending(tokio::time::Instant::now());
+            self.status.send_modify(|s| s.state = State::Pending);
+        }
     }
 
     /// Stops the running process, if any: TERM, `grace`, KILL.

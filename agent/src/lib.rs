@@ -34,6 +34,7 @@ pub mod admin;
 pub mod agent;
 pub mod child;
 pub mod device;
+pub mod device_work;
 pub mod jobs;
 pub mod logfile;
 pub mod mqtt;

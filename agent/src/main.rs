@@ -23,6 +23,15 @@ fn main() -> ExitCode {
         )
         .init();
     let _ = rustls::crypto::ring::default_provider().install_default();
+    if let Some(command) = &args.command {
+        return match args.run_command(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("labvisor-agent: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let settings = match args.settings() {
         Ok(s) => s,
         Err(e) => {

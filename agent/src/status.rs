@@ -45,6 +45,12 @@ pub struct Reporter {
     pub admin: Option<AdminState>,
     /// Why the admin state could not be saved, reported in `detail`.
     pub admin_unsaved: Option<String>,
+    // [device] (helper work): the device's own work, as `busy_glob` last matched it
+    // (`device_work`; the state is busy while set), and the detail of a drain in progress.
+    /// What `device.busy_glob` matched at the last look.
+    pub device_work: Option<String>,
+    /// Set while the device process is being drained.
+    pub drain_detail: Option<String>,
 }
 
 impl Reporter {
@@ -74,6 +80,8 @@ impl Reporter {
             seq: 0,
             admin: None,
             admin_unsaved: None,
+            device_work: None,
+            drain_detail: None,
         }
     }
 
@@ -137,6 +145,7 @@ impl Reporter {
         }
         details.extend(self.sinks.error());
         details.extend(self.admin_unsaved.clone());
+        details.extend(self.drain_detail.clone());
         if let Some(errs) = &self.tail_errors {
             details.extend(
                 errs.lock()
@@ -159,7 +168,8 @@ impl Reporter {
                     .as_ref()
                     .and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             )
-            .with_admin(self.admin.clone());
+            .with_admin(self.admin.clone())
+            .with_device_work(self.device_work.clone());
         self.seq += 1;
         self.write_heartbeat(&status);
         if let Some(link) = &self.link {

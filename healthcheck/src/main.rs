@@ -30,8 +30,10 @@
 //! `labvisor-healthcheck [--file PATH] [--max-age DURATION] [--state]`
 //!
 //! `--state` prints, for a fresh heartbeat in a healthy state, `state=<state>` (e.g.
-//! `state=busy`) instead of the human line: the supervisor runs it with `docker exec` before
-//! recreating or removing a container, to learn whether a job runs without asking the broker.
+//! `state=busy`) instead of the human line, and a second line `device_work=<what>` when the
+//! device process is busy with work of its own (`device.busy_glob` matched): the supervisor runs
+//! it with `docker exec` before recreating or removing a container, to learn whether a job runs,
+//! and what it waits for, without asking the broker.
 //! A failing exec probe does not change that answer: the agent's loop is alive and its job
 //! (if any) is real work to wait for.
 //!
@@ -49,11 +51,11 @@ const USAGE: &str = "usage: labvisor-healthcheck [--file PATH] [--max-age DURATI
 /// The verdict on one heartbeat file.
 #[derive(Debug, PartialEq, Eq)]
 enum Verdict {
-    /// The line to print, and the agent's state (for `--state`).
+    /// The line to print, and the answer to `--state` (`state=…`, then `device_work=…` if any).
     Healthy(String, String),
     Unhealthy(String),
     /// A fresh heartbeat in a healthy state that reports a reason to be unhealthy (a failing
-    /// exec probe): the reason, and the state (`--state` still answers with it).
+    /// exec probe): the reason, and the answer to `--state` (it still answers).
     Failing(String, String),
 }
 
@@ -145,6 +147,7 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         child_alive,
         unhealthy,
         admin,
+        device_work,
     } = Reading::read(text);
     let (Some(time_ms), Some(state)) = (time_ms, state) else {
         return Verdict::Unhealthy(format!(
@@ -179,8 +182,16 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         };
         return Verdict::Unhealthy(format!("agent state is {state}{why}"));
     }
+    let (work, answer) = if device_work.is_empty() {
+        (String::new(), format!("state={state}"))
+    } else {
+        (
+            format!(", device work {device_work}"),
+            format!("state={state}\ndevice_work={device_work}"),
+        )
+    };
     if !is_healthy_status(state, unhealthy) {
-        return Verdict::Failing(unhealthy.trim().to_owned(), state.to_owned());
+        return Verdict::Failing(unhealthy.trim().to_owned(), answer);
     }
     let child = match child_alive {
         "true" => ", device process running",
@@ -193,8 +204,11 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         format!("{admin}; ")
     };
     Verdict::Healthy(
-        format!("{admin}ok: {state}{child}, heartbeat {} old", fmt_secs(age)),
-        state.to_owned(),
+        format!(
+            "{admin}ok: {state}{child}{work}, heartbeat {} old",
+            fmt_secs(age)
+        ),
+        answer,
     )
 }
 
@@ -226,9 +240,7 @@ fn main() -> ExitCode {
 /// What to print and the exit code for `verdict`; `state_mode` for `--state`.
 fn report(verdict: Verdict, state_mode: bool) -> (String, u8) {
     match verdict {
-        Verdict::Healthy(_, state) | Verdict::Failing(_, state) if state_mode => {
-            (format!("state={state}"), 0)
-        }
+        Verdict::Healthy(_, answer) | Verdict::Failing(_, answer) if state_mode => (answer, 0),
         Verdict::Healthy(line, _) => (line, 0),
         Verdict::Unhealthy(line) | Verdict::Failing(line, _) => (format!("unhealthy: {line}"), 1),
     }
@@ -263,6 +275,7 @@ mod tests {
             detail: "exited 5 times in 20s",
             unhealthy: "",
             admin: "",
+            device_work: "",
         }
     }
 
@@ -282,7 +295,7 @@ mod tests {
             v,
             Verdict::Healthy(
                 "ok: idle, device process running, heartbeat 2.0s old".into(),
-                "idle".into()
+                "state=idle".into()
             )
         );
     }
@@ -298,7 +311,7 @@ mod tests {
             Verdict::Healthy(
                 "offline: flaky usb hub; ok: idle, device process running, heartbeat 1.0s old"
                     .into(),
-                "idle".into()
+                "state=idle".into()
             )
         );
     }
@@ -315,6 +328,27 @@ mod tests {
         );
     }
 
+    /// The device's own work reaches the supervisor through `--state` (a second line) and
+    /// Portainer through the human line.
+    #[test]
+    fn device_work_is_in_the_state_answer_and_the_line() {
+        let work = "/tmp/testflinger/run/j1/testflinger.json";
+        let hb = Heartbeat {
+            device_work: work,
+            ..status("busy", NOW - 1_000)
+        };
+        let v = judge_status(&hb, Duration::from_secs(30));
+        assert_eq!(
+            report(v, false).0,
+            format!("ok: busy, device process running, device work {work}, heartbeat 1.0s old")
+        );
+        let v = judge_status(&hb, Duration::from_secs(30));
+        assert_eq!(
+            report(v, true),
+            (format!("state=busy\ndevice_work={work}"), 0)
+        );
+    }
+
     /// A failing exec probe (the heartbeat's `unhealthy=`) makes a fresh, idle or busy agent
     /// unhealthy with the probe's reason; `--state` still answers with the state, so the
     /// supervisor waits for a job of an agent whose probe fails.
@@ -327,7 +361,7 @@ mod tests {
                 ..status(state, NOW - 1_000)
             };
             let v = judge_status(&hb, Duration::from_secs(30));
-            assert_eq!(v, Verdict::Failing(reason.into(), state.into()));
+            assert_eq!(v, Verdict::Failing(reason.into(), format!("state={state}")));
             assert_eq!(report(v, false), (format!("unhealthy: {reason}"), 1));
             let v = judge_status(&hb, Duration::from_secs(30));
             assert_eq!(report(v, true), (format!("state={state}"), 0));

@@ -37,6 +37,7 @@
 //! detail=
 //! unhealthy=
 //! admin=
+//! device_work=
 //! ```
 //!
 //! Values are single lines (newlines become spaces). Unknown keys are ignored by readers
@@ -116,6 +117,8 @@ pub struct Heartbeat<'a> {
     // -- admin (lab operations) --
     /// The admin state, `offline: REASON` or `maintenance: REASON`; empty while online.
     pub admin: &'a str,
+    /// The device process's own work (what `device.busy_glob` matched), empty when none.
+    pub device_work: &'a str,
 }
 
 impl Heartbeat<'_> {
@@ -126,8 +129,8 @@ impl Heartbeat<'_> {
         }
         let child = self.child.as_ref();
         format!(
-            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nunhealthy={}\nadmin={}\n",
-                        self.v,
+            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nunhealthy={}\nadmin={}\ndevice_work={}\n",
+            self.v,
             self.sut,
             self.state,
             self.time_ms,
@@ -143,6 +146,7 @@ impl Heartbeat<'_> {
             one_line(self.detail),
             one_line(self.unhealthy),
             one_line(self.admin),
+            one_line(self.device_work),
         )
     }
 }
@@ -173,6 +177,8 @@ pub struct Reading<'a> {
     pub unhealthy: &'a str,
     /// `admin`: `offline: REASON`, `maintenance: REASON`, or empty while online.
     pub admin: &'a str,
+    /// `device_work` (empty when absent or none).
+    pub device_work: &'a str,
 }
 
 impl<'a> Reading<'a> {
@@ -188,6 +194,7 @@ impl<'a> Reading<'a> {
                 "child_alive" => r.child_alive = v,
                 "unhealthy" => r.unhealthy = v,
                 "admin" => r.admin = v,
+                "device_work" => r.device_work = v,
                 _ => {}
             }
         }
@@ -233,6 +240,7 @@ mod tests {
             detail: "exited 5 times\nin 10s",
             unhealthy: "probe failing: exit 1: 403\nForbidden",
             admin: "offline: flaky\nusb",
+            device_work: "/tmp/testflinger/run/j1/testflinger.json",
         }
     }
 
@@ -253,7 +261,11 @@ mod tests {
             Some("probe failing: exit 1: 403 Forbidden")
         );
         assert_eq!(get("admin"), Some("offline: flaky usb"));
-        assert_eq!(kv.len(), 16, "every field, no more");
+        assert_eq!(
+            get("device_work"),
+            Some("/tmp/testflinger/run/j1/testflinger.json")
+        );
+        assert_eq!(kv.len(), 17, "every field, no more");
     }
 
     #[test]
@@ -267,6 +279,7 @@ mod tests {
         assert_eq!(r.child_alive, "false");
         assert_eq!(r.unhealthy, "probe failing: exit 1: 403 Forbidden");
         assert_eq!(r.admin, "offline: flaky usb");
+        assert_eq!(r.device_work, "/tmp/testflinger/run/j1/testflinger.json");
         let none = Heartbeat {
             child: None,
             ..sample()

@@ -48,6 +48,7 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
         detail: status.detail.as_deref().unwrap_or_default(),
         unhealthy: &unhealthy,
         admin: &admin,
+        device_work: status.device_work.as_deref().unwrap_or_default(),
     }
     .render()
 }
@@ -86,6 +87,7 @@ mod tests {
                 since_ms: 1,
                 by: None,
             }),
+            device_work: None,
         }
     }
 

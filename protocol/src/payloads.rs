@@ -181,6 +181,10 @@ pub struct AgentStatus {
     /// and was never put offline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminState>,
+    /// The device process's own work, seen through `device.busy_glob`: the matching path, or
+    /// the first one and how many more. Absent when nothing matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_work: Option<String>,
 }
 
 impl AgentStatus {
@@ -211,6 +215,7 @@ impl AgentStatus {
             detail: None,
             probe_failure: None,
             admin: None,
+            device_work: None,
         }
     }
 
@@ -279,6 +284,14 @@ impl AgentStatus {
     /// With the SUT's admin state (`None` while online and never changed).
     pub fn with_admin(self, admin: Option<AdminState>) -> Self {
         Self { admin, ..self }
+    }
+
+    /// With the device's own work (what `device.busy_glob` matched), if any.
+    pub fn with_device_work(self, device_work: Option<String>) -> Self {
+        Self {
+            device_work,
+            ..self
+        }
     }
 }
 

@@ -930,3 +930,41 @@ fn readme_config_reference_matches_the_schema_doc() {
         missing.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n")
     );
 }
+
+/// `[device]`: the globs and the drain signal are kept as checked values (a signal given as
+/// `usr1` is `SIGUSR1`); a config without the section, or with an empty one, keeps the hash it
+/// had before `[device]` existed, and each key changes the hash.
+#[test]
+fn device_section_is_checked_and_hashed_only_when_set() {
+    use labvisor_protocol::config::DrainSignal;
+    let dir = tempfile::tempdir().unwrap();
+    let base = "image = \"x\"\ncommand = [\"testflinger-agent\"]\n";
+    let cfg = load_str(
+        "dev.toml",
+        &format!("{base}[device]\nbusy_glob = [\"/tmp/testflinger/run/*/testflinger.json\"]\ndrain_signal = \"usr1\"\n"),
+        dir.path(),
+        &Allow::default(),
+    )
+    .unwrap_or_else(|p| panic!("{}", render(&p)));
+    let globs: Vec<&str> = cfg.device.busy_glob.iter().map(|g| g.as_str()).collect();
+    assert_eq!(globs, ["/tmp/testflinger/run/*/testflinger.json"]);
+    assert_eq!(cfg.device.drain_signal, Some(DrainSignal::Usr1));
+    assert_eq!(cfg.device.drain_signal.unwrap().to_string(), "SIGUSR1");
+
+    let plain = hash_of(dir.path(), base);
+    let plain_cfg = load_str("dev.toml", base, dir.path(), &Allow::default()).unwrap();
+    assert!(!serde_json::to_string(&plain_cfg)
+        .unwrap()
+        .contains("busy_glob"));
+    assert_eq!(hash_of(dir.path(), &format!("{base}[device]\n")), plain);
+    let globbed = hash_of(
+        dir.path(),
+        &format!("{base}[device]\nbusy_glob = [\"/tmp/x/*\"]\n"),
+    );
+    assert_ne!(globbed, plain);
+    let drained = hash_of(
+        dir.path(),
+        &format!("{base}[device]\nbusy_glob = [\"/tmp/x/*\"]\ndrain_signal = \"SIGUSR1\"\n"),
+    );
+    assert_ne!(drained, globbed);
+}

@@ -499,3 +499,66 @@ async fn a_person_s_stop_is_honoured_until_started_or_the_file_changes() {
     assert_eq!(sup.count(&FakeCall::Start(id)), 0);
     sup.stop().await;
 }
+
+/// The device's own work (`device.busy_glob` matched, asked through the runtime): a
+/// recreation waits for it, the view names it, and the agent is asked to drain its device
+/// process; when the file is reverted the drain is lifted and nothing is recreated; edited
+/// again, it waits again, and once the work is over the container is recreated (no lift: the
+/// container is gone).
+#[tokio::test(start_paused = true)]
+async fn the_devices_own_work_defers_the_recreation_drains_and_lifts() {
+    let sup = Sup::start(&[("a.toml", SUT)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    settle().await;
+    let work = "/tmp/testflinger/run/j1/testflinger.json";
+    sup.rt.set_device_work(&id, Some(work));
+    let drain = FakeCall::AgentDrain(id.clone(), false);
+    let lift = FakeCall::AgentDrain(id.clone(), true);
+
+    sup.write("a.toml", &format!("{SUT}[env]\nX = \"1\"\n"));
+    until("the pending action on the view", || {
+        sup.view("a").is_some_and(|v| v.pending_action.is_some())
+    })
+    .await;
+    assert_eq!(
+        sup.view("a").unwrap().pending_action.as_deref(),
+        Some(format!("recreate waits for the device's own work: {work} (at most 10m)").as_str())
+    );
+    until("the drain asked", || sup.count(&drain) > 0).await;
+    assert_eq!(sup.count(&lift), 0);
+
+    // Reverted: nothing waits any more, the drain is lifted, nothing is recreated.
+    settle().await;
+    sup.write("a.toml", SUT);
+    until("the drain lifted", || sup.count(&lift) == 1).await;
+    until("no pending action", || {
+        sup.view("a").is_some_and(|v| v.pending_action.is_none())
+    })
+    .await;
+    assert_eq!(sup.count(&FakeCall::Stop(id.clone())), 0);
+
+    // Edited again: it waits; the work ends: recreated at once, and no lift is sent.
+    settle().await;
+    sup.write("a.toml", &format!("{SUT}[env]\nX = \"2\"\n"));
+    let asked = sup.count(&drain);
+    until("the drain asked again", || sup.count(&drain) > asked).await;
+    assert_eq!(
+        sup.count(&FakeCall::Stop(id.clone())),
+        0,
+        "kept while it works"
+    );
+    sup.rt.set_device_work(&id, None);
+    sup.nudge();
+    until("recreated once the work is over", || {
+        sup.count(&FakeCall::Stop(id.clone())) == 1
+    })
+    .await;
+    until("the new container", || {
+        sup.id("p-a").is_some_and(|new| new != id)
+    })
+    .await;
+    settle().await;
+    assert_eq!(sup.count(&lift), 1, "no lift for a container that is gone");
+    sup.stop().await;
+}

@@ -221,3 +221,93 @@ async fn a_held_process_stays_stopped_until_released() {
     assert!(s.last_exit.is_some(), "{s:?}");
     assert_eq!(dev.stop(Duration::from_secs(1)).await, None);
 }
+
+// -- drain/undrain (the device's own work, helper work) --
+
+/// Waits until the log file holds `needle`.
+async fn logged(dir: &std::path::Path, needle: &str) {
+    let t0 = Instant::now();
+    loop {
+        let log = std::fs::read_to_string(dir.join("o.log")).unwrap_or_default();
+        if log.contains(needle) {
+            return;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no {needle:?} in {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A drain sends the signal once and lets the process finish (as testflinger's SIGUSR1 does):
+/// after it exits it is held, not restarted, even under `on_child_exit = "exit"`; a second
+/// drain sends nothing; lifting the drain starts it again.
+#[tokio::test]
+async fn a_drained_process_finishes_and_stays_down_until_released() {
+    let d = tempfile::tempdir().unwrap();
+    let done = d.path().join("done");
+    let dev = Device::spawn(
+        sh(&format!(
+            "n=0; trap 'n=$((n+1)); echo usr1-$n' USR1; echo run-$$; \
+             sh -c 'while [ ! -e {0} ]; do sleep 0.05; done; echo work-done' & \
+             while [ ! -e {0} ]; do sleep 0.05; done; wait; echo finished",
+            done.display()
+        )),
+        &restart(OnChildExit::Exit, 3),
+        sinks(d.path()),
+        false,
+    );
+    let mut rx = dev.watch();
+    until(&mut rx, Status::is_running).await;
+    logged(d.path(), "run-").await;
+    dev.drain(Signal::SIGUSR1).await;
+    dev.drain(Signal::SIGUSR1).await;
+    logged(d.path(), "usr1-1").await;
+    // Still running: the drain lets it finish its work.
+    assert!(dev.status().is_running());
+    std::fs::write(&done, "").unwrap();
+    let s = until(&mut rx, |s| s.state == State::Held).await;
+    assert_eq!(s.restarts, 0);
+    assert!(!s.crash_loop);
+    let log = std::fs::read_to_string(d.path().join("o.log")).unwrap();
+    assert!(log.contains("finished"), "{log}");
+    assert!(
+        log.contains("work-done"),
+        "the work in its group did not get the signal: {log}"
+    );
+    assert!(!log.contains("usr1-2"), "the signal goes once: {log}");
+    assert!(log.contains("drained: not restarted"), "{log}");
+    std::fs::remove_file(&done).unwrap();
+    dev.undrain().await;
+    let s = until(&mut rx, Status::is_running).await;
+    assert_eq!(s.restarts, 1);
+    dev.stop(Duration::from_secs(1)).await;
+}
+
+/// Maintenance and a drain hold the process each on their own: lifting one leaves it held by
+/// the other.
+#[tokio::test]
+async fn a_drain_lifted_during_maintenance_does_not_start_the_process() {
+    let d = tempfile::tempdir().unwrap();
+    let dev = Device::spawn(
+        sh("while true; do sleep 0.05; done"),
+        &restart(OnChildExit::Restart, 3),
+        sinks(d.path()),
+        false,
+    );
+    let mut rx = dev.watch();
+    until(&mut rx, Status::is_running).await;
+    dev.hold(Duration::from_secs(1)).await;
+    until(&mut rx, |s| s.state == State::Held).await;
+    dev.drain(Signal::SIGUSR1).await;
+    dev.undrain().await;
+    dev.drain(Signal::SIGUSR1).await;
+    dev.release().await;
+    // Both controls were handled in order before this status: still held by the drain.
+    let s = dev.status();
+    assert_eq!(s.state, State::Held);
+    dev.undrain().await;
+    until(&mut rx, Status::is_running).await;
+    dev.stop(Duration::from_secs(1)).await;
+}

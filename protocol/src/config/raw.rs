@@ -32,6 +32,15 @@ pub(crate) struct RawConfig {
     pub log: RawLog,
     pub probe: Option<RawProbe>,
     pub build: Option<RawBuild>,
+    pub device: Option<RawDevice>,
+}
+
+/// `[device]`: how labvisor learns that the device process is busy with its own work.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [device] table")]
+pub(crate) struct RawDevice {
+    pub busy_glob: Vec<String>,
+    pub drain_signal: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -117,6 +117,8 @@ pub struct Answer {
     pub sut: SutName,
     /// Whether a job runs; `None`: the agent could not tell (exec failed, no answer in time).
     pub busy: Option<bool>,
+    /// The device's own work, when the agent saw some (`device.busy_glob`).
+    pub device_work: Option<String>,
 }
 
 /// Applies the agents' own answers over the broker's view, which may be stale (the broker or
@@ -298,16 +300,19 @@ mod tests {
                 id: "1".into(),
                 sut: sut("a"),
                 busy: Some(true),
+                device_work: None,
             },
             Answer {
                 id: "2".into(),
                 sut: sut("b"),
                 busy: Some(false),
+                device_work: None,
             },
             Answer {
                 id: "3".into(),
                 sut: sut("c"),
                 busy: None,
+                device_work: None,
             },
         ];
         let changed = apply_answers(&mut actual, answers, |_| Busy::Expired);

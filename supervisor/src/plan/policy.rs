@@ -228,18 +228,32 @@ impl Deferral {
         }
     }
 
-    /// The plan deferred `action` at `now`.
-    pub fn waiting(&mut self, now: Instant, busy_wait: Duration, action: Deferred) -> Waiting {
+    /// The plan deferred `action` at `now`; `device_work` is the device's own work the agent
+    /// reported (`device.busy_glob`), which the pending text names.
+    pub fn waiting(
+        &mut self,
+        now: Instant,
+        busy_wait: Duration,
+        action: Deferred,
+        device_work: Option<&str>,
+    ) -> Waiting {
         let began = self.since.is_none();
         let since = *self.since.get_or_insert(now);
-        let left = busy_wait.saturating_sub(now.duration_since(since));
+        let left = humantime::format_duration(Duration::from_secs(
+            busy_wait
+                .saturating_sub(now.duration_since(since))
+                .as_secs(),
+        ));
+        let pending = match device_work {
+            Some(work) => {
+                format!("{action} waits for the device's own work: {work} (at most {left})")
+            }
+            None => format!("{action} (waiting for the running job, at most {left})"),
+        };
         Waiting {
             began,
             until: since + busy_wait,
-            pending: format!(
-                "{action} (waiting for the running job, at most {})",
-                humantime::format_duration(Duration::from_secs(left.as_secs()))
-            ),
+            pending,
         }
     }
 
@@ -267,6 +281,9 @@ pub struct SutState {
     pub deferral: Deferral,
     /// The deferred action (published as `pending_action`).
     pub pending: Option<String>,
+    /// The container whose agent was asked to drain its device process (a deferral waits for
+    /// the device's own work); the request is lifted if the deferral ends without the action.
+    pub drained: Option<String>,
     /// Healing.
     pub heal: Heal,
     /// The view last published on `<sut>/supervisor`.
@@ -489,18 +506,25 @@ mod tests {
         let wait = S * 90;
         let mut d = Deferral::default();
         assert_eq!(d.busy(t0, wait), Busy::Busy);
-        let w = d.waiting(t0, wait, Deferred::Recreate);
+        let w = d.waiting(t0, wait, Deferred::Recreate, None);
         assert!(w.began);
         assert_eq!(w.until, t0 + wait);
         assert_eq!(
             w.pending,
             "recreate (waiting for the running job, at most 1m 30s)"
         );
-        let w = d.waiting(t0 + S * 30, wait, Deferred::Recreate);
+        let w = d.waiting(t0 + S * 30, wait, Deferred::Recreate, None);
         assert!(!w.began);
         assert_eq!(
             w.pending,
             "recreate (waiting for the running job, at most 1m)"
+        );
+        // Waiting for the device's own work: the text says what for.
+        let work = "/tmp/testflinger/run/j1/testflinger.json";
+        let w = d.waiting(t0 + S * 60, wait, Deferred::Remove, Some(work));
+        assert_eq!(
+            w.pending,
+            format!("remove waits for the device's own work: {work} (at most 30s)")
         );
         assert_eq!(d.busy(t0 + wait - S, wait), Busy::Busy);
         assert_eq!(d.busy(t0 + wait, wait), Busy::Expired);

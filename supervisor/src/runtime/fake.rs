@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use labvisor_protocol::payloads::Health;
 
-use super::{ContainerInfo, ContainerRuntime, EventStream, ImageOutcome, Progress, RuntimeError};
+use super::{
+    AgentAnswer, ContainerInfo, ContainerRuntime, EventStream, ImageOutcome, Progress, RuntimeError,
+};
 use crate::plan::RunState;
 use crate::spec::{ContainerSpec, ImageSpec};
 
@@ -37,6 +39,8 @@ pub enum FakeCall {
     Pull(String),
     /// `agent_busy` of an id.
     AgentBusy(String),
+    /// `agent_drain` of an id (`true`: lifted).
+    AgentDrain(String, bool),
 }
 
 #[derive(Debug, Default)]
@@ -50,6 +54,7 @@ struct FakeState {
     built: BTreeMap<String, String>,
     fail_build: Vec<String>,
     busy: Vec<String>,
+    device_work: BTreeMap<String, String>,
     create_delay: BTreeMap<String, Duration>,
     lists: u64,
     down: bool,
@@ -141,6 +146,15 @@ impl FakeRuntime {
     /// Makes the agent in container `id` report a running job to `agent_busy` (or none).
     pub fn set_busy(&self, id: &str, busy: bool) {
         self.with(|s| set(&mut s.busy, id, busy));
+    }
+
+    /// Makes the device in container `id` work on its own (`work`: what its busy globs match;
+    /// the agent is busy then), or stop working (`None`).
+    pub fn set_device_work(&self, id: &str, work: Option<&str>) {
+        self.with(|s| match work {
+            Some(w) => s.device_work.insert(id.to_owned(), w.to_owned()),
+            None => s.device_work.remove(id),
+        });
     }
 
     /// Makes the engine unreachable (or reachable again).
@@ -308,13 +322,24 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
-    async fn agent_busy(&self, id: &str) -> Result<bool, RuntimeError> {
+    async fn agent_busy(&self, id: &str) -> Result<AgentAnswer, RuntimeError> {
         self.up()?;
         self.exists(id)?;
         Ok(self.with(|s| {
             s.calls.push(FakeCall::AgentBusy(id.to_owned()));
-            s.busy.iter().any(|b| b == id)
+            let device_work = s.device_work.get(id).cloned();
+            AgentAnswer {
+                busy: s.busy.iter().any(|b| b == id) || device_work.is_some(),
+                device_work,
+            }
         }))
+    }
+
+    async fn agent_drain(&self, id: &str, lift: bool) -> Result<(), RuntimeError> {
+        self.up()?;
+        self.exists(id)?;
+        self.with(|s| s.calls.push(FakeCall::AgentDrain(id.to_owned(), lift)));
+        Ok(())
     }
 
     fn events(&self) -> EventStream {

@@ -66,6 +66,15 @@ pub enum RuntimeError {
     },
 }
 
+/// What an agent says of itself through `labvisor-healthcheck --state`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentAnswer {
+    /// A job runs, or the device works on its own.
+    pub busy: bool,
+    /// The device's own work, as `device.busy_glob` matched it.
+    pub device_work: Option<String>,
+}
+
 /// One container, from the container list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerInfo {
@@ -160,10 +169,21 @@ pub trait ContainerRuntime: Send + Sync + 'static {
         let _ = legacy;
         async { Ok(()) }
     }
-    /// Whether the agent in the running container `id` runs a job, asked inside the container
-    /// (`labvisor-healthcheck --state` through exec): the answer of the agent's own heartbeat,
-    /// without the broker. A stale heartbeat (a hung agent) is not busy.
-    fn agent_busy(&self, id: &str) -> impl Future<Output = Result<bool, RuntimeError>> + Send;
+    /// Whether the agent in the running container `id` runs a job, or its device process works
+    /// on its own (`device.busy_glob`), asked inside the container (`labvisor-healthcheck
+    /// --state` through exec): the answer of the agent's own heartbeat, without the broker. A
+    /// stale heartbeat (a hung agent) is not busy.
+    fn agent_busy(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<AgentAnswer, RuntimeError>> + Send;
+    /// Asks the agent in the running container `id` to drain its device process
+    /// (`labvisor-agent drain` through exec), or lifts that request (`lift`).
+    fn agent_drain(
+        &self,
+        id: &str,
+        lift: bool,
+    ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Container events of this supervisor's containers.
     fn events(&self) -> EventStream;
 }

@@ -150,7 +150,7 @@ impl<R: ContainerRuntime> Executor<R> {
             .map(|(id, sut)| {
                 let span = tracing::debug_span!("ask", sut = %sut, container = %id);
                 async move {
-                    let busy = match tokio::time::timeout(ASK_TIMEOUT, runtime.agent_busy(&id))
+                    let answer = match tokio::time::timeout(ASK_TIMEOUT, runtime.agent_busy(&id))
                         .await
                     {
                         Ok(Ok(b)) => Some(b),
@@ -163,11 +163,55 @@ impl<R: ContainerRuntime> Executor<R> {
                             None
                         }
                     };
-                    Answer { id, sut, busy }
+                    Answer {
+                        id,
+                        sut,
+                        busy: answer.as_ref().map(|a| a.busy),
+                        device_work: answer.and_then(|a| a.device_work),
+                    }
                 }
                 .instrument(span)
             })
             .buffer_unordered(self.exec.settings.parallelism.max(1))
+            .collect()
+            .await
+    }
+}
+
+/// What a drain request is for: the agent in container `id` of `sut` drains its device
+/// process, or (`lift`) lets it run again.
+pub(super) struct DrainRequest {
+    pub id: String,
+    pub sut: SutName,
+    pub lift: bool,
+}
+
+impl<R: ContainerRuntime> Executor<R> {
+    /// Asks agents to drain their device process, or lifts that (through the runtime, so it
+    /// works while the broker is down), `parallelism` at a time, each within [`ASK_TIMEOUT`].
+    /// Returns the requests that were carried out.
+    pub async fn drain_agents(&self, requests: Vec<DrainRequest>) -> Vec<DrainRequest> {
+        let runtime = &self.exec.runtime;
+        futures_util::stream::iter(requests)
+            .map(|r| {
+                let span = tracing::debug_span!("drain", sut = %r.sut, container = %r.id, lift = r.lift);
+                async move {
+                    match tokio::time::timeout(ASK_TIMEOUT, runtime.agent_drain(&r.id, r.lift)).await {
+                        Ok(Ok(())) => Some(r),
+                        Ok(Err(error)) => {
+                            warn!(error = %error, "Could not ask the agent to drain its device process (or lift it).");
+                            None
+                        }
+                        Err(_) => {
+                            warn!(timeout = ?ASK_TIMEOUT, "The agent did not take the drain request (or its lifting) in time.");
+                            None
+                        }
+                    }
+                }
+                .instrument(span)
+            })
+            .buffer_unordered(self.exec.settings.parallelism.max(1))
+            .filter_map(std::future::ready)
             .collect()
             .await
     }

@@ -23,6 +23,14 @@
 //!   supervisor asks the agent itself: `labvisor-healthcheck --state` through a Docker exec,
 //!   which reads the agent's heartbeat. That answer wins; when there is none (exec failed),
 //!   the broker's view decides; a hung agent (stale heartbeat) counts as idle.
+//! - **The device's own work.** An agent whose `device.busy_glob` matches is `busy` too, and
+//!   says what it saw in `device_work` (on MQTT, and as a `device_work=` line of `--state`); the
+//!   pending action names it ("recreate waits for the device's own work: PATH"). While such a
+//!   wait lasts, the supervisor asks the agent to drain its device process (`labvisor-agent
+//!   drain` through a Docker exec: it works without the broker, like the busy probe, and the
+//!   agent acts only if the SUT has `device.drain_signal`), so the device takes no new work and
+//!   the recreation follows its current job; when nothing waits any more and the container
+//!   stays (the file was reverted), `labvisor-agent drain --lift` lets the device run again.
 //! - **A periodic resync** (30 s), finished actions, and retry or healing deadlines.
 //!
 //! **Actions** run as tasks, at most `parallelism` at a time (a semaphore), and never two for

@@ -10,6 +10,7 @@ use labvisor_protocol::SutName;
 use tokio::time::Instant;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use super::executor::DrainRequest;
 use super::reconciler::Reconciler;
 use super::status::Seen;
 use super::DOCKER_RETRY_MAX;
@@ -43,6 +44,8 @@ struct Planned {
     invalid: BTreeSet<SutName>,
     actual: Vec<Actual>,
     actions: Vec<Action>,
+    /// The device's own work per SUT: the broker's view, over which the agents' own answers go.
+    work: BTreeMap<SutName, String>,
 }
 
 impl<R: ContainerRuntime> Reconciler<R> {
@@ -77,6 +80,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let p = self.classify_and_plan(scan, list, now).await;
         let known = self.note_plan(&p, now);
         self.rolling_observe(&p.actual, &p.desired, &p.actions);
+        self.drain(&p).await;
         self.forget(&known);
         let wake = self.exec.start_due(p.actions, &mut self.suts, &p.scan, now);
         if let Some(at) = wake {
@@ -168,9 +172,16 @@ impl<R: ContainerRuntime> Reconciler<R> {
         self.rolling_choose(&actual, &desired);
         let mut actions = plan(&desired, &actual, &invalid);
         self.rolling_action(&actual, &desired, &mut actions);
+        let mut work = self.device_work.clone();
         let ask = classify::to_ask(&actual, &actions);
         if !ask.is_empty() {
             let answers = self.exec.ask_agents(ask).await;
+            for answer in answers.iter().filter(|a| a.busy.is_some()) {
+                match &answer.device_work {
+                    Some(w) => work.insert(answer.sut.clone(), w.clone()),
+                    None => work.remove(&answer.sut),
+                };
+            }
             let changed =
                 classify::apply_answers(&mut actual, answers, |sut| self.busy(sut, now, true));
             for (id, broker_view) in &changed {
@@ -187,6 +198,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             invalid,
             actual,
             actions,
+            work,
         }
     }
 
@@ -221,7 +233,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
             let st = self.suts.entry(sut.clone()).or_default();
             match deferred.get(sut) {
                 Some(defer @ Action::Defer { action, .. }) => {
-                    let w = st.deferral.waiting(now, busy_wait, *action);
+                    let work = p.work.get(sut).map(String::as_str);
+                    let w = st.deferral.waiting(now, busy_wait, *action, work);
                     if w.began {
                         self.metrics.on_action(defer);
                     }
@@ -248,6 +261,66 @@ impl<R: ContainerRuntime> Reconciler<R> {
             st.heal.observe(health, now);
         }
         known
+    }
+
+    /// While a recreation or removal waits for the device's own work, asks the agent to drain
+    /// its device process (on every such pass: the request lives in the container's tmpfs, so a
+    /// restarted container needs it again; the agent acts on it once). When the SUT no longer
+    /// waits and nothing is done to its container (the file was reverted), the request is
+    /// lifted and the device process runs again.
+    async fn drain(&mut self, p: &Planned) {
+        let mut requests = Vec::new();
+        let mut waiting = BTreeSet::new();
+        for a in &p.actions {
+            if let Action::Defer { sut, id, .. } = a {
+                waiting.insert(sut);
+                if p.work.contains_key(sut) {
+                    requests.push(DrainRequest {
+                        id: id.clone(),
+                        sut: sut.clone(),
+                        lift: false,
+                    });
+                }
+            }
+        }
+        let acting: BTreeSet<&SutName> = p
+            .actions
+            .iter()
+            .filter(|a| a.mutates())
+            .map(Action::sut)
+            .collect();
+        for (sut, st) in &mut self.suts {
+            let Some(id) = st.drained.clone().filter(|_| !waiting.contains(sut)) else {
+                continue;
+            };
+            let running = p
+                .actual
+                .iter()
+                .any(|a| a.id == id && a.state == RunState::Running);
+            if running && !acting.contains(sut) {
+                requests.push(DrainRequest {
+                    id,
+                    sut: sut.clone(),
+                    lift: true,
+                });
+            } else {
+                st.drained = None;
+            }
+        }
+        if requests.is_empty() {
+            return;
+        }
+        for done in self.exec.drain_agents(requests).await {
+            let _span = info_span!("sut", sut = %done.sut).entered();
+            let st = self.suts.entry(done.sut.clone()).or_default();
+            if done.lift {
+                info!(container = %done.id, "Nothing waits for the device any more: lifted the drain, its process runs again.");
+                st.drained = None;
+            } else if st.drained.as_deref() != Some(done.id.as_str()) {
+                info!(container = %done.id, "A disruption waits for the device's own work: asked the agent to drain its device process.");
+                st.drained = Some(done.id);
+            }
+        }
     }
 
     /// Forgets SUTs with no file and no container (clearing their retained view); a SUT that

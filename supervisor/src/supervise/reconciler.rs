@@ -41,6 +41,8 @@ pub(super) struct Reconciler<R> {
     pub(super) suts: BTreeMap<SutName, SutState>,
     /// Each agent's state as the broker last said.
     pub(super) agents: BTreeMap<SutName, AgentState>,
+    /// Each agent's `device_work` as the broker last said (only agents that report some).
+    pub(super) device_work: BTreeMap<SutName, String>,
     pub(super) docker: Reach,
     pub(super) timers: Timers,
     pub(super) metrics: Metrics,
@@ -303,6 +305,7 @@ pub(super) async fn run<R: ContainerRuntime>(
         runtime,
         suts: BTreeMap::new(),
         agents: BTreeMap::new(),
+        device_work: BTreeMap::new(),
         docker: Reach::default(),
         metrics,
         broker,
@@ -400,6 +403,16 @@ impl<R: ContainerRuntime> Reconciler<R> {
     fn agent_message(&mut self, sut: SutName, payload: &[u8]) {
         let status = serde_json::from_slice::<AgentStatus>(payload).ok();
         self.metrics.observe_agent(&sut, status.as_ref());
+        let work = status.as_ref().and_then(|s| s.device_work.clone());
+        let had_work = match work {
+            Some(w) => self.device_work.insert(sut.clone(), w),
+            None => self.device_work.remove(&sut),
+        }
+        .is_some();
+        if had_work != self.device_work.contains_key(&sut) {
+            // A deferral may now wait for the device's own work (and drain it), or no longer.
+            self.timers.pass_in(Instant::now(), EVENT_DELAY);
+        }
         let state = status.map(|s| s.state);
         let before = match state {
             Some(s) => self.agents.insert(sut.clone(), s),

@@ -5,16 +5,18 @@
 //!
 //! - [`checker`]: the problem collector and the value checks every section shares;
 //! - [`container`]: `image`, `command`, `env`, `tail`, `network`, `labels`;
-//! - [`hosts`] for `extra_hosts`;
+//! - [`hosts`]: the `extra_hosts` key;
 //! - [`posture`]: the host-power settings and their `--allow-*` refusals;
 //! - [`paths`]: paths next to the SUT file and `files`;
 //! - [`sections`]: `[health]`, `[job]`, `[restart]`, `[resources]`, `[log]`;
 //! - [`probe`]: `[probe]` and its URL;
-//! - [`build_section`]: the `[build]` section.
+//! - [`build_section`]: the `[build]` section;
+//! - [`device`]: the `[device]` section (the device's own work).
 
 mod build_section;
 mod checker;
 mod container;
+mod device;
 mod hosts;
 mod paths;
 mod posture;
@@ -150,6 +152,7 @@ fn build(
         .as_ref()
         .filter(|_| check_build)
         .and_then(|b| build_section::build(c, b, sut_dir));
+    let device = device::device(c, raw.device.as_ref(), raw.command.is_some());
     Some(SutConfig {
         name: name?,
         image,
@@ -172,5 +175,6 @@ fn build(
         log,
         probe,
         build,
+        device,
     })
 }

@@ -19,12 +19,12 @@ use tracing::{debug, warn};
 use super::{found, secs, DockerRuntime, Known};
 use crate::plan::RunState;
 use crate::runtime::{
-    ContainerInfo, ContainerRuntime, EventStream, ImageOutcome, Progress, RuntimeError,
-    RuntimeEvent,
+    AgentAnswer, ContainerInfo, ContainerRuntime, EventStream, ImageOutcome, Progress,
+    RuntimeError, RuntimeEvent,
 };
 use crate::spec::{
-    ContainerSpec, ImageSpec, Named, HEALTHCHECK_PATH, LABEL_MANAGED_BY, LABEL_ROLE, LABEL_SUT,
-    MANAGED_BY,
+    ContainerSpec, ImageSpec, Named, AGENT_PATH, HEALTHCHECK_PATH, LABEL_MANAGED_BY, LABEL_ROLE,
+    LABEL_SUT, MANAGED_BY,
 };
 
 impl ContainerRuntime for DockerRuntime {
@@ -179,32 +179,23 @@ impl ContainerRuntime for DockerRuntime {
         Ok(())
     }
 
-    async fn agent_busy(&self, id: &str) -> Result<bool, RuntimeError> {
-        let exec = self
-            .docker
-            .create_exec(
-                id,
-                bollard::exec::CreateExecOptions {
-                    cmd: Some(vec![HEALTHCHECK_PATH, "--state"]),
-                    attach_stdout: Some(true),
-                    attach_stderr: Some(false),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        let mut out = String::new();
-        if let bollard::exec::StartExecResults::Attached { mut output, .. } =
-            self.docker.start_exec(&exec.id, None).await?
-        {
-            while let Some(chunk) = output.next().await {
-                out.push_str(&String::from_utf8_lossy(&chunk?.into_bytes()));
-                if out.len() > 4096 {
-                    break;
-                }
-            }
-        }
-        let code = self.docker.inspect_exec(&exec.id).await?.exit_code;
+    async fn agent_busy(&self, id: &str) -> Result<AgentAnswer, RuntimeError> {
+        let (code, out) = self.exec(id, vec![HEALTHCHECK_PATH, "--state"]).await?;
         busy_from_state_probe(code, &out)
+    }
+
+    async fn agent_drain(&self, id: &str, lift: bool) -> Result<(), RuntimeError> {
+        let mut cmd = vec![AGENT_PATH, "drain"];
+        if lift {
+            cmd.push("--lift");
+        }
+        match self.exec(id, cmd).await? {
+            (Some(0), _) => Ok(()),
+            (code, out) => Err(RuntimeError::NoAnswer(format!(
+                "labvisor-agent drain said {:?} (exit {code:?})",
+                out.trim()
+            ))),
+        }
     }
 
     fn events(&self) -> EventStream {
@@ -239,6 +230,36 @@ impl ContainerRuntime for DockerRuntime {
 }
 
 impl DockerRuntime {
+    /// Runs `cmd` in the container `id` (docker exec): its exit code and the first 4 KiB or so
+    /// of its stdout.
+    async fn exec(&self, id: &str, cmd: Vec<&str>) -> Result<(Option<i64>, String), RuntimeError> {
+        let exec = self
+            .docker
+            .create_exec(
+                id,
+                bollard::exec::CreateExecOptions {
+                    cmd: Some(cmd),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(false),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        let mut out = String::new();
+        if let bollard::exec::StartExecResults::Attached { mut output, .. } =
+            self.docker.start_exec(&exec.id, None).await?
+        {
+            while let Some(chunk) = output.next().await {
+                out.push_str(&String::from_utf8_lossy(&chunk?.into_bytes()));
+                if out.len() > 4096 {
+                    break;
+                }
+            }
+        }
+        let code = self.docker.inspect_exec(&exec.id).await?.exit_code;
+        Ok((code, out))
+    }
+
     /// Whether the SUT volume of the old naming exists and carries the labels that make it
     /// this supervisor's volume of this SUT (and no role: the old tools volume's name was a
     /// possible SUT volume name). The volumes are listed once per process: labvisor never makes
@@ -358,15 +379,27 @@ fn run_state(s: Option<ContainerSummaryStateEnum>) -> RunState {
     }
 }
 
-/// Reads `labvisor-healthcheck --state`'s answer: exit 0 with `state=<state>` (busy or not);
-/// exit 1, an unhealthy agent (stale heartbeat: hung or dead), which runs no job worth waiting
-/// for. Anything else, e.g. exit 2 from a healthcheck older than `--state` in a container made
-/// by an earlier supervisor version, cannot tell.
-pub fn busy_from_state_probe(exit_code: Option<i64>, stdout: &str) -> Result<bool, RuntimeError> {
+/// Reads `labvisor-healthcheck --state`'s answer: exit 0 with `state=<state>` (busy or not) on
+/// its first line, and `device_work=<what>` on a second when the device works on its own; exit
+/// 1, an unhealthy agent (stale heartbeat: hung or dead), which runs no job worth waiting for.
+/// Anything else, e.g. exit 2 from a healthcheck older than `--state` in a container made by an
+/// earlier supervisor version, cannot tell.
+pub fn busy_from_state_probe(
+    exit_code: Option<i64>,
+    stdout: &str,
+) -> Result<AgentAnswer, RuntimeError> {
     let out = stdout.trim();
-    match (exit_code, out.strip_prefix("state=")) {
-        (Some(0), Some(state)) => Ok(state == AgentState::Busy.as_str()),
-        (Some(1), _) => Ok(false),
+    let mut lines = out.lines();
+    let state = lines.next().and_then(|l| l.strip_prefix("state="));
+    match (exit_code, state) {
+        (Some(0), Some(state)) => Ok(AgentAnswer {
+            busy: state == AgentState::Busy.as_str(),
+            device_work: lines
+                .find_map(|l| l.strip_prefix("device_work="))
+                .filter(|w| !w.is_empty())
+                .map(str::to_owned),
+        }),
+        (Some(1), _) => Ok(AgentAnswer::default()),
         _ => Err(RuntimeError::NoAnswer(format!(
             "labvisor-healthcheck --state said {out:?} (exit {exit_code:?})"
         ))),
@@ -393,10 +426,23 @@ mod tests {
 
     #[test]
     fn state_probe_answers() {
-        assert!(busy_from_state_probe(Some(0), "state=busy\n").unwrap());
-        assert!(!busy_from_state_probe(Some(0), "state=idle\n").unwrap());
+        let busy = |code, out| busy_from_state_probe(code, out).map(|a| a.busy);
+        assert!(busy(Some(0), "state=busy\n").unwrap());
+        assert!(!busy(Some(0), "state=idle\n").unwrap());
         // Unhealthy (a stale heartbeat): no job worth waiting for.
-        assert!(!busy_from_state_probe(Some(1), "unhealthy: heartbeat is 40.0s old").unwrap());
+        assert!(!busy(Some(1), "unhealthy: heartbeat is 40.0s old").unwrap());
+        // The device's own work comes on a second line.
+        assert_eq!(
+            busy_from_state_probe(
+                Some(0),
+                "state=busy\ndevice_work=/tmp/testflinger/run/j1/testflinger.json\n"
+            )
+            .unwrap(),
+            AgentAnswer {
+                busy: true,
+                device_work: Some("/tmp/testflinger/run/j1/testflinger.json".into())
+            }
+        );
         // A healthcheck older than --state, or no exit code: cannot tell.
         assert!(busy_from_state_probe(Some(2), "unknown argument \"--state\"").is_err());
         assert!(busy_from_state_probe(Some(0), "ok: busy, heartbeat 1.0s old").is_err());
