@@ -502,6 +502,36 @@ mod tests {
     }
 
     #[test]
+    fn restart_topics_are_under_the_supervisors_namespace() {
+        let id = SupervisorId::new("lab-a").unwrap();
+        for (t, p) in [
+            (Topics::new(), ""),
+            (Topics::with_prefix(Some("lab1")).unwrap(), "lab1/"),
+        ] {
+            assert_eq!(
+                t.supervisor_restart(&id),
+                format!("{p}labvisor/supervisors/lab-a/restart")
+            );
+            assert_eq!(
+                t.supervisor_restart_status(&id),
+                format!("{p}labvisor/supervisors/lab-a/restart_status")
+            );
+            assert_eq!(
+                t.supervisor_restart_filter(),
+                format!("{p}labvisor/supervisors/+/restart")
+            );
+            assert_eq!(
+                t.supervisor_restart_status_filter(),
+                format!("{p}labvisor/supervisors/+/restart_status")
+            );
+            // Never a SUT's topic (`labvisor` is no SUT), so an agent's ACL pattern never
+            // reaches them.
+            assert_eq!(t.parse(&t.supervisor_restart(&id)), None);
+            assert_eq!(t.parse(&t.supervisor_restart_status(&id)), None);
+        }
+    }
+
+    #[test]
     fn bad_prefixes_and_job_ids_are_refused() {
         for p in ["a//b", "a/", "/a", "+", "a/#", "$SYS", "a b"] {
             assert!(Topics::with_prefix(Some(p)).is_err(), "{p}");

@@ -263,6 +263,50 @@ fn older_payloads_without_v_still_parse() {
     assert_eq!(p.v, VERSION);
 }
 
+// -- lab operations (helper ops): the rolling restart.
+
+#[test]
+fn restart_request() {
+    let p = RestartRequest {
+        v: VERSION,
+        id: "9f2c".into(),
+        suts: vec![sut(), SutName::new("rpi4-02").unwrap()],
+        all: false,
+        when_idle: true,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn restart_status() {
+    let p = RestartStatus {
+        v: VERSION,
+        id: "9f2c".into(),
+        state: RestartState::Running,
+        suts: vec![
+            RestartSut {
+                sut: sut(),
+                step: RestartStep::Done,
+                old_container: Some("3f1e".into()),
+                new_container: Some("77ab".into()),
+                detail: None,
+            },
+            RestartSut {
+                sut: SutName::new("rpi4-02").unwrap(),
+                step: RestartStep::WaitingIdle,
+                old_container: Some("5c0d".into()),
+                new_container: None,
+                detail: Some("waiting for the running job".into()),
+            },
+        ],
+        reason: None,
+        time_ms: T,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
 #[test]
 fn admin_command() {
     let p = AdminCommand::new(

@@ -284,3 +284,156 @@ fn a_rolling_restart_waits_for_the_busy_agent() {
         .collect();
     assert_eq!(finals, vec![JobState::Passed]);
 }
+
+/// Without `--when-idle`, `labvisor restart` refuses before it talks to anyone (exit 2).
+#[test]
+fn a_restart_that_would_cut_jobs_is_refused() {
+    let out = Command::cargo_bin("labvisor")
+        .unwrap()
+        .args(["restart", "r1", "--broker", "mqtt://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--when-idle"), "{err}");
+}
+
+/// `labvisor restart --all --when-idle` with no credentials, against the managed broker: the
+/// local tools login may ask for it (the managed ACL), every SUT is recreated, exit 0.
+#[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
+fn the_local_login_restarts_all_through_the_managed_broker() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("ops-all");
+    let t = tempfile::tempdir().unwrap();
+    let (dir, state) = (t.path().join("sut"), t.path().join("state"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for s in ["m1", "m2"] {
+        write(&dir, &format!("{s}.toml"), &sut_file("1"));
+    }
+    let port = labvisor_tests::free_port();
+    let url = format!("mqtt://127.0.0.1:{port}");
+    let log = t.path().join("supervisor.log");
+    // The managed broker runs when neither --broker nor --agent-broker is given.
+    let _sup = labvisor_tests::KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_labvisor"))
+            .arg("supervise")
+            .arg("--sut-dir")
+            .arg(&dir)
+            .args(["--id", scope.run_id()])
+            .args(["--name-prefix", &scope.name("")])
+            .args(["--extra-label", &scope.label()])
+            .args(["--broker-port", &port.to_string()])
+            .args(["--metrics-listen", "none", "--stop-timeout", "2s"])
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--agent-bin")
+            .arg(labvisor_tests::static_bin("labvisor-agent"))
+            .arg("--healthcheck-bin")
+            .arg(labvisor_tests::static_bin("labvisor-healthcheck"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let old = [wait_healthy(&scope, "m1", T), wait_healthy(&scope, "m2", T)];
+    let out = Command::cargo_bin("labvisor")
+        .unwrap()
+        .args(["restart", "--all", "--when-idle", "--broker", &url])
+        .env("LABVISOR_STATE_DIR", &state)
+        .env_remove("LABVISOR_TOPIC_PREFIX")
+        .env_remove("LABVISOR_MQTT_USERNAME")
+        .env_remove("LABVISOR_MQTT_PASSWORD")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}\n--- supervisor log ---\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(
+        stdout.contains("m1: done") && stdout.contains("m2: done"),
+        "{stdout}"
+    );
+    for (i, s) in ["m1", "m2"].iter().enumerate() {
+        let (id, status) = status_of(&scope, s);
+        assert_ne!(id, old[i], "{s} recreated");
+        assert!(status.ends_with("(healthy)"), "{s}: {status}");
+    }
+}
+
+/// A supervisor restarted during a rolling restart does not resume it: the new run marks the
+/// progress it finds retained as failed, and `labvisor restart` exits non-zero with why; the
+/// busy SUT keeps its container and its job.
+#[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
+fn a_supervisor_restart_ends_its_rolling_restart_as_failed() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("ops-cut");
+    let (broker, agent_broker) = gateway_broker(&scope);
+    let sub = broker.subscribe("#", &[]);
+    let (_t, dir) = tmp_sut_dir();
+    write(&dir, "b1.toml", &sut_file("1"));
+    let args = ["--agent-broker", agent_broker.as_str(), "--resync", "1s"];
+    let mut sup = Sup::start(&scope, &dir, Some(&broker.url()), &args);
+    let id = wait_healthy(&scope, "b1", T);
+    wait_until("b1 idle on the broker", T, || {
+        payloads::<AgentStatus>(&sub, "b1/agent")
+            .into_iter()
+            .find(|a| a.state == AgentState::Idle)
+    });
+    let job =
+        serde_json::json!({"id": "long", "script": "while [ ! -f /tmp/go ]; do sleep 0.2; done"});
+    assert!(broker
+        .publish("b1/submit", &job.to_string(), &["-q", "1"])
+        .status
+        .success());
+    wait_until("b1 busy", T, || {
+        payloads::<AgentStatus>(&sub, "b1/agent")
+            .into_iter()
+            .find(|a| a.state == AgentState::Busy)
+    });
+    let mut cli = labvisor_tests::KillOnDrop(
+        Command::cargo_bin("labvisor")
+            .unwrap()
+            .args(["restart", "b1", "--when-idle"])
+            .env("LABVISOR_BROKER", broker.url())
+            .env_remove("LABVISOR_TOPIC_PREFIX")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let topic = format!("labvisor/supervisors/{}/restart_status", scope.run_id());
+    wait_until("the restart waits for b1's job", T, || {
+        payloads::<RestartStatus>(&sub, &topic)
+            .into_iter()
+            .find(|r| r.suts[0].step == RestartStep::WaitingIdle)
+    });
+
+    sup.kill();
+    let _sup = Sup::start(&scope, &dir, Some(&broker.url()), &args);
+    let failed = wait_until("the restart marked failed", T, || {
+        payloads::<RestartStatus>(&sub, &topic)
+            .into_iter()
+            .find(|r| r.state == RestartState::Failed)
+    });
+    assert!(
+        failed
+            .reason
+            .as_deref()
+            .unwrap()
+            .contains("supervisor restarted"),
+        "{failed:?}"
+    );
+    let code = wait_until("the CLI exits", T, || cli.0.try_wait().unwrap());
+    assert!(!code.success(), "{code:?}");
+    let mut err = String::new();
+    std::io::Read::read_to_string(cli.0.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(err.contains("supervisor"), "{err}");
+    wait_passes(&_sup, 3);
+    assert_eq!(status_of(&scope, "b1").0, id, "b1 keeps its container");
+}

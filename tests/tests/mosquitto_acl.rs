@@ -658,6 +658,31 @@ fn tls_listener_serves_clients_that_trust_the_generated_ca() {
     assert_eq!(mode(&b.files.path().join("ca/ca.key")), 0o600);
 }
 
+// -- lab operations (helper ops): the rolling restart's request topic.
+
+#[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
+fn submitters_ask_a_supervisor_for_a_rolling_restart_and_no_one_else_does() {
+    let b = start_broker();
+    let all = b.subscribe(SUPERVISOR, &["#"], SUPERVISOR, "labvisor/sync");
+    let topic = "labvisor/supervisors/lab-a/restart";
+    let payload = unique_id("restart");
+    b.publish(SUBMIT, topic, &payload);
+    let expected = format!("{topic} {payload}");
+    all.wait_for(&expected, LIMIT, |l| l == expected);
+    for (who, topic) in [
+        (READER, topic),
+        (AGENT_A, topic),
+        (RESERVED, topic),
+        // The progress is the supervisor's alone.
+        (SUBMIT, "labvisor/supervisors/lab-a/restart_status"),
+    ] {
+        let refused = unique_id("refused");
+        b.publish(who, topic, &refused);
+        b.assert_dropped(&all, &refused, (SUBMIT, "rpi4-02/submit"));
+    }
+}
+
 /// Admin commands (`labvisor offline`, `online`, `maintenance` on `<sut>/admin`): a submitter's
 /// reach the agent; a reader's and another SUT's agent's are dropped.
 #[test]

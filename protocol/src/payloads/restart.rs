@@ -65,7 +65,8 @@ pub enum RestartStep {
     WaitingHealthy,
     /// Restarted: the new container is healthy.
     Done,
-    /// Not restarted (`detail` says why: its file is gone, a person stopped it).
+    /// Not restarted (`detail` says why: its file is gone, a person stopped it, it has no
+    /// container).
     Skipped,
     /// Its recreation failed, or the new container turned unhealthy (`detail`).
     Failed,

@@ -163,7 +163,13 @@ impl Rolling {
                     RestartStep::Skipped,
                     Some("stopped by a person: left stopped".into()),
                 ),
-                _ => left.push(i),
+                // Being created (or failing to be): nothing to restart, and nothing to wait for.
+                (Some(_), None) => self.set(
+                    i,
+                    RestartStep::Skipped,
+                    Some("it has no container (yet)".into()),
+                ),
+                (Some(_), Some(_)) => left.push(i),
             }
         }
         self.order = left;
@@ -181,11 +187,12 @@ impl Rolling {
             return;
         };
         let i = self.order.remove(pos);
-        let old = primary(actual, desired, &self.status.suts[i].sut).map(|a| a.id.clone());
-        self.status.suts[i].old_container = old.clone();
+        let old = primary(actual, desired, &self.status.suts[i].sut)
+            .map(|a| a.id.clone())
+            .unwrap_or_default();
+        self.status.suts[i].old_container = Some(old.clone());
         self.set(i, RestartStep::WaitingIdle, None);
-        // A SUT without a container yet (being created) counts as restarted once it is healthy.
-        self.turn = Some((i, old.unwrap_or_default()));
+        self.turn = Some((i, old));
     }
 
     /// The recreation of the SUT whose turn it is, unless the plan (`actions`) acts on it
@@ -465,6 +472,13 @@ mod tests {
             RestartStep::Skipped,
             "b's file is gone"
         );
+        let mut r2 = Rolling::accept(&request(&["c"]), &d, None).unwrap();
+        assert_eq!(pass(&mut r2, &[], &d), None);
+        assert_eq!(
+            r2.status.suts[0].detail.as_deref(),
+            Some("it has no container (yet)")
+        );
+        assert_eq!(r2.status.state, RestartState::Done);
         assert_eq!(r.turn(), Some(&sut("c")));
         // c's new container turns unhealthy: the restart stops there.
         world[2] = running("c", "c2");

@@ -381,6 +381,12 @@ impl<R: ContainerRuntime> Reconciler<R> {
             }
             return;
         }
+        if self.is_restart_status(topic) {
+            if retained {
+                self.restart_left_over(payload);
+            }
+            return;
+        }
         let parsed = self.settings.topics.parse(topic);
         if let Some((sut, kind)) = &parsed {
             if self.status.clear_if_gone(topic, sut, kind, payload) {

@@ -24,6 +24,37 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 .supervisor_restart(&self.settings.spec.supervisor)
     }
 
+    /// Whether `topic` is this supervisor's restart progress topic.
+    pub(super) fn is_restart_status(&self, topic: &str) -> bool {
+        topic
+            == self
+                .settings
+                .topics
+                .supervisor_restart_status(&self.settings.spec.supervisor)
+    }
+
+    /// The retained progress on this supervisor's topic: when it is a restart that an earlier
+    /// run left running (not this run's), it ends as failed, so that no one waits for it.
+    pub(super) fn restart_left_over(&mut self, payload: &[u8]) {
+        let Ok(mut status) = serde_json::from_slice::<RestartStatus>(payload) else {
+            return;
+        };
+        let ours = self
+            .rolling
+            .as_ref()
+            .is_some_and(|r| r.status.id == status.id);
+        if ours || status.state.is_final() {
+            return;
+        }
+        warn!(request = %status.id, "A rolling restart of an earlier run of this supervisor was cut short; marking it failed.");
+        status.state = payloads::RestartState::Failed;
+        status.reason = Some(
+            "the supervisor restarted before the rolling restart ended; run labvisor restart again"
+                .into(),
+        );
+        self.send_restart_status(&status, true);
+    }
+
     /// A restart request arrived: kept for the next pass (which knows the SUT files).
     pub(super) fn restart_requested(&mut self, payload: &[u8]) {
         match serde_json::from_slice::<RestartRequest>(payload) {

@@ -82,11 +82,12 @@ pub(super) fn start_link(
     let (link, incoming) = MqttLink::start(opts)?;
     link.subscribe(settings.topics.agents_filter(), QoS::AtLeastOnce)?;
     link.subscribe(settings.topics.last_jobs_filter(), QoS::AtLeastOnce)?;
-    // Lab operations: rolling restart requests to this supervisor.
+    // Lab operations: rolling restart requests to this supervisor, and the progress an
+    // earlier run of it left retained (ended as failed: a restart is not resumed).
+    let id = &settings.spec.supervisor;
+    link.subscribe(settings.topics.supervisor_restart(id), QoS::AtLeastOnce)?;
     link.subscribe(
-        settings
-            .topics
-            .supervisor_restart(&settings.spec.supervisor),
+        settings.topics.supervisor_restart_status(id),
         QoS::AtLeastOnce,
     )?;
     Ok((Some(link), Some(incoming)))
