@@ -12,7 +12,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::{docker, free_port, run_ok, wait_until, workspace_root, DockerScope, KillOnDrop};
+use crate::{
+    docker, docker_ok, free_port, run_ok, wait_until, workspace_root, DockerScope, KillOnDrop,
+};
 
 /// The agent token the stand-in server is started with ([`TfServer::start`]).
 pub const STANDIN_TOKEN: &str = "standin-refresh-token";
@@ -28,9 +30,31 @@ pub fn standin_dir() -> PathBuf {
     workspace_root().join("tests/testflinger-standin")
 }
 
-/// The address `host-gateway` means inside containers: the gateway of Docker's `bridge`.
+/// The address `host-gateway` means inside containers (docker0's address unless dockerd was
+/// told otherwise): asked of Docker once, from the `/etc/hosts` of a throw-away container.
 pub fn host_gateway_ip() -> String {
-    crate::network_gateway("bridge")
+    static IP: OnceLock<String> = OnceLock::new();
+    IP.get_or_init(|| {
+        crate::ensure_busybox_image();
+        let hosts = docker_ok(&[
+            "run",
+            "--rm",
+            "--label",
+            &format!("{}=host-gateway", crate::TEST_LABEL),
+            "--add-host",
+            "labvisor-host-gateway:host-gateway",
+            crate::BUSYBOX_IMAGE,
+            "cat",
+            "/etc/hosts",
+        ]);
+        hosts
+            .lines()
+            .find(|l| l.ends_with("labvisor-host-gateway"))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no host-gateway entry in {hosts}"))
+            .to_owned()
+    })
+    .clone()
 }
 
 /// Makes sure [`TF_STYLE_IMAGE`] exists, building it with `tools/build-images.sh` if needed.
