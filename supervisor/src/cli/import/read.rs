@@ -37,6 +37,8 @@ pub(super) struct Device {
     pub basedir: String,
     pub timeout: Option<String>,
     pub output_timeout: Option<String>,
+    /// `server_address` as a URL (`http://` added when it has no scheme, as the agent does).
+    pub server: Option<String>,
     pub env: BTreeMap<String, String>,
     /// Things to look at; the import goes on.
     pub warnings: Vec<String>,
@@ -74,6 +76,7 @@ pub(super) fn device(t: &Triplet, names: &Names) -> Device {
         basedir: DEFAULT_EXECUTION_BASEDIR.to_owned(),
         timeout: None,
         output_timeout: None,
+        server: None,
         env: BTreeMap::new(),
         warnings: Vec::new(),
         problems: Vec::new(),
@@ -130,6 +133,11 @@ impl Device {
                 show(v)
             )),
         }
+        self.server = match conf.get("server_address") {
+            Some(Value::String(a)) if a.contains("://") => Some(a.trim_end_matches('/').to_owned()),
+            Some(Value::String(a)) if !a.is_empty() => Some(format!("http://{a}")),
+            _ => None,
+        };
         self.timeout = seconds(conf, "global_timeout", conf_name, &mut self.warnings);
         self.output_timeout = seconds(conf, "output_timeout", conf_name, &mut self.warnings);
         let snappy_name = &names.snappy;
