@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use labvisor_protocol::config::SutConfig;
+use labvisor_protocol::config::{ProbeCheck, SutConfig};
 use labvisor_protocol::payloads::{random_id, AgentState};
 use labvisor_protocol::topics::{SutTopic, Topics};
 use nix::sys::signal::Signal;
@@ -197,7 +197,7 @@ impl Agent {
             .run(tap_rx),
         );
         let threads = Threads::spawn(cfg, &sinks, &mut reporter);
-        let probe = spawn_probe(&settings, link.as_ref());
+        let probe = spawn_probe(&settings, link.as_ref(), &mut reporter);
         let device = spawn_device(cfg, &sinks);
         Ok(Agent {
             settings,
@@ -313,12 +313,24 @@ impl Agent {
     }
 }
 
-/// The upstream probe, when one is configured and there is a broker to report to.
-fn spawn_probe(settings: &Settings, link: Option<&MqttLink>) -> Option<JoinHandle<()>> {
-    let (cfg, link) = (&settings.config, link?);
+/// The device probe, when one is configured: a URL probe when there is a broker to report to;
+/// an exec probe always (its failure reaches the heartbeat through `reporter`).
+fn spawn_probe(
+    settings: &Settings,
+    link: Option<&MqttLink>,
+    reporter: &mut Reporter,
+) -> Option<JoinHandle<()>> {
+    let cfg = &settings.config;
     let probe = cfg.probe.clone()?;
+    if matches!(probe.check, ProbeCheck::Url(_)) && link.is_none() {
+        return None;
+    }
+    let failure = probe::ProbeFailure::default();
+    if matches!(probe.check, ProbeCheck::Command(_)) {
+        reporter.probe_failure = Some(failure.clone());
+    }
     let topic = settings.topics.probe(&cfg.name);
-    let task = probe::run(probe, link.clone(), topic, cfg.name.clone());
+    let task = probe::run(probe, link.cloned(), topic, cfg.name.clone(), failure);
     Some(tokio::spawn(task.in_current_span()))
 }
 

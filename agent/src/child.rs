@@ -233,6 +233,74 @@ pub fn reap_orphans(ours: &[u32]) -> usize {
     }
 }
 
+// --- helper probe: exec probes (issue 15) ---
+/// A process started by [`spawn_captured`] (an exec probe): in its own process group, its
+/// stdout and stderr on one pipe for the caller to read, listed among the processes [`spawn`]
+/// started until it is waited for, so the PID-1 reaper leaves its exit status to the caller.
+pub struct Captured {
+    child: Child,
+    pid: u32,
+    /// Its stdout and stderr, on one pipe (`None` once taken).
+    pub output: Option<std::io::PipeReader>,
+}
+
+/// Starts `argv` in a new process group with stdin from /dev/null and its output captured.
+pub fn spawn_captured(argv: &[String]) -> std::io::Result<Captured> {
+    let Some((prog, args)) = argv.split_first() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "empty command",
+        ));
+    };
+    let (reader, writer) = std::io::pipe()?;
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(writer.try_clone()?)
+        .stderr(writer)
+        .process_group(0)
+        .kill_on_drop(false);
+    let child = {
+        let mut ours = ours();
+        let child = cmd.spawn()?;
+        ours.extend(child.id());
+        child
+    };
+    // The parent's copies of the write end go, so the reader sees EOF when the group is done.
+    drop(cmd);
+    let pid = child.id().unwrap_or(0);
+    Ok(Captured {
+        child,
+        pid,
+        output: Some(reader),
+    })
+}
+
+impl Captured {
+    /// Waits for it to exit. Cancel-safe.
+    pub async fn wait(&mut self) -> Exit {
+        let exit = match self.child.wait().await {
+            Ok(s) => Exit::from_status(s),
+            Err(_) => Exit::Code(-1),
+        };
+        ours().remove(&self.pid);
+        exit
+    }
+
+    /// KILL to its whole process group (whatever is left of it).
+    pub fn kill_group(&self) {
+        signal_group(self.pid, Signal::SIGKILL);
+    }
+}
+
+impl Drop for Captured {
+    fn drop(&mut self) {
+        self.kill_group();
+        ours().remove(&self.pid);
+    }
+}
+// --- end helper probe ---
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,7 @@ use tracing::warn;
 use crate::device::{self, State};
 use crate::mqtt::{Message, MqttLink};
 use crate::output::Sinks;
+use crate::probe::ProbeFailure;
 use crate::runner::JobRunner;
 use crate::tail::TailErrors;
 use crate::tap::Tap;
@@ -36,6 +37,8 @@ pub struct Reporter {
     pub link: Option<MqttLink>,
     /// Problems of the `tail` globs, reported in `detail`.
     pub tail_errors: Option<TailErrors>,
+    /// The exec probe's failure, reported as `probe_failure` (an exec probe only).
+    pub probe_failure: Option<ProbeFailure>,
     seq: u64,
 }
 
@@ -62,6 +65,7 @@ impl Reporter {
             tap,
             link: None,
             tail_errors: None,
+            probe_failure: None,
             seq: 0,
         }
     }
@@ -140,7 +144,10 @@ impl Reporter {
             .with_jobs(jobs.running().cloned(), jobs.queue_len() as u64)
             .with_broker_connected(self.link.as_ref().is_some_and(|l| l.state().connected))
             .with_output_dropped(self.tap.dropped())
-            .with_detail((!details.is_empty()).then(|| details.join("; ")));
+            .with_detail((!details.is_empty()).then(|| details.join("; ")))
+            .with_probe_failure(self.probe_failure.as_ref().and_then(|f| {
+                f.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            }));
         self.seq += 1;
         self.write_heartbeat(&status);
         if let Some(link) = &self.link {

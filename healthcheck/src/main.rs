@@ -14,7 +14,9 @@
 //! - `0` when the heartbeat is fresh (age at most `max_age`) and the state is healthy;
 //! - `1` otherwise, printing one line with the reason, which Docker keeps in the container's
 //!   health log and Portainer shows: a stale heartbeat (the agent's loop is hung or dead), a
-//!   crash-looping or stalled device process, a missing or corrupt file.
+//!   crash-looping or stalled device process, a missing or corrupt file, or a failing exec
+//!   probe (`probe.command`: the heartbeat's `unhealthy=` key carries its exit status and last
+//!   output lines, so Docker's health log says why the agent does not work).
 //!
 //! It never talks to the broker: a broker outage must not turn every agent in the lab unhealthy
 //! at once (the old stack's check waited for fresh MQTT messages).
@@ -26,6 +28,8 @@
 //! `--state` prints, for a fresh heartbeat in a healthy state, `state=<state>` (e.g.
 //! `state=busy`) instead of the human line: the supervisor runs it with `docker exec` before
 //! recreating or removing a container, to learn whether a job runs without asking the broker.
+//! A failing exec probe does not change that answer: the agent's loop is alive and its job
+//! (if any) is real work to wait for.
 //!
 //! `--file` defaults to `$LABVISOR_HEARTBEAT_FILE`, then `/labvisor/run/heartbeat`.
 //! `--max-age` (`30s`, `1500ms`, `2m`) defaults to the `max_age_ms` the agent wrote.
@@ -34,7 +38,7 @@ use std::fmt;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use labvisor_heartbeat::{is_healthy, Reading, DEFAULT_PATH};
+use labvisor_heartbeat::{is_healthy, is_healthy_status, Reading, DEFAULT_PATH};
 
 const USAGE: &str = "usage: labvisor-healthcheck [--file PATH] [--max-age DURATION] [--state]";
 
@@ -44,6 +48,9 @@ enum Verdict {
     /// The line to print, and the agent's state (for `--state`).
     Healthy(String, String),
     Unhealthy(String),
+    /// A fresh heartbeat in a healthy state that reports a reason to be unhealthy (a failing
+    /// exec probe): the reason, and the state (`--state` still answers with it).
+    Failing(String, String),
 }
 
 #[derive(Debug)]
@@ -132,6 +139,7 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         max_age: file_max_age,
         detail,
         child_alive,
+        unhealthy,
     } = Reading::read(text);
     let (Some(time_ms), Some(state)) = (time_ms, state) else {
         return Verdict::Unhealthy(format!(
@@ -166,6 +174,9 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         };
         return Verdict::Unhealthy(format!("agent state is {state}{why}"));
     }
+    if !is_healthy_status(state, unhealthy) {
+        return Verdict::Failing(unhealthy.trim().to_owned(), state.to_owned());
+    }
     let child = match child_alive {
         "true" => ", device process running",
         "false" => ", device process not running",
@@ -197,19 +208,19 @@ fn main() -> ExitCode {
         )),
         Err(e) => Verdict::Unhealthy(format!("cannot read heartbeat file {}: {e}", args.file)),
     };
+    let (line, code) = report(verdict, args.state);
+    println!("{line}");
+    ExitCode::from(code)
+}
+
+/// What to print and the exit code for `verdict`; `state_mode` for `--state`.
+fn report(verdict: Verdict, state_mode: bool) -> (String, u8) {
     match verdict {
-        Verdict::Healthy(line, state) => {
-            if args.state {
-                println!("state={state}");
-            } else {
-                println!("{line}");
-            }
-            ExitCode::SUCCESS
+        Verdict::Healthy(_, state) | Verdict::Failing(_, state) if state_mode => {
+            (format!("state={state}"), 0)
         }
-        Verdict::Unhealthy(line) => {
-            println!("unhealthy: {line}");
-            ExitCode::from(1)
-        }
+        Verdict::Healthy(line, _) => (line, 0),
+        Verdict::Unhealthy(line) | Verdict::Failing(line, _) => (format!("unhealthy: {line}"), 1),
     }
 }
 
@@ -240,6 +251,7 @@ mod tests {
             output_dropped: 0,
             job: "",
             detail: "exited 5 times in 20s",
+            unhealthy: "",
         }
     }
 
@@ -274,6 +286,36 @@ mod tests {
                     .into()
             )
         );
+    }
+
+    /// A failing exec probe (the heartbeat's `unhealthy=`) makes a fresh, idle or busy agent
+    /// unhealthy with the probe's reason; `--state` still answers with the state, so the
+    /// supervisor waits for a job of an agent whose probe fails.
+    #[test]
+    fn a_failing_probe_is_unhealthy_with_its_reason_but_state_still_answers() {
+        let reason = "probe failing: exit 1: ERROR: Agent not authorized to request jobs.";
+        for state in ["idle", "busy"] {
+            let hb = Heartbeat {
+                unhealthy: reason,
+                ..status(state, NOW - 1_000)
+            };
+            let v = judge_status(&hb, Duration::from_secs(30));
+            assert_eq!(v, Verdict::Failing(reason.into(), state.into()));
+            assert_eq!(report(v, false), (format!("unhealthy: {reason}"), 1));
+            let v = judge_status(&hb, Duration::from_secs(30));
+            assert_eq!(report(v, true), (format!("state={state}"), 0));
+        }
+        // A stale heartbeat is that first: the probe's last word may be old.
+        let hb = Heartbeat {
+            unhealthy: reason,
+            ..status("idle", NOW - 31_000)
+        };
+        let v = judge_status(&hb, Duration::from_secs(30));
+        assert!(matches!(&v, Verdict::Unhealthy(l) if l.contains("hung or dead")), "{v:?}");
+        assert_eq!(report(v, true).1, 1);
+        // Passing again: healthy.
+        let v = judge_status(&status("idle", NOW), Duration::from_secs(30));
+        assert_eq!(report(v, false).1, 0);
     }
 
     #[test]

@@ -35,11 +35,12 @@
 //! output_dropped=0
 //! job=
 //! detail=
+//! unhealthy=
 //! ```
 //!
 //! Values are single lines (newlines become spaces). Unknown keys are ignored by readers
-//! ([`parse`], [`Reading::read`]). The healthcheck decides from `time_ms`, `max_age_ms` and
-//! `state` alone ([`is_healthy`]): it never asks the broker, so a broker outage cannot turn every
+//! ([`parse`], [`Reading::read`]). The healthcheck decides from `time_ms`, `max_age_ms`,
+//! `state` and `unhealthy` alone ([`is_healthy_status`]): it never asks the broker, so a broker outage cannot turn every
 //! agent in the lab unhealthy at once.
 
 use std::io::Write;
@@ -58,6 +59,14 @@ pub const HEALTHY_STATES: &[&str] = &["starting", "idle", "busy", "restarting", 
 /// the healthcheck and by `AgentState::is_healthy`.
 pub fn is_healthy(state: &str) -> bool {
     HEALTHY_STATES.contains(&state)
+}
+
+/// The one healthy rule for a whole status: a healthy state ([`is_healthy`]) and no reason to be
+/// unhealthy (`unhealthy`, the heartbeat's key of that name: a failing exec probe fills it, and
+/// the agent may then be idle or busy, its loop fine, and still not working). Used by the
+/// healthcheck and by `AgentStatus::is_healthy`.
+pub fn is_healthy_status(state: &str, unhealthy: &str) -> bool {
+    is_healthy(state) && unhealthy.trim().is_empty()
 }
 
 /// The device process as the heartbeat file records it.
@@ -98,6 +107,9 @@ pub struct Heartbeat<'a> {
     pub job: &'a str,
     /// Human detail (why a crash loop, ...), empty when none.
     pub detail: &'a str,
+    /// Why the agent is unhealthy whatever its state (a failing exec probe, with its output),
+    /// empty when nothing is ([`is_healthy_status`]).
+    pub unhealthy: &'a str,
 }
 
 impl Heartbeat<'_> {
@@ -108,7 +120,7 @@ impl Heartbeat<'_> {
         }
         let child = self.child.as_ref();
         format!(
-            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\n",
+            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nunhealthy={}\n",
             self.v,
             self.sut,
             self.state,
@@ -123,6 +135,7 @@ impl Heartbeat<'_> {
             self.output_dropped,
             self.job,
             one_line(self.detail),
+            one_line(self.unhealthy),
         )
     }
 }
@@ -149,6 +162,8 @@ pub struct Reading<'a> {
     pub detail: &'a str,
     /// `child_alive`: `true`, `false`, or empty when the agent has no device process.
     pub child_alive: &'a str,
+    /// `unhealthy` (empty when absent).
+    pub unhealthy: &'a str,
 }
 
 impl<'a> Reading<'a> {
@@ -162,6 +177,7 @@ impl<'a> Reading<'a> {
                 "max_age_ms" => r.max_age = v.parse::<u64>().ok().map(Duration::from_millis),
                 "detail" => r.detail = v,
                 "child_alive" => r.child_alive = v,
+                "unhealthy" => r.unhealthy = v,
                 _ => {}
             }
         }
@@ -205,6 +221,7 @@ mod tests {
             output_dropped: 3,
             job: "",
             detail: "exited 5 times\nin 10s",
+            unhealthy: "probe failing: exit 1: 403\nForbidden",
         }
     }
 
@@ -220,7 +237,8 @@ mod tests {
         assert_eq!(get("child_restarts"), Some("5"));
         assert_eq!(get("detail"), Some("exited 5 times in 10s"));
         assert_eq!(get("output_dropped"), Some("3"));
-        assert_eq!(kv.len(), 14, "every field, no more");
+        assert_eq!(get("unhealthy"), Some("probe failing: exit 1: 403 Forbidden"));
+        assert_eq!(kv.len(), 15, "every field, no more");
     }
 
     #[test]
@@ -232,6 +250,7 @@ mod tests {
         assert_eq!(r.max_age, Some(Duration::from_secs(30)));
         assert_eq!(r.detail, "exited 5 times in 10s");
         assert_eq!(r.child_alive, "false");
+        assert_eq!(r.unhealthy, "probe failing: exit 1: 403 Forbidden");
         let none = Heartbeat {
             child: None,
             ..sample()
@@ -249,6 +268,17 @@ mod tests {
         for s in ["crash-loop", "stalled", "offline", "lost", "", "Idle"] {
             assert!(!is_healthy(s), "{s}");
         }
+    }
+
+    #[test]
+    fn a_reason_to_be_unhealthy_overrides_a_healthy_state() {
+        assert!(is_healthy_status("idle", ""));
+        assert!(is_healthy_status("busy", " "));
+        assert!(!is_healthy_status("idle", "probe failing: exit 1"));
+        assert!(!is_healthy_status("busy", "probe failing: timed out"));
+        assert!(!is_healthy_status("crash-loop", ""));
+        // A heartbeat from before the key existed has none: its state decides.
+        assert_eq!(Reading::read("state=idle\n").unhealthy, "");
     }
 
     #[test]

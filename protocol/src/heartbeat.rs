@@ -11,8 +11,19 @@ pub use labvisor_heartbeat::*;
 
 use crate::payloads::AgentStatus;
 
+/// The heartbeat's `unhealthy` value of `status`: why the agent is unhealthy whatever its state
+/// (a failing exec probe), empty when nothing is.
+pub fn unhealthy_of(status: &AgentStatus) -> String {
+    status
+        .probe_failure
+        .as_deref()
+        .map(|r| format!("probe failing: {r}"))
+        .unwrap_or_default()
+}
+
 /// Renders `status` as a heartbeat file, with `max_age` for the healthcheck.
 pub fn render(status: &AgentStatus, max_age: Duration) -> String {
+    let unhealthy = unhealthy_of(status);
     Heartbeat {
         v: status.v,
         sut: status.sut.as_str(),
@@ -30,6 +41,7 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
         output_dropped: status.output_dropped,
         job: status.job.as_ref().map(|j| j.as_str()).unwrap_or_default(),
         detail: status.detail.as_deref().unwrap_or_default(),
+        unhealthy: &unhealthy,
     }
     .render()
 }
@@ -61,6 +73,7 @@ mod tests {
             broker_connected: false,
             output_dropped: 3,
             detail: Some("exited 5 times\nin 10s".into()),
+            probe_failure: None,
         }
     }
 

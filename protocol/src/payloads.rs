@@ -21,6 +21,10 @@ use crate::topics::JobId;
 
 mod job;
 mod supervisor;
+// -- lab operations (helper ops): the rolling restart.
+mod restart;
+pub use restart::*;
+// -- end of lab operations.
 
 pub use job::*;
 pub use supervisor::*;
@@ -163,6 +167,13 @@ pub struct AgentStatus {
     /// Why the state is what it is, or what is wrong (unreadable `tail` globs, crash-loop cause).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    // --- helper probe: the exec probe (issue 15) ---
+    /// Why the exec probe (`probe.command`) fails: its exit status (or timeout) and last output
+    /// lines; absent while it passes or there is none. The agent is then unhealthy
+    /// ([`AgentStatus::is_healthy`]) whatever its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_failure: Option<String>,
+    // --- end helper probe ---
 }
 
 impl AgentStatus {
@@ -191,6 +202,7 @@ impl AgentStatus {
             broker_connected: false,
             output_dropped: 0,
             detail: None,
+            probe_failure: None,
         }
     }
 
@@ -237,6 +249,20 @@ impl AgentStatus {
     /// With the detail that explains the state.
     pub fn with_detail(self, detail: Option<String>) -> Self {
         Self { detail, ..self }
+    }
+
+    /// With the exec probe's failure (`None`: it passes, or there is none).
+    pub fn with_probe_failure(self, probe_failure: Option<String>) -> Self {
+        Self {
+            probe_failure,
+            ..self
+        }
+    }
+
+    /// Whether Docker should consider this agent healthy (the one rule,
+    /// [`crate::heartbeat::is_healthy_status`]): a healthy state and no failing exec probe.
+    pub fn is_healthy(&self) -> bool {
+        crate::heartbeat::is_healthy_status(self.state.as_str(), &crate::heartbeat::unhealthy_of(self))
     }
 }
 

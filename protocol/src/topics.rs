@@ -23,6 +23,8 @@
 //! | `<sut>/build` | supervisor → all | 0 | no | plain UTF-8 text: one line of the SUT's image build (`[build]`), as the engine streams it |
 //! | `<sut>/supervisor` | supervisor → all | 1 | yes | [`SutView`](crate::payloads::SutView) JSON: the supervisor's view of that SUT |
 //! | `labvisor/supervisors/<id>/status` | supervisor → all | 1 | yes | [`SupervisorStatus`](crate::payloads::SupervisorStatus) JSON: birth, last will `lost`, counts, problems of directory entries that name no SUT; republished every `refresh_ms` when unchanged |
+//! | `labvisor/supervisors/<id>/restart` | submitter → supervisor | 1 | never | [`RestartRequest`](crate::payloads::RestartRequest) JSON: a rolling restart (`labvisor restart`) |
+//! | `labvisor/supervisors/<id>/restart_status` | supervisor → all | 1 | yes (the running or last restart; a rejection is sent not retained) | [`RestartStatus`](crate::payloads::RestartStatus) JSON: the rolling restart's progress |
 //!
 //! SUT names ([`SutName`]), job ids ([`JobId`]) and supervisor ids ([`SupervisorId`]) are
 //! validated types that cannot contain `/`, `+`, `#` or `$`, so a topic built here always has
@@ -312,6 +314,28 @@ impl Topics {
     pub fn supervisor_status_filter(&self) -> String {
         format!("{}labvisor/supervisors/+/status", self.prefix)
     }
+
+    // -- lab operations (helper ops): the rolling restart.
+    /// `labvisor/supervisors/<id>/restart`: a rolling restart request to a supervisor
+    /// ([`RestartRequest`](crate::payloads::RestartRequest)), written by submitters and local
+    /// tools.
+    pub fn supervisor_restart(&self, id: &SupervisorId) -> String {
+        format!("{}labvisor/supervisors/{}/restart", self.prefix, id)
+    }
+    /// `labvisor/supervisors/+/restart`: every supervisor's restart request topic (the ACLs).
+    pub fn supervisor_restart_filter(&self) -> String {
+        format!("{}labvisor/supervisors/+/restart", self.prefix)
+    }
+    /// `labvisor/supervisors/<id>/restart_status`: the progress of a supervisor's rolling
+    /// restart ([`RestartStatus`](crate::payloads::RestartStatus)), retained.
+    pub fn supervisor_restart_status(&self, id: &SupervisorId) -> String {
+        format!("{}labvisor/supervisors/{}/restart_status", self.prefix, id)
+    }
+    /// `labvisor/supervisors/+/restart_status`: every supervisor's restart progress.
+    pub fn supervisor_restart_status_filter(&self) -> String {
+        format!("{}labvisor/supervisors/+/restart_status", self.prefix)
+    }
+    // -- end of lab operations.
 
     /// `[<prefix>/]labvisor/replies/<sut>/#`: the SUT's reply space, where a submitter's
     /// `reply_to` or MQTT 5 response topic must lie (the shipped ACL lets the agent, logged in

@@ -561,6 +561,42 @@ fn hash_ignores_comments_and_formatting_but_not_content() {
     assert_ne!(h3, h2);
 }
 
+/// `extra_hosts` is in the hash; a config without it keeps the hash it had before the key
+/// existed (the key is left out of the serialisation when empty).
+#[test]
+fn extra_hosts_are_hashed_and_absent_ones_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = load_str("a.toml", "image = \"x\"\n", dir.path(), &Allow::default()).unwrap();
+    assert!(plain.extra_hosts.is_empty());
+    assert!(!serde_json::to_string(&plain)
+        .unwrap()
+        .contains("extra_hosts"));
+    let h0 = hash_of(dir.path(), "image = \"x\"\n");
+    assert_eq!(hash_of(dir.path(), "image = \"x\"\nextra_hosts = []\n"), h0);
+    let h1 = hash_of(
+        dir.path(),
+        "image = \"x\"\nextra_hosts = [\"tfserver:host-gateway\"]\n",
+    );
+    assert_ne!(h1, h0);
+    let h2 = hash_of(
+        dir.path(),
+        "image = \"x\"\nextra_hosts = [\"tfserver:10.0.0.1\"]\n",
+    );
+    assert_ne!(h2, h1, "the address is in the hash");
+    let c = load_str(
+        "a.toml",
+        "image = \"x\"\nextra_hosts = [\"tfserver:host-gateway\", \"dut:10.0.0.5\"]\n",
+        dir.path(),
+        &Allow::default(),
+    )
+    .unwrap();
+    let json = serde_json::to_value(&c).unwrap();
+    assert_eq!(
+        json["extra_hosts"],
+        serde_json::json!(["tfserver:host-gateway", "dut:10.0.0.5"])
+    );
+}
+
 #[test]
 fn scan_skips_editor_files_and_reports_invalid_ones() {
     let dir = tempfile::tempdir().unwrap();
@@ -705,7 +741,7 @@ const TABLES: &[(&str, &[&str])] = &[
     ),
     ("resources", &["memory", "cpus"]),
     ("log", &["max_size", "keep"]),
-    ("probe", &["url", "interval", "timeout"]),
+    ("probe", &["url", "command", "interval", "timeout"]),
 ];
 
 fn document() -> impl Strategy<Value = String> {

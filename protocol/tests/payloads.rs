@@ -148,6 +148,31 @@ fn sut_view() {
         pending_action: Some("recreate (waiting for job 01JCZ8Q4X2R7W3M5N6P8T9V0AB)".into()),
         last_error: None,
         config_problems: vec!["sut/rpi4-01.toml: image: missing".into()],
+        stopped_by_person: None,
+        time_ms: T,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+#[test]
+fn sut_view_stopped_by_person() {
+    let p = SutView {
+        v: VERSION,
+        sut: sut(),
+        supervisor: SupervisorId::new("lab-a").unwrap(),
+        container_id: Some("3f1e".into()),
+        image: Some("labvisor/busybox:local".into()),
+        config_hash: Some("ab12".into()),
+        health: Health::None,
+        restarts: 0,
+        crash_loop: false,
+        pending_action: None,
+        last_error: None,
+        config_problems: vec![],
+        stopped_by_person: Some(StoppedByPerson {
+            at_ms: Some(T - 60_000),
+        }),
         time_ms: T,
     };
     round_trip(&p);

@@ -89,6 +89,9 @@ enum Command {
         #[command(flatten)]
         broker: BrokerArgs,
     },
+    /// A rolling restart (for upgrades): recreate the SUTs' containers one at a time, each
+    /// when its agent is idle, the next once the new one is healthy.
+    Restart(cli::restart::RestartArgs),
     /// Keep one agent container per valid SUT file, live, through the Docker API.
     Supervise(Box<SuperviseArgs>),
     /// Probe a supervisor's /healthz (exit 0: healthy, 1: not, or no answer): the healthcheck
@@ -550,6 +553,9 @@ fn main() -> ExitCode {
             broker,
         } => cli::run_client("cancel", || async move {
             cli::cancel::cancel(&broker, &sut, &id, json, *timeout, &mut stdout.lock()).await
+        }),
+        Command::Restart(args) => cli::run_client("restart", || async move {
+            cli::restart::restart(&args, &mut stdout.lock()).await
         }),
         Command::Supervise(args) => supervise_main(*args),
         Command::Import(args) => import::main(args),

@@ -13,8 +13,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use labvisor_protocol::payloads::{Health, SutView};
+use labvisor_protocol::payloads::{Health, StoppedByPerson, SutView};
 use labvisor_protocol::SutName;
+use labvisor_supervisor::plan::RunState;
 use labvisor_supervisor::runtime::fake::{self, FakeCall, FakeRuntime};
 use labvisor_supervisor::supervise::{self, Hooks, Settings, DEBOUNCE};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -53,7 +54,11 @@ impl Sup {
         for (name, text) in files {
             std::fs::write(dir.path().join(name), text).unwrap();
         }
-        let rt = FakeRuntime::new();
+        Self::launch(FakeRuntime::new(), dir, tweak)
+    }
+
+    /// Starts a supervisor on the engine `rt` and the SUT directory `dir`.
+    fn launch(rt: FakeRuntime, dir: tempfile::TempDir, tweak: impl FnOnce(&mut Settings)) -> Sup {
         let mut s = settings(dir.path());
         tweak(&mut s);
         let (files_tx, files_rx) = mpsc::channel(1);
@@ -79,6 +84,13 @@ impl Sup {
             stop: Some(stop),
             task,
         }
+    }
+
+    /// Stops this supervisor and starts another on the same engine and directory.
+    async fn restart(mut self) -> Sup {
+        let _ = self.stop.take().unwrap().send(());
+        (&mut self.task).await.unwrap();
+        Self::launch(self.rt.clone(), self.dir, |_| {})
     }
 
     /// Writes a file of the SUT directory, and tells the loop as notify would.
@@ -389,5 +401,101 @@ async fn a_failing_sut_is_retried_with_backoff_and_alone() {
         sup.view("b").is_some_and(|v| v.last_error.is_none())
     })
     .await;
+    sup.stop().await;
+}
+
+/// A person's `docker stop`: the container stays exited however many passes run (the engine
+/// is listed again and again), also under a supervisor started meanwhile, and the view says
+/// who stopped it and when; `docker start` brings the normal view back; a changed file
+/// recreates it (running).
+#[tokio::test(start_paused = true)]
+async fn a_person_s_stop_is_honoured_until_started_or_the_file_changes() {
+    let sup = Sup::start(&[("a.toml", SUT)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    settle().await;
+
+    let stopped_at = 1_796_000_000_000;
+    sup.rt.update(&id, |c| {
+        c.state = RunState::Exited;
+        c.health = Health::None;
+        c.finished_ms = Some(stopped_at);
+    });
+    sup.nudge();
+    let lists = sup.rt.lists();
+    for _ in 0..5 {
+        sup.nudge();
+        idle(DEBOUNCE * 2).await;
+    }
+    until("five more passes", || sup.rt.lists() >= lists + 5).await;
+    let view = sup.view("a").unwrap();
+    assert_eq!(
+        view.stopped_by_person,
+        Some(StoppedByPerson {
+            at_ms: Some(stopped_at)
+        })
+    );
+    assert_eq!(
+        sup.count(&FakeCall::Start(id.clone())),
+        0,
+        "{:?}",
+        sup.rt.calls()
+    );
+
+    // A supervisor started meanwhile does not start it either.
+    let sup = sup.restart().await;
+    let lists = sup.rt.lists();
+    until("two passes of the new supervisor", || {
+        sup.rt.lists() >= lists + 2
+    })
+    .await;
+    until("its view", || sup.view("a").is_some()).await;
+    assert!(sup.view("a").unwrap().stopped_by_person.is_some());
+    assert_eq!(sup.count(&FakeCall::Start(id.clone())), 0);
+    assert_eq!(
+        sup.id("p-a").as_deref(),
+        Some(id.as_str()),
+        "adopted, not recreated"
+    );
+
+    // `docker start`: back to normal.
+    sup.rt.update(&id, |c| {
+        c.state = RunState::Running;
+        c.health = Health::Healthy;
+        c.finished_ms = None;
+    });
+    sup.nudge();
+    until("the view without the stop", || {
+        sup.view("a").is_some_and(|v| v.stopped_by_person.is_none())
+    })
+    .await;
+
+    // Stopped again, then its file changes: recreated, and the new container runs.
+    sup.rt.update(&id, |c| {
+        c.state = RunState::Exited;
+        c.finished_ms = Some(stopped_at);
+    });
+    sup.nudge();
+    until("stopped by a person again", || {
+        sup.view("a").is_some_and(|v| v.stopped_by_person.is_some())
+    })
+    .await;
+    settle().await;
+    sup.write("a.toml", &format!("{SUT}[env]\nX = \"1\"\n"));
+    until("recreated", || sup.id("p-a").is_some_and(|n| n != id)).await;
+    until("the view of the new container", || {
+        sup.view("a")
+            .is_some_and(|v| v.stopped_by_person.is_none() && v.container_id != Some(id.clone()))
+    })
+    .await;
+    let new = sup.id("p-a").unwrap();
+    let c = sup
+        .rt
+        .containers()
+        .into_iter()
+        .find(|c| c.id == new)
+        .unwrap();
+    assert_eq!(c.state, RunState::Running);
+    assert_eq!(sup.count(&FakeCall::Start(id)), 0);
     sup.stop().await;
 }

@@ -18,6 +18,7 @@ pub(crate) struct RawConfig {
     pub files: Vec<String>,
     pub tail: Vec<String>,
     pub network: Option<String>,
+    pub extra_hosts: Vec<String>,
     pub labels: BTreeMap<String, String>,
     pub privileged: bool,
     pub cap_add: Vec<String>,
@@ -106,6 +107,7 @@ pub(crate) struct RawLog {
 #[serde(default, deny_unknown_fields, expecting = "a [probe] table")]
 pub(crate) struct RawProbe {
     pub url: Option<String>,
+    pub command: Option<Vec<String>>,
     pub interval: Option<RawDuration>,
     pub timeout: Option<RawDuration>,
 }

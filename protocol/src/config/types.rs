@@ -31,6 +31,10 @@ pub struct SutConfig {
     pub tail: Vec<String>,
     /// The container's network.
     pub network: Network,
+    /// Extra host names in the container's `/etc/hosts` (`extra_hosts`). Left out of the
+    /// serialisation (and so of the hash) when empty, so configs without it keep their hash.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub extra_hosts: Vec<ExtraHost>,
     /// Extra Docker labels (no `io.labvisor.*` keys).
     pub labels: BTreeMap<String, String>,
     /// Privileged container (only if allowed).
@@ -144,6 +148,52 @@ impl Serialize for Network {
         s.serialize_str(self.as_str())
     }
 }
+
+/// One entry of `extra_hosts`: a host name and what it stands for, `name:address` as Docker's
+/// `HostConfig.ExtraHosts` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtraHost {
+    /// The host name (RFC 1123 labels, dot-separated, at most 253 characters).
+    pub name: String,
+    /// The address it resolves to.
+    pub address: HostAddress,
+}
+
+/// What an [`ExtraHost`] resolves to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostAddress {
+    /// Docker's `host-gateway`: the host's address on the default bridge (Engine 20.10 and
+    /// later), where a server on the lab host listens for the agents.
+    HostGateway,
+    /// An IPv4 or IPv6 address.
+    Ip(std::net::IpAddr),
+}
+
+impl fmt::Display for HostAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostAddress::HostGateway => f.write_str(HOST_GATEWAY),
+            HostAddress::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+impl fmt::Display for ExtraHost {
+    /// `name:address`, Docker's form (an IPv6 address unbracketed: Docker splits at the first
+    /// `:`).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.name, self.address)
+    }
+}
+
+impl Serialize for ExtraHost {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// Docker's name for the host's address on the default bridge, in `extra_hosts`.
+pub const HOST_GATEWAY: &str = "host-gateway";
 
 /// A host bind mount.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -281,17 +331,32 @@ impl LogSettings {
     }
 }
 
-/// Reachability probe of the device.
+/// The probe of the device (`[probe]`): a reachability check of a URL, or an exec probe.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Probe {
-    /// What to probe.
-    pub url: ProbeTarget,
+    /// What the probe does. Serialised as the key `url` or `command` (flattened), so a URL
+    /// probe keeps the hash it had before exec probes existed.
+    #[serde(flatten)]
+    pub check: ProbeCheck,
     /// How often.
     #[serde(serialize_with = "ser_duration")]
     pub interval: Duration,
     /// Timeout of one probe (< `interval`).
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
+}
+
+/// What a [`Probe`] does: exactly one of `probe.url` and `probe.command`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeCheck {
+    /// `probe.url`: connect or GET; the result is retained on `<sut>/probe` and does not
+    /// change the SUT's health.
+    Url(ProbeTarget),
+    /// `probe.command`: an argv (non-empty, the program non-empty, no NUL) the agent runs
+    /// inside the container; a non-zero exit or a timeout makes the SUT unhealthy, with the
+    /// command's last output lines and exit status as the reason.
+    Command(Vec<String>),
 }
 
 /// The `[build]` section: how the SUT's image is built.

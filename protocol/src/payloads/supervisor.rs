@@ -55,8 +55,23 @@ pub struct SutView {
     /// Problems of the SUT's file when it is invalid (the container keeps running as it was).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub config_problems: Vec<String>,
+    // -- lab operations (helper ops): a person's stop.
+    /// The container was stopped by a person (`docker stop`, `docker kill`, Portainer): the
+    /// supervisor leaves it stopped until it is started again or its file changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped_by_person: Option<StoppedByPerson>,
+    // -- end of lab operations.
     /// When, ms since the epoch.
     pub time_ms: u64,
+}
+
+/// In a [`SutView`]: the SUT's container was stopped by a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoppedByPerson {
+    /// When it stopped (the container's `FinishedAt`), ms since the epoch; absent when Docker
+    /// did not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
 }
 
 /// A supervisor's life state.

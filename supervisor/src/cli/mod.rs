@@ -7,6 +7,7 @@
 //! | `submit` | [`submit`] |
 //! | `jobs` | [`jobs`] |
 //! | `cancel` | [`cancel`] |
+//! | `restart --when-idle` | [`restart`] |
 //! | `healthz` (HTTP) | [`healthz`] |
 //! | `check` (no network) | [`check`] |
 //! | `import` (no network) | [`import`] |
@@ -35,6 +36,7 @@ pub mod healthz;
 pub mod import;
 pub mod jobs;
 pub mod logs;
+pub mod restart;
 pub mod session;
 mod show;
 pub mod status;

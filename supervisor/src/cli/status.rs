@@ -88,6 +88,9 @@ fn row(sut: &SutName, a: Option<&AgentStatus>, v: Option<&SutView>) -> StatusRow
     let mut detail: Vec<String> = Vec::new();
     detail.extend(a.and_then(|a| a.detail.clone()));
     if let Some(v) = v {
+        if let Some(stop) = &v.stopped_by_person {
+            detail.push(stopped_by_person(stop.at_ms));
+        }
         detail.extend(v.config_problems.iter().cloned());
         detail.extend(v.pending_action.iter().map(|p| format!("pending: {p}")));
         detail.extend(v.last_error.iter().cloned());
@@ -104,6 +107,23 @@ fn row(sut: &SutName, a: Option<&AgentStatus>, v: Option<&SutView>) -> StatusRow
         supervisor: v.map(|v| v.supervisor.to_string()),
         detail: (!detail.is_empty()).then(|| detail.join("; ")),
     }
+}
+
+/// The detail of a SUT whose container a person stopped: `stopped by a person at <UTC time>
+/// (5m ago)`, without the time when Docker did not say when.
+fn stopped_by_person(at_ms: Option<u64>) -> String {
+    let when = at_ms.map(|at| {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at);
+        format!(
+            " at {} ({} ago)",
+            humantime::format_rfc3339_seconds(t),
+            age(at)
+        )
+    });
+    format!(
+        "stopped by a person{}; docker start it, or change its file, to run it again",
+        when.unwrap_or_default()
+    )
 }
 
 /// `labvisor status`: one line per SUT from the retained agent and supervisor topics.

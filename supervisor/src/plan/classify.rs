@@ -87,6 +87,7 @@ pub fn classify(
                 owned,
                 state: c.state,
                 health: c.health,
+                finished_ms: c.finished_ms,
             })
         })
         .collect()
@@ -186,6 +187,7 @@ mod tests {
                 .collect(),
             state: RunState::Running,
             health: Health::Healthy,
+            finished_ms: None,
         }
     }
 

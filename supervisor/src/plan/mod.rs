@@ -14,7 +14,8 @@
 //! - Owned, but another config hash, or never started (`created`, e.g. a supervisor killed
 //!   mid-create, whose files may be incomplete): [`Action::Recreate`], or [`Action::Defer`] while
 //!   the agent is busy with a job and the busy wait has not run out.
-//! - Owned, same hash, stopped (`exited`, `dead`): [`Action::Start`].
+//! - Owned, same hash, `exited`: **stopped by a person** ([`stopped_by_person`]), left alone
+//!   until someone starts it or its file changes. `dead`: [`Action::Start`].
 //! - Owned, same hash, running and unhealthy, healing enabled: [`Action::Restart`] (the caller
 //!   applies the restart backoff).
 //! - Owned containers of a SUT whose file is gone, and extra owned containers of a SUT (another
@@ -24,6 +25,8 @@
 //! - [`classify`]: what the loop's inputs mean before planning: the desired SUTs of a directory
 //!   scan, which listed containers are whose ([`Actual`]), which agents to ask before a
 //!   disruption, which Docker events are news.
+//! - [`rolling`]: the rolling restart (`labvisor restart`): whose turn it is, its
+//!   recreation behind the busy gate, its progress.
 //! - [`policy`]: what the loop keeps per SUT between passes and the gates on acting: retry
 //!   backoff after a failed action, the healing backoff and crash-loop flag, the busy wait.
 //!   Every backoff is [`policy::Backoff`] (backon's exponential builder).
@@ -36,6 +39,7 @@ use labvisor_protocol::SutName;
 
 pub mod classify;
 pub mod policy;
+pub mod rolling;
 
 /// What the supervisor wants for one valid SUT file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,6 +104,8 @@ pub struct Actual {
     pub health: Health,
     /// Whether its agent is busy.
     pub busy: Busy,
+    /// When it stopped (Docker's `FinishedAt`, ms since the epoch), for an exited container.
+    pub finished_ms: Option<u64>,
 }
 
 /// Why a container is recreated.
@@ -109,6 +115,8 @@ pub enum RecreateReason {
     ConfigChanged,
     /// The container was created but never started (possibly incomplete).
     NeverStarted,
+    /// A rolling restart asked for it (`labvisor restart`, see [`rolling`]).
+    Requested,
 }
 
 /// A disruptive action that waits for the agent's job.
@@ -118,6 +126,8 @@ pub enum Deferred {
     Recreate,
     /// A removal.
     Remove,
+    /// A rolling restart's recreation ([`rolling`]).
+    Restart,
 }
 
 impl fmt::Display for Deferred {
@@ -125,6 +135,7 @@ impl fmt::Display for Deferred {
         f.write_str(match self {
             Deferred::Recreate => "recreate",
             Deferred::Remove => "remove",
+            Deferred::Restart => "restart",
         })
     }
 }
@@ -137,7 +148,7 @@ impl Action {
         match self {
             Action::Recreate {
                 id,
-                reason: RecreateReason::ConfigChanged,
+                reason: RecreateReason::ConfigChanged | RecreateReason::Requested,
                 ..
             }
             | Action::Remove { id, .. }
@@ -261,6 +272,25 @@ pub fn primary<'a>(
         .find(|a| &a.sut == sut && is_primary(a, desired.get(sut)))
 }
 
+/// Whether `a`, the SUT's own container (see [`primary`]) with the wanted config, was stopped
+/// by a person (`docker stop` or `docker kill`, Portainer's stop): the supervisor leaves it
+/// stopped, as Docker's own restart policy does, until it is started again or its file
+/// changes (then it is recreated, as a changed file always is).
+///
+/// The rule needs no memory, so it holds across supervisor restarts: every agent container is
+/// created with the restart policy `unless-stopped`, so on Engine 20.10 one that is `exited`
+/// is one Docker decided not to restart, which it does only after a `docker stop` or
+/// `docker kill` (any signal: both set the container's manually-stopped flag, which
+/// `docker start` clears). A crash or an OOM kill is restarted by Docker (`restarting` during
+/// its backoff, then `running`); a daemon restart stops the containers without that flag and
+/// brings them back; a container created but never started (`created`) is recreated and
+/// started by the supervisor. The supervisor itself only stops a container to remove it.
+pub fn stopped_by_person(a: &Actual, want: Option<&Desired>) -> bool {
+    a.owned
+        && a.state == RunState::Exited
+        && want.is_some_and(|d| d.name == a.name && a.hash.as_deref() == Some(d.hash.as_str()))
+}
+
 /// Plans the actions that make `actual` match `desired`. `invalid` names the SUTs whose file
 /// exists but is invalid; their containers are left exactly as they are. See the module docs for
 /// the rules. Actions come sorted by SUT.
@@ -349,7 +379,7 @@ fn plan_wanted(sut: &SutName, want: &Desired, containers: &[&Actual], actions: &
 }
 
 /// What the SUT's own container needs: a recreation (other hash, never started), a start
-/// (stopped) or a restart (unhealthy, healing on).
+/// (dead) or a restart (unhealthy, healing on). An exited one was stopped by a person: nothing.
 fn plan_primary(a: &Actual, want: &Desired) -> Option<Action> {
     let reason = if a.hash.as_deref() != Some(want.hash.as_str()) {
         Some(RecreateReason::ConfigChanged)
@@ -369,7 +399,8 @@ fn plan_primary(a: &Actual, want: &Desired) -> Option<Action> {
         });
     }
     match a.state {
-        RunState::Exited | RunState::Dead => Some(Action::Start { sut, id }),
+        // `exited`: stopped by a person (see `stopped_by_person`), left so.
+        RunState::Dead => Some(Action::Start { sut, id }),
         RunState::Running if want.heal && a.health == Health::Unhealthy => {
             Some(Action::Restart { sut, id })
         }

@@ -28,6 +28,7 @@ fn owned(s: &str, id: &str, hash: &str) -> Actual {
         state: RunState::Running,
         health: Health::Healthy,
         busy: Busy::Idle,
+        finished_ms: None,
     }
 }
 
@@ -150,12 +151,12 @@ fn never_started_is_recreated_even_when_busy_is_claimed() {
 }
 
 #[test]
-fn heals_only_when_enabled_and_starts_stopped() {
+fn heals_only_when_enabled_and_starts_dead() {
     let mut desired = BTreeMap::from([want("a", "h"), want("b", "h")]);
     let mut a = owned("a", "ida", "h");
     a.health = Health::Unhealthy;
     let mut b = owned("b", "idb", "h");
-    b.state = RunState::Exited;
+    b.state = RunState::Dead;
     let actions = plan(&desired, &[a.clone(), b.clone()], &BTreeSet::new());
     assert_eq!(
         actions,
@@ -172,6 +173,43 @@ fn heals_only_when_enabled_and_starts_stopped() {
     );
     desired.get_mut(&sut("a")).unwrap().heal = false;
     assert_eq!(plan(&desired, &[a, b], &BTreeSet::new()).len(), 1);
+}
+
+#[test]
+fn a_person_s_stop_is_honoured_until_the_file_changes() {
+    let desired = BTreeMap::from([want("a", "h")]);
+    let mut a = owned("a", "ida", "h");
+    a.state = RunState::Exited;
+    a.health = Health::None;
+    a.finished_ms = Some(1_000);
+    assert!(stopped_by_person(&a, desired.get(&sut("a"))));
+    assert_eq!(
+        plan(&desired, std::slice::from_ref(&a), &BTreeSet::new()),
+        vec![],
+        "not started behind the person's back"
+    );
+    // Docker restarting it after a crash or an OOM kill, or running again: not a person's stop.
+    for state in [RunState::Restarting, RunState::Running, RunState::Dead] {
+        let mut b = a.clone();
+        b.state = state;
+        assert!(!stopped_by_person(&b, desired.get(&sut("a"))), "{state:?}");
+    }
+    // A changed file recreates it, as always (and the new container runs).
+    let changed = BTreeMap::from([want("a", "h2")]);
+    assert!(!stopped_by_person(&a, changed.get(&sut("a"))));
+    assert_eq!(
+        plan(&changed, std::slice::from_ref(&a), &BTreeSet::new()),
+        vec![Action::Recreate {
+            sut: sut("a"),
+            id: "ida".into(),
+            reason: RecreateReason::ConfigChanged
+        }]
+    );
+    // Its file deleted: removed, as always.
+    assert!(matches!(
+        plan(&BTreeMap::new(), &[a], &BTreeSet::new())[..],
+        [Action::Remove { .. }]
+    ));
 }
 
 #[test]
@@ -211,6 +249,7 @@ fn apply(world: &mut Vec<Actual>, desired: &BTreeMap<SutName, Desired>, actions:
                     state: RunState::Running,
                     health: Health::Starting,
                     busy: Busy::Idle,
+                    finished_ms: None,
                 });
             }
             Action::Remove { id, .. } => world.retain(|a| &a.id != id),
@@ -267,6 +306,7 @@ prop_compose! {
             state,
             health,
             busy,
+            finished_ms: (state == RunState::Exited).then_some(1_000),
         }
     }
 }
@@ -310,6 +350,24 @@ proptest! {
                     prop_assert!(!foreign.contains(id.as_str()), "{:?}", action)
                 }
                 Action::Create { .. } | Action::Conflict { .. } => {}
+            }
+        }
+    }
+
+    #[test]
+    fn a_person_s_stop_is_never_undone((desired, invalid, actual) in arb_world()) {
+        let held: BTreeSet<&str> = actual
+            .iter()
+            .filter(|a| is_primary(a, desired.get(&a.sut)) && stopped_by_person(a, desired.get(&a.sut)))
+            .map(|a| a.id.as_str())
+            .collect();
+        for action in plan(&desired, &actual, &invalid) {
+            if let Action::Start { id, .. } | Action::Restart { id, .. } = &action {
+                prop_assert!(!held.contains(id.as_str()), "{:?}", action);
+            }
+            if let Action::Start { id, .. } = &action {
+                let a = actual.iter().find(|a| &a.id == id).unwrap();
+                prop_assert_eq!(a.state, RunState::Dead, "only a dead container is started: {:?}", action);
             }
         }
     }

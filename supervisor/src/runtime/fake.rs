@@ -223,6 +223,7 @@ impl ContainerRuntime for FakeRuntime {
                     .collect(),
                 state: RunState::Running,
                 health: Health::Healthy,
+                finished_ms: None,
             });
             Ok(id)
         })

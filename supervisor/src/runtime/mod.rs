@@ -79,6 +79,9 @@ pub struct ContainerInfo {
     pub state: RunState,
     /// Its health.
     pub health: Health,
+    /// When it stopped (Docker's `FinishedAt`), ms since the epoch: filled in for our exited
+    /// containers only (an inspect each), `None` otherwise or when Docker did not say.
+    pub finished_ms: Option<u64>,
 }
 
 /// A container event worth a resync (die, start, health change, destroy).

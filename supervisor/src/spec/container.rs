@@ -43,6 +43,7 @@ pub fn container_spec(
             RUN_TMPFS_OPTIONS.to_owned(),
         )])),
         network_mode: Some(network_mode),
+        extra_hosts: extra_hosts(cfg),
         ..Default::default()
     };
     resources(cfg, &mut host_config);
@@ -220,6 +221,12 @@ fn network(cfg: &SutConfig, ctx: &SpecContext) -> (String, Option<Named>) {
     }
 }
 
+/// `extra_hosts` as Docker's `HostConfig.ExtraHosts` (`name:address`, `host-gateway` left for
+/// the engine to resolve); `None` when there are none.
+fn extra_hosts(cfg: &SutConfig) -> Option<Vec<String>> {
+    (!cfg.extra_hosts.is_empty()).then(|| cfg.extra_hosts.iter().map(ToString::to_string).collect())
+}
+
 /// Memory, CPU and pids limits from `[resources]`.
 fn resources(cfg: &SutConfig, host: &mut HostConfig) {
     let r = &cfg.resources;
@@ -358,6 +365,21 @@ mod tests {
         assert_eq!(host.nano_cpus, Some(1_500_000_000));
         assert_eq!(host.pids_limit, Some(64));
         assert_eq!(host.memory, None);
+    }
+
+    #[test]
+    fn extra_hosts_become_docker_extra_hosts() {
+        let c = cfg(
+            "image = \"img\"\nextra_hosts = [\"tfserver:host-gateway\", \"dut:[2001:db8::5]\"]\n",
+        );
+        assert_eq!(
+            extra_hosts(&c),
+            Some(vec![
+                "tfserver:host-gateway".to_owned(),
+                "dut:2001:db8::5".to_owned()
+            ])
+        );
+        assert_eq!(extra_hosts(&cfg("image = \"img\"\n")), None);
     }
 
     #[test]

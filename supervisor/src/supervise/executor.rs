@@ -261,7 +261,7 @@ impl<R: ContainerRuntime> Exec<R> {
                 info!("Created and started the agent container.");
             }
             Action::Recreate { sut, id, reason } => {
-                if *reason == RecreateReason::ConfigChanged {
+                if *reason != RecreateReason::NeverStarted {
                     rt.stop(id, t).await?;
                 }
                 rt.remove(id).await?;

@@ -112,6 +112,7 @@ use crate::spec::{SpecContext, SpecError};
 mod executor;
 mod pass;
 mod reconciler;
+mod rolling;
 mod status;
 mod watchers;
 

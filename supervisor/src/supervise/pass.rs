@@ -76,6 +76,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         };
         let p = self.classify_and_plan(scan, list, now).await;
         let known = self.note_plan(&p, now);
+        self.rolling_observe(&p.actual, &p.desired, &p.actions);
         self.forget(&known);
         let wake = self.exec.start_due(p.actions, &mut self.suts, &p.scan, now);
         if let Some(at) = wake {
@@ -164,7 +165,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let mut actual = classify::classify(list, &self.settings.spec, &desired, |sut| {
             self.busy(sut, now, self.agents.get(sut) == Some(&AgentState::Busy))
         });
+        self.rolling_choose(&actual, &desired);
         let mut actions = plan(&desired, &actual, &invalid);
+        self.rolling_action(&actual, &desired, &mut actions);
         let ask = classify::to_ask(&actual, &actions);
         if !ask.is_empty() {
             let answers = self.exec.ask_agents(ask).await;
@@ -175,6 +178,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             }
             if !changed.is_empty() {
                 actions = plan(&desired, &actual, &invalid);
+                self.rolling_action(&actual, &desired, &mut actions);
             }
         }
         Planned {

@@ -51,6 +51,13 @@ pub(super) struct Reconciler<R> {
     pub(super) logged_problems: BTreeMap<PathBuf, Vec<String>>,
     /// Passes so far (the `n` of the `pass` span).
     pub(super) passes: u64,
+    // -- lab operations: the rolling restart (see `super::rolling`).
+    /// Restart requests not yet seen by a pass.
+    pub(super) restart_requests: Vec<labvisor_protocol::payloads::RestartRequest>,
+    /// The rolling restart running, or the last one.
+    pub(super) rolling: Option<crate::plan::rolling::Rolling>,
+    /// Its status as last published.
+    pub(super) rolling_published: Option<labvisor_protocol::payloads::RestartStatus>,
 }
 
 /// When each kind of wake-up is due.
@@ -301,6 +308,9 @@ pub(super) async fn run<R: ContainerRuntime>(
         broker,
         logged_problems: BTreeMap::new(),
         passes: 0,
+        restart_requests: Vec::new(),
+        rolling: None,
+        rolling_published: None,
         settings,
     };
     info!(dir = %sup.settings.sut_dir.display(), supervisor = %sup.settings.spec.supervisor, "Supervising.");
@@ -358,6 +368,12 @@ impl<R: ContainerRuntime> Reconciler<R> {
     }
 
     fn message(&mut self, topic: &str, payload: &[u8], retained: bool) {
+        if self.is_restart_request(topic) {
+            if !retained {
+                self.restart_requested(payload);
+            }
+            return;
+        }
         let parsed = self.settings.topics.parse(topic);
         if let Some((sut, kind)) = &parsed {
             if self.status.clear_if_gone(topic, sut, kind, payload) {
@@ -397,6 +413,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let _span = done.span.enter();
         let st = self.suts.entry(done.sut.clone()).or_default();
         let error = done.result.as_ref().err().map(ToString::to_string);
+        let failed = error.clone();
         match st.finished(&done.action, error, now) {
             None => {
                 self.metrics.on_action(&done.action);
@@ -407,6 +424,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 }
             }
             Some(delay) => {
+                self.rolling_done(&done.action, failed.as_deref());
                 self.metrics.on_error(&done.sut);
                 if let Err(error) = &done.result {
                     error!(error = %error, retry_in = ?delay, "Action failed; will retry.");

@@ -14,7 +14,8 @@ use std::time::Duration;
 use labvisor_mqtt::{Incoming, Message, MqttLink, QoS};
 use labvisor_protocol::config::Scan;
 use labvisor_protocol::payloads::{
-    self, Health, ManagedBrokerStatus, SupervisorState, SupervisorStatus, SutCounts, SutView,
+    self, Health, ManagedBrokerStatus, StoppedByPerson, SupervisorState, SupervisorStatus,
+    SutCounts, SutView,
 };
 use labvisor_protocol::topics::SutTopic;
 use labvisor_protocol::SutName;
@@ -25,7 +26,7 @@ use tracing::{debug, info, warn};
 use super::{Settings, SuperviseError};
 use crate::plan::classify::stem;
 use crate::plan::policy::SutState;
-use crate::plan::{primary, Actual, Desired, RunState};
+use crate::plan::{primary, stopped_by_person, Actual, Desired, RunState};
 
 /// What a pass saw, for the status.
 pub(super) struct Seen<'a> {
@@ -81,6 +82,13 @@ pub(super) fn start_link(
     let (link, incoming) = MqttLink::start(opts)?;
     link.subscribe(settings.topics.agents_filter(), QoS::AtLeastOnce)?;
     link.subscribe(settings.topics.last_jobs_filter(), QoS::AtLeastOnce)?;
+    // Lab operations: rolling restart requests to this supervisor.
+    link.subscribe(
+        settings
+            .topics
+            .supervisor_restart(&settings.spec.supervisor),
+        QoS::AtLeastOnce,
+    )?;
     Ok((Some(link), Some(incoming)))
 }
 
@@ -176,6 +184,11 @@ fn view(
         pending_action: st.pending.clone(),
         last_error: st.conflict.clone().or_else(|| st.last_error.clone()),
         config_problems: problems,
+        stopped_by_person: primary
+            .filter(|a| !st.in_flight && stopped_by_person(a, seen.desired.get(sut)))
+            .map(|a| StoppedByPerson {
+                at_ms: a.finished_ms,
+            }),
         time_ms: 0,
     }
 }
@@ -197,6 +210,11 @@ impl Publisher {
             gone: BTreeSet::new(),
             views,
         }
+    }
+
+    /// The broker link (`None` without MQTT).
+    pub fn link(&self) -> Option<&MqttLink> {
+        self.link.as_ref()
     }
 
     /// The supervisor's status as last published.

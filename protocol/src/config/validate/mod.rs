@@ -5,6 +5,7 @@
 //!
 //! - [`checker`]: the problem collector and the value checks every section shares;
 //! - [`container`]: `image`, `command`, `env`, `tail`, `network`, `labels`;
+//! - [`hosts`]: `extra_hosts`;
 //! - [`posture`]: the host-power settings and their `--allow-*` refusals;
 //! - [`paths`]: paths next to the SUT file and `files`;
 //! - [`sections`]: `[health]`, `[job]`, `[restart]`, `[resources]`, `[log]`;
@@ -14,6 +15,7 @@
 mod build_section;
 mod checker;
 mod container;
+mod hosts;
 mod paths;
 mod posture;
 mod probe;
@@ -134,6 +136,7 @@ fn build(
     let files = paths::files(c, &raw.files, sut_dir);
     container::tail(c, &raw.tail);
     let network = container::network(c, raw.network.as_deref(), allow);
+    let extra_hosts = hosts::extra_hosts(c, &raw.extra_hosts);
     container::labels(c, &raw.labels);
     let posture = posture::posture(c, &raw, allow);
     let health = sections::health(c, &raw.health);
@@ -155,6 +158,7 @@ fn build(
         files,
         tail: raw.tail,
         network,
+        extra_hosts,
         labels: raw.labels,
         privileged: raw.privileged,
         cap_add: posture.cap_add,

@@ -1,13 +1,14 @@
-//! `[probe]`: the device's reachability probe, and its URL (`tcp://host:port`, `http(s)://…`),
-//! parsed with the `url` crate.
+//! `[probe]`: the device's probe, exactly one of a URL (`tcp://host:port`, `http(s)://…`,
+//! parsed with the `url` crate) and an exec probe's `command`.
 
 use url::Url;
 
 use super::super::raw::RawProbe;
-use super::super::{Probe, ProbeTarget, MIN_PROBE_INTERVAL};
+use super::super::{Probe, ProbeCheck, ProbeTarget, MIN_PROBE_INTERVAL};
 use super::checker::{kk, secs, Checker};
 
-/// `[probe]`: `None` when the URL is missing or wrong (the problem is reported).
+/// `[probe]`: `None` when neither or both of `url` and `command` are given, or the one given
+/// is wrong (the problem is reported).
 pub(super) fn probe(c: &mut Checker<'_>, p: &RawProbe) -> Option<Probe> {
     let interval = c.duration(
         kk("probe", "interval"),
@@ -31,27 +32,68 @@ pub(super) fn probe(c: &mut Checker<'_>, p: &RawProbe) -> Option<Probe> {
         interval,
         "",
     );
-    let url = match p.url.as_deref() {
-        None => {
+    let check = check(c, p)?;
+    Some(Probe {
+        check,
+        interval,
+        timeout,
+    })
+}
+
+/// What the probe does: exactly one of `url` and `command`; `None` (reported) otherwise.
+fn check(c: &mut Checker<'_>, p: &RawProbe) -> Option<ProbeCheck> {
+    match (p.url.as_deref(), p.command.as_deref()) {
+        (None, None) => {
             c.add(
                 &kk("probe", "url"),
-                "missing: give tcp://host:port or http://…",
+                "missing: give url = \"tcp://host:port\" or \"http://…\" (reachability), or \
+                 command = [\"sh\", \"-c\", \"…\"] (an exec probe run inside the container)",
             );
             None
         }
-        Some(u) => match parse_probe_url(u) {
-            Ok(t) => Some(t),
+        (Some(_), Some(_)) => {
+            c.add(
+                &kk("probe", "command"),
+                "give either url or command in [probe], not both",
+            );
+            None
+        }
+        (Some(u), None) => match parse_probe_url(u) {
+            Ok(t) => Some(ProbeCheck::Url(t)),
             Err(e) => {
                 c.add(&kk("probe", "url"), e.to_string());
                 None
             }
         },
-    }?;
-    Some(Probe {
-        url,
-        interval,
-        timeout,
-    })
+        (None, Some(cmd)) => exec_command(c, cmd).map(ProbeCheck::Command),
+    }
+}
+
+/// `probe.command`: a non-empty argv with a program, no NUL anywhere.
+fn exec_command(c: &mut Checker<'_>, cmd: &[String]) -> Option<Vec<String>> {
+    let key = kk("probe", "command");
+    let mut ok = true;
+    match cmd.first() {
+        None => {
+            c.add(
+                &key,
+                "must not be empty: give the argv of the check, e.g. [\"sh\", \"-c\", \"…\"]",
+            );
+            ok = false;
+        }
+        Some(p) if p.is_empty() => {
+            c.add(&key.index(0), "the program must not be empty");
+            ok = false;
+        }
+        Some(_) => {}
+    }
+    for (i, a) in cmd.iter().enumerate() {
+        if a.contains('\0') {
+            c.add(&key.index(i), "must not contain a NUL character");
+            ok = false;
+        }
+    }
+    ok.then(|| cmd.to_vec())
 }
 
 /// Why a `probe.url` is refused.

@@ -22,7 +22,10 @@ use crate::runtime::{
     ContainerInfo, ContainerRuntime, EventStream, ImageOutcome, Progress, RuntimeError,
     RuntimeEvent,
 };
-use crate::spec::{ContainerSpec, ImageSpec, Named, HEALTHCHECK_PATH, LABEL_ROLE, LABEL_SUT};
+use crate::spec::{
+    ContainerSpec, ImageSpec, Named, HEALTHCHECK_PATH, LABEL_MANAGED_BY, LABEL_ROLE, LABEL_SUT,
+    MANAGED_BY,
+};
 
 impl ContainerRuntime for DockerRuntime {
     async fn ping(&self) -> Result<(), RuntimeError> {
@@ -33,7 +36,7 @@ impl ContainerRuntime for DockerRuntime {
     async fn list(&self) -> Result<Vec<ContainerInfo>, RuntimeError> {
         let opts = ListContainersOptionsBuilder::default().all(true).build();
         let list = self.docker.list_containers(Some(opts)).await?;
-        Ok(list
+        let mut out: Vec<ContainerInfo> = list
             .into_iter()
             .filter_map(|c| {
                 Some(ContainerInfo {
@@ -46,9 +49,17 @@ impl ContainerRuntime for DockerRuntime {
                     labels: c.labels.unwrap_or_default().into_iter().collect(),
                     state: run_state(c.state),
                     health: health_from_status(c.status.as_deref().unwrap_or("")),
+                    finished_ms: None,
                 })
             })
-            .collect())
+            .collect();
+        for c in out.iter_mut().filter(|c| {
+            c.state == RunState::Exited
+                && c.labels.get(LABEL_MANAGED_BY).map(String::as_str) == Some(MANAGED_BY)
+        }) {
+            c.finished_ms = self.finished_ms(&c.id).await;
+        }
+        Ok(out)
     }
 
     async fn create(&self, spec: &ContainerSpec) -> Result<String, RuntimeError> {
@@ -304,6 +315,23 @@ fn use_volume(body: &mut ContainerCreateBody, from: &str, to: &str) {
     }
 }
 
+impl DockerRuntime {
+    /// When the exited container `id` stopped (its `FinishedAt`), ms since the epoch; `None`
+    /// when the inspect fails (it may be gone) or the time does not parse.
+    async fn finished_ms(&self, id: &str) -> Option<u64> {
+        let inspected = self.docker.inspect_container(id, None).await.ok()?;
+        finished_at_ms(inspected.state?.finished_at.as_deref()?)
+    }
+}
+
+/// Docker's `FinishedAt` (RFC 3339 with nanoseconds, UTC) as ms since the epoch; `None` for
+/// Docker's zero time (`0001-01-01T00:00:00Z`, never finished) or anything unparsable.
+pub fn finished_at_ms(s: &str) -> Option<u64> {
+    let t = humantime::parse_rfc3339(s).ok()?;
+    let ms = t.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    u64::try_from(ms).ok().filter(|ms| *ms > 0)
+}
+
 /// Parses the health suffix of a container list status (`Up 5 seconds (healthy)`).
 pub fn health_from_status(status: &str) -> Health {
     if status.ends_with("(healthy)") {
@@ -348,6 +376,20 @@ pub fn busy_from_state_probe(exit_code: Option<i64>, stdout: &str) -> Result<boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finished_at_as_docker_writes_it() {
+        assert_eq!(
+            finished_at_ms("2026-12-02T10:46:52.014379591Z"),
+            Some(1_796_208_412_014)
+        );
+        assert_eq!(
+            finished_at_ms("0001-01-01T00:00:00Z"),
+            None,
+            "never finished"
+        );
+        assert_eq!(finished_at_ms("yesterday"), None);
+    }
 
     #[test]
     fn state_probe_answers() {
