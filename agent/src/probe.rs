@@ -189,7 +189,11 @@ pub async fn run(
         let (what, error) = match &probe.check {
             ProbeCheck::Url(target) => (
                 target.to_string(),
-                prober.probe(target, probe.timeout).await.err().map(|e| e.to_string()),
+                prober
+                    .probe(target, probe.timeout)
+                    .await
+                    .err()
+                    .map(|e| e.to_string()),
             ),
             ProbeCheck::Command(argv) => {
                 let error = exec(argv, probe.timeout).await.err();
@@ -218,7 +222,9 @@ pub async fn run(
 fn note(failure: &ProbeFailure, now: Option<String>) {
     let mut f = failure.lock().unwrap_or_else(|e| e.into_inner());
     match (&*f, &now) {
-        (None, Some(reason)) => warn!(reason = %reason, "The exec probe fails; the SUT is unhealthy."),
+        (None, Some(reason)) => {
+            warn!(reason = %reason, "The exec probe fails; the SUT is unhealthy.")
+        }
         (Some(_), None) => info!("The exec probe passes again."),
         _ => {}
     }
@@ -379,11 +385,13 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(
-            e,
-            "exit 3: line 4 | line 5 | line 6 | line 7 | 403 Forbidden",
+            e, "exit 3: line 4 | line 5 | line 6 | line 7 | 403 Forbidden",
             "the last five lines, stderr with stdout"
         );
-        assert_eq!(exec(&sh("exit 1"), t).await.unwrap_err(), "exit 1 (no output)");
+        assert_eq!(
+            exec(&sh("exit 1"), t).await.unwrap_err(),
+            "exit 1 (no output)"
+        );
         let e = exec(&sh("kill -9 $$"), t).await.unwrap_err();
         assert_eq!(e, "signal 9 (no output)");
         let e = exec(&["/no/such/probe".to_owned()], t).await.unwrap_err();
@@ -401,7 +409,9 @@ mod tests {
             marker.display()
         );
         let t0 = std::time::Instant::now();
-        let e = exec(&sh(&script), Duration::from_millis(300)).await.unwrap_err();
+        let e = exec(&sh(&script), Duration::from_millis(300))
+            .await
+            .unwrap_err();
         assert_eq!(e, "no exit within 300ms: waiting");
         assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
         // The background child was killed with the group: it never touches the marker.
@@ -417,7 +427,11 @@ mod tests {
         assert!(r.ends_with("END"));
         assert!(r.len() <= "exit 1: …".len() + REASON_BYTES);
         let r = reason("exit 1", &"é".repeat(600));
-        assert!(r.len() <= "exit 1: …".len() + REASON_BYTES + 1, "{}", r.len());
+        assert!(
+            r.len() <= "exit 1: …".len() + REASON_BYTES + 1,
+            "{}",
+            r.len()
+        );
         assert_eq!(reason("exit 2", "\n  \n"), "exit 2 (no output)");
     }
 

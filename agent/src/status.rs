@@ -145,9 +145,11 @@ impl Reporter {
             .with_broker_connected(self.link.as_ref().is_some_and(|l| l.state().connected))
             .with_output_dropped(self.tap.dropped())
             .with_detail((!details.is_empty()).then(|| details.join("; ")))
-            .with_probe_failure(self.probe_failure.as_ref().and_then(|f| {
-                f.lock().unwrap_or_else(|e| e.into_inner()).clone()
-            }));
+            .with_probe_failure(
+                self.probe_failure
+                    .as_ref()
+                    .and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            );
         self.seq += 1;
         self.write_heartbeat(&status);
         if let Some(link) = &self.link {

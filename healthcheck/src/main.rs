@@ -311,7 +311,10 @@ mod tests {
             ..status("idle", NOW - 31_000)
         };
         let v = judge_status(&hb, Duration::from_secs(30));
-        assert!(matches!(&v, Verdict::Unhealthy(l) if l.contains("hung or dead")), "{v:?}");
+        assert!(
+            matches!(&v, Verdict::Unhealthy(l) if l.contains("hung or dead")),
+            "{v:?}"
+        );
         assert_eq!(report(v, true).1, 1);
         // Passing again: healthy.
         let v = judge_status(&status("idle", NOW), Duration::from_secs(30));

@@ -237,7 +237,10 @@ mod tests {
         assert_eq!(get("child_restarts"), Some("5"));
         assert_eq!(get("detail"), Some("exited 5 times in 10s"));
         assert_eq!(get("output_dropped"), Some("3"));
-        assert_eq!(get("unhealthy"), Some("probe failing: exit 1: 403 Forbidden"));
+        assert_eq!(
+            get("unhealthy"),
+            Some("probe failing: exit 1: 403 Forbidden")
+        );
         assert_eq!(kv.len(), 15, "every field, no more");
     }
 

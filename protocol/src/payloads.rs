@@ -262,7 +262,10 @@ impl AgentStatus {
     /// Whether Docker should consider this agent healthy (the one rule,
     /// [`crate::heartbeat::is_healthy_status`]): a healthy state and no failing exec probe.
     pub fn is_healthy(&self) -> bool {
-        crate::heartbeat::is_healthy_status(self.state.as_str(), &crate::heartbeat::unhealthy_of(self))
+        crate::heartbeat::is_healthy_status(
+            self.state.as_str(),
+            &crate::heartbeat::unhealthy_of(self),
+        )
     }
 }
 

@@ -183,6 +183,10 @@ fn import_writes_the_shape_of_the_shipped_example() {
         shipped.env.get("TESTFLINGER_SERVER")
     );
     assert_eq!(imported.tail, shipped.tail);
+    assert_eq!(
+        serde_json::to_value(&imported.probe).unwrap(),
+        serde_json::to_value(&shipped.probe).unwrap()
+    );
     let files = |c: &labvisor_protocol::config::SutConfig| {
         let mut f: Vec<(String, Vec<u8>)> = c
             .files

@@ -18,7 +18,7 @@ use std::time::Duration;
 use labvisor_protocol::payloads::{JobState, JobStatus, SubmitAck};
 mod common;
 
-use common::{own_network, tmp_sut_dir, write, Sup};
+use common::{own_network, tmp_sut_dir, wait_healthy, write, Sup};
 use labvisor_tests::{
     network_gateway, standin_image, wait_until, workspace_root, DockerScope, Mosquitto, Subscriber,
     TfServer, STANDIN_TOKEN,
@@ -43,7 +43,7 @@ struct Lab {
     sut: String,
     dir: PathBuf,
     _t: tempfile::TempDir,
-    _scope: DockerScope,
+    scope: DockerScope,
 }
 
 impl Lab {
@@ -62,8 +62,8 @@ impl Lab {
         let agent_broker = format!("mqtt://{gateway}:{}", broker.port());
         let sub = broker.subscribe(&format!("{sut}/#"), &[]);
         let (t, dir) = tmp_sut_dir();
-        // The host gateway's address, as `tfserver:host-gateway` would name it.
-        fill(&dir, &image, &server.url());
+        // The server by name: `extra_hosts = ["tfserver:host-gateway"]`.
+        fill(&dir, &image, &server.container_url());
         let sup = Sup::start(
             &scope,
             &dir,
@@ -78,7 +78,7 @@ impl Lab {
             sut: sut.to_owned(),
             dir,
             _t: t,
-            _scope: scope,
+            scope,
         };
         lab.server.wait_queue(queue, T);
         let agent = format!("{sut}/agent ");
@@ -115,6 +115,7 @@ impl Lab {
                     r#"image = "{image}"
 command = ["testflinger-agent", "-c", "/labvisor/sut/agent.yaml", "--token-file", "/labvisor/sut/token"]
 files = ["agent.yaml", "token", "tf-job", "template.yaml"]
+extra_hosts = ["tfserver:host-gateway"]
 [env]
 TESTFLINGER_SERVER = "{url}"
 [health]
@@ -353,8 +354,9 @@ fn the_job_timeout_cancels_the_server_job() {
     lab.wait_server_state(&server_id, "cancelled");
 }
 
-/// The issue's fifth point: the example as shipped, with only the image, the server URL and
-/// the agent's token replaced by the test's, registers its agent (`--token-file`), and a job
+/// The issue's fifth point: the example as shipped, with only the image, the server URL (its
+/// port: the server is `tfserver` through `extra_hosts`) and the agent's token replaced by the
+/// test's, registers its agent (`--token-file`), stays healthy under its exec probe, and a job
 /// published with `mosquitto_pub -f job.yaml` runs on the server through the example's device
 /// connector commands, with the right verdict.
 #[test]
@@ -414,4 +416,6 @@ fn the_shipped_example_runs_jobs_with_the_right_verdict() {
     let id = lab.publish_file("job2.yaml", passing);
     let st = lab.final_status(&id);
     assert_eq!(st.state, JobState::Passed, "{st:?}");
+    // The exec probe finds an agent the server accepts: healthy.
+    wait_healthy(&lab.scope, "tf-rpi4-01", T);
 }

@@ -19,9 +19,11 @@
 //! | `env` | the snappy file's `env` map, keys that are valid environment names, and `TESTFLINGER_SERVER` = the config's `server_address` |
 //! | `job.command` | `python3 /labvisor/sut/tf-job {job_file}` |
 //! | `job.template` | `<sut>.yaml` |
+//! | `probe.command` | `! tail -n 4 <logging_basedir>/testflinger-agent.log \| grep -E '403\|Unable to reach'` (unhealthy while the server refuses the agent or cannot be reached) |
 //! | `job.timeout`, `job.output_timeout` | `global_timeout`, `output_timeout` (seconds), when present |
 //!
-//! This is the shape of `examples/testflinger/` (a test compares them). Next to the triplet it
+//! This is the shape of `examples/testflinger/` (a test compares them), except `extra_hosts`:
+//! the server address stays as the old config has it. Next to the triplet it
 //! writes [`WRAPPER`], the example's job wrapper (it judges the job by `testflinger-cli results`
 //! and cancels the server job on cancel and timeout), and `<sut>.token`, the agent's credential,
 //! with a placeholder the user replaces; an existing token file is never overwritten, not even
@@ -59,6 +61,9 @@ pub const WRAPPER_TEXT: &str = include_str!("../../../../examples/testflinger/tf
 /// What a new `<sut>.token` holds until the user puts the agent's credential there (the
 /// example's placeholder too).
 pub const TOKEN_PLACEHOLDER: &str = "REPLACE-WITH-THIS-AGENT-S-REFRESH-TOKEN\n";
+
+/// testflinger-agent's default `logging_basedir`.
+pub const DEFAULT_LOGGING_BASEDIR: &str = "/tmp/testflinger/logs";
 
 /// testflinger-agent's default `execution_basedir`.
 pub const DEFAULT_EXECUTION_BASEDIR: &str = "/tmp/testflinger/run";
@@ -291,6 +296,7 @@ fn import_one(
         token: &token,
         server: device.server.as_deref(),
         basedir: &device.basedir,
+        log_dir: device.log_dir.as_deref(),
         env: &device.env,
         timeout: device.timeout,
         output_timeout: device.output_timeout,

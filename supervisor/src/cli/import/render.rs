@@ -23,6 +23,8 @@ pub(super) struct RenderInput<'a> {
     /// The server the agent config names, for testflinger-cli (`TESTFLINGER_SERVER`).
     pub server: Option<&'a str>,
     pub basedir: &'a str,
+    /// Where the agent's log is, for the exec probe (none: no probe).
+    pub log_dir: Option<&'a str>,
     pub env: &'a BTreeMap<String, String>,
     pub timeout: Option<String>,
     pub output_timeout: Option<String>,
@@ -91,7 +93,29 @@ pub(super) fn render(r: &RenderInput<'_>) -> String {
         top.insert("env", Item::Table(env));
     }
     top.insert("job", Item::Table(job(r, conf, template)));
+    if let Some(dir) = r.log_dir {
+        top.insert("probe", Item::Table(probe(dir)));
+    }
     doc.to_string()
+}
+
+/// The `[probe]` table: the exec probe that finds an agent the server refuses or cannot reach
+/// in its log (as the example's).
+fn probe(log_dir: &str) -> Table {
+    let mut probe = Table::new();
+    probe.decor_mut().set_prefix("\n");
+    let check =
+        format!("! tail -n 4 {log_dir}/testflinger-agent.log | grep -E '403|Unable to reach'");
+    put(
+        &mut probe,
+        "command",
+        array(["sh", "-c", &check]),
+        "# Unhealthy while the agent's latest log lines say the server refuses it (403) or\n\
+         # cannot be reached, with those lines as the reason.",
+    );
+    probe.insert("interval", value("30s"));
+    probe.insert("timeout", value("5s"));
+    probe
 }
 
 /// The `[job]` table.
@@ -155,6 +179,7 @@ mod tests {
             token: "d.token",
             server: Some("http://tf.lab:8000"),
             basedir: "/srv/tf",
+            log_dir: Some("/srv/tf/logs"),
             env,
             timeout: Some("3600s".into()),
             output_timeout: None,
@@ -194,7 +219,11 @@ mod tests {
                 "[job]",
                 "command",
                 "template",
-                "timeout"
+                "timeout",
+                "[probe]",
+                "command",
+                "interval",
+                "timeout",
             ]
         );
         assert!(
