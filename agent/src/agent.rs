@@ -16,13 +16,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use labvisor_protocol::config::{ProbeCheck, SutConfig};
-use labvisor_protocol::payloads::{random_id, AgentState};
+use labvisor_protocol::payloads::{now_ms, random_id, AgentState};
 use labvisor_protocol::topics::{SutTopic, Topics};
 use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, info_span, Instrument};
 
+use crate::admin::Admin;
 use crate::child::{Exit, Spec};
 use crate::device::{Device, State};
 use crate::logfile::RotatingFile;
@@ -142,6 +143,8 @@ struct Agent {
     batcher: JoinHandle<()>,
     threads: Threads,
     probe: Option<JoinHandle<()>>,
+    /// Online, offline or maintenance (lab operations; [`crate::admin`]).
+    admin: Admin,
 }
 
 impl Agent {
@@ -198,7 +201,11 @@ impl Agent {
         );
         let threads = Threads::spawn(cfg, &sinks, &mut reporter);
         let probe = spawn_probe(&settings, link.as_ref(), &mut reporter);
-        let device = spawn_device(cfg, &sinks);
+        let admin = Admin::open(&settings.data_dir, now_ms());
+        if let Some(why) = admin.refusal() {
+            sinks.agent_line(&why);
+        }
+        let device = spawn_device(cfg, &sinks, admin.holds_device());
         Ok(Agent {
             settings,
             sinks,
@@ -211,6 +218,7 @@ impl Agent {
             batcher,
             threads,
             probe,
+            admin,
         })
     }
 
@@ -223,7 +231,11 @@ impl Agent {
         let mut room_rx = self.link.as_ref().map(|l| l.watch_room());
         let mut dev_rx = Some(self.device.watch());
         loop {
-            self.jobs.start_next(&self.sinks);
+            // Offline or in maintenance: new jobs are refused, queued ones wait.
+            self.jobs.refuse_new_jobs(self.admin.refusal());
+            if self.admin.takes_jobs() {
+                self.jobs.start_next(&self.sinks);
+            }
             let job_check = self.jobs.next_check();
             let room = room_rx.as_mut().is_none_or(|r| *r.borrow_and_update());
             tokio::select! {
@@ -236,7 +248,7 @@ impl Agent {
                 }
                 msg = async { self.incoming.as_mut().expect("guarded").recv().await }, if self.incoming.is_some() && room => {
                     match msg {
-                        Some(r) => self.on_message(&r),
+                        Some(r) => self.on_message(&r).await,
                         None => self.incoming = None,
                     }
                 }
@@ -265,16 +277,32 @@ impl Agent {
             if let State::Ended(exit) = dev.state {
                 return Outcome::ChildExited(exit);
             }
+            self.reporter.admin = self.admin.reported();
+            self.reporter.admin_unsaved = self.admin.unsaved().map(str::to_owned);
             let state = self.reporter.state(&dev, self.jobs.running().is_some());
             self.reporter.report(&dev, &self.jobs, state);
         }
     }
 
-    /// A message on a subscribed topic: a submission, a cancel, or nothing of ours.
-    fn on_message(&mut self, r: &Received) {
+    /// A message on a subscribed topic: a submission, a cancel, an admin command, or nothing of
+    /// ours.
+    async fn on_message(&mut self, r: &Received) {
         match self.settings.topics.parse(&r.topic) {
             Some((_, SutTopic::Submit)) => self.jobs.on_submit(r),
             Some((_, SutTopic::Cancel)) => self.jobs.on_cancel(r),
+            Some((_, SutTopic::Admin)) => {
+                crate::admin::on_command(
+                    &mut self.admin,
+                    &self.device,
+                    &self.sinks,
+                    r,
+                    self.settings.grace,
+                )
+                .await;
+                if let Some(l) = &self.link {
+                    let _ = l.ack(r);
+                }
+            }
             _ => {
                 if let Some(l) = &self.link {
                     let _ = l.ack(r);
@@ -334,8 +362,9 @@ fn spawn_probe(
     Some(tokio::spawn(task.in_current_span()))
 }
 
-/// The device-process actor; as PID 1 it also reaps orphans.
-fn spawn_device(cfg: &SutConfig, sinks: &Arc<Sinks>) -> Device {
+/// The device-process actor (held from the start in maintenance); as PID 1 it also reaps
+/// orphans.
+fn spawn_device(cfg: &SutConfig, sinks: &Arc<Sinks>, held: bool) -> Device {
     let pid1 = std::process::id() == 1;
     if pid1 {
         info!("Running as PID 1: orphaned processes are reaped by the agent.");
@@ -345,7 +374,7 @@ fn spawn_device(cfg: &SutConfig, sinks: &Arc<Sinks>) -> Device {
         env: cfg.env.clone(),
         cwd: None,
     });
-    Device::spawn(spec, &cfg.restart, sinks.clone(), pid1)
+    Device::spawn_held(spec, &cfg.restart, sinks.clone(), pid1, held)
 }
 
 /// The log file, the tap and the sinks that feed them.

@@ -105,6 +105,8 @@ pub enum State {
     Ended(Exit),
     /// Stopped by [`Device::stop`].
     Stopped,
+    /// Stopped and kept stopped by [`Device::hold`] (maintenance) until [`Device::release`].
+    Held,
 }
 
 /// What the task publishes after every transition.
@@ -150,6 +152,9 @@ enum Control {
         grace: Duration,
         reply: oneshot::Sender<Option<(Exit, bool)>>,
     },
+    // -- hold/release (maintenance, helper admin) --
+    Hold(Duration),
+    Release,
 }
 
 /// The handle to the device-process task.
@@ -168,16 +173,29 @@ impl Device {
         sinks: Arc<Sinks>,
         reap: bool,
     ) -> Device {
+        Device::spawn_held(spec, restart, sinks, reap, false)
+    }
+
+    /// [`Device::spawn`], held from the start when `held` (the SUT is in maintenance): the
+    /// process starts only at [`Device::release`].
+    pub fn spawn_held(
+        spec: Option<Spec>,
+        restart: &RestartSettings,
+        sinks: Arc<Sinks>,
+        reap: bool,
+        held: bool,
+    ) -> Device {
+        let held = held && spec.is_some();
         let backoff = Backoff::new(
             restart.backoff_min,
             restart.backoff_max,
             restart.crash_loop_after.get(),
         );
         let status = Status {
-            state: if spec.is_some() {
-                State::Pending
-            } else {
-                State::NoCommand
+            state: match &spec {
+                Some(_) if held => State::Held,
+                Some(_) => State::Pending,
+                None => State::NoCommand,
             },
             restarts: 0,
             last_exit: None,
@@ -192,6 +210,7 @@ impl Device {
             .flatten();
         let actor = Actor {
             phase: match &spec {
+                Some(_) if held => Phase::Held,
                 Some(_) => Phase::Pending(tokio::time::Instant::now()),
                 None => Phase::Idle,
             },
@@ -225,6 +244,17 @@ impl Device {
         let _ = self.control.send(Control::Signal(sig)).await;
     }
 
+    /// Stops the process (TERM to its group, up to `grace`, KILL) and keeps it stopped, without
+    /// restarts, until [`Device::release`]. Returns at once; the status says `Held` once it is.
+    pub async fn hold(&self, grace: Duration) {
+        let _ = self.control.send(Control::Hold(grace)).await;
+    }
+
+    /// Starts a held process again, now. Nothing happens if it is not held.
+    pub async fn release(&self) {
+        let _ = self.control.send(Control::Release).await;
+    }
+
     /// Stops the process (TERM to its group, up to `grace`, KILL) and ends the task. Returns how
     /// the process ended and whether it had to be killed, if it was running.
     pub async fn stop(self, grace: Duration) -> Option<(Exit, bool)> {
@@ -249,6 +279,8 @@ enum Phase {
     Running(Box<Running>, Span),
     /// Over (exited under `on_child_exit = "exit"`).
     Ended,
+    /// Held: stopped until released.
+    Held,
 }
 
 struct Actor {
@@ -284,6 +316,13 @@ impl Actor {
                     Some(Control::Signal(sig)) => {
                         if let Phase::Running(run, _) = &self.phase {
                             run.signal(sig);
+                        }
+                    }
+                    Some(Control::Hold(grace)) => self.hold(grace).await,
+                    Some(Control::Release) => {
+                        if matches!(self.phase, Phase::Held) {
+                            self.phase = Phase::Pending(tokio::time::Instant::now());
+                            self.status.send_modify(|s| s.state = State::Pending);
                         }
                     }
                     Some(Control::Stop { grace, reply }) => {
@@ -362,6 +401,27 @@ impl Actor {
             s.last_exit = Some(last_exit);
             s.crash_loop = crash_loop;
             s.crash_detail = crash_detail;
+        });
+    }
+
+    /// Holds the process: stops it if it runs (TERM, `grace`, KILL), starts nothing until
+    /// released, and clears the crash-loop count (whatever it was about is being worked on).
+    async fn hold(&mut self, grace: Duration) {
+        if matches!(self.phase, Phase::Idle | Phase::Ended | Phase::Held) {
+            return;
+        }
+        let stopped = self.stop(grace).await;
+        info!(
+            stopped = stopped.is_some(),
+            "Device process held (maintenance)."
+        );
+        self.phase = Phase::Held;
+        let b = &self.backoff;
+        self.backoff = Backoff::new(b.min, b.max, b.crash_loop_after);
+        self.status.send_modify(|s| {
+            s.state = State::Held;
+            s.crash_loop = false;
+            s.crash_detail = None;
         });
     }
 

@@ -26,7 +26,11 @@
 //!   stop publishes `offline`. The batcher ([`publish`]) and the upstream probe ([`probe`]) are
 //!   tasks of their own.
 //! - As PID 1 (a container without Docker's init) the agent reaps orphaned grandchildren.
+//! - Lab operations ([`admin`]): a SUT put offline (or in maintenance, which also holds the
+//!   device process) on `<sut>/admin` refuses new jobs with the reason until it is put online;
+//!   the state is kept on the SUT's volume.
 
+pub mod admin;
 pub mod agent;
 pub mod child;
 pub mod device;

@@ -34,7 +34,7 @@ pub enum ConnectError {
 
 /// Starts the agent's link to the broker: `will` is its last will (the retained `lost`
 /// status), `on_drop` hears of every output message the link drops, and the link subscribes to
-/// the SUT's submissions and cancels.
+/// the SUT's submissions, cancels and admin commands.
 pub fn connect(
     mut opts: LinkOptions,
     will: Message,
@@ -60,5 +60,6 @@ pub fn connect(
     // would run again at every restart), also when the agent was online.
     link.subscribe_as_published(topics.submit(sut), QoS::AtLeastOnce)?;
     link.subscribe_as_published(topics.cancel(sut), QoS::AtLeastOnce)?;
+    link.subscribe_as_published(topics.admin(sut), QoS::AtLeastOnce)?;
     Ok((link, incoming))
 }

@@ -92,6 +92,8 @@ pub struct JobRunner {
     link: Option<MqttLink>,
     jobs_dir: PathBuf,
     grace: Duration,
+    /// Why new submissions are rejected (the SUT is offline), if they are (helper admin).
+    refusal: Option<String>,
 }
 
 impl JobRunner {
@@ -113,6 +115,7 @@ impl JobRunner {
             link,
             jobs_dir,
             grace,
+            refusal: None,
         };
         for s in &statuses {
             let span = info_span!("job", job_id = %s.id);
@@ -120,6 +123,12 @@ impl JobRunner {
             r.publish_status(s, true);
         }
         Ok(r)
+    }
+
+    /// Rejects new submissions with `reason` (the SUT is offline), or takes them again (`None`).
+    /// Duplicates of accepted jobs are still answered `duplicate`.
+    pub fn refuse_new_jobs(&mut self, reason: Option<String>) {
+        self.refusal = reason;
     }
 
     /// The running job's id.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use labvisor_protocol::heartbeat;
-use labvisor_protocol::payloads::{now_ms, AgentState, AgentStatus, ChildStatus};
+use labvisor_protocol::payloads::{now_ms, AdminState, AgentState, AgentStatus, ChildStatus};
 use labvisor_protocol::topics::Topics;
 use labvisor_protocol::SutName;
 use tracing::warn;
@@ -40,6 +40,11 @@ pub struct Reporter {
     /// The exec probe's failure, reported as `probe_failure` (an exec probe only).
     pub probe_failure: Option<ProbeFailure>,
     seq: u64,
+    // -- admin (lab operations) --
+    /// The SUT's admin state, reported as `admin` (set by the loop before each report).
+    pub admin: Option<AdminState>,
+    /// Why the admin state could not be saved, reported in `detail`.
+    pub admin_unsaved: Option<String>,
 }
 
 impl Reporter {
@@ -67,6 +72,8 @@ impl Reporter {
             tail_errors: None,
             probe_failure: None,
             seq: 0,
+            admin: None,
+            admin_unsaved: None,
         }
     }
 
@@ -102,6 +109,7 @@ impl Reporter {
             State::NoCommand => AgentState::Idle,
             State::Running { .. } if dev.is_crash_looping() => AgentState::CrashLoop,
             State::Running { .. } => AgentState::Idle,
+            State::Held => AgentState::Idle,
             _ if dev.last_exit.is_some() => AgentState::Restarting,
             _ => AgentState::Starting,
         }
@@ -128,6 +136,7 @@ impl Reporter {
             ));
         }
         details.extend(self.sinks.error());
+        details.extend(self.admin_unsaved.clone());
         if let Some(errs) = &self.tail_errors {
             details.extend(
                 errs.lock()
@@ -149,7 +158,8 @@ impl Reporter {
                 self.probe_failure
                     .as_ref()
                     .and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).clone()),
-            );
+            )
+            .with_admin(self.admin.clone());
         self.seq += 1;
         self.write_heartbeat(&status);
         if let Some(link) = &self.link {
@@ -171,7 +181,8 @@ impl Reporter {
             .base()
             .with_state(AgentState::Offline)
             .with_seq(self.seq)
-            .with_child(child_status(dev));
+            .with_child(child_status(dev))
+            .with_admin(self.admin.clone());
         let _ = heartbeat::write_atomic(
             &self.heartbeat_file,
             &heartbeat::render(&offline, self.max_age),

@@ -21,6 +21,10 @@
 //! It never talks to the broker: a broker outage must not turn every agent in the lab unhealthy
 //! at once (the old stack's check waited for fresh MQTT messages).
 //!
+//! A SUT put offline or in maintenance (`labvisor offline`) stays healthy (its agent works), but
+//! the line starts with `offline: REASON` (`maintenance: REASON`), so Docker's health log and
+//! Portainer say why it takes no jobs.
+//!
 //! ## Usage
 //!
 //! `labvisor-healthcheck [--file PATH] [--max-age DURATION] [--state]`
@@ -140,6 +144,7 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         detail,
         child_alive,
         unhealthy,
+        admin,
     } = Reading::read(text);
     let (Some(time_ms), Some(state)) = (time_ms, state) else {
         return Verdict::Unhealthy(format!(
@@ -182,8 +187,13 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         "false" => ", device process not running",
         _ => "",
     };
+    let admin = if admin.is_empty() {
+        String::new()
+    } else {
+        format!("{admin}; ")
+    };
     Verdict::Healthy(
-        format!("ok: {state}{child}, heartbeat {} old", fmt_secs(age)),
+        format!("{admin}ok: {state}{child}, heartbeat {} old", fmt_secs(age)),
         state.to_owned(),
     )
 }
@@ -252,6 +262,7 @@ mod tests {
             job: "",
             detail: "exited 5 times in 20s",
             unhealthy: "",
+            admin: "",
         }
     }
 
@@ -271,6 +282,22 @@ mod tests {
             v,
             Verdict::Healthy(
                 "ok: idle, device process running, heartbeat 2.0s old".into(),
+                "idle".into()
+            )
+        );
+    }
+
+    #[test]
+    fn an_offline_sut_is_healthy_and_says_why_first() {
+        let hb = Heartbeat {
+            admin: "offline: flaky usb hub",
+            ..status("idle", NOW - 1_000)
+        };
+        assert_eq!(
+            judge_status(&hb, Duration::from_secs(30)),
+            Verdict::Healthy(
+                "offline: flaky usb hub; ok: idle, device process running, heartbeat 1.0s old"
+                    .into(),
                 "idle".into()
             )
         );

@@ -36,12 +36,15 @@
 //! job=
 //! detail=
 //! unhealthy=
+//! admin=
 //! ```
 //!
 //! Values are single lines (newlines become spaces). Unknown keys are ignored by readers
 //! ([`parse`], [`Reading::read`]). The healthcheck decides from `time_ms`, `max_age_ms`,
-//! `state` and `unhealthy` alone ([`is_healthy_status`]): it never asks the broker, so a broker outage cannot turn every
-//! agent in the lab unhealthy at once.
+//! `state` and `unhealthy` alone ([`is_healthy_status`]): it never asks the broker, so a broker
+//! outage cannot turn every agent in the lab unhealthy at once. `admin` (`offline: REASON`, `maintenance: REASON`, empty
+//! while online) does not change the verdict: the healthcheck prints it, so Docker's health log
+//! and Portainer show why a healthy SUT takes no jobs.
 
 use std::io::Write;
 use std::path::Path;
@@ -110,6 +113,9 @@ pub struct Heartbeat<'a> {
     /// Why the agent is unhealthy whatever its state (a failing exec probe, with its output),
     /// empty when nothing is ([`is_healthy_status`]).
     pub unhealthy: &'a str,
+    // -- admin (lab operations) --
+    /// The admin state, `offline: REASON` or `maintenance: REASON`; empty while online.
+    pub admin: &'a str,
 }
 
 impl Heartbeat<'_> {
@@ -120,8 +126,8 @@ impl Heartbeat<'_> {
         }
         let child = self.child.as_ref();
         format!(
-            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nunhealthy={}\n",
-            self.v,
+            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nunhealthy={}\nadmin={}\n",
+                        self.v,
             self.sut,
             self.state,
             self.time_ms,
@@ -136,6 +142,7 @@ impl Heartbeat<'_> {
             self.job,
             one_line(self.detail),
             one_line(self.unhealthy),
+            one_line(self.admin),
         )
     }
 }
@@ -164,6 +171,8 @@ pub struct Reading<'a> {
     pub child_alive: &'a str,
     /// `unhealthy` (empty when absent).
     pub unhealthy: &'a str,
+    /// `admin`: `offline: REASON`, `maintenance: REASON`, or empty while online.
+    pub admin: &'a str,
 }
 
 impl<'a> Reading<'a> {
@@ -178,6 +187,7 @@ impl<'a> Reading<'a> {
                 "detail" => r.detail = v,
                 "child_alive" => r.child_alive = v,
                 "unhealthy" => r.unhealthy = v,
+                "admin" => r.admin = v,
                 _ => {}
             }
         }
@@ -222,6 +232,7 @@ mod tests {
             job: "",
             detail: "exited 5 times\nin 10s",
             unhealthy: "probe failing: exit 1: 403\nForbidden",
+            admin: "offline: flaky\nusb",
         }
     }
 
@@ -241,7 +252,8 @@ mod tests {
             get("unhealthy"),
             Some("probe failing: exit 1: 403 Forbidden")
         );
-        assert_eq!(kv.len(), 15, "every field, no more");
+        assert_eq!(get("admin"), Some("offline: flaky usb"));
+        assert_eq!(kv.len(), 16, "every field, no more");
     }
 
     #[test]
@@ -254,6 +266,7 @@ mod tests {
         assert_eq!(r.detail, "exited 5 times in 10s");
         assert_eq!(r.child_alive, "false");
         assert_eq!(r.unhealthy, "probe failing: exit 1: 403 Forbidden");
+        assert_eq!(r.admin, "offline: flaky usb");
         let none = Heartbeat {
             child: None,
             ..sample()

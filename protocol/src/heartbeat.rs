@@ -24,6 +24,11 @@ pub fn unhealthy_of(status: &AgentStatus) -> String {
 /// Renders `status` as a heartbeat file, with `max_age` for the healthcheck.
 pub fn render(status: &AgentStatus, max_age: Duration) -> String {
     let unhealthy = unhealthy_of(status);
+    let admin = status
+        .admin
+        .as_ref()
+        .and_then(|a| a.summary())
+        .unwrap_or_default();
     Heartbeat {
         v: status.v,
         sut: status.sut.as_str(),
@@ -42,6 +47,7 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
         job: status.job.as_ref().map(|j| j.as_str()).unwrap_or_default(),
         detail: status.detail.as_deref().unwrap_or_default(),
         unhealthy: &unhealthy,
+        admin: &admin,
     }
     .render()
 }
@@ -74,6 +80,12 @@ mod tests {
             output_dropped: 3,
             detail: Some("exited 5 times\nin 10s".into()),
             probe_failure: None,
+            admin: Some(crate::payloads::AdminState {
+                mode: crate::payloads::AdminMode::Maintenance,
+                reason: Some("reflash".into()),
+                since_ms: 1,
+                by: None,
+            }),
         }
     }
 
@@ -92,6 +104,7 @@ mod tests {
         assert_eq!(get("job"), Some(""));
         assert_eq!(get("detail"), Some("exited 5 times in 10s"));
         assert_eq!(get("output_dropped"), Some("3"));
+        assert_eq!(get("admin"), Some("maintenance: reflash"));
     }
 
     /// The healthy-state rule exists once (`labvisor_heartbeat::is_healthy`); this pins what it

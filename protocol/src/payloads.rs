@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::name::SutName;
 use crate::topics::JobId;
 
+mod admin;
 mod job;
 mod supervisor;
 // -- lab operations (helper ops): the rolling restart.
@@ -26,6 +27,7 @@ mod restart;
 pub use restart::*;
 // -- end of lab operations.
 
+pub use admin::*;
 pub use job::*;
 pub use supervisor::*;
 
@@ -174,6 +176,11 @@ pub struct AgentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe_failure: Option<String>,
     // --- end helper probe ---
+    // -- admin (lab operations) --
+    /// The SUT's admin state (offline, maintenance, with the reason); absent while it is online
+    /// and was never put offline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminState>,
 }
 
 impl AgentStatus {
@@ -203,6 +210,7 @@ impl AgentStatus {
             output_dropped: 0,
             detail: None,
             probe_failure: None,
+            admin: None,
         }
     }
 
@@ -266,6 +274,11 @@ impl AgentStatus {
             self.state.as_str(),
             &crate::heartbeat::unhealthy_of(self),
         )
+    }
+
+    /// With the SUT's admin state (`None` while online and never changed).
+    pub fn with_admin(self, admin: Option<AdminState>) -> Self {
+        Self { admin, ..self }
     }
 }
 

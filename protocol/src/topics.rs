@@ -17,6 +17,7 @@
 //! | `labvisor/replies/<sut>/...` | agent → submitter | 1 | no | the SUT's reply space (`Topics::reply_space`): a submission's `reply_to` / MQTT 5 response topic must lie here (or under `<sut>/`, outside labvisor's own topics), where both shipped ACLs let the agent write |
 //! | `<sut>/cancel` | submitter → agent | 1 | never | a job id, `current`, or `{"id": ...}` |
 //! | `<sut>/cancel_status` | agent → submitter | 1 | yes (latest) | [`CancelAck`](crate::payloads::CancelAck) JSON |
+//! | `<sut>/admin` | admin → agent | 1 | never (a retained command is ignored) | [`AdminCommand`](crate::payloads::AdminCommand) JSON, or plain text `offline REASON`, `maintenance REASON`, `online`; the agent's answer is its status on `<sut>/agent` (`admin`) |
 //! | `<sut>/jobs/<id>` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON |
 //! | `<sut>/jobs/<id>/output` | agent → all | 1 | no | plain text, as `<sut>/output` (the job's lines only) |
 //! | `<sut>/last_job` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON of the latest job |
@@ -144,6 +145,8 @@ pub enum SutTopic {
     Cancel,
     /// `<sut>/cancel_status`
     CancelStatus,
+    /// `<sut>/admin`: offline, online, maintenance.
+    Admin,
     /// `<sut>/last_job`
     LastJob,
     /// `<sut>/supervisor`
@@ -225,6 +228,11 @@ impl Topics {
         format!("{}+/cancel", self.prefix)
     }
 
+    /// `+/admin`: every SUT's admin topic (offline, online, maintenance).
+    pub fn admin_filter(&self) -> String {
+        format!("{}+/admin", self.prefix)
+    }
+
     /// `labvisor/cli/<client>/probe`: a client command's end-of-retained marker.
     pub fn cli_probe(&self, client: &str) -> String {
         format!("{}labvisor/cli/{client}/probe", self.prefix)
@@ -266,6 +274,10 @@ impl Topics {
     /// `<sut>/cancel_status`: the latest cancel request's acknowledgement.
     pub fn cancel_status(&self, sut: &SutName) -> String {
         self.sut(sut, "cancel_status")
+    }
+    /// `<sut>/admin`: the SUT's admin commands (offline, online, maintenance).
+    pub fn admin(&self, sut: &SutName) -> String {
+        self.sut(sut, "admin")
     }
     /// `<sut>/last_job`: the latest job's status.
     pub fn last_job(&self, sut: &SutName) -> String {
@@ -395,6 +407,7 @@ impl Topics {
             ("submit_status", None, ..) => SutTopic::SubmitStatus,
             ("cancel", None, ..) => SutTopic::Cancel,
             ("cancel_status", None, ..) => SutTopic::CancelStatus,
+            ("admin", None, ..) => SutTopic::Admin,
             ("last_job", None, ..) => SutTopic::LastJob,
             ("supervisor", None, ..) => SutTopic::Supervisor,
             ("build", None, ..) => SutTopic::Build,
@@ -425,6 +438,9 @@ mod tests {
         assert_eq!(t.submit_status(&s), "rpi4-01/submit_status");
         assert_eq!(t.last_job(&s), "rpi4-01/last_job");
         assert_eq!(t.build(&s), "rpi4-01/build");
+        assert_eq!(t.admin(&s), "rpi4-01/admin");
+        assert_eq!(t.admin_filter(), "+/admin");
+        assert_eq!(t.parse("rpi4-01/admin"), Some((s.clone(), SutTopic::Admin)));
         assert_eq!(t.parse("rpi4-01/build"), Some((s.clone(), SutTopic::Build)));
         let id = JobId::new("01J9Z").unwrap();
         assert_eq!(t.job(&s, &id), "rpi4-01/jobs/01J9Z");
@@ -522,6 +538,7 @@ mod tests {
                 "rpi4-01",
                 "rpi4-01/",
                 "rpi4-01/submit",
+                "rpi4-01/admin",
                 "rpi4-01/agent",
                 "rpi4-01/last_job",
                 "rpi4-01/jobs/x",

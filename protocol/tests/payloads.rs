@@ -248,3 +248,27 @@ fn older_payloads_without_v_still_parse() {
             .unwrap();
     assert_eq!(p.v, VERSION);
 }
+
+#[test]
+fn admin_command() {
+    let p = AdminCommand::new(
+        AdminMode::Offline,
+        Some("usb hub flaky, replacing it".into()),
+        Some("alice@lab-host".into()),
+    );
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+    assert_eq!(parse_admin(&serde_json::to_vec(&p).unwrap()), Ok(p));
+}
+
+#[test]
+fn agent_status_admin_maintenance() {
+    let p = agent_status(AgentState::Idle).with_admin(Some(AdminState {
+        mode: AdminMode::Maintenance,
+        reason: Some("reflashing the board".into()),
+        since_ms: T - 60_000,
+        by: Some("alice@lab-host".into()),
+    }));
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use labvisor_mqtt::LinkOptions;
+use labvisor_protocol::payloads::AdminMode;
 use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_supervisor::broker::tls::AgentTls;
 use labvisor_supervisor::broker::{self, ManagedBroker};
@@ -92,6 +93,15 @@ enum Command {
     /// A rolling restart (for upgrades): recreate the SUTs' containers one at a time, each
     /// when its agent is idle, the next once the new one is healthy.
     Restart(cli::restart::RestartArgs),
+    // -- lab operations (helper admin) --
+    /// Put a SUT offline: new jobs are refused with the reason, the running job finishes,
+    /// queued jobs wait; it stays offline across restarts until `labvisor online`.
+    Offline(cli::admin::AdminArgs),
+    /// Put a SUT online again: it takes jobs and runs the queued ones (after maintenance, its
+    /// device process starts again).
+    Online(cli::admin::AdminArgs),
+    /// Offline, and the SUT's device process is stopped until `labvisor online`.
+    Maintenance(cli::admin::AdminArgs),
     /// Keep one agent container per valid SUT file, live, through the Docker API.
     Supervise(Box<SuperviseArgs>),
     /// Probe a supervisor's /healthz (exit 0: healthy, 1: not, or no answer): the healthcheck
@@ -557,9 +567,19 @@ fn main() -> ExitCode {
         Command::Restart(args) => cli::run_client("restart", || async move {
             cli::restart::restart(&args, &mut stdout.lock()).await
         }),
+        Command::Offline(a) => admin_main(AdminMode::Offline, a),
+        Command::Online(a) => admin_main(AdminMode::Online, a),
+        Command::Maintenance(a) => admin_main(AdminMode::Maintenance, a),
         Command::Supervise(args) => supervise_main(*args),
         Command::Import(args) => import::main(args),
         Command::Healthz(args) => healthz::run(&args, &mut stdout.lock()),
         Command::Check(args) => check::main(&args, &mut stdout.lock()),
     }
+}
+
+/// `labvisor offline|online|maintenance`.
+fn admin_main(mode: AdminMode, args: cli::admin::AdminArgs) -> ExitCode {
+    cli::run_client(mode.as_str(), || async move {
+        cli::admin::admin(mode, &args, &mut std::io::stdout().lock()).await
+    })
 }

@@ -657,3 +657,24 @@ fn tls_listener_serves_clients_that_trust_the_generated_ca() {
     );
     assert_eq!(mode(&b.files.path().join("ca/ca.key")), 0o600);
 }
+
+/// Admin commands (`labvisor offline`, `online`, `maintenance` on `<sut>/admin`): a submitter's
+/// reach the agent; a reader's and another SUT's agent's are dropped.
+#[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
+fn only_submitters_send_admin_commands() {
+    let b = start_broker();
+    let agent = b.subscribe(AGENT_A, &["rpi4-01/#"], AGENT_A, "rpi4-01/sync");
+
+    let payload = unique_id("offline");
+    b.publish(SUBMIT, "rpi4-01/admin", &payload);
+    let expected = format!("rpi4-01/admin {payload}");
+    agent.wait_for(&format!("{expected} at the agent"), LIMIT, |l| {
+        l == expected
+    });
+    for who in [READER, AGENT_B] {
+        let forged = unique_id("forged-admin");
+        b.publish(who, "rpi4-01/admin", &forged);
+        b.assert_dropped(&agent, &forged, (SUBMIT, "rpi4-01/admin"));
+    }
+}

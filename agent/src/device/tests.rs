@@ -177,3 +177,47 @@ async fn without_a_command_there_is_nothing_to_stop() {
     assert_eq!(dev.status().state, State::NoCommand);
     assert_eq!(dev.stop(Duration::from_secs(1)).await, None);
 }
+
+// -- hold/release (maintenance, helper admin) --
+
+/// Held: the process is stopped and not restarted (no backoff start comes), and a crash loop
+/// is forgotten; released: it starts again at once. Started held: it starts only when released.
+#[tokio::test]
+async fn a_held_process_stays_stopped_until_released() {
+    let d = tempfile::tempdir().unwrap();
+    let dev = Device::spawn(
+        sh("exit 3"),
+        &restart(OnChildExit::Restart, 2),
+        sinks(d.path()),
+        false,
+    );
+    let mut rx = dev.watch();
+    until(&mut rx, |s| s.crash_loop).await;
+    dev.hold(Duration::from_secs(1)).await;
+    let s = until(&mut rx, |s| s.state == State::Held).await;
+    assert!(!s.crash_loop && s.crash_detail.is_none(), "{s:?}");
+    let restarts = s.restarts;
+    // Far longer than the longest backoff (80 ms): nothing starts.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let s = dev.status();
+    assert_eq!((s.state, s.restarts), (State::Held, restarts));
+    dev.release().await;
+    until(&mut rx, |s| s.restarts > restarts).await;
+    dev.stop(Duration::from_secs(1)).await;
+
+    let dev = Device::spawn_held(
+        sh("echo started; while true; do sleep 0.05; done"),
+        &restart(OnChildExit::Restart, 2),
+        sinks(d.path()),
+        false,
+        true,
+    );
+    assert_eq!(dev.status().state, State::Held);
+    let mut rx = dev.watch();
+    dev.release().await;
+    until(&mut rx, Status::is_running).await;
+    dev.hold(Duration::from_secs(1)).await;
+    let s = until(&mut rx, |s| s.state == State::Held).await;
+    assert!(s.last_exit.is_some(), "{s:?}");
+    assert_eq!(dev.stop(Duration::from_secs(1)).await, None);
+}

@@ -108,6 +108,10 @@ impl JobRunner {
             Lookup::Queued(p) => self.ack(SubmitResult::Duplicate, Some(id), Some(p as u64), None),
             Lookup::Running => self.ack(SubmitResult::Duplicate, Some(id), Some(0), None),
             Lookup::Finished(_) => self.ack(SubmitResult::Duplicate, Some(id), None, None),
+            Lookup::Unknown if self.refusal.is_some() => {
+                let reason = self.refusal.clone();
+                self.ack(SubmitResult::Rejected, Some(id), None, reason)
+            }
             Lookup::Unknown if self.store.queue_len() >= limit.get() as usize => {
                 let waiting = self.store.queue_len();
                 let reason = format!("queue is full ({waiting} jobs waiting, queue_limit {limit})");

@@ -180,8 +180,8 @@ fn mosquitto_conf(
 }
 
 /// The managed broker's ACL (mosquitto `acl_file`): the supervisor may do everything; local
-/// tools read everything and may submit, cancel, ask for a rolling restart and publish their
-/// end marker; each agent
+/// tools read everything and may submit, cancel, send admin commands (offline, online,
+/// maintenance), ask for a rolling restart and publish their end marker; each agent
 /// (logged in as its SUT) reads and writes its own topics and writes its reply space, nothing
 /// else; a login named `labvisor` (never a SUT: the name is reserved) gets nothing.
 fn managed_acl(topics: &Topics) -> String {
@@ -202,6 +202,7 @@ fn managed_acl(topics: &Topics) -> String {
          topic read #\n\
          topic write {submit}\n\
          topic write {cancel}\n\
+         topic write {admin}\n\
          topic write {probe}\n\
          topic write {restart}\n\
          topic deny {local_space}\n\
@@ -216,6 +217,7 @@ fn managed_acl(topics: &Topics) -> String {
          pattern write {replies}\n",
         submit = topics.submit_filter(),
         cancel = topics.cancel_filter(),
+        admin = topics.admin_filter(),
         probe = topics.cli_probe_filter(),
         restart = topics.supervisor_restart_filter(),
         reserved = labvisor_protocol::name::RESERVED_SUT_NAME,

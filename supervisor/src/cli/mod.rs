@@ -8,6 +8,7 @@
 //! | `jobs` | [`jobs`] |
 //! | `cancel` | [`cancel`] |
 //! | `restart --when-idle` | [`restart`] |
+//! | `offline`, `online`, `maintenance` | [`admin`] |
 //! | `healthz` (HTTP) | [`healthz`] |
 //! | `check` (no network) | [`check`] |
 //! | `import` (no network) | [`import`] |
@@ -18,8 +19,8 @@
 //!
 //! The MQTT commands speak MQTT only, and are built from the retained topics the agents and
 //! supervisors publish, so they work from any machine that reaches the broker, with any of the
-//! roles in the shipped ACL (a reader can run `status`, `jobs` and `logs`; `submit` and `cancel`
-//! need a submitter). Every command has `--json`.
+//! roles in the shipped ACL (a reader can run `status`, `jobs` and `logs`; `submit`, `cancel`,
+//! `offline`, `online` and `maintenance` need a submitter). Every command has `--json`.
 //!
 //! Reading "everything retained" needs an end marker, which MQTT lacks: the client subscribes,
 //! then publishes a probe on a private topic and stops when its own probe comes back (the broker
@@ -29,6 +30,7 @@
 use std::future::Future;
 use std::process::ExitCode;
 
+pub mod admin;
 pub mod cancel;
 pub mod check;
 pub mod error;

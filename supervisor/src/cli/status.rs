@@ -6,7 +6,7 @@ use std::io::Write;
 
 use labvisor_mqtt::Received;
 use labvisor_protocol::payloads::{
-    now_ms, AgentStatus, SupervisorState, SupervisorStatus, SutView,
+    now_ms, AdminMode, AdminState, AgentStatus, SupervisorState, SupervisorStatus, SutView,
 };
 use labvisor_protocol::topics::{SutTopic, Topics};
 use labvisor_protocol::SutName;
@@ -40,6 +40,29 @@ pub struct StatusRow {
     pub supervisor: Option<String>,
     /// What is wrong, if anything.
     pub detail: Option<String>,
+    /// The SUT's admin state (offline, maintenance, with the reason), as its agent reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminState>,
+}
+
+impl StatusRow {
+    /// The admin mode's name (`online` when the agent reports none).
+    fn admin_mode(&self) -> &'static str {
+        self.admin.as_ref().map_or("online", |a| a.mode.as_str())
+    }
+
+    /// `offline: REASON (by WHO, 5m ago)` while not online.
+    fn admin_detail(&self) -> Option<String> {
+        let a = self
+            .admin
+            .as_ref()
+            .filter(|a| a.mode != AdminMode::Online)?;
+        let by =
+            a.by.as_deref()
+                .map(|b| format!("by {b}, "))
+                .unwrap_or_default();
+        Some(format!("{} ({by}{} ago)", a.summary()?, age(a.since_ms)))
+    }
 }
 
 /// What the retained topics say: agent statuses and supervisor views by SUT, and the
@@ -106,6 +129,7 @@ fn row(sut: &SutName, a: Option<&AgentStatus>, v: Option<&SutView>) -> StatusRow
         heartbeat_age_ms: a.map(|a| now_ms().saturating_sub(a.time_ms)),
         supervisor: v.map(|v| v.supervisor.to_string()),
         detail: (!detail.is_empty()).then(|| detail.join("; ")),
+        admin: a.and_then(|a| a.admin.clone()),
     }
 }
 
@@ -177,6 +201,7 @@ fn print_rows(rows: &[StatusRow], out: &mut dyn Write) -> std::io::Result<()> {
                 r.sut.clone(),
                 r.health.clone(),
                 r.state.clone(),
+                r.admin_mode().to_owned(),
                 r.job.clone().unwrap_or_else(dash),
                 r.queue.to_string(),
                 r.restarts.to_string(),
@@ -184,7 +209,11 @@ fn print_rows(rows: &[StatusRow], out: &mut dyn Write) -> std::io::Result<()> {
                     .map(|ms| age(now_ms() - ms))
                     .unwrap_or_else(dash),
                 r.supervisor.clone().unwrap_or_else(dash),
-                r.detail.clone().unwrap_or_default(),
+                [r.admin_detail(), r.detail.clone()]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; "),
             ]
         })
         .collect();
@@ -192,6 +221,7 @@ fn print_rows(rows: &[StatusRow], out: &mut dyn Write) -> std::io::Result<()> {
         "SUT",
         "HEALTH",
         "STATE",
+        "ADMIN",
         "JOB",
         "QUEUE",
         "RESTARTS",
@@ -203,11 +233,12 @@ fn print_rows(rows: &[StatusRow], out: &mut dyn Write) -> std::io::Result<()> {
     let count = |f: &dyn Fn(&StatusRow) -> bool| rows.iter().filter(|r| f(r)).count();
     writeln!(
         out,
-        "{} SUTs: {} healthy, {} unhealthy, {} busy, {} with problems",
+        "{} SUTs: {} healthy, {} unhealthy, {} busy, {} offline, {} with problems",
         rows.len(),
         count(&|r| r.health == "healthy"),
         count(&|r| r.health == "unhealthy"),
         count(&|r| r.state == "busy"),
+        count(&|r| r.admin_mode() != "online"),
         count(&|r| r.detail.is_some()),
     )
 }
@@ -276,6 +307,42 @@ mod tests {
             file_problems: Vec::new(),
             refresh_ms: 30_000,
         }
+    }
+
+    #[test]
+    fn an_offline_sut_shows_its_mode_and_reason() {
+        let sut = SutName::new("rpi4-01").unwrap();
+        let admin = AdminState {
+            mode: AdminMode::Maintenance,
+            reason: Some("reflash".into()),
+            since_ms: now_ms() - 120_000,
+            by: Some("al".into()),
+        };
+        let a = AgentStatus::new(sut.clone(), "b", "1", now_ms())
+            .with_state(labvisor_protocol::payloads::AgentState::Idle)
+            .with_admin(Some(admin.clone()));
+        let r = row(&sut, Some(&a), None);
+        assert_eq!(r.admin.as_ref(), Some(&admin));
+        assert_eq!(r.detail, None, "offline is not a problem");
+        let mut out = Vec::new();
+        print_rows(&[r], &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let line = text.lines().nth(1).unwrap();
+        assert!(
+            line.contains(" idle ") && line.contains(" maintenance "),
+            "{text}"
+        );
+        assert!(
+            line.ends_with("maintenance: reflash (by al, 2m ago)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 SUTs: 0 healthy, 0 unhealthy, 0 busy, 1 offline, 0 with problems"),
+            "{text}"
+        );
+        let json = serde_json::to_value(row(&sut, Some(&a), None)).unwrap();
+        assert_eq!(json["admin"]["mode"], "maintenance");
+        assert_eq!(json["admin"]["reason"], "reflash");
     }
 
     #[test]

@@ -36,6 +36,8 @@
 //! | `labvisor_last_pass_timestamp_seconds` | gauge | | Unix time of the last reconcile pass |
 //! | `labvisor_broker_up` | gauge | | managed broker only: 1 while mosquitto runs and listens, 0 while it is down (being restarted) |
 //! | `labvisor_broker_restarts_total` | counter | | managed broker only: restarts of mosquitto after it died |
+//! | `labvisor_sut_admin_state` | gauge | `sut`, `mode` | 1 for the SUT's admin mode (`online`, `offline`, `maintenance`, from its agent's status), 0 for the others |
+//! | `labvisor_sut_admin_info` | gauge | `sut`, `mode`, `reason`, `by` | 1 while the SUT is offline or in maintenance: why, and who set it |
 //!
 //! `/metrics` answers in the OpenMetrics text format. `/healthz` answers `200 ok` when a pass
 //! ran within twice the resync period and Docker was reachable then, and the managed broker (if
@@ -58,6 +60,7 @@ use prometheus_client::registry::{Metric, Registry};
 
 use crate::plan::Action;
 
+mod admin;
 mod health;
 mod server;
 
@@ -133,6 +136,7 @@ pub struct Metrics {
     seen_jobs: BTreeMap<SutName, SeenJobs>,
     broker_up: Gauge,
     broker_restarts: Counter,
+    admin: admin::AdminMetrics,
 }
 
 impl Metrics {
@@ -141,6 +145,7 @@ impl Metrics {
         let mut r = Registry::default();
         // Counters get their `_total` suffix from the encoder.
         Metrics {
+            admin: admin::AdminMetrics::register(&mut r),
             sut_health: register(
                 &mut r,
                 "labvisor_sut_health",
@@ -352,6 +357,7 @@ impl Metrics {
                 self.queue_length.remove(&l);
                 self.output_dropped.remove(&l);
                 self.child_restarts.remove(&l);
+                self.admin.remove(sut);
             }
         }
     }
@@ -396,6 +402,7 @@ impl Metrics {
                 self.child_restarts.remove(&l);
             }
         }
+        self.admin.set(&s.sut, s.admin.as_ref());
     }
 
     fn remove_sut(&self, sut: &SutName) {
@@ -422,6 +429,7 @@ impl Metrics {
         }
         self.restarts.remove(&l);
         self.errors.remove(&l);
+        self.admin.remove(sut);
     }
 }
 
@@ -453,7 +461,7 @@ fn outcome(state: JobState) -> Option<&'static str> {
 mod tests {
     use super::*;
     use crate::cli::healthz::{get, ProbeError};
-    use labvisor_protocol::payloads::{AgentState, ChildStatus};
+    use labvisor_protocol::payloads::{AdminMode, AdminState, AgentState, ChildStatus};
 
     fn sut(s: &str) -> SutName {
         SutName::new(s).unwrap()
@@ -626,6 +634,38 @@ mod tests {
             samples(&m, "labvisor_queue_length"),
             [r#"labvisor_queue_length{sut="a"} 0"#]
         );
+        // Offline, then online: the mode gauge follows, the info series goes.
+        let offline = AdminState {
+            mode: AdminMode::Offline,
+            reason: Some("flaky usb".into()),
+            since_ms: 1,
+            by: Some("al".into()),
+        };
+        m.observe_agent(
+            &a,
+            Some(&agent("a", 0, 9, 2).with_admin(Some(offline.clone()))),
+        );
+        let text = m.encode();
+        for line in [
+            r#"labvisor_sut_admin_state{sut="a",mode="offline"} 1"#,
+            r#"labvisor_sut_admin_state{sut="a",mode="online"} 0"#,
+            r#"labvisor_sut_admin_info{sut="a",mode="offline",reason="flaky usb",by="al"} 1"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line:?} missing in\n{text}"
+            );
+        }
+        let reason = AdminState {
+            reason: Some("still flaky".into()),
+            ..offline
+        };
+        m.observe_agent(&a, Some(&agent("a", 0, 9, 2).with_admin(Some(reason))));
+        assert_eq!(samples(&m, "labvisor_sut_admin_info").len(), 1);
+        m.observe_agent(&a, Some(&agent("a", 0, 9, 2)));
+        assert!(samples(&m, "labvisor_sut_admin_info").is_empty());
+        assert!(samples(&m, "labvisor_sut_admin_state")
+            .contains(&r#"labvisor_sut_admin_state{sut="a",mode="online"} 1"#.to_owned()));
         // a's file is deleted and its container gone.
         m.observe_suts([(&b, Health::None, false)]);
         let text = m.encode();

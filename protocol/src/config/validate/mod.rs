@@ -5,7 +5,7 @@
 //!
 //! - [`checker`]: the problem collector and the value checks every section shares;
 //! - [`container`]: `image`, `command`, `env`, `tail`, `network`, `labels`;
-//! - [`hosts`]: `extra_hosts`;
+//! - [`hosts`] for `extra_hosts`;
 //! - [`posture`]: the host-power settings and their `--allow-*` refusals;
 //! - [`paths`]: paths next to the SUT file and `files`;
 //! - [`sections`]: `[health]`, `[job]`, `[restart]`, `[resources]`, `[log]`;

@@ -1,0 +1,371 @@
+//! The SUT's admin state (lab operations): online, offline or maintenance, with the reason, since
+//! when and by whom, kept in `<data>/admin.json` on the SUT's volume.
+//!
+//! # Theory of operation
+//!
+//! [`Admin::open`] reads the file at start; a missing file means online. The file lives on the
+//! SUT's volume (`/labvisor/data`), which outlives the agent, the container (a recreation keeps
+//! the volume) and the supervisor, so a SUT put offline stays offline until someone puts it
+//! online. Every change is written atomically (a temporary file, fsync, rename, fsync of the
+//! directory) before the agent acts on it. A file that cannot be read or parsed is taken as
+//! offline, with the problem as the reason: a lab that cannot tell whether a board was taken out
+//! of service must not hand it jobs; `labvisor online` writes a good file again.
+//!
+//! The agent's loop asks [`Admin::takes_jobs`] before it starts a queued job (offline and
+//! maintenance keep the queue: queued jobs run once the SUT is online again, a running job
+//! finishes), hands [`Admin::refusal`] to the runner (new submissions are rejected with it), and
+//! holds the device process while [`Admin::holds_device`] (maintenance).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use labvisor_protocol::payloads::{
+    now_ms, parse_admin, rfc3339, AdminCommand, AdminMode, AdminState, VERSION,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::device::Device;
+use crate::mqtt::Received;
+use crate::output::Sinks;
+
+/// The file's name in the data directory.
+pub const ADMIN_FILE: &str = "admin.json";
+
+/// The file: the state with its payload version.
+#[derive(Debug, Serialize, Deserialize)]
+struct AdminFile {
+    v: u32,
+    #[serde(flatten)]
+    state: AdminState,
+}
+
+/// What a command changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    /// The mode before.
+    pub from: AdminMode,
+    /// The mode now.
+    pub to: AdminMode,
+}
+
+/// The admin state and where it is kept.
+#[derive(Debug)]
+pub struct Admin {
+    path: PathBuf,
+    state: AdminState,
+    /// Why the last change could not be saved (it applies until the agent stops).
+    unsaved: Option<String>,
+}
+
+impl Admin {
+    /// Reads `<data_dir>/admin.json`: online when it is missing, offline (with the problem as
+    /// the reason) when it cannot be read.
+    pub fn open(data_dir: &Path, now_ms: u64) -> Admin {
+        let path = data_dir.join(ADMIN_FILE);
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<AdminFile>(&bytes) {
+                Ok(f) => f.state,
+                Err(e) => unreadable(&path, &e.to_string(), now_ms),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => AdminState::default(),
+            Err(e) => unreadable(&path, &e.to_string(), now_ms),
+        };
+        Admin {
+            path,
+            state,
+            unsaved: None,
+        }
+    }
+
+    /// The state.
+    pub fn state(&self) -> &AdminState {
+        &self.state
+    }
+
+    /// The state for the agent's status: `None` while online and never changed.
+    pub fn reported(&self) -> Option<AdminState> {
+        (self.state.mode != AdminMode::Online || self.state.since_ms != 0)
+            .then(|| self.state.clone())
+    }
+
+    /// Whether queued jobs may start (online).
+    pub fn takes_jobs(&self) -> bool {
+        self.state.takes_jobs()
+    }
+
+    /// Whether the SUT is offline or in maintenance.
+    pub fn is_offline(&self) -> bool {
+        !self.takes_jobs()
+    }
+
+    /// Whether the device process must be stopped and kept stopped (maintenance).
+    pub fn holds_device(&self) -> bool {
+        self.state.mode == AdminMode::Maintenance
+    }
+
+    /// Why a new submission is rejected (`None` while online).
+    pub fn refusal(&self) -> Option<String> {
+        let s = &self.state;
+        let what = match s.mode {
+            AdminMode::Online => return None,
+            AdminMode::Offline => "offline",
+            AdminMode::Maintenance => "in maintenance",
+        };
+        let by =
+            s.by.as_deref()
+                .map(|b| format!(" by {b}"))
+                .unwrap_or_default();
+        Some(format!(
+            "the SUT is {what}: {} (since {}{by}); new jobs are refused until it is put online",
+            s.reason.as_deref().unwrap_or("no reason given"),
+            rfc3339(s.since_ms),
+        ))
+    }
+
+    /// Why the last change could not be saved on the volume, if it could not.
+    pub fn unsaved(&self) -> Option<&str> {
+        self.unsaved.as_deref()
+    }
+
+    /// Applies `cmd` at `now_ms` and saves it. The mode's `since` is kept when the mode does not
+    /// change (a new reason replaces the old one). A change that cannot be saved still applies
+    /// (until the agent stops); the error says why it was not saved.
+    pub fn apply(&mut self, cmd: &AdminCommand, now_ms: u64) -> (Transition, std::io::Result<()>) {
+        let from = self.state.mode;
+        let since_ms = if from == cmd.mode && self.state.since_ms != 0 {
+            self.state.since_ms
+        } else {
+            now_ms
+        };
+        self.state = AdminState {
+            mode: cmd.mode,
+            reason: cmd.reason.clone(),
+            since_ms,
+            by: cmd.by.clone(),
+        };
+        let saved = self.save();
+        self.unsaved = saved
+            .as_ref()
+            .err()
+            .map(|e| format!("admin state not saved to {}: {e}", self.path.display()));
+        (Transition { from, to: cmd.mode }, saved)
+    }
+
+    /// Puts the SUT offline (for the agent's own reasons, such as a failed health-check job).
+    pub fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<()> {
+        let cmd = AdminCommand::new(AdminMode::Offline, Some(reason), Some(by.to_owned()));
+        self.apply(&cmd, now_ms).1
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let file = AdminFile {
+            v: VERSION,
+            state: self.state.clone(),
+        };
+        let mut json = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
+        json.push(b'\n');
+        write_durably(&self.path, &json)
+    }
+}
+
+/// Handles a message on `<sut>/admin`: applies the command (saved first), says so in the
+/// output, and holds or releases the device process when maintenance starts or ends. A
+/// retained or malformed command changes nothing; the output says why. The caller acknowledges
+/// the message to the broker afterwards.
+pub async fn on_command(
+    admin: &mut Admin,
+    device: &Device,
+    sinks: &Sinks,
+    r: &Received,
+    grace: Duration,
+) {
+    let cmd = if r.retain {
+        Err(format!(
+            "a retained message on {0} is ignored (it would act again at every agent restart); \
+             clear it with an empty retained message (mosquitto_pub -r -n -t {0})",
+            r.topic
+        ))
+    } else {
+        parse_admin(&r.payload).map_err(|e| e.to_string())
+    };
+    let cmd = match cmd {
+        Ok(c) => c,
+        Err(why) => {
+            warn!(reason = %why, "Admin command refused.");
+            sinks.agent_line(&format!("admin command refused: {why}"));
+            return;
+        }
+    };
+    let held = admin.holds_device();
+    let (t, saved) = admin.apply(&cmd, now_ms());
+    if let Err(e) = saved {
+        warn!(error = %e, "Cannot save the admin state; it applies until the agent stops.");
+    }
+    let (reason, by) = (
+        cmd.reason.as_deref().unwrap_or(""),
+        cmd.by.as_deref().unwrap_or(""),
+    );
+    info!(
+        from = t.from.as_str(),
+        to = t.to.as_str(),
+        reason,
+        by,
+        "Admin state changed."
+    );
+    let by = cmd
+        .by
+        .as_deref()
+        .map(|b| format!(" by {b}"))
+        .unwrap_or_default();
+    let reason = cmd
+        .reason
+        .as_deref()
+        .map(|r| format!(": {r}"))
+        .unwrap_or_default();
+    sinks.agent_line(&format!("admin: {}{reason}{by}", t.to.as_str()));
+    match (held, admin.holds_device()) {
+        (false, true) => device.hold(grace).await,
+        (true, false) => device.release().await,
+        _ => {}
+    }
+}
+
+/// The state of an unreadable file: offline, naming the problem.
+fn unreadable(path: &Path, why: &str, now_ms: u64) -> AdminState {
+    AdminState {
+        mode: AdminMode::Offline,
+        reason: Some(format!(
+            "cannot read {}: {why} (put the SUT online to write it again)",
+            path.display()
+        )),
+        since_ms: now_ms,
+        by: Some("labvisor-agent".into()),
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves the old file or the new one: a temporary file
+/// beside it, fsync, rename, fsync of the directory.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{ADMIN_FILE}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd(mode: AdminMode, reason: Option<&str>, by: Option<&str>) -> AdminCommand {
+        AdminCommand::new(mode, reason.map(str::to_owned), by.map(str::to_owned))
+    }
+
+    #[test]
+    fn a_fresh_volume_is_online_and_reports_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Admin::open(dir.path(), 5);
+        assert!(a.takes_jobs() && !a.is_offline() && !a.holds_device());
+        assert_eq!(a.reported(), None);
+        assert_eq!(a.refusal(), None);
+        assert!(!dir.path().join(ADMIN_FILE).exists(), "nothing written");
+    }
+
+    #[test]
+    fn offline_maintenance_and_online_move_the_state_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Admin::open(dir.path(), 0);
+        let (t, saved) = a.apply(
+            &cmd(AdminMode::Offline, Some("flaky usb"), Some("al")),
+            1000,
+        );
+        saved.unwrap();
+        assert_eq!(
+            t,
+            Transition {
+                from: AdminMode::Online,
+                to: AdminMode::Offline
+            }
+        );
+        assert!(!a.takes_jobs() && !a.holds_device());
+        let why = a.refusal().unwrap();
+        assert!(
+            why.contains("offline: flaky usb") && why.contains("by al"),
+            "{why}"
+        );
+
+        // Reopened (a new agent on the same volume): the same state.
+        let b = Admin::open(dir.path(), 9999);
+        assert_eq!(b.state(), a.state());
+        assert_eq!(b.state().since_ms, 1000);
+
+        // Same mode, new reason: the reason changes, `since` stays.
+        a.apply(&cmd(AdminMode::Offline, Some("still flaky"), None), 2000)
+            .1
+            .unwrap();
+        assert_eq!(a.state().since_ms, 1000);
+        assert_eq!(a.state().reason.as_deref(), Some("still flaky"));
+
+        let (t, _) = a.apply(&cmd(AdminMode::Maintenance, Some("reflash"), None), 3000);
+        assert_eq!(t.to, AdminMode::Maintenance);
+        assert!(a.holds_device() && a.is_offline());
+        assert!(a.refusal().unwrap().contains("in maintenance: reflash"));
+        assert_eq!(a.state().since_ms, 3000);
+
+        let (t, _) = a.apply(&cmd(AdminMode::Online, None, Some("bo")), 4000);
+        assert_eq!((t.from, t.to), (AdminMode::Maintenance, AdminMode::Online));
+        assert!(a.takes_jobs() && a.refusal().is_none());
+        // Who put it online, and when, is reported.
+        let r = a.reported().unwrap();
+        assert_eq!(
+            (r.mode, r.since_ms, r.by.as_deref()),
+            (AdminMode::Online, 4000, Some("bo"))
+        );
+        assert_eq!(Admin::open(dir.path(), 0).state(), a.state());
+        // The file is the versioned state, and no temporary file is left.
+        let text = std::fs::read_to_string(dir.path().join(ADMIN_FILE)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (v["v"].as_u64(), v["mode"].as_str()),
+            (Some(1), Some("online"))
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn an_unreadable_file_means_offline_with_the_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(ADMIN_FILE), b"{not json").unwrap();
+        let mut a = Admin::open(dir.path(), 7);
+        assert!(a.is_offline());
+        let reason = a.state().reason.clone().unwrap();
+        assert!(
+            reason.starts_with("cannot read ") && reason.contains("admin.json"),
+            "{reason}"
+        );
+        assert!(a.refusal().unwrap().contains("cannot read"));
+        // Putting it online writes a good file again.
+        a.apply(&cmd(AdminMode::Online, None, None), 8).1.unwrap();
+        assert!(Admin::open(dir.path(), 9).takes_jobs());
+    }
+
+    #[test]
+    fn a_change_that_cannot_be_saved_still_applies_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        // The data directory is a file: nothing can be written under it.
+        let blocked = dir.path().join("data");
+        std::fs::write(&blocked, b"").unwrap();
+        let mut a = Admin::open(&blocked, 0);
+        let e = a.set_offline("health check failed".into(), "health-check", 1);
+        assert!(e.is_err());
+        assert!(a.is_offline());
+        assert_eq!(a.state().by.as_deref(), Some("health-check"));
+        assert!(a.unsaved().unwrap().contains("admin state not saved"));
+    }
+}
