@@ -26,6 +26,9 @@ use labvisor_protocol::topics::JobId;
 use labvisor_protocol::SutName;
 use serde::{Deserialize, Serialize};
 
+mod template;
+pub use template::{job_file, JobFile, TemplateError};
+
 /// Journal lines before a compaction.
 pub const COMPACT_AFTER: usize = 4096;
 /// Finished jobs remembered (for duplicates, `labvisor jobs` and status).
@@ -440,37 +443,6 @@ impl Store {
     }
 }
 
-/// Why a job template cannot take the script.
-#[derive(Debug, thiserror::Error)]
-pub enum TemplateError {
-    /// It is not YAML.
-    #[error("the job template is not valid YAML: {0}")]
-    Yaml(#[from] serde_yaml_ng::Error),
-    /// Its top level is not a mapping.
-    #[error("the job template's top level is not a mapping of keys")]
-    NotAMapping,
-}
-
-/// Merges a script into a testflinger-style job template (YAML): the template's top-level
-/// `test_data` is replaced by one whose `test_cmds` is the script, last in the document. The
-/// other keys stay as they are, in their order (comments are not kept).
-pub fn merge_template(template: &str, script: &str) -> Result<String, TemplateError> {
-    use serde_yaml_ng::{Mapping, Value};
-    let mut doc = match serde_yaml_ng::from_str::<Value>(template)? {
-        Value::Null => Mapping::new(),
-        Value::Mapping(m) => m,
-        _ => return Err(TemplateError::NotAMapping),
-    };
-    // shift_remove: `remove` would move the last key into its place.
-    doc.shift_remove("test_data");
-    // Every line of the script ends with a newline, as a `|` block gives it.
-    let cmds: String = script.lines().flat_map(|l| [l, "\n"]).collect();
-    let mut test_data = Mapping::new();
-    test_data.insert("test_cmds".into(), Value::String(cmds));
-    doc.insert("test_data".into(), Value::Mapping(test_data));
-    Ok(serde_yaml_ng::to_string(&doc)?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -665,39 +637,5 @@ mod tests {
             .unwrap();
         let (s, _) = Store::open(d.path(), &sut(), false, 0).unwrap();
         assert_eq!(s.queue_len(), 1);
-    }
-
-    #[test]
-    fn template_merge_replaces_test_data() {
-        let t = "job_queue: rpi4\nprovision_data:\n  distro: noble\ntest_data:\n  test_cmds: old\n  attachments: []\nreserve_data:\n  timeout: 60\n";
-        let m = merge_template(t, "echo one\necho two").unwrap();
-        assert_eq!(
-            m,
-            "job_queue: rpi4\nprovision_data:\n  distro: noble\nreserve_data:\n  timeout: 60\ntest_data:\n  test_cmds: |\n    echo one\n    echo two\n"
-        );
-        let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&m).unwrap();
-        assert_eq!(value["test_data"]["test_cmds"], "echo one\necho two\n");
-    }
-
-    /// The other keys keep their order wherever `test_data` stood (as the old line edit did).
-    #[test]
-    fn template_merge_keeps_the_order_of_the_other_keys() {
-        let t = "test_data:\n  test_cmds: old\njob_queue: rpi4\nprovision_data:\n  distro: noble\nreserve_data:\n  timeout: 60\n";
-        let m = merge_template(t, "true").unwrap();
-        assert_eq!(
-            m,
-            "job_queue: rpi4\nprovision_data:\n  distro: noble\nreserve_data:\n  timeout: 60\ntest_data:\n  test_cmds: |\n    true\n"
-        );
-    }
-
-    #[test]
-    fn template_merge_takes_an_empty_template_and_refuses_a_list() {
-        let m = merge_template("# only a comment\n", "true\n").unwrap();
-        assert_eq!(m, "test_data:\n  test_cmds: |\n    true\n");
-        assert!(matches!(
-            merge_template("- a\n- b\n", "true"),
-            Err(TemplateError::NotAMapping)
-        ));
-        assert!(merge_template("a: [\n", "true").is_err());
     }
 }

@@ -10,7 +10,9 @@
 //! A job runs in its own process group and directory (`<data>/jobs/<id>/`), with its output going
 //! to the same sinks as the device process and to `<sut>/jobs/<id>/output`. `timeout` and
 //! `output_timeout` (and cancel) send TERM to the group, then KILL after the grace period,
-//! without blocking the agent's loop.
+//! without blocking the agent's loop. How the job ends (`passed`, `failed`, with what reason) is
+//! decided in [`verdict`]: labvisor's own decision (cancel, a limit), else the verdict the job
+//! wrote to `LABVISOR_RESULT`, else its exit status.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -25,11 +27,15 @@ use nix::sys::signal::Signal;
 use tracing::{info, info_span, warn, Instrument, Span};
 
 use crate::child::{self, Exit, Running, Spec};
-use crate::jobs::{record_progress, JobProgress, JobRecord, Store, PROGRESS_EVERY};
+use crate::jobs::{
+    job_file, record_progress, JobFile, JobProgress, JobRecord, Store, TemplateError,
+    PROGRESS_EVERY,
+};
 use crate::mqtt::{Message, MqttLink};
 use crate::output::{Sinks, Source};
 
 mod requests;
+pub mod verdict;
 
 /// Job directories kept on the volume (the newest); older ones are removed.
 pub const KEEP_JOB_DIRS: usize = 20;
@@ -227,24 +233,12 @@ impl JobRunner {
         let argv = match (&rec.job.argv, &rec.job.script) {
             (Some(argv), _) => argv.clone(),
             (None, script) => {
-                let script = script.clone().unwrap_or_default();
-                let template = self.cfg.job.template.as_ref().and_then(|t| {
-                    self.cfg.files.iter().find(|f| {
-                        f.name == *t
-                            || f.name.trim_start_matches("./") == t.trim_start_matches("./")
-                    })
-                });
-                let (name, content) = match template {
-                    Some(f) => (
-                        "job.yaml",
-                        crate::jobs::merge_template(&String::from_utf8_lossy(&f.content), &script)
-                            .map_err(std::io::Error::other)?,
-                    ),
-                    None => ("job.sh", script),
-                };
-                let file = dir.join(name);
-                std::fs::write(&file, content)?;
-                let file_s = file.display().to_string();
+                let file = self
+                    .job_file(script.as_deref().unwrap_or_default())
+                    .map_err(std::io::Error::other)?;
+                let path = dir.join(file.name());
+                std::fs::write(&path, file.content())?;
+                let file_s = path.display().to_string();
                 let dir_s = dir.display().to_string();
                 self.cfg.job.command.render(&JobVars {
                     job_file: &file_s,
@@ -254,17 +248,36 @@ impl JobRunner {
                 })
             }
         };
+        // A result from an earlier run of this job (requeued after the agent died) is not its.
+        let result = dir.join(verdict::RESULT_FILE);
+        match std::fs::remove_file(&result) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
         let mut env = self.cfg.env.clone();
         env.extend(rec.job.env.clone());
         env.insert("LABVISOR_JOB_ID".into(), rec.id.to_string());
         env.insert("LABVISOR_SUT".into(), self.cfg.name.to_string());
         env.insert("LABVISOR_JOB_DIR".into(), dir.display().to_string());
+        env.insert(verdict::RESULT_ENV.into(), result.display().to_string());
         let spec = Spec {
             argv,
             env,
             cwd: Some(dir),
         };
         child::spawn(&spec, sinks.clone(), Source::Job(rec.id.clone()))
+    }
+
+    /// The job file for a submitted script: the SUT's template decides with the script's
+    /// content ([`crate::jobs::job_file`]).
+    fn job_file(&self, script: &str) -> Result<JobFile, TemplateError> {
+        let template = self.cfg.job.template.as_ref().and_then(|t| {
+            self.cfg.files.iter().find(|f| {
+                f.name == *t || f.name.trim_start_matches("./") == t.trim_start_matches("./")
+            })
+        });
+        let text = template.map(|f| String::from_utf8_lossy(&f.content));
+        job_file(text.as_deref(), script)
     }
 
     /// When the job's limits need looking at next (None when no job runs).
@@ -334,12 +347,11 @@ impl JobRunner {
         let _ = a.run.drain(Duration::from_millis(500)).await;
         a.run.signal(Signal::SIGKILL); // whatever is left of its group
         let ended = now_ms();
-        let (state, reason) = match (a.ending.take(), exit) {
-            (Some((state, reason)), _) => (state, Some(reason)),
-            (None, Exit::Code(0)) => (JobState::Passed, None),
-            (None, Exit::Code(c)) => (JobState::Failed, Some(format!("exit {c}"))),
-            (None, Exit::Signal(s)) => (JobState::Failed, Some(format!("killed by signal {s}"))),
-        };
+        let result = self
+            .jobs_dir
+            .join(a.rec.id.as_str())
+            .join(verdict::RESULT_FILE);
+        let (state, reason) = verdict::outcome(a.ending.take(), exit, verdict::read(&result));
         let (code, signal) = match exit {
             Exit::Code(c) => (Some(c), None),
             Exit::Signal(s) => (None, Some(s)),

@@ -517,13 +517,15 @@ fn the_testflinger_example_carries_its_triplet() {
         [
             "tf-rpi4-01.conf",
             "tf-rpi4-01.yaml",
-            "tf-rpi4-01_snappy.yaml"
+            "tf-rpi4-01_snappy.yaml",
+            "tf-job",
+            "tf-rpi4-01.token",
         ]
     );
     assert_eq!(cfg.job.template.as_deref(), Some("tf-rpi4-01.yaml"));
     assert_eq!(
         cfg.job.command.args(),
-        ["testflinger-cli", "submit", "--poll", "{job_file}"]
+        ["python3", "/labvisor/sut/tf-job", "{job_file}"]
     );
 }
 

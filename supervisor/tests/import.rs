@@ -105,7 +105,9 @@ fn sample_directory_imports_the_good_suts_and_names_the_broken_one() {
             &[
                 "testflinger-agent".to_owned(),
                 "-c".to_owned(),
-                "/labvisor/sut/maas-dell-01.conf".to_owned()
+                "/labvisor/sut/maas-dell-01.conf".to_owned(),
+                "--token-file".to_owned(),
+                "/labvisor/sut/maas-dell-01.token".to_owned(),
             ][..]
         )
     );
@@ -115,11 +117,13 @@ fn sample_directory_imports_the_good_suts_and_names_the_broken_one() {
         [
             "maas-dell-01.conf",
             "maas-dell-01.yaml",
-            "maas-dell-01_snappy.yaml"
+            "maas-dell-01_snappy.yaml",
+            "tf-job",
+            "maas-dell-01.token",
         ]
     );
     // The copies are byte for byte the originals.
-    for f in &cfg.files {
+    for f in &cfg.files[..3] {
         assert_eq!(f.content, fs::read(sample_dir().join(&f.name)).unwrap());
     }
     assert_eq!(
@@ -134,7 +138,82 @@ fn sample_directory_imports_the_good_suts_and_names_the_broken_one() {
     let job = serde_json::to_value(&cfg.job.command).unwrap();
     assert_eq!(
         job,
-        serde_json::json!(["testflinger-cli", "submit", "--poll", "{job_file}"])
+        serde_json::json!(["python3", "/labvisor/sut/tf-job", "{job_file}"])
+    );
+    assert_eq!(cfg.env["TESTFLINGER_SERVER"], "http://10.245.128.10:8000");
+    assert!(
+        r.stdout.contains(
+            "warning: maas-dell-01.token: put the refresh token the testflinger server gave this agent there"
+        ),
+        "{}",
+        r.stdout
+    );
+}
+
+/// Issue 15, point 5: `labvisor import` writes what `examples/testflinger/` ships: imported from
+/// the example's own triplet, the SUT file has the example's agent command (with
+/// `--token-file`), files (with the wrapper, the same bytes, and the credential file), job
+/// command, template and `TESTFLINGER_SERVER`. A filled-in credential is never overwritten.
+#[test]
+fn import_writes_the_shape_of_the_shipped_example() {
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/testflinger");
+    let src = tempfile::tempdir().unwrap();
+    for f in [
+        "tf-rpi4-01.conf",
+        "tf-rpi4-01.yaml",
+        "tf-rpi4-01_snappy.yaml",
+    ] {
+        fs::copy(example.join(f), src.path().join(f)).unwrap();
+    }
+    let out = tempfile::tempdir().unwrap();
+    let r = import(src.path(), out.path(), &[]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    check_dir(out.path());
+    let allow = Allow::default();
+    let shipped = load_file(&example.join("tf-rpi4-01.toml"), &allow).unwrap();
+    let imported = load_file(&out.path().join("tf-rpi4-01.toml"), &allow).unwrap();
+    assert_eq!(imported.command, shipped.command);
+    assert_eq!(
+        serde_json::to_value(&imported.job.command).unwrap(),
+        serde_json::to_value(&shipped.job.command).unwrap()
+    );
+    assert_eq!(imported.job.template, shipped.job.template);
+    assert_eq!(
+        imported.env.get("TESTFLINGER_SERVER"),
+        shipped.env.get("TESTFLINGER_SERVER")
+    );
+    assert_eq!(imported.tail, shipped.tail);
+    assert_eq!(
+        serde_json::to_value(&imported.probe).unwrap(),
+        serde_json::to_value(&shipped.probe).unwrap()
+    );
+    let files = |c: &labvisor_protocol::config::SutConfig| {
+        let mut f: Vec<(String, Vec<u8>)> = c
+            .files
+            .iter()
+            .map(|f| (f.name.clone(), f.content.clone()))
+            .collect();
+        f.sort();
+        f
+    };
+    assert_eq!(
+        files(&imported),
+        files(&shipped),
+        "the same files, byte for byte"
+    );
+
+    // The user fills in the credential; a forced import again keeps it.
+    fs::write(out.path().join("tf-rpi4-01.token"), "the-real-token").unwrap();
+    let r = import(src.path(), out.path(), &["--force"]);
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    assert!(
+        !r.stdout.contains("warning: tf-rpi4-01.token"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(
+        fs::read_to_string(out.path().join("tf-rpi4-01.token")).unwrap(),
+        "the-real-token"
     );
 }
 
@@ -167,8 +246,8 @@ fn complete_directory_exits_0_and_skips_bad_env_keys() {
     assert_eq!(cfg.job.output_timeout, Duration::from_secs(15 * 60));
     assert_eq!(
         cfg.env.keys().collect::<Vec<_>>(),
-        ["DEVICE_IP", "PORT"],
-        "numbers are kept as strings, bad keys dropped"
+        ["DEVICE_IP", "PORT", "TESTFLINGER_SERVER"],
+        "numbers are kept as strings, bad keys dropped, the server added"
     );
     assert_eq!(cfg.env["PORT"], "22");
 

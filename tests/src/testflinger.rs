@@ -76,8 +76,9 @@ pub fn ensure_tf_style_image() {
 }
 
 /// Builds, in `scope`, an image like a lab's testflinger agent image: [`TF_STYLE_IMAGE`] with the
-/// stand-in's `testflinger-agent` and `testflinger-cli` on the PATH (`/usr/local/bin`). Returns
-/// its tag (removed with the scope). Built from the working tree, so a changed stand-in is used.
+/// stand-in's `testflinger-agent`, `testflinger-cli` and `testflinger-device-connector` on the
+/// PATH (`/usr/local/bin`). Returns its tag (removed with the scope). Built from the working
+/// tree, so a changed stand-in is used.
 pub fn standin_image(scope: &DockerScope) -> String {
     ensure_tf_style_image();
     let ctx = tempfile::tempdir().expect("tempdir");
@@ -85,6 +86,7 @@ pub fn standin_image(scope: &DockerScope) -> String {
         "testflinger_standin.py",
         "testflinger-agent",
         "testflinger-cli",
+        "testflinger-device-connector",
     ] {
         std::fs::copy(standin_dir().join(f), ctx.path().join(f)).expect("copy the stand-in");
     }
@@ -92,7 +94,8 @@ pub fn standin_image(scope: &DockerScope) -> String {
         ctx.path().join("Dockerfile"),
         format!(
             "FROM {TF_STYLE_IMAGE}\n\
-             COPY testflinger_standin.py testflinger-agent testflinger-cli /usr/local/bin/\n\
+             COPY testflinger_standin.py testflinger-agent testflinger-cli testflinger-device-connector \
+             /usr/local/bin/\n\
              ENV PATH=/usr/local/bin:/usr/bin:/bin\n"
         ),
     )

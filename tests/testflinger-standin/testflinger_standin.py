@@ -6,6 +6,7 @@ testflinger's code. Python 3 standard library only, so it runs in labvisor/tf-st
     testflinger_standin.py server --port N [--host ADDR] [--agent-token TOKEN]
     testflinger_standin.py agent -c CONFIG [--token-file FILE]      (testflinger-agent)
     testflinger_standin.py cli [--server URL] submit|results|cancel|status ...  (testflinger-cli)
+    testflinger_standin.py device-connector TYPE PHASE -c CONFIG JOB_JSON (testflinger-device-connector)
 """
 
 import argparse
@@ -432,6 +433,25 @@ def agent(args):
     return 0
 
 
+# --- device connector -------------------------------------------------------------------------
+
+def device_connector(args):
+    """`testflinger-device-connector TYPE PHASE -c CONFIG JOB_JSON`: `runtest` runs the job's
+    `test_data.test_cmds` with `sh`, with the config's `env` added; every other phase does
+    nothing, as `noprovision` does."""
+    if args.phase != "runtest":
+        print(f"{args.type} {args.phase}: nothing to do", flush=True)
+        return 0
+    with open(args.config) as f:
+        cfg = load_yaml(f.read()) or {}
+    with open(args.job) as f:
+        job = json.load(f)
+    cmds = (job.get("test_data") or {}).get("test_cmds", "")
+    cmds = "\n".join(cmds) if isinstance(cmds, list) else cmds
+    env = dict(os.environ, **{k: str(v) for k, v in (cfg.get("env") or {}).items()})
+    return subprocess.call(["sh", "-c", cmds], env=env)
+
+
 # --- CLI --------------------------------------------------------------------------------------
 
 def cli(args):
@@ -527,11 +547,18 @@ def main(argv):
     sub.add_argument("--quiet", "-q", action="store_true")
     for name in ("results", "status", "cancel"):
         cmds.add_parser(name).add_argument("job_id")
+    d = roles.add_parser("device-connector", help="testflinger-device-connector")
+    d.add_argument("type")
+    d.add_argument("phase")
+    d.add_argument("-c", "--config", required=True)
+    d.add_argument("job")
     args = p.parse_args(argv)
-    return {"server": serve, "agent": agent, "cli": cli}[args.role](args) or 0
+    return {"server": serve, "agent": agent, "cli": cli,
+            "device-connector": device_connector}[args.role](args) or 0
 
 
 if __name__ == "__main__":
-    ROLE = {"testflinger-agent": "agent", "testflinger-cli": "cli"}.get(
+    ROLE = {"testflinger-agent": "agent", "testflinger-cli": "cli",
+            "testflinger-device-connector": "device-connector"}.get(
         os.path.basename(sys.argv[0]))
     sys.exit(main(([ROLE] if ROLE else []) + sys.argv[1:]))

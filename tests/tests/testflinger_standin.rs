@@ -451,3 +451,37 @@ fn the_standin_image_reaches_the_server_on_the_host_by_name() {
     ]);
     server.wait_queue("q-image", LIMIT);
 }
+
+/// The device connector, as the phase commands of a real agent config call it
+/// (`testflinger-device-connector TYPE PHASE -c CONFIG testflinger.json`): `runtest` runs the
+/// job's `test_data.test_cmds` with the config's `env` and exits with their status; every other
+/// phase does nothing, as `noprovision`.
+#[test]
+#[ignore = "needs python3: tools/test.sh runs it"]
+fn the_device_connector_runs_test_cmds_with_the_configs_env() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("dev_snappy.yaml");
+    std::fs::write(&cfg, "device_ip: 10.0.0.7\nenv:\n  DEVICE_IP: 10.0.0.7\n").unwrap();
+    let job = dir.path().join("testflinger.json");
+    std::fs::write(
+        &job,
+        r#"{"job_queue":"q","test_data":{"test_cmds":"echo on $DEVICE_IP\nexit 4\n"}}"#,
+    )
+    .unwrap();
+    let connector = workspace_root().join("tests/testflinger-standin/testflinger-device-connector");
+    let run = |phase: &str| {
+        Command::new(&connector)
+            .args(["noprovision", phase, "-c"])
+            .arg(&cfg)
+            .arg(&job)
+            .output()
+            .unwrap()
+    };
+    let o = run("runtest");
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "on 10.0.0.7\n");
+    for phase in ["provision", "reserve"] {
+        let o = run(phase);
+        assert_eq!(o.status.code(), Some(0), "{phase}: {o:?}");
+    }
+}

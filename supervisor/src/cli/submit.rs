@@ -35,8 +35,9 @@ pub struct SubmitArgs {
     /// Extra environment, `KEY=VALUE` (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Wait for the job to end and exit with its exit code (124 timeout, 130 cancelled,
-    /// 125 lost, 128+N killed by signal N).
+    /// Wait for the job to end and exit by its final state: 0 passed, a failed job's exit code
+    /// (1 when it exited 0 but its verdict said failed; 128+N killed by signal N), 124
+    /// timeout, 130 cancelled, 125 lost. The reason of a job that did not pass is printed.
     #[arg(long)]
     pub wait: bool,
     /// Stream the job's output until it ends (implies --wait).
@@ -88,7 +89,9 @@ impl SubmitArgs {
     }
 }
 
-/// The exit status `--wait` gives for a final job status.
+/// The exit status `--wait` gives for a final job status: by its state, which the job's verdict
+/// may have decided against its exit code (a `failed` job that exited 0 gives 1, a `passed`
+/// one that exited 3 gives 0).
 pub fn job_exit_code(st: &JobStatus) -> u8 {
     match st.state {
         JobState::Passed => 0,

@@ -13,13 +13,21 @@
 //! | SUT key | from |
 //! |---|---|
 //! | `image` | `--image` (default [`DEFAULT_IMAGE`]) |
-//! | `command` | `testflinger-agent -c /labvisor/sut/<sut>.conf` |
-//! | `files` | the triplet |
+//! | `command` | `testflinger-agent -c /labvisor/sut/<sut>.conf --token-file /labvisor/sut/<sut>.token` |
+//! | `files` | the triplet, [`WRAPPER`] and `<sut>.token` |
 //! | `tail` | `<execution_basedir>/*/*.log` (testflinger writes phase output only there; default basedir `/tmp/testflinger/run`) |
-//! | `env` | the snappy file's `env` map, keys that are valid environment names |
-//! | `job.command` | `testflinger-cli submit --poll {job_file}` |
+//! | `env` | the snappy file's `env` map, keys that are valid environment names, and `TESTFLINGER_SERVER` = the config's `server_address` |
+//! | `job.command` | `python3 /labvisor/sut/tf-job {job_file}` |
 //! | `job.template` | `<sut>.yaml` |
+//! | `probe.command` | `! tail -n 4 <logging_basedir>/testflinger-agent.log \| grep -E '403\|Unable to reach'` (unhealthy while the server refuses the agent or cannot be reached) |
 //! | `job.timeout`, `job.output_timeout` | `global_timeout`, `output_timeout` (seconds), when present |
+//!
+//! This is the shape of `examples/testflinger/` (a test compares them), except `extra_hosts`:
+//! the server address stays as the old config has it. Next to the triplet it
+//! writes [`WRAPPER`], the example's job wrapper (it judges the job by `testflinger-cli results`
+//! and cancels the server job on cancel and timeout), and `<sut>.token`, the agent's credential,
+//! with a placeholder the user replaces; an existing token file is never overwritten, not even
+//! with `--force`, and one still holding the placeholder is named in a warning.
 //!
 //! Every written file is checked with [`labvisor_protocol::config::load_file`]; one that does
 //! not pass is removed again and the device counts as failed. A device with a missing or
@@ -43,6 +51,19 @@ mod render;
 /// The agent image written when `--image` is not given: an image with testflinger-agent,
 /// testflinger-cli and the device connectors, which the lab builds itself.
 pub const DEFAULT_IMAGE: &str = "testflinger-agent-host:latest";
+
+/// The job wrapper's file name, written next to the SUT files.
+pub const WRAPPER: &str = "tf-job";
+
+/// The job wrapper: the example's (`examples/testflinger/tf-job`).
+pub const WRAPPER_TEXT: &str = include_str!("../../../../examples/testflinger/tf-job");
+
+/// What a new `<sut>.token` holds until the user puts the agent's credential there (the
+/// example's placeholder too).
+pub const TOKEN_PLACEHOLDER: &str = "REPLACE-WITH-THIS-AGENT-S-REFRESH-TOKEN\n";
+
+/// testflinger-agent's default `logging_basedir`.
+pub const DEFAULT_LOGGING_BASEDIR: &str = "/tmp/testflinger/logs";
 
 /// testflinger-agent's default `execution_basedir`.
 pub const DEFAULT_EXECUTION_BASEDIR: &str = "/tmp/testflinger/run";
@@ -264,11 +285,18 @@ fn import_one(
     let toml_path = out.join(format!("{sut}.toml"));
     refuse_overwrite(&toml_path, force)?;
     copy_triplet(t, &names, out, force)?;
+    write_wrapper(out, force)?;
+    let token = format!("{sut}.token");
+    let mut warnings = device.warnings;
+    warnings.extend(write_token(out, &token)?);
     let text = render(&RenderInput {
         sut: &sut,
         image,
         files: names.all(),
+        token: &token,
+        server: device.server.as_deref(),
         basedir: &device.basedir,
+        log_dir: device.log_dir.as_deref(),
         env: &device.env,
         timeout: device.timeout,
         output_timeout: device.output_timeout,
@@ -277,8 +305,36 @@ fn import_one(
     Ok(Imported {
         sut,
         toml: toml_path,
-        warnings: device.warnings,
+        warnings,
     })
+}
+
+/// Writes the job wrapper into `out`, unless the same is there; a different one is replaced
+/// only with `force`.
+fn write_wrapper(out: &Path, force: bool) -> Result<(), Vec<String>> {
+    let path = out.join(WRAPPER);
+    if std::fs::read(&path).is_ok_and(|b| b == WRAPPER_TEXT.as_bytes()) {
+        return Ok(());
+    }
+    refuse_overwrite(&path, force)?;
+    std::fs::write(&path, WRAPPER_TEXT)
+        .map_err(|e| vec![format!("cannot write {}: {e}", path.display())])
+}
+
+/// Writes the placeholder credential `out/<name>` unless the file exists (never overwritten: it
+/// is the user's); a warning when it still holds the placeholder.
+fn write_token(out: &Path, name: &str) -> Result<Option<String>, Vec<String>> {
+    let path = out.join(name);
+    if !path.exists() {
+        std::fs::write(&path, TOKEN_PLACEHOLDER)
+            .map_err(|e| vec![format!("cannot write {}: {e}", path.display())])?;
+    }
+    let placeholder = std::fs::read(&path).is_ok_and(|b| b == TOKEN_PLACEHOLDER.as_bytes());
+    Ok(placeholder.then(|| {
+        format!(
+            "{name}: put the refresh token the testflinger server gave this agent there              (the agent is refused with 403 until then)"
+        )
+    }))
 }
 
 /// Unless `force`, an error when `path` exists.

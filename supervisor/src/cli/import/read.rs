@@ -7,7 +7,7 @@ use std::path::Path;
 use labvisor_protocol::config::{CONTAINER_FILES_DIR, MAX_DURATION, RESERVED_ENV_PREFIX};
 use serde_yaml_ng::Value;
 
-use super::{Triplet, DEFAULT_EXECUTION_BASEDIR};
+use super::{Triplet, DEFAULT_EXECUTION_BASEDIR, DEFAULT_LOGGING_BASEDIR};
 
 /// The file names of one device's triplet.
 pub(super) struct Names {
@@ -35,8 +35,13 @@ impl Names {
 pub(super) struct Device {
     /// testflinger's `execution_basedir`, without a trailing `/`.
     pub basedir: String,
+    /// testflinger's `logging_basedir` (where `testflinger-agent.log` is), when it is a path the
+    /// probe's shell command can hold as it is.
+    pub log_dir: Option<String>,
     pub timeout: Option<String>,
     pub output_timeout: Option<String>,
+    /// `server_address` as a URL (`http://` added when it has no scheme, as the agent does).
+    pub server: Option<String>,
     pub env: BTreeMap<String, String>,
     /// Things to look at; the import goes on.
     pub warnings: Vec<String>,
@@ -72,8 +77,10 @@ enum YamlProblem {
 pub(super) fn device(t: &Triplet, names: &Names) -> Device {
     let mut d = Device {
         basedir: DEFAULT_EXECUTION_BASEDIR.to_owned(),
+        log_dir: Some(DEFAULT_LOGGING_BASEDIR.to_owned()),
         timeout: None,
         output_timeout: None,
+        server: None,
         env: BTreeMap::new(),
         warnings: Vec::new(),
         problems: Vec::new(),
@@ -130,6 +137,12 @@ impl Device {
                 show(v)
             )),
         }
+        self.read_log_dir(conf, conf_name);
+        self.server = match conf.get("server_address") {
+            Some(Value::String(a)) if a.contains("://") => Some(a.trim_end_matches('/').to_owned()),
+            Some(Value::String(a)) if !a.is_empty() => Some(format!("http://{a}")),
+            _ => None,
+        };
         self.timeout = seconds(conf, "global_timeout", conf_name, &mut self.warnings);
         self.output_timeout = seconds(conf, "output_timeout", conf_name, &mut self.warnings);
         let snappy_name = &names.snappy;
@@ -141,6 +154,33 @@ impl Device {
             {
                 self.warnings.push(format!(
                     "{conf_name}: its commands refer to {snappy_name} elsewhere than {container_path}, where labvisor delivers it: update their -c paths"
+                ));
+            }
+        }
+    }
+
+    /// `logging_basedir`, for the exec probe that reads the agent's log; one the probe's shell
+    /// command cannot hold as it is (not absolute, or with characters other than letters,
+    /// digits and `/._-`) leaves the SUT without the probe, with a warning.
+    fn read_log_dir(&mut self, conf: &Value, conf_name: &str) {
+        let Some(v) = conf.get("logging_basedir") else {
+            return;
+        };
+        let plain = |s: &str| {
+            s.starts_with('/')
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c))
+        };
+        match v {
+            Value::String(s) if plain(s) => {
+                let dir = s.trim_end_matches('/');
+                self.log_dir = Some(if dir.is_empty() { "" } else { dir }.to_owned());
+            }
+            other => {
+                self.log_dir = None;
+                self.warnings.push(format!(
+                    "{conf_name}: `logging_basedir` {} is not a plain absolute path: no [probe] written",
+                    show(other)
                 ));
             }
         }
