@@ -11,7 +11,7 @@
 //! |---|---|---|---|---|
 //! | `<sut>/agent` | agent → all | 1 | yes | [`AgentStatus`](crate::payloads::AgentStatus) JSON: birth on every connect, every heartbeat, last will `lost`, `offline` on a clean stop |
 //! | `<sut>/output` | agent → all | 1 | no | plain UTF-8 text (lossy), batched; MQTT 5 user properties `seq`, `dropped`, `boot` ([`OutputMeta`](crate::payloads::OutputMeta)) |
-//! | `<sut>/probe` | agent → all | 1 | yes | [`ProbeResult`](crate::payloads::ProbeResult) JSON (the upstream probe, the old stack's `c3`) |
+//! | `<sut>/probe` | agent → all | 1 | yes | [`ProbeResult`](crate::payloads::ProbeResult) JSON (the upstream probe, the old stack's `c3`; for an exec probe, its command in `url` and the reason in `error`) |
 //! | `<sut>/submit` | submitter → agent | 1 | never (a retained job is rejected, never run) | plain text (a shell script) or [`JobSubmit`](crate::payloads::JobSubmit) JSON |
 //! | `<sut>/submit_status` | agent → submitter | 1 | yes (latest) | [`SubmitAck`](crate::payloads::SubmitAck) JSON; also sent to `reply_to` / the MQTT 5 response topic |
 //! | `labvisor/replies/<sut>/...` | agent → submitter | 1 | no | the SUT's reply space (`Topics::reply_space`): a submission's `reply_to` / MQTT 5 response topic must lie here (or under `<sut>/`, outside labvisor's own topics), where both shipped ACLs let the agent write |
