@@ -32,6 +32,9 @@
 //!   the recreation follows its current job; when nothing waits any more and the container
 //!   stays (the file was reverted), `labvisor-agent drain --lift` lets the device run again.
 //! - **A periodic resync** (30 s), finished actions, and retry or healing deadlines.
+//! - **Rolling restart requests** (`labvisor restart`) on `labvisor/supervisors/<id>/restart`:
+//!   taken up by the next pass, which gives one SUT at a time its recreation behind the busy
+//!   gate ([`crate::plan::rolling`]); the progress goes to `.../restart_status` (`rolling`).
 //!
 //! **Actions** run as tasks, at most `parallelism` at a time (a semaphore), and never two for
 //! the same SUT. A failed action is logged and published as `last_error`; that SUT alone is
@@ -48,8 +51,9 @@
 //! **Adoption and crashes.** Containers are created with their final labels, so a restarted
 //! supervisor adopts what it finds: same hash, nothing happens, ids stay. A container left
 //! `created` (the supervisor was killed between create and start, so its files may be
-//! incomplete) is recreated. Unowned containers are never touched; one holding a wanted name
-//! is reported as a conflict.
+//! incomplete) is recreated. An `exited` one was stopped by a person and is left so
+//! ([`crate::plan::stopped_by_person`]), also by a restarted supervisor. Unowned containers are
+//! never touched; one holding a wanted name is reported as a conflict.
 //!
 //! # How agents reach the broker
 //!
@@ -89,6 +93,7 @@
 //! - `watchers`: the watchers: notify on the SUT directory (and build contexts), Docker events.
 //! - `executor`: runs actions as tasks, `parallelism` at a time, each in an `action` span
 //!   (sut, action, container), and asks agents whether they are busy.
+//! - `rolling`: the rolling restart's requests, extra action and progress.
 //! - `status`: the MQTT side: the supervisor's status, each SUT's view, retained topics of
 //!   removed SUTs, the offline status at shutdown.
 //!
