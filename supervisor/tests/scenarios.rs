@@ -13,7 +13,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use labvisor_protocol::payloads::{Health, StoppedByPerson, SutView};
+use labvisor_protocol::payloads::{
+    Health, RestartRequest, RestartState, RestartStatus, RestartStep, StoppedByPerson, SutView,
+};
 use labvisor_protocol::SutName;
 use labvisor_supervisor::plan::RunState;
 use labvisor_supervisor::runtime::fake::{self, FakeCall, FakeRuntime};
@@ -41,6 +43,9 @@ struct Sup {
     views: watch::Receiver<BTreeMap<SutName, SutView>>,
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    /// Rolling restart requests in, their progress out.
+    restarts: mpsc::Sender<RestartRequest>,
+    restart_status: watch::Receiver<Option<RestartStatus>>,
 }
 
 impl Sup {
@@ -64,9 +69,13 @@ impl Sup {
         let (files_tx, files_rx) = mpsc::channel(1);
         let (views_tx, views) = watch::channel(BTreeMap::new());
         let (stop, stopped) = oneshot::channel();
+        let (restarts, restarts_rx) = mpsc::channel(4);
+        let (restart_tx, restart_status) = watch::channel(None);
         let hooks = Hooks {
             file_events: Some(files_rx),
             views: Some(views_tx),
+            restarts: Some(restarts_rx),
+            restart_status: Some(restart_tx),
         };
         let runtime = Arc::new(rt.clone());
         let task = tokio::spawn(async move {
@@ -83,6 +92,8 @@ impl Sup {
             views,
             stop: Some(stop),
             task,
+            restarts,
+            restart_status,
         }
     }
 
@@ -560,5 +571,91 @@ async fn the_devices_own_work_defers_the_recreation_drains_and_lifts() {
     .await;
     settle().await;
     assert_eq!(sup.count(&lift), 1, "no lift for a container that is gone");
+    sup.stop().await;
+}
+
+/// Notes the rolling restart's progress when it changed; returns the latest.
+fn record(sup: &Sup, seen: &mut Vec<RestartStatus>) -> Option<RestartStatus> {
+    let st = sup.restart_status.borrow().clone()?;
+    if seen.last() != Some(&st) {
+        seen.push(st.clone());
+    }
+    Some(st)
+}
+
+/// A rolling restart: the busy agent's recreation is deferred and the turn passes on, so the
+/// two idle SUTs are recreated first, one at a time (each once the one before is healthy:
+/// never two recreating or starting at once); the busy one follows when its job ends.
+#[tokio::test(start_paused = true)]
+async fn a_rolling_restart_goes_round_a_busy_agent() {
+    let sup = Sup::start(&[("a.toml", SUT), ("b.toml", SUT), ("c.toml", SUT)]);
+    until("all created", || {
+        ["p-a", "p-b", "p-c"].iter().all(|n| sup.id(n).is_some())
+    })
+    .await;
+    settle().await;
+    let old: Vec<String> = ["p-a", "p-b", "p-c"]
+        .iter()
+        .map(|n| sup.id(n).unwrap())
+        .collect();
+    sup.rt.set_busy(&old[0], true);
+    sup.restarts
+        .send(RestartRequest {
+            v: 1,
+            id: "r1".into(),
+            suts: ["a", "b", "c"]
+                .iter()
+                .map(|s| SutName::new(s).unwrap())
+                .collect(),
+            all: false,
+            when_idle: true,
+        })
+        .await
+        .unwrap();
+    let mut seen: Vec<RestartStatus> = Vec::new();
+    until("b and c restarted", || {
+        record(&sup, &mut seen).is_some_and(|st| {
+            st.suts[1].step == RestartStep::Done && st.suts[2].step == RestartStep::Done
+        })
+    })
+    .await;
+    assert_eq!(
+        sup.id("p-a").as_deref(),
+        Some(old[0].as_str()),
+        "a waits for its job"
+    );
+    assert_ne!(sup.id("p-b").unwrap(), old[1]);
+    assert_ne!(sup.id("p-c").unwrap(), old[2]);
+    until("a's view says the restart waits", || {
+        sup.view("a").is_some_and(|v| {
+            v.pending_action
+                .as_deref()
+                .is_some_and(|p| p.starts_with("restart"))
+        })
+    })
+    .await;
+    assert_eq!(sup.count(&FakeCall::Stop(old[0].clone())), 0);
+
+    sup.rt.set_busy(&old[0], false);
+    sup.nudge();
+    until("a restarted, the restart done", || {
+        record(&sup, &mut seen).is_some_and(|st| st.state == RestartState::Done)
+    })
+    .await;
+    assert_ne!(sup.id("p-a").unwrap(), old[0]);
+    for st in &seen {
+        let moving = st
+            .suts
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.step,
+                    RestartStep::Recreating | RestartStep::WaitingHealthy
+                )
+            })
+            .count();
+        assert!(moving <= 1, "{st:?}");
+    }
+    assert_eq!(sup.rt.containers().len(), 3);
     sup.stop().await;
 }

@@ -226,6 +226,11 @@ pub struct Hooks {
     /// Receives every SUT's view (as published on `<sut>/supervisor`, without `time_ms`)
     /// after each pass, also without a broker.
     pub views: Option<watch::Sender<BTreeMap<SutName, SutView>>>,
+    /// Rolling restart requests, as if they came on `labvisor/supervisors/<id>/restart`.
+    pub restarts: Option<mpsc::Receiver<labvisor_protocol::payloads::RestartRequest>>,
+    /// Receives the rolling restart's progress whenever it changes (and rejections), also
+    /// without a broker.
+    pub restart_status: Option<watch::Sender<Option<labvisor_protocol::payloads::RestartStatus>>>,
 }
 
 /// Runs the supervisor until `shutdown` resolves. Leaves the agents running.

@@ -63,6 +63,9 @@ pub(super) struct Reconciler<R> {
     pub(super) rolling: Option<crate::plan::rolling::Rolling>,
     /// Its status as last published.
     pub(super) rolling_published: Option<labvisor_protocol::payloads::RestartStatus>,
+    /// The test seam [`super::Hooks::restart_status`].
+    pub(super) restart_hook:
+        Option<watch::Sender<Option<labvisor_protocol::payloads::RestartStatus>>>,
 }
 
 /// When each kind of wake-up is due.
@@ -169,6 +172,8 @@ enum Input {
     Message(Received),
     /// An action task ended (its `Done` was sent before).
     Joined,
+    /// A rolling restart request through the test seam.
+    Restart(labvisor_protocol::payloads::RestartRequest),
     /// The earliest timer.
     Deadline,
 }
@@ -180,6 +185,8 @@ struct Inputs {
     done: mpsc::UnboundedReceiver<Done>,
     broker: Option<watch::Receiver<ManagedBrokerStatus>>,
     incoming: Option<Incoming>,
+    /// The test seam [`super::Hooks::restarts`].
+    restarts: Option<mpsc::Receiver<labvisor_protocol::payloads::RestartRequest>>,
 }
 
 impl Inputs {
@@ -197,6 +204,7 @@ impl Inputs {
             Some(b) = changed(self.broker.as_mut()) => Input::Broker(b),
             Some(done) = self.done.recv() => Input::Done(done),
             Some(msg) = recv(self.incoming.as_mut()) => Input::Message(msg),
+            Some(req) = recv_restart(self.restarts.as_mut()) => Input::Restart(req),
             () = exec.join_next(), if !exec.is_idle() => Input::Joined,
             () = sleep_until(deadline) => Input::Deadline,
         }
@@ -210,6 +218,13 @@ async fn changed(
     let rx = rx?;
     rx.changed().await.ok()?;
     Some(rx.borrow_and_update().clone())
+}
+
+/// The next rolling restart request of the test seam; `None` without one.
+async fn recv_restart(
+    rx: Option<&mut mpsc::Receiver<labvisor_protocol::payloads::RestartRequest>>,
+) -> Option<labvisor_protocol::payloads::RestartRequest> {
+    rx?.recv().await
 }
 
 /// The next broker message; `None` without a link.
@@ -293,6 +308,7 @@ pub(super) async fn run<R: ContainerRuntime>(
         done,
         broker: broker_rx,
         incoming,
+        restarts: hooks.restarts,
     };
     let now = Instant::now();
     let mut sup = Reconciler {
@@ -318,6 +334,7 @@ pub(super) async fn run<R: ContainerRuntime>(
         restart_requests: Vec::new(),
         rolling: None,
         rolling_published: None,
+        restart_hook: hooks.restart_status,
         settings,
     };
     info!(dir = %sup.settings.sut_dir.display(), supervisor = %sup.settings.spec.supervisor, "Supervising.");
@@ -356,6 +373,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 Input::Done(done) => self.finished(done, now),
                 Input::Message(msg) => self.message(&msg.topic, &msg.payload, msg.retain),
                 Input::Joined => {}
+                Input::Restart(req) => self.restart_request(req),
                 Input::Deadline => self.deadline(now).await,
             }
         }

@@ -58,14 +58,17 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// A restart request arrived: kept for the next pass (which knows the SUT files).
     pub(super) fn restart_requested(&mut self, payload: &[u8]) {
         match serde_json::from_slice::<RestartRequest>(payload) {
-            Ok(req) => {
-                info!(request = %req.id, suts = ?req.suts, all = req.all, "Rolling restart requested.");
-                self.restart_requests.push(req);
-                self.timers
-                    .pass_in(tokio::time::Instant::now(), std::time::Duration::ZERO);
-            }
+            Ok(req) => self.restart_request(req),
             Err(error) => warn!(error = %error, "Ignoring a malformed restart request."),
         }
+    }
+
+    /// Keeps `req` for the next pass, which comes at once.
+    pub(super) fn restart_request(&mut self, req: RestartRequest) {
+        info!(request = %req.id, suts = ?req.suts, all = req.all, "Rolling restart requested.");
+        self.restart_requests.push(req);
+        self.timers
+            .pass_in(tokio::time::Instant::now(), std::time::Duration::ZERO);
     }
 
     /// Before planning: starts (or rejects) the requests that came, and gives the turn.
@@ -165,6 +168,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// Publishes `status` (stamped now): retained (the restart's progress) or not (a
     /// rejection, which leaves the retained progress of the restart that runs).
     fn send_restart_status(&self, status: &RestartStatus, retained: bool) {
+        if let Some(hook) = &self.restart_hook {
+            hook.send_replace(Some(status.clone()));
+        }
         let Some(link) = self.status.link() else {
             return;
         };
