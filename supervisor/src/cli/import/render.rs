@@ -251,7 +251,14 @@ mod tests {
                 "command",
                 "interval",
                 "timeout",
+                "[device]",
+                "busy_glob",
+                "drain_signal",
             ]
+        );
+        assert!(
+            text.contains("busy_glob = [\"/srv/tf/*/testflinger.json\"]"),
+            "{text}"
         );
         assert!(
             text.contains("timeout = \"3600s\"  # global_timeout of d.conf\n"),
