@@ -27,7 +27,8 @@
 //! - **When it fails** (`failed`, `timeout`), the SUT goes offline with the reason
 //!   `health check <id> failed: <reason>`, by `health-check`, through the admin state
 //!   ([`OfflineState`]): new jobs are refused with that reason, queued ones wait, until a person
-//!   puts the SUT online.
+//!   puts the SUT online. A SUT taken offline or into maintenance while the health check ran
+//!   keeps that state (mode, reason, who); the failure is only logged.
 
 use std::time::Duration;
 
@@ -50,8 +51,9 @@ pub const ID_PREFIX: &str = "health-check-";
 pub trait OfflineState {
     /// Whether the SUT takes no jobs now (offline or in maintenance).
     fn is_offline(&self) -> bool;
-    /// Takes the SUT offline with `reason`, by `by`, at `now_ms`; persisted.
-    fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<()>;
+    /// Takes an online SUT offline with `reason`, by `by`, at `now_ms`; persisted. One that is
+    /// offline or in maintenance already keeps its state; returns whether it changed.
+    fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<bool>;
 }
 
 /// Where the schedule stands.
@@ -189,9 +191,16 @@ impl HealthJobs {
         for st in jobs.take_finished() {
             self.since.record(&st);
             if let Some(reason) = failure(&st) {
-                warn!(job_id = %st.id, reason = %reason, "Health check failed: the SUT goes offline.");
-                if let Err(e) = admin.set_offline(reason, BY, now) {
-                    warn!(error = %e, "The offline state could not be saved on the volume.");
+                match admin.set_offline(reason.clone(), BY, now) {
+                    Ok(true) => {
+                        warn!(job_id = %st.id, reason = %reason, "Health check failed: the SUT goes offline.");
+                    }
+                    Ok(false) => {
+                        warn!(job_id = %st.id, reason = %reason, "Health check failed; the SUT is offline or in maintenance already: its state is kept.");
+                    }
+                    Err(e) => {
+                        warn!(job_id = %st.id, reason = %reason, error = %e, "Health check failed: the SUT goes offline, but the state could not be saved on the volume.");
+                    }
                 }
             }
         }
@@ -255,7 +264,7 @@ impl OfflineState for crate::admin::Admin {
         crate::admin::Admin::is_offline(self)
     }
 
-    fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<()> {
+    fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<bool> {
         crate::admin::Admin::set_offline(self, reason, by, now_ms)
     }
 }

@@ -152,9 +152,13 @@ impl OfflineState for FakeAdmin {
         self.offline.is_some()
     }
 
-    fn set_offline(&mut self, reason: String, by: &str, _now_ms: u64) -> std::io::Result<()> {
+    /// As the real one: a SUT offline already keeps its reason and who.
+    fn set_offline(&mut self, reason: String, by: &str, _now_ms: u64) -> std::io::Result<bool> {
+        if self.offline.is_some() {
+            return Ok(false);
+        }
         self.offline = Some((reason, by.to_owned()));
-        Ok(())
+        Ok(true)
     }
 }
 
