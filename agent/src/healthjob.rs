@@ -19,8 +19,9 @@
 //!   runs first, before any queued job (LAVA runs one when a device comes back from
 //!   maintenance); its end starts the schedule again (`every` counts from it, `after_jobs` from
 //!   zero).
-//! - **How it runs**: when one is due, no job runs, none is queued or running already and the
-//!   SUT is online, the agent queues it through the journal (so a restart does not lose it),
+//! - **How it runs**: when one is due, no job runs, none is queued or running already, the
+//!   SUT is online and its device is not busy with its own work (`device_work`) nor drained,
+//!   the agent queues it through the journal (so a restart does not lose it),
 //!   first in the queue, and it runs like any job: output, `<sut>/jobs/<id>`, `last_job`, the
 //!   `[job] command` and template rules. Its id is `health-check-<a new job id>` and its status
 //!   says `health_check: true`. Its time limit is `health_check.timeout`.
@@ -186,10 +187,17 @@ impl HealthJobs {
 
     /// Counts the jobs that ended (taking the SUT offline for a failed health check), notices
     /// the SUT coming back online, and queues a health check when one is due and can run.
-    pub fn tick(&mut self, jobs: &mut JobRunner, admin: &mut impl OfflineState) {
+    /// `device_busy`: the device is busy with its own work (`device_work`) or is being drained
+    /// (or held by a drain): no health check is queued meanwhile.
+    pub fn tick(&mut self, jobs: &mut JobRunner, admin: &mut impl OfflineState, device_busy: bool) {
         let now = now_ms();
         for st in jobs.take_finished() {
             self.since.record(&st);
+            if st.health_check && judged(&st) {
+                // It ran after (or while) the SUT came back online: it was the one that runs
+                // first, whether it was queued before or after.
+                self.back_online = false;
+            }
             if let Some(reason) = failure(&st) {
                 match admin.set_offline(reason.clone(), BY, now) {
                     Ok(true) => {
@@ -210,7 +218,7 @@ impl HealthJobs {
             self.back_online = true;
         }
         self.was_offline = offline;
-        if offline || jobs.running().is_some() || jobs.health_check_pending() {
+        if offline || device_busy || jobs.running().is_some() || jobs.health_check_pending() {
             return;
         }
         let why = match self.back_online {
