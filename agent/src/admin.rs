@@ -14,7 +14,9 @@
 //! The agent's loop asks [`Admin::takes_jobs`] before it starts a queued job (offline and
 //! maintenance keep the queue: queued jobs run once the SUT is online again, a running job
 //! finishes), hands [`Admin::refusal`] to the runner (new submissions are rejected with it), and
-//! holds the device process while [`Admin::holds_device`] (maintenance).
+//! holds the device process while [`Admin::holds_device`] (maintenance): drained when the SUT
+//! has `device.drain_signal` (the signal, its current work finishes, it exits and stays down),
+//! else stopped (TERM, grace, KILL of its group, which cuts its work).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use std::time::Duration;
 use labvisor_protocol::payloads::{
     now_ms, parse_admin, rfc3339, AdminCommand, AdminMode, AdminState, VERSION,
 };
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -177,7 +180,9 @@ impl Admin {
 }
 
 /// Handles a message on `<sut>/admin`: applies the command (saved first), says so in the
-/// output, and holds or releases the device process when maintenance starts or ends. A
+/// output, and holds or releases the device process when maintenance starts or ends (held:
+/// drained with `drain`, the SUT's `device.drain_signal`, so its work finishes; else stopped,
+/// TERM, `grace`, KILL). A
 /// retained or malformed command changes nothing; the output says why. The caller acknowledges
 /// the message to the broker afterwards.
 pub async fn on_command(
@@ -186,6 +191,7 @@ pub async fn on_command(
     sinks: &Sinks,
     r: &Received,
     grace: Duration,
+    drain: Option<Signal>,
 ) {
     let cmd = if r.retain {
         Err(format!(
@@ -197,7 +203,7 @@ pub async fn on_command(
         parse_admin(&r.payload).map_err(|e| e.to_string())
     };
     match cmd {
-        Ok(cmd) => apply_command(admin, device, sinks, &cmd, grace).await,
+        Ok(cmd) => apply_command(admin, device, sinks, &cmd, grace, drain).await,
         Err(why) => {
             warn!(reason = %why, "Admin command refused.");
             sinks.agent_line(&format!("admin command refused: {why}"));
@@ -213,6 +219,7 @@ pub(crate) async fn apply_command(
     sinks: &Sinks,
     cmd: &AdminCommand,
     grace: Duration,
+    drain: Option<Signal>,
 ) {
     let held = admin.holds_device();
     let (t, saved) = admin.apply(cmd, now_ms());
@@ -244,7 +251,10 @@ pub(crate) async fn apply_command(
     // Released whenever the new mode does not hold it, not only when it held it before: the
     // device may be held although the mode did not say so (release is a no-op when it is not).
     match (held, admin.holds_device()) {
-        (false, true) => device.hold(grace).await,
+        (false, true) => match drain {
+            Some(sig) => device.hold_drained(sig).await,
+            None => device.hold(grace).await,
+        },
         (true, true) => {}
         (_, false) => device.release().await,
     }
@@ -419,7 +429,7 @@ mod tests {
         let (dev, sinks) = device();
         until_running(&dev, true).await;
         let maint = cmd(AdminMode::Maintenance, Some("reflash"), Some("al"));
-        apply_command(&mut a, &dev, &sinks, &maint, GRACE).await;
+        apply_command(&mut a, &dev, &sinks, &maint, GRACE, None).await;
         until_running(&dev, false).await;
         let _ = a.set_offline("health check h failed: exit 3".into(), "health-check", 5);
         let s = a.state().clone();
@@ -430,12 +440,12 @@ mod tests {
         );
         assert_eq!(Admin::open(dir.path(), 9).state(), &s, "and on the volume");
         let online = cmd(AdminMode::Online, None, Some("bo"));
-        apply_command(&mut a, &dev, &sinks, &online, GRACE).await;
+        apply_command(&mut a, &dev, &sinks, &online, GRACE, None).await;
         until_running(&dev, true).await;
 
         // A person's offline keeps its reason and who.
         let off = cmd(AdminMode::Offline, Some("flaky usb"), Some("cy"));
-        apply_command(&mut a, &dev, &sinks, &off, GRACE).await;
+        apply_command(&mut a, &dev, &sinks, &off, GRACE, None).await;
         let _ = a.set_offline("health check h2 failed: exit 3".into(), "health-check", 6);
         let s = a.state();
         assert_eq!(
@@ -454,13 +464,53 @@ mod tests {
         let (dev, sinks) = device();
         until_running(&dev, true).await;
         let maint = cmd(AdminMode::Maintenance, Some("reflash"), None);
-        apply_command(&mut a, &dev, &sinks, &maint, GRACE).await;
+        apply_command(&mut a, &dev, &sinks, &maint, GRACE, None).await;
         until_running(&dev, false).await;
         a.apply(&cmd(AdminMode::Offline, Some("x"), None), 7)
             .1
             .unwrap();
         let online = cmd(AdminMode::Online, None, None);
-        apply_command(&mut a, &dev, &sinks, &online, GRACE).await;
+        apply_command(&mut a, &dev, &sinks, &online, GRACE, None).await;
+        until_running(&dev, true).await;
+        dev.stop(GRACE).await;
+    }
+
+    /// With a drain signal, maintenance drains the device process (it exits on its own after
+    /// the signal) instead of TERMing it; online starts it again.
+    #[tokio::test]
+    async fn maintenance_with_a_drain_signal_drains_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Admin::open(dir.path(), 0);
+        let (tap, _rx) = crate::tap::Tap::with_rate(1 << 20, None);
+        let sinks = Sinks::new(false, None, tap.clone());
+        let script = "trap 'exit 5' USR1; trap 'exit 9' TERM; while :; do sleep 0.05; done";
+        let spec = crate::child::Spec {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: Default::default(),
+            cwd: None,
+        };
+        let restart = labvisor_protocol::config::RestartSettings {
+            on_unhealthy: labvisor_protocol::config::OnUnhealthy::None,
+            on_child_exit: labvisor_protocol::config::OnChildExit::Restart,
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(80),
+            crash_loop_after: 3.try_into().unwrap(),
+        };
+        let dev = Device::spawn(Some(spec), &restart, std::sync::Arc::new(sinks), false);
+        let sinks = Sinks::new(false, None, tap);
+        until_running(&dev, true).await;
+        let maint = cmd(AdminMode::Maintenance, Some("reflash"), None);
+        let usr1 = Some(Signal::SIGUSR1);
+        apply_command(&mut a, &dev, &sinks, &maint, GRACE, usr1).await;
+        until_running(&dev, false).await;
+        let s = dev.status();
+        assert_eq!(
+            (s.state, s.last_exit.as_deref()),
+            (crate::device::State::Held, Some("exit 5")),
+            "drained, not TERMed"
+        );
+        let online = cmd(AdminMode::Online, None, None);
+        apply_command(&mut a, &dev, &sinks, &online, GRACE, usr1).await;
         until_running(&dev, true).await;
         dev.stop(GRACE).await;
     }

@@ -343,12 +343,16 @@ impl Agent {
             Some((_, SutTopic::Submit)) => self.jobs.on_submit(r),
             Some((_, SutTopic::Cancel)) => self.jobs.on_cancel(r),
             Some((_, SutTopic::Admin)) => {
+                // Maintenance drains the device process when the SUT has a drain signal.
+                let drain = self.settings.config.device.drain_signal;
+                let drain = drain.and_then(|s| s.as_str().parse::<Signal>().ok());
                 crate::admin::on_command(
                     &mut self.admin,
                     &self.device,
                     &self.sinks,
                     r,
                     self.settings.grace,
+                    drain,
                 )
                 .await;
                 if let Some(l) = &self.link {
