@@ -14,7 +14,9 @@
 //! The agent's loop asks [`Admin::takes_jobs`] before it starts a queued job (offline and
 //! maintenance keep the queue: queued jobs run once the SUT is online again, a running job
 //! finishes), hands [`Admin::refusal`] to the runner (new submissions are rejected with it), and
-//! holds the device process while [`Admin::holds_device`] (maintenance).
+//! holds the device process while [`Admin::holds_device`] (maintenance): drained when the SUT
+//! has `device.drain_signal` (the signal, its current work finishes, it exits and stays down),
+//! else stopped (TERM, grace, KILL of its group, which cuts its work).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,6 +25,7 @@ use std::time::Duration;
 use labvisor_protocol::payloads::{
     now_ms, parse_admin, rfc3339, AdminCommand, AdminMode, AdminState, VERSION,
 };
+use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -153,10 +156,16 @@ impl Admin {
         (Transition { from, to: cmd.mode }, saved)
     }
 
-    /// Puts the SUT offline (for the agent's own reasons, such as a failed health-check job).
-    pub fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<()> {
+    /// Puts an online SUT offline (for the agent's own reasons, such as a failed health-check
+    /// job). A SUT that is offline or in maintenance already keeps its state (mode, reason, by,
+    /// since): the agent's reason must not replace a person's, nor end maintenance (which would
+    /// leave the device process held with nothing to release it). Returns whether it changed.
+    pub fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<bool> {
+        if self.is_offline() {
+            return Ok(false);
+        }
         let cmd = AdminCommand::new(AdminMode::Offline, Some(reason), Some(by.to_owned()));
-        self.apply(&cmd, now_ms).1
+        self.apply(&cmd, now_ms).1.map(|()| true)
     }
 
     fn save(&self) -> std::io::Result<()> {
@@ -171,7 +180,9 @@ impl Admin {
 }
 
 /// Handles a message on `<sut>/admin`: applies the command (saved first), says so in the
-/// output, and holds or releases the device process when maintenance starts or ends. A
+/// output, and holds or releases the device process when maintenance starts or ends (held:
+/// drained with `drain`, the SUT's `device.drain_signal`, so its work finishes; else stopped,
+/// TERM, `grace`, KILL). A
 /// retained or malformed command changes nothing; the output says why. The caller acknowledges
 /// the message to the broker afterwards.
 pub async fn on_command(
@@ -180,6 +191,7 @@ pub async fn on_command(
     sinks: &Sinks,
     r: &Received,
     grace: Duration,
+    drain: Option<Signal>,
 ) {
     let cmd = if r.retain {
         Err(format!(
@@ -190,16 +202,27 @@ pub async fn on_command(
     } else {
         parse_admin(&r.payload).map_err(|e| e.to_string())
     };
-    let cmd = match cmd {
-        Ok(c) => c,
+    match cmd {
+        Ok(cmd) => apply_command(admin, device, sinks, &cmd, grace, drain).await,
         Err(why) => {
             warn!(reason = %why, "Admin command refused.");
             sinks.agent_line(&format!("admin command refused: {why}"));
-            return;
         }
-    };
+    }
+}
+
+/// Applies a command that was accepted: saved first, said in the output, and the device process
+/// held or released as the new mode asks.
+pub(crate) async fn apply_command(
+    admin: &mut Admin,
+    device: &Device,
+    sinks: &Sinks,
+    cmd: &AdminCommand,
+    grace: Duration,
+    drain: Option<Signal>,
+) {
     let held = admin.holds_device();
-    let (t, saved) = admin.apply(&cmd, now_ms());
+    let (t, saved) = admin.apply(cmd, now_ms());
     if let Err(e) = saved {
         warn!(error = %e, "Cannot save the admin state; it applies until the agent stops.");
     }
@@ -225,10 +248,15 @@ pub async fn on_command(
         .map(|r| format!(": {r}"))
         .unwrap_or_default();
     sinks.agent_line(&format!("admin: {}{reason}{by}", t.to.as_str()));
+    // Released whenever the new mode does not hold it, not only when it held it before: the
+    // device may be held although the mode did not say so (release is a no-op when it is not).
     match (held, admin.holds_device()) {
-        (false, true) => device.hold(grace).await,
-        (true, false) => device.release().await,
-        _ => {}
+        (false, true) => match drain {
+            Some(sig) => device.hold_drained(sig).await,
+            None => device.hold(grace).await,
+        },
+        (true, true) => {}
+        (_, false) => device.release().await,
     }
 }
 
@@ -355,6 +383,138 @@ mod tests {
         assert!(Admin::open(dir.path(), 9).takes_jobs());
     }
 
+    /// A device process running `sleep`, and the sinks its output goes to.
+    fn device() -> (Device, Sinks) {
+        let spec = crate::child::Spec {
+            argv: vec!["sleep".into(), "600".into()],
+            env: Default::default(),
+            cwd: None,
+        };
+        let restart = labvisor_protocol::config::RestartSettings {
+            on_unhealthy: labvisor_protocol::config::OnUnhealthy::None,
+            on_child_exit: labvisor_protocol::config::OnChildExit::Restart,
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(80),
+            crash_loop_after: 3.try_into().unwrap(),
+        };
+        let (tap, _rx) = crate::tap::Tap::with_rate(1 << 20, None);
+        let sinks = std::sync::Arc::new(Sinks::new(false, None, tap.clone()));
+        let dev = Device::spawn(Some(spec), &restart, sinks, false);
+        (dev, Sinks::new(false, None, tap))
+    }
+
+    /// Waits (10 s at most) until the device process is `running` (or not).
+    async fn until_running(dev: &Device, running: bool) {
+        let mut rx = dev.watch();
+        let r = tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|s| s.is_running() == running),
+        )
+        .await;
+        assert!(
+            r.is_ok(),
+            "running should be {running}: {:?}",
+            dev.status().state
+        );
+    }
+
+    const GRACE: Duration = Duration::from_millis(200);
+
+    /// A failing health check during maintenance keeps the maintenance (mode, reason, by), so
+    /// `online` releases the held device process; a person's offline keeps its reason too.
+    #[tokio::test]
+    async fn a_health_check_failure_keeps_maintenance_and_online_releases_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Admin::open(dir.path(), 0);
+        let (dev, sinks) = device();
+        until_running(&dev, true).await;
+        let maint = cmd(AdminMode::Maintenance, Some("reflash"), Some("al"));
+        apply_command(&mut a, &dev, &sinks, &maint, GRACE, None).await;
+        until_running(&dev, false).await;
+        let _ = a.set_offline("health check h failed: exit 3".into(), "health-check", 5);
+        let s = a.state().clone();
+        assert_eq!(
+            (s.mode, s.reason.as_deref(), s.by.as_deref()),
+            (AdminMode::Maintenance, Some("reflash"), Some("al")),
+            "maintenance kept"
+        );
+        assert_eq!(Admin::open(dir.path(), 9).state(), &s, "and on the volume");
+        let online = cmd(AdminMode::Online, None, Some("bo"));
+        apply_command(&mut a, &dev, &sinks, &online, GRACE, None).await;
+        until_running(&dev, true).await;
+
+        // A person's offline keeps its reason and who.
+        let off = cmd(AdminMode::Offline, Some("flaky usb"), Some("cy"));
+        apply_command(&mut a, &dev, &sinks, &off, GRACE, None).await;
+        let _ = a.set_offline("health check h2 failed: exit 3".into(), "health-check", 6);
+        let s = a.state();
+        assert_eq!(
+            (s.mode, s.reason.as_deref(), s.by.as_deref()),
+            (AdminMode::Offline, Some("flaky usb"), Some("cy"))
+        );
+        dev.stop(GRACE).await;
+    }
+
+    /// A mode that does not hold the device releases it, whatever the mode before said (here it
+    /// was changed without the device: the old path of a health check during maintenance).
+    #[tokio::test]
+    async fn online_releases_a_held_device_whatever_the_mode_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Admin::open(dir.path(), 0);
+        let (dev, sinks) = device();
+        until_running(&dev, true).await;
+        let maint = cmd(AdminMode::Maintenance, Some("reflash"), None);
+        apply_command(&mut a, &dev, &sinks, &maint, GRACE, None).await;
+        until_running(&dev, false).await;
+        a.apply(&cmd(AdminMode::Offline, Some("x"), None), 7)
+            .1
+            .unwrap();
+        let online = cmd(AdminMode::Online, None, None);
+        apply_command(&mut a, &dev, &sinks, &online, GRACE, None).await;
+        until_running(&dev, true).await;
+        dev.stop(GRACE).await;
+    }
+
+    /// With a drain signal, maintenance drains the device process (it exits on its own after
+    /// the signal) instead of TERMing it; online starts it again.
+    #[tokio::test]
+    async fn maintenance_with_a_drain_signal_drains_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut a = Admin::open(dir.path(), 0);
+        let (tap, _rx) = crate::tap::Tap::with_rate(1 << 20, None);
+        let sinks = Sinks::new(false, None, tap.clone());
+        let script = "trap 'exit 5' USR1; trap 'exit 9' TERM; while :; do sleep 0.05; done";
+        let spec = crate::child::Spec {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            env: Default::default(),
+            cwd: None,
+        };
+        let restart = labvisor_protocol::config::RestartSettings {
+            on_unhealthy: labvisor_protocol::config::OnUnhealthy::None,
+            on_child_exit: labvisor_protocol::config::OnChildExit::Restart,
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(80),
+            crash_loop_after: 3.try_into().unwrap(),
+        };
+        let dev = Device::spawn(Some(spec), &restart, std::sync::Arc::new(sinks), false);
+        let sinks = Sinks::new(false, None, tap);
+        until_running(&dev, true).await;
+        let maint = cmd(AdminMode::Maintenance, Some("reflash"), None);
+        let usr1 = Some(Signal::SIGUSR1);
+        apply_command(&mut a, &dev, &sinks, &maint, GRACE, usr1).await;
+        until_running(&dev, false).await;
+        let s = dev.status();
+        assert_eq!(
+            (s.state, s.last_exit.as_deref()),
+            (crate::device::State::Held, Some("exit 5")),
+            "drained, not TERMed"
+        );
+        let online = cmd(AdminMode::Online, None, None);
+        apply_command(&mut a, &dev, &sinks, &online, GRACE, usr1).await;
+        until_running(&dev, true).await;
+        dev.stop(GRACE).await;
+    }
+
     #[test]
     fn a_change_that_cannot_be_saved_still_applies_and_says_so() {
         let dir = tempfile::tempdir().unwrap();
@@ -362,7 +522,11 @@ mod tests {
         let blocked = dir.path().join("data");
         std::fs::write(&blocked, b"").unwrap();
         let mut a = Admin::open(&blocked, 0);
-        let e = a.set_offline("health check failed".into(), "health-check", 1);
+        assert!(a.is_offline(), "it cannot be read either");
+        let (_, saved) = a.apply(&cmd(AdminMode::Online, None, None), 1);
+        assert!(saved.is_err());
+        assert!(a.takes_jobs(), "online until the agent stops");
+        let e = a.set_offline("health check failed".into(), "health-check", 2);
         assert!(e.is_err());
         assert!(a.is_offline());
         assert_eq!(a.state().by.as_deref(), Some("health-check"));

@@ -245,12 +245,16 @@ impl Agent {
             .is_some()
             .then(|| tokio::time::interval(device_work::POLL));
         loop {
+            let watch = self.device_watch.as_ref();
+            let device_busy = watch.is_some_and(Watch::busy);
+            let drained = watch.is_some_and(Watch::holds_jobs);
             if let Some(h) = self.health.as_mut() {
-                h.tick(&mut self.jobs, &mut self.admin);
+                h.tick(&mut self.jobs, &mut self.admin, device_busy);
             }
-            // Offline or in maintenance: new jobs are refused, queued ones wait.
+            // Offline or in maintenance: new jobs are refused, queued ones wait. While a drain
+            // is requested they wait too (kept in the journal for the next container).
             self.jobs.refuse_new_jobs(self.admin.refusal());
-            if self.admin.takes_jobs() {
+            if self.admin.takes_jobs() && !drained {
                 self.jobs.start_next(&self.sinks);
             }
             let job_check = self.jobs.next_check();
@@ -339,12 +343,16 @@ impl Agent {
             Some((_, SutTopic::Submit)) => self.jobs.on_submit(r),
             Some((_, SutTopic::Cancel)) => self.jobs.on_cancel(r),
             Some((_, SutTopic::Admin)) => {
+                // Maintenance drains the device process when the SUT has a drain signal.
+                let drain = self.settings.config.device.drain_signal;
+                let drain = drain.and_then(|s| s.as_str().parse::<Signal>().ok());
                 crate::admin::on_command(
                     &mut self.admin,
                     &self.device,
                     &self.sinks,
                     r,
                     self.settings.grace,
+                    drain,
                 )
                 .await;
                 if let Some(l) = &self.link {

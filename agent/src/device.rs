@@ -161,6 +161,7 @@ enum Control {
     },
     // -- hold/release (maintenance, helper admin) --
     Hold(Duration),
+    HoldDrained(Signal),
     Release,
     // -- drain/undrain (the device's own work, helper work) --
     Drain(Signal),
@@ -262,7 +263,16 @@ impl Device {
         let _ = self.control.send(Control::Hold(grace)).await;
     }
 
-    /// Starts a held process again, now. Nothing happens if it is not held.
+    /// Holds the process for maintenance without cutting its work: `sig` once to the process
+    /// alone (as [`Device::drain`]; e.g. testflinger's SIGUSR1), it finishes its current work
+    /// and exits, and is then held, not restarted, until [`Device::release`]. A restart that
+    /// was only waiting for its backoff does not happen.
+    pub async fn hold_drained(&self, sig: Signal) {
+        let _ = self.control.send(Control::HoldDrained(sig)).await;
+    }
+
+    /// Starts a held process again, now. Nothing happens if it is not held (one still finishing
+    /// its work after [`Device::hold_drained`] is restarted when it exits, as usual).
     pub async fn release(&self) {
         let _ = self.control.send(Control::Release).await;
     }
@@ -355,6 +365,14 @@ impl Actor {
                         self.maintenance = true;
                         self.hold(grace).await;
                     }
+                    Some(Control::HoldDrained(sig)) => {
+                        // Signalled already by a drain (or held): nothing more to send.
+                        let signalled = self.draining || self.maintenance;
+                        self.maintenance = true;
+                        if !signalled {
+                            self.wind_down(sig, "maintenance: ");
+                        }
+                    }
                     Some(Control::Release) => {
                         self.maintenance = false;
                         self.resume();
@@ -415,11 +433,17 @@ impl Actor {
         let _ = run.drain(DRAIN).await;
         debug!(parent: &span, exit = %exit.describe(), "Device process ended.");
         let (what, secs) = (exit.describe(), ran.as_secs_f64());
-        if self.draining {
+        if self.draining || self.maintenance {
             // It finished its work and exited as asked; it stays down until the drain is
-            // lifted (also under on_child_exit = "exit": a new container would start it again).
+            // lifted or the maintenance ends (also under on_child_exit = "exit": a new
+            // container would start it again).
+            let why = if self.draining {
+                "drained"
+            } else {
+                "maintenance"
+            };
             self.sinks.agent_line(&format!(
-                "device process ended ({what}) after {secs:.1}s; drained: not restarted"
+                "device process ended ({what}) after {secs:.1}s; {why}: not restarted"
             ));
             self.phase = Phase::Held;
             self.status.send_modify(|s| {
@@ -481,14 +505,22 @@ impl Actor {
     /// A drain: the signal once to a running process, and no restart after it exits; a pending
     /// restart is called off at once.
     fn drain(&mut self, sig: Signal) {
-        if std::mem::replace(&mut self.draining, true) {
+        if std::mem::replace(&mut self.draining, true) || self.maintenance {
+            // Signalled already, or held for maintenance (which signalled it or stopped it).
             return;
         }
+        self.wind_down(sig, "");
+    }
+
+    /// The signal once to a running process (which is not restarted after it exits: the caller
+    /// set `draining` or `maintenance`); a pending restart is called off at once. `why` starts
+    /// the output line (`""` for a drain, `"maintenance: "`).
+    fn wind_down(&mut self, sig: Signal, why: &str) {
         match &self.phase {
             Phase::Running(run, span) => {
-                info!(parent: span, signal = %sig, "Draining the device process: it is not restarted after it exits.");
+                info!(parent: span, signal = %sig, why, "Draining the device process: it is not restarted after it exits.");
                 self.sinks.agent_line(&format!(
-                    "draining the device process: {sig} sent; it is not restarted after it exits"
+                    "{why}draining the device process: {sig} sent; it is not restarted after it exits"
                 ));
                 // To the process alone, not its group: the group holds the device's work too
                 // (testflinger's phase commands), which the signal must not reach (a shell

@@ -16,7 +16,9 @@
 //! recreation or removal waits for the device's work) leaves a request file beside the
 //! heartbeat file ([`request_path`]); `labvisor-agent drain --lift` removes it. The loop sees
 //! it on the same rescan: with `device.drain_signal` set, it drains the device process (the
-//! signal once, no restart after it exits) and, when the request is gone, releases it. Through
+//! signal once, no restart after it exits) and, when the request is gone, releases it. While
+//! the request is there (with a drain signal or without) no queued labvisor job starts: they
+//! stay in the journal on the volume, and the new container runs them. Through
 //! the container, not MQTT: it works while the broker is down, as the busy probe does, and the
 //! request lives in the tmpfs `/labvisor/run`, so it never outlives the container's run.
 
@@ -114,6 +116,8 @@ pub struct Watch {
     pub seen: Option<String>,
     /// Whether the device process is being drained.
     pub draining: bool,
+    /// Whether a drain is requested (with or without a drain signal).
+    pub requested: bool,
 }
 
 impl Watch {
@@ -126,6 +130,7 @@ impl Watch {
             signal: device.drain_signal,
             seen: None,
             draining: false,
+            requested: false,
         })
     }
 
@@ -137,10 +142,11 @@ impl Watch {
             ..Tick::default()
         };
         self.seen = seen;
+        let wanted = requested(&self.request);
+        self.requested = wanted;
         let Some(signal) = self.signal else {
             return t;
         };
-        let wanted = requested(&self.request);
         if wanted != self.draining {
             self.draining = wanted;
             t.changed = true;
@@ -151,6 +157,18 @@ impl Watch {
             }
         }
         t
+    }
+
+    /// Whether queued labvisor jobs must wait: a drain is requested (the supervisor waits to
+    /// recreate or remove the container) or holds the device. They stay queued in the journal;
+    /// the new container runs them.
+    pub fn holds_jobs(&self) -> bool {
+        self.requested || self.draining
+    }
+
+    /// Whether the device is busy with its own work or drained: no health check is queued.
+    pub fn busy(&self) -> bool {
+        self.seen.is_some() || self.holds_jobs()
     }
 
     /// The status detail while draining.
@@ -241,20 +259,27 @@ mod tests {
         assert!(w.tick().changed);
         assert_eq!(w.tick(), Tick::default(), "unchanged");
         request(&request_path(&hb), false).unwrap();
+        assert!(w.busy() && !w.holds_jobs(), "busy with its own work");
         let t = w.tick();
         assert_eq!((t.drain, t.release), (Some(DrainSignal::Usr1), false));
+        assert!(w.holds_jobs() && w.busy());
         assert!(w.detail().unwrap().contains("SIGUSR1"));
         assert_eq!(w.tick(), Tick::default(), "asked once");
         request(&request_path(&hb), true).unwrap();
         let t = w.tick();
         assert_eq!((t.drain, t.release), (None, true));
         assert_eq!(w.detail(), None);
+        assert!(!w.holds_jobs(), "lifted");
 
         settings.drain_signal = None;
         let mut w = Watch::new(&settings, &hb).unwrap();
         request(&request_path(&hb), false).unwrap();
         let t = w.tick();
         assert_eq!((t.drain, t.release), (None, false));
+        assert!(
+            w.holds_jobs(),
+            "queued jobs wait for the recreation all the same"
+        );
         assert!(Watch::new(&DeviceSettings::default(), &hb).is_none());
     }
 }

@@ -19,15 +19,17 @@
 //!   runs first, before any queued job (LAVA runs one when a device comes back from
 //!   maintenance); its end starts the schedule again (`every` counts from it, `after_jobs` from
 //!   zero).
-//! - **How it runs**: when one is due, no job runs, none is queued or running already and the
-//!   SUT is online, the agent queues it through the journal (so a restart does not lose it),
+//! - **How it runs**: when one is due, no job runs, none is queued or running already, the
+//!   SUT is online and its device is not busy with its own work (`device_work`) nor drained,
+//!   the agent queues it through the journal (so a restart does not lose it),
 //!   first in the queue, and it runs like any job: output, `<sut>/jobs/<id>`, `last_job`, the
 //!   `[job] command` and template rules. Its id is `health-check-<a new job id>` and its status
 //!   says `health_check: true`. Its time limit is `health_check.timeout`.
 //! - **When it fails** (`failed`, `timeout`), the SUT goes offline with the reason
 //!   `health check <id> failed: <reason>`, by `health-check`, through the admin state
 //!   ([`OfflineState`]): new jobs are refused with that reason, queued ones wait, until a person
-//!   puts the SUT online.
+//!   puts the SUT online. A SUT taken offline or into maintenance while the health check ran
+//!   keeps that state (mode, reason, who); the failure is only logged.
 
 use std::time::Duration;
 
@@ -50,8 +52,9 @@ pub const ID_PREFIX: &str = "health-check-";
 pub trait OfflineState {
     /// Whether the SUT takes no jobs now (offline or in maintenance).
     fn is_offline(&self) -> bool;
-    /// Takes the SUT offline with `reason`, by `by`, at `now_ms`; persisted.
-    fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<()>;
+    /// Takes an online SUT offline with `reason`, by `by`, at `now_ms`; persisted. One that is
+    /// offline or in maintenance already keeps its state; returns whether it changed.
+    fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<bool>;
 }
 
 /// Where the schedule stands.
@@ -184,14 +187,28 @@ impl HealthJobs {
 
     /// Counts the jobs that ended (taking the SUT offline for a failed health check), notices
     /// the SUT coming back online, and queues a health check when one is due and can run.
-    pub fn tick(&mut self, jobs: &mut JobRunner, admin: &mut impl OfflineState) {
+    /// `device_busy`: the device is busy with its own work (`device_work`) or is being drained
+    /// (or held by a drain): no health check is queued meanwhile.
+    pub fn tick(&mut self, jobs: &mut JobRunner, admin: &mut impl OfflineState, device_busy: bool) {
         let now = now_ms();
         for st in jobs.take_finished() {
             self.since.record(&st);
+            if st.health_check && judged(&st) {
+                // It ran after (or while) the SUT came back online: it was the one that runs
+                // first, whether it was queued before or after.
+                self.back_online = false;
+            }
             if let Some(reason) = failure(&st) {
-                warn!(job_id = %st.id, reason = %reason, "Health check failed: the SUT goes offline.");
-                if let Err(e) = admin.set_offline(reason, BY, now) {
-                    warn!(error = %e, "The offline state could not be saved on the volume.");
+                match admin.set_offline(reason.clone(), BY, now) {
+                    Ok(true) => {
+                        warn!(job_id = %st.id, reason = %reason, "Health check failed: the SUT goes offline.");
+                    }
+                    Ok(false) => {
+                        warn!(job_id = %st.id, reason = %reason, "Health check failed; the SUT is offline or in maintenance already: its state is kept.");
+                    }
+                    Err(e) => {
+                        warn!(job_id = %st.id, reason = %reason, error = %e, "Health check failed: the SUT goes offline, but the state could not be saved on the volume.");
+                    }
                 }
             }
         }
@@ -201,7 +218,7 @@ impl HealthJobs {
             self.back_online = true;
         }
         self.was_offline = offline;
-        if offline || jobs.running().is_some() || jobs.health_check_pending() {
+        if offline || device_busy || jobs.running().is_some() || jobs.health_check_pending() {
             return;
         }
         let why = match self.back_online {
@@ -255,7 +272,7 @@ impl OfflineState for crate::admin::Admin {
         crate::admin::Admin::is_offline(self)
     }
 
-    fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<()> {
+    fn set_offline(&mut self, reason: String, by: &str, now_ms: u64) -> std::io::Result<bool> {
         crate::admin::Admin::set_offline(self, reason, by, now_ms)
     }
 }

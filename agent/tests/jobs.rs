@@ -928,3 +928,26 @@ fn a_job_lost_with_the_agent_reports_the_bytes_it_printed() {
     let log = String::from_utf8_lossy(&lab.agent.log()).into_owned();
     assert_eq!(log.lines().filter(|l| l.len() == 999).count(), 3);
 }
+
+/// A job that makes its result file a FIFO (an open for reading would wait for a writer
+/// forever) ends `failed`, naming the file, and the agent goes on: the next job runs.
+#[test]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
+fn a_fifo_as_the_result_file_fails_the_job_and_does_not_hang_the_agent() {
+    let lab = Lab::new("job-fifo", "");
+    submit(
+        &lab.broker,
+        &lab.sut,
+        r#"{"id":"fifo","script":"mkfifo \"$LABVISOR_RESULT\"\n"}"#,
+    );
+    submit(&lab.broker, &lab.sut, r#"{"id":"after","script":"true\n"}"#);
+    let st = lab.final_status("fifo");
+    assert_eq!(st["state"], "failed", "{st}");
+    let reason = st["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("labvisor-result.json") && reason.contains("not a regular file"),
+        "{reason}"
+    );
+    let after = lab.final_status("after");
+    assert_eq!(after["state"], "passed", "{after}");
+}

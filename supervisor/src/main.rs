@@ -100,7 +100,8 @@ enum Command {
     /// Put a SUT online again: it takes jobs and runs the queued ones (after maintenance, its
     /// device process starts again).
     Online(cli::admin::AdminArgs),
-    /// Offline, and the SUT's device process is stopped until `labvisor online`.
+    /// Offline, and the SUT's device process is stopped until `labvisor online` (drained with
+    /// `device.drain_signal`: its current work finishes; else TERM, grace, KILL).
     Maintenance(cli::admin::AdminArgs),
     /// Keep one agent container per valid SUT file, live, through the Docker API.
     Supervise(Box<SuperviseArgs>),

@@ -311,3 +311,46 @@ async fn a_drain_lifted_during_maintenance_does_not_start_the_process() {
     until(&mut rx, Status::is_running).await;
     dev.stop(Duration::from_secs(1)).await;
 }
+
+/// Maintenance on a device with a drain signal: the signal once, the device finishes its work
+/// (its group is not signalled, nothing is TERMed), exits, and is then held, not restarted;
+/// released, it starts again.
+#[tokio::test]
+async fn maintenance_by_drain_lets_the_work_finish_then_holds() {
+    let d = tempfile::tempdir().unwrap();
+    let done = d.path().join("done");
+    let dev = Device::spawn(
+        sh(&format!(
+            "trap 'echo usr1' USR1; trap 'echo termed; exit 9' TERM; echo run-$$; \
+             sh -c 'while [ ! -e {0} ]; do sleep 0.05; done; echo work-done' & \
+             while [ ! -e {0} ]; do sleep 0.05; done; wait; echo finished",
+            done.display()
+        )),
+        &restart(OnChildExit::Restart, 3),
+        sinks(d.path()),
+        false,
+    );
+    let mut rx = dev.watch();
+    until(&mut rx, Status::is_running).await;
+    logged(d.path(), "run-").await;
+    dev.hold_drained(Signal::SIGUSR1).await;
+    logged(d.path(), "usr1").await;
+    assert!(dev.status().is_running(), "it finishes its work first");
+    std::fs::write(&done, "").unwrap();
+    let s = until(&mut rx, |s| s.state == State::Held).await;
+    assert_eq!((s.restarts, s.last_exit.as_deref()), (0, Some("exit 0")));
+    let log = std::fs::read_to_string(d.path().join("o.log")).unwrap();
+    assert!(
+        log.contains("work-done") && log.contains("finished"),
+        "{log}"
+    );
+    assert!(!log.contains("termed"), "{log}");
+    // Far longer than the longest backoff (80 ms): nothing starts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(dev.status().state, State::Held);
+    std::fs::remove_file(&done).unwrap();
+    dev.release().await;
+    let s = until(&mut rx, Status::is_running).await;
+    assert_eq!(s.restarts, 1);
+    dev.stop(Duration::from_secs(1)).await;
+}

@@ -152,9 +152,13 @@ impl OfflineState for FakeAdmin {
         self.offline.is_some()
     }
 
-    fn set_offline(&mut self, reason: String, by: &str, _now_ms: u64) -> std::io::Result<()> {
+    /// As the real one: a SUT offline already keeps its reason and who.
+    fn set_offline(&mut self, reason: String, by: &str, _now_ms: u64) -> std::io::Result<bool> {
+        if self.offline.is_some() {
+            return Ok(false);
+        }
         self.offline = Some((reason, by.to_owned()));
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -198,13 +202,13 @@ async fn a_failing_health_check_takes_the_sut_offline_and_none_runs_until_online
     let mut admin = FakeAdmin::default();
     let mut h = HealthJobs::new(&cfg, &jobs, false).unwrap();
     // None ever ran: one is queued at once, and only one.
-    h.tick(&mut jobs, &mut admin);
+    h.tick(&mut jobs, &mut admin, false);
     assert!(jobs.health_check_pending());
     assert_eq!(jobs.queue_len(), 1);
-    h.tick(&mut jobs, &mut admin);
+    h.tick(&mut jobs, &mut admin, false);
     assert_eq!(jobs.queue_len(), 1);
     run_one(&mut jobs, &sinks).await;
-    h.tick(&mut jobs, &mut admin);
+    h.tick(&mut jobs, &mut admin, false);
     let (reason, by) = admin.offline.clone().expect("offline");
     assert!(
         reason.starts_with("health check health-check-") && reason.ends_with(" failed: exit 3"),
@@ -216,12 +220,12 @@ async fn a_failing_health_check_takes_the_sut_offline_and_none_runs_until_online
     assert_eq!(last.state, JobState::Failed);
     // Offline: nothing is queued, even when it is due.
     h.since.jobs = 100;
-    h.tick(&mut jobs, &mut admin);
+    h.tick(&mut jobs, &mut admin, false);
     assert_eq!(jobs.queue_len(), 0);
     // Online again: one runs first although the schedule alone would not ask for it.
     h.since.jobs = 0;
     admin.offline = None;
-    h.tick(&mut jobs, &mut admin);
+    h.tick(&mut jobs, &mut admin, false);
     assert!(jobs.health_check_pending(), "back online: one runs first");
 }
 
@@ -232,9 +236,9 @@ async fn a_passing_health_check_restarts_the_schedule_which_survives_a_restart()
     let sinks = sinks();
     let mut admin = FakeAdmin::default();
     let mut h = HealthJobs::new(&cfg, &jobs, false).unwrap();
-    h.tick(&mut jobs, &mut admin);
+    h.tick(&mut jobs, &mut admin, false);
     run_one(&mut jobs, &sinks).await;
-    h.tick(&mut jobs, &mut admin);
+    h.tick(&mut jobs, &mut admin, false);
     assert!(admin.offline.is_none());
     assert_eq!(jobs.queue_len(), 0, "not due again");
     let last = h.since.last_ms.expect("it counted");
@@ -246,7 +250,7 @@ async fn a_passing_health_check_restarts_the_schedule_which_survives_a_restart()
     let (cfg, mut jobs) = runner(d.path(), "echo fine\n", "every = \"6h\"\n");
     let mut h = HealthJobs::new(&cfg, &jobs, false).unwrap();
     assert_eq!(h.since.last_ms, Some(last));
-    h.tick(&mut jobs, &mut admin);
+    h.tick(&mut jobs, &mut admin, false);
     assert_eq!(jobs.queue_len(), 0);
 }
 
@@ -259,9 +263,54 @@ fn a_sut_offline_at_start_runs_one_when_put_online() {
     };
     let mut h = HealthJobs::new(&cfg, &jobs, true).unwrap();
     h.since = since(now_ms(), 0);
-    h.tick(&mut jobs, &mut admin);
+    h.tick(&mut jobs, &mut admin, false);
     assert_eq!(jobs.queue_len(), 0);
     admin.offline = None;
-    h.tick(&mut jobs, &mut admin);
+    h.tick(&mut jobs, &mut admin, false);
+    assert!(jobs.health_check_pending());
+}
+
+/// Taken offline and online again while a health check runs: that health check counts as the
+/// one that runs first, so no second one is queued right after it.
+#[tokio::test]
+async fn offline_and_online_during_a_health_check_do_not_queue_a_second_one() {
+    let d = tempfile::tempdir().unwrap();
+    let (cfg, mut jobs) = runner(d.path(), "sleep 0.3\n", "after_jobs = 5\n");
+    let sinks = sinks();
+    let mut admin = FakeAdmin::default();
+    let mut h = HealthJobs::new(&cfg, &jobs, false).unwrap();
+    h.tick(&mut jobs, &mut admin, false);
+    assert!(jobs.health_check_pending());
+    jobs.start_next(&sinks);
+    assert!(jobs.running().is_some());
+    admin.offline = Some(("usb".into(), "al".into()));
+    h.tick(&mut jobs, &mut admin, false);
+    admin.offline = None;
+    h.tick(&mut jobs, &mut admin, false);
+    let exit = tokio::time::timeout(Duration::from_secs(10), jobs.wait())
+        .await
+        .expect("the job ends");
+    jobs.on_exit(exit).await;
+    h.tick(&mut jobs, &mut admin, false);
+    assert_eq!(jobs.history().last().unwrap().state, JobState::Passed);
+    assert_eq!(jobs.queue_len(), 0, "no second health check");
+    assert!(!jobs.health_check_pending());
+}
+
+/// While the device is busy with its own work or drained, a health check that is due waits; it
+/// is queued once the device is free.
+#[test]
+fn a_busy_or_drained_device_gets_no_health_check_until_free() {
+    let d = tempfile::tempdir().unwrap();
+    let (cfg, mut jobs) = runner(d.path(), "true\n", "after_jobs = 5\n");
+    let mut admin = FakeAdmin::default();
+    let mut h = HealthJobs::new(&cfg, &jobs, false).unwrap();
+    h.tick(&mut jobs, &mut admin, true);
+    assert_eq!(
+        jobs.queue_len(),
+        0,
+        "due (none ever ran) but the device is busy"
+    );
+    h.tick(&mut jobs, &mut admin, false);
     assert!(jobs.health_check_pending());
 }

@@ -5,12 +5,14 @@
 //! exits 0 when a phase failed) writes `{"verdict": "passed"|"failed", "reason": "..."}` there,
 //! and that verdict decides, whatever the exit code (both ways: `failed` with exit 0 ends
 //! `failed`, `passed` with exit 1 ends `passed`); the exit code or signal is still reported.
-//! A result file that cannot be read or is not such an object ends the job `failed`, with a
-//! reason naming the file and the problem. Without a result file the exit code decides.
+//! A result file that cannot be read, is not a regular file (a FIFO, a symlink: never opened in
+//! a way that could block the agent's loop) or is not such an object ends the job `failed`,
+//! with a reason naming the file and the problem. Without a result file the exit code decides.
 //! Cancel and the time limits decide before any of it: a job labvisor ended is `cancelled` or
 //! `timeout`, and the result file's reason, if any, is added to that reason.
 
 use std::io::Read;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use labvisor_protocol::payloads::JobState;
@@ -63,6 +65,14 @@ pub enum VerdictError {
         #[source]
         source: std::io::Error,
     },
+    /// It is not a regular file (a FIFO, a symlink, a directory...): not read.
+    #[error("the job's result file {path} is not a regular file ({kind}); it is not read")]
+    NotRegular {
+        /// The file.
+        path: PathBuf,
+        /// What it is.
+        kind: String,
+    },
     /// It is too large.
     #[error("the job's result file {path} is larger than {MAX_RESULT_BYTES} bytes")]
     TooLarge {
@@ -83,17 +93,43 @@ pub enum VerdictError {
     },
 }
 
-/// Reads the result file `path`: `Ok(None)` when there is none.
+/// Reads the result file `path`: `Ok(None)` when there is none. The job controls the file, and
+/// the agent's loop reads it, so only a regular file is read: a FIFO (an open would wait for a
+/// writer forever), a symlink (it could point anywhere), a device or a directory is refused,
+/// and the open itself neither follows a symlink nor blocks (`O_NOFOLLOW | O_NONBLOCK`), in
+/// case the file was swapped after the check.
 pub fn read(path: &Path) -> Result<Option<Verdict>, VerdictError> {
     let err = |source| VerdictError::Read {
         path: path.to_owned(),
         source,
     };
-    let file = match std::fs::File::open(path) {
+    let not_regular = |kind: &str| VerdictError::NotRegular {
+        path: path.to_owned(),
+        kind: kind.to_owned(),
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => {}
+        Ok(m) => return Err(not_regular(kind(&m.file_type()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(err(e)),
+    }
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(path)
+    {
         Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return Err(not_regular("a symlink"))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(err(e)),
     };
+    let ft = file.metadata().map_err(err)?.file_type();
+    if !ft.is_file() {
+        return Err(not_regular(kind(&ft)));
+    }
     let mut bytes = Vec::new();
     file.take(MAX_RESULT_BYTES + 1)
         .read_to_end(&mut bytes)
@@ -104,6 +140,23 @@ pub fn read(path: &Path) -> Result<Option<Verdict>, VerdictError> {
         });
     }
     parse(path, &bytes).map(Some)
+}
+
+/// What a file that is not a regular file is.
+fn kind(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_symlink() {
+        "a symlink"
+    } else if ft.is_dir() {
+        "a directory"
+    } else if ft.is_fifo() {
+        "a FIFO"
+    } else if ft.is_socket() {
+        "a socket"
+    } else if ft.is_block_device() || ft.is_char_device() {
+        "a device"
+    } else {
+        "not a file"
+    }
 }
 
 /// Parses a result file's contents (`path` is for the error).
@@ -227,12 +280,57 @@ mod tests {
         std::fs::write(&f, vec![b' '; MAX_RESULT_BYTES as usize + 1]).unwrap();
         let e = read(&f).unwrap_err().to_string();
         assert!(e.contains("larger than 65536 bytes"), "{e}");
-        // A directory where the file should be: read fails, naming it.
+        // A directory where the file should be: not read, naming it.
         std::fs::remove_file(&f).unwrap();
         std::fs::create_dir(&f).unwrap();
         let e = read(&f).unwrap_err().to_string();
-        assert!(e.starts_with("cannot read the job's result file"), "{e}");
+        assert!(e.contains("is not a regular file (a directory)"), "{e}");
         assert!(e.contains(RESULT_FILE), "{e}");
+    }
+
+    /// Reads `path` on a thread; `None` when it did not return within 5 s (it hangs).
+    fn read_in_time(path: &Path) -> Option<Result<Option<Verdict>, VerdictError>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = path.to_owned();
+        std::thread::spawn(move || {
+            let _ = tx.send(read(&path));
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5)).ok()
+    }
+
+    /// A FIFO (which would block an open for reading until a writer comes) and a symlink (to a
+    /// FIFO, or to a file outside the job's directory) are refused at once, naming the file.
+    #[test]
+    fn a_fifo_or_a_symlink_is_not_read_and_does_not_hang() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join(RESULT_FILE);
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = read_in_time(&fifo).expect("no hang on a FIFO").unwrap_err();
+        let e = e.to_string();
+        assert!(
+            e.contains("not a regular file") && e.contains(RESULT_FILE),
+            "{e}"
+        );
+
+        let real = d.path().join("elsewhere.json");
+        std::fs::write(&real, r#"{"verdict":"passed"}"#).unwrap();
+        let link = d.path().join("link.json");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = read_in_time(&link)
+            .expect("in time")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("not a regular file") && e.contains("link.json"),
+            "{e}"
+        );
+        let to_fifo = d.path().join("to-fifo.json");
+        std::os::unix::fs::symlink(&fifo, &to_fifo).unwrap();
+        let e = read_in_time(&to_fifo)
+            .expect("no hang")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     #[test]
