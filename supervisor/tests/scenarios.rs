@@ -659,3 +659,76 @@ async fn a_rolling_restart_goes_round_a_busy_agent() {
     assert_eq!(sup.rt.containers().len(), 3);
     sup.stop().await;
 }
+
+/// Sends a rolling restart request for `suts`.
+async fn request_restart(sup: &Sup, id: &str, suts: &[&str]) {
+    sup.restarts
+        .send(RestartRequest {
+            v: 1,
+            id: id.into(),
+            suts: suts.iter().map(|s| SutName::new(s).unwrap()).collect(),
+            all: false,
+            when_idle: true,
+        })
+        .await
+        .unwrap();
+}
+
+/// A rolling restart's recreation that fails after the stop (here the remove) starts the
+/// container again: it keeps its config hash, so left exited it would pass for a person's stop
+/// and stay down for good.
+#[tokio::test(start_paused = true)]
+async fn a_failed_restart_after_the_stop_starts_the_container_again() {
+    let sup = Sup::start(&[("a.toml", SUT)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    settle().await;
+    sup.rt.fail_remove(&id, true);
+    request_restart(&sup, "r1", &["a"]).await;
+    until("the restart failed", || {
+        sup.restart_status
+            .borrow()
+            .as_ref()
+            .is_some_and(|st| st.state == RestartState::Failed)
+    })
+    .await;
+    assert_eq!(sup.count(&FakeCall::Stop(id.clone())), 1);
+    settle().await;
+    let c = sup
+        .rt
+        .containers()
+        .into_iter()
+        .find(|c| c.id == id)
+        .unwrap();
+    assert_eq!(c.state, RunState::Running, "{:?}", sup.rt.calls());
+    assert_eq!(sup.count(&FakeCall::Start(id.clone())), 1);
+    let view = sup.view("a").unwrap();
+    assert!(view.stopped_by_person.is_none(), "{view:?}");
+
+    // Again, and starting it again fails too: the loop remembers that it stopped the
+    // container itself and starts it (retrying) instead of leaving it as a person's stop.
+    sup.rt.fail_start(&id, true);
+    request_restart(&sup, "r2", &["a"]).await;
+    until("the second restart failed", || {
+        sup.restart_status
+            .borrow()
+            .as_ref()
+            .is_some_and(|st| st.id == "r2" && st.state == RestartState::Failed)
+    })
+    .await;
+    until("a start retried", || {
+        sup.count(&FakeCall::Start(id.clone())) >= 3
+    })
+    .await;
+    let view = sup.view("a").unwrap();
+    assert!(view.stopped_by_person.is_none(), "{view:?}");
+    sup.rt.fail_start(&id, false);
+    until("running again", || {
+        sup.rt
+            .containers()
+            .iter()
+            .any(|c| c.id == id && c.state == RunState::Running)
+    })
+    .await;
+    sup.stop().await;
+}

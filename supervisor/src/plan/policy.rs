@@ -284,6 +284,10 @@ pub struct SutState {
     /// The container whose agent was asked to drain its device process (a deferral waits for
     /// the device's own work); the request is lifted if the deferral ends without the action.
     pub drained: Option<String>,
+    /// The container this supervisor stopped for a rolling restart's recreation that then
+    /// failed: exited with the wanted hash, it is started again rather than taken for a
+    /// person's stop. Forgotten once it is not exited (or gone).
+    pub stopped_itself: Option<String>,
     /// Healing.
     pub heal: Heal,
     /// The view last published on `<sut>/supervisor`.

@@ -49,6 +49,8 @@ struct FakeState {
     volumes: Vec<String>,
     calls: Vec<FakeCall>,
     fail_create: Vec<String>,
+    fail_remove: Vec<String>,
+    fail_start: Vec<String>,
     absent: Vec<String>,
     unpullable: Vec<String>,
     built: BTreeMap<String, String>,
@@ -110,6 +112,16 @@ impl FakeRuntime {
     /// Makes `create` of `name` fail (or succeed again with `false`).
     pub fn fail_create(&self, name: &str, fail: bool) {
         self.with(|s| set(&mut s.fail_create, name, fail));
+    }
+
+    /// Makes `remove` of the container `id` fail (or succeed again with `false`).
+    pub fn fail_remove(&self, id: &str, fail: bool) {
+        self.with(|s| set(&mut s.fail_remove, id, fail));
+    }
+
+    /// Makes `start` of the container `id` fail (or succeed again with `false`).
+    pub fn fail_start(&self, id: &str, fail: bool) {
+        self.with(|s| set(&mut s.fail_start, id, fail));
     }
 
     /// Makes `image` absent locally (or present again). Images are present unless made absent
@@ -287,6 +299,13 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        if self.with(|s| s.fail_start.iter().any(|f| f == id)) {
+            self.with(|s| s.calls.push(FakeCall::Start(id.to_owned())));
+            return Err(RuntimeError::Api {
+                status: 500,
+                message: format!("fake failure starting {id}"),
+            });
+        }
         self.act(id, FakeCall::Start, |c| c.state = RunState::Running)
     }
 
@@ -301,9 +320,15 @@ impl ContainerRuntime for FakeRuntime {
         self.up()?;
         self.with(|s| {
             s.calls.push(FakeCall::Remove(id.to_owned()));
+            if s.fail_remove.iter().any(|f| f == id) {
+                return Err(RuntimeError::Api {
+                    status: 500,
+                    message: format!("fake failure removing {id}"),
+                });
+            }
             s.containers.retain(|c| c.id != id);
-        });
-        Ok(())
+            Ok(())
+        })
     }
 
     async fn restart(&self, id: &str, _timeout: Duration) -> Result<(), RuntimeError> {

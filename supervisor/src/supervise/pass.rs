@@ -176,8 +176,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             });
         }
         self.rolling_choose(&actual, &desired);
-        let mut actions = plan(&desired, &actual, &invalid);
-        self.rolling_action(&actual, &desired, &mut actions);
+        let mut actions = self.plan_all(&desired, &actual, &invalid);
         let mut work = self.device_work.clone();
         let ask = classify::to_ask(&actual, &actions);
         if !ask.is_empty() {
@@ -194,8 +193,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 debug!(container = %id, broker_view = ?broker_view, "The agent's own answer differs from the broker's view.");
             }
             if !changed.is_empty() {
-                actions = plan(&desired, &actual, &invalid);
-                self.rolling_action(&actual, &desired, &mut actions);
+                actions = self.plan_all(&desired, &actual, &invalid);
             }
         }
         Planned {
@@ -206,6 +204,33 @@ impl<R: ContainerRuntime> Reconciler<R> {
             actions,
             work,
         }
+    }
+
+    /// The plan, the rolling restart's recreation, and the start of a container the supervisor
+    /// stopped itself in a recreation that failed ([`crate::plan::policy::SutState::stopped_itself`]): exited with
+    /// the wanted hash, the plan alone would take it for a person's stop.
+    fn plan_all(
+        &self,
+        desired: &BTreeMap<SutName, Desired>,
+        actual: &[Actual],
+        invalid: &BTreeSet<SutName>,
+    ) -> Vec<Action> {
+        let mut actions = plan(desired, actual, invalid);
+        self.rolling_action(actual, desired, &mut actions);
+        for (sut, st) in &self.suts {
+            let Some(id) = &st.stopped_itself else {
+                continue;
+            };
+            let exited = primary(actual, desired, sut)
+                .is_some_and(|a| &a.id == id && a.state == RunState::Exited);
+            if exited && !actions.iter().any(|a| a.sut() == sut) {
+                actions.push(Action::Start {
+                    sut: sut.clone(),
+                    id: id.clone(),
+                });
+            }
+        }
+        actions
     }
 
     /// Bookkeeping that is not an action: deferrals, conflicts, healthy windows. Returns the
@@ -263,8 +288,13 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     error!(container = %id, "A container not managed by this supervisor holds the name {name}; leaving it alone.");
                 }
             }
-            let health = primary(&p.actual, &p.desired, sut).map(|a| a.health);
-            st.heal.observe(health, now);
+            let own = primary(&p.actual, &p.desired, sut);
+            if own.is_none_or(|a| {
+                Some(&a.id) != st.stopped_itself.as_ref() || a.state != RunState::Exited
+            }) {
+                st.stopped_itself = None;
+            }
+            st.heal.observe(own.map(|a| a.health), now);
         }
         known
     }

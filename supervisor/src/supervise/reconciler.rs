@@ -28,7 +28,7 @@ use super::watchers::{docker_events, DirWatch};
 use super::{Hooks, Settings, SuperviseError, BUSY_PASS_INTERVAL, DEBOUNCE, EVENT_DELAY};
 use crate::metrics::{self, Metrics};
 use crate::plan::policy::SutState;
-use crate::plan::Action;
+use crate::plan::{Action, RecreateReason};
 use crate::runtime::ContainerRuntime;
 
 /// The loop's state.
@@ -479,6 +479,14 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 }
             }
             Some(delay) => {
+                if let Action::Recreate {
+                    id,
+                    reason: RecreateReason::Requested,
+                    ..
+                } = &done.action
+                {
+                    st.stopped_itself = Some(id.clone());
+                }
                 self.rolling_done(&done.action, failed.as_deref());
                 self.metrics.on_error(&done.sut);
                 if let Err(error) = &done.result {
