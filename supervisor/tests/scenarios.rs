@@ -732,3 +732,54 @@ async fn a_failed_restart_after_the_stop_starts_the_container_again() {
     .await;
     sup.stop().await;
 }
+
+/// A rolling restart of two SUTs whose devices both work on their own: the turn goes back and
+/// forth between the two deferred recreations, and each SUT drained stays drained (no lift
+/// while it is still to be restarted); each one's busy wait runs from its first deferral, so
+/// both are recreated within `--busy-wait` (and a resync) although the work never ends.
+#[tokio::test(start_paused = true)]
+async fn a_rolling_restart_of_two_working_devices_drains_both_and_ends_within_the_busy_wait() {
+    let busy_wait = Duration::from_secs(120);
+    let sup = Sup::start_with(&[("a.toml", SUT), ("b.toml", SUT)], |s| {
+        s.busy_wait = busy_wait
+    });
+    until("both created", || {
+        sup.id("p-a").is_some() && sup.id("p-b").is_some()
+    })
+    .await;
+    settle().await;
+    let old = [sup.id("p-a").unwrap(), sup.id("p-b").unwrap()];
+    for id in &old {
+        sup.rt
+            .set_device_work(id, Some("/tmp/testflinger/run/j/testflinger.json"));
+    }
+    let asked = Instant::now();
+    request_restart(&sup, "r1", &["a", "b"]).await;
+    until("both drained", || {
+        old.iter()
+            .all(|id| sup.count(&FakeCall::AgentDrain(id.clone(), false)) > 0)
+    })
+    .await;
+    let done = until("the restart done", || {
+        sup.restart_status
+            .borrow()
+            .as_ref()
+            .is_some_and(|st| st.state == RestartState::Done)
+    })
+    .await;
+    assert!(
+        done - asked <= busy_wait + Duration::from_secs(31),
+        "took {:?}",
+        done - asked
+    );
+    for id in &old {
+        assert_eq!(
+            sup.count(&FakeCall::AgentDrain(id.clone(), true)),
+            0,
+            "{:?}",
+            sup.rt.calls()
+        );
+        assert_eq!(sup.count(&FakeCall::Stop(id.clone())), 1);
+    }
+    sup.stop().await;
+}

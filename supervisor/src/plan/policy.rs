@@ -257,6 +257,11 @@ impl Deferral {
         }
     }
 
+    /// When the wait that runs runs out, if one runs.
+    pub fn until(&self, busy_wait: Duration) -> Option<Instant> {
+        self.since.map(|t| t + busy_wait)
+    }
+
     /// The plan deferred nothing. While an expired wait's action is still due (`acting`), the
     /// start of the wait is kept.
     pub fn not_waiting(&mut self, acting: bool) {

@@ -259,6 +259,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .cloned()
             .collect();
         let busy_wait = self.settings.busy_wait;
+        let rolling = self.rolling.as_ref();
+        let rolling_waits = |sut: &SutName| rolling.is_some_and(|r| r.waits_for(sut));
         for sut in &known {
             let _span = info_span!("sut", sut = %sut).entered();
             let st = self.suts.entry(sut.clone()).or_default();
@@ -273,6 +275,14 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     debug!(action = %action, "Deferred while the agent is busy.");
                     // Re-plan when the wait runs out.
                     self.timers.wake_at(w.until);
+                }
+                // Deferred by the rolling restart, whose turn is elsewhere now: the wait
+                // goes on (its pending text is the restart's).
+                _ if rolling_waits(sut) => {
+                    st.pending = None;
+                    if let Some(until) = st.deferral.until(busy_wait) {
+                        self.timers.wake_at(until);
+                    }
                 }
                 _ => {
                     st.deferral.not_waiting(acting.contains(sut));
@@ -306,10 +316,17 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// lifted and the device process runs again.
     async fn drain(&mut self, p: &Planned) {
         let mut requests = Vec::new();
-        let mut waiting = BTreeSet::new();
+        // A SUT still to be restarted by the rolling restart waits too, also while the turn
+        // is elsewhere.
+        let mut waiting: BTreeSet<SutName> = self
+            .suts
+            .keys()
+            .filter(|s| self.rolling.as_ref().is_some_and(|r| r.waits_for(s)))
+            .cloned()
+            .collect();
         for a in &p.actions {
             if let Action::Defer { sut, id, .. } = a {
-                waiting.insert(sut);
+                waiting.insert(sut.clone());
                 if p.work.contains_key(sut) {
                     requests.push(DrainRequest {
                         id: id.clone(),
