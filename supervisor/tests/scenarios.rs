@@ -783,3 +783,39 @@ async fn a_rolling_restart_of_two_working_devices_drains_both_and_ends_within_th
     }
     sup.stop().await;
 }
+
+/// A drain left by an earlier run of the supervisor (it restarted while a recreation waited
+/// for the device's own work, then the file was reverted) is lifted: the new run asks the
+/// agent once, on first sight, whether it is drained, and nothing waits for the device.
+#[tokio::test(start_paused = true)]
+async fn a_drain_left_by_a_restarted_supervisor_is_lifted() {
+    let file = "image = \"img\"\ncommand = [\"device\"]\n[device]\nbusy_glob = [\"/tmp/w/*\"]\ndrain_signal = \"SIGUSR1\"\n";
+    let sup = Sup::start(&[("a.toml", file)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    settle().await;
+    sup.rt.set_device_work(&id, Some("/tmp/w/j1"));
+    let drain = FakeCall::AgentDrain(id.clone(), false);
+    let lift = FakeCall::AgentDrain(id.clone(), true);
+    sup.write("a.toml", &format!("{file}[env]\nX = \"1\"\n"));
+    until("the drain asked", || sup.count(&drain) > 0).await;
+
+    // The supervisor restarts; meanwhile the file is reverted and the work ends.
+    let sup = sup.restart().await;
+    std::fs::write(sup.dir.path().join("a.toml"), file).unwrap();
+    sup.rt.set_device_work(&id, None);
+    sup.nudge();
+    until("the drain lifted", || sup.count(&lift) == 1).await;
+    settle().await;
+    assert_eq!(sup.id("p-a").as_deref(), Some(id.as_str()), "kept");
+    assert_eq!(sup.count(&FakeCall::Stop(id.clone())), 0);
+    // Asked once: more passes ask no more.
+    let asks = sup.count(&FakeCall::AgentBusy(id.clone()));
+    for _ in 0..3 {
+        sup.nudge();
+        idle(DEBOUNCE * 2).await;
+    }
+    assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), asks);
+    assert_eq!(sup.count(&lift), 1);
+    sup.stop().await;
+}

@@ -1,6 +1,7 @@
 //! An in-memory container engine for tests of the reconcile loop: containers are created
 //! running and healthy, every call is recorded ([`FakeCall`]), and failures (an engine down, a
-//! failed create, pull or build, a busy agent) are set by hand.
+//! failed create, pull, build, remove or start, a busy agent) are set by hand. An agent asked
+//! to drain says so (`draining`) until the drain is lifted.
 //!
 //! Compiled only for the crate's unit tests and under the `fake-runtime` feature (which the
 //! supervisor's own integration tests enable through a dev-dependency on the crate itself):
@@ -57,6 +58,7 @@ struct FakeState {
     fail_build: Vec<String>,
     busy: Vec<String>,
     device_work: BTreeMap<String, String>,
+    draining: Vec<String>,
     create_delay: BTreeMap<String, Duration>,
     lists: u64,
     down: bool,
@@ -356,6 +358,7 @@ impl ContainerRuntime for FakeRuntime {
             AgentAnswer {
                 busy: s.busy.iter().any(|b| b == id) || device_work.is_some(),
                 device_work,
+                draining: s.draining.iter().any(|d| d == id),
             }
         }))
     }
@@ -363,7 +366,11 @@ impl ContainerRuntime for FakeRuntime {
     async fn agent_drain(&self, id: &str, lift: bool) -> Result<(), RuntimeError> {
         self.up()?;
         self.exists(id)?;
-        self.with(|s| s.calls.push(FakeCall::AgentDrain(id.to_owned(), lift)));
+        self.with(|s| {
+            s.calls.push(FakeCall::AgentDrain(id.to_owned(), lift));
+            // The agent keeps the request until it is lifted (in the container's tmpfs).
+            set(&mut s.draining, id, !lift);
+        });
         Ok(())
     }
 

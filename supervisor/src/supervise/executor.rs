@@ -167,6 +167,7 @@ impl<R: ContainerRuntime> Executor<R> {
                         id,
                         sut,
                         busy: answer.as_ref().map(|a| a.busy),
+                        draining: answer.as_ref().is_some_and(|a| a.draining),
                         device_work: answer.and_then(|a| a.device_work),
                     }
                 }

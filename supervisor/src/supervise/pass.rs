@@ -46,6 +46,9 @@ struct Planned {
     actions: Vec<Action>,
     /// The device's own work per SUT: the broker's view, over which the agents' own answers go.
     work: BTreeMap<SutName, String>,
+    /// The SUTs whose device process is drained: the broker's view, over which the agents' own
+    /// answers go.
+    draining: BTreeSet<SutName>,
 }
 
 impl<R: ContainerRuntime> Reconciler<R> {
@@ -178,7 +181,10 @@ impl<R: ContainerRuntime> Reconciler<R> {
         self.rolling_choose(&actual, &desired);
         let mut actions = self.plan_all(&desired, &actual, &invalid);
         let mut work = self.device_work.clone();
+        let mut draining = self.draining.clone();
         let ask = classify::to_ask(&actual, &actions);
+        self.check_drains(&scan, &actual, &desired, &ask, &mut draining)
+            .await;
         if !ask.is_empty() {
             let answers = self.exec.ask_agents(ask).await;
             for answer in answers.iter().filter(|a| a.busy.is_some()) {
@@ -186,6 +192,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     Some(w) => work.insert(answer.sut.clone(), w.clone()),
                     None => work.remove(&answer.sut),
                 };
+                if answer.draining {
+                    draining.insert(answer.sut.clone());
+                } else {
+                    draining.remove(&answer.sut);
+                }
             }
             let changed =
                 classify::apply_answers(&mut actual, answers, |sut| self.busy(sut, now, true));
@@ -203,6 +214,47 @@ impl<R: ContainerRuntime> Reconciler<R> {
             actual,
             actions,
             work,
+            draining,
+        }
+    }
+
+    /// Asks once, on first sight, the agent of each running container whose SUT can drain its
+    /// device process (`device.drain_signal`) whether it is drained: a supervisor keeps its
+    /// drains in memory, so one that restarted meanwhile would never lift a drain an earlier run
+    /// left (the agent keeps it until lifted). Containers in `ask` are asked anyway. Notes the
+    /// answers in `draining`.
+    async fn check_drains(
+        &mut self,
+        scan: &Scan,
+        actual: &[Actual],
+        desired: &BTreeMap<SutName, Desired>,
+        ask: &[(String, SutName)],
+        draining: &mut BTreeSet<SutName>,
+    ) {
+        let check: Vec<(String, SutName)> = scan
+            .valid
+            .iter()
+            .filter(|(_, cfg)| cfg.device.drain_signal.is_some())
+            .filter_map(|(sut, _)| primary(actual, desired, sut))
+            .filter(|a| a.state == RunState::Running && !ask.iter().any(|(id, _)| *id == a.id))
+            .filter(|a| {
+                self.suts.get(&a.sut).is_none_or(|st| {
+                    st.drained.is_none() && st.drain_checked.as_ref() != Some(&a.id)
+                })
+            })
+            .map(|a| (a.id.clone(), a.sut.clone()))
+            .collect();
+        if check.is_empty() {
+            return;
+        }
+        for answer in self.exec.ask_agents(check).await {
+            if answer.busy.is_none() {
+                continue;
+            }
+            if answer.draining {
+                draining.insert(answer.sut.clone());
+            }
+            self.suts.entry(answer.sut).or_default().drain_checked = Some(answer.id);
         }
     }
 
@@ -342,6 +394,14 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .filter(|a| a.mutates())
             .map(Action::sut)
             .collect();
+        // A drain the agent reports that this run did not ask for (an earlier run did, then
+        // restarted): lifted below like any drain nothing needs.
+        for sut in p.draining.iter().filter(|s| !waiting.contains(*s)) {
+            let st = self.suts.entry(sut.clone()).or_default();
+            if st.drained.is_none() {
+                st.drained = primary(&p.actual, &p.desired, sut).map(|a| a.id.clone());
+            }
+        }
         for (sut, st) in &mut self.suts {
             let Some(id) = st.drained.clone().filter(|_| !waiting.contains(sut)) else {
                 continue;
@@ -369,6 +429,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
             if done.lift {
                 info!(container = %done.id, "Nothing waits for the device any more: lifted the drain, its process runs again.");
                 st.drained = None;
+                // The broker's view says so until the agent reports again.
+                self.draining.remove(&done.sut);
             } else if st.drained.as_deref() != Some(done.id.as_str()) {
                 info!(container = %done.id, "A disruption waits for the device's own work: asked the agent to drain its device process.");
                 st.drained = Some(done.id);
