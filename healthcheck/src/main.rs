@@ -32,10 +32,10 @@
 //! `--state` prints, for a fresh heartbeat in a healthy state, `state=<state>` (e.g.
 //! `state=busy`) instead of the human line, and a second line `device_work=<what>` when the
 //! device process is busy with work of its own (`device.busy_glob` matched), and a line
-//! `draining=true` while the device process is drained (`labvisor-agent drain`): the supervisor runs
-//! it with `docker exec` before recreating or removing a container, to learn whether a job runs,
-//! and what it waits for, without asking the broker (and, after a restart of its own, whether a
-//! drain is left that nothing needs any more).
+//! `draining=true` while the device process is drained (`labvisor-agent drain`): the
+//! supervisor runs it with `docker exec` before recreating or removing a container, to learn
+//! whether a job runs, and what it waits for, without asking the broker (and, after a restart
+//! of its own, whether a drain is left that nothing needs any more).
 //! A failing exec probe does not change that answer: the agent's loop is alive and its job
 //! (if any) is real work to wait for.
 //!

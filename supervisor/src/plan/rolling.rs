@@ -132,11 +132,24 @@ impl Rolling {
         !self.status.state.is_final()
     }
 
-    /// Whether `sut` is still to be restarted and waits for its turn (again): a SUT whose
-    /// recreation was deferred keeps waiting while the turn is elsewhere, so its busy wait
-    /// runs on and its drained device stays drained.
-    pub fn waits_for(&self, sut: &SutName) -> bool {
-        self.is_running() && self.order.iter().any(|i| self.status.suts[*i].sut == *sut)
+    /// Whether `sut` waits for its turn again: its recreation was deferred and its container
+    /// is still the one the restart is to replace. It keeps waiting while the turn is
+    /// elsewhere, so its busy wait runs on and its drained device stays drained. (A container
+    /// replaced meanwhile, e.g. by a config change, starts a wait of its own at its turn.)
+    pub fn waits_for(
+        &self,
+        sut: &SutName,
+        actual: &[Actual],
+        desired: &BTreeMap<SutName, Desired>,
+    ) -> bool {
+        let Some(now) = primary(actual, desired, sut) else {
+            return false;
+        };
+        self.is_running()
+            && self.order.iter().any(|i| {
+                let s = &self.status.suts[*i];
+                s.sut == *sut && s.old_container.as_deref() == Some(now.id.as_str())
+            })
     }
 
     /// The SUT whose turn it is.
@@ -531,12 +544,15 @@ mod tests {
             pass(&mut r, &world, &d),
             Some(Action::Defer { .. })
         ));
-        assert!(r.waits_for(&sut("a")), "deferred, back in the queue");
+        assert!(
+            r.waits_for(&sut("a"), &world, &d),
+            "deferred, back in the queue"
+        );
         // b's turn: a still waits.
         r.choose(&world, &d);
         assert_eq!(r.turn(), Some(&sut("b")));
-        assert!(r.waits_for(&sut("a")));
-        assert!(!r.waits_for(&sut("b")), "its turn");
+        assert!(r.waits_for(&sut("a"), &world, &d));
+        assert!(!r.waits_for(&sut("b"), &world, &d), "its turn");
         let action = r.action(&world, &d, &[]).unwrap();
         r.observe(&world, &d, &[action], |_| false);
         // b's busy wait ran out: b goes before a, the first in the queue.
@@ -546,8 +562,11 @@ mod tests {
             matches!(&action, Some(Action::Recreate { sut: s, .. }) if *s == sut("b")),
             "{action:?}"
         );
-        assert!(!r.waits_for(&sut("b")));
-        assert!(r.waits_for(&sut("a")));
+        assert!(!r.waits_for(&sut("b"), &world, &d));
+        assert!(r.waits_for(&sut("a"), &world, &d));
+        // a's container replaced meanwhile (a config change): its wait is over.
+        world[0] = running("a", "a9");
+        assert!(!r.waits_for(&sut("a"), &world, &d));
     }
 
     #[test]

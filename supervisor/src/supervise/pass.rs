@@ -222,7 +222,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// device process (`device.drain_signal`) whether it is drained: a supervisor keeps its
     /// drains in memory, so one that restarted meanwhile would never lift a drain an earlier run
     /// left (the agent keeps it until lifted). Containers in `ask` are asked anyway. Notes the
-    /// answers in `draining`.
+    /// drained ones in `draining`.
     async fn check_drains(
         &mut self,
         scan: &Scan,
@@ -247,10 +247,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
         if check.is_empty() {
             return;
         }
+        // Once per container, answered or not (an agent that cannot answer, e.g. of an older
+        // version, is not asked on every pass; the broker's view still counts).
         for answer in self.exec.ask_agents(check).await {
-            if answer.busy.is_none() {
-                continue;
-            }
             if answer.draining {
                 draining.insert(answer.sut.clone());
             }
@@ -259,8 +258,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
     }
 
     /// The plan, the rolling restart's recreation, and the start of a container the supervisor
-    /// stopped itself in a recreation that failed ([`crate::plan::policy::SutState::stopped_itself`]): exited with
-    /// the wanted hash, the plan alone would take it for a person's stop.
+    /// stopped itself in a recreation that failed
+    /// ([`crate::plan::policy::SutState::stopped_itself`]): exited with the wanted hash, the
+    /// plan alone would take it for a person's stop.
     fn plan_all(
         &self,
         desired: &BTreeMap<SutName, Desired>,
@@ -312,7 +312,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .collect();
         let busy_wait = self.settings.busy_wait;
         let rolling = self.rolling.as_ref();
-        let rolling_waits = |sut: &SutName| rolling.is_some_and(|r| r.waits_for(sut));
+        let rolling_waits =
+            |sut: &SutName| rolling.is_some_and(|r| r.waits_for(sut, &p.actual, &p.desired));
         for sut in &known {
             let _span = info_span!("sut", sut = %sut).entered();
             let st = self.suts.entry(sut.clone()).or_default();
@@ -373,7 +374,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let mut waiting: BTreeSet<SutName> = self
             .suts
             .keys()
-            .filter(|s| self.rolling.as_ref().is_some_and(|r| r.waits_for(s)))
+            .filter(|s| {
+                self.rolling
+                    .as_ref()
+                    .is_some_and(|r| r.waits_for(s, &p.actual, &p.desired))
+            })
             .cloned()
             .collect();
         for a in &p.actions {
