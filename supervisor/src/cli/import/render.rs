@@ -96,7 +96,34 @@ pub(super) fn render(r: &RenderInput<'_>) -> String {
     if let Some(dir) = r.log_dir {
         top.insert("probe", Item::Table(probe(dir)));
     }
+    top.insert("device", Item::Table(device(r.basedir)));
     doc.to_string()
+}
+
+/// The `[device]` table: a job the agent took from its own server is busy (a recreation or
+/// removal waits for it), and testflinger's safe restart drains it (as the example's).
+fn device(basedir: &str) -> Table {
+    let mut device = Table::new();
+    device.decor_mut().set_prefix("\n");
+    let job_file = if basedir == "/" {
+        "/*/testflinger.json".to_owned()
+    } else {
+        format!("{basedir}/*/testflinger.json")
+    };
+    put(
+        &mut device,
+        "busy_glob",
+        array([job_file.as_str()]),
+        "# testflinger keeps <execution_basedir>/<job_id>/testflinger.json while it runs a job\n\
+         # from its own server: a recreation or removal waits for that job.",
+    );
+    put(
+        &mut device,
+        "drain_signal",
+        value("SIGUSR1"),
+        "# testflinger's safe restart: exit after the current job, so no new one is taken.",
+    );
+    device
 }
 
 /// The `[probe]` table: the exec probe that finds an agent the server refuses or cannot reach
