@@ -169,7 +169,8 @@ impl Reporter {
                     .and_then(|f| f.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             )
             .with_admin(self.admin.clone())
-            .with_device_work(self.device_work.clone());
+            .with_device_work(self.device_work.clone())
+            .with_draining(self.drain_detail.is_some());
         self.seq += 1;
         self.write_heartbeat(&status);
         if let Some(link) = &self.link {

@@ -31,9 +31,11 @@
 //!
 //! `--state` prints, for a fresh heartbeat in a healthy state, `state=<state>` (e.g.
 //! `state=busy`) instead of the human line, and a second line `device_work=<what>` when the
-//! device process is busy with work of its own (`device.busy_glob` matched): the supervisor runs
-//! it with `docker exec` before recreating or removing a container, to learn whether a job runs,
-//! and what it waits for, without asking the broker.
+//! device process is busy with work of its own (`device.busy_glob` matched), and a line
+//! `draining=true` while the device process is drained (`labvisor-agent drain`): the
+//! supervisor runs it with `docker exec` before recreating or removing a container, to learn
+//! whether a job runs, and what it waits for, without asking the broker (and, after a restart
+//! of its own, whether a drain is left that nothing needs any more).
 //! A failing exec probe does not change that answer: the agent's loop is alive and its job
 //! (if any) is real work to wait for.
 //!
@@ -148,6 +150,7 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         unhealthy,
         admin,
         device_work,
+        draining,
     } = Reading::read(text);
     let (Some(time_ms), Some(state)) = (time_ms, state) else {
         return Verdict::Unhealthy(format!(
@@ -182,7 +185,7 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
         };
         return Verdict::Unhealthy(format!("agent state is {state}{why}"));
     }
-    let (work, answer) = if device_work.is_empty() {
+    let (work, mut answer) = if device_work.is_empty() {
         (String::new(), format!("state={state}"))
     } else {
         (
@@ -190,6 +193,9 @@ fn judge(text: &str, now_ms: u64, max_age: Option<Duration>, file: &str) -> Verd
             format!("state={state}\ndevice_work={device_work}"),
         )
     };
+    if draining {
+        answer.push_str("\ndraining=true");
+    }
     if !is_healthy_status(state, unhealthy) {
         return Verdict::Failing(unhealthy.trim().to_owned(), answer);
     }
@@ -276,6 +282,7 @@ mod tests {
             unhealthy: "",
             admin: "",
             device_work: "",
+            draining: false,
         }
     }
 
@@ -346,6 +353,16 @@ mod tests {
         assert_eq!(
             report(v, true),
             (format!("state=busy\ndevice_work={work}"), 0)
+        );
+        // Drained: a third line, so a restarted supervisor learns of a drain to lift.
+        let hb = Heartbeat {
+            draining: true,
+            ..hb
+        };
+        let v = judge_status(&hb, Duration::from_secs(30));
+        assert_eq!(
+            report(v, true),
+            (format!("state=busy\ndevice_work={work}\ndraining=true"), 0)
         );
     }
 

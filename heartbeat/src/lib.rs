@@ -38,6 +38,7 @@
 //! unhealthy=
 //! admin=
 //! device_work=
+//! draining=false
 //! ```
 //!
 //! Values are single lines (newlines become spaces). Unknown keys are ignored by readers
@@ -119,6 +120,8 @@ pub struct Heartbeat<'a> {
     pub admin: &'a str,
     /// The device process's own work (what `device.busy_glob` matched), empty when none.
     pub device_work: &'a str,
+    /// Whether the device process is drained until the drain is lifted.
+    pub draining: bool,
 }
 
 impl Heartbeat<'_> {
@@ -129,7 +132,7 @@ impl Heartbeat<'_> {
         }
         let child = self.child.as_ref();
         format!(
-            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nunhealthy={}\nadmin={}\ndevice_work={}\n",
+            "# labvisor heartbeat\nv={}\nsut={}\nstate={}\ntime_ms={}\nseq={}\nboot_id={}\nmax_age_ms={}\nchild_pid={}\nchild_alive={}\nchild_restarts={}\nbroker_connected={}\noutput_dropped={}\njob={}\ndetail={}\nunhealthy={}\nadmin={}\ndevice_work={}\ndraining={}\n",
             self.v,
             self.sut,
             self.state,
@@ -147,6 +150,7 @@ impl Heartbeat<'_> {
             one_line(self.unhealthy),
             one_line(self.admin),
             one_line(self.device_work),
+            self.draining,
         )
     }
 }
@@ -179,6 +183,8 @@ pub struct Reading<'a> {
     pub admin: &'a str,
     /// `device_work` (empty when absent or none).
     pub device_work: &'a str,
+    /// `draining` (`true`; false when absent).
+    pub draining: bool,
 }
 
 impl<'a> Reading<'a> {
@@ -195,6 +201,7 @@ impl<'a> Reading<'a> {
                 "unhealthy" => r.unhealthy = v,
                 "admin" => r.admin = v,
                 "device_work" => r.device_work = v,
+                "draining" => r.draining = v == "true",
                 _ => {}
             }
         }
@@ -241,6 +248,7 @@ mod tests {
             unhealthy: "probe failing: exit 1: 403\nForbidden",
             admin: "offline: flaky\nusb",
             device_work: "/tmp/testflinger/run/j1/testflinger.json",
+            draining: true,
         }
     }
 
@@ -265,7 +273,8 @@ mod tests {
             get("device_work"),
             Some("/tmp/testflinger/run/j1/testflinger.json")
         );
-        assert_eq!(kv.len(), 17, "every field, no more");
+        assert_eq!(get("draining"), Some("true"));
+        assert_eq!(kv.len(), 18, "every field, no more");
     }
 
     #[test]
@@ -280,6 +289,7 @@ mod tests {
         assert_eq!(r.unhealthy, "probe failing: exit 1: 403 Forbidden");
         assert_eq!(r.admin, "offline: flaky usb");
         assert_eq!(r.device_work, "/tmp/testflinger/run/j1/testflinger.json");
+        assert!(r.draining);
         let none = Heartbeat {
             child: None,
             ..sample()

@@ -49,6 +49,7 @@ pub fn render(status: &AgentStatus, max_age: Duration) -> String {
         unhealthy: &unhealthy,
         admin: &admin,
         device_work: status.device_work.as_deref().unwrap_or_default(),
+        draining: status.draining,
     }
     .render()
 }
@@ -88,6 +89,7 @@ mod tests {
                 by: None,
             }),
             device_work: None,
+            draining: false,
         }
     }
 

@@ -185,6 +185,12 @@ pub struct AgentStatus {
     /// the first one and how many more. Absent when nothing matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device_work: Option<String>,
+    // -- draining (fixsup) --
+    /// Whether the device process is drained (`labvisor-agent drain`: signalled, and not
+    /// restarted after it exits) until the drain is lifted. A supervisor that finds a drain no
+    /// deferred action needs (it restarted meanwhile) lifts it. Absent when false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub draining: bool,
 }
 
 impl AgentStatus {
@@ -216,6 +222,7 @@ impl AgentStatus {
             probe_failure: None,
             admin: None,
             device_work: None,
+            draining: false,
         }
     }
 
@@ -292,6 +299,11 @@ impl AgentStatus {
             device_work,
             ..self
         }
+    }
+
+    /// Draining its device process, or not.
+    pub fn with_draining(self, draining: bool) -> Self {
+        Self { draining, ..self }
     }
 }
 

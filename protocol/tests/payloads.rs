@@ -330,3 +330,16 @@ fn agent_status_admin_maintenance() {
     round_trip(&p);
     insta::assert_json_snapshot!(p);
 }
+
+#[test]
+fn agent_status_device_work_draining() {
+    let p = agent_status(AgentState::Busy)
+        .with_jobs(None, 0)
+        .with_device_work(Some("/tmp/testflinger/run/j1/testflinger.json".into()))
+        .with_draining(true);
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+    let idle = agent_status(AgentState::Idle);
+    let json = serde_json::to_string(&idle).unwrap();
+    assert!(!json.contains("draining"), "absent when false: {json}");
+}

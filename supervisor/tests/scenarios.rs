@@ -659,3 +659,163 @@ async fn a_rolling_restart_goes_round_a_busy_agent() {
     assert_eq!(sup.rt.containers().len(), 3);
     sup.stop().await;
 }
+
+/// Sends a rolling restart request for `suts`.
+async fn request_restart(sup: &Sup, id: &str, suts: &[&str]) {
+    sup.restarts
+        .send(RestartRequest {
+            v: 1,
+            id: id.into(),
+            suts: suts.iter().map(|s| SutName::new(s).unwrap()).collect(),
+            all: false,
+            when_idle: true,
+        })
+        .await
+        .unwrap();
+}
+
+/// A rolling restart's recreation that fails after the stop (here the remove) starts the
+/// container again: it keeps its config hash, so left exited it would pass for a person's stop
+/// and stay down for good.
+#[tokio::test(start_paused = true)]
+async fn a_failed_restart_after_the_stop_starts_the_container_again() {
+    let sup = Sup::start(&[("a.toml", SUT)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    settle().await;
+    sup.rt.fail_remove(&id, true);
+    request_restart(&sup, "r1", &["a"]).await;
+    until("the restart failed", || {
+        sup.restart_status
+            .borrow()
+            .as_ref()
+            .is_some_and(|st| st.state == RestartState::Failed)
+    })
+    .await;
+    assert_eq!(sup.count(&FakeCall::Stop(id.clone())), 1);
+    settle().await;
+    let c = sup
+        .rt
+        .containers()
+        .into_iter()
+        .find(|c| c.id == id)
+        .unwrap();
+    assert_eq!(c.state, RunState::Running, "{:?}", sup.rt.calls());
+    assert_eq!(sup.count(&FakeCall::Start(id.clone())), 1);
+    let view = sup.view("a").unwrap();
+    assert!(view.stopped_by_person.is_none(), "{view:?}");
+
+    // Again, and starting it again fails too: the loop remembers that it stopped the
+    // container itself and starts it (retrying) instead of leaving it as a person's stop.
+    sup.rt.fail_start(&id, true);
+    request_restart(&sup, "r2", &["a"]).await;
+    until("the second restart failed", || {
+        sup.restart_status
+            .borrow()
+            .as_ref()
+            .is_some_and(|st| st.id == "r2" && st.state == RestartState::Failed)
+    })
+    .await;
+    until("a start retried", || {
+        sup.count(&FakeCall::Start(id.clone())) >= 3
+    })
+    .await;
+    let view = sup.view("a").unwrap();
+    assert!(view.stopped_by_person.is_none(), "{view:?}");
+    sup.rt.fail_start(&id, false);
+    until("running again", || {
+        sup.rt
+            .containers()
+            .iter()
+            .any(|c| c.id == id && c.state == RunState::Running)
+    })
+    .await;
+    sup.stop().await;
+}
+
+/// A rolling restart of two SUTs whose devices both work on their own: the turn goes back and
+/// forth between the two deferred recreations, and each SUT drained stays drained (no lift
+/// while it is still to be restarted); each one's busy wait runs from its first deferral, so
+/// both are recreated within `--busy-wait` (and a resync) although the work never ends.
+#[tokio::test(start_paused = true)]
+async fn a_rolling_restart_of_two_working_devices_drains_both_and_ends_within_the_busy_wait() {
+    let busy_wait = Duration::from_secs(120);
+    let sup = Sup::start_with(&[("a.toml", SUT), ("b.toml", SUT)], |s| {
+        s.busy_wait = busy_wait
+    });
+    until("both created", || {
+        sup.id("p-a").is_some() && sup.id("p-b").is_some()
+    })
+    .await;
+    settle().await;
+    let old = [sup.id("p-a").unwrap(), sup.id("p-b").unwrap()];
+    for id in &old {
+        sup.rt
+            .set_device_work(id, Some("/tmp/testflinger/run/j/testflinger.json"));
+    }
+    let asked = Instant::now();
+    request_restart(&sup, "r1", &["a", "b"]).await;
+    until("both drained", || {
+        old.iter()
+            .all(|id| sup.count(&FakeCall::AgentDrain(id.clone(), false)) > 0)
+    })
+    .await;
+    let done = until("the restart done", || {
+        sup.restart_status
+            .borrow()
+            .as_ref()
+            .is_some_and(|st| st.state == RestartState::Done)
+    })
+    .await;
+    assert!(
+        done - asked <= busy_wait + Duration::from_secs(31),
+        "took {:?}",
+        done - asked
+    );
+    for id in &old {
+        assert_eq!(
+            sup.count(&FakeCall::AgentDrain(id.clone(), true)),
+            0,
+            "{:?}",
+            sup.rt.calls()
+        );
+        assert_eq!(sup.count(&FakeCall::Stop(id.clone())), 1);
+    }
+    sup.stop().await;
+}
+
+/// A drain left by an earlier run of the supervisor (it restarted while a recreation waited
+/// for the device's own work, then the file was reverted) is lifted: the new run asks the
+/// agent once, on first sight, whether it is drained, and nothing waits for the device.
+#[tokio::test(start_paused = true)]
+async fn a_drain_left_by_a_restarted_supervisor_is_lifted() {
+    let file = "image = \"img\"\ncommand = [\"device\"]\n[device]\nbusy_glob = [\"/tmp/w/*\"]\ndrain_signal = \"SIGUSR1\"\n";
+    let sup = Sup::start(&[("a.toml", file)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    settle().await;
+    sup.rt.set_device_work(&id, Some("/tmp/w/j1"));
+    let drain = FakeCall::AgentDrain(id.clone(), false);
+    let lift = FakeCall::AgentDrain(id.clone(), true);
+    sup.write("a.toml", &format!("{file}[env]\nX = \"1\"\n"));
+    until("the drain asked", || sup.count(&drain) > 0).await;
+
+    // The supervisor restarts; meanwhile the file is reverted and the work ends.
+    let sup = sup.restart().await;
+    std::fs::write(sup.dir.path().join("a.toml"), file).unwrap();
+    sup.rt.set_device_work(&id, None);
+    sup.nudge();
+    until("the drain lifted", || sup.count(&lift) == 1).await;
+    settle().await;
+    assert_eq!(sup.id("p-a").as_deref(), Some(id.as_str()), "kept");
+    assert_eq!(sup.count(&FakeCall::Stop(id.clone())), 0);
+    // Asked once: more passes ask no more.
+    let asks = sup.count(&FakeCall::AgentBusy(id.clone()));
+    for _ in 0..3 {
+        sup.nudge();
+        idle(DEBOUNCE * 2).await;
+    }
+    assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), asks);
+    assert_eq!(sup.count(&lift), 1);
+    sup.stop().await;
+}

@@ -131,6 +131,8 @@ pub struct Answer {
     pub busy: Option<bool>,
     /// The device's own work, when the agent saw some (`device.busy_glob`).
     pub device_work: Option<String>,
+    /// Its device process is drained (until the drain is lifted).
+    pub draining: bool,
 }
 
 /// Applies the agents' own answers over the broker's view, which may be stale (the broker or
@@ -313,18 +315,21 @@ mod tests {
                 sut: sut("a"),
                 busy: Some(true),
                 device_work: None,
+                draining: false,
             },
             Answer {
                 id: "2".into(),
                 sut: sut("b"),
                 busy: Some(false),
                 device_work: None,
+                draining: false,
             },
             Answer {
                 id: "3".into(),
                 sut: sut("c"),
                 busy: None,
                 device_work: None,
+                draining: false,
             },
         ];
         let changed = apply_answers(&mut actual, answers, |_| Busy::Expired);

@@ -257,6 +257,11 @@ impl Deferral {
         }
     }
 
+    /// When the wait that runs runs out, if one runs.
+    pub fn until(&self, busy_wait: Duration) -> Option<Instant> {
+        self.since.map(|t| t + busy_wait)
+    }
+
     /// The plan deferred nothing. While an expired wait's action is still due (`acting`), the
     /// start of the wait is kept.
     pub fn not_waiting(&mut self, acting: bool) {
@@ -284,6 +289,13 @@ pub struct SutState {
     /// The container whose agent was asked to drain its device process (a deferral waits for
     /// the device's own work); the request is lifted if the deferral ends without the action.
     pub drained: Option<String>,
+    /// The container whose agent was asked once, on first sight, whether its device process is
+    /// drained (a drain left by an earlier run of the supervisor is lifted unless needed).
+    pub drain_checked: Option<String>,
+    /// The container this supervisor stopped for a rolling restart's recreation that then
+    /// failed: exited with the wanted hash, it is started again rather than taken for a
+    /// person's stop. Forgotten once it is not exited (or gone).
+    pub stopped_itself: Option<String>,
     /// Healing.
     pub heal: Heal,
     /// The view last published on `<sut>/supervisor`.

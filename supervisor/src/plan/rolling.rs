@@ -1,11 +1,14 @@
 //! The rolling restart (`labvisor restart SUT... | --all --when-idle`), as pure state.
 //!
 //! A supervisor runs one at a time. Its SUTs take turns: a turn goes to the first SUT left
-//! whose agent the broker shows idle (else to the first left), and is its container's
-//! recreation ([`Action::Recreate`] with [`RecreateReason::Requested`]) behind the plan's busy
-//! gate: while the agent is busy (its own job, or the device's own work where the SUT says how)
-//! the recreation is deferred like a config change's, at most `--busy-wait`, and the turn
-//! passes to the next SUT (the deferred one goes to the back). Once recreated, the turn stays
+//! whose agent the broker shows idle (else whose busy wait ran out, else to the first left),
+//! and is its container's recreation ([`Action::Recreate`] with [`RecreateReason::Requested`])
+//! behind the plan's busy gate: while the agent is busy (its own job, or the device's own work
+//! where the SUT says how) the recreation is deferred like a config change's, at most
+//! `--busy-wait`, and the turn passes to the next SUT (the deferred one goes to the back). A
+//! deferred SUT keeps waiting while the turn is elsewhere ([`Rolling::waits_for`]): its busy
+//! wait runs on from its first deferral and its drained device stays drained. Once recreated,
+//! the turn stays
 //! until the new container is healthy; then the next SUT's turn begins. A SUT whose file is
 //! gone or invalid, or whose container a person stopped, is skipped (with the reason). A failed
 //! recreation, or a new container that turns unhealthy, stops the whole restart: the SUTs
@@ -129,6 +132,26 @@ impl Rolling {
         !self.status.state.is_final()
     }
 
+    /// Whether `sut` waits for its turn again: its recreation was deferred and its container
+    /// is still the one the restart is to replace. It keeps waiting while the turn is
+    /// elsewhere, so its busy wait runs on and its drained device stays drained. (A container
+    /// replaced meanwhile, e.g. by a config change, starts a wait of its own at its turn.)
+    pub fn waits_for(
+        &self,
+        sut: &SutName,
+        actual: &[Actual],
+        desired: &BTreeMap<SutName, Desired>,
+    ) -> bool {
+        let Some(now) = primary(actual, desired, sut) else {
+            return false;
+        };
+        self.is_running()
+            && self.order.iter().any(|i| {
+                let s = &self.status.suts[*i];
+                s.sut == *sut && s.old_container.as_deref() == Some(now.id.as_str())
+            })
+    }
+
     /// The SUT whose turn it is.
     pub fn turn(&self) -> Option<&SutName> {
         self.turn.as_ref().map(|(i, _)| &self.status.suts[*i].sut)
@@ -141,7 +164,8 @@ impl Rolling {
     }
 
     /// Before planning: gives the turn, when no SUT has it, to the first SUT left whose agent
-    /// the broker shows idle (else to the first left); skips the SUTs that cannot be restarted;
+    /// the broker shows idle (else to the first whose busy wait ran out, else to the first
+    /// left); skips the SUTs that cannot be restarted;
     /// ends the restart when none is left.
     pub fn choose(&mut self, actual: &[Actual], desired: &BTreeMap<SutName, Desired>) {
         if !self.is_running() || self.turn.is_some() {
@@ -173,14 +197,15 @@ impl Rolling {
             }
         }
         self.order = left;
-        let idle = |i: &usize| {
-            primary(actual, desired, &self.status.suts[*i].sut)
-                .is_some_and(|a| a.busy == Busy::Idle)
+        let busy = |i: &usize, busy: Busy| {
+            primary(actual, desired, &self.status.suts[*i].sut).is_some_and(|a| a.busy == busy)
         };
+        // An idle agent first, then one whose busy wait ran out, else the first left.
         let Some(pos) = self
             .order
             .iter()
-            .position(idle)
+            .position(|i| busy(i, Busy::Idle))
+            .or_else(|| self.order.iter().position(|i| busy(i, Busy::Expired)))
             .or((!self.order.is_empty()).then_some(0))
         else {
             self.status.state = RestartState::Done;
@@ -506,6 +531,42 @@ mod tests {
             .unwrap()
             .contains("1 SUT(s) not restarted"));
         assert_eq!(pass(&mut r, &world, &d), None, "nothing more happens");
+    }
+
+    #[test]
+    fn a_deferred_sut_waits_while_the_turn_is_elsewhere_and_an_expired_wait_goes_first() {
+        let d = desired(&["a", "b"]);
+        let mut world = vec![running("a", "a1"), running("b", "b1")];
+        world[0].busy = Busy::Busy;
+        world[1].busy = Busy::Busy;
+        let mut r = Rolling::accept(&request(&["a", "b"]), &d, None).unwrap();
+        assert!(matches!(
+            pass(&mut r, &world, &d),
+            Some(Action::Defer { .. })
+        ));
+        assert!(
+            r.waits_for(&sut("a"), &world, &d),
+            "deferred, back in the queue"
+        );
+        // b's turn: a still waits.
+        r.choose(&world, &d);
+        assert_eq!(r.turn(), Some(&sut("b")));
+        assert!(r.waits_for(&sut("a"), &world, &d));
+        assert!(!r.waits_for(&sut("b"), &world, &d), "its turn");
+        let action = r.action(&world, &d, &[]).unwrap();
+        r.observe(&world, &d, &[action], |_| false);
+        // b's busy wait ran out: b goes before a, the first in the queue.
+        world[1].busy = Busy::Expired;
+        let action = pass(&mut r, &world, &d);
+        assert!(
+            matches!(&action, Some(Action::Recreate { sut: s, .. }) if *s == sut("b")),
+            "{action:?}"
+        );
+        assert!(!r.waits_for(&sut("b"), &world, &d));
+        assert!(r.waits_for(&sut("a"), &world, &d));
+        // a's container replaced meanwhile (a config change): its wait is over.
+        world[0] = running("a", "a9");
+        assert!(!r.waits_for(&sut("a"), &world, &d));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! An in-memory container engine for tests of the reconcile loop: containers are created
 //! running and healthy, every call is recorded ([`FakeCall`]), and failures (an engine down, a
-//! failed create, pull or build, a busy agent) are set by hand.
+//! failed create, pull, build, remove or start, a busy agent) are set by hand. An agent asked
+//! to drain says so (`draining`) until the drain is lifted.
 //!
 //! Compiled only for the crate's unit tests and under the `fake-runtime` feature (which the
 //! supervisor's own integration tests enable through a dev-dependency on the crate itself):
@@ -49,12 +50,15 @@ struct FakeState {
     volumes: Vec<String>,
     calls: Vec<FakeCall>,
     fail_create: Vec<String>,
+    fail_remove: Vec<String>,
+    fail_start: Vec<String>,
     absent: Vec<String>,
     unpullable: Vec<String>,
     built: BTreeMap<String, String>,
     fail_build: Vec<String>,
     busy: Vec<String>,
     device_work: BTreeMap<String, String>,
+    draining: Vec<String>,
     create_delay: BTreeMap<String, Duration>,
     lists: u64,
     down: bool,
@@ -110,6 +114,16 @@ impl FakeRuntime {
     /// Makes `create` of `name` fail (or succeed again with `false`).
     pub fn fail_create(&self, name: &str, fail: bool) {
         self.with(|s| set(&mut s.fail_create, name, fail));
+    }
+
+    /// Makes `remove` of the container `id` fail (or succeed again with `false`).
+    pub fn fail_remove(&self, id: &str, fail: bool) {
+        self.with(|s| set(&mut s.fail_remove, id, fail));
+    }
+
+    /// Makes `start` of the container `id` fail (or succeed again with `false`).
+    pub fn fail_start(&self, id: &str, fail: bool) {
+        self.with(|s| set(&mut s.fail_start, id, fail));
     }
 
     /// Makes `image` absent locally (or present again). Images are present unless made absent
@@ -287,6 +301,13 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn start(&self, id: &str) -> Result<(), RuntimeError> {
+        if self.with(|s| s.fail_start.iter().any(|f| f == id)) {
+            self.with(|s| s.calls.push(FakeCall::Start(id.to_owned())));
+            return Err(RuntimeError::Api {
+                status: 500,
+                message: format!("fake failure starting {id}"),
+            });
+        }
         self.act(id, FakeCall::Start, |c| c.state = RunState::Running)
     }
 
@@ -301,9 +322,15 @@ impl ContainerRuntime for FakeRuntime {
         self.up()?;
         self.with(|s| {
             s.calls.push(FakeCall::Remove(id.to_owned()));
+            if s.fail_remove.iter().any(|f| f == id) {
+                return Err(RuntimeError::Api {
+                    status: 500,
+                    message: format!("fake failure removing {id}"),
+                });
+            }
             s.containers.retain(|c| c.id != id);
-        });
-        Ok(())
+            Ok(())
+        })
     }
 
     async fn restart(&self, id: &str, _timeout: Duration) -> Result<(), RuntimeError> {
@@ -331,6 +358,7 @@ impl ContainerRuntime for FakeRuntime {
             AgentAnswer {
                 busy: s.busy.iter().any(|b| b == id) || device_work.is_some(),
                 device_work,
+                draining: s.draining.iter().any(|d| d == id),
             }
         }))
     }
@@ -338,7 +366,11 @@ impl ContainerRuntime for FakeRuntime {
     async fn agent_drain(&self, id: &str, lift: bool) -> Result<(), RuntimeError> {
         self.up()?;
         self.exists(id)?;
-        self.with(|s| s.calls.push(FakeCall::AgentDrain(id.to_owned(), lift)));
+        self.with(|s| {
+            s.calls.push(FakeCall::AgentDrain(id.to_owned(), lift));
+            // The agent keeps the request until it is lifted (in the container's tmpfs).
+            set(&mut s.draining, id, !lift);
+        });
         Ok(())
     }
 

@@ -73,6 +73,8 @@ pub struct AgentAnswer {
     pub busy: bool,
     /// The device's own work, as `device.busy_glob` matched it.
     pub device_work: Option<String>,
+    /// Its device process is drained (`labvisor-agent drain`) until the drain is lifted.
+    pub draining: bool,
 }
 
 /// One container, from the container list.

@@ -15,7 +15,7 @@ use labvisor_protocol::SutName;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
-use tracing::{debug, field, info, info_span, warn, Instrument, Span};
+use tracing::{debug, error, field, info, info_span, warn, Instrument, Span};
 
 use super::{ActionError, Settings, ASK_TIMEOUT};
 use crate::plan::classify::Answer;
@@ -167,6 +167,7 @@ impl<R: ContainerRuntime> Executor<R> {
                         id,
                         sut,
                         busy: answer.as_ref().map(|a| a.busy),
+                        draining: answer.as_ref().is_some_and(|a| a.draining),
                         device_work: answer.and_then(|a| a.device_work),
                     }
                 }
@@ -294,6 +295,33 @@ impl<R: ContainerRuntime> Exec<R> {
         Ok(self.runtime.create(&spec).await?)
     }
 
+    /// Stops (unless it never started) and removes the container `id` that a recreation
+    /// replaces. A rolling restart's container keeps the wanted config hash: left exited after
+    /// a failure here it would pass for a person's stop ([`crate::plan::stopped_by_person`])
+    /// and stay down, so it is started again (best effort; the loop also remembers it, see
+    /// [`crate::plan::policy::SutState::stopped_itself`]).
+    async fn take_down(&self, id: &str, reason: RecreateReason) -> Result<(), ActionError> {
+        let rt = &self.runtime;
+        if reason == RecreateReason::NeverStarted {
+            return Ok(rt.remove(id).await?);
+        }
+        let result = match rt.stop(id, self.settings.stop_timeout).await {
+            Ok(()) => rt.remove(id).await,
+            Err(error) => Err(error),
+        };
+        if let (Err(error), RecreateReason::Requested) = (&result, reason) {
+            match rt.start(id).await {
+                Ok(()) => {
+                    warn!(error = %error, "The restart failed after stopping the container; started it again.")
+                }
+                Err(start) => {
+                    error!(error = %error, start_error = %start, "The restart failed after stopping the container, and starting it again failed too; the next pass tries again.")
+                }
+            }
+        }
+        Ok(result?)
+    }
+
     /// Runs `action` (in its span).
     async fn execute(&self, action: &Action) -> Result<(), ActionError> {
         let rt = &self.runtime;
@@ -305,10 +333,7 @@ impl<R: ContainerRuntime> Exec<R> {
                 info!("Created and started the agent container.");
             }
             Action::Recreate { sut, id, reason } => {
-                if *reason != RecreateReason::NeverStarted {
-                    rt.stop(id, t).await?;
-                }
-                rt.remove(id).await?;
+                self.take_down(id, *reason).await?;
                 let new = self.create(sut).await?;
                 info!(new_container = %new, reason = ?reason, "Recreated the agent container.");
             }

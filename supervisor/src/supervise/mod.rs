@@ -31,6 +31,11 @@
 //!   agent acts only if the SUT has `device.drain_signal`), so the device takes no new work and
 //!   the recreation follows its current job; when nothing waits any more and the container
 //!   stays (the file was reverted), `labvisor-agent drain --lift` lets the device run again.
+//!   The drains this run asked for are kept in memory only; the agent reports a drain
+//!   (`draining` on MQTT, a `draining=true` line of `--state`), and each running container
+//!   whose SUT has `device.drain_signal` is asked once on first sight, so a drain left by an
+//!   earlier run that nothing needs is lifted too. A SUT still to be restarted by a rolling
+//!   restart waits (and stays drained) while the turn is elsewhere.
 //! - **A periodic resync** (30 s), finished actions, and retry or healing deadlines.
 //! - **Rolling restart requests** (`labvisor restart`) on `labvisor/supervisors/<id>/restart`:
 //!   taken up by the next pass, which gives one SUT at a time its recreation behind the busy

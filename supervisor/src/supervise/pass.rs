@@ -46,6 +46,9 @@ struct Planned {
     actions: Vec<Action>,
     /// The device's own work per SUT: the broker's view, over which the agents' own answers go.
     work: BTreeMap<SutName, String>,
+    /// The SUTs whose device process is drained: the broker's view, over which the agents' own
+    /// answers go.
+    draining: BTreeSet<SutName>,
 }
 
 impl<R: ContainerRuntime> Reconciler<R> {
@@ -176,10 +179,12 @@ impl<R: ContainerRuntime> Reconciler<R> {
             });
         }
         self.rolling_choose(&actual, &desired);
-        let mut actions = plan(&desired, &actual, &invalid);
-        self.rolling_action(&actual, &desired, &mut actions);
+        let mut actions = self.plan_all(&desired, &actual, &invalid);
         let mut work = self.device_work.clone();
+        let mut draining = self.draining.clone();
         let ask = classify::to_ask(&actual, &actions);
+        self.check_drains(&scan, &actual, &desired, &ask, &mut draining)
+            .await;
         if !ask.is_empty() {
             let answers = self.exec.ask_agents(ask).await;
             for answer in answers.iter().filter(|a| a.busy.is_some()) {
@@ -187,6 +192,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     Some(w) => work.insert(answer.sut.clone(), w.clone()),
                     None => work.remove(&answer.sut),
                 };
+                if answer.draining {
+                    draining.insert(answer.sut.clone());
+                } else {
+                    draining.remove(&answer.sut);
+                }
             }
             let changed =
                 classify::apply_answers(&mut actual, answers, |sut| self.busy(sut, now, true));
@@ -194,8 +204,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 debug!(container = %id, broker_view = ?broker_view, "The agent's own answer differs from the broker's view.");
             }
             if !changed.is_empty() {
-                actions = plan(&desired, &actual, &invalid);
-                self.rolling_action(&actual, &desired, &mut actions);
+                actions = self.plan_all(&desired, &actual, &invalid);
             }
         }
         Planned {
@@ -205,7 +214,75 @@ impl<R: ContainerRuntime> Reconciler<R> {
             actual,
             actions,
             work,
+            draining,
         }
+    }
+
+    /// Asks once, on first sight, the agent of each running container whose SUT can drain its
+    /// device process (`device.drain_signal`) whether it is drained: a supervisor keeps its
+    /// drains in memory, so one that restarted meanwhile would never lift a drain an earlier run
+    /// left (the agent keeps it until lifted). Containers in `ask` are asked anyway. Notes the
+    /// drained ones in `draining`.
+    async fn check_drains(
+        &mut self,
+        scan: &Scan,
+        actual: &[Actual],
+        desired: &BTreeMap<SutName, Desired>,
+        ask: &[(String, SutName)],
+        draining: &mut BTreeSet<SutName>,
+    ) {
+        let check: Vec<(String, SutName)> = scan
+            .valid
+            .iter()
+            .filter(|(_, cfg)| cfg.device.drain_signal.is_some())
+            .filter_map(|(sut, _)| primary(actual, desired, sut))
+            .filter(|a| a.state == RunState::Running && !ask.iter().any(|(id, _)| *id == a.id))
+            .filter(|a| {
+                self.suts.get(&a.sut).is_none_or(|st| {
+                    st.drained.is_none() && st.drain_checked.as_ref() != Some(&a.id)
+                })
+            })
+            .map(|a| (a.id.clone(), a.sut.clone()))
+            .collect();
+        if check.is_empty() {
+            return;
+        }
+        // Once per container, answered or not (an agent that cannot answer, e.g. of an older
+        // version, is not asked on every pass; the broker's view still counts).
+        for answer in self.exec.ask_agents(check).await {
+            if answer.draining {
+                draining.insert(answer.sut.clone());
+            }
+            self.suts.entry(answer.sut).or_default().drain_checked = Some(answer.id);
+        }
+    }
+
+    /// The plan, the rolling restart's recreation, and the start of a container the supervisor
+    /// stopped itself in a recreation that failed
+    /// ([`crate::plan::policy::SutState::stopped_itself`]): exited with the wanted hash, the
+    /// plan alone would take it for a person's stop.
+    fn plan_all(
+        &self,
+        desired: &BTreeMap<SutName, Desired>,
+        actual: &[Actual],
+        invalid: &BTreeSet<SutName>,
+    ) -> Vec<Action> {
+        let mut actions = plan(desired, actual, invalid);
+        self.rolling_action(actual, desired, &mut actions);
+        for (sut, st) in &self.suts {
+            let Some(id) = &st.stopped_itself else {
+                continue;
+            };
+            let exited = primary(actual, desired, sut)
+                .is_some_and(|a| &a.id == id && a.state == RunState::Exited);
+            if exited && !actions.iter().any(|a| a.sut() == sut) {
+                actions.push(Action::Start {
+                    sut: sut.clone(),
+                    id: id.clone(),
+                });
+            }
+        }
+        actions
     }
 
     /// Bookkeeping that is not an action: deferrals, conflicts, healthy windows. Returns the
@@ -234,6 +311,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .cloned()
             .collect();
         let busy_wait = self.settings.busy_wait;
+        let rolling = self.rolling.as_ref();
+        let rolling_waits =
+            |sut: &SutName| rolling.is_some_and(|r| r.waits_for(sut, &p.actual, &p.desired));
         for sut in &known {
             let _span = info_span!("sut", sut = %sut).entered();
             let st = self.suts.entry(sut.clone()).or_default();
@@ -249,6 +329,14 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     // Re-plan when the wait runs out.
                     self.timers.wake_at(w.until);
                 }
+                // Deferred by the rolling restart, whose turn is elsewhere now: the wait
+                // goes on (its pending text is the restart's).
+                _ if rolling_waits(sut) => {
+                    st.pending = None;
+                    if let Some(until) = st.deferral.until(busy_wait) {
+                        self.timers.wake_at(until);
+                    }
+                }
                 _ => {
                     st.deferral.not_waiting(acting.contains(sut));
                     st.pending = None;
@@ -263,8 +351,13 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     error!(container = %id, "A container not managed by this supervisor holds the name {name}; leaving it alone.");
                 }
             }
-            let health = primary(&p.actual, &p.desired, sut).map(|a| a.health);
-            st.heal.observe(health, now);
+            let own = primary(&p.actual, &p.desired, sut);
+            if own.is_none_or(|a| {
+                Some(&a.id) != st.stopped_itself.as_ref() || a.state != RunState::Exited
+            }) {
+                st.stopped_itself = None;
+            }
+            st.heal.observe(own.map(|a| a.health), now);
         }
         known
     }
@@ -276,10 +369,21 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// lifted and the device process runs again.
     async fn drain(&mut self, p: &Planned) {
         let mut requests = Vec::new();
-        let mut waiting = BTreeSet::new();
+        // A SUT still to be restarted by the rolling restart waits too, also while the turn
+        // is elsewhere.
+        let mut waiting: BTreeSet<SutName> = self
+            .suts
+            .keys()
+            .filter(|s| {
+                self.rolling
+                    .as_ref()
+                    .is_some_and(|r| r.waits_for(s, &p.actual, &p.desired))
+            })
+            .cloned()
+            .collect();
         for a in &p.actions {
             if let Action::Defer { sut, id, .. } = a {
-                waiting.insert(sut);
+                waiting.insert(sut.clone());
                 if p.work.contains_key(sut) {
                     requests.push(DrainRequest {
                         id: id.clone(),
@@ -295,6 +399,14 @@ impl<R: ContainerRuntime> Reconciler<R> {
             .filter(|a| a.mutates())
             .map(Action::sut)
             .collect();
+        // A drain the agent reports that this run did not ask for (an earlier run did, then
+        // restarted): lifted below like any drain nothing needs.
+        for sut in p.draining.iter().filter(|s| !waiting.contains(*s)) {
+            let st = self.suts.entry(sut.clone()).or_default();
+            if st.drained.is_none() {
+                st.drained = primary(&p.actual, &p.desired, sut).map(|a| a.id.clone());
+            }
+        }
         for (sut, st) in &mut self.suts {
             let Some(id) = st.drained.clone().filter(|_| !waiting.contains(sut)) else {
                 continue;
@@ -322,6 +434,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
             if done.lift {
                 info!(container = %done.id, "Nothing waits for the device any more: lifted the drain, its process runs again.");
                 st.drained = None;
+                // The broker's view says so until the agent reports again.
+                self.draining.remove(&done.sut);
             } else if st.drained.as_deref() != Some(done.id.as_str()) {
                 info!(container = %done.id, "A disruption waits for the device's own work: asked the agent to drain its device process.");
                 st.drained = Some(done.id);

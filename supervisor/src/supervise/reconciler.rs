@@ -6,7 +6,7 @@
 //! timers or note state; the pass itself runs when the pass timer fires (see
 //! [`super::pass`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -28,7 +28,7 @@ use super::watchers::{docker_events, DirWatch};
 use super::{Hooks, Settings, SuperviseError, BUSY_PASS_INTERVAL, DEBOUNCE, EVENT_DELAY};
 use crate::metrics::{self, Metrics};
 use crate::plan::policy::SutState;
-use crate::plan::Action;
+use crate::plan::{Action, RecreateReason};
 use crate::runtime::ContainerRuntime;
 
 /// The loop's state.
@@ -43,6 +43,8 @@ pub(super) struct Reconciler<R> {
     pub(super) agents: BTreeMap<SutName, AgentState>,
     /// Each agent's `device_work` as the broker last said (only agents that report some).
     pub(super) device_work: BTreeMap<SutName, String>,
+    /// The agents whose device process is drained, as the broker last said (`draining`).
+    pub(super) draining: BTreeSet<SutName>,
     /// When each agent last said, in a healthy state, that its exec probe fails (helper probe):
     /// such a container is not healed while that word is recent.
     pub(super) probe_failing: BTreeMap<SutName, Instant>,
@@ -325,6 +327,7 @@ pub(super) async fn run<R: ContainerRuntime>(
         suts: BTreeMap::new(),
         agents: BTreeMap::new(),
         device_work: BTreeMap::new(),
+        draining: BTreeSet::new(),
         probe_failing: BTreeMap::new(),
         docker: Reach::default(),
         metrics,
@@ -431,8 +434,15 @@ impl<R: ContainerRuntime> Reconciler<R> {
             None => self.device_work.remove(&sut),
         }
         .is_some();
-        if had_work != self.device_work.contains_key(&sut) {
-            // A deferral may now wait for the device's own work (and drain it), or no longer.
+        let draining = status.as_ref().is_some_and(|s| s.draining);
+        let was_draining = if draining {
+            !self.draining.insert(sut.clone())
+        } else {
+            self.draining.remove(&sut)
+        };
+        if had_work != self.device_work.contains_key(&sut) || draining != was_draining {
+            // A deferral may now wait for the device's own work (and drain it), or no longer; a
+            // drain may be left that nothing needs (lifted).
             self.timers.pass_in(Instant::now(), EVENT_DELAY);
         }
         let failing = status
@@ -479,6 +489,14 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 }
             }
             Some(delay) => {
+                if let Action::Recreate {
+                    id,
+                    reason: RecreateReason::Requested,
+                    ..
+                } = &done.action
+                {
+                    st.stopped_itself = Some(id.clone());
+                }
                 self.rolling_done(&done.action, failed.as_deref());
                 self.metrics.on_error(&done.sut);
                 if let Err(error) = &done.result {

@@ -186,7 +186,11 @@ fn view(
         last_error: st.conflict.clone().or_else(|| st.last_error.clone()),
         config_problems: problems,
         stopped_by_person: primary
-            .filter(|a| !st.in_flight && stopped_by_person(a, seen.desired.get(sut)))
+            .filter(|a| {
+                !st.in_flight
+                    && st.stopped_itself.as_ref() != Some(&a.id)
+                    && stopped_by_person(a, seen.desired.get(sut))
+            })
             .map(|a| StoppedByPerson {
                 at_ms: a.finished_ms,
             }),

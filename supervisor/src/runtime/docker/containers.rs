@@ -380,7 +380,8 @@ fn run_state(s: Option<ContainerSummaryStateEnum>) -> RunState {
 }
 
 /// Reads `labvisor-healthcheck --state`'s answer: exit 0 with `state=<state>` (busy or not) on
-/// its first line, and `device_work=<what>` on a second when the device works on its own; exit
+/// its first line, then `device_work=<what>` when the device works on its own and
+/// `draining=true` while its device process is drained; exit
 /// 1, an unhealthy agent (stale heartbeat: hung or dead), which runs no job worth waiting for.
 /// Anything else, e.g. exit 2 from a healthcheck older than `--state` in a container made by an
 /// earlier supervisor version, cannot tell.
@@ -391,13 +392,16 @@ pub fn busy_from_state_probe(
     let out = stdout.trim();
     let mut lines = out.lines();
     let state = lines.next().and_then(|l| l.strip_prefix("state="));
+    let rest: Vec<&str> = lines.collect();
     match (exit_code, state) {
         (Some(0), Some(state)) => Ok(AgentAnswer {
             busy: state == AgentState::Busy.as_str(),
-            device_work: lines
+            device_work: rest
+                .iter()
                 .find_map(|l| l.strip_prefix("device_work="))
                 .filter(|w| !w.is_empty())
                 .map(str::to_owned),
+            draining: rest.contains(&"draining=true"),
         }),
         (Some(1), _) => Ok(AgentAnswer::default()),
         _ => Err(RuntimeError::NoAnswer(format!(
@@ -440,7 +444,17 @@ mod tests {
             .unwrap(),
             AgentAnswer {
                 busy: true,
-                device_work: Some("/tmp/testflinger/run/j1/testflinger.json".into())
+                device_work: Some("/tmp/testflinger/run/j1/testflinger.json".into()),
+                draining: false,
+            }
+        );
+        // A drain on a third line (also without device work).
+        assert_eq!(
+            busy_from_state_probe(Some(0), "state=idle\ndraining=true\n").unwrap(),
+            AgentAnswer {
+                busy: false,
+                device_work: None,
+                draining: true,
             }
         );
         // A healthcheck older than --state, or no exit code: cannot tell.
