@@ -483,9 +483,14 @@ mod tests {
         let mut a = Admin::open(dir.path(), 0);
         let (tap, _rx) = crate::tap::Tap::with_rate(1 << 20, None);
         let sinks = Sinks::new(false, None, tap.clone());
-        let script = "trap 'exit 5' USR1; trap 'exit 9' TERM; while :; do sleep 0.05; done";
+        // The script says when its traps are set: a signal before that would kill the shell.
+        let ready = dir.path().join("ready");
+        let script = format!(
+            "trap 'exit 5' USR1; trap 'exit 9' TERM; : > {}; while :; do sleep 0.05; done",
+            ready.display()
+        );
         let spec = crate::child::Spec {
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            argv: vec!["/bin/sh".into(), "-c".into(), script],
             env: Default::default(),
             cwd: None,
         };
@@ -499,6 +504,14 @@ mod tests {
         let dev = Device::spawn(Some(spec), &restart, std::sync::Arc::new(sinks), false);
         let sinks = Sinks::new(false, None, tap);
         until_running(&dev, true).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !ready.exists() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the script never set its traps"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let maint = cmd(AdminMode::Maintenance, Some("reflash"), None);
         let usr1 = Some(Signal::SIGUSR1);
         apply_command(&mut a, &dev, &sinks, &maint, GRACE, usr1).await;
