@@ -74,6 +74,15 @@ fn ours() -> MutexGuard<'static, BTreeSet<u32>> {
     OURS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Spawns `cmd` and records its pid as ours, holding the record's lock across the spawn so the
+/// PID-1 reaper cannot take the exit status before the pid is known.
+fn spawn_ours(cmd: &mut Command) -> std::io::Result<Child> {
+    let mut ours = ours();
+    let child = cmd.spawn()?;
+    ours.extend(child.id());
+    Ok(child)
+}
+
 /// Starts `spec` in a new process group, pumping its output to `sinks` as `source`.
 pub fn spawn(spec: &Spec, sinks: Arc<Sinks>, source: Source) -> std::io::Result<Running> {
     let Some((prog, args)) = spec.argv.split_first() else {
@@ -94,12 +103,7 @@ pub fn spawn(spec: &Spec, sinks: Arc<Sinks>, source: Source) -> std::io::Result<
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
-    let child = {
-        let mut ours = ours();
-        let child = cmd.spawn()?;
-        ours.extend(child.id());
-        child
-    };
+    let child = spawn_ours(&mut cmd)?;
     // `cmd` holds the parent's copies of the write end: drop it, or the pump never sees EOF.
     drop(cmd);
     let pid = child.id().unwrap_or(0);
@@ -260,12 +264,7 @@ pub fn spawn_captured(argv: &[String]) -> std::io::Result<Captured> {
         .stderr(writer)
         .process_group(0)
         .kill_on_drop(false);
-    let child = {
-        let mut ours = ours();
-        let child = cmd.spawn()?;
-        ours.extend(child.id());
-        child
-    };
+    let child = spawn_ours(&mut cmd)?;
     // The parent's copies of the write end go, so the reader sees EOF when the group is done.
     drop(cmd);
     let pid = child.id().unwrap_or(0);
