@@ -385,8 +385,14 @@ mod tests {
 
     /// A device process running `sleep`, and the sinks its output goes to.
     fn device() -> (Device, Sinks) {
+        device_running(vec!["sleep".into(), "600".into()])
+    }
+
+    /// A device process running `argv` (restarted after 20–80 ms), and the sinks its output
+    /// goes to.
+    fn device_running(argv: Vec<String>) -> (Device, Sinks) {
         let spec = crate::child::Spec {
-            argv: vec!["sleep".into(), "600".into()],
+            argv,
             env: Default::default(),
             cwd: None,
         };
@@ -481,28 +487,13 @@ mod tests {
     async fn maintenance_with_a_drain_signal_drains_the_device() {
         let dir = tempfile::tempdir().unwrap();
         let mut a = Admin::open(dir.path(), 0);
-        let (tap, _rx) = crate::tap::Tap::with_rate(1 << 20, None);
-        let sinks = Sinks::new(false, None, tap.clone());
         // The script says when its traps are set: a signal before that would kill the shell.
         let ready = dir.path().join("ready");
         let script = format!(
             "trap 'exit 5' USR1; trap 'exit 9' TERM; : > {}; while :; do sleep 0.05; done",
             ready.display()
         );
-        let spec = crate::child::Spec {
-            argv: vec!["/bin/sh".into(), "-c".into(), script],
-            env: Default::default(),
-            cwd: None,
-        };
-        let restart = labvisor_protocol::config::RestartSettings {
-            on_unhealthy: labvisor_protocol::config::OnUnhealthy::None,
-            on_child_exit: labvisor_protocol::config::OnChildExit::Restart,
-            backoff_min: Duration::from_millis(20),
-            backoff_max: Duration::from_millis(80),
-            crash_loop_after: 3.try_into().unwrap(),
-        };
-        let dev = Device::spawn(Some(spec), &restart, std::sync::Arc::new(sinks), false);
-        let sinks = Sinks::new(false, None, tap);
+        let (dev, sinks) = device_running(vec!["/bin/sh".into(), "-c".into(), script]);
         until_running(&dev, true).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while !ready.exists() {

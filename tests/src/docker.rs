@@ -248,17 +248,17 @@ pub fn static_bin(name: &str) -> PathBuf {
 /// Makes sure [`BUSYBOX_IMAGE`] exists, building it with `tools/build-images.sh` if needed.
 pub fn ensure_busybox_image() {
     static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        if docker(&["image", "inspect", BUSYBOX_IMAGE])
-            .status
-            .success()
-        {
-            return;
-        }
-        run_ok(
-            Command::new("bash")
-                .arg(workspace_root().join("tools/build-images.sh"))
-                .arg("busybox"),
-        );
-    });
+    DONE.get_or_init(|| ensure_local_image(BUSYBOX_IMAGE, "busybox"));
+}
+
+/// Builds the local image `image` with `tools/build-images.sh KIND` unless it exists.
+pub(crate) fn ensure_local_image(image: &str, kind: &str) {
+    if docker(&["image", "inspect", image]).status.success() {
+        return;
+    }
+    run_ok(
+        Command::new("bash")
+            .arg(workspace_root().join("tools/build-images.sh"))
+            .arg(kind),
+    );
 }

@@ -12,9 +12,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use crate::{
-    docker, docker_ok, free_port, run_ok, wait_until, workspace_root, DockerScope, KillOnDrop,
-};
+use crate::{docker, docker_ok, free_port, wait_until, workspace_root, DockerScope, KillOnDrop};
 
 /// The agent token the stand-in server is started with ([`TfServer::start`]).
 pub const STANDIN_TOKEN: &str = "standin-refresh-token";
@@ -60,19 +58,7 @@ pub fn host_gateway_ip() -> String {
 /// Makes sure [`TF_STYLE_IMAGE`] exists, building it with `tools/build-images.sh` if needed.
 pub fn ensure_tf_style_image() {
     static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        if docker(&["image", "inspect", TF_STYLE_IMAGE])
-            .status
-            .success()
-        {
-            return;
-        }
-        run_ok(
-            Command::new("bash")
-                .arg(workspace_root().join("tools/build-images.sh"))
-                .arg("tf-style"),
-        );
-    });
+    DONE.get_or_init(|| crate::docker::ensure_local_image(TF_STYLE_IMAGE, "tf-style"));
 }
 
 /// Builds, in `scope`, an image like a lab's testflinger agent image: [`TF_STYLE_IMAGE`] with the

@@ -51,6 +51,17 @@ struct Planned {
     draining: BTreeSet<SutName>,
 }
 
+impl Planned {
+    /// The SUTs an action of this plan changes in Docker ([`Action::mutates`]).
+    fn acting(&self) -> BTreeSet<&SutName> {
+        self.actions
+            .iter()
+            .filter(|a| a.mutates())
+            .map(Action::sut)
+            .collect()
+    }
+}
+
 impl<R: ContainerRuntime> Reconciler<R> {
     /// One pass, in its span.
     pub(super) async fn pass(&mut self) {
@@ -297,12 +308,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         };
         let deferred = of(|a| matches!(a, Action::Defer { .. }));
         let conflicts = of(|a| matches!(a, Action::Conflict { .. }));
-        let acting: BTreeSet<&SutName> = p
-            .actions
-            .iter()
-            .filter(|a| a.mutates())
-            .map(Action::sut)
-            .collect();
+        let acting = p.acting();
         let known: BTreeSet<SutName> = p
             .desired
             .keys()
@@ -393,12 +399,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 }
             }
         }
-        let acting: BTreeSet<&SutName> = p
-            .actions
-            .iter()
-            .filter(|a| a.mutates())
-            .map(Action::sut)
-            .collect();
+        let acting = p.acting();
         // A drain the agent reports that this run did not ask for (an earlier run did, then
         // restarted): lifted below like any drain nothing needs.
         for sut in p.draining.iter().filter(|s| !waiting.contains(*s)) {
