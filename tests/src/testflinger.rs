@@ -7,7 +7,7 @@
 //! CLI, the test) reaches it at the same address. Nothing listens on other interfaces.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -196,13 +196,6 @@ impl TfServer {
     pub fn results(&self, job_id: &str) -> String {
         String::from_utf8_lossy(&self.cli(&["results", job_id]).stdout).into_owned()
     }
-}
-
-/// Writes a file into `dir`, atomically (for a watched `sut/`).
-pub fn write_file(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).expect("write");
-    std::fs::rename(&tmp, dir.join(name)).expect("rename");
 }
 
 /// `docker logs CONTAINER`: stdout and stderr together.
