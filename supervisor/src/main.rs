@@ -21,7 +21,7 @@ use labvisor_supervisor::cli::submit::SubmitArgs;
 use labvisor_supervisor::cli::{self, healthz, import, BrokerArgs};
 use labvisor_supervisor::metrics::{self, Listen};
 use labvisor_supervisor::runtime::DockerRuntime;
-use labvisor_supervisor::spec::{self, Named, SpecContext, Tools};
+use labvisor_supervisor::spec::{self, SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Settings};
 
 /// labvisor: one agent container per device under test, from one TOML file per device.
@@ -187,6 +187,12 @@ struct SuperviseArgs {
     /// Container actions running at once.
     #[arg(long, default_value_t = 6)]
     parallelism: usize,
+    /// The most agent containers put on one of labvisor's networks: past it, new ones go on
+    /// `labvisor.net.2`, `.3`, … (a Linux bridge takes at most 1023 ports). Not for SUTs on a
+    /// named network (`--allow-network`), which stay on it.
+    #[arg(long, env = "LABVISOR_NETWORK_CAPACITY", default_value_t = labvisor_supervisor::plan::networks::DEFAULT_CAPACITY,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    network_capacity: usize,
     /// Remove a SUT's volume with its container when its file is deleted.
     #[arg(long)]
     purge_volumes: bool,
@@ -326,6 +332,7 @@ fn settings(args: SuperviseArgs, id: &SupervisorId, managed: bool) -> anyhow::Re
         resync: args.resync.into(),
         stop_timeout: args.stop_timeout.into(),
         parallelism: args.parallelism,
+        network_capacity: args.network_capacity,
         purge_volumes: args.purge_volumes,
         poll: args.poll,
         metrics_listen,
@@ -442,10 +449,9 @@ async fn start_managed_broker(
     id: &SupervisorId,
     m: &ManagedArgs,
 ) -> anyhow::Result<ManagedBroker> {
-    let net = Named {
-        name: settings.spec.network_name(),
-        labels: settings.spec.base_labels(),
-    };
+    // The first agent network's gateway: agents on the others reach it too (a host address;
+    // Docker isolates bridges in FORWARD, not INPUT), see ARCHITECTURE.md.
+    let net = settings.spec.agent_network(1);
     let gateway = runtime
         .network_gateway(&net)
         .await

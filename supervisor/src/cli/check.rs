@@ -28,7 +28,9 @@ pub struct AllowArgs {
     /// Accept `devices` (host device nodes).
     #[arg(long)]
     pub allow_devices: bool,
-    /// Accept `network = "<name>"` for a Docker network that is not labvisor's own.
+    /// Accept `network = "<name>"` for a Docker network that is not labvisor's own. Every SUT
+    /// naming it goes on that one network: it is not split past `--network-capacity` (a bridge
+    /// takes at most 1023 ports; sizing it is the operator's concern).
     #[arg(long)]
     pub allow_network: bool,
     /// Accept `cap_add` (capabilities beyond the agents' default set, e.g. NET_RAW).

@@ -204,6 +204,7 @@ mod tests {
             state: RunState::Running,
             health: Health::Healthy,
             finished_ms: None,
+            network: None,
         }
     }
 

@@ -39,6 +39,7 @@ use labvisor_protocol::payloads::Health;
 use labvisor_protocol::SutName;
 
 pub mod classify;
+pub mod networks;
 pub mod policy;
 pub mod rolling;
 

@@ -252,6 +252,11 @@ impl ContainerRuntime for FakeRuntime {
                 state: RunState::Running,
                 health: Health::Healthy,
                 finished_ms: None,
+                network: spec
+                    .body
+                    .host_config
+                    .as_ref()
+                    .and_then(|h| h.network_mode.clone()),
             });
             Ok(id)
         })
@@ -420,6 +425,7 @@ pub fn settings(sut_dir: &std::path::Path) -> crate::supervise::Settings {
         resync: Duration::from_secs(30),
         stop_timeout: Duration::from_secs(1),
         parallelism: 4,
+        network_capacity: crate::plan::networks::DEFAULT_CAPACITY,
         purge_volumes: false,
         logins: None,
         poll: None,

@@ -93,6 +93,9 @@ pub struct ContainerInfo {
     /// When it stopped (Docker's `FinishedAt`), ms since the epoch: filled in for our exited
     /// containers only (an inspect each), `None` otherwise or when Docker did not say.
     pub finished_ms: Option<u64>,
+    /// Its network mode (`HostConfig.NetworkMode`: a network's name, `host`, `default`…): which
+    /// of labvisor's agent networks it is on ([`crate::plan::networks`]).
+    pub network: Option<String>,
 }
 
 /// A container event worth a resync (die, start, health change, destroy).

@@ -203,18 +203,13 @@ fn mounts(cfg: &SutConfig, volume: &Named, tools: &ToolsVolume) -> Vec<Mount> {
     mounts
 }
 
-/// The network mode, and labvisor's own network to make sure of when it is that one.
+/// The network mode, and labvisor's own network to make sure of when it is that one (the
+/// first agent network; [`ContainerSpec::on_agent_network`] puts the container on another).
 fn network(cfg: &SutConfig, ctx: &SpecContext) -> (String, Option<Named>) {
     match &cfg.network {
         Network::Labvisor => {
-            let n = ctx.network_name();
-            (
-                n.clone(),
-                Some(Named {
-                    name: n,
-                    labels: ctx.base_labels(),
-                }),
-            )
+            let n = ctx.agent_network(1);
+            (n.name.clone(), Some(n))
         }
         Network::Host => ("host".to_owned(), None),
         Network::Named(n) => (n.clone(), None),

@@ -46,8 +46,9 @@
 //! - Posture: every capability dropped but [`labvisor_protocol::config::DEFAULT_CAPABILITIES`]
 //!   (plus the SUT's `cap_add`; none of this for a privileged container), `no-new-privileges`
 //!   (unless the SUT turns it off), a pids limit (`resources.pids`), the image's own user.
-//! - Network: labvisor's own bridge `[--name-prefix]labvisor.net` (created when missing, with
-//!   inter-container traffic off), a named network, or `host`.
+//! - Network: labvisor's own bridge `[--name-prefix]labvisor.net` or, past
+//!   `--network-capacity` containers, `labvisor.net.<n>` ([`crate::plan::networks`]; created
+//!   when missing, with inter-container traffic off), a named network, or `host`.
 //! - Labels on the container, the volume and the network: `io.labvisor.managed-by=labvisor`,
 //!   `io.labvisor.supervisor=<id>`, `io.labvisor.sut=<sut>` (not on the network),
 //!   `io.labvisor.config-hash=<hash>` (container only), the `--extra-label`s, and on the
@@ -108,6 +109,22 @@ pub const TOOLS_MARKER: &str = ".labvisor-tools";
 pub const LABEL_ROLE: &str = "io.labvisor.role";
 /// Value of [`LABEL_ROLE`] on the tools volume and its fill helper.
 pub const ROLE_TOOLS: &str = "tools";
+
+/// Value of [`LABEL_ROLE`] on labvisor's agent networks (`labvisor.net`, `labvisor.net.<n>`).
+pub const ROLE_NETWORK: &str = "network";
+
+/// The agent network a network name is, `(first network's name, n)`: `(name, 1)` for a name
+/// ending in `labvisor.net`, `(head, n)` for `head.<n>` with `n` ≥ 2 and `head` one; `None`
+/// for any other name (a named network, `host`, an old-style bridge).
+pub fn agent_network_of(name: &str) -> Option<(&str, usize)> {
+    if name.ends_with("labvisor.net") {
+        return Some((name, 1));
+    }
+    let (head, tail) = name.rsplit_once('.')?;
+    let digits = !tail.is_empty() && tail.bytes().all(|b| b.is_ascii_digit());
+    let n: usize = tail.parse().ok().filter(|n| digits && *n >= 2)?;
+    head.ends_with("labvisor.net").then_some((head, n))
+}
 
 /// Docker's bridge option for inter-container traffic.
 pub const ICC_OPTION: &str = "com.docker.network.bridge.enable_icc";
@@ -270,6 +287,27 @@ impl SpecContext {
         format!("{}labvisor.net", self.name_prefix)
     }
 
+    /// The name of labvisor's agent network `n` (from 1): the first is [`Self::network_name`]
+    /// (existing labs keep theirs), then `[--name-prefix]labvisor.net.<n>`, a name no SUT can
+    /// produce (it holds a `.`). See [`crate::plan::networks`].
+    pub fn agent_network_name(&self, n: usize) -> String {
+        match n {
+            0 | 1 => self.network_name(),
+            n => format!("{}.{n}", self.network_name()),
+        }
+    }
+
+    /// Agent network `n`, as created when missing: bridge, inter-container traffic off
+    /// ([`NETWORK_OPTIONS`]), this supervisor's labels and [`LABEL_ROLE`] = [`ROLE_NETWORK`].
+    pub fn agent_network(&self, n: usize) -> Named {
+        let mut labels = self.base_labels();
+        labels.insert(LABEL_ROLE.into(), ROLE_NETWORK.into());
+        Named {
+            name: self.agent_network_name(n),
+            labels,
+        }
+    }
+
     /// The bridge network of earlier versions (`[--name-prefix]labvisor`), made with
     /// inter-container traffic on: removed once no container uses it.
     pub fn legacy_network_name(&self) -> String {
@@ -343,6 +381,21 @@ pub struct ContainerSpec {
     /// The tar archive uploaded to `/` before start, as chunks: the SUT file and its `files`;
     /// `None` when the SUT file is passed inline and there is nothing to upload.
     pub archive: Option<Vec<Bytes>>,
+}
+
+impl ContainerSpec {
+    /// The container on labvisor's agent network `n` instead of the first, when it is on
+    /// labvisor's own network at all (a named network or `host` stays as it is).
+    pub fn on_agent_network(mut self, n: usize, ctx: &SpecContext) -> ContainerSpec {
+        if self.network.is_some() {
+            let net = ctx.agent_network(n);
+            if let Some(h) = self.body.host_config.as_mut() {
+                h.network_mode = Some(net.name.clone());
+            }
+            self.network = Some(net);
+        }
+        self
+    }
 }
 
 /// The image a SUT's container needs, and how to get it when it is absent.

@@ -42,6 +42,17 @@ pub(super) struct Executor<R> {
     semaphore: Arc<Semaphore>,
     tasks: JoinSet<()>,
     done_tx: mpsc::UnboundedSender<Done>,
+    /// The agent network of each SUT to create this pass, and of the creations in flight.
+    networks: Networks,
+}
+
+/// Which agent network ([`crate::plan::networks`]) each creation goes on: those the pass
+/// assigned, and those of the creations started and not finished (shared with their tasks,
+/// which take themselves out when done).
+#[derive(Default)]
+struct Networks {
+    assigned: BTreeMap<SutName, usize>,
+    in_flight: Arc<std::sync::Mutex<BTreeMap<SutName, usize>>>,
 }
 
 impl<R: ContainerRuntime> Executor<R> {
@@ -61,6 +72,7 @@ impl<R: ContainerRuntime> Executor<R> {
             }),
             tasks: JoinSet::new(),
             done_tx,
+            networks: Networks::default(),
         }
     }
 
@@ -118,18 +130,49 @@ impl<R: ContainerRuntime> Executor<R> {
         wake
     }
 
+    /// The agent networks the pass assigned to the SUTs it creates (see [`Self::in_flight`]).
+    pub fn assign_networks(&mut self, assigned: BTreeMap<SutName, usize>) {
+        self.networks.assigned = assigned;
+    }
+
+    /// The agent network of each creation started and not finished.
+    pub fn in_flight(&self) -> BTreeMap<SutName, usize> {
+        self.networks
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
     fn spawn(&mut self, action: Action, span: Span) {
         let exec = self.exec.clone();
         let sem = self.semaphore.clone();
         let tx = self.done_tx.clone();
         span.in_scope(|| debug!("Starting action."));
         let task_span = span.clone();
+        let creates = matches!(action, Action::Create { .. } | Action::Recreate { .. });
+        let net = creates
+            .then(|| self.networks.assigned.get(action.sut()).copied())
+            .flatten();
+        let in_flight = self.networks.in_flight.clone();
+        if let Some(n) = net {
+            in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(action.sut().clone(), n);
+        }
         self.tasks.spawn(
             async move {
                 let result = match sem.acquire_owned().await {
-                    Ok(_permit) => exec.execute(&action).await,
+                    Ok(_permit) => exec.execute(&action, net).await,
                     Err(_) => Ok(()),
                 };
+                if net.is_some() {
+                    in_flight
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(action.sut());
+                }
                 let _ = tx.send(Done {
                     sut: action.sut().clone(),
                     action,
@@ -274,7 +317,8 @@ impl<R: ContainerRuntime> Exec<R> {
         .map_err(|e| ActionError::File(e.to_string()))?
     }
 
-    async fn create(&self, sut: &SutName) -> Result<String, ActionError> {
+    /// Creates `sut`'s container, on agent network `net` when the pass assigned one.
+    async fn create(&self, sut: &SutName, net: Option<usize>) -> Result<String, ActionError> {
         let (cfg, bytes) = self.load(sut).await?;
         crate::runtime::image::ensure(
             &*self.runtime,
@@ -291,7 +335,10 @@ impl<R: ContainerRuntime> Exec<R> {
                 .map_err(|e| ActionError::File(e.to_string()))??;
         }
         let hash = self.settings.spec.container_hash(&cfg.hash());
-        let spec = container_spec(&cfg, &bytes, &hash, &self.settings.spec)?;
+        let mut spec = container_spec(&cfg, &bytes, &hash, &self.settings.spec)?;
+        if let Some(n) = net {
+            spec = spec.on_agent_network(n, &self.settings.spec);
+        }
         Ok(self.runtime.create(&spec).await?)
     }
 
@@ -322,19 +369,19 @@ impl<R: ContainerRuntime> Exec<R> {
         Ok(result?)
     }
 
-    /// Runs `action` (in its span).
-    async fn execute(&self, action: &Action) -> Result<(), ActionError> {
+    /// Runs `action` (in its span); a creation goes on agent network `net`.
+    async fn execute(&self, action: &Action, net: Option<usize>) -> Result<(), ActionError> {
         let rt = &self.runtime;
         let t = self.settings.stop_timeout;
         match action {
             Action::Create { sut } => {
-                let id = self.create(sut).await?;
+                let id = self.create(sut, net).await?;
                 Span::current().record("container", id.as_str());
                 info!("Created and started the agent container.");
             }
             Action::Recreate { sut, id, reason } => {
                 self.take_down(id, *reason).await?;
-                let new = self.create(sut).await?;
+                let new = self.create(sut, net).await?;
                 info!(new_container = %new, reason = ?reason, "Recreated the agent container.");
             }
             Action::Remove { sut, id, sut_gone } => {

@@ -168,6 +168,9 @@ pub struct Settings {
     pub stop_timeout: Duration,
     /// Actions running at once.
     pub parallelism: usize,
+    /// The most agent containers put on one of labvisor's networks (`--network-capacity`, see
+    /// [`crate::plan::networks`]).
+    pub network_capacity: usize,
     /// Remove a SUT's volume with its container when its file is deleted.
     pub purge_volumes: bool,
     /// Poll the directory at this interval instead of watching it with inotify.

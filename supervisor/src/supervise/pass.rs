@@ -15,6 +15,7 @@ use super::reconciler::Reconciler;
 use super::status::Seen;
 use super::DOCKER_RETRY_MAX;
 use crate::plan::classify::{self, stem};
+use crate::plan::networks::Networks;
 use crate::plan::policy::{Backoff, RETRY_MIN};
 use crate::plan::{plan, primary, Action, Actual, Busy, Desired, RunState};
 use crate::runtime::{ContainerInfo, ContainerRuntime};
@@ -87,15 +88,21 @@ impl<R: ContainerRuntime> Reconciler<R> {
         };
         self.watch.watch_contexts(&scan);
         self.log_problems(&scan);
+        // Taken before the list: a creation that ends meanwhile is then listed.
+        let in_flight = self.exec.in_flight();
         let Some(list) = self.list(now).await else {
             self.publish(&scan, &[], &BTreeMap::new());
             return;
         };
+        let s = &self.settings;
+        let mut nets = Networks::new(s.network_capacity, &list, &in_flight, &s.spec);
         let p = self.classify_and_plan(scan, list, now).await;
         let known = self.note_plan(&p, now);
         self.rolling_observe(&p.actual, &p.desired, &p.actions);
         self.drain(&p).await;
         self.forget(&known);
+        let assigned = nets.assign_creations(&p.actions, &p.scan);
+        self.exec.assign_networks(assigned);
         let wake = self.exec.start_due(p.actions, &mut self.suts, &p.scan, now);
         if let Some(at) = wake {
             self.timers.wake_at(at);

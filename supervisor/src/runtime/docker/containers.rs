@@ -50,6 +50,7 @@ impl ContainerRuntime for DockerRuntime {
                     state: run_state(c.state),
                     health: health_from_status(c.status.as_deref().unwrap_or("")),
                     finished_ms: None,
+                    network: c.host_config.and_then(|h| h.network_mode),
                 })
             })
             .collect();

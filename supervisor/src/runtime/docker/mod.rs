@@ -44,8 +44,9 @@ pub struct DockerRuntime {
     /// The tools volume in use, once made sure of: after a container is removed, older tools
     /// volumes of this supervisor that no container uses any more are removed.
     current_tools: Arc<Mutex<Option<String>>>,
-    /// labvisor's own network, once made sure of: older networks of this supervisor are
-    /// removed when no container uses them any more.
+    /// The name of the first of labvisor's agent networks, once one is made sure of: other
+    /// networks of this supervisor, but the agent networks, are removed when no container
+    /// uses them any more.
     current_network: Arc<Mutex<Option<String>>>,
     /// This supervisor's SUT volumes (name → labels), listed at the first create, to find
     /// those of the old naming.

@@ -1,4 +1,5 @@
-//! labvisor's own bridge network: made when missing (with traffic between its containers
+//! labvisor's own bridge networks (`labvisor.net`, `labvisor.net.<n>`, see
+//! [`crate::plan::networks`]): each made when missing (with traffic between its containers
 //! off), once per process; older networks of this supervisor are removed once unused.
 
 use std::collections::HashMap;
@@ -8,8 +9,9 @@ use bollard::query_parameters::{InspectNetworkOptions, ListNetworksOptionsBuilde
 use tracing::{debug, warn};
 
 use super::{found, DockerRuntime};
+use crate::plan::networks::is_agent_network;
 use crate::runtime::RuntimeError;
-use crate::spec::{Named, ICC_OPTION, NETWORK_OPTIONS};
+use crate::spec::{agent_network_of, Named, ICC_OPTION, NETWORK_OPTIONS};
 
 impl DockerRuntime {
     /// Makes sure of the network `net` (once per process unless a create fails).
@@ -57,7 +59,10 @@ impl DockerRuntime {
         Ok(())
     }
 
+    /// Notes the agent networks in use (by the name of the first, whichever `name` is); the
+    /// first time, starts the removal of old ones.
     fn set_current_network(&self, name: &str) {
+        let name = agent_network_of(name).map_or(name, |(first, _)| first);
         let first = self
             .current_network
             .lock()
@@ -70,9 +75,11 @@ impl DockerRuntime {
         }
     }
 
-    /// Removes this supervisor's networks other than the one in use (the bridge of earlier
-    /// versions, with traffic between containers allowed); the engine refuses those a
-    /// container (an agent not yet recreated) still uses, and they stay until it is gone.
+    /// Removes this supervisor's networks other than the agent networks in use
+    /// ([`is_agent_network`]: the first, and the further ones labelled as agent networks), e.g.
+    /// the bridge of earlier versions, with traffic between containers allowed; the engine
+    /// refuses those a container (an agent not yet recreated) still uses, and they stay until
+    /// it is gone.
     pub(super) async fn remove_old_networks(&self) {
         let Some(keep) = self
             .current_network
@@ -90,7 +97,11 @@ impl DockerRuntime {
             return;
         };
         for n in list {
-            let Some(name) = n.name.filter(|name| *name != keep) else {
+            let labels = n.labels.unwrap_or_default();
+            let Some(name) = n
+                .name
+                .filter(|name| !is_agent_network(name, &labels, &keep))
+            else {
                 continue;
             };
             match self.docker.remove_network(&name).await {
