@@ -199,8 +199,8 @@ fn reaches(from: &str, to: &str) -> bool {
 /// Five SUTs with capacity 2: three networks of this supervisor (2, 2 and 1 agents), each with
 /// inter-container traffic off; every agent healthy and running one job through the managed
 /// broker on the first network's gateway; no agent reaches another, on its network or on
-/// another; a restarted supervisor adopts them all where they are; a sixth SUT goes on the
-/// third network.
+/// another; a restarted supervisor adopts them all where they are, removes an old-style network
+/// and keeps an (empty) agent network; a sixth SUT goes on the third network.
 #[test]
 #[ignore = "needs Docker: tools/test.sh runs it"]
 fn agents_are_spread_over_networks_and_all_reach_the_broker() {
@@ -282,15 +282,39 @@ fn agents_are_spread_over_networks_and_all_reach_the_broker() {
     assert!(!reaches(&two[0], &two[1]), "same network");
     assert!(!reaches(&two[0], &three[0]), "network 3 from network 2");
 
-    // A restarted supervisor adopts every container where it is.
+    // A restarted supervisor adopts every container where it is. Of this supervisor's unused
+    // networks it removes an old-style one (the bridge of earlier versions) and keeps an agent
+    // network.
     sup.kill().unwrap();
     sup.wait().unwrap();
+    let old = scope.name("labvisor");
+    for (name, extra) in [
+        (&old, "io.labvisor.test.old=1"),
+        (&net(4), "io.labvisor.role=network"),
+    ] {
+        let supervisor = format!("io.labvisor.supervisor={}", scope.run_id());
+        let labels = [
+            scope.label(),
+            "io.labvisor.managed-by=labvisor".into(),
+            supervisor,
+            extra.into(),
+        ];
+        let args: Vec<&str> = labels
+            .iter()
+            .flat_map(|l| ["--label", l.as_str()])
+            .collect();
+        docker_ok(&[&["network", "create"][..], &args, &[name.as_str()]].concat());
+    }
     let log2 = t.path().join("supervisor2.log");
     let mut sup2 = supervise(&scope, &dir, &state, port, &log2);
     wait_until(&fail("all five idle again", &log2), T, || {
         (idle_suts(port, &state).len() == 5).then_some(())
     });
     assert_eq!(agents(&scope), before, "same ids, same networks");
+    wait_until(&fail("the old bridge removed", &log2), T, || {
+        (!docker(&["network", "inspect", &old]).status.success()).then_some(())
+    });
+    assert_eq!(own_networks(&scope), [net(1), net(2), net(3), net(4)]);
 
     // A sixth SUT goes on the third network, the first with room.
     std::fs::write(dir.join("n6.toml"), SUT_TEXT).unwrap();
@@ -300,7 +324,6 @@ fn agents_are_spread_over_networks_and_all_reach_the_broker() {
             .then_some(())
     });
     assert_eq!(agents(&scope)["n6"].1, net(3));
-    assert_eq!(own_networks(&scope), [net(1), net(2), net(3)]);
 
     // A clean stop, with its broker; the scope removes the rest by label.
     let pid = nix::unistd::Pid::from_raw(sup2.id() as i32);
