@@ -283,6 +283,43 @@ mod tests {
         assert_eq!(assign_all(&mut n, &["b", "d", "e"]), [1, 2, 3]);
     }
 
+    /// Only creations and recreations of SUTs on labvisor's own network get one.
+    #[test]
+    fn creations_on_labvisors_network_are_assigned() {
+        let dir = tempfile::tempdir().unwrap();
+        for (s, extra) in [
+            ("a", ""),
+            ("b", "network = \"lab-net\"\n"),
+            ("c", ""),
+            ("d", ""),
+        ] {
+            let text = format!("image = \"img\"\n{extra}");
+            std::fs::write(dir.path().join(format!("{s}.toml")), text).unwrap();
+        }
+        let allow = labvisor_protocol::config::Allow {
+            network: true,
+            ..Default::default()
+        };
+        let scan = labvisor_protocol::config::scan_dir(dir.path(), &allow).unwrap();
+        let actions = [
+            Action::Create { sut: sut("a") },
+            Action::Create { sut: sut("b") },
+            Action::Recreate {
+                sut: sut("c"),
+                id: "c1".into(),
+                reason: crate::plan::RecreateReason::ConfigChanged,
+            },
+            Action::Start {
+                sut: sut("d"),
+                id: "d1".into(),
+            },
+            Action::Create { sut: sut("e") },
+        ];
+        let mut n = Networks::new(1, &[], &BTreeMap::new(), &spec_context());
+        let got = n.assign_creations(&actions, &scan);
+        assert_eq!(got, BTreeMap::from([(sut("a"), 1), (sut("c"), 2)]));
+    }
+
     #[test]
     fn a_capacity_of_zero_counts_as_one() {
         let ctx = spec_context();

@@ -292,3 +292,35 @@ fn tools_archive_holds_both_binaries_then_the_marker() {
     assert_ne!(t.hash, other.hash);
     assert!(!format!("{t:?}").contains("AGENT"), "Debug shows no bytes");
 }
+
+/// A container goes on agent network `n` (mode and the network made sure of, labelled as an
+/// agent network); one on a named network or `host` stays there, with nothing to make.
+#[test]
+fn a_container_goes_on_its_agent_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let allow = Allow {
+        network: true,
+        host_network: true,
+        ..Allow::default()
+    };
+    let spec = |text: &str| {
+        let cfg = load_str("dut1.toml", text, dir.path(), &allow).unwrap();
+        container_spec(&cfg, text.as_bytes(), &cfg.hash(), &ctx()).unwrap()
+    };
+    let mode = |s: &ContainerSpec| s.body.host_config.as_ref().unwrap().network_mode.clone();
+    let s = spec("image = \"img\"\n").on_agent_network(3, &ctx());
+    assert_eq!(mode(&s).as_deref(), Some("t-labvisor.net.3"));
+    let net = s.network.unwrap();
+    assert_eq!(net.name, "t-labvisor.net.3");
+    assert_eq!(net.labels[LABEL_ROLE], ROLE_NETWORK);
+    assert_eq!(net.labels[LABEL_SUPERVISOR], "lab");
+    assert_eq!(net.labels["x"], "y");
+    for (text, want) in [
+        ("image = \"img\"\nnetwork = \"lab-net\"\n", "lab-net"),
+        ("image = \"img\"\nnetwork = \"host\"\n", "host"),
+    ] {
+        let s = spec(text).on_agent_network(3, &ctx());
+        assert_eq!(mode(&s).as_deref(), Some(want));
+        assert!(s.network.is_none());
+    }
+}
