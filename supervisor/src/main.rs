@@ -449,8 +449,7 @@ async fn start_managed_broker(
     id: &SupervisorId,
     m: &ManagedArgs,
 ) -> anyhow::Result<ManagedBroker> {
-    // The first agent network's gateway: agents on the others reach it too (a host address;
-    // Docker isolates bridges in FORWARD, not INPUT), see ARCHITECTURE.md.
+    // Agents on every agent network reach this gateway (ARCHITECTURE.md, broker section).
     let net = settings.spec.agent_network(1);
     let gateway = runtime
         .network_gateway(&net)

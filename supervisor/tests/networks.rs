@@ -70,6 +70,23 @@ async fn creations_in_flight_are_counted() {
     task.await.unwrap();
 }
 
+/// A capacity of 0 is a usage error, before anything starts.
+#[test]
+fn a_network_capacity_of_zero_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_labvisor"))
+        .args(["supervise", "--network-capacity", "0", "--sut-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("invalid value '0' for '--network-capacity"),
+        "{err}"
+    );
+}
+
 /// Waits until `f` holds, failing at `deadline`.
 async fn until(what: &str, deadline: tokio::time::Instant, f: impl Fn() -> bool) {
     while !f() {
