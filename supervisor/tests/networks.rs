@@ -99,10 +99,19 @@ async fn until(what: &str, deadline: tokio::time::Instant, f: impl Fn() -> bool)
 /// machine must not restart anything under the test).
 const SUT_TEXT: &str = "image = \"labvisor/busybox:local\"\ncommand = [\"/bin/sh\", \"-c\", \"while true; do echo up; sleep 1; done\"]\n[health]\nheartbeat = \"500ms\"\nmax_age = \"3s\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nretries = 2\nstart_period = \"0s\"\n[restart]\non_unhealthy = \"none\"\n";
 
+const CAPACITY_2: [&str; 2] = ["--network-capacity", "2"];
+
 const T: Duration = Duration::from_secs(90);
 
-/// A supervisor with its managed broker (no `--broker`) and `--network-capacity 2`.
-fn supervise(scope: &DockerScope, dir: &Path, state: &Path, port: u16, log: &Path) -> KillOnDrop {
+/// A supervisor with its managed broker (no `--broker`) and `extra` arguments.
+fn supervise(
+    scope: &DockerScope,
+    dir: &Path,
+    state: &Path,
+    port: u16,
+    log: &Path,
+    extra: &[&str],
+) -> KillOnDrop {
     let child = Command::new(env!("CARGO_BIN_EXE_labvisor"))
         .arg("supervise")
         .arg("--sut-dir")
@@ -111,7 +120,7 @@ fn supervise(scope: &DockerScope, dir: &Path, state: &Path, port: u16, log: &Pat
         .args(["--name-prefix", &scope.name("")])
         .args(["--extra-label", &scope.label()])
         .args(["--broker-port", &port.to_string()])
-        .args(["--network-capacity", "2"])
+        .args(extra)
         .args(["--metrics-listen", "none"])
         .args(["--stop-timeout", "2s"])
         .arg("--state-dir")
@@ -232,7 +241,7 @@ fn agents_are_spread_over_networks_and_all_reach_the_broker() {
     }
     let port = free_port();
     let log = t.path().join("supervisor.log");
-    let mut sup = supervise(&scope, &dir, &state, port, &log);
+    let mut sup = supervise(&scope, &dir, &state, port, &log, &CAPACITY_2);
     let fail = |what: &str, log: &Path| {
         format!(
             "{what}\n--- supervisor log ---\n{}",
@@ -323,7 +332,7 @@ fn agents_are_spread_over_networks_and_all_reach_the_broker() {
         docker_ok(&[&["network", "create"][..], &args, &[name.as_str()]].concat());
     }
     let log2 = t.path().join("supervisor2.log");
-    let mut sup2 = supervise(&scope, &dir, &state, port, &log2);
+    let sup2 = supervise(&scope, &dir, &state, port, &log2, &CAPACITY_2);
     wait_until(&fail("all five idle again", &log2), T, || {
         (idle_suts(port, &state).len() == 5).then_some(())
     });
@@ -343,13 +352,77 @@ fn agents_are_spread_over_networks_and_all_reach_the_broker() {
     assert_eq!(agents(&scope)["n6"].1, net(3));
 
     // A clean stop, with its broker; the scope removes the rest by label.
-    let pid = nix::unistd::Pid::from_raw(sup2.id() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert!(sup2.wait().unwrap().success());
+    stop(sup2);
     let supervisor = format!("label=io.labvisor.supervisor={}", scope.run_id());
     drop(scope);
     for ls in [&["network", "ls"][..], &["volume", "ls"], &["ps", "-a"]] {
         let left = docker_ok(&[ls, &["-q", "--filter", &supervisor]].concat());
         assert!(left.is_empty(), "left by {ls:?}: {left}");
     }
+}
+
+/// With `--agent-tls`, the one certificate (its SAN the first network's gateway) serves the
+/// agents of every network: capacity 1, two SUTs on two networks, each given the same
+/// `mqtts://` URL, each runs a job.
+#[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
+fn over_tls_one_certificate_serves_every_network() {
+    ensure_busybox_image();
+    let scope = DockerScope::new("netstls");
+    let t = tempfile::tempdir().unwrap();
+    let (dir, state) = (t.path().join("sut"), t.path().join("state"));
+    std::fs::create_dir_all(&dir).unwrap();
+    for s in ["t1", "t2"] {
+        std::fs::write(dir.join(format!("{s}.toml")), SUT_TEXT).unwrap();
+    }
+    let port = free_port();
+    let log = t.path().join("supervisor.log");
+    let extra = ["--agent-tls", "--network-capacity", "1"];
+    let sup = supervise(&scope, &dir, &state, port, &log, &extra);
+    let fail = |what: &str| {
+        format!(
+            "{what}\n--- supervisor log ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    wait_until(&fail("both idle, healthy and connected"), T, || {
+        (idle_suts(port, &state).len() == 2).then_some(())
+    });
+    let nets: Vec<String> = agents(&scope).into_values().map(|(_, n)| n).collect();
+    assert_eq!(
+        nets,
+        [scope.name("labvisor.net"), scope.name("labvisor.net.2")]
+    );
+    let gateway = labvisor_tests::network_gateway(&scope.name("labvisor.net"));
+    let url = format!("mqtt://127.0.0.1:{port}");
+    for (s, (id, _)) in agents(&scope) {
+        let env = docker_ok(&[
+            "inspect",
+            "-f",
+            "{{range .Config.Env}}{{println .}}{{end}}",
+            &id,
+        ]);
+        assert!(
+            env.lines()
+                .any(|l| l == format!("LABVISOR_BROKER=mqtts://{gateway}:{port}")),
+            "{s}: {env}"
+        );
+        let out = cli(
+            &state,
+            &["submit", &s, "--wait", "--broker", &url, "--", "true"],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            fail(&String::from_utf8_lossy(&out.stderr))
+        );
+    }
+    stop(sup);
+}
+
+/// Stops the supervisor `sup` cleanly (SIGTERM), which stops its managed broker too.
+fn stop(mut sup: KillOnDrop) {
+    let pid = nix::unistd::Pid::from_raw(sup.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert!(sup.wait().unwrap().success());
 }
