@@ -28,6 +28,8 @@
 //!   disruption, which Docker events are news.
 //! - [`rolling`]: the rolling restart (`labvisor restart`): whose turn it is, its
 //!   recreation behind the busy gate, its progress.
+//! - [`networks`]: which of labvisor's agent networks (`labvisor.net`, `.2`, …) a new
+//!   container goes on: the first with room under `--network-capacity`.
 //! - [`policy`]: what the loop keeps per SUT between passes and the gates on acting: retry
 //!   backoff after a failed action, the healing backoff and crash-loop flag, the busy wait.
 //!   Every backoff is [`policy::Backoff`] (backon's exponential builder).
