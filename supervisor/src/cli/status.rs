@@ -156,7 +156,7 @@ fn stopped_by_person(at_ms: Option<u64>) -> String {
 
 /// `labvisor status`: one line per SUT from the retained agent and supervisor topics.
 pub async fn status(args: &BrokerArgs, json: bool, out: &mut dyn Write) -> Result<(), ClientError> {
-    let mut s = Session::connect(args, |t| {
+    let mut s = Session::snapshot(args, |t| {
         vec![
             t.agents_filter(),
             t.sut_views_filter(),
