@@ -18,10 +18,12 @@ use std::time::Duration;
 use clap::Parser;
 use labvisor_protocol::topics::Topics;
 
+// Shared with tests/status_scale.rs, which also uses what this binary does not.
+#[allow(dead_code)]
 #[path = "../tests/support/retained_lab.rs"]
 mod retained_lab;
 
-use retained_lab::{Kind, Mix};
+use retained_lab::Mix;
 
 /// Publishes the retained topics of a lab of N SUTs.
 #[derive(Parser)]
@@ -66,14 +68,9 @@ fn main() -> ExitCode {
         eprintln!("retained_lab: {e}");
         return ExitCode::from(1);
     }
-    let n = |k: Kind| suts.iter().filter(|(_, x)| *x == k).count();
-    let problems = args.suts - n(Kind::Healthy) - n(Kind::Busy) - n(Kind::Offline);
     println!(
-        "published {published} retained messages; expect: {} SUTs: {} healthy, {} busy, {} offline, {problems} problems",
-        args.suts,
-        n(Kind::Healthy),
-        n(Kind::Busy),
-        n(Kind::Offline),
+        "published {published} retained messages; labvisor status should say: {}",
+        retained_lab::summary_line(&suts)
     );
     ExitCode::SUCCESS
 }

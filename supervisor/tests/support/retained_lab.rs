@@ -81,7 +81,7 @@ impl Mix {
             .chain(std::iter::repeat_n(Kind::Offline, self.offline))
             .chain(std::iter::repeat_n(Kind::Busy, self.busy));
         let mut free: Vec<usize> = (0..n).rev().step_by(7).collect();
-        free.extend((0..n).rev().filter(|i| (n - 1 - i) % 7 != 0));
+        free.extend((0..n).rev().filter(|i| !(n - 1 - i).is_multiple_of(7)));
         for (kind, i) in specials.zip(free) {
             kinds[i] = kind;
         }
@@ -143,6 +143,35 @@ pub fn messages(topics: &Topics, sup: &str, suts: &[(SutName, Kind)]) -> Vec<(St
     out
 }
 
+/// The summary line `labvisor status` prints for the lab `suts` (alone on its broker).
+pub fn summary_line(suts: &[(SutName, Kind)]) -> String {
+    let n = |k: Kind| count(suts, k);
+    let problems = suts.len() - n(Kind::Healthy) - n(Kind::Busy) - n(Kind::Offline);
+    let kinds: Vec<String> = [
+        (Kind::Unhealthy, "unhealthy"),
+        (Kind::CrashLoop, "crash-loop"),
+        (Kind::InvalidFile, "invalid file"),
+        (Kind::PendingFailing, "failing action"),
+        (Kind::NoAgent, "no agent status"),
+    ]
+    .into_iter()
+    .filter(|(k, _)| n(*k) > 0)
+    .map(|(k, label)| format!("{} {label}", n(k)))
+    .collect();
+    let kinds = if kinds.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", kinds.join(", "))
+    };
+    format!(
+        "{} SUTs: {} healthy, {} busy, {} offline, {problems} problems{kinds}",
+        suts.len(),
+        n(Kind::Healthy),
+        n(Kind::Busy),
+        n(Kind::Offline),
+    )
+}
+
 fn count(suts: &[(SutName, Kind)], kind: Kind) -> usize {
     suts.iter().filter(|(_, k)| *k == kind).count()
 }
@@ -187,8 +216,7 @@ fn view(sut: &SutName, sup: &SupervisorId, kind: Kind, now: u64) -> SutView {
         restarts: u64::from(kind == Kind::CrashLoop) * 3,
         crash_loop: kind == Kind::CrashLoop,
         pending_action: problem(Kind::PendingFailing, "recreate (config changed)"),
-        last_error: problem(Kind::PendingFailing, "create: no such image")
-            .or_else(|| problem(Kind::NoAgent, "start: port already in use")),
+        last_error: problem(Kind::PendingFailing, "create: no such image"),
         config_problems: problem(Kind::InvalidFile, "image: missing")
             .into_iter()
             .collect(),
@@ -220,4 +248,16 @@ pub async fn publish(
     link.shutdown(Vec::new(), limit)
         .await
         .map_err(|e| format!("not every message was acknowledged within {limit:?}: {e}"))
+}
+
+/// Publishes `msgs` retained again and again, one every `every`, on the broker at `url`, as
+/// live agent statuses (heartbeats) come; until the runtime ends.
+pub async fn republish(url: String, msgs: Vec<(String, Vec<u8>)>, every: Duration) {
+    let opts = LinkOptions::from_url(&url, format!("retained-lab-live-{}", std::process::id()))
+        .expect("a broker URL");
+    let (link, _incoming) = MqttLink::start(opts).expect("a link");
+    for (topic, payload) in msgs.iter().cycle() {
+        let _ = link.publish(Message::state(topic.clone(), payload.clone()));
+        tokio::time::sleep(every).await;
+    }
 }
