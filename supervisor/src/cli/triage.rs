@@ -259,23 +259,13 @@ mod tests {
         AgentStatus::new(SutName::new("s").unwrap(), "b", "1", 1).with_state(state)
     }
 
+    /// A view of `s` with `health` and nothing wrong (from JSON: every other field defaults).
     fn view(health: Health) -> SutView {
-        SutView {
-            v: VERSION,
-            sut: SutName::new("s").unwrap(),
-            supervisor: SupervisorId::new("lab").unwrap(),
-            container_id: Some("c".into()),
-            image: None,
-            config_hash: None,
-            health,
-            restarts: 0,
-            crash_loop: false,
-            pending_action: None,
-            last_error: None,
-            config_problems: Vec::new(),
-            stopped_by_person: None,
-            time_ms: 1,
-        }
+        serde_json::from_value(serde_json::json!({
+            "sut": "s", "supervisor": "lab", "container_id": "c",
+            "health": health, "restarts": 0, "time_ms": 1,
+        }))
+        .unwrap()
     }
 
     fn offline() -> Option<AdminState> {

@@ -201,28 +201,27 @@ fn agent(sut: &SutName, kind: Kind, now: u64) -> AgentStatus {
 
 fn view(sut: &SutName, sup: &SupervisorId, kind: Kind, now: u64) -> SutView {
     let problem = |k: Kind, s: &str| (kind == k).then(|| s.to_owned());
-    SutView {
-        v: VERSION,
-        sut: sut.clone(),
-        supervisor: sup.clone(),
-        container_id: (kind != Kind::NoAgent).then(|| format!("c-{sut}")),
-        image: Some("labvisor/busybox:local".into()),
-        config_hash: Some("hash".into()),
-        health: match kind {
-            Kind::Unhealthy | Kind::CrashLoop => Health::Unhealthy,
-            Kind::NoAgent => Health::None,
-            _ => Health::Healthy,
-        },
-        restarts: u64::from(kind == Kind::CrashLoop) * 3,
-        crash_loop: kind == Kind::CrashLoop,
-        pending_action: problem(Kind::PendingFailing, "recreate (config changed)"),
-        last_error: problem(Kind::PendingFailing, "create: no such image"),
-        config_problems: problem(Kind::InvalidFile, "image: missing")
-            .into_iter()
-            .collect(),
-        stopped_by_person: None,
-        time_ms: now,
-    }
+    let health = match kind {
+        Kind::Unhealthy | Kind::CrashLoop => Health::Unhealthy,
+        Kind::NoAgent => Health::None,
+        _ => Health::Healthy,
+    };
+    // The fields that matter here; any other (a newer optional one) takes its default.
+    let mut v: SutView = serde_json::from_value(serde_json::json!({
+        "v": VERSION, "sut": sut, "supervisor": sup, "health": health,
+        "restarts": u64::from(kind == Kind::CrashLoop) * 3, "time_ms": now,
+    }))
+    .expect("a SutView");
+    v.container_id = (kind != Kind::NoAgent).then(|| format!("c-{sut}"));
+    v.image = Some("labvisor/busybox:local".into());
+    v.config_hash = Some("hash".into());
+    v.crash_loop = kind == Kind::CrashLoop;
+    v.pending_action = problem(Kind::PendingFailing, "recreate (config changed)");
+    v.last_error = problem(Kind::PendingFailing, "create: no such image");
+    v.config_problems = problem(Kind::InvalidFile, "image: missing")
+        .into_iter()
+        .collect();
+    v
 }
 
 /// Publishes `msgs` retained with QoS 1 on the broker at `url` and returns once the broker
