@@ -64,6 +64,13 @@ pub struct LinkState {
     /// QoS 1 messages other than output and sticky states waiting in the outbox (see
     /// "Back-pressure" in the crate documentation).
     pub reliable_queued: usize,
+    /// SUBACKs received on the current connection (0 again at every ConnAck, when the
+    /// subscriptions are re-issued in the order they were made). A broker that answers
+    /// subscriptions in order, as mosquitto does, has sent every retained message of the
+    /// earlier subscriptions before the SUBACK of a later one; at QoS 0 nothing is held back
+    /// for acknowledgements, so a QoS 0 subscriber has them all once it sees the SUBACK of its
+    /// last subscription (what `labvisor status` waits for).
+    pub subacks: u64,
 }
 
 /// State shared by the handles and the polling task.
@@ -80,6 +87,8 @@ pub(crate) struct LinkCore {
     /// Effective maximum packet size: ours, or the broker's when smaller.
     limit: usize,
     closing: Option<Instant>,
+    /// SUBACKs on the current connection.
+    subacks: u64,
     disconnect_sent: bool,
     closed: bool,
     connects: u64,
@@ -103,6 +112,7 @@ impl LinkCore {
             max_packet_size,
             limit: max_packet_size,
             closing: None,
+            subacks: 0,
             disconnect_sent: false,
             closed: false,
             connects: 0,
@@ -312,7 +322,13 @@ impl LinkCore {
             (m as usize).min(self.max_packet_size)
         });
         self.subs_to_send = self.subscriptions.iter().cloned().collect();
+        self.subacks = 0;
         self.outbox.connected(receive_max);
+    }
+
+    /// A SUBACK on the current connection.
+    pub(crate) fn subscribed(&mut self) {
+        self.subacks += 1;
     }
 
     /// A connection error: counted and kept as `last_error`.
@@ -393,6 +409,7 @@ impl LinkCore {
             in_flight: self.outbox.in_flight(),
             last_error: self.last_error.clone(),
             reliable_queued: self.outbox.reliable_queued(),
+            subacks: self.subacks,
         }
     }
 }

@@ -139,6 +139,7 @@ impl Task {
                     "Connected to the MQTT broker."
                 );
             }
+            Event::Incoming(Packet::SubAck(_)) => self.shared.lock().subscribed(),
             Event::Incoming(Packet::PubAck(ack)) => {
                 let known = self.shared.lock().outbox.acked(ack.pkid);
                 if !known {

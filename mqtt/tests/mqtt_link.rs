@@ -634,3 +634,50 @@ async fn manual_acks_belong_to_their_connection() {
 fn text_of(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// `LinkState::subacks` as an end marker: a QoS 0 subscriber has every retained message of its
+/// earlier subscriptions once the SUBACK of its last one is in. 1500 retained messages are more
+/// than mosquitto's default queue holds for one QoS 1 subscriber (1000 beyond the 20 in flight),
+/// and none is lost at QoS 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
+async fn a_qos0_subscriber_has_every_retained_message_at_its_last_suback() {
+    let m = Mosquitto::start();
+    let (publisher, _in) = MqttLink::start(options(&m)).unwrap();
+    wait_state(&publisher, "publisher connected", |s| s.connected).await;
+    for i in 0..1500 {
+        publisher
+            .publish(Message::state(format!("r/{i:04}"), format!("v{i}")))
+            .unwrap();
+    }
+    publisher.shutdown(Vec::new(), LIMIT).await.unwrap();
+
+    let (link, mut incoming) = MqttLink::start(options(&m)).unwrap();
+    link.subscribe("r/+", QoS::AtMostOnce).unwrap();
+    link.subscribe("marker/none", QoS::AtMostOnce).unwrap();
+    // Read while waiting: the link waits for room in `incoming` (256 messages).
+    let mut state = link.watch_state();
+    let mut got = BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + LIMIT;
+    while state.borrow_and_update().subacks < 2 {
+        tokio::select! {
+            r = incoming.recv() => {
+                let r = r.expect("incoming channel open");
+                assert!(r.retain, "{}", r.topic);
+                got.insert(r.topic);
+            }
+            _ = state.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => panic!("no second SUBACK within {LIMIT:?}"),
+        }
+    }
+    assert_eq!(link.state().subacks, 2);
+    while let Ok(r) = incoming.try_recv() {
+        got.insert(r.topic);
+    }
+    assert_eq!(
+        got.len(),
+        1500,
+        "retained messages in before the last SUBACK"
+    );
+    assert!(got.contains("r/0000") && got.contains("r/1499"));
+}

@@ -36,13 +36,18 @@ struct Cli {
 enum Command {
     /// Validate every SUT file in a directory (exit 0: all valid, 1: some invalid, 2: error).
     Check(check::CheckArgs),
-    /// One line per SUT: health, state, current job, restarts, heartbeat age, supervisor.
+    /// A summary line, then one line per SUT (problems first): health, state, current job,
+    /// restarts, heartbeat age, supervisor; then one per supervisor.
     Status {
         #[command(flatten)]
         broker: BrokerArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// Only the summary and the SUTs and supervisors with a problem (exit 1 when there is
+        /// one, 0 when none).
+        #[arg(long)]
+        problems: bool,
     },
     /// Follow a SUT's live output (or one job's, with --job).
     Logs {
@@ -531,10 +536,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let stdout = std::io::stdout();
     match cli.command {
-        Command::Status { broker, json } => cli::run_client("status", || async move {
-            cli::status::status(&broker, json, &mut stdout.lock())
-                .await
-                .map(|()| 0)
+        Command::Status {
+            broker,
+            json,
+            problems,
+        } => cli::run_client("status", || async move {
+            let show = cli::status::Show {
+                json,
+                problems_only: problems,
+            };
+            cli::status::status(&broker, show, &mut stdout.lock()).await
         }),
         Command::Logs {
             sut,

@@ -239,3 +239,21 @@ fn the_intake_stays_open_while_the_task_waits_for_the_application() {
     core.set_delivery_blocked(false);
     assert!(!core.has_room());
 }
+
+#[test]
+fn subacks_count_on_the_current_connection_only() {
+    let sink = FakeSink::with_room(100);
+    let mut core = LinkCore::new(8, 1 << 20, None);
+    core.subscribe(sub("a/+"), &sink).unwrap();
+    core.subscribe(sub("b/+"), &sink).unwrap();
+    core.connected(None, None);
+    core.pump(&sink);
+    core.subscribed();
+    core.subscribed();
+    assert_eq!(core.snapshot().subacks, 2);
+    core.failed("gone".into());
+    core.connected(None, None);
+    assert_eq!(core.snapshot().subacks, 0, "re-issued: answered again");
+    core.subscribed();
+    assert_eq!(core.snapshot().subacks, 1);
+}

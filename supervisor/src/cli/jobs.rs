@@ -18,7 +18,7 @@ pub async fn jobs(
     out: &mut dyn Write,
 ) -> Result<(), ClientError> {
     let sut = sut_name(sut)?;
-    let mut s = Session::connect(args, |t| {
+    let mut s = Session::snapshot(args, |t| {
         vec![t.jobs_filter(&sut), t.agent(&sut), t.supervisor(&sut)]
     })
     .await?;

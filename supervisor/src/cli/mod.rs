@@ -2,7 +2,7 @@
 //!
 //! | command | file |
 //! |---|---|
-//! | `status` | [`status`] |
+//! | `status` | [`status`] (grouping and the summary line: [`triage`]) |
 //! | `logs -f` | [`logs`] |
 //! | `submit` | [`submit`] |
 //! | `jobs` | [`jobs`] |
@@ -22,10 +22,15 @@
 //! roles in the shipped ACL (a reader can run `status`, `jobs` and `logs`; `submit`, `cancel`,
 //! `offline`, `online` and `maintenance` need a submitter). Every command has `--json`.
 //!
-//! Reading "everything retained" needs an end marker, which MQTT lacks: the client subscribes,
-//! then publishes a probe on a private topic and stops when its own probe comes back (the broker
-//! delivers retained messages of earlier subscriptions first). Where the ACL does not let it
-//! publish, it stops after a short quiet period instead.
+//! Reading "everything retained" needs an end marker, which MQTT lacks. The broker (mosquitto)
+//! handles a client's packets in order and sends the retained messages of a subscription as it
+//! handles it, so what comes after them marks their end: the client subscribes, then publishes a
+//! probe on a private topic and stops when its own probe comes back. `status` subscribes at
+//! QoS 0 ([`Session::snapshot`]) and stops at the SUBACK of its last subscription, which needs
+//! no right to publish (at QoS 1 the broker holds messages back for acknowledgements and sends
+//! them after it, and drops those beyond its queue). Without a marker (the ACL refuses the probe
+//! of a QoS 1 command), a command stops after 500 ms without a retained message; live messages
+//! do not count, so a busy lab does not keep it waiting.
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -43,6 +48,7 @@ pub mod session;
 mod show;
 pub mod status;
 pub mod submit;
+pub mod triage;
 
 pub use error::ClientError;
 pub use session::{BrokerArgs, Session};

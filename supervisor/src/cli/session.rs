@@ -1,19 +1,28 @@
 //! The MQTT session of one client command: the broker flags every command shares
-//! ([`BrokerArgs`]), connecting with them, and reading "everything retained" up to the probe
-//! (see the [module docs](super)).
+//! ([`BrokerArgs`]), connecting with them, and reading "everything retained" up to an end
+//! marker (see the [module docs](super)).
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use labvisor_mqtt::{Incoming, LinkOptions, Message, MqttLink, QoS, Received};
 use labvisor_protocol::payloads::random_id;
 use labvisor_protocol::topics::Topics;
+use tokio::time::Instant;
 
 use super::ClientError;
 
 /// How long a command waits for the broker's ConnAck.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Without an end marker (a broker that does not order its answers), reading the retained
+/// messages ends after this long without a new one. Live messages (not retained) do not count:
+/// at 500 SUTs the agents' statuses come every few milliseconds.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// Reading the retained messages ends after this long in any case.
+const SETTLE_MAX: Duration = Duration::from_secs(5);
 
 /// Broker options shared by every client command (flags with env fallbacks).
 #[derive(Debug, Clone, clap::Args)]
@@ -89,12 +98,35 @@ pub struct Session {
     /// The lab's topics.
     pub topics: Topics,
     probe: String,
+    /// The QoS of every subscription.
+    qos: QoS,
+    /// How many subscriptions were made (the filters and the probe's).
+    subscriptions: u64,
 }
 
 impl Session {
-    /// Connects and subscribes to `filters`.
+    /// Connects and subscribes to `filters` with QoS 1.
     pub async fn connect(
         args: &BrokerArgs,
+        filters: impl Fn(&Topics) -> Vec<String>,
+    ) -> Result<Session, ClientError> {
+        Self::connect_with(args, QoS::AtLeastOnce, filters).await
+    }
+
+    /// Connects and subscribes to `filters` with QoS 0, for a command that only reads what is
+    /// retained ([`Session::settle`]) and prints it: the broker then holds nothing back for
+    /// acknowledgements (mosquitto's default queue, 1000 QoS 1 messages per client, would drop
+    /// the rest of a large lab), and the SUBACK of the last subscription ends the read.
+    pub async fn snapshot(
+        args: &BrokerArgs,
+        filters: impl Fn(&Topics) -> Vec<String>,
+    ) -> Result<Session, ClientError> {
+        Self::connect_with(args, QoS::AtMostOnce, filters).await
+    }
+
+    async fn connect_with(
+        args: &BrokerArgs,
+        qos: QoS,
         filters: impl Fn(&Topics) -> Vec<String>,
     ) -> Result<Session, ClientError> {
         let topics = Topics::with_prefix(args.topic_prefix.as_deref())
@@ -104,9 +136,11 @@ impl Session {
         let (link, incoming) =
             MqttLink::start(opts).map_err(|e| args.unreachable(e.to_string()))?;
         let probe = topics.cli_probe(&client_id);
+        let mut subscriptions = 0;
         for f in filters(&topics).into_iter().chain([probe.clone()]) {
-            link.subscribe(f, QoS::AtLeastOnce)
+            link.subscribe(f, qos)
                 .map_err(|e| ClientError::Usage(e.to_string()))?;
+            subscriptions += 1;
         }
         if !wait_connected(&link).await {
             let reason = link
@@ -121,30 +155,57 @@ impl Session {
             incoming,
             topics,
             probe,
+            qos,
+            subscriptions,
         })
     }
 
-    /// Collects what the subscriptions delivered up to now (the retained messages): until the
-    /// probe comes back, or 500 ms of quiet (at most 5 s).
+    /// Collects what the subscriptions delivered up to now (the retained messages), until the
+    /// first end marker: the SUBACK of the last subscription (QoS 0 sessions,
+    /// [`Session::snapshot`]), or the probe coming back (where the ACL lets this login publish
+    /// it). Without either, [`QUIET`] without a retained message ends it; [`SETTLE_MAX`] in
+    /// any case.
     pub async fn settle(&mut self) -> Vec<Received> {
         let mut got = Vec::new();
-        let start = Instant::now();
+        let end = Instant::now() + SETTLE_MAX;
+        let mut quiet = Instant::now() + QUIET;
+        let mut state = self.link.watch_state();
+        // Only at QoS 0 does nothing retained come after the SUBACK (see LinkState::subacks).
+        let by_suback = self.qos == QoS::AtMostOnce;
         loop {
-            let quiet = Duration::from_millis(500);
-            match tokio::time::timeout(quiet, self.incoming.recv()).await {
-                Ok(Some(r)) if r.topic == self.probe => return got,
-                Ok(Some(r)) => got.push(r),
-                Ok(None) => return got,
-                Err(_) => return got,
-            }
-            if start.elapsed() > Duration::from_secs(5) {
+            if by_suback && state.borrow_and_update().subacks >= self.subscriptions {
+                // Everything before the SUBACK is in the channel already.
+                while let Ok(r) = self.incoming.try_recv() {
+                    if r.topic != self.probe {
+                        got.push(r);
+                    }
+                }
                 return got;
+            }
+            let until = quiet.min(end);
+            tokio::select! {
+                r = self.incoming.recv() => match r {
+                    Some(r) if r.topic == self.probe => return got,
+                    Some(r) => {
+                        if r.retain {
+                            quiet = Instant::now() + QUIET;
+                        }
+                        got.push(r);
+                    }
+                    None => return got,
+                },
+                changed = state.changed(), if by_suback => {
+                    if changed.is_err() {
+                        return got;
+                    }
+                }
+                _ = tokio::time::sleep_until(until) => return got,
             }
         }
     }
 
     /// The next message, or `None` at `deadline`.
-    pub async fn next(&mut self, deadline: Option<tokio::time::Instant>) -> Option<Received> {
+    pub async fn next(&mut self, deadline: Option<Instant>) -> Option<Received> {
         loop {
             let r = match deadline {
                 Some(d) => tokio::time::timeout_at(d, self.incoming.recv())

@@ -1,23 +1,24 @@
-//! `labvisor status`: one line per SUT, from the retained agent statuses and supervisor views,
-//! then one line per supervisor.
+//! `labvisor status`: a summary line, then one line per SUT (those with a problem first, each
+//! group by name), from the retained agent statuses and supervisor views, then one line per
+//! supervisor. `--problems` keeps only what has a problem. How SUTs are grouped and counted is
+//! [`super::triage`].
 
 use std::collections::BTreeMap;
 use std::io::Write;
 
 use labvisor_mqtt::Received;
 use labvisor_protocol::payloads::{
-    now_ms, AdminMode, AdminState, AgentStatus, SupervisorState, SupervisorStatus, SutView,
+    now_ms, AdminMode, AdminState, AgentStatus, SupervisorStatus, SutView,
 };
 use labvisor_protocol::topics::{SutTopic, Topics};
 use labvisor_protocol::SutName;
 use serde::Serialize;
 
 use super::show::{age, age_at, parse, table, wire_name, write_json_pretty};
+use super::triage::{self, Group, Problem, Summary};
 use super::{BrokerArgs, ClientError, Session};
 
-/// An online supervisor whose status is older than this many of its refresh periods is shown
-/// as stale.
-pub const STALE_AFTER_PERIODS: u64 = 3;
+pub use super::triage::STALE_AFTER_PERIODS;
 
 /// One SUT in `labvisor status`.
 #[derive(Debug, Serialize)]
@@ -43,6 +44,12 @@ pub struct StatusRow {
     /// The SUT's admin state (offline, maintenance, with the reason), as its agent reports it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin: Option<AdminState>,
+    /// Its problems ([`triage::problems`]); absent when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<Problem>,
+    /// The group it counts in on the summary line.
+    #[serde(skip)]
+    pub group: Group,
 }
 
 impl StatusRow {
@@ -108,6 +115,7 @@ impl Retained {
 }
 
 fn row(sut: &SutName, a: Option<&AgentStatus>, v: Option<&SutView>) -> StatusRow {
+    let problems = triage::problems(a, v);
     let mut detail: Vec<String> = Vec::new();
     detail.extend(a.and_then(|a| a.detail.clone()));
     detail.extend(
@@ -118,9 +126,16 @@ fn row(sut: &SutName, a: Option<&AgentStatus>, v: Option<&SutView>) -> StatusRow
         if let Some(stop) = &v.stopped_by_person {
             detail.push(stopped_by_person(stop.at_ms));
         }
+        if v.crash_loop {
+            detail
+                .push("restarting too often: the supervisor stopped restarting it for now".into());
+        }
         detail.extend(v.config_problems.iter().cloned());
         detail.extend(v.pending_action.iter().map(|p| format!("pending: {p}")));
         detail.extend(v.last_error.iter().cloned());
+    }
+    if problems.contains(&Problem::NoAgentStatus) {
+        detail.push("no agent status retained: its agent never reached the broker".into());
     }
     StatusRow {
         sut: sut.to_string(),
@@ -134,6 +149,8 @@ fn row(sut: &SutName, a: Option<&AgentStatus>, v: Option<&SutView>) -> StatusRow
         supervisor: v.map(|v| v.supervisor.to_string()),
         detail: (!detail.is_empty()).then(|| detail.join("; ")),
         admin: a.and_then(|a| a.admin.clone()),
+        group: triage::group(&problems, a, v),
+        problems,
     }
 }
 
@@ -154,9 +171,20 @@ fn stopped_by_person(at_ms: Option<u64>) -> String {
     )
 }
 
-/// `labvisor status`: one line per SUT from the retained agent and supervisor topics.
-pub async fn status(args: &BrokerArgs, json: bool, out: &mut dyn Write) -> Result<(), ClientError> {
-    let mut s = Session::connect(args, |t| {
+/// What `labvisor status` prints.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Show {
+    /// JSON instead of the table.
+    pub json: bool,
+    /// Only the summary and what has a problem (SUTs and supervisors).
+    pub problems_only: bool,
+}
+
+/// `labvisor status`: the summary line, one line per SUT from the retained agent and
+/// supervisor topics (problems first), then one line per supervisor. Returns the exit status:
+/// with `--problems`, 1 when a SUT or supervisor has a problem, else 0.
+pub async fn status(args: &BrokerArgs, show: Show, out: &mut dyn Write) -> Result<u8, ClientError> {
+    let mut s = Session::snapshot(args, |t| {
         vec![
             t.agents_filter(),
             t.sut_views_filter(),
@@ -168,35 +196,61 @@ pub async fn status(args: &BrokerArgs, json: bool, out: &mut dyn Write) -> Resul
     let topics = s.topics.clone();
     s.close().await;
     let retained = Retained::read(&got, &topics);
-    let rows = retained.rows();
-    let sups = &retained.supervisors;
-    if json {
+    let now = now_ms();
+    let mut rows = retained.rows();
+    let mut sups: Vec<(&SupervisorStatus, Option<&str>)> = retained
+        .supervisors
+        .iter()
+        .map(|s| (s, triage::supervisor_problem(s, now)))
+        .collect();
+    let summary = Summary::of(
+        rows.iter().map(|r| (r.group, r.problems.as_slice())),
+        &sups.iter().map(|(_, p)| *p).collect::<Vec<_>>(),
+    );
+    if show.problems_only {
+        rows.retain(|r| r.group == Group::Problem);
+        sups.retain(|(_, p)| p.is_some());
+    }
+    let code = u8::from(show.problems_only && summary.any_problem());
+    if show.json {
+        let sups: Vec<_> = sups.iter().map(|(s, _)| s).collect();
         write_json_pretty(
             out,
-            &serde_json::json!({ "suts": rows, "supervisors": sups }),
+            &serde_json::json!({ "summary": summary, "suts": rows, "supervisors": sups }),
         )?;
-        return Ok(());
+        return Ok(code);
     }
-    if rows.is_empty() {
+    if summary.suts == 0 {
         writeln!(
             out,
             "No SUTs on {} (is a supervisor or agent running? is --topic-prefix right?)",
             args.broker
         )?;
     } else {
-        print_rows(&rows, out)?;
+        writeln!(out, "{}", summary.line())?;
+        problems_first(&mut rows);
+        if !rows.is_empty() {
+            print_rows(&rows, now, out)?;
+        }
     }
-    for sup in sups {
-        writeln!(out, "{}", supervisor_line(sup, now_ms()))?;
+    for (sup, _) in sups {
+        writeln!(out, "{}", supervisor_line(sup, now))?;
         for p in &sup.file_problems {
             writeln!(out, "  {p}")?;
         }
     }
-    Ok(())
+    Ok(code)
 }
 
-/// The SUT table and its summary line.
-fn print_rows(rows: &[StatusRow], out: &mut dyn Write) -> std::io::Result<()> {
+/// SUTs with a problem first, then the others; by name within each.
+fn problems_first(rows: &mut [StatusRow]) {
+    rows.sort_by(|a, b| {
+        (a.group != Group::Problem, &a.sut).cmp(&(b.group != Group::Problem, &b.sut))
+    });
+}
+
+/// The SUT table, as of `now`.
+fn print_rows(rows: &[StatusRow], now: u64, out: &mut dyn Write) -> std::io::Result<()> {
     let dash = || "-".to_owned();
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -210,7 +264,7 @@ fn print_rows(rows: &[StatusRow], out: &mut dyn Write) -> std::io::Result<()> {
                 r.queue.to_string(),
                 r.restarts.to_string(),
                 r.heartbeat_age_ms
-                    .map(|ms| age(now_ms() - ms))
+                    .map(|ms| age_at(now.saturating_sub(ms), now))
                     .unwrap_or_else(dash),
                 r.supervisor.clone().unwrap_or_else(dash),
                 [r.admin_detail(), r.detail.clone()]
@@ -233,18 +287,7 @@ fn print_rows(rows: &[StatusRow], out: &mut dyn Write) -> std::io::Result<()> {
         "SUPERVISOR",
         "DETAIL",
     ];
-    table(out, &header, &cells)?;
-    let count = |f: &dyn Fn(&StatusRow) -> bool| rows.iter().filter(|r| f(r)).count();
-    writeln!(
-        out,
-        "{} SUTs: {} healthy, {} unhealthy, {} busy, {} offline, {} with problems",
-        rows.len(),
-        count(&|r| r.health == "healthy"),
-        count(&|r| r.health == "unhealthy"),
-        count(&|r| r.state == "busy"),
-        count(&|r| r.admin_mode() != "online"),
-        count(&|r| r.detail.is_some()),
-    )
+    table(out, &header, &cells)
 }
 
 /// The line `labvisor status` prints for a supervisor's status, as of `now` (ms since the
@@ -255,10 +298,7 @@ fn print_rows(rows: &[StatusRow], out: &mut dyn Write) -> std::io::Result<()> {
 pub fn supervisor_line(sup: &SupervisorStatus, now: u64) -> String {
     let count = |n: Option<u64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
     let state = wire_name(&sup.state);
-    let stale = sup.state == SupervisorState::Online
-        && sup.refresh_ms > 0
-        && now.saturating_sub(sup.time_ms) > STALE_AFTER_PERIODS * sup.refresh_ms;
-    let state = if stale {
+    let state = if triage::is_stale(sup, now) {
         format!(
             "STALE (last said {state}; its status comes every {})",
             age_at(0, sup.refresh_ms)
@@ -294,7 +334,7 @@ pub fn supervisor_line(sup: &SupervisorStatus, now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use labvisor_protocol::payloads::{SutCounts, VERSION};
+    use labvisor_protocol::payloads::{SupervisorState, SutCounts, VERSION};
     use labvisor_protocol::topics::SupervisorId;
 
     fn status(docker_reachable: bool, suts: SutCounts) -> SupervisorStatus {
@@ -328,8 +368,10 @@ mod tests {
         let r = row(&sut, Some(&a), None);
         assert_eq!(r.admin.as_ref(), Some(&admin));
         assert_eq!(r.detail, None, "offline is not a problem");
+        assert_eq!((r.group, r.problems.as_slice()), (Group::Offline, &[][..]));
+        let summary = Summary::of([(r.group, r.problems.as_slice())], &[]);
         let mut out = Vec::new();
-        print_rows(&[r], &mut out).unwrap();
+        print_rows(&[r], now_ms(), &mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         let line = text.lines().nth(1).unwrap();
         assert!(
@@ -340,13 +382,57 @@ mod tests {
             line.ends_with("maintenance: reflash (by al, 2m ago)"),
             "{text}"
         );
-        assert!(
-            text.contains("1 SUTs: 0 healthy, 0 unhealthy, 0 busy, 1 offline, 0 with problems"),
-            "{text}"
+        assert_eq!(
+            summary.line(),
+            "1 SUTs: 0 healthy, 0 busy, 1 offline, 0 problems"
         );
         let json = serde_json::to_value(row(&sut, Some(&a), None)).unwrap();
         assert_eq!(json["admin"]["mode"], "maintenance");
         assert_eq!(json["admin"]["reason"], "reflash");
+    }
+
+    #[test]
+    fn problem_rows_come_first_then_the_rest_each_by_name() {
+        let name = |s: &str| SutName::new(s).unwrap();
+        let idle = |s: &str| {
+            AgentStatus::new(name(s), "b", "1", now_ms())
+                .with_state(labvisor_protocol::payloads::AgentState::Idle)
+        };
+        let view = |s: &str, health| -> SutView {
+            serde_json::from_value(serde_json::json!({
+                "sut": s, "supervisor": "lab", "health": health, "restarts": 0, "time_ms": now_ms(),
+            }))
+            .unwrap()
+        };
+        use labvisor_protocol::payloads::Health;
+        let mut r = Retained::default();
+        for s in ["b-ok", "a-ok", "c-bad"] {
+            r.agents.insert(name(s), idle(s));
+        }
+        r.views
+            .insert(name("c-bad"), view("c-bad", Health::Unhealthy));
+        r.views.insert(name("z-bad"), view("z-bad", Health::None));
+        r.views.insert(name("a-ok"), view("a-ok", Health::Healthy));
+        let mut rows = r.rows();
+        let names = |rows: &[StatusRow]| rows.iter().map(|r| r.sut.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&rows),
+            ["a-ok", "b-ok", "c-bad", "z-bad"],
+            "JSON: by name"
+        );
+        problems_first(&mut rows);
+        assert_eq!(names(&rows), ["c-bad", "z-bad", "a-ok", "b-ok"]);
+        assert_eq!(rows[1].problems, [Problem::NoAgentStatus]);
+        assert_eq!(
+            rows[1].detail.as_deref(),
+            Some("no agent status retained: its agent never reached the broker")
+        );
+        let json = serde_json::to_value(&rows[0]).unwrap();
+        assert_eq!(json["problems"], serde_json::json!(["unhealthy"]));
+        assert!(serde_json::to_value(&rows[2])
+            .unwrap()
+            .get("problems")
+            .is_none());
     }
 
     #[test]
