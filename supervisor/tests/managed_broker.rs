@@ -3,7 +3,8 @@
 //! local tools connect on loopback with the local login they find in the state directory,
 //! anonymous clients are refused on both listeners, a killed supervisor's broker is replaced on
 //! the next start, an earlier version's shared agent login keeps working, what the broker
-//! acknowledged survives a supervisor stop, and a broker that dies is restarted.
+//! acknowledged survives a supervisor stop, a broker that dies is restarted, and a client
+//! subscribing at QoS 1 gets every one of a large lab's retained messages.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -15,6 +16,11 @@ use labvisor_tests::{
     docker_ok, ensure_busybox_image, free_port, network_gateway, static_bin, wait_until,
     DockerScope, KillOnDrop,
 };
+
+#[allow(dead_code)]
+mod support {
+    pub mod retained_lab;
+}
 
 /// A supervisor process, killed (with its managed broker) if the test fails.
 fn supervise(
@@ -966,4 +972,60 @@ fn an_agent_login_cannot_write_the_control_plane_or_another_sut() {
     );
     let acl = std::fs::read_to_string(state.join("acl")).unwrap();
     assert!(acl.contains("user labvisor\ntopic deny #\n"), "{acl}");
+}
+
+/// A lab of 1500 SUTs has 1500 retained messages on a topic pattern such as `+/agent`; a
+/// client subscribing to it at QoS 1 (the supervisor does, to `+/agent` and `+/last_job`)
+/// is sent all of them at once. With mosquitto's default `max_queued_messages` (1000 per
+/// client, plus 20 in flight) the broker dropped the rest: a supervisor of more than about
+/// 500 SUTs missed agents' statuses. The managed broker now queues 10000 per client, as the
+/// shipped `mosquitto.conf` does.
+#[test]
+#[ignore = "needs Docker: tools/test.sh runs it"]
+fn a_qos1_subscriber_gets_all_of_a_large_labs_retained_messages() {
+    const N: usize = 1500;
+    let scope = DockerScope::new("queue");
+    let dir = tempfile::tempdir().unwrap();
+    let sut_dir = dir.path().join("sut");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&sut_dir).unwrap();
+    let port = free_port();
+    let log = dir.path().join("supervisor.log");
+    let _sup = supervise(&scope, &sut_dir, &state, port, &log);
+    let fail = |what: &str| -> String {
+        format!(
+            "{what}\n--- supervisor log ---\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    };
+    let password = wait_until(&fail("the local login"), Duration::from_secs(60), || {
+        let p = std::fs::read_to_string(state.join("local-password")).ok()?;
+        status_json(port, &state).map(|_| p.trim().to_owned())
+    });
+    // Retained messages the local tools' login may write: one admin command per SUT.
+    let prefix = labvisor_tests::unique_id("q");
+    let msgs: Vec<(String, Vec<u8>)> = (0..N)
+        .map(|i| {
+            let topic = format!("{prefix}-{i:04}/admin");
+            (topic, br#"{"mode":"online","by":"test"}"#.to_vec())
+        })
+        .collect();
+    let url = format!("mqtt://labvisor.local:{password}@127.0.0.1:{port}");
+    tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(support::retained_lab::publish(
+            &url,
+            msgs,
+            Duration::from_secs(60),
+        ))
+        .expect("the broker acknowledged every retained message");
+    let out = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args(["-t", "+/admin"])
+        .args(local_auth(&state))
+        .args(["--retained-only", "-C", &N.to_string(), "-W", "20"])
+        .output()
+        .unwrap();
+    let got = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(got, N, "retained messages received at QoS 1");
 }

@@ -140,6 +140,12 @@ fn acl_text(topics: &Topics, legacy: bool) -> String {
     acl
 }
 
+/// QoS 1 messages the managed broker queues per client beyond those in flight (mosquitto's
+/// default is 1000): a client subscribing to `+/agent` is sent every SUT's retained status at
+/// once, and a submitter's backlog waits here while an agent is busy. As the shipped
+/// `mosquitto.conf`.
+const MAX_QUEUED: u32 = 10_000;
+
 /// `mosquitto.conf`: persistence in `state_dir`, the loopback listener and the agents' one on
 /// `gateway` (TLS with `agent_tls`), both with the password file and ACL (`files`).
 fn mosquitto_conf(
@@ -160,6 +166,7 @@ fn mosquitto_conf(
          log_type warning\n\
          max_packet_size {MAX_PACKET_SIZE}\n\
          set_tcp_nodelay true\n\
+         max_queued_messages {MAX_QUEUED}\n\
          \n\
          listener {port} 127.0.0.1\n\
          allow_anonymous false\n\
