@@ -2,7 +2,8 @@
 # labvisor's benchmark command: every performance figure beside its baseline, measured in the
 # same run, printed as a table and written to the results section of BENCHMARKS.md.
 #
-#   tools/bench.sh            full run (2-core machine: under 15 minutes)
+#   tools/bench.sh            full run (2-core machine: under 15 minutes, plus about 12–17 for
+#                             the 500-SUT group)
 #   tools/bench.sh --quick    fewer and smaller runs (under 3 minutes once built)
 #   tools/bench.sh --only output-throughput [--only ...]   some figures; BENCHMARKS.md untouched
 #   tools/bench.sh --only scale-500 [--scale-n N]          the 500-SUT group alone (N SUTs)

@@ -56,8 +56,10 @@ def features(ctx: Ctx) -> dict:
     sup, status = helptext("supervise"), helptext("status")
 
     def default(flag: str) -> str:
-        m = re.search(re.escape(flag) + r"\b[^\[]*\[default: ([^\]]+)\]", sup)
-        return m.group(1) if m else ""
+        """The `[default: X]` in the flag's own help block (up to the next option)."""
+        m = re.search(r"^\s+" + re.escape(flag) + r"\b(.*?)(?=^\s+-|\Z)", sup, re.M | re.S)
+        d = re.search(r"\[default: ([^\]]+)\]", m.group(1)) if m else None
+        return d.group(1) if d else ""
 
     return {"healthcheck_rate": default("--healthcheck-rate") if "--healthcheck-rate" in sup
             else None,
@@ -92,6 +94,8 @@ class Lab:
         self.names: list[str] = []  # the containers that run
         self.running_s = 0.0
         self.stopped = ""  # why fewer than asked
+        self.min_avail = float("nan")  # lowest MemAvailable during the start, MiB
+        self.first_create_s: float | None = None  # the supervisor's first container create
 
     def start(self) -> None:
         """Starts the supervisor on N files; waits until all have started, or stops adding."""
@@ -127,6 +131,8 @@ class Lab:
             got = [x for x in got if x in set(self.live())]
         self.names = got
         self.min_avail = low
+        created = [t for x, t in self.ev.first("create").items() if x in set(full)]
+        self.first_create_s = (min(created) - self.t0) / 1e9 if created else None
         self.running_s = (max(started[x] for x in got) - self.t0) / 1e9 if got else 0.0
         if not got:
             raise RuntimeError(f"no SUT container started: {self.stopped}")

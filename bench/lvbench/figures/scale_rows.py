@@ -91,7 +91,10 @@ def running_row(ctx: Ctx, m: dict, lab, at: str) -> Row:
     n, s, a = len(lab.names), lab.running_s, m["api"]
     par = m["features"]["parallelism"]
     ratio = s / a
-    notes = [f"per SUT: labvisor {s / n * 1000:.0f} ms, bollard loop {a / n * 1000:.0f} ms",
+    first = lab.first_create_s
+    notes = [f"per SUT: labvisor {s / n * 1000:.0f} ms, bollard loop {a / n * 1000:.0f} ms"
+             + ("" if first is None else f"; the supervisor's first container was created "
+                f"{first:.2f} s after its start (its tools volume, network and first pass)"),
              "one repetition of each at this size: the lab first (its figures below are "
              "measured while it runs), the loop after the lab was removed",
              regime(m), f"removing the lab took {m['took'].get('teardown', 0):.0f} s"]
@@ -126,7 +129,7 @@ def healthy_row(m: dict, lab, at: str) -> Row:
     return Row(
         key=KEY, figure=f"cold start of {at}, until all healthy", value=f"{h['s']:.1f} s",
         baseline=f"all running at {r:.1f} s; health interval {iv:.0f} s",
-        ratio=f"+{over:.1f} s ({over / iv:.2f} intervals)" if iv else f"+{over:.1f} s",
+        ratio=f"{over:+.1f} s ({over / iv:.2f} intervals)" if iv else f"{over:+.1f} s",
         target="≤ all running + one health interval", verdict=verdict(over <= iv),
         measured=["the same run, until the last `health_status: healthy` event"],
         notes=["Docker 20.10 runs a container's first probe one interval after its start, so "
@@ -180,8 +183,9 @@ def hang_row(m: dict, at: str) -> Row:
     return Row(
         key=KEY, figure=f"hung agent (SIGSTOP) at {at}, until the supervisor acts",
         value=f"{fmt(acted)} (started again after {fmt(h['restarted'])})",
-        baseline=f"Docker unhealthy after {fmt(h['unhealthy'])}; its bound max_age + interval "
-                 f"× retries = {docker_bound:.0f} s",
+        baseline=(f"Docker unhealthy after {fmt(h['unhealthy'])}" if h["unhealthy"] is not None
+                  else "Docker had not called it unhealthy")
+                 + f"; its bound max_age + interval × retries = {docker_bound:.0f} s",
         ratio="-", target=f"≤ max_age + 5 s = {MAX_AGE + 5:.0f} s",
         verdict=verdict(acted is not None and acted <= MAX_AGE + 5),
         measured=[f"SIGSTOP to the agent (labvisor-agent under docker-init) of {h['sut']}, "
@@ -252,7 +256,7 @@ def hot_row(m: dict, at: str) -> Row:
         value=f"{sa.median * 1000:.0f} ms; p90 {p90a * 1000:.0f} ms (n={sa.n})",
         baseline=f"`docker create` + `docker start`: {sb.median * 1000:.0f} ms; p90 "
                  f"{p90b * 1000:.0f} ms (n={sb.n})",
-        ratio=f"+{over * 1000:.0f} ms (p90 +{(p90a - p90b) * 1000:.0f} ms)",
+        ratio=f"{over * 1000:+.0f} ms (p90 {(p90a - p90b) * 1000:+.0f} ms)",
         target="≤ raw + 300 ms, as at 1 SUT", verdict=verdict(over <= 0.3 and p90a - p90b <= 0.3),
         measured=["the hot-add figure's method with the lab running: a SUT file renamed into "
                   "its directory, timed to the container's `start` event; interleaved with "
