@@ -2,24 +2,36 @@
 # labvisor's benchmark command: every performance figure beside its baseline, measured in the
 # same run, printed as a table and written to the results section of BENCHMARKS.md.
 #
-#   tools/bench.sh            full run (2-core machine: under 15 minutes)
+#   tools/bench.sh            full run (2-core machine: under 15 minutes, plus about 12–17 for
+#                             the 500-SUT group)
 #   tools/bench.sh --quick    fewer and smaller runs (under 3 minutes once built)
 #   tools/bench.sh --only output-throughput [--only ...]   some figures; BENCHMARKS.md untouched
+#   tools/bench.sh --only scale-500 [--scale-n N]          the 500-SUT group alone (N SUTs)
 #   tools/bench.sh --no-write | --note TEXT                see bench/run.py --help
 #
-# It builds the static supervisor, agent and healthcheck (tools/build-static.sh), the cold-start
-# baseline's bollard loop (supervisor/examples/bollard_loop.rs) and the local busybox image
+# The scale-500 group runs in the full run only (a quick run leaves it out unless named with
+# --only). It builds the static supervisor, agent and healthcheck (tools/build-static.sh), the
+# cold-start baseline's bollard loop (supervisor/examples/bollard_loop.rs) and the local busybox
+# image (and, for the scale-500 group's Python baseline, labvisor/tf-style:local)
 # (tools/build-images.sh), makes a Python venv with paho-mqtt for the baselines
 # under the cargo target dir, starts a private mosquitto on a free port, and runs bench/run.py.
 # On exit, also on failure or Ctrl-C, it stops that mosquitto, removes every Docker container,
 # volume and network labelled io.labvisor.bench.run=<this run's id>, and deletes its scratch
 # directory. Nothing is timed-asserted: the command reports figures, it does not judge them.
 set -euo pipefail
+quick=0 only="" scale=0 prev=""
 for a in "$@"; do
     case "$a" in
         -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
+        --quick) quick=1 ;;
+        --only=*) only=1; [ "${a#--only=}" != scale-500 ] || scale=1 ;;
+        --only) only=1 ;;
+        scale-500) [ "$prev" != --only ] || scale=1 ;;
     esac
+    prev=$a
 done
+# The scale-500 group (and its Python baseline's image) runs in a full run, or when named.
+if [ -z "$only" ] && [ "$quick" = 0 ]; then scale=1; fi
 
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -82,6 +94,9 @@ tools/build-static.sh --quiet >&2
 cargo build --quiet --release --target x86_64-unknown-linux-gnu -p labvisor --example bollard_loop \
     --config "target.x86_64-unknown-linux-gnu.rustflags=['-C','target-feature=+crt-static']" >&2
 tools/build-images.sh busybox >&2
+if [ "$scale" = 1 ]; then
+    tools/build-images.sh tf-style >&2
+fi
 
 # 2. The baselines' Python: a venv with a pinned paho-mqtt.
 if ! "$venv/bin/python" -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_VERSION')" 2>/dev/null; then

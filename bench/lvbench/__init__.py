@@ -14,6 +14,8 @@ The package holds the shared harness and one module per figure:
   ``labvisor supervise`` on a SUT directory of its own;
 - ``containers``: the baseline container (the supervisor's spec as a CLI command and as an
   Engine API body) and the timed cold-start loops shared by the supervisor figures;
+- ``lab``: the 500-SUT group's lab: its own broker, its processes from Docker and /proc, their
+  CPU and memory;
 - ``report``: the table, the details, the results section of BENCHMARKS.md;
 - ``figures``: one module per figure, each ``bench(ctx) -> list[Row]``, listed in ``FIGURES``;
 - ``cli``: the command line and the run loop.

@@ -1,6 +1,8 @@
 """The command line (`bench/run.py`, run by tools/bench.sh) and the run: every figure asked for,
-in `FIGURES` order; a figure whose harness fails is reported as an error row and the others go
-on; the results section of BENCHMARKS.md is rewritten only by a complete, unrestricted run."""
+in `FIGURES` order (those in `FULL_ONLY` are left out of a quick run unless named with `--only`);
+a figure whose harness fails is reported as an error row (or, for a group, its rows with the
+failed ones marked) and the others go on; the results section of BENCHMARKS.md is rewritten
+only by a complete, unrestricted run."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import sys
 import time
 import traceback
 
-from .figures import FIGURES
-from .harness import Ctx, Row
+from .figures import FIGURES, FULL_ONLY
+from .harness import Ctx, FigureError, Row
 from .report import (loadavg, machine, print_report, print_rows, results_section, rewrite)
 
 
@@ -21,6 +23,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", action="append", choices=sorted(FIGURES),
                     help="run only these figures (repeatable); BENCHMARKS.md is left alone")
+    ap.add_argument("--scale-n", type=positive, default=500,
+                    help="SUTs of the scale-500 group (default 500); the group reports the "
+                         "largest count it reached when the machine cannot hold them all")
+    ap.add_argument("--scale-mem-floor", type=float, metavar="MIB",
+                    help="the scale-500 group stops adding SUTs when MemAvailable falls below "
+                         "this (default: 1 GiB or 5%% of memory, whichever is more)")
     ap.add_argument("--root", required=True)
     ap.add_argument("--bin-dir", required=True)
     ap.add_argument("--python", required=True, help="Python with paho-mqtt, for the baselines")
@@ -32,6 +40,13 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
+def positive(s: str) -> int:
+    n = int(s)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{s} is not a positive count")
+    return n
+
+
 def run_figures(ctx: Ctx, only: list[str] | None) -> tuple[list[Row], list[str]]:
     """Measures the figures asked for: their rows, and the keys of those that failed."""
     rows: list[Row] = []
@@ -39,10 +54,17 @@ def run_figures(ctx: Ctx, only: list[str] | None) -> tuple[list[Row], list[str]]
     for key, f in FIGURES.items():
         if only and key not in only:
             continue
+        if not only and ctx.quick and key in FULL_ONLY:
+            print(f"bench: {key} runs in the full run only (or with --only {key})", flush=True)
+            continue
         t = time.monotonic()
         print(f"bench: {key} ...", flush=True)
         try:
             got = f(ctx)
+        except FigureError as e:  # a group: what it measured, the failed figures marked
+            traceback.print_exc()
+            failed.append(key)
+            got = e.rows
         except Exception as e:  # the harness failed: report it, go on with the others
             traceback.print_exc()
             failed.append(key)

@@ -198,21 +198,25 @@ def cold_cli(ctx: Ctx, n: int, tag: str) -> float:
 
 
 def cold_api(ctx: Ctx, n: int, tag: str, parallelism: int = 6,
-             tar: Optional[bytes] = None, sleeper: bool = False) -> float:
+             tar: Optional[bytes] = None, sleeper: bool = False,
+             patch: Optional[Callable[[dict], None]] = None) -> float:
     """The minimal loop: `bollard_loop` (supervisor/examples/bollard_loop.rs: bollard, as the
     supervisor uses it) creating and starting the containers, at most `parallelism` at a time
     (network created first, volumes created by the mounts). With `tar`, also the archive upload
     the supervisor makes for a SUT with `files`; with `sleeper`, the containers run `sleep`
-    without a healthcheck (both diagnostics)."""
+    without a healthcheck (both diagnostics); `patch` changes each create body in place."""
     baseline_volumes(ctx)
     make_body = sleeper_body if sleeper else api_body
     t = trial(ctx, tag)
     names = [f"{t.prefix}s{i:03d}" for i in range(n)]
     jobs = ctx.work / "cold" / f"{tag}.json"
     jobs.parent.mkdir(parents=True, exist_ok=True)
-    jobs.write_text(json.dumps([
-        {"name": name, "body": make_body(f"s{i:03d}", t.labels, t.prefix + "net", name)}
-        for i, name in enumerate(names)]))
+    bodies = [make_body(f"s{i:03d}", t.labels, t.prefix + "net", name)
+              for i, name in enumerate(names)]
+    for body in bodies if patch else []:
+        patch(body)
+    jobs.write_text(json.dumps([{"name": name, "body": body}
+                                for name, body in zip(names, bodies)]))
     argv = [str(ctx.bollard_loop), "--jobs", str(jobs), "--parallelism", str(parallelism)]
     if tar is not None:
         tar_file = jobs.with_suffix(".tar")

@@ -92,6 +92,11 @@ class DockerEvents:
                 out[name] = t
         return out
 
+    def after(self, name: str, t_ns: int) -> list[tuple[int, str]]:
+        """The events of container `name` from `t_ns` on: (time in ns, action), in order."""
+        with self.cv:
+            return [(t, a) for t, a, _, n in self.events if n == name and t >= t_ns]
+
     def wait(self, action: str, names: set[str], limit: float) -> dict[str, int]:
         deadline = time.monotonic() + limit
         with self.cv:
@@ -160,9 +165,10 @@ def sut_health(interval: str) -> str:
 
 
 class Supervisor:
-    """`labvisor supervise` on a SUT directory of its own, labelled for this run and trial."""
+    """`labvisor supervise` on a SUT directory of its own, labelled for this run and trial;
+    without MQTT, or with `mqtt` = (the supervisor's broker URL, the agents' broker URL)."""
 
-    def __init__(self, ctx: Ctx, d: Path, tag: str):
+    def __init__(self, ctx: Ctx, d: Path, tag: str, mqtt: Optional[tuple[str, str]] = None):
         self.ctx = ctx
         self.d = d
         self.sut_dir = d / "sut"
@@ -173,7 +179,8 @@ class Supervisor:
         self.argv = [ctx.supervisor, "supervise", "--sut-dir", self.sut_dir,
                      "--id", f"{ctx.run_id}-{tag}", "--name-prefix", self.prefix,
                      "--extra-label", ctx.label, "--extra-label", self.trial,
-                     "--agent-broker", "none", "--broker", "none", "--metrics-listen", "none"]
+                     "--agent-broker", mqtt[1] if mqtt else "none",
+                     "--broker", mqtt[0] if mqtt else "none", "--metrics-listen", "none"]
         self.p: Optional[subprocess.Popen] = None
 
     def write(self, names: list[str], body: str) -> None:

@@ -69,6 +69,15 @@ class Stats:
         return f"{f(self.median)} {unit} ({what} {f(lo)}–{f(hi)}, n={self.n})"
 
 
+class FigureError(Exception):
+    """A group of figures in which some could not be measured: `rows` holds what was measured,
+    the failed ones as error rows. The run reports them and leaves BENCHMARKS.md alone."""
+
+    def __init__(self, msg: str, rows: list[Row]):
+        super().__init__(msg)
+        self.rows = rows
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "missed"
 
@@ -100,6 +109,8 @@ class Ctx:
         self.label = f"{LABEL_KEY}={a.run_id}"
         self.work = Path(a.work).resolve()
         self.bench_cmd = "tools/bench.sh" + (" --quick" if a.quick else "")
+        self.scale_n: int = a.scale_n  # SUTs of the scale-500 group
+        self.scale_mem_floor: Optional[float] = a.scale_mem_floor  # MiB, or the default
         self.procs: list[subprocess.Popen] = []
         self.containers: list[str] = []
         # Cold-start repetitions per size, shared by the cold-start and scaling-curve figures.
@@ -112,7 +123,10 @@ class Ctx:
         return quick if self.quick else full
 
     def reproduce(self, key: str) -> str:
-        return f"{self.bench_cmd} --only {key}"
+        extra = ""
+        if key == "scale-500" and self.scale_n != 500:
+            extra = f" --scale-n {self.scale_n}"
+        return f"{self.bench_cmd} --only {key}{extra}"
 
     def spawn(self, argv: list, **kw) -> subprocess.Popen:
         """Starts a process that is stopped at the end of the run if still alive."""
