@@ -187,6 +187,11 @@ struct SuperviseArgs {
     /// Container actions running at once.
     #[arg(long, default_value_t = 6)]
     parallelism: usize,
+    /// Docker health-check execs per second across the lab (above 0), from which an `auto`
+    /// `health.interval` is chosen when a container is created: SUTs / rate seconds, 10 s to
+    /// 300 s. The supervisor itself acts on a hung agent within `health.max_age`.
+    #[arg(long, env = "LABVISOR_HEALTHCHECK_RATE", default_value = "2")]
+    healthcheck_rate: labvisor_supervisor::plan::hang::HealthcheckRate,
     /// Remove a SUT's volume with its container when its file is deleted.
     #[arg(long)]
     purge_volumes: bool,
@@ -332,6 +337,7 @@ fn settings(args: SuperviseArgs, id: &SupervisorId, managed: bool) -> anyhow::Re
         logins: None,
         managed_broker: None,
         status_every: args.status_interval,
+        healthcheck_rate: args.healthcheck_rate,
     })
 }
 

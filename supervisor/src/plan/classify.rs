@@ -133,6 +133,9 @@ pub struct Answer {
     pub device_work: Option<String>,
     /// Its device process is drained (until the drain is lifted).
     pub draining: bool,
+    /// The healthcheck failed: its line (a stale heartbeat, an unhealthy state); the agent
+    /// then counts as idle ([`super::hang::check`] reads it as a confirmed hang).
+    pub unhealthy: Option<String>,
 }
 
 /// Applies the agents' own answers over the broker's view, which may be stale (the broker or
@@ -316,6 +319,7 @@ mod tests {
                 busy: Some(true),
                 device_work: None,
                 draining: false,
+                unhealthy: None,
             },
             Answer {
                 id: "2".into(),
@@ -323,6 +327,7 @@ mod tests {
                 busy: Some(false),
                 device_work: None,
                 draining: false,
+                unhealthy: None,
             },
             Answer {
                 id: "3".into(),
@@ -330,6 +335,7 @@ mod tests {
                 busy: None,
                 device_work: None,
                 draining: false,
+                unhealthy: None,
             },
         ];
         let changed = apply_answers(&mut actual, answers, |_| Busy::Expired);

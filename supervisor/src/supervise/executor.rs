@@ -5,12 +5,13 @@
 //! runtime, whether they run a job.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use labvisor_mqtt::MqttLink;
-use labvisor_protocol::config::{self, Scan, SutConfig};
+use labvisor_protocol::config::{self, HealthInterval, Scan, SutConfig};
 use labvisor_protocol::SutName;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -19,6 +20,7 @@ use tracing::{debug, error, field, info, info_span, warn, Instrument, Span};
 
 use super::{ActionError, Settings, ASK_TIMEOUT};
 use crate::plan::classify::Answer;
+use crate::plan::hang::docker_interval;
 use crate::plan::policy::{Gate, SutState};
 use crate::plan::{Action, RecreateReason};
 use crate::runtime::ContainerRuntime;
@@ -58,10 +60,17 @@ impl<R: ContainerRuntime> Executor<R> {
                 runtime,
                 settings,
                 link,
+                lab_size: AtomicUsize::new(0),
             }),
             tasks: JoinSet::new(),
             done_tx,
         }
+    }
+
+    /// The lab has `n` valid SUT files: an `auto` `health.interval` of a container created
+    /// from now on follows it ([`docker_interval`]).
+    pub fn set_lab_size(&self, n: usize) {
+        self.exec.lab_size.store(n, Ordering::Relaxed);
     }
 
     /// Whether no action runs.
@@ -168,6 +177,7 @@ impl<R: ContainerRuntime> Executor<R> {
                         sut,
                         busy: answer.as_ref().map(|a| a.busy),
                         draining: answer.as_ref().is_some_and(|a| a.draining),
+                        unhealthy: answer.as_ref().and_then(|a| a.unhealthy.clone()),
                         device_work: answer.and_then(|a| a.device_work),
                     }
                 }
@@ -245,6 +255,8 @@ struct Exec<R> {
     settings: Arc<Settings>,
     /// Where image build lines are published (`<sut>/build`).
     link: Option<MqttLink>,
+    /// The lab's size as the last pass saw it (valid SUT files).
+    lab_size: AtomicUsize,
 }
 
 impl<R: ContainerRuntime> Exec<R> {
@@ -291,6 +303,12 @@ impl<R: ContainerRuntime> Exec<R> {
                 .map_err(|e| ActionError::File(e.to_string()))??;
         }
         let hash = self.settings.spec.container_hash(&cfg.hash());
+        // Docker's interval is chosen now, after the hash (which it is not part of).
+        let mut cfg = cfg;
+        let lab = self.lab_size.load(Ordering::Relaxed);
+        let interval = docker_interval(cfg.health.interval, lab, self.settings.healthcheck_rate);
+        debug!(interval = ?interval, auto = cfg.health.interval == HealthInterval::Auto, lab_size = lab, "Docker's health-check interval.");
+        cfg.health.interval = HealthInterval::Every(interval);
         let spec = container_spec(&cfg, &bytes, &hash, &self.settings.spec)?;
         Ok(self.runtime.create(&spec).await?)
     }

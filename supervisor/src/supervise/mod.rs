@@ -91,8 +91,12 @@
 //!
 //! - this module: [`run`] (and [`run_with`], its test seams), [`Settings`], the errors.
 //! - `reconciler`: the loop. One task owns all state; its inputs (shutdown, file and Docker
-//!   wake-ups, finished actions, broker messages, the managed broker's state) are one `select!`,
-//!   its timers (debounce, pass, retry and healing deadlines, resync, status) one struct.
+//!   wake-ups, finished actions, broker messages, the managed broker's state, the broker
+//!   link's state) are one `select!`.
+//! - `timers`: the loop's timers (debounce, pass, retry, healing and hang-check deadlines,
+//!   resync) in one struct.
+//! - `hang`: the supervisor's own hang detection: what the loop notes of each agent, and the
+//!   step of each pass that judges them and confirms a suspect through `docker exec`.
 //! - `pass`: one reconcile pass (scan, list, classify, plan, bookkeeping, start actions), in a
 //!   `pass` span.
 //! - `watchers`: the watchers: notify on the SUT directory (and build contexts), Docker events.
@@ -128,10 +132,12 @@ use crate::runtime::{ContainerRuntime, RuntimeError};
 use crate::spec::{SpecContext, SpecError};
 
 mod executor;
+mod hang;
 mod pass;
 mod reconciler;
 mod rolling;
 mod status;
+mod timers;
 mod watchers;
 
 /// Trailing debounce of file events.
@@ -183,6 +189,9 @@ pub struct Settings {
     /// How often the supervisor status is republished when nothing changed (its `time_ms`
     /// then tells readers the supervisor is alive).
     pub status_every: Duration,
+    /// `--healthcheck-rate`: Docker health-check execs per second across the lab, from which
+    /// an `auto` `health.interval` is chosen when a container is created.
+    pub healthcheck_rate: crate::plan::hang::HealthcheckRate,
 }
 
 /// A fatal error: the supervisor cannot start.
@@ -236,6 +245,23 @@ pub struct Hooks {
     /// Receives the rolling restart's progress whenever it changes (and rejections), also
     /// without a broker.
     pub restart_status: Option<watch::Sender<Option<labvisor_protocol::payloads::RestartStatus>>>,
+    /// Broker messages, as if they arrived on the supervisor's subscriptions (agent statuses
+    /// on `<sut>/agent`, live or retained), also without a broker.
+    pub messages: Option<mpsc::Receiver<BrokerMessage>>,
+    /// The state of the supervisor's broker link, as if from its own link (which it replaces).
+    /// With neither, the supervisor's own hang detection is off (it hears no agent).
+    pub link_state: Option<watch::Receiver<labvisor_mqtt::LinkState>>,
+}
+
+/// A broker message fed through [`Hooks::messages`].
+#[derive(Debug, Clone)]
+pub struct BrokerMessage {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Sent as a retained message because of the subscription (not live).
+    pub retained: bool,
 }
 
 /// Runs the supervisor until `shutdown` resolves. Leaves the agents running.

@@ -189,6 +189,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 classify::probe_only(self.probe_failing.get(&a.sut).copied(), now, m)
             });
         }
+        self.judge_hangs(&scan, &desired, &mut actual, now).await;
         self.rolling_choose(&actual, &desired);
         let mut actions = self.plan_all(&desired, &actual, &invalid);
         let mut work = self.device_work.clone();
