@@ -843,6 +843,14 @@ const QUICK: &str =
     "image = \"img\"\n[health]\nheartbeat = \"1s\"\nmax_age = \"4s\"\nstart_period = \"0s\"\n";
 const MAX_AGE: Duration = Duration::from_secs(4);
 
+/// A supervisor whose agents publish on a broker (the fake's have none by default): it
+/// watches them for hangs.
+fn watching(files: &[(&str, &str)]) -> Sup {
+    Sup::start_with(files, |s| {
+        s.spec.agent_broker = Some("mqtt://broker:1883".into());
+    })
+}
+
 impl Sup {
     /// The supervisor's broker link is up (its `connects`th connection) or down.
     fn link(&self, up: bool, connects: u64) {
@@ -926,7 +934,7 @@ async fn judged(sup: &Sup, sut: &str) -> (String, Arc<AtomicBool>) {
 /// view, after exactly one exec; once its new run publishes, nothing more happens.
 #[tokio::test(start_paused = true)]
 async fn a_silent_agent_confirmed_hung_is_restarted_within_max_age() {
-    let sup = Sup::start(&[("a.toml", QUICK)]);
+    let sup = watching(&[("a.toml", QUICK)]);
     sup.link(true, 1);
     let (id, beat) = judged(&sup, "a").await;
     let reasons = sup.reasons("a");
@@ -976,7 +984,7 @@ async fn a_silent_agent_confirmed_hung_is_restarted_within_max_age() {
 /// asked at most once per `max_age` while it stays silent, and no more once it is heard.
 #[tokio::test(start_paused = true)]
 async fn an_agent_alive_but_off_the_broker_is_not_restarted() {
-    let sup = Sup::start(&[("a.toml", QUICK)]);
+    let sup = watching(&[("a.toml", QUICK)]);
     sup.link(true, 1);
     let (id, beat) = judged(&sup, "a").await;
     beat.store(false, Ordering::SeqCst);
@@ -1003,7 +1011,7 @@ async fn an_agent_alive_but_off_the_broker_is_not_restarted() {
 /// life.
 #[tokio::test(start_paused = true)]
 async fn no_restart_while_the_supervisors_link_is_down() {
-    let sup = Sup::start(&[("a.toml", QUICK)]);
+    let sup = watching(&[("a.toml", QUICK)]);
     sup.link(true, 1);
     let (id, beat) = judged(&sup, "a").await;
     sup.link(false, 1);
@@ -1032,7 +1040,7 @@ async fn no_restart_while_the_supervisors_link_is_down() {
 /// still silent (and hung) is confirmed and restarted, alone.
 #[tokio::test(start_paused = true)]
 async fn every_agent_silent_at_once_restarts_nothing() {
-    let sup = Sup::start(&[("a.toml", QUICK), ("b.toml", QUICK)]);
+    let sup = watching(&[("a.toml", QUICK), ("b.toml", QUICK)]);
     sup.link(true, 1);
     until("b created", || sup.id("p-b").is_some()).await;
     let b = sup.id("p-b").unwrap();
@@ -1073,7 +1081,7 @@ async fn every_agent_silent_at_once_restarts_nothing() {
 /// (Docker's slow probe is not waited for): one restart; the new run's statuses end it.
 #[tokio::test(start_paused = true)]
 async fn an_agents_own_crash_loop_status_restarts_it_at_once() {
-    let sup = Sup::start(&[("a.toml", QUICK)]);
+    let sup = watching(&[("a.toml", QUICK)]);
     sup.link(true, 1);
     let (id, beat) = judged(&sup, "a").await;
     beat.store(false, Ordering::SeqCst);
@@ -1092,5 +1100,20 @@ async fn an_agents_own_crash_loop_status_restarts_it_at_once() {
         0,
         "no exec needed"
     );
+    sup.stop().await;
+}
+
+/// Agents without MQTT (`--agent-broker none`) are never heard, so the supervisor does not
+/// watch them: a silent, hung agent is left to Docker's probe (no exec, no restart).
+#[tokio::test(start_paused = true)]
+async fn agents_without_mqtt_are_left_to_dockers_probe() {
+    let sup = Sup::start(&[("a.toml", QUICK)]);
+    sup.link(true, 1);
+    until("created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    sup.rt.set_hung(&id, true);
+    idle(MAX_AGE * 15).await;
+    assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), 0);
+    assert_eq!(sup.count(&FakeCall::Restart(id.clone())), 0);
     sup.stop().await;
 }

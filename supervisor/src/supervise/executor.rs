@@ -5,13 +5,13 @@
 //! runtime, whether they run a job.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use labvisor_mqtt::MqttLink;
-use labvisor_protocol::config::{self, HealthInterval, Scan, SutConfig};
+use labvisor_protocol::config::{self, HealthInterval, Scan, SutConfig, AUTO_INTERVAL_MIN};
 use labvisor_protocol::SutName;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -60,17 +60,18 @@ impl<R: ContainerRuntime> Executor<R> {
                 runtime,
                 settings,
                 link,
-                lab_size: AtomicUsize::new(0),
+                auto_ms: AtomicU64::new(AUTO_INTERVAL_MIN.as_millis() as u64),
             }),
             tasks: JoinSet::new(),
             done_tx,
         }
     }
 
-    /// The lab has `n` valid SUT files: an `auto` `health.interval` of a container created
-    /// from now on follows it ([`docker_interval`]).
-    pub fn set_lab_size(&self, n: usize) {
-        self.exec.lab_size.store(n, Ordering::Relaxed);
+    /// Docker's interval for an `auto` `health.interval` of a container created from now on
+    /// ([`crate::plan::hang::auto_interval`] of the lab's size).
+    pub fn set_auto_interval(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.exec.auto_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Whether no action runs.
@@ -255,8 +256,8 @@ struct Exec<R> {
     settings: Arc<Settings>,
     /// Where image build lines are published (`<sut>/build`).
     link: Option<MqttLink>,
-    /// The lab's size as the last pass saw it (valid SUT files).
-    lab_size: AtomicUsize,
+    /// Docker's interval for an `auto` `health.interval`, in ms, as the last pass chose it.
+    auto_ms: AtomicU64,
 }
 
 impl<R: ContainerRuntime> Exec<R> {
@@ -305,9 +306,9 @@ impl<R: ContainerRuntime> Exec<R> {
         let hash = self.settings.spec.container_hash(&cfg.hash());
         // Docker's interval is chosen now, after the hash (which it is not part of).
         let mut cfg = cfg;
-        let lab = self.lab_size.load(Ordering::Relaxed);
-        let interval = docker_interval(cfg.health.interval, lab, self.settings.healthcheck_rate);
-        debug!(interval = ?interval, auto = cfg.health.interval == HealthInterval::Auto, lab_size = lab, "Docker's health-check interval.");
+        let auto = Duration::from_millis(self.auto_ms.load(Ordering::Relaxed));
+        let interval = docker_interval(cfg.health.interval, auto);
+        debug!(interval = ?interval, auto = cfg.health.interval == HealthInterval::Auto, "Docker's health-check interval.");
         cfg.health.interval = HealthInterval::Every(interval);
         let spec = container_spec(&cfg, &bytes, &hash, &self.settings.spec)?;
         Ok(self.runtime.create(&spec).await?)

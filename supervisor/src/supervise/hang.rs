@@ -15,7 +15,7 @@ use tracing::{debug, info_span, warn};
 
 use super::reconciler::Reconciler;
 use super::EVENT_DELAY;
-use crate::plan::hang::{check, quiet, Confirmed, Timing, Verdict};
+use crate::plan::hang::{auto_interval, check, quiet, Confirmed, Timing, Verdict};
 use crate::plan::{is_primary, Action, Actual, Desired, RunState};
 use crate::runtime::ContainerRuntime;
 
@@ -67,7 +67,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// suspects with the healthcheck through `docker exec`, marks the containers of hung or
     /// self-declared unhealthy agents `Health::Unhealthy` (with the reason in their SUT's
     /// view), and arms the timer for the earliest moment another agent could become suspect.
-    /// Also tells the executor the lab's size (an `auto` `health.interval` depends on it).
+    /// Also tells the executor Docker's interval for an `auto` `health.interval` (from the
+    /// lab's size). Does nothing else when the supervisor does not watch the agents (they run
+    /// without MQTT, or it does).
     pub(super) async fn judge_hangs(
         &mut self,
         scan: &Scan,
@@ -75,7 +77,12 @@ impl<R: ContainerRuntime> Reconciler<R> {
         actual: &mut [Actual],
         now: Instant,
     ) {
-        self.exec.set_lab_size(scan.valid.len());
+        let rate = self.settings.healthcheck_rate;
+        let auto = auto_interval(scan.valid.len(), rate, self.hang.watches());
+        self.exec.set_auto_interval(auto);
+        if !self.hang.watches() {
+            return;
+        }
         self.hang.retain(|s| scan.valid.contains_key(s));
         let link = self.hang.link_since();
         let judged: Vec<(SutName, String, Timing)> = actual

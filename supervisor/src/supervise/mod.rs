@@ -36,7 +36,8 @@
 //!   whose SUT has `device.drain_signal` is asked once on first sight, so a drain left by an
 //!   earlier run that nothing needs is lifted too. A SUT still to be restarted by a rolling
 //!   restart waits (and stays drained) while the turn is elsewhere.
-//! - **A periodic resync** (30 s), finished actions, and retry or healing deadlines.
+//! - **A periodic resync** (30 s), finished actions, and retry, healing or hang-check
+//!   deadlines (the earliest moment an agent could become suspect).
 //! - **Rolling restart requests** (`labvisor restart`) on `labvisor/supervisors/<id>/restart`:
 //!   taken up by the next pass, which gives one SUT at a time its recreation behind the busy
 //!   gate ([`crate::plan::rolling`]); the progress goes to `.../restart_status` (`rolling`).
@@ -45,6 +46,14 @@
 //! the same SUT. A failed action is logged and published as `last_error`; that SUT alone is
 //! retried with capped exponential backoff (1 s doubling to 60 s), the others go on.
 //! The gates (retry, healing, busy wait) are pure code in [`crate::plan::policy`].
+//!
+//! **Hangs.** The supervisor sees a hung agent itself ([`crate::plan::hang`], this module's
+//! `hang`): an agent whose live status stopped on `<sut>/agent` for `health.max_age` (while the
+//! supervisor's own link has been up that long) is checked with one `labvisor-healthcheck
+//! --state` through `docker exec`; a stale heartbeat, or a fresh status saying `crash-loop` or
+//! `stalled`, makes its container `unhealthy` to the plan, with the reason on its view. Docker's
+//! own probe, an exec each, can then be slow in a large lab (`health.interval = "auto"`:
+//! `clamp(SUTs / --healthcheck-rate, 10 s, 300 s)`, chosen when a container is created).
 //!
 //! **Healing.** Docker marks a hung agent unhealthy but never restarts it. A running,
 //! unhealthy container whose SUT has `restart.on_unhealthy = "restart"` is restarted: the first

@@ -227,6 +227,8 @@ pub(super) async fn run<R: ContainerRuntime>(
         .link_state
         .or_else(|| link.as_ref().map(|l| l.watch_state()));
     let first_link = link_state.as_mut().map(|l| l.borrow_and_update().clone());
+    // The agents publish on a broker the supervisor hears: it can watch them for hangs.
+    let watches = settings.spec.agent_broker.is_some() && first_link.is_some();
     let (fs_tx, fs_rx) = mpsc::channel::<()>(1);
     let (files, fs_tx) = match hooks.file_events {
         Some(fed) => (fed, None),
@@ -264,7 +266,7 @@ pub(super) async fn run<R: ContainerRuntime>(
         device_work: BTreeMap::new(),
         draining: BTreeSet::new(),
         probe_failing: BTreeMap::new(),
-        hang: crate::plan::hang::Lab::default(),
+        hang: crate::plan::hang::Lab::new(watches),
         docker: Reach::default(),
         metrics,
         broker,

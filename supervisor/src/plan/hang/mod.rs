@@ -8,9 +8,11 @@
 //! - **Docker's interval** ([`docker_interval`]): an explicit `health.interval` as written;
 //!   `auto` (the default) is `clamp(N / rate, 10 s, 300 s)`, N the number of valid SUT files
 //!   and rate `--healthcheck-rate` ([`HealthcheckRate`], execs per second across the lab,
-//!   default 2): 10 s up to 20 SUTs, 50 s at 100, 250 s at 500. It is chosen when a container
-//!   is created and is not in its config hash, so a growing lab recreates nothing; older
-//!   containers keep theirs until they are recreated.
+//!   default 2): 10 s up to 20 SUTs, 50 s at 100, 250 s at 500 ([`auto_interval`]). It is
+//!   chosen when a container is created and is not in its config hash, so a growing lab
+//!   recreates nothing; older containers keep theirs until they are recreated. When the
+//!   supervisor cannot hear the agents (they run without MQTT, or it does), none of the rest
+//!   applies and `auto` is 10 s: Docker's probe is then the only hang detector.
 //! - **Silence** ([`Agent::since`]): an agent is *suspect* once it has published nothing live
 //!   (a retained status sent at subscription is no sign of life, nor is its last will `lost`)
 //!   for `health.max_age`, counted from the latest of: its last live status, the last time the
@@ -97,23 +99,21 @@ impl FromStr for HealthcheckRate {
 
 /// Docker's interval for an `auto` `health.interval` in a lab of `lab_size` SUTs at `rate`:
 /// `lab_size / rate` seconds, at least [`AUTO_INTERVAL_MIN`], at most [`AUTO_INTERVAL_MAX`].
-pub fn auto_interval(lab_size: usize, rate: HealthcheckRate) -> Duration {
+/// Unless the supervisor `watches` the agents on the broker (agents without MQTT, or a
+/// supervisor without it): then Docker's probe is the only hang detector and gets the floor.
+pub fn auto_interval(lab_size: usize, rate: HealthcheckRate, watches: bool) -> Duration {
+    if !watches {
+        return AUTO_INTERVAL_MIN;
+    }
     let secs = lab_size as f64 / rate.get();
     Duration::try_from_secs_f64(secs)
         .unwrap_or(AUTO_INTERVAL_MAX)
         .clamp(AUTO_INTERVAL_MIN, AUTO_INTERVAL_MAX)
 }
 
-/// Docker's interval for `interval`: as written, or [`auto_interval`].
-pub fn docker_interval(
-    interval: HealthInterval,
-    lab_size: usize,
-    rate: HealthcheckRate,
-) -> Duration {
-    match interval {
-        HealthInterval::Every(d) => d,
-        HealthInterval::Auto => auto_interval(lab_size, rate),
-    }
+/// Docker's interval for `interval`: as written, or `auto` ([`auto_interval`]).
+pub fn docker_interval(interval: HealthInterval, auto: Duration) -> Duration {
+    interval.explicit().unwrap_or(auto)
 }
 
 /// A SUT's health timings as the hang rule needs them.
@@ -337,6 +337,8 @@ impl Agent {
 /// The hang rule's state for the whole lab: the supervisor's own link, and each agent.
 #[derive(Debug, Clone, Default)]
 pub struct Lab {
+    /// Whether the supervisor watches the agents at all: they publish on a broker it hears.
+    watches: bool,
     /// Since when the supervisor's broker link is connected (`None`: down, or no broker).
     link: Option<Instant>,
     /// The link's connection count last seen (a reconnect between two looks counts).
@@ -350,6 +352,20 @@ pub struct Lab {
 }
 
 impl Lab {
+    /// The rule's state for a lab whose agents the supervisor hears on a broker (`watches`);
+    /// without that the rule is off and Docker's probe is the only hang detector.
+    pub fn new(watches: bool) -> Self {
+        Self {
+            watches,
+            ..Self::default()
+        }
+    }
+
+    /// Whether the supervisor watches the agents (see [`Lab::new`]).
+    pub fn watches(&self) -> bool {
+        self.watches
+    }
+
     /// The supervisor's link is `connected`, after `connects` connections, at `now`.
     pub fn link(&mut self, connected: bool, connects: u64, now: Instant) {
         if !connected {

@@ -16,22 +16,27 @@ fn sut(s: &str) -> SutName {
 #[test]
 fn the_auto_interval_scales_with_the_lab_between_10_s_and_5_min() {
     let r = HealthcheckRate::DEFAULT;
-    assert_eq!(auto_interval(0, r), 10 * S);
-    assert_eq!(auto_interval(5, r), 10 * S);
-    assert_eq!(auto_interval(20, r), 10 * S);
-    assert_eq!(auto_interval(100, r), 50 * S);
-    assert_eq!(auto_interval(500, r), 250 * S);
-    assert_eq!(auto_interval(5000, r), 300 * S);
+    assert_eq!(auto_interval(0, r, true), 10 * S);
+    assert_eq!(auto_interval(5, r, true), 10 * S);
+    assert_eq!(auto_interval(20, r, true), 10 * S);
+    assert_eq!(auto_interval(100, r, true), 50 * S);
+    assert_eq!(auto_interval(500, r, true), 250 * S);
+    assert_eq!(auto_interval(5000, r, true), 300 * S);
     let slow = HealthcheckRate::new(0.5).unwrap();
-    assert_eq!(auto_interval(20, slow), 40 * S);
+    assert_eq!(auto_interval(20, slow, true), 40 * S);
     let tiny = HealthcheckRate::new(f64::MIN_POSITIVE).unwrap();
-    assert_eq!(auto_interval(1, tiny), 300 * S, "no overflow");
+    assert_eq!(auto_interval(1, tiny, true), 300 * S, "no overflow");
     assert_eq!(
-        docker_interval(HealthInterval::Every(400 * S), 5, r),
+        auto_interval(500, r, false),
+        10 * S,
+        "not watched: Docker alone"
+    );
+    assert_eq!(
+        docker_interval(HealthInterval::Every(400 * S), 50 * S),
         400 * S,
         "an explicit interval as written"
     );
-    assert_eq!(docker_interval(HealthInterval::Auto, 100, r), 50 * S);
+    assert_eq!(docker_interval(HealthInterval::Auto, 50 * S), 50 * S);
 }
 
 #[test]
