@@ -141,6 +141,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
             Ok(list) => {
                 if !self.docker.reachable {
                     info!("Docker is reachable again.");
+                    // Its containers may have restarted unseen (a daemon restart).
+                    self.hang.engine_back(now);
                 }
                 self.docker.reachable = true;
                 self.docker.backoff.reset();

@@ -399,6 +399,17 @@ impl Lab {
             .heard(now, state, detail)
     }
 
+    /// The engine answers again at `now` after it did not: every container may have been
+    /// restarted meanwhile (a daemon restart) without a start event reaching the supervisor,
+    /// so each counts as started now.
+    pub fn engine_back(&mut self, now: Instant) {
+        for agent in self.agents.values_mut() {
+            if let Some(id) = agent.container.as_ref().map(|(id, _)| id.clone()) {
+                agent.started(&id, now);
+            }
+        }
+    }
+
     /// `sut`'s agent.
     pub fn agent(&mut self, sut: &SutName) -> &mut Agent {
         self.agents.entry(sut.clone()).or_default()

@@ -251,3 +251,20 @@ fn the_check_reads_the_agents_answer() {
     );
     assert_eq!(check(&answer(None, None)), Check::Unknown);
 }
+
+#[test]
+fn containers_count_as_started_when_the_engine_is_back() {
+    let t0 = Instant::now();
+    let mut lab = Lab::new(true);
+    lab.link(true, 1, t0);
+    lab.agent(&sut("a")).running("c", t0);
+    lab.heard(&sut("a"), t0 + S, AgentState::Idle, None);
+    let link = lab.link_since();
+    assert_eq!(lab.agent(&sut("a")).suspect_at(link, T), Some(t0 + 40 * S));
+    lab.engine_back(t0 + 100 * S);
+    assert_eq!(
+        lab.agent(&sut("a")).suspect_at(link, T),
+        Some(t0 + 140 * S),
+        "start_period + max_age from then"
+    );
+}
