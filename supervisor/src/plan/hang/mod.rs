@@ -17,8 +17,10 @@
 //!   (a retained status sent at subscription is no sign of life, nor is its last will `lost`)
 //!   for `health.max_age`, counted from the latest of: its last live status, the last time the
 //!   hang check found it alive, the moment the supervisor's own broker link (re)connected, and
-//!   its container's start plus `health.start_period`. So nothing is suspect while the link is
-//!   down, nor in the first `max_age` after it comes back, nor before a container has run for
+//!   its container's start plus `health.start_period` (a start the supervisor made or saw:
+//!   its own action, Docker's start event, first sight, or the engine answering again after an
+//!   outage, [`Lab::engine_back`]). So nothing is suspect while the link is down, nor in the
+//!   first `max_age` after it comes back, nor before a container has run for
 //!   `start_period + max_age`.
 //! - **Confirmation** ([`check`], [`Agent::confirm`]): a suspect is confirmed with one
 //!   `labvisor-healthcheck --state` through `docker exec` (it reads the heartbeat file, not the
