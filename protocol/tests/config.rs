@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use labvisor_protocol::config::{
-    is_sut_file, load_file, load_str, scan_dir, Allow, Network, Problem, SutConfig,
+    is_sut_file, load_file, load_str, scan_dir, Allow, HealthInterval, Network, Problem, SutConfig,
 };
 use proptest::prelude::*;
 
@@ -260,6 +260,7 @@ LABVISOR_X = "1"
 [health]
 heartbeat = "2s"
 max_age = "1s"
+interval = "often"
 
 [job]
 command = ["sh", "{bad}"]
@@ -304,7 +305,7 @@ cpus = 0.0
         .iter()
         .find(|p| p.key == "resources.memory")
         .unwrap();
-    assert_eq!(memory.line, Some(28));
+    assert_eq!(memory.line, Some(29));
     assert!(problems.iter().all(|p| p.file == "many.toml"));
 }
 
@@ -460,8 +461,10 @@ fn defaults_are_as_documented() {
         "probe": null
     });
     assert_eq!(json, expected);
+    assert_eq!(cfg.health.interval, HealthInterval::Auto);
     assert_eq!(
-        cfg.health.detection_time(),
+        cfg.health
+            .detection_time(std::time::Duration::from_secs(10)),
         std::time::Duration::from_secs(60)
     );
 }
@@ -533,6 +536,46 @@ fn hash_of(dir: &Path, text: &str) -> String {
     load_str("dev.toml", text, dir, &Allow::default())
         .unwrap_or_else(|p| panic!("{}", render(&p)))
         .hash()
+}
+
+/// `health.interval` is `auto` unless written; an explicit one may be longer than `max_age`
+/// (the supervisor, not Docker, acts on a stale heartbeat); `auto` hashes as the old default
+/// `"10s"`, so upgrading recreates no container that did not set it.
+#[test]
+fn the_health_interval_is_auto_unless_written_and_may_exceed_max_age() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |health: &str| {
+        load_str(
+            "dev.toml",
+            &format!("image = \"x\"\n[health]\n{health}"),
+            dir.path(),
+            &Allow::default(),
+        )
+        .unwrap_or_else(|p| panic!("{}", render(&p)))
+    };
+    let s = std::time::Duration::from_secs;
+    assert_eq!(load("").health.interval, HealthInterval::Auto);
+    assert_eq!(
+        load("interval = \"auto\"\n").health.interval,
+        HealthInterval::Auto
+    );
+    let long = load("heartbeat = \"1s\"\nmax_age = \"4s\"\ninterval = \"10m\"\ntimeout = \"9m\"\n");
+    assert_eq!(long.health.interval, HealthInterval::Every(s(600)));
+    assert_eq!(long.health.interval.shortest(), s(600));
+    assert_eq!(HealthInterval::Auto.shortest(), s(10));
+    assert_eq!(
+        load("timeout = \"9s\"\n").health.timeout,
+        s(9),
+        "below the auto floor"
+    );
+    let hash = |health: &str| hash_of(dir.path(), &format!("image = \"x\"\n[health]\n{health}"));
+    assert_eq!(hash(""), hash("interval = \"auto\"\n"));
+    assert_eq!(
+        hash(""),
+        hash("interval = \"10s\"\n"),
+        "auto hashes as the old default"
+    );
+    assert_ne!(hash(""), hash("interval = \"20s\"\n"));
 }
 
 #[test]
@@ -801,8 +844,7 @@ fn check_outcome(result: Result<SutConfig, Vec<Problem>>, text: &str) {
             // A valid config's invariants hold.
             assert!(!cfg.image.is_empty());
             assert!(cfg.health.max_age > cfg.health.heartbeat);
-            assert!(cfg.health.timeout < cfg.health.interval);
-            assert!(cfg.health.interval <= cfg.health.max_age);
+            assert!(cfg.health.timeout < cfg.health.interval.shortest());
             assert!(cfg.restart.backoff_max >= cfg.restart.backoff_min);
             let _ = cfg.hash();
         }

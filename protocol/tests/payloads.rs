@@ -158,6 +158,7 @@ fn sut_view() {
         config_hash: Some("ab12".into()),
         health: Health::Healthy,
         restarts: 0,
+        health_reason: None,
         crash_loop: false,
         pending_action: Some("recreate (waiting for job 01JCZ8Q4X2R7W3M5N6P8T9V0AB)".into()),
         last_error: None,
@@ -179,6 +180,7 @@ fn sut_view_stopped_by_person() {
         image: Some("labvisor/busybox:local".into()),
         config_hash: Some("ab12".into()),
         health: Health::None,
+        health_reason: None,
         restarts: 0,
         crash_loop: false,
         pending_action: None,
@@ -187,6 +189,30 @@ fn sut_view_stopped_by_person() {
         stopped_by_person: Some(StoppedByPerson {
             at_ms: Some(T - 60_000),
         }),
+        time_ms: T,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+/// A hang the supervisor found itself: unhealthy, and why.
+#[test]
+fn sut_view_hung() {
+    let p = SutView {
+        v: VERSION,
+        sut: sut(),
+        supervisor: SupervisorId::new("lab-a").unwrap(),
+        container_id: Some("3f1e".into()),
+        image: Some("labvisor/busybox:local".into()),
+        config_hash: Some("ab12".into()),
+        health: Health::Unhealthy,
+        health_reason: Some("no heartbeat for 34 s: heartbeat is 34.2s old (max 30.0s): the agent's loop is hung or dead (last state idle)".into()),
+        restarts: 1,
+        crash_loop: false,
+        pending_action: None,
+        last_error: None,
+        config_problems: vec![],
+        stopped_by_person: None,
         time_ms: T,
     };
     round_trip(&p);

@@ -198,6 +198,11 @@ struct SuperviseArgs {
     #[arg(long, env = "LABVISOR_NETWORK_CAPACITY", default_value_t = labvisor_supervisor::plan::networks::DEFAULT_CAPACITY,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     network_capacity: usize,
+    /// Docker health-check execs per second across the lab (above 0), from which an `auto`
+    /// `health.interval` is chosen when a container is created: SUTs / rate seconds, 10 s to
+    /// 300 s. The supervisor itself acts on a hung agent within `health.max_age`.
+    #[arg(long, env = "LABVISOR_HEALTHCHECK_RATE", default_value = "2")]
+    healthcheck_rate: labvisor_supervisor::plan::hang::HealthcheckRate,
     /// Remove a SUT's volume with its container when its file is deleted.
     #[arg(long)]
     purge_volumes: bool,
@@ -344,6 +349,7 @@ fn settings(args: SuperviseArgs, id: &SupervisorId, managed: bool) -> anyhow::Re
         logins: None,
         managed_broker: None,
         status_every: args.status_interval,
+        healthcheck_rate: args.healthcheck_rate,
     })
 }
 

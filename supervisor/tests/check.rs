@@ -68,7 +68,7 @@ fn bad_dir_prints_every_problem_and_exits_1() {
             file(d, "bad.toml")
         ),
         format!(
-            "{}: health.timeout: is 10s, but must be shorter than health.interval (10s)",
+            "{}: health.timeout: is 10s, but must be shorter than health.interval (10s), the shortest an \"auto\" interval gets",
             file(d, "bad.toml")
         ),
         format!(

@@ -10,16 +10,20 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use labvisor_mqtt::LinkState;
 use labvisor_protocol::payloads::{
-    Health, RestartRequest, RestartState, RestartStatus, RestartStep, StoppedByPerson, SutView,
+    now_ms, AgentState, AgentStatus, Health, RestartRequest, RestartState, RestartStatus,
+    RestartStep, StoppedByPerson, SutView,
 };
+use labvisor_protocol::topics::Topics;
 use labvisor_protocol::SutName;
 use labvisor_supervisor::plan::RunState;
 use labvisor_supervisor::runtime::fake::{self, FakeCall, FakeRuntime};
-use labvisor_supervisor::supervise::{self, Hooks, Settings, DEBOUNCE};
+use labvisor_supervisor::supervise::{self, BrokerMessage, Hooks, Settings, DEBOUNCE};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
@@ -46,6 +50,10 @@ struct Sup {
     /// Rolling restart requests in, their progress out.
     restarts: mpsc::Sender<RestartRequest>,
     restart_status: watch::Receiver<Option<RestartStatus>>,
+    /// Broker messages in (agent statuses), and the state of the supervisor's broker link
+    /// (down unless a test brings it up: hang detection is off then).
+    messages: mpsc::Sender<BrokerMessage>,
+    link: watch::Sender<LinkState>,
 }
 
 impl Sup {
@@ -71,11 +79,15 @@ impl Sup {
         let (stop, stopped) = oneshot::channel();
         let (restarts, restarts_rx) = mpsc::channel(4);
         let (restart_tx, restart_status) = watch::channel(None);
+        let (messages, messages_rx) = mpsc::channel(64);
+        let (link, link_rx) = watch::channel(LinkState::default());
         let hooks = Hooks {
             file_events: Some(files_rx),
             views: Some(views_tx),
             restarts: Some(restarts_rx),
             restart_status: Some(restart_tx),
+            messages: Some(messages_rx),
+            link_state: Some(link_rx),
         };
         let runtime = Arc::new(rt.clone());
         let task = tokio::spawn(async move {
@@ -94,6 +106,8 @@ impl Sup {
             task,
             restarts,
             restart_status,
+            messages,
+            link,
         }
     }
 
@@ -817,5 +831,289 @@ async fn a_drain_left_by_a_restarted_supervisor_is_lifted() {
     }
     assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), asks);
     assert_eq!(sup.count(&lift), 1);
+    sup.stop().await;
+}
+
+// -- the supervisor's own hang detection (Docker's probe is slow at scale; see plan::hang) --
+
+/// A SUT whose agent is judged quickly: heartbeat 1 s, max_age 4 s, no start period. Docker's
+/// health (the fake's) stays `healthy` throughout: every restart below is the supervisor's own
+/// judgement.
+const QUICK: &str =
+    "image = \"img\"\n[health]\nheartbeat = \"1s\"\nmax_age = \"4s\"\nstart_period = \"0s\"\n";
+const MAX_AGE: Duration = Duration::from_secs(4);
+
+/// A supervisor whose agents publish on a broker (the fake's have none by default): it
+/// watches them for hangs.
+fn watching(files: &[(&str, &str)]) -> Sup {
+    Sup::start_with(files, |s| {
+        s.spec.agent_broker = Some("mqtt://broker:1883".into());
+    })
+}
+
+impl Sup {
+    /// The supervisor's broker link is up (its `connects`th connection) or down.
+    fn link(&self, up: bool, connects: u64) {
+        self.link.send_replace(LinkState {
+            connected: up,
+            connects,
+            ..LinkState::default()
+        });
+    }
+
+    /// `sut`'s agent publishes a live status in `state` (as the broker would deliver it).
+    async fn say(&self, sut: &str, state: AgentState) {
+        say(&self.messages, sut, state, false).await;
+    }
+
+    /// `sut`'s agent publishes `idle` every second while the returned flag is true.
+    fn heartbeats(&self, sut: &str) -> Arc<AtomicBool> {
+        let alive = Arc::new(AtomicBool::new(true));
+        let (flag, tx, sut) = (alive.clone(), self.messages.clone(), sut.to_owned());
+        tokio::spawn(async move {
+            while !tx.is_closed() {
+                if flag.load(Ordering::SeqCst) {
+                    say(&tx, &sut, AgentState::Idle, false).await;
+                }
+                tokio::time::sleep(S).await;
+            }
+        });
+        alive
+    }
+
+    /// Every distinct `health_reason` the views of `sut` carry from now on.
+    fn reasons(&self, sut: &str) -> Arc<std::sync::Mutex<Vec<String>>> {
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (out, mut views, sut) = (seen.clone(), self.views.clone(), SutName::new(sut).unwrap());
+        tokio::spawn(async move {
+            while views.changed().await.is_ok() {
+                let why = views
+                    .borrow()
+                    .get(&sut)
+                    .and_then(|v| v.health_reason.clone());
+                let mut out = out.lock().unwrap();
+                if let Some(why) = why.filter(|w| out.last() != Some(w)) {
+                    out.push(why);
+                }
+            }
+        });
+        seen
+    }
+}
+
+async fn say(tx: &mpsc::Sender<BrokerMessage>, sut: &str, state: AgentState, retained: bool) {
+    let sut = SutName::new(sut).unwrap();
+    let status = AgentStatus::new(sut.clone(), "boot", "test", now_ms()).with_state(state);
+    let _ = tx
+        .send(BrokerMessage {
+            topic: Topics::new().agent(&sut),
+            payload: serde_json::to_vec(&status).unwrap(),
+            retained,
+        })
+        .await;
+}
+
+/// A SUT whose agent published for a while, with the link up; returns the container id and the
+/// agent's heartbeat switch.
+async fn judged(sup: &Sup, sut: &str) -> (String, Arc<AtomicBool>) {
+    let name = format!("p-{sut}");
+    until("created", || sup.id(&name).is_some()).await;
+    let id = sup.id(&name).unwrap();
+    let beat = sup.heartbeats(sut);
+    idle(MAX_AGE * 3).await;
+    assert_eq!(
+        sup.count(&FakeCall::AgentBusy(id.clone())),
+        0,
+        "an agent heard on the broker is never asked"
+    );
+    (id, beat)
+}
+
+/// A silent agent whose heartbeat the healthcheck finds stale is restarted within `max_age`
+/// of its last status (plus the pass: here nothing, in virtual time), with the reason on its
+/// view, after exactly one exec; once its new run publishes, nothing more happens.
+#[tokio::test(start_paused = true)]
+async fn a_silent_agent_confirmed_hung_is_restarted_within_max_age() {
+    let sup = watching(&[("a.toml", QUICK)]);
+    sup.link(true, 1);
+    let (id, beat) = judged(&sup, "a").await;
+    let reasons = sup.reasons("a");
+    beat.store(false, Ordering::SeqCst);
+    sup.rt.set_hung(&id, true);
+    let hung = Instant::now();
+    let restarted = until("the restart", || {
+        sup.count(&FakeCall::Restart(id.clone())) == 1
+    })
+    .await;
+    let took = restarted - hung;
+    assert!(
+        took >= MAX_AGE - S && took <= MAX_AGE + 100 * MS,
+        "restarted {took:?} after the last heartbeat (max_age {MAX_AGE:?})"
+    );
+    assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), 1, "one exec");
+    until("the reason on the view", || {
+        !reasons.lock().unwrap().is_empty()
+    })
+    .await;
+    let why = reasons.lock().unwrap()[0].clone();
+    assert!(
+        why.starts_with("no heartbeat for ") && why.contains("hung or dead"),
+        "{why}"
+    );
+    // The new run publishes again.
+    sup.rt.set_hung(&id, false);
+    beat.store(true, Ordering::SeqCst);
+    idle(MAX_AGE * 10).await;
+    assert_eq!(
+        sup.count(&FakeCall::Restart(id.clone())),
+        1,
+        "exactly one restart"
+    );
+    assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), 1);
+    // Docker's probe (the fake's) says the new run is healthy.
+    sup.rt.update(&id, |c| c.health = Health::Healthy);
+    sup.nudge();
+    idle(S).await;
+    let view = sup.view("a").unwrap();
+    assert_eq!((view.health, view.health_reason), (Health::Healthy, None));
+    assert_eq!(view.restarts, 1);
+    sup.stop().await;
+}
+
+/// An agent that is alive but off the broker (its heartbeat fresh) is not restarted: it is
+/// asked at most once per `max_age` while it stays silent, and no more once it is heard.
+#[tokio::test(start_paused = true)]
+async fn an_agent_alive_but_off_the_broker_is_not_restarted() {
+    let sup = watching(&[("a.toml", QUICK)]);
+    sup.link(true, 1);
+    let (id, beat) = judged(&sup, "a").await;
+    beat.store(false, Ordering::SeqCst);
+    idle(MAX_AGE * 15).await;
+    let asked = sup.count(&FakeCall::AgentBusy(id.clone()));
+    assert!(
+        (13..=15).contains(&asked),
+        "asked {asked} times in 15 max_age"
+    );
+    beat.store(true, Ordering::SeqCst);
+    idle(MAX_AGE * 5).await;
+    assert!(
+        sup.count(&FakeCall::AgentBusy(id.clone())) <= asked + 1,
+        "at most the one due"
+    );
+    assert_eq!(sup.count(&FakeCall::Restart(id.clone())), 0);
+    assert_eq!(sup.view("a").unwrap().health_reason, None);
+    sup.stop().await;
+}
+
+/// While the supervisor's own broker link is down it judges nobody (every agent is silent to
+/// it); once the link is back, silence counts from then: a hung agent is restarted `max_age`
+/// after the reconnection, not before. A retained status (sent at subscription) is no sign of
+/// life.
+#[tokio::test(start_paused = true)]
+async fn no_restart_while_the_supervisors_link_is_down() {
+    let sup = watching(&[("a.toml", QUICK)]);
+    sup.link(true, 1);
+    let (id, beat) = judged(&sup, "a").await;
+    sup.link(false, 1);
+    beat.store(false, Ordering::SeqCst);
+    sup.rt.set_hung(&id, true);
+    idle(MAX_AGE * 15).await;
+    assert_eq!(sup.count(&FakeCall::Restart(id.clone())), 0);
+    assert_eq!(
+        sup.count(&FakeCall::AgentBusy(id.clone())),
+        0,
+        "not even asked"
+    );
+    sup.link(true, 2);
+    let back = Instant::now();
+    say(&sup.messages, "a", AgentState::Idle, true).await;
+    let restarted = until("the restart", || {
+        sup.count(&FakeCall::Restart(id.clone())) == 1
+    })
+    .await;
+    near("restart after the reconnection", restarted - back, MAX_AGE);
+    sup.stop().await;
+}
+
+/// Every agent silent at once is a broker outage on the agents' side, not a lab of hung
+/// agents: nothing is restarted and no agent is asked. When one agent is heard again, the one
+/// still silent (and hung) is confirmed and restarted, alone.
+#[tokio::test(start_paused = true)]
+async fn every_agent_silent_at_once_restarts_nothing() {
+    let sup = watching(&[("a.toml", QUICK), ("b.toml", QUICK)]);
+    sup.link(true, 1);
+    until("b created", || sup.id("p-b").is_some()).await;
+    let b = sup.id("p-b").unwrap();
+    let beat_b = sup.heartbeats("b");
+    let (a, beat_a) = judged(&sup, "a").await;
+    assert_eq!(sup.count(&FakeCall::AgentBusy(b.clone())), 0);
+    beat_a.store(false, Ordering::SeqCst);
+    beat_b.store(false, Ordering::SeqCst);
+    sup.rt.set_hung(&a, true);
+    sup.rt.set_hung(&b, true);
+    idle(MAX_AGE * 15).await;
+    for id in [&a, &b] {
+        assert_eq!(sup.count(&FakeCall::Restart(id.clone())), 0);
+        assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), 0);
+    }
+    sup.rt.set_hung(&b, false);
+    beat_b.store(true, Ordering::SeqCst);
+    let heard = Instant::now();
+    let restarted = until("a's restart", || {
+        sup.count(&FakeCall::Restart(a.clone())) == 1
+    })
+    .await;
+    assert!(
+        restarted - heard <= MAX_AGE + 100 * MS,
+        "{:?}",
+        restarted - heard
+    );
+    // a's new run publishes.
+    sup.rt.set_hung(&a, false);
+    beat_a.store(true, Ordering::SeqCst);
+    idle(MAX_AGE * 3).await;
+    assert_eq!(sup.count(&FakeCall::Restart(a.clone())), 1);
+    assert_eq!(sup.count(&FakeCall::Restart(b.clone())), 0);
+    sup.stop().await;
+}
+
+/// An agent's own fresh status saying `crash-loop` makes its container unhealthy at once
+/// (Docker's slow probe is not waited for): one restart; the new run's statuses end it.
+#[tokio::test(start_paused = true)]
+async fn an_agents_own_crash_loop_status_restarts_it_at_once() {
+    let sup = watching(&[("a.toml", QUICK)]);
+    sup.link(true, 1);
+    let (id, beat) = judged(&sup, "a").await;
+    beat.store(false, Ordering::SeqCst);
+    sup.say("a", AgentState::CrashLoop).await;
+    let said = Instant::now();
+    let restarted = until("the restart", || {
+        sup.count(&FakeCall::Restart(id.clone())) == 1
+    })
+    .await;
+    assert!(restarted - said <= S, "{:?}", restarted - said);
+    beat.store(true, Ordering::SeqCst);
+    idle(MAX_AGE * 5).await;
+    assert_eq!(sup.count(&FakeCall::Restart(id.clone())), 1);
+    assert_eq!(
+        sup.count(&FakeCall::AgentBusy(id.clone())),
+        0,
+        "no exec needed"
+    );
+    sup.stop().await;
+}
+
+/// Agents without MQTT (`--agent-broker none`) are never heard, so the supervisor does not
+/// watch them: a silent, hung agent is left to Docker's probe (no exec, no restart).
+#[tokio::test(start_paused = true)]
+async fn agents_without_mqtt_are_left_to_dockers_probe() {
+    let sup = Sup::start(&[("a.toml", QUICK)]);
+    sup.link(true, 1);
+    until("created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    sup.rt.set_hung(&id, true);
+    idle(MAX_AGE * 15).await;
+    assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), 0);
+    assert_eq!(sup.count(&FakeCall::Restart(id.clone())), 0);
     sup.stop().await;
 }

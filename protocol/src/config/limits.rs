@@ -143,6 +143,11 @@ pub const MIN_CPUS: f64 = 0.01;
 pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 /// Shortest accepted `health.interval` and `probe.interval` (each Docker probe is an exec).
 pub const MIN_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Shortest Docker health-check interval an `auto` `health.interval` gets (a lab of up to
+/// `AUTO_INTERVAL_MIN × --healthcheck-rate` SUTs: 20 at the default rate).
+pub const AUTO_INTERVAL_MIN: Duration = Duration::from_secs(10);
+/// Longest Docker health-check interval an `auto` `health.interval` gets.
+pub const AUTO_INTERVAL_MAX: Duration = Duration::from_secs(300);
 
 // [health_check] (helper healthjob)
 /// Shortest accepted `health_check.every`: a health check is a job that takes the device from

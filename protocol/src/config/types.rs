@@ -224,10 +224,10 @@ pub struct Health {
     /// A heartbeat older than this is unhealthy (> `heartbeat`).
     #[serde(serialize_with = "ser_duration")]
     pub max_age: Duration,
-    /// Docker probe interval (≤ `max_age`).
-    #[serde(serialize_with = "ser_duration")]
-    pub interval: Duration,
-    /// Docker probe timeout (< `interval`).
+    /// Docker probe interval: `auto` (chosen from the lab's size when the container is made)
+    /// or as written.
+    pub interval: HealthInterval,
+    /// Docker probe timeout (< `interval`; with `auto`, < [`AUTO_INTERVAL_MIN`](super::AUTO_INTERVAL_MIN)).
     #[serde(serialize_with = "ser_duration")]
     pub timeout: Duration,
     /// Failed probes before unhealthy.
@@ -238,12 +238,59 @@ pub struct Health {
 }
 
 impl Health {
-    /// Worst-case time from the agent's last heartbeat to Docker reporting the container
-    /// unhealthy: the heartbeat goes stale after `max_age`, and Docker needs `retries` failed
-    /// probes, `interval` apart: `max_age + interval × retries`.
-    pub fn detection_time(&self) -> Duration {
+    /// Worst-case time from the agent's last heartbeat to Docker itself reporting the container
+    /// unhealthy, when Docker probes every `interval` (the container's own, see
+    /// [`HealthInterval`]): the heartbeat goes stale after `max_age`, and Docker needs `retries`
+    /// failed probes, `interval` apart: `max_age + interval × retries`. The supervisor acts on
+    /// a hung agent sooner, within `max_age` of its last status (its own hang detection).
+    pub fn detection_time(&self, interval: Duration) -> Duration {
         self.max_age
-            .saturating_add(self.interval.saturating_mul(self.retries.get()))
+            .saturating_add(interval.saturating_mul(self.retries.get()))
+    }
+}
+
+/// `health.interval`: how often Docker probes the container.
+///
+/// Docker's probe is an exec (work for dockerd and containerd), and the supervisor detects a
+/// hung agent itself within `max_age`, so at scale Docker's interval may be long: `auto` (the
+/// default) lets the supervisor choose it from the lab's size when it creates the container
+/// (`clamp(SUTs / --healthcheck-rate, 10 s, 300 s)`).
+///
+/// The config hash does not cover the interval `auto` stands for (a growing lab recreates
+/// nothing; a container keeps the interval it was made with until it is recreated). `auto`
+/// hashes as `"10s"`, the default before `auto`, so a file that does not set the key keeps its
+/// hash across the upgrade; writing `"10s"` or `"auto"` is therefore the same container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum HealthInterval {
+    /// Chosen by the supervisor from the lab's size, between
+    /// [`AUTO_INTERVAL_MIN`](super::AUTO_INTERVAL_MIN) and
+    /// [`AUTO_INTERVAL_MAX`](super::AUTO_INTERVAL_MAX).
+    #[default]
+    Auto,
+    /// As written (at least [`MIN_PROBE_INTERVAL`](super::MIN_PROBE_INTERVAL)).
+    Every(Duration),
+}
+
+impl HealthInterval {
+    /// The interval as written; `None` for `auto`.
+    pub fn explicit(self) -> Option<Duration> {
+        match self {
+            HealthInterval::Auto => None,
+            HealthInterval::Every(d) => Some(d),
+        }
+    }
+
+    /// The shortest interval Docker may get: as written, or the floor of `auto`. The timeout
+    /// must be shorter.
+    pub fn shortest(self) -> Duration {
+        self.explicit().unwrap_or(super::AUTO_INTERVAL_MIN)
+    }
+}
+
+impl Serialize for HealthInterval {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // `auto` as the floor: see the type's docs (the hash of a file without the key).
+        ser_duration(&self.shortest(), s)
     }
 }
 

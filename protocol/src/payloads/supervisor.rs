@@ -39,8 +39,16 @@ pub struct SutView {
     /// Hash of the config it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_hash: Option<String>,
-    /// Docker's health.
+    /// Docker's health, or `unhealthy` when the supervisor judged the agent unhealthy itself
+    /// (see `health_reason`).
     pub health: Health,
+    /// Why the supervisor judges the agent unhealthy itself, whatever Docker's slower probe
+    /// says: its agent published nothing for longer than `health.max_age` and the healthcheck
+    /// run through `docker exec` found its heartbeat stale (`no heartbeat for 34 s: heartbeat
+    /// is 34.2s old (max 30.0s): ...`), or its own fresh status says `crash-loop` or `stalled`.
+    /// Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_reason: Option<String>,
     /// Restarts made by the supervisor (healing).
     pub restarts: u64,
     /// Whether the supervisor gave up restarting for now (restarting too often).

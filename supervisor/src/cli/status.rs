@@ -123,6 +123,7 @@ fn row(sut: &SutName, a: Option<&AgentStatus>, v: Option<&SutView>) -> StatusRow
             .map(|p| format!("probe failing: {p}")),
     );
     if let Some(v) = v {
+        detail.extend(v.health_reason.iter().cloned());
         if let Some(stop) = &v.stopped_by_person {
             detail.push(stopped_by_person(stop.at_ms));
         }

@@ -133,6 +133,9 @@ pub struct Answer {
     pub device_work: Option<String>,
     /// Its device process is drained (until the drain is lifted).
     pub draining: bool,
+    /// The healthcheck failed: its line (a stale heartbeat, an unhealthy state); the agent
+    /// then counts as idle ([`super::hang::check`] reads it as a confirmed hang).
+    pub unhealthy: Option<String>,
 }
 
 /// Applies the agents' own answers over the broker's view, which may be stale (the broker or
@@ -317,6 +320,7 @@ mod tests {
                 busy: Some(true),
                 device_work: None,
                 draining: false,
+                unhealthy: None,
             },
             Answer {
                 id: "2".into(),
@@ -324,6 +328,7 @@ mod tests {
                 busy: Some(false),
                 device_work: None,
                 draining: false,
+                unhealthy: None,
             },
             Answer {
                 id: "3".into(),
@@ -331,6 +336,7 @@ mod tests {
                 busy: None,
                 device_work: None,
                 draining: false,
+                unhealthy: None,
             },
         ];
         let changed = apply_answers(&mut actual, answers, |_| Busy::Expired);

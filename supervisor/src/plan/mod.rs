@@ -30,6 +30,9 @@
 //!   recreation behind the busy gate, its progress.
 //! - [`networks`]: which of labvisor's agent networks (`labvisor.net`, `.2`, …) a new
 //!   container goes on: the first with room under `--network-capacity`.
+//! - [`hang`]: the supervisor's own hang detection (an agent silent on the broker for
+//!   `health.max_age`, confirmed with the healthcheck through `docker exec`) and Docker's
+//!   `auto` health-check interval.
 //! - [`policy`]: what the loop keeps per SUT between passes and the gates on acting: retry
 //!   backoff after a failed action, the healing backoff and crash-loop flag, the busy wait.
 //!   Every backoff is [`policy::Backoff`] (backon's exponential builder).
@@ -41,6 +44,7 @@ use labvisor_protocol::payloads::Health;
 use labvisor_protocol::SutName;
 
 pub mod classify;
+pub mod hang;
 pub mod networks;
 pub mod policy;
 pub mod rolling;

@@ -298,6 +298,8 @@ pub struct SutState {
     pub stopped_itself: Option<String>,
     /// Healing.
     pub heal: Heal,
+    /// Why the supervisor judges the agent unhealthy itself ([`super::hang`]; published).
+    pub health_reason: Option<String>,
     /// The view last published on `<sut>/supervisor`.
     pub published: Option<SutView>,
 }

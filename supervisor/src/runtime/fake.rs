@@ -57,6 +57,7 @@ struct FakeState {
     built: BTreeMap<String, String>,
     fail_build: Vec<String>,
     busy: Vec<String>,
+    hung: Vec<String>,
     device_work: BTreeMap<String, String>,
     draining: Vec<String>,
     create_delay: BTreeMap<String, Duration>,
@@ -160,6 +161,12 @@ impl FakeRuntime {
     /// Makes the agent in container `id` report a running job to `agent_busy` (or none).
     pub fn set_busy(&self, id: &str, busy: bool) {
         self.with(|s| set(&mut s.busy, id, busy));
+    }
+
+    /// Makes the agent in container `id` hang (or run again): its heartbeat goes stale, so
+    /// `agent_busy` (the healthcheck through exec) answers unhealthy.
+    pub fn set_hung(&self, id: &str, hung: bool) {
+        self.with(|s| set(&mut s.hung, id, hung));
     }
 
     /// Makes the device in container `id` work on its own (`work`: what its busy globs match;
@@ -359,11 +366,18 @@ impl ContainerRuntime for FakeRuntime {
         self.exists(id)?;
         Ok(self.with(|s| {
             s.calls.push(FakeCall::AgentBusy(id.to_owned()));
+            if s.hung.iter().any(|h| h == id) {
+                return AgentAnswer {
+                    unhealthy: Some("heartbeat is 31.0s old (max 30.0s): the agent's loop is hung or dead (last state idle)".into()),
+                    ..AgentAnswer::default()
+                };
+            }
             let device_work = s.device_work.get(id).cloned();
             AgentAnswer {
                 busy: s.busy.iter().any(|b| b == id) || device_work.is_some(),
                 device_work,
                 draining: s.draining.iter().any(|d| d == id),
+                unhealthy: None,
             }
         }))
     }
@@ -432,5 +446,6 @@ pub fn settings(sut_dir: &std::path::Path) -> crate::supervise::Settings {
         metrics_listen: None,
         managed_broker: None,
         status_every: Duration::from_secs(30),
+        healthcheck_rate: crate::plan::hang::HealthcheckRate::DEFAULT,
     }
 }

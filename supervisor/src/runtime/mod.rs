@@ -75,6 +75,9 @@ pub struct AgentAnswer {
     pub device_work: Option<String>,
     /// Its device process is drained (`labvisor-agent drain`) until the drain is lifted.
     pub draining: bool,
+    /// The healthcheck failed (exit 1): its line, e.g. `heartbeat is 34.0s old (max 30.0s):
+    /// the agent's loop is hung or dead`. The agent is then not busy.
+    pub unhealthy: Option<String>,
 }
 
 /// One container, from the container list.

@@ -257,11 +257,13 @@ fn posture(cfg: &SutConfig, host: &mut HostConfig) {
     });
 }
 
-/// The healthcheck in exec form with the `[health]` timings, in nanoseconds.
+/// The healthcheck in exec form with the `[health]` timings, in nanoseconds. The supervisor
+/// resolves an `auto` interval from the lab's size before (`crate::plan::hang`); one left
+/// `auto` gets its floor.
 fn healthcheck(h: &Health) -> HealthConfig {
     HealthConfig {
         test: Some(vec!["CMD".into(), HEALTHCHECK_PATH.into()]),
-        interval: Some(nanos(h.interval)),
+        interval: Some(nanos(h.interval.shortest())),
         timeout: Some(nanos(h.timeout)),
         retries: Some(i64::from(h.retries.get())),
         start_period: Some(if h.start_period.is_zero() {
@@ -315,7 +317,8 @@ mod tests {
     #[test]
     fn healthcheck_timings_are_nanoseconds_of_at_least_a_millisecond() {
         let mut h = cfg("image = \"img\"\n").health;
-        h.interval = std::time::Duration::from_secs(2);
+        h.interval =
+            labvisor_protocol::config::HealthInterval::Every(std::time::Duration::from_secs(2));
         h.timeout = std::time::Duration::from_micros(10);
         h.start_period = std::time::Duration::ZERO;
         let c = healthcheck(&h);

@@ -5,12 +5,13 @@
 //! runtime, whether they run a job.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use labvisor_mqtt::MqttLink;
-use labvisor_protocol::config::{self, Scan, SutConfig};
+use labvisor_protocol::config::{self, HealthInterval, Scan, SutConfig, AUTO_INTERVAL_MIN};
 use labvisor_protocol::SutName;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -19,6 +20,7 @@ use tracing::{debug, error, field, info, info_span, warn, Instrument, Span};
 
 use super::{ActionError, Settings, ASK_TIMEOUT};
 use crate::plan::classify::Answer;
+use crate::plan::hang::docker_interval;
 use crate::plan::policy::{Gate, SutState};
 use crate::plan::{Action, RecreateReason};
 use crate::runtime::ContainerRuntime;
@@ -69,11 +71,19 @@ impl<R: ContainerRuntime> Executor<R> {
                 runtime,
                 settings,
                 link,
+                auto_ms: AtomicU64::new(AUTO_INTERVAL_MIN.as_millis() as u64),
             }),
             tasks: JoinSet::new(),
             done_tx,
             networks: Networks::default(),
         }
+    }
+
+    /// Docker's interval for an `auto` `health.interval` of a container created from now on
+    /// ([`crate::plan::hang::auto_interval`] of the lab's size).
+    pub fn set_auto_interval(&self, d: Duration) {
+        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        self.exec.auto_ms.store(ms, Ordering::Relaxed);
     }
 
     /// Whether no action runs.
@@ -211,6 +221,7 @@ impl<R: ContainerRuntime> Executor<R> {
                         sut,
                         busy: answer.as_ref().map(|a| a.busy),
                         draining: answer.as_ref().is_some_and(|a| a.draining),
+                        unhealthy: answer.as_ref().and_then(|a| a.unhealthy.clone()),
                         device_work: answer.and_then(|a| a.device_work),
                     }
                 }
@@ -288,6 +299,8 @@ struct Exec<R> {
     settings: Arc<Settings>,
     /// Where image build lines are published (`<sut>/build`).
     link: Option<MqttLink>,
+    /// Docker's interval for an `auto` `health.interval`, in ms, as the last pass chose it.
+    auto_ms: AtomicU64,
 }
 
 impl<R: ContainerRuntime> Exec<R> {
@@ -335,6 +348,12 @@ impl<R: ContainerRuntime> Exec<R> {
                 .map_err(|e| ActionError::File(e.to_string()))??;
         }
         let hash = self.settings.spec.container_hash(&cfg.hash());
+        // Docker's interval is chosen now, after the hash (which it is not part of).
+        let mut cfg = cfg;
+        let auto = Duration::from_millis(self.auto_ms.load(Ordering::Relaxed));
+        let interval = docker_interval(cfg.health.interval, auto);
+        debug!(interval = ?interval, auto = cfg.health.interval == HealthInterval::Auto, "Docker's health-check interval.");
+        cfg.health.interval = HealthInterval::Every(interval);
         let mut spec = container_spec(&cfg, &bytes, &hash, &self.settings.spec)?;
         if let Some(n) = net {
             spec = spec.on_agent_network(n, &self.settings.spec);

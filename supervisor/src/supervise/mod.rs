@@ -36,7 +36,8 @@
 //!   whose SUT has `device.drain_signal` is asked once on first sight, so a drain left by an
 //!   earlier run that nothing needs is lifted too. A SUT still to be restarted by a rolling
 //!   restart waits (and stays drained) while the turn is elsewhere.
-//! - **A periodic resync** (30 s), finished actions, and retry or healing deadlines.
+//! - **A periodic resync** (30 s), finished actions, and retry, healing or hang-check
+//!   deadlines (the earliest moment an agent could become suspect).
 //! - **Rolling restart requests** (`labvisor restart`) on `labvisor/supervisors/<id>/restart`:
 //!   taken up by the next pass, which gives one SUT at a time its recreation behind the busy
 //!   gate ([`crate::plan::rolling`]); the progress goes to `.../restart_status` (`rolling`).
@@ -45,6 +46,14 @@
 //! the same SUT. A failed action is logged and published as `last_error`; that SUT alone is
 //! retried with capped exponential backoff (1 s doubling to 60 s), the others go on.
 //! The gates (retry, healing, busy wait) are pure code in [`crate::plan::policy`].
+//!
+//! **Hangs.** The supervisor sees a hung agent itself ([`crate::plan::hang`], this module's
+//! `hang`): an agent whose live status stopped on `<sut>/agent` for `health.max_age` (while the
+//! supervisor's own link has been up that long) is checked with one `labvisor-healthcheck
+//! --state` through `docker exec`; a stale heartbeat, or a fresh status saying `crash-loop` or
+//! `stalled`, makes its container `unhealthy` to the plan, with the reason on its view. Docker's
+//! own probe, an exec each, can then be slow in a large lab (`health.interval = "auto"`:
+//! `clamp(SUTs / --healthcheck-rate, 10 s, 300 s)`, chosen when a container is created).
 //!
 //! **Healing.** Docker marks a hung agent unhealthy but never restarts it. A running,
 //! unhealthy container whose SUT has `restart.on_unhealthy = "restart"` is restarted: the first
@@ -91,8 +100,12 @@
 //!
 //! - this module: [`run`] (and [`run_with`], its test seams), [`Settings`], the errors.
 //! - `reconciler`: the loop. One task owns all state; its inputs (shutdown, file and Docker
-//!   wake-ups, finished actions, broker messages, the managed broker's state) are one `select!`,
-//!   its timers (debounce, pass, retry and healing deadlines, resync, status) one struct.
+//!   wake-ups, finished actions, broker messages, the managed broker's state, the broker
+//!   link's state) are one `select!`.
+//! - `timers`: the loop's timers (debounce, pass, retry, healing and hang-check deadlines,
+//!   resync) in one struct.
+//! - `hang`: the supervisor's own hang detection: what the loop notes of each agent, and the
+//!   step of each pass that judges them and confirms a suspect through `docker exec`.
 //! - `pass`: one reconcile pass (scan, list, classify, plan, bookkeeping, start actions), in a
 //!   `pass` span.
 //! - `watchers`: the watchers: notify on the SUT directory (and build contexts), Docker events.
@@ -128,10 +141,12 @@ use crate::runtime::{ContainerRuntime, RuntimeError};
 use crate::spec::{SpecContext, SpecError};
 
 mod executor;
+mod hang;
 mod pass;
 mod reconciler;
 mod rolling;
 mod status;
+mod timers;
 mod watchers;
 
 /// Trailing debounce of file events.
@@ -186,6 +201,9 @@ pub struct Settings {
     /// How often the supervisor status is republished when nothing changed (its `time_ms`
     /// then tells readers the supervisor is alive).
     pub status_every: Duration,
+    /// `--healthcheck-rate`: Docker health-check execs per second across the lab, from which
+    /// an `auto` `health.interval` is chosen when a container is created.
+    pub healthcheck_rate: crate::plan::hang::HealthcheckRate,
 }
 
 /// A fatal error: the supervisor cannot start.
@@ -239,6 +257,23 @@ pub struct Hooks {
     /// Receives the rolling restart's progress whenever it changes (and rejections), also
     /// without a broker.
     pub restart_status: Option<watch::Sender<Option<labvisor_protocol::payloads::RestartStatus>>>,
+    /// Broker messages, as if they arrived on the supervisor's subscriptions (agent statuses
+    /// on `<sut>/agent`, live or retained), also without a broker.
+    pub messages: Option<mpsc::Receiver<BrokerMessage>>,
+    /// The state of the supervisor's broker link, as if from its own link (which it replaces).
+    /// With neither, the supervisor's own hang detection is off (it hears no agent).
+    pub link_state: Option<watch::Receiver<labvisor_mqtt::LinkState>>,
+}
+
+/// A broker message fed through [`Hooks::messages`].
+#[derive(Debug, Clone)]
+pub struct BrokerMessage {
+    /// Its topic.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Sent as a retained message because of the subscription (not live).
+    pub retained: bool,
 }
 
 /// Runs the supervisor until `shutdown` resolves. Leaves the agents running.

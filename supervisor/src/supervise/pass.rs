@@ -148,6 +148,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
             Ok(list) => {
                 if !self.docker.reachable {
                     info!("Docker is reachable again.");
+                    // Its containers may have restarted unseen (a daemon restart).
+                    self.hang.engine_back(now);
                 }
                 self.docker.reachable = true;
                 self.docker.backoff.reset();
@@ -196,6 +198,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 classify::probe_only(self.probe_failing.get(&a.sut).copied(), now, m)
             });
         }
+        self.judge_hangs(&scan, &desired, &mut actual, now).await;
         self.rolling_choose(&actual, &desired);
         let mut actions = self.plan_all(&desired, &actual, &invalid);
         let mut work = self.device_work.clone();

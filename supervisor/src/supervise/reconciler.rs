@@ -1,10 +1,10 @@
 //! The loop: one task owns all state and turns [`Input`]s into passes.
 //!
 //! Its inputs are one `select!` ([`Inputs::next`]): shutdown (a future given by the caller),
-//! file change notices, Docker event wake-ups, finished actions, broker messages (agent status,
-//! last jobs), the managed broker's state, and the earliest of its [`Timers`]. Inputs only move
-//! timers or note state; the pass itself runs when the pass timer fires (see
-//! [`super::pass`]).
+//! file change notices, Docker event wake-ups (and container starts), finished actions, broker
+//! messages (agent status, last jobs), the managed broker's state, the broker link's state, and
+//! the earliest of its [`Timers`]. Inputs only move timers or note state; the pass itself runs
+//! when the pass timer fires (see [`super::pass`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -13,7 +13,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use labvisor_mqtt::{Incoming, Received};
+use labvisor_mqtt::{Incoming, LinkState, Received};
 use labvisor_protocol::payloads::{self, AgentState, AgentStatus, JobStatus, ManagedBrokerStatus};
 use labvisor_protocol::topics::SutTopic;
 use labvisor_protocol::SutName;
@@ -24,8 +24,9 @@ use tracing::{debug, error, info, warn};
 use super::executor::{Done, Executor};
 use super::pass::Reach;
 use super::status::{start_link, Publisher};
+use super::timers::Timers;
 use super::watchers::{docker_events, DirWatch};
-use super::{Hooks, Settings, SuperviseError, BUSY_PASS_INTERVAL, DEBOUNCE, EVENT_DELAY};
+use super::{BrokerMessage, Hooks, Settings, SuperviseError, EVENT_DELAY};
 use crate::metrics::{self, Metrics};
 use crate::plan::policy::SutState;
 use crate::plan::{Action, RecreateReason};
@@ -48,6 +49,9 @@ pub(super) struct Reconciler<R> {
     /// When each agent last said, in a healthy state, that its exec probe fails (helper probe):
     /// such a container is not healed while that word is recent.
     pub(super) probe_failing: BTreeMap<SutName, Instant>,
+    /// The supervisor's own hang detection: when each agent was last heard live, its
+    /// container's start, confirmed hangs, the link's uptime (see [`crate::plan::hang`]).
+    pub(super) hang: crate::plan::hang::Lab,
     pub(super) docker: Reach,
     pub(super) timers: Timers,
     pub(super) metrics: Metrics,
@@ -70,95 +74,6 @@ pub(super) struct Reconciler<R> {
         Option<watch::Sender<Option<labvisor_protocol::payloads::RestartStatus>>>,
 }
 
-/// When each kind of wake-up is due.
-#[derive(Debug)]
-pub(super) struct Timers {
-    /// The end of the trailing debounce of file events.
-    files: Option<Instant>,
-    /// When the next pass is due.
-    pass: Option<Instant>,
-    /// Earliest retry, healing or busy-wait deadline.
-    wake: Option<Instant>,
-    /// The next periodic resync.
-    resync: Instant,
-    /// When the last pass ran.
-    last_pass: Option<Instant>,
-}
-
-impl Timers {
-    /// Timers at `now`: a pass at once, a resync after `resync`.
-    fn new(now: Instant, resync: Duration) -> Self {
-        Self {
-            files: None,
-            pass: Some(now),
-            wake: None,
-            resync: now + resync,
-            last_pass: None,
-        }
-    }
-
-    /// A file changed: the pass waits for [`DEBOUNCE`] of quiet.
-    fn file_event(&mut self, now: Instant) {
-        self.files = Some(now + DEBOUNCE);
-    }
-
-    /// A pass at `now + d`, unless one is due sooner.
-    pub(super) fn pass_in(&mut self, now: Instant, d: Duration) {
-        let at = now + d;
-        self.pass = Some(self.pass.map_or(at, |p| p.min(at)));
-    }
-
-    /// A pass at `now`.
-    fn pass_now(&mut self, now: Instant) {
-        self.pass = Some(now);
-    }
-
-    /// A pass at `at` (a retry, healing or busy-wait deadline), unless a wake-up comes sooner.
-    pub(super) fn wake_at(&mut self, at: Instant) {
-        self.wake = Some(self.wake.map_or(at, |w| w.min(at)));
-    }
-
-    /// The earliest timer (`status`: when the status is due again).
-    fn deadline(&self, status: Option<Instant>) -> Instant {
-        [self.files, self.pass, self.wake, Some(self.resync), status]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or(self.resync)
-    }
-
-    /// Fires the timers due at `now`; returns whether a pass runs now. While actions run
-    /// (`busy`), passes come at most every [`BUSY_PASS_INTERVAL`].
-    fn fire(&mut self, now: Instant, resync: Duration, busy: bool) -> bool {
-        if self.files.is_some_and(|d| d <= now) {
-            self.files = None;
-            self.pass = Some(now);
-        }
-        if self.wake.is_some_and(|d| d <= now) {
-            self.wake = None;
-            self.pass = Some(now);
-        }
-        if self.resync <= now {
-            self.resync = now + resync;
-            self.pass = Some(now);
-        }
-        if self.pass.is_none_or(|d| d > now) {
-            return false;
-        }
-        match self.last_pass.map(|l| l + BUSY_PASS_INTERVAL) {
-            Some(next) if busy && now < next => {
-                self.pass = Some(next);
-                false
-            }
-            _ => {
-                self.pass = None;
-                self.last_pass = Some(now);
-                true
-            }
-        }
-    }
-}
-
 /// What woke the loop.
 enum Input {
     Shutdown,
@@ -176,6 +91,12 @@ enum Input {
     Joined,
     /// A rolling restart request through the test seam.
     Restart(labvisor_protocol::payloads::RestartRequest),
+    /// The supervisor's broker link changed (connected, reconnected, lost).
+    Link(LinkState),
+    /// A broker message fed through the test seam.
+    Fed(BrokerMessage),
+    /// Docker started a SUT's container (its id).
+    Started(SutName, String),
     /// The earliest timer.
     Deadline,
 }
@@ -189,6 +110,12 @@ struct Inputs {
     incoming: Option<Incoming>,
     /// The test seam [`super::Hooks::restarts`].
     restarts: Option<mpsc::Receiver<labvisor_protocol::payloads::RestartRequest>>,
+    /// The broker link's state (or the test seam [`super::Hooks::link_state`]).
+    link: Option<watch::Receiver<LinkState>>,
+    /// The test seam [`super::Hooks::messages`].
+    fed: Option<mpsc::Receiver<BrokerMessage>>,
+    /// Containers Docker started: their SUT and id.
+    starts: mpsc::UnboundedReceiver<(SutName, String)>,
 }
 
 impl Inputs {
@@ -206,26 +133,26 @@ impl Inputs {
             Some(b) = changed(self.broker.as_mut()) => Input::Broker(b),
             Some(done) = self.done.recv() => Input::Done(done),
             Some(msg) = recv(self.incoming.as_mut()) => Input::Message(msg),
-            Some(req) = recv_restart(self.restarts.as_mut()) => Input::Restart(req),
+            Some(req) = recv_fed(self.restarts.as_mut()) => Input::Restart(req),
+            Some(state) = changed(self.link.as_mut()) => Input::Link(state),
+            Some(msg) = recv_fed(self.fed.as_mut()) => Input::Fed(msg),
+            Some((sut, id)) = self.starts.recv() => Input::Started(sut, id),
             () = exec.join_next(), if !exec.is_idle() => Input::Joined,
             () = sleep_until(deadline) => Input::Deadline,
         }
     }
 }
 
-/// The next state of the managed broker; `None` without one or once its sender is gone.
-async fn changed(
-    rx: Option<&mut watch::Receiver<ManagedBrokerStatus>>,
-) -> Option<ManagedBrokerStatus> {
+/// The next state of a watched value (the managed broker, the broker link); `None` without
+/// one or once its sender is gone.
+async fn changed<T: Clone>(rx: Option<&mut watch::Receiver<T>>) -> Option<T> {
     let rx = rx?;
     rx.changed().await.ok()?;
     Some(rx.borrow_and_update().clone())
 }
 
-/// The next rolling restart request of the test seam; `None` without one.
-async fn recv_restart(
-    rx: Option<&mut mpsc::Receiver<labvisor_protocol::payloads::RestartRequest>>,
-) -> Option<labvisor_protocol::payloads::RestartRequest> {
+/// The next input of a test seam (restart requests, broker messages); `None` without one.
+async fn recv_fed<T>(rx: Option<&mut mpsc::Receiver<T>>) -> Option<T> {
     rx?.recv().await
 }
 
@@ -296,6 +223,12 @@ pub(super) async fn run<R: ContainerRuntime>(
     };
     let metrics_server = serve_metrics(&settings, &metrics).await?;
     let (link, incoming) = start_link(&settings, &boot_id, broker.clone())?;
+    let mut link_state = hooks
+        .link_state
+        .or_else(|| link.as_ref().map(|l| l.watch_state()));
+    let first_link = link_state.as_mut().map(|l| l.borrow_and_update().clone());
+    // The agents publish on a broker the supervisor hears: it can watch them for hangs.
+    let watches = settings.spec.agent_broker.is_some() && first_link.is_some();
     let (fs_tx, fs_rx) = mpsc::channel::<()>(1);
     let (files, fs_tx) = match hooks.file_events {
         Some(fed) => (fed, None),
@@ -303,7 +236,8 @@ pub(super) async fn run<R: ContainerRuntime>(
     };
     let (docker_tx, docker) = mpsc::channel::<()>(1);
     let (done_tx, done) = mpsc::unbounded_channel::<Done>();
-    let events = tokio::spawn(docker_events(runtime.clone(), docker_tx));
+    let (starts_tx, starts) = mpsc::unbounded_channel();
+    let events = tokio::spawn(docker_events(runtime.clone(), docker_tx, starts_tx));
     let mut inputs = Inputs {
         files,
         docker,
@@ -311,6 +245,9 @@ pub(super) async fn run<R: ContainerRuntime>(
         broker: broker_rx,
         incoming,
         restarts: hooks.restarts,
+        link: link_state,
+        fed: hooks.messages,
+        starts,
     };
     let now = Instant::now();
     let mut sup = Reconciler {
@@ -329,6 +266,7 @@ pub(super) async fn run<R: ContainerRuntime>(
         device_work: BTreeMap::new(),
         draining: BTreeSet::new(),
         probe_failing: BTreeMap::new(),
+        hang: crate::plan::hang::Lab::new(watches),
         docker: Reach::default(),
         metrics,
         broker,
@@ -340,6 +278,9 @@ pub(super) async fn run<R: ContainerRuntime>(
         restart_hook: hooks.restart_status,
         settings,
     };
+    if let Some(state) = first_link {
+        sup.link_changed(&state, now);
+    }
     info!(dir = %sup.settings.sut_dir.display(), supervisor = %sup.settings.spec.supervisor, "Supervising.");
     sup.run(&mut inputs, shutdown).await;
     info!("Shutting down; agents keep running.");
@@ -377,6 +318,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 Input::Message(msg) => self.message(&msg.topic, &msg.payload, msg.retain),
                 Input::Joined => {}
                 Input::Restart(req) => self.restart_request(req),
+                Input::Link(state) => self.link_changed(&state, now),
+                Input::Fed(m) => self.message(&m.topic, &m.payload, m.retained),
+                Input::Started(sut, id) => self.hang.agent(&sut).started(&id, now),
                 Input::Deadline => self.deadline(now).await,
             }
         }
@@ -415,7 +359,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
             }
         }
         match parsed {
-            Some((sut, SutTopic::Agent)) => self.agent_message(sut, payload),
+            Some((sut, SutTopic::Agent)) => self.agent_message(sut, payload, retained),
             Some((sut, SutTopic::LastJob)) => {
                 if let Ok(job) = serde_json::from_slice::<JobStatus>(payload) {
                     self.metrics.observe_job(&sut, &job, retained);
@@ -425,9 +369,10 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
     }
 
-    fn agent_message(&mut self, sut: SutName, payload: &[u8]) {
+    fn agent_message(&mut self, sut: SutName, payload: &[u8], retained: bool) {
         let status = serde_json::from_slice::<AgentStatus>(payload).ok();
         self.metrics.observe_agent(&sut, status.as_ref());
+        self.agent_heard(&sut, status.as_ref(), retained);
         let work = status.as_ref().and_then(|s| s.device_work.clone());
         let had_work = match work {
             Some(w) => self.device_work.insert(sut.clone(), w),
@@ -482,6 +427,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         match st.finished(&done.action, error, now) {
             None => {
                 self.metrics.on_action(&done.action);
+                self.hang_action_done(&done.action, now);
                 if let Action::Remove { sut_gone: true, .. } = done.action {
                     // The SUT is gone: clear what the broker retains of it.
                     self.suts.remove(&done.sut);
@@ -506,58 +452,5 @@ impl<R: ContainerRuntime> Reconciler<R> {
             }
         }
         self.timers.pass_now(now);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const MS: Duration = Duration::from_millis(1);
-    const RESYNC: Duration = Duration::from_secs(30);
-
-    #[test]
-    fn file_events_are_debounced_until_quiet() {
-        let t0 = Instant::now();
-        let mut t = Timers::new(t0, RESYNC);
-        assert!(t.fire(t0, RESYNC, false), "the first pass at once");
-        for i in 0..5 {
-            t.file_event(t0 + MS * 100 * i);
-        }
-        let quiet = t0 + MS * 400 + DEBOUNCE;
-        assert_eq!(t.deadline(None), quiet);
-        assert!(!t.fire(quiet - MS, RESYNC, false));
-        assert!(t.fire(quiet, RESYNC, false));
-        assert_eq!(t.deadline(None), t0 + RESYNC, "then only the resync");
-    }
-
-    #[test]
-    fn passes_are_spaced_while_actions_run() {
-        let t0 = Instant::now();
-        let mut t = Timers::new(t0, RESYNC);
-        assert!(t.fire(t0, RESYNC, true));
-        t.pass_now(t0 + MS * 10);
-        assert!(!t.fire(t0 + MS * 10, RESYNC, true));
-        assert_eq!(t.deadline(None), t0 + BUSY_PASS_INTERVAL);
-        assert!(t.fire(t0 + BUSY_PASS_INTERVAL, RESYNC, true));
-        t.pass_now(t0 + BUSY_PASS_INTERVAL + MS);
-        assert!(
-            t.fire(t0 + BUSY_PASS_INTERVAL + MS, RESYNC, false),
-            "idle: at once"
-        );
-    }
-
-    #[test]
-    fn wake_ups_keep_the_earliest() {
-        let t0 = Instant::now();
-        let mut t = Timers::new(t0, RESYNC);
-        assert!(t.fire(t0, RESYNC, false));
-        t.wake_at(t0 + MS * 50);
-        t.wake_at(t0 + MS * 20);
-        t.pass_in(t0, MS * 30);
-        t.pass_in(t0, MS * 40);
-        assert_eq!(t.deadline(Some(t0 + MS * 10)), t0 + MS * 10);
-        assert_eq!(t.deadline(None), t0 + MS * 20);
-        assert!(t.fire(t0 + MS * 20, RESYNC, false));
     }
 }

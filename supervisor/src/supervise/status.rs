@@ -180,6 +180,7 @@ fn view(
         image: seen.scan.valid.get(sut).map(|c| c.image.clone()),
         config_hash: primary.and_then(|a| a.hash.clone()),
         health: primary.map_or(Health::None, |a| a.health),
+        health_reason: st.health_reason.clone(),
         restarts: st.heal.restarts,
         crash_loop: st.heal.crash_loop,
         pending_action: st.pending.clone(),

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use labvisor_protocol::config::Scan;
+use labvisor_protocol::SutName;
 use notify::Watcher;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -158,9 +159,14 @@ impl DirWatch {
     }
 }
 
-/// Forwards Docker events as wake-ups; reopens the stream with backoff (1 s doubling to 30 s)
-/// when it ends.
-pub(super) async fn docker_events<R: ContainerRuntime>(runtime: Arc<R>, tx: mpsc::Sender<()>) {
+/// Forwards Docker events as wake-ups, and each start of a SUT's container (its SUT and id) to
+/// `starts` (the hang rule counts a container's silence from its start); reopens the stream
+/// with backoff (1 s doubling to 30 s) when it ends.
+pub(super) async fn docker_events<R: ContainerRuntime>(
+    runtime: Arc<R>,
+    tx: mpsc::Sender<()>,
+    starts: mpsc::UnboundedSender<(SutName, String)>,
+) {
     let mut backoff = Backoff::new(RETRY_MIN, DOCKER_RETRY_MAX);
     loop {
         let mut stream = runtime.events();
@@ -172,6 +178,11 @@ pub(super) async fn docker_events<R: ContainerRuntime>(runtime: Arc<R>, tx: mpsc
                 Ok(ev) => {
                     backoff.reset();
                     debug!(container = %ev.id, sut = ?ev.sut, event = %ev.action, "Docker event.");
+                    if let Some(sut) = ev.sut.as_deref().filter(|_| ev.action == "start") {
+                        if let Ok(sut) = SutName::new(sut) {
+                            let _ = starts.send((sut, ev.id.clone()));
+                        }
+                    }
                     if health.worth_a_pass(&ev) {
                         let _ = tx.try_send(());
                     }

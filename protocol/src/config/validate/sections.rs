@@ -6,20 +6,22 @@ use std::num::NonZeroU64;
 
 use super::super::raw::{RawHealth, RawJob, RawLog, RawResources, RawRestart};
 use super::super::{
-    CommandTemplate, Health, JobSettings, LogSettings, OnChildExit, OnUnhealthy, Resources,
-    RestartSettings, TemplateError, DEFAULT_PIDS, MAX_PAYLOAD_LIMIT, MAX_PIDS, MIN_CPUS,
+    CommandTemplate, Health, HealthInterval, JobSettings, LogSettings, OnChildExit, OnUnhealthy,
+    Resources, RestartSettings, TemplateError, DEFAULT_PIDS, MAX_PAYLOAD_LIMIT, MAX_PIDS, MIN_CPUS,
     MIN_HEARTBEAT, MIN_MEMORY, MIN_PIDS, MIN_PROBE_INTERVAL,
 };
 use super::checker::{kk, secs, Checker};
 use super::paths::normalise;
 
-/// `[health]`: the heartbeat is written more often than it goes stale, and a stale one is seen
-/// by a Docker probe.
+/// `[health]`: the heartbeat is written more often than it goes stale, and Docker's probe
+/// ends before the next one. The interval may be longer than `max_age`: the supervisor, not
+/// Docker, acts on a stale heartbeat within `max_age` (Docker's own verdict, slower, is what
+/// Portainer shows).
 pub(super) fn health(c: &mut Checker<'_>, h: &RawHealth) -> Health {
     let key = |name| kk("health", name);
     let heartbeat = c.duration(key("heartbeat"), h.heartbeat.as_ref(), secs(5), false);
     let max_age = c.duration(key("max_age"), h.max_age.as_ref(), secs(30), false);
-    let interval = c.duration(key("interval"), h.interval.as_ref(), secs(10), false);
+    let interval = health_interval(c, h);
     let timeout = c.duration(key("timeout"), h.timeout.as_ref(), secs(5), false);
     let retries = c.count(key("retries"), h.retries, 3);
     let start_period = c.duration(key("start_period"), h.start_period.as_ref(), secs(30), true);
@@ -30,13 +32,6 @@ pub(super) fn health(c: &mut Checker<'_>, h: &RawHealth) -> Health {
         MIN_HEARTBEAT,
         "each beat writes the heartbeat file and publishes the agent's status on the broker",
     );
-    c.at_least(
-        key("interval"),
-        h.interval.is_some(),
-        interval,
-        MIN_PROBE_INTERVAL,
-        "each Docker health probe is an exec into the container, work for dockerd",
-    );
     c.order(
         key("max_age"),
         max_age <= heartbeat,
@@ -45,21 +40,17 @@ pub(super) fn health(c: &mut Checker<'_>, h: &RawHealth) -> Health {
         heartbeat,
         ", or every heartbeat is already stale",
     );
+    let why = match interval {
+        HealthInterval::Every(_) => "",
+        HealthInterval::Auto => ", the shortest an \"auto\" interval gets",
+    };
     c.order(
         key("timeout"),
-        timeout >= interval,
+        timeout >= interval.shortest(),
         timeout,
         "shorter than health.interval",
-        interval,
-        "",
-    );
-    c.order(
-        key("interval"),
-        interval > max_age,
-        interval,
-        "at most health.max_age",
-        max_age,
-        ", so that a stale heartbeat is seen by a probe",
+        interval.shortest(),
+        why,
     );
     Health {
         heartbeat,
@@ -68,6 +59,28 @@ pub(super) fn health(c: &mut Checker<'_>, h: &RawHealth) -> Health {
         timeout,
         retries,
         start_period,
+    }
+}
+
+/// `health.interval`: `"auto"` (the default) or a duration of at least
+/// [`MIN_PROBE_INTERVAL`].
+fn health_interval(c: &mut Checker<'_>, h: &RawHealth) -> HealthInterval {
+    let key = || kk("health", "interval");
+    match &h.interval {
+        None => HealthInterval::Auto,
+        Some(raw) if raw.0.trim() == "auto" => HealthInterval::Auto,
+        Some(raw) => {
+            // A refused value stands in as 10 s (the old default), so the timeout is judged.
+            let d = c.duration(key(), Some(raw), secs(10), false);
+            c.at_least(
+                key(),
+                true,
+                d,
+                MIN_PROBE_INTERVAL,
+                "each Docker health probe is an exec into the container, work for dockerd",
+            );
+            HealthInterval::Every(d)
+        }
     }
 }
 

@@ -383,7 +383,8 @@ fn run_state(s: Option<ContainerSummaryStateEnum>) -> RunState {
 /// Reads `labvisor-healthcheck --state`'s answer: exit 0 with `state=<state>` (busy or not) on
 /// its first line, then `device_work=<what>` when the device works on its own and
 /// `draining=true` while its device process is drained; exit
-/// 1, an unhealthy agent (stale heartbeat: hung or dead), which runs no job worth waiting for.
+/// 1, an unhealthy agent (stale heartbeat: hung or dead), which runs no job worth waiting for
+/// (its line, without the `unhealthy: ` prefix, is the answer's `unhealthy`).
 /// Anything else, e.g. exit 2 from a healthcheck older than `--state` in a container made by an
 /// earlier supervisor version, cannot tell.
 pub fn busy_from_state_probe(
@@ -403,8 +404,12 @@ pub fn busy_from_state_probe(
                 .filter(|w| !w.is_empty())
                 .map(str::to_owned),
             draining: rest.contains(&"draining=true"),
+            unhealthy: None,
         }),
-        (Some(1), _) => Ok(AgentAnswer::default()),
+        (Some(1), _) => Ok(AgentAnswer {
+            unhealthy: Some(out.strip_prefix("unhealthy: ").unwrap_or(out).to_owned()),
+            ..AgentAnswer::default()
+        }),
         _ => Err(RuntimeError::NoAnswer(format!(
             "labvisor-healthcheck --state said {out:?} (exit {exit_code:?})"
         ))),
@@ -434,8 +439,14 @@ mod tests {
         let busy = |code, out| busy_from_state_probe(code, out).map(|a| a.busy);
         assert!(busy(Some(0), "state=busy\n").unwrap());
         assert!(!busy(Some(0), "state=idle\n").unwrap());
-        // Unhealthy (a stale heartbeat): no job worth waiting for.
-        assert!(!busy(Some(1), "unhealthy: heartbeat is 40.0s old").unwrap());
+        // Unhealthy (a stale heartbeat): no job worth waiting for, and the reason.
+        assert_eq!(
+            busy_from_state_probe(Some(1), "unhealthy: heartbeat is 40.0s old\n").unwrap(),
+            AgentAnswer {
+                unhealthy: Some("heartbeat is 40.0s old".into()),
+                ..AgentAnswer::default()
+            }
+        );
         // The device's own work comes on a second line.
         assert_eq!(
             busy_from_state_probe(
@@ -447,6 +458,7 @@ mod tests {
                 busy: true,
                 device_work: Some("/tmp/testflinger/run/j1/testflinger.json".into()),
                 draining: false,
+                unhealthy: None,
             }
         );
         // A drain on a third line (also without device work).
@@ -456,6 +468,7 @@ mod tests {
                 busy: false,
                 device_work: None,
                 draining: true,
+                unhealthy: None,
             }
         );
         // A healthcheck older than --state, or no exit code: cannot tell.
