@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::{own_network, tmp_sut_dir, views, write, Sup};
-use labvisor_protocol::payloads::AgentStatus;
+use labvisor_protocol::payloads::{AgentStatus, Health};
 use labvisor_supervisor::runtime::docker::containers::finished_at_ms;
 use labvisor_tests::{
     docker, ensure_busybox_image, network_gateway, wait_until, DockerScope, Mosquitto, Subscriber,
@@ -132,6 +132,15 @@ fn a_sigstopped_agent_is_restarted_within_max_age_while_docker_still_says_nothin
             "3m20s",
             "auto: 2 SUTs / 0.01 per second"
         );
+    }
+    // The supervisor shows them healthy on the agents' word, minutes before Docker's first
+    // probe (what a rolling restart waits for).
+    for (sut, name) in [("hung", &hung), ("calm", &calm)] {
+        wait_until(&format!("{sut} healthy on its view"), T, || {
+            let last = views(&views_sub, sut).pop()?;
+            (last.health == Health::Healthy).then_some(())
+        });
+        assert_eq!(inspect(name, "{{.State.Health.Status}}"), "starting");
     }
     let started = inspect(&hung, "{{.State.StartedAt}}");
     let calm_started = inspect(&calm, "{{.State.StartedAt}}");

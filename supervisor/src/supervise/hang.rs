@@ -47,10 +47,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
             return;
         };
         let now = Instant::now();
-        if self
+        let changed = self
             .hang
-            .heard(sut, now, status.state, status.detail.as_deref())
-        {
+            .heard(sut, now, status.state, status.detail.as_deref());
+        let turned = self.hang.agent(sut).heard_healthy(now, status.is_healthy());
+        if changed || turned {
             self.timers.pass_in(now, EVENT_DELAY);
         }
     }
@@ -108,8 +109,17 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
         self.confirm_hangs(suspects, &judged, now, &mut reasons)
             .await;
-        for a in actual.iter_mut().filter(|a| reasons.contains_key(&a.id)) {
-            a.health = Health::Unhealthy;
+        for a in actual.iter_mut() {
+            if reasons.contains_key(&a.id) {
+                a.health = Health::Unhealthy;
+            } else if a.health == Health::Starting {
+                let vouched = judged
+                    .iter()
+                    .any(|(sut, id, t)| *id == a.id && self.hang.agent(sut).vouches(id, now, *t));
+                if vouched {
+                    a.health = Health::Healthy;
+                }
+            }
         }
         for st in self.suts.values_mut() {
             st.health_reason = None;

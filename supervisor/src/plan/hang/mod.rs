@@ -204,6 +204,9 @@ pub struct Agent {
     hung: Option<(String, String)>,
     /// It was found alive but silent, and that was said.
     warned: bool,
+    /// When its latest live status said it was healthy by the one rule (a healthy state and
+    /// no failing exec probe).
+    healthy: Option<Instant>,
 }
 
 /// How a SUT's agent stands at a given instant ([`Agent::verdict`]).
@@ -237,10 +240,36 @@ impl Agent {
         before != (self.hung.is_some(), self.says_unhealthy.is_some())
     }
 
+    /// Its latest live status, heard at `now` just before, says whether it is `healthy` (the
+    /// one rule: [`labvisor_protocol::payloads::AgentStatus::is_healthy`]). Returns whether it
+    /// turned healthy (the first time since its container started, or after an unhealthy word).
+    pub fn heard_healthy(&mut self, now: Instant, healthy: bool) -> bool {
+        let turned = healthy && self.healthy.is_none();
+        self.healthy = healthy.then_some(now);
+        turned
+    }
+
+    /// Whether its running container `id` may be shown healthy at `now` while Docker's first
+    /// probe has not run yet (`Health::Starting`): a live status heard since the container's
+    /// start, within `max_age`, said healthy. With a long `auto` interval Docker's first probe
+    /// comes minutes after the start; the agent's word is as good (the healthcheck reads the
+    /// same status), and a rolling restart waits for it.
+    pub fn vouches(&self, id: &str, now: Instant, t: Timing) -> bool {
+        let Some((_, since)) = self.container.as_ref().filter(|(c, _)| c == id) else {
+            return false;
+        };
+        self.hung.is_none()
+            && self.says_unhealthy.is_none()
+            && self
+                .healthy
+                .is_some_and(|at| at >= *since && now.saturating_duration_since(at) <= t.max_age)
+    }
+
     /// Its container `id` was (re)started at `now`: what was said or found about the previous
     /// run no longer holds.
     pub fn started(&mut self, id: &str, now: Instant) {
         self.container = Some((id.to_owned(), now));
+        self.healthy = None;
         self.hung = None;
         self.says_unhealthy = None;
         self.warned = false;

@@ -268,3 +268,26 @@ fn containers_count_as_started_when_the_engine_is_back() {
         "start_period + max_age from then"
     );
 }
+
+#[test]
+fn a_healthy_word_since_the_start_vouches_for_a_starting_container() {
+    let t0 = Instant::now();
+    let mut a = agent(t0, None);
+    assert!(!a.vouches("c", t0, T), "nothing heard yet");
+    a.heard(t0 + 2 * S, AgentState::Idle, None);
+    assert!(a.heard_healthy(t0 + 2 * S, true), "turned healthy");
+    assert!(!a.heard_healthy(t0 + 7 * S, true), "already healthy");
+    assert!(a.vouches("c", t0 + 8 * S, T));
+    assert!(!a.vouches("other", t0 + 8 * S, T), "another container");
+    assert!(!a.vouches("c", t0 + 38 * S, T), "older than max_age");
+    // A failing probe (or an unhealthy state) withdraws it.
+    assert!(!a.heard_healthy(t0 + 9 * S, false));
+    assert!(!a.vouches("c", t0 + 9 * S, T));
+    assert!(a.heard_healthy(t0 + 10 * S, true), "healthy again");
+    // A restart: only a word heard since counts.
+    a.started("c", t0 + 11 * S);
+    assert!(!a.vouches("c", t0 + 12 * S, T));
+    a.heard(t0 + 13 * S, AgentState::CrashLoop, Some("exit 1"));
+    a.heard_healthy(t0 + 13 * S, false);
+    assert!(!a.vouches("c", t0 + 13 * S, T), "crash-loop");
+}
