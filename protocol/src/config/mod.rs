@@ -76,6 +76,7 @@
 //! days are refused everywhere.
 
 mod build;
+mod device;
 mod limits;
 mod load;
 mod locate;

@@ -161,18 +161,18 @@ async fn recv(incoming: Option<&mut Incoming>) -> Option<Received> {
     incoming?.recv().await
 }
 
+/// The metrics server's stop token and task.
+type MetricsServer = (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+);
+
 /// Binds the metrics address and serves `/metrics` and `/healthz` there until the returned
 /// token is cancelled; `None` when not asked for (or the default address is taken).
 async fn serve_metrics(
     settings: &Settings,
     metrics: &Metrics,
-) -> Result<
-    Option<(
-        tokio_util::sync::CancellationToken,
-        tokio::task::JoinHandle<std::io::Result<()>>,
-    )>,
-    SuperviseError,
-> {
+) -> Result<Option<MetricsServer>, SuperviseError> {
     let Some(listen) = settings.metrics_listen else {
         return Ok(None);
     };
@@ -212,15 +212,7 @@ pub(super) async fn run<R: ContainerRuntime>(
     let boot_id = payloads::random_id();
     let mut broker_rx = settings.managed_broker.clone();
     let broker = broker_rx.as_mut().map(|r| r.borrow_and_update().clone());
-    let metrics = Metrics::new(settings.resync);
-    let metrics = match &broker {
-        Some(b) => {
-            let m = metrics.with_managed_broker();
-            m.on_broker(b);
-            m
-        }
-        None => metrics,
-    };
+    let metrics = new_metrics(&settings, broker.as_ref());
     let metrics_server = serve_metrics(&settings, &metrics).await?;
     let (link, incoming) = start_link(&settings, &boot_id, broker.clone())?;
     let mut link_state = hooks
@@ -285,18 +277,39 @@ pub(super) async fn run<R: ContainerRuntime>(
     sup.run(&mut inputs, shutdown).await;
     info!("Shutting down; agents keep running.");
     events.abort();
-    if let Some((stop, server)) = metrics_server {
-        stop.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    }
-    sup.exec
-        .drain(sup.settings.stop_timeout + Duration::from_secs(5))
-        .await;
-    sup.status.offline(sup.docker.reachable, sup.broker).await;
+    sup.finish(metrics_server).await;
     Ok(())
 }
 
+/// The supervisor's metrics, with the managed broker's when it runs one.
+fn new_metrics(settings: &Settings, broker: Option<&ManagedBrokerStatus>) -> Metrics {
+    let metrics = Metrics::new(settings.resync);
+    match broker {
+        Some(b) => {
+            let m = metrics.with_managed_broker();
+            m.on_broker(b);
+            m
+        }
+        None => metrics,
+    }
+}
+
 impl<R: ContainerRuntime> Reconciler<R> {
+    /// After the loop: stops the metrics server, waits for the actions under way, then
+    /// publishes the offline status.
+    async fn finish(mut self, metrics_server: Option<MetricsServer>) {
+        if let Some((stop, server)) = metrics_server {
+            stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        }
+        self.exec
+            .drain(self.settings.stop_timeout + Duration::from_secs(5))
+            .await;
+        self.status
+            .offline(self.docker.reachable, self.broker)
+            .await;
+    }
+
     /// The loop, until `shutdown`.
     async fn run(&mut self, inputs: &mut Inputs, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
