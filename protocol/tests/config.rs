@@ -444,7 +444,7 @@ fn defaults_are_as_documented() {
         "devices": [],
         "mounts": [],
         "health": {
-            "heartbeat": "5s", "max_age": "30s", "interval": "10s", "timeout": "5s",
+            "heartbeat": "5s", "max_age": "30s", "interval": "auto", "timeout": "5s",
             "retries": 3, "start_period": "30s"
         },
         "job": {
@@ -539,8 +539,9 @@ fn hash_of(dir: &Path, text: &str) -> String {
 }
 
 /// `health.interval` is `auto` unless written; an explicit one may be longer than `max_age`
-/// (the supervisor, not Docker, acts on a stale heartbeat); `auto` hashes as the old default
-/// `"10s"`, so upgrading recreates no container that did not set it.
+/// (the supervisor, not Docker, acts on a stale heartbeat); `auto` and an explicit interval
+/// hash differently, so writing `"10s"` into a file of an `auto` container recreates it with
+/// that interval.
 #[test]
 fn the_health_interval_is_auto_unless_written_and_may_exceed_max_age() {
     let dir = tempfile::tempdir().unwrap();
@@ -570,10 +571,10 @@ fn the_health_interval_is_auto_unless_written_and_may_exceed_max_age() {
     );
     let hash = |health: &str| hash_of(dir.path(), &format!("image = \"x\"\n[health]\n{health}"));
     assert_eq!(hash(""), hash("interval = \"auto\"\n"));
-    assert_eq!(
+    assert_ne!(
         hash(""),
         hash("interval = \"10s\"\n"),
-        "auto hashes as the old default"
+        "an explicit interval is a change"
     );
     assert_ne!(hash(""), hash("interval = \"20s\"\n"));
 }

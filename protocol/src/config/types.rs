@@ -258,10 +258,11 @@ impl Health {
 /// default) lets the supervisor choose it from the lab's size when it creates the container
 /// (`clamp(SUTs / --healthcheck-rate, 10 s, 300 s)`).
 ///
-/// The config hash does not cover the interval `auto` stands for (a growing lab recreates
-/// nothing; a container keeps the interval it was made with until it is recreated). `auto`
-/// hashes as `"10s"`, the default before `auto`, so a file that does not set the key keeps its
-/// hash across the upgrade; writing `"10s"` or `"auto"` is therefore the same container.
+/// The config hash covers `auto` as the word, not the interval it stands for (a growing lab
+/// recreates nothing; a container keeps the interval it was made with until it is
+/// recreated). An explicit interval is hashed as written, so writing one recreates the
+/// container with it. A file that does not set the key hashes differently than before `auto`
+/// (when the default was `"10s"`): upgrading recreates each such container once, when idle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum HealthInterval {
     /// Chosen by the supervisor from the lab's size, between
@@ -291,8 +292,10 @@ impl HealthInterval {
 
 impl Serialize for HealthInterval {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        // `auto` as the floor: see the type's docs (the hash of a file without the key).
-        ser_duration(&self.shortest(), s)
+        match self {
+            HealthInterval::Auto => s.serialize_str("auto"),
+            HealthInterval::Every(d) => ser_duration(d, s),
+        }
     }
 }
 
