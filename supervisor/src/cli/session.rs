@@ -21,6 +21,11 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// at 500 SUTs the agents' statuses come every few milliseconds.
 const QUIET: Duration = Duration::from_millis(500);
 
+/// After the SUBACK of the last subscription, reading ends after this long without a retained
+/// message: mosquitto may write retained messages after that SUBACK while the connection is
+/// busy (a large lab, a slow or TLS link), and they come back to back.
+const TAIL: Duration = Duration::from_millis(100);
+
 /// Reading the retained messages ends after this long in any case.
 const SETTLE_MAX: Duration = Duration::from_secs(5);
 
@@ -161,10 +166,10 @@ impl Session {
     }
 
     /// Collects what the subscriptions delivered up to now (the retained messages), until the
-    /// first end marker: the SUBACK of the last subscription (QoS 0 sessions,
-    /// [`Session::snapshot`]), or the probe coming back (where the ACL lets this login publish
-    /// it). Without either, [`QUIET`] without a retained message ends it; [`SETTLE_MAX`] in
-    /// any case.
+    /// first end marker: the probe coming back (where the ACL lets this login publish it), or
+    /// [`TAIL`] without a retained message after the SUBACK of the last subscription (QoS 0
+    /// sessions, [`Session::snapshot`]). Without either, [`QUIET`] without a retained message
+    /// ends it; [`SETTLE_MAX`] in any case.
     pub async fn settle(&mut self) -> Vec<Received> {
         let mut got = Vec::new();
         let end = Instant::now() + SETTLE_MAX;
@@ -172,15 +177,15 @@ impl Session {
         let mut state = self.link.watch_state();
         // Only at QoS 0 does nothing retained come after the SUBACK (see LinkState::subacks).
         let by_suback = self.qos == QoS::AtMostOnce;
+        let mut acked = false;
         loop {
-            if by_suback && state.borrow_and_update().subacks >= self.subscriptions {
-                // Everything before the SUBACK is in the channel already.
-                while let Ok(r) = self.incoming.try_recv() {
-                    if r.topic != self.probe {
-                        got.push(r);
-                    }
-                }
-                return got;
+            if by_suback && !acked && state.borrow_and_update().subacks >= self.subscriptions {
+                // mosquitto queues the SUBACK after the retained messages of a subscription,
+                // but while the connection is busy it may write the SUBACKs of later
+                // subscriptions before their retained messages: after the last one, a short
+                // quiet without a retained message (or the probe, queued behind them) ends it.
+                acked = true;
+                quiet = Instant::now() + TAIL;
             }
             let until = quiet.min(end);
             tokio::select! {
@@ -188,13 +193,13 @@ impl Session {
                     Some(r) if r.topic == self.probe => return got,
                     Some(r) => {
                         if r.retain {
-                            quiet = Instant::now() + QUIET;
+                            quiet = Instant::now() + if acked { TAIL } else { QUIET };
                         }
                         got.push(r);
                     }
                     None => return got,
                 },
-                changed = state.changed(), if by_suback => {
+                changed = state.changed(), if by_suback && !acked => {
                     if changed.is_err() {
                         return got;
                     }
