@@ -242,6 +242,7 @@ fn supervisor_status() {
             last_exit: Some("signal: 9 (SIGKILL)".into()),
         }),
         refresh_ms: 30_000,
+        agents_without_broker: false,
         file_problems: vec!["sut/Bad_Name.toml: name: the file name gives SUT name \"Bad_Name\", which is not valid".into()],
     };
     round_trip(&p);

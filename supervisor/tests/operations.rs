@@ -363,7 +363,11 @@ fn the_local_login_restarts_all_through_the_managed_broker() {
     for (i, s) in ["m1", "m2"].iter().enumerate() {
         let (id, _) = status_of(&scope, s);
         assert_ne!(id, old[i], "{s} recreated");
-        assert_eq!(wait_healthy(&scope, s, T), id, "{s}: the new container turns healthy");
+        assert_eq!(
+            wait_healthy(&scope, s, T),
+            id,
+            "{s}: the new container turns healthy"
+        );
     }
 }
 

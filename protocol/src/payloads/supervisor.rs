@@ -149,6 +149,10 @@ pub struct SupervisorStatus {
     /// than that is stale: the supervisor, or its link to the broker, is gone.
     #[serde(default)]
     pub refresh_ms: u64,
+    /// Its agents run without MQTT (`--agent-broker none`): they publish no status, so a SUT
+    /// without one is no problem. Absent (false) otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub agents_without_broker: bool,
 }
 
 /// The managed broker in a [`SupervisorStatus`].

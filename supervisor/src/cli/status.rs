@@ -107,15 +107,36 @@ impl Retained {
         let mut names: Vec<&SutName> = self.agents.keys().chain(self.views.keys()).collect();
         names.sort();
         names.dedup();
+        // SUTs of a supervisor whose agents run without MQTT publish no agent status.
+        let silent: Vec<&labvisor_protocol::topics::SupervisorId> = self
+            .supervisors
+            .iter()
+            .filter(|s| s.agents_without_broker)
+            .map(|s| &s.id)
+            .collect();
         names
             .into_iter()
-            .map(|n| row(n, self.agents.get(n), self.views.get(n)))
+            .map(|n| {
+                let v = self.views.get(n);
+                let expect_agent = !v.is_some_and(|v| silent.contains(&&v.supervisor));
+                row(n, self.agents.get(n), v, expect_agent)
+            })
             .collect()
     }
 }
 
-fn row(sut: &SutName, a: Option<&AgentStatus>, v: Option<&SutView>) -> StatusRow {
-    let problems = triage::problems(a, v);
+/// The row of `sut`; `expect_agent`: its agent publishes a status (false with `--agent-broker
+/// none`), so none retained is a problem.
+fn row(
+    sut: &SutName,
+    a: Option<&AgentStatus>,
+    v: Option<&SutView>,
+    expect_agent: bool,
+) -> StatusRow {
+    let mut problems = triage::problems(a, v);
+    if !expect_agent {
+        problems.retain(|p| *p != Problem::NoAgentStatus);
+    }
     let mut detail: Vec<String> = Vec::new();
     detail.extend(a.and_then(|a| a.detail.clone()));
     detail.extend(
@@ -351,6 +372,7 @@ mod tests {
             managed_broker: None,
             file_problems: Vec::new(),
             refresh_ms: 30_000,
+            agents_without_broker: false,
         }
     }
 
@@ -366,7 +388,7 @@ mod tests {
         let a = AgentStatus::new(sut.clone(), "b", "1", now_ms())
             .with_state(labvisor_protocol::payloads::AgentState::Idle)
             .with_admin(Some(admin.clone()));
-        let r = row(&sut, Some(&a), None);
+        let r = row(&sut, Some(&a), None, true);
         assert_eq!(r.admin.as_ref(), Some(&admin));
         assert_eq!(r.detail, None, "offline is not a problem");
         assert_eq!((r.group, r.problems.as_slice()), (Group::Offline, &[][..]));
@@ -387,9 +409,29 @@ mod tests {
             summary.line(),
             "1 SUTs: 0 healthy, 0 busy, 1 offline, 0 problems"
         );
-        let json = serde_json::to_value(row(&sut, Some(&a), None)).unwrap();
+        let json = serde_json::to_value(row(&sut, Some(&a), None, true)).unwrap();
         assert_eq!(json["admin"]["mode"], "maintenance");
         assert_eq!(json["admin"]["reason"], "reflash");
+    }
+
+    /// With `--agent-broker none` no agent publishes a status: a SUT without one is no problem
+    /// for its supervisor (every SUT was listed as a problem, and `--problems` exited 1).
+    #[test]
+    fn no_agent_status_is_a_problem_only_where_agents_publish() {
+        let name = SutName::new("bare-1").unwrap();
+        let view: SutView = serde_json::from_value(serde_json::json!({
+            "sut": "bare-1", "supervisor": "lab", "health": "healthy", "restarts": 0,
+            "time_ms": now_ms(),
+        }))
+        .unwrap();
+        let mut r = Retained::default();
+        r.views.insert(name.clone(), view);
+        r.supervisors.push(status(true, SutCounts::default()));
+        assert_eq!(r.rows()[0].problems, [Problem::NoAgentStatus]);
+        r.supervisors[0].agents_without_broker = true;
+        let rows = r.rows();
+        assert_eq!(rows[0].problems, []);
+        assert_eq!(rows[0].group, Group::Healthy);
     }
 
     #[test]

@@ -410,6 +410,7 @@ mod tests {
             managed_broker: None,
             file_problems: Vec::new(),
             refresh_ms: 30_000,
+            agents_without_broker: false,
         };
         let at = |s: &SupervisorStatus, after: u64| supervisor_problem(s, s.time_ms + after);
         assert_eq!(at(&ok, 90_000), None);

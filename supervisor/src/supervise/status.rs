@@ -113,6 +113,7 @@ fn status_json(
         managed_broker,
         file_problems: Vec::new(),
         refresh_ms: 0,
+        agents_without_broker: settings.spec.agent_broker.is_none(),
     })
     .expect("status serialises")
 }
@@ -266,6 +267,7 @@ impl Publisher {
             managed_broker: seen.broker.cloned(),
             file_problems,
             refresh_ms: self.settings.status_every.as_millis() as u64,
+            agents_without_broker: self.settings.spec.agent_broker.is_none(),
         };
         if self.status.as_ref() != Some(&status) {
             self.status = Some(status);

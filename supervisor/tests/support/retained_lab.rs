@@ -135,6 +135,7 @@ pub fn messages(topics: &Topics, sup: &str, suts: &[(SutName, Kind)]) -> Vec<(St
         managed_broker: None,
         file_problems: Vec::new(),
         refresh_ms: 3_600_000,
+        agents_without_broker: false,
     };
     out.push((
         topics.supervisor_status(&sup),
