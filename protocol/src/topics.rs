@@ -23,7 +23,7 @@
 //! | `<sut>/last_job` | agent → all | 1 | yes | [`JobStatus`](crate::payloads::JobStatus) JSON of the latest job |
 //! | `<sut>/build` | supervisor → all | 0 | no | plain UTF-8 text: one line of the SUT's image build (`[build]`), as the engine streams it |
 //! | `<sut>/supervisor` | supervisor → all | 1 | yes | [`SutView`](crate::payloads::SutView) JSON: the supervisor's view of that SUT |
-//! | `labvisor/supervisors/<id>/status` | supervisor → all | 1 | yes | [`SupervisorStatus`](crate::payloads::SupervisorStatus) JSON: birth, last will `lost`, counts, problems of directory entries that name no SUT; republished every `refresh_ms` when unchanged |
+//! | `labvisor/supervisors/<id>/status` | supervisor → all | 1 | yes | [`SupervisorStatus`](crate::payloads::SupervisorStatus) JSON: birth, last will `lost`, counts, problems of directory entries that name no SUT; republished every `refresh_ms` when unchanged; `agents_without_broker: true` when its agents run without MQTT (`labvisor status` then expects no agent status) |
 //! | `labvisor/supervisors/<id>/restart` | submitter → supervisor | 1 | never | [`RestartRequest`](crate::payloads::RestartRequest) JSON: a rolling restart (`labvisor restart`) |
 //! | `labvisor/supervisors/<id>/restart_status` | supervisor → all | 1 | yes (the running or last restart; a rejection is sent not retained) | [`RestartStatus`](crate::payloads::RestartStatus) JSON: the rolling restart's progress |
 //!
