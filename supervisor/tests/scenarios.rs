@@ -1103,6 +1103,36 @@ async fn an_agents_own_crash_loop_status_restarts_it_at_once() {
     sup.stop().await;
 }
 
+/// A container paused (`docker pause`) for longer than `max_age` is not suspect the moment it
+/// runs again: its frozen agent wrote no heartbeat, so its silence counts from the unpause, as
+/// from a start. Here the thawed agent's heartbeat file is still stale at first; it publishes
+/// again within `max_age`, so it is neither asked nor restarted.
+#[tokio::test(start_paused = true)]
+async fn an_unpaused_agent_counts_as_started_then() {
+    let sup = watching(&[("a.toml", QUICK)]);
+    sup.link(true, 1);
+    let (id, beat) = judged(&sup, "a").await;
+    beat.store(false, Ordering::SeqCst);
+    sup.rt.update(&id, |c| c.state = RunState::Paused);
+    sup.nudge();
+    idle(MAX_AGE * 5).await;
+    sup.rt.set_hung(&id, true);
+    sup.rt.update(&id, |c| c.state = RunState::Running);
+    sup.nudge();
+    idle(MAX_AGE - S).await;
+    assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), 0, "not asked");
+    sup.rt.set_hung(&id, false);
+    beat.store(true, Ordering::SeqCst);
+    idle(MAX_AGE * 5).await;
+    assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), 0, "not asked");
+    assert_eq!(
+        sup.count(&FakeCall::Restart(id.clone())),
+        0,
+        "not restarted"
+    );
+    sup.stop().await;
+}
+
 /// Agents without MQTT (`--agent-broker none`) are never heard, so the supervisor does not
 /// watch them: a silent, hung agent is left to Docker's probe (no exec, no restart).
 #[tokio::test(start_paused = true)]

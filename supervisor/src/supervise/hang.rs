@@ -86,6 +86,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
         }
         self.hang.retain(|s| scan.valid.contains_key(s));
         let link = self.hang.link_since();
+        for a in actual.iter() {
+            if a.state == RunState::Paused && is_primary(a, desired.get(&a.sut)) {
+                self.hang.agent(&a.sut).paused(&a.id);
+            }
+        }
         let judged: Vec<(SutName, String, Timing)> = actual
             .iter()
             .filter(|a| a.state == RunState::Running && is_primary(a, desired.get(&a.sut)))

@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 use super::DOCKER_RETRY_MAX;
 use crate::plan::classify::HealthSeen;
 use crate::plan::policy::{Backoff, RETRY_MIN};
-use crate::runtime::ContainerRuntime;
+use crate::runtime::{ContainerRuntime, RuntimeEvent};
 
 /// The watch on the SUT directory and the build contexts.
 pub(super) struct DirWatch {
@@ -159,8 +159,9 @@ impl DirWatch {
     }
 }
 
-/// Forwards Docker events as wake-ups, and each start of a SUT's container (its SUT and id) to
-/// `starts` (the hang rule counts a container's silence from its start); reopens the stream
+/// Forwards Docker events as wake-ups, and each start or unpause of a SUT's container (its SUT
+/// and id, [`run_began`]) to `starts` (the hang rule counts a container's silence from its
+/// start); reopens the stream
 /// with backoff (1 s doubling to 30 s) when it ends.
 pub(super) async fn docker_events<R: ContainerRuntime>(
     runtime: Arc<R>,
@@ -178,10 +179,8 @@ pub(super) async fn docker_events<R: ContainerRuntime>(
                 Ok(ev) => {
                     backoff.reset();
                     debug!(container = %ev.id, sut = ?ev.sut, event = %ev.action, "Docker event.");
-                    if let Some(sut) = ev.sut.as_deref().filter(|_| ev.action == "start") {
-                        if let Ok(sut) = SutName::new(sut) {
-                            let _ = starts.send((sut, ev.id.clone()));
-                        }
+                    if let Some(run) = run_began(&ev) {
+                        let _ = starts.send(run);
                     }
                     if health.worth_a_pass(&ev) {
                         let _ = tx.try_send(());
@@ -196,5 +195,45 @@ pub(super) async fn docker_events<R: ContainerRuntime>(
         let delay = backoff.next_delay();
         debug!(delay = ?delay, "Docker event stream ended; reopening.");
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// The SUT and container whose run `ev` begins: a `start`, or an `unpause` (a frozen agent
+/// wrote no heartbeat while paused, so its silence counts from the thaw, as from a start).
+fn run_began(ev: &RuntimeEvent) -> Option<(SutName, String)> {
+    if !matches!(ev.action.as_str(), "start" | "unpause") {
+        return None;
+    }
+    let sut = SutName::new(ev.sut.as_deref()?).ok()?;
+    Some((sut, ev.id.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(action: &str, sut: Option<&str>) -> RuntimeEvent {
+        RuntimeEvent {
+            id: "c1".into(),
+            action: action.into(),
+            sut: sut.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn a_start_or_an_unpause_begins_a_run() {
+        let a = SutName::new("a").unwrap();
+        for action in ["start", "unpause"] {
+            assert_eq!(
+                run_began(&event(action, Some("a"))),
+                Some((a.clone(), "c1".into())),
+                "{action}"
+            );
+        }
+        for action in ["pause", "die", "health_status: healthy", "destroy"] {
+            assert_eq!(run_began(&event(action, Some("a"))), None, "{action}");
+        }
+        assert_eq!(run_began(&event("start", None)), None, "not a SUT's");
+        assert_eq!(run_began(&event("start", Some("Not A Name!"))), None);
     }
 }

@@ -18,8 +18,9 @@
 //!   for `health.max_age`, counted from the latest of: its last live status, the last time the
 //!   hang check found it alive, the moment the supervisor's own broker link (re)connected, and
 //!   its container's start plus `health.start_period` (a start the supervisor made or saw:
-//!   its own action, Docker's start event, first sight, or the engine answering again after an
-//!   outage, [`Lab::engine_back`]). So nothing is suspect while the link is down, nor in the
+//!   its own action, Docker's start or unpause event, first sight, the first sight running
+//!   after a pass saw it paused, or the engine answering again after an outage,
+//!   [`Lab::engine_back`]). So nothing is suspect while the link is down, nor in the
 //!   first `max_age` after it comes back, nor before a container has run for
 //!   `start_period + max_age`.
 //! - **Confirmation** ([`check`], [`Agent::confirm`]): a suspect is confirmed with one
@@ -207,6 +208,8 @@ pub struct Agent {
     /// When its latest live status said it was healthy by the one rule (a healthy state and
     /// no failing exec probe).
     healthy: Option<Instant>,
+    /// The container a pass saw paused: running again, it counts as started then.
+    paused: Option<String>,
 }
 
 /// How a SUT's agent stands at a given instant ([`Agent::verdict`]).
@@ -273,14 +276,23 @@ impl Agent {
         self.hung = None;
         self.says_unhealthy = None;
         self.warned = false;
+        self.paused = None;
     }
 
-    /// Its container `id` is running at `now`: a container not seen before counts as started
-    /// now.
+    /// Its container `id` is running at `now`: a container not seen before, or seen paused
+    /// ([`Agent::paused`]), counts as started now.
     pub fn running(&mut self, id: &str, now: Instant) {
-        if self.container.as_ref().is_none_or(|(c, _)| c != id) {
+        let thawed = self.paused.as_deref() == Some(id);
+        if thawed || self.container.as_ref().is_none_or(|(c, _)| c != id) {
             self.started(id, now);
         }
+    }
+
+    /// Its container `id` is paused (`docker pause`): a frozen agent writes no heartbeat, so
+    /// once it runs again its silence counts from then, as after a start (also when the
+    /// `unpause` event was missed).
+    pub fn paused(&mut self, id: &str) {
+        self.paused = Some(id.to_owned());
     }
 
     /// Since when its silence counts, with the link up since `link`.

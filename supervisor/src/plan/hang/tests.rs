@@ -98,6 +98,23 @@ fn a_new_container_gets_its_start_period_and_max_age() {
 }
 
 #[test]
+fn a_container_seen_paused_counts_as_started_when_it_runs_again() {
+    let t0 = Instant::now();
+    let link = Some(t0);
+    let mut a = agent(t0, Some(20 * S));
+    a.paused("c");
+    a.running("c", t0 + 500 * S);
+    assert_eq!(
+        a.suspect_at(link, T),
+        Some(t0 + 540 * S),
+        "from the unpause"
+    );
+    assert_eq!(a.verdict("c", t0 + 500 * S, link, T), Verdict::Fine);
+    a.running("c", t0 + 600 * S);
+    assert_eq!(a.suspect_at(link, T), Some(t0 + 540 * S), "once");
+}
+
+#[test]
 fn a_last_will_is_no_sign_of_life() {
     let t0 = Instant::now();
     let mut lab = Lab::default();
