@@ -1005,6 +1005,44 @@ async fn an_agent_alive_but_off_the_broker_is_not_restarted() {
     sup.stop().await;
 }
 
+/// A silent agent that cannot be checked (every exec into its container fails) is asked once
+/// per `max_age`, and the `health.retries`th failure in a row (3 by default) counts as a
+/// confirmed hang: it is restarted, with a reason saying so.
+#[tokio::test(start_paused = true)]
+async fn a_silent_agent_that_cannot_be_checked_is_restarted_after_retries() {
+    let sup = watching(&[("a.toml", QUICK)]);
+    sup.link(true, 1);
+    let (id, beat) = judged(&sup, "a").await;
+    let reasons = sup.reasons("a");
+    sup.rt.set_exec_fails(&id, true);
+    beat.store(false, Ordering::SeqCst);
+    let silent = Instant::now();
+    let restarted = until("the restart", || {
+        sup.count(&FakeCall::Restart(id.clone())) == 1
+    })
+    .await;
+    let took = restarted - silent;
+    assert!(
+        took >= MAX_AGE * 3 - S && took <= MAX_AGE * 3 + 100 * MS,
+        "restarted {took:?} after the last heartbeat (max_age {MAX_AGE:?})"
+    );
+    assert_eq!(
+        sup.count(&FakeCall::AgentBusy(id.clone())),
+        3,
+        "three execs"
+    );
+    until("the reason on the view", || {
+        !reasons.lock().unwrap().is_empty()
+    })
+    .await;
+    let why = reasons.lock().unwrap()[0].clone();
+    assert!(
+        why.contains("the hang check could not run 3 times"),
+        "{why}"
+    );
+    sup.stop().await;
+}
+
 /// While the supervisor's own broker link is down it judges nobody (every agent is silent to
 /// it); once the link is back, silence counts from then: a hung agent is restarted `max_age`
 /// after the reconnection, not before. A retained status (sent at subscription) is no sign of

@@ -58,6 +58,7 @@ struct FakeState {
     fail_build: Vec<String>,
     busy: Vec<String>,
     hung: Vec<String>,
+    exec_fails: Vec<String>,
     device_work: BTreeMap<String, String>,
     draining: Vec<String>,
     create_delay: BTreeMap<String, Duration>,
@@ -167,6 +168,12 @@ impl FakeRuntime {
     /// `agent_busy` (the healthcheck through exec) answers unhealthy.
     pub fn set_hung(&self, id: &str, hung: bool) {
         self.with(|s| set(&mut s.hung, id, hung));
+    }
+
+    /// Makes `agent_busy` (an exec) into container `id` fail (or work again), as when dockerd
+    /// cannot exec into it; the call is still recorded.
+    pub fn set_exec_fails(&self, id: &str, fails: bool) {
+        self.with(|s| set(&mut s.exec_fails, id, fails));
     }
 
     /// Makes the device in container `id` work on its own (`work`: what its busy globs match;
@@ -364,8 +371,17 @@ impl ContainerRuntime for FakeRuntime {
     async fn agent_busy(&self, id: &str) -> Result<AgentAnswer, RuntimeError> {
         self.up()?;
         self.exists(id)?;
-        Ok(self.with(|s| {
+        let failed = self.with(|s| {
             s.calls.push(FakeCall::AgentBusy(id.to_owned()));
+            s.exec_fails.iter().any(|f| f == id)
+        });
+        if failed {
+            return Err(RuntimeError::Api {
+                status: 500,
+                message: format!("fake failure executing in {id}"),
+            });
+        }
+        Ok(self.with(|s| {
             if s.hung.iter().any(|h| h == id) {
                 return AgentAnswer {
                     unhealthy: Some("heartbeat is 31.0s old (max 30.0s): the agent's loop is hung or dead (last state idle)".into()),

@@ -15,7 +15,7 @@ use tracing::{debug, info_span, warn};
 
 use super::reconciler::Reconciler;
 use super::EVENT_DELAY;
-use crate::plan::hang::{auto_interval, check, quiet, Confirmed, Timing, Verdict};
+use crate::plan::hang::{auto_interval, check, quiet, Check, Confirmed, Timing, Verdict};
 use crate::plan::{is_primary, Action, Actual, Desired, RunState};
 use crate::runtime::ContainerRuntime;
 
@@ -170,9 +170,21 @@ impl<R: ContainerRuntime> Reconciler<R> {
         for answer in self.exec.ask_agents(ask).await {
             let _span = info_span!("sut", sut = %answer.sut).entered();
             let found = check(&answer);
-            match self.hang.agent(&answer.sut).confirm(&answer.id, now, found) {
-                Confirmed::Hung(why) => {
+            let ran = found != Check::Unknown;
+            let Some(t) = judged.iter().find(|j| j.1 == answer.id).map(|j| j.2) else {
+                continue;
+            };
+            match self
+                .hang
+                .agent(&answer.sut)
+                .confirm(&answer.id, now, found, t)
+            {
+                Confirmed::Hung(why) if ran => {
                     warn!(container = %answer.id, reason = %why, "The agent published no status for longer than health.max_age and its heartbeat is stale: it is hung.");
+                    reasons.insert(answer.id, (answer.sut, why));
+                }
+                Confirmed::Hung(why) => {
+                    warn!(container = %answer.id, reason = %why, "The agent published no status for longer than health.max_age and the hang check could not run health.retries times in a row: taken as hung.");
                     reasons.insert(answer.id, (answer.sut, why));
                 }
                 Confirmed::Alive { first: true } => {
@@ -182,7 +194,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
                     debug!(container = %answer.id, "The agent is still alive and off the broker.");
                 }
                 Confirmed::Unknown => {
-                    debug!(container = %answer.id, "Could not ask the agent whether it is hung; asking again after health.max_age.");
+                    debug!(container = %answer.id, "Could not ask the agent whether it is hung; asking again after health.max_age (after health.retries such failures in a row it counts as hung).");
                 }
             }
         }

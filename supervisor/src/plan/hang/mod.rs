@@ -28,7 +28,10 @@
 //!   broker). A hung agent's heartbeat is stale, so the check fails: the hang is confirmed and
 //!   the plan sees the container unhealthy until it restarts or the agent is heard again. An
 //!   agent that is alive but lost its broker connection passes: it is not restarted, and its
-//!   silence counts again from then (one exec per `max_age` at most).
+//!   silence counts again from then (one exec per `max_age` at most). A check that cannot run
+//!   (the exec fails or times out) is tried again after `max_age`; after `health.retries` of
+//!   them in a row, with the agent still silent, the hang counts as confirmed (its reason says
+//!   the check could not run).
 //! - **Its own word** ([`Agent::heard`]): a fresh live status that is itself unhealthy
 //!   (`crash-loop`, `stalled`) makes the container unhealthy at once, for `max_age`.
 //! - **A silent lab** ([`Lab::silent`]): when two or more running agents are judged and none
@@ -128,6 +131,9 @@ pub struct Timing {
     pub max_age: Duration,
     /// `health.start_period`.
     pub start_period: Duration,
+    /// `health.retries`: hang checks in a row that cannot run before a silent agent counts as
+    /// hung ([`Agent::confirm`]).
+    pub retries: u32,
 }
 
 impl From<&labvisor_protocol::config::Health> for Timing {
@@ -136,6 +142,7 @@ impl From<&labvisor_protocol::config::Health> for Timing {
             heartbeat: h.heartbeat,
             max_age: h.max_age,
             start_period: h.start_period,
+            retries: h.retries.get(),
         }
     }
 }
@@ -185,7 +192,8 @@ pub enum Confirmed {
         /// Not said before.
         first: bool,
     },
-    /// The check gave no answer; asked again after `max_age`.
+    /// The check gave no answer; asked again after `max_age` (after `health.retries` in a row
+    /// the hang counts as confirmed: [`Confirmed::Hung`]).
     Unknown,
 }
 
@@ -210,6 +218,8 @@ pub struct Agent {
     healthy: Option<Instant>,
     /// The container a pass saw paused: running again, it counts as started then.
     paused: Option<String>,
+    /// Hang checks in a row that could not run while it stayed silent.
+    unknowns: u32,
 }
 
 /// How a SUT's agent stands at a given instant ([`Agent::verdict`]).
@@ -235,6 +245,7 @@ impl Agent {
         self.live = Some(now);
         self.hung = None;
         self.warned = false;
+        self.unknowns = 0;
         self.says_unhealthy =
             matches!(state, AgentState::CrashLoop | AgentState::Stalled).then(|| {
                 let why = detail.map(|d| format!(": {d}")).unwrap_or_default();
@@ -277,6 +288,7 @@ impl Agent {
         self.says_unhealthy = None;
         self.warned = false;
         self.paused = None;
+        self.unknowns = 0;
     }
 
     /// Its container `id` is running at `now`: a container not seen before, or seen paused
@@ -342,38 +354,57 @@ impl Agent {
         self.checked = Some(now);
     }
 
-    /// The hang check of its container `id` found `check` at `now`.
-    pub fn confirm(&mut self, id: &str, now: Instant, check: Check) -> Confirmed {
+    /// The hang check of its container `id` found `check` at `now`, with `t.retries`: a
+    /// failed check confirms the hang; so do `retries` checks in a row that could not run (the
+    /// exec failed or timed out) while the agent stayed silent, since Docker's own probe, an
+    /// exec too, may be minutes away at an `auto` interval. A live status or a check that ran
+    /// starts the count again.
+    pub fn confirm(&mut self, id: &str, now: Instant, check: Check, t: Timing) -> Confirmed {
         match check {
             Check::Failed(line) => {
-                let last = [self.live, self.container.as_ref().map(|(_, at)| *at)]
-                    .into_iter()
-                    .flatten()
-                    .max();
-                let silent = last.map_or_else(
-                    || "never heard".to_owned(),
-                    |t| {
-                        format!(
-                            "no heartbeat for {} s",
-                            now.saturating_duration_since(t).as_secs()
-                        )
-                    },
-                );
-                let why = format!("{silent}: {line}");
-                self.hung = Some((id.to_owned(), why.clone()));
-                Confirmed::Hung(why)
+                self.unknowns = 0;
+                self.confirmed(id, now, &line)
             }
             Check::Alive => {
+                self.unknowns = 0;
                 self.checked = Some(now);
                 let first = !self.warned;
                 self.warned = true;
                 Confirmed::Alive { first }
             }
             Check::Unknown => {
+                self.unknowns += 1;
+                if self.unknowns >= t.retries {
+                    let line = format!(
+                        "the hang check could not run {} times in a row (docker exec failed or timed out)",
+                        self.unknowns
+                    );
+                    return self.confirmed(id, now, &line);
+                }
                 self.checked = Some(now);
                 Confirmed::Unknown
             }
         }
+    }
+
+    /// Its hang in container `id` is confirmed at `now`, for `line`.
+    fn confirmed(&mut self, id: &str, now: Instant, line: &str) -> Confirmed {
+        let last = [self.live, self.container.as_ref().map(|(_, at)| *at)]
+            .into_iter()
+            .flatten()
+            .max();
+        let silent = last.map_or_else(
+            || "never heard".to_owned(),
+            |t| {
+                format!(
+                    "no heartbeat for {} s",
+                    now.saturating_duration_since(t).as_secs()
+                )
+            },
+        );
+        let why = format!("{silent}: {line}");
+        self.hung = Some((id.to_owned(), why.clone()));
+        Confirmed::Hung(why)
     }
 }
 

@@ -7,6 +7,7 @@ const T: Timing = Timing {
     heartbeat: Duration::from_secs(5),
     max_age: Duration::from_secs(30),
     start_period: Duration::from_secs(10),
+    retries: 3,
 };
 
 fn sut(s: &str) -> SutName {
@@ -134,7 +135,7 @@ fn a_confirmed_hang_is_unhealthy_until_heard_or_restarted() {
     let link = Some(t0);
     let mut a = agent(t0, Some(60 * S));
     let now = t0 + 94 * S;
-    let hung = a.confirm("c", now, Check::Failed("heartbeat is 34.0s old".into()));
+    let hung = a.confirm("c", now, Check::Failed("heartbeat is 34.0s old".into()), T);
     let why = "no heartbeat for 34 s: heartbeat is 34.0s old".to_owned();
     assert_eq!(hung, Confirmed::Hung(why.clone()));
     assert_eq!(a.verdict("c", now, link, T), Verdict::Unhealthy(why));
@@ -157,25 +158,58 @@ fn an_agent_alive_but_silent_is_asked_again_after_max_age_and_said_once() {
     let link = Some(t0);
     let mut a = agent(t0, Some(60 * S));
     assert_eq!(
-        a.confirm("c", t0 + 90 * S, Check::Alive),
+        a.confirm("c", t0 + 90 * S, Check::Alive, T),
         Confirmed::Alive { first: true }
     );
     assert_eq!(a.verdict("c", t0 + 119 * S, link, T), Verdict::Fine);
     assert_eq!(a.verdict("c", t0 + 120 * S, link, T), Verdict::Suspect);
     assert_eq!(
-        a.confirm("c", t0 + 120 * S, Check::Alive),
+        a.confirm("c", t0 + 120 * S, Check::Alive, T),
         Confirmed::Alive { first: false }
     );
     assert_eq!(
-        a.confirm("c", t0 + 150 * S, Check::Unknown),
+        a.confirm("c", t0 + 150 * S, Check::Unknown, T),
         Confirmed::Unknown
     );
     assert_eq!(a.suspect_at(link, T), Some(t0 + 180 * S));
     a.heard(t0 + 151 * S, AgentState::Busy, None);
     assert_eq!(
-        a.confirm("c", t0 + 190 * S, Check::Alive),
+        a.confirm("c", t0 + 190 * S, Check::Alive, T),
         Confirmed::Alive { first: true }
     );
+}
+
+#[test]
+fn a_silent_agent_that_cannot_be_checked_retries_times_is_hung() {
+    let t0 = Instant::now();
+    let link = Some(t0);
+    let mut a = agent(t0, Some(60 * S));
+    let unknown = |a: &mut Agent, at| a.confirm("c", t0 + at * S, Check::Unknown, T);
+    assert_eq!(unknown(&mut a, 90), Confirmed::Unknown);
+    assert_eq!(a.suspect_at(link, T), Some(t0 + 120 * S), "asked again");
+    assert_eq!(unknown(&mut a, 120), Confirmed::Unknown);
+    // A live status starts the count again.
+    let mut heard = a.clone();
+    heard.heard(t0 + 130 * S, AgentState::Idle, None);
+    assert_eq!(unknown(&mut heard, 160), Confirmed::Unknown);
+    assert_eq!(unknown(&mut heard, 190), Confirmed::Unknown);
+    // So does a check that ran.
+    let mut alive = a.clone();
+    alive.confirm("c", t0 + 150 * S, Check::Alive, T);
+    assert_eq!(unknown(&mut alive, 180), Confirmed::Unknown);
+    assert_eq!(unknown(&mut alive, 210), Confirmed::Unknown);
+    // The third in a row: hung.
+    let why = "no heartbeat for 90 s: the hang check could not run 3 times in a row \
+               (docker exec failed or timed out)"
+        .to_owned();
+    assert_eq!(unknown(&mut a, 150), Confirmed::Hung(why.clone()));
+    assert_eq!(
+        a.verdict("c", t0 + 150 * S, link, T),
+        Verdict::Unhealthy(why)
+    );
+    // A restart starts the count again.
+    a.started("c", t0 + 151 * S);
+    assert_eq!(unknown(&mut a, 200), Confirmed::Unknown);
 }
 
 #[test]
