@@ -747,6 +747,44 @@ async fn a_failed_restart_after_the_stop_starts_the_container_again() {
     sup.stop().await;
 }
 
+/// A healing restart whose start fails after the stop (`docker restart` leaves the container
+/// exited, with the wanted hash) does not pass for a person's stop: the loop starts the
+/// container again, with backoff, until it runs.
+#[tokio::test(start_paused = true)]
+async fn a_failed_healing_restart_starts_the_container_again() {
+    let sup = Sup::start(&[("a.toml", SUT)]);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    settle().await;
+    sup.rt.fail_start(&id, true);
+    unhealthy_restart(&sup, &id, 1).await;
+    until("a start tried", || {
+        sup.count(&FakeCall::Start(id.clone())) >= 1
+    })
+    .await;
+    until("a start retried", || {
+        sup.count(&FakeCall::Start(id.clone())) >= 2
+    })
+    .await;
+    let view = sup.view("a").unwrap();
+    assert!(view.stopped_by_person.is_none(), "{view:?}");
+    sup.rt.fail_start(&id, false);
+    until("running again", || {
+        sup.rt
+            .containers()
+            .iter()
+            .any(|c| c.id == id && c.state == RunState::Running)
+    })
+    .await;
+    settle().await;
+    assert_eq!(
+        sup.count(&FakeCall::Create("p-a".into())),
+        1,
+        "started, not recreated"
+    );
+    sup.stop().await;
+}
+
 /// A rolling restart of two SUTs whose devices both work on their own: the turn goes back and
 /// forth between the two deferred recreations, and each SUT drained stays drained (no lift
 /// while it is still to be restarted); each one's busy wait runs from its first deferral, so

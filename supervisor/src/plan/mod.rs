@@ -296,9 +296,10 @@ pub fn primary<'a>(
 /// `docker start` clears). A crash or an OOM kill is restarted by Docker (`restarting` during
 /// its backoff, then `running`); a daemon restart stops the containers without that flag and
 /// brings them back; a container created but never started (`created`) is recreated and
-/// started by the supervisor. The supervisor itself only stops a container to remove it; when
-/// a rolling restart's recreation fails after that stop, it starts the container again (and
-/// the loop remembers it, [`policy::SutState::stopped_itself`], in case that fails too).
+/// started by the supervisor. The supervisor itself only stops a container to remove or
+/// restart it; when a rolling restart's recreation fails after that stop, it starts the
+/// container again, and the loop remembers it ([`policy::SutState::stopped_itself`]) in case
+/// that fails too, or when a healing restart (`docker restart`) fails after its stop.
 pub fn stopped_by_person(a: &Actual, want: Option<&Desired>) -> bool {
     a.owned
         && a.state == RunState::Exited

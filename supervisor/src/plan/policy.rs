@@ -292,8 +292,8 @@ pub struct SutState {
     /// The container whose agent was asked once, on first sight, whether its device process is
     /// drained (a drain left by an earlier run of the supervisor is lifted unless needed).
     pub drain_checked: Option<String>,
-    /// The container this supervisor stopped for a rolling restart's recreation that then
-    /// failed: exited with the wanted hash, it is started again rather than taken for a
+    /// The container this supervisor stopped for a rolling restart's recreation, or a healing
+    /// restart, that then failed: exited with the wanted hash, it is started again rather than taken for a
     /// person's stop. Forgotten once it is not exited (or gone).
     pub stopped_itself: Option<String>,
     /// Healing.

@@ -353,6 +353,17 @@ impl ContainerRuntime for FakeRuntime {
     }
 
     async fn restart(&self, id: &str, _timeout: Duration) -> Result<(), RuntimeError> {
+        if self.with(|s| s.fail_start.iter().any(|f| f == id)) {
+            // As `docker restart` whose start fails: the container is left stopped.
+            self.act(id, FakeCall::Restart, |c| {
+                c.state = RunState::Exited;
+                c.health = Health::None;
+            })?;
+            return Err(RuntimeError::Api {
+                status: 500,
+                message: format!("fake failure restarting {id}"),
+            });
+        }
         self.act(id, FakeCall::Restart, |c| {
             c.state = RunState::Running;
             c.health = Health::Starting;

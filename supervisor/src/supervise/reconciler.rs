@@ -448,11 +448,15 @@ impl<R: ContainerRuntime> Reconciler<R> {
                 }
             }
             Some(delay) => {
+                // A rolling restart's recreation or a healing restart that failed may have
+                // stopped the container: exited with the wanted hash, it would pass for a
+                // person's stop and stay down (the pass forgets this unless it is exited).
                 if let Action::Recreate {
                     id,
                     reason: RecreateReason::Requested,
                     ..
-                } = &done.action
+                }
+                | Action::Restart { id, .. } = &done.action
                 {
                     st.stopped_itself = Some(id.clone());
                 }
