@@ -51,7 +51,9 @@ pub struct SutView {
     pub health_reason: Option<String>,
     /// Restarts made by the supervisor (healing).
     pub restarts: u64,
-    /// Whether the supervisor gave up restarting for now (restarting too often).
+    /// Whether the SUT is in a crash loop: its container was restarted `restart.crash_loop_after`
+    /// times in a row without a healthy minute. The supervisor keeps restarting it, with backoff
+    /// up to `restart.backoff_max` apart; a healthy minute clears the flag.
     #[serde(default)]
     pub crash_loop: bool,
     /// An action waiting (for example a recreation deferred while a job runs).

@@ -125,6 +125,11 @@ impl Retained {
     }
 }
 
+/// A row's detail for a SUT in a crash loop (`SutView::crash_loop`): the healing gate keeps
+/// restarting it, only further apart.
+const CRASH_LOOP: &str =
+    "restarting too often: the supervisor keeps restarting it with backoff, up to restart.backoff_max apart";
+
 /// The row of `sut`; `expect_agent`: its agent publishes a status (false with `--agent-broker
 /// none`), so none retained is a problem.
 fn row(
@@ -149,8 +154,7 @@ fn row(
             detail.push(stopped_by_person(stop.at_ms));
         }
         if v.crash_loop {
-            detail
-                .push("restarting too often: the supervisor stopped restarting it for now".into());
+            detail.push(CRASH_LOOP.into());
         }
         detail.extend(v.config_problems.iter().cloned());
         detail.extend(v.pending_action.iter().map(|p| format!("pending: {p}")));
@@ -432,6 +436,22 @@ mod tests {
         let rows = r.rows();
         assert_eq!(rows[0].problems, []);
         assert_eq!(rows[0].group, Group::Healthy);
+    }
+
+    #[test]
+    fn a_crash_loop_says_the_restarts_go_on_with_backoff() {
+        let sut = SutName::new("s").unwrap();
+        let v: SutView = serde_json::from_value(serde_json::json!({
+            "sut": "s", "supervisor": "lab", "container_id": "c",
+            "health": "unhealthy", "restarts": 9, "time_ms": 1, "crash_loop": true,
+        }))
+        .unwrap();
+        let detail = row(&sut, None, Some(&v), true).detail.unwrap();
+        assert!(
+            detail.contains("keeps restarting it with backoff, up to restart.backoff_max apart"),
+            "{detail}"
+        );
+        assert!(!detail.contains("stopped restarting"), "{detail}");
     }
 
     #[test]
