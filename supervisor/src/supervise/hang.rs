@@ -5,10 +5,11 @@
 //! agent's own unhealthy word) as `Health::Unhealthy`.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use labvisor_mqtt::LinkState;
 use labvisor_protocol::config::Scan;
-use labvisor_protocol::payloads::{AgentStatus, Health};
+use labvisor_protocol::payloads::{now_ms, AgentStatus, Health};
 use labvisor_protocol::SutName;
 use tokio::time::Instant;
 use tracing::{debug, info_span, warn};
@@ -50,7 +51,11 @@ impl<R: ContainerRuntime> Reconciler<R> {
         let changed = self
             .hang
             .heard(sut, now, status.state, status.detail.as_deref());
-        let turned = self.hang.agent(sut).heard_healthy(now, status.is_healthy());
+        let age = Duration::from_millis(now_ms().saturating_sub(status.time_ms));
+        let turned = self
+            .hang
+            .agent(sut)
+            .heard_healthy(now, age, status.is_healthy());
         if changed || turned {
             self.timers.pass_in(now, EVENT_DELAY);
         }

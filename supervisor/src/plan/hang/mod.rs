@@ -213,8 +213,8 @@ pub struct Agent {
     hung: Option<(String, String)>,
     /// It was found alive but silent, and that was said.
     warned: bool,
-    /// When its latest live status said it was healthy by the one rule (a healthy state and
-    /// no failing exec probe).
+    /// When its latest live status, which said it was healthy by the one rule (a healthy
+    /// state and no failing exec probe), was sent (by its own `time_ms`).
     healthy: Option<Instant>,
     /// The container a pass saw paused: running again, it counts as started then.
     paused: Option<String>,
@@ -254,18 +254,22 @@ impl Agent {
         before != (self.hung.is_some(), self.says_unhealthy.is_some())
     }
 
-    /// Its latest live status, heard at `now` just before, says whether it is `healthy` (the
-    /// one rule: [`labvisor_protocol::payloads::AgentStatus::is_healthy`]). Returns whether it
-    /// turned healthy (the first time since its container started, or after an unhealthy word).
-    pub fn heard_healthy(&mut self, now: Instant, healthy: bool) -> bool {
-        let turned = healthy && self.healthy.is_none();
-        self.healthy = healthy.then_some(now);
+    /// Its latest live status, heard at `now` just before and sent `age` earlier (its own
+    /// `time_ms`, read on the host's clock: the agent runs on the same kernel), says whether it
+    /// is `healthy` (the one rule: [`labvisor_protocol::payloads::AgentStatus::is_healthy`]).
+    /// Returns whether it turned healthy (the first time since its container started, or after
+    /// an unhealthy word). When it was sent, not heard, is what counts: a late status of the
+    /// previous run, heard after the container's start, was sent before it.
+    pub fn heard_healthy(&mut self, now: Instant, age: Duration, healthy: bool) -> bool {
+        let sent = now.checked_sub(age).filter(|_| healthy);
+        let turned = sent.is_some() && self.healthy.is_none();
+        self.healthy = sent;
         turned
     }
 
     /// Whether its running container `id` may be shown healthy at `now` while Docker's first
-    /// probe has not run yet (`Health::Starting`): a live status heard since the container's
-    /// start, within `max_age`, said healthy. With a long `auto` interval Docker's first probe
+    /// probe has not run yet (`Health::Starting`): a live status sent since the container's
+    /// start (as far as the supervisor knows it), within `max_age`, said healthy. With a long `auto` interval Docker's first probe
     /// comes minutes after the start; the agent's word is as good (the healthcheck reads the
     /// same status), and a rolling restart waits for it.
     pub fn vouches(&self, id: &str, now: Instant, t: Timing) -> bool {

@@ -326,19 +326,49 @@ fn a_healthy_word_since_the_start_vouches_for_a_starting_container() {
     let mut a = agent(t0, None);
     assert!(!a.vouches("c", t0, T), "nothing heard yet");
     a.heard(t0 + 2 * S, AgentState::Idle, None);
-    assert!(a.heard_healthy(t0 + 2 * S, true), "turned healthy");
-    assert!(!a.heard_healthy(t0 + 7 * S, true), "already healthy");
+    assert!(
+        a.heard_healthy(t0 + 2 * S, Duration::ZERO, true),
+        "turned healthy"
+    );
+    assert!(
+        !a.heard_healthy(t0 + 7 * S, Duration::ZERO, true),
+        "already healthy"
+    );
     assert!(a.vouches("c", t0 + 8 * S, T));
     assert!(!a.vouches("other", t0 + 8 * S, T), "another container");
     assert!(!a.vouches("c", t0 + 38 * S, T), "older than max_age");
     // A failing probe (or an unhealthy state) withdraws it.
-    assert!(!a.heard_healthy(t0 + 9 * S, false));
+    assert!(!a.heard_healthy(t0 + 9 * S, Duration::ZERO, false));
     assert!(!a.vouches("c", t0 + 9 * S, T));
-    assert!(a.heard_healthy(t0 + 10 * S, true), "healthy again");
+    assert!(
+        a.heard_healthy(t0 + 10 * S, Duration::ZERO, true),
+        "healthy again"
+    );
     // A restart: only a word heard since counts.
     a.started("c", t0 + 11 * S);
     assert!(!a.vouches("c", t0 + 12 * S, T));
     a.heard(t0 + 13 * S, AgentState::CrashLoop, Some("exit 1"));
-    a.heard_healthy(t0 + 13 * S, false);
+    a.heard_healthy(t0 + 13 * S, Duration::ZERO, false);
     assert!(!a.vouches("c", t0 + 13 * S, T), "crash-loop");
+}
+
+#[test]
+fn a_late_word_of_the_previous_run_does_not_vouch_for_the_new_one() {
+    let t0 = Instant::now();
+    let mut a = agent(t0, None);
+    a.heard(t0 + 2 * S, AgentState::Idle, None);
+    a.heard_healthy(t0 + 2 * S, Duration::ZERO, true);
+    a.started("c", t0 + 10 * S);
+    // The old run's status, sent at 9 s, heard after the start.
+    a.heard(t0 + 11 * S, AgentState::Idle, None);
+    assert!(a.heard_healthy(t0 + 11 * S, 2 * S, true));
+    assert!(!a.vouches("c", t0 + 11 * S, T), "the old run's word");
+    // The new run's, sent since the start.
+    a.heard(t0 + 12 * S, AgentState::Idle, None);
+    assert!(!a.heard_healthy(t0 + 12 * S, S, true), "still healthy");
+    assert!(a.vouches("c", t0 + 12 * S, T));
+    // max_age counts from when it was sent.
+    a.heard_healthy(t0 + 13 * S, 3 * S, true);
+    assert!(a.vouches("c", t0 + 40 * S, T));
+    assert!(!a.vouches("c", t0 + 41 * S, T), "sent 31 s ago");
 }
