@@ -334,12 +334,30 @@ def python_baseline(ctx: Ctx, broker: LabBroker, k: int) -> dict:
                     seen.add(name)
             return len(seen) == len(names)
 
-        wait_for("the Python baselines connected", 120, connected, every=1.0)
+        try:
+            wait_for("the Python baselines connected", 120, connected, every=1.0)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}: {len(names) - len(seen)} of {len(names)} not connected; "
+                               + py_diagnosis(sorted(set(names) - seen)[:2])) from None
         time.sleep(10.0)
         procs = sut_procs(names)
         return {"mem": memory(procs), "count": len(procs), "argv": argv0("$NAME", "pNNN")}
     finally:
         docker_purge(t.label)
+
+
+def py_diagnosis(names: list[str]) -> str:
+    """What a Python baseline container that did not connect shows: its state, heartbeat and
+    last log lines."""
+    out = []
+    for name in names:
+        def run(*argv: str) -> str:
+            r = subprocess.run(argv, capture_output=True, text=True)
+            return (r.stdout + r.stderr).strip().replace("\n", " | ")[-400:]
+        out.append(f"{name}: state {run('docker', 'inspect', '-f', '{{.State.Status}} exit {{.State.ExitCode}}', name)}; "
+                   f"heartbeat {run('docker', 'exec', name, 'cat', '/labvisor/run/heartbeat')}; "
+                   f"logs {run('docker', 'logs', '--tail', '5', name)}")
+    return "; ".join(out)
 
 
 def py_argv(ctx: Ctx, labels: list[str], net: str, paho_dir: Path,

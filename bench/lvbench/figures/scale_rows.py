@@ -26,8 +26,8 @@ def rows(ctx: Ctx, m: dict, err: dict[str, str], lab) -> list[Row]:
          lambda: idle_row(ctx, m, at)),
         (f"hung agent (SIGSTOP) at {at}, until the supervisor acts", ("hang",),
          lambda: hang_row(m, at)),
-        (f"memory per idle SUT at {at} (shim, docker-init, agent)", ("mem", "py"),
-         lambda: memory_row(m, at)),
+        (f"memory per idle SUT at {at} (shim, docker-init, agent)", ("mem",),
+         lambda: memory_row(m, at, err.get("py"))),
         (f"`labvisor status` at {at}", ("status",), lambda: status_row(m, at, n)),
         (f"hot add with {at} running (p50; p90)", ("hot",), lambda: hot_row(m, at)),
         (f"broker CPU at {at} idle agents", ("idle",), lambda: broker_row(m, at)),
@@ -202,8 +202,16 @@ def mib(d: dict) -> str:
             f"{d['Rss'] / 1024:.2f})")
 
 
-def memory_row(m: dict, at: str) -> Row:
-    lab, py = m["mem"], m["py"]
+def memory_row(m: dict, at: str, py_error: str | None) -> Row:
+    lab = m["mem"]
+    if "py" not in m:
+        return Row(
+            key=KEY, figure=f"memory per idle SUT at {at} (shim, docker-init, agent)",
+            value=mib(lab["all"]), baseline=f"Python: not measured ({py_error})", ratio="-",
+            target="measured and reported, beside the Python baseline", verdict="-",
+            notes=["labvisor per kind, per SUT: " + "; ".join(
+                f"{k}: {mib(lab[k])}" for k in ("shim", "init", "inside")), driver_note(m)])
+    py = m["py"]
     ratio = lab["all"]["Pss"] / py["mem"]["all"]["Pss"]
     return Row(
         key=KEY, figure=f"memory per idle SUT at {at} (shim, docker-init, agent)",

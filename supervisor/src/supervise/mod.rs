@@ -156,7 +156,12 @@ const EVENT_DELAY: Duration = Duration::from_millis(50);
 /// While actions run, passes (each a directory scan and a container list) come at most this
 /// often. A cold start of 50 SUTs would otherwise make one pass per finished action and per
 /// start event, each listing every container on an engine that is busy creating them.
+/// It grows with the lab by [`BUSY_PASS_PER_CONTAINER`] for each container listed (5 s at 500):
+/// the plan's actions are all queued at the first pass, so later passes only report progress,
+/// and each one costs the engine a list of every container while it creates them.
 const BUSY_PASS_INTERVAL: Duration = Duration::from_secs(1);
+/// See [`BUSY_PASS_INTERVAL`].
+const BUSY_PASS_PER_CONTAINER: Duration = Duration::from_millis(10);
 /// Longest delay between retries of an unreachable engine (passes and the event stream).
 const DOCKER_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Longest wait for an agent's answer to "do you run a job?" (an exec in its container).

@@ -146,6 +146,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
     async fn list(&mut self, now: Instant) -> Option<Vec<ContainerInfo>> {
         match self.runtime.list().await {
             Ok(list) => {
+                self.timers.lab_size(list.len());
                 if !self.docker.reachable {
                     info!("Docker is reachable again.");
                     // Its containers may have restarted unseen (a daemon restart).

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{BUSY_PASS_INTERVAL, DEBOUNCE};
+use super::{BUSY_PASS_INTERVAL, BUSY_PASS_PER_CONTAINER, DEBOUNCE};
 
 /// When each kind of wake-up is due.
 #[derive(Debug)]
@@ -21,6 +21,8 @@ pub(super) struct Timers {
     resync: Instant,
     /// When the last pass ran.
     last_pass: Option<Instant>,
+    /// Passes while actions run come at most this often (see [`Timers::lab_size`]).
+    busy_interval: Duration,
 }
 
 impl Timers {
@@ -32,7 +34,16 @@ impl Timers {
             wake: None,
             resync: now + resync,
             last_pass: None,
+            busy_interval: BUSY_PASS_INTERVAL,
         }
+    }
+
+    /// The last pass listed `containers`: passes while actions run are spaced by
+    /// [`BUSY_PASS_INTERVAL`], or [`BUSY_PASS_PER_CONTAINER`] each if that is longer.
+    pub(super) fn lab_size(&mut self, containers: usize) {
+        let per =
+            BUSY_PASS_PER_CONTAINER.saturating_mul(u32::try_from(containers).unwrap_or(u32::MAX));
+        self.busy_interval = per.max(BUSY_PASS_INTERVAL);
     }
 
     /// A file changed: the pass waits for [`DEBOUNCE`] of quiet.
@@ -66,7 +77,7 @@ impl Timers {
     }
 
     /// Fires the timers due at `now`; returns whether a pass runs now. While actions run
-    /// (`busy`), passes come at most every [`BUSY_PASS_INTERVAL`].
+    /// (`busy`), passes come at most every busy interval ([`Timers::lab_size`]).
     pub(super) fn fire(&mut self, now: Instant, resync: Duration, busy: bool) -> bool {
         if self.files.is_some_and(|d| d <= now) {
             self.files = None;
@@ -83,7 +94,7 @@ impl Timers {
         if self.pass.is_none_or(|d| d > now) {
             return false;
         }
-        match self.last_pass.map(|l| l + BUSY_PASS_INTERVAL) {
+        match self.last_pass.map(|l| l + self.busy_interval) {
             Some(next) if busy && now < next => {
                 self.pass = Some(next);
                 false
@@ -131,6 +142,29 @@ mod tests {
         t.pass_now(t0 + BUSY_PASS_INTERVAL + MS);
         assert!(
             t.fire(t0 + BUSY_PASS_INTERVAL + MS, RESYNC, false),
+            "idle: at once"
+        );
+    }
+
+    #[test]
+    fn a_large_lab_spaces_its_busy_passes_more() {
+        let t0 = Instant::now();
+        let mut t = Timers::new(t0, RESYNC);
+        t.lab_size(50);
+        assert!(t.fire(t0, RESYNC, true));
+        t.pass_now(t0 + MS);
+        assert!(!t.fire(t0 + MS, RESYNC, true));
+        assert_eq!(t.deadline(None), t0 + BUSY_PASS_INTERVAL, "at least 1 s");
+        t.lab_size(500);
+        assert!(!t.fire(t0 + BUSY_PASS_INTERVAL, RESYNC, true));
+        assert_eq!(
+            t.deadline(None),
+            t0 + Duration::from_secs(5),
+            "10 ms per container"
+        );
+        t.pass_now(t0 + BUSY_PASS_INTERVAL);
+        assert!(
+            t.fire(t0 + BUSY_PASS_INTERVAL, RESYNC, false),
             "idle: at once"
         );
     }
