@@ -198,6 +198,8 @@ mod tests {
 
     fn container(id: &str, name: &str, labels: &[(&str, &str)]) -> ContainerInfo {
         ContainerInfo {
+            node: None,
+            down: None,
             id: id.into(),
             name: name.into(),
             labels: labels

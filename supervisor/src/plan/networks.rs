@@ -167,6 +167,8 @@ mod tests {
     /// A container of SUT `s` on network `net`, this supervisor's (`fake`) or another's.
     fn on(s: &str, net: &str, supervisor: &str) -> ContainerInfo {
         ContainerInfo {
+            node: None,
+            down: None,
             id: format!("id-{s}-{supervisor}"),
             name: format!("p-{s}"),
             labels: [

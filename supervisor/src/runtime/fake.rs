@@ -254,6 +254,8 @@ impl ContainerRuntime for FakeRuntime {
             s.next_id += 1;
             let id = format!("fake{:04}", s.next_id);
             s.containers.push(ContainerInfo {
+                node: None,
+                down: None,
                 id: id.clone(),
                 name: spec.name.clone(),
                 labels: spec

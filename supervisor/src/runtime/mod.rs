@@ -99,6 +99,12 @@ pub struct ContainerInfo {
     /// Its network mode (`HostConfig.NetworkMode`: a network's name, `host`, `default`…): which
     /// of labvisor's agent networks it is on ([`crate::plan::networks`]).
     pub network: Option<String>,
+    /// The host it runs on, when the runtime spans several (Swarm: the node's hostname);
+    /// `None` on the local engine.
+    pub node: Option<String>,
+    /// Why it is down although it should run, when the runtime can say (Swarm: `node rack3 is
+    /// down`, `no suitable node: …`); `None` otherwise.
+    pub down: Option<String>,
 }
 
 /// A container event worth a resync (die, start, health change, destroy).
@@ -194,4 +200,29 @@ pub trait ContainerRuntime: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), RuntimeError>> + Send;
     /// Container events of this supervisor's containers.
     fn events(&self) -> EventStream;
+    /// Whether the runtime replaces unhealthy containers itself (Swarm does, from the same
+    /// HEALTHCHECK): the supervisor's own healing and hang detection then step back.
+    fn heals_itself(&self) -> bool {
+        false
+    }
+    /// Whether [`ContainerRuntime::update`] replaces a container in place; when not, a
+    /// recreation stops and removes the old container and creates a new one.
+    fn updates_in_place(&self) -> bool {
+        false
+    }
+    /// Replaces the container `id` by one made from `spec` in place (Swarm: a service update),
+    /// returning the id that now stands for it. Only called when
+    /// [`ContainerRuntime::updates_in_place`] says so.
+    fn update(
+        &self,
+        id: &str,
+        spec: &ContainerSpec,
+    ) -> impl Future<Output = Result<String, RuntimeError>> + Send {
+        let _ = (id, spec);
+        async {
+            Err(RuntimeError::Unreachable(
+                "this runtime does not update in place".into(),
+            ))
+        }
+    }
 }

@@ -40,6 +40,8 @@ impl ContainerRuntime for DockerRuntime {
             .into_iter()
             .filter_map(|c| {
                 Some(ContainerInfo {
+                    node: None,
+                    down: None,
                     id: c.id?,
                     name: c
                         .names
