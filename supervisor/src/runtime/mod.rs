@@ -2,6 +2,8 @@
 //! behind [`ContainerRuntime`], and the types they exchange.
 //!
 //! - [`docker`]: the implementation on the local Docker Engine (bollard).
+//! - [`swarm`]: the implementation on a Docker Swarm manager: one service per SUT, on the
+//!   nodes its placement allows.
 //! - [`image`]: making sure of a SUT's image before create, on any runtime, with the progress
 //!   streamed to the log and `<sut>/build`.
 //! - `fake` (only under `cfg(test)` or the `fake-runtime` feature): an in-memory engine that
@@ -22,8 +24,10 @@ pub mod docker;
 #[cfg(any(test, feature = "fake-runtime"))]
 pub mod fake;
 pub mod image;
+pub mod swarm;
 
 pub use docker::DockerRuntime;
+pub use swarm::SwarmRuntime;
 
 /// A failed runtime operation.
 #[derive(Debug, Clone, thiserror::Error)]

@@ -31,6 +31,7 @@ pub fn container_spec(
     let volume = sut_volume(ctx, sut);
     let tools = tools_volume(cfg, ctx);
     let (network_mode, network) = network(cfg, ctx);
+    let uploads = upload(cfg, file_bytes, config_path.clone(), inline);
     let mut host_config = HostConfig {
         init: Some(true),
         restart_policy: Some(RestartPolicy {
@@ -68,7 +69,9 @@ pub fn container_spec(
         legacy_volume: ctx.legacy_volume(sut),
         network,
         tools,
-        archive: upload(cfg, file_bytes, config_path, inline)?,
+        archive: upload_archive(&uploads)?,
+        uploads,
+        placement: Vec::new(),
     })
 }
 
@@ -281,16 +284,24 @@ fn nanos(d: std::time::Duration) -> i64 {
         .max(1_000_000)
 }
 
-/// The archive uploaded before start: the SUT file at `config_path` and its `files`; `None`
-/// when the SUT file is passed `inline`.
+/// The archive of `uploads`; `None` when there is nothing to upload.
+fn upload_archive(uploads: &[(String, u32, Bytes)]) -> Result<Option<Vec<Bytes>>, SpecError> {
+    if uploads.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(archive(uploads)?))
+}
+
+/// The files put into the container before start: the SUT file at `config_path` and its
+/// `files`; none when the SUT file is passed `inline`.
 fn upload(
     cfg: &SutConfig,
     file_bytes: &[u8],
     config_path: String,
     inline: bool,
-) -> Result<Option<Vec<Bytes>>, SpecError> {
+) -> Vec<(String, u32, Bytes)> {
     if inline {
-        return Ok(None);
+        return Vec::new();
     }
     let mut files: Vec<(String, u32, Bytes)> =
         vec![(config_path, 0o644, Bytes::copy_from_slice(file_bytes))];
@@ -301,7 +312,7 @@ fn upload(
             Bytes::copy_from_slice(&f.content),
         )
     }));
-    Ok(Some(archive(&files)?))
+    files
 }
 
 #[cfg(test)]

@@ -141,6 +141,13 @@ pub struct Tools {
     pub hash: String,
     /// The archive for the volume's root: both binaries (0755), then the marker holding `hash`.
     pub archive: Vec<Bytes>,
+    /// The static agent binary.
+    pub agent: Bytes,
+    /// The static healthcheck binary.
+    pub healthcheck: Bytes,
+    /// The static boot binary (`labvisor-boot`), which joins the agent's parts under Swarm
+    /// ([`crate::runtime::swarm`]); `None` under the local runtime, which does not need it.
+    pub boot: Option<Bytes>,
 }
 
 impl Tools {
@@ -157,11 +164,11 @@ impl Tools {
             .map(|b| format!("{b:02x}"))
             .collect();
         let files = [
-            (format!("/{}", bin_name(AGENT_PATH)), 0o755, agent),
+            (format!("/{}", bin_name(AGENT_PATH)), 0o755, agent.clone()),
             (
                 format!("/{}", bin_name(HEALTHCHECK_PATH)),
                 0o755,
-                healthcheck,
+                healthcheck.clone(),
             ),
             (
                 format!("/{TOOLS_MARKER}"),
@@ -170,7 +177,19 @@ impl Tools {
             ),
         ];
         let archive = archive(&files).expect("short fixed paths fit a tar header");
-        Tools { hash, archive }
+        Tools {
+            hash,
+            archive,
+            agent,
+            healthcheck,
+            boot: None,
+        }
+    }
+
+    /// These tools with the boot binary, which the Swarm runtime needs.
+    pub fn with_boot(mut self, boot: Bytes) -> Tools {
+        self.boot = Some(boot);
+        self
     }
 }
 
@@ -381,6 +400,12 @@ pub struct ContainerSpec {
     /// The tar archive uploaded to `/` before start, as chunks: the SUT file and its `files`;
     /// `None` when the SUT file is passed inline and there is nothing to upload.
     pub archive: Option<Vec<Bytes>>,
+    /// The files of [`ContainerSpec::archive`] one by one (absolute path in the container,
+    /// mode, contents): the Swarm runtime delivers each as a Docker config. Empty when inline.
+    pub uploads: Vec<(String, u32, Bytes)>,
+    /// Where the SUT's agent may run, as Swarm placement constraints (`node.hostname==rack3`),
+    /// from its `[placement]` section; the local runtime ignores them.
+    pub placement: Vec<String>,
 }
 
 impl ContainerSpec {
