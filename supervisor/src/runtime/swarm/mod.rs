@@ -26,15 +26,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bollard::models::{ConfigSpec, NetworkCreateRequest, SecretSpec, ServiceSpec};
+use bollard::models::{ConfigSpec, SecretSpec, ServiceSpec};
 use bollard::query_parameters::{
-    EventsOptionsBuilder, InspectServiceOptions, ListConfigsOptionsBuilder,
-    ListNetworksOptionsBuilder, ListNodesOptions, ListSecretsOptionsBuilder, ListServicesOptions,
-    ListTasksOptions, UpdateServiceOptionsBuilder,
+    EventsOptionsBuilder, InspectServiceOptions, ListConfigsOptionsBuilder, ListNodesOptions,
+    ListSecretsOptionsBuilder, ListServicesOptions, ListTasksOptions, UpdateServiceOptionsBuilder,
 };
 use bollard::Docker;
 use futures_util::StreamExt;
-use tokio::sync::{Mutex, RwLock};
+use tokio::sync::RwLock;
 use tracing::{debug, info, warn};
 
 use super::{
@@ -42,8 +41,7 @@ use super::{
     RuntimeError, RuntimeEvent,
 };
 use crate::spec::{
-    ContainerSpec, ImageSpec, Named, Tools, LABEL_MANAGED_BY, LABEL_SUPERVISOR, MANAGED_BY,
-    NETWORK_OPTIONS,
+    ContainerSpec, ImageSpec, Tools, LABEL_MANAGED_BY, LABEL_SUPERVISOR, MANAGED_BY,
 };
 
 pub mod service;
@@ -57,8 +55,6 @@ pub struct SwarmRuntime {
     docker: Docker,
     ctx: SwarmContext,
     bins: Arc<Binaries>,
-    /// Networks made sure of in this process.
-    networks: Arc<Mutex<HashSet<String>>>,
     /// Creations and updates hold it shared while their configs must stay; the removal of
     /// unused configs holds it alone, so it never removes one a service is about to mount.
     objects: Arc<RwLock<()>>,
@@ -112,7 +108,6 @@ impl SwarmRuntime {
                 stop_grace,
             },
             bins: Arc::new(bins),
-            networks: Arc::default(),
             objects: Arc::default(),
         })
     }
@@ -124,47 +119,6 @@ impl SwarmRuntime {
         ];
         labels.extend(extra.iter().map(|e| (*e).to_owned()));
         HashMap::from([("label".to_owned(), labels)])
-    }
-
-    /// Makes sure of labvisor's own network as a swarm-scoped bridge: each node makes its own
-    /// bridge with traffic between containers off, the same isolation as the local runtime's.
-    async fn ensure_network(&self, net: &Named) -> Result<(), RuntimeError> {
-        let mut known = self.networks.lock().await;
-        if known.contains(&net.name) {
-            return Ok(());
-        }
-        let filters = HashMap::from([("name".to_owned(), vec![net.name.clone()])]);
-        let list = self
-            .docker
-            .list_networks(Some(
-                ListNetworksOptionsBuilder::default()
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await?;
-        if !list
-            .iter()
-            .any(|n| n.name.as_deref() == Some(net.name.as_str()))
-        {
-            debug!(network = %net.name, "Creating the swarm-scoped bridge network.");
-            self.docker
-                .create_network(NetworkCreateRequest {
-                    name: net.name.clone(),
-                    driver: Some("bridge".into()),
-                    scope: Some("swarm".into()),
-                    labels: Some(net.labels.clone()),
-                    options: Some(
-                        NETWORK_OPTIONS
-                            .iter()
-                            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                            .collect(),
-                    ),
-                    ..Default::default()
-                })
-                .await?;
-        }
-        known.insert(net.name.clone());
-        Ok(())
     }
 
     /// The ids of `configs` by name, made when missing (a config of that name holds exactly
@@ -264,9 +218,6 @@ impl SwarmRuntime {
             status: 400,
             message: e.to_string(),
         })?;
-        if let Some(net) = &d.network {
-            self.ensure_network(net).await?;
-        }
         let ids = self.ensure_configs(&d.configs).await?;
         let secret_id = match &d.secret {
             Some(s) => Some(self.ensure_secret(s).await?),

@@ -96,8 +96,10 @@ pub fn service_info(
         .or_else(|| mine.first())
         .copied();
     let state_of = |t: &Task| t.status.as_ref().and_then(|s| s.state);
+    // The node it runs on, or last ran on: a task waiting for a node has none yet.
     let node = current
         .and_then(|t| t.node_id.as_ref())
+        .or_else(|| mine.iter().find_map(|t| t.node_id.as_ref()))
         .and_then(|n| nodes.get(n));
     let (state, health) = if replicas == 0 {
         (RunState::Exited, Health::None)
@@ -146,15 +148,21 @@ pub fn service_info(
 /// Why the service's current task does not run: its node is down, or the task's own error
 /// (`no suitable node (…)`), or its state while Swarm is still at it.
 fn down_reason(task: Option<&Task>, node: Option<&NodeView>) -> Option<String> {
-    if let Some(n) = node.filter(|n| !n.ready) {
-        return Some(format!("node {} is {}", n.hostname, n.why));
-    }
-    let status = task?.status.as_ref()?;
-    let err = status.err.clone().filter(|e| !e.is_empty());
-    match (status.state, err) {
-        (_, Some(e)) => Some(e),
-        (Some(TaskState::PENDING), None) => status.message.clone().filter(|m| !m.is_empty()),
-        _ => None,
+    let node_down = node
+        .filter(|n| !n.ready)
+        .map(|n| format!("node {} is {}", n.hostname, n.why));
+    let status = task.and_then(|t| t.status.as_ref());
+    let task_says = status.and_then(|s| {
+        let err = s.err.clone().filter(|e| !e.is_empty());
+        match (s.state, err) {
+            (_, Some(e)) => Some(e),
+            (Some(TaskState::PENDING), None) => s.message.clone().filter(|m| !m.is_empty()),
+            _ => None,
+        }
+    });
+    match (node_down, task_says) {
+        (Some(n), Some(t)) => Some(format!("{n}; {t}")),
+        (n, t) => n.or(t),
     }
 }
 
@@ -280,6 +288,21 @@ mod tests {
         assert_eq!(
             i.down.as_deref(),
             Some("node rack3 is down: heartbeat failure")
+        );
+    }
+
+    #[test]
+    fn a_sut_pinned_to_a_lost_node_says_which_node_and_what_swarm_says() {
+        let n = [node("n3", "rack3", NodeState::DOWN)];
+        let err = "no suitable node (scheduling constraints not satisfied on 2 nodes; 1 node not available for new tasks)";
+        let stale = task(5, "n3", TaskState::RUNNING, TaskState::SHUTDOWN, "");
+        let waiting = task(6, "", TaskState::PENDING, TaskState::RUNNING, err);
+        let i = info(&service(1), &[stale, waiting], &n);
+        assert_eq!(i.state, RunState::Restarting);
+        assert_eq!(i.node.as_deref(), Some("rack3"));
+        assert_eq!(
+            i.down,
+            Some(format!("node rack3 is down: heartbeat failure; {err}"))
         );
     }
 
