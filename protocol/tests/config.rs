@@ -1039,3 +1039,75 @@ fn device_section_is_checked_and_hashed_only_when_set() {
     );
     assert_ne!(drained, globbed);
 }
+
+/// `[placement]`: the host and each constraint are checked (problems at `placement.host` and
+/// `placement.constraints[i]`, with the line), kept in Swarm's form with the host first, and in
+/// the hash only when set.
+#[test]
+fn placement_is_checked_normalised_and_hashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "image = \"x\"\n";
+    let text = format!(
+        "{base}[placement]\nhost = \"rack3-agent-host\"\nconstraints = [\"node.labels.rack == 3\", \"node.role != manager\"]\n"
+    );
+    let cfg = load_str("dev.toml", &text, dir.path(), &Allow::default())
+        .unwrap_or_else(|p| panic!("{}", render(&p)));
+    assert_eq!(cfg.placement.host(), Some("rack3-agent-host"));
+    assert_eq!(
+        cfg.placement.swarm_constraints(),
+        [
+            "node.hostname==rack3-agent-host",
+            "node.labels.rack==3",
+            "node.role!=manager"
+        ]
+    );
+
+    let plain = hash_of(dir.path(), base);
+    assert_eq!(hash_of(dir.path(), &format!("{base}[placement]\n")), plain);
+    let placed = hash_of(dir.path(), &text);
+    assert_ne!(placed, plain);
+    let moved = hash_of(dir.path(), &text.replace("rack3", "rack4"));
+    assert_ne!(
+        moved, placed,
+        "moving a SUT to another host changes its hash"
+    );
+    let spaced = hash_of(dir.path(), &text.replace(" == 3", "==3"));
+    assert_eq!(spaced, placed, "the normalised form is hashed");
+
+    let bad = format!(
+        "{base}[placement]\nhost = \"rack_3\"\nconstraints = [\n  \"node.labels.rack == 3\",\n  \"node.lables.rack == 3\",\n  \"node.role == boss\",\n  \"rack = 3\",\n]\n"
+    );
+    let problems = load_str("dev.toml", &bad, dir.path(), &Allow::default()).unwrap_err();
+    let got: Vec<(String, Option<usize>)> =
+        problems.iter().map(|p| (p.key.clone(), p.line)).collect();
+    assert_eq!(
+        got,
+        [
+            ("placement.host".to_owned(), Some(3)),
+            ("placement.constraints[1]".to_owned(), Some(6)),
+            ("placement.constraints[2]".to_owned(), Some(7)),
+            ("placement.constraints[3]".to_owned(), Some(8)),
+        ],
+        "{}",
+        render(&problems)
+    );
+    let shown = problems[1].to_string();
+    assert_eq!(
+        shown,
+        "dev.toml: placement.constraints[1]: \"node.lables.rack == 3\": \"node.lables.rack\" is not a Swarm constraint key; use node.id, node.hostname, node.role, node.platform.os, node.platform.arch, node.labels.<name> or engine.labels.<name>"
+    );
+    assert!(problems[0]
+        .message
+        .contains("\"rack_3\" is not a host name"));
+    assert!(problems[2].message.contains("\"manager\" or \"worker\""));
+    assert!(problems[3].message.contains("is not `<key> == <value>`"));
+
+    let unknown = load_str(
+        "dev.toml",
+        &format!("{base}[placement]\nnode = \"a\"\n"),
+        dir.path(),
+        &Allow::default(),
+    )
+    .unwrap_err();
+    assert_eq!(unknown[0].key, "placement.node", "{}", render(&unknown));
+}

@@ -12,7 +12,8 @@
 //! - [`probe`]: `[probe]`, its URL or its exec command;
 //! - [`build_section`]: the `[build]` section;
 //! - [`device`]: the `[device]` section (the device's own work);
-//! - [`health_check`]: the `[health_check]` section.
+//! - [`health_check`]: the `[health_check]` section;
+//! - [`placement`]: the `[placement]` section (where a SUT runs in a swarm).
 
 mod build_section;
 mod checker;
@@ -21,6 +22,7 @@ mod device;
 mod health_check;
 mod hosts;
 mod paths;
+mod placement;
 mod posture;
 mod probe;
 mod sections;
@@ -34,6 +36,7 @@ use super::raw::RawConfig;
 use super::{Allow, Problem, SutConfig};
 use crate::name::SutName;
 use checker::Checker;
+pub(crate) use hosts::check_host_name;
 
 /// Parses and validates one SUT file. `display` names the file in problems, `stem` is the SUT name.
 pub(crate) fn load(
@@ -164,6 +167,7 @@ fn build(
         };
         health_check::health_check(c, h, &cx)
     });
+    let placement = placement::placement(c, raw.placement.as_ref());
     Some(SutConfig {
         name: name?,
         image,
@@ -188,5 +192,6 @@ fn build(
         build,
         device,
         health_check,
+        placement,
     })
 }
