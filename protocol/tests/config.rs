@@ -5,7 +5,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use labvisor_protocol::config::{
-    is_sut_file, load_file, load_str, scan_dir, Allow, HealthInterval, Network, Problem, SutConfig,
+    is_sut_file, load_file, load_str, scan_dir, Allow, HealthInterval, Network, Problem, Runtime,
+    SutConfig,
 };
 use proptest::prelude::*;
 
@@ -225,6 +226,7 @@ fn allow_flags_permit_what_they_name() {
             network: !allow.network,
             caps: !allow.caps,
             new_privileges: !allow.new_privileges,
+            runtime: Runtime::Docker,
         };
         assert!(load_file(&path, &wrong).is_err(), "{file} with {wrong:?}");
     }
@@ -1110,4 +1112,73 @@ fn placement_is_checked_normalised_and_hashed() {
     )
     .unwrap_err();
     assert_eq!(unknown[0].key, "placement.node", "{}", render(&unknown));
+}
+
+/// Under `--runtime swarm`, `devices`, `privileged = true` and `[build]` are refused whatever
+/// the flags say, each at its key with why and what to do instead; what the local runtime
+/// refuses without a flag stays refused; the local runtime with the flags accepts them.
+#[test]
+fn swarm_refuses_what_a_service_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("ctx")).unwrap();
+    fs::write(dir.path().join("ctx/Dockerfile"), "FROM scratch\n").unwrap();
+    let text = "image = \"x\"\nprivileged = true\ndevices = [\"/dev/ttyUSB0\"]\n[build]\ncontext = \"ctx\"\n";
+    load_str("dev.toml", text, dir.path(), &Allow::all())
+        .unwrap_or_else(|p| panic!("{}", render(&p)));
+
+    let swarm = Allow::all().on(Runtime::Swarm);
+    let problems = load_str("dev.toml", text, dir.path(), &swarm).unwrap_err();
+    let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        shown,
+        [
+            "dev.toml: privileged: refused under --runtime swarm: Swarm services on Engine 20.10 \
+             cannot be privileged; run this SUT under a supervisor with the local runtime on its \
+             host (`labvisor supervise --runtime docker --allow-privileged`)",
+            "dev.toml: devices: refused under --runtime swarm: Swarm services cannot pass host \
+             devices (moby/swarmkit#1244); run this SUT under a supervisor with the local runtime \
+             on the device's host (`labvisor supervise --runtime docker --allow-devices`), or \
+             reach the device over the network",
+            "dev.toml: build: refused under --runtime swarm: Swarm nodes cannot get an image built \
+             by the supervisor; build it on each node, or push it to your registry, name it in \
+             `image` and drop [build]",
+        ]
+    );
+    let lines: Vec<Option<usize>> = problems.iter().map(|p| p.line).collect();
+    assert_eq!(lines, [Some(2), Some(3), Some(4)]);
+
+    // Without the flags: one refusal each (the flag would not help), no double report.
+    let bare = load_str(
+        "dev.toml",
+        text,
+        dir.path(),
+        &Allow::default().on(Runtime::Swarm),
+    )
+    .unwrap_err();
+    assert_eq!(bare.len(), 3, "{}", render(&bare));
+    assert!(bare
+        .iter()
+        .all(|p| p.message.starts_with("refused under --runtime swarm")));
+
+    // What the local runtime refuses without a flag stays refused under Swarm.
+    let mounts = "image = \"x\"\nmounts = [{ source = \"/a\", target = \"/b\" }]\n";
+    let refused = load_str(
+        "dev.toml",
+        mounts,
+        dir.path(),
+        &Allow::default().on(Runtime::Swarm),
+    )
+    .unwrap_err();
+    assert_eq!(refused.len(), 1);
+    assert!(
+        refused[0].message.contains("--allow-host-mounts"),
+        "{}",
+        render(&refused)
+    );
+
+    // A plain file is valid under both, with the same hash.
+    let plain = "image = \"x\"\n";
+    let a = load_str("dev.toml", plain, dir.path(), &Allow::default()).unwrap();
+    let b = load_str("dev.toml", plain, dir.path(), &swarm).unwrap();
+    assert_eq!(a.hash(), b.hash());
 }

@@ -11,7 +11,9 @@
 //! Settings that hand the container power over the host or over other containers
 //! (`privileged`, `devices`, `mounts`, `network = "host"` or another Docker network, `cap_add`,
 //! `no_new_privileges = false`) are refused unless the supervisor was started with the matching
-//! `--allow-*` flag (see [`Allow`]).
+//! `--allow-*` flag (see [`Allow`]). Under `--runtime swarm` ([`Runtime::Swarm`], carried in
+//! [`Allow::runtime`]) `devices`, `privileged = true` and `[build]` are refused whatever the
+//! flags say, each with the alternative; `[placement]` is read by the Swarm runtime only.
 //!
 //! Durations are strings parsed by `humantime` (`"10s"`, `"4h"`, `"1m 30s"`). Sizes are an integer
 //! number of bytes or a string with a unit: `B`, `KB`, `MB`, `GB` (powers of 1000) or `KiB`, `MiB`,

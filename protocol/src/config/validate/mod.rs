@@ -33,7 +33,7 @@ use toml::de::DeTable;
 
 use super::locate::{line_of, path_at, KeyPath};
 use super::raw::RawConfig;
-use super::{Allow, Problem, SutConfig};
+use super::{Allow, Problem, Runtime, SutConfig};
 use crate::name::SutName;
 use checker::Checker;
 pub(crate) use hosts::check_host_name;
@@ -152,11 +152,19 @@ fn build(
     let resources = sections::resources(c, &raw.resources);
     let log = sections::log(c, &raw.log);
     let probe = raw.probe.as_ref().and_then(|p| probe::probe(c, p));
-    let build = raw
-        .build
-        .as_ref()
-        .filter(|_| check_build)
-        .and_then(|b| build_section::build(c, b, sut_dir));
+    let build = match raw.build.as_ref() {
+        Some(_) if allow.runtime == Runtime::Swarm => {
+            c.refuse_under_swarm(
+                KeyPath::of(&["build"]),
+                "Swarm nodes cannot get an image built by the supervisor",
+                "build it on each node, or push it to your registry, name it in `image` and \
+                 drop [build]",
+            );
+            None
+        }
+        Some(b) if check_build => build_section::build(c, b, sut_dir),
+        _ => None,
+    };
     let device = device::device(c, raw.device.as_ref(), raw.command.is_some());
     let health_check = raw.health_check.as_ref().and_then(|h| {
         let cx = health_check::Context {
