@@ -5,7 +5,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use labvisor_protocol::config::{
-    is_sut_file, load_file, load_str, scan_dir, Allow, HealthInterval, Network, Problem, SutConfig,
+    is_sut_file, load_file, load_str, scan_dir, Allow, HealthInterval, Network, Problem, Runtime,
+    SutConfig,
 };
 use proptest::prelude::*;
 
@@ -225,6 +226,7 @@ fn allow_flags_permit_what_they_name() {
             network: !allow.network,
             caps: !allow.caps,
             new_privileges: !allow.new_privileges,
+            runtime: Runtime::Docker,
         };
         assert!(load_file(&path, &wrong).is_err(), "{file} with {wrong:?}");
     }
@@ -1038,4 +1040,145 @@ fn device_section_is_checked_and_hashed_only_when_set() {
         &format!("{base}[device]\nbusy_glob = [\"/tmp/x/*\"]\ndrain_signal = \"SIGUSR1\"\n"),
     );
     assert_ne!(drained, globbed);
+}
+
+/// `[placement]`: the host and each constraint are checked (problems at `placement.host` and
+/// `placement.constraints[i]`, with the line), kept in Swarm's form with the host first, and in
+/// the hash only when set.
+#[test]
+fn placement_is_checked_normalised_and_hashed() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "image = \"x\"\n";
+    let text = format!(
+        "{base}[placement]\nhost = \"rack3-agent-host\"\nconstraints = [\"node.labels.rack == 3\", \"node.role != manager\"]\n"
+    );
+    let cfg = load_str("dev.toml", &text, dir.path(), &Allow::default())
+        .unwrap_or_else(|p| panic!("{}", render(&p)));
+    assert_eq!(cfg.placement.host(), Some("rack3-agent-host"));
+    assert_eq!(
+        cfg.placement.swarm_constraints(),
+        [
+            "node.hostname==rack3-agent-host",
+            "node.labels.rack==3",
+            "node.role!=manager"
+        ]
+    );
+
+    let plain = hash_of(dir.path(), base);
+    assert_eq!(hash_of(dir.path(), &format!("{base}[placement]\n")), plain);
+    let placed = hash_of(dir.path(), &text);
+    assert_ne!(placed, plain);
+    let moved = hash_of(dir.path(), &text.replace("rack3", "rack4"));
+    assert_ne!(
+        moved, placed,
+        "moving a SUT to another host changes its hash"
+    );
+    let spaced = hash_of(dir.path(), &text.replace(" == 3", "==3"));
+    assert_eq!(spaced, placed, "the normalised form is hashed");
+
+    let bad = format!(
+        "{base}[placement]\nhost = \"rack_3\"\nconstraints = [\n  \"node.labels.rack == 3\",\n  \"node.lables.rack == 3\",\n  \"node.role == boss\",\n  \"rack = 3\",\n]\n"
+    );
+    let problems = load_str("dev.toml", &bad, dir.path(), &Allow::default()).unwrap_err();
+    let got: Vec<(String, Option<usize>)> =
+        problems.iter().map(|p| (p.key.clone(), p.line)).collect();
+    assert_eq!(
+        got,
+        [
+            ("placement.host".to_owned(), Some(3)),
+            ("placement.constraints[1]".to_owned(), Some(6)),
+            ("placement.constraints[2]".to_owned(), Some(7)),
+            ("placement.constraints[3]".to_owned(), Some(8)),
+        ],
+        "{}",
+        render(&problems)
+    );
+    let shown = problems[1].to_string();
+    assert_eq!(
+        shown,
+        "dev.toml: placement.constraints[1]: \"node.lables.rack == 3\": \"node.lables.rack\" is not a Swarm constraint key; use node.id, node.hostname, node.role, node.platform.os, node.platform.arch, node.labels.<name> or engine.labels.<name>"
+    );
+    assert!(problems[0]
+        .message
+        .contains("\"rack_3\" is not a host name"));
+    assert!(problems[2].message.contains("\"manager\" or \"worker\""));
+    assert!(problems[3].message.contains("is not `<key> == <value>`"));
+
+    let unknown = load_str(
+        "dev.toml",
+        &format!("{base}[placement]\nnode = \"a\"\n"),
+        dir.path(),
+        &Allow::default(),
+    )
+    .unwrap_err();
+    assert_eq!(unknown[0].key, "placement.node", "{}", render(&unknown));
+}
+
+/// Under `--runtime swarm`, `devices`, `privileged = true` and `[build]` are refused whatever
+/// the flags say, each at its key with why and what to do instead; what the local runtime
+/// refuses without a flag stays refused; the local runtime with the flags accepts them.
+#[test]
+fn swarm_refuses_what_a_service_cannot_do() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("ctx")).unwrap();
+    fs::write(dir.path().join("ctx/Dockerfile"), "FROM scratch\n").unwrap();
+    let text = "image = \"x\"\nprivileged = true\ndevices = [\"/dev/ttyUSB0\"]\n[build]\ncontext = \"ctx\"\n";
+    load_str("dev.toml", text, dir.path(), &Allow::all())
+        .unwrap_or_else(|p| panic!("{}", render(&p)));
+
+    let swarm = Allow::all().on(Runtime::Swarm);
+    let problems = load_str("dev.toml", text, dir.path(), &swarm).unwrap_err();
+    let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+    assert_eq!(
+        shown,
+        [
+            "dev.toml: privileged: refused under --runtime swarm: Swarm services on Engine 20.10 \
+             cannot be privileged; run this SUT under a supervisor with the local runtime on its \
+             host (`labvisor supervise --runtime docker --allow-privileged`)",
+            "dev.toml: devices: refused under --runtime swarm: Swarm services cannot pass host \
+             devices (moby/swarmkit#1244); run this SUT under a supervisor with the local runtime \
+             on the device's host (`labvisor supervise --runtime docker --allow-devices`), or \
+             reach the device over the network",
+            "dev.toml: build: refused under --runtime swarm: Swarm nodes cannot get an image built \
+             by the supervisor; build it on each node, or push it to your registry, name it in \
+             `image` and drop [build]",
+        ]
+    );
+    let lines: Vec<Option<usize>> = problems.iter().map(|p| p.line).collect();
+    assert_eq!(lines, [Some(2), Some(3), Some(4)]);
+
+    // Without the flags: one refusal each (the flag would not help), no double report.
+    let bare = load_str(
+        "dev.toml",
+        text,
+        dir.path(),
+        &Allow::default().on(Runtime::Swarm),
+    )
+    .unwrap_err();
+    assert_eq!(bare.len(), 3, "{}", render(&bare));
+    assert!(bare
+        .iter()
+        .all(|p| p.message.starts_with("refused under --runtime swarm")));
+
+    // What the local runtime refuses without a flag stays refused under Swarm.
+    let mounts = "image = \"x\"\nmounts = [{ source = \"/a\", target = \"/b\" }]\n";
+    let refused = load_str(
+        "dev.toml",
+        mounts,
+        dir.path(),
+        &Allow::default().on(Runtime::Swarm),
+    )
+    .unwrap_err();
+    assert_eq!(refused.len(), 1);
+    assert!(
+        refused[0].message.contains("--allow-host-mounts"),
+        "{}",
+        render(&refused)
+    );
+
+    // A plain file is valid under both, with the same hash.
+    let plain = "image = \"x\"\n";
+    let a = load_str("dev.toml", plain, dir.path(), &Allow::default()).unwrap();
+    let b = load_str("dev.toml", plain, dir.path(), &swarm).unwrap();
+    assert_eq!(a.hash(), b.hash());
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use labvisor_mqtt::LinkOptions;
+use labvisor_protocol::config::Runtime;
 use labvisor_protocol::payloads::AdminMode;
 use labvisor_protocol::topics::{SupervisorId, Topics};
 use labvisor_supervisor::broker::tls::AgentTls;
@@ -194,7 +195,7 @@ fn settings(args: SuperviseArgs, id: &SupervisorId, managed: bool) -> anyhow::Re
     let metrics_listen = metrics_listen(args.metrics_listen.as_deref())?;
     Ok(Settings {
         sut_dir: args.sut_dir,
-        allow: args.allow.allow(),
+        allow: args.allow.allow().on(args.runtime.into()),
         spec: SpecContext {
             supervisor: id.clone(),
             name_prefix: args.name_prefix,
@@ -309,6 +310,11 @@ async fn run_supervisor(
     id: SupervisorId,
     managed: Option<ManagedArgs>,
 ) -> anyhow::Result<()> {
+    // lead: swarm wiring (`settings.allow.runtime` is `--runtime`; the SUT files are already
+    // validated for it).
+    if settings.allow.runtime == Runtime::Swarm {
+        bail!("--runtime swarm: not yet");
+    }
     let runtime = Arc::new(DockerRuntime::connect(id.as_str()).await?);
     let managed_broker = match managed {
         Some(m) => Some(start_managed_broker(&mut settings, &runtime, &id, &m).await?),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::bail;
-use labvisor_supervisor::cli::check::AllowArgs;
+use labvisor_supervisor::cli::check::{AllowArgs, RuntimeArg};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct SuperviseArgs {
@@ -110,6 +110,10 @@ pub(crate) struct SuperviseArgs {
     pub(crate) metrics_listen: Option<String>,
     #[command(flatten)]
     pub(crate) allow: AllowArgs,
+    /// The runtime: `docker` (the local engine, one container per SUT) or `swarm` (a swarm
+    /// manager's engine, one service per SUT; refuses `devices`, `privileged` and `[build]`).
+    #[arg(long, env = "LABVISOR_RUNTIME", value_enum, default_value_t)]
+    pub(crate) runtime: RuntimeArg,
 }
 
 /// A `--poll` interval: at least 100ms.

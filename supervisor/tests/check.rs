@@ -295,3 +295,75 @@ fn the_reserved_sut_name_is_refused_naming_the_file() {
     ];
     assert_eq!(lines, expected, "{stdout}");
 }
+
+/// `check --runtime swarm`: the file the local runtime accepts with its flags is refused at
+/// `devices`, `privileged` and `build`, with the reason; `--runtime docker` (the default)
+/// accepts it; a bad value is a usage error (exit 2).
+#[test]
+fn runtime_swarm_refuses_devices_privileged_and_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    fs::create_dir(d.join("ctx")).unwrap();
+    fs::write(d.join("ctx/Dockerfile"), "FROM scratch\n").unwrap();
+    fs::write(
+        d.join("rig.toml"),
+        "image = \"x\"\nprivileged = true\ndevices = [\"/dev/ttyUSB0\"]\n[build]\ncontext = \"ctx\"\n",
+    )
+    .unwrap();
+    fs::write(
+        d.join("net.toml"),
+        "image = \"x\"\n[placement]\nhost = \"rack3\"\nconstraints = [\"node.labels.rack == 3\"]\n",
+    )
+    .unwrap();
+    let flags = ["--allow-privileged", "--allow-devices"];
+    let output = labvisor().arg("check").arg(d).args(flags).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stdout_of(&output));
+    let output = labvisor()
+        .arg("check")
+        .arg(d)
+        .args(flags)
+        .args(["--runtime", "docker"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stdout_of(&output));
+
+    let output = labvisor()
+        .arg("check")
+        .arg(d)
+        .args(flags)
+        .args(["--runtime", "swarm"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let rig = file(d, "rig.toml");
+    let expected = [
+        format!(
+            "{rig}: privileged: refused under --runtime swarm: Swarm services on Engine 20.10 \
+             cannot be privileged; run this SUT under a supervisor with the local runtime on its \
+             host (`labvisor supervise --runtime docker --allow-privileged`)"
+        ),
+        format!(
+            "{rig}: devices: refused under --runtime swarm: Swarm services cannot pass host \
+             devices (moby/swarmkit#1244); run this SUT under a supervisor with the local runtime \
+             on the device's host (`labvisor supervise --runtime docker --allow-devices`), or \
+             reach the device over the network"
+        ),
+        format!(
+            "{rig}: build: refused under --runtime swarm: Swarm nodes cannot get an image built \
+             by the supervisor; build it on each node, or push it to your registry, name it in \
+             `image` and drop [build]"
+        ),
+        "2 files checked, 1 invalid".to_owned(),
+    ];
+    let stdout = stdout_of(&output);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines, expected, "{stdout}");
+
+    let output = labvisor()
+        .arg("check")
+        .arg(d)
+        .args(["--runtime", "kubernetes"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}

@@ -1,5 +1,6 @@
 //! The limits and fixed names of the SUT config: sizes, durations, reserved prefixes, the
-//! capabilities, and [`Allow`], which host-power settings the supervisor accepts.
+//! capabilities, and [`Allow`], which host-power settings the supervisor accepts (and on which
+//! [`Runtime`]).
 
 use std::time::Duration;
 
@@ -34,7 +35,22 @@ pub const RESERVED_ENV_PREFIX: &str = "LABVISOR_";
 /// Prefix of the Docker labels labvisor sets itself; refused in `labels`.
 pub const RESERVED_LABEL_PREFIX: &str = "io.labvisor.";
 
-/// Which host-power settings the supervisor accepts. All refused by default.
+/// Which runtime the supervisor runs the SUTs on (`--runtime`): what a SUT file may ask for
+/// depends on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// The local Docker engine: one container per SUT (the default).
+    #[default]
+    Docker,
+    /// Docker Swarm: one service per SUT. Refuses what a Swarm service cannot do (`devices`,
+    /// `privileged`) and `[build]` (the nodes cannot get an image the supervisor builds),
+    /// whatever the `--allow-*` flags say.
+    Swarm,
+}
+
+/// Which host-power settings the supervisor accepts, and on which runtime. All refused by
+/// default, on the local Docker runtime.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct Allow {
     /// Accept `privileged = true` (`--allow-privileged`).
@@ -51,10 +67,17 @@ pub struct Allow {
     pub caps: bool,
     /// Accept `no_new_privileges = false` (`--allow-new-privileges`).
     pub new_privileges: bool,
+    /// The supervisor's runtime (`--runtime`); [`Runtime::Swarm`] refuses more.
+    pub runtime: Runtime,
 }
 
 impl Allow {
-    /// Everything allowed.
+    /// This policy on `runtime`.
+    pub fn on(self, runtime: Runtime) -> Self {
+        Self { runtime, ..self }
+    }
+
+    /// Everything allowed, on the local Docker runtime.
     pub fn all() -> Self {
         Self {
             privileged: true,
@@ -64,6 +87,7 @@ impl Allow {
             network: true,
             caps: true,
             new_privileges: true,
+            runtime: Runtime::Docker,
         }
     }
 }

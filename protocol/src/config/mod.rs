@@ -11,7 +11,9 @@
 //! Settings that hand the container power over the host or over other containers
 //! (`privileged`, `devices`, `mounts`, `network = "host"` or another Docker network, `cap_add`,
 //! `no_new_privileges = false`) are refused unless the supervisor was started with the matching
-//! `--allow-*` flag (see [`Allow`]).
+//! `--allow-*` flag (see [`Allow`]). Under `--runtime swarm` ([`Runtime::Swarm`], carried in
+//! [`Allow::runtime`]) `devices`, `privileged = true` and `[build]` are refused whatever the
+//! flags say, each with the alternative; `[placement]` is read by the Swarm runtime only.
 //!
 //! Durations are strings parsed by `humantime` (`"10s"`, `"4h"`, `"1m 30s"`). Sizes are an integer
 //! number of bytes or a string with a unit: `B`, `KB`, `MB`, `GB` (powers of 1000) or `KiB`, `MiB`,
@@ -71,6 +73,8 @@
 //! | `health_check.every` | duration | *none* | Run the health check when this long has passed since the last one ended (also counted across agent restarts); at least `1m`. At least one of `every` and `after_jobs` is required. |
 //! | `health_check.after_jobs` | integer | *none* | Run the health check after this many jobs have run since the last one; from 1 to 500. |
 //! | `health_check.timeout` | duration | `job.timeout` | The health check's time limit; beyond it, it ends `timeout` and the SUT goes offline. |
+//! | `placement.host` | string | *none* | The swarm node the SUT's service runs on, by host name (an RFC 1123 host name, as `docker node ls` shows it), e.g. `"rack3-agent-host"`: the node the SUT's device is attached to. Swarm gets it as the constraint `node.hostname==<host>`, first. Under `--runtime swarm` only: the local runtime (`--runtime docker`, the default) ignores `[placement]`. In the config hash: changing it moves the SUT's service (after its running job; under the local runtime it recreates the container likewise). |
+//! | `placement.constraints` | array of strings | `[]` | Swarm placement constraints, all of which a node must meet, each `<key> == <value>` or `<key> != <value>` with a key Swarm knows: `node.id`, `node.hostname`, `node.role` (`manager` or `worker`), `node.platform.os`, `node.platform.arch`, `node.labels.<name>`, `engine.labels.<name>`; e.g. `["node.labels.rack == 3", "node.role != manager"]`. Kept in Swarm's form (`node.labels.rack==3`). Ignored by the local runtime, in the config hash like `host`. |
 //!
 //! Zero durations are refused everywhere except `health.start_period`; durations longer than 365
 //! days are refused everywhere.
@@ -80,6 +84,7 @@ mod device;
 mod limits;
 mod load;
 mod locate;
+mod placement;
 mod raw;
 mod scan;
 mod template;

@@ -35,6 +35,15 @@ pub(crate) struct RawConfig {
     pub device: Option<RawDevice>,
     // [health_check] (helper healthjob)
     pub health_check: Option<RawHealthCheck>,
+    pub placement: Option<RawPlacement>,
+}
+
+/// `[placement]`: where the SUT's service runs in a swarm.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, expecting = "a [placement] table")]
+pub(crate) struct RawPlacement {
+    pub host: Option<String>,
+    pub constraints: Vec<String>,
 }
 
 /// `[device]`: how labvisor learns that the device process is busy with its own work.

@@ -15,6 +15,7 @@ use super::{build_hash, CommandTemplate, CONTAINER_FILES_DIR, LABVISOR_NETWORK};
 use crate::name::SutName;
 
 pub use super::device::{BusyGlob, DeviceSettings, DrainSignal};
+pub use super::placement::{Constraint, ConstraintKey, NodeHost, Placement};
 
 /// A validated SUT config. Built only by [`load_file`](super::load_file), [`load_str`](super::load_str) and [`scan_dir`](super::scan_dir).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -74,6 +75,11 @@ pub struct SutConfig {
     /// serialisation (and so of the hash) when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// Where the SUT's service runs in a swarm (`[placement]`); the local runtime ignores it.
+    /// In the hash (moving a SUT to another node updates its service), but left out of the
+    /// serialisation when empty, so configs without it keep their hash.
+    #[serde(skip_serializing_if = "Placement::is_empty")]
+    pub placement: Placement,
 }
 
 impl SutConfig {

@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use labvisor_protocol::config::{scan_dir, Allow, Problem, Scan};
+use labvisor_protocol::config::{scan_dir, Allow, Problem, Runtime, Scan};
 use serde::Serialize;
 
 /// The `--allow-*` flags: which host-power settings SUT files may use. Shared by every
@@ -41,8 +41,29 @@ pub struct AllowArgs {
     pub allow_new_privileges: bool,
 }
 
+/// `--runtime`: which runtime the supervisor runs the SUTs on (`docker`, the default, or
+/// `swarm`). Shared by `check` and `supervise`; what a SUT file may ask for depends on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum RuntimeArg {
+    /// The local Docker engine: one container per SUT.
+    #[default]
+    Docker,
+    /// Docker Swarm (on a manager): one service per SUT; refuses `devices`, `privileged` and
+    /// `[build]`.
+    Swarm,
+}
+
+impl From<RuntimeArg> for Runtime {
+    fn from(r: RuntimeArg) -> Self {
+        match r {
+            RuntimeArg::Docker => Runtime::Docker,
+            RuntimeArg::Swarm => Runtime::Swarm,
+        }
+    }
+}
+
 impl AllowArgs {
-    /// The policy these flags describe.
+    /// The policy these flags describe, on the local Docker runtime (see [`Allow::on`]).
     pub fn allow(&self) -> Allow {
         Allow {
             privileged: self.allow_privileged,
@@ -52,6 +73,7 @@ impl AllowArgs {
             network: self.allow_network,
             caps: self.allow_caps,
             new_privileges: self.allow_new_privileges,
+            runtime: Runtime::Docker,
         }
     }
 }
@@ -67,12 +89,16 @@ pub struct CheckArgs {
     /// The `--allow-*` flags.
     #[command(flatten)]
     pub allow: AllowArgs,
+    /// Check for this runtime: `swarm` refuses `devices`, `privileged` and `[build]`.
+    #[arg(long, value_enum, default_value_t)]
+    pub runtime: RuntimeArg,
 }
 
 /// Runs `labvisor check` and returns the process exit status: 0 when every file is valid, 1
 /// when one is not, 2 when the directory cannot be read.
 pub fn main(args: &CheckArgs, out: &mut dyn Write) -> ExitCode {
-    match run(&args.dir, args.json, &args.allow.allow(), out) {
+    let allow = args.allow.allow().on(args.runtime.into());
+    match run(&args.dir, args.json, &allow, out) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         // The reader went away (`labvisor check sut | head`): stop quietly.

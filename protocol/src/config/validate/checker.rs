@@ -108,6 +108,15 @@ impl Checker<'_> {
         }
     }
 
+    /// Refuses the setting at `key` under `--runtime swarm`: "refused under --runtime swarm:
+    /// WHY; INSTEAD".
+    pub fn refuse_under_swarm(&mut self, key: KeyPath, why: &str, instead: &str) {
+        self.add(
+            &key,
+            format!("refused under --runtime swarm: {why}; {instead}"),
+        );
+    }
+
     /// A size in bytes, more than zero and at most `max` when given.
     pub fn size(
         &mut self,

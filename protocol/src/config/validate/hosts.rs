@@ -87,7 +87,7 @@ pub(crate) fn parse_extra_host(entry: &str) -> Result<ExtraHost, ExtraHostError>
 
 /// RFC 1123 host name rules: dot-separated labels of 1 to 63 letters, digits and hyphens, not
 /// starting or ending with a hyphen; at most 253 characters in all.
-fn check_host_name(name: &str) -> Result<(), &'static str> {
+pub(crate) fn check_host_name(name: &str) -> Result<(), &'static str> {
     if name.len() > MAX_NAME {
         return Err("longer than 253 characters");
     }

@@ -12,7 +12,8 @@
 //! - [`probe`]: `[probe]`, its URL or its exec command;
 //! - [`build_section`]: the `[build]` section;
 //! - [`device`]: the `[device]` section (the device's own work);
-//! - [`health_check`]: the `[health_check]` section.
+//! - [`health_check`]: the `[health_check]` section;
+//! - [`placement`]: the `[placement]` section (where a SUT runs in a swarm).
 
 mod build_section;
 mod checker;
@@ -21,6 +22,7 @@ mod device;
 mod health_check;
 mod hosts;
 mod paths;
+mod placement;
 mod posture;
 mod probe;
 mod sections;
@@ -31,9 +33,10 @@ use toml::de::DeTable;
 
 use super::locate::{line_of, path_at, KeyPath};
 use super::raw::RawConfig;
-use super::{Allow, Problem, SutConfig};
+use super::{Allow, Problem, Runtime, SutConfig};
 use crate::name::SutName;
 use checker::Checker;
+pub(crate) use hosts::check_host_name;
 
 /// Parses and validates one SUT file. `display` names the file in problems, `stem` is the SUT name.
 pub(crate) fn load(
@@ -149,11 +152,19 @@ fn build(
     let resources = sections::resources(c, &raw.resources);
     let log = sections::log(c, &raw.log);
     let probe = raw.probe.as_ref().and_then(|p| probe::probe(c, p));
-    let build = raw
-        .build
-        .as_ref()
-        .filter(|_| check_build)
-        .and_then(|b| build_section::build(c, b, sut_dir));
+    let build = match raw.build.as_ref() {
+        Some(_) if allow.runtime == Runtime::Swarm => {
+            c.refuse_under_swarm(
+                KeyPath::of(&["build"]),
+                "Swarm nodes cannot get an image built by the supervisor",
+                "build it on each node, or push it to your registry, name it in `image` and \
+                 drop [build]",
+            );
+            None
+        }
+        Some(b) if check_build => build_section::build(c, b, sut_dir),
+        _ => None,
+    };
     let device = device::device(c, raw.device.as_ref(), raw.command.is_some());
     let health_check = raw.health_check.as_ref().and_then(|h| {
         let cx = health_check::Context {
@@ -164,6 +175,7 @@ fn build(
         };
         health_check::health_check(c, h, &cx)
     });
+    let placement = placement::placement(c, raw.placement.as_ref());
     Some(SutConfig {
         name: name?,
         image,
@@ -188,5 +200,6 @@ fn build(
         build,
         device,
         health_check,
+        placement,
     })
 }

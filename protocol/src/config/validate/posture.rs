@@ -1,10 +1,11 @@
 //! The settings that hand the container power over the host: `privileged`, `cap_add`,
-//! `no_new_privileges`, `devices` and `mounts`, each refused without its `--allow-*` flag.
+//! `no_new_privileges`, `devices` and `mounts`, each refused without its `--allow-*` flag;
+//! `privileged` and `devices` refused under `--runtime swarm` whatever the flags say.
 
 use std::collections::BTreeSet;
 
 use super::super::raw::{RawConfig, RawMount};
-use super::super::{Allow, Mount, CAPABILITIES, DEFAULT_CAPABILITIES};
+use super::super::{Allow, Mount, Runtime, CAPABILITIES, DEFAULT_CAPABILITIES};
 use super::checker::{k, Checker, Power};
 
 /// The checked host-power settings.
@@ -16,8 +17,17 @@ pub(super) struct Posture {
 
 /// Checks every host-power setting of `raw`, in the order of the config reference.
 pub(super) fn posture(c: &mut Checker<'_>, raw: &RawConfig, allow: &Allow) -> Posture {
+    let swarm = allow.runtime == Runtime::Swarm;
+    if swarm && raw.privileged {
+        c.refuse_under_swarm(
+            k("privileged"),
+            "Swarm services on Engine 20.10 cannot be privileged",
+            "run this SUT under a supervisor with the local runtime on its host \
+             (`labvisor supervise --runtime docker --allow-privileged`)",
+        );
+    }
     c.refuse_unless(
-        !raw.privileged || allow.privileged,
+        !raw.privileged || allow.privileged || swarm,
         k("privileged"),
         Power {
             what: "privileged mode",
@@ -80,8 +90,18 @@ fn cap_add(c: &mut Checker<'_>, raw: &[String], allow: &Allow) -> Vec<String> {
 
 /// `devices`: absolute paths under `/dev/`, each once.
 fn devices(c: &mut Checker<'_>, raw: &[String], allow: &Allow) {
+    let swarm = allow.runtime == Runtime::Swarm;
+    if swarm && !raw.is_empty() {
+        c.refuse_under_swarm(
+            k("devices"),
+            "Swarm services cannot pass host devices (moby/swarmkit#1244)",
+            "run this SUT under a supervisor with the local runtime on the device's host \
+             (`labvisor supervise --runtime docker --allow-devices`), or reach the device over \
+             the network",
+        );
+    }
     c.refuse_unless(
-        raw.is_empty() || allow.devices,
+        raw.is_empty() || allow.devices || swarm,
         k("devices"),
         Power {
             what: "devices",
