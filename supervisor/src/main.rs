@@ -20,7 +20,7 @@ use labvisor_supervisor::cli::check;
 use labvisor_supervisor::cli::submit::SubmitArgs;
 use labvisor_supervisor::cli::{self, healthz, import, BrokerArgs};
 use labvisor_supervisor::metrics::{self, Listen};
-use labvisor_supervisor::runtime::DockerRuntime;
+use labvisor_supervisor::runtime::{DockerRuntime, SwarmRuntime};
 use labvisor_supervisor::spec::{self, SpecContext, Tools};
 use labvisor_supervisor::supervise::{self, Settings};
 
@@ -159,7 +159,15 @@ fn supervise(args: SuperviseArgs) -> anyhow::Result<()> {
             .unwrap_or_else(broker::default_state_dir),
         port: args.broker_port,
         agent_tls: args.agent_tls,
+        listen: args.agent_listen,
     });
+    let swarm = Runtime::from(args.runtime) == Runtime::Swarm;
+    if swarm && managed.as_ref().is_some_and(|m| m.listen.is_none()) {
+        bail!("--runtime swarm with the managed broker needs --agent-listen IP: an address of this host that every swarm node reaches (agents on other hosts cannot use a local bridge's gateway); or give an external broker with --broker and --agent-broker");
+    }
+    if !swarm && args.agent_listen.is_some() {
+        bail!("--agent-listen is for --runtime swarm; the local runtime's broker listens on its network's gateway");
+    }
     let settings = settings(args, &id, managed.is_some())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -193,6 +201,7 @@ fn settings(args: SuperviseArgs, id: &SupervisorId, managed: bool) -> anyhow::Re
         bail!("--sut-dir {} is not a directory", args.sut_dir.display());
     }
     let metrics_listen = metrics_listen(args.metrics_listen.as_deref())?;
+    let tools = tools(&args, read(&agent_bin)?, read(&healthcheck_bin)?)?;
     Ok(Settings {
         sut_dir: args.sut_dir,
         allow: args.allow.allow().on(args.runtime.into()),
@@ -205,7 +214,7 @@ fn settings(args: SuperviseArgs, id: &SupervisorId, managed: bool) -> anyhow::Re
             mqtt_username: args.mqtt_username,
             mqtt_password: args.mqtt_password,
             agent_credentials: args.agent_credentials,
-            tools: Tools::new(read(&agent_bin)?, read(&healthcheck_bin)?),
+            tools,
             agent_ca: mqtt_ca,
         },
         topics,
@@ -223,6 +232,18 @@ fn settings(args: SuperviseArgs, id: &SupervisorId, managed: bool) -> anyhow::Re
         status_every: args.status_interval,
         healthcheck_rate: args.healthcheck_rate,
     })
+}
+
+/// The agent binaries; under `--runtime swarm` with the boot binary that joins the agent's
+/// parts on each node.
+fn tools(args: &SuperviseArgs, agent: bytes::Bytes, hc: bytes::Bytes) -> anyhow::Result<Tools> {
+    let tools = Tools::new(agent, hc);
+    if Runtime::from(args.runtime) != Runtime::Swarm {
+        return Ok(tools);
+    }
+    let boot = find_bin(args.boot_bin.clone(), "labvisor-boot")?;
+    let bytes = std::fs::read(&boot).with_context(|| format!("cannot read {}", boot.display()))?;
+    Ok(tools.with_boot(bytes.into()))
 }
 
 /// `--mqtt-ca`'s PEM, unless the managed broker's own CA replaces it (`--agent-tls`).
@@ -302,6 +323,8 @@ struct ManagedArgs {
     state_dir: PathBuf,
     port: u16,
     agent_tls: bool,
+    /// `--agent-listen` (Swarm): where the agents' listener listens.
+    listen: Option<std::net::Ipv4Addr>,
 }
 
 /// Runs the reconcile loop until SIGTERM or SIGINT, with the managed broker if any.
@@ -310,18 +333,48 @@ async fn run_supervisor(
     id: SupervisorId,
     managed: Option<ManagedArgs>,
 ) -> anyhow::Result<()> {
-    // lead: swarm wiring (`settings.allow.runtime` is `--runtime`; the SUT files are already
-    // validated for it).
     if settings.allow.runtime == Runtime::Swarm {
-        bail!("--runtime swarm: not yet");
+        let runtime = Arc::new(
+            SwarmRuntime::connect(
+                id.as_str(),
+                &settings.spec.name_prefix,
+                &settings.spec.tools,
+                settings.stop_timeout,
+            )
+            .await?,
+        );
+        let managed_broker = match managed {
+            Some(m) => {
+                let listen = m.listen.context("--agent-listen")?;
+                Some(start_managed_broker(&mut settings, listen.into(), &id, &m)?)
+            }
+            None => None,
+        };
+        return finish(supervise::run(settings, runtime, shutdown_signal()).await, managed_broker).await;
     }
     let runtime = Arc::new(DockerRuntime::connect(id.as_str()).await?);
     let managed_broker = match managed {
-        Some(m) => Some(start_managed_broker(&mut settings, &runtime, &id, &m).await?),
+        Some(m) => {
+            // Agents on every agent network reach this gateway (ARCHITECTURE.md, broker section).
+            let net = settings.spec.agent_network(1);
+            let gateway = runtime
+                .network_gateway(&net)
+                .await
+                .with_context(|| format!("the managed broker listens on the gateway of the {} network, which cannot be created or inspected", net.name))?
+                .with_context(|| format!("the {} network has no IPv4 gateway", net.name))?;
+            Some(start_managed_broker(&mut settings, gateway, &id, &m)?)
+        }
         None => None,
     };
-    let result = supervise::run(settings, runtime, shutdown_signal()).await;
-    // After the supervisor's last publications: SIGTERM, so mosquitto saves its state.
+    finish(supervise::run(settings, runtime, shutdown_signal()).await, managed_broker).await
+}
+
+/// After the supervisor's last publications: stops the managed broker (SIGTERM, so mosquitto
+/// saves its state), then returns the loop's result.
+async fn finish(
+    result: Result<(), supervise::SuperviseError>,
+    managed_broker: Option<ManagedBroker>,
+) -> anyhow::Result<()> {
     if let Some(mut b) = managed_broker {
         let _ = tokio::task::spawn_blocking(move || b.stop()).await;
     }
@@ -329,21 +382,14 @@ async fn run_supervisor(
     Ok(())
 }
 
-/// Starts mosquitto on the labvisor network's gateway and points the supervisor and the
-/// agents at it.
-async fn start_managed_broker(
+/// Starts mosquitto with its agents' listener on `gateway` (the labvisor network's gateway,
+/// or `--agent-listen` under Swarm) and points the supervisor and the agents at it.
+fn start_managed_broker(
     settings: &mut Settings,
-    runtime: &DockerRuntime,
+    gateway: std::net::IpAddr,
     id: &SupervisorId,
     m: &ManagedArgs,
 ) -> anyhow::Result<ManagedBroker> {
-    // Agents on every agent network reach this gateway (ARCHITECTURE.md, broker section).
-    let net = settings.spec.agent_network(1);
-    let gateway = runtime
-        .network_gateway(&net)
-        .await
-        .with_context(|| format!("the managed broker listens on the gateway of the {} network, which cannot be created or inspected", net.name))?
-        .with_context(|| format!("the {} network has no IPv4 gateway", net.name))?;
     let tls = match m.agent_tls {
         true => Some(AgentTls::prepare(&m.state_dir, gateway)?),
         false => None,

@@ -114,6 +114,15 @@ pub(crate) struct SuperviseArgs {
     /// manager's engine, one service per SUT; refuses `devices`, `privileged` and `[build]`).
     #[arg(long, env = "LABVISOR_RUNTIME", value_enum, default_value_t)]
     pub(crate) runtime: RuntimeArg,
+    /// The static boot binary the Swarm runtime delivers with the agent (same defaults,
+    /// `labvisor-boot`); unused by the local runtime.
+    #[arg(long, env = "LABVISOR_BOOT_BIN")]
+    pub(crate) boot_bin: Option<PathBuf>,
+    /// Under `--runtime swarm` with the managed broker: the address of this host that every
+    /// node reaches, where the broker's agent listener listens and which agents are given
+    /// (the local runtime uses its network's gateway instead).
+    #[arg(long, env = "LABVISOR_AGENT_LISTEN")]
+    pub(crate) agent_listen: Option<std::net::Ipv4Addr>,
 }
 
 /// A `--poll` interval: at least 100ms.

@@ -71,7 +71,7 @@ pub fn container_spec(
         tools,
         archive: upload_archive(&uploads)?,
         uploads,
-        placement: Vec::new(),
+        placement: cfg.placement.swarm_constraints(),
     })
 }
 
