@@ -130,9 +130,10 @@ build_swarm_node() {
     chmod 755 "$work" "$work/debs"
     # apt-get download writes as _apt when it can: give it the directory.
     chown _apt "$work/debs" 2>/dev/null || true
-    if ! (cd "$work/debs" && apt-get download -q "${SWARM_NODE_PACKAGES[@]}" >/dev/null); then
-        echo "build-images: apt-get download failed: run apt-get update first" >&2
-        exit 1
+    if ! (cd "$work/debs" && apt-get download -q "${SWARM_NODE_PACKAGES[@]}" >/dev/null 2>&1); then
+        # A fresh machine has no package lists yet, or old ones.
+        apt-get update -qq
+        (cd "$work/debs" && apt-get download -q "${SWARM_NODE_PACKAGES[@]}" >/dev/null)
     fi
     local deb pids=()
     for deb in "$work"/debs/*.deb; do
