@@ -1,8 +1,11 @@
 //! The test kit's simulated Swarm (tests/src/swarm.rs): three node containers, each its own
 //! Docker engine, make a swarm of three Ready nodes with the right hostnames; an image of the
-//! machine's engine reaches every node; a service pinned to a node runs there; and everything
+//! machine's engine reaches every node; a service pinned to a node runs there and reaches a
+//! server on the host at the test network's gateway; and everything
 //! the bed made is gone when its scope is dropped, also after a panic.
 
+use std::io::Read;
+use std::net::TcpListener;
 use std::time::Duration;
 
 use labvisor_tests::{
@@ -62,6 +65,10 @@ fn three_nodes_ready_image_everywhere_pinned_service_on_its_node() {
             );
         }
 
+        // A server on the host at the test network's gateway: the task says hello to it.
+        let listener = TcpListener::bind((swarm.gateway(), 0)).expect("bind on the gateway");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let server = listener.local_addr().expect("address");
         swarm.docker_ok(
             swarm.manager(),
             &[
@@ -72,9 +79,16 @@ fn three_nodes_ready_image_everywhere_pinned_service_on_its_node() {
                 "pinned",
                 "--constraint",
                 "node.hostname==node3",
+                "--env",
+                "NODE={{.Node.Hostname}}",
                 BUSYBOX_IMAGE,
-                "sleep",
-                "600",
+                "sh",
+                "-c",
+                &format!(
+                    "echo hello from $NODE | nc {} {}; exec sleep 600",
+                    server.ip(),
+                    server.port()
+                ),
             ],
         );
         wait_until(
@@ -113,6 +127,17 @@ fn three_nodes_ready_image_everywhere_pinned_service_on_its_node() {
                 "the task's container on {node}"
             );
         }
+        let (mut conn, _) = wait_until(
+            "the task connects to the host's server",
+            Duration::from_secs(30),
+            || listener.accept().ok(),
+        );
+        conn.set_nonblocking(false).expect("blocking");
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut hello = String::new();
+        conn.read_to_string(&mut hello).expect("read the hello");
+        assert_eq!(hello, "hello from node3\n");
         assert!(
             !leftovers(&label).is_empty(),
             "the bed carries its scope's label"
