@@ -10,6 +10,8 @@
 //! - [`DockerProxy`]: the engine's socket behind a proxy a test can cut and restore, for "Docker
 //!   is unreachable" without stopping the engine under other tests.
 //! - [`wait_until`]: wait for a condition with a deadline, never a bare sleep.
+//! - [`Swarm`]: a Docker Swarm of node containers (one engine each) for the swarm runtime's
+//!   tests, never the machine's own engine.
 //! - [`static_bin`] and [`ensure_busybox_image`]: the static agent/healthcheck binaries and the
 //!   local busybox image, built by `tools/test.sh` (no registry is needed).
 //!
@@ -105,11 +107,13 @@ pub(crate) fn require_program(name: &str) -> PathBuf {
 mod docker;
 mod mosquitto;
 mod pki;
+mod swarm;
 mod testflinger;
 
 pub use docker::*;
 pub use mosquitto::*;
 pub use pki::test_pki;
+pub use swarm::*;
 pub use testflinger::*;
 
 /// A child process that is stopped (and reaped) when dropped, also when the test panics:
