@@ -1,6 +1,6 @@
 //! The agent's command line: its flags and how they become [`Settings`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 use labvisor_agent::agent::Settings;
@@ -34,6 +34,10 @@ pub struct Args {
     /// MQTT password.
     #[arg(long, env = "LABVISOR_MQTT_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// A file holding the MQTT password (its contents without a trailing newline), e.g. a
+    /// Docker secret under `/run/secrets/`. Not together with --password.
+    #[arg(long, env = PASSWORD_FILE_ENV)]
+    password_file: Option<PathBuf>,
     /// CA certificate (PEM) for `mqtts://`.
     #[arg(long, env = "LABVISOR_MQTT_CA")]
     ca_file: Option<PathBuf>,
@@ -66,6 +70,9 @@ pub struct Args {
     pub command: Option<Command>,
 }
 
+/// The variable of `--password-file`, as its errors name it.
+const PASSWORD_FILE_ENV: &str = "LABVISOR_MQTT_PASSWORD_FILE";
+
 /// Commands for a running agent (run with `docker exec`).
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
@@ -95,6 +102,17 @@ pub enum UsageError {
         /// What is wrong.
         problems: Vec<Problem>,
     },
+    /// The password file cannot be read or holds no password.
+    #[error("{PASSWORD_FILE_ENV} (--password-file) {}: {why}", path.display())]
+    PasswordFile {
+        /// The file.
+        path: PathBuf,
+        /// Why it gives no password.
+        why: String,
+    },
+    /// Both a password and a password file.
+    #[error("both LABVISOR_MQTT_PASSWORD (--password) and {PASSWORD_FILE_ENV} (--password-file) are set: give the password one way")]
+    PasswordTwice,
     /// The topic prefix is invalid.
     #[error(transparent)]
     Topics(#[from] TopicError),
@@ -121,7 +139,13 @@ impl Args {
     }
 
     /// The agent's settings: the SUT file loaded and validated, the broker's link options.
-    pub fn settings(self) -> Result<Settings, UsageError> {
+    pub fn settings(mut self) -> Result<Settings, UsageError> {
+        if let Some(path) = &self.password_file {
+            if self.password.is_some() {
+                return Err(UsageError::PasswordTwice);
+            }
+            self.password = Some(read_password_file(path)?);
+        }
         let config = self.config()?;
         let topics = Topics::with_prefix(self.topic_prefix.as_deref())?;
         let broker = self.broker(&topics, &config)?;
@@ -181,5 +205,97 @@ impl Args {
         }
         o.ca_pem = self.ca_pem.clone();
         Ok(Some(o))
+    }
+}
+
+/// The password in `path`: its contents without one trailing newline (`\n` or `\r\n`); an
+/// unreadable, non-UTF-8 or empty file is an error naming the variable and the path.
+fn read_password_file(path: &Path) -> Result<String, UsageError> {
+    let fail = |why: String| UsageError::PasswordFile {
+        path: path.to_owned(),
+        why,
+    };
+    let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+    let mut text = String::from_utf8(bytes).map_err(|_| fail("it is not UTF-8 text".into()))?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if text.is_empty() {
+        return Err(fail("it is empty: it must hold the password".into()));
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(dir: &Path, extra: &[&str]) -> Result<Settings, UsageError> {
+        let config = dir.join("pw-1.toml");
+        let mut argv = vec![
+            "labvisor-agent".to_owned(),
+            "--config".to_owned(),
+            config.display().to_string(),
+            "--config-toml".to_owned(),
+            "image = \"x\"\n".to_owned(),
+            "--broker".to_owned(),
+            "mqtt://127.0.0.1:1883".to_owned(),
+        ];
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        Args::try_parse_from(argv).unwrap().settings()
+    }
+
+    #[test]
+    fn the_password_file_gives_the_password_without_its_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        for (content, want) in [
+            ("s3cret\n", "s3cret"),
+            ("s3cret", "s3cret"),
+            ("s3cret\r\n", "s3cret"),
+            (" two words \n\n", " two words \n"),
+        ] {
+            std::fs::write(&file, content).unwrap();
+            let s = settings(dir.path(), &["--password-file", file.to_str().unwrap()])
+                .unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(
+                s.broker.unwrap().password.as_deref(),
+                Some(want),
+                "{content:?}"
+            );
+        }
+        let s = settings(dir.path(), &["--password", "inline"]).unwrap();
+        assert_eq!(s.broker.unwrap().password.as_deref(), Some("inline"));
+    }
+
+    #[test]
+    fn a_bad_password_file_names_the_variable_and_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        let err = |extra: &[&str]| settings(dir.path(), extra).err().unwrap().to_string();
+        let missing = err(&["--password-file", file.to_str().unwrap()]);
+        assert!(
+            missing.starts_with(&format!(
+                "LABVISOR_MQTT_PASSWORD_FILE (--password-file) {}: cannot read it: ",
+                file.display()
+            )),
+            "{missing}"
+        );
+        std::fs::write(&file, "\n").unwrap();
+        assert_eq!(
+            err(&["--password-file", file.to_str().unwrap()]),
+            format!(
+                "LABVISOR_MQTT_PASSWORD_FILE (--password-file) {}: it is empty: it must hold the password",
+                file.display()
+            )
+        );
+        std::fs::write(&file, "pw\n").unwrap();
+        assert_eq!(
+            err(&["--password-file", file.to_str().unwrap(), "--password", "pw"]),
+            "both LABVISOR_MQTT_PASSWORD (--password) and LABVISOR_MQTT_PASSWORD_FILE (--password-file) are set: give the password one way"
+        );
     }
 }

@@ -576,3 +576,50 @@ fn output_above_mqtt_rate_is_dropped_from_mqtt_only() {
     // 3 MB at 64 KiB/s with a 64 KiB burst: nearly every 64 KiB read is over the rate.
     assert!(dropped.parse::<u64>().unwrap() >= 10, "dropped {dropped}");
 }
+
+/// `LABVISOR_MQTT_PASSWORD_FILE` (a Docker secret's path): an unreadable or empty file, or
+/// a password given both ways, stops the agent at start with exit status 2, naming the
+/// variable and the path.
+#[test]
+fn a_bad_password_file_exits_2_naming_the_variable_and_the_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("mqtt-password");
+    let run = |password: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_labvisor-agent"));
+        cmd.env("LABVISOR_CONFIG", dir.path().join("pw-1.toml"))
+            .env("LABVISOR_CONFIG_TOML", "image = \"x\"\n")
+            .env("LABVISOR_BROKER", "mqtt://127.0.0.1:1")
+            .env("LABVISOR_DATA_DIR", dir.path().join("data"))
+            .env("LABVISOR_HEARTBEAT_FILE", dir.path().join("heartbeat"))
+            .env("LABVISOR_MQTT_PASSWORD_FILE", &secret)
+            .env_remove("LABVISOR_MQTT_PASSWORD");
+        if let Some(p) = password {
+            cmd.env("LABVISOR_MQTT_PASSWORD", p);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "labvisor-agent: LABVISOR_MQTT_PASSWORD_FILE (--password-file) {}: cannot read it: No such file",
+            secret.display()
+        )),
+        "{err}"
+    );
+    std::fs::write(&secret, "").unwrap();
+    let (code, err) = run(None);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("it is empty"), "{err}");
+    std::fs::write(&secret, "pw\n").unwrap();
+    let (code, err) = run(Some("pw"));
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("both LABVISOR_MQTT_PASSWORD (--password) and LABVISOR_MQTT_PASSWORD_FILE"),
+        "{err}"
+    );
+}
