@@ -92,6 +92,8 @@ pub fn classify(
                 health: c.health,
                 probe_only: false,
                 finished_ms: c.finished_ms,
+                node: c.node,
+                down: c.down,
             })
         })
         .collect()

@@ -118,6 +118,12 @@ pub struct Actual {
     pub probe_only: bool,
     /// When it stopped (Docker's `FinishedAt`, ms since the epoch), for an exited container.
     pub finished_ms: Option<u64>,
+    /// The host it runs or last ran on, when the runtime spans several
+    /// ([`crate::runtime::ContainerInfo::node`]); shown on the SUT's view, never planned on.
+    pub node: Option<String>,
+    /// Why it is down although it should run, as the runtime says
+    /// ([`crate::runtime::ContainerInfo::down`]); shown on the SUT's view, never planned on.
+    pub down: Option<String>,
 }
 
 /// Why a container is recreated.

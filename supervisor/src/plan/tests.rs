@@ -30,6 +30,8 @@ fn owned(s: &str, id: &str, hash: &str) -> Actual {
         busy: Busy::Idle,
         probe_only: false,
         finished_ms: None,
+        node: None,
+        down: None,
     }
 }
 
@@ -297,6 +299,8 @@ fn apply(world: &mut Vec<Actual>, desired: &BTreeMap<SutName, Desired>, actions:
                     busy: Busy::Idle,
                     probe_only: false,
                     finished_ms: None,
+                    node: None,
+                    down: None,
                 });
             }
             Action::Remove { id, .. } => world.retain(|a| &a.id != id),
@@ -355,6 +359,8 @@ prop_compose! {
             busy,
             probe_only: false,
             finished_ms: (state == RunState::Exited).then_some(1_000),
+            node: None,
+            down: None,
         }
     }
 }
