@@ -554,7 +554,8 @@ mod tests {
             .unwrap()
             .get("node")
             .is_none());
-        r.views.insert(name("b"), view("b", Some("rack3-agent-host")));
+        r.views
+            .insert(name("b"), view("b", Some("rack3-agent-host")));
         let swarm = table(&r);
         let lines: Vec<&str> = swarm.lines().collect();
         assert_eq!(
