@@ -170,6 +170,11 @@ mount -o remount,rw /sys 2>/dev/null || true
 for d in /sys/fs/cgroup /sys/fs/cgroup/*; do mount -o remount,bind,rw "$d" 2>/dev/null || true; done
 mount --make-rshared / 2>/dev/null || true
 rm -f /run/docker.pid /run/docker/containerd/containerd.pid
+# A task never reaches an engine's unauthenticated API (this node's or another's): what comes
+# from this node's bridges (10.199/16, 10.200/16) to port 2375 is dropped before routing.
+for net in 10.199.0.0/16 10.200.0.0/16; do
+    iptables -t mangle -A PREROUTING -s "$net" -p tcp --dport 2375 -j DROP
+done
 exec dockerd --host=unix:///var/run/docker.sock --host=tcp://0.0.0.0:2375 --tls=false \
     --icc=false --storage-driver=overlay2 --mtu="${SWARM_NODE_MTU:-1400}" \
     --bip=10.199.0.1/24 --default-address-pool=base=10.200.0.0/16,size=24 "$@"

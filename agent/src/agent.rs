@@ -157,6 +157,14 @@ impl Agent {
     /// Opens the log file, the broker link and the job journal, and starts every part.
     fn start(settings: Settings) -> Result<Agent, AgentError> {
         let cfg = &settings.config;
+        if cfg.no_new_privileges {
+            // The container may lack `no-new-privileges` (a Swarm service on Engine 20.10
+            // cannot ask for it): set on the agent itself, the device process and every job
+            // inherit it, so no setuid program in them gains privileges.
+            if let Err(error) = nix::sys::prctl::set_no_new_privs() {
+                tracing::warn!(error = %error, "Could not set no_new_privs on the agent.");
+            }
+        }
         let (sinks, tap, tap_rx) = open_sinks(&settings)?;
         let mut reporter = Reporter::new(
             cfg,

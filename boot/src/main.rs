@@ -251,7 +251,6 @@ fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
 /// The system calls (x86_64 Linux), each retried on EINTR where it can be interrupted.
 mod sys {
     use core::arch::asm;
-    use core::ffi::CStr;
 
     use labvisor_boot::Errno;
 

@@ -279,6 +279,52 @@ fn a_swarm_lab_places_runs_moves_heals_and_is_adopted() {
         (lab.rows()["s3"]["node"] == "node3").then_some(())
     });
 
+    // s2 and s3 now share node3: a job on s3 reaches neither s2's agent (the node's bridge has
+    // inter-container traffic off) nor the manager's engine API; its process cannot gain
+    // privileges (the agent set no_new_privs: Engine 20.10 has no such service option).
+    let node3 = lab.swarm.node("node3").container.clone();
+    let s2_ctr = lab.swarm.docker_ok(
+        "node3",
+        &["ps", "-q", "--filter", "label=io.labvisor.sut=s2"],
+    );
+    let s2_ip = lab.swarm.docker_ok(
+        "node3",
+        &[
+            "inspect",
+            "-f",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &s2_ctr,
+        ],
+    );
+    lab.swarm.docker_ok(
+        "node3",
+        &[
+            "exec", "-d", &s2_ctr, "httpd", "-f", "-p", "7000", "-h", "/",
+        ],
+    );
+    wait_until("s2's listener, seen from its node", T, || {
+        labvisor_tests::docker(&["exec", &node3, "nc", "-w", "2", &s2_ip, "7000"])
+            .status
+            .success()
+            .then_some(())
+    });
+    let manager_ip = lab.swarm.node("node1").ip.clone();
+    let probe = format!(
+        "for t in {s2_ip}:7000 {manager_ip}:2375; do if nc -w 3 ${{t%:*}} ${{t#*:}} </dev/null; then echo reached $t; else echo blocked $t; fi; done; grep NoNewPrivs /proc/self/status"
+    );
+    let out = lab.cli(&["submit", "s3", "--follow", "--", "sh", "-c", &probe]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!("blocked {s2_ip}:7000")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("blocked {manager_ip}:2375")),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("reached"), "{stdout}");
+    assert!(stdout.contains("NoNewPrivs:\t1"), "{stdout}");
+
     // s1's agent stops (SIGSTOP): its heartbeat goes stale, Docker's probe fails, Swarm
     // replaces the task on the same node. The supervisor restarts nothing itself.
     let container = lab.swarm.docker_ok(
