@@ -393,6 +393,10 @@ impl Topics {
     pub fn sut_views_filter(&self) -> String {
         format!("{}+/supervisor", self.prefix)
     }
+    /// `+/output`: filter for every SUT's output (a follower of the whole lab).
+    pub fn outputs_filter(&self) -> String {
+        format!("{}+/output", self.prefix)
+    }
 
     /// Splits a topic built by this [`Topics`] into its SUT and kind; `None` for anything else.
     pub fn parse(&self, topic: &str) -> Option<(SutName, SutTopic)> {
