@@ -81,6 +81,10 @@ struct Args {
     /// mosquitto_passwd.
     #[arg(long, default_value = "mosquitto_passwd")]
     mosquitto_passwd: PathBuf,
+    /// mosquitto's soft open-files limit (default: raised to its hard limit); e.g. 1024, the
+    /// usual default, to see what a broker left at it does with more agents.
+    #[arg(long)]
+    broker_nofile: Option<u64>,
 }
 
 /// What every task counts.
@@ -187,7 +191,13 @@ async fn run(args: Args) -> Result<()> {
         &local_password,
     )?;
     let passwd_secs = t_passwd.elapsed().as_secs_f64();
-    let mut broker = start_mosquitto(&args.mosquitto, &conf, work.path(), port).await?;
+    let mut broker = start_mosquitto(
+        &args.mosquitto,
+        &conf,
+        (work.path(), port),
+        args.broker_nofile,
+    )
+    .await?;
     let pid = broker.id().context("mosquitto pid")?;
     let tck = clock_ticks()?;
 
@@ -726,18 +736,19 @@ fn hand_to_mosquitto(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Starts mosquitto with its soft open-files limit raised to the hard one, and waits until it
-/// listens.
+/// Starts mosquitto with its soft open-files limit raised to the hard one (or set to
+/// `nofile`), and waits until it listens.
 async fn start_mosquitto(
     bin: &Path,
     conf: &Path,
-    dir: &Path,
-    port: u16,
+    (dir, port): (&Path, u16),
+    nofile: Option<u64>,
 ) -> Result<tokio::process::Child> {
     let log = std::fs::File::create(dir.join("mosquitto.log"))?;
+    let limit = nofile.map_or_else(|| "\"$(ulimit -Hn)\"".to_owned(), |n| n.to_string());
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
-        .arg("ulimit -n \"$(ulimit -Hn)\" && exec \"$0\" -c \"$1\"")
+        .arg(format!("ulimit -n {limit} && exec \"$0\" -c \"$1\""))
         .arg(bin)
         .arg(conf)
         .stderr(log)
