@@ -358,6 +358,14 @@ async fn run(args: Args) -> Result<()> {
     let self_share = (self_b - self_a) as f64 / tck / secs;
     let mut read_ms: Vec<u64> = reads.iter().map(|(ms, _)| *ms).collect();
     read_ms.sort_unstable();
+    let subs: Vec<serde_json::Value> = [("supervisor", &sup), ("output_follower", &follow)]
+        .iter()
+        .map(|(n, l)| {
+            let st = l.state();
+            json!({"name": n, "connects": st.connects, "errors": st.errors,
+                   "last_error": st.last_error})
+        })
+        .collect();
     let out = json!({
         "agents": args.agents,
         "hosts": args.hosts,
@@ -402,6 +410,7 @@ async fn run(args: Args) -> Result<()> {
             "last_job": {"acked": want_last, "received": got_last},
             "output": {"sent": want_output, "received": got_output, "dropped_by_link": dropped},
         },
+        "subscribers": subs,
         "link_connects": connects,
         "link_errors": errors,
     });
