@@ -497,6 +497,7 @@ mod tests {
         let s = sut("x1");
         assert_eq!(t.agent(&s), "site/lab1/x1/agent");
         assert_eq!(t.agents_filter(), "site/lab1/+/agent");
+        assert_eq!(t.outputs_filter(), "site/lab1/+/output");
         assert_eq!(
             t.supervisor_status_filter(),
             "site/lab1/labvisor/supervisors/+/status"
