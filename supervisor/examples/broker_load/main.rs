@@ -22,18 +22,20 @@
 //! that starts it); this tool refuses to start when its own limit is below what N connections
 //! need.
 
+mod consume;
 mod model;
+mod tally;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use labvisor_mqtt::{LinkOptions, Message, MqttLink, QoS};
-use labvisor_protocol::payloads::{new_job_id, now_ms, random_id, AgentStatus};
+use labvisor_protocol::payloads::{new_job_id, now_ms, random_id};
 use labvisor_protocol::topics::{JobId, SutTopic, Topics};
 use labvisor_protocol::{SutName, MAX_PACKET_SIZE};
 use labvisor_supervisor::broker::{managed_acl, mosquitto_conf, LOCAL_USER, SUPERVISOR_USER};
@@ -85,6 +87,12 @@ struct Args {
     /// usual default, to see what a broker left at it does with more agents.
     #[arg(long)]
     broker_nofile: Option<u64>,
+    /// Run as the consumers' process (started by the load tool itself, see `consume.rs`).
+    #[arg(long, hide = true)]
+    consume: bool,
+    /// The broker's port, with `--consume`.
+    #[arg(long, hide = true)]
+    port: Option<u16>,
 }
 
 /// What every task counts.
@@ -95,15 +103,11 @@ struct Counters {
     output_sent: AtomicU64,
     /// `<sut>/output` only (what the follower gets).
     output_sut_sent: AtomicU64,
+    /// Lines in the `<sut>/output` messages.
+    output_sut_lines: AtomicU64,
     job_sent: AtomicU64,
     last_job_sent: AtomicU64,
     bytes_sent: AtomicU64,
-    sup_status: AtomicU64,
-    sup_last_job: AtomicU64,
-    follow_output: AtomicU64,
-    /// Status delivery latencies (ms) while `measuring`.
-    latencies: Mutex<Vec<u64>>,
-    measuring: std::sync::atomic::AtomicBool,
 }
 
 impl Counters {
@@ -112,11 +116,6 @@ impl Counters {
             + self.output_sent.load(Ordering::Relaxed)
             + self.job_sent.load(Ordering::Relaxed)
             + self.last_job_sent.load(Ordering::Relaxed)
-    }
-    fn received(&self) -> u64 {
-        self.sup_status.load(Ordering::Relaxed)
-            + self.sup_last_job.load(Ordering::Relaxed)
-            + self.follow_output.load(Ordering::Relaxed)
     }
 }
 
@@ -141,6 +140,13 @@ struct AgentSpec {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.consume {
+        let port = args.port.context("--consume needs --port")?;
+        return tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(consume::run(port, args.no_acl));
+    }
     if args.agents == 0 || args.hosts == 0 || args.hosts > args.agents {
         bail!("need 1 <= hosts <= agents");
     }
@@ -213,21 +219,9 @@ async fn run(args: Args) -> Result<()> {
         stop: CancellationToken::new(),
     });
 
-    // 2. The supervisor-like subscriber and the output follower, before the agents.
-    let sup = subscriber(
-        &shared,
-        "labvisor-supervisor-bench",
-        (SUPERVISOR_USER, &sup_password),
-        &[topics.agents_filter(), topics.last_jobs_filter()],
-    )
-    .await?;
-    let follow = subscriber(
-        &shared,
-        "labvisor-logs-bench",
-        (LOCAL_USER, &local_password),
-        &[topics.outputs_filter()],
-    )
-    .await?;
+    // 2. The supervisor-like subscriber and the output follower, in a process of their own,
+    //    subscribed before the agents start.
+    let mut consumer = Consumer::start(port, args.no_acl, &sup_password, &local_password).await?;
 
     // 3. The connect storm: every agent at once.
     let cpu0 = proc_cpu_ticks(pid)?;
@@ -240,10 +234,16 @@ async fn run(args: Args) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while shared.c.connected.load(Ordering::Relaxed) < args.agents as u64 {
         if Instant::now() > deadline {
+            let log = std::fs::read_to_string(work.path().join("mosquitto.log"))
+                .unwrap_or_default();
+            let open = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+            let limit = open_files_limit(&pid.to_string()).unwrap_or(0);
             bail!(
-                "only {} of {} agents connected within 120 s",
+                "only {} of {} agents connected within 120 s (mosquitto: {open} open files, \
+                 limit {limit}); mosquitto's log:\n{}",
                 shared.c.connected.load(Ordering::Relaxed),
-                args.agents
+                args.agents,
+                log_summary(&log)
             );
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -259,12 +259,8 @@ async fn run(args: Args) -> Result<()> {
         local_password.clone(),
         args.window,
     ));
-    shared.c.measuring.store(true, Ordering::Relaxed);
-    let (sent0, recv0, bytes0) = (
-        shared.c.sent(),
-        shared.c.received(),
-        shared.c.bytes_sent.load(Ordering::Relaxed),
-    );
+    consumer.send("measure").await?;
+    let (sent0, bytes0) = (shared.c.sent(), shared.c.bytes_sent.load(Ordering::Relaxed));
     let by_kind0 = kinds(&shared.c);
     let (cpu_a, self_a) = (proc_cpu_ticks(pid)?, proc_cpu_ticks_self()?);
     let w0 = Instant::now();
@@ -275,13 +271,9 @@ async fn run(args: Args) -> Result<()> {
     }
     let secs = w0.elapsed().as_secs_f64();
     let (cpu_b, self_b) = (proc_cpu_ticks(pid)?, proc_cpu_ticks_self()?);
-    let (sent1, recv1, bytes1) = (
-        shared.c.sent(),
-        shared.c.received(),
-        shared.c.bytes_sent.load(Ordering::Relaxed),
-    );
+    consumer.send("end").await?;
+    let (sent1, bytes1) = (shared.c.sent(), shared.c.bytes_sent.load(Ordering::Relaxed));
     let by_kind1 = kinds(&shared.c);
-    shared.c.measuring.store(false, Ordering::Relaxed);
     let rss_kib = status_kib(pid, "VmRSS")?;
     let hwm_kib = status_kib(pid, "VmHWM")?;
     let pss_kib = pss_kib(pid).unwrap_or(0);
@@ -325,47 +317,15 @@ async fn run(args: Args) -> Result<()> {
     let want_status = c.status_sent.load(Ordering::Relaxed) - coalesced;
     let want_last = c.last_job_sent.load(Ordering::Relaxed);
     let want_output = c.output_sut_sent.load(Ordering::Relaxed);
-    let mut quiet_since = (Instant::now(), c.received());
-    loop {
-        let done = c.sup_status.load(Ordering::Relaxed) >= want_status
-            && c.sup_last_job.load(Ordering::Relaxed) >= want_last
-            && c.follow_output.load(Ordering::Relaxed) + dropped >= want_output;
-        if done {
-            break;
-        }
-        let now = c.received();
-        if now != quiet_since.1 {
-            quiet_since = (Instant::now(), now);
-        } else if quiet_since.0.elapsed() > Duration::from_secs(5) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let got_status = c.sup_status.load(Ordering::Relaxed);
-    let got_last = c.sup_last_job.load(Ordering::Relaxed);
-    let got_output = c.follow_output.load(Ordering::Relaxed);
-    let mut lat = std::mem::take(&mut *c.latencies.lock().expect("latencies"));
-    lat.sort_unstable();
-    let q = |p: f64| -> u64 {
-        if lat.is_empty() {
-            0
-        } else {
-            lat[((lat.len() - 1) as f64 * p).round() as usize]
-        }
-    };
+    let want_lines = c.output_sut_lines.load(Ordering::Relaxed);
+    let consumed = consumer
+        .finish(&format!("finish {want_status} {want_last} {want_output}"))
+        .await?;
     let model = model::lab(&profile, args.agents, args.busy_share);
     let cpu_share = (cpu_b - cpu_a) as f64 / tck / secs;
     let self_share = (self_b - self_a) as f64 / tck / secs;
     let mut read_ms: Vec<u64> = reads.iter().map(|(ms, _)| *ms).collect();
     read_ms.sort_unstable();
-    let subs: Vec<serde_json::Value> = [("supervisor", &sup), ("output_follower", &follow)]
-        .iter()
-        .map(|(n, l)| {
-            let st = l.state();
-            json!({"name": n, "connects": st.connects, "errors": st.errors,
-                   "last_error": st.last_error})
-        })
-        .collect();
     let out = json!({
         "agents": args.agents,
         "hosts": args.hosts,
@@ -395,29 +355,35 @@ async fn run(args: Args) -> Result<()> {
         },
         "load_tool_cpu_share": self_share,
         "msgs_in_per_s": (sent1 - sent0) as f64 / secs,
-        "msgs_out_per_s": (recv1 - recv0) as f64 / secs,
+        "msgs_out_per_s": consumed["window_msgs"].as_f64().unwrap_or(0.0)
+            / consumed["window_s"].as_f64().unwrap_or(f64::NAN),
         "bytes_in_per_s": (bytes1 - bytes0) as f64 / secs,
         "in_by_kind_per_s": {
             "status": (by_kind1[0] - by_kind0[0]) as f64 / secs,
             "output": (by_kind1[1] - by_kind0[1]) as f64 / secs,
             "job": (by_kind1[2] - by_kind0[2]) as f64 / secs,
         },
-        "status_latency_ms": {"p50": q(0.5), "p99": q(0.99), "max": lat.last().copied().unwrap_or(0),
-                              "samples": lat.len()},
+        "status_latency_ms": consumed["status_latency_ms"],
         "status_reads": reads.iter().map(|(ms, n)| json!({"ms": ms, "statuses": n})).collect::<Vec<_>>(),
+        // Unique live deliveries against what the agents' links had acknowledged (statuses,
+        // last jobs) or sent (output, less what their links dropped); retained re-deliveries
+        // and duplicates apart.
         "delivery": {
-            "status": {"acked": want_status, "received": got_status, "coalesced": coalesced},
-            "last_job": {"acked": want_last, "received": got_last},
-            "output": {"sent": want_output, "received": got_output, "dropped_by_link": dropped},
+            "status": consumed["status"],
+            "status_coalesced": coalesced,
+            "last_job": consumed["last_job"],
+            "output": consumed["output"],
+            "output_sent": want_output,
+            "output_dropped_by_link": dropped,
+            "output_lines": {"sent": want_lines, "received": consumed["output_lines_received"]},
         },
-        "subscribers": subs,
+        "consumer_process_cpu_share": consumed["cpu_share_of_one_core"],
+        "subscribers": consumed["subscribers"],
         "link_connects": connects,
         "link_errors": errors,
     });
     println!("{out}");
     drop(links);
-    drop(sup);
-    drop(follow);
     stop_mosquitto(&mut broker).await;
     Ok(())
 }
@@ -440,51 +406,82 @@ fn options(s: &Shared, client_id: &str, host: &str, login: (&str, &str)) -> Link
     o
 }
 
-/// A QoS 1 subscriber that counts what it gets (the supervisor's statuses and last jobs, or
-/// output), connected before it returns.
-async fn subscriber(
-    s: &Arc<Shared>,
-    client_id: &str,
-    login: (&str, &str),
-    filters: &[String],
-) -> Result<MqttLink> {
-    let mut o = options(s, client_id, "127.0.0.1", login);
-    o.incoming_capacity = 65_536;
-    o.queue_capacity = 65_536;
-    let (link, mut incoming) = MqttLink::start(o)?;
-    for f in filters {
-        link.subscribe(f.clone(), QoS::AtLeastOnce)?;
+/// The consumers' process (`--consume`, see `consume.rs`): this binary again.
+struct Consumer {
+    child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    stdout: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Consumer {
+    /// Starts it and waits until both its clients are subscribed.
+    async fn start(port: u16, no_acl: bool, sup_password: &str, local_password: &str) -> Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+        cmd.arg("--consume").arg("--port").arg(port.to_string());
+        if no_acl {
+            cmd.arg("--no-acl");
+        }
+        let mut child = cmd
+            .env(consume::SUPERVISOR_PASSWORD_ENV, sup_password)
+            .env(consume::LOCAL_PASSWORD_ENV, local_password)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting the consumers' process")?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().context("stdout")?).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(15), stdout.next_line())
+            .await
+            .context("the consumers' process was not ready within 15 s")??;
+        if ready.as_deref() != Some("ready") {
+            bail!("the consumers' process said {ready:?}, not `ready`");
+        }
+        Ok(Consumer { child, stdin, stdout })
     }
-    let mut st = link.watch_state();
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while st.borrow_and_update().subacks < filters.len() as u64 {
-            st.changed().await?;
+
+    async fn send(&mut self, line: &str) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    /// Sends `finish ...` and returns its report.
+    async fn finish(mut self, line: &str) -> Result<serde_json::Value> {
+        self.send(line).await?;
+        let report = tokio::time::timeout(Duration::from_secs(120), self.stdout.next_line())
+            .await
+            .context("no report from the consumers' process within 120 s")??
+            .context("the consumers' process ended without a report")?;
+        let st = self.child.wait().await?;
+        if !st.success() {
+            bail!("the consumers' process failed: {st}");
         }
-        anyhow::Ok(())
-    })
-    .await
-    .context("subscriber did not get its SUBACKs")??;
-    let sh = s.clone();
-    tokio::spawn(async move {
-        while let Some(m) = incoming.recv().await {
-            let c = &sh.c;
-            let kind = sh.topics.parse(&m.topic).map(|(_, k)| k);
-            if kind == Some(SutTopic::Agent) {
-                c.sup_status.fetch_add(1, Ordering::Relaxed);
-                if c.measuring.load(Ordering::Relaxed) {
-                    if let Ok(st) = serde_json::from_slice::<AgentStatus>(&m.payload) {
-                        let lat = now_ms().saturating_sub(st.time_ms);
-                        c.latencies.lock().expect("latencies").push(lat);
-                    }
-                }
-            } else if kind == Some(SutTopic::LastJob) {
-                c.sup_last_job.fetch_add(1, Ordering::Relaxed);
-            } else if kind == Some(SutTopic::Output) {
-                c.follow_output.fetch_add(1, Ordering::Relaxed);
-            }
+        Ok(serde_json::from_str(&report)?)
+    }
+}
+
+/// mosquitto's log, each distinct line once with its count (a full broker repeats its error
+/// per refused connection).
+fn log_summary(log: &str) -> String {
+    let mut seen: Vec<(String, u64)> = Vec::new();
+    for line in log.lines() {
+        // Drop the leading timestamp ("1764700000: ...").
+        let text = line
+            .split_once(": ")
+            .filter(|(t, _)| t.chars().all(|c| c.is_ascii_digit()))
+            .map_or(line, |(_, rest)| rest);
+        match seen.iter_mut().find(|(l, _)| l == text) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((text.to_owned(), 1)),
         }
-    });
-    Ok(link)
+    }
+    seen.iter()
+        .map(|(l, n)| format!("{n} x {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Every 20 s of the window, a client reads every retained status as `labvisor status` does:
@@ -595,6 +592,8 @@ async fn agent(a: AgentSpec, s: Arc<Shared>) -> Result<MqttLink> {
     let gap = model::batch_interval(p);
     let lines = model::lines_per_batch(p.lines_per_sec, p.line_bytes);
     let mut first_job = true;
+    // Output messages on each topic, from 0 for the agent's run (as `OutputMeta::seq`).
+    let mut n = 0u64;
     loop {
         let job = a.busy.then(new_job_id);
         let job_end = tokio::time::Instant::now()
@@ -605,7 +604,7 @@ async fn agent(a: AgentSpec, s: Arc<Shared>) -> Result<MqttLink> {
             };
         first_job = false;
         let mut out_tick = tokio::time::interval(gap);
-        let (t_start, mut job_bytes, mut n) = (now_ms(), 0u64, 0u64);
+        let (t_start, mut job_bytes) = (now_ms(), 0u64);
         if let Some(id) = &job {
             let [queued, running, _] = model::job_statuses(&a.sut, id, t_start, t_start, 0);
             publish(
@@ -632,6 +631,7 @@ async fn agent(a: AgentSpec, s: Arc<Shared>) -> Result<MqttLink> {
                         s.c.output_sent.fetch_add(1, Ordering::Relaxed);
                         if sut_topic {
                             s.c.output_sut_sent.fetch_add(1, Ordering::Relaxed);
+                            s.c.output_sut_lines.fetch_add(lines, Ordering::Relaxed);
                         }
                         s.c.bytes_sent.fetch_add(text.len() as u64, Ordering::Relaxed);
                         let _ = link.publish_output(m);
