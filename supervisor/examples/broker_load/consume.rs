@@ -149,7 +149,6 @@ pub async fn run(port: u16, no_acl: bool) -> Result<()> {
         }
         _ => (0, 0.0, 0.0),
     };
-    let t = state.tally.lock().expect("tally");
     let kind = |k: &crate::tally::Kind, want: u64| {
         json!({"acked": want, "received": k.delivered, "duplicates": k.duplicates,
                "retained_redeliveries": k.retained, "unreadable": k.unreadable})
@@ -163,7 +162,9 @@ pub async fn run(port: u16, no_acl: bool) -> Result<()> {
                    "last_error": st.last_error})
         })
         .collect();
-    let out = json!({
+    let out = {
+        let t = state.tally.lock().expect("tally");
+        json!({
         "status": kind(&t.status, want[0]),
         "last_job": kind(&t.last_job, want[1]),
         "output": kind(&t.output, want[2]),
@@ -174,8 +175,8 @@ pub async fn run(port: u16, no_acl: bool) -> Result<()> {
         "status_latency_ms": {"p50": q(0.5), "p99": q(0.99), "max": lat.last().copied().unwrap_or(0),
                               "samples": lat.len()},
         "subscribers": subs,
-    });
-    drop(t);
+        })
+    };
     println!("{out}");
     let _ = sup.shutdown(Vec::new(), Duration::from_secs(2)).await;
     let _ = follow.shutdown(Vec::new(), Duration::from_secs(2)).await;

@@ -2,17 +2,20 @@
 //! its own MQTT connection, client id and login, publish what labvisor agents publish (the
 //! rates and payloads of [`model`]) to a real mosquitto configured as the managed broker is
 //! (`labvisor_supervisor::broker::{mosquitto_conf, managed_acl}`: a password file with one
-//! login per SUT, the supervisor's and the local tools', the per-SUT ACL, persistence). One
-//! client subscribes as the supervisor does (`+/agent`, `+/last_job`, QoS 1, its own login),
-//! one follows `+/output` (QoS 1, as `labvisor logs -f` over every SUT would), and every 20 s a
-//! client reads every retained status as `labvisor status` does (QoS 0, local login).
+//! login per SUT, the supervisor's and the local tools', the per-SUT ACL, persistence). In a
+//! process of their own (this binary with `--consume`, see `consume.rs`), one client
+//! subscribes as the supervisor does (`+/agent`, `+/last_job`, QoS 1, its own login) and one
+//! follows `+/output` (QoS 1, as `labvisor logs -f` over every SUT would); every 20 s a client
+//! of this process reads every retained status as `labvisor status` does (QoS 0, local login).
 //!
 //! Measured over a steady window after all agents connected (default 60 s): mosquitto's CPU
 //! (utime + stime from `/proc/<pid>/stat`, as a share of one core), RSS, PSS and peak RSS, its
 //! open files, messages in and out per second (our counters), the connect storm (all logins
 //! at once), the status delivery latency to the supervisor-like client, and exact delivery
-//! counts: statuses and last jobs the agents' links had acknowledged against those the
-//! supervisor-like client received, output sent against output the follower received. Prints
+//! counts: statuses and last jobs the agents' links had acknowledged against the unique live
+//! ones the supervisor-like client received, output messages and lines sent against those the
+//! follower received (retained re-deliveries and duplicates apart, `tally.rs`), and the
+//! consumers' reconnects. Prints
 //! one JSON object on stdout. The agents connect to the agents' listener (`127.0.0.2`), the
 //! other clients to loopback (`127.0.0.1`), as with the managed broker.
 //!
@@ -234,8 +237,8 @@ async fn run(args: Args) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while shared.c.connected.load(Ordering::Relaxed) < args.agents as u64 {
         if Instant::now() > deadline {
-            let log = std::fs::read_to_string(work.path().join("mosquitto.log"))
-                .unwrap_or_default();
+            let log =
+                std::fs::read_to_string(work.path().join("mosquitto.log")).unwrap_or_default();
             let open = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
             let limit = open_files_limit(&pid.to_string()).unwrap_or(0);
             bail!(
@@ -415,7 +418,12 @@ struct Consumer {
 
 impl Consumer {
     /// Starts it and waits until both its clients are subscribed.
-    async fn start(port: u16, no_acl: bool, sup_password: &str, local_password: &str) -> Result<Self> {
+    async fn start(
+        port: u16,
+        no_acl: bool,
+        sup_password: &str,
+        local_password: &str,
+    ) -> Result<Self> {
         use tokio::io::AsyncBufReadExt;
         let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
         cmd.arg("--consume").arg("--port").arg(port.to_string());
@@ -438,7 +446,11 @@ impl Consumer {
         if ready.as_deref() != Some("ready") {
             bail!("the consumers' process said {ready:?}, not `ready`");
         }
-        Ok(Consumer { child, stdin, stdout })
+        Ok(Consumer {
+            child,
+            stdin,
+            stdout,
+        })
     }
 
     async fn send(&mut self, line: &str) -> Result<()> {

@@ -136,7 +136,11 @@ mod tests {
         assert!(!t.last_job(&done('a'), false));
         assert!(!t.last_job(&done('b'), true));
         assert_eq!(
-            (t.last_job.delivered, t.last_job.duplicates, t.last_job.retained),
+            (
+                t.last_job.delivered,
+                t.last_job.duplicates,
+                t.last_job.retained
+            ),
             (2, 1, 1)
         );
     }
