@@ -7,6 +7,8 @@
 #   tools/bench.sh --quick    fewer and smaller runs (under 3 minutes once built)
 #   tools/bench.sh --only output-throughput [--only ...]   some figures; BENCHMARKS.md untouched
 #   tools/bench.sh --only scale-500 [--scale-n N]          the 500-SUT group alone (N SUTs)
+#   tools/bench.sh --only broker-1000                      the broker's load for 1000 agents over
+#                                                          10 hosts (about 4 min; needs no Docker)
 #   tools/bench.sh --no-write | --note TEXT                see bench/run.py --help
 #
 # The scale-500 group runs in the full run only (a quick run leaves it out unless named with
@@ -18,18 +20,24 @@
 # On exit, also on failure or Ctrl-C, it stops that mosquitto, removes every Docker container,
 # volume and network labelled io.labvisor.bench.run=<this run's id>, and deletes its scratch
 # directory. Nothing is timed-asserted: the command reports figures, it does not judge them.
+# The broker-1000 group (full run, or named) also builds supervisor/examples/broker_load, which
+# starts its own mosquitto per run; this script raises the open-files limit (ulimit -n) to the
+# hard limit for it, and with --only broker-1000 alone, Docker is neither needed nor touched.
 set -euo pipefail
-quick=0 only="" scale=0 prev=""
+quick=0 only="" scale=0 prev="" docker_needed=0
 for a in "$@"; do
     case "$a" in
         -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         --quick) quick=1 ;;
-        --only=*) only=1; [ "${a#--only=}" != scale-500 ] || scale=1 ;;
+        --only=*) only=1; [ "${a#--only=}" != scale-500 ] || scale=1
+                  [ "${a#--only=}" = broker-1000 ] || docker_needed=1 ;;
         --only) only=1 ;;
         scale-500) [ "$prev" != --only ] || scale=1 ;;
     esac
+    if [ "$prev" = --only ] && [ "$a" != broker-1000 ]; then docker_needed=1; fi
     prev=$a
 done
+if [ -z "$only" ]; then docker_needed=1; fi
 # The scale-500 group (and its Python baseline's image) runs in a full run, or when named.
 if [ -z "$only" ] && [ "$quick" = 0 ]; then scale=1; fi
 
@@ -84,7 +92,11 @@ for p in mosquitto python3 docker /usr/bin/time; do
         exit 1
     fi
 done
-docker info >/dev/null 2>&1 || { echo "bench.sh: no Docker engine answers" >&2; exit 1; }
+if [ "$docker_needed" = 1 ]; then
+    docker info >/dev/null 2>&1 || { echo "bench.sh: no Docker engine answers" >&2; exit 1; }
+fi
+# The broker-1000 group opens 1000 connections on each side of its mosquitto.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # 1. What is measured: the static binaries, the busybox image.
 log "building the static supervisor, agent and healthcheck"
@@ -93,7 +105,12 @@ tools/build-static.sh --quiet >&2
 # and flags, so the dependencies built for them are reused).
 cargo build --quiet --release --target x86_64-unknown-linux-gnu -p labvisor --example bollard_loop \
     --config "target.x86_64-unknown-linux-gnu.rustflags=['-C','target-feature=+crt-static']" >&2
-tools/build-images.sh busybox >&2
+# The broker-1000 group's load tool, built alike.
+cargo build --quiet --release --target x86_64-unknown-linux-gnu -p labvisor --example broker_load \
+    --config "target.x86_64-unknown-linux-gnu.rustflags=['-C','target-feature=+crt-static']" >&2
+if [ "$docker_needed" = 1 ]; then
+    tools/build-images.sh busybox >&2
+fi
 if [ "$scale" = 1 ]; then
     tools/build-images.sh tf-style >&2
 fi

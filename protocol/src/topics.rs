@@ -393,6 +393,10 @@ impl Topics {
     pub fn sut_views_filter(&self) -> String {
         format!("{}+/supervisor", self.prefix)
     }
+    /// `+/output`: filter for every SUT's output (a follower of the whole lab).
+    pub fn outputs_filter(&self) -> String {
+        format!("{}+/output", self.prefix)
+    }
 
     /// Splits a topic built by this [`Topics`] into its SUT and kind; `None` for anything else.
     pub fn parse(&self, topic: &str) -> Option<(SutName, SutTopic)> {
@@ -493,6 +497,7 @@ mod tests {
         let s = sut("x1");
         assert_eq!(t.agent(&s), "site/lab1/x1/agent");
         assert_eq!(t.agents_filter(), "site/lab1/+/agent");
+        assert_eq!(t.outputs_filter(), "site/lab1/+/output");
         assert_eq!(
             t.supervisor_status_filter(),
             "site/lab1/labvisor/supervisors/+/status"

@@ -69,7 +69,7 @@ use std::time::{Duration, Instant};
 
 pub use labvisor_protocol::payloads::ManagedBrokerStatus;
 pub use logins::AgentLogins;
-pub use state::{default_state_dir, local_login};
+pub use state::{default_state_dir, local_login, managed_acl, mosquitto_conf};
 
 use process::{Launch, StopFlag};
 

@@ -147,8 +147,9 @@ fn acl_text(topics: &Topics, legacy: bool) -> String {
 const MAX_QUEUED: u32 = 10_000;
 
 /// `mosquitto.conf`: persistence in `state_dir`, the loopback listener and the agents' one on
-/// `gateway` (TLS with `agent_tls`), both with the password file and ACL (`files`).
-fn mosquitto_conf(
+/// `gateway` (TLS with `agent_tls`), both with the password file and ACL (`files`). Public for
+/// the broker-load benchmark (`examples/broker_load`), which runs a mosquitto configured alike.
+pub fn mosquitto_conf(
     state_dir: &Path,
     (port, gateway): (u16, IpAddr),
     (passwd, acl): (&Path, &Path),
@@ -191,7 +192,7 @@ fn mosquitto_conf(
 /// maintenance), ask for a rolling restart and publish their end marker; each agent
 /// (logged in as its SUT) reads and writes its own topics and writes its reply space, nothing
 /// else; a login named `labvisor` (never a SUT: the name is reserved) gets nothing.
-fn managed_acl(topics: &Topics) -> String {
+pub fn managed_acl(topics: &Topics) -> String {
     let [local_space, local_replies] = topics.login_spaces(LOCAL_USER);
     let [sup_space, sup_replies] = topics.login_spaces(SUPERVISOR_USER);
     format!(
