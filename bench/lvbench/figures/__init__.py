@@ -11,13 +11,15 @@ from typing import Callable
 
 from ..harness import Ctx, Row
 from . import (agent_idle_rss, cold_start, healthcheck_docker, healthcheck_exec, hot_add,
-               job_dispatch, output_throughput, scale_500, scaling_curve, supervisor_footprint)
+               job_dispatch, output_throughput, scale_500, scaling_curve, supervisor_footprint,
+               swarm_50)
 
 FIGURES: dict[str, Callable[[Ctx], list[Row]]] = {
     m.KEY: m.bench
     for m in (output_throughput, agent_idle_rss, healthcheck_exec, healthcheck_docker,
-              job_dispatch, cold_start, hot_add, supervisor_footprint, scaling_curve, scale_500)
+              job_dispatch, cold_start, hot_add, supervisor_footprint, scaling_curve, scale_500,
+              swarm_50)
 }
 
-# The 500-SUT group takes minutes: the quick run keeps its time.
-FULL_ONLY = {scale_500.KEY}
+# The 500-SUT and the swarm groups take minutes: the quick run keeps its time.
+FULL_ONLY = {scale_500.KEY, swarm_50.KEY}
