@@ -5,19 +5,24 @@
 //! Under `labvisor supervise --runtime swarm` each SUT is a Swarm service whose task may run on
 //! any node. The static agent (several MiB) must reach every node, but:
 //!
-//! - a Docker config, the one thing Swarm delivers to every node on its own, holds at most
-//!   500 KiB;
+//! - a Docker config, the one thing Swarm delivers to every node on its own, holds less than
+//!   1000 KiB (Engine 20.10 refuses 1,024,000 bytes; the static agent is about 7 MiB, the static
+//!   healthcheck about 1.2 MiB);
 //! - labvisor runs no registry of its own, and lab images stay the lab's;
 //! - a host path would need the binary installed on every node beforehand;
 //! - a task's filesystem may be read-only or `noexec`, so the agent cannot be written to a
 //!   file and run from there.
 //!
-//! So the supervisor cuts the agent into numbered parts, one config each (mounted read-only,
-//! by default under `/labvisor/bin/agent.parts/`), next to a `manifest` config, and makes this
-//! small binary (itself one config, mode 0555) the task's entrypoint. It concatenates the parts
-//! in order into an anonymous memory file (`memfd_create("labvisor-agent", MFD_CLOEXEC)`),
-//! checks the size against the manifest, and executes that file (`execveat(fd, "", …,
-//! AT_EMPTY_PATH)`) with its own arguments and environment, `argv[0]` being `labvisor-agent`.
+//! So the supervisor cuts the agent into numbered parts, one config each (mounted read-only
+//! under `/labvisor/bin/labvisor-agent.parts/`), next to a `manifest` config, and mounts this
+//! small binary (itself one config, mode 0555) at `/labvisor/bin/labvisor-agent`, the task's
+//! entrypoint. It concatenates the parts in order into an anonymous memory file
+//! (`memfd_create(<its base name>, MFD_CLOEXEC)`), checks the size against the manifest, and
+//! executes that file (`execveat(fd, "", …, AT_EMPTY_PATH)`) with its own arguments (its name
+//! included) and environment. The healthcheck, too large for one config as well, travels the
+//! same way: the same binary at `/labvisor/bin/labvisor-healthcheck` joins
+//! `/labvisor/bin/labvisor-healthcheck.parts/`, so Docker's HEALTHCHECK and `docker exec` run
+//! the paths they run under the local runtime.
 //! No writable or executable filesystem is needed; the agent's process replaces this one (same
 //! PID, same signals).
 //!
@@ -38,7 +43,7 @@
 //!
 //! # The parts directory
 //!
-//! `LABVISOR_BOOT_PARTS` (default [`DEFAULT_PARTS_DIR`]) holds `000`, `001`, … (three digits
+//! The directory `<argv[0]>.parts` ([`parts_dir_of`]; `LABVISOR_BOOT_PARTS` overrides it) holds `000`, `001`, … (three digits
 //! at least) and `manifest`, whose lines are `key=value`: `parts=<n>` (how many parts, 1 to
 //! [`MAX_PARTS`]) and `size=<bytes>` (their total size). Empty lines are skipped; any other line
 //! is an error.
@@ -56,20 +61,30 @@ extern crate std;
 
 use core::fmt;
 
-/// Where the parts are, unless `LABVISOR_BOOT_PARTS` says otherwise.
-pub const DEFAULT_PARTS_DIR: &str = "/labvisor/bin/agent.parts";
+/// What is appended to the binary's own path (`argv[0]`) to name its parts directory:
+/// `/labvisor/bin/labvisor-agent` reads `/labvisor/bin/labvisor-agent.parts/`.
+pub const PARTS_SUFFIX: &str = ".parts";
 
-/// The variable that overrides [`DEFAULT_PARTS_DIR`].
+/// The variable that overrides the parts directory (`<argv[0]>.parts`).
 pub const PARTS_ENV: &str = "LABVISOR_BOOT_PARTS";
+
+/// Writes `<argv0>.parts` into `buf` and returns its length; a path too long for `buf` (less
+/// one byte for a NUL) is cut, and then names no directory.
+pub fn parts_dir_of(argv0: &[u8], buf: &mut [u8]) -> usize {
+    let room = buf.len().saturating_sub(1);
+    let mut n = 0;
+    for b in argv0.iter().chain(PARTS_SUFFIX.as_bytes()).take(room) {
+        buf[n] = *b;
+        n += 1;
+    }
+    n
+}
 
 /// The name of the manifest file in the parts directory.
 pub const MANIFEST: &str = "manifest";
 
 /// The largest manifest read (bytes).
 pub const MAX_MANIFEST: usize = 256;
-
-/// `argv[0]` of the executed agent.
-pub const AGENT_ARGV0: &str = "labvisor-agent";
 
 /// The exit status of every failure of the boot binary itself.
 pub const EXIT_FAILURE: u8 = 125;
@@ -259,7 +274,7 @@ impl fmt::Display for BootError {
         match self {
             BootError::NoDir(e) => write!(
                 f,
-                "no agent parts directory ({e}); set {PARTS_ENV} or deliver the parts there"
+                "no parts directory ({e}); deliver the parts at <this binary's path>.parts or set {PARTS_ENV}"
             ),
             BootError::NoManifest(e) => write!(f, "cannot read its {MANIFEST}: {e}"),
             BootError::Manifest(e) => write!(f, "bad {MANIFEST}: {e}"),

@@ -14,8 +14,8 @@ use core::ffi::CStr;
 use core::fmt::{self, Write};
 
 use labvisor_boot::{
-    join, BootError, Errno, JoinIo, Manifest, ManifestError, PartName, AGENT_ARGV0,
-    DEFAULT_PARTS_DIR, EXIT_FAILURE, MANIFEST, MAX_MANIFEST, PARTS_ENV,
+    join, parts_dir_of, BootError, Errno, JoinIo, Manifest, ManifestError, PartName, EXIT_FAILURE,
+    MANIFEST, MAX_MANIFEST, PARTS_ENV,
 };
 
 core::arch::global_asm!(
@@ -37,8 +37,17 @@ unsafe extern "C" fn start(sp: *mut usize) -> ! {
         let argv = sp.add(1) as *mut *const u8;
         (argv, argv.add(argc + 1) as *const *const u8)
     };
+    // SAFETY: `argv` holds `argc` strings then NULL; an empty argv gives an empty name.
+    let argv0 = unsafe {
+        if (*argv).is_null() {
+            &[][..]
+        } else {
+            c_bytes(*argv)
+        }
+    };
+    let mut dir_buf = [0u8; 4096];
     // SAFETY: `envp` is the kernel's NULL-terminated array of NUL-terminated strings.
-    let dir = unsafe { parts_dir(envp) };
+    let dir = unsafe { parts_dir(envp, argv0, &mut dir_buf) };
     // SAFETY: `argv` and `envp` are the kernel's arrays; `dir` is NUL-terminated.
     let err = unsafe { boot(dir, argv, envp) };
     let mut line = Line::default();
@@ -50,8 +59,9 @@ unsafe extern "C" fn start(sp: *mut usize) -> ! {
     sys::exit(EXIT_FAILURE.into())
 }
 
-/// `LABVISOR_BOOT_PARTS` when set and not empty, else the default; NUL-terminated.
-unsafe fn parts_dir(envp: *const *const u8) -> *const u8 {
+/// `LABVISOR_BOOT_PARTS` when set and not empty, else `<argv[0]>.parts` (written into
+/// `buf`); NUL-terminated.
+unsafe fn parts_dir(envp: *const *const u8, argv0: &[u8], buf: &mut [u8; 4096]) -> *const u8 {
     let mut p = envp;
     // SAFETY: (caller) NULL-terminated array of NUL-terminated strings.
     unsafe {
@@ -68,15 +78,13 @@ unsafe fn parts_dir(envp: *const *const u8) -> *const u8 {
             p = p.add(1);
         }
     }
-    DEFAULT_DIR.as_ptr().cast()
+    let n = parts_dir_of(argv0, &mut buf[..]);
+    buf[n] = 0;
+    buf.as_ptr()
 }
 
-/// [`DEFAULT_PARTS_DIR`], [`AGENT_ARGV0`] and [`MANIFEST`] as the C strings the kernel takes.
-const DEFAULT_DIR: &CStr = c"/labvisor/bin/agent.parts";
-const ARGV0: &CStr = c"labvisor-agent";
+/// [`MANIFEST`] as the C string the kernel takes.
 const MANIFEST_C: &CStr = c"manifest";
-const _: () = assert!(same(DEFAULT_DIR, DEFAULT_PARTS_DIR));
-const _: () = assert!(same(ARGV0, AGENT_ARGV0));
 const _: () = assert!(same(MANIFEST_C, MANIFEST));
 
 /// `c` without its NUL is `s` (checked at compile time).
@@ -105,7 +113,15 @@ unsafe fn boot(dir: *const u8, argv: *mut *const u8, envp: *const *const u8) -> 
         Ok(m) => m,
         Err(e) => return e,
     };
-    let memfd = match sys::memfd_create(ARGV0) {
+    // SAFETY: argv[0] (when there is one) is NUL-terminated, and so is its base name.
+    let name = unsafe {
+        if (*argv).is_null() {
+            c"labvisor".as_ptr().cast()
+        } else {
+            base_name(*argv)
+        }
+    };
+    let memfd = match sys::memfd_create(name) {
         Ok(fd) => fd,
         Err(e) => return BootError::Memfd(e),
     };
@@ -114,9 +130,7 @@ unsafe fn boot(dir: *const u8, argv: *mut *const u8, envp: *const *const u8) -> 
         return e;
     }
     sys::close(dirfd);
-    // SAFETY: `argv` has at least one entry (argv[0]) followed by the rest and a NULL; the
-    // agent gets this binary's arguments after its own name.
-    unsafe { *argv = ARGV0.as_ptr().cast() };
+    // The program gets this binary's arguments, its name included.
     BootError::Exec(sys::execveat(memfd, argv, envp))
 }
 
@@ -171,6 +185,15 @@ impl JoinIo for Fds {
         }
         Ok(())
     }
+}
+
+/// The base name of the NUL-terminated path `p` (after its last `/`), NUL-terminated.
+unsafe fn base_name(p: *const u8) -> *const u8 {
+    // SAFETY: (caller) `p` is NUL-terminated.
+    let bytes = unsafe { c_bytes(p) };
+    let start = bytes.iter().rposition(|b| *b == b'/').map_or(0, |i| i + 1);
+    // SAFETY: `start` is within the string or at its NUL.
+    unsafe { p.add(start) }
 }
 
 /// The bytes of a NUL-terminated string, without the NUL.
@@ -311,10 +334,10 @@ mod sys {
     }
 
     /// `memfd_create(name, MFD_CLOEXEC)`.
-    pub fn memfd_create(name: &CStr) -> Result<i32, Errno> {
-        // SAFETY: `name` is NUL-terminated.
-        result(unsafe { syscall(319, [name.as_ptr() as usize, MFD_CLOEXEC, 0, 0, 0]) })
-            .map(|fd| fd as i32)
+    /// `name` NUL-terminated.
+    pub fn memfd_create(name: *const u8) -> Result<i32, Errno> {
+        // SAFETY: `name` is NUL-terminated (caller).
+        result(unsafe { syscall(319, [name as usize, MFD_CLOEXEC, 0, 0, 0]) }).map(|fd| fd as i32)
     }
 
     /// `execveat(fd, "", argv, envp, AT_EMPTY_PATH)`: executes the file open at `fd`; returns

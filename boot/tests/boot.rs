@@ -1,6 +1,8 @@
 //! The built boot binary (`cargo static-boot`) joins real parts and executes them: a program
-//! split into parts runs with `argv[0] = labvisor-agent`, the boot binary's other arguments and
-//! its environment, from a memory file; each failure is one line and exit status 125.
+//! split into parts runs with the boot binary's arguments (its own name included) and its
+//! environment, from a memory file named after the boot binary; the parts are found next to the
+//! binary as `<its path>.parts` (or where `LABVISOR_BOOT_PARTS` says); each failure is one line
+//! and exit status 125.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -64,10 +66,29 @@ fn a_split_program_runs_from_memory_with_its_arguments_and_environment() {
     assert_eq!(
         lines,
         [
-            format!("labvisor-agent -c {script} x two words "),
+            format!("{} -c {script} x two words ", boot_bin().display()),
             "from the environment".to_owned(),
-            "/memfd:labvisor-agent (deleted)".to_owned(),
+            "/memfd:labvisor-boot (deleted)".to_owned(),
         ]
+    );
+
+    // Installed as /x/labvisor-agent with its parts in /x/labvisor-agent.parts, as the Swarm
+    // runtime mounts it: found without the variable, named after itself.
+    let root = tempfile::tempdir().unwrap();
+    let installed = root.path().join("labvisor-agent");
+    std::fs::copy(boot_bin(), &installed).unwrap();
+    let parts = root.path().join("labvisor-agent.parts");
+    std::fs::create_dir(&parts).unwrap();
+    split(&sh, &parts, 16 * 1024);
+    let out = Command::new(&installed)
+        .args(["-c", "readlink /proc/$$/exe; echo \"$0\""])
+        .env_remove("LABVISOR_BOOT_PARTS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("/memfd:labvisor-agent (deleted)\n{}\n", installed.display())
     );
 
     // The static healthcheck (what the agent is: a static program) prints its usage.
@@ -99,7 +120,7 @@ fn each_failure_is_one_line_and_exit_125() {
     assert_eq!(
         fails(&gone),
         format!(
-            "labvisor-boot: {}: no agent parts directory (no such file or directory (ENOENT)); set LABVISOR_BOOT_PARTS or deliver the parts there",
+            "labvisor-boot: {}: no parts directory (no such file or directory (ENOENT)); deliver the parts at <this binary's path>.parts or set LABVISOR_BOOT_PARTS",
             gone.display()
         )
     );

@@ -164,6 +164,8 @@ fn sut_view() {
         last_error: None,
         config_problems: vec!["sut/rpi4-01.toml: image: missing".into()],
         stopped_by_person: None,
+        node: None,
+        down: None,
         time_ms: T,
     };
     round_trip(&p);
@@ -189,6 +191,8 @@ fn sut_view_stopped_by_person() {
         stopped_by_person: Some(StoppedByPerson {
             at_ms: Some(T - 60_000),
         }),
+        node: None,
+        down: None,
         time_ms: T,
     };
     round_trip(&p);
@@ -213,6 +217,34 @@ fn sut_view_hung() {
         last_error: None,
         config_problems: vec![],
         stopped_by_person: None,
+        node: None,
+        down: None,
+        time_ms: T,
+    };
+    round_trip(&p);
+    insta::assert_json_snapshot!(p);
+}
+
+/// A SUT on a Swarm node that is lost: where it ran, and why it is down.
+#[test]
+fn sut_view_node_down() {
+    let p = SutView {
+        v: VERSION,
+        sut: sut(),
+        supervisor: SupervisorId::new("lab-a").unwrap(),
+        container_id: Some("3f1e".into()),
+        image: Some("labvisor/busybox:local".into()),
+        config_hash: Some("ab12".into()),
+        health: Health::None,
+        health_reason: None,
+        restarts: 0,
+        crash_loop: false,
+        pending_action: None,
+        last_error: None,
+        config_problems: vec![],
+        stopped_by_person: None,
+        node: Some("rack3-agent-host".into()),
+        down: Some("node rack3-agent-host is down".into()),
         time_ms: T,
     };
     round_trip(&p);

@@ -350,7 +350,11 @@ async fn run_supervisor(
             }
             None => None,
         };
-        return finish(supervise::run(settings, runtime, shutdown_signal()).await, managed_broker).await;
+        return finish(
+            supervise::run(settings, runtime, shutdown_signal()).await,
+            managed_broker,
+        )
+        .await;
     }
     let runtime = Arc::new(DockerRuntime::connect(id.as_str()).await?);
     let managed_broker = match managed {
@@ -366,7 +370,11 @@ async fn run_supervisor(
         }
         None => None,
     };
-    finish(supervise::run(settings, runtime, shutdown_signal()).await, managed_broker).await
+    finish(
+        supervise::run(settings, runtime, shutdown_signal()).await,
+        managed_broker,
+    )
+    .await
 }
 
 /// After the supervisor's last publications: stops the managed broker (SIGTERM, so mosquitto

@@ -1223,3 +1223,186 @@ async fn agents_without_mqtt_are_left_to_dockers_probe() {
     assert_eq!(sup.count(&FakeCall::Restart(id.clone())), 0);
     sup.stop().await;
 }
+
+// -- A runtime that heals itself and updates in place (Swarm, issue 17), on the fake.
+
+/// A supervisor watching its agents on a broker (link up) on a fake engine that `heals_itself`
+/// and/or `updates_in_place`.
+fn on_runtime(files: &[(&str, &str)], heals_itself: bool, updates_in_place: bool) -> Sup {
+    let rt = FakeRuntime::new();
+    rt.set_heals_itself(heals_itself);
+    rt.set_updates_in_place(updates_in_place);
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    let sup = Sup::launch(rt, dir, |s| {
+        s.spec.agent_broker = Some("mqtt://broker:1883".into());
+    });
+    sup.link(true, 1);
+    sup
+}
+
+/// Under a runtime that heals itself, an unhealthy container (`restart.on_unhealthy` is
+/// `restart` by default) gets no restart from the supervisor and no exec: the runtime replaces
+/// it. The view still shows it unhealthy, as the runtime lists it, with no restart counted.
+#[tokio::test(start_paused = true)]
+async fn under_a_self_healing_runtime_an_unhealthy_container_is_not_restarted() {
+    let sup = on_runtime(&[("a.toml", QUICK)], true, false);
+    let (id, _beat) = judged(&sup, "a").await;
+    sup.rt.update(&id, |c| c.health = Health::Unhealthy);
+    sup.nudge();
+    until("unhealthy on the view", || {
+        sup.view("a").is_some_and(|v| v.health == Health::Unhealthy)
+    })
+    .await;
+    idle(MAX_AGE * 10).await;
+    assert_eq!(sup.count(&FakeCall::Restart(id.clone())), 0, "no restart");
+    assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), 0, "no exec");
+    let view = sup.view("a").unwrap();
+    assert_eq!(
+        (view.health, view.restarts, view.health_reason, view.down),
+        (Health::Unhealthy, 0, None, None)
+    );
+    // The same file on the local engine is restarted (the control).
+    let local = on_runtime(&[("a.toml", QUICK)], false, false);
+    let (lid, _lbeat) = judged(&local, "a").await;
+    unhealthy_restart(&local, &lid, 1).await;
+    local.stop().await;
+    sup.stop().await;
+}
+
+/// Under a runtime that heals itself, a hung agent (silent on the broker, its heartbeat stale)
+/// is not checked through exec and not restarted, nor is one whose own status says
+/// `crash-loop`: the runtime's HEALTHCHECK and its replacement of the task do that.
+#[tokio::test(start_paused = true)]
+async fn under_a_self_healing_runtime_a_hung_agent_is_not_exec_checked() {
+    let sup = on_runtime(&[("a.toml", QUICK)], true, false);
+    let (id, beat) = judged(&sup, "a").await;
+    beat.store(false, Ordering::SeqCst);
+    sup.rt.set_hung(&id, true);
+    idle(MAX_AGE * 15).await;
+    sup.say("a", AgentState::CrashLoop).await;
+    idle(MAX_AGE * 5).await;
+    assert_eq!(sup.count(&FakeCall::AgentBusy(id.clone())), 0, "no exec");
+    assert_eq!(sup.count(&FakeCall::Restart(id.clone())), 0, "no restart");
+    let view = sup.view("a").unwrap();
+    assert_eq!((view.health, view.health_reason), (Health::Healthy, None));
+    sup.stop().await;
+}
+
+/// A task the runtime says is down (its node lost) shows `down` with the runtime's reason and
+/// the node on its published view (not a person's stop, though it is listed exited), and the
+/// supervisor does nothing to it; when it runs again (elsewhere), `down` goes and the new node
+/// shows.
+#[tokio::test(start_paused = true)]
+async fn a_down_task_shows_down_and_its_node_on_the_view() {
+    let sup = on_runtime(&[("a.toml", QUICK), ("b.toml", QUICK)], true, true);
+    until("created", || {
+        sup.id("p-a").is_some() && sup.id("p-b").is_some()
+    })
+    .await;
+    let id = sup.id("p-a").unwrap();
+    for c in sup.rt.containers() {
+        sup.rt.update(&c.id, |c| c.node = Some("node1".into()));
+    }
+    sup.nudge();
+    until("the node on the views", || {
+        ["a", "b"].iter().all(|s| {
+            sup.view(s)
+                .is_some_and(|v| v.node.as_deref() == Some("node1"))
+        })
+    })
+    .await;
+    assert_eq!(sup.view("a").unwrap().down, None);
+    let calls = sup.rt.calls().len();
+    sup.rt.update(&id, |c| {
+        c.node = Some("node3".into());
+        c.down = Some("node node3 is down".into());
+        c.state = RunState::Exited;
+        c.health = Health::None;
+    });
+    sup.nudge();
+    until("down on the view", || {
+        sup.view("a").is_some_and(|v| v.down.is_some())
+    })
+    .await;
+    let view = sup.view("a").unwrap();
+    assert_eq!(view.down.as_deref(), Some("node node3 is down"));
+    assert_eq!(view.node.as_deref(), Some("node3"));
+    assert_eq!(view.stopped_by_person, None, "not a person's stop");
+    assert_eq!(view.health, Health::None);
+    let b = sup.view("b").unwrap();
+    assert_eq!(
+        (b.node.as_deref(), b.down),
+        (Some("node1"), None),
+        "untouched"
+    );
+    idle(S * 30).await;
+    assert_eq!(sup.rt.calls().len(), calls, "{:?}", sup.rt.calls());
+    // The runtime places it on another node.
+    sup.rt.update(&id, |c| {
+        c.node = Some("node2".into());
+        c.down = None;
+        c.state = RunState::Running;
+        c.health = Health::Healthy;
+    });
+    sup.nudge();
+    until("up again on node2", || {
+        sup.view("a")
+            .is_some_and(|v| v.down.is_none() && v.node.as_deref() == Some("node2"))
+    })
+    .await;
+    sup.stop().await;
+}
+
+/// Under a runtime that updates in place, a changed file leads to exactly one `update` of the
+/// container, with the new config hash, and no stop, remove or create: the container keeps
+/// its id and its view the new hash.
+#[tokio::test(start_paused = true)]
+async fn a_changed_file_is_updated_in_place() {
+    let sup = on_runtime(&[("a.toml", SUT)], true, true);
+    until("a created", || sup.id("p-a").is_some()).await;
+    let id = sup.id("p-a").unwrap();
+    let hash = |sup: &Sup| {
+        sup.rt.containers()[0]
+            .labels
+            .get("io.labvisor.config-hash")
+            .cloned()
+            .unwrap()
+    };
+    let old = hash(&sup);
+    settle().await;
+    sup.write("a.toml", &format!("{SUT}[env]\nX = \"1\"\n"));
+    until("the update", || {
+        sup.rt
+            .calls()
+            .iter()
+            .any(|c| matches!(c, FakeCall::Update(..)))
+    })
+    .await;
+    idle(S * 30).await;
+    let updates: Vec<FakeCall> = sup
+        .rt
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, FakeCall::Update(..)))
+        .collect();
+    let new = hash(&sup);
+    assert_ne!(new, old);
+    assert_eq!(updates, [FakeCall::Update(id.clone(), new.clone())]);
+    assert_eq!(sup.count(&FakeCall::Stop(id.clone())), 0);
+    assert_eq!(sup.count(&FakeCall::Remove(id.clone())), 0);
+    assert_eq!(
+        sup.count(&FakeCall::Create("p-a".into())),
+        1,
+        "the first only"
+    );
+    assert_eq!(sup.id("p-a"), Some(id));
+    until("the new hash on the view", || {
+        sup.view("a")
+            .is_some_and(|v| v.config_hash.as_deref() == Some(new.as_str()))
+    })
+    .await;
+    sup.stop().await;
+}

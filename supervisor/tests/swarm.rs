@@ -8,8 +8,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use labvisor_tests::swarm::Swarm;
-use labvisor_tests::{ensure_busybox_image, free_port, static_bin, wait_until, DockerScope, KillOnDrop};
+use labvisor_tests::Swarm;
+use labvisor_tests::{
+    ensure_busybox_image, free_port, static_bin, wait_until, DockerScope, KillOnDrop,
+};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -250,7 +252,10 @@ fn a_swarm_lab_places_runs_moves_heals_and_is_adopted() {
         "s1",
     ]);
     assert!(!env.contains("LABVISOR_MQTT_PASSWORD="), "{env}");
-    assert!(env.contains("LABVISOR_MQTT_PASSWORD_FILE=/run/secrets/"), "{env}");
+    assert!(
+        env.contains("LABVISOR_MQTT_PASSWORD_FILE=/run/secrets/"),
+        "{env}"
+    );
 
     // A job on every node, its output streamed back through the shared broker.
     for (s, _) in &suts {
@@ -281,8 +286,17 @@ fn a_swarm_lab_places_runs_moves_heals_and_is_adopted() {
         &["ps", "-q", "--filter", "label=io.labvisor.sut=s1"],
     );
     assert_eq!(container.lines().count(), 1, "{container}");
-    lab.swarm
-        .docker_ok("node2", &["exec", &container, "pkill", "-STOP", "-f", "^labvisor-agent"]);
+    lab.swarm.docker_ok(
+        "node2",
+        &[
+            "exec",
+            &container,
+            "pkill",
+            "-STOP",
+            "-f",
+            "^labvisor-agent",
+        ],
+    );
     wait_until(&lab.fail("a new task for s1"), T, || {
         let t = lab.task_of("s1");
         (!t.is_empty() && t != s1_task).then_some(())
@@ -297,7 +311,11 @@ fn a_swarm_lab_places_runs_moves_heals_and_is_adopted() {
     ]);
     assert!(history.contains("unhealthy container"), "{history}");
     lab.wait_idle_on(&[("s1", "node2")]);
-    assert_eq!(lab.rows()["s1"]["restarts"], 0, "Swarm healed it, not the supervisor");
+    assert_eq!(
+        lab.rows()["s1"]["restarts"],
+        0,
+        "Swarm healed it, not the supervisor"
+    );
 
     // A restarted supervisor adopts every service as it is.
     let versions: Vec<String> = suts.iter().map(|(s, _)| lab.version_of(s)).collect();
@@ -314,11 +332,19 @@ fn a_swarm_lab_places_runs_moves_heals_and_is_adopted() {
     });
     let versions2: Vec<String> = suts.iter().map(|(s, _)| lab.version_of(s)).collect();
     let tasks2: Vec<String> = suts.iter().map(|(s, _)| lab.task_of(s)).collect();
-    assert_eq!((versions, tasks), (versions2, tasks2), "{}", lab.fail("adopted"));
+    assert_eq!(
+        (versions, tasks),
+        (versions2, tasks2),
+        "{}",
+        lab.fail("adopted")
+    );
 
     // A changed file updates its service in place (same id, new hash, one new task).
     let id = lab.manager(&["service", "inspect", "-f", "{{.ID}}", "s2"]);
-    lab.write("s2", &sut_text_with("env = { X = \"2\" }\n", "host = \"node3\""));
+    lab.write(
+        "s2",
+        &sut_text_with("env = { X = \"2\" }\n", "host = \"node3\""),
+    );
     wait_until(&lab.fail("s2 updated"), T, || {
         let env = lab.manager(&[
             "service",
@@ -329,7 +355,10 @@ fn a_swarm_lab_places_runs_moves_heals_and_is_adopted() {
         ]);
         env.contains("X=2").then_some(())
     });
-    assert_eq!(lab.manager(&["service", "inspect", "-f", "{{.ID}}", "s2"]), id);
+    assert_eq!(
+        lab.manager(&["service", "inspect", "-f", "{{.ID}}", "s2"]),
+        id
+    );
     lab.wait_idle_on(&[("s2", "node3")]);
     lab.stop();
 }
@@ -354,12 +383,16 @@ fn a_lost_node_shows_its_suts_down_and_leaves_the_others_alone() {
         let rows = lab.rows();
         let r = rows.get("k2")?;
         let down = r["down"].as_str()?;
-        down.starts_with("node node3 is down").then(|| down.to_owned())
+        down.starts_with("node node3 is down")
+            .then(|| down.to_owned())
     });
     let rows = lab.rows();
     assert_eq!(rows["k2"]["node"], "node3");
     assert!(rows["k1"]["down"].is_null(), "{}", rows["k1"]);
-    assert_eq!((rows["k1"]["state"].as_str(), rows["k1"]["health"].as_str()), (Some("idle"), Some("healthy")));
+    assert_eq!(
+        (rows["k1"]["state"].as_str(), rows["k1"]["health"].as_str()),
+        (Some("idle"), Some("healthy"))
+    );
     assert_eq!(lab.task_of("k1"), k1_task, "k1 untouched");
     let out = lab.cli(&["status", "--problems"]);
     assert_eq!(out.status.code(), Some(1));

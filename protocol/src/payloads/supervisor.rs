@@ -71,6 +71,14 @@ pub struct SutView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stopped_by_person: Option<StoppedByPerson>,
     // -- end of lab operations.
+    /// The host its container runs on, or last ran on, when the runtime spans several hosts
+    /// (Swarm: the node's hostname). Absent on the local engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Why it is down although it should run, as the runtime says (Swarm: `node rack3 is
+    /// down`, `no suitable node: …`). Absent otherwise (and always on the local engine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<String>,
     /// When, ms since the epoch.
     pub time_ms: u64,
 }

@@ -39,6 +39,10 @@ pub struct StatusRow {
     pub heartbeat_age_ms: Option<u64>,
     /// The supervisor that owns it.
     pub supervisor: Option<String>,
+    /// The host its container runs or last ran on, when the runtime spans several (Swarm:
+    /// [`SutView::node`]); absent on the local engine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// What is wrong, if anything.
     pub detail: Option<String>,
     /// The SUT's admin state (offline, maintenance, with the reason), as its agent reports it.
@@ -149,6 +153,7 @@ fn row(
             .map(|p| format!("probe failing: {p}")),
     );
     if let Some(v) = v {
+        detail.extend(v.down.iter().cloned());
         detail.extend(v.health_reason.iter().cloned());
         if let Some(stop) = &v.stopped_by_person {
             detail.push(stopped_by_person(stop.at_ms));
@@ -173,6 +178,7 @@ fn row(
             + a.and_then(|a| a.child.as_ref()).map_or(0, |c| c.restarts),
         heartbeat_age_ms: a.map(|a| now_ms().saturating_sub(a.time_ms)),
         supervisor: v.map(|v| v.supervisor.to_string()),
+        node: v.and_then(|v| v.node.clone()),
         detail: (!detail.is_empty()).then(|| detail.join("; ")),
         admin: a.and_then(|a| a.admin.clone()),
         group: triage::group(&problems, a, v),
@@ -275,13 +281,15 @@ fn problems_first(rows: &mut [StatusRow]) {
     });
 }
 
-/// The SUT table, as of `now`.
+/// The SUT table, as of `now`. A NODE column (before SUPERVISOR) only when a row has a node
+/// (a runtime that spans several hosts): the local engine's table stays as it was.
 fn print_rows(rows: &[StatusRow], now: u64, out: &mut dyn Write) -> std::io::Result<()> {
     let dash = || "-".to_owned();
+    let nodes = rows.iter().any(|r| r.node.is_some());
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
-            vec![
+            let mut cells = vec![
                 r.sut.clone(),
                 r.health.clone(),
                 r.state.clone(),
@@ -298,10 +306,14 @@ fn print_rows(rows: &[StatusRow], now: u64, out: &mut dyn Write) -> std::io::Res
                     .flatten()
                     .collect::<Vec<_>>()
                     .join("; "),
-            ]
+            ];
+            if nodes {
+                cells.insert(NODE_COLUMN, r.node.clone().unwrap_or_else(dash));
+            }
+            cells
         })
         .collect();
-    let header = [
+    let mut header = vec![
         "SUT",
         "HEALTH",
         "STATE",
@@ -313,8 +325,14 @@ fn print_rows(rows: &[StatusRow], now: u64, out: &mut dyn Write) -> std::io::Res
         "SUPERVISOR",
         "DETAIL",
     ];
+    if nodes {
+        header.insert(NODE_COLUMN, "NODE");
+    }
     table(out, &header, &cells)
 }
+
+/// Where the NODE column goes: before SUPERVISOR.
+const NODE_COLUMN: usize = 8;
 
 /// The line `labvisor status` prints for a supervisor's status, as of `now` (ms since the
 /// epoch). Container counts the supervisor could not know (Docker unreachable) say `unknown`.
@@ -496,6 +514,109 @@ mod tests {
             .unwrap()
             .get("problems")
             .is_none());
+    }
+
+    /// The local engine's table has no NODE column (the table is exactly as before); as soon as
+    /// a SUT has a node (Swarm), the column is there, `-` for a SUT without one.
+    #[test]
+    fn the_node_column_shows_only_when_a_sut_has_a_node() {
+        let name = |s: &str| SutName::new(s).unwrap();
+        let view = |s: &str, node: Option<&str>| -> SutView {
+            let mut v: SutView = serde_json::from_value(serde_json::json!({
+                "sut": s, "supervisor": "lab", "health": "healthy", "restarts": 0,
+                "time_ms": now_ms(),
+            }))
+            .unwrap();
+            v.node = node.map(str::to_owned);
+            v
+        };
+        let idle = |s: &str| {
+            AgentStatus::new(name(s), "b", "1", now_ms())
+                .with_state(labvisor_protocol::payloads::AgentState::Idle)
+        };
+        let table = |r: &Retained| {
+            let mut out = Vec::new();
+            print_rows(&r.rows(), now_ms(), &mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let mut r = Retained::default();
+        for s in ["a", "b"] {
+            r.agents.insert(name(s), idle(s));
+            r.views.insert(name(s), view(s, None));
+        }
+        let local = table(&r);
+        assert_eq!(
+            local.lines().next().unwrap(),
+            "SUT  HEALTH   STATE  ADMIN   JOB  QUEUE  RESTARTS  HEARTBEAT  SUPERVISOR  DETAIL"
+        );
+        assert!(!local.contains("NODE"), "{local}");
+        assert!(serde_json::to_value(&r.rows()[0])
+            .unwrap()
+            .get("node")
+            .is_none());
+        r.views
+            .insert(name("b"), view("b", Some("rack3-agent-host")));
+        let swarm = table(&r);
+        let lines: Vec<&str> = swarm.lines().collect();
+        assert_eq!(
+            lines[0],
+            "SUT  HEALTH   STATE  ADMIN   JOB  QUEUE  RESTARTS  HEARTBEAT  NODE              SUPERVISOR  DETAIL"
+        );
+        assert!(lines[1].contains(" -                 lab"), "{swarm}");
+        assert!(lines[2].contains(" rack3-agent-host  lab"), "{swarm}");
+        assert_eq!(
+            serde_json::to_value(&r.rows()[1]).unwrap()["node"],
+            "rack3-agent-host"
+        );
+    }
+
+    /// A SUT the runtime says is down (Swarm: its node is lost) is a problem, first in the
+    /// table with the reason, counted on the summary line, and makes `--problems` exit 1.
+    #[test]
+    fn a_down_sut_is_a_problem_with_its_reason() {
+        let name = |s: &str| SutName::new(s).unwrap();
+        let mut r = Retained::default();
+        for s in ["a-ok", "z-down"] {
+            let mut v: SutView = serde_json::from_value(serde_json::json!({
+                "sut": s, "supervisor": "lab", "health": "healthy", "restarts": 0,
+                "time_ms": now_ms(),
+            }))
+            .unwrap();
+            v.node = Some(format!("node-{s}"));
+            r.views.insert(name(s), v);
+            r.agents.insert(
+                name(s),
+                AgentStatus::new(name(s), "b", "1", now_ms())
+                    .with_state(labvisor_protocol::payloads::AgentState::Idle),
+            );
+        }
+        let down = r.views.get_mut(&name("z-down")).unwrap();
+        down.health = labvisor_protocol::payloads::Health::None;
+        down.down = Some("node node-z-down is down".into());
+        let mut rows = r.rows();
+        problems_first(&mut rows);
+        assert_eq!(rows[0].sut, "z-down");
+        assert_eq!(rows[0].problems, [Problem::Down]);
+        assert_eq!(rows[0].group, Group::Problem);
+        assert_eq!(rows[0].detail.as_deref(), Some("node node-z-down is down"));
+        assert_eq!(rows[1].problems, []);
+        let summary = Summary::of(rows.iter().map(|r| (r.group, r.problems.as_slice())), &[]);
+        assert_eq!(
+            summary.line(),
+            "2 SUTs: 1 healthy, 0 busy, 0 offline, 1 problems (1 down)"
+        );
+        assert!(summary.any_problem(), "--problems exits 1");
+        let mut out = Vec::new();
+        print_rows(&rows, now_ms(), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let first = text.lines().nth(1).unwrap();
+        assert!(first.starts_with("z-down  none "), "{text}");
+        assert!(
+            first.ends_with("node-z-down  lab         node node-z-down is down"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&rows[0]).unwrap();
+        assert_eq!(json["problems"], serde_json::json!(["down"]));
     }
 
     #[test]

@@ -18,6 +18,9 @@ pub const STALE_AFTER_PERIODS: u64 = 3;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Problem {
+    /// The runtime says its container is down although it should run (Swarm: its node is
+    /// lost, or no node fits its placement): [`SutView::down`].
+    Down,
     /// Docker says unhealthy, the exec probe fails, or the agent is stalled.
     Unhealthy,
     /// The device process restarts too often: the agent's `crash-loop`, or the supervisor gave
@@ -39,6 +42,7 @@ impl Problem {
     /// How the summary line names it.
     pub fn label(self) -> &'static str {
         match self {
+            Problem::Down => "down",
             Problem::Unhealthy => "unhealthy",
             Problem::CrashLoop => "crash-loop",
             Problem::InvalidFile => "invalid file",
@@ -56,6 +60,9 @@ impl Problem {
 pub fn problems(a: Option<&AgentStatus>, v: Option<&SutView>) -> Vec<Problem> {
     let state = a.map(|a| a.state);
     let mut p = Vec::new();
+    if v.is_some_and(|v| v.down.is_some()) {
+        p.push(Problem::Down);
+    }
     let crash_loop = state == Some(AgentState::CrashLoop) || v.is_some_and(|v| v.crash_loop);
     if crash_loop {
         p.push(Problem::CrashLoop);
@@ -298,6 +305,18 @@ mod tests {
             p(Some(&looping), Some(&view(Health::Unhealthy))),
             [Problem::CrashLoop]
         );
+        // The runtime says the container is down (Swarm: its node is lost).
+        let down = SutView {
+            down: Some("node rack3 is down".into()),
+            node: Some("rack3".into()),
+            ..view(Health::None)
+        };
+        assert_eq!(p(Some(&idle), Some(&down)), [Problem::Down]);
+        let on_node = SutView {
+            node: Some("rack3".into()),
+            ..healthy.clone()
+        };
+        assert_eq!(p(Some(&idle), Some(&on_node)), [], "a node alone is fine");
         let gave_up = SutView {
             crash_loop: true,
             ..view(Health::Unhealthy)

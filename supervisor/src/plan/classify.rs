@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use labvisor_protocol::config::{OnUnhealthy, Scan};
 use labvisor_protocol::SutName;
 
-use super::{Action, Actual, Busy, Desired, RunState};
+use super::{Action, Actual, Busy, Desired, Healing, RunState};
 use crate::runtime::{ContainerInfo, RuntimeEvent};
 use crate::spec::MANAGED_BY;
 use crate::spec::{SpecContext, LABEL_CONFIG_HASH, LABEL_MANAGED_BY, LABEL_SUPERVISOR, LABEL_SUT};
@@ -26,8 +26,9 @@ pub fn stem(p: &Path) -> Option<SutName> {
         .and_then(|s| SutName::new(s).ok())
 }
 
-/// What the supervisor wants for each valid SUT file of `scan`.
-pub fn desired(scan: &Scan, ctx: &SpecContext) -> BTreeMap<SutName, Desired> {
+/// What the supervisor wants for each valid SUT file of `scan`. Under [`Healing::Runtime`] no
+/// SUT is healed by the supervisor (`heal` is off), whatever its `restart.on_unhealthy`.
+pub fn desired(scan: &Scan, ctx: &SpecContext, healing: Healing) -> BTreeMap<SutName, Desired> {
     scan.valid
         .iter()
         .map(|(name, cfg)| {
@@ -36,7 +37,8 @@ pub fn desired(scan: &Scan, ctx: &SpecContext) -> BTreeMap<SutName, Desired> {
                 Desired {
                     hash: ctx.container_hash(&cfg.hash()),
                     name: ctx.container_name(name),
-                    heal: cfg.restart.on_unhealthy == OnUnhealthy::Restart,
+                    heal: healing.by_supervisor()
+                        && cfg.restart.on_unhealthy == OnUnhealthy::Restart,
                 },
             )
         })
@@ -92,6 +94,8 @@ pub fn classify(
                 health: c.health,
                 probe_only: false,
                 finished_ms: c.finished_ms,
+                node: c.node,
+                down: c.down,
             })
         })
         .collect()
@@ -232,6 +236,27 @@ mod tests {
             name: name.into(),
             heal: true,
         }
+    }
+
+    /// Under a runtime that heals itself no SUT is healed by the supervisor, whatever its
+    /// `restart.on_unhealthy`; under the supervisor's healing the file decides.
+    #[test]
+    fn a_self_healing_runtime_turns_the_supervisors_healing_off() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.toml"), "image = \"img\"\n").unwrap();
+        std::fs::write(
+            dir.path().join("b.toml"),
+            "image = \"img\"\n[restart]\non_unhealthy = \"none\"\n",
+        )
+        .unwrap();
+        let scan = labvisor_protocol::config::scan_dir(dir.path(), &Default::default()).unwrap();
+        let heal = |h: Healing| -> Vec<bool> {
+            desired(&scan, &ctx(), h).values().map(|d| d.heal).collect()
+        };
+        assert_eq!(heal(Healing::Supervisor), [true, false]);
+        assert_eq!(heal(Healing::Runtime), [false, false]);
+        assert_eq!(Healing::of(true), Healing::Runtime);
+        assert_eq!(Healing::of(false), Healing::default());
     }
 
     #[test]

@@ -49,6 +49,40 @@ pub mod networks;
 pub mod policy;
 pub mod rolling;
 
+/// Who heals unhealthy containers: the one switch, taken from the runtime at start
+/// ([`crate::runtime::ContainerRuntime::heals_itself`]), by which the supervisor's own healing
+/// steps back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Healing {
+    /// The supervisor (the local engine): it restarts unhealthy containers
+    /// (`restart.on_unhealthy`), confirms a silent agent's hang through `docker exec`
+    /// ([`hang`]) and asks agents to drain their device process through exec.
+    #[default]
+    Supervisor,
+    /// The runtime replaces unhealthy containers itself (Swarm, from the same HEALTHCHECK), and
+    /// the supervisor cannot exec into them (they run on other hosts): it issues no
+    /// [`Action::Restart`] ([`classify::desired`] leaves `heal` off), its hang rule is off
+    /// (Docker's probe is the only hang detector), and it sends no drain requests. Status,
+    /// jobs and output are as under [`Healing::Supervisor`].
+    Runtime,
+}
+
+impl Healing {
+    /// The healing of a runtime that `heals_itself` or not.
+    pub fn of(heals_itself: bool) -> Self {
+        if heals_itself {
+            Healing::Runtime
+        } else {
+            Healing::Supervisor
+        }
+    }
+
+    /// Whether the supervisor heals (and may exec into agent containers).
+    pub fn by_supervisor(self) -> bool {
+        self == Healing::Supervisor
+    }
+}
+
 /// What the supervisor wants for one valid SUT file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Desired {
@@ -57,7 +91,8 @@ pub struct Desired {
     pub hash: String,
     /// The container name (`[--name-prefix]<sut>`).
     pub name: String,
-    /// Restart the container when Docker says it is unhealthy (`restart.on_unhealthy`).
+    /// Restart the container when Docker says it is unhealthy (`restart.on_unhealthy`, and the
+    /// supervisor heals: [`Healing::Supervisor`]).
     pub heal: bool,
 }
 
@@ -118,6 +153,12 @@ pub struct Actual {
     pub probe_only: bool,
     /// When it stopped (Docker's `FinishedAt`, ms since the epoch), for an exited container.
     pub finished_ms: Option<u64>,
+    /// The host it runs or last ran on, when the runtime spans several
+    /// ([`crate::runtime::ContainerInfo::node`]); shown on the SUT's view, never planned on.
+    pub node: Option<String>,
+    /// Why it is down although it should run, as the runtime says
+    /// ([`crate::runtime::ContainerInfo::down`]); shown on the SUT's view, never planned on.
+    pub down: Option<String>,
 }
 
 /// Why a container is recreated.
@@ -300,8 +341,12 @@ pub fn primary<'a>(
 /// restart it; when a rolling restart's recreation fails after that stop, it starts the
 /// container again, and the loop remembers it ([`policy::SutState::stopped_itself`]) in case
 /// that fails too, or when a healing restart (`docker restart`) fails after its stop.
+///
+/// A container the runtime says is down ([`Actual::down`]: Swarm, its node lost) was not
+/// stopped by a person, whatever its state.
 pub fn stopped_by_person(a: &Actual, want: Option<&Desired>) -> bool {
     a.owned
+        && a.down.is_none()
         && a.state == RunState::Exited
         && want.is_some_and(|d| d.name == a.name && a.hash.as_deref() == Some(d.hash.as_str()))
 }

@@ -371,6 +371,8 @@ mod tests {
             health: Health::Healthy,
             busy: Busy::Idle,
             finished_ms: None,
+            node: None,
+            down: None,
             probe_only: false,
         }
     }

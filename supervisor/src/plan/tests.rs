@@ -30,6 +30,8 @@ fn owned(s: &str, id: &str, hash: &str) -> Actual {
         busy: Busy::Idle,
         probe_only: false,
         finished_ms: None,
+        node: None,
+        down: None,
     }
 }
 
@@ -221,6 +223,20 @@ fn the_agents_word_on_its_probe_counts_within_max_age() {
     assert!(!classify::probe_only(None, now, max_age));
 }
 
+/// A container the runtime says is down (Swarm: its node is lost) is not a person's stop,
+/// whatever state it is listed in.
+#[test]
+fn a_container_the_runtime_says_is_down_was_not_stopped_by_a_person() {
+    let desired = BTreeMap::from([want("a", "h")]);
+    let mut a = owned("a", "ida", "h");
+    a.state = RunState::Exited;
+    assert!(stopped_by_person(&a, desired.get(&sut("a"))));
+    a.down = Some("node rack3 is down".into());
+    a.node = Some("rack3".into());
+    assert!(!stopped_by_person(&a, desired.get(&sut("a"))));
+    assert_eq!(plan(&desired, &[a], &BTreeSet::new()), vec![]);
+}
+
 #[test]
 fn a_person_s_stop_is_honoured_until_the_file_changes() {
     let desired = BTreeMap::from([want("a", "h")]);
@@ -297,6 +313,8 @@ fn apply(world: &mut Vec<Actual>, desired: &BTreeMap<SutName, Desired>, actions:
                     busy: Busy::Idle,
                     probe_only: false,
                     finished_ms: None,
+                    node: None,
+                    down: None,
                 });
             }
             Action::Remove { id, .. } => world.retain(|a| &a.id != id),
@@ -355,6 +373,8 @@ prop_compose! {
             busy,
             probe_only: false,
             finished_ms: (state == RunState::Exited).then_some(1_000),
+            node: None,
+            down: None,
         }
     }
 }

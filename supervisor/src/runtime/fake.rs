@@ -42,6 +42,9 @@ pub enum FakeCall {
     AgentBusy(String),
     /// `agent_drain` of an id (`true`: lifted).
     AgentDrain(String, bool),
+    /// `update` (in place, see [`FakeRuntime::set_updates_in_place`]) of an id, with the new
+    /// spec's config-hash label.
+    Update(String, String),
 }
 
 #[derive(Debug, Default)]
@@ -65,6 +68,8 @@ struct FakeState {
     lists: u64,
     down: bool,
     next_id: u64,
+    heals_itself: bool,
+    updates_in_place: bool,
 }
 
 /// An in-memory container engine: containers are created running and healthy. Records calls,
@@ -183,6 +188,21 @@ impl FakeRuntime {
             Some(w) => s.device_work.insert(id.to_owned(), w.to_owned()),
             None => s.device_work.remove(id),
         });
+    }
+
+    /// Makes the engine one that replaces unhealthy containers itself
+    /// ([`ContainerRuntime::heals_itself`], as Swarm does), or not (the default). Read once by
+    /// the supervisor at start.
+    pub fn set_heals_itself(&self, heals: bool) {
+        self.with(|s| s.heals_itself = heals);
+    }
+
+    /// Makes the engine one that updates containers in place
+    /// ([`ContainerRuntime::updates_in_place`], as Swarm updates a service), or not (the
+    /// default): `update` then replaces the container's labels and network, keeps its id, and
+    /// is recorded as [`FakeCall::Update`].
+    pub fn set_updates_in_place(&self, in_place: bool) {
+        self.with(|s| s.updates_in_place = in_place);
     }
 
     /// Makes the engine unreachable (or reachable again).
@@ -424,6 +444,45 @@ impl ContainerRuntime for FakeRuntime {
 
     fn events(&self) -> EventStream {
         Box::pin(futures_util::stream::pending())
+    }
+
+    fn heals_itself(&self) -> bool {
+        self.with(|s| s.heals_itself)
+    }
+
+    fn updates_in_place(&self) -> bool {
+        self.with(|s| s.updates_in_place)
+    }
+
+    async fn update(&self, id: &str, spec: &ContainerSpec) -> Result<String, RuntimeError> {
+        self.up()?;
+        self.exists(id)?;
+        let labels: BTreeMap<String, String> = spec
+            .body
+            .labels
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let hash = labels
+            .get(crate::spec::LABEL_CONFIG_HASH)
+            .cloned()
+            .unwrap_or_default();
+        self.with(|s| s.calls.push(FakeCall::Update(id.to_owned(), hash)));
+        let network = spec
+            .body
+            .host_config
+            .as_ref()
+            .and_then(|h| h.network_mode.clone());
+        self.with(|s| {
+            if let Some(c) = s.containers.iter_mut().find(|c| c.id == id) {
+                c.labels = labels;
+                c.network = network;
+                c.state = RunState::Running;
+                c.health = Health::Healthy;
+            }
+        });
+        Ok(id.to_owned())
     }
 }
 

@@ -24,7 +24,7 @@ use crate::plan::hang::docker_interval;
 use crate::plan::policy::{Gate, SutState};
 use crate::plan::{Action, RecreateReason};
 use crate::runtime::ContainerRuntime;
-use crate::spec::container_spec;
+use crate::spec::{container_spec, ContainerSpec};
 
 /// The result of a finished action, sent back to the loop.
 pub(super) struct Done {
@@ -332,6 +332,19 @@ impl<R: ContainerRuntime> Exec<R> {
 
     /// Creates `sut`'s container, on agent network `net` when the pass assigned one.
     async fn create(&self, sut: &SutName, net: Option<usize>) -> Result<String, ActionError> {
+        let spec = self.prepare(sut, net).await?;
+        Ok(self.runtime.create(&spec).await?)
+    }
+
+    /// Everything a new container of `sut` needs before the runtime makes it, shared by a
+    /// creation and an update in place: the SUT file read again, its image made sure of, its
+    /// broker login made, Docker's health-check interval chosen, and its spec (on agent
+    /// network `net` when the pass assigned one).
+    async fn prepare(
+        &self,
+        sut: &SutName,
+        net: Option<usize>,
+    ) -> Result<ContainerSpec, ActionError> {
         let (cfg, bytes) = self.load(sut).await?;
         crate::runtime::image::ensure(
             &*self.runtime,
@@ -358,7 +371,7 @@ impl<R: ContainerRuntime> Exec<R> {
         if let Some(n) = net {
             spec = spec.on_agent_network(n, &self.settings.spec);
         }
-        Ok(self.runtime.create(&spec).await?)
+        Ok(spec)
     }
 
     /// Stops (unless it never started) and removes the container `id` that a recreation
@@ -397,6 +410,13 @@ impl<R: ContainerRuntime> Exec<R> {
                 let id = self.create(sut, net).await?;
                 Span::current().record("container", id.as_str());
                 info!("Created and started the agent container.");
+            }
+            Action::Recreate { sut, id, reason } if rt.updates_in_place() => {
+                // The same spec as a creation, applied to the container in place (Swarm: a
+                // service update), without stopping or removing it first.
+                let spec = self.prepare(sut, net).await?;
+                let new = rt.update(id, &spec).await?;
+                info!(new_container = %new, reason = ?reason, "Updated the agent container in place.");
             }
             Action::Recreate { sut, id, reason } => {
                 self.take_down(id, *reason).await?;

@@ -188,7 +188,7 @@ impl<R: ContainerRuntime> Reconciler<R> {
         list: Vec<ContainerInfo>,
         now: Instant,
     ) -> Planned {
-        let desired = classify::desired(&scan, &self.settings.spec);
+        let desired = classify::desired(&scan, &self.settings.spec, self.healing);
         let invalid = classify::invalid(&scan);
         let mut actual = classify::classify(list, &self.settings.spec, &desired, |sut| {
             self.busy(sut, now, self.agents.get(sut) == Some(&AgentState::Busy))
@@ -244,7 +244,8 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// device process (`device.drain_signal`) whether it is drained: a supervisor keeps its
     /// drains in memory, so one that restarted meanwhile would never lift a drain an earlier run
     /// left (the agent keeps it until lifted). Containers in `ask` are asked anyway. Notes the
-    /// drained ones in `draining`.
+    /// drained ones in `draining`. Not under [`crate::plan::Healing::Runtime`] (no exec, and no
+    /// drain is ever sent there).
     async fn check_drains(
         &mut self,
         scan: &Scan,
@@ -253,6 +254,9 @@ impl<R: ContainerRuntime> Reconciler<R> {
         ask: &[(String, SutName)],
         draining: &mut BTreeSet<SutName>,
     ) {
+        if !self.healing.by_supervisor() {
+            return;
+        }
         let check: Vec<(String, SutName)> = scan
             .valid
             .iter()
@@ -383,8 +387,16 @@ impl<R: ContainerRuntime> Reconciler<R> {
     /// its device process (on every such pass: the request lives in the container's tmpfs, so a
     /// restarted container needs it again; the agent acts on it once). When the SUT no longer
     /// waits and nothing is done to its container (the file was reverted), the request is
-    /// lifted and the device process runs again.
+    /// lifted and the device process runs again. Not under [`Healing::Runtime`]: the drain goes
+    /// through `docker exec`, which does not reach a task on another host (it would fail, and
+    /// warn, on every pass); the recreation then waits for the device's work as it would without
+    /// `device.drain_signal`.
+    ///
+    /// [`Healing::Runtime`]: crate::plan::Healing::Runtime
     async fn drain(&mut self, p: &Planned) {
+        if !self.healing.by_supervisor() {
+            return;
+        }
         let mut requests = Vec::new();
         // A SUT still to be restarted by the rolling restart waits too, also while the turn
         // is elsewhere.

@@ -29,7 +29,7 @@ use super::watchers::{docker_events, DirWatch};
 use super::{BrokerMessage, Hooks, Settings, SuperviseError, EVENT_DELAY};
 use crate::metrics::{self, Metrics};
 use crate::plan::policy::SutState;
-use crate::plan::{Action, RecreateReason};
+use crate::plan::{Action, Healing, RecreateReason};
 use crate::runtime::ContainerRuntime;
 
 /// The loop's state.
@@ -52,6 +52,10 @@ pub(super) struct Reconciler<R> {
     /// The supervisor's own hang detection: when each agent was last heard live, its
     /// container's start, confirmed hangs, the link's uptime (see [`crate::plan::hang`]).
     pub(super) hang: crate::plan::hang::Lab,
+    /// Who heals unhealthy containers, from the runtime at start
+    /// ([`ContainerRuntime::heals_itself`]): under [`Healing::Runtime`] the plan restarts
+    /// nothing, the hang rule is off and no drain is sent (see [`Healing`]).
+    pub(super) healing: Healing,
     pub(super) docker: Reach,
     pub(super) timers: Timers,
     pub(super) metrics: Metrics,
@@ -219,8 +223,11 @@ pub(super) async fn run<R: ContainerRuntime>(
         .link_state
         .or_else(|| link.as_ref().map(|l| l.watch_state()));
     let first_link = link_state.as_mut().map(|l| l.borrow_and_update().clone());
-    // The agents publish on a broker the supervisor hears: it can watch them for hangs.
-    let watches = settings.spec.agent_broker.is_some() && first_link.is_some();
+    let healing = Healing::of(runtime.heals_itself());
+    // The agents publish on a broker the supervisor hears: it can watch them for hangs, unless
+    // the runtime heals them itself (and the supervisor cannot exec into them to confirm one).
+    let watches =
+        settings.spec.agent_broker.is_some() && first_link.is_some() && healing.by_supervisor();
     let (fs_tx, fs_rx) = mpsc::channel::<()>(1);
     let (files, fs_tx) = match hooks.file_events {
         Some(fed) => (fed, None),
@@ -259,6 +266,7 @@ pub(super) async fn run<R: ContainerRuntime>(
         draining: BTreeSet::new(),
         probe_failing: BTreeMap::new(),
         hang: crate::plan::hang::Lab::new(watches),
+        healing,
         docker: Reach::default(),
         metrics,
         broker,

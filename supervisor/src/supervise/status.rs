@@ -196,6 +196,8 @@ fn view(
             .map(|a| StoppedByPerson {
                 at_ms: a.finished_ms,
             }),
+        node: primary.and_then(|a| a.node.clone()),
+        down: primary.and_then(|a| a.down.clone()),
         time_ms: 0,
     }
 }

@@ -3,10 +3,13 @@
 //! from the same plan.
 //!
 //! What changes under Swarm:
-//! - The binaries come as Docker configs, not from the tools volume: the boot binary and the
-//!   healthcheck whole (mode 0555), the agent in parts of at most [`PART_SIZE`] bytes with a
-//!   manifest, which `labvisor-boot` joins in memory and executes ([`Binaries`]). The command is
-//!   [`BOOT_PATH`].
+//! - The binaries come as Docker configs, not from the tools volume. A config holds less than
+//!   1000 KiB and the static agent is about 7 MiB, the static healthcheck about 1.2 MiB, so each
+//!   travels in parts of at most [`PART_SIZE`] bytes with a manifest, at
+//!   `/labvisor/bin/<name>.parts/`, and the tiny `labvisor-boot` (one config, mode 0555) is
+//!   mounted at both `/labvisor/bin/labvisor-agent` and `/labvisor/bin/labvisor-healthcheck`:
+//!   run under either name, it joins that name's parts in memory and executes them
+//!   ([`Binaries`]). The command, the HEALTHCHECK and the paths are those of the local runtime.
 //! - The uploaded files (the SUT file when not inline, its `files`) are one config each, at the
 //!   same paths.
 //! - The MQTT password leaves the environment (which `docker service inspect` shows) for a
@@ -39,14 +42,12 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::spec::{
-    ContainerSpec, Tools, HEALTHCHECK_PATH, LABEL_MANAGED_BY, LABEL_ROLE, LABEL_SUPERVISOR,
-    LABEL_SUT, MANAGED_BY, RUN_DIR, TOOLS_DIR,
+    ContainerSpec, Tools, AGENT_PATH, HEALTHCHECK_PATH, LABEL_MANAGED_BY, LABEL_ROLE,
+    LABEL_SUPERVISOR, LABEL_SUT, MANAGED_BY, RUN_DIR, TOOLS_DIR,
 };
 
-/// Where the boot binary is in the task, its command.
-pub const BOOT_PATH: &str = "/labvisor/bin/labvisor-boot";
-/// The directory of the agent's parts and manifest, which `labvisor-boot` reads by default.
-pub const PARTS_DIR: &str = "/labvisor/bin/agent.parts";
+/// What `labvisor-boot`, run as `/x/name`, reads its parts from: `/x/name.parts/`.
+pub const PARTS_SUFFIX: &str = ".parts";
 /// The largest part of the agent binary: Engine 20.10 refuses a config of 1000 KiB or more
 /// (1,023,999 bytes pass, 1,024,000 do not; measured), so a static agent of about 7 MB takes
 /// 8 parts.
@@ -115,31 +116,35 @@ impl Binaries {
             labels: labels.clone(),
             data,
         };
-        let parts: Vec<Bytes> = tools
-            .agent
-            .chunks(PART_SIZE)
-            .map(Bytes::copy_from_slice)
-            .collect();
-        let manifest = format!("parts={}\nsize={}\n", parts.len(), tools.agent.len());
-        let mut files = vec![
-            (blob("boot", boot), BOOT_PATH.to_owned(), 0o555),
-            (
-                blob("healthcheck", tools.healthcheck.clone()),
-                HEALTHCHECK_PATH.to_owned(),
-                0o555,
-            ),
-            (
-                blob("agent.manifest", Bytes::from(manifest)),
-                format!("{PARTS_DIR}/manifest"),
-                0o444,
-            ),
-        ];
-        for (i, p) in parts.into_iter().enumerate() {
+        let mut files = Vec::new();
+        for (what, path, program) in [
+            ("agent", AGENT_PATH, &tools.agent),
+            ("healthcheck", HEALTHCHECK_PATH, &tools.healthcheck),
+        ] {
+            // One config per mount: Swarm gets no config mounted twice.
             files.push((
-                blob(&format!("agent.{i:03}"), p),
-                format!("{PARTS_DIR}/{i:03}"),
+                blob(&format!("{what}.boot"), boot.clone()),
+                path.to_owned(),
+                0o555,
+            ));
+            let dir = format!("{path}{PARTS_SUFFIX}");
+            let parts: Vec<Bytes> = program
+                .chunks(PART_SIZE)
+                .map(Bytes::copy_from_slice)
+                .collect();
+            let manifest = format!("parts={}\nsize={}\n", parts.len(), program.len());
+            files.push((
+                blob(&format!("{what}.manifest"), Bytes::from(manifest)),
+                format!("{dir}/manifest"),
                 0o444,
             ));
+            for (i, p) in parts.into_iter().enumerate() {
+                files.push((
+                    blob(&format!("{what}.{i:03}"), p),
+                    format!("{dir}/{i:03}"),
+                    0o444,
+                ));
+            }
         }
         Some(Binaries { files })
     }
@@ -271,7 +276,7 @@ pub fn deployment(
     let container = TaskSpecContainerSpec {
         image: body.image.clone(),
         labels: Some(labels.clone()),
-        command: Some(vec![BOOT_PATH.to_owned()]),
+        command: Some(vec![AGENT_PATH.to_owned()]),
         args: Some(vec![]),
         hostname: body.hostname.clone(),
         env: Some(env),
@@ -475,25 +480,34 @@ mod tests {
         assert_eq!(
             names,
             [
-                BOOT_PATH,
+                AGENT_PATH,
+                "/labvisor/bin/labvisor-agent.parts/manifest",
+                "/labvisor/bin/labvisor-agent.parts/000",
+                "/labvisor/bin/labvisor-agent.parts/001",
+                "/labvisor/bin/labvisor-agent.parts/002",
                 HEALTHCHECK_PATH,
-                "/labvisor/bin/agent.parts/manifest",
-                "/labvisor/bin/agent.parts/000",
-                "/labvisor/bin/agent.parts/001",
-                "/labvisor/bin/agent.parts/002",
+                "/labvisor/bin/labvisor-healthcheck.parts/manifest",
+                "/labvisor/bin/labvisor-healthcheck.parts/000",
             ]
         );
         assert!(b
             .files
             .iter()
             .all(|(blob, _, _)| blob.data.len() < 1_024_000));
-        let manifest = &b.files[2].0.data;
+        let manifest = &b.files[1].0.data;
         assert_eq!(
             &manifest[..],
             format!("parts=3\nsize={}\n", 2 * PART_SIZE + 5).as_bytes()
         );
-        assert_eq!(b.files[5].0.data.len(), 5);
-        assert_eq!((b.files[0].2, b.files[3].2), (0o555, 0o444));
+        assert_eq!(b.files[4].0.data.len(), 5);
+        assert_eq!(
+            &b.files[5].0.data[..],
+            b"BOOT",
+            "the boot binary under both names"
+        );
+        assert_eq!(&b.files[7].0.data[..], b"HC");
+        assert_eq!((b.files[0].2, b.files[2].2), (0o555, 0o444));
+        assert!(b.files[5].0.name.ends_with(".healthcheck.boot"));
         assert!(b.files[3].0.name.starts_with("p-labvisor.bin."));
         assert!(b.files.iter().all(|(blob, _, _)| blob.name.len() <= 64));
         let no_boot = Tools::new(Bytes::from_static(b"A"), Bytes::from_static(b"H"));
@@ -525,7 +539,7 @@ mod tests {
         let text = "image = \"img\"\nfiles = [\"a.yaml\"]\nextra_hosts = [\"dut:10.1.2.3\"]\n[resources]\npids = 64\n";
         let d = deployment(&spec_of(text, &[("a.yaml", "x: 1\n")]), &bins(10), &ctx()).unwrap();
         let c = container(&d);
-        assert_eq!(c.command, Some(vec![BOOT_PATH.to_owned()]));
+        assert_eq!(c.command, Some(vec![AGENT_PATH.to_owned()]));
         assert_eq!(c.hostname.as_deref(), Some("dut1"));
         assert_eq!(c.hosts, Some(vec!["10.1.2.3 dut".to_owned()]));
         let mounts = c.mounts.clone().unwrap();
@@ -546,7 +560,7 @@ mod tests {
             targets.contains(&"/labvisor/sut/a.yaml".to_owned()),
             "{targets:?}"
         );
-        assert_eq!(d.configs.len(), 4 + 2);
+        assert_eq!(d.configs.len(), 6 + 2);
         let t = d.service.task_template.as_ref().unwrap();
         assert_eq!(
             t.resources.as_ref().unwrap().limits.as_ref().unwrap().pids,
