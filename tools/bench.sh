@@ -13,9 +13,10 @@
 #   tools/bench.sh --no-write | --note TEXT                see bench/run.py --help
 #
 # The scale-500 and swarm-50 groups run in the full run only (a quick run leaves them out unless
-# named with --only). The swarm-50 group's driver is supervisor/examples/swarm_cold_start.rs (its
-# swarm is node containers with an engine each, labvisor/swarm-node:local, built here; removed
-# by the driver's own label when it ends). It builds the static supervisor, agent and healthcheck (tools/build-static.sh), the
+# named with --only). The swarm-50 group's driver is supervisor/examples/swarm_cold_start.rs
+# (its swarm is node containers with an engine each, labvisor/swarm-node:local, built here;
+# removed by the driver's own label when it ends). It builds the static supervisor, agent,
+# healthcheck and boot binary (tools/build-static.sh), the
 # cold-start baseline's bollard loop (supervisor/examples/bollard_loop.rs) and the local busybox
 # image (and, for the scale-500 group's Python baseline, labvisor/tf-style:local)
 # (tools/build-images.sh), makes a Python venv with paho-mqtt for the baselines

@@ -190,7 +190,13 @@ impl Bench {
     }
 
     /// Waits until `n` services labelled `key=value` have a running task; the seconds since `t0`.
-    fn until_running(&self, key: &str, value: &str, t0: Instant, alive: &mut dyn FnMut(bool)) -> f64 {
+    fn until_running(
+        &self,
+        key: &str,
+        value: &str,
+        t0: Instant,
+        alive: &mut dyn FnMut(bool),
+    ) -> f64 {
         let n = self.args.n;
         let deadline = t0 + self.limit();
         loop {
@@ -242,7 +248,13 @@ impl Bench {
             });
             let vols = self.swarm.docker_ok(
                 &node,
-                &["volume", "ls", "-q", "--filter", &format!("label={LABEL_SUT}")],
+                &[
+                    "volume",
+                    "ls",
+                    "-q",
+                    "--filter",
+                    &format!("label={LABEL_SUT}"),
+                ],
             );
             let vols: Vec<&str> = vols.split_whitespace().collect();
             if !vols.is_empty() {
