@@ -342,19 +342,23 @@ impl Bench {
         let (cpu_running, rss_running) = proc_usage(pid);
         let n = self.args.n;
         let deadline = t0 + self.limit();
-        let healthy = loop {
+        // Not reaching it is a result (reported as `healthy_s: null` with the count), not a
+        // failure of the harness: the running figure and the baseline still stand.
+        let (healthy, healthy_count) = loop {
             alive(false);
             let ok = status_rows(&self.args.supervisor, port, &state);
             let at = t0.elapsed();
             if ok >= n {
-                break at.as_secs_f64();
+                break (Some(at.as_secs_f64()), ok);
             }
-            assert!(
-                Instant::now() < deadline,
-                "only {ok} of {n} SUTs idle and healthy after {:?}:\n{}",
-                self.limit(),
-                log_tail(&log)
-            );
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "only {ok} of {n} SUTs idle and healthy after {:?}:\n{}",
+                    self.limit(),
+                    log_tail(&log)
+                );
+                break (None, ok);
+            }
             std::thread::sleep(Duration::from_millis(250));
         };
         let (cpu_healthy, rss_healthy) = proc_usage(pid);
@@ -376,7 +380,7 @@ impl Bench {
         assert!(st.success(), "supervisor stop: {st}:\n{}", log_tail(&log));
         emit(serde_json::json!({
             "round": round, "kind": "labvisor", "n": n,
-            "running_s": running, "healthy_s": healthy,
+            "running_s": running, "healthy_s": healthy, "healthy_count": healthy_count,
             "cpu_running_s": cpu_running, "rss_running_kib": rss_running,
             "cpu_healthy_s": cpu_healthy, "rss_peak_kib": rss_healthy,
         }));
