@@ -9,10 +9,16 @@
 #   tools/bench.sh --only scale-500 [--scale-n N]          the 500-SUT group alone (N SUTs)
 #   tools/bench.sh --only broker-1000                      the broker's load for 1000 agents over
 #                                                          10 hosts (about 4 min; needs no Docker)
+#   tools/bench.sh --only swarm-50                         50 SUTs on a simulated 3-node swarm
+#                                                          against a `docker service create`
+#                                                          loop (2-core machine: about 8 minutes)
 #   tools/bench.sh --no-write | --note TEXT                see bench/run.py --help
 #
-# The scale-500 group runs in the full run only (a quick run leaves it out unless named with
-# --only). It builds the static supervisor, agent and healthcheck (tools/build-static.sh), the
+# The scale-500 and swarm-50 groups run in the full run only (a quick run leaves them out unless
+# named with --only). The swarm-50 group's driver is supervisor/examples/swarm_cold_start.rs
+# (its swarm is node containers with an engine each, labvisor/swarm-node:local, built here;
+# removed by the driver's own label when it ends). It builds the static supervisor, agent,
+# healthcheck and boot binary (tools/build-static.sh), the
 # cold-start baseline's bollard loop (supervisor/examples/bollard_loop.rs) and the local busybox
 # image (and, for the scale-500 group's Python baseline, labvisor/tf-style:local)
 # (tools/build-images.sh), makes a Python venv with paho-mqtt for the baselines
@@ -24,22 +30,24 @@
 # starts its own mosquitto per run; this script raises the open-files limit (ulimit -n) to the
 # hard limit for it, and with --only broker-1000 alone, Docker is neither needed nor touched.
 set -euo pipefail
-quick=0 only="" scale=0 prev="" docker_needed=0
+quick=0 only="" scale=0 swarm=0 prev="" docker_needed=0
 for a in "$@"; do
     case "$a" in
         -h | --help) awk 'NR > 1 { if (!/^#/) exit; sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         --quick) quick=1 ;;
-        --only=*) only=1; [ "${a#--only=}" != scale-500 ] || scale=1
+        --only=*) only=1; [ "${a#--only=}" != scale-500 ] || scale=1; [ "${a#--only=}" != swarm-50 ] || swarm=1
                   [ "${a#--only=}" = broker-1000 ] || docker_needed=1 ;;
         --only) only=1 ;;
         scale-500) [ "$prev" != --only ] || scale=1 ;;
+        swarm-50) [ "$prev" != --only ] || swarm=1 ;;
     esac
     if [ "$prev" = --only ] && [ "$a" != broker-1000 ]; then docker_needed=1; fi
     prev=$a
 done
 if [ -z "$only" ]; then docker_needed=1; fi
-# The scale-500 group (and its Python baseline's image) runs in a full run, or when named.
-if [ -z "$only" ] && [ "$quick" = 0 ]; then scale=1; fi
+# The scale-500 group (and its Python baseline's image) and the swarm-50 group (its node image
+# and driver) run in a full run, or when named.
+if [ -z "$only" ] && [ "$quick" = 0 ]; then scale=1; swarm=1; fi
 
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -113,6 +121,12 @@ if [ "$docker_needed" = 1 ]; then
 fi
 if [ "$scale" = 1 ]; then
     tools/build-images.sh tf-style >&2
+fi
+if [ "$swarm" = 1 ]; then
+    # The swarm-50 group's driver (on the test kit's Swarm; a debug build, it only drives and
+    # polls) and its node image.
+    cargo build --quiet -p labvisor --example swarm_cold_start >&2
+    tools/build-images.sh swarm-node >&2
 fi
 
 # 2. The baselines' Python: a venv with a pinned paho-mqtt.
