@@ -117,9 +117,14 @@ SWARM_NODE_PACKAGES=(docker.io containerd runc tini iptables libxtables12 libnft
     libcap2 libgcrypt20 liblzma5 libzstd1 liblz4-1 libselinux1 libudev1 libgpg-error0 libpcre2-8-0
     libseccomp2 busybox-static)
 
+# Bumped when the node image changes, so an image built by an older version is rebuilt.
+SWARM_NODE_VERSION=2
+
 build_swarm_node() {
     local image=labvisor/swarm-node:local
-    if [ "${FORCE:-0}" != 1 ] && docker image inspect "$image" >/dev/null 2>&1; then
+    local have
+    have=$(docker image inspect -f '{{index .Config.Labels "io.labvisor.image-version"}}' "$image" 2>/dev/null || true)
+    if [ "${FORCE:-0}" != 1 ] && [ "$have" = "$SWARM_NODE_VERSION" ]; then
         echo "build-images: $image exists"
         return
     fi
@@ -185,6 +190,7 @@ SH
         --change 'ENV PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'VOLUME /var/lib/docker' \
         --change 'LABEL io.labvisor.image=swarm-node' \
+        --change "LABEL io.labvisor.image-version=$SWARM_NODE_VERSION" \
         - "$image" >/dev/null
     echo "build-images: built $image"
 }

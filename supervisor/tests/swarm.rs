@@ -442,3 +442,36 @@ fn a_lost_node_shows_its_suts_down_and_leaves_the_others_alone() {
     assert!(!text.lines().any(|l| l.starts_with("k1")), "{text}");
     lab.stop();
 }
+
+/// `--runtime swarm` with the managed broker needs `--agent-listen` (agents on other hosts
+/// cannot use a local bridge's gateway), and `--agent-listen` is for Swarm only: both are usage
+/// errors before anything starts.
+#[test]
+fn agent_listen_is_required_under_swarm_and_refused_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_labvisor"))
+            .arg("supervise")
+            .args(args)
+            .arg("--sut-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["--runtime", "swarm"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--runtime swarm with the managed broker needs --agent-listen IP"),
+        "{err}"
+    );
+    let (code, err) = run(&["--agent-listen", "10.0.0.1"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--agent-listen is for --runtime swarm"),
+        "{err}"
+    );
+}

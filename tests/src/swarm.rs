@@ -19,10 +19,17 @@ pub const SWARM_NODE_IMAGE: &str = "labvisor/swarm-node:local";
 /// How long a node's engine may take to answer, and the swarm to have every node Ready.
 const START_LIMIT: Duration = Duration::from_secs(60);
 
-/// Makes sure [`SWARM_NODE_IMAGE`] exists, building it with `tools/build-images.sh` if needed.
+/// Makes sure [`SWARM_NODE_IMAGE`] exists in its current version: `tools/build-images.sh
+/// swarm-node` keeps an image of that version and rebuilds an older one.
 pub fn ensure_swarm_node_image() {
     static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| crate::docker::ensure_local_image(SWARM_NODE_IMAGE, "swarm-node"));
+    DONE.get_or_init(|| {
+        crate::run_ok(
+            std::process::Command::new("bash")
+                .arg(crate::workspace_root().join("tools/build-images.sh"))
+                .arg("swarm-node"),
+        );
+    });
 }
 
 /// One node: its hostname (`node1`…), container name and address on the test network.

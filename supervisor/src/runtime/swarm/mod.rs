@@ -296,7 +296,8 @@ impl SwarmRuntime {
         Ok(())
     }
 
-    /// Sets the replicas of service `id` (0: stopped, 1: running), or forces a new task.
+    /// Changes the spec of service `id` with `f` at its current version: the replicas (0:
+    /// stopped, 1: running), a forced new task, or a whole new spec (an update).
     async fn change(&self, id: &str, f: impl FnOnce(&mut ServiceSpec)) -> Result<(), RuntimeError> {
         let s = self
             .docker
@@ -447,21 +448,7 @@ impl ContainerRuntime for SwarmRuntime {
         {
             let _shared = self.objects.read().await;
             let service = self.prepare(spec).await?;
-            let current = self
-                .docker
-                .inspect_service(id, None::<InspectServiceOptions>)
-                .await?;
-            let version = current.version.and_then(|v| v.index).unwrap_or(0);
-            self.docker
-                .update_service(
-                    id,
-                    service,
-                    UpdateServiceOptionsBuilder::default()
-                        .version(i32::try_from(version).unwrap_or(i32::MAX))
-                        .build(),
-                    None,
-                )
-                .await?;
+            self.change(id, |s| *s = service).await?;
         }
         self.remove_unused().await;
         Ok(id.to_owned())
