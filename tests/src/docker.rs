@@ -181,17 +181,20 @@ impl DockerScope {
 
     /// Builds an image from a context directory holding a Dockerfile, labelled with this scope
     /// (so it is removed with the scope), and returns its tag.
+    ///
+    /// The label goes into the Dockerfile right after each `FROM`, not through `--label` (which
+    /// the builder adds as the last step). So every layer above the base is this scope's own:
+    /// two tests building the same Dockerfile at once share no cached intermediate image, and
+    /// one scope's cleanup (which prunes its image's untagged parents) cannot remove a layer
+    /// that another build is just using ("failed to get digest ...: no such file").
     pub fn build_image(&self, context: &Path, suffix: &str) -> String {
         let tag = format!("{}:test", self.name(suffix));
-        docker_ok(&[
-            "build",
-            "-q",
-            "--label",
-            &self.label(),
-            "-t",
-            &tag,
-            &context.display().to_string(),
-        ]);
+        let dockerfile = context.join("Dockerfile");
+        let text = std::fs::read_to_string(&dockerfile)
+            .unwrap_or_else(|e| panic!("read {}: {e}", dockerfile.display()));
+        std::fs::write(&dockerfile, label_each_stage(&text, &self.label()))
+            .unwrap_or_else(|e| panic!("write {}: {e}", dockerfile.display()));
+        docker_ok(&["build", "-q", "-t", &tag, &context.display().to_string()]);
         tag
     }
 
@@ -215,6 +218,20 @@ impl DockerScope {
             let _ = docker(&["image", "rm", "-f", i]);
         }
     }
+}
+
+/// `text` with `LABEL <label>` inserted after every `FROM` line.
+fn label_each_stage(text: &str, label: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 64);
+    for line in text.lines() {
+        out.push_str(line);
+        out.push('\n');
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.eq_ignore_ascii_case("FROM") {
+            out.push_str(&format!("LABEL {label}\n"));
+        }
+    }
+    out
 }
 
 impl Drop for DockerScope {
