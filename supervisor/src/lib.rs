@@ -23,3 +23,4 @@ pub mod plan;
 pub mod runtime;
 pub mod spec;
 pub mod supervise;
+pub mod web;

@@ -47,7 +47,7 @@ pub async fn logs(
 
 /// What `labvisor logs` does with an output message after `last`: whether to print it (a QoS 1
 /// resend of a message already printed is not), and a note about output lost before it.
-fn output_step(last: Option<&OutputMeta>, meta: &OutputMeta) -> (bool, Option<String>) {
+pub(crate) fn output_step(last: Option<&OutputMeta>, meta: &OutputMeta) -> (bool, Option<String>) {
     let Some(prev) = last.filter(|p| p.boot == meta.boot) else {
         return (true, None);
     };

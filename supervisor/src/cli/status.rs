@@ -21,7 +21,7 @@ use super::{BrokerArgs, ClientError, Session};
 pub use super::triage::STALE_AFTER_PERIODS;
 
 /// One SUT in `labvisor status`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct StatusRow {
     /// The SUT.
     pub sut: String,
@@ -136,7 +136,7 @@ const CRASH_LOOP: &str =
 
 /// The row of `sut`; `expect_agent`: its agent publishes a status (false with `--agent-broker
 /// none`), so none retained is a problem.
-fn row(
+pub(crate) fn row(
     sut: &SutName,
     a: Option<&AgentStatus>,
     v: Option<&SutView>,

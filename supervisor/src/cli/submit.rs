@@ -52,12 +52,16 @@ pub struct SubmitArgs {
     /// A command to run instead of a script: everything after `--`.
     #[arg(last = true)]
     pub cmd: Vec<String>,
+    /// The script's text, given by a caller that has no file (the web page).
+    #[arg(skip)]
+    pub script_text: Option<String>,
 }
 
 impl SubmitArgs {
     /// The submission these options describe.
     fn job(&self, id: &JobId) -> Result<JobSubmit, ClientError> {
         let (script, argv) = match (&self.script, self.cmd.is_empty()) {
+            _ if self.script_text.is_some() => (self.script_text.clone(), None),
             (Some(p), _) => {
                 let text = std::fs::read_to_string(p)
                     .map_err(|e| ClientError::Usage(format!("--script {}: {e}", p.display())))?;

@@ -717,7 +717,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(listener, m.shared(), async {
+        let server = tokio::spawn(serve(listener, m.shared(), None, async {
             let _ = rx.await;
         }));
         let get = |path: &'static str| {

@@ -27,18 +27,28 @@ pub struct Listen {
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until `shutdown` resolves.
+///
+/// `page`: more routes on the same listener (the lab's web page, [`crate::web::router`]); the
+/// handlers can ask for the client's address (`ConnectInfo<SocketAddr>`).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     shared: Arc<Shared>,
+    page: Option<Router>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    let mut app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz_handler))
         .with_state(shared);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    if let Some(page) = page {
+        app = app.merge(page);
+    }
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }
 
 async fn metrics_handler(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -197,12 +197,38 @@ async fn serve_metrics(
         info!(listen = %addr, "Serving /metrics and /healthz.");
     }
     let stop = tokio_util::sync::CancellationToken::new();
+    let page = crate::web::router(web_state(settings, stop.clone())?);
     let server = tokio::spawn(metrics::serve(
         listener,
         metrics.shared(),
+        Some(page),
         stop.clone().cancelled_owned(),
     ));
     Ok(Some((stop, server)))
+}
+
+/// The web page's state: fed by its own link to the supervisor's broker until `stop`, or
+/// without one when the supervisor runs without a broker.
+fn web_state(
+    settings: &Settings,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<Arc<crate::web::WebState>, SuperviseError> {
+    let Some(opts) = &settings.mqtt else {
+        return Ok(crate::web::WebState::without_broker(
+            settings.topics.clone(),
+        ));
+    };
+    let client_id = format!(
+        "labvisor-web-{}-{}",
+        settings.spec.supervisor,
+        payloads::random_id()
+    );
+    Ok(crate::web::start(
+        opts,
+        client_id,
+        settings.topics.clone(),
+        stop,
+    )?)
 }
 
 /// Sets up the loop (metrics, broker link, watchers) and runs it until `shutdown`.
