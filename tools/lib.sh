@@ -10,8 +10,16 @@ as_root() {
 # Debian packages: mosquitto (the broker), mosquitto-clients (mosquitto_pub/sub), busybox-static
 # (the demo and test image), openssl (the TLS tests make their own CA), python3-pip (paho-mqtt
 # comes from PyPI: Debian's package is 1.x), and docker.io when no Docker at all is installed.
+# With --browser (tools/test.sh) also chromium, chromium-driver and procps: the test kit's headless
+# browser (tests/src/browser.rs); tools/run.sh does not need them.
 ensure_packages() {
     local missing=()
+    if [ "${1:-}" = --browser ]; then
+        command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+        command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
+        # pgrep: the kit finds chromium's crash handlers, which leave its process group.
+        command -v pgrep >/dev/null 2>&1 || missing+=(procps)
+    fi
     [ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null 2>&1 || missing+=(mosquitto)
     command -v mosquitto_pub >/dev/null 2>&1 || missing+=(mosquitto-clients)
     dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)

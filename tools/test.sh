@@ -2,7 +2,7 @@
 # labvisor's test command: what README.md gives a new user, and what CI runs (.ci/run).
 #
 # On a fresh Debian machine it installs what is missing (mosquitto, mosquitto-clients,
-# busybox-static, openssl, python3, openssh-client from apt; paho-mqtt from PyPI), makes sure a Docker engine answers (starting dockerd when it is installed but
+# busybox-static, openssl, python3, openssh-client, chromium, chromium-driver from apt; paho-mqtt from PyPI), makes sure a Docker engine answers (starting dockerd when it is installed but
 # not running), builds the static binaries and the local test images (no registry needed), checks
 # formatting and lints, and runs the whole workspace suite against the real engine and real
 # brokers. Tests that need Docker or mosquitto fail loudly when they are missing; none is skipped.
@@ -14,8 +14,8 @@ cd "$(dirname "$0")/.."
 
 . tools/lib.sh
 
-# 1. Debian packages, PyPI's paho-mqtt, Docker Compose.
-ensure_packages
+# 1. Debian packages (with the test kit's headless browser), PyPI's paho-mqtt, Docker Compose.
+ensure_packages --browser
 # paho-mqtt (PyPI): the MQTT 5 client the jobs tests submit with, to use a response topic.
 if ! python3 -c 'import paho.mqtt' >/dev/null 2>&1; then
     log "installing paho-mqtt"
@@ -53,8 +53,9 @@ tools/build-images.sh all
 CHAOS_TEST=docker_daemon_restart_is_reconciled_within_10s
 log "cargo test"
 status=0
-# Every tier: the pure tests, and those marked `#[ignore = "needs Docker|mosquitto: ..."]`, which
-# a plain `cargo test` lists as ignored. Only the dockerd chaos test waits for step 6.
+# Every tier: the pure tests, and those marked `#[ignore = "needs Docker|mosquitto: ..."]` or
+# `#[ignore = "needs chromium and chromium-driver: tools/test.sh installs them"]`, which a plain
+# `cargo test` lists as ignored. Only the dockerd chaos test waits for step 6.
 cargo test --workspace --no-fail-fast "$@" -- --include-ignored --skip "$CHAOS_TEST" || status=$?
 
 # 6. Chaos that stops the engine itself: alone, after everything else has finished with it.

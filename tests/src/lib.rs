@@ -12,6 +12,8 @@
 //! - [`wait_until`]: wait for a condition with a deadline, never a bare sleep.
 //! - [`Swarm`]: a Docker Swarm of node containers (one engine each) for the swarm runtime's
 //!   tests, never the machine's own engine.
+//! - [`Browser`]: a real headless Chromium driven through WebDriver (chromedriver), for the web
+//!   pages' tests: clicks, text, console errors, screenshots; no process left on drop.
 //! - [`static_bin`] and [`ensure_busybox_image`]: the static agent/healthcheck binaries and the
 //!   local busybox image, built by `tools/test.sh` (no registry is needed).
 //!
@@ -92,24 +94,31 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The program's path on `PATH` (or in /usr/sbin, /sbin), or `None`.
+pub(crate) fn find_program(name: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .flat_map(|dir| [dir, "/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
 pub(crate) fn require_program(name: &str) -> PathBuf {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':') {
-        for d in [dir, "/usr/sbin", "/sbin"] {
-            let p = Path::new(d).join(name);
-            if p.is_file() {
-                return p;
-            }
-        }
+    if let Some(p) = find_program(name) {
+        return p;
     }
     panic!("{name} is not installed: run tools/test.sh, which installs and starts everything the tests need");
 }
 
+mod browser;
 mod docker;
 mod mosquitto;
 mod pki;
 mod swarm;
 mod testflinger;
 
+pub use browser::*;
 pub use docker::*;
 pub use mosquitto::*;
 pub use pki::test_pki;
