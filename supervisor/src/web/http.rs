@@ -25,6 +25,7 @@ use crate::cli::BrokerArgs;
 const INDEX: &str = include_str!("assets/index.html");
 const APP_JS: &str = include_str!("assets/app.js");
 const STYLE: &str = include_str!("assets/style.css");
+const ICON: &str = include_str!("assets/favicon.svg");
 
 /// The session cookie.
 const COOKIE: &str = "labvisor_session";
@@ -48,6 +49,10 @@ pub fn router(state: Arc<WebState>) -> Router {
         .route(
             "/style.css",
             get(|| async { page(STYLE, "text/css; charset=utf-8") }),
+        )
+        .route(
+            "/favicon.svg",
+            get(|| async { page(ICON, "image/svg+xml") }),
         )
         .route("/api/me", get(me))
         .route("/api/login", post(login))

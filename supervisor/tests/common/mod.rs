@@ -55,7 +55,6 @@ impl Sup {
             .args(["--name-prefix", &scope.name("")])
             .args(["--extra-label", &scope.label()])
             .args(["--stop-timeout", "2s"])
-            .args(["--metrics-listen", "none"])
             .arg("--agent-bin")
             .arg(static_bin("labvisor-agent"))
             .arg("--healthcheck-bin")
@@ -65,6 +64,9 @@ impl Sup {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
+        if !extra.contains(&"--metrics-listen") {
+            cmd.args(["--metrics-listen", "none"]);
+        }
         if !extra.contains(&"--agent-broker") {
             cmd.args(["--agent-broker", "none"]);
         }
@@ -109,6 +111,13 @@ retries = 1
 start_period = "0s"
 {extra}"#
     )
+}
+
+/// Waits until something accepts TCP connections on `addr` (a supervisor's `--metrics-listen`).
+pub fn wait_listening(addr: &str, limit: Duration) {
+    wait_until(&format!("something listening on {addr}"), limit, || {
+        std::net::TcpStream::connect(addr).ok().map(|_| ())
+    });
 }
 
 /// Writes like an editor: a hidden temporary file renamed over the target.

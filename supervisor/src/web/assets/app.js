@@ -246,6 +246,8 @@ function renderTable() {
   tbody.innerHTML = html;
   page.trs = new Map([...tbody.rows].map((tr) => [tr.dataset.sut, tr]));
   countShown();
+  // When the table was drawn and how many rows it has, for anyone measuring the page.
+  performance.mark('labvisor-table', { detail: { rows: rows.length } });
   document.querySelectorAll('#suts th[data-sort]').forEach((th) => {
     th.classList.toggle('sorted', th.dataset.sort === page.sort.key);
     th.classList.toggle('desc', th.dataset.sort === page.sort.key && page.sort.desc);
