@@ -248,7 +248,7 @@ fn the_page_follows_the_lab_live_and_acts_as_its_login() {
     let answer = the_result(&b, "the job accepted", "r.textContent.includes('accepted')");
     assert!(answer.starts_with("job "), "{answer}");
     b.wait_until_js(
-        "the jobravo's last line in the page",
+        "the job's last line in the page",
         T,
         "return document.querySelector('#output').textContent.includes('web-line-3')",
     );
@@ -258,6 +258,25 @@ fn the_page_follows_the_lab_live_and_acts_as_its_login() {
     }
     assert_eq!(b.count("#jobs tbody tr"), 1);
     assert_no_console_errors(&b, "after a job");
+    // The page's pointer to the complete log is a command that works.
+    let hint = b.text("#log-hint");
+    let command = hint
+        .split_once("SUT's volume: ")
+        .map(|(_, c)| c.to_string())
+        .unwrap_or_else(|| panic!("no command in the log hint: {hint}"));
+    let log = std::process::Command::new("sh")
+        .args(["-c", &command])
+        .output()
+        .expect("sh");
+    assert!(log.status.success(), "{command}: {log:?}");
+    let log = String::from_utf8_lossy(&log.stdout);
+    for i in 1..=3 {
+        assert_eq!(
+            log.matches(&format!("web-line-{i}\n")).count(),
+            1,
+            "{command}: {log}"
+        );
+    }
     screenshot(&b, "sut.png");
 
     // Offline with a reason, from the page; the lab shows it.

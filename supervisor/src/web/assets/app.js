@@ -299,9 +299,7 @@ function showSut(name) {
   $('#act-result').textContent = '';
   $('#actions').hidden = !page.me.user;
   $('#actions-login').hidden = !!page.me.user;
-  $('#log-hint').textContent = 'Live from the broker since this page opened (and what the supervisor kept). '
-    + `The complete log is the file /labvisor/data/log/${name}.log on the SUT's volume `
-    + `(docker cp labvisor-${name}:/labvisor/data/log/${name}.log -).`;
+  logHint(name, null);
   connect(`/api/sut/${encodeURIComponent(name)}`, {
     sut: (s) => {
       page.skew = Date.now() - s.now_ms;
@@ -318,6 +316,15 @@ function showSut(name) {
   });
 }
 
+// Where the complete log is: the page shows live output only.
+function logHint(name, container) {
+  const path = `/labvisor/data/log/${name}.log`;
+  const id = container ? container.slice(0, 12) : '<container>';
+  $('#log-hint').textContent = 'Live from the broker since this page opened (and what the supervisor kept). '
+    + `The complete log is the file ${path} on the SUT's volume: `
+    + `docker cp ${id}:${path} - | tar -xO`;
+}
+
 function renderSutRow(r, view) {
   const badges = $('#sut-state');
   if (!r) {
@@ -328,12 +335,14 @@ function renderSutRow(r, view) {
   badges.innerHTML = `<span class="${esc(r.group)}">${esc(r.group)}</span>`
     + `<span>${esc(stateText(r))}</span><span>health: ${esc(r.health)}</span>`
     + (r.problems || []).map((p) => `<span class="problem">${esc(p)}</span>`).join('');
+  const container = r.container_id || (view && view.container_id);
+  if (container) logHint(page.sut, container);
   const facts = [
     ['heartbeat', `<span class="age-wrap"></span>`],
     ['queue', r.queue],
     ['restarts', r.restarts],
     ['last job', esc(lastJobText(r))],
-    ['container', esc(r.container_id || (view && view.container_id) || '-')],
+    ['container', esc(container || '-')],
     ['image', esc(r.image || (view && view.image) || '-')],
     ['node', esc(r.node || '-')],
     ['supervisor', esc(r.supervisor || '-')],
