@@ -31,11 +31,12 @@ const T: Duration = Duration::from_secs(60);
 
 /// A broker on the gateway of the supervisor's own network (agents reach it there) and on
 /// loopback: anonymous clients (the agents, the supervisor) may do anything, `alice` (password
-/// `alice-pw`) may too, `rita` (`rita-pw`) may only read.
+/// `alice-pw`) may too, `rita` (`rita-pw`) may only read, `c` (`c-pw`) only its own `c/#`, as
+/// an agent's login does.
 fn broker(gateway: Option<&str>) -> (Mosquitto, tempfile::TempDir) {
     let files = tempfile::tempdir().unwrap();
     let passwd = files.path().join("passwd");
-    for (i, (user, pw)) in [("alice", "alice-pw"), ("rita", "rita-pw")]
+    for (i, (user, pw)) in [("alice", "alice-pw"), ("rita", "rita-pw"), ("c", "c-pw")]
         .into_iter()
         .enumerate()
     {
@@ -49,7 +50,8 @@ fn broker(gateway: Option<&str>) -> (Mosquitto, tempfile::TempDir) {
     let acl = files.path().join("acl");
     std::fs::write(
         &acl,
-        "topic readwrite #\n\nuser alice\ntopic readwrite #\n\nuser rita\ntopic read #\n",
+        "topic readwrite #\n\nuser alice\ntopic readwrite #\n\nuser rita\ntopic read #\n\n\
+         user c\ntopic readwrite c/#\n",
     )
     .unwrap();
     let listener = gateway
@@ -329,6 +331,7 @@ fn away_from_loopback_reading_needs_a_login_and_a_reader_cannot_act() {
     let submits = broker.subscribe("+/submit", &[]);
     let (_t, dir) = tmp_sut_dir();
     write(&dir, "c.toml", &fast_sut(BUSYBOX_IMAGE, ""));
+    write(&dir, "d.toml", &fast_sut(BUSYBOX_IMAGE, ""));
     let listen = format!("{gateway}:{}", free_port());
     let agent_url = format!("mqtt://{gateway}:{}", broker.port());
     let _sup = Sup::start(
@@ -338,6 +341,7 @@ fn away_from_loopback_reading_needs_a_login_and_a_reader_cannot_act() {
         &["--agent-broker", &agent_url, "--metrics-listen", &listen],
     );
     wait_healthy(&scope, "c", T);
+    wait_healthy(&scope, "d", T);
     wait_listening(&listen, T);
     let b = Browser::start();
     b.goto(&format!("http://{listen}/"));
@@ -360,6 +364,20 @@ fn away_from_loopback_reading_needs_a_login_and_a_reader_cannot_act() {
         T,
         "return document.querySelector('#login-error').textContent.includes('refused rita')",
     );
+    b.console_errors();
+
+    // An agent's login, which the broker confines to its own SUT, may not read the lab
+    // through the page.
+    b.fill("#login-user", "c");
+    b.fill("#login-password", "c-pw");
+    b.click("#login-submit");
+    b.wait_until_js(
+        "the agent login's refusal",
+        T,
+        "return document.querySelector('#login-error').textContent\
+         .includes('c may not read the whole lab: the broker shows it 1 of the 2')",
+    );
+    assert_eq!(fetch_status(&b, "/api/lab", "{}"), 401);
     b.console_errors();
     b.click("#login-cancel");
 

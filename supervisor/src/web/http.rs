@@ -1,5 +1,6 @@
 //! The page's routes: the embedded files, the two event streams, login, and the actions.
 
+use std::collections::BTreeSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
 use labvisor_protocol::payloads::AdminMode;
+use labvisor_protocol::topics::SutTopic;
 use labvisor_protocol::SutName;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast::error::RecvError;
@@ -174,15 +176,30 @@ async fn login(State(state): State<Arc<WebState>>, Json(form): Json<LoginForm>) 
             "this supervisor runs without a broker: there is nothing to log in to",
         );
     };
-    // The broker decides: the login is good when it lets it connect.
-    match crate::cli::Session::connect(&args, |_| Vec::new()).await {
-        Ok(s) => s.close().await,
+    // The broker decides: the login is good when it lets it connect, and it may read what
+    // the page shows (every SUT's status), which its ACL says by what it delivers.
+    let shown = lock(&state.lab).with_agent_status();
+    let seen = match crate::cli::Session::snapshot(&args, |t| vec![t.agents_filter()]).await {
+        Ok(mut s) => {
+            let got = s.settle().await;
+            s.close().await;
+            got.iter()
+                .filter(|r| !r.payload.is_empty())
+                .filter_map(|r| match state.topics.parse(&r.topic) {
+                    Some((sut, SutTopic::Agent)) => Some(sut),
+                    _ => None,
+                })
+                .collect::<BTreeSet<_>>()
+        }
         Err(e) => {
             return error(
                 StatusCode::UNAUTHORIZED,
                 format!("the broker refused {}: {e}", l.user),
             )
         }
+    };
+    if let Some(refusal) = reads_too_little(&l.user, &shown, &seen) {
+        return error(StatusCode::FORBIDDEN, refusal);
     }
     let mut bytes = [0u8; 32];
     if getrandom::getrandom(&mut bytes).is_err() {
@@ -203,6 +220,30 @@ async fn login(State(state): State<Arc<WebState>>, Json(form): Json<LoginForm>) 
         Json(serde_json::json!({ "user": user })),
     )
         .into_response()
+}
+
+/// Why `user` may not use the page, when the broker shows it fewer of the SUTs than the page
+/// shows (`shown`): the page shows the whole lab, so a login that may read only part of it (an
+/// agent's own login, confined to its SUT) would read the rest through the page.
+fn reads_too_little(
+    user: &str,
+    shown: &BTreeSet<SutName>,
+    seen: &BTreeSet<SutName>,
+) -> Option<String> {
+    let hidden: Vec<&str> = shown.difference(seen).map(SutName::as_str).collect();
+    let first = hidden.first()?;
+    Some(format!(
+        "{user} may not read the whole lab: the broker shows it {} of the {} SUTs' statuses \
+         this page shows (not {first}{}); the page shows every SUT, so it takes a login that may \
+         read them all, such as a reader's, never an agent's",
+        shown.len() - hidden.len(),
+        shown.len(),
+        if hidden.len() > 1 {
+            format!(" and {} more", hidden.len() - 1)
+        } else {
+            String::new()
+        },
+    ))
 }
 
 async fn logout(State(state): State<Arc<WebState>>, headers: HeaderMap) -> Response {

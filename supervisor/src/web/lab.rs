@@ -5,7 +5,7 @@
 //! groups and details), plus what the page shows beyond it: the heartbeat's time (the page ages
 //! it itself), the device's own work, the last job, the image and container.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use labvisor_protocol::payloads::{
     now_ms, AgentStatus, JobStatus, OutputMeta, SupervisorStatus, SutView,
@@ -375,6 +375,16 @@ impl Lab {
     /// Whether the broker knows `sut`.
     pub fn knows(&self, sut: &SutName) -> bool {
         self.suts.contains_key(sut)
+    }
+
+    /// The SUTs whose agent status the page holds: what a login must be able to read to see
+    /// the page's lab.
+    pub fn with_agent_status(&self) -> BTreeSet<SutName> {
+        self.suts
+            .iter()
+            .filter(|(_, s)| s.agent.is_some())
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 }
 
