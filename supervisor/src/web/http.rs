@@ -110,7 +110,7 @@ impl WebState {
 
     /// Whether the request may read the lab: from loopback, or logged in.
     fn may_read(&self, peer: &SocketAddr, headers: &HeaderMap) -> bool {
-        is_loopback(peer) || self.login(headers).is_some()
+        may_read_anonymously(peer, headers) || self.login(headers).is_some()
     }
 
     fn broker_args(&self, login: &Login) -> Option<BrokerArgs> {
@@ -123,6 +123,78 @@ impl WebState {
             topic_prefix: b.topic_prefix.clone(),
             state_dir: None,
         })
+    }
+}
+
+/// Whether the request may read without a login: it comes from loopback, and it names the
+/// listener by an address or `localhost` (or not at all). A page of another site whose name
+/// was made to resolve to 127.0.0.1 (DNS rebinding) comes from loopback too, but with that
+/// site's name as its `Host`.
+fn may_read_anonymously(peer: &SocketAddr, headers: &HeaderMap) -> bool {
+    is_loopback(peer)
+        && match headers.get(header::HOST).map(|h| h.to_str()) {
+            None => true,
+            Some(Ok(host)) => is_local_host_name(host),
+            Some(Err(_)) => false,
+        }
+}
+
+/// Whether a `Host` header names this machine by address or as `localhost`.
+fn is_local_host_name(host: &str) -> bool {
+    let port_ok = |p: &str| {
+        p.is_empty()
+            || p.strip_prefix(':')
+                .is_some_and(|n| n.parse::<u16>().is_ok())
+    };
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest
+            .split_once(']')
+            .is_some_and(|(ip, port)| ip.parse::<std::net::Ipv6Addr>().is_ok() && port_ok(port));
+    }
+    let (name, port) = host.find(':').map_or((host, ""), |i| host.split_at(i));
+    port_ok(port)
+        && (name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::Ipv4Addr>().is_ok())
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    fn headers(host: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(host) = host {
+            h.insert(header::HOST, host.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn anonymous_reading_needs_loopback_named_by_address_or_localhost() {
+        let lo: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let lo6: SocketAddr = "[::1]:5000".parse().unwrap();
+        let away: SocketAddr = "10.0.0.9:5000".parse().unwrap();
+        for host in [
+            None,
+            Some("127.0.0.1:9464"),
+            Some("127.0.0.1"),
+            Some("localhost:9464"),
+            Some("LOCALHOST"),
+            Some("[::1]:9464"),
+        ] {
+            assert!(may_read_anonymously(&lo, &headers(host)), "{host:?}");
+            assert!(may_read_anonymously(&lo6, &headers(host)), "{host:?}");
+            assert!(!may_read_anonymously(&away, &headers(host)), "{host:?}");
+        }
+        // DNS rebinding: another site's name resolved to loopback.
+        for host in [
+            "evil.example:9464",
+            "evil.example",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io:9464",
+            "[::1].evil:80",
+        ] {
+            assert!(!may_read_anonymously(&lo, &headers(Some(host))), "{host}");
+        }
     }
 }
 
@@ -149,7 +221,7 @@ async fn me(
 ) -> Response {
     Json(Me {
         user: state.login(&headers).map(|l| l.user),
-        anonymous_read: is_loopback(&peer),
+        anonymous_read: may_read_anonymously(&peer, &headers),
         broker: state.broker.is_some(),
     })
     .into_response()
