@@ -197,6 +197,7 @@ fn the_page_follows_the_lab_live_and_acts_as_its_login() {
     let dropped = Instant::now();
     b.wait_for("bravo's row", T, "tr[data-sut='bravo']");
     let took = dropped.elapsed();
+    eprintln!("bravo's row after {took:?}");
     assert!(took < Duration::from_secs(1), "bravo's row after {took:?}");
     wait_healthy(&scope, "bravo", T);
     b.wait_for("bravo healthy", T, "tr[data-sut='bravo'].g-healthy");
