@@ -507,3 +507,7 @@ async fn admin(
     })
     .await
 }
+
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod tests;
