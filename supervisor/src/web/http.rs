@@ -620,3 +620,7 @@ async fn admin(
     })
     .await
 }
+
+#[cfg(test)]
+#[path = "http_tests.rs"]
+mod tests;

@@ -121,6 +121,18 @@ impl WebState {
         })
     }
 
+    /// Test only: logs `user` in as session `token` until `until`, as `login` does once the
+    /// broker accepts the login.
+    #[cfg(test)]
+    pub(crate) fn insert_session(&self, token: &str, user: &str, until: Instant) {
+        let login = Login {
+            user: user.to_owned(),
+            password: String::new(),
+            until,
+        };
+        lock(&self.sessions).insert(token.to_owned(), login);
+    }
+
     /// Subscribes to `sut`'s output and jobs, once.
     fn watch(&self, sut: &SutName) {
         let Some(link) = &self.link else { return };
