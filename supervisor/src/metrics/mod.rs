@@ -1,5 +1,5 @@
 //! `labvisor supervise`'s Prometheus metrics, `/metrics` and `/healthz`, and the
-//! `labvisor healthz` probe.
+//! `labvisor healthz` probe. The same listener serves the lab's web page ([`crate::web`]).
 //!
 //! # Theory of operation
 //!
