@@ -11,7 +11,7 @@
 #                                                          10 hosts (about 4 min; needs no Docker)
 #   tools/bench.sh --only swarm-50                         50 SUTs on a simulated 3-node swarm
 #                                                          against a `docker service create`
-#                                                          loop (2-core machine: about 8 minutes)
+#                                                          loop (2-core machine: about 4 minutes)
 #   tools/bench.sh --no-write | --note TEXT                see bench/run.py --help
 #
 # The scale-500 and swarm-50 groups run in the full run only (a quick run leaves them out unless

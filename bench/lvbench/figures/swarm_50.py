@@ -23,7 +23,7 @@ KEY = "swarm-50"
 N = 50
 NODES = 3
 ROUNDS = 3
-INTERVAL = "2s"
+INTERVAL = "10s"
 
 MEASURED_L = ("labvisor: {n} job-only SUT files (busybox, `[health] interval = \"{interval}\"`, "
               "retries 1, start period 0 s; unconstrained placement), then `$BIN/labvisor "
