@@ -96,7 +96,8 @@
 //! and packet id), so the order is ours, not rumqttc's packet-id order; a publish found in
 //! `pending` that the link does not know is requeued as well. Subscribes, acks and pings in
 //! `pending` are dropped (subscriptions are re-issued on ConnAck; acks belong to the dead
-//! connection). Sticky messages are not requeued: ConnAck republishes their latest value.
+//! connection). An unsubscription not yet taken by rumqttc is kept for the next connection and
+//! goes before the subscriptions re-issued there, since a persistent session may still hold it. Sticky messages are not requeued: ConnAck republishes their latest value.
 //!
 //! **Delivery guarantees.** QoS 1 messages accepted by `publish` are delivered *at least once*
 //! as long as the link is not shut down and the message is not dropped by the overflow policy:

@@ -38,6 +38,10 @@ impl Sink for AsyncClient {
         self.try_subscribe_many(std::iter::once(f)).is_ok()
     }
 
+    fn unsubscribe(&self, filter: &str) -> bool {
+        self.try_unsubscribe(filter.to_owned()).is_ok()
+    }
+
     fn publish(&self, m: &Message) -> bool {
         let (topic, qos, payload) = (m.topic.clone(), m.qos.to_rumqttc(), m.payload.clone());
         let sent = if m.has_properties() {
@@ -238,6 +242,13 @@ impl MqttLink {
         qos: QoS,
     ) -> Result<(), PublishError> {
         self.subscribe_with(filter.into(), qos, true)
+    }
+
+    /// Unsubscribes from `filter` (as given to [`MqttLink::subscribe`]) and stops re-issuing it
+    /// after a reconnect. Messages already on their way may still arrive on [`Incoming`].
+    pub fn unsubscribe(&self, filter: impl Into<String>) -> Result<(), PublishError> {
+        let filter = filter.into();
+        self.shared.with(|core, c| core.unsubscribe(filter, c))
     }
 
     fn subscribe_with(

@@ -22,6 +22,8 @@ pub(crate) trait Sink {
     fn ack(&self, p: &Publish) -> bool;
     /// Subscribes.
     fn subscribe(&self, sub: &Subscription) -> bool;
+    /// Unsubscribes.
+    fn unsubscribe(&self, filter: &str) -> bool;
     /// Publishes.
     fn publish(&self, m: &Message) -> bool;
     /// Sends DISCONNECT.
@@ -37,6 +39,15 @@ pub(crate) struct Subscription {
     pub qos: QoS,
     /// MQTT 5 retain-as-published.
     pub as_published: bool,
+}
+
+/// A change of the subscriptions waiting for the sink, in the order it was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum SubChange {
+    /// SUBSCRIBE.
+    Subscribe(Subscription),
+    /// UNSUBSCRIBE from a filter.
+    Unsubscribe(String),
 }
 
 /// A snapshot of the link, published through a `tokio::sync::watch` channel.
@@ -78,7 +89,7 @@ pub struct LinkState {
 pub(crate) struct LinkCore {
     pub(crate) outbox: Outbox,
     subscriptions: Vec<Subscription>,
-    subs_to_send: VecDeque<Subscription>,
+    subs_to_send: VecDeque<SubChange>,
     acks: VecDeque<Publish>,
     connected: bool,
     epoch: u64,
@@ -208,9 +219,29 @@ impl LinkCore {
             None => self.subscriptions.push(sub.clone()),
         }
         if self.connected {
-            self.subs_to_send.push_back(sub);
+            self.subs_to_send.push_back(SubChange::Subscribe(sub));
             self.pump(sink);
         }
+        Ok(())
+    }
+
+    /// Forgets the subscription to `filter` (no longer re-issued) and unsubscribes from it,
+    /// now when connected, else on the next connection (a persistent session keeps it on the
+    /// broker meanwhile). Unsubscribing from a filter never subscribed is no error.
+    pub(crate) fn unsubscribe(
+        &mut self,
+        filter: String,
+        sink: &impl Sink,
+    ) -> Result<(), PublishError> {
+        if !rumqttc::v5::mqttbytes::valid_filter(&filter) || filter.contains('\0') {
+            return Err(PublishError::InvalidTopic(filter));
+        }
+        if self.closed || self.closing.is_some() {
+            return Err(PublishError::Closed);
+        }
+        self.subscriptions.retain(|s| s.filter != filter);
+        self.subs_to_send.push_back(SubChange::Unsubscribe(filter));
+        self.pump(sink);
         Ok(())
     }
 
@@ -280,8 +311,12 @@ impl LinkCore {
             }
             self.acks.pop_front();
         }
-        while let Some(sub) = self.subs_to_send.front() {
-            if !sink.subscribe(sub) {
+        while let Some(change) = self.subs_to_send.front() {
+            let taken = match change {
+                SubChange::Subscribe(sub) => sink.subscribe(sub),
+                SubChange::Unsubscribe(filter) => sink.unsubscribe(filter),
+            };
+            if !taken {
                 return false;
             }
             self.subs_to_send.pop_front();
@@ -321,7 +356,12 @@ impl LinkCore {
         self.limit = broker_max_packet.map_or(self.max_packet_size, |m| {
             (m as usize).min(self.max_packet_size)
         });
-        self.subs_to_send = self.subscriptions.iter().cloned().collect();
+        // Unsubscriptions not sent yet go first (a persistent session may still hold them),
+        // then every subscription again.
+        self.subs_to_send
+            .retain(|c| matches!(c, SubChange::Unsubscribe(_)));
+        self.subs_to_send
+            .extend(self.subscriptions.iter().cloned().map(SubChange::Subscribe));
         self.subacks = 0;
         self.outbox.connected(receive_max);
     }
@@ -339,11 +379,13 @@ impl LinkCore {
     }
 
     /// After a connection error and the events rumqttc had buffered: requeues what was not
-    /// done (see [`Outbox::requeue`]); acks and subscriptions of the dead connection are dropped.
+    /// done (see [`Outbox::requeue`]); acks and subscriptions of the dead connection are dropped
+    /// (subscriptions are re-issued on the next ConnAck), unsubscriptions kept for it.
     pub(crate) fn recover(&mut self, pending: Vec<Message>) -> Requeued {
         let r = self.outbox.requeue(pending);
         self.acks.clear();
-        self.subs_to_send.clear();
+        self.subs_to_send
+            .retain(|c| matches!(c, SubChange::Unsubscribe(_)));
         r
     }
 

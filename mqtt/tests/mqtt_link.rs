@@ -681,3 +681,29 @@ async fn a_qos0_subscriber_has_every_retained_message_at_its_last_suback() {
     );
     assert!(got.contains("r/0000") && got.contains("r/1499"));
 }
+
+/// An unsubscribed filter delivers nothing more: the UNSUBSCRIBE goes out before what the link
+/// publishes after it, and mosquitto handles one connection's packets in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs mosquitto: tools/test.sh runs it"]
+async fn an_unsubscribed_filter_delivers_nothing_more() {
+    let m = Mosquitto::start();
+    let (link, mut incoming) = MqttLink::start(options(&m)).unwrap();
+    link.subscribe("un/a", QoS::AtMostOnce).unwrap();
+    link.subscribe("un/marker", QoS::AtMostOnce).unwrap();
+    wait_state(&link, "connected", |s| s.connected).await;
+    wait_self_subscribed(&link, &mut incoming, "un/a").await;
+
+    link.unsubscribe("un/a").unwrap();
+    link.publish(Message::event("un/a", "after")).unwrap();
+    link.publish(Message::event("un/marker", "marker")).unwrap();
+    let r = recv(&mut incoming, "the marker").await;
+    assert_eq!(
+        (r.topic.as_str(), text(&r).as_str()),
+        ("un/marker", "marker"),
+        "nothing on un/a after the unsubscription"
+    );
+    // Subscribed again, it delivers again.
+    link.subscribe("un/a", QoS::AtMostOnce).unwrap();
+    wait_self_subscribed(&link, &mut incoming, "un/a").await;
+}

@@ -40,6 +40,9 @@ impl Sink for FakeSink {
     fn subscribe(&self, sub: &Subscription) -> bool {
         self.take(format!("sub {}", sub.filter))
     }
+    fn unsubscribe(&self, filter: &str) -> bool {
+        self.take(format!("unsub {filter}"))
+    }
     fn publish(&self, m: &Message) -> bool {
         self.take(format!("pub {}", String::from_utf8_lossy(&m.payload)))
     }
@@ -256,4 +259,48 @@ fn subacks_count_on_the_current_connection_only() {
     assert_eq!(core.snapshot().subacks, 0, "re-issued: answered again");
     core.subscribed();
     assert_eq!(core.snapshot().subacks, 1);
+}
+
+#[test]
+fn an_unsubscribed_filter_is_unsubscribed_in_order_and_not_reissued() {
+    let sink = FakeSink::with_room(100);
+    let mut core = LinkCore::new(8, 1 << 20, None);
+    core.subscribe(sub("a/output"), &sink).unwrap();
+    core.subscribe(sub("b/output"), &sink).unwrap();
+    core.connected(None, None);
+    core.pump(&sink);
+    assert_eq!(sink.log(), ["sub a/output", "sub b/output"]);
+
+    // Unsubscribe, subscribe again and unsubscribe, while the sink is full: they go out in
+    // the order asked, so the broker ends unsubscribed.
+    sink.room.set(0);
+    core.unsubscribe("a/output".into(), &sink).unwrap();
+    core.subscribe(sub("a/output"), &sink).unwrap();
+    core.unsubscribe("a/output".into(), &sink).unwrap();
+    sink.room.set(100);
+    core.pump(&sink);
+    assert_eq!(
+        sink.log(),
+        ["unsub a/output", "sub a/output", "unsub a/output"]
+    );
+
+    // A new connection re-issues only what is still subscribed.
+    core.connected(None, None);
+    core.pump(&sink);
+    assert_eq!(sink.log(), ["sub b/output"]);
+
+    // An unsubscription asked while disconnected survives the error and goes first on the
+    // next connection (a persistent session still holds the subscription).
+    core.failed("gone".into());
+    core.unsubscribe("b/output".into(), &sink).unwrap();
+    core.recover(Vec::new());
+    assert!(sink.log().is_empty());
+    core.connected(None, None);
+    core.pump(&sink);
+    assert_eq!(sink.log(), ["unsub b/output"]);
+
+    assert!(matches!(
+        core.unsubscribe("bad/#/filter".into(), &sink),
+        Err(PublishError::InvalidTopic(_))
+    ));
 }
