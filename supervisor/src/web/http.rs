@@ -404,21 +404,22 @@ async fn sut_events(
         Ok(s) => s,
         Err((code, why)) => return error(code, why),
     };
-    state.watch(&sut);
+    // Held by the stream: the page's hold on the SUT's output ends when the page goes.
+    let watched = state.watch(&sut);
     let (first, rx) = {
         let lab = lock(&state.lab);
         (event("sut", &lab.sut(&sut)), state.updates.subscribe())
     };
-    let rest = stream::unfold((state, rx, sut), |(state, mut rx, sut)| async move {
+    let rest = stream::unfold((state, rx, watched), |(state, mut rx, w)| async move {
         loop {
             match rx.recv().await {
-                Ok(u) if u.sut() == sut.as_str() => {
-                    return Some((update_event(&u), (state, rx, sut)))
+                Ok(u) if u.sut() == w.sut.as_str() => {
+                    return Some((update_event(&u), (state, rx, w)))
                 }
                 Ok(_) => continue,
                 Err(RecvError::Lagged(_)) => {
-                    let e = event("sut", &lock(&state.lab).sut(&sut));
-                    return Some((e, (state, rx, sut)));
+                    let e = event("sut", &lock(&state.lab).sut(&w.sut));
+                    return Some((e, (state, rx, w)));
                 }
                 Err(RecvError::Closed) => return None,
             }

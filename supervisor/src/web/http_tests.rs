@@ -404,3 +404,28 @@ async fn logout_ends_the_session() {
     let me = json(Req::get("/api/me", p).session(TOKEN).send(&s).await).await;
     assert_eq!(me["user"], serde_json::Value::Null, "{me}");
 }
+
+/// A page's hold on a SUT lives as long as its stream: two pages count twice, and a closed page
+/// no longer counts (the link lets go of the SUT a while later: `watching`'s tests).
+#[tokio::test]
+async fn a_suts_stream_holds_its_output_while_the_page_is_open() {
+    let s = state();
+    let sut = labvisor_protocol::SutName::new("tf-1").unwrap();
+    assert_eq!(s.watching(&sut), (0, false));
+    let first = Req::get("/api/sut/tf-1", LOOPBACK[0]).send(&s).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = Req::get("/api/sut/tf-1", LOOPBACK[0]).send(&s).await;
+    assert_eq!(s.watching(&sut), (2, true));
+    drop(first);
+    assert_eq!(s.watching(&sut), (1, true));
+    drop(second);
+    assert_eq!(
+        s.watching(&sut),
+        (0, true),
+        "kept for a while after the last page"
+    );
+    // The lab's stream holds no SUT.
+    let lab = Req::get("/api/lab", LOOPBACK[0]).send(&s).await;
+    assert_eq!(lab.status(), StatusCode::OK);
+    assert_eq!(s.watching(&sut), (0, true));
+}

@@ -372,6 +372,19 @@ impl Lab {
         }
     }
 
+    /// Forgets `sut`'s output and jobs (no page shows it any more); its row stays.
+    pub fn unwatch(&mut self, sut: &SutName) {
+        if let Some(s) = self.suts.get_mut(sut) {
+            s.output.clear();
+            s.output_bytes = 0;
+            s.last_meta = None;
+            s.jobs.clear();
+            if s.is_empty() {
+                self.suts.remove(sut);
+            }
+        }
+    }
+
     /// Whether the broker knows `sut`.
     pub fn knows(&self, sut: &SutName) -> bool {
         self.suts.contains_key(sut)
@@ -509,5 +522,25 @@ mod tests {
         let jobs = lab.sut(&sut).jobs;
         assert_eq!(jobs.len(), JOBS_KEPT);
         assert_eq!(jobs[0].id.as_str(), "j054");
+    }
+
+    #[test]
+    fn an_unwatched_sut_keeps_its_row_and_forgets_its_output_and_jobs() {
+        let mut lab = Lab::new(Topics::new());
+        let sut = SutName::new("a").unwrap();
+        lab.apply("a/agent", &agent("a", AgentState::Idle), None);
+        lab.apply("a/output", b"line\n", meta(0, 0));
+        let job = JobStatus::accepted(sut.clone(), JobId::new("j1").unwrap(), 1000);
+        lab.apply("a/jobs/j1", &serde_json::to_vec(&job).unwrap(), None);
+        let snap = lab.sut(&sut);
+        assert_eq!((snap.output.len(), snap.jobs.len()), (1, 1));
+        lab.unwatch(&sut);
+        let snap = lab.sut(&sut);
+        assert!(snap.row.is_some());
+        assert_eq!((snap.output.len(), snap.jobs.len()), (0, 0));
+        // A SUT the lab knew only by its output is gone.
+        lab.apply("b/output", b"line\n", meta(0, 0));
+        lab.unwatch(&SutName::new("b").unwrap());
+        assert!(!lab.knows(&SutName::new("b").unwrap()));
     }
 }

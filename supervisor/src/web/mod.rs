@@ -12,7 +12,8 @@
 //! Nothing is polled per SUT: the lab view is one stream, a SUT's view one more.
 //!
 //! A SUT's live output and job history come from `<sut>/output` and `<sut>/jobs/+`, which the
-//! link subscribes to the first time a page opens that SUT (and keeps). Output is kept per SUT
+//! link subscribes to while a page shows that SUT and for [`watching::UNWATCH_AFTER`] after
+//! its last page closed; then it unsubscribes and forgets what it kept of them. Output is kept per SUT
 //! up to [`lab::OUTPUT_KEPT`] bytes for the next page that opens it; where lines were lost on
 //! the way (the agent's `dropped` count, or a jump in `seq`) the page says so at that place.
 //!
@@ -33,10 +34,11 @@
 
 mod http;
 pub mod lab;
+pub mod watching;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use labvisor_mqtt::{Incoming, LinkOptions, MqttLink, QoS};
 use labvisor_protocol::payloads::OutputMeta;
@@ -88,7 +90,7 @@ pub struct WebState {
     lab: Mutex<lab::Lab>,
     updates: broadcast::Sender<Arc<lab::Update>>,
     link: Option<MqttLink>,
-    watched: Mutex<BTreeSet<SutName>>,
+    watched: Mutex<watching::Watching>,
     topics: Topics,
     broker: Option<BrokerTarget>,
     sessions: Mutex<HashMap<String, Login>>,
@@ -114,7 +116,7 @@ impl WebState {
             lab: Mutex::new(lab::Lab::new(topics.clone())),
             updates: broadcast::channel(UPDATES_BUFFERED).0,
             link: None,
-            watched: Mutex::new(BTreeSet::new()),
+            watched: Mutex::new(watching::Watching::default()),
             topics,
             broker: None,
             sessions: Mutex::new(HashMap::new()),
@@ -133,15 +135,58 @@ impl WebState {
         lock(&self.sessions).insert(token.to_owned(), login);
     }
 
-    /// Subscribes to `sut`'s output and jobs, once.
-    fn watch(&self, sut: &SutName) {
-        let Some(link) = &self.link else { return };
-        if lock(&self.watched).insert(sut.clone()) {
-            let _ = link.subscribe(self.topics.output(sut), QoS::AtMostOnce);
-            let _ = link.subscribe(self.topics.jobs_filter(sut), QoS::AtMostOnce);
+    /// A page shows `sut`: subscribes to its output and jobs unless they are, until the
+    /// returned guard is dropped (and [`watching::UNWATCH_AFTER`] has passed).
+    fn watch(self: &Arc<Self>, sut: &SutName) -> Watched {
+        if lock(&self.watched).open(sut) {
+            if let Some(link) = &self.link {
+                let _ = link.subscribe(self.topics.output(sut), QoS::AtMostOnce);
+                let _ = link.subscribe(self.topics.jobs_filter(sut), QoS::AtMostOnce);
+            }
+        }
+        Watched {
+            state: self.clone(),
+            sut: sut.clone(),
         }
     }
+
+    /// Unsubscribes from the SUTs no page has shown for a while, and forgets their output and
+    /// jobs.
+    fn unwatch_expired(&self, now: Instant) {
+        let gone = lock(&self.watched).expired(now);
+        for sut in gone {
+            if let Some(link) = &self.link {
+                let _ = link.unsubscribe(self.topics.output(&sut));
+                let _ = link.unsubscribe(self.topics.jobs_filter(&sut));
+            }
+            lock(&self.lab).unwatch(&sut);
+            debug!(%sut, "No page shows this SUT any more: its output and jobs are let go.");
+        }
+    }
+
+    /// How many pages show `sut`, and whether its output and jobs are subscribed.
+    #[cfg(test)]
+    pub(crate) fn watching(&self, sut: &SutName) -> (usize, bool) {
+        let w = lock(&self.watched);
+        (w.pages(sut), w.watched(sut))
+    }
 }
+
+/// A page's hold on a SUT's output and jobs ([`WebState::watch`]).
+pub(crate) struct Watched {
+    state: Arc<WebState>,
+    /// The SUT shown.
+    pub sut: SutName,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        lock(&self.state.watched).close(&self.sut, Instant::now());
+    }
+}
+
+/// How often the feed task lets go of SUTs no page shows.
+const UNWATCH_EVERY: Duration = Duration::from_secs(10);
 
 /// Starts the page's MQTT link (a copy of the supervisor's `opts`, as client `client_id`) and
 /// the task that feeds the lab from it until `stop`.
@@ -173,7 +218,7 @@ pub fn start(
         lab: Mutex::new(lab::Lab::new(topics.clone())),
         updates: broadcast::channel(UPDATES_BUFFERED).0,
         link: Some(link.clone()),
-        watched: Mutex::new(BTreeSet::new()),
+        watched: Mutex::new(watching::Watching::default()),
         topics,
         broker: Some(target),
         sessions: Mutex::new(HashMap::new()),
@@ -189,9 +234,15 @@ async fn feed(
     mut incoming: Incoming,
     stop: CancellationToken,
 ) {
+    let mut sweep = tokio::time::interval(UNWATCH_EVERY);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let msg = tokio::select! {
             () = stop.cancelled() => break,
+            _ = sweep.tick() => {
+                state.unwatch_expired(Instant::now());
+                continue;
+            }
             m = incoming.recv() => match m {
                 Some(m) => m,
                 None => break,
