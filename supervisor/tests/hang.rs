@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{own_network, tmp_sut_dir, views, write, Sup};
+use common::{agent_pid, own_network, tmp_sut_dir, views, write, Stopped, Sup};
 use labvisor_protocol::payloads::{AgentStatus, Health};
 use labvisor_supervisor::runtime::docker::containers::finished_at_ms;
 use labvisor_tests::{
@@ -62,35 +62,6 @@ fn settled(sub: &Subscriber, sut: &str, not_boot: Option<&str>) -> String {
         let a = agent(sub, sut)?;
         (Some(a.boot_id.as_str()) != not_boot && a.seq > MAX_AGE.as_secs() + 1).then_some(a.boot_id)
     })
-}
-
-/// The agent process of the container `name`: the only child of its `docker-init` (PID 1 of
-/// the container, `State.Pid` on the host).
-fn agent_pid(name: &str) -> String {
-    let init = inspect(name, "{{.State.Pid}}");
-    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
-        .expect("the children of docker-init");
-    let pid = children
-        .split_whitespace()
-        .next()
-        .expect("an agent process")
-        .to_owned();
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    assert_eq!(comm.trim(), "labvisor-agent", "pid {pid} is the agent");
-    pid
-}
-
-/// Sends `SIGCONT` to a process stopped by the test when dropped (a failed test leaves no
-/// stopped process behind; a killed one is gone anyway).
-struct Stopped(String);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.0])
-            .stderr(std::process::Stdio::null())
-            .status();
-    }
 }
 
 fn now_ms() -> u64 {

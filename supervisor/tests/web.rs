@@ -19,11 +19,14 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{fast_sut, own_network, tmp_sut_dir, wait_healthy, wait_listening, write, Sup};
+use common::{
+    agent_pid, fast_sut, own_network, tmp_sut_dir, wait_healthy, wait_listening, write, Stopped,
+    Sup,
+};
 use labvisor_protocol::topics::Topics;
 use labvisor_tests::{
-    docker_ok, ensure_busybox_image, free_port, network_gateway, run_ok, Browser, DockerScope,
-    Mosquitto, BUSYBOX_IMAGE,
+    ensure_busybox_image, free_port, network_gateway, run_ok, Browser, DockerScope, Mosquitto,
+    BUSYBOX_IMAGE,
 };
 use support::retained_lab::{self, Kind, Mix};
 
@@ -76,33 +79,6 @@ fn screenshot(browser: &Browser, name: &str) {
     for d in dirs {
         std::fs::create_dir_all(&d).unwrap();
         browser.screenshot(d.join(name));
-    }
-}
-
-/// The agent process of the container `name` (the only child of its `docker-init`).
-fn agent_pid(name: &str) -> String {
-    let init = docker_ok(&["inspect", "-f", "{{.State.Pid}}", name]);
-    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
-        .expect("the children of docker-init");
-    let pid = children
-        .split_whitespace()
-        .next()
-        .expect("an agent process")
-        .to_owned();
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-    assert_eq!(comm.trim(), "labvisor-agent", "pid {pid} is the agent");
-    pid
-}
-
-/// Sends `SIGCONT` to a process the test stopped, when dropped.
-struct Stopped(String);
-
-impl Drop for Stopped {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.0])
-            .stderr(std::process::Stdio::null())
-            .status();
     }
 }
 

@@ -193,3 +193,32 @@ pub fn tmp_sut_dir() -> (tempfile::TempDir, PathBuf) {
     std::fs::create_dir(&d).unwrap();
     (t, d)
 }
+
+/// The agent process of the container `name`: the only child of its `docker-init` (PID 1 of
+/// the container, `State.Pid` on the host).
+pub fn agent_pid(name: &str) -> String {
+    let init = docker_ok(&["inspect", "-f", "{{.State.Pid}}", name]);
+    let children = std::fs::read_to_string(format!("/proc/{init}/task/{init}/children"))
+        .expect("the children of docker-init");
+    let pid = children
+        .split_whitespace()
+        .next()
+        .expect("an agent process")
+        .to_owned();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    assert_eq!(comm.trim(), "labvisor-agent", "pid {pid} is the agent");
+    pid
+}
+
+/// Sends `SIGCONT` to a process stopped by the test when dropped (a failed test leaves no
+/// stopped process behind; a killed one is gone anyway).
+pub struct Stopped(pub String);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
