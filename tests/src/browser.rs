@@ -32,6 +32,8 @@ use std::time::Duration;
 const START_LIMIT: Duration = Duration::from_secs(30);
 /// How long closing the session may take on drop before the processes are killed anyway.
 const CLOSE_LIMIT: Duration = Duration::from_secs(10);
+/// How long an action on an element is tried again while the page keeps replacing it.
+const STALE_LIMIT: Duration = Duration::from_secs(10);
 /// Chromium's command line: headless, usable as root in a container, a fixed window size.
 const CHROMIUM_ARGS: &[&str] = &[
     "--headless=new",
@@ -159,16 +161,37 @@ impl Browser {
         self.block(&format!("go to {url}"), self.client().goto(url));
     }
 
+    /// Runs `f` (which finds its element itself) again while it fails because the element it
+    /// found was replaced before it was used ("stale element reference": a page that redraws,
+    /// such as a live table), up to [`STALE_LIMIT`].
+    fn fresh<T, F, Fut>(&self, what: &str, f: F) -> T
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<T, CmdError>>,
+    {
+        let deadline = std::time::Instant::now() + STALE_LIMIT;
+        loop {
+            match self.rt.block_on(f()) {
+                Ok(v) => return v,
+                Err(e)
+                    if e.is_stale_element_reference() && std::time::Instant::now() < deadline =>
+                {
+                    continue
+                }
+                Err(e) => panic!("browser: {what}: {e}"),
+            }
+        }
+    }
+
     /// The rendered text of the first element matching `css`, or `None` if none matches.
     pub fn find_text(&self, css: &str) -> Option<String> {
-        let found = self.rt.block_on(async {
+        self.fresh(&format!("text of {css:?}"), || async {
             match self.client().find(Locator::Css(css)).await {
                 Ok(e) => e.text().await.map(Some),
                 Err(e) if e.is_no_such_element() => Ok(None),
                 Err(e) => Err(e),
             }
-        });
-        found.unwrap_or_else(|e| panic!("browser: text of {css:?}: {e}"))
+        })
     }
 
     /// The rendered text of the first element matching `css`; panics if none matches.
@@ -188,14 +211,14 @@ impl Browser {
 
     /// Clicks the first element matching `css`; panics if none matches.
     pub fn click(&self, css: &str) {
-        self.block(&format!("click {css:?}"), async {
+        self.fresh(&format!("click {css:?}"), || async {
             self.client().find(Locator::Css(css)).await?.click().await
         });
     }
 
     /// Clears the first input matching `css` and types `text` into it; panics if none matches.
     pub fn fill(&self, css: &str, text: &str) {
-        self.block(&format!("fill {css:?}"), async {
+        self.fresh(&format!("fill {css:?}"), || async {
             let e = self.client().find(Locator::Css(css)).await?;
             e.clear().await?;
             e.send_keys(text).await

@@ -31,6 +31,17 @@ fn page(path: &str) -> Option<String> {
     document.body.insertAdjacentHTML('beforeend', '<p id="late">here</p>');
 }, 300)</script>"#
         }
+        // A live table: the button is replaced every 200 ms, as a page redrawing its rows does.
+        "/redraw" => {
+            r#"<div id="table"></div>
+<script>window.clicks = 0;
+let n = 0;
+setInterval(() => {
+    n += 1;
+    document.getElementById('table').innerHTML =
+        `<button id="row" onclick="window.clicks += 1">row ${n % 2}</button>`;
+}, 200);</script>"#
+        }
         _ => return None,
     };
     Some(format!(
@@ -213,4 +224,25 @@ fn dropping_the_browser_leaves_no_process() {
     let left = naming(&dir);
     assert!(left.is_empty(), "left naming {}: {left:?}", dir.display());
     assert!(!dir.exists(), "the browser's directory is removed");
+}
+
+/// A page that keeps replacing an element (a live table) is clicked and read as a person
+/// would: each action finds the element again when the one it found was replaced in between.
+#[test]
+#[ignore = "needs chromium and chromium-driver: tools/test.sh installs them"]
+fn actions_on_a_redrawing_page_find_the_element_again() {
+    let base = serve();
+    let b = Browser::start();
+    b.goto(&format!("{base}/redraw"));
+    b.wait_for("the first row", Duration::from_secs(10), "#row");
+    for _ in 0..40 {
+        b.click("#row");
+        assert!(b.text("#row").starts_with("row "));
+    }
+    b.wait_until_js(
+        "40 clicks counted",
+        Duration::from_secs(10),
+        "return window.clicks === 40",
+    );
+    assert!(b.console_errors().is_empty());
 }
