@@ -178,6 +178,19 @@ fn the_page_follows_the_lab_live_and_acts_as_its_login() {
     wait_healthy(&scope, "bravo", T);
     b.wait_for("bravo healthy", T, "tr[data-sut='bravo'].g-healthy");
 
+    // A bad file is a problem row naming the file's problem.
+    write(&dir, "charlie.toml", "imagee = \"typo\"\n");
+    b.wait_for(
+        "charlie's problem row",
+        T,
+        "tr[data-sut='charlie'].g-problem",
+    );
+    let detail = b.text("tr[data-sut='charlie'] td.detail");
+    assert!(
+        detail.contains("charlie.toml: imagee: unknown field"),
+        "{detail}"
+    );
+
     // Filter: one word keeps one row.
     b.fill("#filter", "bravo");
     b.wait_until_js(
