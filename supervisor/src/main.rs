@@ -333,6 +333,10 @@ async fn run_supervisor(
     id: SupervisorId,
     managed: Option<ManagedArgs>,
 ) -> anyhow::Result<()> {
+    // Before anything is started: a SIGTERM while the supervisor is still starting, its
+    // managed broker already running, must be a clean stop (the loop sees it at once and the
+    // broker is stopped after it), not the default action, which would leave mosquitto behind.
+    let shutdown = shutdown_signal().context("the supervisor cannot handle SIGTERM and SIGINT")?;
     if settings.allow.runtime == Runtime::Swarm {
         let runtime = Arc::new(
             SwarmRuntime::connect(
@@ -351,7 +355,7 @@ async fn run_supervisor(
             None => None,
         };
         return finish(
-            supervise::run(settings, runtime, shutdown_signal()).await,
+            supervise::run(settings, runtime, shutdown).await,
             managed_broker,
         )
         .await;
@@ -371,7 +375,7 @@ async fn run_supervisor(
         None => None,
     };
     finish(
-        supervise::run(settings, runtime, shutdown_signal()).await,
+        supervise::run(settings, runtime, shutdown).await,
         managed_broker,
     )
     .await
@@ -432,21 +436,18 @@ fn start_managed_broker(
     Ok(b)
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Takes over SIGTERM and SIGINT now (from here on neither ends the process by itself) and
+/// returns what resolves on the first of them, also one that arrived before it is polled.
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-        _ => std::future::pending().await,
-    }
+    })
 }
 
 /// `labvisor supervise`: logs on stderr (`LABVISOR_LOG`, default `info`), exit 2 on an error.
