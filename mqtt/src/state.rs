@@ -41,6 +41,11 @@ pub(crate) struct Subscription {
     pub as_published: bool,
 }
 
+/// Whether `filter` is a topic filter the broker can take (MQTT's rules, and no NUL).
+fn usable_filter(filter: &str) -> bool {
+    rumqttc::v5::mqttbytes::valid_filter(filter) && !filter.contains('\0')
+}
+
 /// A change of the subscriptions waiting for the sink, in the order it was asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum SubChange {
@@ -204,7 +209,7 @@ impl LinkCore {
         sub: Subscription,
         sink: &impl Sink,
     ) -> Result<(), PublishError> {
-        if !rumqttc::v5::mqttbytes::valid_filter(&sub.filter) || sub.filter.contains('\0') {
+        if !usable_filter(&sub.filter) {
             return Err(PublishError::InvalidTopic(sub.filter));
         }
         if self.closed || self.closing.is_some() {
@@ -233,7 +238,7 @@ impl LinkCore {
         filter: String,
         sink: &impl Sink,
     ) -> Result<(), PublishError> {
-        if !rumqttc::v5::mqttbytes::valid_filter(&filter) || filter.contains('\0') {
+        if !usable_filter(&filter) {
             return Err(PublishError::InvalidTopic(filter));
         }
         if self.closed || self.closing.is_some() {

@@ -13,9 +13,9 @@
 //!
 //! A SUT's live output and job history come from `<sut>/output` and `<sut>/jobs/+`, which the
 //! link subscribes to while a page shows that SUT and for [`watching::UNWATCH_AFTER`] after
-//! its last page closed; then it unsubscribes and forgets what it kept of them. Output is kept per SUT
-//! up to [`lab::OUTPUT_KEPT`] bytes for the next page that opens it; where lines were lost on
-//! the way (the agent's `dropped` count, or a jump in `seq`) the page says so at that place.
+//! its last page closed; then it unsubscribes and forgets what it kept of them. Output is kept
+//! per SUT up to [`lab::OUTPUT_KEPT`] bytes for the next page that opens it; where lines were
+//! lost on the way (the agent's `dropped` count, or a jump in `seq`) the page says so at that place.
 //!
 //! # Who may see and do what
 //!
@@ -138,12 +138,16 @@ impl WebState {
     /// A page shows `sut`: subscribes to its output and jobs unless they are, until the
     /// returned guard is dropped (and [`watching::UNWATCH_AFTER`] has passed).
     fn watch(self: &Arc<Self>, sut: &SutName) -> Watched {
-        if lock(&self.watched).open(sut) {
+        // The bookkeeping stays locked while the link is told, so a subscription and the
+        // sweep's unsubscription of the same SUT reach the link in the order they were decided.
+        let mut watched = lock(&self.watched);
+        if watched.open(sut) {
             if let Some(link) = &self.link {
                 let _ = link.subscribe(self.topics.output(sut), QoS::AtMostOnce);
                 let _ = link.subscribe(self.topics.jobs_filter(sut), QoS::AtMostOnce);
             }
         }
+        drop(watched);
         Watched {
             state: self.clone(),
             sut: sut.clone(),
@@ -153,8 +157,10 @@ impl WebState {
     /// Unsubscribes from the SUTs no page has shown for a while, and forgets their output and
     /// jobs.
     fn unwatch_expired(&self, now: Instant) {
-        let gone = lock(&self.watched).expired(now);
-        for sut in gone {
+        // Locked throughout, as in `watch`: a page that opens one of these SUTs meanwhile
+        // subscribes after this unsubscribes, never before.
+        let mut watched = lock(&self.watched);
+        for sut in watched.expired(now) {
             if let Some(link) = &self.link {
                 let _ = link.unsubscribe(self.topics.output(&sut));
                 let _ = link.unsubscribe(self.topics.jobs_filter(&sut));
