@@ -128,35 +128,60 @@ fn the_result(b: &Browser, what: &str, pred: &str) -> String {
     b.text("#act-result")
 }
 
+/// A live lab for the page: a network the supervisor adopts, the test broker on its gateway
+/// (agents reach it there), the SUT files `suts` (each healthy before this returns), and a
+/// supervisor serving its page on a free port of loopback, or of the gateway when
+/// `on_loopback` is false. Dropped in field order: the supervisor first, the scope last.
+struct WebLab {
+    _sup: Sup,
+    _suts: tempfile::TempDir,
+    dir: PathBuf,
+    broker: Mosquitto,
+    _broker_files: tempfile::TempDir,
+    /// The page's `host:port`.
+    listen: String,
+    scope: DockerScope,
+}
+
+impl WebLab {
+    fn start(test: &str, suts: &[&str], on_loopback: bool, extra: &[&str]) -> WebLab {
+        ensure_busybox_image();
+        let scope = DockerScope::new(test);
+        let net = own_network(&scope, "labvisor.net");
+        let gateway = network_gateway(&net);
+        let (broker, broker_files) = broker(Some(&gateway));
+        let (suts_dir, dir) = tmp_sut_dir();
+        for sut in suts {
+            write(&dir, &format!("{sut}.toml"), &fast_sut(BUSYBOX_IMAGE, ""));
+        }
+        let host = if on_loopback { "127.0.0.1" } else { &gateway };
+        let listen = format!("{host}:{}", free_port());
+        let agent_url = format!("mqtt://{gateway}:{}", broker.port());
+        let mut args = vec!["--agent-broker", &agent_url, "--metrics-listen", &listen];
+        args.extend_from_slice(extra);
+        let sup = Sup::start(&scope, &dir, Some(&broker.url()), &args);
+        for sut in suts {
+            wait_healthy(&scope, sut, T);
+        }
+        wait_listening(&listen, T);
+        WebLab {
+            _sup: sup,
+            _suts: suts_dir,
+            dir,
+            broker,
+            _broker_files: broker_files,
+            listen,
+            scope,
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs chromium and chromium-driver: tools/test.sh installs them"]
 fn the_page_follows_the_lab_live_and_acts_as_its_login() {
-    ensure_busybox_image();
-    let scope = DockerScope::new("web");
-    let net = own_network(&scope, "labvisor.net");
-    let gateway = network_gateway(&net);
-    let (broker, _files) = broker(Some(&gateway));
-    let acks = broker.subscribe("+/submit_status", &[]);
-    let (_t, dir) = tmp_sut_dir();
-    write(&dir, "alpha.toml", &fast_sut(BUSYBOX_IMAGE, ""));
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let agent_url = format!("mqtt://{gateway}:{}", broker.port());
-    let sup = Sup::start(
-        &scope,
-        &dir,
-        Some(&broker.url()),
-        &[
-            "--agent-broker",
-            &agent_url,
-            "--metrics-listen",
-            &listen,
-            "--resync",
-            "1s",
-        ],
-    );
-    wait_healthy(&scope, "alpha", T);
-    wait_listening(&listen, T);
+    let lab = WebLab::start("web", &["alpha"], true, &["--resync", "1s"]);
+    let (scope, dir, listen) = (&lab.scope, &lab.dir, &lab.listen);
+    let acks = lab.broker.subscribe("+/submit_status", &[]);
     let url = format!("http://{listen}/");
     let b = Browser::start();
     b.goto(&url);
@@ -169,17 +194,17 @@ fn the_page_follows_the_lab_live_and_acts_as_its_login() {
     assert_no_console_errors(&b, "on load");
 
     // A new file is a new row, without a reload.
-    write(&dir, "bravo.toml", &fast_sut(BUSYBOX_IMAGE, ""));
+    write(dir, "bravo.toml", &fast_sut(BUSYBOX_IMAGE, ""));
     let dropped = Instant::now();
     b.wait_for("bravo's row", T, "tr[data-sut='bravo']");
     let took = dropped.elapsed();
     eprintln!("bravo's row after {took:?}");
     assert!(took < Duration::from_secs(1), "bravo's row after {took:?}");
-    wait_healthy(&scope, "bravo", T);
+    wait_healthy(scope, "bravo", T);
     b.wait_for("bravo healthy", T, "tr[data-sut='bravo'].g-healthy");
 
     // A bad file is a problem row naming the file's problem.
-    write(&dir, "charlie.toml", "imagee = \"typo\"\n");
+    write(dir, "charlie.toml", "imagee = \"typo\"\n");
     b.wait_for(
         "charlie's problem row",
         T,
@@ -305,7 +330,6 @@ fn the_page_follows_the_lab_live_and_acts_as_its_login() {
         .filter(|l| l.starts_with("alpha/submit_status ") && l.contains("\"accepted\""))
         .count();
     assert_eq!(accepted, 1, "{:#?}", acks.lines());
-    drop(sup);
 }
 
 /// A second supervisor that serves its page on the gateway of a network the test made: the
@@ -313,26 +337,9 @@ fn the_page_follows_the_lab_live_and_acts_as_its_login() {
 #[test]
 #[ignore = "needs chromium and chromium-driver: tools/test.sh installs them"]
 fn away_from_loopback_reading_needs_a_login_and_a_reader_cannot_act() {
-    ensure_busybox_image();
-    let scope = DockerScope::new("web-away");
-    let net = own_network(&scope, "labvisor.net");
-    let gateway = network_gateway(&net);
-    let (broker, _files) = broker(Some(&gateway));
-    let submits = broker.subscribe("+/submit", &[]);
-    let (_t, dir) = tmp_sut_dir();
-    write(&dir, "c.toml", &fast_sut(BUSYBOX_IMAGE, ""));
-    write(&dir, "d.toml", &fast_sut(BUSYBOX_IMAGE, ""));
-    let listen = format!("{gateway}:{}", free_port());
-    let agent_url = format!("mqtt://{gateway}:{}", broker.port());
-    let _sup = Sup::start(
-        &scope,
-        &dir,
-        Some(&broker.url()),
-        &["--agent-broker", &agent_url, "--metrics-listen", &listen],
-    );
-    wait_healthy(&scope, "c", T);
-    wait_healthy(&scope, "d", T);
-    wait_listening(&listen, T);
+    let lab = WebLab::start("web-away", &["c", "d"], false, &[]);
+    let listen = &lab.listen;
+    let submits = lab.broker.subscribe("+/submit", &[]);
     let b = Browser::start();
     b.goto(&format!("http://{listen}/"));
     b.wait_until_js(
